@@ -1,0 +1,284 @@
+//! Blockwise attention with an online softmax (FlashAttention's tiling, Dao et al. 2022, on the
+//! CPU): queries in tiles of `BQ`, keys in tiles of `BK`, a running (max, sum, output) per query,
+//! so no score matrix larger than `BQ × BK` ever exists.
+//!
+//! Positions drive everything: the key range a query tile can see is found by binary search on
+//! the (sorted) key positions, so windowed attention costs O(n·w) and causal attention skips
+//! the blocks above the diagonal; a tile whose every pair is visible skips per-element masking.
+//!
+//! The two matrix products run on register-blocked micro-kernels (`MR × NR` accumulators) over
+//! packed tiles (Qᵀ panels, Kᵀ, V padded to `NR` lanes), compiled with AVX2+FMA when the CPU has
+//! it. Work is split over (head, query tile) with rayon.
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use crate::error::{shape_err, AttnError, Result};
+use crate::mask::Mask;
+use crate::partial::Partial;
+use crate::simd::{self, Arith, Fused, Plain};
+use crate::tensor::{dims3, with_f32};
+
+/// Query rows per tile.
+const BQ: usize = 64;
+/// Key rows per tile.
+const BK: usize = 64;
+/// Micro-kernel rows (queries).
+const MR: usize = 4;
+/// Micro-kernel columns (keys for QKᵀ, head-dim lanes for PV).
+const NR: usize = 16;
+
+const OP: &str = "attention";
+
+/// Attention of `q` (`[heads, nq, d]`) over `k`, `v` (`[kv_heads, nk, d]`, `[kv_heads, nk, dv]`)
+/// under `mask`, scores scaled by `scale`. Query head `h` reads key/value head
+/// `h / (heads / kv_heads)` (grouped-query attention when `kv_heads < heads`).
+///
+/// Returns the mergeable partial: rows that see no key have output 0 and lse `-inf`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> Result<Partial> {
+    let (hq, nq, dqk) = dims3(q, OP, "q")?;
+    let (hk, nk, dk) = dims3(k, OP, "k")?;
+    let (hv, nv, dv) = dims3(v, OP, "v")?;
+    if hk != hv || nk != nv || dk != dqk {
+        return Err(shape_err(OP, format!("q {:?}, k {:?}, v {:?} do not fit together", q.dims(), k.dims(), v.dims())));
+    }
+    if hk == 0 || hq % hk != 0 {
+        return Err(shape_err(OP, format!("{hq} query heads cannot share {hk} key/value heads")));
+    }
+    if mask.q_pos.len() != nq || mask.k_pos.len() != nk || mask.key_valid.is_some_and(|m| m.len() != nk) {
+        return Err(shape_err(
+            OP,
+            format!(
+                "mask covers {} queries and {} keys ({} validity flags) but the tensors have {nq} and {nk}",
+                mask.q_pos.len(),
+                mask.k_pos.len(),
+                mask.key_valid.map_or(nk, |m| m.len())
+            ),
+        ));
+    }
+    if let Some(at) = mask.k_pos.windows(2).position(|w| w[1] < w[0]) {
+        return Err(AttnError::UnsortedKeys { op: OP, at: at + 1, got: mask.k_pos[at + 1], prev: mask.k_pos[at] });
+    }
+    if nq == 0 || dv == 0 {
+        return Partial::empty(hq, nq, dv);
+    }
+
+    let mut out = vec![0f32; hq * nq * dv];
+    let mut lse = vec![f32::NEG_INFINITY; hq * nq];
+    let fused = has_fma();
+    with_f32(q, OP, |q| {
+        with_f32(k, OP, |k| {
+            with_f32(v, OP, |v| {
+                let p = Problem { q, k, v, nq, nk, dqk, dv, group: hq / hk, mask, scale };
+                out.par_chunks_mut(nq * dv).zip(lse.par_chunks_mut(nq)).enumerate().for_each(|(h, (out, lse))| {
+                    out.par_chunks_mut(BQ * dv).zip(lse.par_chunks_mut(BQ)).enumerate().for_each(|(t, (out, lse))| {
+                        p.tile(fused, h, t * BQ, out, lse)
+                    })
+                })
+            })
+        })
+    })???;
+    Partial::from_vecs(out, lse, hq, nq, dv)
+}
+
+fn has_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One attention call's inputs, shared by every tile.
+struct Problem<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    nq: usize,
+    nk: usize,
+    dqk: usize,
+    dv: usize,
+    /// Query heads per key/value head.
+    group: usize,
+    mask: &'a Mask<'a>,
+    scale: f32,
+}
+
+impl Problem<'_> {
+    fn tile(&self, fused: bool, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if fused {
+            // SAFETY: `fused` is true only when the CPU reports AVX2 and FMA.
+            unsafe { self.tile_avx2(h, q0, out, lse) };
+            return;
+        }
+        let _ = fused;
+        self.tile_with::<Plain>(h, q0, out, lse)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
+        self.tile_with::<Fused>(h, q0, out, lse)
+    }
+
+    /// Attention of query rows `q0..q0 + lse.len()` of head `h`, written into `out`/`lse`.
+    #[inline(always)]
+    fn tile_with<A: Arith>(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
+        let (dqk, dv, mask) = (self.dqk, self.dv, self.mask);
+        let rows = lse.len();
+        let q_pos = &mask.q_pos[q0..q0 + rows];
+        let q_min = q_pos.iter().copied().min().unwrap_or(0);
+        let q_max = q_pos.iter().copied().max().unwrap_or(0);
+        let (lo, hi) = mask.key_position_bounds(q_min, q_max);
+        let k_start = mask.k_pos.partition_point(|&p| p < lo);
+        let k_end = mask.k_pos.partition_point(|&p| p < hi);
+        out.fill(0.0);
+        lse.fill(f32::NEG_INFINITY);
+        if k_start >= k_end {
+            return;
+        }
+
+        let kvh = h / self.group;
+        let rows_p = rows.div_ceil(MR) * MR;
+        let dv_p = dv.div_ceil(NR) * NR;
+        // Query tile packed as MR-row panels, element (t, r) of panel p at p*dqk*MR + t*MR + r,
+        // pre-multiplied by the score scale.
+        let mut q_panels = vec![0f32; rows_p * dqk];
+        let q_head = &self.q[(h * self.nq + q0) * dqk..];
+        for r in 0..rows {
+            let (panel, lane) = (r / MR, r % MR);
+            for (t, &x) in q_head[r * dqk..(r + 1) * dqk].iter().enumerate() {
+                q_panels[panel * dqk * MR + t * MR + lane] = x * self.scale;
+            }
+        }
+        let mut kt = vec![0f32; dqk * BK];
+        let mut vt = vec![0f32; BK * dv_p];
+        let mut s = vec![0f32; rows_p * BK];
+        let mut acc = vec![0f32; rows_p * dv_p];
+        let mut m = vec![f32::NEG_INFINITY; rows];
+        let mut l = vec![0f32; rows];
+        let k_head = &self.k[kvh * self.nk * dqk..(kvh + 1) * self.nk * dqk];
+        let v_head = &self.v[kvh * self.nk * dv..(kvh + 1) * self.nk * dv];
+
+        for kb in (k_start..k_end).step_by(BK) {
+            let cols = BK.min(k_end - kb);
+            let valid = mask.key_valid.map(|v| &v[kb..kb + cols]);
+            if valid.is_some_and(|v| !v.contains(&true)) {
+                continue;
+            }
+            let all_valid = valid.is_none_or(|v| !v.contains(&false));
+            let k_range = (mask.k_pos[kb], mask.k_pos[kb + cols - 1]);
+            let needs_mask = !all_valid || !mask.positions_all_visible((q_min, q_max), k_range);
+
+            if cols < BK {
+                kt.fill(0.0);
+                vt.fill(0.0);
+            }
+            for j in 0..cols {
+                let key = &k_head[(kb + j) * dqk..(kb + j + 1) * dqk];
+                for (t, &x) in key.iter().enumerate() {
+                    kt[t * BK + j] = x;
+                }
+                vt[j * dv_p..j * dv_p + dv].copy_from_slice(&v_head[(kb + j) * dv..(kb + j + 1) * dv]);
+            }
+
+            scores::<A>(&q_panels, &kt, &mut s, rows_p, dqk);
+
+            for r in 0..rows {
+                let row = &mut s[r * BK..(r + 1) * BK];
+                row[cols..].fill(f32::NEG_INFINITY);
+                if needs_mask {
+                    for (j, x) in row[..cols].iter_mut().enumerate() {
+                        if !mask.allows(q0 + r, kb + j) {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let block_max = simd::row_max(row);
+                if block_max == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    continue;
+                }
+                let m_new = m[r].max(block_max);
+                let sum = simd::exp_shift_sum::<A>(row, m_new);
+                if m[r] != m_new {
+                    let correction = simd::exp::<A>(m[r] - m_new);
+                    l[r] *= correction;
+                    simd::scale_row(&mut acc[r * dv_p..(r + 1) * dv_p], correction);
+                    m[r] = m_new;
+                }
+                l[r] += sum;
+            }
+
+            weighted_values::<A>(&s, &vt, &mut acc, rows_p, dv_p);
+        }
+
+        for r in 0..rows {
+            if l[r] > 0.0 {
+                let inv = 1.0 / l[r];
+                for (o, &a) in out[r * dv..(r + 1) * dv].iter_mut().zip(&acc[r * dv_p..r * dv_p + dv]) {
+                    *o = a * inv;
+                }
+                lse[r] = m[r] + l[r].ln();
+            }
+        }
+    }
+}
+
+/// `s[r][j] = Σ_t q[r][t] · kᵀ[t][j]` for a `rows_p × BK` tile, `MR × NR` accumulators at a time.
+#[inline(always)]
+fn scores<A: Arith>(q_panels: &[f32], kt: &[f32], s: &mut [f32], rows_p: usize, dqk: usize) {
+    for (panel_idx, panel) in q_panels.chunks_exact(dqk * MR).enumerate().take(rows_p / MR) {
+        for c0 in (0..BK).step_by(NR) {
+            let mut acc = [[0f32; NR]; MR];
+            for (qv, krow) in panel.chunks_exact(MR).zip(kt.chunks_exact(BK)) {
+                let kv: &[f32; NR] = match krow[c0..c0 + NR].try_into() {
+                    Ok(kv) => kv,
+                    Err(_) => continue,
+                };
+                for r in 0..MR {
+                    for c in 0..NR {
+                        acc[r][c] = A::fma(qv[r], kv[c], acc[r][c]);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let row = (panel_idx * MR + r) * BK;
+                s[row + c0..row + c0 + NR].copy_from_slice(a);
+            }
+        }
+    }
+}
+
+/// `acc[r][c] += Σ_j p[r][j] · v[j][c]` for a `rows_p × dv_p` tile.
+#[inline(always)]
+fn weighted_values<A: Arith>(p: &[f32], vt: &[f32], acc: &mut [f32], rows_p: usize, dv_p: usize) {
+    for r0 in (0..rows_p).step_by(MR) {
+        let prow: [&[f32]; MR] = std::array::from_fn(|r| &p[(r0 + r) * BK..(r0 + r + 1) * BK]);
+        for c0 in (0..dv_p).step_by(NR) {
+            let mut tile = [[0f32; NR]; MR];
+            for (r, t) in tile.iter_mut().enumerate() {
+                t.copy_from_slice(&acc[(r0 + r) * dv_p + c0..(r0 + r) * dv_p + c0 + NR]);
+            }
+            for (j, vrow) in vt.chunks_exact(dv_p).enumerate() {
+                let vv: &[f32; NR] = match vrow[c0..c0 + NR].try_into() {
+                    Ok(vv) => vv,
+                    Err(_) => continue,
+                };
+                for r in 0..MR {
+                    let pj = prow[r][j];
+                    for c in 0..NR {
+                        tile[r][c] = A::fma(pj, vv[c], tile[r][c]);
+                    }
+                }
+            }
+            for (r, t) in tile.iter().enumerate() {
+                acc[(r0 + r) * dv_p + c0..(r0 + r) * dv_p + c0 + NR].copy_from_slice(t);
+            }
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! tome-attn: the attention math, on candle tensors.
+//!
+//! Every kernel here returns a mergeable [`Partial`] — the attention output together with the
+//! log-sum-exp of each query's scores — so that attention over a set of keys can be computed in
+//! pieces (blocks, ranks, global and local key sets) and combined exactly afterwards
+//! (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"; Dao et al. 2022,
+//! "FlashAttention"; Liu et al. 2023, "Ring Attention").
+//!
+//! This crate knows nothing of ranks, networks, async or files: it is pure math over slices and
+//! tensors. `reference` holds the naive O(n²) versions the kernels are tested against.
+
+mod error;
+mod flash;
+mod mask;
+mod partial;
+pub mod reference;
+mod simd;
+mod tensor;
+
+pub use error::{AttnError, Result};
+pub use flash::attention;
+pub use mask::Mask;
+pub use partial::Partial;

@@ -1,0 +1,133 @@
+//! The fused arithmetic the kernels' hot loops are built from, written once and compiled twice:
+//! with hardware FMA (AVX2 + FMA, chosen at run time) and with plain multiply-add elsewhere.
+//!
+//! Every helper is `#[inline(always)]` so that it is compiled inside the caller's
+//! `#[target_feature]` context, where LLVM turns the fixed-width lane loops into vector code.
+//! `exp` is our own polynomial (Cephes `expf`: range reduction by ln 2, degree-5 minimax
+//! polynomial, ~1 ulp): the scalar libm call would otherwise cost more than the matmuls around it.
+
+/// Multiply-add as the target can do it.
+pub(crate) trait Arith {
+    fn fma(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// Hardware fused multiply-add; only used inside functions compiled with the `fma` feature.
+pub(crate) struct Fused;
+/// Separate multiply and add, for targets without FMA.
+pub(crate) struct Plain;
+
+impl Arith for Fused {
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl Arith for Plain {
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// Lanes used for reductions: wide enough for one AVX register.
+const LANES: usize = 8;
+
+/// `e^x`, ~1 ulp for x in [-87.3, 88.7]; exactly 0 below (so masked `-inf` scores vanish).
+#[inline(always)]
+pub(crate) fn exp<A: Arith>(x: f32) -> f32 {
+    const HI: f32 = 88.376_26;
+    const LO: f32 = -87.336_54;
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(LO, HI);
+    let n = A::fma(xc, LOG2E, 0.5).floor();
+    let r = A::fma(n, -LN2_LO, A::fma(n, -LN2_HI, xc));
+    let mut p = 1.987_569_1e-4_f32;
+    p = A::fma(p, r, 1.398_199_9e-3);
+    p = A::fma(p, r, 8.333_452e-3);
+    p = A::fma(p, r, 4.166_579_6e-2);
+    p = A::fma(p, r, 1.666_666_5e-1);
+    p = A::fma(p, r, 5.000_000_1e-1);
+    let y = A::fma(p, r * r, r) + 1.0;
+    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    if x < LO {
+        0.0
+    } else {
+        y * scale
+    }
+}
+
+/// Maximum of a row (`-inf` for an empty or fully masked row).
+#[inline(always)]
+pub(crate) fn row_max(row: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    acc.iter().fold(tail, |m, &x| m.max(x))
+}
+
+/// Replaces each `x` of the row by `e^(x - m)` and returns their sum.
+#[inline(always)]
+pub(crate) fn exp_shift_sum<A: Arith>(row: &mut [f32], m: f32) -> f32 {
+    for x in row.iter_mut() {
+        *x = exp::<A>(*x - m);
+    }
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `row *= s`.
+#[inline(always)]
+pub(crate) fn scale_row(row: &mut [f32], s: f32) {
+    for x in row.iter_mut() {
+        *x *= s;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_libm_to_a_few_ulp() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (exp::<Plain>(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+            let fused = exp::<Fused>(x);
+            worst = worst.max(((fused - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 4.0 * f32::EPSILON, "worst relative error {worst}");
+        assert_eq!(exp::<Plain>(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp::<Plain>(-100.0), 0.0);
+        assert_eq!(exp::<Plain>(0.0), 1.0);
+    }
+
+    #[test]
+    fn reductions_cover_tails() {
+        let row: Vec<f32> = (0..19).map(|i| (i as f32 * 0.7).sin()).collect();
+        let want = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(row_max(&row), want);
+        assert_eq!(row_max(&[]), f32::NEG_INFINITY);
+        let mut r = row.clone();
+        let s = exp_shift_sum::<Plain>(&mut r, want);
+        let want_sum: f32 = row.iter().map(|x| (x - want).exp()).sum();
+        assert!((s - want_sum).abs() < 1e-5);
+    }
+}

