@@ -86,10 +86,11 @@ impl Group for InProcessGroup {
 
 /// Runs `f` on each rank of a new `p`-rank in-process group, one thread per rank, and returns
 /// the ranks' results in rank order (the first error wins; a panic becomes an error).
-pub fn run_ranks<T, F>(p: usize, f: F) -> Result<Vec<T>>
+pub fn run_ranks<T, E, F>(p: usize, f: F) -> std::result::Result<Vec<T>, E>
 where
     T: Send,
-    F: Fn(&InProcessGroup) -> Result<T> + Sync,
+    E: RankError,
+    F: Fn(&InProcessGroup) -> std::result::Result<T, E> + Sync,
 {
     let groups = InProcessGroup::create(p);
     std::thread::scope(|scope| {
@@ -106,8 +107,8 @@ where
         let mut errors = Vec::new();
         for h in handles {
             let r = match h {
-                Err(e) => Err(DistError::RankPanicked(format!("could not start a rank thread: {e}"))),
-                Ok(h) => h.join().unwrap_or_else(|p| Err(DistError::RankPanicked(panic_message(&p)))),
+                Err(e) => Err(DistError::RankPanicked(format!("could not start a rank thread: {e}")).into()),
+                Ok(h) => h.join().unwrap_or_else(|p| Err(DistError::RankPanicked(panic_message(&p)).into())),
             };
             match r {
                 Ok(v) => results.push(v),
@@ -115,12 +116,24 @@ where
             }
         }
         // A peer's "rank left" error is a consequence of another rank's failure: report the cause.
-        let cause = errors.iter().position(|e| !matches!(e, DistError::PeerGone { .. })).unwrap_or(0);
+        let cause = errors.iter().position(|e| !e.is_peer_gone()).unwrap_or(0);
         match errors.into_iter().nth(cause) {
             Some(e) => Err(e),
             None => Ok(results),
         }
     })
+}
+
+/// Errors a rank may end with: anything the rank layer's errors convert into, able to say
+/// whether it only reports that another rank went away.
+pub trait RankError: From<DistError> + Send {
+    fn is_peer_gone(&self) -> bool;
+}
+
+impl RankError for DistError {
+    fn is_peer_gone(&self) -> bool {
+        matches!(self, DistError::PeerGone { .. })
+    }
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

@@ -16,5 +16,5 @@ pub mod ops;
 
 pub use error::{DistError, Result};
 pub use group::{frame_bytes, Frame, Group};
-pub use in_process::{run_ranks, InProcessGroup};
+pub use in_process::{run_ranks, InProcessGroup, RankError};
 pub use layout::{Layout, ShardPlan};

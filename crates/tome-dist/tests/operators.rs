@@ -42,7 +42,7 @@ fn own(x: &Inputs, plan: &ShardPlan, r: usize) -> KeyBlock {
 }
 
 fn dense(x: &Inputs, plan: &ShardPlan, causal: bool) -> (Tensor, u64) {
-    let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| {
+    let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
         let r = g.rank();
         let q = plan.shard_of(&x.q, 1, r)?;
         let out = ring_attention(g, &q, &plan.positions(r), own(x, plan, r), DenseSpec { causal, scale: 0.4 })?;
@@ -55,7 +55,7 @@ fn dense(x: &Inputs, plan: &ShardPlan, causal: bool) -> (Tensor, u64) {
 }
 
 fn window(x: &Inputs, plan: &ShardPlan, spec: WindowSpec, globals: &[usize]) -> (Tensor, u64) {
-    let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| {
+    let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
         let r = g.rank();
         let q = plan.shard_of(&x.q, 1, r)?;
         let projections = match &x.global {
@@ -220,7 +220,7 @@ fn refusals_and_peer_failures_are_errors() {
     let x = inputs(8, 3, false, false);
     let plan = ShardPlan::new(Layout::Contiguous, 8, 2).unwrap();
     let spec = WindowSpec { one_sided: 2, causal: true, scale: 1.0 };
-    let err = run_ranks(2, |g: &InProcessGroup| {
+    let err = run_ranks(2, |g: &InProcessGroup| -> tome_dist::Result<_> {
         let r = g.rank();
         let gt = GlobalTokens { positions: vec![1], projections: None };
         window_attention(g, &plan, &plan.shard_of(&x.q, 1, r)?, own(&x, &plan, r), spec, Some(&gt))
@@ -228,7 +228,7 @@ fn refusals_and_peer_failures_are_errors() {
     .unwrap_err();
     assert!(err.to_string().contains("global tokens with causal"), "{err}");
     // A rank that fails makes its peers fail instead of hanging, and the cause is reported.
-    let err = run_ranks(3, |g: &InProcessGroup| {
+    let err = run_ranks(3, |g: &InProcessGroup| -> tome_dist::Result<_> {
         if g.rank() == 1 {
             return Err(tome_dist::DistError::Plan("rank 1 failed on purpose".into()));
         }
@@ -241,7 +241,7 @@ fn refusals_and_peer_failures_are_errors() {
 
 #[test]
 fn collectives() {
-    let got = run_ranks(4, |g: &InProcessGroup| {
+    let got = run_ranks(4, |g: &InProcessGroup| -> tome_dist::Result<_> {
         let t = Tensor::new(&[g.rank() as f32 + 1.0, 10.0], &Device::Cpu)?;
         let sum = g.all_reduce_sum(&t)?.to_vec1::<f32>()?;
         let scan = g.exclusive_scan_sum(&t)?.to_vec1::<f32>()?;

@@ -30,3 +30,9 @@ impl From<tome_attn::AttnError> for ModelError {
         ModelError::Dist(e.into())
     }
 }
+
+impl tome_dist::RankError for ModelError {
+    fn is_peer_gone(&self) -> bool {
+        matches!(self, ModelError::Dist(d) if d.is_peer_gone())
+    }
+}

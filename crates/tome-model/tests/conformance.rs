@@ -21,7 +21,7 @@ fn read_npy<T: npyz::Deserialize>(path: &Path) -> (Vec<u64>, Vec<T>) {
 /// The whole last hidden state computed over `ranks` ranks with `layout`.
 fn hidden(dir: &ModelDir, doc: &Prepared, ranks: usize, layout: Layout) -> Vec<f32> {
     let plan = ShardPlan::new(layout, doc.len(), ranks).unwrap();
-    let shards = run_ranks(ranks, |g: &InProcessGroup| Ok(dir.model.forward_shard(g, &plan, doc, &mut |_| true).unwrap())).unwrap();
+    let shards = run_ranks(ranks, |g: &InProcessGroup| tome_dist::Result::Ok(dir.model.forward_shard(g, &plan, doc, &mut |_| true).unwrap())).unwrap();
     plan.unshard(&shards, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
@@ -129,7 +129,7 @@ fn minilm_embeddings_match_sentence_transformers() {
         let doc = dir.model.prepare(enc.ids, &EncodeOptions::default()).unwrap();
         for ranks in [1, 3] {
             let plan = ShardPlan::new(Layout::Contiguous, doc.len(), ranks).unwrap();
-            let pooled = run_ranks(ranks, |g: &InProcessGroup| {
+            let pooled = run_ranks(ranks, |g: &InProcessGroup| -> tome_dist::Result<_> {
                 let h = dir.model.forward_shard(g, &plan, &doc, &mut |_| true).unwrap();
                 Ok(pool_spans(g, &plan, &h, &[0..doc.len()], dir.pooling).unwrap())
             })
@@ -153,7 +153,7 @@ fn pooled_chunks_are_rank_invariant() {
     let spans = vec![0..61, 0..10, 10..20, 55..61, 5..6];
     let run = |ranks: usize, pooling| {
         let plan = ShardPlan::new(Layout::Zigzag, doc.len(), ranks).unwrap();
-        let out = run_ranks(ranks, |g: &InProcessGroup| {
+        let out = run_ranks(ranks, |g: &InProcessGroup| -> tome_dist::Result<_> {
             let h = dir.model.forward_shard(g, &plan, &doc, &mut |_| true).unwrap();
             let p = pool_spans(g, &plan, &h, &spans, pooling).unwrap();
             Ok((p, g.rank()))
