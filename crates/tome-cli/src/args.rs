@@ -1,0 +1,147 @@
+//! Command-line flags: one clap struct per command; every flag can also come from a `TOME_*`
+//! environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "tome", version, about = "Exact transformer processing of book-length inputs, spread over ranks")]
+pub struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), logs go to stderr.
+    #[arg(long, env = "TOME_LOG", default_value = "warn", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the embedded default: a coordinator and its ranks in this process, over gRPC.
+    Run(RunArgs),
+    /// Process one document and write its outputs.
+    Process(ProcessArgs),
+    /// Show what a coordinator (or the embedded default) serves.
+    Info(InfoArgs),
+}
+
+/// The embedded deployment: models and how jobs are spread and limited.
+#[derive(Args, Clone)]
+pub struct EmbeddedArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json); repeat to serve several.
+    #[arg(long = "model", env = "TOME_MODEL", value_delimiter = ',', default_value = "data/models/all-MiniLM-L6-v2")]
+    pub models: Vec<PathBuf>,
+    /// Ranks a job is spread over (outputs are identical for every value).
+    #[arg(long, env = "TOME_RANKS", default_value_t = 2)]
+    pub ranks: usize,
+    /// Longest document accepted, in tokens.
+    #[arg(long, env = "TOME_MAX_DOCUMENT_TOKENS", default_value_t = 4_000_000)]
+    pub max_document_tokens: usize,
+    /// Largest document accepted, in bytes of text.
+    #[arg(long, env = "TOME_MAX_DOCUMENT_BYTES", default_value_t = 64 << 20)]
+    pub max_document_bytes: usize,
+    /// Most ranks a request may ask for.
+    #[arg(long, env = "TOME_MAX_RANKS", default_value_t = 64)]
+    pub max_ranks: usize,
+    /// Jobs running at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TOME_MAX_CONCURRENT_JOBS", default_value_t = 2)]
+    pub max_concurrent_jobs: usize,
+    /// Largest gRPC message received or sent, in bytes.
+    #[arg(long, env = "TOME_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
+    pub max_message_bytes: usize,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub embedded: EmbeddedArgs,
+    /// Address to serve tome.v1.Tome, health and reflection on.
+    #[arg(long, env = "TOME_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+pub enum Emit {
+    Document,
+    Chunks,
+    HiddenStates,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+pub enum PoolingArg {
+    Mean,
+    Cls,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+pub enum LayoutArg {
+    Contiguous,
+    Zigzag,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+pub enum PositionsArg {
+    /// Refuse documents longer than the model's learned positions.
+    Refuse,
+    /// Token p uses learned position p mod max_positions.
+    Tile,
+}
+
+#[derive(Args)]
+pub struct ProcessArgs {
+    /// The document: a UTF-8 text file (omit with --ids).
+    #[arg(required_unless_present = "ids")]
+    pub file: Option<PathBuf>,
+    /// Token ids instead of text: an int64 .npy file of shape [tokens].
+    #[arg(long, env = "TOME_IDS", conflicts_with = "file")]
+    pub ids: Option<PathBuf>,
+    /// A coordinator to send the document to (e.g. http://127.0.0.1:50051); without it the
+    /// embedded default runs in this process.
+    #[arg(long, env = "TOME_COORDINATOR")]
+    pub coordinator: Option<String>,
+    #[command(flatten)]
+    pub embedded: EmbeddedArgs,
+    /// Model name on the coordinator (default: its first model).
+    #[arg(long, env = "TOME_MODEL_NAME", default_value = "")]
+    pub model_name: String,
+    /// Outputs to compute.
+    #[arg(long, value_enum, value_delimiter = ',', env = "TOME_EMIT", default_value = "document,chunks")]
+    pub emit: Vec<Emit>,
+    /// Directory to write outputs into.
+    #[arg(long, env = "TOME_OUT", default_value = "out")]
+    pub out: PathBuf,
+    /// Attention for every layer: `dense` or `window:W` (W even: each token sees W/2 each side);
+    /// default: what the model's config says.
+    #[arg(long, env = "TOME_ATTENTION")]
+    pub attention: Option<String>,
+    /// Documents longer than the model's learned positions.
+    #[arg(long, value_enum, env = "TOME_POSITIONS", default_value = "refuse")]
+    pub positions: PositionsArg,
+    /// Tokens per chunk embedding.
+    #[arg(long, env = "TOME_CHUNK_TOKENS")]
+    pub chunk_tokens: Option<u32>,
+    /// Pooling (default: the model's own).
+    #[arg(long, value_enum, env = "TOME_POOLING")]
+    pub pooling: Option<PoolingArg>,
+    /// L2-normalise embeddings.
+    #[arg(long, env = "TOME_NORMALIZE")]
+    pub normalize: bool,
+    #[arg(long, value_enum, env = "TOME_LAYOUT", default_value = "contiguous")]
+    pub layout: LayoutArg,
+    /// Token positions with global attention (window attention), e.g. 0,500.
+    #[arg(long, value_delimiter = ',', env = "TOME_GLOBAL_TOKENS")]
+    pub global_tokens: Vec<u64>,
+    /// No progress bar.
+    #[arg(long, short, env = "TOME_QUIET")]
+    pub quiet: bool,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// A coordinator to ask; without it, the embedded default is described.
+    #[arg(long, env = "TOME_COORDINATOR")]
+    pub coordinator: Option<String>,
+    #[command(flatten)]
+    pub embedded: EmbeddedArgs,
+}

@@ -1,0 +1,58 @@
+//! The embedded default: a coordinator whose ranks are threads of this process.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tome_coordinator::{serve, Coordinator, CoordinatorConfig, Limits};
+use tome_model::ModelDir;
+
+use crate::args::{EmbeddedArgs, RunArgs};
+
+pub fn coordinator(args: &EmbeddedArgs) -> anyhow::Result<Coordinator> {
+    let models = args
+        .models
+        .iter()
+        .map(|p| ModelDir::open(p).with_context(|| format!("loading the model at {} (scripts/fetch_data.sh fetches the default)", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let config = CoordinatorConfig {
+        default_ranks: args.ranks,
+        limits: Limits {
+            max_document_tokens: args.max_document_tokens,
+            max_document_bytes: args.max_document_bytes,
+            max_ranks: args.max_ranks,
+            max_concurrent_jobs: args.max_concurrent_jobs,
+            max_message_bytes: args.max_message_bytes,
+        },
+        ..CoordinatorConfig::default()
+    };
+    Ok(Coordinator::new(models, config)?)
+}
+
+/// Serves until Ctrl-C or SIGTERM.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let coordinator = Arc::new(coordinator(&args.embedded)?);
+    eprintln!("tome: serving {} model(s) on {} with {} ranks per job", args.embedded.models.len(), args.listen, args.embedded.ranks);
+    serve(args.listen, coordinator, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

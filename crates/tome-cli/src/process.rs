@@ -1,0 +1,192 @@
+//! `tome process` and `tome info`: the same public API whether the coordinator is remote or
+//! embedded — the embedded one is called through its service trait, with no socket in between.
+
+use std::pin::Pin;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tokio_stream::{Stream, StreamExt};
+use tome_net::tensor_from_wire;
+use tome_proto::v1 as pb;
+use tome_proto::v1::tome_client::TomeClient;
+use tome_proto::v1::tome_server::Tome;
+use tonic::Request;
+
+use crate::args::{Emit, InfoArgs, LayoutArg, PoolingArg, PositionsArg, ProcessArgs};
+use crate::embedded;
+use crate::outputs::{read_ids_npy, Collected};
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ProcessEvent, tonic::Status>> + Send>>;
+
+fn attention(spec: &str) -> anyhow::Result<pb::AttentionOverride> {
+    match spec.split_once(':') {
+        None if spec == "dense" => Ok(pb::AttentionOverride { kind: pb::AttentionKind::Dense as i32, window: 0 }),
+        Some(("window", w)) => {
+            let window = w.parse().with_context(|| format!("--attention window:{w}: not a number"))?;
+            Ok(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window })
+        }
+        _ => bail!("--attention {spec}: expected `dense` or `window:W`"),
+    }
+}
+
+fn request(args: &ProcessArgs) -> anyhow::Result<pb::ProcessRequest> {
+    let input = match (&args.file, &args.ids) {
+        (_, Some(ids)) => pb::process_request::Input::TokenIds(pb::TokenIds { ids: read_ids_npy(ids)? }),
+        (Some(file), None) => pb::process_request::Input::Text(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?),
+        (None, None) => bail!("give a text file or --ids FILE.npy"),
+    };
+    let outputs = args
+        .emit
+        .iter()
+        .map(|e| match e {
+            Emit::Document => pb::Output::DocumentEmbedding,
+            Emit::Chunks => pb::Output::ChunkEmbeddings,
+            Emit::HiddenStates => pb::Output::HiddenStates,
+        } as i32)
+        .collect();
+    let options = pb::ProcessOptions {
+        outputs,
+        pooling: match args.pooling {
+            None => pb::Pooling::Unspecified,
+            Some(PoolingArg::Mean) => pb::Pooling::Mean,
+            Some(PoolingArg::Cls) => pb::Pooling::Cls,
+        } as i32,
+        normalize: args.normalize,
+        chunks: args.chunk_tokens.map(|n| pb::ChunkSpec { spec: Some(pb::chunk_spec::Spec::TokensPerChunk(n)) }),
+        attention: args.attention.as_deref().map(attention).transpose()?,
+        position_extension: match args.positions {
+            PositionsArg::Refuse => pb::PositionExtension::Unspecified,
+            PositionsArg::Tile => pb::PositionExtension::Tile,
+        } as i32,
+        ranks: args.embedded.ranks as u32,
+        layout: match args.layout {
+            LayoutArg::Contiguous => pb::Layout::Contiguous,
+            LayoutArg::Zigzag => pb::Layout::Zigzag,
+        } as i32,
+        global_tokens: args.global_tokens.clone(),
+        hidden_dtype: pb::ElementType::F32 as i32,
+    };
+    Ok(pb::ProcessRequest { model: args.model_name.clone(), input: Some(input), options: Some(options) })
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+pub async fn process(args: ProcessArgs) -> anyhow::Result<()> {
+    let req = request(&args)?;
+    let stream: EventStream = match &args.coordinator {
+        Some(addr) => {
+            let mut client = TomeClient::connect(addr.clone())
+                .await
+                .with_context(|| format!("connecting to {addr}"))?
+                .max_decoding_message_size(args.embedded.max_message_bytes);
+            Box::pin(client.process(Request::new(req)).await.map_err(status_error)?.into_inner())
+        }
+        None => {
+            let coordinator = embedded::coordinator(&args.embedded)?;
+            coordinator.process(Request::new(req)).await.map_err(status_error)?.into_inner()
+        }
+    };
+    let collected = collect(stream, args.quiet).await?;
+    let files = collected.write(&args.out)?;
+    let done = collected.done.clone().unwrap_or_default();
+    println!(
+        "{}",
+        json!({"out": args.out, "files": files, "tokens": done["tokens"], "compute_seconds": done["compute_seconds"], "total_seconds": done["total_seconds"]})
+    );
+    Ok(())
+}
+
+fn bar(quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] layer {pos}/{len} {elapsed_precise}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+async fn collect(mut stream: EventStream, quiet: bool) -> anyhow::Result<Collected> {
+    let mut c = Collected::default();
+    let bar = bar(quiet);
+    while let Some(ev) = stream.next().await {
+        let Some(ev) = ev.map_err(status_error)?.event else { continue };
+        match ev {
+            pb::process_event::Event::Accepted(a) => {
+                bar.set_message(format!("{} tokens on {} ranks", a.tokens, a.ranks));
+                bar.set_length(a.layer_attention.len() as u64);
+                c.accepted = Some(json!({
+                    "job_id": a.job_id, "model": a.model, "tokens": a.tokens, "ranks": a.ranks,
+                    "shard_tokens": a.shard_tokens, "layer_attention": a.layer_attention,
+                }));
+            }
+            pb::process_event::Event::Progress(p) => bar.set_position(p.layers_done as u64),
+            pb::process_event::Event::Chunk(ch) => {
+                let emb = vector(ch.embedding.as_ref())?;
+                c.width = emb.len();
+                c.chunks.extend(emb);
+                let span = |s: Option<pb::Span>| s.map_or([-1, -1], |s| [s.start as i64, s.end as i64]);
+                c.chunk_tokens.push(span(ch.tokens));
+                c.chunk_chars.push(span(ch.chars));
+            }
+            pb::process_event::Event::Document(d) => {
+                let emb = vector(d.embedding.as_ref())?;
+                c.width = emb.len();
+                c.document = Some(emb);
+            }
+            pb::process_event::Event::HiddenStates(h) => {
+                let t = tensor_from_wire(h.states.as_ref().context("hidden states without a tensor")?)?;
+                let t = t.to_dtype(candle_core::DType::F32)?;
+                if h.token_start as usize != c.hidden_rows {
+                    bail!("hidden states arrived out of order: rows from {} after {}", h.token_start, c.hidden_rows);
+                }
+                c.hidden_rows += t.dim(0)?;
+                c.hidden.extend(t.flatten_all()?.to_vec1::<f32>()?);
+            }
+            pb::process_event::Event::Done(d) => {
+                bar.finish_and_clear();
+                c.done = Some(json!({
+                    "tokens": d.tokens, "tokenize_seconds": d.tokenize_seconds, "compute_seconds": d.compute_seconds,
+                    "total_seconds": d.total_seconds, "bytes_exchanged": d.bytes_exchanged,
+                }));
+            }
+        }
+    }
+    if c.done.is_none() {
+        bail!("the stream ended before the job was done");
+    }
+    Ok(c)
+}
+
+fn vector(t: Option<&pb::Tensor>) -> anyhow::Result<Vec<f32>> {
+    let t = tensor_from_wire(t.context("an embedding without a tensor")?)?;
+    Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+pub async fn info(args: InfoArgs) -> anyhow::Result<()> {
+    let resp = match &args.coordinator {
+        Some(addr) => TomeClient::connect(addr.clone()).await?.info(pb::InfoRequest {}).await.map_err(status_error)?.into_inner(),
+        None => embedded::coordinator(&args.embedded)?.info(Request::new(pb::InfoRequest {})).await.map_err(status_error)?.into_inner(),
+    };
+    let models: Vec<_> = resp
+        .models
+        .iter()
+        .map(|m| {
+            json!({"name": m.name, "architecture": m.architecture, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
+                   "max_positions": m.max_positions, "default_pooling": m.default_pooling, "layer_attention": m.layer_attention,
+                   "has_tokenizer": m.has_tokenizer})
+        })
+        .collect();
+    let limits = resp.limits.unwrap_or_default();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({"version": resp.version, "default_ranks": resp.default_ranks, "models": models,
+            "limits": {"max_document_tokens": limits.max_document_tokens, "max_document_bytes": limits.max_document_bytes,
+                       "max_ranks": limits.max_ranks, "max_concurrent_jobs": limits.max_concurrent_jobs}}))?
+    );
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! The coordinator's settings; every limit is explicit (the CLI exposes each as a flag).
+
+/// Hard limits a request must stay within.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_document_tokens: usize,
+    pub max_document_bytes: usize,
+    pub max_ranks: usize,
+    pub max_concurrent_jobs: usize,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_document_tokens: 4_000_000,
+            max_document_bytes: 64 << 20,
+            max_ranks: 64,
+            max_concurrent_jobs: 2,
+            max_message_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// Ranks a job uses when the request does not say.
+    pub default_ranks: usize,
+    /// Tokens per chunk when the request asks for chunks without saying how.
+    pub default_chunk_tokens: usize,
+    /// Hidden-state rows per streamed message.
+    pub hidden_rows_per_message: usize,
+    pub limits: Limits,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig { default_ranks: 2, default_chunk_tokens: 256, hidden_rows_per_message: 1024, limits: Limits::default() }
+    }
+}

@@ -1,0 +1,319 @@
+//! `tome.v1.Tome` served by a coordinator whose ranks are threads of this process.
+
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tome_model::{ModelDir, Prepared};
+use tome_net::tensor_to_wire;
+use tome_proto::v1 as pb;
+use tome_worker::{spawn_job, JobEvent, JobOutput, JobSpec};
+use tonic::{Request, Response, Status};
+use tracing::{info, info_span, Instrument};
+
+use crate::config::CoordinatorConfig;
+use crate::error::CoordError;
+use crate::request::{chunk_spans, document_text, parse_options, JobOptions};
+
+/// Events waiting for a slow caller before the job waits too.
+const EVENT_BUFFER: usize = 32;
+
+pub struct Coordinator {
+    models: Vec<Arc<ModelDir>>,
+    config: CoordinatorConfig,
+    jobs: Arc<Semaphore>,
+    next_job: AtomicU64,
+}
+
+/// A document tokenized and checked, ready to run.
+struct Admitted {
+    model: Arc<ModelDir>,
+    doc: Prepared,
+    offsets: Option<Vec<(usize, usize)>>,
+    tokenize_seconds: f64,
+}
+
+impl Coordinator {
+    /// A coordinator serving `models` (the first is the default).
+    pub fn new(models: Vec<ModelDir>, config: CoordinatorConfig) -> Result<Self, CoordError> {
+        if models.is_empty() {
+            return Err(CoordError::Invalid("a coordinator needs at least one model".into()));
+        }
+        if config.default_ranks == 0 || config.default_ranks > config.limits.max_ranks {
+            return Err(CoordError::Invalid(format!("default ranks {} must be within 1..={}", config.default_ranks, config.limits.max_ranks)));
+        }
+        let jobs = Arc::new(Semaphore::new(config.limits.max_concurrent_jobs));
+        Ok(Coordinator { models: models.into_iter().map(Arc::new).collect(), config, jobs, next_job: AtomicU64::new(1) })
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    fn model(&self, name: &str) -> Result<Arc<ModelDir>, CoordError> {
+        if name.is_empty() {
+            return self.models.first().cloned().ok_or_else(|| CoordError::UnknownModel(String::new()));
+        }
+        self.models.iter().find(|m| m.name() == name).cloned().ok_or_else(|| CoordError::UnknownModel(name.into()))
+    }
+
+    /// Tokenizes and checks the input on a blocking thread (a book takes a while to tokenize).
+    async fn admit(&self, model: Arc<ModelDir>, input: Option<pb::process_request::Input>, opts: &JobOptions) -> Result<Admitted, CoordError> {
+        let limits = self.config.limits.clone();
+        let encode = opts.encode.clone();
+        let task = tokio::task::spawn_blocking(move || -> Result<Admitted, CoordError> {
+            let started = Instant::now();
+            let (ids, offsets) = match input {
+                None => return Err(CoordError::Invalid("the request has no input (text or token_ids)".into())),
+                Some(pb::process_request::Input::Text(bytes)) => {
+                    let text = document_text(&bytes, limits.max_document_bytes)?;
+                    let tokenizer = model.tokenizer.as_ref().ok_or_else(|| CoordError::Invalid(format!("model `{}` has no tokenizer.json: send token_ids", model.name())))?;
+                    let enc = tokenizer.encode(text)?;
+                    (enc.ids, Some(enc.offsets))
+                }
+                Some(pb::process_request::Input::TokenIds(t)) => {
+                    if t.ids.len() > limits.max_document_tokens {
+                        return Err(too_long(t.ids.len(), limits.max_document_tokens));
+                    }
+                    let ids = t
+                        .ids
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &id)| u32::try_from(id).map_err(|_| CoordError::Invalid(format!("token {i} has id {id}, not a vocabulary index"))))
+                        .collect::<Result<Vec<u32>, _>>()?;
+                    (ids, None)
+                }
+            };
+            if ids.len() > limits.max_document_tokens {
+                return Err(too_long(ids.len(), limits.max_document_tokens));
+            }
+            let tokenize_seconds = started.elapsed().as_secs_f64();
+            let doc = model.model.prepare(ids, &encode)?;
+            Ok(Admitted { model, doc, offsets, tokenize_seconds })
+        });
+        task.await.map_err(|e| CoordError::Internal(format!("tokenizer task failed: {e}")))?
+    }
+
+    fn model_info(m: &ModelDir) -> pb::ModelInfo {
+        let cfg = m.model.config();
+        pb::ModelInfo {
+            name: m.name(),
+            architecture: cfg.model_type.clone(),
+            hidden_size: cfg.hidden_size as u32,
+            num_layers: cfg.num_hidden_layers as u32,
+            max_positions: cfg.usable_positions() as u32,
+            default_pooling: m.pooling.name().into(),
+            layer_attention: cfg.layer_attention().map(|l| l.iter().map(|a| a.to_string()).collect()).unwrap_or_default(),
+            has_tokenizer: m.tokenizer.is_some(),
+        }
+    }
+}
+
+fn too_long(tokens: usize, max: usize) -> CoordError {
+    CoordError::Exhausted(format!("the document has {tokens} tokens; this server accepts at most {max}"))
+}
+
+type EventSender = mpsc::Sender<Result<pb::ProcessEvent, Status>>;
+
+fn event(e: pb::process_event::Event) -> Result<pb::ProcessEvent, Status> {
+    Ok(pb::ProcessEvent { event: Some(e) })
+}
+
+/// Character span covered by tokens `span` (special tokens have empty offsets and are skipped).
+fn char_span(offsets: &[(usize, usize)], span: &Range<usize>) -> Option<pb::Span> {
+    let covered = offsets[span.clone()].iter().filter(|(a, b)| b > a);
+    let start = covered.clone().map(|o| o.0).min()?;
+    let end = covered.map(|o| o.1).max()?;
+    Some(pb::Span { start: start as u64, end: end as u64 })
+}
+
+struct Job {
+    id: String,
+    spec: JobSpec,
+    offsets: Option<Vec<(usize, usize)>>,
+    hidden_dtype: pb::ElementType,
+    rows_per_message: usize,
+    tokenize_seconds: f64,
+    started: Instant,
+}
+
+/// Runs an admitted job and streams its events; the permit is held until the job ends.
+async fn drive(job: Job, tx: EventSender, _permit: OwnedSemaphorePermit) {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (jtx, mut jrx) = mpsc::channel(8);
+    let chunks = job.spec.chunks.clone();
+    let tokens = job.spec.doc.len();
+    if let Err(e) = spawn_job(job.spec, jtx, cancel.clone()) {
+        let _ = tx.send(Err(CoordError::from(e).into())).await;
+        return;
+    }
+    while let Some(ev) = jrx.recv().await {
+        let sent = match ev {
+            Ok(JobEvent::Progress { done, total }) => {
+                tx.send(event(pb::process_event::Event::Progress(pb::Progress { layers_done: done as u32, layers_total: total as u32 }))).await
+            }
+            Ok(JobEvent::Finished(out)) => {
+                if let Err(e) = emit(&job.id, &out, &chunks, job.offsets.as_deref(), job.hidden_dtype, job.rows_per_message, &tx).await {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+                let done = pb::Done {
+                    tokens: tokens as u64,
+                    tokenize_seconds: job.tokenize_seconds,
+                    compute_seconds: out.compute.as_secs_f64(),
+                    total_seconds: job.started.elapsed().as_secs_f64(),
+                    bytes_exchanged: out.bytes_exchanged,
+                };
+                info!(job = %job.id, tokens, compute_s = done.compute_seconds, "job done");
+                tx.send(event(pb::process_event::Event::Done(done))).await
+            }
+            Err(e) => {
+                let _ = tx.send(Err(CoordError::from(e).into())).await;
+                return;
+            }
+        };
+        if sent.is_err() {
+            // The caller went away: stop every rank at its next layer boundary.
+            info!(job = %job.id, "caller left; cancelling");
+            cancel.store(true, Ordering::Relaxed);
+            return;
+        }
+    }
+}
+
+async fn emit(
+    job: &str,
+    out: &JobOutput,
+    chunks: &[Range<usize>],
+    offsets: Option<&[(usize, usize)]>,
+    hidden_dtype: pb::ElementType,
+    rows_per_message: usize,
+    tx: &EventSender,
+) -> Result<(), CoordError> {
+    let wire = |t: &candle_core::Tensor, dt| tensor_to_wire(t, dt).map_err(|e| CoordError::Internal(format!("job {job}: {e}")));
+    let closed = |_| CoordError::Cancelled;
+    if let Some(c) = &out.chunks {
+        for (i, span) in chunks.iter().enumerate() {
+            let emb = c.get(i).map_err(|e| CoordError::Internal(e.to_string()))?;
+            let chunk = pb::ChunkEmbedding {
+                index: i as u32,
+                tokens: Some(pb::Span { start: span.start as u64, end: span.end as u64 }),
+                chars: offsets.and_then(|o| char_span(o, span)),
+                embedding: Some(wire(&emb, pb::ElementType::F32)?),
+            };
+            tx.send(event(pb::process_event::Event::Chunk(chunk))).await.map_err(closed)?;
+        }
+    }
+    if let Some(d) = &out.document {
+        let doc = pb::DocumentEmbedding { embedding: Some(wire(d, pb::ElementType::F32)?) };
+        tx.send(event(pb::process_event::Event::Document(doc))).await.map_err(closed)?;
+    }
+    if let Some(h) = &out.hidden {
+        let rows = h.dim(0).map_err(|e| CoordError::Internal(e.to_string()))?;
+        for start in (0..rows).step_by(rows_per_message.max(1)) {
+            let len = rows_per_message.min(rows - start);
+            let part = h.narrow(0, start, len).map_err(|e| CoordError::Internal(e.to_string()))?;
+            let states = pb::HiddenStates { token_start: start as u64, states: Some(wire(&part, hidden_dtype)?) };
+            tx.send(event(pb::process_event::Event::HiddenStates(states))).await.map_err(closed)?;
+        }
+    }
+    Ok(())
+}
+
+
+#[tonic::async_trait]
+impl pb::tome_server::Tome for Coordinator {
+    async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        let l = &self.config.limits;
+        Ok(Response::new(pb::InfoResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            models: self.models.iter().map(|m| Coordinator::model_info(m)).collect(),
+            default_ranks: self.config.default_ranks as u32,
+            limits: Some(pb::Limits {
+                max_document_tokens: l.max_document_tokens as u64,
+                max_document_bytes: l.max_document_bytes as u64,
+                max_ranks: l.max_ranks as u32,
+                max_concurrent_jobs: l.max_concurrent_jobs as u32,
+            }),
+        }))
+    }
+
+    type ProcessStream = Pin<Box<dyn Stream<Item = Result<pb::ProcessEvent, Status>> + Send + 'static>>;
+
+    async fn process(&self, req: Request<pb::ProcessRequest>) -> Result<Response<Self::ProcessStream>, Status> {
+        let started = Instant::now();
+        let req = req.into_inner();
+        let model = self.model(&req.model)?;
+        let opts = parse_options(req.options.as_ref())?;
+        let ranks = opts.ranks.unwrap_or(self.config.default_ranks);
+        if ranks > self.config.limits.max_ranks {
+            return Err(CoordError::Exhausted(format!("{ranks} ranks asked; this server allows at most {}", self.config.limits.max_ranks)).into());
+        }
+        // Refuse early when the server is full, before spending time on tokenization.
+        let permit = self.jobs.clone().try_acquire_owned().map_err(|_| {
+            CoordError::Exhausted(format!("the server is busy: {} jobs in flight; retry later", self.config.limits.max_concurrent_jobs))
+        })?;
+        let admitted = self.admit(model, req.input, &opts).await?;
+        let tokens = admitted.doc.len();
+        let chunks = if opts.chunks { chunk_spans(&opts.chunking, tokens, self.config.default_chunk_tokens)? } else { Vec::new() };
+        let pooling = opts.pooling.unwrap_or(admitted.model.pooling);
+        let model_name = admitted.model.name();
+        let layer_attention: Vec<String> = admitted.doc.layers.iter().map(|l| l.to_string()).collect();
+        let mut spec = JobSpec::new(admitted.model, Arc::new(admitted.doc), ranks, opts.layout).map_err(CoordError::from)?;
+        spec.chunks = chunks;
+        spec.document = opts.document;
+        spec.hidden = opts.hidden;
+        spec.pooling = pooling;
+        spec.normalize = opts.normalize;
+
+        let id = format!("job-{}", self.next_job.fetch_add(1, Ordering::Relaxed));
+        let accepted = pb::Accepted {
+            job_id: id.clone(),
+            model: model_name,
+            tokens: tokens as u64,
+            ranks: ranks as u32,
+            layout: match opts.layout {
+                tome_dist::Layout::Contiguous => pb::Layout::Contiguous,
+                tome_dist::Layout::Zigzag => pb::Layout::Zigzag,
+            } as i32,
+            shard_tokens: (0..ranks).map(|r| spec.plan.shard_len(r) as u64).collect(),
+            layer_attention,
+        };
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        // Buffered, so this cannot block: the receiver is still here and the buffer is empty.
+        let _ = tx.try_send(event(pb::process_event::Event::Accepted(accepted)));
+        let job = Job {
+            id: id.clone(),
+            spec,
+            offsets: admitted.offsets,
+            hidden_dtype: opts.hidden_dtype,
+            rows_per_message: self.config.hidden_rows_per_message,
+            tokenize_seconds: admitted.tokenize_seconds,
+            started,
+        };
+        tokio::spawn(drive(job, tx, permit).instrument(info_span!("process", job = %id, tokens, ranks)));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let req = req.into_inner();
+        let model = self.model(&req.model)?;
+        let max = self.config.limits.max_document_bytes;
+        let enc = tokio::task::spawn_blocking(move || -> Result<_, CoordError> {
+            let text = document_text(&req.text, max)?;
+            let tokenizer = model.tokenizer.as_ref().ok_or_else(|| CoordError::Invalid(format!("model `{}` has no tokenizer.json", model.name())))?;
+            Ok(tokenizer.encode(text)?)
+        })
+        .await
+        .map_err(|e| CoordError::Internal(e.to_string()))??;
+        Ok(Response::new(pb::TokenizeResponse {
+            ids: enc.ids.iter().map(|&i| i as i64).collect(),
+            offsets: enc.offsets.iter().map(|&(a, b)| pb::Span { start: a as u64, end: b as u64 }).collect(),
+        }))
+    }
+}
