@@ -38,7 +38,7 @@ const OP: &str = "attention";
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> Result<Partial> {
     let (hq, nq, dqk) = dims3(q, OP, "q")?;
     let (hk, nk, dk) = dims3(k, OP, "k")?;
-    let (hv, nv, dv) = dims3(v, OP, "v")?;
+    let (hv, nv, _) = dims3(v, OP, "v")?;
     if hk != hv || nk != nv || dk != dqk {
         return Err(shape_err(OP, format!("q {:?}, k {:?}, v {:?} do not fit together", q.dims(), k.dims(), v.dims())));
     }
@@ -59,13 +59,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32
     if let Some(at) = mask.k_pos.windows(2).position(|w| w[1] < w[0]) {
         return Err(AttnError::UnsortedKeys { op: OP, at: at + 1, got: mask.k_pos[at + 1], prev: mask.k_pos[at] });
     }
+    attention_on(q, k, v, mask, scale, has_fma())
+}
+
+/// [`attention`] with the AVX2 path chosen by the caller (`fused` only where the CPU has it).
+fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32, fused: bool) -> Result<Partial> {
+    let (hq, nq, dqk) = dims3(q, OP, "q")?;
+    let (hk, nk, _) = dims3(k, OP, "k")?;
+    let (_, _, dv) = dims3(v, OP, "v")?;
     if nq == 0 || dv == 0 {
         return Partial::empty(hq, nq, dv);
     }
-
     let mut out = vec![0f32; hq * nq * dv];
     let mut lse = vec![f32::NEG_INFINITY; hq * nq];
-    let fused = has_fma();
     with_f32(q, OP, |q| {
         with_f32(k, OP, |k| {
             with_f32(v, OP, |v| {
@@ -186,7 +192,15 @@ impl Problem<'_> {
                 vt[j * dv_p..j * dv_p + dv].copy_from_slice(&v_head[(kb + j) * dv..(kb + j + 1) * dv]);
             }
 
-            scores::<A>(&q_panels, &kt, &mut s, rows_p, dqk);
+            if A::AVX2 {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `A::AVX2` holds only for `Fused`, used once the CPU reported AVX2 and FMA.
+                unsafe {
+                    crate::avx2::scores(&q_panels, &kt, &mut s, rows_p, dqk, BK)
+                };
+            } else {
+                scores::<A>(&q_panels, &kt, &mut s, rows_p, dqk);
+            }
 
             for r in 0..rows {
                 let row = &mut s[r * BK..(r + 1) * BK];
@@ -198,13 +212,13 @@ impl Problem<'_> {
                         }
                     }
                 }
-                let block_max = simd::row_max(row);
+                let block_max = A::row_max(row);
                 if block_max == f32::NEG_INFINITY {
                     row.fill(0.0);
                     continue;
                 }
                 let m_new = m[r].max(block_max);
-                let sum = simd::exp_shift_sum::<A>(row, m_new);
+                let sum = A::exp_shift_sum(row, m_new);
                 if m[r] != m_new {
                     let correction = simd::exp::<A>(m[r] - m_new);
                     l[r] *= correction;
@@ -214,7 +228,15 @@ impl Problem<'_> {
                 l[r] += sum;
             }
 
-            weighted_values::<A>(&s, &vt, &mut acc, rows_p, dv_p);
+            if A::AVX2 {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                unsafe {
+                    crate::avx2::weighted_values(&s, &vt, &mut acc, rows_p, BK, dv_p)
+                };
+            } else {
+                weighted_values::<A>(&s, &vt, &mut acc, rows_p, dv_p);
+            }
         }
 
         for r in 0..rows {
@@ -278,6 +300,35 @@ fn weighted_values<A: Arith>(p: &[f32], vt: &[f32], acc: &mut [f32], rows_p: usi
             }
             for (r, t) in tile.iter().enumerate() {
                 acc[(r0 + r) * dv_p + c0..(r0 + r) * dv_p + c0 + NR].copy_from_slice(t);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The portable path (no AVX2) against the reference and the AVX2 path.
+    #[test]
+    fn portable_and_vector_paths_agree() {
+        for &(nq, nk, d, causal, window) in &[(70usize, 90usize, 12usize, true, None), (33, 140, 64, false, Some(17usize)), (5, 3, 33, false, None)] {
+            let q = Tensor::randn(0f32, 1.0, (2, nq, d), &Device::Cpu).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (2, nk, d), &Device::Cpu).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (2, nk, d), &Device::Cpu).unwrap();
+            let q_pos: Vec<i64> = (10..10 + nq as i64).collect();
+            let k_pos: Vec<i64> = (0..nk as i64).collect();
+            let mask = Mask::full(&q_pos, &k_pos).with_causal(causal).with_window(window);
+            let want = crate::reference::attention(&q, &k, &v, &mask, 0.3).unwrap();
+            let mut paths = vec![false];
+            if has_fma() {
+                paths.push(true);
+            }
+            for fused in paths {
+                let got = attention_on(&q, &k, &v, &mask, 0.3, fused).unwrap();
+                let diff = (got.out - &want.out).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 2e-5, "fused={fused}: {diff}");
             }
         }
     }

@@ -9,6 +9,8 @@
 //! This crate knows nothing of ranks, networks, async or files: it is pure math over slices and
 //! tensors. `reference` holds the naive O(n²) versions the kernels are tested against.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod error;
 mod flash;
 mod mask;

@@ -6,9 +6,24 @@
 //! `exp` is our own polynomial (Cephes `expf`: range reduction by ln 2, degree-5 minimax
 //! polynomial, ~1 ulp): the scalar libm call would otherwise cost more than the matmuls around it.
 
-/// Multiply-add as the target can do it.
+/// Multiply-add as the target can do it, and the tile loops built on it. The defaults are
+/// portable scalar code; `Fused` replaces the hot ones with AVX2 intrinsics.
 pub(crate) trait Arith {
+    /// Whether the AVX2 micro-kernels may be used.
+    const AVX2: bool;
+
     fn fma(a: f32, b: f32, c: f32) -> f32;
+
+    /// Replaces each `x` of the row by `e^(x - m)` and returns their sum.
+    #[inline(always)]
+    fn exp_shift_sum(row: &mut [f32], m: f32) -> f32 {
+        exp_shift_sum_scalar::<Self>(row, m)
+    }
+
+    #[inline(always)]
+    fn row_max(row: &[f32]) -> f32 {
+        row_max(row)
+    }
 }
 
 /// Hardware fused multiply-add; only used inside functions compiled with the `fma` feature.
@@ -17,13 +32,37 @@ pub(crate) struct Fused;
 pub(crate) struct Plain;
 
 impl Arith for Fused {
+    const AVX2: bool = cfg!(target_arch = "x86_64");
+
     #[inline(always)]
     fn fma(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn exp_shift_sum(row: &mut [f32], m: f32) -> f32 {
+        if row.len() % 8 != 0 {
+            return exp_shift_sum_scalar::<Self>(row, m);
+        }
+        // SAFETY: `Fused` is only used once the CPU has reported AVX2 and FMA.
+        unsafe { crate::avx2::exp_shift_sum(row, m) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn row_max(row: &[f32]) -> f32 {
+        if row.len() % 8 != 0 {
+            return row_max(row);
+        }
+        // SAFETY: as above.
+        unsafe { crate::avx2::row_max(row) }
+    }
 }
 
 impl Arith for Plain {
+    const AVX2: bool = false;
+
     #[inline(always)]
     fn fma(a: f32, b: f32, c: f32) -> f32 {
         a * b + c
@@ -35,7 +74,7 @@ const LANES: usize = 8;
 
 /// `e^x`, ~1 ulp for x in [-87.3, 88.7]; exactly 0 below (so masked `-inf` scores vanish).
 #[inline(always)]
-pub(crate) fn exp<A: Arith>(x: f32) -> f32 {
+pub(crate) fn exp<A: Arith + ?Sized>(x: f32) -> f32 {
     const HI: f32 = 88.376_26;
     const LO: f32 = -87.336_54;
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -75,7 +114,7 @@ pub(crate) fn row_max(row: &[f32]) -> f32 {
 
 /// Replaces each `x` of the row by `e^(x - m)` and returns their sum.
 #[inline(always)]
-pub(crate) fn exp_shift_sum<A: Arith>(row: &mut [f32], m: f32) -> f32 {
+pub(crate) fn exp_shift_sum_scalar<A: Arith + ?Sized>(row: &mut [f32], m: f32) -> f32 {
     for x in row.iter_mut() {
         *x = exp::<A>(*x - m);
     }
@@ -126,7 +165,7 @@ mod tests {
         assert_eq!(row_max(&row), want);
         assert_eq!(row_max(&[]), f32::NEG_INFINITY);
         let mut r = row.clone();
-        let s = exp_shift_sum::<Plain>(&mut r, want);
+        let s = exp_shift_sum_scalar::<Plain>(&mut r, want);
         let want_sum: f32 = row.iter().map(|x| (x - want).exp()).sum();
         assert!((s - want_sum).abs() < 1e-5);
     }
