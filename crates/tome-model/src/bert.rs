@@ -14,6 +14,9 @@ use tome_dist::{Group, ShardPlan};
 use crate::config::{Activation, BertConfig, EncodeOptions, LayerAttention, PositionExtension};
 use crate::error::{ModelError, Result};
 
+/// Token rows per feed-forward block (bounds the intermediate activation's memory).
+const FFN_ROWS: usize = 2048;
+
 pub struct BertModel {
     cfg: BertConfig,
     word: Embedding,
@@ -221,12 +224,26 @@ impl BertModel {
         };
         let ctx = ctx.transpose(0, 1)?.reshape((n, hidden))?;
         let x = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx)? + x)?)?;
-        let inner = layer.intermediate.forward(&x)?;
+        // The feed-forward block is per token: run it in row blocks so that its 4x-wide
+        // intermediate never exists for a whole book-length shard at once.
+        let blocks = (0..n)
+            .step_by(FFN_ROWS)
+            .map(|start| self.feed_forward(layer, &x.narrow(0, start, FFN_ROWS.min(n - start))?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(match blocks.len() {
+            0 => x, // an empty shard
+            1 => blocks.into_iter().next().unwrap_or(x),
+            _ => Tensor::cat(&blocks, 0)?,
+        })
+    }
+
+    fn feed_forward(&self, layer: &BertLayer, x: &Tensor) -> Result<Tensor> {
+        let inner = layer.intermediate.forward(x)?;
         let inner = match self.cfg.activation()? {
             Activation::GeluErf => inner.gelu_erf()?,
             Activation::GeluTanh => inner.gelu()?,
             Activation::Relu => inner.relu()?,
         };
-        Ok(layer.out_norm.forward(&(layer.output.forward(&inner)? + &x)?)?)
+        Ok(layer.out_norm.forward(&(layer.output.forward(&inner)? + x)?)?)
     }
 }

