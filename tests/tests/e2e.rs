@@ -183,7 +183,7 @@ async fn server_processes_documents_identically_on_any_number_of_ranks_and_refus
             "outside the document",
         ),
         (text_request(b"short", pb::ProcessOptions { ranks: 9, ..Default::default() }), Code::ResourceExhausted, "at most 8"),
-        (text_request(TEXT.repeat(300).as_bytes(), Default::default()), Code::ResourceExhausted, "at most 20000"),
+        (text_request(TEXT.repeat(400).as_bytes(), Default::default()), Code::ResourceExhausted, "at most 20000"),
         (pb::ProcessRequest { model: "nope".into(), ..text_request(b"short", Default::default()) }, Code::NotFound, "nope"),
         (pb::ProcessRequest { input: None, ..text_request(b"", Default::default()) }, Code::InvalidArgument, "no input"),
     ];
