@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch_data.sh
+# The end-to-end tests (tests/) run the `tome` binary as real processes: build it first.
+cargo build --locked -p tome-cli
 cargo test --workspace --locked

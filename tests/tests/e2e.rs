@@ -22,7 +22,7 @@ fn tome_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(|d| d.parent()).unwrap();
     let bin = dir.join("tome");
-    assert!(bin.is_file(), "{} missing: build the workspace (cargo test --workspace builds it)", bin.display());
+    assert!(bin.is_file(), "{} missing: build it first (`cargo build -p tome-cli`; scripts/test.sh does)", bin.display());
     bin
 }
 
@@ -193,6 +193,7 @@ async fn server_processes_documents_identically_on_any_number_of_ranks_and_refus
         assert!(err.message().contains(needle), "{:?} should mention {needle:?}", err.message());
     }
     assert!(client.info(pb::InfoRequest {}).await.is_ok(), "the server keeps serving");
+    assert_reflection_lists_services(&server.addr).await;
     let tok = client.tokenize(pb::TokenizeRequest { model: String::new(), text: b"Hello world".to_vec() }).await.unwrap().into_inner();
     assert_eq!(tok.ids.first(), Some(&101));
     assert_eq!(tok.offsets[1].start, 0);
@@ -223,4 +224,22 @@ fn token_id_conformance_path_writes_hidden_states_on_any_number_of_ranks() {
     let out = Command::new(tome_bin()).args(["process", "--model", "/nonexistent/model", "--quiet", "--ids"]).arg(fixture.join("input_ids.npy")).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// grpcurl-style discovery: the reflection service lists the public API and health.
+async fn assert_reflection_lists_services(addr: &str) {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let mut client = ServerReflectionClient::connect(addr.to_string()).await.unwrap();
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut responses = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let resp = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no service list") };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["tome.v1.Tome", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
 }
