@@ -233,7 +233,8 @@ async fn assert_reflection_lists_services(addr: &str) {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-    let mut client = ServerReflectionClient::connect(addr.to_string()).await.unwrap();
+    let channel = Channel::from_shared(addr.to_string()).unwrap().connect().await.unwrap();
+    let mut client = ServerReflectionClient::new(channel);
     let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
     let mut responses = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
     let resp = responses.message().await.unwrap().unwrap();
