@@ -11,11 +11,15 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+pub mod blocksparse;
 mod error;
+pub mod favor;
 mod flash;
 mod mask;
+pub mod moe;
 mod partial;
 pub mod reference;
+pub mod relative;
 mod simd;
 mod tensor;
 

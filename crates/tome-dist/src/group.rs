@@ -63,6 +63,19 @@ pub trait Group: Send {
         acc.ok_or_else(|| DistError::Plan("all_reduce_sum over no ranks".into()))
     }
 
+    /// Elementwise maximum over ranks (identical on every rank).
+    fn all_reduce_max(&self, t: &Tensor) -> Result<Tensor> {
+        let mut acc: Option<Tensor> = None;
+        for mut f in self.all_gather(vec![t.clone()])? {
+            let x = f.pop().ok_or_else(|| DistError::Plan("all_reduce_max: empty frame".into()))?;
+            acc = Some(match acc {
+                None => x,
+                Some(a) => a.maximum(&x)?,
+            });
+        }
+        acc.ok_or_else(|| DistError::Plan("all_reduce_max over no ranks".into()))
+    }
+
     /// Sum of the values of ranks `0..rank` (zeros on rank 0), passed along the chain of ranks.
     fn exclusive_scan_sum(&self, t: &Tensor) -> Result<Tensor> {
         let (me, p) = (self.rank(), self.size());

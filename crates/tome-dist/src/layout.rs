@@ -57,6 +57,16 @@ impl ShardPlan {
         }
     }
 
+    /// A contiguous plan whose shards hold whole units of `unit` tokens (segments, chunks),
+    /// as evenly as whole units allow.
+    pub fn aligned(len: usize, ranks: usize, unit: usize) -> Result<Self> {
+        if ranks == 0 || unit == 0 {
+            return Err(DistError::Plan("a plan needs at least one rank and a positive unit".into()));
+        }
+        let units = even_bounds(len.div_ceil(unit), ranks);
+        Self::from_bounds(&units.iter().map(|&u| (u * unit).min(len)).collect::<Vec<_>>())
+    }
+
     /// A contiguous plan with the given boundaries `0 = b_0 <= b_1 <= ... <= b_P = len`.
     pub fn from_bounds(bounds: &[usize]) -> Result<Self> {
         if bounds.len() < 2 || bounds[0] != 0 || bounds.windows(2).any(|w| w[1] < w[0]) {

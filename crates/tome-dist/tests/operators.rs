@@ -207,12 +207,12 @@ fn plans_send_exactly_the_bytes_they_need() {
     // Ring: every rank forwards P-1 blocks; the whole ring carries each block P-1 times.
     let plan = ShardPlan::from_bounds(&[0, 3, 7, 10]).unwrap();
     assert_eq!(dense(&x, &plan, false).1, 2 * 10 * (row + 8));
-    // Global token 5 (owned by rank 1 of [0,5) [5,10), w = 0): its key, value, position,
-    // validity and query go to rank 0 (96 + 8 + 1 + 48 bytes); then both ranks all-gather the
-    // global query's partial, output and lse (48 + 8 bytes each way).
+    // Global token 5 (owned by rank 1 of [0,5) [5,10), w = 0): its key, value, position and
+    // validity go to rank 0 (96 + 8 + 1 bytes), then its query and position (48 + 8); then both
+    // ranks all-gather the global query's partial, output and lse (48 + 8 bytes each way).
     let plan = ShardPlan::from_bounds(&[0, 5, 10]).unwrap();
     let got = window(&x, &plan, WindowSpec { one_sided: 0, ..spec }, &[5]).1;
-    assert_eq!(got, (row + 8 + (H * D * 4) as u64) + 2 * (H * D * 4 + H * 4) as u64);
+    assert_eq!(got, (row + 8) + ((H * D * 4) as u64 + 8) + 2 * (H * D * 4 + H * 4) as u64);
 }
 
 #[test]
@@ -259,4 +259,357 @@ fn collectives() {
     }
     let single = InProcessGroup::single();
     assert_eq!(single.all_gather(vec![]).unwrap().len(), 1);
+}
+
+mod blocksparse {
+    use super::*;
+    use tome_attn::blocksparse::{reference, BlockSparsePlan, RandomBlocks};
+    use tome_dist::ops::blocksparse_attention;
+
+    fn run(x: &Inputs, plan: &ShardPlan, pattern: &BlockSparsePlan) -> (Tensor, u64) {
+        let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
+            let r = g.rank();
+            let out = blocksparse_attention(g, plan, &plan.shard_of(&x.q, 1, r)?, own(x, plan, r), pattern, 0.4)?;
+            Ok((out, g.bytes_sent()))
+        })
+        .unwrap();
+        let bytes = outs.iter().map(|o| o.1).sum();
+        let shards: Vec<Tensor> = outs.into_iter().map(|o| o.0).collect();
+        (plan.unshard(&shards, 1).unwrap(), bytes)
+    }
+
+    #[test]
+    fn p_ranks_equal_one_rank_and_the_naive_reference() {
+        let randoms = [RandomBlocks::None, RandomBlocks::AllZero(2), RandomBlocks::Seeded { r: 2, seed: 11 }];
+        for &(n, block) in &[(1, 4), (9, 4), (61, 4), (100, 7), (130, 16)] {
+            for random in &randoms {
+                let Ok(pattern) = BlockSparsePlan::new(n, block, H, random) else {
+                    // Too few blocks for distinct random blocks: refused, as it must be.
+                    assert!(matches!(random, RandomBlocks::Seeded { .. }));
+                    continue;
+                };
+                let x = inputs(n, (n * 31 + block) as u64, n > 50, false);
+                let (one, _) = run(&x, &ShardPlan::new(Layout::Contiguous, n, 1).unwrap(), &pattern);
+                let (q, k, v) = (x.q.to_vec3::<f32>().unwrap(), x.k.to_vec3::<f32>().unwrap(), x.v.to_vec3::<f32>().unwrap());
+                let want = reference(&q, &k, &v, &x.valid, &pattern, 0.4);
+                let want = Tensor::new(want, &Device::Cpu).unwrap();
+                let d = max_diff(&one, &want);
+                assert!(d <= 2e-5, "1 rank vs reference n={n} block={block} {random:?}: {d}");
+                for p in 2..=5 {
+                    for plan in plans(n, p) {
+                        let d = max_diff(&run(&x, &plan, &pattern).0, &one);
+                        assert!(d <= 1e-5, "n={n} block={block} {random:?} p={p} {plan:?}: {d}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fetches_only_the_listed_blocks() {
+        // 8 blocks of 2 tokens over 2 ranks ([0,8) and [8,16)), no random blocks.
+        // Rank 0's middle query blocks 1..3 need blocks 0..4 and the last (7): it fetches
+        // block 4 and block 7 (4 rows). Rank 1's blocks 4..6 need 0, 3..7: it fetches blocks 0
+        // and 3 (4 rows). Then the global query blocks 0 and 7 (2 rows each) are all-gathered
+        // with positions, and their partials (4 queries) go both ways.
+        let x = inputs(16, 5, false, false);
+        let pattern = BlockSparsePlan::new(16, 2, H, &RandomBlocks::None).unwrap();
+        let plan = ShardPlan::from_bounds(&[0, 8, 16]).unwrap();
+        let row = (2 * H * D * 4 + 1) as u64;
+        let q_rows = 2 * ((H * D * 4) as u64 + 8);
+        let partials = 2 * 4 * (H * D * 4 + H * 4) as u64;
+        assert_eq!(run(&x, &plan, &pattern).1, 8 * row + 2 * q_rows + partials);
+    }
+}
+
+mod favor {
+    use super::*;
+    use tome_attn::favor::{orthogonal_projection, reference};
+    use tome_dist::ops::{favor_attention, FavorSpec};
+
+    fn run(x: &Inputs, plan: &ShardPlan, spec: &FavorSpec) -> (Tensor, u64) {
+        let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
+            let r = g.rank();
+            let s = |t: &Tensor| plan.shard_of(t, 1, r);
+            Ok((favor_attention(g, plan, &s(&x.q)?, &s(&x.k)?, &s(&x.v)?, spec)?, g.bytes_sent()))
+        })
+        .unwrap();
+        let bytes = outs.iter().map(|o| o.1).sum();
+        let shards: Vec<Tensor> = outs.into_iter().map(|o| o.0).collect();
+        (plan.unshard(&shards, 1).unwrap(), bytes)
+    }
+
+    #[test]
+    fn p_ranks_equal_one_rank_and_the_reference() {
+        let proj = orthogonal_projection(10, D, 3).unwrap();
+        // Rows of a block are orthogonal.
+        let p = proj.to_vec2::<f32>().unwrap();
+        let dot: f32 = p[0].iter().zip(&p[1]).map(|(a, b)| a * b).sum();
+        assert!(dot.abs() < 1e-4, "{dot}");
+        for &n in &[1, 7, 50, 131] {
+            for causal in [false, true] {
+                let x = inputs(n, n as u64 + 70, false, false);
+                let spec = FavorSpec { projection: proj.clone(), causal, chunk: 16 };
+                let (one, _) = run(&x, &ShardPlan::new(Layout::Contiguous, n, 1).unwrap(), &spec);
+                let (q, k, v) = (x.q.to_vec3::<f32>().unwrap(), x.k.to_vec3::<f32>().unwrap(), x.v.to_vec3::<f32>().unwrap());
+                let want = Tensor::new(reference(&q, &k, &v, &p, causal), &Device::Cpu).unwrap();
+                let d = max_diff(&one, &want);
+                assert!(d <= 1e-4, "1 rank vs reference n={n} causal={causal}: {d}");
+                for ranks in 2..=5 {
+                    for plan in plans(n, ranks) {
+                        if causal && !plan.is_contiguous() {
+                            let err = run_ranks(ranks, |g: &InProcessGroup| {
+                                favor_attention(g, &plan, &plan.shard_of(&x.q, 1, g.rank())?, &plan.shard_of(&x.k, 1, g.rank())?, &plan.shard_of(&x.v, 1, g.rank())?, &spec)
+                            });
+                            assert!(err.unwrap_err().to_string().contains("contiguous"));
+                            continue;
+                        }
+                        let d = max_diff(&run(&x, &plan, &spec).0, &one);
+                        assert!(d <= 1e-5, "n={n} causal={causal} p={ranks} {plan:?}: {d}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sends_the_state_not_the_keys() {
+        // m = 10 features, dv = 6, 2 heads, 3 ranks. Stabiliser: all-gather of 2 floats.
+        // Bidirectional: all-reduce (all-gather) of the context (2x10x6) and key sum (2x10).
+        // Causal: a chain of 2 sends of the (context, key sum) state.
+        let x = inputs(40, 9, false, false);
+        let plan = ShardPlan::new(Layout::Contiguous, 40, 3).unwrap();
+        let proj = orthogonal_projection(10, D, 3).unwrap();
+        let gather = |bytes: u64| 3 * 2 * bytes; // every rank sends to the two others
+        let spec = FavorSpec { projection: proj.clone(), causal: false, chunk: 8 };
+        assert_eq!(run(&x, &plan, &spec).1, gather(2 * 4) + gather(2 * 10 * 6 * 4) + gather(2 * 10 * 4));
+        let spec = FavorSpec { causal: true, ..spec };
+        assert_eq!(run(&x, &plan, &spec).1, gather(2 * 4) + 2 * (2 * (10 * 6 + 10) * 4));
+    }
+}
+
+mod moe {
+    use super::*;
+    use tome_dist::ops::{apply_experts, route_tokens, Routing};
+
+    /// Routing and capacity written out for the whole sequence at once.
+    fn naive(logits: &[Vec<f32>], capacity: usize) -> Routing {
+        let mut used = vec![0; logits[0].len()];
+        let mut r = Routing { expert: vec![], prob: vec![], kept: vec![] };
+        for row in logits {
+            let e = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+            let z: f64 = row.iter().map(|x| (*x as f64).exp()).sum();
+            used[e] += 1;
+            r.expert.push(e);
+            r.prob.push(((row[e] as f64).exp() / z) as f32);
+            r.kept.push(used[e] <= capacity);
+        }
+        r
+    }
+
+    #[test]
+    fn capacity_is_decided_in_global_token_order_on_any_number_of_ranks() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (n, experts, capacity) = (57, 4, 11);
+        let logits: Vec<Vec<f32>> = (0..n).map(|_| (0..experts).map(|_| rng.random_range(-3.0f32..3.0)).collect()).collect();
+        let want = naive(&logits, capacity);
+        assert!(want.kept.iter().any(|k| !k), "the case drops tokens");
+        let all = Tensor::new(logits.clone(), &Device::Cpu).unwrap();
+        let x = Tensor::new((0..n).map(|i| vec![i as f32, 1.0]).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+        for p in 1..=5 {
+            let plan = ShardPlan::new(Layout::Contiguous, n, p).unwrap();
+            let got = run_ranks(p, |g: &InProcessGroup| -> tome_dist::Result<_> {
+                let routing = route_tokens(g, &plan, &plan.shard_of(&all, 0, g.rank())?, capacity)?;
+                // Expert e doubles its input and adds e.
+                let y = apply_experts(&plan.shard_of(&x, 0, g.rank())?, &routing, experts, &|e, rows| Ok(((rows * 2.0)? + e as f64)?))?;
+                Ok((routing, y, g.bytes_sent()))
+            })
+            .unwrap();
+            let mut merged = Routing { expert: vec![], prob: vec![], kept: vec![] };
+            let mut ys = Vec::new();
+            for (r, y, bytes) in got {
+                merged.expert.extend(r.expert);
+                merged.prob.extend(r.prob);
+                merged.kept.extend(r.kept);
+                ys.push(y);
+                assert!(bytes <= (experts * 4) as u64, "only the per-expert counts travel");
+            }
+            assert_eq!(merged.expert, want.expert);
+            assert_eq!(merged.kept, want.kept, "p={p}");
+            for (a, b) in merged.prob.iter().zip(&want.prob) {
+                assert!((a - b).abs() < 1e-6);
+            }
+            let y = Tensor::cat(&ys, 0).unwrap().to_vec2::<f32>().unwrap();
+            for i in 0..n {
+                let expect = if want.kept[i] { want.prob[i] * (2.0 * i as f32 + want.expert[i] as f32) } else { 0.0 };
+                assert!((y[i][0] - expect).abs() < 1e-4, "token {i}");
+            }
+        }
+        let zig = ShardPlan::new(Layout::Zigzag, n, 2).unwrap();
+        let err = run_ranks(2, |g: &InProcessGroup| route_tokens(g, &zig, &zig.shard_of(&all, 0, g.rank())?, capacity)).unwrap_err();
+        assert!(err.to_string().contains("contiguous"));
+    }
+}
+
+mod recurrent {
+    use super::*;
+    use tome_attn::relative::{segment_attention, sinusoid};
+    use tome_dist::ops::{segment_recurrence, Compression, CompressiveMemory, XlMemory};
+
+    const W: usize = 8; // model width
+    const CLAMP: usize = 9;
+
+    struct Layer {
+        wq: Tensor,
+        wk: Tensor,
+        wv: Tensor,
+        wr: Tensor,
+        u: Tensor,
+        vb: Tensor,
+    }
+
+    fn layer(seed: u64) -> Layer {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut m = |r: usize, c: usize| Tensor::from_vec((0..r * c).map(|_| rng.random_range(-0.5f32..0.5)).collect::<Vec<_>>(), (r, c), &Device::Cpu).unwrap();
+        Layer { wq: m(W, H * D), wk: m(W, H * D), wv: m(W, H * D), wr: m(W, H * D), u: m(H, D), vb: m(H, D) }
+    }
+
+    fn heads(t: &Tensor) -> Tensor {
+        let n = t.dim(0).unwrap();
+        t.reshape((n, H, D)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap()
+    }
+
+    /// The layer for one segment, given the memory rows that precede it.
+    fn attend(l: &Layer, memory: &Tensor, seg: &Tensor) -> tome_dist::Result<Tensor> {
+        let x = Tensor::cat(&[memory, seg], 0)?;
+        let klen = x.dim(0)?;
+        let r = heads(&sinusoid(klen, W)?.matmul(&l.wr)?);
+        let p = segment_attention(&heads(&seg.matmul(&l.wq)?), &heads(&x.matmul(&l.wk)?), &heads(&x.matmul(&l.wv)?), &r, &l.u, &l.vb, CLAMP)?;
+        let n = seg.dim(0)?;
+        Ok(p.out.transpose(0, 1)?.reshape((n, H * D))?)
+    }
+
+    fn input(n: usize, seed: u64) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        Tensor::from_vec((0..n * W).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(), (n, W), &Device::Cpu).unwrap()
+    }
+
+    /// One Transformer-XL layer written out position by position: query i of segment s sees
+    /// inputs max(0, start(s) - M) ..= i.
+    fn naive_xl(l: &Layer, x: &Tensor, seg: usize, mem: usize) -> Vec<Vec<f32>> {
+        let n = x.dim(0).unwrap();
+        let (q, k, v) = (x.matmul(&l.wq).unwrap().to_vec2::<f32>().unwrap(), x.matmul(&l.wk).unwrap().to_vec2::<f32>().unwrap(), x.matmul(&l.wv).unwrap().to_vec2::<f32>().unwrap());
+        let r = sinusoid(n + 1, W).unwrap().matmul(&l.wr).unwrap().to_vec2::<f32>().unwrap();
+        let (u, vb) = (l.u.to_vec2::<f32>().unwrap(), l.vb.to_vec2::<f32>().unwrap());
+        let mut out = vec![vec![0f32; H * D]; n];
+        for i in 0..n {
+            let first = (i - i % seg).saturating_sub(mem);
+            for h in 0..H {
+                let dot = |a: &[f32], b: &[f32], bias: &[f32]| (0..D).map(|t| (a[h * D + t] + bias[t]) as f64 * b[h * D + t] as f64).sum::<f64>();
+                let s: Vec<f64> = (first..=i).map(|j| (dot(&q[i], &k[j], &u[h]) + dot(&q[i], &r[(i - j).min(CLAMP)], &vb[h])) / (D as f64).sqrt()).collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for t in 0..D {
+                    out[i][h * D + t] = ((first..=i).zip(&e).map(|(j, w)| w * v[j][h * D + t] as f64).sum::<f64>() / z) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn run<M: tome_dist::ops::Memory + Sync>(x: &Tensor, plan: &ShardPlan, seg: usize, first: &M, step: &(dyn Fn(&M, &Tensor) -> tome_dist::Result<Tensor> + Sync)) -> (Tensor, u64) {
+        let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
+            let y = segment_recurrence(g, plan, &plan.shard_of(x, 0, g.rank())?, seg, first, step)?;
+            Ok((y, g.bytes_sent()))
+        })
+        .unwrap();
+        let bytes = outs.iter().map(|o| o.1).sum();
+        let shards: Vec<Tensor> = outs.into_iter().map(|o| o.0).collect();
+        (plan.unshard(&shards, 0).unwrap(), bytes)
+    }
+
+    #[test]
+    fn transformer_xl_p_ranks_equal_one_rank_and_the_naive_reference() {
+        let l = layer(1);
+        for &(n, seg, mem) in &[(1, 4, 4), (23, 4, 6), (40, 5, 12), (37, 8, 3)] {
+            let x = input(n, n as u64);
+            let first = XlMemory::empty(mem, W).unwrap();
+            let step = |m: &XlMemory, s: &Tensor| attend(&l, &m.mem, s);
+            let (one, _) = run(&x, &ShardPlan::aligned(n, 1, seg).unwrap(), seg, &first, &step);
+            let want = Tensor::new(naive_xl(&l, &x, seg, mem), &Device::Cpu).unwrap();
+            assert!(max_diff(&one, &want) <= 1e-4, "1 rank vs naive n={n} seg={seg} mem={mem}: {}", max_diff(&one, &want));
+            for p in 2..=5 {
+                let (many, bytes) = run(&x, &ShardPlan::aligned(n, p, seg).unwrap(), seg, &first, &step);
+                assert!(max_diff(&many, &one) <= 1e-5, "n={n} seg={seg} mem={mem} p={p}");
+                // Each rank but the last passes at most mem_len rows of memory on.
+                assert!(bytes <= ((p - 1) * mem * W * 4) as u64);
+            }
+        }
+        // Memory longer than a shard comes from more than one rank, through the chain:
+        // 5 ranks of one 2-token segment each, memory 7.
+        let x = input(10, 3);
+        let first = XlMemory::empty(7, W).unwrap();
+        let step = |m: &XlMemory, s: &Tensor| attend(&l, &m.mem, s);
+        let (many, bytes) = run(&x, &ShardPlan::aligned(10, 5, 2).unwrap(), 2, &first, &step);
+        let want = Tensor::new(naive_xl(&l, &x, 2, 7), &Device::Cpu).unwrap();
+        assert!(max_diff(&many, &want) <= 1e-4);
+        assert_eq!(bytes, ((2 + 4 + 6 + 7) * W * 4) as u64, "the memory grows 2, 4, 6, then is capped at 7");
+    }
+
+    #[test]
+    fn compressive_p_ranks_equal_one_rank_and_the_naive_reference() {
+        let l = layer(2);
+        let mut rng = StdRng::seed_from_u64(4);
+        let conv_w = Tensor::from_vec((0..W * W * 2).map(|_| rng.random_range(-0.5f32..0.5)).collect::<Vec<_>>(), (W, W, 2), &Device::Cpu).unwrap();
+        let conv_b = Tensor::from_vec((0..W).map(|_| rng.random_range(-0.5f32..0.5)).collect::<Vec<_>>(), W, &Device::Cpu).unwrap();
+        for compression in [Compression::Mean, Compression::Max, Compression::Conv { weight: conv_w.clone(), bias: conv_b.clone() }] {
+            let (n, seg, mem, cmem, rate) = (44, 4, 8, 3, 2);
+            let x = input(n, 9);
+            let first = CompressiveMemory::empty(mem, cmem, rate, compression.clone(), W).unwrap();
+            let step = |m: &CompressiveMemory, s: &Tensor| attend(&l, &Tensor::cat(&[&m.cmem, &m.mem], 0)?, s);
+            let (one, _) = run(&x, &ShardPlan::aligned(n, 1, seg).unwrap(), seg, &first, &step);
+            // Naive: fold the memory plainly, attend over [cmem; mem; segment].
+            let rows = x.to_vec2::<f32>().unwrap();
+            let (mut m, mut c): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (vec![], vec![]);
+            let mut want = Vec::new();
+            for s in rows.chunks(seg) {
+                let memory: Vec<Vec<f32>> = c.iter().chain(&m).cloned().collect();
+                let mt = Tensor::new(memory, &Device::Cpu).unwrap_or(Tensor::zeros((0, W), candle_core::DType::F32, &Device::Cpu).unwrap());
+                let mt = if mt.dims().len() == 2 { mt } else { Tensor::zeros((0, W), candle_core::DType::F32, &Device::Cpu).unwrap() };
+                want.push(attend(&l, &mt, &Tensor::new(s.to_vec(), &Device::Cpu).unwrap()).unwrap());
+                m.extend(s.iter().cloned());
+                let evicted: Vec<Vec<f32>> = m.drain(..m.len().saturating_sub(mem)).collect();
+                for g in evicted.chunks(rate) {
+                    c.push(match &compression {
+                        Compression::Mean => (0..W).map(|f| g.iter().map(|r| r[f]).sum::<f32>() / rate as f32).collect(),
+                        Compression::Max => (0..W).map(|f| g.iter().map(|r| r[f]).fold(f32::NEG_INFINITY, f32::max)).collect(),
+                        Compression::Conv { weight, bias } => {
+                            let (w, b) = (weight.to_vec3::<f32>().unwrap(), bias.to_vec1::<f32>().unwrap());
+                            (0..W).map(|o| b[o] + (0..W).map(|ci| (0..rate).map(|t| w[o][ci][t] * g[t][ci]).sum::<f32>()).sum::<f32>()).collect()
+                        }
+                    });
+                }
+                let keep = c.len().saturating_sub(cmem);
+                c.drain(..keep);
+            }
+            let want = Tensor::cat(&want, 0).unwrap();
+            assert!(max_diff(&one, &want) <= 1e-4, "{compression:?}: {}", max_diff(&one, &want));
+            for p in 2..=5 {
+                let (many, _) = run(&x, &ShardPlan::aligned(n, p, seg).unwrap(), seg, &first, &step);
+                assert!(max_diff(&many, &one) <= 1e-5, "{compression:?} p={p}");
+            }
+        }
+    }
+
+    #[test]
+    fn misaligned_or_reordered_shards_are_refused() {
+        let x = input(20, 1);
+        let first = XlMemory::empty(4, W).unwrap();
+        let step = |m: &XlMemory, s: &Tensor| Ok(Tensor::cat(&[&m.mem, s], 0)?.narrow(0, m.mem.dim(0)?, s.dim(0)?)?);
+        for plan in [ShardPlan::from_bounds(&[0, 6, 20]).unwrap(), ShardPlan::new(Layout::Zigzag, 20, 2).unwrap()] {
+            let err = run_ranks(2, |g: &InProcessGroup| segment_recurrence(g, &plan, &plan.shard_of(&x, 0, g.rank())?, 4, &first, &step)).unwrap_err();
+            assert!(err.to_string().contains("segment") || err.to_string().contains("zigzag"), "{err}");
+        }
+    }
 }

@@ -4,10 +4,20 @@
 //! positions from the [`ShardPlan`](crate::ShardPlan)) and return that rank's rows of the
 //! output, equal to what one rank holding the whole sequence computes.
 
+pub mod blocksparse;
 pub mod dense;
+pub mod favor;
+mod exchange;
+mod global;
 mod keys;
+pub mod moe;
+pub mod recurrent;
 pub mod window;
 
+pub use blocksparse::blocksparse_attention;
+pub use favor::{favor_attention, FavorSpec};
 pub use dense::{ring_attention, DenseSpec};
 pub use keys::KeyBlock;
+pub use recurrent::{segment_recurrence, Compression, CompressiveMemory, Memory, XlMemory};
+pub use moe::{apply_experts, route_tokens, Routing};
 pub use window::{window_attention, GlobalTokens, WindowSpec};

@@ -15,13 +15,15 @@
 
 use std::ops::Range;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use tome_attn::{attention, Mask, Partial};
 
-use super::keys::{select_rows, KeyBlock};
+use super::global::{global_queries, overwrite_rows};
+use super::keys::KeyBlock;
 use crate::error::{DistError, Result};
-use crate::group::{flags_to_tensor, tensor_to_flags, Group};
-use crate::layout::{subtract, union, ShardPlan};
+use super::exchange::gather_needed;
+use crate::group::Group;
+use crate::layout::ShardPlan;
 
 #[derive(Clone, Copy, Debug)]
 pub struct WindowSpec {
@@ -42,8 +44,7 @@ pub struct GlobalTokens {
 
 /// The positions whose keys `ranges` need under the window, clipped to the sequence.
 fn needed(ranges: &[Range<usize>], w: usize, causal: bool, len: usize) -> Vec<Range<usize>> {
-    let wanted = ranges.iter().map(|x| x.start.saturating_sub(w)..if causal { x.end } else { (x.end + w).min(len) }).collect();
-    subtract(&union(wanted), ranges)
+    ranges.iter().map(|x| x.start.saturating_sub(w)..if causal { x.end } else { (x.end + w).min(len) }).collect()
 }
 
 /// This rank's output rows of window attention. `q`, `own.k`, `own.v` hold the rank's shard as
@@ -56,10 +57,6 @@ pub fn window_attention(
     spec: WindowSpec,
     globals: Option<&GlobalTokens>,
 ) -> Result<Tensor> {
-    let (me, p) = (group.rank(), group.size());
-    if plan.ranks() != p {
-        return Err(DistError::Plan(format!("the plan has {} shards for a group of {p} ranks", plan.ranks())));
-    }
     let globals = globals.filter(|g| !g.positions.is_empty());
     if spec.causal && globals.is_some() {
         return Err(DistError::Unsupported("global tokens with causal window attention".into()));
@@ -73,44 +70,12 @@ pub fn window_attention(
     let dv = own.v.dim(2)?;
     let q_pos = own.pos.clone();
 
-    // Halo exchange: post every send, then take every receive.
-    let my_need = needed(plan.ranges(me), spec.one_sided, spec.causal, plan.len());
-    for peer in (0..p).filter(|&s| s != me) {
-        let theirs = needed(plan.ranges(peer), spec.one_sided, spec.causal, plan.len());
-        let parts = plan.owned_parts(me, &theirs);
-        if parts.is_empty() {
-            continue;
-        }
-        let rows: Vec<KeyBlock> = parts.iter().map(|(x, off)| own.rows(*off, x.len())).collect::<Result<_>>()?;
-        let b = KeyBlock::concat(&rows)?;
-        group.send(peer, vec![b.k, b.v, flags_to_tensor(&b.valid)?])?;
-    }
-    let mut pieces: Vec<KeyBlock> = plan.ranges(me).iter().scan(0, |off, x| {
-        let r = own.rows(*off, x.len());
-        *off += x.len();
-        Some(r)
-    }).collect::<Result<_>>()?;
-    for peer in (0..p).filter(|&s| s != me) {
-        let parts = plan.owned_parts(peer, &my_need);
-        if parts.is_empty() {
-            continue;
-        }
-        let frame = group.recv(peer)?;
-        let [k, v, valid]: [Tensor; 3] =
-            frame.try_into().map_err(|f: Vec<Tensor>| DistError::Plan(format!("a halo frame has 3 tensors, got {}", f.len())))?;
-        let halo = KeyBlock { k, v, pos: parts.iter().flat_map(|(x, _)| x.clone()).map(|i| i as i64).collect(), valid: tensor_to_flags(&valid)? };
-        let mut off = 0;
-        for (x, _) in &parts {
-            pieces.push(halo.rows(off, x.len())?);
-            off += x.len();
-        }
-    }
-    pieces.retain(|b| !b.is_empty());
-    pieces.sort_by_key(|b| b.pos[0]);
+    // Halo exchange: the keys within the window of this rank's tokens, from whoever owns them.
+    let halo_of = |r: usize| needed(plan.ranges(r), spec.one_sided, spec.causal, plan.len());
+    let keys = gather_needed(group, plan, &own, &halo_of)?;
 
     let mut acc = Partial::empty(heads, n, dv)?;
-    if !pieces.is_empty() && n > 0 {
-        let mut keys = KeyBlock::concat(&pieces)?;
+    if let Some(mut keys) = keys.filter(|_| n > 0) {
         if let Some(g) = globals {
             // Global keys are attended through the global block below, never twice.
             for (valid, pos) in keys.valid.iter_mut().zip(&keys.pos) {
@@ -131,62 +96,18 @@ pub fn window_attention(
         None => (q, &own.k, &own.v),
     };
     let mine: Vec<usize> = q_pos.iter().enumerate().filter(|(_, &x)| g.positions.binary_search(&(x as usize)).is_ok()).map(|(i, _)| i).collect();
-    let local_global = own.select(&mine)?;
-    let my_gq = select_rows(gq, &mine)?;
-    let mut frame = local_global.to_frame()?;
-    frame.push(my_gq);
-    let gathered = group.all_gather(frame)?;
-    let mut blocks = Vec::with_capacity(p);
-    let mut queries = Vec::with_capacity(p);
-    for mut f in gathered {
-        let gq = f.pop().ok_or_else(|| DistError::Plan("a global frame lost its queries".into()))?;
-        blocks.push(KeyBlock::from_frame(f)?);
-        queries.push(gq);
-    }
-    // Ascending positions, whatever the layout.
-    let all = KeyBlock::concat(&blocks)?;
-    let all_q = Tensor::cat(&queries, 1)?;
-    let mut order: Vec<usize> = (0..all.len()).collect();
-    order.sort_by_key(|&i| all.pos[i]);
-    let global_keys = all.select(&order)?;
-    let global_q = select_rows(&all_q, &order)?;
-
+    let global_keys = {
+        let blocks = group.all_gather(own.select(&mine)?.to_frame()?)?.into_iter().map(KeyBlock::from_frame).collect::<Result<Vec<_>>>()?;
+        let all = KeyBlock::concat(&blocks)?;
+        let mut order: Vec<usize> = (0..all.len()).collect();
+        order.sort_by_key(|&i| all.pos[i]);
+        all.select(&order)?
+    };
     if n > 0 {
         let mask = Mask::full(&q_pos, &global_keys.pos).with_key_valid(Some(&global_keys.valid));
         acc = acc.merge(&attention(q, &global_keys.k, &global_keys.v, &mask, spec.scale)?)?;
     }
-
-    // Global queries over this rank's keys, merged over ranks in rank order.
-    let gpos = &global_keys.pos;
-    let local = if n > 0 {
-        let mask = Mask::full(gpos, &own.pos).with_key_valid(Some(&own.valid));
-        attention(&global_q, gk, gv, &mask, spec.scale)?
-    } else {
-        Partial::empty(heads, gpos.len(), dv)?
-    };
-    let partials = group.all_gather(vec![local.out, local.lse])?;
-    let mut merged: Option<Partial> = None;
-    for f in partials {
-        let [out, lse]: [Tensor; 2] = f.try_into().map_err(|_| DistError::Plan("a global partial frame has 2 tensors".into()))?;
-        let part = Partial { out, lse };
-        merged = Some(match merged {
-            None => part,
-            Some(m) => m.merge(&part)?,
-        });
-    }
-    let merged = merged.ok_or_else(|| DistError::Plan("no global partials".into()))?;
-
-    // Global rows take the global result.
-    let mut out = acc.out.flatten_all()?.to_vec1::<f32>()?;
-    let global_out = merged.out.flatten_all()?.to_vec1::<f32>()?;
-    let g_count = gpos.len();
-    for &i in &mine {
-        let gi = gpos.partition_point(|&x| x < q_pos[i]);
-        for h in 0..heads {
-            let dst = (h * n + i) * dv;
-            let src = (h * g_count + gi) * dv;
-            out[dst..dst + dv].copy_from_slice(&global_out[src..src + dv]);
-        }
-    }
-    Ok(Tensor::from_vec(out, (heads, n, dv), &Device::Cpu)?)
+    let global_own = KeyBlock { k: gk.clone(), v: gv.clone(), pos: own.pos.clone(), valid: own.valid.clone() };
+    let (gpos, merged) = global_queries(group, gq, &q_pos, &mine, &global_own, spec.scale)?;
+    overwrite_rows(&acc.out, &q_pos, &mine, &gpos, &merged.out)
 }

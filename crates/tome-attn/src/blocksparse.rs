@@ -1,0 +1,185 @@
+//! BigBird block-sparse attention (Zaheer et al. 2020, "Big Bird: Transformers for Longer
+//! Sequences"; Hugging Face `BigBirdBlockSparseAttention`): the pattern, and a naive reference.
+//!
+//! The sequence is cut into blocks of `block` tokens (the last may be shorter: padding to a
+//! multiple of the block is masked, so it changes nothing for real tokens). The first and last
+//! query blocks attend to every key. Every other query block `i` attends to the key blocks
+//! {first, i-1, i, i+1, last} plus `r` random blocks — a *multiset*: Hugging Face's eval plan
+//! draws every random block as block 0, so block 0's keys then count 1 + r times in the softmax,
+//! and tome reproduces that by attending over the listed blocks concatenated, repeats included.
+
+use crate::error::{shape_err, Result};
+
+/// The random blocks of each (head, query block).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RandomBlocks {
+    /// No random blocks.
+    None,
+    /// `r` random blocks per query block, every one block 0 (Hugging Face's eval-mode plan).
+    AllZero(usize),
+    /// `r` distinct random blocks per (head, query block), outside the block's sliding and
+    /// global blocks, drawn from a generator seeded with `seed` (the same on every rank).
+    Seeded { r: usize, seed: u64 },
+    /// Given explicitly: `[head][query_block][r]` (e.g. dumped from a reference run).
+    Given(Vec<Vec<Vec<usize>>>),
+}
+
+/// The block pattern of one layer over a sequence of `len` tokens.
+#[derive(Clone, Debug)]
+pub struct BlockSparsePlan {
+    pub block: usize,
+    pub len: usize,
+    pub heads: usize,
+    /// `[head][query_block]` → the key blocks it attends to, ascending, repeats allowed;
+    /// empty for the global query blocks (first and last), which attend to everything.
+    lists: Vec<Vec<Vec<usize>>>,
+}
+
+/// splitmix64: a tiny, well-mixed generator so every rank derives the same random plan.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl BlockSparsePlan {
+    pub fn new(len: usize, block: usize, heads: usize, random: &RandomBlocks) -> Result<Self> {
+        const OP: &str = "blocksparse";
+        if block == 0 || heads == 0 {
+            return Err(shape_err(OP, "block size and heads must be positive"));
+        }
+        let nb = len.div_ceil(block);
+        let last = nb.saturating_sub(1);
+        let mut lists = vec![vec![Vec::new(); nb]; heads];
+        for (h, per_head) in lists.iter_mut().enumerate() {
+            for (i, list) in per_head.iter_mut().enumerate() {
+                if i == 0 || i == last {
+                    continue;
+                }
+                let mut fixed = vec![0, i - 1, i, i + 1, last];
+                fixed.sort_unstable();
+                fixed.dedup();
+                let randoms: Vec<usize> = match random {
+                    RandomBlocks::None => Vec::new(),
+                    RandomBlocks::AllZero(r) => vec![0; *r],
+                    RandomBlocks::Given(g) => {
+                        let row = g.get(h).and_then(|x| x.get(i)).ok_or_else(|| {
+                            shape_err(OP, format!("the given random plan has no entry for head {h}, query block {i} (of {nb})"))
+                        })?;
+                        if let Some(&b) = row.iter().find(|&&b| b >= nb) {
+                            return Err(shape_err(OP, format!("random block {b} for head {h}, query block {i} is beyond the {nb} blocks")));
+                        }
+                        row.clone()
+                    }
+                    RandomBlocks::Seeded { r, seed } => {
+                        let candidates: Vec<usize> = (0..nb).filter(|b| !fixed.contains(b)).collect();
+                        if candidates.len() < *r {
+                            return Err(shape_err(
+                                OP,
+                                format!("{r} random blocks need at least {} blocks besides the sliding and global ones; the sequence has {nb}", r),
+                            ));
+                        }
+                        let mut state = seed ^ ((h as u64) << 32) ^ (i as u64);
+                        let mut pool = candidates;
+                        (0..*r)
+                            .map(|_| {
+                                let at = (splitmix(&mut state) % pool.len() as u64) as usize;
+                                pool.swap_remove(at)
+                            })
+                            .collect()
+                    }
+                };
+                fixed.extend(randoms);
+                fixed.sort_unstable();
+                *list = fixed;
+            }
+        }
+        Ok(BlockSparsePlan { block, len, heads, lists })
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.len.div_ceil(self.block)
+    }
+
+    /// The first and last blocks' queries attend to every key.
+    pub fn is_global_query_block(&self, qb: usize) -> bool {
+        qb == 0 || qb + 1 == self.num_blocks()
+    }
+
+    /// Key blocks of a non-global query block, ascending, repeats allowed.
+    pub fn key_blocks(&self, head: usize, qb: usize) -> &[usize] {
+        &self.lists[head][qb]
+    }
+
+    /// Whether every head attends to the same blocks (then heads are computed together).
+    pub fn uniform_across_heads(&self) -> bool {
+        self.lists.iter().all(|l| l == &self.lists[0])
+    }
+
+    /// Token positions of block `b`.
+    pub fn block_range(&self, b: usize) -> std::ops::Range<usize> {
+        b * self.block..((b + 1) * self.block).min(self.len)
+    }
+
+    /// The key positions query position `i` of head `h` attends to, repeats included.
+    pub fn keys_of(&self, h: usize, i: usize) -> Vec<usize> {
+        let qb = i / self.block;
+        if self.is_global_query_block(qb) {
+            return (0..self.len).collect();
+        }
+        self.key_blocks(h, qb).iter().flat_map(|&b| self.block_range(b)).collect()
+    }
+}
+
+/// Naive block-sparse attention over the whole sequence: `q`, `k`, `v` as `[heads][len][d]`,
+/// returns `[heads][len][dv]` (rows that see no valid key are 0).
+pub fn reference(q: &[Vec<Vec<f32>>], k: &[Vec<Vec<f32>>], v: &[Vec<Vec<f32>>], valid: &[bool], plan: &BlockSparsePlan, scale: f32) -> Vec<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(q.len());
+    for h in 0..q.len() {
+        let mut rows = Vec::with_capacity(plan.len);
+        for i in 0..plan.len {
+            let keys: Vec<usize> = plan.keys_of(h, i).into_iter().filter(|&j| valid[j]).collect();
+            let dv = v[h].first().map_or(0, |r| r.len());
+            if keys.is_empty() {
+                rows.push(vec![0.0; dv]);
+                continue;
+            }
+            let scores: Vec<f64> = keys.iter().map(|&j| scale as f64 * q[h][i].iter().zip(&k[h][j]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()).collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            rows.push((0..dv).map(|c| (keys.iter().zip(&e).map(|(&j, w)| w * v[h][j][c] as f64).sum::<f64>() / z) as f32).collect());
+        }
+        out.push(rows);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans() {
+        let p = BlockSparsePlan::new(70, 10, 2, &RandomBlocks::AllZero(2)).unwrap();
+        assert_eq!(p.num_blocks(), 7);
+        assert!(p.is_global_query_block(0) && p.is_global_query_block(6));
+        assert_eq!(p.key_blocks(0, 1), &[0, 0, 0, 1, 2, 6]);
+        assert_eq!(p.key_blocks(1, 3), &[0, 0, 0, 2, 3, 4, 6]);
+        let s = BlockSparsePlan::new(200, 10, 3, &RandomBlocks::Seeded { r: 3, seed: 7 }).unwrap();
+        for h in 0..3 {
+            for qb in 1..19 {
+                let l = s.key_blocks(h, qb);
+                assert_eq!(l.len(), 8 - usize::from(qb == 1 || qb == 18));
+                let mut d = l.to_vec();
+                d.dedup();
+                assert_eq!(d.len(), l.len(), "seeded random blocks are distinct from the fixed ones");
+            }
+        }
+        assert!(!s.uniform_across_heads());
+        assert!(BlockSparsePlan::new(40, 10, 1, &RandomBlocks::Seeded { r: 3, seed: 1 }).is_err());
+        assert!(BlockSparsePlan::new(40, 10, 1, &RandomBlocks::Given(vec![vec![vec![9]; 4]])).is_err());
+    }
+}

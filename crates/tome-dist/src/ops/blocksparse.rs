@@ -1,0 +1,111 @@
+//! `blocksparse`: BigBird block-sparse attention across ranks (Zaheer et al. 2020).
+//!
+//! Each rank fetches, from their owners, exactly the key blocks its query blocks list: the
+//! sliding neighbours (a halo), the first and last blocks (global keys, which every rank
+//! fetches: an all-gather of those blocks), and the random blocks (a targeted fetch by block
+//! index). The first and last query blocks see every key: they are global queries, merged over
+//! ranks as (output, lse). Shards may cut blocks anywhere.
+
+use candle_core::Tensor;
+use tome_attn::blocksparse::BlockSparsePlan;
+use tome_attn::{attention, Mask};
+
+use super::exchange::gather_needed;
+use super::global::{global_queries, overwrite_rows};
+use super::keys::{select_rows, KeyBlock};
+use crate::error::{DistError, Result};
+use crate::group::Group;
+use crate::layout::ShardPlan;
+
+/// This rank's output rows of block-sparse attention under `pattern` (built for the whole
+/// sequence, the same on every rank).
+pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, own: KeyBlock, pattern: &BlockSparsePlan, scale: f32) -> Result<Tensor> {
+    let (heads, n, _) = q.dims3()?;
+    let dv = own.v.dim(2)?;
+    if pattern.len != plan.len() || pattern.heads != heads {
+        return Err(DistError::Plan(format!(
+            "the block pattern covers {} tokens and {} heads; the shard plan {} tokens, the queries {heads} heads",
+            pattern.len,
+            pattern.heads,
+            plan.len()
+        )));
+    }
+    let query_blocks = |r: usize| -> Vec<usize> {
+        let mut b: Vec<usize> = plan.positions(r).iter().map(|&p| p as usize / pattern.block).collect();
+        b.dedup();
+        b
+    };
+    let needs = |r: usize| {
+        query_blocks(r)
+            .into_iter()
+            .filter(|&qb| !pattern.is_global_query_block(qb))
+            .flat_map(|qb| (0..pattern.heads).flat_map(move |h| pattern.key_blocks(h, qb).iter().map(|&b| pattern.block_range(b))))
+            .collect()
+    };
+    let keys = gather_needed(group, plan, &own, &needs)?;
+    let q_pos = own.pos.clone();
+
+    let mut out = vec![0f32; heads * n * dv];
+    let mut global_rows = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let qb = q_pos[start] as usize / pattern.block;
+        let end = start + q_pos[start..].iter().take_while(|&&p| p as usize / pattern.block == qb).count();
+        if pattern.is_global_query_block(qb) {
+            global_rows.extend(start..end);
+        } else if let Some(keys) = &keys {
+            let rows = block_rows(q, &q_pos, start..end, keys, pattern, qb, scale)?.flatten_all()?.to_vec1::<f32>()?;
+            let len = (end - start) * dv;
+            for h in 0..heads {
+                out[(h * n + start) * dv..(h * n + start) * dv + len].copy_from_slice(&rows[h * len..(h + 1) * len]);
+            }
+        }
+        start = end;
+    }
+    let out = Tensor::from_vec(out, (heads, n, dv), &candle_core::Device::Cpu)?;
+    // Global query blocks: every rank takes part, whether or not it owns one.
+    let (gpos, merged) = global_queries(group, q, &q_pos, &global_rows, &own, scale)?;
+    overwrite_rows(&out, &q_pos, &global_rows, &gpos, &merged.out)
+}
+
+/// Output rows `rows` (all in query block `qb`) over the listed key blocks, repeats included.
+fn block_rows(q: &Tensor, q_pos: &[i64], rows: std::ops::Range<usize>, keys: &KeyBlock, pattern: &BlockSparsePlan, qb: usize, scale: f32) -> Result<Tensor> {
+    let qs = q.narrow(1, rows.start, rows.len())?;
+    let qp = &q_pos[rows];
+    // Repeated blocks (HF's eval plan lists block 0 several times) stay repeated; sorting the
+    // rows keeps positions non-decreasing, as the kernel needs, without changing the multiset.
+    let key_rows = |h: usize| -> Vec<usize> {
+        let mut rows: Vec<usize> = pattern
+            .key_blocks(h, qb)
+            .iter()
+            .flat_map(|&b| {
+                let r = pattern.block_range(b);
+                let lo = keys.pos.partition_point(|&p| (p as usize) < r.start);
+                let hi = keys.pos.partition_point(|&p| (p as usize) < r.end);
+                lo..hi
+            })
+            .collect();
+        rows.sort_unstable();
+        rows
+    };
+    let one = |qs: &Tensor, kb: &KeyBlock| -> Result<Tensor> {
+        let mask = Mask::full(qp, &kb.pos).with_key_valid(Some(&kb.valid));
+        Ok(attention(qs, &kb.k, &kb.v, &mask, scale)?.out)
+    };
+    if pattern.uniform_across_heads() {
+        return one(&qs, &keys.select(&key_rows(0))?);
+    }
+    let per_head = (0..pattern.heads)
+        .map(|h| {
+            let sel = key_rows(h);
+            let kb = KeyBlock {
+                k: select_rows(&keys.k.narrow(0, h, 1)?, &sel)?,
+                v: select_rows(&keys.v.narrow(0, h, 1)?, &sel)?,
+                pos: sel.iter().map(|&i| keys.pos[i]).collect(),
+                valid: sel.iter().map(|&i| keys.valid[i]).collect(),
+            };
+            one(&qs.narrow(0, h, 1)?, &kb)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&per_head, 0)?)
+}

@@ -1,0 +1,69 @@
+//! Point-to-point fetch of key rows by position: every rank knows from the plan alone which
+//! positions each rank needs, so each owner sends exactly those rows, without positions (the
+//! receiver derives them), and nothing is requested on the wire. Halos (windows, sliding blocks,
+//! look-back chunks), global blocks and random blocks are all fetched this way.
+
+use std::ops::Range;
+
+use candle_core::Tensor;
+
+use super::keys::KeyBlock;
+use crate::error::{DistError, Result};
+use crate::group::{flags_to_tensor, tensor_to_flags, Group};
+use crate::layout::{subtract, union, ShardPlan};
+
+/// Keys this rank holds after the exchange: its own rows plus the rows at the positions `needs(rank)`
+/// names for it, in ascending position order (`None` when that is nothing). `needs` must give
+/// the same answer on every rank; positions a rank owns are never sent to it.
+pub(crate) fn gather_needed(
+    group: &dyn Group,
+    plan: &ShardPlan,
+    own: &KeyBlock,
+    needs: &dyn Fn(usize) -> Vec<Range<usize>>,
+) -> Result<Option<KeyBlock>> {
+    let (me, p) = (group.rank(), group.size());
+    if plan.ranks() != p {
+        return Err(DistError::Plan(format!("the plan has {} shards for a group of {p} ranks", plan.ranks())));
+    }
+    let wanted = |r: usize| subtract(&union(needs(r)), plan.ranges(r));
+    // Post every send, then take every receive.
+    for peer in (0..p).filter(|&s| s != me) {
+        let parts = plan.owned_parts(me, &wanted(peer));
+        if parts.is_empty() {
+            continue;
+        }
+        let rows: Vec<KeyBlock> = parts.iter().map(|(x, off)| own.rows(*off, x.len())).collect::<Result<_>>()?;
+        let b = KeyBlock::concat(&rows)?;
+        group.send(peer, vec![b.k, b.v, flags_to_tensor(&b.valid)?])?;
+    }
+    let mut offset = 0;
+    let mut pieces = Vec::new();
+    for x in plan.ranges(me) {
+        pieces.push(own.rows(offset, x.len())?);
+        offset += x.len();
+    }
+    let mine = wanted(me);
+    for peer in (0..p).filter(|&s| s != me) {
+        let parts = plan.owned_parts(peer, &mine);
+        if parts.is_empty() {
+            continue;
+        }
+        let [k, v, valid]: [Tensor; 3] = group
+            .recv(peer)?
+            .try_into()
+            .map_err(|f: Vec<Tensor>| DistError::Plan(format!("a key frame from rank {peer} has {} tensors, not 3", f.len())))?;
+        let pos = parts.iter().flat_map(|(x, _)| x.clone()).map(|i| i as i64).collect();
+        let fetched = KeyBlock { k, v, pos, valid: tensor_to_flags(&valid)? };
+        let mut off = 0;
+        for (x, _) in &parts {
+            pieces.push(fetched.rows(off, x.len())?);
+            off += x.len();
+        }
+    }
+    pieces.retain(|b| !b.is_empty());
+    pieces.sort_by_key(|b| b.pos[0]);
+    if pieces.is_empty() {
+        return Ok(None);
+    }
+    KeyBlock::concat(&pieces).map(Some)
+}
