@@ -7,6 +7,11 @@
 //! {first, i-1, i, i+1, last} plus `r` random blocks — a *multiset*: Hugging Face's eval plan
 //! draws every random block as block 0, so block 0's keys then count 1 + r times in the softmax,
 //! and tome reproduces that by attending over the listed blocks concatenated, repeats included.
+//!
+//! The same machinery serves Reformer's chunked local attention (Kitaev et al. 2020, Hugging
+//! Face `LocalSelfAttention`): query chunk `c` attends to chunks `c - before ..= c + after`,
+//! wrapping around the sequence (chunk 0 also sees the last chunk), optionally causal, with no
+//! global blocks — see [`BlockSparsePlan::local`].
 
 use crate::error::{shape_err, Result};
 
@@ -30,6 +35,11 @@ pub struct BlockSparsePlan {
     pub block: usize,
     pub len: usize,
     pub heads: usize,
+    /// Whether the first and last query blocks attend to everything (BigBird) or follow their
+    /// lists like every other block (local attention).
+    pub global_queries: bool,
+    /// Keys after the query are invisible.
+    pub causal: bool,
     /// `[head][query_block]` → the key blocks it attends to, ascending, repeats allowed;
     /// empty for the global query blocks (first and last), which attend to everything.
     lists: Vec<Vec<Vec<usize>>>,
@@ -96,7 +106,24 @@ impl BlockSparsePlan {
                 *list = fixed;
             }
         }
-        Ok(BlockSparsePlan { block, len, heads, lists })
+        Ok(BlockSparsePlan { block, len, heads, global_queries: true, causal: false, lists })
+    }
+
+    /// Reformer's chunked local attention: chunk `c` sees chunks `c - before ..= c + after`
+    /// modulo the number of chunks (repeats kept when the sequence has few chunks).
+    pub fn local(len: usize, chunk: usize, heads: usize, before: usize, after: usize, causal: bool) -> Result<Self> {
+        if chunk == 0 || heads == 0 {
+            return Err(shape_err("local", "chunk length and heads must be positive"));
+        }
+        let nb = len.div_ceil(chunk);
+        let lists: Vec<Vec<usize>> = (0..nb)
+            .map(|c| {
+                let mut l: Vec<usize> = (0..=before + after).map(|o| (c + nb * (before + 1) + o - before) % nb).collect();
+                l.sort_unstable();
+                l
+            })
+            .collect();
+        Ok(BlockSparsePlan { block: chunk, len, heads, global_queries: false, causal, lists: vec![lists; heads] })
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -105,7 +132,7 @@ impl BlockSparsePlan {
 
     /// The first and last blocks' queries attend to every key.
     pub fn is_global_query_block(&self, qb: usize) -> bool {
-        qb == 0 || qb + 1 == self.num_blocks()
+        self.global_queries && (qb == 0 || qb + 1 == self.num_blocks())
     }
 
     /// Key blocks of a non-global query block, ascending, repeats allowed.
@@ -129,7 +156,7 @@ impl BlockSparsePlan {
         if self.is_global_query_block(qb) {
             return (0..self.len).collect();
         }
-        self.key_blocks(h, qb).iter().flat_map(|&b| self.block_range(b)).collect()
+        self.key_blocks(h, qb).iter().flat_map(|&b| self.block_range(b)).filter(|&j| !self.causal || j <= i).collect()
     }
 }
 
@@ -181,5 +208,11 @@ mod tests {
         assert!(!s.uniform_across_heads());
         assert!(BlockSparsePlan::new(40, 10, 1, &RandomBlocks::Seeded { r: 3, seed: 1 }).is_err());
         assert!(BlockSparsePlan::new(40, 10, 1, &RandomBlocks::Given(vec![vec![vec![9]; 4]])).is_err());
+        let l = BlockSparsePlan::local(40, 10, 1, 1, 0, false).unwrap();
+        assert_eq!(l.key_blocks(0, 0), &[0, 3], "chunk 0 looks back to the last chunk");
+        assert_eq!(l.key_blocks(0, 2), &[1, 2]);
+        assert!(!l.is_global_query_block(0));
+        let one = BlockSparsePlan::local(8, 10, 1, 1, 1, false).unwrap();
+        assert_eq!(one.key_blocks(0, 0), &[0, 0, 0], "one chunk sees itself three times, as the reference's concatenation does");
     }
 }

@@ -613,3 +613,34 @@ mod recurrent {
         }
     }
 }
+
+mod local {
+    use super::*;
+    use tome_attn::blocksparse::{reference, BlockSparsePlan};
+    use tome_dist::ops::blocksparse_attention;
+
+    #[test]
+    fn chunked_local_attention_wraps_around_on_any_number_of_ranks() {
+        for &(n, chunk, before, after, causal) in &[(40, 8, 1, 0, false), (45, 8, 1, 1, false), (64, 4, 2, 0, true), (6, 8, 1, 1, false)] {
+            let pattern = BlockSparsePlan::local(n, chunk, H, before, after, causal).unwrap();
+            let x = inputs(n, n as u64 + 500, n > 40, false);
+            let run = |plan: &ShardPlan| -> Tensor {
+                let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
+                    let r = g.rank();
+                    blocksparse_attention(g, plan, &plan.shard_of(&x.q, 1, r)?, own(&x, plan, r), &pattern, 0.4)
+                })
+                .unwrap();
+                plan.unshard(&outs, 1).unwrap()
+            };
+            let one = run(&ShardPlan::new(Layout::Contiguous, n, 1).unwrap());
+            let (q, k, v) = (x.q.to_vec3::<f32>().unwrap(), x.k.to_vec3::<f32>().unwrap(), x.v.to_vec3::<f32>().unwrap());
+            let want = Tensor::new(reference(&q, &k, &v, &x.valid, &pattern, 0.4), &Device::Cpu).unwrap();
+            assert!(max_diff(&one, &want) <= 2e-5, "1 rank vs reference: n={n} chunk={chunk}");
+            for p in 2..=5 {
+                for plan in plans(n, p) {
+                    assert!(max_diff(&run(&plan), &one) <= 1e-5, "n={n} chunk={chunk} p={p} {plan:?}");
+                }
+            }
+        }
+    }
+}

@@ -5,6 +5,10 @@
 //! fetches: an all-gather of those blocks), and the random blocks (a targeted fetch by block
 //! index). The first and last query blocks see every key: they are global queries, merged over
 //! ranks as (output, lse). Shards may cut blocks anywhere.
+//!
+//! Reformer's chunked local attention is the same plan with other lists
+//! ([`BlockSparsePlan::local`]): the look-back and look-ahead chunks are a halo that wraps
+//! around from the last rank to the first.
 
 use candle_core::Tensor;
 use tome_attn::blocksparse::BlockSparsePlan;
@@ -89,7 +93,7 @@ fn block_rows(q: &Tensor, q_pos: &[i64], rows: std::ops::Range<usize>, keys: &Ke
         rows
     };
     let one = |qs: &Tensor, kb: &KeyBlock| -> Result<Tensor> {
-        let mask = Mask::full(qp, &kb.pos).with_key_valid(Some(&kb.valid));
+        let mask = Mask::full(qp, &kb.pos).with_key_valid(Some(&kb.valid)).with_causal(pattern.causal);
         Ok(attention(qs, &kb.k, &kb.v, &mask, scale)?.out)
     };
     if pattern.uniform_across_heads() {
