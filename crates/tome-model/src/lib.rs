@@ -10,6 +10,7 @@ mod config;
 mod error;
 mod model_dir;
 mod pooling;
+pub mod reversible;
 mod tokenizer;
 
 pub use bert::{BertModel, Prepared};
