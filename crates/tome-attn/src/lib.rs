@@ -15,6 +15,7 @@ pub mod blocksparse;
 mod error;
 pub mod favor;
 mod flash;
+pub mod lsh;
 mod mask;
 pub mod moe;
 mod partial;

@@ -644,3 +644,81 @@ mod local {
         }
     }
 }
+
+mod lsh {
+    use super::*;
+    use tome_attn::lsh::{buckets, reference, LshSpec};
+    use tome_dist::ops::lsh_attention;
+
+    fn rotations(spec: &LshSpec, seed: u64) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let len = H * D * spec.n_hashes * spec.n_buckets / 2;
+        Tensor::from_vec((0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(), (H, D, spec.n_hashes, spec.n_buckets / 2), &Device::Cpu).unwrap()
+    }
+
+    fn run(x: &Inputs, plan: &ShardPlan, rot: &Tensor, spec: &LshSpec) -> (Tensor, u64) {
+        let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
+            let r = g.rank();
+            let valid: Vec<bool> = plan.positions(r).iter().map(|&i| x.valid[i as usize]).collect();
+            let y = lsh_attention(g, plan, &plan.shard_of(&x.q, 1, r)?, &plan.shard_of(&x.v, 1, r)?, &valid, rot, spec)?;
+            Ok((y, g.bytes_sent()))
+        })
+        .unwrap();
+        let bytes = outs.iter().map(|o| o.1).sum();
+        let shards: Vec<Tensor> = outs.into_iter().map(|o| o.0).collect();
+        (plan.unshard(&shards, 1).unwrap(), bytes)
+    }
+
+    #[test]
+    fn p_ranks_equal_one_rank_and_the_naive_reference() {
+        let specs = [
+            LshSpec { n_hashes: 1, n_buckets: 4, chunk_len: 4, chunks_before: 1, chunks_after: 0 },
+            LshSpec { n_hashes: 2, n_buckets: 6, chunk_len: 5, chunks_before: 1, chunks_after: 1 },
+            LshSpec { n_hashes: 3, n_buckets: 2, chunk_len: 8, chunks_before: 2, chunks_after: 0 },
+        ];
+        for (i, spec) in specs.iter().enumerate() {
+            for &n in &[spec.chunk_len, spec.chunk_len * 3, spec.chunk_len * 8] {
+                let x = inputs(n, (i * 100 + n) as u64, n > 20, false);
+                let rot = rotations(spec, i as u64);
+                let (one, _) = run(&x, &ShardPlan::new(Layout::Contiguous, n, 1).unwrap(), &rot, spec);
+                let b = buckets(&x.q, &rot, &x.valid, spec).unwrap();
+                let want = reference(&x.q.to_vec3::<f32>().unwrap(), &x.v.to_vec3::<f32>().unwrap(), &x.valid, &b, spec);
+                let want = Tensor::new(want, &Device::Cpu).unwrap();
+                assert!(max_diff(&one, &want) <= 2e-5, "1 rank vs reference {spec:?} n={n}: {}", max_diff(&one, &want));
+                for p in 2..=5 {
+                    let plan = ShardPlan::new(Layout::Contiguous, n, p).unwrap();
+                    let (many, _) = run(&x, &plan, &rot, spec);
+                    assert!(max_diff(&many, &one) <= 1e-5, "{spec:?} n={n} p={p}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sends_items_to_their_chunks_and_back_and_nothing_more() {
+        let spec = LshSpec { n_hashes: 2, n_buckets: 4, chunk_len: 4, chunks_before: 1, chunks_after: 0 };
+        let (n, p) = (24, 3);
+        let x = inputs(n, 77, false, false);
+        let rot = rotations(&spec, 5);
+        let plan = ShardPlan::new(Layout::Contiguous, n, p).unwrap();
+        // Independently: sort every head's items, deal chunks evenly, count what moves.
+        let b = buckets(&x.q, &rot, &x.valid, &spec).unwrap();
+        let total_chunks = spec.n_hashes * n / spec.chunk_len; // 12: 4 per rank
+        let chunk_owner = |slot: usize| slot / spec.chunk_len / (total_chunks / p);
+        let token_owner = |t: usize| t / (n / p);
+        let mut moved = 0u64;
+        for h in 0..H {
+            let mut items: Vec<(usize, usize)> = (0..spec.n_hashes).flat_map(|r| (0..n).map(move |t| (r, t))).collect();
+            items.sort_by_key(|&(r, t)| (r * spec.n_buckets + b[h][r][t], t));
+            moved += items.iter().enumerate().filter(|(s, (_, t))| chunk_owner(*s) != token_owner(*t)).count() as u64;
+        }
+        let item = (8 + 8 + 1 + D * 4 + D * 4) as u64; // slot, position, validity, qk, v
+        let back = (D * 4 + 4) as u64; // output, lse
+        let halo = p as u64 * H as u64 * spec.chunk_len as u64 * (8 + 1 + 2 * D as u64 * 4); // one chunk each, per head
+        let gathers = (p * (p - 1)) as u64 * (4 + (H * spec.n_hashes * spec.n_buckets * 4) as u64);
+        assert_eq!(run(&x, &plan, &rot, &spec).1, gathers + moved * (item + back) + halo);
+        let zig = ShardPlan::new(Layout::Zigzag, n, 2).unwrap();
+        let err = run_ranks(2, |g: &InProcessGroup| lsh_attention(g, &zig, &zig.shard_of(&x.q, 1, g.rank())?, &zig.shard_of(&x.v, 1, g.rank())?, &[true; 12], &rot, &spec));
+        assert!(err.unwrap_err().to_string().contains("contiguous"));
+    }
+}

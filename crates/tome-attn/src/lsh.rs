@@ -1,0 +1,166 @@
+//! Reformer LSH attention (Kitaev et al. 2020, "Reformer: The Efficient Transformer"; Hugging
+//! Face `LSHSelfAttention`, eval mode): the hashing, the per-chunk attention, and a naive
+//! whole-sequence reference.
+//!
+//! Queries and keys share one projection; keys are the query vectors normalised
+//! (`x · rsqrt(mean(x²) + 1e-6) / sqrt(d)`). Each of `n_hashes` rounds hashes every vector with
+//! random rotations: `bucket = argmax(cat[xR, -xR])`; padding tokens get a bucket of their own.
+//! Items (round, token) are stably sorted by `(round · buckets + bucket, position)` and cut into
+//! chunks of `chunk_len`; a chunk's queries attend to the keys of chunks `c - before ..= c +
+//! after` of that sorted sequence, wrapping around (across rounds, as the reference's
+//! concatenation does). A token attending to itself scores `-1e5`, a padding key `-1e9`. Each
+//! round yields (output, lse); rounds are merged by log-sum-exp.
+
+use candle_core::Tensor;
+
+use crate::error::{shape_err, Result};
+
+/// Score of a query with its own key.
+pub const SELF_SCORE: f32 = -1e5;
+/// Score of a padding key.
+pub const PAD_SCORE: f32 = -1e9;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LshSpec {
+    pub n_hashes: usize,
+    /// Buckets per round (even).
+    pub n_buckets: usize,
+    pub chunk_len: usize,
+    pub chunks_before: usize,
+    pub chunks_after: usize,
+}
+
+impl LshSpec {
+    pub fn check(&self, len: usize) -> Result<()> {
+        if self.n_hashes == 0 || self.n_buckets < 2 || self.n_buckets % 2 != 0 || self.chunk_len == 0 {
+            return Err(shape_err("lsh", format!("{self:?}: hashes and chunk length must be positive, buckets even and at least 2")));
+        }
+        if len % self.chunk_len != 0 {
+            return Err(shape_err("lsh", format!("{len} tokens are not a multiple of the chunk length {}: pad the sequence", self.chunk_len)));
+        }
+        Ok(())
+    }
+
+    /// Buckets per round including the padding bucket (when there is padding).
+    pub fn buckets_with_padding(&self, padded: bool) -> usize {
+        self.n_buckets + usize::from(padded)
+    }
+}
+
+/// The bucket of every vector: `qk` is `[heads, n, d]`, `rotations` `[heads, d, n_hashes,
+/// n_buckets / 2]`. Returns `[head][round][token]`; invalid tokens get bucket `n_buckets`.
+pub fn buckets(qk: &Tensor, rotations: &Tensor, valid: &[bool], spec: &LshSpec) -> Result<Vec<Vec<Vec<usize>>>> {
+    let (heads, n, d) = qk.dims3()?;
+    let half = spec.n_buckets / 2;
+    if rotations.dims() != [heads, d, spec.n_hashes, half] {
+        return Err(shape_err("lsh", format!("rotations must be {:?}, got {:?}", [heads, d, spec.n_hashes, half], rotations.dims())));
+    }
+    let mut out = vec![vec![vec![0; n]; spec.n_hashes]; heads];
+    if n == 0 {
+        return Ok(out);
+    }
+    let rotated = qk.matmul(&rotations.reshape((heads, d, spec.n_hashes * half))?)?.to_vec3::<f32>()?;
+    for (h, per_head) in out.iter_mut().enumerate() {
+        for (round, per_round) in per_head.iter_mut().enumerate() {
+            for (t, bucket) in per_round.iter_mut().enumerate() {
+                if !valid[t] {
+                    *bucket = spec.n_buckets;
+                    continue;
+                }
+                let row = &rotated[h][t][round * half..(round + 1) * half];
+                // argmax over [row, -row], first maximum wins.
+                let (mut best, mut arg) = (f32::NEG_INFINITY, 0);
+                for (i, &x) in row.iter().chain(row.iter().map(|x| -x).collect::<Vec<_>>().iter()).enumerate() {
+                    if x > best {
+                        best = x;
+                        arg = i;
+                    }
+                }
+                *bucket = arg;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A key from a shared query-key vector: `x · rsqrt(mean(x²) + 1e-6) / sqrt(d)`.
+pub fn normalize_key(x: &[f32]) -> Vec<f32> {
+    let var = x.iter().map(|a| a * a).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (var + 1e-6).sqrt() / (x.len() as f32).sqrt();
+    x.iter().map(|a| a * inv).collect()
+}
+
+/// One query's attention over listed keys with Reformer's masks: `(output, lse)`.
+/// Keys are `(token, valid, key row, value row)`.
+pub fn attend(query_token: i64, q: &[f32], keys: &[(i64, bool, &[f32], &[f32])], out: &mut [f32]) -> f32 {
+    let scores: Vec<f32> = keys
+        .iter()
+        .map(|&(tok, valid, k, _)| {
+            if tok == query_token {
+                SELF_SCORE
+            } else if !valid {
+                PAD_SCORE
+            } else {
+                q.iter().zip(k).map(|(a, b)| a * b).sum()
+            }
+        })
+        .collect();
+    let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let z: f32 = scores.iter().map(|s| (s - m).exp()).sum();
+    let lse = m + z.ln();
+    out.fill(0.0);
+    for (s, &(_, _, _, v)) in scores.iter().zip(keys) {
+        let w = (s - lse).exp();
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += w * x;
+        }
+    }
+    lse
+}
+
+/// Naive LSH attention over a whole sequence: `qk`, `v` as `[heads][n][d]`, buckets from
+/// [`buckets`]. Returns `[heads][n][dv]`.
+pub fn reference(qk: &[Vec<Vec<f32>>], v: &[Vec<Vec<f32>>], valid: &[bool], buckets: &[Vec<Vec<usize>>], spec: &LshSpec) -> Vec<Vec<Vec<f32>>> {
+    let n = valid.len();
+    let nb = spec.buckets_with_padding(valid.contains(&false));
+    let keys: Vec<Vec<Vec<f32>>> = qk.iter().map(|head| head.iter().map(|x| normalize_key(x)).collect()).collect();
+    let mut out = Vec::new();
+    for h in 0..qk.len() {
+        // Sorted items (round, token).
+        let mut items: Vec<(usize, usize)> = (0..spec.n_hashes).flat_map(|r| (0..n).map(move |t| (r, t))).collect();
+        items.sort_by_key(|&(r, t)| (r * nb + buckets[h][r][t], t));
+        let total_chunks = items.len() / spec.chunk_len;
+        let dv = v[h].first().map_or(0, |x| x.len());
+        let mut partials = vec![Vec::new(); n]; // per token: (lse, out) per round
+        for c in 0..total_chunks {
+            let key_items: Vec<(usize, usize)> = (0..=spec.chunks_before + spec.chunks_after)
+                .flat_map(|o| {
+                    let kc = (c + total_chunks * (spec.chunks_before + 1) + o - spec.chunks_before) % total_chunks;
+                    items[kc * spec.chunk_len..(kc + 1) * spec.chunk_len].to_vec()
+                })
+                .collect();
+            let key_rows: Vec<(i64, bool, &[f32], &[f32])> = key_items.iter().map(|&(_, t)| (t as i64, valid[t], &keys[h][t][..], &v[h][t][..])).collect();
+            for &(_, t) in &items[c * spec.chunk_len..(c + 1) * spec.chunk_len] {
+                let mut o = vec![0f32; dv];
+                let lse = attend(t as i64, &qk[h][t], &key_rows, &mut o);
+                partials[t].push((lse, o));
+            }
+        }
+        out.push(
+            partials
+                .into_iter()
+                .map(|rounds| {
+                    let m = rounds.iter().map(|r| r.0).fold(f32::NEG_INFINITY, f32::max);
+                    let z: f32 = rounds.iter().map(|r| (r.0 - m).exp()).sum();
+                    let mut o = vec![0f32; dv];
+                    for (lse, x) in &rounds {
+                        let w = (lse - m).exp() / z;
+                        o.iter_mut().zip(x).for_each(|(a, b)| *a += w * b);
+                    }
+                    o
+                })
+                .collect(),
+        );
+    }
+    out
+}
