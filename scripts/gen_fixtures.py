@@ -7,10 +7,13 @@ Writes (all small, committed) under crates/tome-model/tests/fixtures/:
   bert-tiny-prefixed/   random BertForMaskedLM (keys carry a `bert.` prefix,
                         plus `cls.*` head weights that a BertModel loader ignores)
   roberta-tiny/         random RobertaModel (positions start at padding_idx + 1)
+  gpt-neo-tiny/         random GPTNeoModel (causal; layers alternate global / local
+                        sliding-window attention, window_size 5; no LM head)
       config.json, model.safetensors   save_pretrained() output
       input_ids.npy                    int64   [seq]
       last_hidden_state.npy            float32 [seq, hidden]   (batch of one, no
-                                       padding, attention_mask = 1, token_type_ids = 0)
+                                       padding, attention_mask = 1, token_type_ids = 0;
+                                       GPT-Neo: neither passed)
       meta.json                        versions, seeds, command
   minilm_reference.json reference token ids and sentence embeddings of
                         all-MiniLM-L6-v2 (needs scripts/fetch_data.sh first)
@@ -45,7 +48,8 @@ the identity affine map, attention is almost uniform), so a wrong attention
 mask, a swapped LayerNorm gamma/beta or a missing bias would go unnoticed.
 Every parameter is therefore re-drawn after construction (weights ~ N(0, 0.2),
 biases ~ N(0, 0.1), LayerNorm gamma ~ 1 + N(0, 0.1), beta ~ N(0, 0.1)),
-deterministically from the model's seed.
+deterministically from the model's seed. LayerNorm parameters are recognised by
+name (BERT's `LayerNorm`) or by module type (GPT-Neo's `ln_1` / `ln_2` / `ln_f`).
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    GPTNeoConfig,
+    GPTNeoModel,
     RobertaConfig,
     RobertaModel,
 )
@@ -106,12 +112,22 @@ def versions() -> dict:
 def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
     """Re-draw every parameter so that each part of the network matters."""
     g = torch.Generator().manual_seed(seed + 1000)
+    # LayerNorm parameters by module type as well as by name: GPT-Neo calls its
+    # LayerNorms ln_1 / ln_2 / ln_f. (Every nn.LayerNorm in BERT / RoBERTa is
+    # named `LayerNorm`, so their draws are unchanged.)
+    layer_norm_params = {
+        f"{module_name}.{param_name}" if module_name else param_name
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.LayerNorm)
+        for param_name, _ in module.named_parameters(recurse=False)
+    }
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if "LayerNorm" in name and name.endswith(".weight"):
+            is_layer_norm = "LayerNorm" in name or name in layer_norm_params
+            if is_layer_norm and name.endswith(".weight"):
                 p.copy_(1.0 + 0.1 * noise)
-            elif name.endswith(".bias") or "LayerNorm" in name:
+            elif name.endswith(".bias") or is_layer_norm:
                 p.copy_(0.1 * noise)
             else:
                 p.copy_(0.2 * noise)
@@ -137,6 +153,7 @@ def gen_tiny(
     seq_len: int,
     id_low: int,
     golden_from: str,
+    notes: dict | None = None,
 ) -> None:
     out = FIXTURES / name
     if out.exists():
@@ -186,7 +203,12 @@ def gen_tiny(
         "seq_len": seq_len,
         "input_id_range": [id_low, config.vocab_size],
         "golden": f"model(input_ids[None]{', output_hidden_states=True' if golden_from != 'last_hidden_state' else ''})"
-        f".{golden_from}[0], float32, eval mode, attention_mask all ones, token_type_ids all zeros",
+        f".{golden_from}[0], float32, eval mode, "
+        + (
+            "no attention_mask and no token_type_ids passed (GPT-Neo would add wte(token_type_ids))"
+            if config.model_type == "gpt_neo"
+            else "attention_mask all ones, token_type_ids all zeros"
+        ),
         "position_ids": (
             f"padding_idx + 1 + arange(seq) = {config.pad_token_id + 1}..{config.pad_token_id + seq_len} "
             "(RoBERTa; input_ids contain no pad id)"
@@ -194,6 +216,7 @@ def gen_tiny(
             else f"arange(seq) = 0..{seq_len - 1}"
         ),
         "attn_implementation": model.config._attn_implementation,
+        **({"notes": notes} if notes else {}),
         "safetensors_keys": keys,
         "versions": versions(),
         "command": COMMAND,
@@ -219,6 +242,43 @@ def gen_tiny(
         f"{name}: seq={seq_len} hidden={config.hidden_size} keys={len(keys)} "
         f"(first: {keys[0]}) std={gold_back.std():.3f} reload-diff={diff:.2e} total {size} bytes"
     )
+
+
+# What GPTNeoModel (eager) computes, as read in transformers 5.24.0
+# models/gpt_neo/modeling_gpt_neo.py (line numbers of that file).
+GPT_NEO_NOTES = {
+    "layers": "config.attention_layers = expand(attention_types) = [global, local, global, local] "
+    "for h.0 .. h.3 (configuration_gpt_neo.py expand_attention_types_params)",
+    "block": "pre-LN: x = x + out_proj(attn(ln_1(x))); x = x + c_proj(act(c_fc(ln_2(x)))); "
+    "after the last block hidden = ln_f(x) (lines 334-351, 495)",
+    "embeddings": "hidden = wte(input_ids) + wpe(position_ids); position_ids = arange(seq) + "
+    "past_seen_tokens = 0..seq-1 (lines 447, 452-455, 465-466); embed dropout 0",
+    "attention_scale": "none: attn_weights = matmul(query, key^T) with no 1/sqrt(head_dim) "
+    "(line 112; the flash path passes softmax_scale=1.0, line 244)",
+    "attention_precision": "query and key are cast to float32 before the matmul (lines 109-110); "
+    "softmax over the last dim in float32, then cast to value.dtype (lines 126-127)",
+    "local_mask": "bias = tril(ones(P, P)); local layers: bias ^= tril(bias, -window_size) "
+    "(lines 59-68). Query i sees key j iff 0 <= i - j < window_size, i.e. i - j in "
+    "{0, 1, 2, 3, 4} for window_size 5 (itself and the 4 previous tokens). Global layers: "
+    "0 <= i - j (plain causal). Sliced as bias[:, :, k_len - q_len : k_len, :k_len] (line 116)",
+    "mask_fill": "attn_weights = where(bias, attn_weights, finfo(float32).min) with the fill "
+    "a float32 tensor = -3.4028234663852886e+38 (lines 117-121); then the eager causal mask "
+    "from create_causal_mask (0 where j <= i, finfo(float32).min where j > i) is added "
+    "(lines 123-124, 457-463): future keys end at -inf (min + min overflows), keys outside "
+    "the local window at finfo(float32).min; both get softmax weight exactly 0",
+    "biases": "q_proj, k_proj, v_proj: no bias (bias=False, lines 86-88); out_proj: bias "
+    "(line 89); mlp c_fc, c_proj: bias (nn.Linear default, lines 302-303); ln_1, ln_2, ln_f: "
+    "weight and bias. Linear weights are [out, in], y = x W^T + b",
+    "heads": "head_dim = hidden / num_heads = 8; head h uses features h*8 .. h*8+7 of the "
+    "q/k/v projections (split_heads view + permute, lines 91-97)",
+    "activation": "gelu_new = NewGELUActivation (activations.py): 0.5 * x * (1 + tanh("
+    "sqrt(2 / pi) * (x + 0.044715 * x^3))), the tanh approximation",
+    "layer_norm_epsilon": 1e-5,
+    "buffers": "the per-layer `attn.attention.bias` masks are non-persistent buffers, not in "
+    "model.safetensors; rebuild them from window_size / attention_layers",
+    "tied_embeddings": "config.tie_word_embeddings is true, but GPTNeoModel has no lm_head; "
+    "model.safetensors holds wte.weight once",
+}
 
 
 # ---------------------------------------------------------------------------
@@ -417,6 +477,31 @@ def main() -> None:
         seq_len=40,
         id_low=3,
         golden_from="last_hidden_state",
+    )
+    gen_tiny(
+        "gpt-neo-tiny",
+        GPTNeoModel,
+        GPTNeoConfig(
+            vocab_size=99,
+            hidden_size=32,
+            num_layers=4,
+            num_heads=4,
+            attention_types=[[["global", "local"], 2]],
+            window_size=5,
+            max_position_embeddings=64,
+            intermediate_size=37,
+            activation_function="gelu_new",
+            layer_norm_epsilon=1e-5,
+            embed_dropout=0,
+            attention_dropout=0,
+            resid_dropout=0,
+            attn_implementation="eager",
+        ),
+        seed=3,
+        seq_len=50,
+        id_low=0,
+        golden_from="last_hidden_state",
+        notes=GPT_NEO_NOTES,
     )
     gen_minilm()
 

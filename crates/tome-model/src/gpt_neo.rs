@@ -1,0 +1,186 @@
+//! GPT-Neo (Black et al. 2021; Hugging Face `GPTNeoModel`): a GPT-3-style causal decoder whose
+//! layers mix dense ("global") and banded ("local": causal sliding window) attention, as GPT-3
+//! alternated dense and locally banded sparse layers (Brown et al. 2020). Dense layers run as
+//! causal ring attention, local layers as causal window attention, so the mix runs on any
+//! number of ranks, in either layout, with the one-rank result.
+//!
+//! Mirrors `modeling_gpt_neo.py`: pre-LN blocks, query/key/value projections without bias,
+//! scores *not* scaled by 1/sqrt(head_dim), a local layer sees the `window_size` most recent
+//! tokens (itself included), GELU with the tanh approximation ("gelu_new"), learned absolute
+//! positions.
+
+use candle_core::{Device, Module, Tensor};
+use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+use tome_dist::ops::{ring_attention, window_attention, DenseSpec, KeyBlock, WindowSpec};
+use tome_dist::{Group, ShardPlan};
+
+use crate::config::LayerAttention;
+use crate::error::{ModelError, Result};
+
+/// `config.json` of `GPTNeoModel`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct GptNeoConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    /// e.g. `[[["global", "local"], 12]]`: the pattern, repeated.
+    pub attention_types: Vec<(Vec<String>, usize)>,
+    pub window_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+    #[serde(default = "default_act")]
+    pub activation_function: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+}
+
+fn default_act() -> String {
+    "gelu_new".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
+    ModelError::Config { field: field.into(), msg: msg.into() }
+}
+
+impl GptNeoConfig {
+    /// Each layer's attention: dense, or a causal window of the `window_size` latest tokens.
+    pub fn layer_attention(&self) -> Result<Vec<LayerAttention>> {
+        let mut layers = Vec::new();
+        for (pattern, repeat) in &self.attention_types {
+            for _ in 0..*repeat {
+                for kind in pattern {
+                    layers.push(match kind.as_str() {
+                        "global" => LayerAttention::Dense,
+                        "local" if self.window_size > 0 => LayerAttention::Window { one_sided: self.window_size - 1 },
+                        other => return Err(config_err("attention_types", format!("`{other}` is not global or local (window_size {})", self.window_size))),
+                    });
+                }
+            }
+        }
+        if layers.len() != self.num_layers {
+            return Err(config_err("attention_types", format!("expands to {} layers; num_layers is {}", layers.len(), self.num_layers)));
+        }
+        Ok(layers)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+            return Err(config_err("num_heads", format!("{} heads do not divide hidden_size {}", self.num_heads, self.hidden_size)));
+        }
+        if self.activation_function != "gelu_new" {
+            return Err(config_err("activation_function", format!("`{}` is not supported (gelu_new)", self.activation_function)));
+        }
+        self.layer_attention().map(drop)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    ln_2: LayerNorm,
+    fc: Linear,
+    proj: Linear,
+    attention: LayerAttention,
+}
+
+pub struct GptNeoModel {
+    cfg: GptNeoConfig,
+    wte: Embedding,
+    wpe: Embedding,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+fn weights<T>(r: candle_core::Result<T>, name: String) -> Result<T> {
+    r.map_err(|e| ModelError::Weights { name, msg: e.to_string() })
+}
+
+impl GptNeoModel {
+    /// Loads `GPTNeoModel` weights (with or without the `transformer.` prefix of the LM class).
+    pub fn load(vb: VarBuilder, cfg: &GptNeoConfig) -> Result<Self> {
+        cfg.validate()?;
+        let vb = if vb.contains_tensor("transformer.wte.weight") { vb.pp("transformer") } else { vb };
+        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_epsilon);
+        let inner = cfg.intermediate_size.unwrap_or(4 * d);
+        let blocks = cfg
+            .layer_attention()?
+            .into_iter()
+            .enumerate()
+            .map(|(i, attention)| {
+                let b = vb.pp(format!("h.{i}"));
+                let a = b.pp("attn.attention");
+                let name = |s: &str| format!("{}.{s}", b.prefix());
+                Ok(Block {
+                    ln_1: weights(layer_norm(d, eps, b.pp("ln_1")), name("ln_1"))?,
+                    q: weights(linear_no_bias(d, d, a.pp("q_proj")), name("attn.attention.q_proj"))?,
+                    k: weights(linear_no_bias(d, d, a.pp("k_proj")), name("attn.attention.k_proj"))?,
+                    v: weights(linear_no_bias(d, d, a.pp("v_proj")), name("attn.attention.v_proj"))?,
+                    out: weights(linear(d, d, a.pp("out_proj")), name("attn.attention.out_proj"))?,
+                    ln_2: weights(layer_norm(d, eps, b.pp("ln_2")), name("ln_2"))?,
+                    fc: weights(linear(d, inner, b.pp("mlp.c_fc")), name("mlp.c_fc"))?,
+                    proj: weights(linear(inner, d, b.pp("mlp.c_proj")), name("mlp.c_proj"))?,
+                    attention,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(GptNeoModel {
+            wte: weights(embedding(cfg.vocab_size, d, vb.pp("wte")), "wte".into())?,
+            wpe: weights(embedding(cfg.max_position_embeddings, d, vb.pp("wpe")), "wpe".into())?,
+            ln_f: weights(layer_norm(d, eps, vb.pp("ln_f")), "ln_f".into())?,
+            blocks,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &GptNeoConfig {
+        &self.cfg
+    }
+
+    /// This rank's rows of the last hidden state (after `ln_f`) for the document `ids`.
+    pub fn forward_shard(&self, group: &dyn Group, plan: &ShardPlan, ids: &[u32]) -> Result<Tensor> {
+        if ids.len() != plan.len() {
+            return Err(ModelError::Input(format!("the plan covers {} tokens, the document has {}", plan.len(), ids.len())));
+        }
+        if ids.len() > self.cfg.max_position_embeddings {
+            return Err(ModelError::Input(format!("the document has {} tokens; the model has learned {} positions", ids.len(), self.cfg.max_position_embeddings)));
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is beyond the vocabulary of {}", self.cfg.vocab_size)));
+        }
+        let positions = plan.positions(group.rank());
+        let n = positions.len();
+        let tok: Vec<u32> = positions.iter().map(|&p| ids[p as usize]).collect();
+        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let mut x = (self.wte.forward(&Tensor::from_vec(tok, n, &Device::Cpu)?)? + self.wpe.forward(&Tensor::from_vec(pos, n, &Device::Cpu)?)?)?;
+        for block in &self.blocks {
+            let a = self.attention(block, group, plan, &block.ln_1.forward(&x)?, &positions)?;
+            x = (x + a)?;
+            let m = block.proj.forward(&block.fc.forward(&block.ln_2.forward(&x)?)?.gelu()?)?;
+            x = (x + m)?;
+        }
+        Ok(self.ln_f.forward(&x)?)
+    }
+
+    fn attention(&self, block: &Block, group: &dyn Group, plan: &ShardPlan, x: &Tensor, positions: &[i64]) -> Result<Tensor> {
+        let (n, d) = x.dims2()?;
+        let (heads, hd) = (self.cfg.num_heads, d / self.cfg.num_heads);
+        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?) };
+        let q = split(block.q.forward(x)?)?;
+        let own = KeyBlock { k: split(block.k.forward(x)?)?, v: split(block.v.forward(x)?)?, pos: positions.to_vec(), valid: vec![true; n] };
+        // GPT-Neo does not scale its scores.
+        let ctx = match block.attention {
+            LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: true, scale: 1.0 })?,
+            LayerAttention::Window { one_sided } => window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: true, scale: 1.0 }, None)?,
+        };
+        Ok(block.out.forward(&ctx.transpose(0, 1)?.reshape((n, d))?)?)
+    }
+}
