@@ -40,6 +40,8 @@ pub struct BlockSparsePlan {
     pub global_queries: bool,
     /// Keys after the query are invisible.
     pub causal: bool,
+    /// Every head attends to the same blocks (computed once: callers ask per block).
+    uniform: bool,
     /// `[head][query_block]` → the key blocks it attends to, ascending, repeats allowed;
     /// empty for the global query blocks (first and last), which attend to everything.
     lists: Vec<Vec<Vec<usize>>>,
@@ -106,7 +108,8 @@ impl BlockSparsePlan {
                 *list = fixed;
             }
         }
-        Ok(BlockSparsePlan { block, len, heads, global_queries: true, causal: false, lists })
+        let uniform = lists.iter().all(|l| l == &lists[0]);
+        Ok(BlockSparsePlan { block, len, heads, global_queries: true, causal: false, uniform, lists })
     }
 
     /// Reformer's chunked local attention: chunk `c` sees chunks `c - before ..= c + after`
@@ -123,7 +126,7 @@ impl BlockSparsePlan {
                 l
             })
             .collect();
-        Ok(BlockSparsePlan { block: chunk, len, heads, global_queries: false, causal, lists: vec![lists; heads] })
+        Ok(BlockSparsePlan { block: chunk, len, heads, global_queries: false, causal, uniform: true, lists: vec![lists; heads] })
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -142,7 +145,7 @@ impl BlockSparsePlan {
 
     /// Whether every head attends to the same blocks (then heads are computed together).
     pub fn uniform_across_heads(&self) -> bool {
-        self.lists.iter().all(|l| l == &self.lists[0])
+        self.uniform
     }
 
     /// Token positions of block `b`.

@@ -55,7 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             drop(blocksparse_attention(&g, &plan, &q, own, &pattern, 0.25)?)
         }
         "favor" | "favor-causal" => {
-            let spec = FavorSpec { projection: orthogonal_projection(32, D, 1)?, causal: family == "favor-causal", chunk: 256 };
+            let spec = FavorSpec { projection: orthogonal_projection(32, D, 1)?, causal: family == "favor-causal", chunk: 256, rows: 16384 };
             drop(favor_attention(&g, &plan, &q, &k, &v, &spec)?)
         }
         "recurrent" | "compressive" => {

@@ -349,7 +349,7 @@ mod favor {
         for &n in &[1, 7, 50, 131] {
             for causal in [false, true] {
                 let x = inputs(n, n as u64 + 70, false, false);
-                let spec = FavorSpec { projection: proj.clone(), causal, chunk: 16 };
+                let spec = FavorSpec { projection: proj.clone(), causal, chunk: 16, rows: 24 };
                 let (one, _) = run(&x, &ShardPlan::new(Layout::Contiguous, n, 1).unwrap(), &spec);
                 let (q, k, v) = (x.q.to_vec3::<f32>().unwrap(), x.k.to_vec3::<f32>().unwrap(), x.v.to_vec3::<f32>().unwrap());
                 let want = Tensor::new(reference(&q, &k, &v, &p, causal), &Device::Cpu).unwrap();
@@ -381,7 +381,7 @@ mod favor {
         let plan = ShardPlan::new(Layout::Contiguous, 40, 3).unwrap();
         let proj = orthogonal_projection(10, D, 3).unwrap();
         let gather = |bytes: u64| 3 * 2 * bytes; // every rank sends to the two others
-        let spec = FavorSpec { projection: proj.clone(), causal: false, chunk: 8 };
+        let spec = FavorSpec { projection: proj.clone(), causal: false, chunk: 8, rows: 5 };
         assert_eq!(run(&x, &plan, &spec).1, gather(2 * 4) + gather(2 * 10 * 6 * 4) + gather(2 * 10 * 4));
         let spec = FavorSpec { causal: true, ..spec };
         assert_eq!(run(&x, &plan, &spec).1, gather(2 * 4) + 2 * (2 * (10 * 6 + 10) * 4));

@@ -49,6 +49,11 @@ pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, ow
     let keys = gather_needed(group, plan, &own, &needs)?;
     let q_pos = own.pos.clone();
 
+    // Per-head key tensors, split once (heads attend to different random blocks).
+    let per_head: Vec<(Tensor, Tensor)> = match (&keys, pattern.uniform_across_heads()) {
+        (Some(keys), false) => (0..heads).map(|h| Ok((keys.k.narrow(0, h, 1)?.contiguous()?, keys.v.narrow(0, h, 1)?.contiguous()?))).collect::<Result<_>>()?,
+        _ => Vec::new(),
+    };
     let mut out = vec![0f32; heads * n * dv];
     let mut global_rows = Vec::new();
     let mut start = 0;
@@ -58,7 +63,7 @@ pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, ow
         if pattern.is_global_query_block(qb) {
             global_rows.extend(start..end);
         } else if let Some(keys) = &keys {
-            let rows = block_rows(q, &q_pos, start..end, keys, pattern, qb, scale)?.flatten_all()?.to_vec1::<f32>()?;
+            let rows = block_rows(q, &q_pos, start..end, keys, &per_head, pattern, qb, scale)?.flatten_all()?.to_vec1::<f32>()?;
             let len = (end - start) * dv;
             for h in 0..heads {
                 out[(h * n + start) * dv..(h * n + start) * dv + len].copy_from_slice(&rows[h * len..(h + 1) * len]);
@@ -73,7 +78,17 @@ pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, ow
 }
 
 /// Output rows `rows` (all in query block `qb`) over the listed key blocks, repeats included.
-fn block_rows(q: &Tensor, q_pos: &[i64], rows: std::ops::Range<usize>, keys: &KeyBlock, pattern: &BlockSparsePlan, qb: usize, scale: f32) -> Result<Tensor> {
+#[allow(clippy::too_many_arguments)]
+fn block_rows(
+    q: &Tensor,
+    q_pos: &[i64],
+    rows: std::ops::Range<usize>,
+    keys: &KeyBlock,
+    per_head: &[(Tensor, Tensor)],
+    pattern: &BlockSparsePlan,
+    qb: usize,
+    scale: f32,
+) -> Result<Tensor> {
     let qs = q.narrow(1, rows.start, rows.len())?;
     let qp = &q_pos[rows];
     // Repeated blocks (HF's eval plan lists block 0 several times) stay repeated; sorting the
@@ -99,17 +114,18 @@ fn block_rows(q: &Tensor, q_pos: &[i64], rows: std::ops::Range<usize>, keys: &Ke
     if pattern.uniform_across_heads() {
         return one(&qs, &keys.select(&key_rows(0))?);
     }
-    let per_head = (0..pattern.heads)
+    let outs = (0..pattern.heads)
         .map(|h| {
             let sel = key_rows(h);
+            let (k, v) = &per_head[h];
             let kb = KeyBlock {
-                k: select_rows(&keys.k.narrow(0, h, 1)?, &sel)?,
-                v: select_rows(&keys.v.narrow(0, h, 1)?, &sel)?,
+                k: select_rows(k, &sel)?,
+                v: select_rows(v, &sel)?,
                 pos: sel.iter().map(|&i| keys.pos[i]).collect(),
                 valid: sel.iter().map(|&i| keys.valid[i]).collect(),
             };
             one(&qs.narrow(0, h, 1)?, &kb)
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&per_head, 0)?)
+    Ok(Tensor::cat(&outs, 0)?)
 }
