@@ -47,15 +47,6 @@ pub struct BlockSparsePlan {
     lists: Vec<Vec<Vec<usize>>>,
 }
 
-/// splitmix64: a tiny, well-mixed generator so every rank derives the same random plan.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 impl BlockSparsePlan {
     pub fn new(len: usize, block: usize, heads: usize, random: &RandomBlocks) -> Result<Self> {
         const OP: &str = "blocksparse";
@@ -93,11 +84,11 @@ impl BlockSparsePlan {
                                 format!("{r} random blocks need at least {} blocks besides the sliding and global ones; the sequence has {nb}", r),
                             ));
                         }
-                        let mut state = seed ^ ((h as u64) << 32) ^ (i as u64);
+                        let mut rng = crate::rng::SplitMix64::new(seed ^ ((h as u64) << 32) ^ (i as u64));
                         let mut pool = candidates;
                         (0..*r)
                             .map(|_| {
-                                let at = (splitmix(&mut state) % pool.len() as u64) as usize;
+                                let at = (rng.next_u64() % pool.len() as u64) as usize;
                                 pool.swap_remove(at)
                             })
                             .collect()

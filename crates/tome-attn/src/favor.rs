@@ -14,6 +14,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{shape_err, Result};
+use crate::rng::SplitMix64;
 
 /// Added to every feature (keeps features positive and denominators away from zero).
 pub const FEATURE_EPS: f32 = 1e-4;
@@ -25,12 +26,12 @@ pub const CAUSAL_EPS: f32 = 1e-6;
 /// the norm of an independent Gaussian row (the chi-distributed norms of performer-pytorch's
 /// `scaling = 0`).
 pub fn orthogonal_projection(features: usize, head_dim: usize, seed: u64) -> Result<Tensor> {
-    let mut rng = Normal::new(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut rows: Vec<Vec<f64>> = Vec::with_capacity(features);
     while rows.len() < features {
         let mut block: Vec<Vec<f64>> = Vec::with_capacity(head_dim);
         while block.len() < head_dim {
-            let mut v: Vec<f64> = (0..head_dim).map(|_| rng.sample()).collect();
+            let mut v: Vec<f64> = (0..head_dim).map(|_| rng.normal()).collect();
             for b in &block {
                 let dot: f64 = v.iter().zip(b).map(|(x, y)| x * y).sum();
                 v.iter_mut().zip(b).for_each(|(x, y)| *x -= dot * y);
@@ -45,35 +46,11 @@ pub fn orthogonal_projection(features: usize, head_dim: usize, seed: u64) -> Res
     let data: Vec<f32> = rows
         .into_iter()
         .flat_map(|row| {
-            let scale = (0..head_dim).map(|_| rng.sample().powi(2)).sum::<f64>().sqrt();
+            let scale = (0..head_dim).map(|_| rng.normal().powi(2)).sum::<f64>().sqrt();
             row.into_iter().map(move |x| (x * scale) as f32)
         })
         .collect();
     Ok(Tensor::from_vec(data, (features, head_dim), &Device::Cpu)?)
-}
-
-/// Box–Muller over splitmix64: portable, seeded Gaussian samples.
-struct Normal {
-    state: u64,
-}
-
-impl Normal {
-    fn new(seed: u64) -> Self {
-        Normal { state: seed }
-    }
-
-    fn uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn sample(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform().max(f64::MIN_POSITIVE), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
 }
 
 /// `w·x'` and `|x'|²/2` for `x` (`[heads, n, d]`) under `proj` (`[m, d]`).

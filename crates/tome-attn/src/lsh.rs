@@ -47,6 +47,15 @@ impl LshSpec {
     }
 }
 
+/// Random rotations `[heads, head_dim, n_hashes, n_buckets / 2]` from tome's seeded Gaussian
+/// generator, for checkpoints that do not carry their own.
+pub fn seeded_rotations(heads: usize, head_dim: usize, spec: &LshSpec, seed: u64) -> Result<Tensor> {
+    let len = heads * head_dim * spec.n_hashes * (spec.n_buckets / 2);
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    let data: Vec<f32> = (0..len).map(|_| rng.normal() as f32).collect();
+    Ok(Tensor::from_vec(data, (heads, head_dim, spec.n_hashes, spec.n_buckets / 2), &candle_core::Device::Cpu)?)
+}
+
 /// The bucket of every vector: `qk` is `[heads, n, d]`, `rotations` `[heads, d, n_hashes,
 /// n_buckets / 2]`. Returns `[head][round][token]`; invalid tokens get bucket `n_buckets`.
 pub fn buckets(qk: &Tensor, rotations: &Tensor, valid: &[bool], spec: &LshSpec) -> Result<Vec<Vec<Vec<usize>>>> {

@@ -416,8 +416,7 @@ mod moe {
         assert!(want.kept.iter().any(|k| !k), "the case drops tokens");
         let all = Tensor::new(logits.clone(), &Device::Cpu).unwrap();
         let x = Tensor::new((0..n).map(|i| vec![i as f32, 1.0]).collect::<Vec<_>>(), &Device::Cpu).unwrap();
-        for p in 1..=5 {
-            let plan = ShardPlan::new(Layout::Contiguous, n, p).unwrap();
+        for (p, plan) in (1..=5).flat_map(|p| plans(n, p).into_iter().filter(|pl| pl.is_contiguous()).map(move |pl| (p, pl))) {
             let got = run_ranks(p, |g: &InProcessGroup| -> tome_dist::Result<_> {
                 let routing = route_tokens(g, &plan, &plan.shard_of(&all, 0, g.rank())?, capacity)?;
                 // Expert e doubles its input and adds e.
@@ -427,13 +426,15 @@ mod moe {
             .unwrap();
             let mut merged = Routing { expert: vec![], prob: vec![], kept: vec![] };
             let mut ys = Vec::new();
+            let mut total = 0;
             for (r, y, bytes) in got {
                 merged.expert.extend(r.expert);
                 merged.prob.extend(r.prob);
                 merged.kept.extend(r.kept);
                 ys.push(y);
-                assert!(bytes <= (experts * 4) as u64, "only the per-expert counts travel");
+                total += bytes;
             }
+            assert_eq!(total, ((p - 1) * experts * 4) as u64, "only the per-expert counts travel, rank to rank");
             assert_eq!(merged.expert, want.expert);
             assert_eq!(merged.kept, want.kept, "p={p}");
             for (a, b) in merged.prob.iter().zip(&want.prob) {
@@ -544,6 +545,12 @@ mod recurrent {
                 assert!(max_diff(&many, &one) <= 1e-5, "n={n} seg={seg} mem={mem} p={p}");
                 // Each rank but the last passes at most mem_len rows of memory on.
                 assert!(bytes <= ((p - 1) * mem * W * 4) as u64);
+                // Lopsided: the first rank holds one segment, an empty rank in the middle.
+                let mut bounds = vec![0, seg.min(n), seg.min(n)];
+                bounds.extend((3..p).map(|r| (r * seg).min(n)));
+                bounds.push(n);
+                let (many, _) = run(&x, &ShardPlan::from_bounds(&bounds).unwrap(), seg, &first, &step);
+                assert!(max_diff(&many, &one) <= 1e-5, "n={n} seg={seg} mem={mem} bounds={bounds:?}");
             }
         }
         // Memory longer than a shard comes from more than one rank, through the chain:
@@ -602,6 +609,39 @@ mod recurrent {
         }
     }
 
+    /// The wavefront: a rank starts layer l as soon as the previous rank has started it (and
+    /// passed on its memory), not after the previous rank has finished every layer.
+    #[test]
+    fn ranks_work_on_the_layers_at_once() {
+        use std::sync::Mutex;
+        use std::time::{Duration, Instant};
+        let (n, seg, layers) = (16, 4, 4);
+        let x = input(n, 8);
+        let plan = ShardPlan::aligned(n, 2, seg).unwrap();
+        let first = XlMemory::empty(4, W).unwrap();
+        let starts = Mutex::new(Vec::new());
+        let t0 = Instant::now();
+        run_ranks(2, |g: &InProcessGroup| -> tome_dist::Result<()> {
+            let mut h = plan.shard_of(&x, 0, g.rank())?;
+            for layer in 0..layers {
+                let step = |m: &XlMemory, s: &Tensor| -> tome_dist::Result<Tensor> {
+                    if g.rank() == 0 {
+                        std::thread::sleep(Duration::from_millis(30)); // a slow first rank
+                    }
+                    Ok((Tensor::cat(&[&m.mem, s], 0)?.narrow(0, m.mem.dim(0)?, s.dim(0)?)? * 0.5)?)
+                };
+                starts.lock().unwrap().push((g.rank(), layer, t0.elapsed()));
+                h = segment_recurrence(g, &plan, &h, seg, &first, &step)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let starts = starts.into_inner().unwrap();
+        let at = |r: usize, l: usize| starts.iter().find(|s| s.0 == r && s.1 == l).unwrap().2;
+        // Rank 0 spends >= 60 ms per layer (two segments); rank 1 must not wait for all of them.
+        assert!(at(1, 1) < at(0, 3), "rank 1 started layer 1 at {:?}, after rank 0 started its last layer at {:?}", at(1, 1), at(0, 3));
+    }
+
     #[test]
     fn misaligned_or_reordered_shards_are_refused() {
         let x = input(20, 1);
@@ -651,9 +691,7 @@ mod lsh {
     use tome_dist::ops::lsh_attention;
 
     fn rotations(spec: &LshSpec, seed: u64) -> Tensor {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let len = H * D * spec.n_hashes * spec.n_buckets / 2;
-        Tensor::from_vec((0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(), (H, D, spec.n_hashes, spec.n_buckets / 2), &Device::Cpu).unwrap()
+        tome_attn::lsh::seeded_rotations(H, D, spec, seed).unwrap()
     }
 
     fn run(x: &Inputs, plan: &ShardPlan, rot: &Tensor, spec: &LshSpec) -> (Tensor, u64) {
@@ -686,9 +724,10 @@ mod lsh {
                 let want = Tensor::new(want, &Device::Cpu).unwrap();
                 assert!(max_diff(&one, &want) <= 2e-5, "1 rank vs reference {spec:?} n={n}: {}", max_diff(&one, &want));
                 for p in 2..=5 {
-                    let plan = ShardPlan::new(Layout::Contiguous, n, p).unwrap();
-                    let (many, _) = run(&x, &plan, &rot, spec);
-                    assert!(max_diff(&many, &one) <= 1e-5, "{spec:?} n={n} p={p}");
+                    for plan in plans(n, p).into_iter().filter(|pl| pl.is_contiguous()) {
+                        let (many, _) = run(&x, &plan, &rot, spec);
+                        assert!(max_diff(&many, &one) <= 1e-5, "{spec:?} n={n} p={p} {plan:?}");
+                    }
                 }
             }
         }
