@@ -603,8 +603,13 @@ mod recurrent {
             let want = Tensor::cat(&want, 0).unwrap();
             assert!(max_diff(&one, &want) <= 1e-4, "{compression:?}: {}", max_diff(&one, &want));
             for p in 2..=5 {
-                let (many, _) = run(&x, &ShardPlan::aligned(n, p, seg).unwrap(), seg, &first, &step);
+                let (many, bytes) = run(&x, &ShardPlan::aligned(n, p, seg).unwrap(), seg, &first, &step);
                 assert!(max_diff(&many, &one) <= 1e-5, "{compression:?} p={p}");
+                if p == 2 {
+                    // Shards [0,24) [24,44): rank 0 passes its full memory (8 rows) and the last
+                    // 3 of the 8 compressed rows its 16 evicted inputs became.
+                    assert_eq!(bytes, ((8 + 3) * W * 4) as u64);
+                }
             }
         }
     }
@@ -682,6 +687,23 @@ mod local {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_look_back_halo_wraps_from_the_last_rank_to_the_first() {
+        // 4 chunks of 4 over [0,8) [8,16), one chunk of look-back: rank 0's chunk 0 needs chunk
+        // 3 (rows 12..16, from rank 1), rank 1's chunk 2 needs chunk 1 (rows 4..8, from rank 0).
+        let pattern = BlockSparsePlan::local(16, 4, H, 1, 0, false).unwrap();
+        let x = inputs(16, 3, false, false);
+        let plan = ShardPlan::from_bounds(&[0, 8, 16]).unwrap();
+        let bytes: u64 = run_ranks(2, |g: &InProcessGroup| -> tome_dist::Result<_> {
+            blocksparse_attention(g, &plan, &plan.shard_of(&x.q, 1, g.rank())?, own(&x, &plan, g.rank()), &pattern, 0.4)?;
+            Ok(g.bytes_sent())
+        })
+        .unwrap()
+        .into_iter()
+        .sum();
+        assert_eq!(bytes, 8 * (2 * H * D * 4 + 1) as u64);
     }
 }
 
