@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release --locked -q -p tome-dist --example scaling
 families=("$@")
-[ ${#families[@]} -gt 0 ] || families=(window blocksparse favor favor-causal recurrent compressive)
+[ ${#families[@]} -gt 0 ] || families=(window blocksparse blocksparse-eval local favor favor-causal recurrent compressive)
 out=$(mktemp)
 for f in "${families[@]}"; do
   for n in 65536 262144 1048576; do

@@ -1,7 +1,7 @@
 //! Length scaling of the linear-cost families on one rank:
 //! `cargo run --release -p tome-dist --example scaling -- FAMILY TOKENS` prints one JSON line
 //! with the seconds the operator took and the process's peak RSS. Families: window,
-//! blocksparse, favor, favor-causal, recurrent, compressive. Tiny dimensions (2 heads × 16);
+//! blocksparse, local, favor, favor-causal, recurrent, compressive. Tiny dimensions (2 heads × 16);
 //! scripts/bench/scaling.sh runs every family at 64k, 256k and 1M tokens and fits the exponent.
 
 use std::time::Instant;
@@ -50,8 +50,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     match family.as_str() {
         "window" => drop(window_attention(&g, &plan, &q, own, WindowSpec { one_sided: 128, causal: false, scale: 0.25 }, None)?),
-        "blocksparse" => {
-            let pattern = BlockSparsePlan::new(n, 64, HEADS, &RandomBlocks::Seeded { r: 3, seed: 1 })?;
+        "blocksparse" | "blocksparse-eval" => {
+            // Seeded random blocks (distinct per head), or Hugging Face's eval plan (block 0).
+            let random = if family == "blocksparse" { RandomBlocks::Seeded { r: 3, seed: 1 } } else { RandomBlocks::AllZero(3) };
+            let pattern = BlockSparsePlan::new(n, 64, HEADS, &random)?;
+            drop(blocksparse_attention(&g, &plan, &q, own, &pattern, 0.25)?)
+        }
+        "local" => {
+            let pattern = BlockSparsePlan::local(n, 64, HEADS, 1, 0, false)?;
             drop(blocksparse_attention(&g, &plan, &q, own, &pattern, 0.25)?)
         }
         "favor" | "favor-causal" => {

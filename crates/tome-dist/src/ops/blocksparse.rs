@@ -11,6 +11,7 @@
 //! around from the last rank to the first.
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 use tome_attn::blocksparse::BlockSparsePlan;
 use tome_attn::{attention, Mask};
 
@@ -54,22 +55,31 @@ pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, ow
         (Some(keys), false) => (0..heads).map(|h| Ok((keys.k.narrow(0, h, 1)?.contiguous()?, keys.v.narrow(0, h, 1)?.contiguous()?))).collect::<Result<_>>()?,
         _ => Vec::new(),
     };
-    let mut out = vec![0f32; heads * n * dv];
-    let mut global_rows = Vec::new();
+    // Query blocks (runs of this shard's rows in one block), computed in parallel: each is a
+    // small attention call, too small to parallelise well inside.
+    let mut runs = Vec::new();
     let mut start = 0;
     while start < n {
         let qb = q_pos[start] as usize / pattern.block;
         let end = start + q_pos[start..].iter().take_while(|&&p| p as usize / pattern.block == qb).count();
-        if pattern.is_global_query_block(qb) {
-            global_rows.extend(start..end);
-        } else if let Some(keys) = &keys {
-            let rows = block_rows(q, &q_pos, start..end, keys, &per_head, pattern, qb, scale)?.flatten_all()?.to_vec1::<f32>()?;
-            let len = (end - start) * dv;
-            for h in 0..heads {
-                out[(h * n + start) * dv..(h * n + start) * dv + len].copy_from_slice(&rows[h * len..(h + 1) * len]);
-            }
-        }
+        runs.push((qb, start..end));
         start = end;
+    }
+    let global_rows: Vec<usize> = runs.iter().filter(|(qb, _)| pattern.is_global_query_block(*qb)).flat_map(|(_, r)| r.clone()).collect();
+    let local: Vec<(std::ops::Range<usize>, Vec<f32>)> = match &keys {
+        None => Vec::new(),
+        Some(keys) => runs
+            .par_iter()
+            .filter(|(qb, _)| !pattern.is_global_query_block(*qb))
+            .map(|(qb, rows)| Ok((rows.clone(), block_rows(q, &q_pos, rows.clone(), keys, &per_head, pattern, *qb, scale)?.flatten_all()?.to_vec1::<f32>()?)))
+            .collect::<Result<_>>()?,
+    };
+    let mut out = vec![0f32; heads * n * dv];
+    for (rows, values) in local {
+        let len = rows.len() * dv;
+        for h in 0..heads {
+            out[(h * n + rows.start) * dv..(h * n + rows.start) * dv + len].copy_from_slice(&values[h * len..(h + 1) * len]);
+        }
     }
     let out = Tensor::from_vec(out, (heads, n, dv), &candle_core::Device::Cpu)?;
     if !pattern.global_queries {
