@@ -49,6 +49,17 @@ pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, ow
     };
     let keys = gather_needed(group, plan, &own, &needs)?;
     let q_pos = own.pos.clone();
+    // Where each block's rows sit among the gathered keys (one pass; lookups are then O(1)).
+    let mut block_rows_at: Vec<std::ops::Range<usize>> = vec![0..0; pattern.num_blocks()];
+    if let Some(keys) = &keys {
+        let mut i = 0;
+        while i < keys.len() {
+            let b = keys.pos[i] as usize / pattern.block;
+            let j = i + keys.pos[i..].iter().take_while(|&&p| p as usize / pattern.block == b).count();
+            block_rows_at[b] = i..j;
+            i = j;
+        }
+    }
 
     // Per-head key tensors, split once (heads attend to different random blocks).
     let per_head: Vec<(Tensor, Tensor)> = match (&keys, pattern.uniform_across_heads()) {
@@ -71,7 +82,7 @@ pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, ow
         Some(keys) => runs
             .par_iter()
             .filter(|(qb, _)| !pattern.is_global_query_block(*qb))
-            .map(|(qb, rows)| Ok((rows.clone(), block_rows(q, &q_pos, rows.clone(), keys, &per_head, pattern, *qb, scale)?.flatten_all()?.to_vec1::<f32>()?)))
+            .map(|(qb, rows)| Ok((rows.clone(), block_rows(q, &q_pos, rows.clone(), keys, &block_rows_at, &per_head, pattern, *qb, scale)?.flatten_all()?.to_vec1::<f32>()?)))
             .collect::<Result<_>>()?,
     };
     let mut out = vec![0f32; heads * n * dv];
@@ -97,6 +108,7 @@ fn block_rows(
     q_pos: &[i64],
     rows: std::ops::Range<usize>,
     keys: &KeyBlock,
+    block_rows_at: &[std::ops::Range<usize>],
     per_head: &[(Tensor, Tensor)],
     pattern: &BlockSparsePlan,
     qb: usize,
@@ -107,16 +119,7 @@ fn block_rows(
     // Repeated blocks (HF's eval plan lists block 0 several times) stay repeated; sorting the
     // rows keeps positions non-decreasing, as the kernel needs, without changing the multiset.
     let key_rows = |h: usize| -> Vec<usize> {
-        let mut rows: Vec<usize> = pattern
-            .key_blocks(h, qb)
-            .iter()
-            .flat_map(|&b| {
-                let r = pattern.block_range(b);
-                let lo = keys.pos.partition_point(|&p| (p as usize) < r.start);
-                let hi = keys.pos.partition_point(|&p| (p as usize) < r.end);
-                lo..hi
-            })
-            .collect();
+        let mut rows: Vec<usize> = pattern.key_blocks(h, qb).iter().flat_map(|&b| block_rows_at[b].clone()).collect();
         rows.sort_unstable();
         rows
     };
