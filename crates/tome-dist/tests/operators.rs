@@ -41,35 +41,28 @@ fn own(x: &Inputs, plan: &ShardPlan, r: usize) -> KeyBlock {
     }
 }
 
-fn dense(x: &Inputs, plan: &ShardPlan, causal: bool) -> (Tensor, u64) {
-    let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
-        let r = g.rank();
-        let q = plan.shard_of(&x.q, 1, r)?;
-        let out = ring_attention(g, &q, &plan.positions(r), own(x, plan, r), DenseSpec { causal, scale: 0.4 })?;
-        Ok((out, g.bytes_sent()))
-    })
-    .unwrap();
+/// Runs `op(group, rank)` on every rank of `plan`; returns the output reassembled along `dim`
+/// and the bytes all ranks sent.
+fn on_ranks(plan: &ShardPlan, dim: usize, op: impl Fn(&InProcessGroup, usize) -> tome_dist::Result<Tensor> + Sync) -> (Tensor, u64) {
+    let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> { Ok((op(g, g.rank())?, g.bytes_sent())) }).unwrap();
     let bytes = outs.iter().map(|o| o.1).sum();
     let shards: Vec<Tensor> = outs.into_iter().map(|o| o.0).collect();
-    (plan.unshard(&shards, 1).unwrap(), bytes)
+    (plan.unshard(&shards, dim).unwrap(), bytes)
+}
+
+fn dense(x: &Inputs, plan: &ShardPlan, causal: bool) -> (Tensor, u64) {
+    on_ranks(plan, 1, |g, r| ring_attention(g, &plan.shard_of(&x.q, 1, r)?, &plan.positions(r), own(x, plan, r), DenseSpec { causal, scale: 0.4 }))
 }
 
 fn window(x: &Inputs, plan: &ShardPlan, spec: WindowSpec, globals: &[usize]) -> (Tensor, u64) {
-    let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
-        let r = g.rank();
-        let q = plan.shard_of(&x.q, 1, r)?;
+    on_ranks(plan, 1, |g, r| {
         let projections = match &x.global {
             Some((gq, gk, gv)) => Some((plan.shard_of(gq, 1, r)?, plan.shard_of(gk, 1, r)?, plan.shard_of(gv, 1, r)?)),
             None => None,
         };
         let gt = GlobalTokens { positions: globals.to_vec(), projections };
-        let out = window_attention(g, plan, &q, own(x, plan, r), spec, Some(&gt))?;
-        Ok((out, g.bytes_sent()))
+        window_attention(g, plan, &plan.shard_of(&x.q, 1, r)?, own(x, plan, r), spec, Some(&gt))
     })
-    .unwrap();
-    let bytes = outs.iter().map(|o| o.1).sum();
-    let shards: Vec<Tensor> = outs.into_iter().map(|o| o.0).collect();
-    (plan.unshard(&shards, 1).unwrap(), bytes)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -266,16 +259,8 @@ mod blocksparse {
     use tome_attn::blocksparse::{reference, BlockSparsePlan, RandomBlocks};
     use tome_dist::ops::blocksparse_attention;
 
-    fn run(x: &Inputs, plan: &ShardPlan, pattern: &BlockSparsePlan) -> (Tensor, u64) {
-        let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
-            let r = g.rank();
-            let out = blocksparse_attention(g, plan, &plan.shard_of(&x.q, 1, r)?, own(x, plan, r), pattern, 0.4)?;
-            Ok((out, g.bytes_sent()))
-        })
-        .unwrap();
-        let bytes = outs.iter().map(|o| o.1).sum();
-        let shards: Vec<Tensor> = outs.into_iter().map(|o| o.0).collect();
-        (plan.unshard(&shards, 1).unwrap(), bytes)
+    pub(super) fn run(x: &Inputs, plan: &ShardPlan, pattern: &BlockSparsePlan) -> (Tensor, u64) {
+        on_ranks(plan, 1, |g, r| blocksparse_attention(g, plan, &plan.shard_of(&x.q, 1, r)?, own(x, plan, r), pattern, 0.4))
     }
 
     #[test]
@@ -328,15 +313,7 @@ mod favor {
     use tome_dist::ops::{favor_attention, FavorSpec};
 
     fn run(x: &Inputs, plan: &ShardPlan, spec: &FavorSpec) -> (Tensor, u64) {
-        let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
-            let r = g.rank();
-            let s = |t: &Tensor| plan.shard_of(t, 1, r);
-            Ok((favor_attention(g, plan, &s(&x.q)?, &s(&x.k)?, &s(&x.v)?, spec)?, g.bytes_sent()))
-        })
-        .unwrap();
-        let bytes = outs.iter().map(|o| o.1).sum();
-        let shards: Vec<Tensor> = outs.into_iter().map(|o| o.0).collect();
-        (plan.unshard(&shards, 1).unwrap(), bytes)
+        on_ranks(plan, 1, |g, r| favor_attention(g, plan, &plan.shard_of(&x.q, 1, r)?, &plan.shard_of(&x.k, 1, r)?, &plan.shard_of(&x.v, 1, r)?, spec))
     }
 
     #[test]
@@ -520,14 +497,7 @@ mod recurrent {
     }
 
     fn run<M: tome_dist::ops::Memory + Sync>(x: &Tensor, plan: &ShardPlan, seg: usize, first: &M, step: &(dyn Fn(&M, &Tensor) -> tome_dist::Result<Tensor> + Sync)) -> (Tensor, u64) {
-        let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
-            let y = segment_recurrence(g, plan, &plan.shard_of(x, 0, g.rank())?, seg, first, step)?;
-            Ok((y, g.bytes_sent()))
-        })
-        .unwrap();
-        let bytes = outs.iter().map(|o| o.1).sum();
-        let shards: Vec<Tensor> = outs.into_iter().map(|o| o.0).collect();
-        (plan.unshard(&shards, 0).unwrap(), bytes)
+        on_ranks(plan, 0, |g, r| segment_recurrence(g, plan, &plan.shard_of(x, 0, r)?, seg, first, step))
     }
 
     #[test]
@@ -662,21 +632,13 @@ mod recurrent {
 mod local {
     use super::*;
     use tome_attn::blocksparse::{reference, BlockSparsePlan};
-    use tome_dist::ops::blocksparse_attention;
 
     #[test]
     fn chunked_local_attention_wraps_around_on_any_number_of_ranks() {
         for &(n, chunk, before, after, causal) in &[(40, 8, 1, 0, false), (45, 8, 1, 1, false), (64, 4, 2, 0, true), (6, 8, 1, 1, false)] {
             let pattern = BlockSparsePlan::local(n, chunk, H, before, after, causal).unwrap();
             let x = inputs(n, n as u64 + 500, n > 40, false);
-            let run = |plan: &ShardPlan| -> Tensor {
-                let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
-                    let r = g.rank();
-                    blocksparse_attention(g, plan, &plan.shard_of(&x.q, 1, r)?, own(&x, plan, r), &pattern, 0.4)
-                })
-                .unwrap();
-                plan.unshard(&outs, 1).unwrap()
-            };
+            let run = |plan: &ShardPlan| super::blocksparse::run(&x, plan, &pattern).0;
             let one = run(&ShardPlan::new(Layout::Contiguous, n, 1).unwrap());
             let (q, k, v) = (x.q.to_vec3::<f32>().unwrap(), x.k.to_vec3::<f32>().unwrap(), x.v.to_vec3::<f32>().unwrap());
             let want = Tensor::new(reference(&q, &k, &v, &x.valid, &pattern, 0.4), &Device::Cpu).unwrap();
@@ -696,14 +658,7 @@ mod local {
         let pattern = BlockSparsePlan::local(16, 4, H, 1, 0, false).unwrap();
         let x = inputs(16, 3, false, false);
         let plan = ShardPlan::from_bounds(&[0, 8, 16]).unwrap();
-        let bytes: u64 = run_ranks(2, |g: &InProcessGroup| -> tome_dist::Result<_> {
-            blocksparse_attention(g, &plan, &plan.shard_of(&x.q, 1, g.rank())?, own(&x, &plan, g.rank()), &pattern, 0.4)?;
-            Ok(g.bytes_sent())
-        })
-        .unwrap()
-        .into_iter()
-        .sum();
-        assert_eq!(bytes, 8 * (2 * H * D * 4 + 1) as u64);
+        assert_eq!(super::blocksparse::run(&x, &plan, &pattern).1, 8 * (2 * H * D * 4 + 1) as u64);
     }
 }
 
@@ -717,16 +672,10 @@ mod lsh {
     }
 
     fn run(x: &Inputs, plan: &ShardPlan, rot: &Tensor, spec: &LshSpec) -> (Tensor, u64) {
-        let outs = run_ranks(plan.ranks(), |g: &InProcessGroup| -> tome_dist::Result<_> {
-            let r = g.rank();
+        on_ranks(plan, 1, |g, r| {
             let valid: Vec<bool> = plan.positions(r).iter().map(|&i| x.valid[i as usize]).collect();
-            let y = lsh_attention(g, plan, &plan.shard_of(&x.q, 1, r)?, &plan.shard_of(&x.v, 1, r)?, &valid, rot, spec)?;
-            Ok((y, g.bytes_sent()))
+            lsh_attention(g, plan, &plan.shard_of(&x.q, 1, r)?, &plan.shard_of(&x.v, 1, r)?, &valid, rot, spec)
         })
-        .unwrap();
-        let bytes = outs.iter().map(|o| o.1).sum();
-        let shards: Vec<Tensor> = outs.into_iter().map(|o| o.0).collect();
-        (plan.unshard(&shards, 1).unwrap(), bytes)
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //!    around from the last rank to the first;
 //! 4. each rank attends its chunks and sends every item's (output, lse) back to the rank that
 //!    owns the token, by the reverse all-to-all; rounds are merged there by log-sum-exp.
+//!
 //! Shards must be contiguous runs in rank order (positions break ties in the sort).
 
 use std::collections::HashMap;
@@ -56,6 +57,11 @@ impl Rows {
         Ok(Rows { tok: tok.to_vec1::<i64>()?, valid: tensor_to_flags(valid)?, qk, v })
     }
 }
+
+/// A fetched halo row: token position, validity, query-key vector, value.
+type HaloRow = (i64, bool, Vec<f32>, Vec<f32>);
+/// Per token, each round's (lse, output).
+type RoundPartials = Vec<(f32, Vec<f32>)>;
 
 /// `n` items in `parts` runs differing by at most one (longer first).
 fn even_bounds(n: usize, parts: usize) -> Vec<usize> {
@@ -185,7 +191,7 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
         }
         group.send(q, frame)?;
     }
-    let mut halo: Vec<HashMap<usize, (i64, bool, Vec<f32>, Vec<f32>)>> = vec![HashMap::new(); heads];
+    let mut halo: Vec<HashMap<usize, HaloRow>> = vec![HashMap::new(); heads];
     let my_needs: Vec<usize> = needs(me).into_iter().flatten().collect();
     for q in (0..p).filter(|&q| q != me) {
         let from: Vec<usize> = my_needs.iter().copied().filter(|&s| owner(s) == q).collect();
@@ -245,7 +251,7 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
     let answers = group.all_to_all(replies)?;
 
     // Rounds merged per token by log-sum-exp.
-    let mut rounds: Vec<Vec<Vec<(f32, Vec<f32>)>>> = vec![vec![Vec::new(); n]; heads];
+    let mut rounds: Vec<Vec<RoundPartials>> = vec![vec![Vec::new(); n]; heads];
     for (q, frame) in answers.iter().enumerate() {
         for h in 0..heads {
             let lses = frame[h * 2 + 1].to_vec1::<f32>()?;
