@@ -244,3 +244,20 @@ async fn assert_reflection_lists_services(addr: &str) {
         assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
 }
+
+#[test]
+fn benchmark_suite_smoke_mode_measures_every_case() {
+    let out = std::env::temp_dir().join(format!("tome-bench-smoke-{}.json", std::process::id()));
+    let status = Command::new(tome_bin()).args(["bench", "suite", "--smoke", "--out"]).arg(&out).status().unwrap();
+    assert!(status.success());
+    let records: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let cases: std::collections::BTreeSet<&str> = records.iter().map(|r| r["case"].as_str().unwrap()).collect();
+    for want in ["fma-peak", "dense", "dense-causal", "longformer", "bigbird", "reformer-lsh", "performer", "scaling-window", "scaling-blocksparse", "scaling-favor", "scaling-recurrent", "scaling-compressive"] {
+        assert!(cases.contains(want), "{want} missing from {cases:?}");
+    }
+    for r in &records {
+        assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(records[0]["gflops"].as_f64().unwrap() > 1.0, "the FMA peak is measured");
+    std::fs::remove_file(&out).ok();
+}

@@ -24,6 +24,33 @@ pub enum Command {
     Process(ProcessArgs),
     /// Show what a coordinator (or the embedded default) serves.
     Info(InfoArgs),
+    /// Benchmarks: tome's side of scripts/bench/ (one JSON record per case).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Every case, each in a fresh process; JSON records to --out (or stdout).
+    Suite {
+        /// Tiny sizes: the whole suite in seconds.
+        #[arg(long)]
+        smoke: bool,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// One case (dense, dense-causal, longformer, bigbird, reformer-lsh, performer, fma-peak,
+    /// scaling-FAMILY, book) on --tokens tokens; prints its JSON record.
+    Case {
+        name: String,
+        #[arg(long, default_value_t = 4096)]
+        tokens: usize,
+    },
 }
 
 /// The embedded deployment: models and how jobs are spread and limited.

@@ -1,8 +1,9 @@
 //! The `tome` binary: `run` serves the embedded default (coordinator and ranks in one process),
 //! `process` sends one document (to the embedded default, or to a coordinator), `info` describes
-//! what a deployment serves.
+//! what a deployment serves, `bench` measures tome's side of the benchmark suite.
 
 mod args;
+mod bench;
 mod embedded;
 mod outputs;
 mod process;
@@ -17,6 +18,11 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
+    // Benchmarks are compute from start to end: they run on this thread, with no async runtime.
+    let command = match cli.command {
+        Command::Bench(a) => return finish(bench::run(a)),
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -25,12 +31,17 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        match command {
             Command::Run(a) => embedded::run(a).await,
             Command::Process(a) => process::process(a).await,
             Command::Info(a) => process::info(a).await,
+            Command::Bench(_) => Ok(()), // handled above, off the runtime
         }
     });
+    finish(result)
+}
+
+fn finish(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

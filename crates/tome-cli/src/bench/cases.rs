@@ -1,0 +1,224 @@
+//! The benchmark cases, each timed in isolation. Shapes follow the comparisons the suite makes:
+//! dense attention as PyTorch's `scaled_dot_product_attention` sees it (8 heads × 64), the
+//! Longformer / BigBird / Reformer patterns as transformers' self-attention modules compute them
+//! (hidden 512: projections plus attention), Performer as performer-pytorch's `FastAttention`
+//! (attention only), tiny-dimension length scaling, and the whole-book job.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
+use tome_attn::favor::orthogonal_projection;
+use tome_attn::lsh::{seeded_rotations, LshSpec};
+use tome_attn::relative::{segment_attention, sinusoid};
+use tome_attn::{attention, Mask};
+use tome_dist::ops::{
+    blocksparse_attention, favor_attention, lsh_attention, segment_recurrence, window_attention, Compression, CompressiveMemory, FavorSpec, KeyBlock, WindowSpec,
+    XlMemory,
+};
+use tome_dist::{run_ranks, InProcessGroup, Layout, ShardPlan};
+use tome_model::{pool_spans, EncodeOptions, LayerAttention, ModelDir, PositionExtension};
+
+use super::memory::{peak_mb, reset_peak, rss_mb};
+use super::peak::fma_peak_gflops;
+use super::Record;
+
+const HEADS: usize = 8;
+const HEAD_DIM: usize = 64;
+const HIDDEN: usize = HEADS * HEAD_DIM;
+
+/// Every case of the suite with its sizes.
+pub fn suite(smoke: bool) -> Vec<(String, usize)> {
+    let pick = |full: &[usize], small: &[usize]| if smoke { small.to_vec() } else { full.to_vec() };
+    let mut cases = vec![("fma-peak".to_string(), 0)];
+    for name in ["dense", "dense-causal", "longformer", "bigbird", "reformer-lsh", "performer"] {
+        cases.extend(pick(&[4096, 16384], &[512, 1024]).into_iter().map(|n| (name.to_string(), n)));
+    }
+    for family in ["window", "blocksparse", "favor", "recurrent", "compressive"] {
+        cases.extend(pick(&[65536, 262144, 1_048_576], &[2048, 8192]).into_iter().map(|n| (format!("scaling-{family}"), n)));
+    }
+    if !smoke {
+        cases.push(("book".to_string(), 0));
+    }
+    cases
+}
+
+fn randn(shape: impl Into<candle_core::Shape>) -> anyhow::Result<Tensor> {
+    Ok(Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?)
+}
+
+/// `[n, heads·d]` → `[heads, n, d]`.
+fn split_heads(t: &Tensor, heads: usize) -> anyhow::Result<Tensor> {
+    let (n, w) = t.dims2()?;
+    Ok(t.reshape((n, heads, w / heads))?.transpose(0, 1)?.contiguous()?)
+}
+
+/// Times `f` once after resetting the peak-memory mark.
+fn timed(case: &str, tokens: usize, gflop: Option<f64>, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Record> {
+    let before = rss_mb();
+    reset_peak();
+    let started = Instant::now();
+    f()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = peak_mb();
+    Ok(Record { case: case.into(), tokens, seconds, gflops: gflop.map(|g| g / seconds), peak_increment_mb: (peak - before).max(0.0), peak_rss_mb: peak })
+}
+
+/// Projections of the model-pattern cases: `x [n, 512]` to `q, k, v` as `[8, n, 64]`.
+struct Projections {
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+}
+
+impl Projections {
+    fn new() -> anyhow::Result<Self> {
+        let w = || Tensor::randn(0f32, (HIDDEN as f32).powf(-0.5), (HIDDEN, HIDDEN), &Device::Cpu);
+        Ok(Projections { wq: w()?, wk: w()?, wv: w()? })
+    }
+
+    fn qkv(&self, x: &Tensor) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+        Ok((split_heads(&x.matmul(&self.wq)?, HEADS)?, split_heads(&x.matmul(&self.wk)?, HEADS)?, split_heads(&x.matmul(&self.wv)?, HEADS)?))
+    }
+}
+
+pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
+    let g = InProcessGroup::single();
+    let pos: Vec<i64> = (0..n as i64).collect();
+    let plan = || ShardPlan::new(Layout::Contiguous, n, 1);
+    match name {
+        "fma-peak" => {
+            let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+            let started = Instant::now();
+            let gflops = fma_peak_gflops(threads, 200_000_000 / threads as u64);
+            Ok(Record { case: name.into(), tokens: 0, seconds: started.elapsed().as_secs_f64(), gflops: Some(gflops), peak_increment_mb: 0.0, peak_rss_mb: peak_mb() })
+        }
+        "dense" | "dense-causal" => {
+            let causal = name == "dense-causal";
+            let (q, k, v) = (randn((HEADS, n, HEAD_DIM))?, randn((HEADS, n, HEAD_DIM))?, randn((HEADS, n, HEAD_DIM))?);
+            let pairs = if causal { (n * (n + 1) / 2) as f64 } else { (n * n) as f64 };
+            timed(name, n, Some(4.0 * pairs * HIDDEN as f64 / 1e9), || {
+                attention(&q, &k, &v, &Mask::full(&pos, &pos).with_causal(causal), 0.125)?;
+                Ok(())
+            })
+        }
+        "longformer" => {
+            let (x, proj) = (randn((n, HIDDEN))?, Projections::new()?);
+            let plan = plan()?;
+            timed(name, n, None, || {
+                let (q, k, v) = proj.qkv(&x)?;
+                let own = KeyBlock { k, v, pos: pos.clone(), valid: vec![true; n] };
+                window_attention(&g, &plan, &q, own, WindowSpec { one_sided: 256, causal: false, scale: 0.125 }, None)?;
+                Ok(())
+            })
+        }
+        "bigbird" => {
+            // transformers' eval-mode plan: block 64, 3 random blocks (all block 0).
+            let (x, proj) = (randn((n, HIDDEN))?, Projections::new()?);
+            let (plan, pattern) = (plan()?, BlockSparsePlan::new(n, 64, HEADS, &RandomBlocks::AllZero(3))?);
+            timed(name, n, None, || {
+                let (q, k, v) = proj.qkv(&x)?;
+                blocksparse_attention(&g, &plan, &q, KeyBlock { k, v, pos: pos.clone(), valid: vec![true; n] }, &pattern, 0.125)?;
+                Ok(())
+            })
+        }
+        "reformer-lsh" => {
+            let (x, proj) = (randn((n, HIDDEN))?, Projections::new()?);
+            let spec = LshSpec { n_hashes: 1, n_buckets: (n / 64).max(2).next_power_of_two(), chunk_len: 64, chunks_before: 1, chunks_after: 0 };
+            let (plan, rot) = (plan()?, seeded_rotations(HEADS, HEAD_DIM, &spec, 1)?);
+            timed(name, n, None, || {
+                let (qk, _, v) = proj.qkv(&x)?;
+                lsh_attention(&g, &plan, &qk, &v, &vec![true; n], &rot, &spec)?;
+                Ok(())
+            })
+        }
+        "performer" => {
+            let (q, k, v) = (randn((HEADS, n, HEAD_DIM))?, randn((HEADS, n, HEAD_DIM))?, randn((HEADS, n, HEAD_DIM))?);
+            let spec = FavorSpec { projection: orthogonal_projection(256, HEAD_DIM, 1)?, causal: false, chunk: 256, rows: 16384 };
+            let plan = plan()?;
+            timed(name, n, None, || {
+                favor_attention(&g, &plan, &q, &k, &v, &spec)?;
+                Ok(())
+            })
+        }
+        s if s.starts_with("scaling-") => scaling(&s["scaling-".len()..], n),
+        "book" => book(),
+        other => bail!("unknown bench case {other}"),
+    }
+}
+
+/// Linear-cost families at tiny dimensions (2 heads × 16), one rank.
+fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
+    const H: usize = 2;
+    const D: usize = 16;
+    let g = InProcessGroup::single();
+    let plan = ShardPlan::new(Layout::Contiguous, n, 1)?;
+    let pos: Vec<i64> = (0..n as i64).collect();
+    let (q, k, v) = (randn((H, n, D))?, randn((H, n, D))?, randn((H, n, D))?);
+    let own = KeyBlock { k: k.clone(), v: v.clone(), pos, valid: vec![true; n] };
+    let case = format!("scaling-{family}");
+    match family {
+        "window" => timed(&case, n, None, || Ok(drop(window_attention(&g, &plan, &q, own, WindowSpec { one_sided: 128, causal: false, scale: 0.25 }, None)?))),
+        "blocksparse" => {
+            let pattern = BlockSparsePlan::new(n, 64, H, &RandomBlocks::Seeded { r: 3, seed: 1 })?;
+            timed(&case, n, None, || Ok(drop(blocksparse_attention(&g, &plan, &q, own, &pattern, 0.25)?)))
+        }
+        "favor" => {
+            let spec = FavorSpec { projection: orthogonal_projection(32, D, 1)?, causal: false, chunk: 256, rows: 16384 };
+            timed(&case, n, None, || Ok(drop(favor_attention(&g, &plan, &q, &k, &v, &spec)?)))
+        }
+        "recurrent" | "compressive" => {
+            let width = H * D;
+            let x = randn((n, width))?;
+            let w = || Tensor::randn(0f32, (width as f32).powf(-0.5), (width, width), &Device::Cpu);
+            let (wq, wk, wv, wr) = (w()?, w()?, w()?, w()?);
+            let (u, vb) = (randn((H, D))?, randn((H, D))?);
+            let attend = |memory: &Tensor, seg: &Tensor| -> tome_dist::Result<Tensor> {
+                let all = Tensor::cat(&[memory, seg], 0)?;
+                let heads = |t: Tensor| -> candle_core::Result<Tensor> { t.reshape((t.dim(0)?, H, D))?.transpose(0, 1)?.contiguous() };
+                let r = heads(sinusoid(all.dim(0)?, width)?.matmul(&wr)?)?;
+                let p = segment_attention(&heads(seg.matmul(&wq)?)?, &heads(all.matmul(&wk)?)?, &heads(all.matmul(&wv)?)?, &r, &u, &vb, 1000)?;
+                Ok(p.out.transpose(0, 1)?.reshape((seg.dim(0)?, width))?)
+            };
+            let seg_plan = ShardPlan::aligned(n, 1, 128)?;
+            if family == "recurrent" {
+                let first = XlMemory::empty(128, width)?;
+                timed(&case, n, None, || Ok(drop(segment_recurrence(&g, &seg_plan, &x, 128, &first, &|m: &XlMemory, s: &Tensor| attend(&m.mem, s))?)))
+            } else {
+                let first = CompressiveMemory::empty(128, 64, 2, Compression::Mean, width)?;
+                let step = |m: &CompressiveMemory, s: &Tensor| attend(&Tensor::cat(&[&m.cmem, &m.mem], 0)?, s);
+                timed(&case, n, None, || Ok(drop(segment_recurrence(&g, &seg_plan, &x, 128, &first, &step)?)))
+            }
+        }
+        other => bail!("unknown scaling family {other}"),
+    }
+}
+
+/// The whole-book job: Paradise Lost through all-MiniLM-L6-v2 with window attention (512) on
+/// 2 ranks, document and 256-token chunk embeddings (what `tome process` computes).
+fn book() -> anyhow::Result<Record> {
+    let data = std::env::var("TOME_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("data"));
+    let dir = ModelDir::open(&data.join("models/all-MiniLM-L6-v2")).context("the book case needs scripts/fetch_data.sh")?;
+    let text = std::fs::read_to_string(data.join("books/plrabn12.txt"))?;
+    let tokenizer = dir.tokenizer.as_ref().context("MiniLM ships a tokenizer")?;
+    let before = rss_mb();
+    reset_peak();
+    let started = Instant::now();
+    let ids = tokenizer.encode(&text)?.ids;
+    let n = ids.len();
+    let opts = EncodeOptions { attention: Some(LayerAttention::window(512)?), position_extension: PositionExtension::Tile, global_tokens: Vec::new() };
+    let doc = dir.model.prepare(ids, &opts)?;
+    let plan = ShardPlan::new(Layout::Contiguous, n, 2)?;
+    let mut spans: Vec<Range<usize>> = vec![0..n];
+    spans.extend((0..n).step_by(256).map(|s| s..(s + 256).min(n)));
+    run_ranks(2, |g: &InProcessGroup| -> tome_model::Result<Tensor> {
+        let h = dir.model.forward_shard(g, &plan, &doc, &mut |_| true)?;
+        pool_spans(g, &plan, &h, &spans, dir.pooling)
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = peak_mb();
+    Ok(Record { case: "book".into(), tokens: n, seconds, gflops: None, peak_increment_mb: (peak - before).max(0.0), peak_rss_mb: peak })
+}

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Merges tome's and the references' benchmark records into one table of ratios (Markdown and
+JSON) and a log-log plot of time and peak memory against tokens.
+
+    python scripts/bench/report.py --tome tome.json --reference reference.json --out docs/bench
+    python scripts/bench/report.py --scaling records.jsonl      # length-scaling table only
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+
+REFERENCE_NAMES = {
+    "dense": "PyTorch scaled_dot_product_attention",
+    "dense-causal": "PyTorch scaled_dot_product_attention (causal)",
+    "longformer": "transformers LongformerSelfAttention",
+    "bigbird": "transformers BigBirdBlockSparseAttention",
+    "reformer-lsh": "transformers LSHSelfAttention",
+    "performer": "performer-pytorch FastAttention",
+    "book": "sentence-transformers, isolated 256-token chunks",
+}
+
+
+def exponent(rows):
+    xs = [math.log(r["tokens"]) for r in rows]
+    ys = [math.log(r["seconds"]) for r in rows]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def scaling_table(records):
+    lines = ["| family | tokens | seconds | peak RSS (MB) |", "|---|---|---|---|"]
+    fits = []
+    for fam in dict.fromkeys(r["case"] for r in records if r["case"].startswith("scaling-")):
+        rows = sorted((r for r in records if r["case"] == fam), key=lambda r: r["tokens"])
+        for r in rows:
+            lines.append(f"| {fam[len('scaling-'):]} | {r['tokens']} | {r['seconds']:.3f} | {r['peak_rss_mb']:.0f} |")
+        if len(rows) >= 2:
+            fits.append((fam[len("scaling-"):], exponent(rows), rows[-1]))
+    lines += ["", "| family | fitted exponent | tokens at largest | peak RSS there (MB) |", "|---|---|---|---|"]
+    lines += [f"| {f} | {k:.3f} | {r['tokens']} | {r['peak_rss_mb']:.0f} |" for f, k, r in fits]
+    return "\n".join(lines), [{"family": f, "exponent": k} for f, k, _ in fits]
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tome")
+    ap.add_argument("--reference")
+    ap.add_argument("--out")
+    ap.add_argument("--scaling")
+    a = ap.parse_args()
+    if a.scaling:
+        records = [json.loads(l) for l in open(a.scaling) if l.strip().startswith("{")]
+        print(scaling_table(records)[0])
+        return
+    tome = json.load(open(a.tome))
+    ref = {(r["case"], r["tokens"]): r for r in json.load(open(a.reference))}
+    peak = next((r["gflops"] for r in tome if r["case"] == "fma-peak"), None)
+    rows, table = [], ["| case | tokens | tome s | reference s | speed-up | tome GFLOP/s (% of FMA peak) | tome peak +MB | reference peak +MB | reference |",
+                       "|---|---|---|---|---|---|---|---|---|"]
+    for r in tome:
+        if r["case"] not in REFERENCE_NAMES:
+            continue
+        key = (r["case"], r["tokens"]) if r["case"] != "book" else next((k for k in ref if k[0] == "book"), None)
+        x = ref.get(key) if key else None
+        speedup = x["seconds"] / r["seconds"] if x else None
+        if r["case"] == "book" and x:
+            speedup = (r["tokens"] / r["seconds"]) / (x["tokens"] / x["seconds"])  # tokens/s ratio
+        gf = f"{r['gflops']:.1f} ({100 * r['gflops'] / peak:.0f}%)" if r.get("gflops") and peak else ""
+        table.append(f"| {r['case']} | {r['tokens']} | {r['seconds']:.3f} | {x['seconds']:.3f} | {speedup:.2f}× | {gf} | {r['peak_increment_mb']:.0f} | {x['peak_increment_mb']:.0f} | {REFERENCE_NAMES[r['case']]} |"
+                     if x else f"| {r['case']} | {r['tokens']} | {r['seconds']:.3f} | — | — | {gf} | {r['peak_increment_mb']:.0f} | — | {REFERENCE_NAMES[r['case']]} |")
+        rows.append({"case": r["case"], "tokens": r["tokens"], "tome": r, "reference": x, "speedup": speedup})
+    scaling_md, fits = scaling_table(tome)
+    md = "\n".join([
+        "# Benchmarks", "",
+        f"Machine: {machine()}. Measured FMA peak: {peak:.0f} GFLOP/s (f32)." if peak else f"Machine: {machine()}.",
+        "Each case ran in its own process, with the same thread count on both sides; speed-up is reference time / tome time",
+        "(for the book: tome tokens/s / reference tokens/s); peak +MB is the resident-memory high-water mark above the",
+        "process's memory before the timed call. Produced by scripts/bench/run.sh.", "",
+        *table, "", "## Length scaling (tome, one rank, 2 heads × 16)", "", scaling_md, "", "![time and peak memory against tokens](bench.png)", ""])
+    os.makedirs(a.out, exist_ok=True)
+    open(os.path.join(a.out, "README.md"), "w").write(md)
+    json.dump({"machine": machine(), "fma_peak_gflops": peak, "comparisons": rows, "scaling": fits}, open(os.path.join(a.out, "bench.json"), "w"), indent=2)
+    plot(tome, list(ref.values()), os.path.join(a.out, "bench.png"))
+    print(md)
+
+
+def plot(tome, ref, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (t_ax, m_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    for side, records, style in (("tome", tome, "-o"), ("reference", ref, "--s")):
+        for case in dict.fromkeys(r["case"] for r in records):
+            rows = sorted((r for r in records if r["case"] == case and r["tokens"] > 0), key=lambda r: r["tokens"])
+            if len(rows) < 2:
+                continue
+            xs = [r["tokens"] for r in rows]
+            t_ax.plot(xs, [r["seconds"] for r in rows], style, label=f"{case} ({side})")
+            m_ax.plot(xs, [max(r["peak_increment_mb"], 0.1) for r in rows], style, label=f"{case} ({side})")
+    for ax, label in ((t_ax, "seconds"), (m_ax, "peak memory increment (MB)")):
+        ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("tokens"), ax.set_ylabel(label), ax.grid(True, which="both", alpha=0.3)
+    t_ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
