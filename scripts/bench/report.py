@@ -97,14 +97,17 @@ def plot(tome, ref, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (t_ax, m_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    # One colour per case: tome solid with circles, its reference dashed with squares.
+    cases = list(dict.fromkeys(r["case"] for r in tome + ref if r["tokens"] > 0))
+    colour = {c: plt.get_cmap("tab20")(i % 20) for i, c in enumerate(cases)}
     for side, records, style in (("tome", tome, "-o"), ("reference", ref, "--s")):
         for case in dict.fromkeys(r["case"] for r in records):
             rows = sorted((r for r in records if r["case"] == case and r["tokens"] > 0), key=lambda r: r["tokens"])
             if len(rows) < 2:
                 continue
             xs = [r["tokens"] for r in rows]
-            t_ax.plot(xs, [r["seconds"] for r in rows], style, label=f"{case} ({side})")
-            m_ax.plot(xs, [max(r["peak_increment_mb"], 0.1) for r in rows], style, label=f"{case} ({side})")
+            t_ax.plot(xs, [r["seconds"] for r in rows], style, color=colour[case], label=f"{case} ({side})")
+            m_ax.plot(xs, [max(r["peak_increment_mb"], 0.1) for r in rows], style, color=colour[case], label=f"{case} ({side})")
     for ax, label in ((t_ax, "seconds"), (m_ax, "peak memory increment (MB)")):
         ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("tokens"), ax.set_ylabel(label), ax.grid(True, which="both", alpha=0.3)
     t_ax.legend(fontsize=6, ncol=2)
