@@ -127,6 +127,41 @@ pub fn attend(query_token: i64, q: &[f32], keys: &[(i64, bool, &[f32], &[f32])],
     lse
 }
 
+/// Chunks of queries attending to their key windows, batched on matrix products (the kernel the
+/// plan runs; [`attend`] is its scalar reference). `q`: `[chunks, L, d]` query-key vectors;
+/// `k`: `[chunks, W, d]` normalised keys; `v`: `[chunks, W, dv]`; `q_tok` (`chunks·L`) and
+/// `k_tok`, `k_valid` (`chunks·W`) the tokens' positions and validity. Returns the outputs
+/// `[chunks, L, dv]` and each query's lse, with Reformer's self and padding scores.
+pub fn chunk_attention(q: &Tensor, k: &Tensor, v: &Tensor, q_tok: &[i64], k_tok: &[i64], k_valid: &[bool]) -> Result<(Tensor, Vec<f32>)> {
+    let (chunks, l, _) = q.dims3()?;
+    let w = k.dim(1)?;
+    if chunks == 0 || l == 0 || w == 0 {
+        return Ok((Tensor::zeros((chunks, l, v.dim(2)?), candle_core::DType::F32, &candle_core::Device::Cpu)?, vec![f32::NEG_INFINITY; chunks * l]));
+    }
+    if q_tok.len() != chunks * l || k_tok.len() != chunks * w || k_valid.len() != chunks * w {
+        return Err(shape_err("lsh::chunk_attention", format!("{chunks} chunks of {l} queries and {w} keys, but {} / {} / {} tokens", q_tok.len(), k_tok.len(), k_valid.len())));
+    }
+    let mut scores = q.matmul(&k.transpose(1, 2)?.contiguous()?)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut lse = vec![0f32; chunks * l];
+    for (row, (scores, lse)) in scores.chunks_exact_mut(w).zip(lse.iter_mut()).enumerate() {
+        let (c, qt) = (row / l, q_tok[row]);
+        let (toks, valid) = (&k_tok[c * w..(c + 1) * w], &k_valid[c * w..(c + 1) * w]);
+        for ((s, &t), &ok) in scores.iter_mut().zip(toks).zip(valid) {
+            if t == qt {
+                *s = SELF_SCORE;
+            } else if !ok {
+                *s = PAD_SCORE;
+            }
+        }
+        let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = scores.iter().map(|s| (s - m).exp()).sum();
+        *lse = m + z.ln();
+        scores.iter_mut().for_each(|s| *s = (*s - *lse).exp());
+    }
+    let probs = Tensor::from_vec(scores, (chunks, l, w), &candle_core::Device::Cpu)?;
+    Ok((probs.matmul(v)?, lse))
+}
+
 /// Naive LSH attention over a whole sequence: `qk`, `v` as `[heads][n][d]`, buckets from
 /// [`buckets`]. Returns `[heads][n][dv]`.
 pub fn reference(qk: &[Vec<Vec<f32>>], v: &[Vec<Vec<f32>>], valid: &[bool], buckets: &[Vec<Vec<usize>>], spec: &LshSpec) -> Vec<Vec<Vec<f32>>> {

@@ -130,7 +130,8 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
             let spec = LshSpec { n_hashes: 1, n_buckets: (n / 64).max(2).next_power_of_two(), chunk_len: 64, chunks_before: 1, chunks_after: 0 };
             let (plan, rot) = (plan()?, seeded_rotations(HEADS, HEAD_DIM, &spec, 1)?);
             timed(name, n, None, || {
-                let (qk, _, v) = proj.qkv(&x)?;
+                // Shared query-key and value projections, as LSHSelfAttention computes them.
+                let (qk, v) = (split_heads(&x.matmul(&proj.wq)?, HEADS)?, split_heads(&x.matmul(&proj.wv)?, HEADS)?);
                 lsh_attention(&g, &plan, &qk, &v, &vec![true; n], &rot, &spec)?;
                 Ok(())
             })

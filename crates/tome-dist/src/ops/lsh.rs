@@ -207,31 +207,49 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
         }
     }
 
-    // 4. Attend my chunks; send each item's (output, lse) home.
+    // 4. Attend my chunks (batched matrix products over every chunk of a head); send each
+    //    item's (output, lse) home.
+    let (c0, c1) = (lo / spec.chunk_len, hi / spec.chunk_len);
+    let key_slots: Vec<usize> = (c0..c1).flat_map(window).flat_map(|kc| kc * spec.chunk_len..(kc + 1) * spec.chunk_len).collect();
     let mut results: Vec<Vec<(Vec<f32>, f32)>> = vec![vec![(Vec::new(), 0.0); hi - lo]; heads];
-    for h in 0..heads {
-        let own_keys: Vec<Vec<f32>> = mine[h].qk.iter().map(|x| lsh::normalize_key(x)).collect();
-        let halo_keys: HashMap<usize, Vec<f32>> = halo[h].iter().map(|(&s, row)| (s, lsh::normalize_key(&row.2))).collect();
-        for c in lo / spec.chunk_len..hi / spec.chunk_len {
-            let key_slots: Vec<usize> = window(c).into_iter().flat_map(|kc| kc * spec.chunk_len..(kc + 1) * spec.chunk_len).collect();
-            let keys = key_slots
-                .iter()
-                .map(|&s| {
-                    if (lo..hi).contains(&s) {
-                        Ok((mine[h].tok[s - lo], mine[h].valid[s - lo], &own_keys[s - lo][..], &mine[h].v[s - lo][..]))
-                    } else {
-                        match (halo[h].get(&s), halo_keys.get(&s)) {
-                            (Some(row), Some(k)) => Ok((row.0, row.1, &k[..], &row.3[..])),
-                            _ => Err(DistError::Plan(format!("slot {s} never arrived"))),
-                        }
-                    }
-                })
-                .collect::<Result<Vec<_>>>()?;
-            for s in c * spec.chunk_len..(c + 1) * spec.chunk_len {
-                let mut out = vec![0f32; dv];
-                let lse = lsh::attend(mine[h].tok[s - lo], &mine[h].qk[s - lo], &keys, &mut out);
-                results[h][s - lo] = (out, lse);
+    for h in (0..heads).filter(|_| c1 > c0) {
+        // One table of rows: this rank's slots, then the halo's; keys gathered from it by index.
+        let halo_slots: Vec<usize> = {
+            let mut s: Vec<usize> = halo[h].keys().copied().collect();
+            s.sort_unstable();
+            s
+        };
+        let row_of = |s: usize| -> Result<u32> {
+            if (lo..hi).contains(&s) {
+                Ok((s - lo) as u32)
+            } else {
+                halo_slots.binary_search(&s).map(|i| (hi - lo + i) as u32).map_err(|_| DistError::Plan(format!("slot {s} never arrived")))
             }
+        };
+        let mut tok: Vec<i64> = mine[h].tok.clone();
+        let mut ok: Vec<bool> = mine[h].valid.clone();
+        let mut keys: Vec<f32> = mine[h].qk.iter().flat_map(|x| lsh::normalize_key(x)).collect();
+        let mut vals: Vec<f32> = mine[h].v.concat();
+        for s in &halo_slots {
+            let row = &halo[h][s];
+            tok.push(row.0);
+            ok.push(row.1);
+            keys.extend(lsh::normalize_key(&row.2));
+            vals.extend_from_slice(&row.3);
+        }
+        let rows = tok.len();
+        let idx: Vec<u32> = key_slots.iter().map(|&s| row_of(s)).collect::<Result<_>>()?;
+        let window_len = idx.len() / (c1 - c0);
+        let ids = Tensor::from_vec(idx.clone(), idx.len(), &Device::Cpu)?;
+        let k = Tensor::from_vec(keys, (rows, d), &Device::Cpu)?.index_select(&ids, 0)?.reshape((c1 - c0, window_len, d))?;
+        let v = Tensor::from_vec(vals, (rows, dv), &Device::Cpu)?.index_select(&ids, 0)?.reshape((c1 - c0, window_len, dv))?;
+        let q = Tensor::from_vec(mine[h].qk.concat(), (c1 - c0, spec.chunk_len, d), &Device::Cpu)?;
+        let k_tok: Vec<i64> = idx.iter().map(|&i| tok[i as usize]).collect();
+        let k_ok: Vec<bool> = idx.iter().map(|&i| ok[i as usize]).collect();
+        let (out, lse) = lsh::chunk_attention(&q, &k, &v, &mine[h].tok, &k_tok, &k_ok)?;
+        let out = out.flatten_all()?.to_vec1::<f32>()?;
+        for (i, (o, l)) in out.chunks_exact(dv.max(1)).zip(lse).enumerate() {
+            results[h][i] = (o.to_vec(), l);
         }
     }
     let replies = arrivals
