@@ -162,14 +162,23 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
     let own = KeyBlock { k: k.clone(), v: v.clone(), pos, valid: vec![true; n] };
     let case = format!("scaling-{family}");
     match family {
-        "window" => timed(&case, n, None, || Ok(drop(window_attention(&g, &plan, &q, own, WindowSpec { one_sided: 128, causal: false, scale: 0.25 }, None)?))),
+        "window" => timed(&case, n, None, || {
+                window_attention(&g, &plan, &q, own, WindowSpec { one_sided: 128, causal: false, scale: 0.25 }, None)?;
+                Ok(())
+            }),
         "blocksparse" => {
             let pattern = BlockSparsePlan::new(n, 64, H, &RandomBlocks::Seeded { r: 3, seed: 1 })?;
-            timed(&case, n, None, || Ok(drop(blocksparse_attention(&g, &plan, &q, own, &pattern, 0.25)?)))
+            timed(&case, n, None, || {
+                blocksparse_attention(&g, &plan, &q, own, &pattern, 0.25)?;
+                Ok(())
+            })
         }
         "favor" => {
             let spec = FavorSpec { projection: orthogonal_projection(32, D, 1)?, causal: false, chunk: 256, rows: 16384 };
-            timed(&case, n, None, || Ok(drop(favor_attention(&g, &plan, &q, &k, &v, &spec)?)))
+            timed(&case, n, None, || {
+                favor_attention(&g, &plan, &q, &k, &v, &spec)?;
+                Ok(())
+            })
         }
         "recurrent" | "compressive" => {
             let width = H * D;
@@ -187,11 +196,17 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
             let seg_plan = ShardPlan::aligned(n, 1, 128)?;
             if family == "recurrent" {
                 let first = XlMemory::empty(128, width)?;
-                timed(&case, n, None, || Ok(drop(segment_recurrence(&g, &seg_plan, &x, 128, &first, &|m: &XlMemory, s: &Tensor| attend(&m.mem, s))?)))
+                timed(&case, n, None, || {
+                segment_recurrence(&g, &seg_plan, &x, 128, &first, &|m: &XlMemory, s: &Tensor| attend(&m.mem, s))?;
+                Ok(())
+            })
             } else {
                 let first = CompressiveMemory::empty(128, 64, 2, Compression::Mean, width)?;
                 let step = |m: &CompressiveMemory, s: &Tensor| attend(&Tensor::cat(&[&m.cmem, &m.mem], 0)?, s);
-                timed(&case, n, None, || Ok(drop(segment_recurrence(&g, &seg_plan, &x, 128, &first, &step)?)))
+                timed(&case, n, None, || {
+                segment_recurrence(&g, &seg_plan, &x, 128, &first, &step)?;
+                Ok(())
+            })
             }
         }
         other => bail!("unknown scaling family {other}"),
