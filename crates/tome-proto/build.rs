@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = [root.join("tome/v1/tome.proto")];
+    let files = [root.join("tome/v1/tome.proto"), root.join("tome/v1/worker.proto")];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

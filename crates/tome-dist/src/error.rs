@@ -4,6 +4,10 @@
 pub enum DistError {
     #[error("rank {peer} left the group before rank {rank} could {what}")]
     PeerGone { rank: usize, peer: usize, what: &'static str },
+    #[error("rank {rank} could not reach rank {peer}: {msg}")]
+    Transport { rank: usize, peer: usize, msg: String },
+    #[error("the job was cancelled")]
+    Cancelled,
     #[error("rank {rank} does not exist in a group of {size}")]
     NoSuchRank { rank: usize, size: usize },
     #[error("{0}")]

@@ -125,14 +125,14 @@ where
 }
 
 /// Errors a rank may end with: anything the rank layer's errors convert into, able to say
-/// whether it only reports that another rank went away.
+/// whether it only reports that another rank went away (or the job was stopped because of it).
 pub trait RankError: From<DistError> + Send {
     fn is_peer_gone(&self) -> bool;
 }
 
 impl RankError for DistError {
     fn is_peer_gone(&self) -> bool {
-        matches!(self, DistError::PeerGone { .. })
+        matches!(self, DistError::PeerGone { .. } | DistError::Transport { .. } | DistError::Cancelled)
     }
 }
 

@@ -76,6 +76,33 @@ impl ShardPlan {
         Ok(ShardPlan { len: bounds[bounds.len() - 1], shards })
     }
 
+    /// A plan from explicit per-rank ranges (as a plan travels on the wire): each rank's ranges
+    /// ascending and non-empty, all of them together covering `0..len` exactly once.
+    pub fn from_ranges(len: usize, shards: Vec<Vec<Range<usize>>>) -> Result<Self> {
+        if shards.is_empty() {
+            return Err(DistError::Plan("a plan needs at least one rank".into()));
+        }
+        let mut all: Vec<Range<usize>> = Vec::new();
+        for (r, ranges) in shards.iter().enumerate() {
+            if ranges.iter().any(|x| x.is_empty()) || ranges.windows(2).any(|w| w[1].start < w[0].end) {
+                return Err(DistError::Plan(format!("rank {r}'s ranges must be non-empty and ascending: {ranges:?}")));
+            }
+            all.extend(ranges.iter().cloned());
+        }
+        all.sort_by_key(|x| x.start);
+        let mut next = 0;
+        for x in &all {
+            if x.start != next {
+                return Err(DistError::Plan(format!("the ranks' ranges must cover 0..{len} exactly once; position {next} is not covered once")));
+            }
+            next = x.end;
+        }
+        if next != len {
+            return Err(DistError::Plan(format!("the ranks' ranges cover 0..{next}, not 0..{len}")));
+        }
+        Ok(ShardPlan { len, shards })
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -208,6 +235,8 @@ mod tests {
                     let lens: Vec<usize> = (0..p).map(|r| plan.shard_len(r)).collect();
                     let (min, max) = (lens.iter().min().unwrap(), lens.iter().max().unwrap());
                     assert!(max - min <= 2, "{layout:?} unbalanced {lens:?}");
+                    let ranges = (0..p).map(|r| plan.ranges(r).to_vec()).collect();
+                    assert_eq!(ShardPlan::from_ranges(n, ranges).unwrap(), plan, "{layout:?} n={n} p={p} through ranges");
                 }
             }
         }
@@ -225,5 +254,10 @@ mod tests {
         let plan = ShardPlan::from_bounds(&[0, 3, 3, 10]).unwrap();
         assert_eq!(plan.owned_parts(2, &[1..5, 8..12]), vec![(3..5, 0), (8..12.min(10), 5)]);
         assert!(ShardPlan::from_bounds(&[1, 3]).is_err());
+        assert!(ShardPlan::from_ranges(4, vec![vec![0..2], vec![1..4]]).is_err(), "overlap");
+        assert!(ShardPlan::from_ranges(4, vec![vec![0..2], vec![3..4]]).is_err(), "gap");
+        assert!(ShardPlan::from_ranges(4, vec![vec![0..2], vec![2..5]]).is_err(), "beyond len");
+        assert!(ShardPlan::from_ranges(4, vec![vec![2..4, 0..2]]).is_err(), "descending");
+        assert!(ShardPlan::from_ranges(4, vec![vec![0..4], vec![]]).is_ok(), "empty shard");
     }
 }

@@ -1,7 +1,18 @@
-//! tome-net: what crosses process boundaries. For now, the tensor codec of the wire contract:
-//! candle tensors to and from `tome.v1.Tensor` (shape, element type, little-endian bytes),
-//! used for every tensor the services stream; the gRPC and NCCL Group backends join it here.
+//! tome-net: what crosses process boundaries.
+//!
+//! - [`codec`]: candle tensors to and from `tome.v1.Tensor` (shape, element type, little-endian
+//!   bytes), for every tensor the services stream and every frame between ranks.
+//! - [`PeerHub`] / [`PeerGroup`]: the Group trait over `tome.v1.Peer` gRPC streams, for the
+//!   ranks of a job spread over worker processes (the one service this crate implements).
+//! - [`traceparent`]: W3C trace context carried coordinator -> worker -> peer.
+//! - `nccl` (cargo feature): the Group trait over NCCL, for ranks on GPUs.
 
 mod codec;
+mod hub;
+mod peer_group;
+pub mod traceparent;
 
-pub use codec::{tensor_from_wire, tensor_to_wire, CodecError};
+pub use codec::{frame_from_wire, frame_to_wire, tensor_from_wire, tensor_to_wire, CodecError};
+pub use hub::{PeerHub, PeerLimits, PeerService};
+pub use peer_group::PeerGroup;
+pub use traceparent::TraceParent;

@@ -1,0 +1,285 @@
+//! The peer hub of one process: where the ranks it hosts receive their frames.
+//!
+//! Every rank of a job that runs here joins the hub ([`PeerHub::join`]) and gets a
+//! [`PeerGroup`]; the hub serves `tome.v1.Peer`, whose `Exchange` streams — one per ordered pair
+//! of ranks, opened by the sender — it routes into the receiving rank's inbox for that sender.
+//! Inboxes are bounded: a rank that does not keep up stops the hub reading its stream, and
+//! HTTP/2 flow control holds the sender back. A stream may arrive before its receiving rank has
+//! joined (ranks start at slightly different times); it waits for the rank, up to a limit.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tome_dist::Frame;
+use tome_proto::v1 as pb;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::codec::frame_from_wire;
+use crate::peer_group::PeerGroup;
+use crate::traceparent::{TraceParent, TRACEPARENT};
+
+/// Limits of the peer layer; every one is a worker flag.
+#[derive(Clone, Debug)]
+pub struct PeerLimits {
+    /// Frames that may wait in one (sender, receiver) inbox before the sender is held back.
+    pub queue_depth: usize,
+    /// Largest frame, in encoded bytes.
+    pub max_frame_bytes: usize,
+    /// How long a stream waits for its receiving rank to join, and a rank for a frame.
+    pub rendezvous_timeout: Duration,
+    pub recv_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        PeerLimits {
+            queue_depth: 4,
+            max_frame_bytes: 256 << 20,
+            rendezvous_timeout: Duration::from_secs(60),
+            recv_timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A job's rank as the hub knows it.
+type RankKey = (String, usize);
+
+/// The receiving side of one rank: an inbox per sender, taken by that sender's stream.
+pub(crate) struct Mailbox {
+    inboxes: Mutex<Vec<Option<mpsc::Sender<Frame>>>>,
+    pub(crate) cancel: CancellationToken,
+}
+
+pub(crate) struct HubInner {
+    ranks: Mutex<HashMap<RankKey, Arc<Mailbox>>>,
+    joined: Notify,
+    channels: Mutex<HashMap<String, Channel>>,
+    pub(crate) limits: PeerLimits,
+    pub(crate) runtime: tokio::runtime::Handle,
+}
+
+/// The ranks this process hosts, and the `tome.v1.Peer` service that feeds them.
+#[derive(Clone)]
+pub struct PeerHub {
+    inner: Arc<HubInner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a thread panicked while holding it; the maps stay consistent
+    // (every update is a single insert or remove).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PeerHub {
+    /// A hub whose streams run on `runtime`.
+    pub fn new(runtime: tokio::runtime::Handle, limits: PeerLimits) -> Self {
+        PeerHub {
+            inner: Arc::new(HubInner {
+                ranks: Mutex::new(HashMap::new()),
+                joined: Notify::new(),
+                channels: Mutex::new(HashMap::new()),
+                limits,
+                runtime,
+            }),
+        }
+    }
+
+    /// The `tome.v1.Peer` service to add to this process's server.
+    pub fn service(&self) -> pb::peer_server::PeerServer<PeerService> {
+        let limit = self.inner.limits.max_frame_bytes;
+        pb::peer_server::PeerServer::new(PeerService { hub: self.inner.clone() }).max_decoding_message_size(limit).max_encoding_message_size(limit)
+    }
+
+    /// Joins rank `rank` of job `job`, whose ranks run at `addresses` (one Peer address per
+    /// rank). Opens a stream to every other rank at once, so that a rank that leaves — done,
+    /// failed or cancelled — closes them and no peer waits on it in vain. Call from the rank's
+    /// compute thread, not from the async runtime.
+    pub fn join(&self, job: &str, rank: usize, addresses: &[String], trace: Option<TraceParent>) -> Result<PeerGroup, tome_dist::DistError> {
+        let size = addresses.len();
+        if rank >= size {
+            return Err(tome_dist::DistError::NoSuchRank { rank, size });
+        }
+        let key = (job.to_string(), rank);
+        let depth = self.inner.limits.queue_depth.max(1);
+        let (mut senders, mut receivers) = (Vec::with_capacity(size), Vec::with_capacity(size));
+        for src in 0..size {
+            if src == rank {
+                senders.push(None);
+                receivers.push(None);
+            } else {
+                let (tx, rx) = mpsc::channel(depth);
+                senders.push(Some(tx));
+                receivers.push(Some(rx));
+            }
+        }
+        let mailbox = Arc::new(Mailbox { inboxes: Mutex::new(senders), cancel: CancellationToken::new() });
+        {
+            let mut ranks = lock(&self.inner.ranks);
+            if ranks.contains_key(&key) {
+                return Err(tome_dist::DistError::Plan(format!("rank {rank} of job {job} has already joined this worker")));
+            }
+            ranks.insert(key, mailbox.clone());
+        }
+        self.inner.joined.notify_waiters();
+        PeerGroup::open(self.inner.clone(), job.to_string(), rank, addresses, receivers, mailbox, trace)
+    }
+
+    /// Stops every rank of `job` hosted here: their waits end with `Cancelled`. Returns how many.
+    pub fn cancel(&self, job: &str) -> usize {
+        let ranks = lock(&self.inner.ranks);
+        let mut n = 0;
+        for ((j, _), mailbox) in ranks.iter() {
+            if j == job {
+                mailbox.cancel.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Ranks joined here now (all jobs).
+    pub fn ranks_joined(&self) -> usize {
+        lock(&self.inner.ranks).len()
+    }
+}
+
+impl HubInner {
+    pub(crate) fn leave(&self, job: &str, rank: usize) {
+        lock(&self.ranks).remove(&(job.to_string(), rank));
+    }
+
+    /// A channel to `address`, shared by every stream to it (one HTTP/2 connection).
+    pub(crate) fn channel(&self, address: &str) -> Result<Channel, String> {
+        let mut channels = lock(&self.channels);
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("bad peer address {address}: {e}"))?
+            .connect_timeout(self.limits.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true);
+        // The lazy channel spawns its connection task on the current runtime.
+        let _runtime = self.runtime.enter();
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Waits until rank `rank` of `job` has joined.
+    async fn wait_for(&self, job: &str, rank: usize) -> Result<Arc<Mailbox>, Status> {
+        let deadline = Instant::now() + self.limits.rendezvous_timeout;
+        let key = (job.to_string(), rank);
+        loop {
+            let notified = self.joined.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(m) = lock(&self.ranks).get(&key) {
+                return Ok(m.clone());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Status::not_found(format!(
+                    "rank {rank} of job {job} did not join this worker within {:?}",
+                    self.limits.rendezvous_timeout
+                )));
+            }
+        }
+    }
+}
+
+impl Mailbox {
+    /// The inbox of frames from `src`; each sender's stream takes it once.
+    fn take_inbox(&self, src: usize) -> Result<mpsc::Sender<Frame>, Status> {
+        let mut inboxes = lock(&self.inboxes);
+        let size = inboxes.len();
+        let slot = inboxes.get_mut(src).ok_or_else(|| Status::invalid_argument(format!("source rank {src} is not in a group of {size}")))?;
+        slot.take().ok_or_else(|| Status::already_exists(format!("rank {src} already has a stream to this rank")))
+    }
+}
+
+/// `tome.v1.Peer`, routing frames into the inboxes of the ranks hosted here.
+pub struct PeerService {
+    hub: Arc<HubInner>,
+}
+
+/// Acks waiting for a sender that is slow to read them.
+const ACK_BUFFER: usize = 16;
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    type ExchangeStream = Pin<Box<dyn Stream<Item = Result<pb::PeerAck, Status>> + Send + 'static>>;
+
+    async fn exchange(&self, req: Request<Streaming<pb::PeerFrame>>) -> Result<Response<Self::ExchangeStream>, Status> {
+        let trace = req.metadata().get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
+        let mut inbound = req.into_inner();
+        let open = inbound.message().await?.ok_or_else(|| Status::invalid_argument("a peer stream must start with an open frame"))?;
+        if !open.open || !open.tensors.is_empty() {
+            return Err(Status::invalid_argument("a peer stream's first frame must be an open frame without tensors"));
+        }
+        let (job, src, dst) = (open.job_id.clone(), open.src as usize, open.dst as usize);
+        let mailbox = self.hub.wait_for(&job, dst).await?;
+        let inbox = mailbox.take_inbox(src)?;
+        let (ack_tx, ack_rx) = mpsc::channel(ACK_BUFFER);
+        let span = info_span!("peer_stream", job = %job, src, dst, trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default());
+        tokio::spawn(
+            async move {
+                let mut step = 0u64;
+                loop {
+                    let next = tokio::select! {
+                        m = inbound.message() => m,
+                        _ = mailbox.cancel.cancelled() => break,
+                    };
+                    let frame = match next {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(status) => {
+                            // The sender's side went away mid-job; dropping the inbox tells the rank.
+                            warn!(%status, "peer stream broke");
+                            break;
+                        }
+                    };
+                    if frame.job_id != job || frame.src as usize != src || frame.dst as usize != dst || frame.step != step || frame.open {
+                        let msg = format!(
+                            "frame out of sequence: expected job {job} {src}->{dst} step {step}, got job {} {}->{} step {}",
+                            frame.job_id, frame.src, frame.dst, frame.step
+                        );
+                        let _ = ack_tx.send(Err(Status::invalid_argument(msg))).await;
+                        break;
+                    }
+                    let tensors = match frame_from_wire(&frame.tensors) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            let _ = ack_tx.send(Err(Status::invalid_argument(format!("frame {step}: {e}")))).await;
+                            break;
+                        }
+                    };
+                    let delivered = tokio::select! {
+                        r = inbox.send(tensors) => r.is_ok(),
+                        _ = mailbox.cancel.cancelled() => false,
+                    };
+                    if !delivered {
+                        let _ = ack_tx.send(Err(Status::cancelled("the receiving rank has left"))).await;
+                        break;
+                    }
+                    // The sender may have stopped reading acks; frames matter, acks do not.
+                    let _ = ack_tx.try_send(Ok(pb::PeerAck { step }));
+                    step += 1;
+                }
+                debug!(frames = step, "peer stream closed");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(ack_rx))))
+    }
+}
