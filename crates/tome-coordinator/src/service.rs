@@ -98,20 +98,6 @@ impl Coordinator {
         });
         task.await.map_err(|e| CoordError::Internal(format!("tokenizer task failed: {e}")))?
     }
-
-    fn model_info(m: &ModelDir) -> pb::ModelInfo {
-        let cfg = m.model.config();
-        pb::ModelInfo {
-            name: m.name(),
-            architecture: cfg.model_type.clone(),
-            hidden_size: cfg.hidden_size as u32,
-            num_layers: cfg.num_hidden_layers as u32,
-            max_positions: cfg.usable_positions() as u32,
-            default_pooling: m.pooling.name().into(),
-            layer_attention: cfg.layer_attention().map(|l| l.iter().map(|a| a.to_string()).collect()).unwrap_or_default(),
-            has_tokenizer: m.tokenizer.is_some(),
-        }
-    }
 }
 
 fn too_long(tokens: usize, max: usize) -> CoordError {
@@ -232,7 +218,7 @@ impl pb::tome_server::Tome for Coordinator {
         let l = &self.config.limits;
         Ok(Response::new(pb::InfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
-            models: self.models.iter().map(|m| Coordinator::model_info(m)).collect(),
+            models: self.models.iter().map(|m| tome_worker::model_info(m)).collect(),
             default_ranks: self.config.default_ranks as u32,
             limits: Some(pb::Limits {
                 max_document_tokens: l.max_document_tokens as u64,

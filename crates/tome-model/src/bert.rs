@@ -47,9 +47,30 @@ pub struct Prepared {
     pub global_tokens: Vec<usize>,
 }
 
+/// What one rank needs of a prepared document: its own tokens (in the order of the plan's
+/// positions for the rank) and what every rank shares. This is what travels to a worker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardInput {
+    pub ids: Vec<u32>,
+    pub position_ids: Vec<u32>,
+    pub layers: Vec<LayerAttention>,
+    pub global_tokens: Vec<usize>,
+}
+
 impl Prepared {
     pub fn len(&self) -> usize {
         self.ids.len()
+    }
+
+    /// Rank `rank`'s part of the document under `plan`.
+    pub fn shard(&self, plan: &ShardPlan, rank: usize) -> ShardInput {
+        let positions = plan.positions(rank);
+        ShardInput {
+            ids: positions.iter().map(|&p| self.ids[p as usize]).collect(),
+            position_ids: positions.iter().map(|&p| self.position_ids[p as usize]).collect(),
+            layers: self.layers.clone(),
+            global_tokens: self.global_tokens.clone(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -167,28 +188,43 @@ impl BertModel {
     /// Runs the encoder on this rank's shard of `doc` and returns the shard's last hidden state
     /// (`[shard, hidden]`). `after_layer(l)` is called when layer `l` is done; returning false
     /// cancels the job.
-    pub fn forward_shard(
-        &self,
-        group: &dyn Group,
-        plan: &ShardPlan,
-        doc: &Prepared,
-        after_layer: &mut dyn FnMut(usize) -> bool,
-    ) -> Result<Tensor> {
+    pub fn forward_shard(&self, group: &dyn Group, plan: &ShardPlan, doc: &Prepared, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        self.forward(group, plan, &doc.shard(plan, group.rank()), after_layer)
+    }
+
+    /// As [`BertModel::forward_shard`], from the rank's [`ShardInput`] alone.
+    pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         let r = group.rank();
         let positions = plan.positions(r);
         let dev = Device::Cpu;
         let n = positions.len();
-        let ids: Vec<u32> = positions.iter().map(|&p| doc.ids[p as usize]).collect();
-        let pos_ids: Vec<u32> = positions.iter().map(|&p| doc.position_ids[p as usize]).collect();
-        let ids = Tensor::from_vec(ids, n, &dev)?;
-        let pos_ids = Tensor::from_vec(pos_ids, n, &dev)?;
+        if input.ids.len() != n || input.position_ids.len() != n || input.layers.len() != self.layers.len() {
+            return Err(ModelError::Input(format!(
+                "rank {r} owns {n} tokens of {} layers but was given {} ids, {} positions and {} layers",
+                self.layers.len(),
+                input.ids.len(),
+                input.position_ids.len(),
+                input.layers.len()
+            )));
+        }
+        if let Some(&bad) = input.ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is beyond the vocabulary of {}", self.cfg.vocab_size)));
+        }
+        if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= self.cfg.max_position_embeddings) {
+            return Err(ModelError::Input(format!("position id {bad} is beyond the {} learned positions", self.cfg.max_position_embeddings)));
+        }
+        if input.global_tokens.windows(2).any(|w| w[1] <= w[0]) || input.global_tokens.last().is_some_and(|&g| g >= plan.len()) {
+            return Err(ModelError::Input(format!("global tokens must ascend and lie within the {} tokens of the document", plan.len())));
+        }
+        let ids = Tensor::from_vec(input.ids.clone(), n, &dev)?;
+        let pos_ids = Tensor::from_vec(input.position_ids.clone(), n, &dev)?;
         let types = Tensor::zeros(n, DType::U32, &dev)?;
         let x = ((self.word.forward(&ids)? + self.position.forward(&pos_ids)?)? + self.token_type.forward(&types)?)?;
         let mut x = self.embed_norm.forward(&x)?;
         let valid = vec![true; n];
-        let globals = GlobalTokens { positions: doc.global_tokens.clone(), projections: None };
+        let globals = GlobalTokens { positions: input.global_tokens.clone(), projections: None };
         for (l, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, group, plan, &x, &positions, &valid, doc.layers[l], &globals)?;
+            x = self.layer_forward(layer, group, plan, &x, &positions, &valid, input.layers[l], &globals)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);
             }

@@ -14,7 +14,7 @@ mod pooling;
 pub mod reversible;
 mod tokenizer;
 
-pub use bert::{BertModel, Prepared};
+pub use bert::{BertModel, Prepared, ShardInput};
 pub use config::{BertConfig, EncodeOptions, LayerAttention, PositionExtension};
 pub use error::{ModelError, Result};
 pub use model_dir::ModelDir;

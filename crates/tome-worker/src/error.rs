@@ -1,4 +1,6 @@
-//! Errors of a job run.
+//! Errors of a job run and of the worker service, each mapped to one gRPC code.
+
+use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -8,8 +10,18 @@ pub enum WorkerError {
     Dist(#[from] tome_dist::DistError),
     #[error("the job was cancelled")]
     Cancelled,
+    #[error("the job ran past its deadline")]
+    DeadlineExceeded,
     #[error("could not start the job's compute thread: {0}")]
     Spawn(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("this worker does not serve model `{0}`")]
+    UnknownModel(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("worker {0} is shutting down")]
+    ShuttingDown(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -17,10 +29,47 @@ pub enum WorkerError {
 impl WorkerError {
     /// The user's input (not the server) is at fault.
     pub fn is_input(&self) -> bool {
-        matches!(self, WorkerError::Model(tome_model::ModelError::Input(_)) | WorkerError::Model(tome_model::ModelError::Unsupported(_)))
+        matches!(
+            self,
+            WorkerError::Invalid(_) | WorkerError::Model(tome_model::ModelError::Input(_)) | WorkerError::Model(tome_model::ModelError::Unsupported(_))
+        )
     }
 
     pub fn is_cancelled(&self) -> bool {
-        matches!(self, WorkerError::Cancelled | WorkerError::Model(tome_model::ModelError::Cancelled))
+        matches!(
+            self,
+            WorkerError::Cancelled
+                | WorkerError::Model(tome_model::ModelError::Cancelled)
+                | WorkerError::Dist(tome_dist::DistError::Cancelled)
+                | WorkerError::Model(tome_model::ModelError::Dist(tome_dist::DistError::Cancelled))
+        )
+    }
+
+    /// Another rank or worker failed or left (the cause lies elsewhere).
+    pub fn is_peer_failure(&self) -> bool {
+        use tome_dist::DistError::{PeerGone, Transport};
+        matches!(
+            self,
+            WorkerError::Dist(PeerGone { .. } | Transport { .. }) | WorkerError::Model(tome_model::ModelError::Dist(PeerGone { .. } | Transport { .. }))
+        )
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            _ if self.is_input() => Code::InvalidArgument,
+            _ if self.is_cancelled() => Code::Cancelled,
+            _ if self.is_peer_failure() => Code::Unavailable,
+            WorkerError::DeadlineExceeded => Code::DeadlineExceeded,
+            WorkerError::UnknownModel(_) => Code::NotFound,
+            WorkerError::Busy(_) => Code::ResourceExhausted,
+            WorkerError::ShuttingDown(_) => Code::Unavailable,
+            _ => Code::Internal,
+        }
+    }
+}
+
+impl From<WorkerError> for Status {
+    fn from(e: WorkerError) -> Status {
+        Status::new(e.code(), e.to_string())
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use tokio::sync::mpsc;
 use tome_dist::{run_ranks, Group, InProcessGroup, Layout, ShardPlan};
-use tome_model::{l2_normalize, pool_spans, ModelDir, Pooling, Prepared};
+use tome_model::{l2_normalize, pool_spans, ModelDir, Pooling, Prepared, ShardInput};
 use tracing::{info_span, Span};
 
 use crate::error::WorkerError;
@@ -56,10 +56,69 @@ pub struct JobOutput {
     pub compute: Duration,
 }
 
-struct RankOutput {
+/// What one rank returns.
+pub struct RankOutput {
+    /// `[spans, width]` on rank 0 when spans were asked (reduced over every rank).
+    pub pooled: Option<Tensor>,
+    /// `[shard, width]` when asked.
+    pub hidden: Option<Tensor>,
+    pub bytes_sent: u64,
+}
+
+/// One rank's share of a job: its tokens, and what to compute from its last hidden state.
+pub struct RankWork<'a> {
+    pub model: &'a ModelDir,
+    pub plan: &'a ShardPlan,
+    pub input: &'a ShardInput,
+    /// Spans to pool over the whole document (document first, then chunks); empty for none.
+    pub spans: &'a [Range<usize>],
+    pub pooling: Pooling,
+    pub hidden: bool,
+}
+
+/// Runs one rank of a job on `group`: the encoder on its shard, then its part of the pooling.
+/// The same code runs a rank of the in-process group and a rank on a worker process.
+pub fn run_rank(group: &dyn Group, work: &RankWork, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<RankOutput, tome_model::ModelError> {
+    let hidden = work.model.model.forward(group, work.plan, work.input, after_layer)?;
+    let pooled = if work.spans.is_empty() { None } else { Some(pool_spans(group, work.plan, &hidden, work.spans, work.pooling)?) };
+    Ok(RankOutput { pooled: pooled.filter(|_| group.rank() == 0), hidden: work.hidden.then_some(hidden), bytes_sent: group.bytes_sent() })
+}
+
+/// The spans a job pools: the whole document first when asked, then the chunks.
+pub fn pool_targets(tokens: usize, document: bool, chunks: &[Range<usize>]) -> Vec<Range<usize>> {
+    let mut spans = Vec::with_capacity(chunks.len() + 1);
+    if document {
+        spans.push(0..tokens);
+    }
+    spans.extend(chunks.iter().cloned());
+    spans
+}
+
+/// Puts a job's outputs together from its ranks' results: the pooled rows (rank 0's) split
+/// into document and chunks and normalised if asked, the hidden shards back in document order.
+pub fn assemble(
+    plan: &ShardPlan,
+    document: bool,
+    chunks: usize,
+    normalize: bool,
     pooled: Option<Tensor>,
-    hidden: Option<Tensor>,
-    bytes: u64,
+    hidden_shards: Option<Vec<Tensor>>,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>), WorkerError> {
+    let hidden = match hidden_shards {
+        Some(shards) => Some(plan.unshard(&shards, 0)?),
+        None => None,
+    };
+    let (mut doc, mut chunk_rows) = (None, None);
+    if let Some(p) = pooled {
+        let p = if normalize { l2_normalize(&p)? } else { p };
+        if document {
+            doc = Some(p.get(0)?);
+        }
+        if chunks > 0 {
+            chunk_rows = Some(p.narrow(0, usize::from(document), chunks)?);
+        }
+    }
+    Ok((doc, chunk_rows, hidden))
 }
 
 /// Starts the job on its own thread; events (and a final error, if any) arrive on `events`.
@@ -81,12 +140,7 @@ pub fn spawn_job(spec: JobSpec, events: mpsc::Sender<Result<JobEvent, WorkerErro
 fn run(spec: &JobSpec, events: &mpsc::Sender<Result<JobEvent, WorkerError>>, cancel: &CancelFlag, job_span: &Span) -> Result<JobOutput, WorkerError> {
     let started = Instant::now();
     let total = spec.doc.layers.len();
-    let mut spans: Vec<Range<usize>> = Vec::with_capacity(spec.chunks.len() + 1);
-    if spec.document {
-        spans.push(0..spec.doc.len());
-    }
-    spans.extend(spec.chunks.iter().cloned());
-
+    let spans = pool_targets(spec.doc.len(), spec.document, &spec.chunks);
     let outputs = run_ranks(spec.plan.ranks(), |group: &InProcessGroup| -> Result<RankOutput, tome_model::ModelError> {
         let _rank = info_span!(parent: job_span, "shard", rank = group.rank(), tokens = spec.plan.shard_len(group.rank())).entered();
         let mut after_layer = |layer: usize| {
@@ -95,33 +149,17 @@ fn run(spec: &JobSpec, events: &mpsc::Sender<Result<JobEvent, WorkerError>>, can
             }
             !cancel.load(Ordering::Relaxed)
         };
-        let hidden = spec.model.model.forward_shard(group, &spec.plan, &spec.doc, &mut after_layer)?;
-        let pooled = if spans.is_empty() { None } else { Some(pool_spans(group, &spec.plan, &hidden, &spans, spec.pooling)?) };
-        Ok(RankOutput { pooled: pooled.filter(|_| group.rank() == 0), hidden: spec.hidden.then_some(hidden), bytes: group.bytes_sent() })
+        let input = spec.doc.shard(&spec.plan, group.rank());
+        let work = RankWork { model: &spec.model, plan: &spec.plan, input: &input, spans: &spans, pooling: spec.pooling, hidden: spec.hidden };
+        run_rank(group, &work, &mut after_layer)
     });
     let outputs: Vec<RankOutput> = match outputs {
         Err(_) if cancel.load(Ordering::Relaxed) => return Err(WorkerError::Cancelled),
         other => other?,
     };
-    let bytes_exchanged = outputs.iter().map(|o| o.bytes).sum();
-    let hidden = if spec.hidden {
-        let shards: Vec<Tensor> = outputs.iter().filter_map(|o| o.hidden.clone()).collect();
-        Some(spec.plan.unshard(&shards, 0)?)
-    } else {
-        None
-    };
+    let bytes_exchanged = outputs.iter().map(|o| o.bytes_sent).sum();
+    let hidden_shards = spec.hidden.then(|| outputs.iter().filter_map(|o| o.hidden.clone()).collect());
     let pooled = outputs.into_iter().find_map(|o| o.pooled);
-    let (mut document, mut chunks) = (None, None);
-    if let Some(p) = pooled {
-        let p = if spec.normalize { l2_normalize(&p)? } else { p };
-        let skip = usize::from(spec.document);
-        if spec.document {
-            document = Some(p.get(0)?);
-        }
-        if !spec.chunks.is_empty() {
-            chunks = Some(p.narrow(0, skip, spec.chunks.len())?);
-        }
-    }
+    let (document, chunks, hidden) = assemble(&spec.plan, spec.document, spec.chunks.len(), spec.normalize, pooled, hidden_shards)?;
     Ok(JobOutput { document, chunks, hidden, bytes_exchanged, compute: started.elapsed() })
 }
-

@@ -1,12 +1,54 @@
 //! tome-worker: holds loaded models and runs shard jobs on dedicated compute threads.
 //!
-//! Compute never runs on the async runtime: a job gets an OS thread that starts one thread per
-//! rank (each owning its shard through every layer) and reports back over a bounded channel —
-//! progress, then the job's outputs — so the async side only forwards results. A caller that
-//! stops listening, or raises the cancel flag, stops every rank at the next layer boundary.
+//! Compute never runs on the async runtime. In one process ([`spawn_job`]) a job gets an OS
+//! thread that starts one thread per rank of an in-process group; on a worker process
+//! ([`WorkerService`], `tome.v1.Worker`) each `RunShard` call gets a thread that runs one rank
+//! whose peers are reached through the process's [`tome_net::PeerHub`]. Both run the same
+//! [`run_rank`], report over bounded channels (progress, then outputs), and stop at the next
+//! layer boundary when cancelled.
 
 mod error;
 mod job;
+mod memory;
+pub mod metrics;
+mod registration;
+mod server;
+mod service;
+pub mod wire;
+
+use tome_model::ModelDir;
+use tome_proto::v1 as pb;
 
 pub use error::WorkerError;
-pub use job::{spawn_job, CancelFlag, JobEvent, JobOutput, JobSpec};
+pub use job::{assemble, pool_targets, run_rank, spawn_job, CancelFlag, JobEvent, JobOutput, JobSpec, RankOutput, RankWork};
+pub use memory::activation_bytes;
+pub use registration::{worker_key, EtcdRegistration};
+pub use server::{serve, EtcdOptions, ServeOptions};
+pub use service::{grpc_timeout, WorkerConfig, WorkerService};
+
+/// How a loaded model describes itself on the wire.
+pub fn model_info(m: &ModelDir) -> pb::ModelInfo {
+    let cfg = m.model.config();
+    pb::ModelInfo {
+        name: m.name(),
+        architecture: cfg.model_type.clone(),
+        hidden_size: cfg.hidden_size as u32,
+        num_layers: cfg.num_hidden_layers as u32,
+        max_positions: cfg.usable_positions() as u32,
+        default_pooling: m.pooling.name().into(),
+        layer_attention: cfg.layer_attention().map(|l| l.iter().map(|a| a.to_string()).collect()).unwrap_or_default(),
+        has_tokenizer: m.tokenizer.is_some(),
+    }
+}
+
+/// Runs every model once on a few tokens, so that the first request does not pay for lazy
+/// initialisation (thread pools, page faults on the weights).
+pub fn warm_up(models: &[std::sync::Arc<ModelDir>]) -> Result<(), WorkerError> {
+    for m in models {
+        let ids = vec![0u32; 8];
+        let doc = m.model.prepare(ids, &tome_model::EncodeOptions::default())?;
+        let plan = tome_dist::ShardPlan::new(tome_dist::Layout::Contiguous, doc.len(), 1)?;
+        m.model.forward_shard(&tome_dist::InProcessGroup::single(), &plan, &doc, &mut |_| true)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! The worker's gRPC server: `tome.v1.Worker`, `tome.v1.Peer`, health and reflection, with
+//! etcd registration and graceful shutdown.
+//!
+//! Readiness: the server starts listening only after its models are loaded and warmed up, and
+//! reports SERVING from then on. On shutdown it reports NOT_SERVING, leaves etcd (so that no
+//! coordinator plans on it), refuses new shards, lets running ones finish within the grace
+//! period, cancels what is left, and stops.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tome_net::PeerHub;
+use tome_proto::v1::peer_server::PeerServer;
+use tome_proto::v1::worker_server::WorkerServer;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::registration::EtcdRegistration;
+use crate::service::WorkerService;
+
+pub struct ServeOptions {
+    pub max_message_bytes: usize,
+    /// How long running shards may take to finish after shutdown begins.
+    pub grace: Duration,
+    pub etcd: Option<EtcdOptions>,
+}
+
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub ttl: Duration,
+}
+
+/// Serves until `shutdown` resolves, then shuts down gracefully.
+pub async fn serve(
+    listener: TcpListener,
+    service: Arc<WorkerService>,
+    hub: PeerHub,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let limit = options.max_message_bytes;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<WorkerServer<WorkerService>>().await;
+    health.set_serving::<PeerServer<tome_net::PeerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tome_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let registration = match &options.etcd {
+        Some(e) => Some(EtcdRegistration::register(&e.endpoints, &e.prefix, &service.info(), e.ttl).await?),
+        None => None,
+    };
+    let worker = WorkerServer::from_arc(service.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
+    info!(address = %listener.local_addr()?, name = %service.config().name, "serving tome.v1.Worker and tome.v1.Peer");
+    let grace = options.grace;
+    let drain = async move {
+        shutdown.await;
+        info!("shutting down: leaving the membership, finishing running shards");
+        health.set_not_serving::<WorkerServer<WorkerService>>().await;
+        if let Some(r) = registration {
+            if let Err(e) = r.leave().await {
+                warn!(error = %e, "could not leave etcd; the entry goes when its lease expires");
+            }
+        }
+        service.stop_admitting();
+        if !service.wait_idle(grace).await {
+            warn!(?grace, "shards still running after the grace period; cancelling them");
+            service.cancel_all();
+            service.wait_idle(Duration::from_secs(10)).await;
+        }
+    };
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(worker)
+        .add_service(hub.service())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .await?;
+    Ok(())
+}

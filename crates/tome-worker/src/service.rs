@@ -1,0 +1,373 @@
+//! `tome.v1.Worker`: runs one rank of a job per `RunShard` call, on a dedicated compute thread.
+//!
+//! The thread joins the job's peer group (the hub routes the other ranks' frames to it), runs
+//! the rank (`run_rank`, the same code as the in-process backend) and reports over a bounded
+//! channel: progress, hidden-state row blocks, then the shard's result. The async side only
+//! forwards. A job stops at the next layer boundary — and any wait on a peer ends at once — when
+//! the coordinator calls `Cancel`, drops the call, or the job's deadline passes.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tome_model::{ModelDir, ShardInput};
+use tome_net::{tensor_to_wire, PeerHub, TraceParent};
+use tome_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+use tracing::{info, info_span, warn};
+
+use crate::error::WorkerError;
+use crate::job::{run_rank, RankWork};
+use crate::memory::activation_bytes;
+use crate::metrics;
+use crate::wire;
+
+/// The worker's settings; every one is a flag of `tome serve worker`.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Unique among a deployment's workers.
+    pub name: String,
+    /// Where coordinators and other workers reach this one (host:port).
+    pub advertise: String,
+    /// Shards run at once; more are refused.
+    pub max_shards: usize,
+    /// Activation memory offered to the shards running at once.
+    pub memory_budget_bytes: u64,
+}
+
+/// Events waiting for a slow coordinator before the shard waits too.
+const EVENT_BUFFER: usize = 16;
+
+pub struct WorkerService {
+    models: Vec<Arc<ModelDir>>,
+    hub: PeerHub,
+    config: WorkerConfig,
+    shards: Arc<Semaphore>,
+    /// Cancel flags of the shards running here, by job.
+    running: Arc<Mutex<HashMap<String, Vec<Arc<AtomicBool>>>>>,
+    /// False once shutdown has begun: new shards are refused.
+    admitting: AtomicBool,
+}
+
+impl WorkerService {
+    pub fn new(models: Vec<Arc<ModelDir>>, hub: PeerHub, config: WorkerConfig) -> Self {
+        let shards = Arc::new(Semaphore::new(config.max_shards));
+        WorkerService { models, hub, config, shards, running: Arc::default(), admitting: AtomicBool::new(true) }
+    }
+
+    /// Refuses new shards from now on (shutdown has begun).
+    pub fn stop_admitting(&self) {
+        self.admitting.store(false, Ordering::Relaxed);
+    }
+
+    /// Shards running now.
+    pub fn shards_running(&self) -> usize {
+        self.config.max_shards - self.shards.available_permits()
+    }
+
+    /// Waits up to `limit` for every running shard to end; true if they did.
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.shards_running() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
+    /// Cancels every running shard.
+    pub fn cancel_all(&self) {
+        let jobs: Vec<String> = self.lock_running().keys().cloned().collect();
+        for job in jobs {
+            self.cancel_job(&job);
+        }
+    }
+
+    /// Cancels a job's shards here; returns how many there were.
+    fn cancel_job(&self, job: &str) -> usize {
+        let flags = self.lock_running().get(job).cloned().unwrap_or_default();
+        for f in &flags {
+            f.store(true, Ordering::Relaxed);
+        }
+        self.hub.cancel(job);
+        flags.len()
+    }
+
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// What this worker is, as its `Info` says (also what it registers in etcd).
+    pub fn info(&self) -> pb::WorkerInfo {
+        pb::WorkerInfo {
+            name: self.config.name.clone(),
+            address: self.config.advertise.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            device: format!("cpu, {} threads", candle_core::utils::get_num_threads()),
+            models: self.models.iter().map(|m| crate::model_info(m)).collect(),
+            memory_budget_bytes: self.config.memory_budget_bytes,
+            max_shards: self.config.max_shards as u32,
+            shards_running: self.shards_running() as u32,
+        }
+    }
+
+    fn model(&self, name: &str) -> Result<Arc<ModelDir>, WorkerError> {
+        let found = if name.is_empty() { self.models.first() } else { self.models.iter().find(|m| m.name() == name) };
+        found.cloned().ok_or_else(|| WorkerError::UnknownModel(name.into()))
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<AtomicBool>>>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A `RunShard` request, checked.
+struct Shard {
+    job: String,
+    rank: usize,
+    addresses: Vec<String>,
+    plan: tome_dist::ShardPlan,
+    model: Arc<ModelDir>,
+    input: ShardInput,
+    spans: Vec<std::ops::Range<usize>>,
+    pooling: tome_model::Pooling,
+    hidden: bool,
+    rows_per_message: usize,
+    trace: Option<TraceParent>,
+}
+
+fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TraceParent>) -> Result<Shard, WorkerError> {
+    let plan_msg = req.plan.ok_or_else(|| WorkerError::Invalid("the shard request has no plan".into()))?;
+    if plan_msg.job_id.is_empty() {
+        return Err(WorkerError::Invalid("the plan has no job id".into()));
+    }
+    let plan = wire::plan_from_wire(plan_msg.tokens, &plan_msg.shards)?;
+    let rank = req.rank as usize;
+    if rank >= plan.ranks() || plan_msg.rank_addresses.len() != plan.ranks() {
+        return Err(WorkerError::Invalid(format!(
+            "rank {rank} of a plan with {} ranks and {} rank addresses",
+            plan.ranks(),
+            plan_msg.rank_addresses.len()
+        )));
+    }
+    let model = service.model(&req.model)?;
+    let input = ShardInput {
+        ids: wire::u32s_from_wire(req.token_ids.as_ref(), "token_ids")?,
+        position_ids: wire::u32s_from_wire(req.position_ids.as_ref(), "position_ids")?,
+        layers: req.layers.iter().map(wire::layer_from_wire).collect::<Result<_, _>>()?,
+        global_tokens: req.global_tokens.iter().map(|&g| g as usize).collect(),
+    };
+    let trace = trace.or_else(|| TraceParent::parse(&plan_msg.traceparent));
+    Ok(Shard {
+        job: plan_msg.job_id,
+        rank,
+        addresses: plan_msg.rank_addresses,
+        spans: wire::spans_from_wire(&req.pool_spans, plan.len())?,
+        plan,
+        model,
+        input,
+        pooling: wire::pooling_from_wire(req.pooling)?,
+        hidden: req.hidden_states,
+        rows_per_message: (req.rows_per_message as usize).clamp(1, 1 << 20),
+        trace,
+    })
+}
+
+/// Reads a `grpc-timeout` header ("<digits><unit>", unit one of H M S m u n).
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+type EventSender = mpsc::Sender<Result<pb::ShardEvent, Status>>;
+
+fn event(e: pb::shard_event::Event) -> Result<pb::ShardEvent, Status> {
+    Ok(pb::ShardEvent { event: Some(e) })
+}
+
+/// Runs a checked shard on the calling (compute) thread and reports on `tx`.
+fn run_shard(hub: &PeerHub, shard: &Shard, tx: &EventSender, cancel: &AtomicBool, deadline: Option<Instant>) -> Result<pb::ShardDone, WorkerError> {
+    let started = Instant::now();
+    let group = hub.join(&shard.job, shard.rank, &shard.addresses, shard.trace)?;
+    let total = shard.input.layers.len();
+    let mut after_layer = |layer: usize| {
+        if shard.rank == 0 {
+            let progress = pb::Progress { layers_done: layer as u32 + 1, layers_total: total as u32 };
+            if tx.blocking_send(event(pb::shard_event::Event::Progress(progress))).is_err() {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        }
+        !cancel.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d)
+    };
+    let work = RankWork {
+        model: &shard.model,
+        plan: &shard.plan,
+        input: &shard.input,
+        spans: &shard.spans,
+        pooling: shard.pooling,
+        hidden: shard.hidden,
+    };
+    let out = run_rank(&group, &work, &mut after_layer);
+    let wire_bytes_sent = group.wire_bytes_sent();
+    drop(group);
+    let out = match out {
+        Err(_) if deadline.is_some_and(|d| Instant::now() >= d) => return Err(WorkerError::DeadlineExceeded),
+        Err(_) if cancel.load(Ordering::Relaxed) => return Err(WorkerError::Cancelled),
+        other => other?,
+    };
+    metrics::peer_bytes(out.bytes_sent, wire_bytes_sent);
+    if let Some(h) = &out.hidden {
+        send_rows(h, shard.rows_per_message, tx)?;
+    }
+    let pooled = match &out.pooled {
+        Some(p) => Some(tensor_to_wire(p, pb::ElementType::F32).map_err(|e| WorkerError::Invalid(e.to_string()))?),
+        None => None,
+    };
+    Ok(pb::ShardDone { pooled, bytes_sent: out.bytes_sent, wire_bytes_sent, compute_seconds: started.elapsed().as_secs_f64() })
+}
+
+fn send_rows(h: &Tensor, rows_per_message: usize, tx: &EventSender) -> Result<(), WorkerError> {
+    let rows = h.dim(0)?;
+    for start in (0..rows).step_by(rows_per_message) {
+        let part = h.narrow(0, start, rows_per_message.min(rows - start))?;
+        let states = tensor_to_wire(&part, pb::ElementType::F32).map_err(|e| WorkerError::Invalid(e.to_string()))?;
+        let msg = pb::HiddenStates { token_start: start as u64, states: Some(states) };
+        tx.blocking_send(event(pb::shard_event::Event::HiddenStates(msg))).map_err(|_| WorkerError::Cancelled)?;
+    }
+    Ok(())
+}
+
+/// Unregisters a shard's cancel flag and frees its slot when the shard ends, however it ends.
+struct Running {
+    job: String,
+    flag: Arc<AtomicBool>,
+    running: Arc<Mutex<HashMap<String, Vec<Arc<AtomicBool>>>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(flags) = running.get_mut(&self.job) {
+            flags.retain(|f| !Arc::ptr_eq(f, &self.flag));
+            if flags.is_empty() {
+                running.remove(&self.job);
+            }
+        }
+        metrics::shard_ended();
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    async fn info(&self, _req: Request<pb::WorkerInfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
+        Ok(Response::new(WorkerService::info(self)))
+    }
+
+    type RunShardStream = Pin<Box<dyn Stream<Item = Result<pb::ShardEvent, Status>> + Send + 'static>>;
+
+    async fn run_shard(&self, req: Request<pb::ShardRequest>) -> Result<Response<Self::RunShardStream>, Status> {
+        let timeout = grpc_timeout(req.metadata());
+        let trace = req.metadata().get(tome_net::traceparent::TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
+        if !self.admitting.load(Ordering::Relaxed) {
+            return Err(WorkerError::ShuttingDown(self.config.name.clone()).into());
+        }
+        let shard = parse(self, req.into_inner(), trace)?;
+        let permit = self.shards.clone().try_acquire_owned().map_err(|_| {
+            WorkerError::Busy(format!("worker {} already runs {} shards", self.config.name, self.config.max_shards))
+        })?;
+        let need = activation_bytes(shard.model.model.config(), shard.plan.shard_len(shard.rank));
+        if need > self.config.memory_budget_bytes {
+            return Err(WorkerError::Busy(format!(
+                "rank {} needs about {need} bytes of activations; worker {} offers {}",
+                shard.rank, self.config.name, self.config.memory_budget_bytes
+            ))
+            .into());
+        }
+        let flag = Arc::new(AtomicBool::new(false));
+        self.lock_running().entry(shard.job.clone()).or_default().push(flag.clone());
+        metrics::shard_started();
+        let running = Running { job: shard.job.clone(), flag: flag.clone(), running: self.running.clone(), _permit: permit };
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let hub = self.hub.clone();
+        let span = info_span!(
+            "shard",
+            job = %shard.job,
+            rank = shard.rank,
+            tokens = shard.plan.shard_len(shard.rank),
+            trace_id = shard.trace.map(|t| t.trace_id_hex()).unwrap_or_default()
+        );
+        // Stops the shard when the coordinator drops the call or the deadline passes, even while
+        // the rank waits on a peer; `finished` ends the watch when the shard ends by itself.
+        let (finished, watch_finished) = tokio::sync::oneshot::channel::<()>();
+        let (watch_tx, watch_flag, watch_hub, watch_job) = (tx.clone(), flag.clone(), self.hub.clone(), shard.job.clone());
+        tokio::spawn(async move {
+            let expired = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = watch_tx.closed() => {}
+                _ = expired => {}
+                _ = watch_finished => return,
+            }
+            watch_flag.store(true, Ordering::Relaxed);
+            watch_hub.cancel(&watch_job);
+        });
+        std::thread::Builder::new()
+            .name(format!("tome-shard-{}", shard.rank))
+            .spawn(move || {
+                let _enter = span.enter();
+                let _running = running;
+                let _finished = finished;
+                let started = Instant::now();
+                let result = run_shard(&hub, &shard, &tx, &flag, deadline);
+                metrics::shard_seconds(started.elapsed());
+                match result {
+                    Ok(done) => {
+                        info!(seconds = done.compute_seconds, bytes = done.bytes_sent, "shard done");
+                        let _ = tx.blocking_send(event(pb::shard_event::Event::Done(done)));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "shard failed");
+                        // The job cannot go on without this rank: end the waits of its other
+                        // ranks here at once (the coordinator cancels the remote ones).
+                        hub.cancel(&shard.job);
+                        let _ = tx.blocking_send(Err(e.into()));
+                    }
+                }
+            })
+            .map_err(|e| WorkerError::Spawn(e.to_string()))?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
+        let job = req.into_inner().job_id;
+        let n = self.cancel_job(&job);
+        if n > 0 {
+            info!(%job, shards = n, "cancelled");
+        }
+        Ok(Response::new(pb::CancelResponse { shards_cancelled: n as u32 }))
+    }
+}

@@ -1,0 +1,122 @@
+//! A job's plan and a rank's work on the internal wire (`tome.v1.Worker`), both ways. The
+//! coordinator encodes with these functions and the worker decodes with them, so the two sides
+//! cannot drift; decoding checks everything, since a request may come from anywhere.
+
+use std::ops::Range;
+
+use candle_core::{DType, Tensor};
+use tome_dist::ShardPlan;
+use tome_model::{LayerAttention, Pooling};
+use tome_net::{tensor_from_wire, tensor_to_wire};
+use tome_proto::v1 as pb;
+
+use crate::error::WorkerError;
+
+fn invalid(msg: impl Into<String>) -> WorkerError {
+    WorkerError::Invalid(msg.into())
+}
+
+fn span(r: &Range<usize>) -> pb::Span {
+    pb::Span { start: r.start as u64, end: r.end as u64 }
+}
+
+fn range(s: &pb::Span, limit: usize, what: &str) -> Result<Range<usize>, WorkerError> {
+    let (start, end) = (usize::try_from(s.start).unwrap_or(usize::MAX), usize::try_from(s.end).unwrap_or(usize::MAX));
+    if start >= end || end > limit {
+        return Err(invalid(format!("{what} {start}..{end} is empty or beyond {limit} tokens")));
+    }
+    Ok(start..end)
+}
+
+pub fn plan_to_wire(plan: &ShardPlan) -> (u64, Vec<pb::RankRanges>) {
+    let shards = (0..plan.ranks()).map(|r| pb::RankRanges { ranges: plan.ranges(r).iter().map(span).collect() }).collect();
+    (plan.len() as u64, shards)
+}
+
+pub fn plan_from_wire(tokens: u64, shards: &[pb::RankRanges]) -> Result<ShardPlan, WorkerError> {
+    let len = usize::try_from(tokens).map_err(|_| invalid(format!("plan of {tokens} tokens")))?;
+    let shards = shards
+        .iter()
+        .map(|r| r.ranges.iter().map(|s| range(s, len, "shard range")).collect::<Result<Vec<_>, _>>())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ShardPlan::from_ranges(len, shards)?)
+}
+
+pub fn layer_to_wire(l: LayerAttention) -> pb::AttentionOverride {
+    match l {
+        LayerAttention::Dense => pb::AttentionOverride { kind: pb::AttentionKind::Dense as i32, window: 0 },
+        LayerAttention::Window { one_sided } => pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: (2 * one_sided) as u32 },
+    }
+}
+
+pub fn layer_from_wire(a: &pb::AttentionOverride) -> Result<LayerAttention, WorkerError> {
+    match pb::AttentionKind::try_from(a.kind) {
+        Ok(pb::AttentionKind::Dense) => Ok(LayerAttention::Dense),
+        Ok(pb::AttentionKind::Window) => LayerAttention::window(a.window as usize).map_err(|e| invalid(e.to_string())),
+        _ => Err(invalid(format!("layer attention kind {} is not dense or window", a.kind))),
+    }
+}
+
+pub fn pooling_to_wire(p: Pooling) -> pb::Pooling {
+    match p {
+        Pooling::Mean => pb::Pooling::Mean,
+        Pooling::Cls => pb::Pooling::Cls,
+    }
+}
+
+pub fn pooling_from_wire(p: i32) -> Result<Pooling, WorkerError> {
+    match pb::Pooling::try_from(p) {
+        Ok(pb::Pooling::Mean | pb::Pooling::Unspecified) => Ok(Pooling::Mean),
+        Ok(pb::Pooling::Cls) => Ok(Pooling::Cls),
+        Err(_) => Err(invalid(format!("unknown pooling {p}"))),
+    }
+}
+
+pub fn spans_to_wire(spans: &[Range<usize>]) -> Vec<pb::Span> {
+    spans.iter().map(span).collect()
+}
+
+pub fn spans_from_wire(spans: &[pb::Span], tokens: usize) -> Result<Vec<Range<usize>>, WorkerError> {
+    spans.iter().map(|s| range(s, tokens, "pool span")).collect()
+}
+
+pub fn u32s_to_wire(values: &[u32]) -> Result<pb::Tensor, WorkerError> {
+    let t = Tensor::from_slice(values, values.len(), &candle_core::Device::Cpu)?;
+    tensor_to_wire(&t, pb::ElementType::U32).map_err(|e| invalid(e.to_string()))
+}
+
+pub fn u32s_from_wire(t: Option<&pb::Tensor>, what: &str) -> Result<Vec<u32>, WorkerError> {
+    let t = t.ok_or_else(|| invalid(format!("{what} missing")))?;
+    let t = tensor_from_wire(t).map_err(|e| invalid(format!("{what}: {e}")))?;
+    if t.dtype() != DType::U32 || t.rank() != 1 {
+        return Err(invalid(format!("{what} must be a u32 vector")));
+    }
+    Ok(t.to_vec1::<u32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tome_dist::Layout;
+
+    #[test]
+    fn plans_layers_and_spans_round_trip_and_bad_ones_are_refused() {
+        for layout in [Layout::Contiguous, Layout::Zigzag] {
+            let plan = ShardPlan::new(layout, 37, 4).unwrap();
+            let (n, shards) = plan_to_wire(&plan);
+            assert_eq!(plan_from_wire(n, &shards).unwrap(), plan);
+        }
+        let (n, mut shards) = plan_to_wire(&ShardPlan::new(Layout::Contiguous, 10, 2).unwrap());
+        shards[1].ranges[0].end = 11;
+        assert!(plan_from_wire(n, &shards).is_err());
+        for l in [LayerAttention::Dense, LayerAttention::Window { one_sided: 256 }] {
+            assert_eq!(layer_from_wire(&layer_to_wire(l)).unwrap(), l);
+        }
+        assert!(layer_from_wire(&pb::AttentionOverride { kind: 9, window: 2 }).is_err());
+        assert!(layer_from_wire(&pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 3 }).is_err());
+        assert_eq!(spans_from_wire(&spans_to_wire(&[0..3, 2..9]), 9).unwrap(), vec![0..3, 2..9]);
+        assert!(spans_from_wire(&[pb::Span { start: 4, end: 4 }], 9).is_err());
+        assert_eq!(u32s_from_wire(Some(&u32s_to_wire(&[1, 5, 9]).unwrap()), "ids").unwrap(), vec![1, 5, 9]);
+        assert!(u32s_from_wire(None, "ids").is_err());
+    }
+}
