@@ -20,6 +20,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the embedded default: a coordinator and its ranks in this process, over gRPC.
     Run(RunArgs),
+    /// Serve one part of a cluster: a coordinator, or a worker.
+    #[command(subcommand)]
+    Serve(ServeCommand),
     /// Process one document and write its outputs.
     Process(ProcessArgs),
     /// Show what a coordinator (or the embedded default) serves.
@@ -74,9 +77,23 @@ pub struct EmbeddedArgs {
     /// Jobs running at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "TOME_MAX_CONCURRENT_JOBS", default_value_t = 2)]
     pub max_concurrent_jobs: usize,
+    /// Tokens of all jobs in flight together; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TOME_MAX_TOKENS_IN_FLIGHT", default_value_t = 8_000_000)]
+    pub max_tokens_in_flight: usize,
     /// Largest gRPC message received or sent, in bytes.
     #[arg(long, env = "TOME_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub max_message_bytes: usize,
+}
+
+/// What every server shares: where to serve metrics, how long to drain on shutdown.
+#[derive(Args, Clone)]
+pub struct OpsArgs {
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 0.0.0.0:9090).
+    #[arg(long, env = "TOME_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Seconds in-flight work may take to finish after SIGTERM before it is cancelled.
+    #[arg(long, env = "TOME_GRACE_SECONDS", default_value_t = 30)]
+    pub grace_seconds: u64,
 }
 
 #[derive(Args)]
@@ -86,6 +103,84 @@ pub struct RunArgs {
     /// Address to serve tome.v1.Tome, health and reflection on.
     #[arg(long, env = "TOME_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+}
+
+#[derive(Subcommand)]
+pub enum ServeCommand {
+    /// The public API over worker processes, found in etcd or in a static list.
+    Coordinator(CoordinatorArgs),
+    /// A worker: runs the ranks the coordinators send it and talks to the other workers.
+    Worker(WorkerArgs),
+}
+
+/// Where a cluster's workers are listed.
+#[derive(Args, Clone)]
+pub struct MembershipArgs {
+    /// etcd endpoints (e.g. http://127.0.0.1:2379), comma-separated.
+    #[arg(long, env = "TOME_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The etcd key prefix workers register under.
+    #[arg(long, env = "TOME_ETCD_PREFIX", default_value = "/tome")]
+    pub etcd_prefix: String,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("members").required(true).args(["workers", "etcd"])))]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub embedded: EmbeddedArgs,
+    #[arg(long, env = "TOME_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// A static list of worker addresses (host:port), comma-separated; without etcd.
+    #[arg(long, env = "TOME_WORKERS", value_delimiter = ',', conflicts_with = "etcd")]
+    pub workers: Vec<String>,
+    #[command(flatten)]
+    pub membership: MembershipArgs,
+    /// How often a static list's workers are probed, in milliseconds.
+    #[arg(long, env = "TOME_PROBE_MS", default_value_t = 1000)]
+    pub probe_ms: u64,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// Model directories to load; repeat or comma-separate to serve several.
+    #[arg(long = "model", env = "TOME_MODEL", value_delimiter = ',', default_value = "data/models/all-MiniLM-L6-v2")]
+    pub models: Vec<PathBuf>,
+    /// Address to serve tome.v1.Worker and tome.v1.Peer on (port 0: any free port).
+    #[arg(long, env = "TOME_LISTEN", default_value = "127.0.0.1:50061")]
+    pub listen: SocketAddr,
+    /// Address other processes reach this worker at (default: the address listened on).
+    #[arg(long, env = "TOME_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Unique name among the cluster's workers (default: the advertised address).
+    #[arg(long, env = "TOME_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Shards run at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TOME_MAX_SHARDS", default_value_t = 4)]
+    pub max_shards: usize,
+    /// Activation memory offered to the shards running at once, in bytes.
+    #[arg(long, env = "TOME_MEMORY_BUDGET_BYTES", default_value_t = 8 << 30)]
+    pub memory_budget_bytes: u64,
+    /// Frames waiting per pair of ranks before the sender is held back.
+    #[arg(long, env = "TOME_PEER_QUEUE_DEPTH", default_value_t = 4)]
+    pub peer_queue_depth: usize,
+    /// Seconds a rank waits for a peer's frame before the job fails.
+    #[arg(long, env = "TOME_PEER_RECV_TIMEOUT_SECONDS", default_value_t = 600)]
+    pub peer_recv_timeout_seconds: u64,
+    /// Largest gRPC message (and peer frame) received or sent, in bytes.
+    #[arg(long, env = "TOME_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
+    pub max_message_bytes: usize,
+    #[command(flatten)]
+    pub membership: MembershipArgs,
+    /// Seconds the etcd lease lives without a keep-alive.
+    #[arg(long, env = "TOME_ETCD_TTL_SECONDS", default_value_t = 10)]
+    pub etcd_ttl_seconds: u64,
+    #[command(flatten)]
+    pub ops: OpsArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]

@@ -9,33 +9,42 @@ use tome_model::ModelDir;
 use crate::args::{EmbeddedArgs, RunArgs};
 
 pub fn coordinator(args: &EmbeddedArgs) -> anyhow::Result<Coordinator> {
-    let models = args
+    Ok(Coordinator::new(load_models(args)?, config(args))?)
+}
+
+pub fn load_models(args: &EmbeddedArgs) -> anyhow::Result<Vec<ModelDir>> {
+    args
         .models
         .iter()
         .map(|p| ModelDir::open(p).with_context(|| format!("loading the model at {} (scripts/fetch_data.sh fetches the default)", p.display())))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let config = CoordinatorConfig {
+        .collect::<anyhow::Result<Vec<_>>>()
+}
+
+pub fn config(args: &EmbeddedArgs) -> CoordinatorConfig {
+    CoordinatorConfig {
         default_ranks: args.ranks,
         limits: Limits {
             max_document_tokens: args.max_document_tokens,
             max_document_bytes: args.max_document_bytes,
             max_ranks: args.max_ranks,
             max_concurrent_jobs: args.max_concurrent_jobs,
+            max_tokens_in_flight: args.max_tokens_in_flight,
             max_message_bytes: args.max_message_bytes,
         },
         ..CoordinatorConfig::default()
-    };
-    Ok(Coordinator::new(models, config)?)
+    }
 }
 
 /// Serves until Ctrl-C or SIGTERM.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    crate::serve::install_metrics(&args.ops)?;
     let coordinator = Arc::new(coordinator(&args.embedded)?);
     eprintln!("tome: serving {} model(s) on {} with {} ranks per job", args.embedded.models.len(), args.listen, args.embedded.ranks);
-    serve(args.listen, coordinator, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
+    let grace = std::time::Duration::from_secs(args.ops.grace_seconds);
+    serve(args.listen, coordinator, grace, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -1,4 +1,5 @@
 //! The `tome` binary: `run` serves the embedded default (coordinator and ranks in one process),
+//! `serve coordinator` / `serve worker` the two processes of a cluster,
 //! `process` sends one document (to the embedded default, or to a coordinator), `info` describes
 //! what a deployment serves, `bench` measures tome's side of the benchmark suite.
 
@@ -7,6 +8,7 @@ mod bench;
 mod embedded;
 mod outputs;
 mod process;
+mod serve;
 
 use clap::Parser;
 
@@ -33,6 +35,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match command {
             Command::Run(a) => embedded::run(a).await,
+            Command::Serve(c) => serve::serve(c).await,
             Command::Process(a) => process::process(a).await,
             Command::Info(a) => process::info(a).await,
             Command::Bench(_) => Ok(()), // handled above, off the runtime

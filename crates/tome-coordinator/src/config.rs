@@ -7,6 +7,8 @@ pub struct Limits {
     pub max_document_bytes: usize,
     pub max_ranks: usize,
     pub max_concurrent_jobs: usize,
+    /// Tokens of all jobs in flight together.
+    pub max_tokens_in_flight: usize,
     /// Largest gRPC message accepted or sent.
     pub max_message_bytes: usize,
 }
@@ -18,6 +20,7 @@ impl Default for Limits {
             max_document_bytes: 64 << 20,
             max_ranks: 64,
             max_concurrent_jobs: 2,
+            max_tokens_in_flight: 8_000_000,
             max_message_bytes: 64 << 20,
         }
     }

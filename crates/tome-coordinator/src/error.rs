@@ -1,6 +1,7 @@
 //! The coordinator's errors, each mapped once to the gRPC status a caller can act on.
 
 use tome_worker::WorkerError;
+use tonic::Code;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {
@@ -12,6 +13,11 @@ pub enum CoordError {
     Exhausted(String),
     #[error("no model named `{0}` is loaded")]
     UnknownModel(String),
+    /// No worker can take the job now (none live, one failed mid-job, shutting down).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the job ran past its deadline")]
+    DeadlineExceeded,
     #[error("the job was cancelled")]
     Cancelled,
     #[error("internal error: {0}")]
@@ -20,12 +26,15 @@ pub enum CoordError {
 
 impl From<WorkerError> for CoordError {
     fn from(e: WorkerError) -> Self {
-        if e.is_cancelled() {
-            CoordError::Cancelled
-        } else if e.is_input() {
-            CoordError::Invalid(e.to_string())
-        } else {
-            CoordError::Internal(e.to_string())
+        let msg = e.to_string();
+        match e.code() {
+            Code::InvalidArgument => CoordError::Invalid(msg),
+            Code::Cancelled => CoordError::Cancelled,
+            Code::DeadlineExceeded => CoordError::DeadlineExceeded,
+            Code::ResourceExhausted => CoordError::Exhausted(msg),
+            Code::Unavailable => CoordError::Unavailable(msg),
+            Code::NotFound => CoordError::Unavailable(format!("a worker refused the job: {msg}")),
+            _ => CoordError::Internal(msg),
         }
     }
 }
@@ -43,6 +52,8 @@ impl From<CoordError> for tonic::Status {
             CoordError::Invalid(_) => tonic::Status::invalid_argument(msg),
             CoordError::Exhausted(_) => tonic::Status::resource_exhausted(msg),
             CoordError::UnknownModel(_) => tonic::Status::not_found(msg),
+            CoordError::Unavailable(_) => tonic::Status::unavailable(msg),
+            CoordError::DeadlineExceeded => tonic::Status::deadline_exceeded(msg),
             CoordError::Cancelled => tonic::Status::cancelled(msg),
             CoordError::Internal(_) => tonic::Status::internal(msg),
         }

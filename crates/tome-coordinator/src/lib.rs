@@ -3,16 +3,22 @@
 //! It validates a request against explicit limits, tokenizes, plans the job (ranks, layout,
 //! shard boundaries), admits it (a bounded number of jobs in flight), dispatches it to the
 //! ranks, and streams the reassembled outputs back in document order. The embedded default runs
-//! the ranks as threads of this process (tome-worker); the gRPC server adds standard health and
-//! reflection services.
+//! the ranks as threads of this process (tome-worker); a [`Cluster`] runs them on worker
+//! processes found through a [`Membership`] (a static list or etcd). The gRPC server adds
+//! standard health and reflection services.
 
+mod cluster;
 mod config;
 mod error;
+pub mod membership;
+pub mod metrics;
 mod request;
 mod server;
 mod service;
 
+pub use cluster::Cluster;
 pub use config::{CoordinatorConfig, Limits};
 pub use error::CoordError;
+pub use membership::{EtcdMembership, Membership, StaticMembership};
 pub use server::serve;
 pub use service::Coordinator;

@@ -1,21 +1,24 @@
 //! The coordinator's gRPC server: `tome.v1.Tome`, standard health (`grpc.health.v1`) that
-//! reflects readiness, and reflection, with configured message limits and graceful shutdown.
+//! reflects readiness, and reflection, with configured message limits and graceful shutdown:
+//! on the signal it reports NOT_SERVING, refuses new jobs, lets jobs in flight finish within
+//! the grace period, cancels the rest, and stops.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tome_proto::v1::tome_server::TomeServer;
 use tonic::transport::Server;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::service::Coordinator;
 
-/// Serves until `shutdown` resolves; then reports NOT_SERVING, stops accepting calls and lets
-/// in-flight streams finish.
+/// Serves until `shutdown` resolves, then shuts down gracefully within `grace`.
 pub async fn serve(
     addr: SocketAddr,
     coordinator: Arc<Coordinator>,
+    grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let limit = coordinator.config().limits.max_message_bytes;
@@ -25,12 +28,18 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tome_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let tome = TomeServer::from_arc(coordinator).max_decoding_message_size(limit).max_encoding_message_size(limit);
+    let tome = TomeServer::from_arc(coordinator.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
     info!(%addr, "serving tome.v1.Tome");
     let shutdown = async move {
         shutdown.await;
         health.set_not_serving::<TomeServer<Coordinator>>().await;
-        info!("shutting down");
+        coordinator.stop_admitting();
+        info!(jobs = coordinator.jobs_in_flight(), "shutting down: finishing the jobs in flight");
+        if !coordinator.wait_idle(grace).await {
+            warn!(?grace, "jobs still in flight after the grace period; cancelling them");
+            coordinator.cancel_all();
+            coordinator.wait_idle(Duration::from_secs(10)).await;
+        }
     };
     Server::builder()
         .add_service(health_service)

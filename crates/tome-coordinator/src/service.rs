@@ -1,23 +1,29 @@
-//! `tome.v1.Tome` served by a coordinator whose ranks are threads of this process.
+//! `tome.v1.Tome`: admission, tokenization, planning, dispatch and the ordered output stream.
+//!
+//! The ranks of a job run either as threads of this process (the embedded backend) or on worker
+//! processes ([`Cluster`]); both report the same events, so everything from admission to the
+//! stream the caller reads is shared.
 
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tome_model::{ModelDir, Prepared};
-use tome_net::tensor_to_wire;
+use tome_net::{tensor_to_wire, TraceParent};
 use tome_proto::v1 as pb;
 use tome_worker::{spawn_job, JobEvent, JobOutput, JobSpec};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, Instrument};
 
+use crate::cluster::Cluster;
 use crate::config::CoordinatorConfig;
 use crate::error::CoordError;
+use crate::metrics;
 use crate::request::{chunk_spans, document_text, parse_options, JobOptions};
 
 /// Events waiting for a slow caller before the job waits too.
@@ -26,8 +32,28 @@ const EVENT_BUFFER: usize = 32;
 pub struct Coordinator {
     models: Vec<Arc<ModelDir>>,
     config: CoordinatorConfig,
+    backend: Backend,
     jobs: Arc<Semaphore>,
+    tokens: Arc<Semaphore>,
     next_job: AtomicU64,
+    /// False once shutdown has begun: new jobs are refused.
+    admitting: AtomicBool,
+    /// Set to true to cancel every job in flight (end of the shutdown grace period).
+    abort: tokio::sync::watch::Sender<bool>,
+}
+
+/// Where a job's ranks run.
+enum Backend {
+    /// Threads of this process.
+    Embedded,
+    /// Worker processes.
+    Cluster(Arc<Cluster>),
+}
+
+/// Holds a job's place in the admission limits until it ends.
+struct Admission {
+    _job: OwnedSemaphorePermit,
+    _tokens: OwnedSemaphorePermit,
 }
 
 /// A document tokenized and checked, ready to run.
@@ -39,8 +65,18 @@ struct Admitted {
 }
 
 impl Coordinator {
-    /// A coordinator serving `models` (the first is the default).
+    /// A coordinator serving `models` (the first is the default) whose ranks are threads of
+    /// this process.
     pub fn new(models: Vec<ModelDir>, config: CoordinatorConfig) -> Result<Self, CoordError> {
+        Self::build(models, config, Backend::Embedded)
+    }
+
+    /// A coordinator serving `models` on the workers of `cluster`.
+    pub fn with_cluster(models: Vec<ModelDir>, config: CoordinatorConfig, cluster: Arc<Cluster>) -> Result<Self, CoordError> {
+        Self::build(models, config, Backend::Cluster(cluster))
+    }
+
+    fn build(models: Vec<ModelDir>, config: CoordinatorConfig, backend: Backend) -> Result<Self, CoordError> {
         if models.is_empty() {
             return Err(CoordError::Invalid("a coordinator needs at least one model".into()));
         }
@@ -48,7 +84,45 @@ impl Coordinator {
             return Err(CoordError::Invalid(format!("default ranks {} must be within 1..={}", config.default_ranks, config.limits.max_ranks)));
         }
         let jobs = Arc::new(Semaphore::new(config.limits.max_concurrent_jobs));
-        Ok(Coordinator { models: models.into_iter().map(Arc::new).collect(), config, jobs, next_job: AtomicU64::new(1) })
+        let tokens = Arc::new(Semaphore::new(config.limits.max_tokens_in_flight.min(Semaphore::MAX_PERMITS)));
+        metrics::describe();
+        Ok(Coordinator {
+            models: models.into_iter().map(Arc::new).collect(),
+            config,
+            backend,
+            jobs,
+            tokens,
+            next_job: AtomicU64::new(1),
+            admitting: AtomicBool::new(true),
+            abort: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    /// Refuses new jobs from now on (shutdown has begun).
+    pub fn stop_admitting(&self) {
+        self.admitting.store(false, Ordering::Relaxed);
+    }
+
+    /// Jobs in flight now.
+    pub fn jobs_in_flight(&self) -> usize {
+        self.config.limits.max_concurrent_jobs - self.jobs.available_permits()
+    }
+
+    /// Waits up to `limit` for every job in flight to end; true if they did.
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.jobs_in_flight() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
+    /// Cancels every job in flight (their callers get UNAVAILABLE).
+    pub fn cancel_all(&self) {
+        self.abort.send_replace(true);
     }
 
     pub fn config(&self) -> &CoordinatorConfig {
@@ -100,6 +174,135 @@ impl Coordinator {
     }
 }
 
+/// What a call's metadata says about the job: its deadline and trace context.
+struct CallContext {
+    deadline: Option<Instant>,
+    trace: TraceParent,
+}
+
+impl CallContext {
+    fn of(metadata: &tonic::metadata::MetadataMap) -> Self {
+        let deadline = tome_worker::grpc_timeout(metadata).map(|t| Instant::now() + t);
+        let trace = metadata
+            .get(tome_net::traceparent::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse)
+            .map(|t| t.child())
+            .unwrap_or_else(TraceParent::new_root);
+        CallContext { deadline, trace }
+    }
+}
+
+/// Reads an upload: the request first, then the text in order, within the byte limit.
+async fn receive_upload(mut stream: Streaming<pb::UploadChunk>, max_bytes: usize) -> Result<pb::ProcessRequest, CoordError> {
+    let first = stream.message().await.map_err(|s| CoordError::Invalid(format!("upload: {}", s.message())))?;
+    let mut request = match first.and_then(|c| c.part) {
+        Some(pb::upload_chunk::Part::Request(r)) => r,
+        _ => return Err(CoordError::Invalid("an upload must start with its request".into())),
+    };
+    let mut text = match request.input.take() {
+        None => Vec::new(),
+        Some(pb::process_request::Input::Text(t)) => t,
+        Some(pb::process_request::Input::TokenIds(_)) => return Err(CoordError::Invalid("an upload carries text, not token ids".into())),
+    };
+    while let Some(chunk) = stream.message().await.map_err(|s| CoordError::Invalid(format!("upload: {}", s.message())))? {
+        match chunk.part {
+            Some(pb::upload_chunk::Part::Text(t)) => {
+                if text.len() + t.len() > max_bytes {
+                    return Err(CoordError::Exhausted(format!("the upload exceeds {max_bytes} bytes, the most this server accepts")));
+                }
+                text.extend_from_slice(&t);
+            }
+            Some(pb::upload_chunk::Part::Request(_)) => return Err(CoordError::Invalid("an upload carries one request, first".into())),
+            None => return Err(CoordError::Invalid("an upload message carries nothing".into())),
+        }
+    }
+    request.input = Some(pb::process_request::Input::Text(text));
+    Ok(request)
+}
+
+impl Coordinator {
+    /// Admits, tokenizes and plans a request, then starts its job; returns the event stream.
+    async fn start(&self, req: pb::ProcessRequest, context: CallContext) -> Result<<Self as pb::tome_server::Tome>::ProcessStream, CoordError> {
+        let started = Instant::now();
+        if !self.admitting.load(Ordering::Relaxed) {
+            return Err(CoordError::Unavailable("the server is shutting down".into()));
+        }
+        let model = self.model(&req.model)?;
+        let opts = parse_options(req.options.as_ref())?;
+        let ranks = opts.ranks.unwrap_or(self.config.default_ranks);
+        if ranks > self.config.limits.max_ranks {
+            return Err(CoordError::Exhausted(format!("{ranks} ranks asked; this server allows at most {}", self.config.limits.max_ranks)));
+        }
+        // Refuse early when the server is full, before spending time on tokenization.
+        let job_permit = self.jobs.clone().try_acquire_owned().map_err(|_| {
+            CoordError::Exhausted(format!("the server is busy: {} jobs in flight; retry later", self.config.limits.max_concurrent_jobs))
+        })?;
+        let admitted = {
+            let _queued = metrics::Queued::enter();
+            self.admit(model, req.input, &opts).await?
+        };
+        metrics::stage_seconds("tokenize", Duration::from_secs_f64(admitted.tokenize_seconds));
+        let tokens = admitted.doc.len();
+        let token_permit = u32::try_from(tokens)
+            .ok()
+            .and_then(|n| self.tokens.clone().try_acquire_many_owned(n).ok())
+            .ok_or_else(|| {
+                CoordError::Exhausted(format!(
+                    "the server is busy: {tokens} more tokens would exceed the {} tokens allowed in flight; retry later",
+                    self.config.limits.max_tokens_in_flight
+                ))
+            })?;
+        let chunks = if opts.chunks { chunk_spans(&opts.chunking, tokens, self.config.default_chunk_tokens)? } else { Vec::new() };
+        let pooling = opts.pooling.unwrap_or(admitted.model.pooling);
+        let model_name = admitted.model.name();
+        let layer_attention: Vec<String> = admitted.doc.layers.iter().map(|l| l.to_string()).collect();
+        let mut spec = JobSpec::new(admitted.model, Arc::new(admitted.doc), ranks, opts.layout).map_err(CoordError::from)?;
+        spec.chunks = chunks;
+        spec.document = opts.document;
+        spec.hidden = opts.hidden;
+        spec.pooling = pooling;
+        spec.normalize = opts.normalize;
+        let (cluster, placement) = match &self.backend {
+            Backend::Embedded => (None, None),
+            Backend::Cluster(c) => (Some(c.clone()), Some(c.place(&spec)?)),
+        };
+
+        let id = format!("job-{}", self.next_job.fetch_add(1, Ordering::Relaxed));
+        let accepted = pb::Accepted {
+            job_id: id.clone(),
+            model: model_name,
+            tokens: tokens as u64,
+            ranks: ranks as u32,
+            layout: match opts.layout {
+                tome_dist::Layout::Contiguous => pb::Layout::Contiguous,
+                tome_dist::Layout::Zigzag => pb::Layout::Zigzag,
+            } as i32,
+            shard_tokens: (0..ranks).map(|r| spec.plan.shard_len(r) as u64).collect(),
+            layer_attention,
+        };
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        // Buffered, so this cannot block: the receiver is still here and the buffer is empty.
+        let _ = tx.try_send(event(pb::process_event::Event::Accepted(accepted)));
+        let span = info_span!("process", job = %id, tokens, ranks, trace_id = %context.trace.trace_id_hex());
+        let job = Job {
+            id,
+            spec,
+            placement,
+            deadline: context.deadline,
+            trace: context.trace,
+            offsets: admitted.offsets,
+            hidden_dtype: opts.hidden_dtype,
+            rows_per_message: self.config.hidden_rows_per_message,
+            tokenize_seconds: admitted.tokenize_seconds,
+            started,
+        };
+        let admission = Admission { _job: job_permit, _tokens: token_permit };
+        tokio::spawn(drive(job, cluster, tx, self.abort.subscribe(), admission).instrument(span));
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
 fn too_long(tokens: usize, max: usize) -> CoordError {
     CoordError::Exhausted(format!("the document has {tokens} tokens; this server accepts at most {max}"))
 }
@@ -121,6 +324,9 @@ fn char_span(offsets: &[(usize, usize)], span: &Range<usize>) -> Option<pb::Span
 struct Job {
     id: String,
     spec: JobSpec,
+    placement: Option<crate::cluster::Placement>,
+    deadline: Option<Instant>,
+    trace: TraceParent,
     offsets: Option<Vec<(usize, usize)>>,
     hidden_dtype: pb::ElementType,
     rows_per_message: usize,
@@ -128,25 +334,65 @@ struct Job {
     started: Instant,
 }
 
-/// Runs an admitted job and streams its events; the permit is held until the job ends.
-async fn drive(job: Job, tx: EventSender, _permit: OwnedSemaphorePermit) {
+/// Runs an admitted job and streams its events; the admission is held until the job ends.
+async fn drive(job: Job, backend: Option<Arc<Cluster>>, tx: EventSender, abort: tokio::sync::watch::Receiver<bool>, _admission: Admission) {
+    let _in_flight = metrics::JobInFlight::start();
+    let outcome = drive_events(job, backend, &tx, abort).await;
+    metrics::job_ended(outcome);
+}
+
+async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender, mut abort: tokio::sync::watch::Receiver<bool>) -> &'static str {
     let cancel = Arc::new(AtomicBool::new(false));
     let (jtx, mut jrx) = mpsc::channel(8);
     let chunks = job.spec.chunks.clone();
     let tokens = job.spec.doc.len();
-    if let Err(e) = spawn_job(job.spec, jtx, cancel.clone()) {
-        let _ = tx.send(Err(CoordError::from(e).into())).await;
-        return;
+    match (backend, job.placement) {
+        (Some(cluster), Some(placement)) => cluster.spawn(job.id.clone(), job.spec, placement, jtx, job.deadline, job.trace),
+        _ => {
+            if let Err(e) = spawn_job(job.spec, jtx, cancel.clone()) {
+                let _ = tx.send(Err(CoordError::from(e).into())).await;
+                return "failed";
+            }
+        }
     }
-    while let Some(ev) = jrx.recv().await {
+    let expired = async {
+        match job.deadline {
+            Some(d) => tokio::time::sleep_until(d.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
+    loop {
+        let ev = tokio::select! {
+            ev = jrx.recv() => match ev {
+                Some(ev) => ev,
+                None => return "failed",
+            },
+            _ = &mut expired => {
+                cancel.store(true, Ordering::Relaxed);
+                let _ = tx.send(Err(CoordError::DeadlineExceeded.into())).await;
+                return "deadline_exceeded";
+            }
+            _ = async {
+                // A coordinator dropped without aborting (its last handle went) lets jobs finish.
+                if abort.wait_for(|&a| a).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                cancel.store(true, Ordering::Relaxed);
+                let _ = tx.send(Err(CoordError::Unavailable("the server shut down before the job finished; retry elsewhere".into()).into())).await;
+                return "cancelled";
+            }
+        };
         let sent = match ev {
             Ok(JobEvent::Progress { done, total }) => {
                 tx.send(event(pb::process_event::Event::Progress(pb::Progress { layers_done: done as u32, layers_total: total as u32 }))).await
             }
             Ok(JobEvent::Finished(out)) => {
-                if let Err(e) = emit(&job.id, &out, &chunks, job.offsets.as_deref(), job.hidden_dtype, job.rows_per_message, &tx).await {
+                metrics::stage_seconds("compute", out.compute);
+                if let Err(e) = emit(&job.id, &out, &chunks, job.offsets.as_deref(), job.hidden_dtype, job.rows_per_message, tx).await {
                     let _ = tx.send(Err(e.into())).await;
-                    return;
+                    return "failed";
                 }
                 let done = pb::Done {
                     tokens: tokens as u64,
@@ -154,20 +400,24 @@ async fn drive(job: Job, tx: EventSender, _permit: OwnedSemaphorePermit) {
                     compute_seconds: out.compute.as_secs_f64(),
                     total_seconds: job.started.elapsed().as_secs_f64(),
                     bytes_exchanged: out.bytes_exchanged,
+                    wire_bytes_exchanged: out.wire_bytes_exchanged,
                 };
+                metrics::stage_seconds("total", job.started.elapsed());
+                metrics::tokens_processed(tokens);
                 info!(job = %job.id, tokens, compute_s = done.compute_seconds, "job done");
-                tx.send(event(pb::process_event::Event::Done(done))).await
+                let _ = tx.send(event(pb::process_event::Event::Done(done))).await;
+                return "ok";
             }
             Err(e) => {
                 let _ = tx.send(Err(CoordError::from(e).into())).await;
-                return;
+                return "failed";
             }
         };
         if sent.is_err() {
-            // The caller went away: stop every rank at its next layer boundary.
+            // The caller went away: stop every rank (dropping the receiver stops a cluster job).
             info!(job = %job.id, "caller left; cancelling");
             cancel.store(true, Ordering::Relaxed);
-            return;
+            return "cancelled";
         }
     }
 }
@@ -216,6 +466,10 @@ async fn emit(
 impl pb::tome_server::Tome for Coordinator {
     async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         let l = &self.config.limits;
+        let (backend, workers) = match &self.backend {
+            Backend::Embedded => ("embedded", Vec::new()),
+            Backend::Cluster(c) => ("cluster", c.live().iter().map(|w| format!("{}@{}", w.name, w.address)).collect()),
+        };
         Ok(Response::new(pb::InfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             models: self.models.iter().map(|m| tome_worker::model_info(m)).collect(),
@@ -225,65 +479,28 @@ impl pb::tome_server::Tome for Coordinator {
                 max_document_bytes: l.max_document_bytes as u64,
                 max_ranks: l.max_ranks as u32,
                 max_concurrent_jobs: l.max_concurrent_jobs as u32,
+                max_tokens_in_flight: l.max_tokens_in_flight as u64,
             }),
+            backend: backend.into(),
+            workers,
         }))
     }
 
     type ProcessStream = Pin<Box<dyn Stream<Item = Result<pb::ProcessEvent, Status>> + Send + 'static>>;
 
     async fn process(&self, req: Request<pb::ProcessRequest>) -> Result<Response<Self::ProcessStream>, Status> {
-        let started = Instant::now();
-        let req = req.into_inner();
-        let model = self.model(&req.model)?;
-        let opts = parse_options(req.options.as_ref())?;
-        let ranks = opts.ranks.unwrap_or(self.config.default_ranks);
-        if ranks > self.config.limits.max_ranks {
-            return Err(CoordError::Exhausted(format!("{ranks} ranks asked; this server allows at most {}", self.config.limits.max_ranks)).into());
-        }
-        // Refuse early when the server is full, before spending time on tokenization.
-        let permit = self.jobs.clone().try_acquire_owned().map_err(|_| {
-            CoordError::Exhausted(format!("the server is busy: {} jobs in flight; retry later", self.config.limits.max_concurrent_jobs))
-        })?;
-        let admitted = self.admit(model, req.input, &opts).await?;
-        let tokens = admitted.doc.len();
-        let chunks = if opts.chunks { chunk_spans(&opts.chunking, tokens, self.config.default_chunk_tokens)? } else { Vec::new() };
-        let pooling = opts.pooling.unwrap_or(admitted.model.pooling);
-        let model_name = admitted.model.name();
-        let layer_attention: Vec<String> = admitted.doc.layers.iter().map(|l| l.to_string()).collect();
-        let mut spec = JobSpec::new(admitted.model, Arc::new(admitted.doc), ranks, opts.layout).map_err(CoordError::from)?;
-        spec.chunks = chunks;
-        spec.document = opts.document;
-        spec.hidden = opts.hidden;
-        spec.pooling = pooling;
-        spec.normalize = opts.normalize;
+        let context = CallContext::of(req.metadata());
+        let stream = self.start(req.into_inner(), context).await?;
+        Ok(Response::new(stream))
+    }
 
-        let id = format!("job-{}", self.next_job.fetch_add(1, Ordering::Relaxed));
-        let accepted = pb::Accepted {
-            job_id: id.clone(),
-            model: model_name,
-            tokens: tokens as u64,
-            ranks: ranks as u32,
-            layout: match opts.layout {
-                tome_dist::Layout::Contiguous => pb::Layout::Contiguous,
-                tome_dist::Layout::Zigzag => pb::Layout::Zigzag,
-            } as i32,
-            shard_tokens: (0..ranks).map(|r| spec.plan.shard_len(r) as u64).collect(),
-            layer_attention,
-        };
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        // Buffered, so this cannot block: the receiver is still here and the buffer is empty.
-        let _ = tx.try_send(event(pb::process_event::Event::Accepted(accepted)));
-        let job = Job {
-            id: id.clone(),
-            spec,
-            offsets: admitted.offsets,
-            hidden_dtype: opts.hidden_dtype,
-            rows_per_message: self.config.hidden_rows_per_message,
-            tokenize_seconds: admitted.tokenize_seconds,
-            started,
-        };
-        tokio::spawn(drive(job, tx, permit).instrument(info_span!("process", job = %id, tokens, ranks)));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    type ProcessUploadStream = Self::ProcessStream;
+
+    async fn process_upload(&self, req: Request<Streaming<pb::UploadChunk>>) -> Result<Response<Self::ProcessUploadStream>, Status> {
+        let context = CallContext::of(req.metadata());
+        let request = receive_upload(req.into_inner(), self.config.limits.max_document_bytes).await?;
+        let stream = self.start(request, context).await?;
+        Ok(Response::new(stream))
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {

@@ -22,6 +22,9 @@ pub enum WorkerError {
     Busy(String),
     #[error("worker {0} is shutting down")]
     ShuttingDown(String),
+    /// A worker's answer, passed on with its code.
+    #[error("{}", .0.message())]
+    Remote(Status),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -32,7 +35,7 @@ impl WorkerError {
         matches!(
             self,
             WorkerError::Invalid(_) | WorkerError::Model(tome_model::ModelError::Input(_)) | WorkerError::Model(tome_model::ModelError::Unsupported(_))
-        )
+        ) || matches!(self, WorkerError::Remote(s) if s.code() == Code::InvalidArgument)
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -42,7 +45,7 @@ impl WorkerError {
                 | WorkerError::Model(tome_model::ModelError::Cancelled)
                 | WorkerError::Dist(tome_dist::DistError::Cancelled)
                 | WorkerError::Model(tome_model::ModelError::Dist(tome_dist::DistError::Cancelled))
-        )
+        ) || matches!(self, WorkerError::Remote(s) if s.code() == Code::Cancelled)
     }
 
     /// Another rank or worker failed or left (the cause lies elsewhere).
@@ -51,7 +54,7 @@ impl WorkerError {
         matches!(
             self,
             WorkerError::Dist(PeerGone { .. } | Transport { .. }) | WorkerError::Model(tome_model::ModelError::Dist(PeerGone { .. } | Transport { .. }))
-        )
+        ) || matches!(self, WorkerError::Remote(s) if s.code() == Code::Unavailable)
     }
 
     pub fn code(&self) -> Code {
@@ -63,6 +66,7 @@ impl WorkerError {
             WorkerError::UnknownModel(_) => Code::NotFound,
             WorkerError::Busy(_) => Code::ResourceExhausted,
             WorkerError::ShuttingDown(_) => Code::Unavailable,
+            WorkerError::Remote(s) => s.code(),
             _ => Code::Internal,
         }
     }

@@ -52,7 +52,10 @@ pub struct JobOutput {
     pub chunks: Option<Tensor>,
     /// `[tokens, width]`, in document order.
     pub hidden: Option<Tensor>,
+    /// Element bytes the ranks sent each other (the plans' count).
     pub bytes_exchanged: u64,
+    /// Bytes the ranks put on the wire for them (framing included; equal in one process).
+    pub wire_bytes_exchanged: u64,
     pub compute: Duration,
 }
 
@@ -161,5 +164,5 @@ fn run(spec: &JobSpec, events: &mpsc::Sender<Result<JobEvent, WorkerError>>, can
     let hidden_shards = spec.hidden.then(|| outputs.iter().filter_map(|o| o.hidden.clone()).collect());
     let pooled = outputs.into_iter().find_map(|o| o.pooled);
     let (document, chunks, hidden) = assemble(&spec.plan, spec.document, spec.chunks.len(), spec.normalize, pooled, hidden_shards)?;
-    Ok(JobOutput { document, chunks, hidden, bytes_exchanged, compute: started.elapsed() })
+    Ok(JobOutput { document, chunks, hidden, bytes_exchanged, wire_bytes_exchanged: bytes_exchanged, compute: started.elapsed() })
 }

@@ -1,0 +1,87 @@
+//! `tome serve coordinator` and `tome serve worker`: the two processes of a cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tome_coordinator::{Cluster, Coordinator, EtcdMembership, Membership, StaticMembership};
+use tome_model::ModelDir;
+use tome_net::{PeerHub, PeerLimits};
+use tome_worker::{EtcdOptions, ServeOptions, WorkerConfig, WorkerService};
+
+use crate::args::{CoordinatorArgs, OpsArgs, ServeCommand, WorkerArgs};
+use crate::embedded::{config, load_models, shutdown_signal};
+
+pub async fn serve(command: ServeCommand) -> anyhow::Result<()> {
+    match command {
+        ServeCommand::Coordinator(a) => coordinator(a).await,
+        ServeCommand::Worker(a) => worker(a).await,
+    }
+}
+
+/// Serves Prometheus metrics on `--metrics-listen`, when given.
+pub fn install_metrics(ops: &OpsArgs) -> anyhow::Result<()> {
+    if let Some(addr) = ops.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        tome_worker::metrics::describe();
+        tome_coordinator::metrics::describe();
+    }
+    Ok(())
+}
+
+async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    install_metrics(&args.ops)?;
+    let membership: Arc<dyn Membership> = if !args.membership.etcd.is_empty() {
+        let m = EtcdMembership::start(args.membership.etcd.clone(), &args.membership.etcd_prefix)
+            .await
+            .with_context(|| format!("connecting to etcd at {}", args.membership.etcd.join(",")))?;
+        Arc::new(m)
+    } else {
+        Arc::new(StaticMembership::start(args.workers.clone(), Duration::from_millis(args.probe_ms.max(50))))
+    };
+    let limits = config(&args.embedded);
+    let cluster = Arc::new(Cluster::new(membership, limits.limits.max_message_bytes, limits.hidden_rows_per_message));
+    let coordinator = Arc::new(Coordinator::with_cluster(load_models(&args.embedded)?, limits, cluster)?);
+    eprintln!("tome: coordinator on {}", args.listen);
+    let grace = Duration::from_secs(args.ops.grace_seconds);
+    tome_coordinator::serve(args.listen, coordinator, grace, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
+}
+
+async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    install_metrics(&args.ops)?;
+    let models: Vec<Arc<ModelDir>> = args
+        .models
+        .iter()
+        .map(|p| ModelDir::open(p).map(Arc::new).with_context(|| format!("loading the model at {}", p.display())))
+        .collect::<anyhow::Result<_>>()?;
+    if models.is_empty() {
+        bail!("a worker needs at least one --model");
+    }
+    let warm = models.clone();
+    tokio::task::spawn_blocking(move || tome_worker::warm_up(&warm)).await.context("warming up")??;
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let bound = listener.local_addr()?;
+    let advertise = args.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let name = args.name.clone().unwrap_or_else(|| advertise.clone());
+    let limits = PeerLimits {
+        queue_depth: args.peer_queue_depth,
+        max_frame_bytes: args.max_message_bytes,
+        recv_timeout: Duration::from_secs(args.peer_recv_timeout_seconds),
+        ..PeerLimits::default()
+    };
+    let hub = PeerHub::new(tokio::runtime::Handle::current(), limits);
+    let config = WorkerConfig { name: name.clone(), advertise: advertise.clone(), max_shards: args.max_shards.max(1), memory_budget_bytes: args.memory_budget_bytes };
+    let service = Arc::new(WorkerService::new(models, hub.clone(), config));
+    let etcd = (!args.membership.etcd.is_empty()).then(|| EtcdOptions {
+        endpoints: args.membership.etcd.clone(),
+        prefix: args.membership.etcd_prefix.clone(),
+        ttl: Duration::from_secs(args.etcd_ttl_seconds.max(1)),
+    });
+    let options = ServeOptions { max_message_bytes: args.max_message_bytes, grace: Duration::from_secs(args.ops.grace_seconds), etcd };
+    // Tests and scripts read this line to learn the port when listening on port 0.
+    println!("tome worker {name} listening on {advertise}");
+    tome_worker::serve(listener, service, hub, options, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
+}

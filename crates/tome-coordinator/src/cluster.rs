@@ -1,0 +1,300 @@
+//! Running a job on worker processes: placement, dispatch, reassembly, cancellation.
+//!
+//! Placement puts rank r on the r-th live worker that serves the model (fewest shards running
+//! first, wrapping around when there are more ranks than workers) and checks each worker's
+//! memory budget against the activations of the ranks it would hold. Dispatch sends every rank
+//! its `ShardRequest` — its own tokens only — with the job's deadline and trace context; the
+//! ranks then talk to each other directly, and only results come back here. The first failure,
+//! a caller that leaves or a deadline that passes cancels the job on every worker.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tome_net::{tensor_from_wire, TraceParent};
+use tome_proto::v1 as pb;
+use tome_worker::{activation_bytes, assemble, pool_targets, wire, JobEvent, JobOutput, JobSpec, WorkerError};
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, warn};
+
+use crate::error::CoordError;
+use crate::membership::Membership;
+
+/// How long the other ranks may take to report after a job has failed (to find the cause).
+const DRAIN_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+pub struct Cluster {
+    membership: Arc<dyn Membership>,
+    channels: Mutex<HashMap<String, Channel>>,
+    max_message_bytes: usize,
+    rows_per_message: usize,
+}
+
+/// A job's ranks placed on workers.
+pub struct Placement {
+    pub workers: Vec<pb::WorkerInfo>,
+}
+
+impl Cluster {
+    pub fn new(membership: Arc<dyn Membership>, max_message_bytes: usize, rows_per_message: usize) -> Self {
+        Cluster { membership, channels: Mutex::new(HashMap::new()), max_message_bytes, rows_per_message }
+    }
+
+    pub fn live(&self) -> Vec<pb::WorkerInfo> {
+        self.membership.live()
+    }
+
+    /// Chooses a worker for every rank of `spec`, within each worker's memory budget.
+    pub fn place(&self, spec: &JobSpec) -> Result<Placement, CoordError> {
+        let model = spec.model.name();
+        let mut live: Vec<pb::WorkerInfo> = self.membership.live().into_iter().filter(|w| w.models.iter().any(|m| m.name == model)).collect();
+        if live.is_empty() {
+            return Err(CoordError::Unavailable(format!("no live worker serves model `{model}`")));
+        }
+        live.sort_by(|a, b| a.shards_running.cmp(&b.shards_running).then_with(|| a.name.cmp(&b.name)));
+        let ranks = spec.plan.ranks();
+        let workers: Vec<pb::WorkerInfo> = (0..ranks).map(|r| live[r % live.len()].clone()).collect();
+        let cfg = spec.model.model.config();
+        let mut need: HashMap<&str, (u64, u32)> = HashMap::new();
+        for (r, w) in workers.iter().enumerate() {
+            let e = need.entry(w.name.as_str()).or_default();
+            e.0 += activation_bytes(cfg, spec.plan.shard_len(r));
+            e.1 += 1;
+        }
+        for w in &live {
+            if let Some(&(bytes, shards)) = need.get(w.name.as_str()) {
+                if bytes > w.memory_budget_bytes {
+                    return Err(CoordError::Exhausted(format!(
+                        "the job needs about {:.2} GiB of activations on worker {} ({shards} ranks), which offers {:.2} GiB: ask for more ranks or add workers",
+                        bytes as f64 / (1u64 << 30) as f64,
+                        w.name,
+                        w.memory_budget_bytes as f64 / (1u64 << 30) as f64
+                    )));
+                }
+                if shards > w.max_shards {
+                    return Err(CoordError::Exhausted(format!("the job needs {shards} ranks on worker {}, which runs at most {}", w.name, w.max_shards)));
+                }
+            }
+        }
+        Ok(Placement { workers })
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel, WorkerError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| WorkerError::Invalid(format!("worker address {address}: {e}")))?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    fn client(&self, address: &str) -> Result<pb::worker_client::WorkerClient<Channel>, WorkerError> {
+        Ok(pb::worker_client::WorkerClient::new(self.channel(address)?)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes))
+    }
+
+    /// Runs the job; its events (progress, then the outputs or an error) arrive on `events`.
+    /// Dropping the receiver cancels the job on every worker.
+    pub fn spawn(
+        self: &Arc<Self>,
+        job_id: String,
+        spec: JobSpec,
+        placement: Placement,
+        events: mpsc::Sender<Result<JobEvent, WorkerError>>,
+        deadline: Option<Instant>,
+        trace: TraceParent,
+    ) {
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            let result = cluster.run(&job_id, &spec, &placement, &events, deadline, trace).await;
+            if let Err(e) = &result {
+                warn!(job = %job_id, error = %e, "job failed");
+            }
+            let _ = events.send(result.map(JobEvent::Finished)).await;
+        });
+    }
+
+    async fn run(
+        &self,
+        job_id: &str,
+        spec: &JobSpec,
+        placement: &Placement,
+        events: &mpsc::Sender<Result<JobEvent, WorkerError>>,
+        deadline: Option<Instant>,
+        trace: TraceParent,
+    ) -> Result<JobOutput, WorkerError> {
+        let started = Instant::now();
+        let (tokens, shards) = wire::plan_to_wire(&spec.plan);
+        let addresses: Vec<String> = placement.workers.iter().map(|w| w.address.clone()).collect();
+        let plan = pb::JobPlan {
+            job_id: job_id.to_string(),
+            tokens,
+            shards,
+            rank_addresses: addresses.clone(),
+            traceparent: trace.to_string(),
+            nccl_unique_id: Vec::new(),
+        };
+        let spans = wire::spans_to_wire(&pool_targets(spec.doc.len(), spec.document, &spec.chunks));
+        let layers: Vec<pb::AttentionOverride> = spec.doc.layers.iter().map(|&l| wire::layer_to_wire(l)).collect();
+        let mut ranks = JoinSet::new();
+        for (r, address) in addresses.iter().enumerate() {
+            let input = spec.doc.shard(&spec.plan, r);
+            let req = pb::ShardRequest {
+                plan: Some(plan.clone()),
+                rank: r as u32,
+                model: spec.model.name(),
+                token_ids: Some(wire::u32s_to_wire(&input.ids)?),
+                position_ids: Some(wire::u32s_to_wire(&input.position_ids)?),
+                layers: layers.clone(),
+                global_tokens: input.global_tokens.iter().map(|&g| g as u64).collect(),
+                pool_spans: spans.clone(),
+                pooling: wire::pooling_to_wire(spec.pooling) as i32,
+                hidden_states: spec.hidden,
+                rows_per_message: self.rows_per_message as u32,
+            };
+            let mut request = tonic::Request::new(req);
+            if let Some(d) = deadline {
+                request.set_timeout(d.saturating_duration_since(Instant::now()));
+            }
+            if let Ok(v) = MetadataValue::try_from(trace.child().to_string()) {
+                request.metadata_mut().insert(tome_net::traceparent::TRACEPARENT, v);
+            }
+            let client = self.client(address)?;
+            let progress = (r == 0).then(|| events.clone());
+            ranks.spawn(async move { (r, run_remote_rank(client, request, progress).await) });
+        }
+        let expired = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
+        let mut results: Vec<Option<RemoteRank>> = (0..addresses.len()).map(|_| None).collect();
+        let failure = loop {
+            tokio::select! {
+                next = ranks.join_next() => match next {
+                    None => break None,
+                    Some(Ok((r, Ok(out)))) => results[r] = Some(out),
+                    Some(Ok((_, Err(e)))) => break Some(e),
+                    Some(Err(e)) => break Some(WorkerError::Invalid(format!("a rank's task failed: {e}"))),
+                },
+                _ = events.closed() => break Some(WorkerError::Cancelled),
+                _ = &mut expired => break Some(WorkerError::DeadlineExceeded),
+            }
+        };
+        if let Some(first) = failure {
+            self.cancel(job_id, &addresses).await;
+            return Err(cause(first, &mut ranks).await);
+        }
+        let mut pooled = None;
+        let mut hidden = Vec::new();
+        let (mut bytes, mut wire_bytes) = (0, 0);
+        for r in results.into_iter().flatten() {
+            bytes += r.done.bytes_sent;
+            wire_bytes += r.done.wire_bytes_sent;
+            if let Some(p) = &r.done.pooled {
+                pooled = Some(tensor_from_wire(p).map_err(|e| WorkerError::Invalid(e.to_string()))?);
+            }
+            hidden.push(r.hidden);
+        }
+        let hidden_shards = if spec.hidden {
+            // An empty shard sends no rows.
+            let width = spec.model.model.config().hidden_size;
+            let empty = Tensor::zeros((0, width), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+            Some(hidden.into_iter().map(|h| h.unwrap_or_else(|| empty.clone())).collect())
+        } else {
+            None
+        };
+        let (document, chunks, hidden) = assemble(&spec.plan, spec.document, spec.chunks.len(), spec.normalize, pooled, hidden_shards)?;
+        info!(job = %job_id, ranks = addresses.len(), bytes, wire_bytes, "cluster job done");
+        Ok(JobOutput { document, chunks, hidden, bytes_exchanged: bytes, wire_bytes_exchanged: wire_bytes, compute: started.elapsed() })
+    }
+
+    /// Asks every worker of the job to stop it (best effort: a worker that is gone has stopped).
+    async fn cancel(&self, job_id: &str, addresses: &[String]) {
+        let mut distinct = addresses.to_vec();
+        distinct.sort();
+        distinct.dedup();
+        let mut calls = JoinSet::new();
+        for a in distinct {
+            if let Ok(mut client) = self.client(&a) {
+                let job = job_id.to_string();
+                calls.spawn(async move {
+                    let mut req = tonic::Request::new(pb::CancelRequest { job_id: job });
+                    req.set_timeout(Duration::from_secs(5));
+                    if let Err(status) = client.cancel(req).await {
+                        warn!(worker = %a, %status, "could not cancel on a worker");
+                    }
+                });
+            }
+        }
+        while calls.join_next().await.is_some() {}
+    }
+}
+
+/// The root cause among a failed job's errors: the first that is not a consequence (another
+/// rank gone, or cancelled because of the failure), waiting briefly for the other ranks.
+async fn cause(first: WorkerError, ranks: &mut JoinSet<(usize, Result<RemoteRank, WorkerError>)>) -> WorkerError {
+    if !first.is_peer_failure() && !first.is_cancelled() {
+        ranks.abort_all();
+        return first;
+    }
+    let drain = async {
+        while let Some(next) = ranks.join_next().await {
+            if let Ok((_, Err(e))) = next {
+                if !e.is_peer_failure() && !e.is_cancelled() {
+                    return Some(e);
+                }
+            }
+        }
+        None
+    };
+    let found = tokio::time::timeout(DRAIN_AFTER_FAILURE, drain).await.ok().flatten();
+    ranks.abort_all();
+    found.unwrap_or(first)
+}
+
+struct RemoteRank {
+    done: pb::ShardDone,
+    hidden: Option<Tensor>,
+}
+
+async fn run_remote_rank(
+    mut client: pb::worker_client::WorkerClient<Channel>,
+    request: tonic::Request<pb::ShardRequest>,
+    progress: Option<mpsc::Sender<Result<JobEvent, WorkerError>>>,
+) -> Result<RemoteRank, WorkerError> {
+    let mut stream = client.run_shard(request).await.map_err(WorkerError::Remote)?.into_inner();
+    let mut blocks: Vec<Tensor> = Vec::new();
+    while let Some(ev) = stream.message().await.map_err(WorkerError::Remote)? {
+        match ev.event {
+            Some(pb::shard_event::Event::Progress(p)) => {
+                if let Some(tx) = &progress {
+                    let _ = tx.send(Ok(JobEvent::Progress { done: p.layers_done as usize, total: p.layers_total as usize })).await;
+                }
+            }
+            Some(pb::shard_event::Event::HiddenStates(h)) => {
+                let t = h.states.as_ref().ok_or_else(|| WorkerError::Invalid("hidden states without a tensor".into()))?;
+                blocks.push(tensor_from_wire(t).map_err(|e| WorkerError::Invalid(e.to_string()))?);
+            }
+            Some(pb::shard_event::Event::Done(done)) => {
+                let hidden = if blocks.is_empty() { None } else { Some(Tensor::cat(&blocks, 0)?) };
+                return Ok(RemoteRank { done, hidden });
+            }
+            None => {}
+        }
+    }
+    Err(WorkerError::Remote(tonic::Status::unavailable("the worker ended the shard without a result")))
+}

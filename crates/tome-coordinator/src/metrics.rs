@@ -1,0 +1,67 @@
+//! The coordinator's Prometheus metrics: named statics, described once ([`describe`]); the
+//! exporter itself is installed by the binary.
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+
+/// Labelled `outcome` = ok | failed | cancelled | deadline_exceeded.
+pub const JOBS_TOTAL: &str = "tome_jobs_total";
+pub const JOBS_IN_FLIGHT: &str = "tome_jobs_in_flight";
+/// Jobs admitted and still being tokenized and planned (waiting to run).
+pub const QUEUE_DEPTH: &str = "tome_queue_depth";
+pub const TOKENS_TOTAL: &str = "tome_tokens_total";
+/// Labelled `stage` = tokenize | compute | total.
+pub const STAGE_SECONDS: &str = "tome_stage_seconds";
+
+pub fn describe() {
+    describe_counter!(JOBS_TOTAL, "Jobs that ended, by outcome.");
+    describe_gauge!(JOBS_IN_FLIGHT, "Jobs running now.");
+    describe_gauge!(QUEUE_DEPTH, "Jobs admitted and being tokenized and planned.");
+    describe_counter!(TOKENS_TOTAL, Unit::Count, "Tokens of the jobs that completed.");
+    describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Time a job spent in each stage.");
+}
+
+/// Counts a job in flight while it lives.
+pub(crate) struct JobInFlight;
+
+impl JobInFlight {
+    pub(crate) fn start() -> Self {
+        gauge!(JOBS_IN_FLIGHT).increment(1.0);
+        JobInFlight
+    }
+}
+
+impl Drop for JobInFlight {
+    fn drop(&mut self) {
+        gauge!(JOBS_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// Counts a job in the queue while it is tokenized and planned.
+pub(crate) struct Queued;
+
+impl Queued {
+    pub(crate) fn enter() -> Self {
+        gauge!(QUEUE_DEPTH).increment(1.0);
+        Queued
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        gauge!(QUEUE_DEPTH).decrement(1.0);
+    }
+}
+
+pub(crate) fn job_ended(outcome: &'static str) {
+    counter!(JOBS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn tokens_processed(n: usize) {
+    counter!(TOKENS_TOTAL).increment(n as u64);
+}
+
+pub(crate) fn stage_seconds(stage: &'static str, d: Duration) {
+    histogram!(STAGE_SECONDS, "stage" => stage).record(d.as_secs_f64());
+}
