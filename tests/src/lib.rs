@@ -1,1 +1,245 @@
-//! End-to-end tests live in tests/; this crate has no library code.
+//! Helpers for the end-to-end tests: the `tome` binary as real processes on 127.0.0.1 ports
+//! (the embedded server, coordinators, workers), a real etcd, and a gRPC client.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tome_proto::v1 as pb;
+use tome_proto::v1::tome_client::TomeClient;
+use tonic::transport::Channel;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `tome` binary built alongside this test (same target dir and profile).
+pub fn tome_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join("tome");
+    assert!(bin.is_file(), "{} missing: build it first (`cargo build -p tome-cli`; scripts/test.sh does)", bin.display());
+    bin
+}
+
+pub fn minilm() -> Option<PathBuf> {
+    let data = std::env::var("TOME_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| repo().join("data"));
+    let path = data.join("models/all-MiniLM-L6-v2");
+    if path.join("model.safetensors").is_file() {
+        return Some(path);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must fetch the MiniLM model first (scripts/fetch_data.sh)");
+    eprintln!("skipping: {} missing; run scripts/fetch_data.sh", path.display());
+    None
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `tome` process, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub addr: String,
+    /// `127.0.0.1:PORT`
+    pub host_port: String,
+    /// Its stderr (logs), when captured.
+    pub log: Option<PathBuf>,
+}
+
+impl Server {
+    /// Sends SIGTERM (a graceful shutdown).
+    pub fn terminate(&self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+
+    /// Waits for the process to exit; its exit code, or None if it outlived `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tome ARGS --listen 127.0.0.1:PORT` and waits until health reports `service` SERVING.
+/// With `log`, stderr goes to that file.
+pub async fn spawn_serving(args: &[&str], service: &str, log: Option<PathBuf>) -> Server {
+    let port = free_port();
+    let host_port = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new(tome_bin());
+    cmd.args(args).args(["--listen", &host_port]).stdout(Stdio::null());
+    if let Some(path) = &log {
+        cmd.stderr(std::fs::File::create(path).unwrap());
+    }
+    let child = cmd.spawn().unwrap();
+    let server = Server { child, addr: format!("http://{host_port}"), host_port, log };
+    wait_serving(&server.addr, service, Duration::from_secs(60)).await;
+    server
+}
+
+/// Waits until `addr`'s health service reports `service` SERVING.
+pub async fn wait_serving(addr: &str, service: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if health(addr, service).await == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{addr} did not report {service} SERVING");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The health status `addr` reports for `service`, if it answers.
+pub async fn health(addr: &str, service: &str) -> Option<i32> {
+    let ch = Channel::from_shared(addr.to_string()).ok()?.connect().await.ok()?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(ch);
+    let req = tonic_health::pb::HealthCheckRequest { service: service.into() };
+    Some(client.check(req).await.ok()?.into_inner().status)
+}
+
+/// The embedded default (`tome run`), 2 ranks per job unless `extra` says otherwise.
+pub async fn start_server(model: &Path, extra: &[&str]) -> Server {
+    let model = model.to_string_lossy();
+    let mut args = vec!["run", "--model", &model, "--ranks", "2", "--max-ranks", "8"];
+    args.extend_from_slice(extra);
+    spawn_serving(&args, "tome.v1.Tome", None).await
+}
+
+/// A worker process (`tome serve worker`), logging to `log`.
+pub async fn start_worker(model: &Path, extra: &[&str], log: PathBuf) -> Server {
+    let model = model.to_string_lossy();
+    let mut args = vec!["--log", "info,tome_net=debug", "serve", "worker", "--model", &model];
+    args.extend_from_slice(extra);
+    spawn_serving(&args, "tome.v1.Worker", Some(log)).await
+}
+
+/// A coordinator process (`tome serve coordinator`), logging to `log`.
+pub async fn start_coordinator(model: &Path, extra: &[&str], log: PathBuf) -> Server {
+    let model = model.to_string_lossy();
+    let mut args = vec!["--log", "info", "serve", "coordinator", "--model", &model, "--max-ranks", "8"];
+    args.extend_from_slice(extra);
+    spawn_serving(&args, "tome.v1.Tome", Some(log)).await
+}
+
+/// A real etcd on free 127.0.0.1 ports with its own data directory, killed when dropped.
+pub struct Etcd {
+    child: Child,
+    pub endpoint: String,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    /// Starts Debian's `etcd` (package etcd-server, which `.ci/run` installs) and waits for it.
+    pub async fn start() -> Etcd {
+        let (client, peer) = (free_port(), free_port());
+        let dir = std::env::temp_dir().join(format!("tome-etcd-{}-{client}", std::process::id()));
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let child = Command::new("etcd")
+            .args(["--name", "tome-test", "--data-dir"])
+            .arg(&dir)
+            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &format!("tome-test=http://127.0.0.1:{peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start etcd ({e}): install Debian's etcd-server (.ci/run does)"));
+        let etcd = Etcd { child, endpoint, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(format!("127.0.0.1:{client}")).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        etcd
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn text_request(text: &[u8], options: pb::ProcessOptions) -> pb::ProcessRequest {
+    pb::ProcessRequest { model: String::new(), input: Some(pb::process_request::Input::Text(text.to_vec())), options: Some(options) }
+}
+
+/// What a Process call streamed back.
+#[derive(Default)]
+pub struct Processed {
+    pub document: Vec<f32>,
+    pub chunks: Vec<Vec<f32>>,
+    /// Event kinds in arrival order.
+    pub kinds: Vec<&'static str>,
+    pub done: Option<pb::Done>,
+}
+
+/// Runs a Process call to completion.
+pub async fn process_call(client: &mut TomeClient<Channel>, req: impl tonic::IntoRequest<pb::ProcessRequest>) -> Result<Processed, tonic::Status> {
+    let mut stream = client.process(req).await?.into_inner();
+    let mut out = Processed::default();
+    let floats = |t: Option<pb::Tensor>| -> Vec<f32> { t.unwrap().data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
+    while let Some(ev) = stream.message().await? {
+        match ev.event.unwrap() {
+            pb::process_event::Event::Accepted(_) => out.kinds.push("accepted"),
+            pb::process_event::Event::Progress(_) => out.kinds.push("progress"),
+            pb::process_event::Event::Chunk(c) => {
+                out.kinds.push("chunk");
+                assert_eq!(c.index as usize, out.chunks.len(), "chunks arrive in document order");
+                out.chunks.push(floats(c.embedding));
+            }
+            pb::process_event::Event::Document(d) => {
+                out.kinds.push("document");
+                out.document = floats(d.embedding);
+            }
+            pb::process_event::Event::HiddenStates(_) => out.kinds.push("hidden"),
+            pb::process_event::Event::Done(d) => {
+                out.kinds.push("done");
+                out.done = Some(d);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs a Process call to completion: (document embedding, chunk embeddings, event kinds in order).
+pub async fn process(client: &mut TomeClient<Channel>, req: pb::ProcessRequest) -> Result<(Vec<f32>, Vec<Vec<f32>>, Vec<&'static str>), tonic::Status> {
+    let p = process_call(client, req).await?;
+    Ok((p.document, p.chunks, p.kinds))
+}
+
+/// Prose to repeat into documents of any length.
+pub const TEXT: &str = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of \
+    foolishness, it was the epoch of belief, it was the incredulity of season of Light, it was the season of Darkness. ";
+
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+pub fn read_npy(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
+}
+

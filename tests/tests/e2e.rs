@@ -3,125 +3,13 @@
 //! and `tome process` (embedded and against the server) giving the same outputs on any number of
 //! ranks, including the token-id conformance path.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use tome_e2e::*;
 use tome_proto::v1 as pb;
 use tome_proto::v1::tome_client::TomeClient;
 use tonic::transport::Channel;
 use tonic::Code;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The `tome` binary built alongside this test (same target dir and profile).
-fn tome_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("tome");
-    assert!(bin.is_file(), "{} missing: build it first (`cargo build -p tome-cli`; scripts/test.sh does)", bin.display());
-    bin
-}
-
-fn minilm() -> Option<PathBuf> {
-    let data = std::env::var("TOME_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| repo().join("data"));
-    let path = data.join("models/all-MiniLM-L6-v2");
-    if path.join("model.safetensors").is_file() {
-        return Some(path);
-    }
-    assert!(std::env::var_os("CI").is_none(), "CI must fetch the MiniLM model first (scripts/fetch_data.sh)");
-    eprintln!("skipping: {} missing; run scripts/fetch_data.sh", path.display());
-    None
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_server(model: &Path, extra: &[&str]) -> Server {
-    let port = free_port();
-    let child = Command::new(tome_bin())
-        .args(["run", "--model"])
-        .arg(model)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--ranks", "2", "--max-ranks", "8"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server { child, addr: format!("http://127.0.0.1:{port}") };
-    // Ready when health says SERVING.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(ch) = Channel::from_shared(server.addr.clone()).unwrap().connect().await {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
-            let req = tonic_health::pb::HealthCheckRequest { service: "tome.v1.Tome".into() };
-            if let Ok(r) = health.check(req).await {
-                if r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-                    return server;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "the server did not become ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn text_request(text: &[u8], options: pb::ProcessOptions) -> pb::ProcessRequest {
-    pb::ProcessRequest { model: String::new(), input: Some(pb::process_request::Input::Text(text.to_vec())), options: Some(options) }
-}
-
-/// Runs a Process call to completion: (document embedding, chunk embeddings, event kinds in order).
-async fn process(client: &mut TomeClient<Channel>, req: pb::ProcessRequest) -> Result<(Vec<f32>, Vec<Vec<f32>>, Vec<&'static str>), tonic::Status> {
-    let mut stream = client.process(req).await?.into_inner();
-    let (mut doc, mut chunks, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
-    let floats = |t: Option<pb::Tensor>| -> Vec<f32> { t.unwrap().data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
-    while let Some(ev) = stream.message().await? {
-        match ev.event.unwrap() {
-            pb::process_event::Event::Accepted(_) => kinds.push("accepted"),
-            pb::process_event::Event::Progress(_) => kinds.push("progress"),
-            pb::process_event::Event::Chunk(c) => {
-                kinds.push("chunk");
-                assert_eq!(c.index as usize, chunks.len(), "chunks arrive in document order");
-                chunks.push(floats(c.embedding));
-            }
-            pb::process_event::Event::Document(d) => {
-                kinds.push("document");
-                doc = floats(d.embedding);
-            }
-            pb::process_event::Event::HiddenStates(_) => kinds.push("hidden"),
-            pb::process_event::Event::Done(_) => kinds.push("done"),
-        }
-    }
-    Ok((doc, chunks, kinds))
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-}
-
-fn read_npy(path: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
-}
-
-const TEXT: &str = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of \
-    foolishness, it was the epoch of belief, it was the incredulity of season of Light, it was the season of Darkness. ";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_processes_documents_identically_on_any_number_of_ranks_and_refuses_bad_input() {

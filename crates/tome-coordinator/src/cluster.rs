@@ -266,6 +266,15 @@ async fn cause(first: WorkerError, ranks: &mut JoinSet<(usize, Result<RemoteRank
     found.unwrap_or(first)
 }
 
+/// A worker's status as this job's error. A broken connection (the worker died or the
+/// network failed) arrives as UNKNOWN; it is UNAVAILABLE to the caller: retry elsewhere.
+fn remote(status: tonic::Status) -> WorkerError {
+    if status.code() == tonic::Code::Unknown {
+        return WorkerError::Remote(tonic::Status::unavailable(format!("a worker failed mid-job: {}", status.message())));
+    }
+    WorkerError::Remote(status)
+}
+
 struct RemoteRank {
     done: pb::ShardDone,
     hidden: Option<Tensor>,
@@ -276,9 +285,9 @@ async fn run_remote_rank(
     request: tonic::Request<pb::ShardRequest>,
     progress: Option<mpsc::Sender<Result<JobEvent, WorkerError>>>,
 ) -> Result<RemoteRank, WorkerError> {
-    let mut stream = client.run_shard(request).await.map_err(WorkerError::Remote)?.into_inner();
+    let mut stream = client.run_shard(request).await.map_err(remote)?.into_inner();
     let mut blocks: Vec<Tensor> = Vec::new();
-    while let Some(ev) = stream.message().await.map_err(WorkerError::Remote)? {
+    while let Some(ev) = stream.message().await.map_err(remote)? {
         match ev.event {
             Some(pb::shard_event::Event::Progress(p)) => {
                 if let Some(tx) = &progress {

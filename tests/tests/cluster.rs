@@ -1,0 +1,250 @@
+//! The cluster end to end: `tome serve worker` and `tome serve coordinator` as real processes on
+//! 127.0.0.1 ports, with a static worker list and with a real etcd. A document spread over 1, 2
+//! and 4 workers gives the embedded default's outputs; bytes between ranks are the plan's count
+//! plus little framing; the trace context reaches the workers; a cancelled job frees its
+//! workers; requests over the limits are refused with the right code while the cluster keeps
+//! serving; a worker killed mid-job fails that job with UNAVAILABLE and no other.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tome_e2e::*;
+use tome_proto::v1 as pb;
+use tome_proto::v1::tome_client::TomeClient;
+use tome_proto::v1::worker_client::WorkerClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn logs(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tome-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{name}.log"))
+}
+
+/// Window attention over a document past the learned positions, with chunks.
+fn options(ranks: u32, layout: pb::Layout) -> pb::ProcessOptions {
+    pb::ProcessOptions {
+        attention: Some(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 128 }),
+        position_extension: pb::PositionExtension::Tile as i32,
+        chunks: Some(pb::ChunkSpec { spec: Some(pb::chunk_spec::Spec::TokensPerChunk(300)) }),
+        ranks,
+        layout: layout as i32,
+        ..Default::default()
+    }
+}
+
+fn request(text: &str, options: pb::ProcessOptions) -> pb::ProcessRequest {
+    pb::ProcessRequest { model: String::new(), input: Some(pb::process_request::Input::Text(text.as_bytes().to_vec())), options: Some(options) }
+}
+
+/// The live workers a coordinator reports, waiting until there are `n`.
+async fn wait_for_workers(client: &mut TomeClient<Channel>, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(info.backend, "cluster");
+        if info.workers.len() == n {
+            return info.workers;
+        }
+        assert!(Instant::now() < deadline, "the coordinator saw {:?}, not {n} workers", info.workers);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn shards_running(worker: &Server) -> u32 {
+    let mut client = WorkerClient::connect(worker.addr.clone()).await.unwrap();
+    client.info(pb::WorkerInfoRequest {}).await.unwrap().into_inner().shards_running
+}
+
+/// Waits until no worker runs a shard.
+async fn wait_idle(workers: &[&Server]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for w in workers {
+        while shards_running(w).await > 0 {
+            assert!(Instant::now() < deadline, "worker {} still runs shards", w.host_port);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn assert_same(got: &Processed, want: &Processed, what: &str) {
+    assert!(max_diff(&got.document, &want.document) <= 1e-5, "{what}: document");
+    assert_eq!(got.chunks.len(), want.chunks.len(), "{what}: chunks");
+    for (a, b) in got.chunks.iter().zip(&want.chunks) {
+        assert!(max_diff(a, b) <= 1e-5, "{what}: chunk");
+    }
+}
+
+/// A plain HTTP GET (the metrics endpoint speaks HTTP/1).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+async fn embedded_reference(model: &Path, text: &str, ranks: u32, layout: pb::Layout) -> Processed {
+    let server = start_server(model, &[]).await;
+    let mut client = TomeClient::connect(server.addr.clone()).await.unwrap();
+    process_call(&mut client, request(text, options(ranks, layout))).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
+    let Some(model) = minilm() else { return };
+    let text = TEXT.repeat(30);
+    let reference = embedded_reference(&model, &text, 4, pb::Layout::Contiguous).await;
+    let reference_zigzag = embedded_reference(&model, &text, 4, pb::Layout::Zigzag).await;
+    let mut workers = Vec::new();
+    let worker_metrics: Vec<String> = (0..4).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    for (i, m) in worker_metrics.iter().enumerate() {
+        workers.push(start_worker(&model, &["--metrics-listen", m], logs(&format!("match-w{i}"))).await);
+    }
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    for n in [1, 2, 4] {
+        let list: Vec<&str> = workers[..n].iter().map(|w| w.host_port.as_str()).collect();
+        let list = list.join(",");
+        let extra = ["--workers", &list, "--probe-ms", "200", "--metrics-listen", &metrics_addr];
+        let coordinator = start_coordinator(&model, if n == 4 { &extra } else { &extra[..4] }, logs(&format!("match-c{n}"))).await;
+        let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
+        wait_for_workers(&mut client, n).await;
+        for ranks in [1, n as u32, 4] {
+            let got = process_call(&mut client, request(&text, options(ranks, pb::Layout::Contiguous))).await.unwrap();
+            assert_eq!(got.kinds.first(), Some(&"accepted"));
+            assert_eq!(got.kinds.last(), Some(&"done"));
+            assert_same(&got, &reference, &format!("{ranks} ranks on {n} workers"));
+        }
+        // The same plan moves the same bytes between ranks wherever they run; framing is small.
+        let mut traced = tonic::Request::new(request(&text, options(4, pb::Layout::Zigzag)));
+        let trace_id = format!("4bf92f3577b34da6a3ce929d0e0e47{n:02}");
+        traced.metadata_mut().insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap());
+        let got = process_call(&mut client, traced).await.unwrap();
+        assert_same(&got, &reference_zigzag, &format!("zigzag on {n} workers"));
+        let (done, want) = (got.done.unwrap(), reference_zigzag.done.clone().unwrap());
+        assert_eq!(done.bytes_exchanged, want.bytes_exchanged, "bytes between ranks on {n} workers");
+        assert!(done.wire_bytes_exchanged >= done.bytes_exchanged);
+        let framing = (done.wire_bytes_exchanged - done.bytes_exchanged) as f64 / done.bytes_exchanged as f64;
+        assert!(framing < 0.02, "framing {framing} on {n} workers");
+        // The caller's trace reached every worker that ran a rank, and their peer streams.
+        for w in &workers[..n] {
+            let log = w.log_text();
+            assert!(log.contains(&trace_id), "worker {} logged no span of trace {trace_id}", w.host_port);
+        }
+        if n == 4 {
+            let coordinator_metrics = http_get(&metrics_addr, "/metrics");
+            for name in ["tome_jobs_total", "tome_stage_seconds", "tome_tokens_total", "tome_jobs_in_flight", "tome_queue_depth"] {
+                assert!(coordinator_metrics.contains(name), "coordinator metrics lack {name}");
+            }
+        }
+    }
+    let metrics = http_get(&worker_metrics[0], "/metrics");
+    for name in ["tome_peer_bytes_sent_total", "tome_worker_shards_total", "tome_worker_shard_seconds", "tome_worker_shards_running"] {
+        assert!(metrics.contains(name), "worker metrics lack {name}");
+    }
+}
+
+/// The first ~30,000 tokens of a book: a job that runs for seconds.
+fn long_text() -> Option<String> {
+    let path = repo().join("data/books/plrabn12.txt");
+    let text = std::fs::read_to_string(&path).ok()?;
+    Some(text[..text.len().min(140_000)].to_string())
+}
+
+/// Starts a Process call and waits for its first progress event; the stream goes on.
+async fn start_long_job(client: &mut TomeClient<Channel>, text: &str, ranks: u32) -> tonic::Streaming<pb::ProcessEvent> {
+    let mut stream = client.process(request(text, options(ranks, pb::Layout::Contiguous))).await.unwrap().into_inner();
+    loop {
+        match stream.message().await.unwrap().and_then(|e| e.event) {
+            Some(pb::process_event::Event::Progress(_)) => return stream,
+            Some(_) => {}
+            None => panic!("the job ended before its first layer"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_jobs_free_the_workers_and_requests_over_the_limits_are_refused_while_serving() {
+    let Some(model) = minilm() else { return };
+    let Some(long) = long_text() else { return };
+    let w1 = start_worker(&model, &["--max-shards", "2"], logs("limits-w1")).await;
+    // A worker that offers too little memory for a long document's ranks.
+    let small = start_worker(&model, &["--memory-budget-bytes", "100000000"], logs("limits-small")).await;
+    let w2 = start_worker(&model, &["--max-shards", "2"], logs("limits-w2")).await;
+    let list = format!("{},{}", w1.host_port, w2.host_port);
+    let extra = ["--workers", &list, "--probe-ms", "200", "--max-concurrent-jobs", "1", "--max-document-tokens", "40000"];
+    let coordinator = start_coordinator(&model, &extra, logs("limits-c")).await;
+    let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
+    wait_for_workers(&mut client, 2).await;
+
+    // A caller that goes away mid-job: every rank stops and both workers are free again.
+    let stream = start_long_job(&mut client, &long, 4).await;
+    assert_eq!(shards_running(&w1).await + shards_running(&w2).await, 4);
+    // While it runs, a second job is over the concurrent-jobs limit.
+    let busy = process_call(&mut client, request(TEXT, options(1, pb::Layout::Contiguous))).await.err().unwrap();
+    assert_eq!(busy.code(), Code::ResourceExhausted, "{busy:?}");
+    drop(stream);
+    wait_idle(&[&w1, &w2]).await;
+    assert!(w1.log_text().contains("cancelled") || w2.log_text().contains("cancelled"), "no worker logged the cancellation");
+
+    // A deadline shorter than the job: DEADLINE_EXCEEDED, and the workers are freed.
+    let mut hurried = tonic::Request::new(request(&long, options(4, pb::Layout::Contiguous)));
+    hurried.set_timeout(Duration::from_millis(1500));
+    let late = process_call(&mut client, hurried).await.err().unwrap();
+    assert!(matches!(late.code(), Code::DeadlineExceeded | Code::Cancelled), "{late:?}");
+    wait_idle(&[&w1, &w2]).await;
+
+    // Over the limits: the right code, and the cluster keeps serving.
+    let too_many_ranks = process_call(&mut client, request(TEXT, options(9, pb::Layout::Contiguous))).await.err().unwrap();
+    assert_eq!(too_many_ranks.code(), Code::ResourceExhausted);
+    let too_long = process_call(&mut client, request(&long.repeat(2), options(2, pb::Layout::Contiguous))).await.err().unwrap();
+    assert_eq!(too_long.code(), Code::ResourceExhausted, "{too_long:?}");
+    let too_many_shards = process_call(&mut client, request(TEXT, options(6, pb::Layout::Contiguous))).await.err().unwrap();
+    assert_eq!(too_many_shards.code(), Code::ResourceExhausted, "{too_many_shards:?}");
+    let bad = process_call(&mut client, request("", options(2, pb::Layout::Contiguous))).await.err().unwrap();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let ok = process_call(&mut client, request(&TEXT.repeat(10), options(4, pb::Layout::Contiguous))).await.unwrap();
+    assert_eq!(ok.kinds.last(), Some(&"done"));
+
+    // A coordinator whose only worker has too small a memory budget refuses, naming the worker.
+    let list = small.host_port.clone();
+    let tight = start_coordinator(&model, &["--workers", &list, "--probe-ms", "200"], logs("limits-tight")).await;
+    let mut tight_client = TomeClient::connect(tight.addr.clone()).await.unwrap();
+    wait_for_workers(&mut tight_client, 1).await;
+    let refused = process_call(&mut tight_client, request(&long, options(2, pb::Layout::Contiguous))).await.err().unwrap();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.message().contains(&small.host_port), "{}", refused.message());
+    let fits = process_call(&mut tight_client, request(TEXT, options(2, pb::Layout::Contiguous))).await.unwrap();
+    assert_eq!(fits.kinds.last(), Some(&"done"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_fails_that_job_with_unavailable_and_the_cluster_keeps_serving() {
+    let Some(model) = minilm() else { return };
+    let Some(long) = long_text() else { return };
+    let w1 = start_worker(&model, &[], logs("fault-w1")).await;
+    let w2 = start_worker(&model, &[], logs("fault-w2")).await;
+    let mut doomed = start_worker(&model, &[], logs("fault-w3")).await;
+    let list = format!("{},{},{}", w1.host_port, w2.host_port, doomed.host_port);
+    let coordinator = start_coordinator(&model, &["--workers", &list, "--probe-ms", "200"], logs("fault-c")).await;
+    let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
+    wait_for_workers(&mut client, 3).await;
+
+    let mut stream = start_long_job(&mut client, &long, 3).await;
+    doomed.child.kill().unwrap();
+    let _ = doomed.child.wait();
+    let failed = loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the job finished although a worker was killed"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+    wait_idle(&[&w1, &w2]).await;
+    // The dead worker drops out of the membership, and the next job runs on the others.
+    wait_for_workers(&mut client, 2).await;
+    let ok = process_call(&mut client, request(&TEXT.repeat(10), options(3, pb::Layout::Contiguous))).await.unwrap();
+    assert_eq!(ok.kinds.last(), Some(&"done"));
+}
