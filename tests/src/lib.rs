@@ -82,8 +82,11 @@ impl Drop for Server {
 /// Starts `tome ARGS --listen 127.0.0.1:PORT` and waits until health reports `service` SERVING.
 /// With `log`, stderr goes to that file.
 pub async fn spawn_serving(args: &[&str], service: &str, log: Option<PathBuf>) -> Server {
-    let port = free_port();
-    let host_port = format!("127.0.0.1:{port}");
+    spawn_serving_at(args, service, log, format!("127.0.0.1:{}", free_port())).await
+}
+
+/// As [`spawn_serving`], listening on `host_port`.
+pub async fn spawn_serving_at(args: &[&str], service: &str, log: Option<PathBuf>, host_port: String) -> Server {
     let mut cmd = Command::new(tome_bin());
     cmd.args(args).args(["--listen", &host_port]).stdout(Stdio::null());
     if let Some(path) = &log {
@@ -125,10 +128,15 @@ pub async fn start_server(model: &Path, extra: &[&str]) -> Server {
 
 /// A worker process (`tome serve worker`), logging to `log`.
 pub async fn start_worker(model: &Path, extra: &[&str], log: PathBuf) -> Server {
+    start_worker_at(model, extra, log, format!("127.0.0.1:{}", free_port())).await
+}
+
+/// A worker process listening on `host_port`.
+pub async fn start_worker_at(model: &Path, extra: &[&str], log: PathBuf, host_port: String) -> Server {
     let model = model.to_string_lossy();
     let mut args = vec!["--log", "info,tome_net=debug", "serve", "worker", "--model", &model];
     args.extend_from_slice(extra);
-    spawn_serving(&args, "tome.v1.Worker", Some(log)).await
+    spawn_serving_at(&args, "tome.v1.Worker", Some(log), host_port).await
 }
 
 /// A coordinator process (`tome serve coordinator`), logging to `log`.

@@ -1,0 +1,141 @@
+//! One conformance suite for both membership backends, through a real coordinator's view
+//! (`Info.workers`) of real worker processes: the static `--workers` list (probed) and etcd
+//! (a real etcd started here; workers register with a lease). Both must: list the live workers,
+//! drop one that shuts down gracefully at once and one that is killed within a few seconds, run
+//! jobs on whoever is left with the embedded default's outputs, and take a worker that (re)joins.
+
+use std::time::Duration;
+
+use tome_e2e::*;
+use tome_proto::v1 as pb;
+use tome_proto::v1::tome_client::TomeClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+enum Backend {
+    Static,
+    Etcd(Etcd),
+}
+
+impl Backend {
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Static => "static",
+            Backend::Etcd(_) => "etcd",
+        }
+    }
+
+    fn worker_args(&self) -> Vec<String> {
+        match self {
+            Backend::Static => Vec::new(),
+            Backend::Etcd(e) => vec!["--etcd".into(), e.endpoint.clone(), "--etcd-ttl-seconds".into(), "2".into()],
+        }
+    }
+
+    /// `addresses`: every address a worker will ever listen on (a static list names them all).
+    fn coordinator_args(&self, addresses: &[String]) -> Vec<String> {
+        match self {
+            Backend::Static => vec!["--workers".into(), addresses.join(","), "--probe-ms".into(), "200".into()],
+            Backend::Etcd(e) => vec!["--etcd".into(), e.endpoint.clone()],
+        }
+    }
+}
+
+fn log(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tome-membership-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{name}.log"))
+}
+
+async fn live(client: &mut TomeClient<Channel>) -> Vec<String> {
+    client.info(pb::InfoRequest {}).await.unwrap().into_inner().workers
+}
+
+/// Waits until the coordinator lists exactly `want` (as "name@address", names being addresses).
+async fn wait_live(client: &mut TomeClient<Channel>, want: &[&str], within: Duration, what: &str) {
+    let deadline = std::time::Instant::now() + within;
+    let mut want: Vec<String> = want.iter().map(|a| format!("{a}@{a}")).collect();
+    want.sort();
+    loop {
+        let got = live(client).await;
+        if got == want {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: the coordinator lists {got:?}, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn job(text: &str, ranks: u32) -> pb::ProcessRequest {
+    let options = pb::ProcessOptions {
+        attention: Some(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 64 }),
+        position_extension: pb::PositionExtension::Tile as i32,
+        ranks,
+        ..Default::default()
+    };
+    pb::ProcessRequest { model: String::new(), input: Some(pb::process_request::Input::Text(text.as_bytes().to_vec())), options: Some(options) }
+}
+
+async fn conformance(backend: Backend) {
+    let Some(model) = minilm() else { return };
+    let name = backend.name();
+    let text = TEXT.repeat(8);
+    let reference = {
+        let server = start_server(&model, &[]).await;
+        let mut client = TomeClient::connect(server.addr.clone()).await.unwrap();
+        process_call(&mut client, job(&text, 4)).await.unwrap()
+    };
+    let addresses: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let worker_args = backend.worker_args();
+    let worker_args: Vec<&str> = worker_args.iter().map(String::as_str).collect();
+    let mut workers = Vec::new();
+    for (i, a) in addresses.iter().enumerate() {
+        workers.push(start_worker_at(&model, &worker_args, log(&format!("{name}-w{i}")), a.clone()).await);
+    }
+    let coordinator_args = backend.coordinator_args(&addresses);
+    let coordinator_args: Vec<&str> = coordinator_args.iter().map(String::as_str).collect();
+    let coordinator = start_coordinator(&model, &coordinator_args, log(&format!("{name}-c"))).await;
+    let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
+    let a: Vec<&str> = addresses.iter().map(String::as_str).collect();
+
+    wait_live(&mut client, &a, Duration::from_secs(20), "all workers up").await;
+    let got = process_call(&mut client, job(&text, 4)).await.unwrap();
+    assert!(max_diff(&got.document, &reference.document) <= 1e-5, "{name}: 3 workers");
+
+    // A graceful shutdown (SIGTERM): the worker leaves at once and exits cleanly.
+    workers[0].terminate();
+    assert_eq!(workers[0].wait_exit(Duration::from_secs(20)), Some(0), "{name}: worker 0 exit");
+    wait_live(&mut client, &a[1..], Duration::from_secs(5), "after SIGTERM").await;
+
+    // A crash (SIGKILL): gone once the probes fail or the lease expires.
+    workers[1].child.kill().unwrap();
+    let _ = workers[1].child.wait();
+    wait_live(&mut client, &a[2..], Duration::from_secs(15), "after SIGKILL").await;
+    let got = process_call(&mut client, job(&text, 4)).await.unwrap();
+    assert!(max_diff(&got.document, &reference.document) <= 1e-5, "{name}: 4 ranks on the last worker");
+
+    // A worker (re)joining at a known address is planned on again.
+    let back = start_worker_at(&model, &worker_args, log(&format!("{name}-w0-again")), addresses[0].clone()).await;
+    wait_live(&mut client, &[a[0], a[2]], Duration::from_secs(15), "after rejoining").await;
+    let got = process_call(&mut client, job(&text, 4)).await.unwrap();
+    assert!(max_diff(&got.document, &reference.document) <= 1e-5, "{name}: after rejoining");
+
+    // No worker left: UNAVAILABLE, and the coordinator still answers.
+    drop(back);
+    workers[2].child.kill().unwrap();
+    let _ = workers[2].child.wait();
+    wait_live(&mut client, &[], Duration::from_secs(15), "no workers").await;
+    let err = process_call(&mut client, job(&text, 2)).await.err().unwrap();
+    assert_eq!(err.code(), Code::Unavailable, "{name}: {err:?}");
+    assert!(client.info(pb::InfoRequest {}).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_membership_conforms() {
+    conformance(Backend::Static).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_membership_conforms() {
+    conformance(Backend::Etcd(Etcd::start().await)).await;
+}
