@@ -130,7 +130,9 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
         // The caller's trace reached every worker that ran a rank, and their peer streams.
         for w in &workers[..n] {
             let log = w.log_text();
-            assert!(log.contains(&trace_id), "worker {} logged no span of trace {trace_id}", w.host_port);
+            let traced = |what: &str| log.lines().any(|l| l.contains(&trace_id) && l.contains(what));
+            assert!(traced("shard done"), "worker {}: no shard span of trace {trace_id}", w.host_port);
+            assert!(traced("peer stream closed"), "worker {}: no peer stream span of trace {trace_id}", w.host_port);
         }
         if n == 4 {
             let coordinator_metrics = http_get(&metrics_addr, "/metrics");

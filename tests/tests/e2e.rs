@@ -45,6 +45,43 @@ async fn server_processes_documents_identically_on_any_number_of_ranks_and_refus
         }
     }
 
+    // The upload form: the request first, then the text in pieces (one split inside a UTF-8
+    // character) gives the same outputs; an upload must start with its request and stay within
+    // the byte limit.
+    let bytes = format!("{text}€").into_bytes();
+    let euro = bytes.len() - 2;
+    let opening = pb::ProcessRequest { input: None, ..text_request(b"", options(2)) };
+    let parts = vec![
+        pb::UploadChunk { part: Some(pb::upload_chunk::Part::Request(opening.clone())) },
+        pb::UploadChunk { part: Some(pb::upload_chunk::Part::Text(bytes[..100].to_vec())) },
+        pb::UploadChunk { part: Some(pb::upload_chunk::Part::Text(bytes[100..euro].to_vec())) },
+        pb::UploadChunk { part: Some(pb::upload_chunk::Part::Text(bytes[euro..].to_vec())) },
+    ];
+    let mut stream = client.process_upload(tokio_stream::iter(parts)).await.unwrap().into_inner();
+    let (mut uploaded, mut whole) = (None, None);
+    while let Some(ev) = stream.message().await.unwrap() {
+        if let Some(pb::process_event::Event::Document(d)) = ev.event {
+            uploaded = d.embedding;
+        }
+    }
+    let mut direct = client.process(text_request(&bytes, options(2))).await.unwrap().into_inner();
+    while let Some(ev) = direct.message().await.unwrap() {
+        if let Some(pb::process_event::Event::Document(d)) = ev.event {
+            whole = d.embedding;
+        }
+    }
+    assert_eq!(uploaded.unwrap().data, whole.unwrap().data, "an upload equals the same text in one message");
+    let headless = vec![pb::UploadChunk { part: Some(pb::upload_chunk::Part::Text(b"text first".to_vec())) }];
+    let err = client.process_upload(tokio_stream::iter(headless)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let huge = vec![
+        pb::UploadChunk { part: Some(pb::upload_chunk::Part::Request(opening)) },
+        pb::UploadChunk { part: Some(pb::upload_chunk::Part::Text(vec![b'a'; 40 << 20])) },
+        pb::UploadChunk { part: Some(pb::upload_chunk::Part::Text(vec![b'a'; 30 << 20])) },
+    ];
+    let err = client.process_upload(tokio_stream::iter(huge)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
     // The CLI against this server writes the same document embedding.
     let out = std::env::temp_dir().join(format!("tome-e2e-{}", std::process::id()));
     let file = out.join("doc.txt");

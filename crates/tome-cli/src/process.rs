@@ -74,6 +74,25 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", s.message(), s.code())
 }
 
+/// Texts above this size go to a remote coordinator as an upload (ProcessUpload), in pieces of
+/// this size, so no message nears the server's limit.
+const UPLOAD_PIECE_BYTES: usize = 1 << 20;
+const UPLOAD_ABOVE_BYTES: usize = 4 << 20;
+
+/// The request as an upload: the request without its text first, then the text in pieces.
+fn upload(mut req: pb::ProcessRequest) -> Vec<pb::UploadChunk> {
+    let text = match req.input.take() {
+        Some(pb::process_request::Input::Text(t)) => t,
+        other => {
+            req.input = other;
+            Vec::new()
+        }
+    };
+    let mut parts = vec![pb::UploadChunk { part: Some(pb::upload_chunk::Part::Request(req)) }];
+    parts.extend(text.chunks(UPLOAD_PIECE_BYTES).map(|c| pb::UploadChunk { part: Some(pb::upload_chunk::Part::Text(c.to_vec())) }));
+    parts
+}
+
 pub async fn process(args: ProcessArgs) -> anyhow::Result<()> {
     let req = request(&args)?;
     let stream: EventStream = match &args.coordinator {
@@ -82,7 +101,13 @@ pub async fn process(args: ProcessArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("connecting to {addr}"))?
                 .max_decoding_message_size(args.embedded.max_message_bytes);
-            Box::pin(client.process(Request::new(req)).await.map_err(status_error)?.into_inner())
+            let large = matches!(&req.input, Some(pb::process_request::Input::Text(t)) if t.len() > UPLOAD_ABOVE_BYTES);
+            if large {
+                let parts = tokio_stream::iter(upload(req));
+                Box::pin(client.process_upload(Request::new(parts)).await.map_err(status_error)?.into_inner())
+            } else {
+                Box::pin(client.process(Request::new(req)).await.map_err(status_error)?.into_inner())
+            }
         }
         None => {
             let coordinator = embedded::coordinator(&args.embedded)?;
@@ -153,6 +178,7 @@ async fn collect(mut stream: EventStream, quiet: bool) -> anyhow::Result<Collect
                 c.done = Some(json!({
                     "tokens": d.tokens, "tokenize_seconds": d.tokenize_seconds, "compute_seconds": d.compute_seconds,
                     "total_seconds": d.total_seconds, "bytes_exchanged": d.bytes_exchanged,
+                    "wire_bytes_exchanged": d.wire_bytes_exchanged,
                 }));
             }
         }
