@@ -8,3 +8,5 @@ scripts/fetch_data.sh
 # The end-to-end tests (tests/) run the `tome` binary as real processes: build it first.
 cargo build --locked -p tome-cli
 cargo test --workspace --locked
+# The NCCL Group builds everywhere (CUDA and NCCL load at run time); its tests skip without GPUs.
+cargo test --locked -p tome-net --features nccl

@@ -143,7 +143,6 @@ impl Cluster {
             shards,
             rank_addresses: addresses.clone(),
             traceparent: trace.to_string(),
-            nccl_unique_id: Vec::new(),
         };
         let spans = wire::spans_to_wire(&pool_targets(spec.doc.len(), spec.document, &spec.chunks));
         let layers: Vec<pb::AttentionOverride> = spec.doc.layers.iter().map(|&l| wire::layer_to_wire(l)).collect();

@@ -20,7 +20,7 @@ pub enum CodecError {
 compile_error!("tome's wire carries little-endian element bytes and decodes them in place: build for a little-endian target");
 
 /// Element bytes of a flat tensor, in its own type (little-endian: the host's order).
-fn raw_bytes(flat: &Tensor) -> Result<Vec<u8>, CodecError> {
+pub(crate) fn raw_bytes(flat: &Tensor) -> Result<Vec<u8>, CodecError> {
     Ok(match flat.dtype() {
         DType::F32 => bytemuck::cast_slice(&flat.to_vec1::<f32>()?).to_vec(),
         DType::U32 => bytemuck::cast_slice(&flat.to_vec1::<u32>()?).to_vec(),

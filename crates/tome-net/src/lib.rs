@@ -9,6 +9,8 @@
 
 mod codec;
 mod hub;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod peer_group;
 pub mod traceparent;
 

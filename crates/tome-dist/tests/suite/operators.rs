@@ -1,7 +1,8 @@
 //! The operator suite, run by every Group backend: P ranks == 1 rank, for every operator,
 //! layout and awkward shard shape; the 1-rank operators against naive references; and the bytes
 //! each plan sends, counted exactly. The including test crate provides `launch`, which runs a
-//! closure on each rank of a new group of its backend.
+//! closure on each rank of a new group of its backend, and `available`, which says whether
+//! the backend can run here (when not, every test returns at once, the crate saying why).
 
 use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -93,6 +94,9 @@ fn plans(n: usize, p: usize) -> Vec<ShardPlan> {
 
 #[test]
 fn dense_p_ranks_equal_one_rank() {
+    if !crate::available() {
+        return;
+    }
     for &n in &[1, 4, 37, 130] {
         for &causal in &[false, true] {
             let x = inputs(n, n as u64, true, false);
@@ -154,6 +158,9 @@ fn naive_window(x: &Inputs, w: usize, causal: bool, globals: &[usize]) -> Tensor
 
 #[test]
 fn window_p_ranks_equal_one_rank_and_the_naive_reference() {
+    if !crate::available() {
+        return;
+    }
     for &n in &[1, 5, 23, 90] {
         for &w in &[0, 1, 4, 30, 200] {
             for &causal in &[false, true] {
@@ -186,6 +193,9 @@ fn window_p_ranks_equal_one_rank_and_the_naive_reference() {
 
 #[test]
 fn plans_send_exactly_the_bytes_they_need() {
+    if !crate::available() {
+        return;
+    }
     // Per token: keys and values of 2 heads x 6 dims in f32 (96 bytes), plus one validity byte;
     // the ring also carries each key's position (8 bytes).
     let row = (2 * H * D * 4 + 1) as u64;
@@ -214,6 +224,9 @@ fn plans_send_exactly_the_bytes_they_need() {
 
 #[test]
 fn refusals_and_peer_failures_are_errors() {
+    if !crate::available() {
+        return;
+    }
     let x = inputs(8, 3, false, false);
     let plan = ShardPlan::new(Layout::Contiguous, 8, 2).unwrap();
     let spec = WindowSpec { one_sided: 2, causal: true, scale: 1.0 };
@@ -238,6 +251,9 @@ fn refusals_and_peer_failures_are_errors() {
 
 #[test]
 fn collectives() {
+    if !crate::available() {
+        return;
+    }
     let got = launch(4, |g: &dyn Group| -> tome_dist::Result<_> {
         let t = Tensor::new(&[g.rank() as f32 + 1.0, 10.0], &Device::Cpu)?;
         let sum = g.all_reduce_sum(&t)?.to_vec1::<f32>()?;
@@ -269,6 +285,9 @@ mod blocksparse {
 
     #[test]
     fn p_ranks_equal_one_rank_and_the_naive_reference() {
+        if !crate::available() {
+            return;
+        }
         let randoms = [RandomBlocks::None, RandomBlocks::AllZero(2), RandomBlocks::Seeded { r: 2, seed: 11 }];
         for &(n, block) in &[(1, 4), (9, 4), (61, 4), (100, 7), (130, 16)] {
             for random in &randoms {
@@ -296,6 +315,9 @@ mod blocksparse {
 
     #[test]
     fn fetches_only_the_listed_blocks() {
+        if !crate::available() {
+            return;
+        }
         // 8 blocks of 2 tokens over 2 ranks ([0,8) and [8,16)), no random blocks.
         // Rank 0's middle query blocks 1..3 need blocks 0..4 and the last (7): it fetches
         // block 4 and block 7 (4 rows). Rank 1's blocks 4..6 need 0, 3..7: it fetches blocks 0
@@ -322,6 +344,9 @@ mod favor {
 
     #[test]
     fn p_ranks_equal_one_rank_and_the_reference() {
+        if !crate::available() {
+            return;
+        }
         let proj = orthogonal_projection(10, D, 3).unwrap();
         // Rows of a block are orthogonal.
         let p = proj.to_vec2::<f32>().unwrap();
@@ -355,6 +380,9 @@ mod favor {
 
     #[test]
     fn sends_the_state_not_the_keys() {
+        if !crate::available() {
+            return;
+        }
         // m = 10 features, dv = 6, 2 heads, 3 ranks. Stabiliser: all-gather of 2 floats.
         // Bidirectional: all-reduce (all-gather) of the context (2x10x6) and key sum (2x10).
         // Causal: a chain of 2 sends of the (context, key sum) state.
@@ -390,6 +418,9 @@ mod moe {
 
     #[test]
     fn capacity_is_decided_in_global_token_order_on_any_number_of_ranks() {
+        if !crate::available() {
+            return;
+        }
         let mut rng = StdRng::seed_from_u64(5);
         let (n, experts, capacity) = (57, 4, 11);
         let logits: Vec<Vec<f32>> = (0..n).map(|_| (0..experts).map(|_| rng.random_range(-3.0f32..3.0)).collect()).collect();
@@ -506,6 +537,9 @@ mod recurrent {
 
     #[test]
     fn transformer_xl_p_ranks_equal_one_rank_and_the_naive_reference() {
+        if !crate::available() {
+            return;
+        }
         let l = layer(1);
         for &(n, seg, mem) in &[(1, 4, 4), (23, 4, 6), (40, 5, 12), (37, 8, 3)] {
             let x = input(n, n as u64);
@@ -540,6 +574,9 @@ mod recurrent {
 
     #[test]
     fn compressive_p_ranks_equal_one_rank_and_the_naive_reference() {
+        if !crate::available() {
+            return;
+        }
         let l = layer(2);
         let mut rng = StdRng::seed_from_u64(4);
         let conv_w = Tensor::from_vec((0..W * W * 2).map(|_| rng.random_range(-0.5f32..0.5)).collect::<Vec<_>>(), (W, W, 2), &Device::Cpu).unwrap();
@@ -592,6 +629,9 @@ mod recurrent {
     /// passed on its memory), not after the previous rank has finished every layer.
     #[test]
     fn ranks_work_on_the_layers_at_once() {
+        if !crate::available() {
+            return;
+        }
         use std::sync::Mutex;
         use std::time::{Duration, Instant};
         let (n, seg, layers) = (16, 4, 4);
@@ -623,6 +663,9 @@ mod recurrent {
 
     #[test]
     fn misaligned_or_reordered_shards_are_refused() {
+        if !crate::available() {
+            return;
+        }
         let x = input(20, 1);
         let first = XlMemory::empty(4, W).unwrap();
         let step = |m: &XlMemory, s: &Tensor| Ok(Tensor::cat(&[&m.mem, s], 0)?.narrow(0, m.mem.dim(0)?, s.dim(0)?)?);
@@ -639,6 +682,9 @@ mod local {
 
     #[test]
     fn chunked_local_attention_wraps_around_on_any_number_of_ranks() {
+        if !crate::available() {
+            return;
+        }
         for &(n, chunk, before, after, causal) in &[(40, 8, 1, 0, false), (45, 8, 1, 1, false), (64, 4, 2, 0, true), (6, 8, 1, 1, false)] {
             let pattern = BlockSparsePlan::local(n, chunk, H, before, after, causal).unwrap();
             let x = inputs(n, n as u64 + 500, n > 40, false);
@@ -657,6 +703,9 @@ mod local {
 
     #[test]
     fn the_look_back_halo_wraps_from_the_last_rank_to_the_first() {
+        if !crate::available() {
+            return;
+        }
         // 4 chunks of 4 over [0,8) [8,16), one chunk of look-back: rank 0's chunk 0 needs chunk
         // 3 (rows 12..16, from rank 1), rank 1's chunk 2 needs chunk 1 (rows 4..8, from rank 0).
         let pattern = BlockSparsePlan::local(16, 4, H, 1, 0, false).unwrap();
@@ -684,6 +733,9 @@ mod lsh {
 
     #[test]
     fn p_ranks_equal_one_rank_and_the_naive_reference() {
+        if !crate::available() {
+            return;
+        }
         let specs = [
             LshSpec { n_hashes: 1, n_buckets: 4, chunk_len: 4, chunks_before: 1, chunks_after: 0 },
             LshSpec { n_hashes: 2, n_buckets: 6, chunk_len: 5, chunks_before: 1, chunks_after: 1 },
@@ -710,6 +762,9 @@ mod lsh {
 
     #[test]
     fn sends_items_to_their_chunks_and_back_and_nothing_more() {
+        if !crate::available() {
+            return;
+        }
         let spec = LshSpec { n_hashes: 2, n_buckets: 4, chunk_len: 4, chunks_before: 1, chunks_after: 0 };
         let (n, p) = (24, 3);
         let x = inputs(n, 77, false, false);
