@@ -79,20 +79,29 @@ impl Drop for Server {
     }
 }
 
-/// Starts `tome ARGS --listen 127.0.0.1:PORT` and waits until health reports `service` SERVING.
+/// Starts `tome ARGS --listen 127.0.0.1:0` and waits until health reports `service` SERVING.
 /// With `log`, stderr goes to that file.
 pub async fn spawn_serving(args: &[&str], service: &str, log: Option<PathBuf>) -> Server {
-    spawn_serving_at(args, service, log, format!("127.0.0.1:{}", free_port())).await
+    spawn_serving_at(args, service, log, "127.0.0.1:0".into()).await
 }
 
-/// As [`spawn_serving`], listening on `host_port`.
-pub async fn spawn_serving_at(args: &[&str], service: &str, log: Option<PathBuf>, host_port: String) -> Server {
+/// As [`spawn_serving`], listening on `listen`. The port a server got is the one it prints
+/// (`tome listening on ADDR`), so port 0 never races with other tests for a free port.
+pub async fn spawn_serving_at(args: &[&str], service: &str, log: Option<PathBuf>, listen: String) -> Server {
     let mut cmd = Command::new(tome_bin());
-    cmd.args(args).args(["--listen", &host_port]).stdout(Stdio::null());
+    cmd.args(args).args(["--listen", &listen]).stdout(Stdio::piped());
     if let Some(path) = &log {
         cmd.stderr(std::fs::File::create(path).unwrap());
     }
-    let child = cmd.spawn().unwrap();
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    });
+    let line = tokio::time::timeout(Duration::from_secs(120), line).await.expect("the server did not say where it listens").unwrap().unwrap();
+    let host_port = line.trim().strip_prefix("tome listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
     let server = Server { child, addr: format!("http://{host_port}"), host_port, log };
     wait_serving(&server.addr, service, Duration::from_secs(60)).await;
     server
@@ -251,3 +260,19 @@ pub fn read_npy(path: &Path) -> Vec<f32> {
     npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
 }
 
+
+/// The services `addr` lists through gRPC reflection.
+pub async fn reflection_services(addr: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let channel = Channel::from_shared(addr.to_string()).unwrap().connect().await.unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut responses = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let resp = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no service list") };
+    list.service.into_iter().map(|s| s.name).collect()
+}

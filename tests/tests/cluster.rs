@@ -111,7 +111,9 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
         let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
         wait_for_workers(&mut client, n).await;
         for ranks in [1, n as u32, 4] {
-            let got = process_call(&mut client, request(&text, options(ranks, pb::Layout::Contiguous))).await.unwrap();
+            let got = process_call(&mut client, request(&text, options(ranks, pb::Layout::Contiguous)))
+                .await
+                .unwrap_or_else(|e| panic!("{ranks} ranks on {n} workers: {e:?}"));
             assert_eq!(got.kinds.first(), Some(&"accepted"));
             assert_eq!(got.kinds.last(), Some(&"done"));
             assert_same(&got, &reference, &format!("{ranks} ranks on {n} workers"));
@@ -120,7 +122,7 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
         let mut traced = tonic::Request::new(request(&text, options(4, pb::Layout::Zigzag)));
         let trace_id = format!("4bf92f3577b34da6a3ce929d0e0e47{n:02}");
         traced.metadata_mut().insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap());
-        let got = process_call(&mut client, traced).await.unwrap();
+        let got = process_call(&mut client, traced).await.unwrap_or_else(|e| panic!("zigzag on {n} workers: {e:?}"));
         assert_same(&got, &reference_zigzag, &format!("zigzag on {n} workers"));
         let (done, want) = (got.done.unwrap(), reference_zigzag.done.clone().unwrap());
         assert_eq!(done.bytes_exchanged, want.bytes_exchanged, "bytes between ranks on {n} workers");
@@ -141,6 +143,12 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
             }
         }
     }
+    // Every server says what it serves, and only that.
+    let names = reflection_services(&workers[0].addr).await;
+    for want in ["tome.v1.Worker", "tome.v1.Peer", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from the worker's {names:?}");
+    }
+    assert!(!names.iter().any(|n| n == "tome.v1.Tome"), "a worker does not serve tome.v1.Tome: {names:?}");
     let metrics = http_get(&worker_metrics[0], "/metrics");
     for name in ["tome_peer_bytes_sent_total", "tome_worker_shards_total", "tome_worker_shard_seconds", "tome_worker_shards_running"] {
         assert!(metrics.contains(name), "worker metrics lack {name}");
@@ -249,4 +257,38 @@ async fn a_worker_killed_mid_job_fails_that_job_with_unavailable_and_the_cluster
     wait_for_workers(&mut client, 2).await;
     let ok = process_call(&mut client, request(&TEXT.repeat(10), options(3, pb::Layout::Contiguous))).await.unwrap();
     assert_eq!(ok.kinds.last(), Some(&"done"));
+}
+
+/// Reads a job's stream to its end: Ok(()) on Done, the status otherwise.
+async fn finish(mut stream: tonic::Streaming<pb::ProcessEvent>) -> Result<(), tonic::Status> {
+    while let Some(ev) = stream.message().await? {
+        if let Some(pb::process_event::Event::Done(_)) = ev.event {
+            return Ok(());
+        }
+    }
+    Err(tonic::Status::internal("the stream ended without Done"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_jobs_in_flight_finish_within_the_grace_period_and_cancels_them_after() {
+    let Some(model) = minilm() else { return };
+    let Some(long) = long_text() else { return };
+    let w1 = start_worker(&model, &[], logs("drain-w1")).await;
+    let w2 = start_worker(&model, &[], logs("drain-w2")).await;
+    let list = format!("{},{}", w1.host_port, w2.host_port);
+    for (grace, finishes) in [("60", true), ("1", false)] {
+        let mut coordinator = start_coordinator(&model, &["--workers", &list, "--probe-ms", "200", "--grace-seconds", grace], logs(&format!("drain-c{grace}"))).await;
+        let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
+        wait_for_workers(&mut client, 2).await;
+        let stream = start_long_job(&mut client, &long, 2).await;
+        coordinator.terminate();
+        let ended = finish(stream).await;
+        if finishes {
+            assert!(ended.is_ok(), "grace {grace}: {ended:?}");
+        } else {
+            assert_eq!(ended.unwrap_err().code(), Code::Unavailable, "grace {grace}");
+        }
+        assert_eq!(coordinator.wait_exit(Duration::from_secs(30)), Some(0), "grace {grace}: exit");
+        wait_idle(&[&w1, &w2]).await;
+    }
 }

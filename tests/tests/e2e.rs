@@ -153,21 +153,11 @@ fn token_id_conformance_path_writes_hidden_states_on_any_number_of_ranks() {
 
 /// grpcurl-style discovery: the reflection service lists the public API and health.
 async fn assert_reflection_lists_services(addr: &str) {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-
-    let channel = Channel::from_shared(addr.to_string()).unwrap().connect().await.unwrap();
-    let mut client = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut responses = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
-    let resp = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no service list") };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let names = reflection_services(addr).await;
     for want in ["tome.v1.Tome", "grpc.health.v1.Health"] {
         assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
+    assert!(!names.iter().any(|n| n == "tome.v1.Worker"), "the embedded server does not serve tome.v1.Worker: {names:?}");
 }
 
 #[test]

@@ -32,7 +32,7 @@ impl Backend {
         }
     }
 
-    /// `addresses`: every address a worker will ever listen on (a static list names them all).
+    /// `addresses`: every address a worker will listen on (a static list names them all).
     fn coordinator_args(&self, addresses: &[String]) -> Vec<String> {
         match self {
             Backend::Static => vec!["--workers".into(), addresses.join(","), "--probe-ms".into(), "200".into()],
@@ -85,13 +85,13 @@ async fn conformance(backend: Backend) {
         let mut client = TomeClient::connect(server.addr.clone()).await.unwrap();
         process_call(&mut client, job(&text, 4)).await.unwrap()
     };
-    let addresses: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
     let worker_args = backend.worker_args();
     let worker_args: Vec<&str> = worker_args.iter().map(String::as_str).collect();
     let mut workers = Vec::new();
-    for (i, a) in addresses.iter().enumerate() {
-        workers.push(start_worker_at(&model, &worker_args, log(&format!("{name}-w{i}")), a.clone()).await);
+    for i in 0..3 {
+        workers.push(start_worker(&model, &worker_args, log(&format!("{name}-w{i}"))).await);
     }
+    let addresses: Vec<String> = workers.iter().map(|w| w.host_port.clone()).collect();
     let coordinator_args = backend.coordinator_args(&addresses);
     let coordinator_args: Vec<&str> = coordinator_args.iter().map(String::as_str).collect();
     let coordinator = start_coordinator(&model, &coordinator_args, log(&format!("{name}-c"))).await;

@@ -39,9 +39,10 @@ pub fn config(args: &EmbeddedArgs) -> CoordinatorConfig {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     crate::serve::install_metrics(&args.ops)?;
     let coordinator = Arc::new(coordinator(&args.embedded)?);
-    eprintln!("tome: serving {} model(s) on {} with {} ranks per job", args.embedded.models.len(), args.listen, args.embedded.ranks);
+    let listener = crate::serve::bind(args.listen).await?;
+    eprintln!("tome: serving {} model(s) with {} ranks per job", args.embedded.models.len(), args.embedded.ranks);
     let grace = std::time::Duration::from_secs(args.ops.grace_seconds);
-    serve(args.listen, coordinator, grace, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
+    serve(listener, coordinator, grace, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }
 
 pub async fn shutdown_signal() {

@@ -19,6 +19,14 @@ pub async fn serve(command: ServeCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Binds the server's address and says where it listens on stdout (one line, `tome listening
+/// on ADDR`), which scripts and tests read when the port is 0 (any free port).
+pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    println!("tome listening on {}", listener.local_addr()?);
+    Ok(listener)
+}
+
 /// Serves Prometheus metrics on `--metrics-listen`, when given.
 pub fn install_metrics(ops: &OpsArgs) -> anyhow::Result<()> {
     if let Some(addr) = ops.metrics_listen {
@@ -45,9 +53,9 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let limits = config(&args.embedded);
     let cluster = Arc::new(Cluster::new(membership, limits.limits.max_message_bytes, limits.hidden_rows_per_message));
     let coordinator = Arc::new(Coordinator::with_cluster(load_models(&args.embedded)?, limits, cluster)?);
-    eprintln!("tome: coordinator on {}", args.listen);
+    let listener = bind(args.listen).await?;
     let grace = Duration::from_secs(args.ops.grace_seconds);
-    tome_coordinator::serve(args.listen, coordinator, grace, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
+    tome_coordinator::serve(listener, coordinator, grace, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
@@ -62,7 +70,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     }
     let warm = models.clone();
     tokio::task::spawn_blocking(move || tome_worker::warm_up(&warm)).await.context("warming up")??;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let listener = bind(args.listen).await?;
     let bound = listener.local_addr()?;
     let advertise = args.advertise.clone().unwrap_or_else(|| bound.to_string());
     let name = args.name.clone().unwrap_or_else(|| advertise.clone());
@@ -81,7 +89,6 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         ttl: Duration::from_secs(args.etcd_ttl_seconds.max(1)),
     });
     let options = ServeOptions { max_message_bytes: args.max_message_bytes, grace: Duration::from_secs(args.ops.grace_seconds), etcd };
-    // Tests and scripts read this line to learn the port when listening on port 0.
-    println!("tome worker {name} listening on {advertise}");
+    eprintln!("tome: worker {name}, reached at {advertise}");
     tome_worker::serve(listener, service, hub, options, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }

@@ -4,10 +4,11 @@
 //! the grace period, cancels the rest, and stops.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
 use tome_proto::v1::tome_server::TomeServer;
 use tonic::transport::Server;
 use tracing::{info, warn};
@@ -16,7 +17,7 @@ use crate::service::Coordinator;
 
 /// Serves until `shutdown` resolves, then shuts down gracefully within `grace`.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     coordinator: Arc<Coordinator>,
     grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -27,9 +28,13 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tome_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Only what this server serves (the descriptor set describes every tome service).
+        .with_service_name("tome.v1.Tome")
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
     let tome = TomeServer::from_arc(coordinator.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
-    info!(%addr, "serving tome.v1.Tome");
+    info!(addr = %listener.local_addr()?, "serving tome.v1.Tome");
     let shutdown = async move {
         shutdown.await;
         health.set_not_serving::<TomeServer<Coordinator>>().await;
@@ -45,7 +50,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(tome)
-        .serve_with_shutdown(addr, shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -51,3 +51,38 @@ fn frames_on_the_wire_cost_little_beyond_their_elements() {
     let overhead = (wire - element) as f64 / element as f64;
     assert!(overhead < 0.001, "framing overhead {overhead}");
 }
+
+#[test]
+fn a_receiver_that_does_not_keep_up_holds_the_sender_back() {
+    use candle_core::{Device, Tensor};
+    use std::time::{Duration, Instant};
+    let h = hubs();
+    let addresses = vec![h.addresses[0].clone(), h.addresses[1].clone()];
+    // 16 frames of 4 MiB: far more than the inbox (4 frames), the outgoing queue (2) and the
+    // HTTP/2 windows hold, so most sends must wait for the receiver.
+    let frames = 16;
+    let pause = Duration::from_millis(800);
+    let started = Instant::now();
+    let sent_all_after = std::thread::scope(|scope| {
+        let sender = scope.spawn(|| {
+            let g = h.hubs[0].join("backpressure", 0, &addresses, None).unwrap();
+            for _ in 0..frames {
+                g.send(1, vec![Tensor::zeros(1 << 20, candle_core::DType::F32, &Device::Cpu).unwrap()]).unwrap();
+            }
+            let done = started.elapsed();
+            g.barrier().unwrap();
+            done
+        });
+        let receiver = scope.spawn(|| {
+            let g = h.hubs[1].join("backpressure", 1, &addresses, None).unwrap();
+            std::thread::sleep(pause);
+            for _ in 0..frames {
+                assert_eq!(g.recv(0).unwrap()[0].dims(), &[1 << 20]);
+            }
+            g.barrier().unwrap();
+        });
+        receiver.join().unwrap();
+        sender.join().unwrap()
+    });
+    assert!(sent_all_after >= pause, "the sender queued {frames} frames of 4 MiB in {sent_all_after:?}, before the receiver read any");
+}

@@ -49,6 +49,11 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tome_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Only what this server serves (the descriptor set describes every tome service).
+        .with_service_name("tome.v1.Worker")
+        .with_service_name("tome.v1.Peer")
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
     let registration = match &options.etcd {
         Some(e) => Some(EtcdRegistration::register(&e.endpoints, &e.prefix, &service.info(), e.ttl).await?),

@@ -371,3 +371,26 @@ impl pb::worker_server::Worker for WorkerService {
         Ok(Response::new(pb::CancelResponse { shards_cancelled: n as u32 }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit() {
+        let at = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(at("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(at("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(at("15S"), Some(Duration::from_secs(15)));
+        assert_eq!(at("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(at("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(at("9n"), Some(Duration::from_nanos(9)));
+        assert_eq!(at("5x"), None);
+        assert_eq!(at("S"), None);
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
+}
