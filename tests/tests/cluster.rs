@@ -124,7 +124,7 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
         traced.metadata_mut().insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap());
         let got = process_call(&mut client, traced).await.unwrap_or_else(|e| panic!("zigzag on {n} workers: {e:?}"));
         assert_same(&got, &reference_zigzag, &format!("zigzag on {n} workers"));
-        let (done, want) = (got.done.unwrap(), reference_zigzag.done.clone().unwrap());
+        let (done, want) = (got.done.unwrap(), reference_zigzag.done.unwrap());
         assert_eq!(done.bytes_exchanged, want.bytes_exchanged, "bytes between ranks on {n} workers");
         assert!(done.wire_bytes_exchanged >= done.bytes_exchanged);
         let framing = (done.wire_bytes_exchanged - done.bytes_exchanged) as f64 / done.bytes_exchanged as f64;

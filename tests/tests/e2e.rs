@@ -8,7 +8,6 @@ use std::process::Command;
 use tome_e2e::*;
 use tome_proto::v1 as pb;
 use tome_proto::v1::tome_client::TomeClient;
-use tonic::transport::Channel;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,7 +216,7 @@ impl Cluster {
         } else {
             None
         };
-        let (document, chunks, hidden) = assemble(&spec.plan, spec.document, spec.chunks.len(), spec.normalize, pooled, hidden_shards)?;
+        let tome_worker::Assembled { document, chunks, hidden } = assemble(&spec.plan, spec.document, spec.chunks.len(), spec.normalize, pooled, hidden_shards)?;
         info!(job = %job_id, ranks = addresses.len(), bytes, wire_bytes, "cluster job done");
         Ok(JobOutput { document, chunks, hidden, bytes_exchanged: bytes, wire_bytes_exchanged: wire_bytes, compute: started.elapsed() })
     }

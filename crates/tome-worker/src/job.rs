@@ -97,6 +97,16 @@ pub fn pool_targets(tokens: usize, document: bool, chunks: &[Range<usize>]) -> V
     spans
 }
 
+/// A job's outputs, put together from its ranks' results.
+pub struct Assembled {
+    /// `[width]`
+    pub document: Option<Tensor>,
+    /// `[chunks, width]`
+    pub chunks: Option<Tensor>,
+    /// `[tokens, width]`, in document order.
+    pub hidden: Option<Tensor>,
+}
+
 /// Puts a job's outputs together from its ranks' results: the pooled rows (rank 0's) split
 /// into document and chunks and normalised if asked, the hidden shards back in document order.
 pub fn assemble(
@@ -106,7 +116,7 @@ pub fn assemble(
     normalize: bool,
     pooled: Option<Tensor>,
     hidden_shards: Option<Vec<Tensor>>,
-) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>), WorkerError> {
+) -> Result<Assembled, WorkerError> {
     let hidden = match hidden_shards {
         Some(shards) => Some(plan.unshard(&shards, 0)?),
         None => None,
@@ -121,7 +131,7 @@ pub fn assemble(
             chunk_rows = Some(p.narrow(0, usize::from(document), chunks)?);
         }
     }
-    Ok((doc, chunk_rows, hidden))
+    Ok(Assembled { document: doc, chunks: chunk_rows, hidden })
 }
 
 /// Starts the job on its own thread; events (and a final error, if any) arrive on `events`.
@@ -163,6 +173,6 @@ fn run(spec: &JobSpec, events: &mpsc::Sender<Result<JobEvent, WorkerError>>, can
     let bytes_exchanged = outputs.iter().map(|o| o.bytes_sent).sum();
     let hidden_shards = spec.hidden.then(|| outputs.iter().filter_map(|o| o.hidden.clone()).collect());
     let pooled = outputs.into_iter().find_map(|o| o.pooled);
-    let (document, chunks, hidden) = assemble(&spec.plan, spec.document, spec.chunks.len(), spec.normalize, pooled, hidden_shards)?;
+    let Assembled { document, chunks, hidden } = assemble(&spec.plan, spec.document, spec.chunks.len(), spec.normalize, pooled, hidden_shards)?;
     Ok(JobOutput { document, chunks, hidden, bytes_exchanged, wire_bytes_exchanged: bytes_exchanged, compute: started.elapsed() })
 }
