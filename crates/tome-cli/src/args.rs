@@ -25,6 +25,8 @@ pub enum Command {
     Serve(ServeCommand),
     /// Process one document and write its outputs.
     Process(ProcessArgs),
+    /// Process a shelf of documents (a directory, a glob or a JSONL manifest), resumably.
+    Batch(BatchArgs),
     /// Show what a coordinator (or the embedded default) serves.
     Info(InfoArgs),
     /// Benchmarks: tome's side of scripts/bench/ (one JSON record per case).
@@ -210,29 +212,15 @@ pub enum PositionsArg {
     Tile,
 }
 
-#[derive(Args)]
-pub struct ProcessArgs {
-    /// The document: a UTF-8 text file (omit with --ids).
-    #[arg(required_unless_present = "ids")]
-    pub file: Option<PathBuf>,
-    /// Token ids instead of text: an int64 .npy file of shape [tokens].
-    #[arg(long, env = "TOME_IDS", conflicts_with = "file")]
-    pub ids: Option<PathBuf>,
-    /// A coordinator to send the document to (e.g. http://127.0.0.1:50051); without it the
-    /// embedded default runs in this process.
-    #[arg(long, env = "TOME_COORDINATOR")]
-    pub coordinator: Option<String>,
-    #[command(flatten)]
-    pub embedded: EmbeddedArgs,
+/// What to compute for a document, and how: shared by `process` and `batch`.
+#[derive(Args, Clone)]
+pub struct JobFlags {
     /// Model name on the coordinator (default: its first model).
     #[arg(long, env = "TOME_MODEL_NAME", default_value = "")]
     pub model_name: String,
     /// Outputs to compute.
     #[arg(long, value_enum, value_delimiter = ',', env = "TOME_EMIT", default_value = "document,chunks")]
     pub emit: Vec<Emit>,
-    /// Directory to write outputs into.
-    #[arg(long, env = "TOME_OUT", default_value = "out")]
-    pub out: PathBuf,
     /// Attention for every layer: `dense` or `window:W` (W even: each token sees W/2 each side);
     /// default: what the model's config says.
     #[arg(long, env = "TOME_ATTENTION")]
@@ -254,7 +242,78 @@ pub struct ProcessArgs {
     /// Token positions with global attention (window attention), e.g. 0,500.
     #[arg(long, value_delimiter = ',', env = "TOME_GLOBAL_TOKENS")]
     pub global_tokens: Vec<u64>,
+}
+
+#[derive(Args)]
+pub struct ProcessArgs {
+    /// The document: a UTF-8 text file (omit with --ids).
+    #[arg(required_unless_present = "ids")]
+    pub file: Option<PathBuf>,
+    /// Token ids instead of text: an int64 .npy file of shape [tokens].
+    #[arg(long, env = "TOME_IDS", conflicts_with = "file")]
+    pub ids: Option<PathBuf>,
+    /// A coordinator to send the document to (e.g. http://127.0.0.1:50051); without it the
+    /// embedded default runs in this process.
+    #[arg(long, env = "TOME_COORDINATOR")]
+    pub coordinator: Option<String>,
+    #[command(flatten)]
+    pub embedded: EmbeddedArgs,
+    #[command(flatten)]
+    pub job: JobFlags,
+    /// Directory to write outputs into.
+    #[arg(long, env = "TOME_OUT", default_value = "out")]
+    pub out: PathBuf,
     /// No progress bar.
+    #[arg(long, short, env = "TOME_QUIET")]
+    pub quiet: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+pub enum ProgressArg {
+    /// Progress bars (overall, and one per large document).
+    Bars,
+    /// One JSON object per line on stderr, for logs.
+    Json,
+    /// Nothing but the final report.
+    None,
+}
+
+#[derive(Args)]
+pub struct BatchArgs {
+    /// The documents: a directory of text files (recursively), a glob (e.g. 'books/*.txt'), or a
+    /// JSONL manifest (.jsonl: one {"id", "path" or "text", "options"} object per line).
+    pub input: String,
+    /// A coordinator to send the documents to; without it the embedded default runs here.
+    #[arg(long, env = "TOME_COORDINATOR")]
+    pub coordinator: Option<String>,
+    #[command(flatten)]
+    pub embedded: EmbeddedArgs,
+    #[command(flatten)]
+    pub job: JobFlags,
+    /// Directory for the outputs, the journal and the tables; rerunning with the same one
+    /// resumes (done documents are skipped, failed and changed ones redone).
+    #[arg(long, env = "TOME_OUT")]
+    pub out: PathBuf,
+    /// Documents processed at once.
+    #[arg(long, env = "TOME_BATCH_DOCUMENTS_IN_FLIGHT", default_value_t = 2)]
+    pub documents_in_flight: usize,
+    /// Tokens in flight at once (estimated from a document's bytes until the server counts
+    /// them); a larger document runs alone.
+    #[arg(long, env = "TOME_BATCH_TOKENS_IN_FLIGHT", default_value_t = 2_000_000)]
+    pub tokens_in_flight: usize,
+    /// Attempts after the first for a document the server could not take (busy, unavailable),
+    /// with exponential backoff.
+    #[arg(long, env = "TOME_BATCH_RETRIES", default_value_t = 3)]
+    pub retries: u32,
+    /// First backoff between attempts, in milliseconds (doubling each time).
+    #[arg(long, env = "TOME_BATCH_BACKOFF_MS", default_value_t = 500)]
+    pub backoff_ms: u64,
+    /// Documents at least this many (estimated) tokens long get a progress bar of their own.
+    #[arg(long, env = "TOME_BATCH_BAR_TOKENS", default_value_t = 20_000)]
+    pub bar_tokens: usize,
+    #[arg(long, value_enum, env = "TOME_PROGRESS", default_value = "bars")]
+    pub progress: ProgressArg,
+    /// Same as --progress none.
     #[arg(long, short, env = "TOME_QUIET")]
     pub quiet: bool,
 }

@@ -1,9 +1,11 @@
 //! The `tome` binary: `run` serves the embedded default (coordinator and ranks in one process),
-//! `serve coordinator` / `serve worker` the two processes of a cluster,
+//! `serve coordinator` / `serve worker` the two processes of a cluster, `batch` a shelf of
+//! documents (resumable),
 //! `process` sends one document (to the embedded default, or to a coordinator), `info` describes
 //! what a deployment serves, `bench` measures tome's side of the benchmark suite.
 
 mod args;
+mod batch;
 mod bench;
 mod embedded;
 mod outputs;
@@ -38,11 +40,17 @@ fn main() -> std::process::ExitCode {
             Command::Run(a) => embedded::run(a).await,
             Command::Serve(c) => serve::serve(c).await,
             Command::Process(a) => process::process(a).await,
+            Command::Batch(a) => return batch::run(a).await,
             Command::Info(a) => process::info(a).await,
             Command::Bench(_) => Ok(()), // handled above, off the runtime
         }
+        .map(|()| 0)
     });
-    finish(result)
+    match result {
+        Ok(0) => std::process::ExitCode::SUCCESS,
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => finish(Err(e)),
+    }
 }
 
 fn finish(result: anyhow::Result<()>) -> std::process::ExitCode {

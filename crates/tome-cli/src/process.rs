@@ -2,6 +2,7 @@
 //! embedded — the embedded one is called through its service trait, with no socket in between.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -9,15 +10,17 @@ use serde_json::json;
 use tokio_stream::{Stream, StreamExt};
 use tome_net::tensor_from_wire;
 use tome_proto::v1 as pb;
+use tome_coordinator::Coordinator;
 use tome_proto::v1::tome_client::TomeClient;
 use tome_proto::v1::tome_server::Tome;
+use tonic::transport::Channel;
 use tonic::Request;
 
-use crate::args::{Emit, InfoArgs, LayoutArg, PoolingArg, PositionsArg, ProcessArgs};
+use crate::args::{EmbeddedArgs, Emit, InfoArgs, JobFlags, LayoutArg, PoolingArg, PositionsArg, ProcessArgs};
 use crate::embedded;
 use crate::outputs::{read_ids_npy, Collected};
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ProcessEvent, tonic::Status>> + Send>>;
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ProcessEvent, tonic::Status>> + Send>>;
 
 fn attention(spec: &str) -> anyhow::Result<pb::AttentionOverride> {
     match spec.split_once(':') {
@@ -36,6 +39,11 @@ fn request(args: &ProcessArgs) -> anyhow::Result<pb::ProcessRequest> {
         (Some(file), None) => pb::process_request::Input::Text(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?),
         (None, None) => bail!("give a text file or --ids FILE.npy"),
     };
+    Ok(pb::ProcessRequest { model: args.job.model_name.clone(), input: Some(input), options: Some(options(&args.job, args.embedded.ranks)?) })
+}
+
+/// The request options `flags` ask for, on `ranks` ranks.
+pub fn options(args: &JobFlags, ranks: usize) -> anyhow::Result<pb::ProcessOptions> {
     let outputs = args
         .emit
         .iter()
@@ -59,7 +67,7 @@ fn request(args: &ProcessArgs) -> anyhow::Result<pb::ProcessRequest> {
             PositionsArg::Refuse => pb::PositionExtension::Unspecified,
             PositionsArg::Tile => pb::PositionExtension::Tile,
         } as i32,
-        ranks: args.embedded.ranks as u32,
+        ranks: ranks as u32,
         layout: match args.layout {
             LayoutArg::Contiguous => pb::Layout::Contiguous,
             LayoutArg::Zigzag => pb::Layout::Zigzag,
@@ -67,7 +75,7 @@ fn request(args: &ProcessArgs) -> anyhow::Result<pb::ProcessRequest> {
         global_tokens: args.global_tokens.clone(),
         hidden_dtype: pb::ElementType::F32 as i32,
     };
-    Ok(pb::ProcessRequest { model: args.model_name.clone(), input: Some(input), options: Some(options) })
+    Ok(options)
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
@@ -93,28 +101,54 @@ fn upload(mut req: pb::ProcessRequest) -> Vec<pb::UploadChunk> {
     parts
 }
 
+/// Where requests go: a coordinator over gRPC, or the embedded one in this process (called
+/// through its service trait, with no socket in between).
+#[derive(Clone)]
+pub enum Target {
+    Remote(TomeClient<Channel>),
+    Embedded(Arc<Coordinator>),
+}
+
+impl Target {
+    /// `coordinator` if given, else the embedded default built from `embedded`.
+    pub async fn new(coordinator: Option<&str>, embedded: &EmbeddedArgs) -> anyhow::Result<Self> {
+        Ok(match coordinator {
+            Some(addr) => {
+                let client = TomeClient::connect(addr.to_string())
+                    .await
+                    .with_context(|| format!("connecting to {addr}"))?
+                    .max_decoding_message_size(embedded.max_message_bytes)
+                    .max_encoding_message_size(embedded.max_message_bytes);
+                Target::Remote(client)
+            }
+            None => Target::Embedded(Arc::new(embedded::coordinator(embedded)?)),
+        })
+    }
+
+    /// Starts processing `req`; texts above 4 MiB go to a remote coordinator as an upload.
+    pub async fn open(&self, req: pb::ProcessRequest) -> Result<EventStream, tonic::Status> {
+        match self {
+            Target::Remote(client) => {
+                let mut client = client.clone();
+                let large = matches!(&req.input, Some(pb::process_request::Input::Text(t)) if t.len() > UPLOAD_ABOVE_BYTES);
+                if large {
+                    let parts = tokio_stream::iter(upload(req));
+                    Ok(Box::pin(client.process_upload(Request::new(parts)).await?.into_inner()))
+                } else {
+                    Ok(Box::pin(client.process(Request::new(req)).await?.into_inner()))
+                }
+            }
+            Target::Embedded(coordinator) => Ok(coordinator.process(Request::new(req)).await?.into_inner()),
+        }
+    }
+}
+
 pub async fn process(args: ProcessArgs) -> anyhow::Result<()> {
     let req = request(&args)?;
-    let stream: EventStream = match &args.coordinator {
-        Some(addr) => {
-            let mut client = TomeClient::connect(addr.clone())
-                .await
-                .with_context(|| format!("connecting to {addr}"))?
-                .max_decoding_message_size(args.embedded.max_message_bytes);
-            let large = matches!(&req.input, Some(pb::process_request::Input::Text(t)) if t.len() > UPLOAD_ABOVE_BYTES);
-            if large {
-                let parts = tokio_stream::iter(upload(req));
-                Box::pin(client.process_upload(Request::new(parts)).await.map_err(status_error)?.into_inner())
-            } else {
-                Box::pin(client.process(Request::new(req)).await.map_err(status_error)?.into_inner())
-            }
-        }
-        None => {
-            let coordinator = embedded::coordinator(&args.embedded)?;
-            coordinator.process(Request::new(req)).await.map_err(status_error)?.into_inner()
-        }
-    };
-    let collected = collect(stream, args.quiet).await?;
+    let target = Target::new(args.coordinator.as_deref(), &args.embedded).await?;
+    let stream = target.open(req).await.map_err(status_error)?;
+    let bar = if args.quiet { ProgressBar::hidden() } else { layer_bar() };
+    let collected = collect(stream, &bar).await.map_err(status_error)?;
     let files = collected.write(&args.out)?;
     let done = collected.done.clone().unwrap_or_default();
     println!(
@@ -124,10 +158,8 @@ pub async fn process(args: ProcessArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bar(quiet: bool) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
+/// A bar for one document's layers.
+pub fn layer_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar.set_style(
@@ -136,11 +168,13 @@ fn bar(quiet: bool) -> ProgressBar {
     bar
 }
 
-async fn collect(mut stream: EventStream, quiet: bool) -> anyhow::Result<Collected> {
+/// Reads a Process stream to its end; `bar` follows the layers. A stream that fails, or ends
+/// before Done, is an error with the server's code.
+pub async fn collect(mut stream: EventStream, bar: &ProgressBar) -> Result<Collected, tonic::Status> {
+    let bad = |e: anyhow::Error| tonic::Status::internal(format!("a malformed event: {e:#}"));
     let mut c = Collected::default();
-    let bar = bar(quiet);
     while let Some(ev) = stream.next().await {
-        let Some(ev) = ev.map_err(status_error)?.event else { continue };
+        let Some(ev) = ev?.event else { continue };
         match ev {
             pb::process_event::Event::Accepted(a) => {
                 bar.set_message(format!("{} tokens on {} ranks", a.tokens, a.ranks));
@@ -152,7 +186,7 @@ async fn collect(mut stream: EventStream, quiet: bool) -> anyhow::Result<Collect
             }
             pb::process_event::Event::Progress(p) => bar.set_position(p.layers_done as u64),
             pb::process_event::Event::Chunk(ch) => {
-                let emb = vector(ch.embedding.as_ref())?;
+                let emb = vector(ch.embedding.as_ref()).map_err(bad)?;
                 c.width = emb.len();
                 c.chunks.extend(emb);
                 let span = |s: Option<pb::Span>| s.map_or([-1, -1], |s| [s.start as i64, s.end as i64]);
@@ -160,18 +194,17 @@ async fn collect(mut stream: EventStream, quiet: bool) -> anyhow::Result<Collect
                 c.chunk_chars.push(span(ch.chars));
             }
             pb::process_event::Event::Document(d) => {
-                let emb = vector(d.embedding.as_ref())?;
+                let emb = vector(d.embedding.as_ref()).map_err(bad)?;
                 c.width = emb.len();
                 c.document = Some(emb);
             }
             pb::process_event::Event::HiddenStates(h) => {
-                let t = tensor_from_wire(h.states.as_ref().context("hidden states without a tensor")?)?;
-                let t = t.to_dtype(candle_core::DType::F32)?;
+                let rows = hidden_rows(&h).map_err(bad)?;
                 if h.token_start as usize != c.hidden_rows {
-                    bail!("hidden states arrived out of order: rows from {} after {}", h.token_start, c.hidden_rows);
+                    return Err(bad(anyhow::anyhow!("hidden states out of order: rows from {} after {}", h.token_start, c.hidden_rows)));
                 }
-                c.hidden_rows += t.dim(0)?;
-                c.hidden.extend(t.flatten_all()?.to_vec1::<f32>()?);
+                c.hidden_rows += rows.0;
+                c.hidden.extend(rows.1);
             }
             pb::process_event::Event::Done(d) => {
                 bar.finish_and_clear();
@@ -184,9 +217,16 @@ async fn collect(mut stream: EventStream, quiet: bool) -> anyhow::Result<Collect
         }
     }
     if c.done.is_none() {
-        bail!("the stream ended before the job was done");
+        return Err(tonic::Status::unavailable("the stream ended before the job was done"));
     }
     Ok(c)
+}
+
+/// A hidden-states message as (rows, f32 values).
+fn hidden_rows(h: &pb::HiddenStates) -> anyhow::Result<(usize, Vec<f32>)> {
+    let t = tensor_from_wire(h.states.as_ref().context("hidden states without a tensor")?)?;
+    let t = t.to_dtype(candle_core::DType::F32)?;
+    Ok((t.dim(0)?, t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 fn vector(t: Option<&pb::Tensor>) -> anyhow::Result<Vec<f32>> {

@@ -8,9 +8,13 @@ pub enum CoordError {
     /// The request itself is wrong.
     #[error("{0}")]
     Invalid(String),
-    /// The request is valid but over a configured limit or the server is busy.
+    /// The request is valid but over a configured limit.
     #[error("{0}")]
     Exhausted(String),
+    /// The server is busy now; the same request may succeed later (the status carries a
+    /// `retry-after` header, in seconds).
+    #[error("{0}")]
+    Busy(String),
     #[error("no model named `{0}` is loaded")]
     UnknownModel(String),
     /// No worker can take the job now (none live, one failed mid-job, shutting down).
@@ -51,6 +55,11 @@ impl From<CoordError> for tonic::Status {
         match e {
             CoordError::Invalid(_) => tonic::Status::invalid_argument(msg),
             CoordError::Exhausted(_) => tonic::Status::resource_exhausted(msg),
+            CoordError::Busy(_) => {
+                let mut s = tonic::Status::resource_exhausted(msg);
+                s.metadata_mut().insert("retry-after", tonic::metadata::MetadataValue::from_static("1"));
+                s
+            }
             CoordError::UnknownModel(_) => tonic::Status::not_found(msg),
             CoordError::Unavailable(_) => tonic::Status::unavailable(msg),
             CoordError::DeadlineExceeded => tonic::Status::deadline_exceeded(msg),

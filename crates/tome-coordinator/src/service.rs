@@ -236,7 +236,7 @@ impl Coordinator {
         }
         // Refuse early when the server is full, before spending time on tokenization.
         let job_permit = self.jobs.clone().try_acquire_owned().map_err(|_| {
-            CoordError::Exhausted(format!("the server is busy: {} jobs in flight; retry later", self.config.limits.max_concurrent_jobs))
+            CoordError::Busy(format!("the server is busy: {} jobs in flight; retry later", self.config.limits.max_concurrent_jobs))
         })?;
         let admitted = {
             let _queued = metrics::Queued::enter();
@@ -244,15 +244,13 @@ impl Coordinator {
         };
         metrics::stage_seconds("tokenize", Duration::from_secs_f64(admitted.tokenize_seconds));
         let tokens = admitted.doc.len();
-        let token_permit = u32::try_from(tokens)
-            .ok()
-            .and_then(|n| self.tokens.clone().try_acquire_many_owned(n).ok())
-            .ok_or_else(|| {
-                CoordError::Exhausted(format!(
-                    "the server is busy: {tokens} more tokens would exceed the {} tokens allowed in flight; retry later",
-                    self.config.limits.max_tokens_in_flight
-                ))
-            })?;
+        let max_tokens = self.config.limits.max_tokens_in_flight;
+        if tokens > max_tokens {
+            return Err(CoordError::Exhausted(format!("the document has {tokens} tokens, more than the {max_tokens} this server runs at once")));
+        }
+        let token_permit = u32::try_from(tokens).ok().and_then(|n| self.tokens.clone().try_acquire_many_owned(n).ok()).ok_or_else(|| {
+            CoordError::Busy(format!("the server is busy: {tokens} more tokens would exceed the {max_tokens} tokens allowed in flight; retry later"))
+        })?;
         let chunks = if opts.chunks { chunk_spans(&opts.chunking, tokens, self.config.default_chunk_tokens)? } else { Vec::new() };
         let pooling = opts.pooling.unwrap_or(admitted.model.pooling);
         let model_name = admitted.model.name();
