@@ -7,6 +7,6 @@ scripts/prereqs.sh protoc etcd
 scripts/fetch_data.sh
 # The end-to-end tests (tests/) run the `tome` binary as real processes: build it first.
 cargo build --locked -p tome-cli
-cargo test --workspace --locked
-# The NCCL Group builds everywhere (CUDA and NCCL load at run time); its tests skip without GPUs.
-cargo test --locked -p tome-net --features nccl
+# With the NCCL Group, which builds everywhere (CUDA and NCCL load at run time); its tests skip,
+# saying why, where there are not enough GPUs.
+cargo test --workspace --locked --features tome-net/nccl
