@@ -106,8 +106,8 @@ fn batch_rows(t: &RecordBatch) -> Vec<ChunkRow> {
         .collect()
 }
 
-#[test]
-fn a_shelf_runs_to_a_report_with_failures_isolated_and_tables_that_read_back() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shelf_runs_embedded_and_on_a_cluster_to_reports_with_failures_isolated_and_tables_that_read_back() {
     let Some(model) = minilm() else { return };
     let dir = scratch("shelf");
     let shelf = dir.join("shelf");
@@ -117,10 +117,30 @@ fn a_shelf_runs_to_a_report_with_failures_isolated_and_tables_that_read_back() {
     std::fs::write(shelf.join("nested/alice.txt"), &book).unwrap();
     std::fs::write(shelf.join("empty.txt"), "").unwrap();
     std::fs::write(shelf.join("latin1.txt"), b"caf\xe9 au lait").unwrap();
-    let out = dir.join("out");
-    let run = batch(&shelf, &out, &["--model", model.to_str().unwrap(), "--documents-in-flight", "3"]);
+    let log = |n: &str| dir.join(format!("{n}.log"));
+    let w1 = start_worker(&model, &[], log("w1")).await;
+    let w2 = start_worker(&model, &[], log("w2")).await;
+    let list = format!("{},{}", w1.host_port, w2.host_port);
+    let coordinator = start_coordinator(&model, &["--workers", &list, "--probe-ms", "200", "--max-concurrent-jobs", "3"], log("c")).await;
+    wait_for_workers(&coordinator.addr, 2).await;
+    let (embedded, cluster) = (dir.join("embedded"), dir.join("cluster"));
+    let (e, c, addr, m) = (embedded.clone(), cluster.clone(), coordinator.addr.clone(), model.to_str().unwrap().to_string());
+    let (embedded_run, cluster_run) = tokio::task::spawn_blocking(move || {
+        let embedded_run = batch(&shelf, &e, &["--model", &m, "--documents-in-flight", "3"]);
+        let cluster_run = batch(&shelf, &c, &["--model", &m, "--documents-in-flight", "3", "--coordinator", &addr]);
+        (embedded_run, cluster_run)
+    })
+    .await
+    .unwrap();
+    let local = check_shelf_run(&embedded_run, &embedded);
+    let remote = check_shelf_run(&cluster_run, &cluster);
+    assert_same_rows(&remote, &local);
+}
+
+/// Checks one run of the shelf; returns its chunk table.
+fn check_shelf_run(run: &Output, out: &Path) -> Vec<ChunkRow> {
     assert_eq!(run.status.code(), Some(2), "some documents failed: {}", String::from_utf8_lossy(&run.stderr));
-    let r = report(&run);
+    let r = report(run);
     assert_eq!((r["documents"].as_u64(), r["succeeded"].as_u64(), r["failed"].as_u64()), (Some(8), Some(6), Some(2)), "{r}");
     let reasons: HashMap<String, String> =
         r["failures"].as_array().unwrap().iter().map(|f| (f["id"].as_str().unwrap().to_string(), f["reason"].as_str().unwrap().to_string())).collect();
@@ -134,8 +154,8 @@ fn a_shelf_runs_to_a_report_with_failures_isolated_and_tables_that_read_back() {
     assert_eq!(events.iter().filter(|e| e["event"] == "failed").count(), 2);
 
     // The tables hold every chunk and document, with the per-document arrays' values.
-    let rows = chunk_rows(&out);
-    let journal = journal(&out);
+    let rows = chunk_rows(out);
+    let journal = journal(out);
     let chunks: u64 = journal.iter().filter(|e| e["status"] == "done").map(|e| e["chunks"].as_u64().unwrap()).sum();
     assert_eq!(rows.len() as u64, chunks);
     let alice: Vec<_> = rows.iter().filter(|r| r.0 == "nested/alice.txt").collect();
@@ -151,6 +171,26 @@ fn a_shelf_runs_to_a_report_with_failures_isolated_and_tables_that_read_back() {
     assert_eq!(docs.iter().map(RecordBatch::num_rows).sum::<usize>(), 6);
     let nulls: usize = docs.iter().map(|t| t.column_by_name("perplexity").unwrap().null_count()).sum();
     assert_eq!(nulls, 6, "encoders have no perplexity");
+    rows
+}
+
+/// The coordinator at `addr` lists `n` live workers.
+async fn wait_for_workers(addr: &str, n: usize) {
+    let mut client = tome_proto::v1::tome_client::TomeClient::connect(addr.to_string()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.info(tome_proto::v1::InfoRequest {}).await.unwrap().into_inner().workers.len() < n {
+        assert!(Instant::now() < deadline, "the workers did not show up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Same chunks, spans and snippets; embeddings within 1e-5 (ranks ran elsewhere).
+fn assert_same_rows(a: &[ChunkRow], b: &[ChunkRow]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!((&x.0, x.1, x.2, x.3, x.4, &x.5), (&y.0, y.1, y.2, y.3, y.4, &y.5));
+        assert!(max_diff(&x.6, &y.6) <= 1e-5, "{} chunk {}", x.0, x.1);
+    }
 }
 
 #[test]
@@ -239,10 +279,7 @@ async fn a_manifest_against_a_real_coordinator_matches_the_embedded_batch() {
     let w2 = start_worker(&model, &[], log("w2")).await;
     let list = format!("{},{}", w1.host_port, w2.host_port);
     let coordinator = start_coordinator(&model, &["--workers", &list, "--probe-ms", "200"], log("c")).await;
-    let mut client = tome_proto::v1::tome_client::TomeClient::connect(coordinator.addr.clone()).await.unwrap();
-    while client.info(tome_proto::v1::InfoRequest {}).await.unwrap().into_inner().workers.len() < 2 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_workers(&coordinator.addr, 2).await;
 
     let (m, remote, local) = (manifest.clone(), dir.join("remote"), dir.join("local"));
     let (addr, model_arg) = (coordinator.addr.clone(), model.to_str().unwrap().to_string());
@@ -260,12 +297,23 @@ async fn a_manifest_against_a_real_coordinator_matches_the_embedded_batch() {
         assert!(reasons.contains("manifest line 5"), "a broken line is named: {reasons}");
     }
     let (remote_rows, local_rows) = (chunk_rows(&dir.join("remote")), chunk_rows(&dir.join("local")));
-    assert_eq!(remote_rows.len(), local_rows.len());
-    for (a, b) in remote_rows.iter().zip(&local_rows) {
-        assert_eq!((&a.0, a.1, a.2, a.3, &a.5), (&b.0, b.1, b.2, b.3, &b.5));
-        assert!(max_diff(&a.6, &b.6) <= 1e-5, "{} chunk {}", a.0, a.1);
-    }
+    assert_same_rows(&remote_rows, &local_rows);
     let fine = remote_rows.iter().filter(|r| r.0 == "fine-chunks").count();
     let first = remote_rows.iter().filter(|r| r.0 == "first").count();
     assert!(fine > first, "per-document chunk size applied ({fine} vs {first} chunks)");
+
+    // A coordinator with no live worker: every document is retried with backoff, then fails
+    // with the server's reason, and the batch still ends with its report.
+    let lonely = start_coordinator(&model, &["--workers", "127.0.0.1:9", "--probe-ms", "200"], log("lonely")).await;
+    let (m, out, addr, model_arg) = (manifest.clone(), dir.join("lonely"), lonely.addr.clone(), model.to_str().unwrap().to_string());
+    let run = tokio::task::spawn_blocking(move || batch(&m, &out, &["--coordinator", &addr, "--model", &model_arg, "--retries", "2", "--backoff-ms", "50"]))
+        .await
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    let r = report(&run);
+    assert_eq!(r["failed"].as_u64(), Some(5), "{r}");
+    let entries = journal(&dir.join("lonely"));
+    let first = entries.iter().find(|e| e["id"] == "first").unwrap();
+    assert_eq!(first["attempts"].as_u64(), Some(3), "{first}");
+    assert!(first["reason"].as_str().unwrap().contains("no live worker"), "{first}");
 }
