@@ -163,7 +163,7 @@ pub fn layer_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] layer {pos}/{len} {elapsed_precise}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{spinner} {prefix} {msg} [{bar:30}] layer {pos}/{len} {elapsed_precise}").unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
 }

@@ -36,6 +36,17 @@ impl DocInput {
         }
     }
 
+    /// Tokens the document will have, guessed from its size (about 4 bytes a token in
+    /// English prose) before the server counts them.
+    pub fn estimated_tokens(&self) -> u64 {
+        let bytes = match &self.source {
+            Source::File(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+            Source::Text(t) => t.len() as u64,
+            Source::Broken(_) => 0,
+        };
+        (bytes / 4).max(1)
+    }
+
     pub fn path(&self) -> Option<&Path> {
         match &self.source {
             Source::File(p) => Some(p),

@@ -151,7 +151,7 @@ pub async fn run(mut args: BatchArgs) -> anyhow::Result<u8> {
         settings: settings(&args)?,
         target,
         journal: Mutex::new(journal),
-        progress: Progress::new(args.progress, docs.len(), args.bar_tokens),
+        progress: Progress::new(args.progress, docs.len(), docs.iter().map(DocInput::estimated_tokens).sum(), args.bar_tokens),
         documents: Semaphore::new(args.documents_in_flight.max(1)),
         tokens: Arc::new(Semaphore::new(args.tokens_in_flight.clamp(1, Semaphore::MAX_PERMITS))),
         tally: Mutex::new(Tally::default()),
@@ -173,15 +173,16 @@ pub async fn run(mut args: BatchArgs) -> anyhow::Result<u8> {
 async fn document(shared: &Shared, doc: DocInput) -> anyhow::Result<()> {
     let _slot = shared.documents.acquire().await?;
     let args = &shared.args;
+    let estimated = doc.estimated_tokens();
     let bytes = match doc.bytes() {
         Ok(b) => b,
-        Err(e) => return fail(shared, &doc, String::new(), format!("{e:#}"), 0, 0.0),
+        Err(e) => return fail(shared, &doc, estimated, String::new(), format!("{e:#}"), 0, 0.0),
     };
     let hash = inputs::content_hash(&bytes, &doc.options, &shared.settings);
     let dir = store::doc_dir(&args.out, &doc.id);
     if lock(&shared.journal).latest(&doc.id).is_some_and(|e| e.status == Status::Done && e.hash == hash) && dir.join("meta.json").exists() {
         lock(&shared.tally).skipped += 1;
-        shared.progress.skipped(&doc.id, "done in an earlier run");
+        shared.progress.skipped(&doc.id, estimated, "done in an earlier run");
         return Ok(());
     }
     if let Some(meta) = store::read_meta(&dir).filter(|m| m.hash == hash) {
@@ -199,17 +200,18 @@ async fn document(shared: &Shared, doc: DocInput) -> anyhow::Result<()> {
         };
         lock(&shared.journal).record(entry)?;
         lock(&shared.tally).skipped += 1;
-        shared.progress.skipped(&doc.id, "outputs complete on disk");
+        shared.progress.skipped(&doc.id, estimated, "outputs complete on disk");
         return Ok(());
     }
-    let estimate = (bytes.len() / 4).clamp(1, args.tokens_in_flight.max(1));
-    let _tokens = shared.tokens.clone().acquire_many_owned(u32::try_from(estimate).unwrap_or(u32::MAX)).await?;
+    // A document larger than the whole budget runs alone.
+    let budget = (estimated as usize).clamp(1, args.tokens_in_flight.clamp(1, Semaphore::MAX_PERMITS));
+    let _tokens = shared.tokens.clone().acquire_many_owned(u32::try_from(budget).unwrap_or(u32::MAX)).await?;
     let text_for_snippets = String::from_utf8_lossy(&bytes).into_owned();
     let req = match request(args, &doc, bytes) {
         Ok(r) => r,
-        Err(e) => return fail(shared, &doc, hash, format!("{e:#}"), 0, 0.0),
+        Err(e) => return fail(shared, &doc, estimated, hash, format!("{e:#}"), 0, 0.0),
     };
-    let bar = shared.progress.document(&doc.id, estimate);
+    let bar = shared.progress.document(&doc.id, estimated as usize);
     let t0 = Instant::now();
     let mut attempts = 0;
     let collected: Collected = loop {
@@ -227,7 +229,7 @@ async fn document(shared: &Shared, doc: DocInput) -> anyhow::Result<()> {
             }
             Err(s) => {
                 bar.finish_and_clear();
-                return fail(shared, &doc, hash, describe(&s), attempts, t0.elapsed().as_secs_f64());
+                return fail(shared, &doc, estimated, hash, describe(&s), attempts, t0.elapsed().as_secs_f64());
             }
         }
     };
@@ -253,14 +255,14 @@ async fn document(shared: &Shared, doc: DocInput) -> anyhow::Result<()> {
         t.done += 1;
         t.tokens += tokens;
     }
-    shared.progress.done(&doc.id, tokens, seconds);
+    shared.progress.done(&doc.id, estimated, tokens, seconds);
     Ok(())
 }
 
-fn fail(shared: &Shared, doc: &DocInput, hash: String, reason: String, attempts: u32, seconds: f64) -> anyhow::Result<()> {
+fn fail(shared: &Shared, doc: &DocInput, estimated: u64, hash: String, reason: String, attempts: u32, seconds: f64) -> anyhow::Result<()> {
     let entry = Entry { id: doc.id.clone(), hash, status: Status::Failed, tokens: None, chunks: None, reason: Some(reason.clone()), attempts, seconds, recovered: false };
     lock(&shared.journal).record(entry)?;
-    shared.progress.failed(&doc.id, &reason);
+    shared.progress.failed(&doc.id, estimated, &reason);
     lock(&shared.tally).failed.push((doc.id.clone(), reason));
     Ok(())
 }

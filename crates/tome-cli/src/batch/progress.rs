@@ -11,27 +11,33 @@ use serde_json::json;
 use crate::args::ProgressArg;
 use crate::process::layer_bar;
 
+/// The overall bar counts estimated tokens (so its ETA weighs a book more than a page); its
+/// message counts documents and the tokens the server reported.
 pub struct Progress {
     mode: ProgressArg,
     multi: MultiProgress,
     overall: ProgressBar,
+    documents: usize,
+    ended: AtomicU64,
     tokens: AtomicU64,
     started: Instant,
     bar_tokens: usize,
 }
 
 impl Progress {
-    pub fn new(mode: ProgressArg, documents: usize, bar_tokens: usize) -> Self {
+    /// `estimated_tokens`: of all the documents together.
+    pub fn new(mode: ProgressArg, documents: usize, estimated_tokens: u64, bar_tokens: usize) -> Self {
         let multi = MultiProgress::with_draw_target(if mode == ProgressArg::Bars { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
-        let overall = multi.add(ProgressBar::new(documents as u64));
+        let overall = multi.add(ProgressBar::new(estimated_tokens.max(1)));
         overall.set_style(
-            ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} documents  {msg}  {elapsed_precise} ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("{spinner} [{bar:30}] {msg}  {elapsed_precise} ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         if mode == ProgressArg::Bars {
             overall.enable_steady_tick(Duration::from_millis(200));
         }
-        Progress { mode, multi, overall, tokens: AtomicU64::new(0), started: Instant::now(), bar_tokens }
+        let p = Progress { mode, multi, overall, documents, ended: AtomicU64::new(0), tokens: AtomicU64::new(0), started: Instant::now(), bar_tokens };
+        p.advance(0, 0, false);
+        p
     }
 
     fn log(&self, record: serde_json::Value) {
@@ -40,11 +46,13 @@ impl Progress {
         }
     }
 
-    fn advance(&self, tokens: u64) {
+    /// One more document ended (`ended`), `estimated` tokens of the bar done, `tokens` counted.
+    fn advance(&self, estimated: u64, tokens: u64, ended: bool) {
         let total = self.tokens.fetch_add(tokens, Ordering::Relaxed) + tokens;
+        let docs = self.ended.fetch_add(u64::from(ended), Ordering::Relaxed) + u64::from(ended);
         let rate = total as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
-        self.overall.set_message(format!("{total} tokens, {rate:.0} tokens/s"));
-        self.overall.inc(1);
+        self.overall.set_message(format!("{docs}/{} documents, {total} tokens, {rate:.0} tokens/s", self.documents));
+        self.overall.inc(estimated);
     }
 
     /// A bar for one document: its own line when it is large, hidden otherwise.
@@ -59,22 +67,22 @@ impl Progress {
         bar
     }
 
-    pub fn done(&self, id: &str, tokens: u64, seconds: f64) {
+    pub fn done(&self, id: &str, estimated: u64, tokens: u64, seconds: f64) {
         self.log(json!({"event": "done", "id": id, "tokens": tokens, "seconds": seconds}));
-        self.advance(tokens);
+        self.advance(estimated, tokens, true);
     }
 
-    pub fn skipped(&self, id: &str, why: &str) {
+    pub fn skipped(&self, id: &str, estimated: u64, why: &str) {
         self.log(json!({"event": "skipped", "id": id, "why": why}));
-        self.overall.inc(1);
+        self.advance(estimated, 0, true);
     }
 
-    pub fn failed(&self, id: &str, reason: &str) {
+    pub fn failed(&self, id: &str, estimated: u64, reason: &str) {
         self.log(json!({"event": "failed", "id": id, "reason": reason}));
         if self.mode == ProgressArg::Bars {
             self.overall.println(format!("failed: {id}: {reason}"));
         }
-        self.overall.inc(1);
+        self.advance(estimated, 0, true);
     }
 
     pub fn retrying(&self, id: &str, attempt: u32, reason: &str, wait: Duration) {
