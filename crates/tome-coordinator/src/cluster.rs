@@ -30,57 +30,93 @@ const DRAIN_AFTER_FAILURE: Duration = Duration::from_secs(5);
 pub struct Cluster {
     membership: Arc<dyn Membership>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// What this coordinator's jobs in flight hold on each worker (by name): the membership's
+    /// figures lag (etcd entries are written once), so placement counts its own.
+    reserved: Arc<Mutex<HashMap<String, Load>>>,
     max_message_bytes: usize,
     rows_per_message: usize,
 }
 
-/// A job's ranks placed on workers.
+#[derive(Clone, Copy, Default, Debug)]
+struct Load {
+    bytes: u64,
+    shards: u32,
+}
+
+/// A job's ranks placed on workers; holds their share of the workers until dropped.
 pub struct Placement {
     pub workers: Vec<pb::WorkerInfo>,
+    held: Vec<(String, Load)>,
+    reserved: Arc<Mutex<HashMap<String, Load>>>,
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, load) in &self.held {
+            if let Some(r) = reserved.get_mut(name) {
+                r.bytes = r.bytes.saturating_sub(load.bytes);
+                r.shards = r.shards.saturating_sub(load.shards);
+            }
+        }
+    }
 }
 
 impl Cluster {
     pub fn new(membership: Arc<dyn Membership>, max_message_bytes: usize, rows_per_message: usize) -> Self {
-        Cluster { membership, channels: Mutex::new(HashMap::new()), max_message_bytes, rows_per_message }
+        Cluster { membership, channels: Mutex::new(HashMap::new()), reserved: Arc::default(), max_message_bytes, rows_per_message }
     }
 
     pub fn live(&self) -> Vec<pb::WorkerInfo> {
         self.membership.live()
     }
 
-    /// Chooses a worker for every rank of `spec`, within each worker's memory budget.
+    /// Chooses a worker for every rank of `spec`: the workers serving the model, those this
+    /// coordinator keeps least busy first, each within its shard limit and memory budget
+    /// (counting what this coordinator's other jobs hold there).
     pub fn place(&self, spec: &JobSpec) -> Result<Placement, CoordError> {
         let model = spec.model.name();
         let mut live: Vec<pb::WorkerInfo> = self.membership.live().into_iter().filter(|w| w.models.iter().any(|m| m.name == model)).collect();
         if live.is_empty() {
             return Err(CoordError::Unavailable(format!("no live worker serves model `{model}`")));
         }
-        live.sort_by(|a, b| a.shards_running.cmp(&b.shards_running).then_with(|| a.name.cmp(&b.name)));
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let held = |w: &pb::WorkerInfo| reserved.get(&w.name).copied().unwrap_or_default();
+        live.sort_by(|a, b| held(a).shards.cmp(&held(b).shards).then_with(|| a.name.cmp(&b.name)));
         let ranks = spec.plan.ranks();
         let workers: Vec<pb::WorkerInfo> = (0..ranks).map(|r| live[r % live.len()].clone()).collect();
         let cfg = spec.model.model.config();
-        let mut need: HashMap<&str, (u64, u32)> = HashMap::new();
+        let mut need: HashMap<String, Load> = HashMap::new();
         for (r, w) in workers.iter().enumerate() {
-            let e = need.entry(w.name.as_str()).or_default();
-            e.0 += activation_bytes(cfg, spec.plan.shard_len(r));
-            e.1 += 1;
+            let e = need.entry(w.name.clone()).or_default();
+            e.bytes += activation_bytes(cfg, spec.plan.shard_len(r));
+            e.shards += 1;
         }
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         for w in &live {
-            if let Some(&(bytes, shards)) = need.get(w.name.as_str()) {
-                if bytes > w.memory_budget_bytes {
-                    return Err(CoordError::Exhausted(format!(
-                        "the job needs about {:.2} GiB of activations on worker {} ({shards} ranks), which offers {:.2} GiB: ask for more ranks or add workers",
-                        bytes as f64 / (1u64 << 30) as f64,
-                        w.name,
-                        w.memory_budget_bytes as f64 / (1u64 << 30) as f64
-                    )));
-                }
-                if shards > w.max_shards {
-                    return Err(CoordError::Exhausted(format!("the job needs {shards} ranks on worker {}, which runs at most {}", w.name, w.max_shards)));
-                }
+            let Some(n) = need.get(&w.name) else { continue };
+            if n.bytes > w.memory_budget_bytes || n.shards > w.max_shards {
+                return Err(CoordError::Exhausted(format!(
+                    "the job needs {} ranks and about {:.2} GiB of activations on worker {}, which runs at most {} shards in {:.2} GiB: ask for more ranks or add workers",
+                    n.shards,
+                    gib(n.bytes),
+                    w.name,
+                    w.max_shards,
+                    gib(w.memory_budget_bytes)
+                )));
+            }
+            let h = held(w);
+            if h.bytes + n.bytes > w.memory_budget_bytes || h.shards + n.shards > w.max_shards {
+                return Err(CoordError::Busy(format!("worker {} is busy with other jobs; retry later", w.name)));
             }
         }
-        Ok(Placement { workers })
+        let held: Vec<(String, Load)> = need.into_iter().collect();
+        for (name, load) in &held {
+            let r = reserved.entry(name.clone()).or_default();
+            r.bytes += load.bytes;
+            r.shards += load.shards;
+        }
+        Ok(Placement { workers, held, reserved: self.reserved.clone() })
     }
 
     fn channel(&self, address: &str) -> Result<Channel, WorkerError> {
@@ -89,7 +125,7 @@ impl Cluster {
             return Ok(c.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| WorkerError::Invalid(format!("worker address {address}: {e}")))?
+            .map_err(|e| WorkerError::Internal(format!("worker address {address}: {e}")))?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .http2_adaptive_window(true);
@@ -187,7 +223,7 @@ impl Cluster {
                     None => break None,
                     Some(Ok((r, Ok(out)))) => results[r] = Some(out),
                     Some(Ok((_, Err(e)))) => break Some(e),
-                    Some(Err(e)) => break Some(WorkerError::Invalid(format!("a rank's task failed: {e}"))),
+                    Some(Err(e)) => break Some(WorkerError::Internal(format!("a rank's task failed: {e}"))),
                 },
                 _ = events.closed() => break Some(WorkerError::Cancelled),
                 _ = &mut expired => break Some(WorkerError::DeadlineExceeded),
@@ -203,8 +239,8 @@ impl Cluster {
         for r in results.into_iter().flatten() {
             bytes += r.done.bytes_sent;
             wire_bytes += r.done.wire_bytes_sent;
-            if let Some(p) = &r.done.pooled {
-                pooled = Some(tensor_from_wire(p).map_err(|e| WorkerError::Invalid(e.to_string()))?);
+            if r.pooled.is_some() {
+                pooled = r.pooled;
             }
             hidden.push(r.hidden);
         }
@@ -277,6 +313,23 @@ fn remote(status: tonic::Status) -> WorkerError {
 struct RemoteRank {
     done: pb::ShardDone,
     hidden: Option<Tensor>,
+    pooled: Option<Tensor>,
+}
+
+/// Appends a streamed block of rows, checking it follows the previous ones.
+fn push_rows(blocks: &mut Vec<Tensor>, rows: &mut usize, msg: &pb::HiddenStates) -> Result<(), WorkerError> {
+    let t = msg.states.as_ref().ok_or_else(|| WorkerError::Internal("a block of rows without a tensor".into()))?;
+    let t = tensor_from_wire(t).map_err(|e| WorkerError::Internal(format!("a worker sent a malformed tensor: {e}")))?;
+    if msg.token_start as usize != *rows {
+        return Err(WorkerError::Internal(format!("rows out of order: from {} after {}", msg.token_start, rows)));
+    }
+    *rows += t.dim(0)?;
+    blocks.push(t);
+    Ok(())
+}
+
+fn concat(blocks: &[Tensor]) -> Result<Option<Tensor>, WorkerError> {
+    Ok(if blocks.is_empty() { None } else { Some(Tensor::cat(blocks, 0)?) })
 }
 
 async fn run_remote_rank(
@@ -285,7 +338,8 @@ async fn run_remote_rank(
     progress: Option<mpsc::Sender<Result<JobEvent, WorkerError>>>,
 ) -> Result<RemoteRank, WorkerError> {
     let mut stream = client.run_shard(request).await.map_err(remote)?.into_inner();
-    let mut blocks: Vec<Tensor> = Vec::new();
+    let (mut hidden, mut hidden_rows) = (Vec::new(), 0);
+    let (mut pooled, mut pooled_rows) = (Vec::new(), 0);
     while let Some(ev) = stream.message().await.map_err(remote)? {
         match ev.event {
             Some(pb::shard_event::Event::Progress(p)) => {
@@ -293,14 +347,9 @@ async fn run_remote_rank(
                     let _ = tx.send(Ok(JobEvent::Progress { done: p.layers_done as usize, total: p.layers_total as usize })).await;
                 }
             }
-            Some(pb::shard_event::Event::HiddenStates(h)) => {
-                let t = h.states.as_ref().ok_or_else(|| WorkerError::Invalid("hidden states without a tensor".into()))?;
-                blocks.push(tensor_from_wire(t).map_err(|e| WorkerError::Invalid(e.to_string()))?);
-            }
-            Some(pb::shard_event::Event::Done(done)) => {
-                let hidden = if blocks.is_empty() { None } else { Some(Tensor::cat(&blocks, 0)?) };
-                return Ok(RemoteRank { done, hidden });
-            }
+            Some(pb::shard_event::Event::HiddenStates(h)) => push_rows(&mut hidden, &mut hidden_rows, &h)?,
+            Some(pb::shard_event::Event::Pooled(p)) => push_rows(&mut pooled, &mut pooled_rows, &p)?,
+            Some(pb::shard_event::Event::Done(done)) => return Ok(RemoteRank { done, hidden: concat(&hidden)?, pooled: concat(&pooled)? }),
             None => {}
         }
     }

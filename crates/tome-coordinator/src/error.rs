@@ -31,6 +31,9 @@ pub enum CoordError {
 impl From<WorkerError> for CoordError {
     fn from(e: WorkerError) -> Self {
         let msg = e.to_string();
+        if e.is_busy() {
+            return CoordError::Busy(msg);
+        }
         match e.code() {
             Code::InvalidArgument => CoordError::Invalid(msg),
             Code::Cancelled => CoordError::Cancelled,
@@ -57,7 +60,7 @@ impl From<CoordError> for tonic::Status {
             CoordError::Exhausted(_) => tonic::Status::resource_exhausted(msg),
             CoordError::Busy(_) => {
                 let mut s = tonic::Status::resource_exhausted(msg);
-                s.metadata_mut().insert("retry-after", tonic::metadata::MetadataValue::from_static("1"));
+                s.metadata_mut().insert(tome_worker::RETRY_AFTER, tonic::metadata::MetadataValue::from_static("1"));
                 s
             }
             CoordError::UnknownModel(_) => tonic::Status::not_found(msg),

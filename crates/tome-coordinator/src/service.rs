@@ -266,7 +266,8 @@ impl Coordinator {
             Backend::Cluster(c) => (Some(c.clone()), Some(c.place(&spec)?)),
         };
 
-        let id = format!("job-{}", self.next_job.fetch_add(1, Ordering::Relaxed));
+        // Unique across coordinators: workers key ranks, peers and cancellation by job id.
+        let id = format!("job-{:016x}{:08x}", rand::random::<u64>(), self.next_job.fetch_add(1, Ordering::Relaxed) as u32);
         let accepted = pb::Accepted {
             job_id: id.clone(),
             model: model_name,

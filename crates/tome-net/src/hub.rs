@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
-use tokio::time::Instant;
+use std::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -64,10 +64,15 @@ pub(crate) struct Mailbox {
 pub(crate) struct HubInner {
     ranks: Mutex<HashMap<RankKey, Arc<Mailbox>>>,
     joined: Notify,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// Jobs cancelled here lately: a rank of one that joins after its cancellation is refused
+    /// (the cancel may overtake the rank's start).
+    cancelled: Mutex<HashMap<String, Instant>>,
     pub(crate) limits: PeerLimits,
     pub(crate) runtime: tokio::runtime::Handle,
 }
+
+/// How long a cancelled job is remembered.
+const REMEMBER_CANCELLED: Duration = Duration::from_secs(600);
 
 /// The ranks this process hosts, and the `tome.v1.Peer` service that feeds them.
 #[derive(Clone)]
@@ -88,7 +93,7 @@ impl PeerHub {
             inner: Arc::new(HubInner {
                 ranks: Mutex::new(HashMap::new()),
                 joined: Notify::new(),
-                channels: Mutex::new(HashMap::new()),
+                cancelled: Mutex::new(HashMap::new()),
                 limits,
                 runtime,
             }),
@@ -126,6 +131,10 @@ impl PeerHub {
         let mailbox = Arc::new(Mailbox { inboxes: Mutex::new(senders), cancel: CancellationToken::new() });
         {
             let mut ranks = lock(&self.inner.ranks);
+            // Checked under the ranks lock, which `cancel` also takes: no cancel slips between.
+            if lock(&self.inner.cancelled).contains_key(job) {
+                return Err(tome_dist::DistError::Cancelled);
+            }
             if ranks.contains_key(&key) {
                 return Err(tome_dist::DistError::Plan(format!("rank {rank} of job {job} has already joined this worker")));
             }
@@ -135,9 +144,16 @@ impl PeerHub {
         PeerGroup::open(self.inner.clone(), job.to_string(), rank, addresses, receivers, mailbox, trace)
     }
 
-    /// Stops every rank of `job` hosted here: their waits end with `Cancelled`. Returns how many.
+    /// Stops every rank of `job` hosted here — their waits end with `Cancelled` — and refuses
+    /// ranks of it that join later. Returns how many ranks were stopped.
     pub fn cancel(&self, job: &str) -> usize {
         let ranks = lock(&self.inner.ranks);
+        {
+            let mut cancelled = lock(&self.inner.cancelled);
+            let now = Instant::now();
+            cancelled.retain(|_, at| now.duration_since(*at) < REMEMBER_CANCELLED);
+            cancelled.insert(job.to_string(), now);
+        }
         let mut n = 0;
         for ((j, _), mailbox) in ranks.iter() {
             if j == job {
@@ -159,12 +175,9 @@ impl HubInner {
         lock(&self.ranks).remove(&(job.to_string(), rank));
     }
 
-    /// A channel to `address`, shared by every stream to it (one HTTP/2 connection).
+    /// A connection to `address` for one ordered pair of ranks. Pairs never share a
+    /// connection, so one that waits for a slow receiver cannot hold back another's frames.
     pub(crate) fn channel(&self, address: &str) -> Result<Channel, String> {
-        let mut channels = lock(&self.channels);
-        if let Some(c) = channels.get(address) {
-            return Ok(c.clone());
-        }
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("bad peer address {address}: {e}"))?
             .connect_timeout(self.limits.connect_timeout)
@@ -172,14 +185,12 @@ impl HubInner {
             .http2_adaptive_window(true);
         // The lazy channel spawns its connection task on the current runtime.
         let _runtime = self.runtime.enter();
-        let channel = endpoint.connect_lazy();
-        channels.insert(address.to_string(), channel.clone());
-        Ok(channel)
+        Ok(endpoint.connect_lazy())
     }
 
     /// Waits until rank `rank` of `job` has joined.
     async fn wait_for(&self, job: &str, rank: usize) -> Result<Arc<Mailbox>, Status> {
-        let deadline = Instant::now() + self.limits.rendezvous_timeout;
+        let deadline = tokio::time::Instant::now() + self.limits.rendezvous_timeout;
         let key = (job.to_string(), rank);
         loop {
             let notified = self.joined.notified();

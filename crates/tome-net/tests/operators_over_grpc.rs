@@ -86,3 +86,15 @@ fn a_receiver_that_does_not_keep_up_holds_the_sender_back() {
     });
     assert!(sent_all_after >= pause, "the sender queued {frames} frames of 4 MiB in {sent_all_after:?}, before the receiver read any");
 }
+
+#[test]
+fn a_rank_that_joins_after_its_job_was_cancelled_is_refused() {
+    let h = hubs();
+    let addresses = vec![h.addresses[0].clone(), h.addresses[1].clone()];
+    // The cancel overtakes the rank's start (as a coordinator's Cancel may overtake RunShard).
+    assert_eq!(h.hubs[0].cancel("cancelled-early"), 0);
+    let err = h.hubs[0].join("cancelled-early", 0, &addresses, None).err().expect("refused");
+    assert!(matches!(err, tome_dist::DistError::Cancelled), "{err}");
+    // Another job is not affected.
+    assert!(h.hubs[0].join("not-cancelled", 0, &addresses[..1], None).is_ok());
+}

@@ -18,8 +18,15 @@ pub enum WorkerError {
     Invalid(String),
     #[error("this worker does not serve model `{0}`")]
     UnknownModel(String),
+    /// Full now; the same shard may fit later.
     #[error("{0}")]
     Busy(String),
+    /// Larger than this worker could ever take.
+    #[error("{0}")]
+    TooLarge(String),
+    /// A fault of the server's own (not the request's).
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("worker {0} is shutting down")]
     ShuttingDown(String),
     /// A worker's answer, passed on with its code.
@@ -64,7 +71,7 @@ impl WorkerError {
             _ if self.is_peer_failure() => Code::Unavailable,
             WorkerError::DeadlineExceeded => Code::DeadlineExceeded,
             WorkerError::UnknownModel(_) => Code::NotFound,
-            WorkerError::Busy(_) => Code::ResourceExhausted,
+            WorkerError::Busy(_) | WorkerError::TooLarge(_) => Code::ResourceExhausted,
             WorkerError::ShuttingDown(_) => Code::Unavailable,
             WorkerError::Remote(s) => s.code(),
             _ => Code::Internal,
@@ -72,8 +79,27 @@ impl WorkerError {
     }
 }
 
+impl WorkerError {
+    /// Refused for now, not for good: worth retrying later (elsewhere or on the same worker).
+    pub fn is_busy(&self) -> bool {
+        match self {
+            WorkerError::Busy(_) => true,
+            WorkerError::Remote(s) => s.code() == Code::ResourceExhausted && s.metadata().get(RETRY_AFTER).is_some(),
+            _ => false,
+        }
+    }
+}
+
+/// The metadata key a refusal-for-now carries (seconds to wait), so callers can tell it from a
+/// refusal for good.
+pub const RETRY_AFTER: &str = "retry-after";
+
 impl From<WorkerError> for Status {
     fn from(e: WorkerError) -> Status {
-        Status::new(e.code(), e.to_string())
+        let mut s = Status::new(e.code(), e.to_string());
+        if e.is_busy() {
+            s.metadata_mut().insert(RETRY_AFTER, tonic::metadata::MetadataValue::from_static("1"));
+        }
+        s
     }
 }

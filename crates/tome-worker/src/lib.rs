@@ -19,10 +19,10 @@ pub mod wire;
 use tome_model::ModelDir;
 use tome_proto::v1 as pb;
 
-pub use error::WorkerError;
+pub use error::{WorkerError, RETRY_AFTER};
 pub use job::{assemble, Assembled, pool_targets, run_rank, spawn_job, CancelFlag, JobEvent, JobOutput, JobSpec, RankOutput, RankWork};
 pub use memory::activation_bytes;
-pub use registration::{worker_key, EtcdRegistration};
+pub use registration::{etcd_options, worker_key, EtcdRegistration};
 pub use server::{serve, EtcdOptions, ServeOptions};
 pub use service::{grpc_timeout, WorkerConfig, WorkerService};
 

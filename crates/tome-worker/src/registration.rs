@@ -4,11 +4,23 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, PutOptions};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use etcd_client::{Client, ConnectOptions, PutOptions};
 use prost::Message;
 use tokio::task::JoinHandle;
 use tome_proto::v1 as pb;
 use tracing::{info, warn};
+
+/// How tome connects to etcd: HTTP/2 pings find a connection that died silently (a half-open
+/// socket would otherwise leave a watch or a keep-alive waiting for ever).
+pub fn etcd_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+}
 
 /// The key a worker registers under `prefix`.
 pub fn worker_key(prefix: &str, name: &str) -> String {
@@ -17,7 +29,8 @@ pub fn worker_key(prefix: &str, name: &str) -> String {
 
 pub struct EtcdRegistration {
     client: Client,
-    lease: i64,
+    /// The lease the entry is bound to now (the keep-alive may have had to take a new one).
+    lease: Arc<AtomicI64>,
     key: String,
     keep_alive: JoinHandle<()>,
 }
@@ -25,13 +38,14 @@ pub struct EtcdRegistration {
 impl EtcdRegistration {
     /// Registers `info` under `prefix` with a lease of `ttl`, kept alive every third of it.
     pub async fn register(endpoints: &[String], prefix: &str, info: &pb::WorkerInfo, ttl: Duration) -> Result<Self, etcd_client::Error> {
-        let mut client = Client::connect(endpoints, None).await?;
+        let mut client = Client::connect(endpoints, Some(etcd_options())).await?;
         let ttl_s = ttl.as_secs().max(1) as i64;
-        let lease = client.lease_grant(ttl_s, None).await?.id();
+        let id = client.lease_grant(ttl_s, None).await?.id();
         let key = worker_key(prefix, &info.name);
-        client.put(key.clone(), info.encode_to_vec(), Some(PutOptions::new().with_lease(lease))).await?;
-        info!(%key, lease, ttl_s, "registered in etcd");
-        let keep_alive = tokio::spawn(keep_alive(client.clone(), lease, key.clone(), info.encode_to_vec(), ttl));
+        client.put(key.clone(), info.encode_to_vec(), Some(PutOptions::new().with_lease(id))).await?;
+        info!(%key, lease = id, ttl_s, "registered in etcd");
+        let lease = Arc::new(AtomicI64::new(id));
+        let keep_alive = tokio::spawn(keep_alive(client.clone(), lease.clone(), key.clone(), info.encode_to_vec(), ttl));
         Ok(EtcdRegistration { client, lease, key, keep_alive })
     }
 
@@ -40,7 +54,7 @@ impl EtcdRegistration {
         self.keep_alive.abort();
         // The keep-alive may have registered anew under another lease: delete the key itself.
         self.client.delete(self.key.clone(), None).await?;
-        let _ = self.client.lease_revoke(self.lease).await;
+        let _ = self.client.lease_revoke(self.lease.load(Ordering::Relaxed)).await;
         info!(key = %self.key, "left etcd");
         Ok(())
     }
@@ -52,23 +66,27 @@ impl EtcdRegistration {
 }
 
 /// Keeps the lease alive; when etcd lost it (expired during a partition), registers anew.
-async fn keep_alive(mut client: Client, mut lease: i64, key: String, value: Vec<u8>, ttl: Duration) {
+async fn keep_alive(mut client: Client, lease: Arc<AtomicI64>, key: String, value: Vec<u8>, ttl: Duration) {
     let period = (ttl / 3).max(Duration::from_millis(200));
     loop {
+        let id = lease.load(Ordering::Relaxed);
         let result = async {
-            let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+            let (mut keeper, mut responses) = client.lease_keep_alive(id).await?;
             loop {
                 keeper.keep_alive().await?;
-                match responses.message().await? {
-                    Some(r) if r.ttl() > 0 => {}
-                    _ => return Ok::<bool, etcd_client::Error>(false),
+                // An answer slower than the lease itself is no answer.
+                match tokio::time::timeout(ttl, responses.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                    Ok(Ok(_)) => return Ok::<&str, etcd_client::Error>("etcd lease expired"),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => return Ok("etcd did not answer a keep-alive in time"),
                 }
                 tokio::time::sleep(period).await;
             }
         }
         .await;
         match result {
-            Ok(_) => warn!(%key, "etcd lease expired; registering again"),
+            Ok(why) => warn!(%key, why, "registering again"),
             Err(e) => warn!(%key, error = %e, "etcd keep-alive failed; retrying"),
         }
         tokio::time::sleep(period).await;
@@ -78,7 +96,7 @@ async fn keep_alive(mut client: Client, mut lease: i64, key: String, value: Vec<
             Ok::<i64, etcd_client::Error>(id)
         };
         match again.await {
-            Ok(id) => lease = id,
+            Ok(id) => lease.store(id, Ordering::Relaxed),
             Err(e) => warn!(%key, error = %e, "etcd registration failed; retrying"),
         }
     }

@@ -49,6 +49,8 @@ pub struct WorkerService {
     hub: PeerHub,
     config: WorkerConfig,
     shards: Arc<Semaphore>,
+    /// The memory budget in KiB, reserved by each running shard for its activations.
+    memory_kib: Arc<Semaphore>,
     /// Cancel flags of the shards running here, by job.
     running: Arc<Mutex<HashMap<String, Vec<Arc<AtomicBool>>>>>,
     /// False once shutdown has begun: new shards are refused.
@@ -58,7 +60,8 @@ pub struct WorkerService {
 impl WorkerService {
     pub fn new(models: Vec<Arc<ModelDir>>, hub: PeerHub, config: WorkerConfig) -> Self {
         let shards = Arc::new(Semaphore::new(config.max_shards));
-        WorkerService { models, hub, config, shards, running: Arc::default(), admitting: AtomicBool::new(true) }
+        let memory_kib = Arc::new(Semaphore::new(((config.memory_budget_bytes / 1024) as usize).min(Semaphore::MAX_PERMITS)));
+        WorkerService { models, hub, config, shards, memory_kib, running: Arc::default(), admitting: AtomicBool::new(true) }
     }
 
     /// Refuses new shards from now on (shutdown has begun).
@@ -181,10 +184,14 @@ fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TracePare
     })
 }
 
-/// Reads a `grpc-timeout` header ("<digits><unit>", unit one of H M S m u n).
+/// Reads a `grpc-timeout` header ("<digits><unit>", at most 8 digits as the gRPC spec says,
+/// unit one of H M S m u n); anything else is no deadline.
 pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let v = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -235,22 +242,22 @@ fn run_shard(hub: &PeerHub, shard: &Shard, tx: &EventSender, cancel: &AtomicBool
     };
     metrics::peer_bytes(out.bytes_sent, wire_bytes_sent);
     if let Some(h) = &out.hidden {
-        send_rows(h, shard.rows_per_message, tx)?;
+        send_rows(h, shard.rows_per_message, tx, pb::shard_event::Event::HiddenStates)?;
     }
-    let pooled = match &out.pooled {
-        Some(p) => Some(tensor_to_wire(p, pb::ElementType::F32).map_err(|e| WorkerError::Invalid(e.to_string()))?),
-        None => None,
-    };
-    Ok(pb::ShardDone { pooled, bytes_sent: out.bytes_sent, wire_bytes_sent, compute_seconds: started.elapsed().as_secs_f64() })
+    if let Some(p) = &out.pooled {
+        send_rows(p, shard.rows_per_message, tx, pb::shard_event::Event::Pooled)?;
+    }
+    Ok(pb::ShardDone { bytes_sent: out.bytes_sent, wire_bytes_sent, compute_seconds: started.elapsed().as_secs_f64() })
 }
 
-fn send_rows(h: &Tensor, rows_per_message: usize, tx: &EventSender) -> Result<(), WorkerError> {
-    let rows = h.dim(0)?;
+/// Streams the rows of `t` in blocks (one message would exceed the message limit on a book).
+fn send_rows(t: &Tensor, rows_per_message: usize, tx: &EventSender, kind: fn(pb::HiddenStates) -> pb::shard_event::Event) -> Result<(), WorkerError> {
+    let rows = t.dim(0)?;
     for start in (0..rows).step_by(rows_per_message) {
-        let part = h.narrow(0, start, rows_per_message.min(rows - start))?;
-        let states = tensor_to_wire(&part, pb::ElementType::F32).map_err(|e| WorkerError::Invalid(e.to_string()))?;
+        let part = t.narrow(0, start, rows_per_message.min(rows - start))?;
+        let states = tensor_to_wire(&part, pb::ElementType::F32).map_err(|e| WorkerError::Internal(e.to_string()))?;
         let msg = pb::HiddenStates { token_start: start as u64, states: Some(states) };
-        tx.blocking_send(event(pb::shard_event::Event::HiddenStates(msg))).map_err(|_| WorkerError::Cancelled)?;
+        tx.blocking_send(event(kind(msg))).map_err(|_| WorkerError::Cancelled)?;
     }
     Ok(())
 }
@@ -261,6 +268,7 @@ struct Running {
     flag: Arc<AtomicBool>,
     running: Arc<Mutex<HashMap<String, Vec<Arc<AtomicBool>>>>>,
     _permit: OwnedSemaphorePermit,
+    _memory: OwnedSemaphorePermit,
 }
 
 impl Drop for Running {
@@ -279,6 +287,10 @@ impl Drop for Running {
 #[tonic::async_trait]
 impl pb::worker_server::Worker for WorkerService {
     async fn info(&self, _req: Request<pb::WorkerInfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
+        // A draining worker is no longer a member: probes of a static list drop it.
+        if !self.admitting.load(Ordering::Relaxed) {
+            return Err(WorkerError::ShuttingDown(self.config.name.clone()).into());
+        }
         Ok(Response::new(WorkerService::info(self)))
     }
 
@@ -296,17 +308,21 @@ impl pb::worker_server::Worker for WorkerService {
         })?;
         let need = activation_bytes(shard.model.model.config(), shard.plan.shard_len(shard.rank));
         if need > self.config.memory_budget_bytes {
-            return Err(WorkerError::Busy(format!(
-                "rank {} needs about {need} bytes of activations; worker {} offers {}",
+            return Err(WorkerError::TooLarge(format!(
+                "rank {} needs about {need} bytes of activations; worker {} offers {} in all",
                 shard.rank, self.config.name, self.config.memory_budget_bytes
             ))
             .into());
         }
+        let need_kib = u32::try_from(need.div_ceil(1024)).unwrap_or(u32::MAX);
+        let memory = self.memory_kib.clone().try_acquire_many_owned(need_kib).map_err(|_| {
+            WorkerError::Busy(format!("worker {} has no room for {need} more bytes of activations now", self.config.name))
+        })?;
         let flag = Arc::new(AtomicBool::new(false));
         self.lock_running().entry(shard.job.clone()).or_default().push(flag.clone());
         metrics::shard_started();
-        let running = Running { job: shard.job.clone(), flag: flag.clone(), running: self.running.clone(), _permit: permit };
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let running = Running { job: shard.job.clone(), flag: flag.clone(), running: self.running.clone(), _permit: permit, _memory: memory };
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let hub = self.hub.clone();
         let span = info_span!(
@@ -391,6 +407,7 @@ mod tests {
         assert_eq!(at("9n"), Some(Duration::from_nanos(9)));
         assert_eq!(at("5x"), None);
         assert_eq!(at("S"), None);
+        assert_eq!(at("123456789S"), None, "more than 8 digits");
         assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 }

@@ -82,7 +82,7 @@ pub fn spans_from_wire(spans: &[pb::Span], tokens: usize) -> Result<Vec<Range<us
 
 pub fn u32s_to_wire(values: &[u32]) -> Result<pb::Tensor, WorkerError> {
     let t = Tensor::from_slice(values, values.len(), &candle_core::Device::Cpu)?;
-    tensor_to_wire(&t, pb::ElementType::U32).map_err(|e| invalid(e.to_string()))
+    tensor_to_wire(&t, pb::ElementType::U32).map_err(|e| WorkerError::Internal(e.to_string()))
 }
 
 pub fn u32s_from_wire(t: Option<&pb::Tensor>, what: &str) -> Result<Vec<u32>, WorkerError> {

@@ -46,18 +46,20 @@ impl Journal {
     /// Opens (or creates) the journal and reads what earlier runs recorded.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         let mut latest = HashMap::new();
-        if let Ok(text) = std::fs::read_to_string(path) {
-            for line in text.lines() {
+        if let Ok(bytes) = std::fs::read(path) {
+            // Bytes, not text: a kill may cut a line inside a character.
+            for line in bytes.split(|&b| b == b'\n') {
                 // A line cut short by a kill does not parse: that document simply is not done.
-                if let Ok(e) = serde_json::from_str::<Entry>(line) {
+                if let Ok(e) = serde_json::from_slice::<Entry>(line) {
                     latest.insert(e.id.clone(), e);
                 }
             }
             // Drop a partial last line so the next entry starts on a line of its own.
-            if !text.is_empty() && !text.ends_with('\n') {
-                let keep = text.rfind('\n').map_or(0, |i| i + 1);
+            if bytes.last().is_some_and(|&b| b != b'\n') {
+                let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
                 let f = OpenOptions::new().write(true).open(path)?;
                 f.set_len(keep as u64)?;
+                f.sync_all()?;
             }
         }
         let file = OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -77,5 +79,38 @@ impl Journal {
         self.file.sync_data()?;
         self.latest.insert(entry.id.clone(), entry);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str) -> Entry {
+        Entry { id: id.into(), hash: "h".into(), status: Status::Done, tokens: Some(3), chunks: None, reason: None, attempts: 1, seconds: 0.5, recovered: false }
+    }
+
+    #[test]
+    fn a_line_cut_anywhere_is_dropped_and_the_rest_kept() {
+        let dir = std::env::temp_dir().join(format!("tome-journal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let mut j = Journal::open(&path).unwrap();
+        j.record(entry("a")).unwrap();
+        j.record(Entry { id: "bé".into(), ..entry("x") }).unwrap();
+        drop(j);
+        // Cut the last line inside its two-byte character, as a kill might.
+        let bytes = std::fs::read(&path).unwrap();
+        let cut = bytes.len() - bytes.iter().rev().position(|&b| b == 0xc3).unwrap();
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let mut j = Journal::open(&path).unwrap();
+        assert!(j.latest("a").is_some());
+        assert!(j.latest("bé").is_none());
+        j.record(entry("c")).unwrap();
+        drop(j);
+        let j = Journal::open(&path).unwrap();
+        assert!(j.latest("a").is_some() && j.latest("c").is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -180,12 +180,13 @@ async fn document(shared: &Shared, doc: DocInput) -> anyhow::Result<()> {
     };
     let hash = inputs::content_hash(&bytes, &doc.options, &shared.settings);
     let dir = store::doc_dir(&args.out, &doc.id);
-    if lock(&shared.journal).latest(&doc.id).is_some_and(|e| e.status == Status::Done && e.hash == hash) && dir.join("meta.json").exists() {
+    let on_disk = store::read_meta(&dir).filter(|m| m.hash == hash);
+    if lock(&shared.journal).latest(&doc.id).is_some_and(|e| e.status == Status::Done && e.hash == hash) && on_disk.is_some() {
         lock(&shared.tally).skipped += 1;
         shared.progress.skipped(&doc.id, estimated, "done in an earlier run");
         return Ok(());
     }
-    if let Some(meta) = store::read_meta(&dir).filter(|m| m.hash == hash) {
+    if let Some(meta) = on_disk {
         // A run was killed between writing these outputs and journaling them.
         let entry = Entry {
             id: doc.id.clone(),

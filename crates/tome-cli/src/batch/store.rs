@@ -78,6 +78,8 @@ pub fn write(out: &Path, collected: &Collected, meta: &Meta) -> anyhow::Result<P
     for entry in std::fs::read_dir(&tmp)? {
         File::open(entry?.path())?.sync_all()?;
     }
+    // The directory's entries too, before it takes its final name.
+    File::open(&tmp)?.sync_all()?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("replacing {}", dir.display()))?;
     }

@@ -37,6 +37,9 @@ fn read_npy<T: npyz::Deserialize>(path: &Path) -> anyhow::Result<Option<Vec<T>>>
 
 impl DocRows {
     pub fn read(dir: &Path, meta: Meta) -> anyhow::Result<Self> {
+        if meta.chunks > 0 && !dir.join("chunk_embeddings.npy").exists() {
+            bail!("{}: chunk embeddings missing", dir.display());
+        }
         Ok(DocRows {
             meta,
             document: read_npy(&dir.join("document_embedding.npy"))?,
