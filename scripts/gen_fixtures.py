@@ -9,6 +9,8 @@ Writes (all small, committed) under crates/tome-model/tests/fixtures/:
   roberta-tiny/         random RobertaModel (positions start at padding_idx + 1)
   gpt-neo-tiny/         random GPTNeoModel (causal; layers alternate global / local
                         sliding-window attention, window_size 5; no LM head)
+  gpt2-tiny/            random GPT2LMHeadModel (causal; tied LM head), plus
+      logprobs.npy                     float32 [seq-1]: log p(token t+1 | tokens <= t)
       config.json, model.safetensors   save_pretrained() output
       input_ids.npy                    int64   [seq]
       last_hidden_state.npy            float32 [seq, hidden]   (batch of one, no
@@ -72,6 +74,8 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
     GPTNeoConfig,
     GPTNeoModel,
     RobertaConfig,
@@ -154,6 +158,7 @@ def gen_tiny(
     id_low: int,
     golden_from: str,
     notes: dict | None = None,
+    logprobs: bool = False,
 ) -> None:
     out = FIXTURES / name
     if out.exists():
@@ -176,6 +181,10 @@ def gen_tiny(
             raise ValueError(golden_from)
     golden = golden.to(torch.float32).numpy()
     ids_np = input_ids.numpy().astype(np.int64)
+    if logprobs:
+        with torch.no_grad():
+            logits = model(input_ids[None]).logits[0].to(torch.float32)
+        lp = torch.log_softmax(logits[:-1], dim=-1).gather(1, input_ids[1:, None])[:, 0].numpy()
 
     model.save_pretrained(out, safe_serialization=True)
     # Only config.json + model.safetensors are fixtures; drop anything else
@@ -190,6 +199,8 @@ def gen_tiny(
     (out / "model.safetensors").chmod(0o644)
     np.save(out / "input_ids.npy", ids_np)
     np.save(out / "last_hidden_state.npy", golden)
+    if logprobs:
+        np.save(out / "logprobs.npy", lp.astype(np.float32))
 
     keys = safetensors_keys(out / "model.safetensors")
     meta = {
@@ -206,7 +217,7 @@ def gen_tiny(
         f".{golden_from}[0], float32, eval mode, "
         + (
             "no attention_mask and no token_type_ids passed (GPT-Neo would add wte(token_type_ids))"
-            if config.model_type == "gpt_neo"
+            if config.model_type in ("gpt_neo", "gpt2")
             else "attention_mask all ones, token_type_ids all zeros"
         ),
         "position_ids": (
@@ -216,6 +227,8 @@ def gen_tiny(
             else f"arange(seq) = 0..{seq_len - 1}"
         ),
         "attn_implementation": model.config._attn_implementation,
+        **({"logprobs": "log_softmax(model(input_ids[None]).logits[0][:-1], -1)"
+            ".gather(1, input_ids[1:, None])[:, 0], float32"} if logprobs else {}),
         **({"notes": notes} if notes else {}),
         "safetensors_keys": keys,
         "versions": versions(),
@@ -445,9 +458,48 @@ def _collapse_number_lists(s: str) -> str:
     return pattern.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", s)
 
 
+def gen_gpt2() -> None:
+    gen_tiny(
+        "gpt2-tiny",
+        GPT2LMHeadModel,
+        GPT2Config(
+            vocab_size=99,
+            n_positions=64,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_inner=37,
+            activation_function="gelu_new",
+            layer_norm_epsilon=1e-5,
+            embd_pdrop=0,
+            attn_pdrop=0,
+            resid_pdrop=0,
+            scale_attn_by_inverse_layer_idx=True,
+            attn_implementation="eager",
+        ),
+        seed=4,
+        seq_len=53,
+        id_low=0,
+        golden_from="hidden_states[-1]",
+        logprobs=True,
+        notes={
+            "scale": "scores scaled by 1/sqrt(head_dim) and, with scale_attn_by_inverse_layer_idx, "
+            "by 1/(layer_idx + 1) (modeling_gpt2.py eager_attention_forward / GPT2Attention)",
+            "head": "lm_head tied to wte (tie_word_embeddings, not stored separately)",
+            "hidden": "hidden_states[-1] of GPT2LMHeadModel is after ln_f",
+        },
+    )
+
+
 def main() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     FIXTURES.mkdir(parents=True, exist_ok=True)
+    # `python scripts/gen_fixtures.py gpt2-tiny` regenerates one fixture only.
+    only = set(sys.argv[1:])
+    if only:
+        for name in only:
+            {"gpt2-tiny": gen_gpt2}[name]()
+        return
 
     gen_tiny(
         "bert-tiny",
@@ -503,6 +555,7 @@ def main() -> None:
         golden_from="last_hidden_state",
         notes=GPT_NEO_NOTES,
     )
+    gen_gpt2()
     gen_minilm()
 
 

@@ -8,6 +8,7 @@
 mod bert;
 mod config;
 mod error;
+pub mod gpt2;
 pub mod gpt_neo;
 mod model_dir;
 mod pooling;

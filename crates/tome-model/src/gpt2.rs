@@ -1,0 +1,217 @@
+//! GPT-2 (Radford et al. 2019; Hugging Face `GPT2LMHeadModel` / `GPT2Model`): a causal decoder
+//! whose every layer runs dense causal attention — on several ranks, causal ring attention
+//! (zigzag layouts balance it) — and whose tied LM head gives per-token log-probabilities.
+//!
+//! Mirrors `modeling_gpt2.py`: pre-LN blocks, a fused query/key/value `Conv1D` (weights stored
+//! as `[in, out]`), scores scaled by 1/sqrt(head_dim) (`scale_attn_weights`) and by
+//! 1/(layer + 1) with `scale_attn_by_inverse_layer_idx`, GELU with the tanh approximation
+//! ("gelu_new"), learned absolute positions (documents beyond `n_positions` are refused), and
+//! the LM head tied to `wte`.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
+use tome_dist::{Group, ShardPlan};
+
+use crate::error::{ModelError, Result};
+
+/// `config.json` of `GPT2Model` / `GPT2LMHeadModel`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_act")]
+    pub activation_function: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_true")]
+    pub scale_attn_weights: bool,
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default)]
+    pub add_cross_attention: bool,
+}
+
+fn default_act() -> String {
+    "gelu_new".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+
+fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
+    ModelError::Config { field: field.into(), msg: msg.into() }
+}
+
+impl Gpt2Config {
+    fn validate(&self) -> Result<()> {
+        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+            return Err(config_err("n_head", format!("{} heads do not divide n_embd {}", self.n_head, self.n_embd)));
+        }
+        if self.activation_function != "gelu_new" {
+            return Err(config_err("activation_function", format!("`{}` is not supported (gelu_new)", self.activation_function)));
+        }
+        if self.add_cross_attention {
+            return Err(config_err("add_cross_attention", "cross-attention (an encoder-decoder GPT-2) is not supported"));
+        }
+        Ok(())
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Linear,
+    c_proj: Linear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+    /// The scores' scale: 1/sqrt(head_dim), and 1/(layer + 1) when the config asks.
+    scale: f32,
+}
+
+pub struct Gpt2Model {
+    cfg: Gpt2Config,
+    wte: Embedding,
+    wpe: Embedding,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+fn weights<T>(r: candle_core::Result<T>, name: String) -> Result<T> {
+    r.map_err(|e| ModelError::Weights { name, msg: e.to_string() })
+}
+
+/// A `Conv1D` (weight `[in, out]`, `y = x W + b`) as a linear layer.
+fn conv1d(vb: &VarBuilder, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
+    let full = format!("{}.{name}", vb.prefix());
+    let w = weights(vb.get((d_in, d_out), &format!("{name}.weight")), format!("{full}.weight"))?;
+    let b = weights(vb.get(d_out, &format!("{name}.bias")), format!("{full}.bias"))?;
+    Ok(Linear::new(w.t()?, Some(b)))
+}
+
+/// Rows of logits computed at once for log-probabilities (`[rows, vocab]` at a time).
+const HEAD_ROWS: usize = 1024;
+
+impl Gpt2Model {
+    /// Loads `GPT2Model` or `GPT2LMHeadModel` weights (with or without the `transformer.` prefix).
+    pub fn load(vb: VarBuilder, cfg: &Gpt2Config) -> Result<Self> {
+        cfg.validate()?;
+        let vb = if vb.contains_tensor("transformer.wte.weight") { vb.pp("transformer") } else { vb };
+        let (d, eps) = (cfg.n_embd, cfg.layer_norm_epsilon);
+        let inner = cfg.n_inner.unwrap_or(4 * d);
+        let head_dim = d / cfg.n_head;
+        let blocks = (0..cfg.n_layer)
+            .map(|i| {
+                let b = vb.pp(format!("h.{i}"));
+                let name = |s: &str| format!("{}.{s}", b.prefix());
+                let mut scale = if cfg.scale_attn_weights { 1.0 / (head_dim as f32).sqrt() } else { 1.0 };
+                if cfg.scale_attn_by_inverse_layer_idx {
+                    scale /= (i + 1) as f32;
+                }
+                Ok(Block {
+                    ln_1: weights(layer_norm(d, eps, b.pp("ln_1")), name("ln_1"))?,
+                    c_attn: conv1d(&b.pp("attn"), "c_attn", d, 3 * d)?,
+                    c_proj: conv1d(&b.pp("attn"), "c_proj", d, d)?,
+                    ln_2: weights(layer_norm(d, eps, b.pp("ln_2")), name("ln_2"))?,
+                    c_fc: conv1d(&b.pp("mlp"), "c_fc", d, inner)?,
+                    mlp_proj: conv1d(&b.pp("mlp"), "c_proj", inner, d)?,
+                    scale,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Gpt2Model {
+            wte: weights(embedding(cfg.vocab_size, d, vb.pp("wte")), "wte".into())?,
+            wpe: weights(embedding(cfg.n_positions, d, vb.pp("wpe")), "wpe".into())?,
+            ln_f: weights(layer_norm(d, eps, vb.pp("ln_f")), "ln_f".into())?,
+            blocks,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+
+    /// Checks a whole document against the model.
+    pub fn check(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(ModelError::Input("the document has no tokens".into()));
+        }
+        if ids.len() > self.cfg.n_positions {
+            return Err(ModelError::Input(format!(
+                "the document has {} tokens; GPT-2 has learned {} positions and a causal model's positions cannot be tiled",
+                ids.len(),
+                self.cfg.n_positions
+            )));
+        }
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!("token {i} has id {id}, beyond the vocabulary of {}", self.cfg.vocab_size)));
+        }
+        Ok(())
+    }
+
+    /// This rank's rows of the last hidden state (after `ln_f`) for the document `ids`.
+    pub fn forward_shard(&self, group: &dyn Group, plan: &ShardPlan, ids: &[u32]) -> Result<Tensor> {
+        if ids.len() != plan.len() {
+            return Err(ModelError::Input(format!("the plan covers {} tokens, the document has {}", plan.len(), ids.len())));
+        }
+        self.check(ids)?;
+        let positions = plan.positions(group.rank());
+        let n = positions.len();
+        let tok: Vec<u32> = positions.iter().map(|&p| ids[p as usize]).collect();
+        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let mut x = (self.wte.forward(&Tensor::from_vec(tok, n, &Device::Cpu)?)? + self.wpe.forward(&Tensor::from_vec(pos, n, &Device::Cpu)?)?)?;
+        for block in &self.blocks {
+            let a = self.attention(block, group, &block.ln_1.forward(&x)?, &positions)?;
+            x = (x + a)?;
+            let m = block.mlp_proj.forward(&block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?)?;
+            x = (x + m)?;
+        }
+        Ok(self.ln_f.forward(&x)?)
+    }
+
+    fn attention(&self, block: &Block, group: &dyn Group, x: &Tensor, positions: &[i64]) -> Result<Tensor> {
+        let (n, d) = x.dims2()?;
+        let (heads, hd) = (self.cfg.n_head, d / self.cfg.n_head);
+        let qkv = block.c_attn.forward(x)?;
+        let split = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(1, i * d, d)?.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?) };
+        let own = KeyBlock { k: split(1)?, v: split(2)?, pos: positions.to_vec(), valid: vec![true; n] };
+        let ctx = ring_attention(group, &split(0)?, positions, own, DenseSpec { causal: true, scale: block.scale })?;
+        Ok(block.c_proj.forward(&ctx.transpose(0, 1)?.reshape((n, d))?)?)
+    }
+
+    /// log p(next token | the tokens up to each row) for the first `next_ids.len()` rows of
+    /// `hidden` (`[rows, n_embd]`, the rank's rows in position order): `[next_ids.len()]`.
+    /// The tied head runs in blocks of rows, so memory stays `HEAD_ROWS x vocab`.
+    pub fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
+        let rows = hidden.dim(0)?;
+        if next_ids.len() > rows {
+            return Err(ModelError::Input(format!("{} next tokens for {rows} rows", next_ids.len())));
+        }
+        if let Some(&bad) = next_ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is beyond the vocabulary of {}", self.cfg.vocab_size)));
+        }
+        let head = self.wte.embeddings();
+        let mut parts = Vec::new();
+        for start in (0..next_ids.len()).step_by(HEAD_ROWS) {
+            let len = HEAD_ROWS.min(next_ids.len() - start);
+            let logits = hidden.narrow(0, start, len)?.matmul(&head.t()?)?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let ids = Tensor::from_slice(&next_ids[start..start + len], (len, 1), &Device::Cpu)?;
+            parts.push(logp.gather(&ids, 1)?.squeeze(1)?);
+        }
+        if parts.is_empty() {
+            return Ok(Tensor::zeros(0, DType::F32, &Device::Cpu)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
