@@ -85,11 +85,11 @@ impl Cluster {
         live.sort_by(|a, b| held(a).shards.cmp(&held(b).shards).then_with(|| a.name.cmp(&b.name)));
         let ranks = spec.plan.ranks();
         let workers: Vec<pb::WorkerInfo> = (0..ranks).map(|r| live[r % live.len()].clone()).collect();
-        let cfg = spec.model.model.config();
+        let shape = spec.model.model.shape();
         let mut need: HashMap<String, Load> = HashMap::new();
         for (r, w) in workers.iter().enumerate() {
             let e = need.entry(w.name.clone()).or_default();
-            e.bytes += activation_bytes(cfg, spec.plan.shard_len(r));
+            e.bytes += activation_bytes(&shape, spec.plan.shard_len(r));
             e.shards += 1;
         }
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
@@ -246,7 +246,7 @@ impl Cluster {
         }
         let hidden_shards = if spec.hidden {
             // An empty shard sends no rows.
-            let width = spec.model.model.config().hidden_size;
+            let width = spec.model.model.shape().hidden_size;
             let empty = Tensor::zeros((0, width), candle_core::DType::F32, &candle_core::Device::Cpu)?;
             Some(hidden.into_iter().map(|h| h.unwrap_or_else(|| empty.clone())).collect())
         } else {

@@ -14,6 +14,8 @@ use serde::Deserialize;
 use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
+use crate::bert::ShardInput;
+use crate::config::LayerAttention;
 use crate::error::{ModelError, Result};
 
 /// `config.json` of `GPT2Model` / `GPT2LMHeadModel`.
@@ -166,15 +168,43 @@ impl Gpt2Model {
         }
         self.check(ids)?;
         let positions = plan.positions(group.rank());
+        let input = ShardInput {
+            ids: positions.iter().map(|&p| ids[p as usize]).collect(),
+            position_ids: positions.iter().map(|&p| p as u32).collect(),
+            layers: vec![LayerAttention::Dense; self.cfg.n_layer],
+            global_tokens: Vec::new(),
+        };
+        self.forward(group, plan, &input, &mut |_| true)
+    }
+
+    /// As [`Gpt2Model::forward_shard`], from the rank's own tokens: its rows of the last hidden
+    /// state. `after_layer(l)` returning false cancels.
+    pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        let positions = plan.positions(group.rank());
         let n = positions.len();
-        let tok: Vec<u32> = positions.iter().map(|&p| ids[p as usize]).collect();
-        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        let mut x = (self.wte.forward(&Tensor::from_vec(tok, n, &Device::Cpu)?)? + self.wpe.forward(&Tensor::from_vec(pos, n, &Device::Cpu)?)?)?;
-        for block in &self.blocks {
+        if input.ids.len() != n || input.position_ids.len() != n {
+            return Err(ModelError::Input(format!("rank {} owns {n} tokens but was given {} ids and {} positions", group.rank(), input.ids.len(), input.position_ids.len())));
+        }
+        if plan.len() > self.cfg.n_positions {
+            return Err(ModelError::Input(format!("the document has {} tokens; GPT-2 has learned {} positions", plan.len(), self.cfg.n_positions)));
+        }
+        if let Some(&bad) = input.ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is beyond the vocabulary of {}", self.cfg.vocab_size)));
+        }
+        if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= self.cfg.n_positions) {
+            return Err(ModelError::Input(format!("position id {bad} is beyond the {} learned positions", self.cfg.n_positions)));
+        }
+        let tok = Tensor::from_slice(&input.ids, n, &Device::Cpu)?;
+        let pos = Tensor::from_slice(&input.position_ids, n, &Device::Cpu)?;
+        let mut x = (self.wte.forward(&tok)? + self.wpe.forward(&pos)?)?;
+        for (l, block) in self.blocks.iter().enumerate() {
             let a = self.attention(block, group, &block.ln_1.forward(&x)?, &positions)?;
             x = (x + a)?;
             let m = block.mlp_proj.forward(&block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?)?;
             x = (x + m)?;
+            if !after_layer(l) {
+                return Err(ModelError::Cancelled);
+            }
         }
         Ok(self.ln_f.forward(&x)?)
     }

@@ -9,6 +9,8 @@ use serde::Deserialize;
 
 use crate::bert::BertModel;
 use crate::config::BertConfig;
+use crate::gpt2::{Gpt2Config, Gpt2Model};
+use crate::model::Model;
 use crate::error::{ModelError, Result};
 use crate::pooling::Pooling;
 use crate::tokenizer::TextTokenizer;
@@ -16,7 +18,7 @@ use crate::tokenizer::TextTokenizer;
 /// A loaded model directory.
 pub struct ModelDir {
     pub path: PathBuf,
-    pub model: BertModel,
+    pub model: Model,
     pub tokenizer: Option<TextTokenizer>,
     /// The pooling the checkpoint was trained with (sentence-transformers config), else mean.
     pub pooling: Pooling,
@@ -45,14 +47,14 @@ impl ModelDir {
         let config_path = path.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| dir_err(format!("cannot read config.json: {e}")))?;
         let kind: ModelType = serde_json::from_str(&text).map_err(|e| dir_err(format!("config.json is not valid JSON: {e}")))?;
+        let config_err = |e: serde_json::Error| ModelError::Config { field: "(config.json)".into(), msg: e.to_string() };
         match kind.model_type.as_deref() {
-            Some("bert" | "roberta" | "xlm-roberta" | "camembert") => {}
+            Some("bert" | "roberta" | "xlm-roberta" | "camembert" | "gpt2") => {}
             Some(other) => {
-                return Err(ModelError::Config { field: "model_type".into(), msg: format!("`{other}` is not supported (bert, roberta)") })
+                return Err(ModelError::Config { field: "model_type".into(), msg: format!("`{other}` is not supported (bert, roberta, gpt2)") })
             }
             None => return Err(ModelError::Config { field: "model_type".into(), msg: "missing".into() }),
         }
-        let cfg: BertConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config { field: "(config.json)".into(), msg: e.to_string() })?;
         let weights = path.join("model.safetensors");
         if !weights.is_file() {
             return Err(dir_err("has no model.safetensors".into()));
@@ -60,7 +62,13 @@ impl ModelDir {
         // SAFETY: the file is memory-mapped read-only; tome never writes checkpoints it serves.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
             .map_err(|e| dir_err(format!("model.safetensors cannot be read: {e}")))?;
-        let model = BertModel::load(vb, &cfg)?;
+        let model = if kind.model_type.as_deref() == Some("gpt2") {
+            let cfg: Gpt2Config = serde_json::from_str(&text).map_err(config_err)?;
+            Model::Gpt2(Gpt2Model::load(vb, &cfg)?)
+        } else {
+            let cfg: BertConfig = serde_json::from_str(&text).map_err(config_err)?;
+            Model::Bert(BertModel::load(vb, &cfg)?)
+        };
         let tokenizer_path = path.join("tokenizer.json");
         let tokenizer = tokenizer_path.is_file().then(|| TextTokenizer::from_file(&tokenizer_path)).transpose()?;
         let pooling = match std::fs::read_to_string(path.join("1_Pooling/config.json")) {

@@ -36,7 +36,7 @@ fn tiny_checkpoints_match_transformers_on_any_number_of_ranks() {
         let dir = ModelDir::open(&fixture(name)).unwrap();
         let (_, ids) = read_npy::<i64>(&fixture(name).join("input_ids.npy"));
         let (shape, golden) = read_npy::<f32>(&fixture(name).join("last_hidden_state.npy"));
-        assert_eq!(shape, vec![ids.len() as u64, dir.model.config().hidden_size as u64]);
+        assert_eq!(shape, vec![ids.len() as u64, dir.model.shape().hidden_size as u64]);
         let doc = dir.model.prepare(ids.iter().map(|&i| i as u32).collect(), &EncodeOptions::default()).unwrap();
         for ranks in 1..=4 {
             for layout in [Layout::Contiguous, Layout::Zigzag] {

@@ -28,16 +28,17 @@ pub use service::{grpc_timeout, WorkerConfig, WorkerService};
 
 /// How a loaded model describes itself on the wire.
 pub fn model_info(m: &ModelDir) -> pb::ModelInfo {
-    let cfg = m.model.config();
+    let shape = m.model.shape();
     pb::ModelInfo {
         name: m.name(),
-        architecture: cfg.model_type.clone(),
-        hidden_size: cfg.hidden_size as u32,
-        num_layers: cfg.num_hidden_layers as u32,
-        max_positions: cfg.usable_positions() as u32,
+        architecture: shape.model_type,
+        hidden_size: shape.hidden_size as u32,
+        num_layers: shape.num_layers as u32,
+        max_positions: shape.max_positions as u32,
         default_pooling: m.pooling.name().into(),
-        layer_attention: cfg.layer_attention().map(|l| l.iter().map(|a| a.to_string()).collect()).unwrap_or_default(),
+        layer_attention: shape.layer_attention,
         has_tokenizer: m.tokenizer.is_some(),
+        causal: shape.causal,
     }
 }
 

@@ -306,7 +306,7 @@ impl pb::worker_server::Worker for WorkerService {
         let permit = self.shards.clone().try_acquire_owned().map_err(|_| {
             WorkerError::Busy(format!("worker {} already runs {} shards", self.config.name, self.config.max_shards))
         })?;
-        let need = activation_bytes(shard.model.model.config(), shard.plan.shard_len(shard.rank));
+        let need = activation_bytes(&shard.model.model.shape(), shard.plan.shard_len(shard.rank));
         if need > self.config.memory_budget_bytes {
             return Err(WorkerError::TooLarge(format!(
                 "rank {} needs about {need} bytes of activations; worker {} offers {} in all",

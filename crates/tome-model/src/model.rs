@@ -1,0 +1,111 @@
+//! The architectures a model directory can hold, behind the one interface the services use:
+//! prepare a document, run a rank's shard, and — for causal language models — score each
+//! token given the ones before it.
+
+use candle_core::Tensor;
+use tome_dist::{Group, ShardPlan};
+
+use crate::bert::{BertModel, Prepared, ShardInput};
+use crate::config::{EncodeOptions, LayerAttention};
+use crate::error::{ModelError, Result};
+use crate::gpt2::Gpt2Model;
+
+pub enum Model {
+    /// BERT-family encoders (BERT, RoBERTa): embeddings.
+    Bert(BertModel),
+    /// GPT-2: a causal language model (log-probabilities, perplexity).
+    Gpt2(Gpt2Model),
+}
+
+/// What a model is, in the numbers the services plan and describe with.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub vocab_size: usize,
+    /// Longest document without a position extension.
+    pub max_positions: usize,
+    /// Each layer's attention, as the config says.
+    pub layer_attention: Vec<String>,
+    /// A causal language model: it scores tokens (log-probabilities, perplexity).
+    pub causal: bool,
+}
+
+impl Model {
+    pub fn shape(&self) -> Shape {
+        match self {
+            Model::Bert(m) => {
+                let c = m.config();
+                Shape {
+                    model_type: c.model_type.clone(),
+                    hidden_size: c.hidden_size,
+                    intermediate_size: c.intermediate_size,
+                    num_layers: c.num_hidden_layers,
+                    vocab_size: c.vocab_size,
+                    max_positions: c.usable_positions(),
+                    layer_attention: c.layer_attention().map(|l| l.iter().map(|a| a.to_string()).collect()).unwrap_or_default(),
+                    causal: false,
+                }
+            }
+            Model::Gpt2(m) => {
+                let c = m.config();
+                Shape {
+                    model_type: "gpt2".into(),
+                    hidden_size: c.n_embd,
+                    intermediate_size: c.n_inner.unwrap_or(4 * c.n_embd),
+                    num_layers: c.n_layer,
+                    vocab_size: c.vocab_size,
+                    max_positions: c.n_positions,
+                    layer_attention: vec!["dense (causal)".into(); c.n_layer],
+                    causal: true,
+                }
+            }
+        }
+    }
+
+    pub fn is_causal(&self) -> bool {
+        matches!(self, Model::Gpt2(_))
+    }
+
+    /// Checks a whole document against the model and options and derives per-token positions.
+    pub fn prepare(&self, ids: Vec<u32>, opts: &EncodeOptions) -> Result<Prepared> {
+        match self {
+            Model::Bert(m) => m.prepare(ids, opts),
+            Model::Gpt2(m) => {
+                m.check(&ids)?;
+                if matches!(opts.attention, Some(LayerAttention::Window { .. })) {
+                    return Err(ModelError::Unsupported("GPT-2 runs dense causal attention in every layer; a window would change its outputs".into()));
+                }
+                if !opts.global_tokens.is_empty() {
+                    return Err(ModelError::Input("global tokens need window attention; GPT-2 attends densely".into()));
+                }
+                let n = ids.len();
+                Ok(Prepared { ids, position_ids: (0..n as u32).collect(), layers: vec![LayerAttention::Dense; m.config().n_layer], global_tokens: Vec::new() })
+            }
+        }
+    }
+
+    /// Runs a rank's shard; returns its rows of the last hidden state. `after_layer(l)` is
+    /// called when layer `l` is done; returning false cancels.
+    pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        match self {
+            Model::Bert(m) => m.forward(group, plan, input, after_layer),
+            Model::Gpt2(m) => m.forward(group, plan, input, after_layer),
+        }
+    }
+
+    /// As [`Model::forward`] for rank `group.rank()` of a prepared document.
+    pub fn forward_shard(&self, group: &dyn Group, plan: &ShardPlan, doc: &Prepared, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        self.forward(group, plan, &doc.shard(plan, group.rank()), after_layer)
+    }
+
+    /// log p(next token | tokens so far) for the first `next_ids.len()` rows of `hidden`.
+    pub fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
+        match self {
+            Model::Gpt2(m) => m.log_probs(hidden, next_ids),
+            Model::Bert(_) => Err(ModelError::Unsupported("log-probabilities need a causal language model; this is an encoder".into())),
+        }
+    }
+}
