@@ -209,6 +209,7 @@ pub struct Processed {
     pub chunks: Vec<Vec<f32>>,
     /// Event kinds in arrival order.
     pub kinds: Vec<&'static str>,
+    pub log_probs: Vec<f32>,
     pub done: Option<pb::Done>,
 }
 
@@ -231,6 +232,11 @@ pub async fn process_call(client: &mut TomeClient<Channel>, req: impl tonic::Int
                 out.document = floats(d.embedding);
             }
             pb::process_event::Event::HiddenStates(_) => out.kinds.push("hidden"),
+            pb::process_event::Event::LogProbs(l) => {
+                out.kinds.push("log_probs");
+                assert_eq!(l.token_start as usize, out.log_probs.len(), "log-probs arrive in order");
+                out.log_probs.extend(floats(l.values));
+            }
             pb::process_event::Event::Done(d) => {
                 out.kinds.push("done");
                 out.done = Some(d);

@@ -292,3 +292,31 @@ async fn sigterm_lets_jobs_in_flight_finish_within_the_grace_period_and_cancels_
         wait_idle(&[&w1, &w2]).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_causal_model_scores_every_token_across_workers_as_transformers_does() {
+    let gpt2 = repo().join("crates/tome-model/tests/fixtures/gpt2-tiny");
+    let ids: Vec<i64> = {
+        let bytes = std::fs::read(gpt2.join("input_ids.npy")).unwrap();
+        npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
+    };
+    let golden = read_npy(&gpt2.join("logprobs.npy"));
+    let w1 = start_worker(&gpt2, &[], logs("gpt2-w1")).await;
+    let w2 = start_worker(&gpt2, &[], logs("gpt2-w2")).await;
+    let list = format!("{},{}", w1.host_port, w2.host_port);
+    let coordinator = start_coordinator(&gpt2, &["--workers", &list, "--probe-ms", "200"], logs("gpt2-c")).await;
+    let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
+    wait_for_workers(&mut client, 2).await;
+    for (ranks, layout) in [(1, pb::Layout::Contiguous), (4, pb::Layout::Zigzag), (3, pb::Layout::Contiguous)] {
+        let options = pb::ProcessOptions { outputs: vec![pb::Output::LogProbs as i32], ranks, layout: layout as i32, ..Default::default() };
+        let req = pb::ProcessRequest { model: String::new(), input: Some(pb::process_request::Input::TokenIds(pb::TokenIds { ids: ids.clone() })), options: Some(options) };
+        let got = process_call(&mut client, req).await.unwrap_or_else(|e| panic!("{ranks} ranks: {e:?}"));
+        assert!(max_diff(&got.log_probs, &golden) <= 1e-4, "{ranks} ranks {layout:?}");
+        let want = (-golden.iter().map(|&x| x as f64).sum::<f64>() / golden.len() as f64).exp();
+        let ppl = got.done.unwrap().perplexity.unwrap();
+        assert!((ppl - want).abs() < 1e-3 * want, "perplexity {ppl} vs {want}");
+    }
+    // Info says which models score tokens.
+    let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert!(info.models[0].causal);
+}

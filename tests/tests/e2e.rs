@@ -125,7 +125,7 @@ async fn server_processes_documents_identically_on_any_number_of_ranks_and_refus
 }
 
 #[test]
-fn token_id_conformance_path_writes_hidden_states_on_any_number_of_ranks() {
+fn token_id_conformance_path_writes_hidden_states_and_log_probs_on_any_number_of_ranks() {
     let fixture = repo().join("crates/tome-model/tests/fixtures/bert-tiny");
     let golden = read_npy(&fixture.join("last_hidden_state.npy"));
     for ranks in ["1", "3"] {
@@ -144,6 +144,34 @@ fn token_id_conformance_path_writes_hidden_states_on_any_number_of_ranks() {
         assert!(max_diff(&got, &golden) <= 1e-4, "{ranks} ranks");
         std::fs::remove_dir_all(&out).ok();
     }
+    // A causal language model (GPT-2): hidden states and per-token log-probs, on any number of
+    // ranks and either layout, equal to transformers'.
+    let gpt2 = repo().join("crates/tome-model/tests/fixtures/gpt2-tiny");
+    let (golden, golden_lp) = (read_npy(&gpt2.join("last_hidden_state.npy")), read_npy(&gpt2.join("logprobs.npy")));
+    for (ranks, layout) in [("1", "contiguous"), ("3", "zigzag"), ("4", "contiguous")] {
+        let out = std::env::temp_dir().join(format!("tome-e2e-gpt2-{}-{ranks}", std::process::id()));
+        let run = Command::new(tome_bin())
+            .args(["process", "--emit", "hidden-states,logprobs", "--quiet", "--ranks", ranks, "--layout", layout, "--ids"])
+            .arg(gpt2.join("input_ids.npy"))
+            .arg("--model")
+            .arg(&gpt2)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        assert!(max_diff(&read_npy(&out.join("last_hidden_state.npy")), &golden) <= 1e-4, "{ranks} ranks {layout}");
+        assert!(max_diff(&read_npy(&out.join("logprobs.npy")), &golden_lp) <= 1e-4, "{ranks} ranks {layout}: log-probs");
+        let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        let want = (-golden_lp.iter().map(|&x| x as f64).sum::<f64>() / golden_lp.len() as f64).exp();
+        assert!((summary["perplexity"].as_f64().unwrap() - want).abs() < 1e-3 * want, "{summary}");
+        std::fs::remove_dir_all(&out).ok();
+    }
+    // An encoder does not score tokens: a clear error.
+    let run = Command::new(tome_bin()).args(["process", "--emit", "logprobs", "--quiet", "--ids"]).arg(fixture.join("input_ids.npy")).arg("--model").arg(&fixture).output().unwrap();
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("causal"), "{}", String::from_utf8_lossy(&run.stderr));
+
     // A missing model directory is a clear error, not a crash.
     let out = Command::new(tome_bin()).args(["process", "--model", "/nonexistent/model", "--quiet", "--ids"]).arg(fixture.join("input_ids.npy")).output().unwrap();
     assert!(!out.status.success());

@@ -190,6 +190,8 @@ pub enum Emit {
     Document,
     Chunks,
     HiddenStates,
+    /// log p(token t+1 | tokens <= t) and the perplexity (causal language models).
+    Logprobs,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]

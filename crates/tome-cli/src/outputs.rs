@@ -39,6 +39,8 @@ pub struct Collected {
     pub chunk_chars: Vec<[i64; 2]>,
     pub hidden: Vec<f32>,
     pub hidden_rows: usize,
+    /// `[tokens - 1]` (causal models).
+    pub log_probs: Vec<f32>,
 }
 
 impl Collected {
@@ -63,6 +65,10 @@ impl Collected {
             let width = (self.hidden.len() / self.hidden_rows) as u64;
             write_npy(&dir.join("last_hidden_state.npy"), &[self.hidden_rows as u64, width], &self.hidden)?;
             written.push("last_hidden_state.npy".to_string());
+        }
+        if !self.log_probs.is_empty() {
+            write_npy(&dir.join("logprobs.npy"), &[self.log_probs.len() as u64], &self.log_probs)?;
+            written.push("logprobs.npy".to_string());
         }
         let mut summary = BufWriter::new(File::create(dir.join("summary.jsonl"))?);
         let job = json!({"record": "job", "accepted": self.accepted, "done": self.done, "files": written});

@@ -51,6 +51,7 @@ pub fn options(args: &JobFlags, ranks: usize) -> anyhow::Result<pb::ProcessOptio
             Emit::Document => pb::Output::DocumentEmbedding,
             Emit::Chunks => pb::Output::ChunkEmbeddings,
             Emit::HiddenStates => pb::Output::HiddenStates,
+            Emit::Logprobs => pb::Output::LogProbs,
         } as i32)
         .collect();
     let options = pb::ProcessOptions {
@@ -153,7 +154,8 @@ pub async fn process(args: ProcessArgs) -> anyhow::Result<()> {
     let done = collected.done.clone().unwrap_or_default();
     println!(
         "{}",
-        json!({"out": args.out, "files": files, "tokens": done["tokens"], "compute_seconds": done["compute_seconds"], "total_seconds": done["total_seconds"]})
+        json!({"out": args.out, "files": files, "tokens": done["tokens"], "compute_seconds": done["compute_seconds"],
+               "total_seconds": done["total_seconds"], "perplexity": done["perplexity"]})
     );
     Ok(())
 }
@@ -206,12 +208,18 @@ pub async fn collect(mut stream: EventStream, bar: &ProgressBar) -> Result<Colle
                 c.hidden_rows += rows.0;
                 c.hidden.extend(rows.1);
             }
+            pb::process_event::Event::LogProbs(l) => {
+                if l.token_start as usize != c.log_probs.len() {
+                    return Err(bad(anyhow::anyhow!("log-probs out of order: from {} after {}", l.token_start, c.log_probs.len())));
+                }
+                c.log_probs.extend(vector(l.values.as_ref()).map_err(bad)?);
+            }
             pb::process_event::Event::Done(d) => {
                 bar.finish_and_clear();
                 c.done = Some(json!({
                     "tokens": d.tokens, "tokenize_seconds": d.tokenize_seconds, "compute_seconds": d.compute_seconds,
                     "total_seconds": d.total_seconds, "bytes_exchanged": d.bytes_exchanged,
-                    "wire_bytes_exchanged": d.wire_bytes_exchanged,
+                    "wire_bytes_exchanged": d.wire_bytes_exchanged, "perplexity": d.perplexity,
                 }));
             }
         }

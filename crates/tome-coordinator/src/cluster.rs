@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tome_net::{tensor_from_wire, TraceParent};
 use tome_proto::v1 as pb;
-use tome_worker::{activation_bytes, assemble, pool_targets, wire, JobEvent, JobOutput, JobSpec, WorkerError};
+use tome_worker::{activation_bytes, assemble, pool_targets, wire, Gathered, JobEvent, JobOutput, JobSpec, WorkerError};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
@@ -197,6 +197,8 @@ impl Cluster {
                 pooling: wire::pooling_to_wire(spec.pooling) as i32,
                 hidden_states: spec.hidden,
                 rows_per_message: self.rows_per_message as u32,
+                log_probs: spec.log_probs,
+                next_ids: if spec.log_probs { Some(wire::u32s_to_wire(&spec.doc.next_ids(&spec.plan, r))?) } else { None },
             };
             let mut request = tonic::Request::new(req);
             if let Some(d) = deadline {
@@ -233,28 +235,40 @@ impl Cluster {
             self.cancel(job_id, &addresses).await;
             return Err(cause(first, &mut ranks).await);
         }
-        let mut pooled = None;
-        let mut hidden = Vec::new();
+        let mut gathered = Gathered::default();
+        let (mut hidden, mut log_probs) = (Vec::new(), Vec::new());
         let (mut bytes, mut wire_bytes) = (0, 0);
         for r in results.into_iter().flatten() {
             bytes += r.done.bytes_sent;
             wire_bytes += r.done.wire_bytes_sent;
             if r.pooled.is_some() {
-                pooled = r.pooled;
+                gathered.pooled = r.pooled;
             }
             hidden.push(r.hidden);
+            log_probs.push(r.log_probs);
         }
-        let hidden_shards = if spec.hidden {
-            // An empty shard sends no rows.
+        // An empty shard (or one whose only token is the last) sends no rows.
+        if spec.hidden {
             let width = spec.model.model.shape().hidden_size;
             let empty = Tensor::zeros((0, width), candle_core::DType::F32, &candle_core::Device::Cpu)?;
-            Some(hidden.into_iter().map(|h| h.unwrap_or_else(|| empty.clone())).collect())
-        } else {
-            None
-        };
-        let tome_worker::Assembled { document, chunks, hidden } = assemble(&spec.plan, spec.document, spec.chunks.len(), spec.normalize, pooled, hidden_shards)?;
+            gathered.hidden = Some(hidden.into_iter().map(|h| h.unwrap_or_else(|| empty.clone())).collect());
+        }
+        if spec.log_probs {
+            let empty = Tensor::zeros(0, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+            gathered.log_probs = Some(log_probs.into_iter().map(|l| l.unwrap_or_else(|| empty.clone())).collect());
+        }
+        let a = assemble(&spec.plan, spec.document, spec.chunks.len(), spec.normalize, gathered)?;
         info!(job = %job_id, ranks = addresses.len(), bytes, wire_bytes, "cluster job done");
-        Ok(JobOutput { document, chunks, hidden, bytes_exchanged: bytes, wire_bytes_exchanged: wire_bytes, compute: started.elapsed() })
+        Ok(JobOutput {
+            document: a.document,
+            chunks: a.chunks,
+            hidden: a.hidden,
+            log_probs: a.log_probs,
+            perplexity: a.perplexity,
+            bytes_exchanged: bytes,
+            wire_bytes_exchanged: wire_bytes,
+            compute: started.elapsed(),
+        })
     }
 
     /// Asks every worker of the job to stop it (best effort: a worker that is gone has stopped).
@@ -314,6 +328,7 @@ struct RemoteRank {
     done: pb::ShardDone,
     hidden: Option<Tensor>,
     pooled: Option<Tensor>,
+    log_probs: Option<Tensor>,
 }
 
 /// Appends a streamed block of rows, checking it follows the previous ones.
@@ -340,6 +355,7 @@ async fn run_remote_rank(
     let mut stream = client.run_shard(request).await.map_err(remote)?.into_inner();
     let (mut hidden, mut hidden_rows) = (Vec::new(), 0);
     let (mut pooled, mut pooled_rows) = (Vec::new(), 0);
+    let (mut log_probs, mut scored) = (Vec::new(), 0);
     while let Some(ev) = stream.message().await.map_err(remote)? {
         match ev.event {
             Some(pb::shard_event::Event::Progress(p)) => {
@@ -349,7 +365,10 @@ async fn run_remote_rank(
             }
             Some(pb::shard_event::Event::HiddenStates(h)) => push_rows(&mut hidden, &mut hidden_rows, &h)?,
             Some(pb::shard_event::Event::Pooled(p)) => push_rows(&mut pooled, &mut pooled_rows, &p)?,
-            Some(pb::shard_event::Event::Done(done)) => return Ok(RemoteRank { done, hidden: concat(&hidden)?, pooled: concat(&pooled)? }),
+            Some(pb::shard_event::Event::LogProbs(l)) => push_rows(&mut log_probs, &mut scored, &l)?,
+            Some(pb::shard_event::Event::Done(done)) => {
+                return Ok(RemoteRank { done, hidden: concat(&hidden)?, pooled: concat(&pooled)?, log_probs: concat(&log_probs)? })
+            }
             None => {}
         }
     }

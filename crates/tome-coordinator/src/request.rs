@@ -15,6 +15,7 @@ pub(crate) struct JobOptions {
     pub document: bool,
     pub chunks: bool,
     pub hidden: bool,
+    pub log_probs: bool,
     pub pooling: Option<Pooling>,
     pub normalize: bool,
     pub chunking: Chunking,
@@ -38,12 +39,13 @@ fn known<T: TryFrom<i32>>(value: i32, field: &str) -> Result<T, CoordError> {
 pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOptions, CoordError> {
     let default = pb::ProcessOptions::default();
     let o = opts.unwrap_or(&default);
-    let (mut document, mut chunks, mut hidden) = (false, false, false);
+    let (mut document, mut chunks, mut hidden, mut log_probs) = (false, false, false, false);
     for &out in &o.outputs {
         match known::<pb::Output>(out, "outputs")? {
             pb::Output::DocumentEmbedding => document = true,
             pb::Output::ChunkEmbeddings => chunks = true,
             pb::Output::HiddenStates => hidden = true,
+            pb::Output::LogProbs => log_probs = true,
             pb::Output::Unspecified => return Err(CoordError::Invalid("options.outputs: OUTPUT_UNSPECIFIED is not an output".into())),
         }
     }
@@ -87,6 +89,7 @@ pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOpti
         document,
         chunks,
         hidden,
+        log_probs,
         pooling,
         normalize: o.normalize,
         chunking,

@@ -238,6 +238,9 @@ impl Coordinator {
         let job_permit = self.jobs.clone().try_acquire_owned().map_err(|_| {
             CoordError::Busy(format!("the server is busy: {} jobs in flight; retry later", self.config.limits.max_concurrent_jobs))
         })?;
+        if opts.log_probs && !model.model.is_causal() {
+            return Err(CoordError::Invalid(format!("model `{}` is an encoder; log-probs need a causal language model", model.name())));
+        }
         let admitted = {
             let _queued = metrics::Queued::enter();
             self.admit(model, req.input, &opts).await?
@@ -259,6 +262,7 @@ impl Coordinator {
         spec.chunks = chunks;
         spec.document = opts.document;
         spec.hidden = opts.hidden;
+        spec.log_probs = opts.log_probs;
         spec.pooling = pooling;
         spec.normalize = opts.normalize;
         let (cluster, placement) = match &self.backend {
@@ -400,6 +404,7 @@ async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender,
                     total_seconds: job.started.elapsed().as_secs_f64(),
                     bytes_exchanged: out.bytes_exchanged,
                     wire_bytes_exchanged: out.wire_bytes_exchanged,
+                    perplexity: out.perplexity,
                 };
                 metrics::stage_seconds("total", job.started.elapsed());
                 metrics::tokens_processed(tokens);
@@ -447,6 +452,15 @@ async fn emit(
     if let Some(d) = &out.document {
         let doc = pb::DocumentEmbedding { embedding: Some(wire(d, pb::ElementType::F32)?) };
         tx.send(event(pb::process_event::Event::Document(doc))).await.map_err(closed)?;
+    }
+    if let Some(lp) = &out.log_probs {
+        let n = lp.dim(0).map_err(|e| CoordError::Internal(e.to_string()))?;
+        for start in (0..n).step_by(rows_per_message.max(1)) {
+            let len = rows_per_message.min(n - start);
+            let part = lp.narrow(0, start, len).map_err(|e| CoordError::Internal(e.to_string()))?;
+            let values = pb::LogProbs { token_start: start as u64, values: Some(wire(&part, pb::ElementType::F32)?) };
+            tx.send(event(pb::process_event::Event::LogProbs(values))).await.map_err(closed)?;
+        }
     }
     if let Some(h) = &out.hidden {
         let rows = h.dim(0).map_err(|e| CoordError::Internal(e.to_string()))?;

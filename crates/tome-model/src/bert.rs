@@ -62,6 +62,12 @@ impl Prepared {
         self.ids.len()
     }
 
+    /// The id that follows each of rank `rank`'s tokens, in its row order (the document's last
+    /// token, the rank's last row, has none).
+    pub fn next_ids(&self, plan: &ShardPlan, rank: usize) -> Vec<u32> {
+        plan.positions(rank).iter().filter_map(|&p| self.ids.get(p as usize + 1).copied()).collect()
+    }
+
     /// Rank `rank`'s part of the document under `plan`.
     pub fn shard(&self, plan: &ShardPlan, rank: usize) -> ShardInput {
         let positions = plan.positions(rank);

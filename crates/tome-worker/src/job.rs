@@ -25,6 +25,8 @@ pub struct JobSpec {
     pub chunks: Vec<Range<usize>>,
     pub document: bool,
     pub hidden: bool,
+    /// Score every token (causal models).
+    pub log_probs: bool,
     pub pooling: Pooling,
     pub normalize: bool,
 }
@@ -33,7 +35,7 @@ impl JobSpec {
     pub fn new(model: Arc<ModelDir>, doc: Arc<Prepared>, ranks: usize, layout: Layout) -> Result<Self, WorkerError> {
         let plan = ShardPlan::new(layout, doc.len(), ranks)?;
         let pooling = model.pooling;
-        Ok(JobSpec { model, doc, plan, chunks: Vec::new(), document: true, hidden: false, pooling, normalize: false })
+        Ok(JobSpec { model, doc, plan, chunks: Vec::new(), document: true, hidden: false, log_probs: false, pooling, normalize: false })
     }
 }
 
@@ -57,6 +59,10 @@ pub struct JobOutput {
     /// Bytes the ranks put on the wire for them (framing included; equal in one process).
     pub wire_bytes_exchanged: u64,
     pub compute: Duration,
+    /// `[tokens - 1]`: log p(token t+1 | tokens <= t), when asked (causal models).
+    pub log_probs: Option<Tensor>,
+    /// exp(-mean log-prob), with the log-probs.
+    pub perplexity: Option<f64>,
 }
 
 /// What one rank returns.
@@ -65,6 +71,8 @@ pub struct RankOutput {
     pub pooled: Option<Tensor>,
     /// `[shard, width]` when asked.
     pub hidden: Option<Tensor>,
+    /// `[next ids]`: the log-prob of the token after each of the rank's rows, when asked.
+    pub log_probs: Option<Tensor>,
     pub bytes_sent: u64,
 }
 
@@ -77,6 +85,8 @@ pub struct RankWork<'a> {
     pub spans: &'a [Range<usize>],
     pub pooling: Pooling,
     pub hidden: bool,
+    /// Score the rank's tokens: the id after each of its rows (causal models).
+    pub next_ids: Option<&'a [u32]>,
 }
 
 /// Runs one rank of a job on `group`: the encoder on its shard, then its part of the pooling.
@@ -84,7 +94,11 @@ pub struct RankWork<'a> {
 pub fn run_rank(group: &dyn Group, work: &RankWork, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<RankOutput, tome_model::ModelError> {
     let hidden = work.model.model.forward(group, work.plan, work.input, after_layer)?;
     let pooled = if work.spans.is_empty() { None } else { Some(pool_spans(group, work.plan, &hidden, work.spans, work.pooling)?) };
-    Ok(RankOutput { pooled: pooled.filter(|_| group.rank() == 0), hidden: work.hidden.then_some(hidden), bytes_sent: group.bytes_sent() })
+    let log_probs = match work.next_ids {
+        Some(next) => Some(work.model.model.log_probs(&hidden, next)?),
+        None => None,
+    };
+    Ok(RankOutput { pooled: pooled.filter(|_| group.rank() == 0), hidden: work.hidden.then_some(hidden), log_probs, bytes_sent: group.bytes_sent() })
 }
 
 /// The spans a job pools: the whole document first when asked, then the chunks.
@@ -105,21 +119,36 @@ pub struct Assembled {
     pub chunks: Option<Tensor>,
     /// `[tokens, width]`, in document order.
     pub hidden: Option<Tensor>,
+    /// `[tokens - 1]`, in document order.
+    pub log_probs: Option<Tensor>,
+    pub perplexity: Option<f64>,
 }
 
-/// Puts a job's outputs together from its ranks' results: the pooled rows (rank 0's) split
-/// into document and chunks and normalised if asked, the hidden shards back in document order.
-pub fn assemble(
-    plan: &ShardPlan,
-    document: bool,
-    chunks: usize,
-    normalize: bool,
-    pooled: Option<Tensor>,
-    hidden_shards: Option<Vec<Tensor>>,
-) -> Result<Assembled, WorkerError> {
+/// What the ranks of a job returned, in rank order.
+#[derive(Default)]
+pub struct Gathered {
+    /// Rank 0's pooled rows.
+    pub pooled: Option<Tensor>,
+    pub hidden: Option<Vec<Tensor>>,
+    pub log_probs: Option<Vec<Tensor>>,
+}
+
+/// Puts a job's outputs together from its ranks' results: the pooled rows split into document
+/// and chunks and normalised if asked, hidden states and log-probs back in document order.
+pub fn assemble(plan: &ShardPlan, document: bool, chunks: usize, normalize: bool, gathered: Gathered) -> Result<Assembled, WorkerError> {
+    let Gathered { pooled, hidden: hidden_shards, log_probs } = gathered;
     let hidden = match hidden_shards {
         Some(shards) => Some(plan.unshard(&shards, 0)?),
         None => None,
+    };
+    let (log_probs, perplexity) = match log_probs {
+        Some(shards) => {
+            let lp = unshard_log_probs(plan, &shards)?;
+            let ppl = (!lp.is_empty()).then(|| (-lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len() as f64).exp());
+            let n = lp.len();
+            (Some(Tensor::from_vec(lp, n, &candle_core::Device::Cpu)?), ppl)
+        }
+        None => (None, None),
     };
     let (mut doc, mut chunk_rows) = (None, None);
     if let Some(p) = pooled {
@@ -131,7 +160,31 @@ pub fn assemble(
             chunk_rows = Some(p.narrow(0, usize::from(document), chunks)?);
         }
     }
-    Ok(Assembled { document: doc, chunks: chunk_rows, hidden })
+    Ok(Assembled { document: doc, chunks: chunk_rows, hidden, log_probs, perplexity })
+}
+
+/// The ranks' log-probs (one per row that has a next token) in document order: `[tokens - 1]`.
+fn unshard_log_probs(plan: &ShardPlan, shards: &[Tensor]) -> Result<Vec<f32>, WorkerError> {
+    let n = plan.len().saturating_sub(1);
+    let mut out = vec![0f32; n];
+    let mut filled = 0;
+    for (r, t) in shards.iter().enumerate() {
+        let values = t.to_vec1::<f32>()?;
+        let positions = plan.positions(r);
+        if values.len() > positions.len() {
+            return Err(WorkerError::Internal(format!("rank {r} scored {} tokens of its {}", values.len(), positions.len())));
+        }
+        for (&p, v) in positions.iter().zip(values) {
+            if (p as usize) < n {
+                out[p as usize] = v;
+                filled += 1;
+            }
+        }
+    }
+    if filled != n {
+        return Err(WorkerError::Internal(format!("the ranks scored {filled} of the {n} tokens that have a successor")));
+    }
+    Ok(out)
 }
 
 /// Starts the job on its own thread; events (and a final error, if any) arrive on `events`.
@@ -163,7 +216,16 @@ fn run(spec: &JobSpec, events: &mpsc::Sender<Result<JobEvent, WorkerError>>, can
             !cancel.load(Ordering::Relaxed)
         };
         let input = spec.doc.shard(&spec.plan, group.rank());
-        let work = RankWork { model: &spec.model, plan: &spec.plan, input: &input, spans: &spans, pooling: spec.pooling, hidden: spec.hidden };
+        let next = spec.log_probs.then(|| spec.doc.next_ids(&spec.plan, group.rank()));
+        let work = RankWork {
+            model: &spec.model,
+            plan: &spec.plan,
+            input: &input,
+            spans: &spans,
+            pooling: spec.pooling,
+            hidden: spec.hidden,
+            next_ids: next.as_deref(),
+        };
         run_rank(group, &work, &mut after_layer)
     });
     let outputs: Vec<RankOutput> = match outputs {
@@ -171,8 +233,20 @@ fn run(spec: &JobSpec, events: &mpsc::Sender<Result<JobEvent, WorkerError>>, can
         other => other?,
     };
     let bytes_exchanged = outputs.iter().map(|o| o.bytes_sent).sum();
-    let hidden_shards = spec.hidden.then(|| outputs.iter().filter_map(|o| o.hidden.clone()).collect());
-    let pooled = outputs.into_iter().find_map(|o| o.pooled);
-    let Assembled { document, chunks, hidden } = assemble(&spec.plan, spec.document, spec.chunks.len(), spec.normalize, pooled, hidden_shards)?;
-    Ok(JobOutput { document, chunks, hidden, bytes_exchanged, wire_bytes_exchanged: bytes_exchanged, compute: started.elapsed() })
+    let gathered = Gathered {
+        hidden: spec.hidden.then(|| outputs.iter().filter_map(|o| o.hidden.clone()).collect()),
+        log_probs: spec.log_probs.then(|| outputs.iter().filter_map(|o| o.log_probs.clone()).collect()),
+        pooled: outputs.into_iter().find_map(|o| o.pooled),
+    };
+    let a = assemble(&spec.plan, spec.document, spec.chunks.len(), spec.normalize, gathered)?;
+    Ok(JobOutput {
+        document: a.document,
+        chunks: a.chunks,
+        hidden: a.hidden,
+        log_probs: a.log_probs,
+        perplexity: a.perplexity,
+        bytes_exchanged,
+        wire_bytes_exchanged: bytes_exchanged,
+        compute: started.elapsed(),
+    })
 }

@@ -143,6 +143,8 @@ struct Shard {
     spans: Vec<std::ops::Range<usize>>,
     pooling: tome_model::Pooling,
     hidden: bool,
+    /// The id after each of the rank's rows, when it scores its tokens.
+    next_ids: Option<Vec<u32>>,
     rows_per_message: usize,
     trace: Option<TraceParent>,
 }
@@ -169,7 +171,21 @@ fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TracePare
         global_tokens: req.global_tokens.iter().map(|&g| g as usize).collect(),
     };
     let trace = trace.or_else(|| TraceParent::parse(&plan_msg.traceparent));
+    let next_ids = if req.log_probs {
+        let next = wire::u32s_from_wire(req.next_ids.as_ref(), "next_ids")?;
+        let rows = plan.shard_len(rank);
+        if next.len() > rows || next.len() + 1 < rows {
+            return Err(WorkerError::Invalid(format!("{} next ids for a rank of {rows} tokens", next.len())));
+        }
+        if !model.model.is_causal() {
+            return Err(WorkerError::Invalid(format!("model `{}` is an encoder: it does not score tokens", model.name())));
+        }
+        Some(next)
+    } else {
+        None
+    };
     Ok(Shard {
+        next_ids,
         job: plan_msg.job_id,
         rank,
         addresses: plan_msg.rank_addresses,
@@ -231,6 +247,7 @@ fn run_shard(hub: &PeerHub, shard: &Shard, tx: &EventSender, cancel: &AtomicBool
         spans: &shard.spans,
         pooling: shard.pooling,
         hidden: shard.hidden,
+        next_ids: shard.next_ids.as_deref(),
     };
     let out = run_rank(&group, &work, &mut after_layer);
     let wire_bytes_sent = group.wire_bytes_sent();
@@ -246,6 +263,9 @@ fn run_shard(hub: &PeerHub, shard: &Shard, tx: &EventSender, cancel: &AtomicBool
     }
     if let Some(p) = &out.pooled {
         send_rows(p, shard.rows_per_message, tx, pb::shard_event::Event::Pooled)?;
+    }
+    if let Some(lp) = &out.log_probs {
+        send_rows(lp, shard.rows_per_message, tx, pb::shard_event::Event::LogProbs)?;
     }
     Ok(pb::ShardDone { bytes_sent: out.bytes_sent, wire_bytes_sent, compute_seconds: started.elapsed().as_secs_f64() })
 }

@@ -243,6 +243,7 @@ async fn document(shared: &Shared, doc: DocInput) -> anyhow::Result<()> {
         tokens,
         chunks: collected.chunk_tokens.len() as u64,
         seconds,
+        perplexity: collected.done.as_ref().and_then(|d| d["perplexity"].as_f64()),
         snippets: store::snippets(&text_for_snippets, &collected.chunk_chars),
     };
     let chunks = meta.chunks;

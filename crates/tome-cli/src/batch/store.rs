@@ -21,6 +21,9 @@ pub struct Meta {
     pub tokens: u64,
     pub chunks: u64,
     pub seconds: f64,
+    /// exp(-mean log-prob), when the model is causal and log-probs were asked.
+    #[serde(default)]
+    pub perplexity: Option<f64>,
     /// The first characters of each chunk's text.
     pub snippets: Vec<String>,
 }

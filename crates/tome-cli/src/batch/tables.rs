@@ -3,7 +3,7 @@
 //! - `chunks.parquet`: one row per chunk: document id, chunk index, token span, character span,
 //!   text snippet, embedding (a fixed-size list of f32);
 //! - `documents.parquet`: one row per document: id, path, tokens, chunks, seconds, perplexity
-//!   (null for encoders; causal models fill it), document embedding.
+//!   (causal models asked for log-probs; null otherwise), document embedding.
 
 use std::fs::File;
 use std::path::Path;
@@ -147,8 +147,7 @@ pub fn write_tables(out: &Path, docs: &[DocRows]) -> anyhow::Result<(usize, usiz
         Arc::new(UInt64Array::from(docs.iter().map(|d| d.meta.tokens).collect::<Vec<_>>())),
         Arc::new(UInt64Array::from(docs.iter().map(|d| d.meta.chunks).collect::<Vec<_>>())),
         Arc::new(Float64Array::from(docs.iter().map(|d| d.meta.seconds).collect::<Vec<_>>())),
-        // The models served today are encoders: no perplexity to report.
-        Arc::new(Float64Array::from(vec![None::<f64>; docs.len()])),
+        Arc::new(Float64Array::from(docs.iter().map(|d| d.meta.perplexity).collect::<Vec<_>>())),
         embeddings(width, docs.iter().map(|d| d.document.as_deref()))?,
     ];
     write(&out.join("documents.parquet"), RecordBatch::try_new(schema, columns)?)?;
