@@ -9,6 +9,8 @@ Writes (all small, committed) under crates/tome-model/tests/fixtures/:
   roberta-tiny/         random RobertaModel (positions start at padding_idx + 1)
   gpt-neo-tiny/         random GPTNeoModel (causal; layers alternate global / local
                         sliding-window attention, window_size 5; no LM head)
+  llama-tiny/           random LlamaForCausalLM (RoPE, grouped-query attention with
+                        2 key/value heads for 4 query heads, RMSNorm, SwiGLU, untied head)
   gpt2-tiny/            random GPT2LMHeadModel (causal; tied LM head), plus
       logprobs.npy                     float32 [seq-1]: log p(token t+1 | tokens <= t)
       config.json, model.safetensors   save_pretrained() output
@@ -76,6 +78,8 @@ from transformers import (
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     GPTNeoConfig,
     GPTNeoModel,
     RobertaConfig,
@@ -491,6 +495,37 @@ def gen_gpt2() -> None:
     )
 
 
+def gen_llama() -> None:
+    gen_tiny(
+        "llama-tiny",
+        LlamaForCausalLM,
+        LlamaConfig(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            tie_word_embeddings=False,
+            attn_implementation="eager",
+        ),
+        seed=5,
+        seq_len=47,
+        id_low=0,
+        golden_from="hidden_states[-1]",
+        logprobs=True,
+        notes={
+            "rope": "default RoPE, theta 10000: inv_freq = 1 / theta^(arange(0, head_dim, 2) / head_dim), "
+            "angles position * inv_freq in f32, rotate_half (modeling_llama.py)",
+            "gqa": "4 query heads share 2 key/value heads (repeat_kv)",
+            "hidden": "hidden_states[-1] of LlamaForCausalLM is after model.norm",
+        },
+    )
+
+
 def main() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     FIXTURES.mkdir(parents=True, exist_ok=True)
@@ -498,7 +533,7 @@ def main() -> None:
     only = set(sys.argv[1:])
     if only:
         for name in only:
-            {"gpt2-tiny": gen_gpt2}[name]()
+            {"gpt2-tiny": gen_gpt2, "llama-tiny": gen_llama}[name]()
         return
 
     gen_tiny(
@@ -556,6 +591,7 @@ def main() -> None:
         notes=GPT_NEO_NOTES,
     )
     gen_gpt2()
+    gen_llama()
     gen_minilm()
 
 

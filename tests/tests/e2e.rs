@@ -144,12 +144,12 @@ fn token_id_conformance_path_writes_hidden_states_and_log_probs_on_any_number_of
         assert!(max_diff(&got, &golden) <= 1e-4, "{ranks} ranks");
         std::fs::remove_dir_all(&out).ok();
     }
-    // A causal language model (GPT-2): hidden states and per-token log-probs, on any number of
-    // ranks and either layout, equal to transformers'.
-    let gpt2 = repo().join("crates/tome-model/tests/fixtures/gpt2-tiny");
-    let (golden, golden_lp) = (read_npy(&gpt2.join("last_hidden_state.npy")), read_npy(&gpt2.join("logprobs.npy")));
-    for (ranks, layout) in [("1", "contiguous"), ("3", "zigzag"), ("4", "contiguous")] {
-        let out = std::env::temp_dir().join(format!("tome-e2e-gpt2-{}-{ranks}", std::process::id()));
+    // Causal language models (GPT-2, Llama): hidden states and per-token log-probs, on any
+    // number of ranks and either layout, equal to transformers'.
+    for (model, ranks, layout) in [("gpt2-tiny", "1", "contiguous"), ("gpt2-tiny", "3", "zigzag"), ("llama-tiny", "4", "contiguous"), ("llama-tiny", "2", "zigzag")] {
+        let gpt2 = repo().join("crates/tome-model/tests/fixtures").join(model);
+        let (golden, golden_lp) = (read_npy(&gpt2.join("last_hidden_state.npy")), read_npy(&gpt2.join("logprobs.npy")));
+        let out = std::env::temp_dir().join(format!("tome-e2e-{model}-{}-{ranks}", std::process::id()));
         let run = Command::new(tome_bin())
             .args(["process", "--emit", "hidden-states,logprobs", "--quiet", "--ranks", ranks, "--layout", layout, "--ids"])
             .arg(gpt2.join("input_ids.npy"))
@@ -160,8 +160,8 @@ fn token_id_conformance_path_writes_hidden_states_and_log_probs_on_any_number_of
             .output()
             .unwrap();
         assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-        assert!(max_diff(&read_npy(&out.join("last_hidden_state.npy")), &golden) <= 1e-4, "{ranks} ranks {layout}");
-        assert!(max_diff(&read_npy(&out.join("logprobs.npy")), &golden_lp) <= 1e-4, "{ranks} ranks {layout}: log-probs");
+        assert!(max_diff(&read_npy(&out.join("last_hidden_state.npy")), &golden) <= 1e-4, "{model} {ranks} ranks {layout}");
+        assert!(max_diff(&read_npy(&out.join("logprobs.npy")), &golden_lp) <= 1e-4, "{model} {ranks} ranks {layout}: log-probs");
         let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
         let want = (-golden_lp.iter().map(|&x| x as f64).sum::<f64>() / golden_lp.len() as f64).exp();
         assert!((summary["perplexity"].as_f64().unwrap() - want).abs() < 1e-3 * want, "{summary}");

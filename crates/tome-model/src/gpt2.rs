@@ -8,7 +8,7 @@
 //! ("gelu_new"), learned absolute positions (documents beyond `n_positions` are refused), and
 //! the LM head tied to `wte`.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
@@ -99,9 +99,6 @@ fn conv1d(vb: &VarBuilder, name: &str, d_in: usize, d_out: usize) -> Result<Line
     let b = weights(vb.get(d_out, &format!("{name}.bias")), format!("{full}.bias"))?;
     Ok(Linear::new(w.t()?, Some(b)))
 }
-
-/// Rows of logits computed at once for log-probabilities (`[rows, vocab]` at a time).
-const HEAD_ROWS: usize = 1024;
 
 impl Gpt2Model {
     /// Loads `GPT2Model` or `GPT2LMHeadModel` weights (with or without the `transformer.` prefix).
@@ -220,28 +217,9 @@ impl Gpt2Model {
     }
 
     /// log p(next token | the tokens up to each row) for the first `next_ids.len()` rows of
-    /// `hidden` (`[rows, n_embd]`, the rank's rows in position order): `[next_ids.len()]`.
-    /// The tied head runs in blocks of rows, so memory stays `HEAD_ROWS x vocab`.
+    /// `hidden` (`[rows, n_embd]`, the rank's rows in position order): `[next_ids.len()]`,
+    /// with the head tied to `wte`.
     pub fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
-        let rows = hidden.dim(0)?;
-        if next_ids.len() > rows {
-            return Err(ModelError::Input(format!("{} next tokens for {rows} rows", next_ids.len())));
-        }
-        if let Some(&bad) = next_ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} is beyond the vocabulary of {}", self.cfg.vocab_size)));
-        }
-        let head = self.wte.embeddings();
-        let mut parts = Vec::new();
-        for start in (0..next_ids.len()).step_by(HEAD_ROWS) {
-            let len = HEAD_ROWS.min(next_ids.len() - start);
-            let logits = hidden.narrow(0, start, len)?.matmul(&head.t()?)?;
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let ids = Tensor::from_slice(&next_ids[start..start + len], (len, 1), &Device::Cpu)?;
-            parts.push(logp.gather(&ids, 1)?.squeeze(1)?);
-        }
-        if parts.is_empty() {
-            return Ok(Tensor::zeros(0, DType::F32, &Device::Cpu)?);
-        }
-        Ok(Tensor::cat(&parts, 0)?)
+        crate::lm_head::log_probs(hidden, self.wte.embeddings(), next_ids)
     }
 }

@@ -10,6 +10,8 @@ mod config;
 mod error;
 pub mod gpt2;
 pub mod gpt_neo;
+pub mod llama;
+mod lm_head;
 mod model;
 mod model_dir;
 mod pooling;

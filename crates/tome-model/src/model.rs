@@ -9,12 +9,15 @@ use crate::bert::{BertModel, Prepared, ShardInput};
 use crate::config::{EncodeOptions, LayerAttention};
 use crate::error::{ModelError, Result};
 use crate::gpt2::Gpt2Model;
+use crate::llama::LlamaModel;
 
 pub enum Model {
     /// BERT-family encoders (BERT, RoBERTa): embeddings.
     Bert(BertModel),
     /// GPT-2: a causal language model (log-probabilities, perplexity).
     Gpt2(Gpt2Model),
+    /// Llama family: a causal language model with rotary positions and grouped-query attention.
+    Llama(LlamaModel),
 }
 
 /// What a model is, in the numbers the services plan and describe with.
@@ -62,11 +65,36 @@ impl Model {
                     causal: true,
                 }
             }
+            Model::Llama(m) => {
+                let c = m.config();
+                Shape {
+                    model_type: "llama".into(),
+                    hidden_size: c.hidden_size,
+                    intermediate_size: c.intermediate_size,
+                    num_layers: c.num_hidden_layers,
+                    vocab_size: c.vocab_size,
+                    // Rotary positions are computed: any length runs as transformers runs it.
+                    max_positions: c.max_position_embeddings,
+                    layer_attention: vec!["dense (causal)".into(); c.num_hidden_layers],
+                    causal: true,
+                }
+            }
         }
     }
 
     pub fn is_causal(&self) -> bool {
-        matches!(self, Model::Gpt2(_))
+        !matches!(self, Model::Bert(_))
+    }
+
+    /// Checks a causal model's document and options: dense attention only, no global tokens.
+    fn causal_only(&self, opts: &EncodeOptions) -> Result<()> {
+        if matches!(opts.attention, Some(LayerAttention::Window { .. })) {
+            return Err(ModelError::Unsupported("this causal model runs dense causal attention in every layer; a window would change its outputs".into()));
+        }
+        if !opts.global_tokens.is_empty() {
+            return Err(ModelError::Input("global tokens need window attention; this causal model attends densely".into()));
+        }
+        Ok(())
     }
 
     /// Checks a whole document against the model and options and derives per-token positions.
@@ -75,14 +103,13 @@ impl Model {
             Model::Bert(m) => m.prepare(ids, opts),
             Model::Gpt2(m) => {
                 m.check(&ids)?;
-                if matches!(opts.attention, Some(LayerAttention::Window { .. })) {
-                    return Err(ModelError::Unsupported("GPT-2 runs dense causal attention in every layer; a window would change its outputs".into()));
-                }
-                if !opts.global_tokens.is_empty() {
-                    return Err(ModelError::Input("global tokens need window attention; GPT-2 attends densely".into()));
-                }
-                let n = ids.len();
-                Ok(Prepared { ids, position_ids: (0..n as u32).collect(), layers: vec![LayerAttention::Dense; m.config().n_layer], global_tokens: Vec::new() })
+                self.causal_only(opts)?;
+                Ok(causal_document(ids, m.config().n_layer))
+            }
+            Model::Llama(m) => {
+                m.check(&ids)?;
+                self.causal_only(opts)?;
+                Ok(causal_document(ids, m.config().num_hidden_layers))
             }
         }
     }
@@ -93,6 +120,7 @@ impl Model {
         match self {
             Model::Bert(m) => m.forward(group, plan, input, after_layer),
             Model::Gpt2(m) => m.forward(group, plan, input, after_layer),
+            Model::Llama(m) => m.forward(group, plan, input, after_layer),
         }
     }
 
@@ -105,7 +133,14 @@ impl Model {
     pub fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
         match self {
             Model::Gpt2(m) => m.log_probs(hidden, next_ids),
+            Model::Llama(m) => m.log_probs(hidden, next_ids),
             Model::Bert(_) => Err(ModelError::Unsupported("log-probabilities need a causal language model; this is an encoder".into())),
         }
     }
+}
+
+/// A causal model's document: positions 0..n, dense attention in every layer.
+fn causal_document(ids: Vec<u32>, layers: usize) -> Prepared {
+    let n = ids.len() as u32;
+    Prepared { ids, position_ids: (0..n).collect(), layers: vec![LayerAttention::Dense; layers], global_tokens: Vec::new() }
 }

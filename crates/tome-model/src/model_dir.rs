@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::bert::BertModel;
 use crate::config::BertConfig;
 use crate::gpt2::{Gpt2Config, Gpt2Model};
+use crate::llama::{LlamaConfig, LlamaModel};
 use crate::model::Model;
 use crate::error::{ModelError, Result};
 use crate::pooling::Pooling;
@@ -49,9 +50,9 @@ impl ModelDir {
         let kind: ModelType = serde_json::from_str(&text).map_err(|e| dir_err(format!("config.json is not valid JSON: {e}")))?;
         let config_err = |e: serde_json::Error| ModelError::Config { field: "(config.json)".into(), msg: e.to_string() };
         match kind.model_type.as_deref() {
-            Some("bert" | "roberta" | "xlm-roberta" | "camembert" | "gpt2") => {}
+            Some("bert" | "roberta" | "xlm-roberta" | "camembert" | "gpt2" | "llama") => {}
             Some(other) => {
-                return Err(ModelError::Config { field: "model_type".into(), msg: format!("`{other}` is not supported (bert, roberta, gpt2)") })
+                return Err(ModelError::Config { field: "model_type".into(), msg: format!("`{other}` is not supported (bert, roberta, gpt2, llama)") })
             }
             None => return Err(ModelError::Config { field: "model_type".into(), msg: "missing".into() }),
         }
@@ -65,6 +66,9 @@ impl ModelDir {
         let model = if kind.model_type.as_deref() == Some("gpt2") {
             let cfg: Gpt2Config = serde_json::from_str(&text).map_err(config_err)?;
             Model::Gpt2(Gpt2Model::load(vb, &cfg)?)
+        } else if kind.model_type.as_deref() == Some("llama") {
+            let cfg: LlamaConfig = serde_json::from_str(&text).map_err(config_err)?;
+            Model::Llama(LlamaModel::load(vb, &cfg)?)
         } else {
             let cfg: BertConfig = serde_json::from_str(&text).map_err(config_err)?;
             Model::Bert(BertModel::load(vb, &cfg)?)

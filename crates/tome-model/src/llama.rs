@@ -1,0 +1,288 @@
+//! Llama (Touvron et al. 2023; Hugging Face `LlamaForCausalLM` / `LlamaModel`): a causal
+//! decoder with rotary positions (RoPE, Su et al. 2021), grouped-query attention, RMSNorm and a
+//! SwiGLU feed-forward. Every layer runs dense causal attention — causal ring attention on
+//! several ranks — and only the key/value heads travel around the ring (GQA keeps them few).
+//!
+//! Mirrors `modeling_llama.py`: `inv_freq = 1 / theta^(2i/head_dim)`, the angle of position p
+//! computed as `p * inv_freq` in f32, the rotate-half convention, RMSNorm in f32, scores scaled
+//! by 1/sqrt(head_dim). RoPE is computed from global positions, not learned, so documents
+//! longer than `max_position_embeddings` run as transformers runs them. Only the default RoPE
+//! is supported (scaled variants are refused by name).
+
+use candle_core::{Device, Module, Tensor};
+use candle_nn::{embedding, linear_b, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use serde::Deserialize;
+use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
+use tome_dist::{Group, ShardPlan};
+
+use crate::bert::ShardInput;
+use crate::error::{ModelError, Result};
+
+/// RoPE settings: `rope_parameters` (transformers 5) or the older top-level `rope_theta` /
+/// `rope_scaling`.
+#[derive(Clone, Debug, Deserialize, Default)]
+pub struct RopeParameters {
+    #[serde(default)]
+    pub rope_type: Option<String>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// Older configs' name for the type.
+    #[serde(default, rename = "type")]
+    pub legacy_type: Option<String>,
+}
+
+/// `config.json` of `LlamaForCausalLM` / `LlamaModel`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeParameters>,
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_positions() -> usize {
+    2048
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
+    ModelError::Config { field: field.into(), msg: msg.into() }
+}
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// RoPE's base, after refusing anything but the default RoPE.
+    pub fn rope_theta(&self) -> Result<f64> {
+        for (field, p) in [("rope_parameters", &self.rope_parameters), ("rope_scaling", &self.rope_scaling)] {
+            if let Some(p) = p {
+                let kind = p.rope_type.as_deref().or(p.legacy_type.as_deref()).unwrap_or("default");
+                if kind != "default" {
+                    return Err(config_err(field, format!("RoPE type `{kind}` is not supported (default)")));
+                }
+            }
+        }
+        Ok(self.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(self.rope_theta).unwrap_or(10_000.0))
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.num_attention_heads == 0 || self.kv_heads() == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+            return Err(config_err(
+                "num_key_value_heads",
+                format!("{} key/value heads must divide {} attention heads", self.kv_heads(), self.num_attention_heads),
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(config_err("head_dim", format!("{} must be even for rotary positions", self.head_dim())));
+        }
+        if self.hidden_act != "silu" {
+            return Err(config_err("hidden_act", format!("`{}` is not supported (silu)", self.hidden_act)));
+        }
+        self.rope_theta()?;
+        Ok(())
+    }
+}
+
+struct Layer {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct LlamaModel {
+    cfg: LlamaConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    /// `[vocab, hidden]`: `lm_head.weight`, or the embeddings when tied (or absent: a
+    /// `LlamaModel` checkpoint).
+    head: Tensor,
+    inv_freq: Vec<f32>,
+}
+
+fn weights<T>(r: candle_core::Result<T>, name: String) -> Result<T> {
+    r.map_err(|e| ModelError::Weights { name, msg: e.to_string() })
+}
+
+impl LlamaModel {
+    /// Loads `LlamaForCausalLM` (keys under `model.`, plus `lm_head`) or `LlamaModel` weights.
+    pub fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+        cfg.validate()?;
+        let root = vb.clone();
+        let vb = if vb.contains_tensor("model.embed_tokens.weight") { vb.pp("model") } else { vb };
+        let (d, hd, heads, kv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads());
+        let eps = cfg.rms_norm_eps;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = vb.pp(format!("layers.{i}"));
+                let name = |s: &str| format!("{}.{s}", l.prefix());
+                let (a, m) = (l.pp("self_attn"), l.pp("mlp"));
+                Ok(Layer {
+                    input_norm: weights(rms_norm(d, eps, l.pp("input_layernorm")), name("input_layernorm"))?,
+                    q: weights(linear_b(d, heads * hd, cfg.attention_bias, a.pp("q_proj")), name("self_attn.q_proj"))?,
+                    k: weights(linear_b(d, kv * hd, cfg.attention_bias, a.pp("k_proj")), name("self_attn.k_proj"))?,
+                    v: weights(linear_b(d, kv * hd, cfg.attention_bias, a.pp("v_proj")), name("self_attn.v_proj"))?,
+                    o: weights(linear_b(heads * hd, d, cfg.attention_bias, a.pp("o_proj")), name("self_attn.o_proj"))?,
+                    post_norm: weights(rms_norm(d, eps, l.pp("post_attention_layernorm")), name("post_attention_layernorm"))?,
+                    gate: weights(linear_b(d, cfg.intermediate_size, cfg.mlp_bias, m.pp("gate_proj")), name("mlp.gate_proj"))?,
+                    up: weights(linear_b(d, cfg.intermediate_size, cfg.mlp_bias, m.pp("up_proj")), name("mlp.up_proj"))?,
+                    down: weights(linear_b(cfg.intermediate_size, d, cfg.mlp_bias, m.pp("down_proj")), name("mlp.down_proj"))?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let embed = weights(embedding(cfg.vocab_size, d, vb.pp("embed_tokens")), format!("{}.embed_tokens", vb.prefix()))?;
+        let head = if !cfg.tie_word_embeddings && root.contains_tensor("lm_head.weight") {
+            weights(root.get((cfg.vocab_size, d), "lm_head.weight"), "lm_head.weight".into())?
+        } else {
+            embed.embeddings().clone()
+        };
+        let theta = cfg.rope_theta()? as f32;
+        // As transformers: arange(0, dim, 2) / dim in f32, theta ** that, 1 / that.
+        let inv_freq = (0..hd / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32)).collect();
+        Ok(LlamaModel {
+            norm: weights(rms_norm(d, eps, vb.pp("norm")), format!("{}.norm", vb.prefix()))?,
+            embed,
+            layers,
+            head,
+            inv_freq,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Checks a whole document against the model.
+    pub fn check(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(ModelError::Input("the document has no tokens".into()));
+        }
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!("token {i} has id {id}, beyond the vocabulary of {}", self.cfg.vocab_size)));
+        }
+        Ok(())
+    }
+
+    /// (cos, sin) of the rotary angles at `positions`: `[n, head_dim]` each (halves repeated).
+    fn rotary(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * 2 * half), Vec::with_capacity(positions.len() * 2 * half));
+        for &p in positions {
+            let angles: Vec<f32> = self.inv_freq.iter().map(|&f| p as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let n = positions.len();
+        Ok((Tensor::from_vec(cos, (n, 2 * half), &Device::Cpu)?, Tensor::from_vec(sin, (n, 2 * half), &Device::Cpu)?))
+    }
+
+    /// Rows of the document `ids` this rank owns, through the decoder and the final norm.
+    pub fn forward_shard(&self, group: &dyn Group, plan: &ShardPlan, ids: &[u32]) -> Result<Tensor> {
+        if ids.len() != plan.len() {
+            return Err(ModelError::Input(format!("the plan covers {} tokens, the document has {}", plan.len(), ids.len())));
+        }
+        self.check(ids)?;
+        let positions = plan.positions(group.rank());
+        let input = ShardInput {
+            ids: positions.iter().map(|&p| ids[p as usize]).collect(),
+            position_ids: positions.iter().map(|&p| p as u32).collect(),
+            layers: vec![crate::config::LayerAttention::Dense; self.cfg.num_hidden_layers],
+            global_tokens: Vec::new(),
+        };
+        self.forward(group, plan, &input, &mut |_| true)
+    }
+
+    /// As [`LlamaModel::forward_shard`], from the rank's own tokens. `after_layer(l)` returning
+    /// false cancels.
+    pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        let positions = plan.positions(group.rank());
+        let n = positions.len();
+        if input.ids.len() != n || input.position_ids.len() != n {
+            return Err(ModelError::Input(format!("rank {} owns {n} tokens but was given {} ids and {} positions", group.rank(), input.ids.len(), input.position_ids.len())));
+        }
+        if let Some(&bad) = input.ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is beyond the vocabulary of {}", self.cfg.vocab_size)));
+        }
+        let (cos, sin) = self.rotary(&input.position_ids)?;
+        let mut x = self.embed.forward(&Tensor::from_slice(&input.ids, n, &Device::Cpu)?)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let a = self.attention(layer, group, &layer.input_norm.forward(&x)?, &positions, &cos, &sin)?;
+            x = (x + a)?;
+            let h = layer.post_norm.forward(&x)?;
+            let m = layer.down.forward(&(layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?)?;
+            x = (x + m)?;
+            if !after_layer(l) {
+                return Err(ModelError::Cancelled);
+            }
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    fn attention(&self, layer: &Layer, group: &dyn Group, x: &Tensor, positions: &[i64], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let (hd, heads, kv) = (self.cfg.head_dim(), self.cfg.num_attention_heads, self.cfg.kv_heads());
+        let split = |t: Tensor, h: usize| -> Result<Tensor> { Ok(t.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()?) };
+        let q = rope(&split(layer.q.forward(x)?, heads)?, cos, sin)?;
+        let k = rope(&split(layer.k.forward(x)?, kv)?, cos, sin)?;
+        let own = KeyBlock { k, v: split(layer.v.forward(x)?, kv)?, pos: positions.to_vec(), valid: vec![true; n] };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let ctx = ring_attention(group, &q, positions, own, DenseSpec { causal: true, scale })?;
+        Ok(layer.o.forward(&ctx.transpose(0, 1)?.reshape((n, heads * hd))?)?)
+    }
+
+    /// log p(next token | the tokens up to each row) for the first `next_ids.len()` rows.
+    pub fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
+        crate::lm_head::log_probs(hidden, &self.head, next_ids)
+    }
+}
+
+/// Applies rotary positions to `x` (`[heads, n, head_dim]`): x cos + rotate_half(x) sin.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(2)?;
+    let (x1, x2) = (x.narrow(2, 0, hd / 2)?, x.narrow(2, hd / 2, hd / 2)?);
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 2)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
