@@ -194,7 +194,7 @@ def gen_tiny(
     # Only config.json + model.safetensors are fixtures; drop anything else
     # (e.g. generation_config.json) save_pretrained may emit.
     for extra in out.iterdir():
-        if extra.name not in ("config.json", "model.safetensors"):
+        if extra.name not in ("config.json", "model.safetensors", "tokenizer.json"):
             if extra.is_dir():
                 shutil.rmtree(extra)
             else:
@@ -522,8 +522,22 @@ def gen_llama() -> None:
             "angles position * inv_freq in f32, rotate_half (modeling_llama.py)",
             "gqa": "4 query heads share 2 key/value heads (repeat_kv)",
             "hidden": "hidden_states[-1] of LlamaForCausalLM is after model.norm",
+            "tokenizer": "tokenizer.json: a word-level tokenizer over the words w1 .. w98 "
+            "(id = the number; anything else is [UNK] = 0), split on whitespace",
         },
     )
+    write_word_tokenizer(FIXTURES / "llama-tiny", 99)
+
+
+def write_word_tokenizer(out: Path, vocab_size: int) -> None:
+    """A tokenizer.json for a tiny model: word `w{i}` is token i, [UNK] is 0."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(out / "tokenizer.json"))
+    assert tok.encode("w3 w7 w98").ids == [3, 7, 98]
 
 
 def main() -> None:

@@ -317,3 +317,41 @@ async fn a_manifest_against_a_real_coordinator_matches_the_embedded_batch() {
     assert_eq!(first["attempts"].as_u64(), Some(3), "{first}");
     assert!(first["reason"].as_str().unwrap().contains("no live worker"), "{first}");
 }
+
+#[test]
+fn a_causal_model_fills_the_perplexity_column() {
+    let llama = repo().join("crates/tome-model/tests/fixtures/llama-tiny");
+    let dir = scratch("perplexity");
+    // The fixture's tokenizer knows the words w1 .. w98.
+    let words = |seed: usize, n: usize| (0..n).map(|i| format!("w{}", 1 + (seed * 31 + i * 7) % 98)).collect::<Vec<_>>().join(" ");
+    let lines: Vec<String> = (0..3).map(|i| serde_json::json!({"id": format!("doc{i}"), "text": words(i, 20 + 9 * i)}).to_string()).collect();
+    let manifest = dir.join("manifest.jsonl");
+    std::fs::write(&manifest, lines.join("\n")).unwrap();
+    let out = dir.join("out");
+    let run = Command::new(tome_bin())
+        .arg("batch")
+        .arg(&manifest)
+        .arg("--out")
+        .arg(&out)
+        .args(["--model", llama.to_str().unwrap(), "--emit", "document,logprobs", "--ranks", "3", "--progress", "none"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(0), "{}", String::from_utf8_lossy(&run.stderr));
+    let docs = read_table(&out.join("documents.parquet"));
+    let mut seen = 0;
+    for t in &docs {
+        let ids = t.column_by_name("document_id").unwrap().as_string::<i32>();
+        let ppl = t.column_by_name("perplexity").unwrap().as_primitive::<arrow_array::types::Float64Type>();
+        for i in 0..t.num_rows() {
+            assert!(!ppl.is_null(i), "{}", ids.value(i));
+            let summary: Vec<serde_json::Value> = std::fs::read_to_string(out.join("summary.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            let dir_name = summary.iter().find(|s| s["id"] == ids.value(i)).unwrap()["dir"].as_str().unwrap().to_string();
+            let bytes = std::fs::read(out.join(dir_name).join("logprobs.npy")).unwrap();
+            let lp: Vec<f32> = npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap();
+            let want = (-lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len() as f64).exp();
+            assert!((ppl.value(i) - want).abs() < 1e-6 * want, "{}: {} vs {want}", ids.value(i), ppl.value(i));
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 3);
+}
