@@ -9,6 +9,9 @@ Writes (all small, committed) under crates/tome-model/tests/fixtures/:
   roberta-tiny/         random RobertaModel (positions start at padding_idx + 1)
   gpt-neo-tiny/         random GPTNeoModel (causal; layers alternate global / local
                         sliding-window attention, window_size 5; no LM head)
+  longformer-tiny/      random LongformerModel (per-layer windows 4 and 8, global attention
+                        on the tokens listed in global_tokens.npy, with its own
+                        query_global/key_global/value_global projections)
   llama-tiny/           random LlamaForCausalLM (RoPE, grouped-query attention with
                         2 key/value heads for 4 query heads, RMSNorm, SwiGLU, untied head)
   gpt2-tiny/            random GPT2LMHeadModel (causal; tied LM head), plus
@@ -82,6 +85,8 @@ from transformers import (
     LlamaForCausalLM,
     GPTNeoConfig,
     GPTNeoModel,
+    LongformerConfig,
+    LongformerModel,
     RobertaConfig,
     RobertaModel,
 )
@@ -163,6 +168,7 @@ def gen_tiny(
     golden_from: str,
     notes: dict | None = None,
     logprobs: bool = False,
+    global_tokens: list[int] | None = None,
 ) -> None:
     out = FIXTURES / name
     if out.exists():
@@ -176,9 +182,14 @@ def gen_tiny(
 
     input_ids = torch.randint(id_low, config.vocab_size, (seq_len,), dtype=torch.int64)
 
+    extra_inputs = {}
+    if global_tokens is not None:
+        mask = torch.zeros(1, seq_len, dtype=torch.int64)
+        mask[0, global_tokens] = 1
+        extra_inputs = {"attention_mask": torch.ones(1, seq_len, dtype=torch.int64), "global_attention_mask": mask}
     with torch.no_grad():
         if golden_from == "last_hidden_state":
-            golden = model(input_ids[None]).last_hidden_state[0]
+            golden = model(input_ids[None], **extra_inputs).last_hidden_state[0]
         elif golden_from == "hidden_states[-1]":
             golden = model(input_ids[None], output_hidden_states=True).hidden_states[-1][0]
         else:
@@ -203,6 +214,8 @@ def gen_tiny(
     (out / "model.safetensors").chmod(0o644)
     np.save(out / "input_ids.npy", ids_np)
     np.save(out / "last_hidden_state.npy", golden)
+    if global_tokens is not None:
+        np.save(out / "global_tokens.npy", np.array(global_tokens, dtype=np.int64))
     if logprobs:
         np.save(out / "logprobs.npy", lp.astype(np.float32))
 
@@ -249,7 +262,7 @@ def gen_tiny(
     reloaded = model_cls.from_pretrained(out).eval()
     with torch.no_grad():
         if golden_from == "last_hidden_state":
-            again = reloaded(torch.from_numpy(ids_back)[None]).last_hidden_state[0]
+            again = reloaded(torch.from_numpy(ids_back)[None], **extra_inputs).last_hidden_state[0]
         else:
             again = reloaded(torch.from_numpy(ids_back)[None], output_hidden_states=True).hidden_states[-1][0]
     diff = float(np.abs(again.numpy() - gold_back).max())
@@ -495,6 +508,42 @@ def gen_gpt2() -> None:
     )
 
 
+def gen_longformer() -> None:
+    gen_tiny(
+        "longformer-tiny",
+        LongformerModel,
+        LongformerConfig(
+            vocab_size=99,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            attention_window=[4, 8],
+            hidden_act="gelu",
+            type_vocab_size=1,
+            layer_norm_eps=1e-5,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            hidden_dropout_prob=0,
+            attention_probs_dropout_prob=0,
+        ),
+        seed=6,
+        seq_len=40,
+        id_low=3,
+        golden_from="last_hidden_state",
+        global_tokens=[0, 17, 33],
+        notes={
+            "windows": "attention_window [4, 8]: one-sided 2 and 4; the input (40 tokens) is a multiple "
+            "of the largest window, so transformers pads nothing",
+            "global": "global_attention_mask = 1 at global_tokens.npy; global rows use query_global / "
+            "key_global / value_global and overwrite the local result",
+            "positions": "RoBERTa-style: padding_idx + 1 + arange(seq)",
+        },
+    )
+
+
 def gen_llama() -> None:
     gen_tiny(
         "llama-tiny",
@@ -547,7 +596,7 @@ def main() -> None:
     only = set(sys.argv[1:])
     if only:
         for name in only:
-            {"gpt2-tiny": gen_gpt2, "llama-tiny": gen_llama}[name]()
+            {"gpt2-tiny": gen_gpt2, "llama-tiny": gen_llama, "longformer-tiny": gen_longformer}[name]()
         return
 
     gen_tiny(
@@ -606,6 +655,7 @@ def main() -> None:
     )
     gen_gpt2()
     gen_llama()
+    gen_longformer()
     gen_minilm()
 
 

@@ -30,6 +30,9 @@ struct BertLayer {
     query: Linear,
     key: Linear,
     value: Linear,
+    /// Longformer's separate projections for global attention (`query_global`, `key_global`,
+    /// `value_global`); BERT and RoBERTa reuse `query`, `key`, `value`.
+    global: Option<(Linear, Linear, Linear)>,
     attn_out: Linear,
     attn_norm: LayerNorm,
     intermediate: Linear,
@@ -97,6 +100,12 @@ impl BertLayer {
             query: weights(linear(h, h, vb.pp("attention.self.query")), &name("attention.self.query"))?,
             key: weights(linear(h, h, vb.pp("attention.self.key")), &name("attention.self.key"))?,
             value: weights(linear(h, h, vb.pp("attention.self.value")), &name("attention.self.value"))?,
+            global: if cfg.model_type == "longformer" {
+                let g = |part: &str| weights(linear(h, h, vb.pp(format!("attention.self.{part}"))), &name(&format!("attention.self.{part}")));
+                Some((g("query_global")?, g("key_global")?, g("value_global")?))
+            } else {
+                None
+            },
             attn_out: weights(linear(h, h, vb.pp("attention.output.dense")), &name("attention.output.dense"))?,
             attn_norm: weights(layer_norm(h, eps, vb.pp("attention.output.LayerNorm")), &name("attention.output.LayerNorm"))?,
             intermediate: weights(linear(h, i, vb.pp("intermediate.dense")), &name("intermediate.dense"))?,
@@ -111,7 +120,7 @@ impl BertModel {
     /// `bert.` / `roberta.` prefix.
     pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         cfg.validate()?;
-        let vb = ["bert", "roberta"]
+        let vb = ["bert", "roberta", "longformer"]
             .into_iter()
             .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")))
             .map_or(vb.clone(), |p| vb.pp(p));
@@ -228,9 +237,8 @@ impl BertModel {
         let x = ((self.word.forward(&ids)? + self.position.forward(&pos_ids)?)? + self.token_type.forward(&types)?)?;
         let mut x = self.embed_norm.forward(&x)?;
         let valid = vec![true; n];
-        let globals = GlobalTokens { positions: input.global_tokens.clone(), projections: None };
         for (l, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, group, plan, &x, &positions, &valid, input.layers[l], &globals)?;
+            x = self.layer_forward(layer, group, plan, &x, &positions, &valid, input.layers[l], &input.global_tokens)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);
             }
@@ -248,7 +256,7 @@ impl BertModel {
         positions: &[i64],
         valid: &[bool],
         attn: LayerAttention,
-        globals: &GlobalTokens,
+        global_tokens: &[usize],
     ) -> Result<Tensor> {
         let (n, hidden) = x.dims2()?;
         let (heads, hd) = (self.cfg.num_attention_heads, self.cfg.head_dim());
@@ -261,7 +269,15 @@ impl BertModel {
         let ctx = match attn {
             LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale })?,
             LayerAttention::Window { one_sided } => {
-                window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: false, scale }, Some(globals))?
+                // Global queries and keys come from their own projections where the checkpoint
+                // has them (Longformer), computed for this rank's rows; the operator picks the
+                // global tokens' rows.
+                let projections = match (&layer.global, global_tokens.is_empty()) {
+                    (Some((gq, gk, gv)), false) => Some((split(gq.forward(x)?)?, split(gk.forward(x)?)?, split(gv.forward(x)?)?)),
+                    _ => None,
+                };
+                let globals = GlobalTokens { positions: global_tokens.to_vec(), projections };
+                window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: false, scale }, Some(&globals))?
             }
         };
         let ctx = ctx.transpose(0, 1)?.reshape((n, hidden))?;

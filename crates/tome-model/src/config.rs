@@ -61,8 +61,8 @@ fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
 
 impl BertConfig {
     pub fn validate(&self) -> Result<()> {
-        if !matches!(self.model_type.as_str(), "bert" | "roberta" | "xlm-roberta" | "camembert") {
-            return Err(config_err("model_type", format!("`{}` is not a BERT-family encoder (bert, roberta)", self.model_type)));
+        if !matches!(self.model_type.as_str(), "bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer") {
+            return Err(config_err("model_type", format!("`{}` is not a BERT-family encoder (bert, roberta, longformer)", self.model_type)));
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(config_err(
