@@ -12,6 +12,8 @@ Writes (all small, committed) under crates/tome-model/tests/fixtures/:
   longformer-tiny/      random LongformerModel (per-layer windows 4 and 8, global attention
                         on the tokens listed in global_tokens.npy, with its own
                         query_global/key_global/value_global projections)
+  big-bird-tiny/        random BigBirdModel, block_sparse (blocks of 4, 1 random block; eval
+                        mode, so every random block is block 0), 48 tokens
   llama-tiny/           random LlamaForCausalLM (RoPE, grouped-query attention with
                         2 key/value heads for 4 query heads, RMSNorm, SwiGLU, untied head)
   gpt2-tiny/            random GPT2LMHeadModel (causal; tied LM head), plus
@@ -79,6 +81,8 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    BigBirdConfig,
+    BigBirdModel,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -544,6 +548,39 @@ def gen_longformer() -> None:
     )
 
 
+def gen_big_bird() -> None:
+    gen_tiny(
+        "big-bird-tiny",
+        BigBirdModel,
+        BigBirdConfig(
+            vocab_size=99,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            attention_type="block_sparse",
+            block_size=4,
+            num_random_blocks=1,
+            hidden_act="gelu_new",
+            hidden_dropout_prob=0,
+            attention_probs_dropout_prob=0,
+            pad_token_id=0,
+            attn_implementation="eager",
+        ),
+        seed=7,
+        seq_len=48,
+        id_low=1,
+        golden_from="last_hidden_state",
+        notes={
+            "plan": "48 tokens > (5 + 2 * num_random_blocks) * block_size = 28, so block_sparse runs; "
+            "48 is a multiple of block_size, so nothing is padded",
+            "random": "eval mode: every random block is block 0 (modeling_big_bird.py _bigbird_block_rand_mask "
+            "in eval returns zeros)",
+        },
+    )
+
+
 def gen_llama() -> None:
     gen_tiny(
         "llama-tiny",
@@ -596,7 +633,7 @@ def main() -> None:
     only = set(sys.argv[1:])
     if only:
         for name in only:
-            {"gpt2-tiny": gen_gpt2, "llama-tiny": gen_llama, "longformer-tiny": gen_longformer}[name]()
+            {"gpt2-tiny": gen_gpt2, "llama-tiny": gen_llama, "longformer-tiny": gen_longformer, "big-bird-tiny": gen_big_bird}[name]()
         return
 
     gen_tiny(
@@ -656,6 +693,7 @@ def main() -> None:
     gen_gpt2()
     gen_llama()
     gen_longformer()
+    gen_big_bird()
     gen_minilm()
 
 

@@ -24,7 +24,7 @@ fn logs(name: &str) -> PathBuf {
 /// Window attention over a document past the learned positions, with chunks.
 fn options(ranks: u32, layout: pb::Layout) -> pb::ProcessOptions {
     pb::ProcessOptions {
-        attention: Some(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 128 }),
+        attention: Some(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 128, ..Default::default() }),
         position_extension: pb::PositionExtension::Tile as i32,
         chunks: Some(pb::ChunkSpec { spec: Some(pb::chunk_spec::Spec::TokensPerChunk(300)) }),
         ranks,

@@ -23,7 +23,7 @@ async fn server_processes_documents_identically_on_any_number_of_ranks_and_refus
     // A document of ~1,600 tokens: past the learned positions, so window attention + tiling.
     let text = TEXT.repeat(30);
     let options = |ranks: u32| pb::ProcessOptions {
-        attention: Some(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 128 }),
+        attention: Some(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 128, ..Default::default() }),
         position_extension: pb::PositionExtension::Tile as i32,
         chunks: Some(pb::ChunkSpec { spec: Some(pb::chunk_spec::Spec::TokensPerChunk(300)) }),
         normalize: true,

@@ -68,7 +68,7 @@ async fn wait_live(client: &mut TomeClient<Channel>, want: &[&str], within: Dura
 
 fn job(text: &str, ranks: u32) -> pb::ProcessRequest {
     let options = pb::ProcessOptions {
-        attention: Some(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 64 }),
+        attention: Some(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 64, ..Default::default() }),
         position_extension: pb::PositionExtension::Tile as i32,
         ranks,
         ..Default::default()

@@ -24,10 +24,10 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ProcessEvent, tonic:
 
 fn attention(spec: &str) -> anyhow::Result<pb::AttentionOverride> {
     match spec.split_once(':') {
-        None if spec == "dense" => Ok(pb::AttentionOverride { kind: pb::AttentionKind::Dense as i32, window: 0 }),
+        None if spec == "dense" => Ok(pb::AttentionOverride { kind: pb::AttentionKind::Dense as i32, ..Default::default() }),
         Some(("window", w)) => {
             let window = w.parse().with_context(|| format!("--attention window:{w}: not a number"))?;
-            Ok(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window })
+            Ok(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window, ..Default::default() })
         }
         _ => bail!("--attention {spec}: expected `dense` or `window:W`"),
     }

@@ -71,6 +71,9 @@ pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOpti
             pb::AttentionKind::Window => Some(
                 LayerAttention::window(a.window as usize).map_err(|_| CoordError::Invalid(format!("options.attention.window: {} must be even and positive", a.window)))?,
             ),
+            pb::AttentionKind::BlockSparse => {
+                return Err(CoordError::Invalid("options.attention: block-sparse attention comes from a BigBird checkpoint's config, not a request".into()))
+            }
         },
     };
     let position_extension = match known::<pb::PositionExtension>(o.position_extension, "position_extension")? {
@@ -140,7 +143,7 @@ mod tests {
         assert!(o.document && o.chunks && !o.hidden);
         let bad = pb::ProcessOptions { pooling: 9, ..Default::default() };
         assert!(parse_options(Some(&bad)).unwrap_err().to_string().contains("pooling: unknown value 9"));
-        let odd = pb::ProcessOptions { attention: Some(pb::AttentionOverride { kind: 2, window: 7 }), ..Default::default() };
+        let odd = pb::ProcessOptions { attention: Some(pb::AttentionOverride { kind: 2, window: 7, ..Default::default() }), ..Default::default() };
         assert!(parse_options(Some(&odd)).is_err());
         assert_eq!(chunk_spans(&Chunking::Every(4), 10, 256).unwrap(), vec![0..4, 4..8, 8..10]);
         assert!(chunk_spans(&Chunking::Spans(vec![3..12]), 10, 256).is_err());

@@ -7,8 +7,9 @@
 //! checkpoint may carry a `bert.`/`roberta.` prefix (e.g. saved from `BertForMaskedLM`).
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
-use tome_dist::ops::{ring_attention, window_attention, DenseSpec, GlobalTokens, KeyBlock, WindowSpec};
+use candle_nn::{embedding, layer_norm, linear, linear_b, Embedding, LayerNorm, Linear, VarBuilder};
+use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
+use tome_dist::ops::{blocksparse_attention, ring_attention, window_attention, DenseSpec, GlobalTokens, KeyBlock, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{Activation, BertConfig, EncodeOptions, LayerAttention, PositionExtension};
@@ -97,9 +98,9 @@ impl BertLayer {
         let p = vb.prefix();
         let name = |s: &str| format!("{p}.{s}");
         Ok(BertLayer {
-            query: weights(linear(h, h, vb.pp("attention.self.query")), &name("attention.self.query"))?,
-            key: weights(linear(h, h, vb.pp("attention.self.key")), &name("attention.self.key"))?,
-            value: weights(linear(h, h, vb.pp("attention.self.value")), &name("attention.self.value"))?,
+            query: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.query")), &name("attention.self.query"))?,
+            key: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.key")), &name("attention.self.key"))?,
+            value: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.value")), &name("attention.self.value"))?,
             global: if cfg.model_type == "longformer" {
                 let g = |part: &str| weights(linear(h, h, vb.pp(format!("attention.self.{part}"))), &name(&format!("attention.self.{part}")));
                 Some((g("query_global")?, g("key_global")?, g("value_global")?))
@@ -179,10 +180,23 @@ impl BertModel {
             };
             position_ids.push((p + offset) as u32);
         }
-        let layers = match opts.attention {
+        let mut layers = match opts.attention {
             Some(a) => vec![a; cfg.num_hidden_layers],
             None => cfg.layer_attention()?,
         };
+        if let Some(&LayerAttention::BlockSparse { block, random }) = layers.iter().find(|l| matches!(l, LayerAttention::BlockSparse { .. })) {
+            // As transformers: a sequence no longer than what one block row attends to runs
+            // full attention, and block-sparse attention needs whole blocks.
+            if ids.len() <= (5 + 2 * random) * block {
+                layers = vec![LayerAttention::Dense; cfg.num_hidden_layers];
+            } else if ids.len() % block != 0 {
+                return Err(ModelError::Unsupported(format!(
+                    "block-sparse attention needs a multiple of block_size {block} tokens; this document has {} \
+                     (transformers pads with masked tokens; tome does not pad yet)",
+                    ids.len()
+                )));
+            }
+        }
         if !opts.global_tokens.is_empty() {
             if !layers.iter().any(|l| matches!(l, LayerAttention::Window { .. })) {
                 return Err(ModelError::Input("global tokens need window attention (dense attention already sees every token)".into()));
@@ -234,7 +248,11 @@ impl BertModel {
         let ids = Tensor::from_vec(input.ids.clone(), n, &dev)?;
         let pos_ids = Tensor::from_vec(input.position_ids.clone(), n, &dev)?;
         let types = Tensor::zeros(n, DType::U32, &dev)?;
-        let x = ((self.word.forward(&ids)? + self.position.forward(&pos_ids)?)? + self.token_type.forward(&types)?)?;
+        let mut words = self.word.forward(&ids)?;
+        if self.cfg.rescale_embeddings {
+            words = (words * (self.cfg.hidden_size as f64).sqrt())?;
+        }
+        let x = ((words + self.position.forward(&pos_ids)?)? + self.token_type.forward(&types)?)?;
         let mut x = self.embed_norm.forward(&x)?;
         let valid = vec![true; n];
         for (l, layer) in self.layers.iter().enumerate() {
@@ -278,6 +296,10 @@ impl BertModel {
                 };
                 let globals = GlobalTokens { positions: global_tokens.to_vec(), projections };
                 window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: false, scale }, Some(&globals))?
+            }
+            LayerAttention::BlockSparse { block, random } => {
+                let pattern = BlockSparsePlan::new(plan.len(), block, heads, &RandomBlocks::AllZero(random))?;
+                blocksparse_attention(group, plan, &q, own, &pattern, scale)?
             }
         };
         let ctx = ctx.transpose(0, 1)?.reshape((n, hidden))?;

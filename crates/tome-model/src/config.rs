@@ -30,6 +30,19 @@ pub struct BertConfig {
     /// Absent: dense attention.
     #[serde(default)]
     pub attention_window: Option<OneOrPerLayer>,
+    /// BigBird: `block_sparse` or `original_full`.
+    #[serde(default)]
+    pub attention_type: Option<String>,
+    #[serde(default)]
+    pub block_size: Option<usize>,
+    #[serde(default)]
+    pub num_random_blocks: Option<usize>,
+    /// BigBird: word embeddings scaled by sqrt(hidden_size).
+    #[serde(default)]
+    pub rescale_embeddings: bool,
+    /// BigBird: biases on the query/key/value projections.
+    #[serde(default = "default_true")]
+    pub use_bias: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -51,6 +64,9 @@ fn default_type_vocab() -> usize {
 fn default_eps() -> f64 {
     1e-12
 }
+fn default_true() -> bool {
+    true
+}
 fn default_position_type() -> String {
     "absolute".into()
 }
@@ -61,8 +77,8 @@ fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
 
 impl BertConfig {
     pub fn validate(&self) -> Result<()> {
-        if !matches!(self.model_type.as_str(), "bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer") {
-            return Err(config_err("model_type", format!("`{}` is not a BERT-family encoder (bert, roberta, longformer)", self.model_type)));
+        if !matches!(self.model_type.as_str(), "bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird") {
+            return Err(config_err("model_type", format!("`{}` is not a BERT-family encoder (bert, roberta, longformer, big_bird)", self.model_type)));
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(config_err(
@@ -94,9 +110,9 @@ impl BertConfig {
         }
     }
 
-    /// RoBERTa-style models number positions from `pad_token_id + 1`.
+    /// RoBERTa-style models number positions from `pad_token_id + 1`; BERT and BigBird from 0.
     pub fn position_offset(&self) -> usize {
-        if self.model_type == "bert" {
+        if matches!(self.model_type.as_str(), "bert" | "big_bird") {
             0
         } else {
             self.pad_token_id + 1
@@ -111,6 +127,19 @@ impl BertConfig {
     /// The attention each layer's config selects.
     pub fn layer_attention(&self) -> Result<Vec<LayerAttention>> {
         let n = self.num_hidden_layers;
+        if self.model_type == "big_bird" {
+            return match self.attention_type.as_deref().unwrap_or("block_sparse") {
+                "original_full" => Ok(vec![LayerAttention::Dense; n]),
+                "block_sparse" => {
+                    let block = self.block_size.unwrap_or(64);
+                    if block == 0 {
+                        return Err(config_err("block_size", "must be positive"));
+                    }
+                    Ok(vec![LayerAttention::BlockSparse { block, random: self.num_random_blocks.unwrap_or(3) }; n])
+                }
+                other => Err(config_err("attention_type", format!("`{other}` is not supported (block_sparse, original_full)"))),
+            };
+        }
         let windows = match &self.attention_window {
             None => return Ok(vec![LayerAttention::Dense; n]),
             Some(OneOrPerLayer::One(w)) => vec![*w; n],
@@ -136,6 +165,10 @@ pub enum LayerAttention {
     Dense,
     /// Each token sees `one_sided` tokens on either side (Longformer's `attention_window / 2`).
     Window { one_sided: usize },
+    /// BigBird block-sparse attention: `block`-token blocks, each query block seeing the global
+    /// first and last blocks, three sliding blocks and `random` random blocks — the plan of
+    /// transformers in eval mode, where every random block is block 0.
+    BlockSparse { block: usize, random: usize },
 }
 
 impl LayerAttention {
@@ -153,6 +186,7 @@ impl std::fmt::Display for LayerAttention {
         match self {
             LayerAttention::Dense => write!(f, "dense"),
             LayerAttention::Window { one_sided } => write!(f, "window:{}", one_sided * 2),
+            LayerAttention::BlockSparse { block, random } => write!(f, "block_sparse:{block}:{random}"),
         }
     }
 }

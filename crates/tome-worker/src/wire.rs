@@ -44,8 +44,14 @@ pub fn plan_from_wire(tokens: u64, shards: &[pb::RankRanges]) -> Result<ShardPla
 
 pub fn layer_to_wire(l: LayerAttention) -> pb::AttentionOverride {
     match l {
-        LayerAttention::Dense => pb::AttentionOverride { kind: pb::AttentionKind::Dense as i32, window: 0 },
-        LayerAttention::Window { one_sided } => pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: (2 * one_sided) as u32 },
+        LayerAttention::Dense => pb::AttentionOverride { kind: pb::AttentionKind::Dense as i32, ..Default::default() },
+        LayerAttention::Window { one_sided } => pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: (2 * one_sided) as u32, ..Default::default() },
+        LayerAttention::BlockSparse { block, random } => pb::AttentionOverride {
+            kind: pb::AttentionKind::BlockSparse as i32,
+            block_size: block as u32,
+            random_blocks: random as u32,
+            ..Default::default()
+        },
     }
 }
 
@@ -53,6 +59,7 @@ pub fn layer_from_wire(a: &pb::AttentionOverride) -> Result<LayerAttention, Work
     match pb::AttentionKind::try_from(a.kind) {
         Ok(pb::AttentionKind::Dense) => Ok(LayerAttention::Dense),
         Ok(pb::AttentionKind::Window) => LayerAttention::window(a.window as usize).map_err(|e| invalid(e.to_string())),
+        Ok(pb::AttentionKind::BlockSparse) if a.block_size > 0 => Ok(LayerAttention::BlockSparse { block: a.block_size as usize, random: a.random_blocks as usize }),
         _ => Err(invalid(format!("layer attention kind {} is not dense or window", a.kind))),
     }
 }
@@ -109,11 +116,11 @@ mod tests {
         let (n, mut shards) = plan_to_wire(&ShardPlan::new(Layout::Contiguous, 10, 2).unwrap());
         shards[1].ranges[0].end = 11;
         assert!(plan_from_wire(n, &shards).is_err());
-        for l in [LayerAttention::Dense, LayerAttention::Window { one_sided: 256 }] {
+        for l in [LayerAttention::Dense, LayerAttention::Window { one_sided: 256 }, LayerAttention::BlockSparse { block: 64, random: 3 }] {
             assert_eq!(layer_from_wire(&layer_to_wire(l)).unwrap(), l);
         }
-        assert!(layer_from_wire(&pb::AttentionOverride { kind: 9, window: 2 }).is_err());
-        assert!(layer_from_wire(&pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 3 }).is_err());
+        assert!(layer_from_wire(&pb::AttentionOverride { kind: 9, window: 2, ..Default::default() }).is_err());
+        assert!(layer_from_wire(&pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 3, ..Default::default() }).is_err());
         assert_eq!(spans_from_wire(&spans_to_wire(&[0..3, 2..9]), 9).unwrap(), vec![0..3, 2..9]);
         assert!(spans_from_wire(&[pb::Span { start: 4, end: 4 }], 9).is_err());
         assert_eq!(u32s_from_wire(Some(&u32s_to_wire(&[1, 5, 9]).unwrap()), "ids").unwrap(), vec![1, 5, 9]);
