@@ -334,7 +334,10 @@ impl pb::worker_server::Worker for WorkerService {
             ))
             .into());
         }
-        let need_kib = u32::try_from(need.div_ceil(1024)).unwrap_or(u32::MAX);
+        // Never more than the whole budget (rounding up could otherwise make a fitting shard wait
+        // for ever).
+        let total_kib = ((self.config.memory_budget_bytes / 1024) as usize).min(Semaphore::MAX_PERMITS);
+        let need_kib = u32::try_from((need.div_ceil(1024) as usize).min(total_kib)).unwrap_or(u32::MAX);
         let memory = self.memory_kib.clone().try_acquire_many_owned(need_kib).map_err(|_| {
             WorkerError::Busy(format!("worker {} has no room for {need} more bytes of activations now", self.config.name))
         })?;
