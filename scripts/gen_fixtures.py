@@ -14,6 +14,10 @@ Writes (all small, committed) under crates/tome-model/tests/fixtures/:
                         query_global/key_global/value_global projections)
   big-bird-tiny/        random BigBirdModel, block_sparse (blocks of 4, 1 random block; eval
                         mode, so every random block is block 0), 48 tokens
+  performer-tiny/       tome's own Performer encoder (docs/models/performer.md): a random
+                        BertModel whose attention is performer-pytorch's FastAttention
+                        (FAVOR+, 16 features per head); the golden is computed layer by
+                        layer with those modules
   llama-tiny/           random LlamaForCausalLM (RoPE, grouped-query attention with
                         2 key/value heads for 4 query heads, RMSNorm, SwiGLU, untied head)
   gpt2-tiny/            random GPT2LMHeadModel (causal; tied LM head), plus
@@ -581,6 +585,70 @@ def gen_big_bird() -> None:
     )
 
 
+def gen_performer() -> None:
+    """tome's Performer encoder: BERT layers with FAVOR+ attention (performer-pytorch)."""
+    import performer_pytorch
+    import safetensors.torch
+    from performer_pytorch import FastAttention
+
+    name, seed, seq_len, features = "performer-tiny", 8, 57, 16
+    out = FIXTURES / name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    sizes = dict(TINY_SIZES, type_vocab_size=1)
+    torch.manual_seed(seed)
+    bert = BertModel(BertConfig(**sizes, attn_implementation="eager"), add_pooling_layer=False)
+    randomize_parameters(bert, seed)
+    bert.eval()
+    heads, head_dim = sizes["num_attention_heads"], sizes["hidden_size"] // sizes["num_attention_heads"]
+    favors = [FastAttention(dim_heads=head_dim, nb_features=features, causal=False) for _ in range(sizes["num_hidden_layers"])]
+    input_ids = torch.randint(1, sizes["vocab_size"], (seq_len,), dtype=torch.int64)
+
+    def split(t):
+        return t.view(1, seq_len, heads, head_dim).transpose(1, 2)
+
+    with torch.no_grad():
+        x = bert.embeddings(input_ids=input_ids[None])
+        for layer, favor in zip(bert.encoder.layer, favors):
+            a = layer.attention.self
+            ctx = favor(split(a.query(x)), split(a.key(x)), split(a.value(x)))
+            ctx = ctx.transpose(1, 2).reshape(1, seq_len, heads * head_dim)
+            x = layer.attention.output.LayerNorm(layer.attention.output.dense(ctx) + x)
+            x = layer.output.LayerNorm(layer.output.dense(layer.intermediate(x)) + x)
+    golden = x[0].numpy().astype(np.float32)
+
+    tensors = {k: v.contiguous() for k, v in bert.state_dict().items() if not k.endswith("position_ids")}
+    for i, favor in enumerate(favors):
+        tensors[f"encoder.layer.{i}.attention.self.projection_matrix"] = favor.projection_matrix.contiguous()
+    safetensors.torch.save_file(tensors, str(out / "model.safetensors"))
+    config = {
+        "model_type": "tome-performer",
+        "architectures": ["PerformerEncoder"],
+        **{k: v for k, v in sizes.items()},
+        "layer_norm_eps": sizes["layer_norm_eps"],
+        "nb_features": features,
+        "causal": False,
+        "pad_token_id": 0,
+    }
+    write_json(out / "config.json", config)
+    np.save(out / "input_ids.npy", input_ids.numpy().astype(np.int64))
+    np.save(out / "last_hidden_state.npy", golden)
+    write_json(out / "meta.json", {
+        "model": "tome's Performer encoder (docs/models/performer.md)",
+        "reference": "transformers BertModel layers (eval) with performer_pytorch.FastAttention(dim_heads, "
+        "nb_features, causal=False) in place of softmax attention; embeddings and both LayerNorm "
+        "residual blocks as BERT's",
+        "seed": seed,
+        "seq_len": seq_len,
+        "performer_pytorch": getattr(performer_pytorch, "__version__", "unknown"),
+        "safetensors_keys": safetensors_keys(out / "model.safetensors"),
+        "versions": versions(),
+        "command": COMMAND,
+    })
+    print(f"{name}: seq={seq_len} features={features} std={golden.std():.3f}")
+
+
 def gen_llama() -> None:
     gen_tiny(
         "llama-tiny",
@@ -633,7 +701,7 @@ def main() -> None:
     only = set(sys.argv[1:])
     if only:
         for name in only:
-            {"gpt2-tiny": gen_gpt2, "llama-tiny": gen_llama, "longformer-tiny": gen_longformer, "big-bird-tiny": gen_big_bird}[name]()
+            {"gpt2-tiny": gen_gpt2, "llama-tiny": gen_llama, "longformer-tiny": gen_longformer, "big-bird-tiny": gen_big_bird, "performer-tiny": gen_performer}[name]()
         return
 
     gen_tiny(
@@ -694,6 +762,7 @@ def main() -> None:
     gen_llama()
     gen_longformer()
     gen_big_bird()
+    gen_performer()
     gen_minilm()
 
 

@@ -71,8 +71,8 @@ pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOpti
             pb::AttentionKind::Window => Some(
                 LayerAttention::window(a.window as usize).map_err(|_| CoordError::Invalid(format!("options.attention.window: {} must be even and positive", a.window)))?,
             ),
-            pb::AttentionKind::BlockSparse => {
-                return Err(CoordError::Invalid("options.attention: block-sparse attention comes from a BigBird checkpoint's config, not a request".into()))
+            pb::AttentionKind::BlockSparse | pb::AttentionKind::Favor => {
+                return Err(CoordError::Invalid("options.attention: block-sparse and FAVOR+ attention come from a checkpoint's config, not a request".into()))
             }
         },
     };

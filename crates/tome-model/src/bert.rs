@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, linear_b, Embedding, LayerNorm, Linear, VarBuilder};
 use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
-use tome_dist::ops::{blocksparse_attention, ring_attention, window_attention, DenseSpec, GlobalTokens, KeyBlock, WindowSpec};
+use tome_dist::ops::{blocksparse_attention, favor_attention, ring_attention, window_attention, DenseSpec, FavorSpec, GlobalTokens, KeyBlock, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{Activation, BertConfig, EncodeOptions, LayerAttention, PositionExtension};
@@ -17,6 +17,9 @@ use crate::error::{ModelError, Result};
 
 /// Token rows per feed-forward block (bounds the intermediate activation's memory).
 const FFN_ROWS: usize = 2048;
+
+/// Tokens per chunk of causal FAVOR+'s prefix computation.
+const FAVOR_CHUNK: usize = 64;
 
 pub struct BertModel {
     cfg: BertConfig,
@@ -34,6 +37,8 @@ struct BertLayer {
     /// Longformer's separate projections for global attention (`query_global`, `key_global`,
     /// `value_global`); BERT and RoBERTa reuse `query`, `key`, `value`.
     global: Option<(Linear, Linear, Linear)>,
+    /// The Performer encoder's FAVOR+ projection `[features, head_dim]`.
+    projection: Option<Tensor>,
     attn_out: Linear,
     attn_norm: LayerNorm,
     intermediate: Linear,
@@ -101,6 +106,10 @@ impl BertLayer {
             query: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.query")), &name("attention.self.query"))?,
             key: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.key")), &name("attention.self.key"))?,
             value: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.value")), &name("attention.self.value"))?,
+            projection: match cfg.nb_features.filter(|_| cfg.model_type == crate::config::PERFORMER) {
+                Some(m) => Some(weights(vb.get((m, cfg.head_dim()), "attention.self.projection_matrix"), &name("attention.self.projection_matrix"))?),
+                None => None,
+            },
             global: if cfg.model_type == "longformer" {
                 let g = |part: &str| weights(linear(h, h, vb.pp(format!("attention.self.{part}"))), &name(&format!("attention.self.{part}")));
                 Some((g("query_global")?, g("key_global")?, g("value_global")?))
@@ -300,6 +309,12 @@ impl BertModel {
             LayerAttention::BlockSparse { block, random } => {
                 let pattern = BlockSparsePlan::new(plan.len(), block, heads, &RandomBlocks::AllZero(random))?;
                 blocksparse_attention(group, plan, &q, own, &pattern, scale)?
+            }
+            LayerAttention::Favor { causal, .. } => {
+                let projection = layer.projection.clone().ok_or_else(|| ModelError::Unsupported("FAVOR+ needs a checkpoint with projection matrices".into()))?;
+                // FAVOR+ scales inside its feature map (d^-1/4 on queries and keys).
+                let spec = FavorSpec { projection, causal, chunk: FAVOR_CHUNK, rows: FFN_ROWS };
+                favor_attention(group, plan, &q, &own.k, &own.v, &spec)?
             }
         };
         let ctx = ctx.transpose(0, 1)?.reshape((n, hidden))?;

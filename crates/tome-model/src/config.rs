@@ -43,6 +43,12 @@ pub struct BertConfig {
     /// BigBird: biases on the query/key/value projections.
     #[serde(default = "default_true")]
     pub use_bias: bool,
+    /// tome's Performer encoder: random features per head (FAVOR+).
+    #[serde(default)]
+    pub nb_features: Option<usize>,
+    /// tome's Performer encoder: causal FAVOR+ (prefix sums) instead of bidirectional.
+    #[serde(default)]
+    pub causal: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -51,6 +57,10 @@ pub enum OneOrPerLayer {
     One(usize),
     PerLayer(Vec<usize>),
 }
+
+/// `model_type` of tome's own Performer encoder (no Hugging Face class exists): a BERT encoder
+/// whose attention is FAVOR+; see docs/models/performer.md for the schema.
+pub const PERFORMER: &str = "tome-performer";
 
 fn default_model_type() -> String {
     "bert".into()
@@ -77,8 +87,11 @@ fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
 
 impl BertConfig {
     pub fn validate(&self) -> Result<()> {
-        if !matches!(self.model_type.as_str(), "bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird") {
-            return Err(config_err("model_type", format!("`{}` is not a BERT-family encoder (bert, roberta, longformer, big_bird)", self.model_type)));
+        if !matches!(self.model_type.as_str(), "bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | PERFORMER) {
+            return Err(config_err(
+                "model_type",
+                format!("`{}` is not a BERT-family encoder (bert, roberta, longformer, big_bird, {PERFORMER})", self.model_type),
+            ));
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(config_err(
@@ -110,9 +123,10 @@ impl BertConfig {
         }
     }
 
-    /// RoBERTa-style models number positions from `pad_token_id + 1`; BERT and BigBird from 0.
+    /// RoBERTa-style models number positions from `pad_token_id + 1`; BERT, BigBird and the
+    /// Performer encoder from 0.
     pub fn position_offset(&self) -> usize {
-        if matches!(self.model_type.as_str(), "bert" | "big_bird") {
+        if matches!(self.model_type.as_str(), "bert" | "big_bird" | PERFORMER) {
             0
         } else {
             self.pad_token_id + 1
@@ -127,6 +141,10 @@ impl BertConfig {
     /// The attention each layer's config selects.
     pub fn layer_attention(&self) -> Result<Vec<LayerAttention>> {
         let n = self.num_hidden_layers;
+        if self.model_type == PERFORMER {
+            let features = self.nb_features.filter(|&m| m > 0).ok_or_else(|| config_err("nb_features", "a positive number of random features is required"))?;
+            return Ok(vec![LayerAttention::Favor { features, causal: self.causal }; n]);
+        }
         if self.model_type == "big_bird" {
             return match self.attention_type.as_deref().unwrap_or("block_sparse") {
                 "original_full" => Ok(vec![LayerAttention::Dense; n]),
@@ -169,6 +187,9 @@ pub enum LayerAttention {
     /// first and last blocks, three sliding blocks and `random` random blocks — the plan of
     /// transformers in eval mode, where every random block is block 0.
     BlockSparse { block: usize, random: usize },
+    /// FAVOR+ linear attention (Performer) with `features` random features per head, its
+    /// projection read from the checkpoint.
+    Favor { features: usize, causal: bool },
 }
 
 impl LayerAttention {
@@ -187,6 +208,7 @@ impl std::fmt::Display for LayerAttention {
             LayerAttention::Dense => write!(f, "dense"),
             LayerAttention::Window { one_sided } => write!(f, "window:{}", one_sided * 2),
             LayerAttention::BlockSparse { block, random } => write!(f, "block_sparse:{block}:{random}"),
+            LayerAttention::Favor { features, causal } => write!(f, "favor:{features}{}", if *causal { ":causal" } else { "" }),
         }
     }
 }

@@ -180,7 +180,9 @@ impl GptNeoModel {
         let ctx = match block.attention {
             LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: true, scale: 1.0 })?,
             LayerAttention::Window { one_sided } => window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: true, scale: 1.0 }, None)?,
-            LayerAttention::BlockSparse { .. } => return Err(ModelError::Unsupported("GPT-Neo has no block-sparse layers".into())),
+            LayerAttention::BlockSparse { .. } | LayerAttention::Favor { .. } => {
+                return Err(ModelError::Unsupported("GPT-Neo layers are dense or local".into()))
+            }
         };
         Ok(block.out.forward(&ctx.transpose(0, 1)?.reshape((n, d))?)?)
     }

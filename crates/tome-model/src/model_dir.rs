@@ -50,11 +50,11 @@ impl ModelDir {
         let kind: ModelType = serde_json::from_str(&text).map_err(|e| dir_err(format!("config.json is not valid JSON: {e}")))?;
         let config_err = |e: serde_json::Error| ModelError::Config { field: "(config.json)".into(), msg: e.to_string() };
         match kind.model_type.as_deref() {
-            Some("bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | "gpt2" | "llama") => {}
+            Some("bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | crate::config::PERFORMER | "gpt2" | "llama") => {}
             Some(other) => {
                 return Err(ModelError::Config {
                     field: "model_type".into(),
-                    msg: format!("`{other}` is not supported (bert, roberta, longformer, big_bird, gpt2, llama)"),
+                    msg: format!("`{other}` is not supported (bert, roberta, longformer, big_bird, {}, gpt2, llama)", crate::config::PERFORMER),
                 })
             }
             None => return Err(ModelError::Config { field: "model_type".into(), msg: "missing".into() }),

@@ -52,6 +52,9 @@ pub fn layer_to_wire(l: LayerAttention) -> pb::AttentionOverride {
             random_blocks: random as u32,
             ..Default::default()
         },
+        LayerAttention::Favor { features, causal } => {
+            pb::AttentionOverride { kind: pb::AttentionKind::Favor as i32, features: features as u32, causal, ..Default::default() }
+        }
     }
 }
 
@@ -60,6 +63,7 @@ pub fn layer_from_wire(a: &pb::AttentionOverride) -> Result<LayerAttention, Work
         Ok(pb::AttentionKind::Dense) => Ok(LayerAttention::Dense),
         Ok(pb::AttentionKind::Window) => LayerAttention::window(a.window as usize).map_err(|e| invalid(e.to_string())),
         Ok(pb::AttentionKind::BlockSparse) if a.block_size > 0 => Ok(LayerAttention::BlockSparse { block: a.block_size as usize, random: a.random_blocks as usize }),
+        Ok(pb::AttentionKind::Favor) if a.features > 0 => Ok(LayerAttention::Favor { features: a.features as usize, causal: a.causal }),
         _ => Err(invalid(format!("layer attention kind {} is not dense or window", a.kind))),
     }
 }
@@ -116,7 +120,7 @@ mod tests {
         let (n, mut shards) = plan_to_wire(&ShardPlan::new(Layout::Contiguous, 10, 2).unwrap());
         shards[1].ranges[0].end = 11;
         assert!(plan_from_wire(n, &shards).is_err());
-        for l in [LayerAttention::Dense, LayerAttention::Window { one_sided: 256 }, LayerAttention::BlockSparse { block: 64, random: 3 }] {
+        for l in [LayerAttention::Dense, LayerAttention::Window { one_sided: 256 }, LayerAttention::BlockSparse { block: 64, random: 3 }, LayerAttention::Favor { features: 16, causal: true }] {
             assert_eq!(layer_from_wire(&layer_to_wire(l)).unwrap(), l);
         }
         assert!(layer_from_wire(&pb::AttentionOverride { kind: 9, window: 2, ..Default::default() }).is_err());
