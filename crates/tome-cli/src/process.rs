@@ -253,15 +253,17 @@ pub async fn info(args: InfoArgs) -> anyhow::Result<()> {
         .map(|m| {
             json!({"name": m.name, "architecture": m.architecture, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
                    "max_positions": m.max_positions, "default_pooling": m.default_pooling, "layer_attention": m.layer_attention,
-                   "has_tokenizer": m.has_tokenizer})
+                   "has_tokenizer": m.has_tokenizer, "causal": m.causal})
         })
         .collect();
     let limits = resp.limits.unwrap_or_default();
     println!(
         "{}",
-        serde_json::to_string_pretty(&json!({"version": resp.version, "default_ranks": resp.default_ranks, "models": models,
+        serde_json::to_string_pretty(&json!({"version": resp.version, "backend": resp.backend, "workers": resp.workers,
+            "default_ranks": resp.default_ranks, "models": models,
             "limits": {"max_document_tokens": limits.max_document_tokens, "max_document_bytes": limits.max_document_bytes,
-                       "max_ranks": limits.max_ranks, "max_concurrent_jobs": limits.max_concurrent_jobs}}))?
+                       "max_ranks": limits.max_ranks, "max_concurrent_jobs": limits.max_concurrent_jobs,
+                       "max_tokens_in_flight": limits.max_tokens_in_flight}}))?
     );
     Ok(())
 }
