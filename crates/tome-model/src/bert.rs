@@ -161,9 +161,7 @@ impl BertModel {
         if ids.is_empty() {
             return Err(ModelError::Input("the document has no tokens".into()));
         }
-        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token {i} has id {id}, beyond the vocabulary of {}", cfg.vocab_size)));
-        }
+        crate::model::check_vocab(&ids, cfg.vocab_size)?;
         let usable = cfg.usable_positions();
         let offset = cfg.position_offset();
         let roberta = cfg.model_type != "bert";
@@ -245,9 +243,7 @@ impl BertModel {
                 input.layers.len()
             )));
         }
-        if let Some(&bad) = input.ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} is beyond the vocabulary of {}", self.cfg.vocab_size)));
-        }
+        crate::model::check_vocab(&input.ids, self.cfg.vocab_size)?;
         if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= self.cfg.max_position_embeddings) {
             return Err(ModelError::Input(format!("position id {bad} is beyond the {} learned positions", self.cfg.max_position_embeddings)));
         }

@@ -15,8 +15,8 @@ use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
 use crate::bert::ShardInput;
-use crate::config::LayerAttention;
 use crate::error::{ModelError, Result};
+use crate::model::check_vocab;
 
 /// `config.json` of `GPT2Model` / `GPT2LMHeadModel`.
 #[derive(Clone, Debug, Deserialize)]
@@ -152,30 +152,11 @@ impl Gpt2Model {
                 self.cfg.n_positions
             )));
         }
-        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token {i} has id {id}, beyond the vocabulary of {}", self.cfg.vocab_size)));
-        }
-        Ok(())
+        check_vocab(ids, self.cfg.vocab_size)
     }
 
-    /// This rank's rows of the last hidden state (after `ln_f`) for the document `ids`.
-    pub fn forward_shard(&self, group: &dyn Group, plan: &ShardPlan, ids: &[u32]) -> Result<Tensor> {
-        if ids.len() != plan.len() {
-            return Err(ModelError::Input(format!("the plan covers {} tokens, the document has {}", plan.len(), ids.len())));
-        }
-        self.check(ids)?;
-        let positions = plan.positions(group.rank());
-        let input = ShardInput {
-            ids: positions.iter().map(|&p| ids[p as usize]).collect(),
-            position_ids: positions.iter().map(|&p| p as u32).collect(),
-            layers: vec![LayerAttention::Dense; self.cfg.n_layer],
-            global_tokens: Vec::new(),
-        };
-        self.forward(group, plan, &input, &mut |_| true)
-    }
-
-    /// As [`Gpt2Model::forward_shard`], from the rank's own tokens: its rows of the last hidden
-    /// state. `after_layer(l)` returning false cancels.
+    /// This rank's rows of the last hidden state (after `ln_f`), from its own tokens.
+    /// `after_layer(l)` returning false cancels.
     pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         let positions = plan.positions(group.rank());
         let n = positions.len();
@@ -185,9 +166,7 @@ impl Gpt2Model {
         if plan.len() > self.cfg.n_positions {
             return Err(ModelError::Input(format!("the document has {} tokens; GPT-2 has learned {} positions", plan.len(), self.cfg.n_positions)));
         }
-        if let Some(&bad) = input.ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} is beyond the vocabulary of {}", self.cfg.vocab_size)));
-        }
+        check_vocab(&input.ids, self.cfg.vocab_size)?;
         if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= self.cfg.n_positions) {
             return Err(ModelError::Input(format!("position id {bad} is beyond the {} learned positions", self.cfg.n_positions)));
         }

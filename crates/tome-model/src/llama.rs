@@ -17,6 +17,7 @@ use tome_dist::{Group, ShardPlan};
 
 use crate::bert::ShardInput;
 use crate::error::{ModelError, Result};
+use crate::model::check_vocab;
 
 /// RoPE settings: `rope_parameters` (transformers 5) or the older top-level `rope_theta` /
 /// `rope_scaling`.
@@ -198,10 +199,7 @@ impl LlamaModel {
         if ids.is_empty() {
             return Err(ModelError::Input("the document has no tokens".into()));
         }
-        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token {i} has id {id}, beyond the vocabulary of {}", self.cfg.vocab_size)));
-        }
-        Ok(())
+        check_vocab(ids, self.cfg.vocab_size)
     }
 
     /// (cos, sin) of the rotary angles at `positions`: `[n, head_dim]` each (halves repeated).
@@ -219,33 +217,15 @@ impl LlamaModel {
         Ok((Tensor::from_vec(cos, (n, 2 * half), &Device::Cpu)?, Tensor::from_vec(sin, (n, 2 * half), &Device::Cpu)?))
     }
 
-    /// Rows of the document `ids` this rank owns, through the decoder and the final norm.
-    pub fn forward_shard(&self, group: &dyn Group, plan: &ShardPlan, ids: &[u32]) -> Result<Tensor> {
-        if ids.len() != plan.len() {
-            return Err(ModelError::Input(format!("the plan covers {} tokens, the document has {}", plan.len(), ids.len())));
-        }
-        self.check(ids)?;
-        let positions = plan.positions(group.rank());
-        let input = ShardInput {
-            ids: positions.iter().map(|&p| ids[p as usize]).collect(),
-            position_ids: positions.iter().map(|&p| p as u32).collect(),
-            layers: vec![crate::config::LayerAttention::Dense; self.cfg.num_hidden_layers],
-            global_tokens: Vec::new(),
-        };
-        self.forward(group, plan, &input, &mut |_| true)
-    }
-
-    /// As [`LlamaModel::forward_shard`], from the rank's own tokens. `after_layer(l)` returning
-    /// false cancels.
+    /// This rank's rows through the decoder and the final norm, from its own tokens.
+    /// `after_layer(l)` returning false cancels.
     pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         let positions = plan.positions(group.rank());
         let n = positions.len();
         if input.ids.len() != n || input.position_ids.len() != n {
             return Err(ModelError::Input(format!("rank {} owns {n} tokens but was given {} ids and {} positions", group.rank(), input.ids.len(), input.position_ids.len())));
         }
-        if let Some(&bad) = input.ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} is beyond the vocabulary of {}", self.cfg.vocab_size)));
-        }
+        check_vocab(&input.ids, self.cfg.vocab_size)?;
         let (cos, sin) = self.rotary(&input.position_ids)?;
         let mut x = self.embed.forward(&Tensor::from_slice(&input.ids, n, &Device::Cpu)?)?;
         for (l, layer) in self.layers.iter().enumerate() {

@@ -16,9 +16,7 @@ pub fn log_probs(hidden: &Tensor, weight: &Tensor, next_ids: &[u32]) -> Result<T
     if next_ids.len() > rows {
         return Err(ModelError::Input(format!("{} next tokens for {rows} rows", next_ids.len())));
     }
-    if let Some(&bad) = next_ids.iter().find(|&&i| i as usize >= vocab) {
-        return Err(ModelError::Input(format!("token id {bad} is beyond the vocabulary of {vocab}")));
-    }
+    crate::model::check_vocab(next_ids, vocab)?;
     let head = weight.t()?;
     let mut parts = Vec::new();
     for start in (0..next_ids.len()).step_by(HEAD_ROWS) {

@@ -139,6 +139,14 @@ impl Model {
     }
 }
 
+/// Refuses token ids outside a vocabulary of `vocab`, naming the first.
+pub(crate) fn check_vocab(ids: &[u32], vocab: usize) -> Result<()> {
+    match ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+        Some((i, id)) => Err(ModelError::Input(format!("token {i} has id {id}, beyond the vocabulary of {vocab}"))),
+        None => Ok(()),
+    }
+}
+
 /// A causal model's document: positions 0..n, dense attention in every layer.
 fn causal_document(ids: Vec<u32>, layers: usize) -> Prepared {
     let n = ids.len() as u32;

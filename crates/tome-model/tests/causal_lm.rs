@@ -4,30 +4,17 @@
 //! `ModelDir`: hidden states and per-token log-probabilities on 1..4 ranks in both layouts, each
 //! rank scoring its own tokens.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use candle_core::Tensor;
+use common::{fixture, input_ids, max_diff, read_npy};
 use tome_dist::{run_ranks, Group, InProcessGroup, Layout, ShardPlan};
 use tome_model::{EncodeOptions, LayerAttention, ModelDir};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn read_npy<T: npyz::Deserialize>(path: &Path) -> Vec<T> {
-    let bytes = std::fs::read(path).unwrap();
-    npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-}
 
 fn conforms(name: &str) {
     let dir = ModelDir::open(&fixture(name)).unwrap();
     assert!(dir.model.is_causal());
-    let ids: Vec<u32> = read_npy::<i64>(&fixture(name).join("input_ids.npy")).into_iter().map(|i| i as u32).collect();
+    let ids = input_ids(name);
     let golden = read_npy::<f32>(&fixture(name).join("last_hidden_state.npy"));
     let golden_lp = read_npy::<f32>(&fixture(name).join("logprobs.npy"));
     assert_eq!(golden_lp.len(), ids.len() - 1);
