@@ -257,7 +257,11 @@ impl Cluster {
             let empty = Tensor::zeros(0, candle_core::DType::F32, &candle_core::Device::Cpu)?;
             gathered.log_probs = Some(log_probs.into_iter().map(|l| l.unwrap_or_else(|| empty.clone())).collect());
         }
-        let a = assemble(&spec.plan, spec.document, spec.chunks.len(), spec.normalize, gathered)?;
+        // Putting a book's hidden states back in order is compute: off the async runtime.
+        let (plan, document, chunks, normalize) = (spec.plan.clone(), spec.document, spec.chunks.len(), spec.normalize);
+        let a = tokio::task::spawn_blocking(move || assemble(&plan, document, chunks, normalize, gathered))
+            .await
+            .map_err(|e| WorkerError::Internal(format!("assembling the outputs failed: {e}")))??;
         info!(job = %job_id, ranks = addresses.len(), bytes, wire_bytes, "cluster job done");
         Ok(JobOutput {
             document: a.document,
