@@ -21,6 +21,7 @@ pub mod moe;
 mod partial;
 pub mod reference;
 pub mod relative;
+pub mod relative_bias;
 mod rng;
 mod simd;
 mod tensor;

@@ -244,6 +244,14 @@ pub struct JobFlags {
     /// Token positions with global attention (window attention), e.g. 0,500.
     #[arg(long, value_delimiter = ',', env = "TOME_GLOBAL_TOKENS")]
     pub global_tokens: Vec<u64>,
+    /// Compute the outputs from the hidden states after this many layers (0: the embeddings;
+    /// default: the last layer, as transformers' `hidden_states[k]`).
+    #[arg(long, env = "TOME_HIDDEN_LAYER")]
+    pub hidden_layer: Option<u32>,
+    /// Tokens per segment for segment-recurrent models (Transformer-XL, Compressive); default:
+    /// the config's `tgt_len`, else 128.
+    #[arg(long, env = "TOME_SEGMENT_LEN")]
+    pub segment_len: Option<u32>,
 }
 
 #[derive(Args)]

@@ -41,6 +41,8 @@ pub struct Collected {
     pub hidden_rows: usize,
     /// `[tokens - 1]` (causal models).
     pub log_probs: Vec<f32>,
+    /// The layer the hidden states come from, when not the last.
+    pub hidden_layer: Option<u32>,
 }
 
 impl Collected {
@@ -63,8 +65,12 @@ impl Collected {
         }
         if self.hidden_rows > 0 {
             let width = (self.hidden.len() / self.hidden_rows) as u64;
-            write_npy(&dir.join("last_hidden_state.npy"), &[self.hidden_rows as u64, width], &self.hidden)?;
-            written.push("last_hidden_state.npy".to_string());
+            let name = match self.hidden_layer {
+                None => "last_hidden_state.npy".to_string(),
+                Some(k) => format!("hidden_states_layer{k}.npy"),
+            };
+            write_npy(&dir.join(&name), &[self.hidden_rows as u64, width], &self.hidden)?;
+            written.push(name);
         }
         if !self.log_probs.is_empty() {
             write_npy(&dir.join("logprobs.npy"), &[self.log_probs.len() as u64], &self.log_probs)?;

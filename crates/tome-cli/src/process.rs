@@ -75,6 +75,8 @@ pub fn options(args: &JobFlags, ranks: usize) -> anyhow::Result<pb::ProcessOptio
         } as i32,
         global_tokens: args.global_tokens.clone(),
         hidden_dtype: pb::ElementType::F32 as i32,
+        hidden_layer: args.hidden_layer,
+        segment_len: args.segment_len.unwrap_or(0),
     };
     Ok(options)
 }
@@ -146,10 +148,12 @@ impl Target {
 
 pub async fn process(args: ProcessArgs) -> anyhow::Result<()> {
     let req = request(&args)?;
+    let hidden_layer = req.options.as_ref().and_then(|o| o.hidden_layer);
     let target = Target::new(args.coordinator.as_deref(), &args.embedded).await?;
     let stream = target.open(req).await.map_err(status_error)?;
     let bar = if args.quiet { ProgressBar::hidden() } else { layer_bar() };
-    let collected = collect(stream, &bar).await.map_err(status_error)?;
+    let mut collected = collect(stream, &bar).await.map_err(status_error)?;
+    collected.hidden_layer = hidden_layer;
     let files = collected.write(&args.out)?;
     let done = collected.done.clone().unwrap_or_default();
     println!(

@@ -198,6 +198,8 @@ impl Cluster {
                 hidden_states: spec.hidden,
                 rows_per_message: self.rows_per_message as u32,
                 log_probs: spec.log_probs,
+                output_layer: input.run.output_layer.map(|k| k as u32),
+                segment_len: input.run.segment_len.unwrap_or(0) as u32,
                 next_ids: if spec.log_probs { Some(wire::u32s_to_wire(&spec.doc.next_ids(&spec.plan, r))?) } else { None },
             };
             let mut request = tonic::Request::new(req);

@@ -71,8 +71,8 @@ pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOpti
             pb::AttentionKind::Window => Some(
                 LayerAttention::window(a.window as usize).map_err(|_| CoordError::Invalid(format!("options.attention.window: {} must be even and positive", a.window)))?,
             ),
-            pb::AttentionKind::BlockSparse | pb::AttentionKind::Favor => {
-                return Err(CoordError::Invalid("options.attention: block-sparse and FAVOR+ attention come from a checkpoint's config, not a request".into()))
+            pb::AttentionKind::BlockSparse | pb::AttentionKind::Favor | pb::AttentionKind::Native => {
+                return Err(CoordError::Invalid("options.attention: block-sparse, FAVOR+ and architecture-defined attention come from a checkpoint's config, not a request".into()))
             }
         },
     };
@@ -96,7 +96,13 @@ pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOpti
         pooling,
         normalize: o.normalize,
         chunking,
-        encode: EncodeOptions { attention, position_extension, global_tokens: o.global_tokens.iter().map(|&g| g as usize).collect() },
+        encode: EncodeOptions {
+            attention,
+            position_extension,
+            global_tokens: o.global_tokens.iter().map(|&g| g as usize).collect(),
+            output_layer: o.hidden_layer.map(|k| k as usize),
+            segment_len: (o.segment_len > 0).then_some(o.segment_len as usize),
+        },
         ranks: (o.ranks > 0).then_some(o.ranks as usize),
         layout,
         hidden_dtype,

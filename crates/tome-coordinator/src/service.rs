@@ -241,6 +241,9 @@ impl Coordinator {
         if opts.log_probs && !model.model.is_causal() {
             return Err(CoordError::Invalid(format!("model `{}` is an encoder; log-probs need a causal language model", model.name())));
         }
+        if opts.log_probs && opts.encode.output_layer.is_some_and(|k| k != model.model.shape().num_layers) {
+            return Err(CoordError::Invalid("log-probs score the last layer's hidden states: leave options.hidden_layer unset".into()));
+        }
         let admitted = {
             let _queued = metrics::Queued::enter();
             self.admit(model, req.input, &opts).await?

@@ -13,6 +13,7 @@ use tome_dist::ops::{blocksparse_attention, favor_attention, ring_attention, win
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{Activation, BertConfig, EncodeOptions, LayerAttention, PositionExtension};
+use crate::document::{Prepared, RunOptions, ShardInput};
 use crate::error::{ModelError, Result};
 
 /// Token rows per feed-forward block (bounds the intermediate activation's memory).
@@ -44,53 +45,6 @@ struct BertLayer {
     intermediate: Linear,
     output: Linear,
     out_norm: LayerNorm,
-}
-
-/// A document checked against the model and options, ready to be sharded: token ids, the
-/// learned position each token uses, and each layer's attention.
-#[derive(Clone, Debug)]
-pub struct Prepared {
-    pub ids: Vec<u32>,
-    pub position_ids: Vec<u32>,
-    pub layers: Vec<LayerAttention>,
-    pub global_tokens: Vec<usize>,
-}
-
-/// What one rank needs of a prepared document: its own tokens (in the order of the plan's
-/// positions for the rank) and what every rank shares. This is what travels to a worker.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ShardInput {
-    pub ids: Vec<u32>,
-    pub position_ids: Vec<u32>,
-    pub layers: Vec<LayerAttention>,
-    pub global_tokens: Vec<usize>,
-}
-
-impl Prepared {
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    /// The id that follows each of rank `rank`'s tokens, in its row order (the document's last
-    /// token, the rank's last row, has none).
-    pub fn next_ids(&self, plan: &ShardPlan, rank: usize) -> Vec<u32> {
-        plan.positions(rank).iter().filter_map(|&p| self.ids.get(p as usize + 1).copied()).collect()
-    }
-
-    /// Rank `rank`'s part of the document under `plan`.
-    pub fn shard(&self, plan: &ShardPlan, rank: usize) -> ShardInput {
-        let positions = plan.positions(rank);
-        ShardInput {
-            ids: positions.iter().map(|&p| self.ids[p as usize]).collect(),
-            position_ids: positions.iter().map(|&p| self.position_ids[p as usize]).collect(),
-            layers: self.layers.clone(),
-            global_tokens: self.global_tokens.clone(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
 }
 
 fn weights<T>(r: candle_core::Result<T>, name: &str) -> Result<T> {
@@ -218,11 +172,11 @@ impl BertModel {
         let mut global_tokens = opts.global_tokens.clone();
         global_tokens.sort_unstable();
         global_tokens.dedup();
-        Ok(Prepared { ids, position_ids, layers, global_tokens })
+        Ok(Prepared { ids, position_ids, layers, global_tokens, run: RunOptions { output_layer: opts.output_layer, segment_len: None } })
     }
 
-    /// Runs the encoder on this rank's shard of `doc` and returns the shard's last hidden state
-    /// (`[shard, hidden]`). `after_layer(l)` is called when layer `l` is done; returning false
+    /// Runs the encoder on this rank's shard of `doc` and returns the shard's hidden states
+    /// (`[shard, hidden]`) after the layers `doc.run` asks for (the last by default). `after_layer(l)` is called when layer `l` is done; returning false
     /// cancels the job.
     pub fn forward_shard(&self, group: &dyn Group, plan: &ShardPlan, doc: &Prepared, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         self.forward(group, plan, &doc.shard(plan, group.rank()), after_layer)
@@ -260,7 +214,7 @@ impl BertModel {
         let x = ((words + self.position.forward(&pos_ids)?)? + self.token_type.forward(&types)?)?;
         let mut x = self.embed_norm.forward(&x)?;
         let valid = vec![true; n];
-        for (l, layer) in self.layers.iter().enumerate() {
+        for (l, layer) in self.layers.iter().enumerate().take(input.run.layers_to_run(self.layers.len())?) {
             x = self.layer_forward(layer, group, plan, &x, &positions, &valid, input.layers[l], &input.global_tokens)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);
@@ -312,6 +266,7 @@ impl BertModel {
                 let spec = FavorSpec { projection, causal, chunk: FAVOR_CHUNK, rows: FFN_ROWS };
                 favor_attention(group, plan, &q, &own.k, &own.v, &spec)?
             }
+            LayerAttention::Native(name) => return Err(ModelError::Unsupported(format!("a BERT-family layer cannot run `{name}` attention"))),
         };
         let ctx = ctx.transpose(0, 1)?.reshape((n, hidden))?;
         let x = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx)? + x)?)?;

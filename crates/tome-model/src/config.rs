@@ -190,7 +190,15 @@ pub enum LayerAttention {
     /// FAVOR+ linear attention (Performer) with `features` random features per head, its
     /// projection read from the checkpoint.
     Favor { features: usize, causal: bool },
+    /// The attention the architecture itself defines and no option overrides, named by one of
+    /// [`NATIVE_ATTENTION`]: Reformer's `lsh` and `local` layers, Transformer-XL's `relative`
+    /// segment recurrence, the Compressive Transformer's `compressive` memories, Switch
+    /// Transformers' `relative-bias` dense attention.
+    Native(&'static str),
 }
+
+/// The names of [`LayerAttention::Native`] attentions.
+pub const NATIVE_ATTENTION: [&str; 5] = ["lsh", "local", "relative", "compressive", "relative-bias"];
 
 impl LayerAttention {
     /// From a Longformer `attention_window` (even, both sides together).
@@ -209,6 +217,7 @@ impl std::fmt::Display for LayerAttention {
             LayerAttention::Window { one_sided } => write!(f, "window:{}", one_sided * 2),
             LayerAttention::BlockSparse { block, random } => write!(f, "block_sparse:{block}:{random}"),
             LayerAttention::Favor { features, causal } => write!(f, "favor:{features}{}", if *causal { ":causal" } else { "" }),
+            LayerAttention::Native(name) => write!(f, "{name}"),
         }
     }
 }
@@ -232,4 +241,8 @@ pub struct EncodeOptions {
     pub position_extension: PositionExtension,
     /// Token positions with global attention (window layers only), ascending.
     pub global_tokens: Vec<usize>,
+    /// Which layer's hidden states to return: `None` for the last.
+    pub output_layer: Option<usize>,
+    /// Tokens per segment for segment-recurrent models; `None` for the model's default.
+    pub segment_len: Option<usize>,
 }

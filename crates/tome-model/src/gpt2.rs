@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
-use crate::bert::ShardInput;
+use crate::document::ShardInput;
 use crate::error::{ModelError, Result};
 use crate::model::check_vocab;
 
@@ -155,7 +155,8 @@ impl Gpt2Model {
         check_vocab(ids, self.cfg.vocab_size)
     }
 
-    /// This rank's rows of the last hidden state (after `ln_f`), from its own tokens.
+    /// This rank's rows of the hidden states `input.run` asks for (by default the last, after
+    /// `ln_f`), from its own tokens.
     /// `after_layer(l)` returning false cancels.
     pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         let positions = plan.positions(group.rank());
@@ -173,7 +174,8 @@ impl Gpt2Model {
         let tok = Tensor::from_slice(&input.ids, n, &Device::Cpu)?;
         let pos = Tensor::from_slice(&input.position_ids, n, &Device::Cpu)?;
         let mut x = (self.wte.forward(&tok)? + self.wpe.forward(&pos)?)?;
-        for (l, block) in self.blocks.iter().enumerate() {
+        let run = input.run.layers_to_run(self.blocks.len())?;
+        for (l, block) in self.blocks.iter().enumerate().take(run) {
             let a = self.attention(block, group, &block.ln_1.forward(&x)?, &positions)?;
             x = (x + a)?;
             let m = block.mlp_proj.forward(&block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?)?;
@@ -182,7 +184,11 @@ impl Gpt2Model {
                 return Err(ModelError::Cancelled);
             }
         }
-        Ok(self.ln_f.forward(&x)?)
+        // As transformers' `hidden_states`: only the last layer's output passes through `ln_f`.
+        match run == self.blocks.len() {
+            true => Ok(self.ln_f.forward(&x)?),
+            false => Ok(x),
+        }
     }
 
     fn attention(&self, block: &Block, group: &dyn Group, x: &Tensor, positions: &[i64]) -> Result<Tensor> {

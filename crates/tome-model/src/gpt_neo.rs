@@ -180,7 +180,7 @@ impl GptNeoModel {
         let ctx = match block.attention {
             LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: true, scale: 1.0 })?,
             LayerAttention::Window { one_sided } => window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: true, scale: 1.0 }, None)?,
-            LayerAttention::BlockSparse { .. } | LayerAttention::Favor { .. } => {
+            LayerAttention::BlockSparse { .. } | LayerAttention::Favor { .. } | LayerAttention::Native(_) => {
                 return Err(ModelError::Unsupported("GPT-Neo layers are dense or local".into()))
             }
         };

@@ -7,6 +7,7 @@
 
 mod bert;
 mod config;
+mod document;
 mod error;
 pub mod gpt2;
 pub mod gpt_neo;
@@ -18,8 +19,9 @@ mod pooling;
 pub mod reversible;
 mod tokenizer;
 
-pub use bert::{BertModel, Prepared, ShardInput};
-pub use config::{BertConfig, EncodeOptions, LayerAttention, PositionExtension};
+pub use bert::BertModel;
+pub use config::{BertConfig, EncodeOptions, LayerAttention, PositionExtension, NATIVE_ATTENTION};
+pub use document::{Prepared, RunOptions, ShardInput};
 pub use error::{ModelError, Result};
 pub use model::{Model, Shape};
 pub use model_dir::ModelDir;

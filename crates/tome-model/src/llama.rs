@@ -15,7 +15,7 @@ use serde::Deserialize;
 use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
-use crate::bert::ShardInput;
+use crate::document::ShardInput;
 use crate::error::{ModelError, Result};
 use crate::model::check_vocab;
 
@@ -217,7 +217,8 @@ impl LlamaModel {
         Ok((Tensor::from_vec(cos, (n, 2 * half), &Device::Cpu)?, Tensor::from_vec(sin, (n, 2 * half), &Device::Cpu)?))
     }
 
-    /// This rank's rows through the decoder and the final norm, from its own tokens.
+    /// This rank's rows of the hidden states `input.run` asks for (by default the last, through
+    /// the final norm), from its own tokens.
     /// `after_layer(l)` returning false cancels.
     pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         let positions = plan.positions(group.rank());
@@ -228,7 +229,8 @@ impl LlamaModel {
         check_vocab(&input.ids, self.cfg.vocab_size)?;
         let (cos, sin) = self.rotary(&input.position_ids)?;
         let mut x = self.embed.forward(&Tensor::from_slice(&input.ids, n, &Device::Cpu)?)?;
-        for (l, layer) in self.layers.iter().enumerate() {
+        let run = input.run.layers_to_run(self.layers.len())?;
+        for (l, layer) in self.layers.iter().enumerate().take(run) {
             let a = self.attention(layer, group, &layer.input_norm.forward(&x)?, &positions, &cos, &sin)?;
             x = (x + a)?;
             let h = layer.post_norm.forward(&x)?;
@@ -238,7 +240,11 @@ impl LlamaModel {
                 return Err(ModelError::Cancelled);
             }
         }
-        Ok(self.norm.forward(&x)?)
+        // As transformers' `hidden_states`: only the last layer's output is normed.
+        match run == self.layers.len() {
+            true => Ok(self.norm.forward(&x)?),
+            false => Ok(x),
+        }
     }
 
     fn attention(&self, layer: &Layer, group: &dyn Group, x: &Tensor, positions: &[i64], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

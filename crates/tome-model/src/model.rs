@@ -5,7 +5,8 @@
 use candle_core::Tensor;
 use tome_dist::{Group, ShardPlan};
 
-use crate::bert::{BertModel, Prepared, ShardInput};
+use crate::bert::BertModel;
+use crate::document::{Prepared, RunOptions, ShardInput};
 use crate::config::{EncodeOptions, LayerAttention};
 use crate::error::{ModelError, Result};
 use crate::gpt2::Gpt2Model;
@@ -99,19 +100,24 @@ impl Model {
 
     /// Checks a whole document against the model and options and derives per-token positions.
     pub fn prepare(&self, ids: Vec<u32>, opts: &EncodeOptions) -> Result<Prepared> {
-        match self {
-            Model::Bert(m) => m.prepare(ids, opts),
+        let doc = match self {
+            Model::Bert(m) => m.prepare(ids, opts)?,
             Model::Gpt2(m) => {
                 m.check(&ids)?;
                 self.causal_only(opts)?;
-                Ok(causal_document(ids, m.config().n_layer))
+                Prepared::plain(ids, vec![LayerAttention::Dense; m.config().n_layer], plain_run(opts))
             }
             Model::Llama(m) => {
                 m.check(&ids)?;
                 self.causal_only(opts)?;
-                Ok(causal_document(ids, m.config().num_hidden_layers))
+                Prepared::plain(ids, vec![LayerAttention::Dense; m.config().num_hidden_layers], plain_run(opts))
             }
+        };
+        if opts.segment_len.is_some() && doc.run.segment_len.is_none() {
+            return Err(ModelError::Input("a segment length applies to segment-recurrent models (Transformer-XL, Compressive) only".into()));
         }
+        doc.run.layers_to_run(self.shape().num_layers)?;
+        Ok(doc)
     }
 
     /// Runs a rank's shard; returns its rows of the last hidden state. `after_layer(l)` is
@@ -139,6 +145,11 @@ impl Model {
     }
 }
 
+/// The run options of a model without segments.
+fn plain_run(opts: &EncodeOptions) -> RunOptions {
+    RunOptions { output_layer: opts.output_layer, segment_len: None }
+}
+
 /// Refuses token ids outside a vocabulary of `vocab`, naming the first.
 pub(crate) fn check_vocab(ids: &[u32], vocab: usize) -> Result<()> {
     match ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
@@ -147,8 +158,3 @@ pub(crate) fn check_vocab(ids: &[u32], vocab: usize) -> Result<()> {
     }
 }
 
-/// A causal model's document: positions 0..n, dense attention in every layer.
-fn causal_document(ids: Vec<u32>, layers: usize) -> Prepared {
-    let n = ids.len() as u32;
-    Prepared { ids, position_ids: (0..n).collect(), layers: vec![LayerAttention::Dense; layers], global_tokens: Vec::new() }
-}

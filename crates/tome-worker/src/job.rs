@@ -33,7 +33,7 @@ pub struct JobSpec {
 
 impl JobSpec {
     pub fn new(model: Arc<ModelDir>, doc: Arc<Prepared>, ranks: usize, layout: Layout) -> Result<Self, WorkerError> {
-        let plan = ShardPlan::new(layout, doc.len(), ranks)?;
+        let plan = doc.plan(layout, ranks)?;
         let pooling = model.pooling;
         Ok(JobSpec { model, doc, plan, chunks: Vec::new(), document: true, hidden: false, log_probs: false, pooling, normalize: false })
     }
@@ -205,7 +205,7 @@ pub fn spawn_job(spec: JobSpec, events: mpsc::Sender<Result<JobEvent, WorkerErro
 
 fn run(spec: &JobSpec, events: &mpsc::Sender<Result<JobEvent, WorkerError>>, cancel: &CancelFlag, job_span: &Span) -> Result<JobOutput, WorkerError> {
     let started = Instant::now();
-    let total = spec.doc.layers.len();
+    let total = spec.doc.layers_run();
     let spans = pool_targets(spec.doc.len(), spec.document, &spec.chunks);
     let outputs = run_ranks(spec.plan.ranks(), |group: &InProcessGroup| -> Result<RankOutput, tome_model::ModelError> {
         let _rank = info_span!(parent: job_span, "shard", rank = group.rank(), tokens = spec.plan.shard_len(group.rank())).entered();

@@ -16,7 +16,7 @@ use candle_core::Tensor;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
-use tome_model::{ModelDir, ShardInput};
+use tome_model::{ModelDir, RunOptions, ShardInput};
 use tome_net::{tensor_to_wire, PeerHub, TraceParent};
 use tome_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -169,6 +169,7 @@ fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TracePare
         position_ids: wire::u32s_from_wire(req.position_ids.as_ref(), "position_ids")?,
         layers: req.layers.iter().map(wire::layer_from_wire).collect::<Result<_, _>>()?,
         global_tokens: req.global_tokens.iter().map(|&g| g as usize).collect(),
+        run: RunOptions { output_layer: req.output_layer.map(|k| k as usize), segment_len: (req.segment_len > 0).then_some(req.segment_len as usize) },
     };
     let trace = trace.or_else(|| TraceParent::parse(&plan_msg.traceparent));
     let next_ids = if req.log_probs {
@@ -179,6 +180,9 @@ fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TracePare
         }
         if !model.model.is_causal() {
             return Err(WorkerError::Invalid(format!("model `{}` is an encoder: it does not score tokens", model.name())));
+        }
+        if input.run.output_layer.is_some_and(|k| k != model.model.shape().num_layers) {
+            return Err(WorkerError::Invalid("log-probs score the last layer's hidden states; an earlier output layer was asked for".into()));
         }
         Some(next)
     } else {
@@ -230,7 +234,7 @@ fn event(e: pb::shard_event::Event) -> Result<pb::ShardEvent, Status> {
 fn run_shard(hub: &PeerHub, shard: &Shard, tx: &EventSender, cancel: &AtomicBool, deadline: Option<Instant>) -> Result<pb::ShardDone, WorkerError> {
     let started = Instant::now();
     let group = hub.join(&shard.job, shard.rank, &shard.addresses, shard.trace)?;
-    let total = shard.input.layers.len();
+    let total = shard.input.layers_run();
     let mut after_layer = |layer: usize| {
         if shard.rank == 0 {
             let progress = pb::Progress { layers_done: layer as u32 + 1, layers_total: total as u32 };

@@ -47,6 +47,8 @@ struct DocOptions {
     global_tokens: Option<Vec<u64>>,
     ranks: Option<u32>,
     layout: Option<String>,
+    hidden_layer: Option<u32>,
+    segment_len: Option<u32>,
 }
 
 fn enum_value<T: clap::ValueEnum>(field: &str, value: &str) -> anyhow::Result<T> {
@@ -79,6 +81,12 @@ fn request(args: &BatchArgs, doc: &DocInput, text: Vec<u8>) -> anyhow::Result<pb
         }
         if let Some(l) = o.layout {
             flags.layout = enum_value::<LayoutArg>("layout", &l)?;
+        }
+        if let Some(k) = o.hidden_layer {
+            flags.hidden_layer = Some(k);
+        }
+        if let Some(s) = o.segment_len {
+            flags.segment_len = Some(s);
         }
         if let Some(r) = o.ranks {
             ranks = r as usize;
@@ -222,7 +230,10 @@ async fn document(shared: &Shared, doc: DocInput) -> anyhow::Result<()> {
             Err(s) => Err(s),
         };
         match outcome {
-            Ok(c) => break c,
+            Ok(mut c) => {
+                c.hidden_layer = req.options.as_ref().and_then(|o| o.hidden_layer);
+                break c;
+            }
             Err(s) if retryable(&s) && attempts <= args.retries => {
                 let wait = Duration::from_millis(args.backoff_ms.saturating_mul(1 << (attempts - 1).min(16)));
                 shared.progress.retrying(&doc.id, attempts, &describe(&s), wait);

@@ -225,7 +225,7 @@ fn book() -> anyhow::Result<Record> {
     let started = Instant::now();
     let ids = tokenizer.encode(&text)?.ids;
     let n = ids.len();
-    let opts = EncodeOptions { attention: Some(LayerAttention::window(512)?), position_extension: PositionExtension::Tile, global_tokens: Vec::new() };
+    let opts = EncodeOptions { attention: Some(LayerAttention::window(512)?), position_extension: PositionExtension::Tile, ..Default::default() };
     let doc = dir.model.prepare(ids, &opts)?;
     let plan = ShardPlan::new(Layout::Contiguous, n, 2)?;
     let mut spans: Vec<Range<usize>> = vec![0..n];

@@ -8,6 +8,7 @@
 //! Works with any layout; zigzag balances the causal work.
 
 use candle_core::Tensor;
+use tome_attn::relative_bias::{self, RelativeBias};
 use tome_attn::{attention, Mask, Partial};
 
 use super::keys::KeyBlock;
@@ -23,10 +24,30 @@ pub struct DenseSpec {
 /// This rank's output rows of dense attention; `q` is `[heads, shard, d]` at positions `q_pos`,
 /// `own` this rank's keys and values.
 pub fn ring_attention(group: &dyn Group, q: &Tensor, q_pos: &[i64], own: KeyBlock, spec: DenseSpec) -> Result<Tensor> {
+    let q_max = q_pos.iter().copied().max();
+    ring(group, q, own, &mut |block| {
+        let visible = !spec.causal || matches!((q_max, block.pos.first()), (Some(qm), Some(&k0)) if k0 <= qm);
+        if !visible {
+            return Ok(None);
+        }
+        let mask = Mask::full(q_pos, &block.pos).with_causal(spec.causal).with_key_valid(Some(&block.valid));
+        Ok(Some(attention(q, &block.k, &block.v, &mask, spec.scale)?))
+    })
+}
+
+/// As [`ring_attention`] (bidirectional, unscaled) with T5's learned relative position bias
+/// added to every score (Switch Transformers): the bias follows from the positions each block
+/// carries, so the ring is unchanged.
+pub fn ring_attention_with_bias(group: &dyn Group, q: &Tensor, q_pos: &[i64], own: KeyBlock, bias: &RelativeBias) -> Result<Tensor> {
+    ring(group, q, own, &mut |block| Ok(Some(relative_bias::attention(q, &block.k, &block.v, q_pos, &block.pos, &block.valid, bias)?)))
+}
+
+/// Passes key blocks around the ring — each forwarded before it is computed on, so transfer
+/// overlaps compute — and merges what `score` makes of each (`None`: nothing visible).
+fn ring(group: &dyn Group, q: &Tensor, own: KeyBlock, score: &mut dyn FnMut(&KeyBlock) -> Result<Option<Partial>>) -> Result<Tensor> {
     let (heads, n, _) = q.dims3()?;
     let dv = own.v.dim(2)?;
     let p = group.size();
-    let q_max = q_pos.iter().copied().max();
     let mut acc = Partial::empty(heads, n, dv)?;
     let mut block = own;
     for step in 0..p {
@@ -34,10 +55,10 @@ pub fn ring_attention(group: &dyn Group, q: &Tensor, q_pos: &[i64], own: KeyBloc
         if !last {
             group.send(group.next_rank(), block.to_frame()?)?;
         }
-        let visible = !spec.causal || matches!((q_max, block.pos.first()), (Some(qm), Some(&k0)) if k0 <= qm);
-        if visible && !block.is_empty() && n > 0 {
-            let mask = Mask::full(q_pos, &block.pos).with_causal(spec.causal).with_key_valid(Some(&block.valid));
-            acc = acc.merge(&attention(q, &block.k, &block.v, &mask, spec.scale)?)?;
+        if !block.is_empty() && n > 0 {
+            if let Some(part) = score(&block)? {
+                acc = acc.merge(&part)?;
+            }
         }
         if !last {
             block = KeyBlock::from_frame(group.recv(group.prev_rank())?)?;

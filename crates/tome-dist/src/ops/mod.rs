@@ -17,7 +17,7 @@ pub mod window;
 
 pub use blocksparse::blocksparse_attention;
 pub use favor::{favor_attention, FavorSpec};
-pub use dense::{ring_attention, DenseSpec};
+pub use dense::{ring_attention, ring_attention_with_bias, DenseSpec};
 pub use keys::KeyBlock;
 pub use lsh::lsh_attention;
 pub use recurrent::{segment_recurrence, Compression, CompressiveMemory, Memory, XlMemory};

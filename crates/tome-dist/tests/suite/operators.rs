@@ -116,6 +116,36 @@ fn dense_p_ranks_equal_one_rank() {
     }
 }
 
+#[test]
+fn relative_bias_p_ranks_equal_one_rank_and_the_naive_reference() {
+    use tome_attn::relative_bias::{dense_bias, RelativeBias};
+    use tome_dist::ops::ring_attention_with_bias;
+    if !crate::available() {
+        return;
+    }
+    // 8 buckets, exact up to 1, log-spaced to 6: distances up to 130 share the far buckets.
+    let bias = RelativeBias { table: (0..8).map(|b| (0..H).map(|h| 0.25 * b as f32 - 0.5 * h as f32).collect()).collect(), num_buckets: 8, max_distance: 6, bidirectional: true };
+    for &n in &[1, 4, 37, 130] {
+        let x = inputs(n, 50 + n as u64, true, false);
+        let run = |plan: &ShardPlan| on_ranks(plan, 1, |g, r| ring_attention_with_bias(g, &plan.shard_of(&x.q, 1, r)?, &plan.positions(r), own(&x, plan, r), &bias)).0;
+        let one = run(&ShardPlan::new(Layout::Contiguous, n, 1).unwrap());
+        // The naive reference: softmax(q·k + bias) over valid keys.
+        let pos: Vec<i64> = (0..n as i64).collect();
+        let key_mask: Vec<f32> = x.valid.iter().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }).collect();
+        let key_mask = Tensor::from_vec(key_mask, (1, 1, n), &Device::Cpu).unwrap();
+        let scores = (x.q.matmul(&x.k.t().unwrap()).unwrap() + dense_bias(&pos, &pos, &bias, H).unwrap()).unwrap().broadcast_add(&key_mask).unwrap();
+        let e = scores.broadcast_sub(&scores.max_keepdim(2).unwrap()).unwrap().exp().unwrap();
+        let want = e.broadcast_div(&e.sum_keepdim(2).unwrap()).unwrap().matmul(&x.v).unwrap();
+        assert!(max_diff(&one, &want) <= 2e-5, "1 rank vs reference, n={n}");
+        for p in 1..=5 {
+            for plan in plans(n, p) {
+                let d = max_diff(&run(&plan), &one);
+                assert!(d <= 1e-5, "relative bias n={n} p={p} plan={plan:?}: diff {d}");
+            }
+        }
+    }
+}
+
 /// Longformer attention written out plainly: local tokens see |i-j| <= w (causal: j <= i) and
 /// every global key; global tokens see every key through the global projections.
 fn naive_window(x: &Inputs, w: usize, causal: bool, globals: &[usize]) -> Tensor {
