@@ -18,7 +18,10 @@ use crate::partial::Partial;
 /// Relative attention of one segment. `q`: `[heads, L, d]`; `k`, `v`: `[heads, M + L, d]`;
 /// `r`: `[heads, R, d]` where row δ is the projected embedding of distance δ (rows beyond
 /// `clamp` are never read: distances are clamped to `clamp` first); `u`, `v_bias`: `[heads, d]`.
-pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, r: &Tensor, u: &Tensor, v_bias: &Tensor, clamp: usize) -> Result<Partial> {
+/// With `horizon`, a query sees only keys at distance `< horizon` (Transformer-XL's
+/// `same_length`, where every query sees the same number of keys: `horizon = mem_len`).
+#[allow(clippy::too_many_arguments)]
+pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, r: &Tensor, u: &Tensor, v_bias: &Tensor, clamp: usize, horizon: Option<usize>) -> Result<Partial> {
     const OP: &str = "relative";
     let (heads, l, d) = q.dims3()?;
     let (_, klen, _) = k.dims3()?;
@@ -41,15 +44,20 @@ pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, r: &Tensor, u: &Ten
     let mut scores = vec![0f32; klen];
     for h in 0..heads {
         for i in 0..l {
+            // Keys first..=mem + i: causal, and within the horizon.
             let visible = mem + i + 1;
-            for (j, s) in scores[..visible].iter_mut().enumerate() {
+            let first = horizon.map_or(0, |w| visible.saturating_sub(w));
+            for (j, s) in scores.iter_mut().enumerate().take(visible).skip(first) {
                 let dist = (mem + i - j).min(clamp);
                 *s = ((ac[h][i][j] + bd[h][i][dist]) as f64 * scale) as f32;
             }
-            let m = scores[..visible].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let m = scores[first..visible].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            if m == f32::NEG_INFINITY {
+                continue; // a zero horizon: nothing visible
+            }
             let mut z = 0f32;
             let o = &mut out[(h * l + i) * dv..(h * l + i + 1) * dv];
-            for (j, s) in scores[..visible].iter().enumerate() {
+            for (j, s) in scores.iter().enumerate().take(visible).skip(first) {
                 let w = (s - m).exp();
                 z += w;
                 for (acc, x) in o.iter_mut().zip(&vals[h][j]) {

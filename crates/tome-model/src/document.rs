@@ -56,9 +56,14 @@ impl Prepared {
         self.ids.is_empty()
     }
 
-    /// The shard plan for `ranks` ranks: the layout asked for, or — for segment-recurrent
-    /// models — contiguous shards of whole segments (a zigzag layout would reorder them).
+    /// The shard plan for `ranks` ranks: the layout asked for; for architectures whose state
+    /// follows token order (their own attention: LSH, expert capacity, segment memories) only
+    /// the contiguous layout, in whole segments for segment-recurrent models.
     pub fn plan(&self, layout: Layout, ranks: usize) -> Result<ShardPlan> {
+        if layout != Layout::Contiguous && self.layers.iter().any(|l| matches!(l, LayerAttention::Native(_))) {
+            // LSH ties, expert capacity and segment memories all follow token order.
+            return Err(ModelError::Unsupported("this architecture keeps tokens in order across ranks: it needs the contiguous layout".into()));
+        }
         match self.run.segment_len {
             None => Ok(ShardPlan::new(layout, self.len(), ranks)?),
             Some(_) if layout != Layout::Contiguous => {

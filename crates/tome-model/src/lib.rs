@@ -17,7 +17,9 @@ mod model;
 mod model_dir;
 mod pooling;
 pub mod reversible;
+pub mod switch;
 mod tokenizer;
+pub mod transfo_xl;
 
 pub use bert::BertModel;
 pub use config::{BertConfig, EncodeOptions, LayerAttention, PositionExtension, NATIVE_ATTENTION};

@@ -11,6 +11,8 @@ use crate::config::{EncodeOptions, LayerAttention};
 use crate::error::{ModelError, Result};
 use crate::gpt2::Gpt2Model;
 use crate::llama::LlamaModel;
+use crate::switch::SwitchModel;
+use crate::transfo_xl::TransfoXlModel;
 
 pub enum Model {
     /// BERT-family encoders (BERT, RoBERTa): embeddings.
@@ -19,6 +21,10 @@ pub enum Model {
     Gpt2(Gpt2Model),
     /// Llama family: a causal language model with rotary positions and grouped-query attention.
     Llama(LlamaModel),
+    /// Switch Transformers encoder: T5 attention with relative bias, sparse experts.
+    Switch(SwitchModel),
+    /// Transformer-XL, or tome's Compressive Transformer: segments with recurrent memories.
+    TransfoXl(TransfoXlModel),
 }
 
 /// What a model is, in the numbers the services plan and describe with.
@@ -29,8 +35,9 @@ pub struct Shape {
     pub intermediate_size: usize,
     pub num_layers: usize,
     pub vocab_size: usize,
-    /// Longest document without a position extension.
-    pub max_positions: usize,
+    /// Longest document without a position extension; `None` when positions are relative
+    /// (any length runs).
+    pub max_positions: Option<usize>,
     /// Each layer's attention, as the config says.
     pub layer_attention: Vec<String>,
     /// A causal language model: it scores tokens (log-probabilities, perplexity).
@@ -48,7 +55,7 @@ impl Model {
                     intermediate_size: c.intermediate_size,
                     num_layers: c.num_hidden_layers,
                     vocab_size: c.vocab_size,
-                    max_positions: c.usable_positions(),
+                    max_positions: Some(c.usable_positions()),
                     layer_attention: c.layer_attention().map(|l| l.iter().map(|a| a.to_string()).collect()).unwrap_or_default(),
                     causal: false,
                 }
@@ -61,7 +68,7 @@ impl Model {
                     intermediate_size: c.n_inner.unwrap_or(4 * c.n_embd),
                     num_layers: c.n_layer,
                     vocab_size: c.vocab_size,
-                    max_positions: c.n_positions,
+                    max_positions: Some(c.n_positions),
                     layer_attention: vec!["dense (causal)".into(); c.n_layer],
                     causal: true,
                 }
@@ -75,16 +82,57 @@ impl Model {
                     num_layers: c.num_hidden_layers,
                     vocab_size: c.vocab_size,
                     // Rotary positions are computed: any length runs as transformers runs it.
-                    max_positions: c.max_position_embeddings,
+                    max_positions: Some(c.max_position_embeddings),
                     layer_attention: vec!["dense (causal)".into(); c.num_hidden_layers],
                     causal: true,
+                }
+            }
+            Model::Switch(m) => {
+                let c = m.config();
+                let sparse = m.sparse_layers();
+                Shape {
+                    model_type: "switch_transformers".into(),
+                    hidden_size: c.d_model,
+                    intermediate_size: c.d_ff,
+                    num_layers: c.num_layers,
+                    vocab_size: c.vocab_size,
+                    max_positions: None,
+                    layer_attention: (0..c.num_layers)
+                        .map(|l| if sparse.contains(&l) { format!("relative-bias + {} experts", c.num_experts) } else { "relative-bias".into() })
+                        .collect(),
+                    causal: false,
+                }
+            }
+            Model::TransfoXl(m) => {
+                let c = m.config();
+                let kind = if c.is_compressive() { "compressive" } else { "relative" };
+                Shape {
+                    model_type: c.model_type.clone(),
+                    hidden_size: c.d_model,
+                    intermediate_size: c.d_inner,
+                    num_layers: c.n_layer,
+                    vocab_size: c.vocab_size,
+                    max_positions: None,
+                    layer_attention: vec![format!("{kind} (memory {})", c.mem_len); c.n_layer],
+                    causal: false,
                 }
             }
         }
     }
 
     pub fn is_causal(&self) -> bool {
-        !matches!(self, Model::Bert(_))
+        matches!(self, Model::Gpt2(_) | Model::Llama(_))
+    }
+
+    /// Checks that a model whose attention its architecture fixes gets no attention options.
+    fn fixed_attention(opts: &EncodeOptions) -> Result<()> {
+        if opts.attention.is_some() {
+            return Err(ModelError::Unsupported("this architecture defines its own attention; an override would change its outputs".into()));
+        }
+        if !opts.global_tokens.is_empty() {
+            return Err(ModelError::Input("global tokens need window attention; this architecture defines its own".into()));
+        }
+        Ok(())
     }
 
     /// Checks a causal model's document and options: dense attention only, no global tokens.
@@ -112,6 +160,22 @@ impl Model {
                 self.causal_only(opts)?;
                 Prepared::plain(ids, vec![LayerAttention::Dense; m.config().num_hidden_layers], plain_run(opts))
             }
+            Model::Switch(m) => {
+                m.check(&ids)?;
+                Self::fixed_attention(opts)?;
+                Prepared::plain(ids, vec![LayerAttention::Native("relative-bias"); m.config().num_layers], plain_run(opts))
+            }
+            Model::TransfoXl(m) => {
+                m.check(&ids)?;
+                Self::fixed_attention(opts)?;
+                let c = m.config();
+                let segment = opts.segment_len.unwrap_or_else(|| c.default_segment_len());
+                if segment == 0 {
+                    return Err(ModelError::Input("the segment length must be positive".into()));
+                }
+                let kind = if c.is_compressive() { "compressive" } else { "relative" };
+                Prepared::plain(ids, vec![LayerAttention::Native(kind); c.n_layer], RunOptions { output_layer: opts.output_layer, segment_len: Some(segment) })
+            }
         };
         if opts.segment_len.is_some() && doc.run.segment_len.is_none() {
             return Err(ModelError::Input("a segment length applies to segment-recurrent models (Transformer-XL, Compressive) only".into()));
@@ -127,6 +191,8 @@ impl Model {
             Model::Bert(m) => m.forward(group, plan, input, after_layer),
             Model::Gpt2(m) => m.forward(group, plan, input, after_layer),
             Model::Llama(m) => m.forward(group, plan, input, after_layer),
+            Model::Switch(m) => m.forward(group, plan, input, after_layer),
+            Model::TransfoXl(m) => m.forward(group, plan, input, after_layer),
         }
     }
 
@@ -140,7 +206,7 @@ impl Model {
         match self {
             Model::Gpt2(m) => m.log_probs(hidden, next_ids),
             Model::Llama(m) => m.log_probs(hidden, next_ids),
-            Model::Bert(_) => Err(ModelError::Unsupported("log-probabilities need a causal language model; this is an encoder".into())),
+            Model::Bert(_) | Model::Switch(_) | Model::TransfoXl(_) => Err(ModelError::Unsupported("log-probabilities need a causal language model; this is an encoder".into())),
         }
     }
 }

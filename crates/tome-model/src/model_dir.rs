@@ -11,6 +11,8 @@ use crate::bert::BertModel;
 use crate::config::BertConfig;
 use crate::gpt2::{Gpt2Config, Gpt2Model};
 use crate::llama::{LlamaConfig, LlamaModel};
+use crate::switch::{SwitchConfig, SwitchModel};
+use crate::transfo_xl::{TransfoXlConfig, TransfoXlModel, COMPRESSIVE};
 use crate::model::Model;
 use crate::error::{ModelError, Result};
 use crate::pooling::Pooling;
@@ -50,11 +52,11 @@ impl ModelDir {
         let kind: ModelType = serde_json::from_str(&text).map_err(|e| dir_err(format!("config.json is not valid JSON: {e}")))?;
         let config_err = |e: serde_json::Error| ModelError::Config { field: "(config.json)".into(), msg: e.to_string() };
         match kind.model_type.as_deref() {
-            Some("bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | crate::config::PERFORMER | "gpt2" | "llama") => {}
+            Some("bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | crate::config::PERFORMER | "gpt2" | "llama" | "switch_transformers" | "transfo-xl" | COMPRESSIVE) => {}
             Some(other) => {
                 return Err(ModelError::Config {
                     field: "model_type".into(),
-                    msg: format!("`{other}` is not supported (bert, roberta, longformer, big_bird, {}, gpt2, llama)", crate::config::PERFORMER),
+                    msg: format!("`{other}` is not supported (bert, roberta, longformer, big_bird, {}, gpt2, llama, switch_transformers, transfo-xl, {COMPRESSIVE})", crate::config::PERFORMER),
                 })
             }
             None => return Err(ModelError::Config { field: "model_type".into(), msg: "missing".into() }),
@@ -72,6 +74,12 @@ impl ModelDir {
         } else if kind.model_type.as_deref() == Some("llama") {
             let cfg: LlamaConfig = serde_json::from_str(&text).map_err(config_err)?;
             Model::Llama(LlamaModel::load(vb, &cfg)?)
+        } else if matches!(kind.model_type.as_deref(), Some("transfo-xl" | COMPRESSIVE)) {
+            let cfg: TransfoXlConfig = serde_json::from_str(&text).map_err(config_err)?;
+            Model::TransfoXl(TransfoXlModel::load(vb, &cfg)?)
+        } else if kind.model_type.as_deref() == Some("switch_transformers") {
+            let cfg: SwitchConfig = serde_json::from_str(&text).map_err(config_err)?;
+            Model::Switch(SwitchModel::load(vb, &cfg)?)
         } else {
             let cfg: BertConfig = serde_json::from_str(&text).map_err(config_err)?;
             Model::Bert(BertModel::load(vb, &cfg)?)

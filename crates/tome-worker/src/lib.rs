@@ -34,7 +34,7 @@ pub fn model_info(m: &ModelDir) -> pb::ModelInfo {
         architecture: shape.model_type,
         hidden_size: shape.hidden_size as u32,
         num_layers: shape.num_layers as u32,
-        max_positions: shape.max_positions as u32,
+        max_positions: shape.max_positions.map_or(0, |p| u32::try_from(p).unwrap_or(u32::MAX)),
         default_pooling: m.pooling.name().into(),
         layer_attention: shape.layer_attention,
         has_tokenizer: m.tokenizer.is_some(),

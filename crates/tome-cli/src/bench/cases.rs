@@ -190,7 +190,7 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
                 let all = Tensor::cat(&[memory, seg], 0)?;
                 let heads = |t: Tensor| -> candle_core::Result<Tensor> { t.reshape((t.dim(0)?, H, D))?.transpose(0, 1)?.contiguous() };
                 let r = heads(sinusoid(all.dim(0)?, width)?.matmul(&wr)?)?;
-                let p = segment_attention(&heads(seg.matmul(&wq)?)?, &heads(all.matmul(&wk)?)?, &heads(all.matmul(&wv)?)?, &r, &u, &vb, 1000)?;
+                let p = segment_attention(&heads(seg.matmul(&wq)?)?, &heads(all.matmul(&wk)?)?, &heads(all.matmul(&wv)?)?, &r, &u, &vb, 1000, None)?;
                 Ok(p.out.transpose(0, 1)?.reshape((seg.dim(0)?, width))?)
             };
             let seg_plan = ShardPlan::aligned(n, 1, 128)?;

@@ -527,7 +527,7 @@ mod recurrent {
         let x = Tensor::cat(&[memory, seg], 0)?;
         let klen = x.dim(0)?;
         let r = heads(&sinusoid(klen, W)?.matmul(&l.wr)?);
-        let p = segment_attention(&heads(&seg.matmul(&l.wq)?), &heads(&x.matmul(&l.wk)?), &heads(&x.matmul(&l.wv)?), &r, &l.u, &l.vb, CLAMP)?;
+        let p = segment_attention(&heads(&seg.matmul(&l.wq)?), &heads(&x.matmul(&l.wk)?), &heads(&x.matmul(&l.wv)?), &r, &l.u, &l.vb, CLAMP, None)?;
         let n = seg.dim(0)?;
         Ok(p.out.transpose(0, 1)?.reshape((n, H * D))?)
     }

@@ -41,3 +41,35 @@ pub fn assert_hidden_states_match(name: &str, dir: &ModelDir, doc: &Prepared) {
         }
     }
 }
+
+/// Asserts that `doc` through `dir`'s model gives `golden` (a .npy of the fixture) within 1e-4 on
+/// 1..4 ranks of the document's own plan, for architectures that keep tokens in order (the
+/// zigzag layout is refused).
+pub fn assert_in_order_match(name: &str, golden: &str, dir: &ModelDir, doc: &Prepared) {
+    let want = read_npy::<f32>(&fixture(name).join(golden));
+    for ranks in 1..=4 {
+        let plan = doc.plan(Layout::Contiguous, ranks).unwrap();
+        let shards: Vec<Tensor> = run_ranks(ranks, |g: &InProcessGroup| dir.model.forward_shard(g, &plan, doc, &mut |_| true)).unwrap();
+        let got: Vec<f32> = plan.unshard(&shards, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let d = max_diff(&got, &want);
+        assert!(d <= 1e-4, "{name} ({golden}), {ranks} ranks: {d}");
+    }
+    let refused = doc.plan(Layout::Zigzag, 2).unwrap_err().to_string();
+    assert!(refused.contains("contiguous"), "{refused}");
+}
+
+/// A copy of fixture `name` (config and weights) in a fresh directory under the system's
+/// temporary directory, with `edit` applied to its config.json.
+pub fn fixture_with_config(name: &str, tag: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tome-fixture-{name}-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture(name).join(f), dir.join(f)).unwrap();
+    }
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    dir
+}
