@@ -16,6 +16,7 @@ mod lm_head;
 mod model;
 mod model_dir;
 mod pooling;
+pub mod reformer;
 pub mod reversible;
 pub mod switch;
 mod tokenizer;

@@ -11,6 +11,7 @@ use crate::config::{EncodeOptions, LayerAttention};
 use crate::error::{ModelError, Result};
 use crate::gpt2::Gpt2Model;
 use crate::llama::LlamaModel;
+use crate::reformer::ReformerModel;
 use crate::switch::SwitchModel;
 use crate::transfo_xl::TransfoXlModel;
 
@@ -25,6 +26,8 @@ pub enum Model {
     Switch(SwitchModel),
     /// Transformer-XL, or tome's Compressive Transformer: segments with recurrent memories.
     TransfoXl(TransfoXlModel),
+    /// Reformer: reversible LSH and local layers; hidden states twice the model width.
+    Reformer(ReformerModel),
 }
 
 /// What a model is, in the numbers the services plan and describe with.
@@ -117,6 +120,20 @@ impl Model {
                     causal: false,
                 }
             }
+            Model::Reformer(m) => {
+                let c = m.config();
+                Shape {
+                    model_type: "reformer".into(),
+                    // The output: both reversible streams.
+                    hidden_size: 2 * c.hidden_size,
+                    intermediate_size: c.feed_forward_size,
+                    num_layers: c.attn_layers.len(),
+                    vocab_size: c.vocab_size,
+                    max_positions: Some(c.max_positions()),
+                    layer_attention: m.layer_names().into_iter().map(String::from).collect(),
+                    causal: false,
+                }
+            }
         }
     }
 
@@ -176,6 +193,11 @@ impl Model {
                 let kind = if c.is_compressive() { "compressive" } else { "relative" };
                 Prepared::plain(ids, vec![LayerAttention::Native(kind); c.n_layer], RunOptions { output_layer: opts.output_layer, segment_len: Some(segment) })
             }
+            Model::Reformer(m) => {
+                m.check(&ids)?;
+                Self::fixed_attention(opts)?;
+                Prepared::plain(ids, m.layer_names().into_iter().map(LayerAttention::Native).collect(), plain_run(opts))
+            }
         };
         if opts.segment_len.is_some() && doc.run.segment_len.is_none() {
             return Err(ModelError::Input("a segment length applies to segment-recurrent models (Transformer-XL, Compressive) only".into()));
@@ -193,6 +215,7 @@ impl Model {
             Model::Llama(m) => m.forward(group, plan, input, after_layer),
             Model::Switch(m) => m.forward(group, plan, input, after_layer),
             Model::TransfoXl(m) => m.forward(group, plan, input, after_layer),
+            Model::Reformer(m) => m.forward(group, plan, input, after_layer),
         }
     }
 
@@ -206,7 +229,7 @@ impl Model {
         match self {
             Model::Gpt2(m) => m.log_probs(hidden, next_ids),
             Model::Llama(m) => m.log_probs(hidden, next_ids),
-            Model::Bert(_) | Model::Switch(_) | Model::TransfoXl(_) => Err(ModelError::Unsupported("log-probabilities need a causal language model; this is an encoder".into())),
+            Model::Bert(_) | Model::Switch(_) | Model::TransfoXl(_) | Model::Reformer(_) => Err(ModelError::Unsupported("log-probabilities need a causal language model; this is an encoder".into())),
         }
     }
 }

@@ -11,6 +11,7 @@ use crate::bert::BertModel;
 use crate::config::BertConfig;
 use crate::gpt2::{Gpt2Config, Gpt2Model};
 use crate::llama::{LlamaConfig, LlamaModel};
+use crate::reformer::{ReformerConfig, ReformerModel};
 use crate::switch::{SwitchConfig, SwitchModel};
 use crate::transfo_xl::{TransfoXlConfig, TransfoXlModel, COMPRESSIVE};
 use crate::model::Model;
@@ -52,11 +53,11 @@ impl ModelDir {
         let kind: ModelType = serde_json::from_str(&text).map_err(|e| dir_err(format!("config.json is not valid JSON: {e}")))?;
         let config_err = |e: serde_json::Error| ModelError::Config { field: "(config.json)".into(), msg: e.to_string() };
         match kind.model_type.as_deref() {
-            Some("bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | crate::config::PERFORMER | "gpt2" | "llama" | "switch_transformers" | "transfo-xl" | COMPRESSIVE) => {}
+            Some("bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | crate::config::PERFORMER | "gpt2" | "llama" | "switch_transformers" | "transfo-xl" | COMPRESSIVE | "reformer") => {}
             Some(other) => {
                 return Err(ModelError::Config {
                     field: "model_type".into(),
-                    msg: format!("`{other}` is not supported (bert, roberta, longformer, big_bird, {}, gpt2, llama, switch_transformers, transfo-xl, {COMPRESSIVE})", crate::config::PERFORMER),
+                    msg: format!("`{other}` is not supported (bert, roberta, longformer, big_bird, {}, gpt2, llama, switch_transformers, transfo-xl, {COMPRESSIVE}, reformer)", crate::config::PERFORMER),
                 })
             }
             None => return Err(ModelError::Config { field: "model_type".into(), msg: "missing".into() }),
@@ -77,6 +78,9 @@ impl ModelDir {
         } else if matches!(kind.model_type.as_deref(), Some("transfo-xl" | COMPRESSIVE)) {
             let cfg: TransfoXlConfig = serde_json::from_str(&text).map_err(config_err)?;
             Model::TransfoXl(TransfoXlModel::load(vb, &cfg)?)
+        } else if kind.model_type.as_deref() == Some("reformer") {
+            let cfg: ReformerConfig = serde_json::from_str(&text).map_err(config_err)?;
+            Model::Reformer(ReformerModel::load(vb, &cfg)?)
         } else if kind.model_type.as_deref() == Some("switch_transformers") {
             let cfg: SwitchConfig = serde_json::from_str(&text).map_err(config_err)?;
             Model::Switch(SwitchModel::load(vb, &cfg)?)

@@ -51,6 +51,9 @@ pub struct SwitchConfig {
     pub layer_norm_epsilon: f64,
     #[serde(default = "default_ff")]
     pub feed_forward_proj: String,
+    /// The activation transformers derives from `feed_forward_proj` (written by 5.x).
+    #[serde(default)]
+    pub dense_act_fn: Option<String>,
 }
 
 fn default_router_dtype() -> String {
@@ -96,11 +99,15 @@ impl SwitchConfig {
     }
 
     fn activation(&self) -> Result<Act> {
-        match self.feed_forward_proj.as_str() {
+        let (field, act) = match &self.dense_act_fn {
+            Some(a) => ("dense_act_fn", a.as_str()),
+            None => ("feed_forward_proj", self.feed_forward_proj.as_str()),
+        };
+        match act {
             "relu" => Ok(Act::Relu),
             "gelu" => Ok(Act::GeluErf),
             "gelu_new" => Ok(Act::GeluTanh),
-            other => Err(config_err("feed_forward_proj", format!("`{other}` is not supported (relu, gelu, gelu_new; Switch's feed-forward is not gated)"))),
+            other => Err(config_err(field, format!("`{other}` is not supported (relu, gelu, gelu_new; Switch's feed-forward is not gated)"))),
         }
     }
 
