@@ -1354,6 +1354,10 @@ def gen_reformer() -> None:
     patch_lsh_rotations(model, rotations)
 
     golden, buckets = _reformer_run(model, input_ids)
+    # The first 60 tokens: transformers pads them to 64 with pad_token_id under a zero
+    # attention mask (_pad_to_mult_of_chunk_length) and cuts the output back to 60 rows.
+    padded_golden = _reformer_run(model, input_ids[:60])[0].numpy()
+    assert padded_golden.shape == (60, 2 * config.hidden_size)
     no_cache, _ = _reformer_run(model, input_ids, use_cache=False)
     assert torch.equal(golden, no_cache)
     golden = golden.numpy()
@@ -1393,6 +1397,7 @@ def gen_reformer() -> None:
 
     np.save(out / "input_ids.npy", input_ids.numpy().astype(np.int64))
     np.save(out / "last_hidden_state.npy", golden)
+    np.save(out / "last_hidden_state_first60.npy", padded_golden.astype(np.float32))
     for i in lsh_layers:
         np.save(out / f"buckets_layer{i}.npy", buckets[i].numpy().astype(np.int64))
 
@@ -1412,6 +1417,9 @@ def gen_reformer() -> None:
         "golden": "model(input_ids[None]).last_hidden_state[0] with the LSH layers patched to hash with the "
         "stored random_rotations (notes.rotations); float32 [seq, 2 * hidden = 64], eval mode, no "
         "attention_mask; identical with use_cache=False",
+        "golden_first60": "last_hidden_state_first60.npy: the same for input_ids[:60], which transformers pads "
+        "to 64 with pad_token_id 0 under a zero attention mask (padding keys score -1e9, padding tokens "
+        "hash to an extra bucket 4 per round) and cuts back to 60 rows; float32 [60, 64]",
         "position_ids": f"arange(seq) = 0..{seq_len - 1}",
         "diagnostics": {
             "buckets_layer{i}.npy": "int64 [batch = 1, num_heads = 2, num_hashes = 2, seq = 64]: the buckets "

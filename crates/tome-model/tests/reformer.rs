@@ -18,6 +18,15 @@ fn reformer_matches_transformers_on_any_number_of_ranks() {
 }
 
 #[test]
+fn documents_between_chunks_are_padded_as_transformers_pads_them() {
+    // 60 tokens: 4 padding tokens complete the last chunk on the rank holding the end; they
+    // hash to a bucket of their own, are never attended to, and are dropped from the output.
+    let dir = ModelDir::open(&fixture("reformer-tiny")).unwrap();
+    let doc = dir.model.prepare(input_ids("reformer-tiny")[..60].to_vec(), &EncodeOptions::default()).unwrap();
+    assert_in_order_match("reformer-tiny", "last_hidden_state_first60.npy", &dir, &doc);
+}
+
+#[test]
 fn what_transformers_would_do_differently_is_refused() {
     let dir = ModelDir::open(&fixture("reformer-tiny")).unwrap();
     // One LSH chunk: transformers would switch to full attention.
