@@ -1471,6 +1471,27 @@ def gen_reformer() -> None:
 HIDDEN_STATES_FIXTURES = ("bert-tiny", "gpt2-tiny")
 
 
+def add_big_bird_padded(keep: int = 46) -> None:
+    """Write big-bird-tiny/last_hidden_state_first{keep}.npy from the committed fixture.
+
+    float32 [keep, hidden] = BigBirdModel(input_ids[None, :keep]).last_hidden_state[0]: 46 tokens
+    are more than (5 + 2 * num_random_blocks) * block_size = 28, so block-sparse attention runs
+    and transformers pads the input to 48 (_pad_to_block_size: pad_token_id tokens under a zero
+    attention mask, positions arange(48)) and cuts the output back (modeling_big_bird.py,
+    BigBirdModel.forward). A fresh model object: the full-attention fallback is permanent.
+    """
+    out = FIXTURES / "big-bird-tiny"
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    model = BigBirdModel.from_pretrained(out, attn_implementation=meta["attn_implementation"]).eval()
+    assert model.config.attention_type == "block_sparse" and keep % model.config.block_size != 0
+    ids = torch.from_numpy(np.load(out / "input_ids.npy"))[:keep]
+    with torch.no_grad():
+        golden = model(ids[None]).last_hidden_state[0].to(torch.float32).numpy()
+    assert model.config.attention_type == "block_sparse"  # still block-sparse: it did not fall back
+    np.save(out / f"last_hidden_state_first{keep}.npy", golden)
+    print(f"big-bird-tiny: first {keep} tokens (padded to whole blocks) std={golden.std():.3f}")
+
+
 def add_hidden_states(name: str) -> None:
     """Write <fixture>/hidden_states.npy from the committed fixture, leaving every other file as is.
 
@@ -1534,8 +1555,12 @@ def main() -> None:
     FIXTURES.mkdir(parents=True, exist_ok=True)
     # `python scripts/gen_fixtures.py gpt2-tiny` regenerates one fixture only;
     # `python scripts/gen_fixtures.py --hidden-states [bert-tiny] [gpt2-tiny]` only (re)writes
-    # hidden_states.npy of those committed fixtures (default: both), touching nothing else.
+    # hidden_states.npy of those committed fixtures (default: both), touching nothing else;
+    # `--big-bird-padded` only writes big-bird-tiny/last_hidden_state_first46.npy.
     args = sys.argv[1:]
+    if args and args[0] == "--big-bird-padded":
+        add_big_bird_padded()
+        return
     if args and args[0] == "--hidden-states":
         for name in args[1:] or HIDDEN_STATES_FIXTURES:
             add_hidden_states(name)
@@ -1607,6 +1632,7 @@ def main() -> None:
     gen_llama()
     gen_longformer()
     gen_big_bird()
+    add_big_bird_padded()
     gen_performer()
     gen_switch()
     gen_reformer()

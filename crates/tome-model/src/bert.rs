@@ -13,7 +13,7 @@ use tome_dist::ops::{blocksparse_attention, favor_attention, ring_attention, win
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{Activation, BertConfig, EncodeOptions, LayerAttention, PositionExtension};
-use crate::document::{Prepared, RunOptions, ShardInput};
+use crate::document::{padded_plan, Prepared, RunOptions, ShardInput};
 use crate::error::{ModelError, Result};
 
 /// Token rows per feed-forward block (bounds the intermediate activation's memory).
@@ -118,7 +118,9 @@ impl BertModel {
         crate::model::check_vocab(&ids, cfg.vocab_size)?;
         let usable = cfg.usable_positions();
         let offset = cfg.position_offset();
-        let roberta = cfg.model_type != "bert";
+        // RoBERTa-style models count positions past padding tokens; BERT-style ones number
+        // every token.
+        let roberta = cfg.position_offset() != 0;
         let mut position_ids = Vec::with_capacity(ids.len());
         let mut counted = 0usize;
         for &id in &ids {
@@ -148,12 +150,13 @@ impl BertModel {
         if let Some(&LayerAttention::BlockSparse { block, random }) = layers.iter().find(|l| matches!(l, LayerAttention::BlockSparse { .. })) {
             // As transformers: a sequence no longer than what one block row attends to runs
             // full attention, and block-sparse attention needs whole blocks.
+            // Longer ones are padded to whole blocks (in `forward`, on the rank holding the end).
+            let padded = ids.len().next_multiple_of(block);
             if ids.len() <= (5 + 2 * random) * block {
                 layers = vec![LayerAttention::Dense; cfg.num_hidden_layers];
-            } else if ids.len() % block != 0 {
-                return Err(ModelError::Unsupported(format!(
-                    "block-sparse attention needs a multiple of block_size {block} tokens; this document has {} \
-                     (transformers pads with masked tokens; tome does not pad yet)",
+            } else if opts.position_extension == PositionExtension::Refuse && padded > usable {
+                return Err(ModelError::Input(format!(
+                    "the document has {} tokens, padded to {padded} for blocks of {block}; the model has learned {usable} positions",
                     ids.len()
                 )));
             }
@@ -204,23 +207,39 @@ impl BertModel {
         if input.global_tokens.windows(2).any(|w| w[1] <= w[0]) || input.global_tokens.last().is_some_and(|&g| g >= plan.len()) {
             return Err(ModelError::Input(format!("global tokens must ascend and lie within the {} tokens of the document", plan.len())));
         }
-        let ids = Tensor::from_vec(input.ids.clone(), n, &dev)?;
-        let pos_ids = Tensor::from_vec(input.position_ids.clone(), n, &dev)?;
-        let types = Tensor::zeros(n, DType::U32, &dev)?;
+        // Block-sparse layers see whole blocks: as transformers, pad the document's end with
+        // `pad_token_id` tokens that are never attended to, at the next positions, and drop
+        // their rows at the end.
+        let pad = match input.layers.iter().find_map(|l| if let LayerAttention::BlockSparse { block, .. } = l { Some(*block) } else { None }) {
+            Some(block) => plan.len().next_multiple_of(block) - plan.len(),
+            None => 0,
+        };
+        let padded = padded_plan(plan, pad)?;
+        let positions = padded.positions(r);
+        let rows = positions.len();
+        let usable = self.cfg.usable_positions();
+        let mut ids = input.ids.clone();
+        ids.resize(rows, self.cfg.pad_token_id as u32);
+        let mut pos_ids = input.position_ids.clone();
+        pos_ids.extend((n..rows).map(|i| (((positions[i] as usize) % usable) + self.cfg.position_offset()) as u32));
+        let valid: Vec<bool> = positions.iter().map(|&p| (p as usize) < plan.len()).collect();
+
+        let ids = Tensor::from_vec(ids, rows, &dev)?;
+        let pos_ids = Tensor::from_vec(pos_ids, rows, &dev)?;
+        let types = Tensor::zeros(rows, DType::U32, &dev)?;
         let mut words = self.word.forward(&ids)?;
         if self.cfg.rescale_embeddings {
             words = (words * (self.cfg.hidden_size as f64).sqrt())?;
         }
         let x = ((words + self.position.forward(&pos_ids)?)? + self.token_type.forward(&types)?)?;
         let mut x = self.embed_norm.forward(&x)?;
-        let valid = vec![true; n];
         for (l, layer) in self.layers.iter().enumerate().take(input.run.layers_to_run(self.layers.len())?) {
-            x = self.layer_forward(layer, group, plan, &x, &positions, &valid, input.layers[l], &input.global_tokens)?;
+            x = self.layer_forward(layer, group, &padded, &x, &positions, &valid, input.layers[l], &input.global_tokens)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);
             }
         }
-        Ok(x)
+        Ok(x.narrow(0, 0, n)?)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -2,6 +2,8 @@
 //! ([`Prepared`]), then cut into what each rank needs ([`ShardInput`]), which is also what
 //! travels to a worker.
 
+use std::ops::Range;
+
 use tome_dist::{Layout, ShardPlan};
 
 use crate::config::LayerAttention;
@@ -113,4 +115,18 @@ impl RunOptions {
             Some(k) => Err(ModelError::Input(format!("hidden states of layer {k} were asked for; the model has {layers} layers (0 is the embeddings)"))),
         }
     }
+}
+
+/// `plan` with `pad` more positions (padding after the document) on the rank that holds the
+/// document's last token, for architectures that pad to whole chunks or blocks as transformers
+/// does (Reformer, BigBird): padding never travels, it is made where it is needed.
+pub(crate) fn padded_plan(plan: &ShardPlan, pad: usize) -> Result<ShardPlan> {
+    if pad == 0 {
+        return Ok(plan.clone());
+    }
+    let len = plan.len();
+    let shards: Vec<Vec<Range<usize>>> = (0..plan.ranks())
+        .map(|r| plan.ranges(r).iter().map(|g| if g.end == len { g.start..len + pad } else { g.clone() }).collect())
+        .collect();
+    Ok(ShardPlan::from_ranges(len + pad, shards)?)
 }

@@ -21,8 +21,6 @@
 //! Refused: decoders (`is_decoder`: causal LSH), factorised bucket lists, unset `num_buckets`,
 //! and documents no longer than an LSH chunk (transformers switches those to full attention).
 
-use std::ops::Range;
-
 use candle_core::{Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
@@ -31,7 +29,7 @@ use tome_attn::lsh::{seeded_rotations, LshSpec};
 use tome_dist::ops::{blocksparse_attention, lsh_attention, ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
-use crate::document::ShardInput;
+use crate::document::{padded_plan, ShardInput};
 use crate::error::{ModelError, Result};
 use crate::model::check_vocab;
 use crate::reversible;
@@ -449,16 +447,3 @@ impl ReformerModel {
         Ok(ctx.transpose(0, 1)?.reshape((rows, heads * hd))?)
     }
 }
-
-/// `plan` with `pad` more positions on the rank that holds the document's last token.
-fn padded_plan(plan: &ShardPlan, pad: usize) -> Result<ShardPlan> {
-    if pad == 0 {
-        return Ok(plan.clone());
-    }
-    let len = plan.len();
-    let shards: Vec<Vec<Range<usize>>> = (0..plan.ranks())
-        .map(|r| plan.ranges(r).iter().map(|g| if g.end == len { g.start..len + pad } else { g.clone() }).collect())
-        .collect();
-    Ok(ShardPlan::from_ranges(len + pad, shards)?)
-}
-

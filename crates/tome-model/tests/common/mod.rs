@@ -30,7 +30,12 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Asserts that `doc` through `dir`'s model gives the fixture's `last_hidden_state.npy` within
 /// 1e-4 on 1..4 ranks, contiguous and zigzag.
 pub fn assert_hidden_states_match(name: &str, dir: &ModelDir, doc: &Prepared) {
-    let golden = read_npy::<f32>(&fixture(name).join("last_hidden_state.npy"));
+    assert_golden_match(name, "last_hidden_state.npy", dir, doc);
+}
+
+/// As [`assert_hidden_states_match`] against the fixture's `.npy` file `golden`.
+pub fn assert_golden_match(name: &str, golden: &str, dir: &ModelDir, doc: &Prepared) {
+    let golden = read_npy::<f32>(&fixture(name).join(golden));
     for ranks in 1..=4 {
         for layout in [Layout::Contiguous, Layout::Zigzag] {
             let plan = ShardPlan::new(layout, doc.len(), ranks).unwrap();
