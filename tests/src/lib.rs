@@ -210,6 +210,8 @@ pub struct Processed {
     /// Event kinds in arrival order.
     pub kinds: Vec<&'static str>,
     pub log_probs: Vec<f32>,
+    /// Hidden-state rows, flattened, in document order.
+    pub hidden: Vec<f32>,
     pub done: Option<pb::Done>,
 }
 
@@ -231,7 +233,13 @@ pub async fn process_call(client: &mut TomeClient<Channel>, req: impl tonic::Int
                 out.kinds.push("document");
                 out.document = floats(d.embedding);
             }
-            pb::process_event::Event::HiddenStates(_) => out.kinds.push("hidden"),
+            pb::process_event::Event::HiddenStates(h) => {
+                out.kinds.push("hidden");
+                let states = h.states.unwrap();
+                let width = *states.shape.last().unwrap() as usize;
+                assert_eq!(h.token_start as usize * width, out.hidden.len(), "hidden states arrive in order");
+                out.hidden.extend(floats(Some(states)));
+            }
             pb::process_event::Event::LogProbs(l) => {
                 out.kinds.push("log_probs");
                 assert_eq!(l.token_start as usize, out.log_probs.len(), "log-probs arrive in order");

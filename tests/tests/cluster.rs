@@ -320,3 +320,52 @@ async fn a_causal_model_scores_every_token_across_workers_as_transformers_does()
     let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
     assert!(info.models[0].causal);
 }
+
+/// Reformer (LSH over peer streams, padding on the last rank), Switch (expert capacity across
+/// ranks) and Transformer-XL (segment memories passed worker to worker; the segment length and
+/// a chosen layer travel with the shard) across workers equal transformers' goldens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_architecture_runs_across_workers_as_transformers_does() {
+    let fixtures = repo().join("crates/tome-model/tests/fixtures");
+    let ids = |name: &str| -> Vec<i64> {
+        let bytes = std::fs::read(fixtures.join(name).join("input_ids.npy")).unwrap();
+        npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
+    };
+    let models: Vec<String> = ["transfo-xl-tiny", "reformer-tiny", "switch-tiny", "bert-tiny"].iter().map(|m| fixtures.join(m).display().to_string()).collect();
+    let models = PathBuf::from(models.join(","));
+    let w1 = start_worker(&models, &[], logs("arch-w1")).await;
+    let w2 = start_worker(&models, &[], logs("arch-w2")).await;
+    let list = format!("{},{}", w1.host_port, w2.host_port);
+    let coordinator = start_coordinator(&models, &["--workers", &list, "--probe-ms", "200"], logs("arch-c")).await;
+    let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
+    wait_for_workers(&mut client, 2).await;
+    let hidden = |model: &str, ranks: u32, tokens: Vec<i64>, segment_len: u32, hidden_layer: Option<u32>| pb::ProcessRequest {
+        model: model.into(),
+        input: Some(pb::process_request::Input::TokenIds(pb::TokenIds { ids: tokens })),
+        options: Some(pb::ProcessOptions { outputs: vec![pb::Output::HiddenStates as i32], ranks, segment_len, hidden_layer, ..Default::default() }),
+    };
+    let cases = [
+        ("transfo-xl-tiny", 3, ids("transfo-xl-tiny"), 8, None, "last_hidden_state.npy", None),
+        ("transfo-xl-tiny", 2, ids("transfo-xl-tiny"), 16, None, "last_hidden_state_seg16.npy", None),
+        ("reformer-tiny", 3, ids("reformer-tiny")[..60].to_vec(), 0, None, "last_hidden_state_first60.npy", None),
+        ("switch-tiny", 4, ids("switch-tiny"), 0, None, "last_hidden_state.npy", None),
+        ("bert-tiny", 2, ids("bert-tiny"), 0, Some(1), "hidden_states.npy", Some(1)),
+    ];
+    for (model, ranks, tokens, segment_len, layer, golden, golden_row) in cases {
+        let got = process_call(&mut client, hidden(model, ranks, tokens, segment_len, layer)).await.unwrap_or_else(|e| panic!("{model}: {e:?}"));
+        let mut want = read_npy(&fixtures.join(model).join(golden));
+        if let Some(row) = golden_row {
+            let per = want.len() / 3;
+            want = want[row * per..(row + 1) * per].to_vec();
+        }
+        assert!(max_diff(&got.hidden, &want) <= 1e-4, "{model} on {ranks} ranks ({golden})");
+    }
+    // Architecture-defined attention keeps tokens in order: zigzag is refused with the reason.
+    let mut zigzag = hidden("switch-tiny", 2, ids("switch-tiny"), 0, None);
+    zigzag.options.as_mut().unwrap().layout = pb::Layout::Zigzag as i32;
+    let Err(err) = process_call(&mut client, zigzag).await else { panic!("zigzag was accepted") };
+    assert!(err.message().contains("contiguous"), "{err:?}");
+    // Log-probs need the last layer; a segment length needs a segment-recurrent model.
+    let Err(err) = process_call(&mut client, hidden("bert-tiny", 1, ids("bert-tiny"), 8, None)).await else { panic!("a segment length for BERT was accepted") };
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+}

@@ -178,6 +178,46 @@ fn token_id_conformance_path_writes_hidden_states_and_log_probs_on_any_number_of
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// `tome process --ids` for every architecture beyond BERT and the causal LMs, as a user checks
+/// their own checkpoint: Reformer, Switch, Transformer-XL and Compressive (`--segment-len`) on
+/// several ranks; and `--hidden-layer`, which writes that layer's hidden states.
+#[test]
+fn token_id_conformance_path_serves_every_architecture_and_a_chosen_layer() {
+    let fixtures = repo().join("crates/tome-model/tests/fixtures");
+    let run = |model: &str, extra: &[&str], file: &str| -> Vec<f32> {
+        let dir = fixtures.join(model);
+        let out = std::env::temp_dir().join(format!("tome-e2e-arch-{model}-{}", std::process::id()));
+        let run = Command::new(tome_bin())
+            .args(["process", "--emit", "hidden-states", "--quiet", "--ids"])
+            .arg(dir.join("input_ids.npy"))
+            .arg("--model")
+            .arg(&dir)
+            .args(extra)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{model}: {}", String::from_utf8_lossy(&run.stderr));
+        let got = read_npy(&out.join(file));
+        std::fs::remove_dir_all(&out).ok();
+        got
+    };
+    for (model, extra) in [
+        ("reformer-tiny", &["--ranks", "3"][..]),
+        ("switch-tiny", &["--ranks", "2"][..]),
+        ("transfo-xl-tiny", &["--ranks", "3", "--segment-len", "8"][..]),
+        ("compressive-tiny", &["--ranks", "2", "--segment-len", "8"][..]),
+    ] {
+        let golden = read_npy(&fixtures.join(model).join("last_hidden_state.npy"));
+        assert!(max_diff(&run(model, extra, "last_hidden_state.npy"), &golden) <= 1e-4, "{model}");
+    }
+    // GPT-2's second layer, before the final norm only the last layer gets.
+    let all = read_npy(&fixtures.join("gpt2-tiny/hidden_states.npy"));
+    let per = all.len() / 4;
+    let got = run("gpt2-tiny", &["--ranks", "2", "--hidden-layer", "2"], "hidden_states_layer2.npy");
+    assert!(max_diff(&got, &all[2 * per..3 * per]) <= 1e-4);
+}
+
 /// grpcurl-style discovery: the reflection service lists the public API and health.
 async fn assert_reflection_lists_services(addr: &str) {
     let names = reflection_services(addr).await;

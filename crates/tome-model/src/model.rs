@@ -137,6 +137,14 @@ impl Model {
         }
     }
 
+    /// The shortest document the model runs: Reformer's LSH layers need more than one chunk.
+    pub fn min_tokens(&self) -> usize {
+        match self {
+            Model::Reformer(m) => m.min_tokens(),
+            _ => 1,
+        }
+    }
+
     pub fn is_causal(&self) -> bool {
         matches!(self, Model::Gpt2(_) | Model::Llama(_))
     }

@@ -330,6 +330,14 @@ impl ReformerModel {
         self.layers.iter().map(|l| if matches!(l.attention, Attention::Lsh { .. }) { "lsh" } else { "local" }).collect()
     }
 
+    /// The shortest document LSH layers run (longer than one chunk).
+    pub fn min_tokens(&self) -> usize {
+        match self.layers.iter().any(|l| matches!(l.attention, Attention::Lsh { .. })) {
+            true => self.cfg.lsh_attn_chunk_length + 1,
+            false => 1,
+        }
+    }
+
     /// Checks a whole document: tokens, positions (padding included) and the LSH chunk.
     pub fn check(&self, ids: &[u32]) -> Result<()> {
         if ids.is_empty() {

@@ -46,9 +46,9 @@ pub fn model_info(m: &ModelDir) -> pb::ModelInfo {
 /// initialisation (thread pools, page faults on the weights).
 pub fn warm_up(models: &[std::sync::Arc<ModelDir>]) -> Result<(), WorkerError> {
     for m in models {
-        let ids = vec![0u32; 8];
+        let ids = vec![0u32; m.model.min_tokens().max(8)];
         let doc = m.model.prepare(ids, &tome_model::EncodeOptions::default())?;
-        let plan = tome_dist::ShardPlan::new(tome_dist::Layout::Contiguous, doc.len(), 1)?;
+        let plan = doc.plan(tome_dist::Layout::Contiguous, 1)?;
         m.model.forward_shard(&tome_dist::InProcessGroup::single(), &plan, &doc, &mut |_| true)?;
     }
     Ok(())
