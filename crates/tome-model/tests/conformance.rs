@@ -69,6 +69,7 @@ fn window_attention_with_global_tokens_and_tiled_positions_is_rank_invariant() {
         attention: Some(LayerAttention::window(8).unwrap()),
         position_extension: PositionExtension::Tile,
         global_tokens: vec![0, 77],
+        ..Default::default()
     };
     let doc = dir.model.prepare(ids, &opts).unwrap();
     let one = hidden(&dir, &doc, 1, Layout::Contiguous);
