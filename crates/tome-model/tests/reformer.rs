@@ -42,4 +42,9 @@ fn what_transformers_would_do_differently_is_refused() {
         assert!(err.contains(field), "{field}: {err}");
         std::fs::remove_dir_all(path).unwrap();
     }
+    // Rotations of another shape than the config implies name the tensor.
+    let path = fixture_with_config("reformer-tiny", "buckets8", |c| c["num_buckets"] = 8.into());
+    let err = ModelDir::open(&path).err().unwrap().to_string();
+    assert!(err.contains("encoder.layers.1.attention.self_attention.random_rotations"), "{err}");
+    std::fs::remove_dir_all(path).unwrap();
 }

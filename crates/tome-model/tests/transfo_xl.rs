@@ -70,6 +70,11 @@ fn configs_outside_the_schema_name_the_field() {
     let err = ModelDir::open(&bad).err().unwrap().to_string();
     assert!(err.contains("compression") && err.contains("median"), "{err}");
     std::fs::remove_dir_all(bad).unwrap();
+    // A tensor of another shape than the config implies is named.
+    let bad = fixture_with_config("transfo-xl-tiny", "inner", |c| c["d_inner"] = 40.into());
+    let err = ModelDir::open(&bad).err().unwrap().to_string();
+    assert!(err.contains("layers.0.pos_ff.CoreNet.0"), "{err}");
+    std::fs::remove_dir_all(bad).unwrap();
     // A segment length is only for segment-recurrent models, and only positive.
     let dir = ModelDir::open(&fixture("transfo-xl-tiny")).unwrap();
     assert!(dir.model.prepare(input_ids("transfo-xl-tiny"), &with_segments(0)).is_err());
