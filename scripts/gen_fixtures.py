@@ -13,7 +13,9 @@ Writes (all small, committed) under crates/tome-model/tests/fixtures/:
                         on the tokens listed in global_tokens.npy, with its own
                         query_global/key_global/value_global projections)
   big-bird-tiny/        random BigBirdModel, block_sparse (blocks of 4, 1 random block; eval
-                        mode, so every random block is block 0), 48 tokens
+                        mode, so every random block is block 0), 48 tokens, plus
+      last_hidden_state_first46.npy    float32 [46, hidden]: the first 46 tokens, which
+                                       transformers pads to 48 (add_big_bird_padded())
   performer-tiny/       tome's own Performer encoder (docs/models/performer.md): a random
                         BertModel whose attention is performer-pytorch's FastAttention
                         (FAVOR+, 16 features per head); the golden is computed layer by
@@ -35,6 +37,8 @@ Writes (all small, committed) under crates/tome-model/tests/fixtures/:
                         reference is patched to hash with them. Plus
       buckets_layer{i}.npy             int64 [1, heads, num_hashes, seq]: LSH buckets of
                                        layer i (round offsets included)
+      last_hidden_state_first60.npy    float32 [60, 2*hidden]: the first 60 tokens, which
+                                       transformers pads to 64 (whole chunks)
   bert-tiny/, gpt2-tiny/ also carry
       hidden_states.npy                float32 [num_layers + 1, seq, hidden]:
                                        model(input_ids[None], output_hidden_states=True)
