@@ -1,78 +1,12 @@
-//! The hot loops in AVX2 + FMA intrinsics: the two micro-kernels (4 query rows × 16 lanes, eight
-//! ymm accumulators) and the vectorised exp/max/sum of the online softmax. Only called from
+//! The hot loops in AVX2 + FMA intrinsics, in the transposed layout (`Sᵀ`: keys × queries): the
+//! two micro-kernels (4 keys or value columns × 24 queries, twelve ymm accumulators) reading key
+//! and value rows in place, and the online softmax down the columns with a vectorised exp. Only called from
 //! code compiled with these features after the CPU reported them (see `flash::has_fma`).
 //!
 //! Shapes are guaranteed by the packing in `flash`: every length is checked on entry, and the
 //! functions do nothing when a check fails, so no out-of-bounds access is possible.
 
 use std::arch::x86_64::*;
-
-/// `s[r][c] = Σ_t q[r][t] · kᵀ[t][c]` over packed 4-row query panels and a `dqk × bk` Kᵀ tile.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) fn scores(q_panels: &[f32], kt: &[f32], s: &mut [f32], rows_p: usize, dqk: usize, bk: usize) {
-    if rows_p % 4 != 0 || bk % 16 != 0 || q_panels.len() < rows_p * dqk || kt.len() < dqk * bk || s.len() < rows_p * bk {
-        return;
-    }
-    // SAFETY: the checks above bound every pointer offset below.
-    unsafe {
-        for p in 0..rows_p / 4 {
-            let panel = q_panels.as_ptr().add(p * dqk * 4);
-            for c0 in (0..bk).step_by(16) {
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for t in 0..dqk {
-                    let k = kt.as_ptr().add(t * bk + c0);
-                    let (k0, k1) = (_mm256_loadu_ps(k), _mm256_loadu_ps(k.add(8)));
-                    let q = panel.add(t * 4);
-                    for r in 0..4 {
-                        let b = _mm256_broadcast_ss(&*q.add(r));
-                        acc[2 * r] = _mm256_fmadd_ps(b, k0, acc[2 * r]);
-                        acc[2 * r + 1] = _mm256_fmadd_ps(b, k1, acc[2 * r + 1]);
-                    }
-                }
-                for r in 0..4 {
-                    let out = s.as_mut_ptr().add((p * 4 + r) * bk + c0);
-                    _mm256_storeu_ps(out, acc[2 * r]);
-                    _mm256_storeu_ps(out.add(8), acc[2 * r + 1]);
-                }
-            }
-        }
-    }
-}
-
-/// `acc[r][c] += Σ_j p[r][j] · v[j][c]` for a `rows_p × dv_p` accumulator and a `bk × dv_p` V tile.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) fn weighted_values(p: &[f32], vt: &[f32], acc: &mut [f32], rows_p: usize, bk: usize, dv_p: usize) {
-    if rows_p % 4 != 0 || dv_p % 16 != 0 || p.len() < rows_p * bk || vt.len() < bk * dv_p || acc.len() < rows_p * dv_p {
-        return;
-    }
-    // SAFETY: the checks above bound every pointer offset below.
-    unsafe {
-        for r0 in (0..rows_p).step_by(4) {
-            for c0 in (0..dv_p).step_by(16) {
-                let mut a = [_mm256_setzero_ps(); 8];
-                for r in 0..4 {
-                    let src = acc.as_ptr().add((r0 + r) * dv_p + c0);
-                    a[2 * r] = _mm256_loadu_ps(src);
-                    a[2 * r + 1] = _mm256_loadu_ps(src.add(8));
-                }
-                for j in 0..bk {
-                    let v = vt.as_ptr().add(j * dv_p + c0);
-                    let (v0, v1) = (_mm256_loadu_ps(v), _mm256_loadu_ps(v.add(8)));
-                    for r in 0..4 {
-                        let b = _mm256_broadcast_ss(&*p.as_ptr().add((r0 + r) * bk + j));
-                        a[2 * r] = _mm256_fmadd_ps(b, v0, a[2 * r]);
-                        a[2 * r + 1] = _mm256_fmadd_ps(b, v1, a[2 * r + 1]);
-                    }
-                }
-                for r in 0..4 {
-                    let dst = acc.as_mut_ptr().add((r0 + r) * dv_p + c0);
-                    _mm256_storeu_ps(dst, a[2 * r]);
-                    _mm256_storeu_ps(dst.add(8), a[2 * r + 1]);
-                }
-            }
-        }
-    }
-}
 
 /// Eight lanes of `e^x` with the same reduction and polynomial as `simd::exp`.
 #[target_feature(enable = "avx2,fma")]
@@ -93,39 +27,190 @@ fn exp8(x: __m256) -> __m256 {
     _mm256_andnot_ps(below, _mm256_mul_ps(y, pow2))
 }
 
-fn hsum(v: __m256) -> f32 {
-    let mut lanes = [0f32; 8];
-    // SAFETY: `lanes` holds exactly eight f32.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
-    lanes.iter().sum()
-}
+/// Queries per micro-kernel of the transposed path: three ymm registers.
+pub(crate) const NQ: usize = 24;
+/// Keys (scores) or value columns (values) per micro-kernel: with `NQ` lanes, twelve
+/// accumulators, enough independent FMAs to cover the latency on both ports.
+const MK: usize = 4;
 
-/// Replaces each `x` by `e^(x - m)` and returns the sum; `row.len()` must be a multiple of 8.
+/// `st[j][r] = Σ_t k[j][t] · qᵀ[t][r]` for keys `0..cols` of a row-major key block (`k`: `cols ×
+/// dqk`, read in place) and a packed `dqk × rows_p` Qᵀ (`rows_p` a multiple of `NQ`).
 #[target_feature(enable = "avx2,fma")]
-pub(crate) fn exp_shift_sum(row: &mut [f32], m: f32) -> f32 {
-    let mut sum = _mm256_setzero_ps();
-    let shift = _mm256_set1_ps(m);
-    for chunk in row.chunks_exact_mut(8) {
-        // SAFETY: each chunk holds exactly eight f32.
-        unsafe {
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), shift));
-            _mm256_storeu_ps(chunk.as_mut_ptr(), e);
-            sum = _mm256_add_ps(sum, e);
+pub(crate) fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize) {
+    if rows_p % NQ != 0 || qt.len() < dqk * rows_p || k.len() < cols * dqk || st.len() < cols * rows_p {
+        return;
+    }
+    // SAFETY: the checks above bound every pointer offset below.
+    unsafe {
+        let full = cols / MK * MK;
+        for j0 in (0..full).step_by(MK) {
+            let kp = k.as_ptr().add(j0 * dqk);
+            for r0 in (0..rows_p).step_by(NQ) {
+                let mut acc = [_mm256_setzero_ps(); MK * 3];
+                for t in 0..dqk {
+                    let q = qt.as_ptr().add(t * rows_p + r0);
+                    let (q0, q1, q2) = (_mm256_loadu_ps(q), _mm256_loadu_ps(q.add(8)), _mm256_loadu_ps(q.add(16)));
+                    for i in 0..MK {
+                        let b = _mm256_broadcast_ss(&*kp.add(i * dqk + t));
+                        acc[3 * i] = _mm256_fmadd_ps(b, q0, acc[3 * i]);
+                        acc[3 * i + 1] = _mm256_fmadd_ps(b, q1, acc[3 * i + 1]);
+                        acc[3 * i + 2] = _mm256_fmadd_ps(b, q2, acc[3 * i + 2]);
+                    }
+                }
+                for i in 0..MK {
+                    let out = st.as_mut_ptr().add((j0 + i) * rows_p + r0);
+                    _mm256_storeu_ps(out, acc[3 * i]);
+                    _mm256_storeu_ps(out.add(8), acc[3 * i + 1]);
+                    _mm256_storeu_ps(out.add(16), acc[3 * i + 2]);
+                }
+            }
+        }
+        for j in full..cols {
+            let kp = k.as_ptr().add(j * dqk);
+            for r0 in (0..rows_p).step_by(NQ) {
+                let mut acc = [_mm256_setzero_ps(); 3];
+                for t in 0..dqk {
+                    let q = qt.as_ptr().add(t * rows_p + r0);
+                    let b = _mm256_broadcast_ss(&*kp.add(t));
+                    acc[0] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q), acc[0]);
+                    acc[1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q.add(8)), acc[1]);
+                    acc[2] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q.add(16)), acc[2]);
+                }
+                let out = st.as_mut_ptr().add(j * rows_p + r0);
+                _mm256_storeu_ps(out, acc[0]);
+                _mm256_storeu_ps(out.add(8), acc[1]);
+                _mm256_storeu_ps(out.add(16), acc[2]);
+            }
         }
     }
-    hsum(sum)
 }
 
-/// Maximum of a row whose length is a multiple of 8.
+/// `accᵀ[c][r] += Σ_j v[j][c] · pᵀ[j][r]` for keys `0..cols` of a row-major value block (`v`:
+/// `cols × dv`, read in place), weights `pᵀ` (`cols × rows_p`) and a `dv × rows_p` accumulator.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) fn row_max(row: &[f32]) -> f32 {
-    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
-    for chunk in row.chunks_exact(8) {
-        // SAFETY: each chunk holds exactly eight f32.
-        m = _mm256_max_ps(m, unsafe { _mm256_loadu_ps(chunk.as_ptr()) });
+pub(crate) fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize) {
+    if rows_p % NQ != 0 || pt.len() < cols * rows_p || v.len() < cols * dv || acc.len() < dv * rows_p {
+        return;
     }
-    let mut lanes = [0f32; 8];
-    // SAFETY: `lanes` holds exactly eight f32.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
-    lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    // SAFETY: the checks above bound every pointer offset below.
+    unsafe {
+        let full = dv / MK * MK;
+        for c0 in (0..full).step_by(MK) {
+            for r0 in (0..rows_p).step_by(NQ) {
+                let mut a = [_mm256_setzero_ps(); MK * 3];
+                for i in 0..MK {
+                    let src = acc.as_ptr().add((c0 + i) * rows_p + r0);
+                    a[3 * i] = _mm256_loadu_ps(src);
+                    a[3 * i + 1] = _mm256_loadu_ps(src.add(8));
+                    a[3 * i + 2] = _mm256_loadu_ps(src.add(16));
+                }
+                for j in 0..cols {
+                    let p = pt.as_ptr().add(j * rows_p + r0);
+                    let (p0, p1, p2) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)));
+                    let vr = v.as_ptr().add(j * dv + c0);
+                    for i in 0..MK {
+                        let b = _mm256_broadcast_ss(&*vr.add(i));
+                        a[3 * i] = _mm256_fmadd_ps(b, p0, a[3 * i]);
+                        a[3 * i + 1] = _mm256_fmadd_ps(b, p1, a[3 * i + 1]);
+                        a[3 * i + 2] = _mm256_fmadd_ps(b, p2, a[3 * i + 2]);
+                    }
+                }
+                for i in 0..MK {
+                    let dst = acc.as_mut_ptr().add((c0 + i) * rows_p + r0);
+                    _mm256_storeu_ps(dst, a[3 * i]);
+                    _mm256_storeu_ps(dst.add(8), a[3 * i + 1]);
+                    _mm256_storeu_ps(dst.add(16), a[3 * i + 2]);
+                }
+            }
+        }
+        for c in full..dv {
+            for r0 in (0..rows_p).step_by(NQ) {
+                let dst = acc.as_mut_ptr().add(c * rows_p + r0);
+                let mut a = [_mm256_loadu_ps(dst), _mm256_loadu_ps(dst.add(8)), _mm256_loadu_ps(dst.add(16))];
+                for j in 0..cols {
+                    let p = pt.as_ptr().add(j * rows_p + r0);
+                    let b = _mm256_broadcast_ss(&*v.as_ptr().add(j * dv + c));
+                    a[0] = _mm256_fmadd_ps(b, _mm256_loadu_ps(p), a[0]);
+                    a[1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(p.add(8)), a[1]);
+                    a[2] = _mm256_fmadd_ps(b, _mm256_loadu_ps(p.add(16)), a[2]);
+                }
+                _mm256_storeu_ps(dst, a[0]);
+                _mm256_storeu_ps(dst.add(8), a[1]);
+                _mm256_storeu_ps(dst.add(16), a[2]);
+            }
+        }
+    }
+}
+
+/// The online-softmax step of a key block in the transposed layout, eight queries per lane
+/// group: with `st` (`cols × rows_p` scores, `-inf` where masked) it updates each query's
+/// running max `m` and sum `l`, rescales its accumulator column (`acc`: `dv × rows_p`) and
+/// leaves `e^(s - m)` in `st`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) {
+    if rows_p % 8 != 0 || st.len() < cols * rows_p || m.len() < rows_p || l.len() < rows_p || acc.len() < dv * rows_p {
+        return;
+    }
+    // SAFETY: the checks above bound every pointer offset below.
+    unsafe {
+        let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+        for r0 in (0..rows_p).step_by(8) {
+            let mut block_max = neg_inf;
+            for j in 0..cols {
+                block_max = _mm256_max_ps(block_max, _mm256_loadu_ps(st.as_ptr().add(j * rows_p + r0)));
+            }
+            let m_old = _mm256_loadu_ps(m.as_ptr().add(r0));
+            let m_new = _mm256_max_ps(m_old, block_max);
+            // A query that has seen no visible key yet keeps m = -inf; shift by 0 so that its
+            // masked scores give e^-inf = 0 rather than NaN.
+            let unseen = _mm256_cmp_ps::<_CMP_EQ_OQ>(m_new, neg_inf);
+            let shift = _mm256_andnot_ps(unseen, m_new);
+            let correction = exp8(_mm256_sub_ps(m_old, shift));
+            let mut sum = _mm256_setzero_ps();
+            for j in 0..cols {
+                let p = st.as_mut_ptr().add(j * rows_p + r0);
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), shift));
+                _mm256_storeu_ps(p, e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            let l_old = _mm256_loadu_ps(l.as_ptr().add(r0));
+            _mm256_storeu_ps(l.as_mut_ptr().add(r0), _mm256_fmadd_ps(l_old, correction, sum));
+            _mm256_storeu_ps(m.as_mut_ptr().add(r0), m_new);
+            for c in 0..dv {
+                let a = acc.as_mut_ptr().add(c * rows_p + r0);
+                _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_loadu_ps(a), correction));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp8_matches_libm_and_vanishes_below_the_range() {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let xs = [x, x + 0.001, x + 0.002, x + 0.003, x + 0.004, x + 0.005, x + 0.006, x + 0.007];
+            let mut got = [0f32; 8];
+            // SAFETY: AVX2 and FMA were detected above; `got` holds eight f32.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(xs.as_ptr()))) };
+            for (g, x) in got.iter().zip(xs) {
+                worst = worst.max(((g - x.exp()) / x.exp()).abs());
+            }
+            x += 0.0137;
+        }
+        assert!(worst < 4.0 * f32::EPSILON, "worst relative error {worst}");
+        let mut got = [1f32; 8];
+        let low = [f32::NEG_INFINITY, -100.0, -88.0, -1e30, 0.0, 0.0, 0.0, 0.0];
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(low.as_ptr()))) };
+        assert_eq!(&got[..4], &[0.0; 4]);
+        assert_eq!(&got[4..], &[1.0; 4]);
+    }
 }

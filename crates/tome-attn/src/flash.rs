@@ -6,9 +6,10 @@
 //! the (sorted) key positions, so windowed attention costs O(n·w) and causal attention skips
 //! the blocks above the diagonal; a tile whose every pair is visible skips per-element masking.
 //!
-//! The two matrix products run on register-blocked micro-kernels (`MR × NR` accumulators) over
-//! packed tiles (Qᵀ panels, Kᵀ, V padded to `NR` lanes), compiled with AVX2+FMA when the CPU has
-//! it. Work is split over (head, query tile) with rayon.
+//! Where the CPU has AVX2 and FMA the tile is computed transposed (`Sᵀ = K Qᵀ`, keys × queries)
+//! on 4 × 24 register-blocked micro-kernels that read key and value rows in place, so only `Qᵀ`
+//! is packed, once per tile (`avx2`). The portable path packs `Qᵀ` panels, `Kᵀ` and `V` per key
+//! block for `MR × NR` kernels. Work is split over (head, query tile) with rayon.
 
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -16,11 +17,13 @@ use rayon::prelude::*;
 use crate::error::{shape_err, AttnError, Result};
 use crate::mask::Mask;
 use crate::partial::Partial;
-use crate::simd::{self, Arith, Fused, Plain};
+use crate::simd::{self, Arith, Plain};
 use crate::tensor::{dims3, with_f32};
 
-/// Query rows per tile.
+/// Query rows per tile (portable path).
 const BQ: usize = 64;
+/// Query rows per tile of the AVX2 path (a multiple of its 24-query micro-kernel).
+const TQ: usize = 96;
 /// Key rows per tile.
 const BK: usize = 64;
 /// Micro-kernel rows (queries).
@@ -76,9 +79,10 @@ fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32,
         with_f32(k, OP, |k| {
             with_f32(v, OP, |v| {
                 let p = Problem { q, k, v, nq, nk, dqk, dv, group: hq / hk, mask, scale };
+                let bq = if fused { TQ } else { BQ };
                 out.par_chunks_mut(nq * dv).zip(lse.par_chunks_mut(nq)).enumerate().for_each(|(h, (out, lse))| {
-                    out.par_chunks_mut(BQ * dv).zip(lse.par_chunks_mut(BQ)).enumerate().for_each(|(t, (out, lse))| {
-                        p.tile(fused, h, t * BQ, out, lse)
+                    out.par_chunks_mut(bq * dv).zip(lse.par_chunks_mut(bq)).enumerate().for_each(|(t, (out, lse))| {
+                        p.tile(fused, h, t * bq, out, lse)
                     })
                 })
             })
@@ -125,10 +129,77 @@ impl Problem<'_> {
         self.tile_with::<Plain>(h, q0, out, lse)
     }
 
+    /// The AVX2 tile, transposed: scores are kept as `Sᵀ` (keys × queries), so the key and
+    /// value rows are read in place — nothing is packed per key block — while each micro-kernel
+    /// broadcasts four keys (or value columns) against 24 queries in three registers. Only `Qᵀ`
+    /// is packed, once per tile; the online softmax runs down the columns, eight queries at once.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile_avx2(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
-        self.tile_with::<Fused>(h, q0, out, lse)
+        use crate::avx2::{scores_t, softmax_t, values_t, NQ};
+        let (dqk, dv, mask) = (self.dqk, self.dv, self.mask);
+        let rows = lse.len();
+        let q_pos = &mask.q_pos[q0..q0 + rows];
+        let q_min = q_pos.iter().copied().min().unwrap_or(0);
+        let q_max = q_pos.iter().copied().max().unwrap_or(0);
+        let (lo, hi) = mask.key_position_bounds(q_min, q_max);
+        let k_start = mask.k_pos.partition_point(|&p| p < lo);
+        let k_end = mask.k_pos.partition_point(|&p| p < hi);
+        out.fill(0.0);
+        lse.fill(f32::NEG_INFINITY);
+        if k_start >= k_end {
+            return;
+        }
+        let kvh = h / self.group;
+        let rows_p = rows.div_ceil(NQ) * NQ;
+        // Qᵀ, pre-multiplied by the score scale: element (t, r) at t * rows_p + r.
+        let mut qt = vec![0f32; dqk * rows_p];
+        let q_head = &self.q[(h * self.nq + q0) * dqk..];
+        for r in 0..rows {
+            for (t, &x) in q_head[r * dqk..(r + 1) * dqk].iter().enumerate() {
+                qt[t * rows_p + r] = x * self.scale;
+            }
+        }
+        let mut st = vec![0f32; BK * rows_p];
+        let mut acc = vec![0f32; dv * rows_p];
+        let mut m = vec![f32::NEG_INFINITY; rows_p];
+        let mut l = vec![0f32; rows_p];
+        let k_head = &self.k[kvh * self.nk * dqk..(kvh + 1) * self.nk * dqk];
+        let v_head = &self.v[kvh * self.nk * dv..(kvh + 1) * self.nk * dv];
+
+        for kb in (k_start..k_end).step_by(BK) {
+            let cols = BK.min(k_end - kb);
+            let valid = mask.key_valid.map(|v| &v[kb..kb + cols]);
+            if valid.is_some_and(|v| !v.contains(&true)) {
+                continue;
+            }
+            let all_valid = valid.is_none_or(|v| !v.contains(&false));
+            let k_range = (mask.k_pos[kb], mask.k_pos[kb + cols - 1]);
+            let needs_mask = !all_valid || !mask.positions_all_visible((q_min, q_max), k_range);
+            scores_t(&qt, &k_head[kb * dqk..(kb + cols) * dqk], &mut st, cols, dqk, rows_p);
+            if needs_mask {
+                for j in 0..cols {
+                    let col = &mut st[j * rows_p..j * rows_p + rows];
+                    for (r, x) in col.iter_mut().enumerate() {
+                        if !mask.allows(q0 + r, kb + j) {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+            softmax_t(&mut st, cols, rows_p, &mut m, &mut l, &mut acc, dv);
+            values_t(&st, &v_head[kb * dv..(kb + cols) * dv], &mut acc, cols, dv, rows_p);
+        }
+
+        for r in 0..rows {
+            if l[r] > 0.0 {
+                let inv = 1.0 / l[r];
+                for (c, o) in out[r * dv..(r + 1) * dv].iter_mut().enumerate() {
+                    *o = acc[c * rows_p + r] * inv;
+                }
+                lse[r] = m[r] + l[r].ln();
+            }
+        }
     }
 
     /// Attention of query rows `q0..q0 + lse.len()` of head `h`, written into `out`/`lse`.
@@ -192,15 +263,7 @@ impl Problem<'_> {
                 vt[j * dv_p..j * dv_p + dv].copy_from_slice(&v_head[(kb + j) * dv..(kb + j + 1) * dv]);
             }
 
-            if A::AVX2 {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `A::AVX2` holds only for `Fused`, used once the CPU reported AVX2 and FMA.
-                unsafe {
-                    crate::avx2::scores(&q_panels, &kt, &mut s, rows_p, dqk, BK)
-                };
-            } else {
-                scores::<A>(&q_panels, &kt, &mut s, rows_p, dqk);
-            }
+            scores::<A>(&q_panels, &kt, &mut s, rows_p, dqk);
 
             for r in 0..rows {
                 let row = &mut s[r * BK..(r + 1) * BK];
@@ -228,15 +291,7 @@ impl Problem<'_> {
                 l[r] += sum;
             }
 
-            if A::AVX2 {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above.
-                unsafe {
-                    crate::avx2::weighted_values(&s, &vt, &mut acc, rows_p, BK, dv_p)
-                };
-            } else {
-                weighted_values::<A>(&s, &vt, &mut acc, rows_p, dv_p);
-            }
+            weighted_values::<A>(&s, &vt, &mut acc, rows_p, dv_p);
         }
 
         for r in 0..rows {

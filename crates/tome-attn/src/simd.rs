@@ -1,17 +1,13 @@
-//! The fused arithmetic the kernels' hot loops are built from, written once and compiled twice:
-//! with hardware FMA (AVX2 + FMA, chosen at run time) and with plain multiply-add elsewhere.
+//! The arithmetic the portable kernel's hot loops are built from (the AVX2 path has its own
+//! intrinsics in `avx2`), with the exp both share.
 //!
 //! Every helper is `#[inline(always)]` so that it is compiled inside the caller's
 //! `#[target_feature]` context, where LLVM turns the fixed-width lane loops into vector code.
 //! `exp` is our own polynomial (Cephes `expf`: range reduction by ln 2, degree-5 minimax
 //! polynomial, ~1 ulp): the scalar libm call would otherwise cost more than the matmuls around it.
 
-/// Multiply-add as the target can do it, and the tile loops built on it. The defaults are
-/// portable scalar code; `Fused` replaces the hot ones with AVX2 intrinsics.
+/// Multiply-add as the target can do it, and the tile loops built on it.
 pub(crate) trait Arith {
-    /// Whether the AVX2 micro-kernels may be used.
-    const AVX2: bool;
-
     fn fma(a: f32, b: f32, c: f32) -> f32;
 
     /// Replaces each `x` of the row by `e^(x - m)` and returns their sum.
@@ -26,43 +22,10 @@ pub(crate) trait Arith {
     }
 }
 
-/// Hardware fused multiply-add; only used inside functions compiled with the `fma` feature.
-pub(crate) struct Fused;
-/// Separate multiply and add, for targets without FMA.
+/// Separate multiply and add: the portable path.
 pub(crate) struct Plain;
 
-impl Arith for Fused {
-    const AVX2: bool = cfg!(target_arch = "x86_64");
-
-    #[inline(always)]
-    fn fma(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn exp_shift_sum(row: &mut [f32], m: f32) -> f32 {
-        if row.len() % 8 != 0 {
-            return exp_shift_sum_scalar::<Self>(row, m);
-        }
-        // SAFETY: `Fused` is only used once the CPU has reported AVX2 and FMA.
-        unsafe { crate::avx2::exp_shift_sum(row, m) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn row_max(row: &[f32]) -> f32 {
-        if row.len() % 8 != 0 {
-            return row_max(row);
-        }
-        // SAFETY: as above.
-        unsafe { crate::avx2::row_max(row) }
-    }
-}
-
 impl Arith for Plain {
-    const AVX2: bool = false;
-
     #[inline(always)]
     fn fma(a: f32, b: f32, c: f32) -> f32 {
         a * b + c
@@ -149,8 +112,6 @@ mod tests {
         while x < 88.0 {
             let (got, want) = (exp::<Plain>(x), x.exp());
             worst = worst.max(((got - want) / want).abs());
-            let fused = exp::<Fused>(x);
-            worst = worst.max(((fused - want) / want).abs());
             x += 0.0137;
         }
         assert!(worst < 4.0 * f32::EPSILON, "worst relative error {worst}");
