@@ -1,5 +1,5 @@
 //! The hot loops in AVX2 + FMA intrinsics, in the transposed layout (`Sᵀ`: keys × queries): the
-//! two micro-kernels (4 keys or value columns × 24 queries, twelve ymm accumulators) reading key
+//! two micro-kernels (6 keys or value columns × 16 queries, twelve ymm accumulators) reading key
 //! and value rows in place, and the online softmax down the columns with a vectorised exp. Only called from
 //! code compiled with these features after the CPU reported them (see `flash::has_fma`).
 //!
@@ -27,11 +27,43 @@ fn exp8(x: __m256) -> __m256 {
     _mm256_andnot_ps(below, _mm256_mul_ps(y, pow2))
 }
 
-/// Queries per micro-kernel of the transposed path: three ymm registers.
-pub(crate) const NQ: usize = 24;
-/// Keys (scores) or value columns (values) per micro-kernel: with `NQ` lanes, twelve
-/// accumulators, enough independent FMAs to cover the latency on both ports.
-const MK: usize = 4;
+/// Queries per micro-kernel of the transposed path: two ymm registers.
+pub(crate) const NQ: usize = 16;
+/// Keys per score panel and value columns per value panel: with `NQ` lanes, twelve
+/// accumulators — enough independent FMAs to cover the latency of both FMA ports — plus two
+/// operand registers and a broadcast, 15 of the 16 ymm registers, so nothing spills.
+const MK: usize = 6;
+
+/// `MK`-row panel of `st[j][r] = Σ_t k[j][t] · qᵀ[t][r]`, keys `j0..j0 + M`.
+///
+/// # Safety
+/// AVX2 and FMA present; `k` holds rows `j0..j0 + M` of `dqk`, `qt` `dqk × rows_p`, `st` rows
+/// `j0..j0 + M` of `rows_p`; `rows_p` a multiple of `NQ`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn scores_panel<const M: usize>(qt: *const f32, k: *const f32, st: *mut f32, j0: usize, dqk: usize, rows_p: usize) {
+    // SAFETY: bounds as the caller guarantees.
+    unsafe {
+        let kp = k.add(j0 * dqk);
+        for r0 in (0..rows_p).step_by(NQ) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
+            for t in 0..dqk {
+                let q = qt.add(t * rows_p + r0);
+                let (q0, q1) = (_mm256_loadu_ps(q), _mm256_loadu_ps(q.add(8)));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let b = _mm256_broadcast_ss(&*kp.add(i * dqk + t));
+                    a[0] = _mm256_fmadd_ps(b, q0, a[0]);
+                    a[1] = _mm256_fmadd_ps(b, q1, a[1]);
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                let out = st.add((j0 + i) * rows_p + r0);
+                _mm256_storeu_ps(out, a[0]);
+                _mm256_storeu_ps(out.add(8), a[1]);
+            }
+        }
+    }
+}
 
 /// `st[j][r] = Σ_t k[j][t] · qᵀ[t][r]` for keys `0..cols` of a row-major key block (`k`: `cols ×
 /// dqk`, read in place) and a packed `dqk × rows_p` Qᵀ (`rows_p` a multiple of `NQ`).
@@ -40,46 +72,55 @@ pub(crate) fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: 
     if rows_p % NQ != 0 || qt.len() < dqk * rows_p || k.len() < cols * dqk || st.len() < cols * rows_p {
         return;
     }
-    // SAFETY: the checks above bound every pointer offset below.
+    let (qt, k, st) = (qt.as_ptr(), k.as_ptr(), st.as_mut_ptr());
+    let mut j = 0;
+    // SAFETY: the checks above bound every panel's rows.
     unsafe {
-        let full = cols / MK * MK;
-        for j0 in (0..full).step_by(MK) {
-            let kp = k.as_ptr().add(j0 * dqk);
-            for r0 in (0..rows_p).step_by(NQ) {
-                let mut acc = [_mm256_setzero_ps(); MK * 3];
-                for t in 0..dqk {
-                    let q = qt.as_ptr().add(t * rows_p + r0);
-                    let (q0, q1, q2) = (_mm256_loadu_ps(q), _mm256_loadu_ps(q.add(8)), _mm256_loadu_ps(q.add(16)));
-                    for i in 0..MK {
-                        let b = _mm256_broadcast_ss(&*kp.add(i * dqk + t));
-                        acc[3 * i] = _mm256_fmadd_ps(b, q0, acc[3 * i]);
-                        acc[3 * i + 1] = _mm256_fmadd_ps(b, q1, acc[3 * i + 1]);
-                        acc[3 * i + 2] = _mm256_fmadd_ps(b, q2, acc[3 * i + 2]);
-                    }
-                }
-                for i in 0..MK {
-                    let out = st.as_mut_ptr().add((j0 + i) * rows_p + r0);
-                    _mm256_storeu_ps(out, acc[3 * i]);
-                    _mm256_storeu_ps(out.add(8), acc[3 * i + 1]);
-                    _mm256_storeu_ps(out.add(16), acc[3 * i + 2]);
+        while j + MK <= cols {
+            scores_panel::<MK>(qt, k, st, j, dqk, rows_p);
+            j += MK;
+        }
+        while j + 2 <= cols {
+            scores_panel::<2>(qt, k, st, j, dqk, rows_p);
+            j += 2;
+        }
+        if j < cols {
+            scores_panel::<1>(qt, k, st, j, dqk, rows_p);
+        }
+    }
+}
+
+/// `M`-column panel of `accᵀ[c][r] += Σ_j v[j][c] · pᵀ[j][r]`, columns `c0..c0 + M`.
+///
+/// # Safety
+/// AVX2 and FMA present; `pt` holds `cols × rows_p`, `v` `cols × dv` with `c0 + M <= dv`, `acc`
+/// `dv × rows_p`; `rows_p` a multiple of `NQ`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn values_panel<const M: usize>(pt: *const f32, v: *const f32, acc: *mut f32, c0: usize, cols: usize, dv: usize, rows_p: usize) {
+    // SAFETY: bounds as the caller guarantees.
+    unsafe {
+        for r0 in (0..rows_p).step_by(NQ) {
+            let mut a = [[_mm256_setzero_ps(); 2]; M];
+            for (i, a) in a.iter_mut().enumerate() {
+                let src = acc.add((c0 + i) * rows_p + r0);
+                a[0] = _mm256_loadu_ps(src);
+                a[1] = _mm256_loadu_ps(src.add(8));
+            }
+            for j in 0..cols {
+                let p = pt.add(j * rows_p + r0);
+                let (p0, p1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+                let vr = v.add(j * dv + c0);
+                for (i, a) in a.iter_mut().enumerate() {
+                    let b = _mm256_broadcast_ss(&*vr.add(i));
+                    a[0] = _mm256_fmadd_ps(b, p0, a[0]);
+                    a[1] = _mm256_fmadd_ps(b, p1, a[1]);
                 }
             }
-        }
-        for j in full..cols {
-            let kp = k.as_ptr().add(j * dqk);
-            for r0 in (0..rows_p).step_by(NQ) {
-                let mut acc = [_mm256_setzero_ps(); 3];
-                for t in 0..dqk {
-                    let q = qt.as_ptr().add(t * rows_p + r0);
-                    let b = _mm256_broadcast_ss(&*kp.add(t));
-                    acc[0] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q), acc[0]);
-                    acc[1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q.add(8)), acc[1]);
-                    acc[2] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q.add(16)), acc[2]);
-                }
-                let out = st.as_mut_ptr().add(j * rows_p + r0);
-                _mm256_storeu_ps(out, acc[0]);
-                _mm256_storeu_ps(out.add(8), acc[1]);
-                _mm256_storeu_ps(out.add(16), acc[2]);
+            for (i, a) in a.iter().enumerate() {
+                let dst = acc.add((c0 + i) * rows_p + r0);
+                _mm256_storeu_ps(dst, a[0]);
+                _mm256_storeu_ps(dst.add(8), a[1]);
             }
         }
     }
@@ -92,52 +133,20 @@ pub(crate) fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: 
     if rows_p % NQ != 0 || pt.len() < cols * rows_p || v.len() < cols * dv || acc.len() < dv * rows_p {
         return;
     }
-    // SAFETY: the checks above bound every pointer offset below.
+    let (pt, v, acc) = (pt.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+    let mut c = 0;
+    // SAFETY: the checks above bound every panel's columns.
     unsafe {
-        let full = dv / MK * MK;
-        for c0 in (0..full).step_by(MK) {
-            for r0 in (0..rows_p).step_by(NQ) {
-                let mut a = [_mm256_setzero_ps(); MK * 3];
-                for i in 0..MK {
-                    let src = acc.as_ptr().add((c0 + i) * rows_p + r0);
-                    a[3 * i] = _mm256_loadu_ps(src);
-                    a[3 * i + 1] = _mm256_loadu_ps(src.add(8));
-                    a[3 * i + 2] = _mm256_loadu_ps(src.add(16));
-                }
-                for j in 0..cols {
-                    let p = pt.as_ptr().add(j * rows_p + r0);
-                    let (p0, p1, p2) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)));
-                    let vr = v.as_ptr().add(j * dv + c0);
-                    for i in 0..MK {
-                        let b = _mm256_broadcast_ss(&*vr.add(i));
-                        a[3 * i] = _mm256_fmadd_ps(b, p0, a[3 * i]);
-                        a[3 * i + 1] = _mm256_fmadd_ps(b, p1, a[3 * i + 1]);
-                        a[3 * i + 2] = _mm256_fmadd_ps(b, p2, a[3 * i + 2]);
-                    }
-                }
-                for i in 0..MK {
-                    let dst = acc.as_mut_ptr().add((c0 + i) * rows_p + r0);
-                    _mm256_storeu_ps(dst, a[3 * i]);
-                    _mm256_storeu_ps(dst.add(8), a[3 * i + 1]);
-                    _mm256_storeu_ps(dst.add(16), a[3 * i + 2]);
-                }
-            }
+        while c + MK <= dv {
+            values_panel::<MK>(pt, v, acc, c, cols, dv, rows_p);
+            c += MK;
         }
-        for c in full..dv {
-            for r0 in (0..rows_p).step_by(NQ) {
-                let dst = acc.as_mut_ptr().add(c * rows_p + r0);
-                let mut a = [_mm256_loadu_ps(dst), _mm256_loadu_ps(dst.add(8)), _mm256_loadu_ps(dst.add(16))];
-                for j in 0..cols {
-                    let p = pt.as_ptr().add(j * rows_p + r0);
-                    let b = _mm256_broadcast_ss(&*v.as_ptr().add(j * dv + c));
-                    a[0] = _mm256_fmadd_ps(b, _mm256_loadu_ps(p), a[0]);
-                    a[1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(p.add(8)), a[1]);
-                    a[2] = _mm256_fmadd_ps(b, _mm256_loadu_ps(p.add(16)), a[2]);
-                }
-                _mm256_storeu_ps(dst, a[0]);
-                _mm256_storeu_ps(dst.add(8), a[1]);
-                _mm256_storeu_ps(dst.add(16), a[2]);
-            }
+        while c + 2 <= dv {
+            values_panel::<2>(pt, v, acc, c, cols, dv, rows_p);
+            c += 2;
+        }
+        if c < dv {
+            values_panel::<1>(pt, v, acc, c, cols, dv, rows_p);
         }
     }
 }

@@ -7,7 +7,7 @@
 //! the blocks above the diagonal; a tile whose every pair is visible skips per-element masking.
 //!
 //! Where the CPU has AVX2 and FMA the tile is computed transposed (`Sᵀ = K Qᵀ`, keys × queries)
-//! on 4 × 24 register-blocked micro-kernels that read key and value rows in place, so only `Qᵀ`
+//! on 6 × 16 register-blocked micro-kernels that read key and value rows in place, so only `Qᵀ`
 //! is packed, once per tile (`avx2`). The portable path packs `Qᵀ` panels, `Kᵀ` and `V` per key
 //! block for `MR × NR` kernels. Work is split over (head, query tile) with rayon.
 
@@ -22,8 +22,13 @@ use crate::tensor::{dims3, with_f32};
 
 /// Query rows per tile (portable path).
 const BQ: usize = 64;
-/// Query rows per tile of the AVX2 path (a multiple of its 24-query micro-kernel).
-const TQ: usize = 96;
+/// Query rows per tile of the AVX2 path (multiples of its 16-query micro-kernel): taller tiles
+/// read each key and value row fewer times; under a window, shorter ones see fewer keys
+/// (a tile sees its own rows plus the window on either side).
+const TQ: usize = 192;
+const TQ_WINDOW: usize = 96;
+/// Key rows per block of the AVX2 path (a multiple of its 6-key micro-kernel).
+const TK: usize = 72;
 /// Key rows per tile.
 const BK: usize = 64;
 /// Micro-kernel rows (queries).
@@ -79,7 +84,11 @@ fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32,
         with_f32(k, OP, |k| {
             with_f32(v, OP, |v| {
                 let p = Problem { q, k, v, nq, nk, dqk, dv, group: hq / hk, mask, scale };
-                let bq = if fused { TQ } else { BQ };
+                let bq = match (fused, mask.window) {
+                    (false, _) => BQ,
+                    (true, None) => TQ,
+                    (true, Some(_)) => TQ_WINDOW,
+                };
                 out.par_chunks_mut(nq * dv).zip(lse.par_chunks_mut(nq)).enumerate().for_each(|(h, (out, lse))| {
                     out.par_chunks_mut(bq * dv).zip(lse.par_chunks_mut(bq)).enumerate().for_each(|(t, (out, lse))| {
                         p.tile(fused, h, t * bq, out, lse)
@@ -131,7 +140,7 @@ impl Problem<'_> {
 
     /// The AVX2 tile, transposed: scores are kept as `Sᵀ` (keys × queries), so the key and
     /// value rows are read in place — nothing is packed per key block — while each micro-kernel
-    /// broadcasts four keys (or value columns) against 24 queries in three registers. Only `Qᵀ`
+    /// broadcasts six keys (or value columns) against 16 queries in two registers. Only `Qᵀ`
     /// is packed, once per tile; the online softmax runs down the columns, eight queries at once.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
@@ -160,15 +169,15 @@ impl Problem<'_> {
                 qt[t * rows_p + r] = x * self.scale;
             }
         }
-        let mut st = vec![0f32; BK * rows_p];
+        let mut st = vec![0f32; TK * rows_p];
         let mut acc = vec![0f32; dv * rows_p];
         let mut m = vec![f32::NEG_INFINITY; rows_p];
         let mut l = vec![0f32; rows_p];
         let k_head = &self.k[kvh * self.nk * dqk..(kvh + 1) * self.nk * dqk];
         let v_head = &self.v[kvh * self.nk * dv..(kvh + 1) * self.nk * dv];
 
-        for kb in (k_start..k_end).step_by(BK) {
-            let cols = BK.min(k_end - kb);
+        for kb in (k_start..k_end).step_by(TK) {
+            let cols = TK.min(k_end - kb);
             let valid = mask.key_valid.map(|v| &v[kb..kb + cols]);
             if valid.is_some_and(|v| !v.contains(&true)) {
                 continue;
