@@ -305,7 +305,7 @@ impl BertModel {
     fn feed_forward(&self, layer: &BertLayer, x: &Tensor) -> Result<Tensor> {
         let inner = layer.intermediate.forward(x)?;
         let inner = match self.cfg.activation()? {
-            Activation::GeluErf => inner.gelu_erf()?,
+            Activation::GeluErf => crate::activation::gelu_erf(&inner)?,
             Activation::GeluTanh => inner.gelu()?,
             Activation::Relu => inner.relu()?,
         };

@@ -5,6 +5,7 @@
 //! tome-dist operators: a rank runs every layer on its own shard of tokens and the operators
 //! move what attention needs between ranks. One rank is a Group of one.
 
+mod activation;
 mod bert;
 mod config;
 mod document;

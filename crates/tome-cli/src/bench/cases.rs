@@ -227,10 +227,11 @@ fn book() -> anyhow::Result<Record> {
     let n = ids.len();
     let opts = EncodeOptions { attention: Some(LayerAttention::window(512)?), position_extension: PositionExtension::Tile, ..Default::default() };
     let doc = dir.model.prepare(ids, &opts)?;
-    let plan = ShardPlan::new(Layout::Contiguous, n, 2)?;
+    let ranks: usize = std::env::var("TOME_BENCH_BOOK_RANKS").ok().and_then(|r| r.parse().ok()).unwrap_or(2);
+    let plan = ShardPlan::new(Layout::Contiguous, n, ranks)?;
     let mut spans: Vec<Range<usize>> = vec![0..n];
     spans.extend((0..n).step_by(256).map(|s| s..(s + 256).min(n)));
-    run_ranks(2, |g: &InProcessGroup| -> tome_model::Result<Tensor> {
+    run_ranks(ranks, |g: &InProcessGroup| -> tome_model::Result<Tensor> {
         let h = dir.model.forward_shard(g, &plan, &doc, &mut |_| true)?;
         pool_spans(g, &plan, &h, &spans, dir.pooling)
     })?;
