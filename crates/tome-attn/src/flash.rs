@@ -188,9 +188,16 @@ impl Problem<'_> {
             scores_t(&qt, &k_head[kb * dqk..(kb + cols) * dqk], &mut st, cols, dqk, rows_p);
             if needs_mask {
                 for j in 0..cols {
-                    let col = &mut st[j * rows_p..j * rows_p + rows];
-                    for (r, x) in col.iter_mut().enumerate() {
-                        if !mask.allows(q0 + r, kb + j) {
+                    let row = &mut st[j * rows_p..j * rows_p + rows];
+                    if valid.is_some_and(|v| !v[j]) {
+                        row.fill(f32::NEG_INFINITY);
+                        continue;
+                    }
+                    // The queries that see key j: positions in [lo, hi] (`Mask::allows`, with
+                    // validity settled above), compared branch-free so the loop vectorises.
+                    let (lo, hi) = mask.query_position_bounds(mask.k_pos[kb + j]);
+                    for (x, &qp) in row.iter_mut().zip(q_pos) {
+                        if qp < lo || qp > hi {
                             *x = f32::NEG_INFINITY;
                         }
                     }

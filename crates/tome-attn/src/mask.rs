@@ -49,6 +49,19 @@ impl<'a> Mask<'a> {
             && self.window.is_none_or(|w| qp.abs_diff(kp) <= w as u64)
     }
 
+    /// The closed range of query positions that see a (valid) key at position `kp`: the same
+    /// rule as [`Mask::allows`], turned around.
+    #[inline(always)]
+    pub(crate) fn query_position_bounds(&self, kp: i64) -> (i64, i64) {
+        let mut lo = if self.causal { kp } else { i64::MIN };
+        let mut hi = i64::MAX;
+        if let Some(w) = self.window {
+            lo = lo.max(kp.saturating_sub(w as i64));
+            hi = kp.saturating_add(w as i64);
+        }
+        (lo, hi)
+    }
+
     /// The half-open range of key positions that any query in `[q_min, q_max]` can see.
     pub(crate) fn key_position_bounds(&self, q_min: i64, q_max: i64) -> (i64, i64) {
         let mut lo = i64::MIN;

@@ -93,14 +93,23 @@ where
     F: Fn(&InProcessGroup) -> std::result::Result<T, E> + Sync,
 {
     let groups = InProcessGroup::create(p);
+    // The ranks partition the cores: each computes in a thread pool of its own share, so the
+    // kernels' parallel loops never queue behind another rank's on one shared pool.
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let share = (cores / p).max(1);
     std::thread::scope(|scope| {
         let handles: Vec<_> = groups
             .into_iter()
             .map(|g| {
                 let f = &f;
-                std::thread::Builder::new()
-                    .name(format!("tome-rank-{}", g.rank))
-                    .spawn_scoped(scope, move || f(&g))
+                let rank = g.rank;
+                std::thread::Builder::new().name(format!("tome-rank-{rank}")).spawn_scoped(scope, move || {
+                    match rayon::ThreadPoolBuilder::new().num_threads(share).thread_name(move |i| format!("tome-rank-{rank}.{i}")).build() {
+                        Ok(pool) => pool.install(|| f(&g)),
+                        // No pool (threads exhausted): compute on the shared one.
+                        Err(_) => f(&g),
+                    }
+                })
             })
             .collect();
         let mut results = Vec::with_capacity(p);

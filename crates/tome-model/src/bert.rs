@@ -257,9 +257,7 @@ impl BertModel {
         let (n, hidden) = x.dims2()?;
         let (heads, hd) = (self.cfg.num_attention_heads, self.cfg.head_dim());
         let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?) };
-        let q = split(layer.query.forward(x)?)?;
-        let k = split(layer.key.forward(x)?)?;
-        let v = split(layer.value.forward(x)?)?;
+        let [q, k, v] = self.project_heads(x, [&layer.query, &layer.key, &layer.value])?;
         let scale = 1.0 / (hd as f32).sqrt();
         let own = KeyBlock { k, v, pos: positions.to_vec(), valid: valid.to_vec() };
         let ctx = match attn {
@@ -287,19 +285,36 @@ impl BertModel {
             }
             LayerAttention::Native(name) => return Err(ModelError::Unsupported(format!("a BERT-family layer cannot run `{name}` attention"))),
         };
-        let ctx = ctx.transpose(0, 1)?.reshape((n, hidden))?;
-        let x = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx)? + x)?)?;
-        // The feed-forward block is per token: run it in row blocks so that its 4x-wide
-        // intermediate never exists for a whole book-length shard at once.
-        let blocks = (0..n)
-            .step_by(FFN_ROWS)
-            .map(|start| self.feed_forward(layer, &x.narrow(0, start, FFN_ROWS.min(n - start))?))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(match blocks.len() {
-            0 => x, // an empty shard
-            1 => blocks.into_iter().next().unwrap_or(x),
-            _ => Tensor::cat(&blocks, 0)?,
-        })
+        // Everything after attention is per token: run it in row blocks written into the
+        // layer's output, so that no whole-shard temporary (the 4x-wide intermediate above
+        // all) is ever allocated, and each block stays in cache from projection to norm.
+        let out = Tensor::zeros((n, hidden), DType::F32, &Device::Cpu)?;
+        for start in (0..n).step_by(FFN_ROWS) {
+            let rows = FFN_ROWS.min(n - start);
+            let c = ctx.narrow(1, start, rows)?.transpose(0, 1)?.reshape((rows, hidden))?;
+            let h = layer.attn_norm.forward(&(layer.attn_out.forward(&c)? + x.narrow(0, start, rows)?)?)?;
+            out.slice_set(&self.feed_forward(layer, &h)?, 0, start)?;
+        }
+        Ok(out)
+    }
+
+    /// `x` (`[n, hidden]`) through each projection, as `[heads, n, head_dim]` tensors: a block
+    /// of rows at a time, written into the head-major results, so the projections' row-major
+    /// outputs exist only a block at a time.
+    fn project_heads<const P: usize>(&self, x: &Tensor, projections: [&Linear; P]) -> Result<[Tensor; P]> {
+        let (n, _) = x.dims2()?;
+        let (heads, hd) = (self.cfg.num_attention_heads, self.cfg.head_dim());
+        let outs = (0..P).map(|_| Tensor::zeros((heads, n, hd), DType::F32, &Device::Cpu)).collect::<candle_core::Result<Vec<_>>>()?;
+        for start in (0..n).step_by(FFN_ROWS) {
+            let rows = FFN_ROWS.min(n - start);
+            let xb = x.narrow(0, start, rows)?;
+            for (proj, out) in projections.iter().zip(&outs) {
+                let t = proj.forward(&xb)?.reshape((rows, heads, hd))?.transpose(0, 1)?.contiguous()?;
+                out.slice_set(&t, 1, start)?;
+            }
+        }
+        // Tensors are shared handles: these clones copy no data.
+        Ok(std::array::from_fn(|i| outs[i].clone()))
     }
 
     fn feed_forward(&self, layer: &BertLayer, x: &Tensor) -> Result<Tensor> {
