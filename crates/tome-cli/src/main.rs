@@ -16,7 +16,15 @@ use clap::Parser;
 
 use crate::args::{Cli, Command};
 
+/// Iterations candle's elementwise worker threads spin before parking, unless the environment
+/// says otherwise: ranks already keep every core busy, and spinning workers take their time.
+const CANDLE_SPIN_LIMIT: &str = "100";
+
 fn main() -> std::process::ExitCode {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // SAFETY: the first statement of main, before any thread exists.
+        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT) };
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
