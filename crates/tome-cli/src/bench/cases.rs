@@ -214,7 +214,8 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
 }
 
 /// The whole-book job: Paradise Lost through all-MiniLM-L6-v2 with window attention (512) on
-/// 2 ranks, document and 256-token chunk embeddings (what `tome process` computes).
+/// 2 ranks (`TOME_BENCH_BOOK_RANKS` to change), document and 256-token chunk embeddings (what
+/// `tome process` computes).
 fn book() -> anyhow::Result<Record> {
     let data = std::env::var("TOME_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("data"));
     let dir = ModelDir::open(&data.join("models/all-MiniLM-L6-v2")).context("the book case needs scripts/fetch_data.sh")?;
