@@ -138,6 +138,26 @@ impl Problem<'_> {
         self.tile_with::<Plain>(h, q0, out, lse)
     }
 
+    /// The position range of a tile's queries and the keys `start..end` any of them may see.
+    fn tile_keys(&self, q_pos: &[i64]) -> ((i64, i64), usize, usize) {
+        let q_min = q_pos.iter().copied().min().unwrap_or(0);
+        let q_max = q_pos.iter().copied().max().unwrap_or(0);
+        let (lo, hi) = self.mask.key_position_bounds(q_min, q_max);
+        ((q_min, q_max), self.mask.k_pos.partition_point(|&p| p < lo), self.mask.k_pos.partition_point(|&p| p < hi))
+    }
+
+    /// Keys `kb..kb + cols` for queries in `q_range`: `None` when none is valid, else their
+    /// validity and whether any (query, key) pair of the block needs masking.
+    fn key_block(&self, q_range: (i64, i64), kb: usize, cols: usize) -> Option<(Option<&[bool]>, bool)> {
+        let valid = self.mask.key_valid.map(|v| &v[kb..kb + cols]);
+        if valid.is_some_and(|v| !v.contains(&true)) {
+            return None;
+        }
+        let all_valid = valid.is_none_or(|v| !v.contains(&false));
+        let k_range = (self.mask.k_pos[kb], self.mask.k_pos[kb + cols - 1]);
+        Some((valid, !all_valid || !self.mask.positions_all_visible(q_range, k_range)))
+    }
+
     /// The AVX2 tile, transposed: scores are kept as `Sᵀ` (keys × queries), so the key and
     /// value rows are read in place — nothing is packed per key block — while each micro-kernel
     /// broadcasts six keys (or value columns) against 16 queries in two registers. Only `Qᵀ`
@@ -149,11 +169,7 @@ impl Problem<'_> {
         let (dqk, dv, mask) = (self.dqk, self.dv, self.mask);
         let rows = lse.len();
         let q_pos = &mask.q_pos[q0..q0 + rows];
-        let q_min = q_pos.iter().copied().min().unwrap_or(0);
-        let q_max = q_pos.iter().copied().max().unwrap_or(0);
-        let (lo, hi) = mask.key_position_bounds(q_min, q_max);
-        let k_start = mask.k_pos.partition_point(|&p| p < lo);
-        let k_end = mask.k_pos.partition_point(|&p| p < hi);
+        let (q_range, k_start, k_end) = self.tile_keys(q_pos);
         out.fill(0.0);
         lse.fill(f32::NEG_INFINITY);
         if k_start >= k_end {
@@ -178,13 +194,7 @@ impl Problem<'_> {
 
         for kb in (k_start..k_end).step_by(TK) {
             let cols = TK.min(k_end - kb);
-            let valid = mask.key_valid.map(|v| &v[kb..kb + cols]);
-            if valid.is_some_and(|v| !v.contains(&true)) {
-                continue;
-            }
-            let all_valid = valid.is_none_or(|v| !v.contains(&false));
-            let k_range = (mask.k_pos[kb], mask.k_pos[kb + cols - 1]);
-            let needs_mask = !all_valid || !mask.positions_all_visible((q_min, q_max), k_range);
+            let Some((valid, needs_mask)) = self.key_block(q_range, kb, cols) else { continue };
             scores_t(&qt, &k_head[kb * dqk..(kb + cols) * dqk], &mut st, cols, dqk, rows_p);
             if needs_mask {
                 for j in 0..cols {
@@ -224,11 +234,7 @@ impl Problem<'_> {
         let (dqk, dv, mask) = (self.dqk, self.dv, self.mask);
         let rows = lse.len();
         let q_pos = &mask.q_pos[q0..q0 + rows];
-        let q_min = q_pos.iter().copied().min().unwrap_or(0);
-        let q_max = q_pos.iter().copied().max().unwrap_or(0);
-        let (lo, hi) = mask.key_position_bounds(q_min, q_max);
-        let k_start = mask.k_pos.partition_point(|&p| p < lo);
-        let k_end = mask.k_pos.partition_point(|&p| p < hi);
+        let (q_range, k_start, k_end) = self.tile_keys(q_pos);
         out.fill(0.0);
         lse.fill(f32::NEG_INFINITY);
         if k_start >= k_end {
@@ -259,13 +265,7 @@ impl Problem<'_> {
 
         for kb in (k_start..k_end).step_by(BK) {
             let cols = BK.min(k_end - kb);
-            let valid = mask.key_valid.map(|v| &v[kb..kb + cols]);
-            if valid.is_some_and(|v| !v.contains(&true)) {
-                continue;
-            }
-            let all_valid = valid.is_none_or(|v| !v.contains(&false));
-            let k_range = (mask.k_pos[kb], mask.k_pos[kb + cols - 1]);
-            let needs_mask = !all_valid || !mask.positions_all_visible((q_min, q_max), k_range);
+            let Some((_, needs_mask)) = self.key_block(q_range, kb, cols) else { continue };
 
             if cols < BK {
                 kt.fill(0.0);

@@ -10,7 +10,28 @@
 use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::config::Activation;
 use crate::error::{ModelError, Result};
+
+impl Activation {
+    /// From a transformers activation name (`ACT2FN`'s keys); `field` names the config field.
+    pub(crate) fn from_name(field: &str, name: &str) -> Result<Self> {
+        match name {
+            "gelu" => Ok(Activation::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+            "relu" => Ok(Activation::Relu),
+            other => Err(ModelError::Config { field: field.into(), msg: format!("`{other}` is not supported (gelu, gelu_new, relu)") }),
+        }
+    }
+
+    pub(crate) fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Activation::GeluErf => gelu_erf(x),
+            Activation::GeluTanh => x.gelu(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
 
 /// Elements per parallel work item.
 const CHUNK: usize = 1 << 14;
@@ -57,17 +78,17 @@ fn gelu_chunk(input: &[f32], out: &mut [f32]) {
 }
 
 /// `gelu(x)` elementwise for an f32 tensor on the CPU.
-pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
-        return Err(ModelError::Unsupported("gelu runs on CPU tensors".into()));
+        candle_core::bail!("gelu runs on CPU tensors");
     };
     let n = layout.shape().elem_count();
     let data = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n];
     let mut out = vec![0f32; n];
     out.par_chunks_mut(CHUNK).zip(data.par_chunks(CHUNK)).for_each(|(o, i)| gelu_chunk(i, o));
-    Ok(Tensor::from_vec(out, layout.shape().clone(), &Device::Cpu)?)
+    Tensor::from_vec(out, layout.shape().clone(), &Device::Cpu)
 }
 
 #[cfg(test)]

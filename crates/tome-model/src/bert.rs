@@ -12,7 +12,7 @@ use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
 use tome_dist::ops::{blocksparse_attention, favor_attention, ring_attention, window_attention, DenseSpec, FavorSpec, GlobalTokens, KeyBlock, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 
-use crate::config::{Activation, BertConfig, EncodeOptions, LayerAttention, PositionExtension};
+use crate::config::{BertConfig, EncodeOptions, LayerAttention, PositionExtension};
 use crate::document::{padded_plan, Prepared, RunOptions, ShardInput};
 use crate::error::{ModelError, Result};
 
@@ -319,11 +319,7 @@ impl BertModel {
 
     fn feed_forward(&self, layer: &BertLayer, x: &Tensor) -> Result<Tensor> {
         let inner = layer.intermediate.forward(x)?;
-        let inner = match self.cfg.activation()? {
-            Activation::GeluErf => crate::activation::gelu_erf(&inner)?,
-            Activation::GeluTanh => inner.gelu()?,
-            Activation::Relu => inner.relu()?,
-        };
+        let inner = self.cfg.activation()?.apply(&inner)?;
         Ok(layer.out_norm.forward(&(layer.output.forward(&inner)? + x)?)?)
     }
 }

@@ -115,12 +115,7 @@ impl BertConfig {
     }
 
     pub fn activation(&self) -> Result<Activation> {
-        match self.hidden_act.as_str() {
-            "gelu" => Ok(Activation::GeluErf),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
-            "relu" => Ok(Activation::Relu),
-            other => Err(config_err("hidden_act", format!("`{other}` is not supported (gelu, gelu_new, relu)"))),
-        }
+        Activation::from_name("hidden_act", &self.hidden_act)
     }
 
     /// RoBERTa-style models number positions from `pad_token_id + 1`; BERT, BigBird and the

@@ -29,6 +29,7 @@ use tome_attn::lsh::{seeded_rotations, LshSpec};
 use tome_dist::ops::{blocksparse_attention, lsh_attention, ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
+use crate::config::Activation;
 use crate::document::{padded_plan, ShardInput};
 use crate::error::{ModelError, Result};
 use crate::model::check_vocab;
@@ -108,12 +109,6 @@ enum Kind {
     Local,
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Act {
-    Relu,
-    GeluErf,
-    GeluTanh,
-}
 
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {
@@ -175,13 +170,8 @@ impl ReformerConfig {
         Ok(if n % lcm != 0 && n > min { lcm - n % lcm } else { 0 })
     }
 
-    fn activation(&self) -> Result<Act> {
-        match self.hidden_act.as_str() {
-            "relu" => Ok(Act::Relu),
-            "gelu" => Ok(Act::GeluErf),
-            "gelu_new" => Ok(Act::GeluTanh),
-            other => Err(config_err("hidden_act", format!("`{other}` is not supported (relu, gelu, gelu_new)"))),
-        }
+    fn activation(&self) -> Result<Activation> {
+        Activation::from_name("hidden_act", &self.hidden_act)
     }
 
     fn validate(&self) -> Result<()> {
@@ -241,7 +231,7 @@ struct Layer {
 
 pub struct ReformerModel {
     cfg: ReformerConfig,
-    act: Act,
+    act: Activation,
     words: Embedding,
     positions: Positions,
     layers: Vec<Layer>,
@@ -408,7 +398,7 @@ impl ReformerModel {
                 let a = self.attention(layer, group, &padded, &layer.attn_norm.forward(x)?, &positions, &valid)?;
                 Ok(layer.attn_out.forward(&a)?)
             };
-            let mut g = |y: &Tensor| -> Result<Tensor> { Ok(layer.ff_out.forward(&self.ff_dense_act(layer, &layer.ff_norm.forward(y)?)?)?) };
+            let mut g = |y: &Tensor| -> Result<Tensor> { Ok(layer.ff_out.forward(&self.act.apply(&layer.ff_dense.forward(&layer.ff_norm.forward(y)?)?)?)?) };
             (x1, x2) = reversible::forward(&x1, &x2, &mut f, &mut g)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);
@@ -419,14 +409,6 @@ impl ReformerModel {
         Ok(out.narrow(0, 0, n)?)
     }
 
-    fn ff_dense_act(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        let h = layer.ff_dense.forward(x)?;
-        Ok(match self.act {
-            Act::Relu => h.relu()?,
-            Act::GeluErf => h.gelu_erf()?,
-            Act::GeluTanh => h.gelu()?,
-        })
-    }
 
     /// `[rows, heads × head_size]`: this rank's rows of the layer's attention over the padded plan.
     fn attention(&self, layer: &Layer, group: &dyn Group, plan: &ShardPlan, x: &Tensor, positions: &[i64], valid: &[bool]) -> Result<Tensor> {

@@ -19,6 +19,7 @@ use tome_attn::relative_bias::RelativeBias;
 use tome_dist::ops::{apply_experts, ring_attention_with_bias, route_tokens, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
+use crate::config::Activation;
 use crate::document::ShardInput;
 use crate::error::{ModelError, Result};
 use crate::model::check_vocab;
@@ -76,12 +77,6 @@ fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
     ModelError::Config { field: field.into(), msg: msg.into() }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Act {
-    Relu,
-    GeluErf,
-    GeluTanh,
-}
 
 impl SwitchConfig {
     /// Every `step`-th layer (as transformers counts) is sparse.
@@ -98,16 +93,11 @@ impl SwitchConfig {
         step > 0 && (layer % step == 1 || step == 1)
     }
 
-    fn activation(&self) -> Result<Act> {
-        let (field, act) = match &self.dense_act_fn {
-            Some(a) => ("dense_act_fn", a.as_str()),
-            None => ("feed_forward_proj", self.feed_forward_proj.as_str()),
-        };
-        match act {
-            "relu" => Ok(Act::Relu),
-            "gelu" => Ok(Act::GeluErf),
-            "gelu_new" => Ok(Act::GeluTanh),
-            other => Err(config_err(field, format!("`{other}` is not supported (relu, gelu, gelu_new; Switch's feed-forward is not gated)"))),
+    /// Switch's feed-forward is never gated: `feed_forward_proj` names a plain activation.
+    fn activation(&self) -> Result<Activation> {
+        match &self.dense_act_fn {
+            Some(a) => Activation::from_name("dense_act_fn", a),
+            None => Activation::from_name("feed_forward_proj", &self.feed_forward_proj),
         }
     }
 
@@ -153,7 +143,7 @@ struct Block {
 
 pub struct SwitchModel {
     cfg: SwitchConfig,
-    act: Act,
+    act: Activation,
     shared: Embedding,
     bias: RelativeBias,
     blocks: Vec<Block>,
@@ -173,14 +163,8 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor, act: Act) -> candle_core::Result<Tensor> {
-        let h = self.wi.forward(x)?;
-        let h = match act {
-            Act::Relu => h.relu()?,
-            Act::GeluErf => h.gelu_erf()?,
-            Act::GeluTanh => h.gelu()?,
-        };
-        self.wo.forward(&h)
+    fn forward(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+        self.wo.forward(&act.apply(&self.wi.forward(x)?)?)
     }
 }
 

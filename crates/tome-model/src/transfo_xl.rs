@@ -246,26 +246,26 @@ impl AdaptiveEmbedding {
 
     /// `[ids, d_model]`: each id looked up in its cluster, projected, scaled by sqrt(d_model).
     fn forward(&self, ids: &[u32]) -> Result<Tensor> {
-        let mut rows: Vec<Option<Tensor>> = vec![None; ids.len()];
+        let mut out = Tensor::zeros((ids.len(), self.d_model), DType::F32, &Device::Cpu)?;
+        let mut covered = 0;
         for c in &self.clusters {
             let at: Vec<u32> = (0..ids.len() as u32).filter(|&i| (c.start..c.end).contains(&ids[i as usize])).collect();
             if at.is_empty() {
                 continue;
             }
+            covered += at.len();
             let local: Vec<u32> = at.iter().map(|&i| ids[i as usize] - c.start).collect();
             let mut e = c.table.index_select(&Tensor::from_vec(local, at.len(), &Device::Cpu)?, 0)?;
             if let Some(p) = &c.proj {
                 e = e.matmul(&p.t()?)?;
             }
-            for (j, &i) in at.iter().enumerate() {
-                rows[i as usize] = Some(e.get(j)?);
-            }
+            // Each row belongs to one cluster: adding into zeros places it.
+            out = out.index_add(&Tensor::from_vec(at, e.dim(0)?, &Device::Cpu)?, &e, 0)?;
         }
-        let rows = rows.into_iter().map(|r| r.ok_or_else(|| ModelError::Input("a token id lies outside every embedding cluster".into()))).collect::<Result<Vec<_>>>()?;
-        if rows.is_empty() {
-            return Ok(Tensor::zeros((0, self.d_model), DType::F32, &Device::Cpu)?);
+        if covered != ids.len() {
+            return Err(ModelError::Input("a token id lies outside every embedding cluster".into()));
         }
-        Ok((Tensor::stack(&rows, 0)? * self.scale)?)
+        Ok((out * self.scale)?)
     }
 }
 
