@@ -47,6 +47,8 @@ pub struct Server {
     pub host_port: String,
     /// Its stderr (logs), when captured.
     pub log: Option<PathBuf>,
+    /// `127.0.0.1:PORT` of its Prometheus endpoint, when started with `--metrics-listen`.
+    pub metrics: Option<String>,
 }
 
 impl Server {
@@ -95,14 +97,24 @@ pub async fn spawn_serving_at(args: &[&str], service: &str, log: Option<PathBuf>
     }
     let mut child = cmd.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
+    // `tome metrics on ADDR` comes first when metrics are served, then `tome listening on ADDR`.
+    let lines = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            let last = line.starts_with("tome listening on ");
+            lines.push(line);
+            if last {
+                break;
+            }
+        }
+        std::io::Result::Ok(lines)
     });
-    let line = tokio::time::timeout(Duration::from_secs(120), line).await.expect("the server did not say where it listens").unwrap().unwrap();
-    let host_port = line.trim().strip_prefix("tome listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
-    let server = Server { child, addr: format!("http://{host_port}"), host_port, log };
+    let lines = tokio::time::timeout(Duration::from_secs(120), lines).await.expect("the server did not say where it listens").unwrap().unwrap();
+    let after = |prefix: &str| lines.iter().find_map(|l| l.trim().strip_prefix(prefix).map(str::to_string));
+    let host_port = after("tome listening on ").unwrap_or_else(|| panic!("the server exited before listening; it printed {lines:?}"));
+    let server = Server { child, addr: format!("http://{host_port}"), host_port, log, metrics: after("tome metrics on ") };
     wait_serving(&server.addr, service, Duration::from_secs(60)).await;
     server
 }
@@ -137,7 +149,7 @@ pub async fn start_server(model: &Path, extra: &[&str]) -> Server {
 
 /// A worker process (`tome serve worker`), logging to `log`.
 pub async fn start_worker(model: &Path, extra: &[&str], log: PathBuf) -> Server {
-    start_worker_at(model, extra, log, format!("127.0.0.1:{}", free_port())).await
+    start_worker_at(model, extra, log, "127.0.0.1:0".into()).await
 }
 
 /// A worker process listening on `host_port`.

@@ -98,15 +98,13 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
     let reference = embedded_reference(&model, &text, 4, pb::Layout::Contiguous).await;
     let reference_zigzag = embedded_reference(&model, &text, 4, pb::Layout::Zigzag).await;
     let mut workers = Vec::new();
-    let worker_metrics: Vec<String> = (0..4).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    for (i, m) in worker_metrics.iter().enumerate() {
-        workers.push(start_worker(&model, &["--metrics-listen", m], logs(&format!("match-w{i}"))).await);
+    for i in 0..4 {
+        workers.push(start_worker(&model, &["--metrics-listen", "127.0.0.1:0"], logs(&format!("match-w{i}"))).await);
     }
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
     for n in [1, 2, 4] {
         let list: Vec<&str> = workers[..n].iter().map(|w| w.host_port.as_str()).collect();
         let list = list.join(",");
-        let extra = ["--workers", &list, "--probe-ms", "200", "--metrics-listen", &metrics_addr];
+        let extra = ["--workers", &list, "--probe-ms", "200", "--metrics-listen", "127.0.0.1:0"];
         let coordinator = start_coordinator(&model, if n == 4 { &extra } else { &extra[..4] }, logs(&format!("match-c{n}"))).await;
         let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
         wait_for_workers(&mut client, n).await;
@@ -137,7 +135,8 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
             assert!(traced("peer stream closed"), "worker {}: no peer stream span of trace {trace_id}", w.host_port);
         }
         if n == 4 {
-            let coordinator_metrics = http_get(&metrics_addr, "/metrics");
+            let metrics_addr = coordinator.metrics.as_deref().expect("the coordinator says where it serves metrics");
+            let coordinator_metrics = http_get(metrics_addr, "/metrics");
             for name in ["tome_jobs_total", "tome_stage_seconds", "tome_tokens_total", "tome_jobs_in_flight", "tome_queue_depth"] {
                 assert!(coordinator_metrics.contains(name), "coordinator metrics lack {name}");
             }
@@ -149,7 +148,7 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
         assert!(names.iter().any(|n| n == want), "{want} missing from the worker's {names:?}");
     }
     assert!(!names.iter().any(|n| n == "tome.v1.Tome"), "a worker does not serve tome.v1.Tome: {names:?}");
-    let metrics = http_get(&worker_metrics[0], "/metrics");
+    let metrics = http_get(workers[0].metrics.as_deref().expect("the worker says where it serves metrics"), "/metrics");
     for name in ["tome_peer_bytes_sent_total", "tome_worker_shards_total", "tome_worker_shard_seconds", "tome_worker_shards_running"] {
         assert!(metrics.contains(name), "worker metrics lack {name}");
     }

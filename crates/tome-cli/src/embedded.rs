@@ -37,7 +37,7 @@ pub fn config(args: &EmbeddedArgs) -> CoordinatorConfig {
 
 /// Serves until Ctrl-C or SIGTERM.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    crate::serve::install_metrics(&args.ops)?;
+    crate::serve::install_metrics(&args.ops).await?;
     let coordinator = Arc::new(coordinator(&args.embedded)?);
     let listener = crate::serve::bind(args.listen).await?;
     eprintln!("tome: serving {} model(s) with {} ranks per job", args.embedded.models.len(), args.embedded.ranks);

@@ -27,21 +27,37 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpL
     Ok(listener)
 }
 
-/// Serves Prometheus metrics on `--metrics-listen`, when given.
-pub fn install_metrics(ops: &OpsArgs) -> anyhow::Result<()> {
-    if let Some(addr) = ops.metrics_listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("serving metrics on {addr}"))?;
-        tome_worker::metrics::describe();
-        tome_coordinator::metrics::describe();
-    }
+/// Serves Prometheus metrics over HTTP (`GET /metrics`) on `--metrics-listen`, when given, and
+/// says where on stdout (`tome metrics on ADDR`) before the server's own `tome listening on`
+/// line, so port 0 works here too. The listener is bound before this returns: a taken port is
+/// an error at start-up, not a log line later.
+pub async fn install_metrics(ops: &OpsArgs) -> anyhow::Result<()> {
+    let Some(addr) = ops.metrics_listen else { return Ok(()) };
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("serving metrics on {addr}"))?;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")?;
+    tome_worker::metrics::describe();
+    tome_coordinator::metrics::describe();
+    println!("tome metrics on {}", listener.local_addr()?);
+    // Histograms drain their buckets on upkeep; the crate leaves scheduling it to the caller.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = axum::Router::new().route("/metrics", axum::routing::get(move || std::future::ready(handle.render())));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    });
     Ok(())
 }
 
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    install_metrics(&args.ops)?;
+    install_metrics(&args.ops).await?;
     let membership: Arc<dyn Membership> = if !args.membership.etcd.is_empty() {
         let m = EtcdMembership::start(args.membership.etcd.clone(), &args.membership.etcd_prefix)
             .await
@@ -59,7 +75,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
-    install_metrics(&args.ops)?;
+    install_metrics(&args.ops).await?;
     let models: Vec<Arc<ModelDir>> = args
         .models
         .iter()
