@@ -1,7 +1,7 @@
 //! The hot loops in AVX2 + FMA intrinsics, in the transposed layout (`Sᵀ`: keys × queries): the
 //! two micro-kernels (6 keys or value columns × 16 queries, twelve ymm accumulators) reading key
 //! and value rows in place, and the online softmax down the columns with a vectorised exp. Only called from
-//! code compiled with these features after the CPU reported them (see `flash::has_fma`).
+//! code compiled with these features after the CPU reported them (see `flash::Isa`).
 //!
 //! Shapes are guaranteed by the packing in `flash`: every length is checked on entry, and the
 //! functions do nothing when a check fails, so no out-of-bounds access is possible.

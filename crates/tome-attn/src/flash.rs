@@ -7,9 +7,10 @@
 //! the blocks above the diagonal; a tile whose every pair is visible skips per-element masking.
 //!
 //! Where the CPU has AVX2 and FMA the tile is computed transposed (`Sᵀ = K Qᵀ`, keys × queries)
-//! on 6 × 16 register-blocked micro-kernels that read key and value rows in place, so only `Qᵀ`
-//! is packed, once per tile (`avx2`). The portable path packs `Qᵀ` panels, `Kᵀ` and `V` per key
-//! block for `MR × NR` kernels. Work is split over (head, query tile) with rayon.
+//! on register-blocked micro-kernels that read key and value rows in place, so only `Qᵀ` is
+//! packed, once per tile: 6 × 16 in `avx2`, 12 × 32 in `avx512` where the CPU has AVX-512F. The
+//! portable path packs `Qᵀ` panels, `Kᵀ` and `V` per key block for `MR × NR` kernels. Work is
+//! split over (head, query tile) with rayon.
 
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -22,12 +23,12 @@ use crate::tensor::{dims3, with_f32};
 
 /// Query rows per tile (portable path).
 const BQ: usize = 64;
-/// Query rows per tile of the AVX2 path (multiples of its 16-query micro-kernel): taller tiles
+/// Query rows per tile of the vector paths (multiples of their 16- and 32-query micro-kernels): taller tiles
 /// read each key and value row fewer times; under a window, shorter ones see fewer keys
 /// (a tile sees its own rows plus the window on either side).
 const TQ: usize = 192;
 const TQ_WINDOW: usize = 96;
-/// Key rows per block of the AVX2 path (a multiple of its 6-key micro-kernel).
+/// Key rows per block of the vector paths (a multiple of their 6- and 12-key micro-kernels).
 const TK: usize = 72;
 /// Key rows per tile.
 const BK: usize = 64;
@@ -67,11 +68,43 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32
     if let Some(at) = mask.k_pos.windows(2).position(|w| w[1] < w[0]) {
         return Err(AttnError::UnsortedKeys { op: OP, at: at + 1, got: mask.k_pos[at + 1], prev: mask.k_pos[at] });
     }
-    attention_on(q, k, v, mask, scale, has_fma())
+    attention_on(q, k, v, mask, scale, Isa::detect())
 }
 
-/// [`attention`] with the AVX2 path chosen by the caller (`fused` only where the CPU has it).
-fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32, fused: bool) -> Result<Partial> {
+/// The instruction set a tile runs on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Isa {
+    Portable,
+    /// AVX2 + FMA, 8 lanes.
+    Avx2,
+    /// AVX-512F, 16 lanes.
+    Avx512,
+}
+
+impl Isa {
+    /// The widest the CPU has (checked once per call; the check is a cached load).
+    fn detect() -> Isa {
+        Isa::available().last().copied().unwrap_or(Isa::Portable)
+    }
+
+    /// Every path this CPU can run, narrowest first.
+    fn available() -> Vec<Isa> {
+        let mut isas = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                isas.push(Isa::Avx512);
+            }
+        }
+        isas
+    }
+}
+
+/// [`attention`] on the instruction set chosen by the caller (one the CPU has).
+fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32, isa: Isa) -> Result<Partial> {
     let (hq, nq, dqk) = dims3(q, OP, "q")?;
     let (hk, nk, _) = dims3(k, OP, "k")?;
     let (_, _, dv) = dims3(v, OP, "v")?;
@@ -84,14 +117,14 @@ fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32,
         with_f32(k, OP, |k| {
             with_f32(v, OP, |v| {
                 let p = Problem { q, k, v, nq, nk, dqk, dv, group: hq / hk, mask, scale };
-                let bq = match (fused, mask.window) {
-                    (false, _) => BQ,
-                    (true, None) => TQ,
-                    (true, Some(_)) => TQ_WINDOW,
+                let bq = match (isa, mask.window) {
+                    (Isa::Portable, _) => BQ,
+                    (_, None) => TQ,
+                    (_, Some(_)) => TQ_WINDOW,
                 };
                 out.par_chunks_mut(nq * dv).zip(lse.par_chunks_mut(nq)).enumerate().for_each(|(h, (out, lse))| {
                     out.par_chunks_mut(bq * dv).zip(lse.par_chunks_mut(bq)).enumerate().for_each(|(t, (out, lse))| {
-                        p.tile(fused, h, t * bq, out, lse)
+                        p.tile(isa, h, t * bq, out, lse)
                     })
                 })
             })
@@ -100,14 +133,59 @@ fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32,
     Partial::from_vecs(out, lse, hq, nq, dv)
 }
 
-fn has_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+/// The vector kernels of a transposed tile, one implementation per instruction set.
+#[cfg(target_arch = "x86_64")]
+trait TransposedKernels {
+    /// Queries per micro-kernel: `rows_p` is padded to a multiple.
+    const NQ: usize;
+    /// # Safety
+    /// The CPU has the kernels' instruction set.
+    unsafe fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize);
+    /// # Safety
+    /// As `scores_t`.
+    unsafe fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize);
+    /// # Safety
+    /// As `scores_t`.
+    unsafe fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize);
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx2Kernels;
+
+#[cfg(target_arch = "x86_64")]
+impl TransposedKernels for Avx2Kernels {
+    const NQ: usize = crate::avx2::NQ;
+    unsafe fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { crate::avx2::scores_t(qt, k, st, cols, dqk, rows_p) }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    unsafe fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { crate::avx2::softmax_t(st, cols, rows_p, m, l, acc, dv) }
+    }
+    unsafe fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { crate::avx2::values_t(pt, v, acc, cols, dv, rows_p) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx512Kernels;
+
+#[cfg(target_arch = "x86_64")]
+impl TransposedKernels for Avx512Kernels {
+    const NQ: usize = crate::avx512::NQ;
+    unsafe fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { crate::avx512::scores_t(qt, k, st, cols, dqk, rows_p) }
+    }
+    unsafe fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { crate::avx512::softmax_t(st, cols, rows_p, m, l, acc, dv) }
+    }
+    unsafe fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { crate::avx512::values_t(pt, v, acc, cols, dv, rows_p) }
     }
 }
 
@@ -127,15 +205,30 @@ struct Problem<'a> {
 }
 
 impl Problem<'_> {
-    fn tile(&self, fused: bool, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if fused {
-            // SAFETY: `fused` is true only when the CPU reports AVX2 and FMA.
-            unsafe { self.tile_avx2(h, q0, out, lse) };
-            return;
+    fn tile(&self, isa: Isa, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
+        match isa {
+            // SAFETY: `Isa::available` offers these only where the CPU reports them.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { self.tile_avx2(h, q0, out, lse) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.tile_avx512(h, q0, out, lse) },
+            _ => self.tile_with::<Plain>(h, q0, out, lse),
         }
-        let _ = fused;
-        self.tile_with::<Plain>(h, q0, out, lse)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
+        // SAFETY: compiled for, and called only on, CPUs with AVX2 and FMA.
+        unsafe { self.tile_transposed::<Avx2Kernels>(h, q0, out, lse) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_avx512(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
+        // SAFETY: compiled for, and called only on, CPUs with AVX-512F.
+        unsafe { self.tile_transposed::<Avx512Kernels>(h, q0, out, lse) }
     }
 
     /// The position range of a tile's queries and the keys `start..end` any of them may see.
@@ -158,14 +251,19 @@ impl Problem<'_> {
         Some((valid, !all_valid || !self.mask.positions_all_visible(q_range, k_range)))
     }
 
-    /// The AVX2 tile, transposed: scores are kept as `Sᵀ` (keys × queries), so the key and
+    /// The vector tile, transposed: scores are kept as `Sᵀ` (keys × queries), so the key and
     /// value rows are read in place — nothing is packed per key block — while each micro-kernel
-    /// broadcasts six keys (or value columns) against 16 queries in two registers. Only `Qᵀ`
-    /// is packed, once per tile; the online softmax runs down the columns, eight queries at once.
+    /// broadcasts keys (or value columns) against `K::NQ` queries in two registers. Only `Qᵀ`
+    /// is packed, once per tile; the online softmax runs down the columns, a register of
+    /// queries at once. Inlined into each instruction set's `#[target_feature]` wrapper.
+    ///
+    /// # Safety
+    /// The CPU has `K`'s instruction set.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_avx2(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
-        use crate::avx2::{scores_t, softmax_t, values_t, NQ};
+    #[inline(always)]
+    unsafe fn tile_transposed<K: TransposedKernels>(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
+        const { assert!(TQ % K::NQ == 0 && TQ_WINDOW % K::NQ == 0) };
+        let nq_kernel = K::NQ;
         let (dqk, dv, mask) = (self.dqk, self.dv, self.mask);
         let rows = lse.len();
         let q_pos = &mask.q_pos[q0..q0 + rows];
@@ -176,7 +274,7 @@ impl Problem<'_> {
             return;
         }
         let kvh = h / self.group;
-        let rows_p = rows.div_ceil(NQ) * NQ;
+        let rows_p = rows.div_ceil(nq_kernel) * nq_kernel;
         // Qᵀ, pre-multiplied by the score scale: element (t, r) at t * rows_p + r.
         let mut qt = vec![0f32; dqk * rows_p];
         let q_head = &self.q[(h * self.nq + q0) * dqk..];
@@ -195,7 +293,8 @@ impl Problem<'_> {
         for kb in (k_start..k_end).step_by(TK) {
             let cols = TK.min(k_end - kb);
             let Some((valid, needs_mask)) = self.key_block(q_range, kb, cols) else { continue };
-            scores_t(&qt, &k_head[kb * dqk..(kb + cols) * dqk], &mut st, cols, dqk, rows_p);
+            // SAFETY: the caller's contract.
+            unsafe { K::scores_t(&qt, &k_head[kb * dqk..(kb + cols) * dqk], &mut st, cols, dqk, rows_p) };
             if needs_mask {
                 for j in 0..cols {
                     let row = &mut st[j * rows_p..j * rows_p + rows];
@@ -213,8 +312,11 @@ impl Problem<'_> {
                     }
                 }
             }
-            softmax_t(&mut st, cols, rows_p, &mut m, &mut l, &mut acc, dv);
-            values_t(&st, &v_head[kb * dv..(kb + cols) * dv], &mut acc, cols, dv, rows_p);
+            // SAFETY: as above.
+            unsafe {
+                K::softmax_t(&mut st, cols, rows_p, &mut m, &mut l, &mut acc, dv);
+                K::values_t(&st, &v_head[kb * dv..(kb + cols) * dv], &mut acc, cols, dv, rows_p);
+            }
         }
 
         for r in 0..rows {
@@ -381,10 +483,10 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The portable path (no AVX2) against the reference and the AVX2 path.
+    /// Every path the CPU can run (portable, AVX2, AVX-512) against the reference.
     #[test]
     fn portable_and_vector_paths_agree() {
-        for &(nq, nk, d, causal, window) in &[(70usize, 90usize, 12usize, true, None), (33, 140, 64, false, Some(17usize)), (5, 3, 33, false, None)] {
+        for &(nq, nk, d, causal, window) in &[(70usize, 90usize, 12usize, true, None), (33, 140, 64, false, Some(17usize)), (5, 3, 33, false, None), (400, 500, 32, true, Some(100))] {
             let q = Tensor::randn(0f32, 1.0, (2, nq, d), &Device::Cpu).unwrap();
             let k = Tensor::randn(0f32, 1.0, (2, nk, d), &Device::Cpu).unwrap();
             let v = Tensor::randn(0f32, 1.0, (2, nk, d), &Device::Cpu).unwrap();
@@ -392,14 +494,12 @@ mod tests {
             let k_pos: Vec<i64> = (0..nk as i64).collect();
             let mask = Mask::full(&q_pos, &k_pos).with_causal(causal).with_window(window);
             let want = crate::reference::attention(&q, &k, &v, &mask, 0.3).unwrap();
-            let mut paths = vec![false];
-            if has_fma() {
-                paths.push(true);
-            }
-            for fused in paths {
-                let got = attention_on(&q, &k, &v, &mask, 0.3, fused).unwrap();
+            for isa in Isa::available() {
+                let got = attention_on(&q, &k, &v, &mask, 0.3, isa).unwrap();
                 let diff = (got.out - &want.out).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!(diff < 2e-5, "fused={fused}: {diff}");
+                assert!(diff < 2e-5, "{isa:?}: {diff}");
+                let lse = (got.lse - &want.lse).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(lse < 2e-5, "{isa:?} lse: {lse}");
             }
         }
     }
