@@ -21,6 +21,7 @@ pub mod lsh;
 mod mask;
 pub mod moe;
 mod partial;
+pub mod projection;
 pub mod reference;
 pub mod relative;
 pub mod relative_bias;

@@ -15,6 +15,7 @@ use tome_dist::{Group, ShardPlan};
 use crate::config::{BertConfig, EncodeOptions, LayerAttention, PositionExtension};
 use crate::document::{padded_plan, Prepared, RunOptions, ShardInput};
 use crate::error::{ModelError, Result};
+use crate::heads::{project_heads, window_rows};
 
 /// Token rows per feed-forward block (bounds the intermediate activation's memory).
 const FFN_ROWS: usize = 2048;
@@ -256,9 +257,25 @@ impl BertModel {
     ) -> Result<Tensor> {
         let (n, hidden) = x.dims2()?;
         let (heads, hd) = (self.cfg.num_attention_heads, self.cfg.head_dim());
-        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?) };
-        let [q, k, v] = self.project_heads(x, [&layer.query, &layer.key, &layer.value])?;
         let scale = 1.0 / (hd as f32).sqrt();
+        // Everything after attention is per token: run it in row blocks written into the
+        // layer's output, so that no whole-shard temporary (the 4x-wide intermediate above
+        // all) is ever allocated, and each block stays in cache from projection to norm.
+        let out = Tensor::zeros((n, hidden), DType::F32, &Device::Cpu)?;
+        let finish = |start: usize, c: Tensor| -> Result<()> {
+            let h = layer.attn_norm.forward(&(layer.attn_out.forward(&c)? + x.narrow(0, start, c.dim(0)?)?)?)?;
+            out.slice_set(&self.feed_forward(layer, &h)?, 0, start)?;
+            Ok(())
+        };
+        if let (LayerAttention::Window { one_sided }, true) = (attn, global_tokens.is_empty()) {
+            // Without global tokens, queries go through attention and the rest of the layer a
+            // row block at a time: the shard's queries and context never exist whole.
+            let spec = WindowSpec { one_sided, causal: false, scale };
+            window_rows(group, plan, x, [&layer.query, &layer.key, &layer.value], heads, positions, valid, spec, FFN_ROWS, finish)?;
+            return Ok(out);
+        }
+        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?) };
+        let [q, k, v] = project_heads(x, [&layer.query, &layer.key, &layer.value], heads)?;
         let own = KeyBlock { k, v, pos: positions.to_vec(), valid: valid.to_vec() };
         let ctx = match attn {
             LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale })?,
@@ -285,36 +302,11 @@ impl BertModel {
             }
             LayerAttention::Native(name) => return Err(ModelError::Unsupported(format!("a BERT-family layer cannot run `{name}` attention"))),
         };
-        // Everything after attention is per token: run it in row blocks written into the
-        // layer's output, so that no whole-shard temporary (the 4x-wide intermediate above
-        // all) is ever allocated, and each block stays in cache from projection to norm.
-        let out = Tensor::zeros((n, hidden), DType::F32, &Device::Cpu)?;
         for start in (0..n).step_by(FFN_ROWS) {
             let rows = FFN_ROWS.min(n - start);
-            let c = ctx.narrow(1, start, rows)?.transpose(0, 1)?.reshape((rows, hidden))?;
-            let h = layer.attn_norm.forward(&(layer.attn_out.forward(&c)? + x.narrow(0, start, rows)?)?)?;
-            out.slice_set(&self.feed_forward(layer, &h)?, 0, start)?;
+            finish(start, ctx.narrow(1, start, rows)?.transpose(0, 1)?.reshape((rows, hidden))?)?;
         }
         Ok(out)
-    }
-
-    /// `x` (`[n, hidden]`) through each projection, as `[heads, n, head_dim]` tensors: a block
-    /// of rows at a time, written into the head-major results, so the projections' row-major
-    /// outputs exist only a block at a time.
-    fn project_heads<const P: usize>(&self, x: &Tensor, projections: [&Linear; P]) -> Result<[Tensor; P]> {
-        let (n, _) = x.dims2()?;
-        let (heads, hd) = (self.cfg.num_attention_heads, self.cfg.head_dim());
-        let outs = (0..P).map(|_| Tensor::zeros((heads, n, hd), DType::F32, &Device::Cpu)).collect::<candle_core::Result<Vec<_>>>()?;
-        for start in (0..n).step_by(FFN_ROWS) {
-            let rows = FFN_ROWS.min(n - start);
-            let xb = x.narrow(0, start, rows)?;
-            for (proj, out) in projections.iter().zip(&outs) {
-                let t = proj.forward(&xb)?.reshape((rows, heads, hd))?.transpose(0, 1)?.contiguous()?;
-                out.slice_set(&t, 1, start)?;
-            }
-        }
-        // Tensors are shared handles: these clones copy no data.
-        Ok(std::array::from_fn(|i| outs[i].clone()))
     }
 
     fn feed_forward(&self, layer: &BertLayer, x: &Tensor) -> Result<Tensor> {

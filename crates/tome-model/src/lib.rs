@@ -10,6 +10,7 @@ mod bert;
 mod config;
 mod document;
 mod error;
+pub mod heads;
 pub mod gpt2;
 pub mod gpt_neo;
 pub mod llama;

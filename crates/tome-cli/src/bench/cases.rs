@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
+use candle_nn::Linear;
 use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
 use tome_attn::favor::orthogonal_projection;
 use tome_attn::lsh::{seeded_rotations, LshSpec};
@@ -20,6 +21,7 @@ use tome_dist::ops::{
     XlMemory,
 };
 use tome_dist::{run_ranks, InProcessGroup, Layout, ShardPlan};
+use tome_model::heads::{project_heads, window_rows};
 use tome_model::{pool_spans, EncodeOptions, LayerAttention, ModelDir, PositionExtension};
 
 use super::memory::{peak_mb, reset_peak, rss_mb};
@@ -50,12 +52,6 @@ fn randn(shape: impl Into<candle_core::Shape>) -> anyhow::Result<Tensor> {
     Ok(Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?)
 }
 
-/// `[n, heads·d]` → `[heads, n, d]`.
-fn split_heads(t: &Tensor, heads: usize) -> anyhow::Result<Tensor> {
-    let (n, w) = t.dims2()?;
-    Ok(t.reshape((n, heads, w / heads))?.transpose(0, 1)?.contiguous()?)
-}
-
 /// Times `f` once after resetting the peak-memory mark.
 fn timed(case: &str, tokens: usize, gflop: Option<f64>, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Record> {
     let before = rss_mb();
@@ -67,21 +63,22 @@ fn timed(case: &str, tokens: usize, gflop: Option<f64>, f: impl FnOnce() -> anyh
     Ok(Record { case: case.into(), tokens, seconds, gflops: gflop.map(|g| g / seconds), peak_increment_mb: (peak - before).max(0.0), peak_rss_mb: peak })
 }
 
-/// Projections of the model-pattern cases: `x [n, 512]` to `q, k, v` as `[8, n, 64]`.
+/// Projections of the model-pattern cases (512 → 512, no bias), applied as the models apply
+/// them: in row blocks straight into head layout (`[8, n, 64]`).
 struct Projections {
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
+    query: Linear,
+    key: Linear,
+    value: Linear,
 }
 
 impl Projections {
     fn new() -> anyhow::Result<Self> {
-        let w = || Tensor::randn(0f32, (HIDDEN as f32).powf(-0.5), (HIDDEN, HIDDEN), &Device::Cpu);
-        Ok(Projections { wq: w()?, wk: w()?, wv: w()? })
+        let w = || -> anyhow::Result<Linear> { Ok(Linear::new(Tensor::randn(0f32, (HIDDEN as f32).powf(-0.5), (HIDDEN, HIDDEN), &Device::Cpu)?, None)) };
+        Ok(Projections { query: w()?, key: w()?, value: w()? })
     }
 
-    fn qkv(&self, x: &Tensor) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
-        Ok((split_heads(&x.matmul(&self.wq)?, HEADS)?, split_heads(&x.matmul(&self.wk)?, HEADS)?, split_heads(&x.matmul(&self.wv)?, HEADS)?))
+    fn qkv(&self, x: &Tensor) -> anyhow::Result<[Tensor; 3]> {
+        Ok(project_heads(x, [&self.query, &self.key, &self.value], HEADS)?)
     }
 }
 
@@ -106,12 +103,19 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
             })
         }
         "longformer" => {
+            // As a Longformer layer without global tokens runs: keys and values for the whole
+            // sequence, queries projected and attending a row block at a time; the context is
+            // returned as `[n, 512]`, as transformers' LongformerSelfAttention returns it. Blocks
+            // of two 96-row kernel tiles keep the working set small.
+            const ROWS: usize = 192;
             let (x, proj) = (randn((n, HIDDEN))?, Projections::new()?);
-            let plan = plan()?;
+            let (plan, valid) = (plan()?, vec![true; n]);
+            let spec = WindowSpec { one_sided: 256, causal: false, scale: 0.125 };
             timed(name, n, None, || {
-                let (q, k, v) = proj.qkv(&x)?;
-                let own = KeyBlock { k, v, pos: pos.clone(), valid: vec![true; n] };
-                window_attention(&g, &plan, &q, own, WindowSpec { one_sided: 256, causal: false, scale: 0.125 }, None)?;
+                let context = Tensor::zeros((n, HIDDEN), candle_core::DType::F32, &Device::Cpu)?;
+                window_rows(&g, &plan, &x, [&proj.query, &proj.key, &proj.value], HEADS, &pos, &valid, spec, ROWS, |start, c| {
+                    Ok(context.slice_set(&c, 0, start)?)
+                })?;
                 Ok(())
             })
         }
@@ -120,7 +124,7 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
             let (x, proj) = (randn((n, HIDDEN))?, Projections::new()?);
             let (plan, pattern) = (plan()?, BlockSparsePlan::new(n, 64, HEADS, &RandomBlocks::AllZero(3))?);
             timed(name, n, None, || {
-                let (q, k, v) = proj.qkv(&x)?;
+                let [q, k, v] = proj.qkv(&x)?;
                 blocksparse_attention(&g, &plan, &q, KeyBlock { k, v, pos: pos.clone(), valid: vec![true; n] }, &pattern, 0.125)?;
                 Ok(())
             })
@@ -131,7 +135,7 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
             let (plan, rot) = (plan()?, seeded_rotations(HEADS, HEAD_DIM, &spec, 1)?);
             timed(name, n, None, || {
                 // Shared query-key and value projections, as LSHSelfAttention computes them.
-                let (qk, v) = (split_heads(&x.matmul(&proj.wq)?, HEADS)?, split_heads(&x.matmul(&proj.wv)?, HEADS)?);
+                let [qk, v] = project_heads(&x, [&proj.query, &proj.value], HEADS)?;
                 lsh_attention(&g, &plan, &qk, &v, &vec![true; n], &rot, &spec)?;
                 Ok(())
             })
@@ -144,6 +148,21 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
                 favor_attention(&g, &plan, &q, &k, &v, &spec)?;
                 Ok(())
             })
+        }
+        "mm" => {
+            let x = randn((n, HIDDEN))?;
+            let w = randn((HIDDEN, HIDDEN))?;
+            let wt = w.t()?;
+            for _ in 0..2 {
+                let t = Instant::now(); let _a = x.matmul(&w)?; eprintln!("whole {:?}", t.elapsed());
+                let t = Instant::now(); let _a = x.matmul(&wt)?; eprintln!("whole wt {:?}", t.elapsed());
+                for b in [576usize, 2048, 4096] {
+                    let t = Instant::now();
+                    for s in (0..n).step_by(b) { let r = b.min(n - s); let _a = x.narrow(0, s, r)?.matmul(&wt)?; }
+                    eprintln!("blocks {b} wt {:?}", t.elapsed());
+                }
+            }
+            bail!("done")
         }
         s if s.starts_with("scaling-") => scaling(&s["scaling-".len()..], n),
         "book" => book(),

@@ -47,6 +47,48 @@ fn needed(ranges: &[Range<usize>], w: usize, causal: bool, len: usize) -> Vec<Ra
     ranges.iter().map(|x| x.start.saturating_sub(w)..if causal { x.end } else { (x.end + w).min(len) }).collect()
 }
 
+/// The keys a shard's window queries see once the halo is in: the rank's own rows and its
+/// neighbours', ascending by position. Made by [`window_keys`]; queries then attend in row
+/// blocks of any size ([`WindowKeys::attend`]), so a layer can project and consume its queries a
+/// block at a time instead of holding the whole shard's queries and output at once.
+#[derive(Clone, Debug)]
+pub struct WindowKeys {
+    keys: Option<KeyBlock>,
+    spec: WindowSpec,
+    /// Value width, for the output of rows that see no key.
+    dv: usize,
+}
+
+/// Fetches the halo of this rank's shard under `spec` (every rank of `group` calls this
+/// together; with one rank it copies nothing).
+pub fn window_keys(group: &dyn Group, plan: &ShardPlan, own: &KeyBlock, spec: WindowSpec) -> Result<WindowKeys> {
+    let halo_of = |r: usize| needed(plan.ranges(r), spec.one_sided, spec.causal, plan.len());
+    Ok(WindowKeys { keys: gather_needed(group, plan, own, &halo_of)?, spec, dv: own.v.dim(2)? })
+}
+
+impl WindowKeys {
+    /// Window attention of the queries `q` (`[heads, rows, d]`) at positions `q_pos`, any rows
+    /// of the shard the keys were fetched for: `[heads, rows, dv]`.
+    pub fn attend(&self, q: &Tensor, q_pos: &[i64]) -> Result<Tensor> {
+        Ok(self.partial(q, q_pos)?.out)
+    }
+
+    fn partial(&self, q: &Tensor, q_pos: &[i64]) -> Result<Partial> {
+        let (heads, n, _) = q.dims3()?;
+        if q_pos.len() != n {
+            return Err(DistError::Plan(format!("{n} query rows with {} positions", q_pos.len())));
+        }
+        match &self.keys {
+            Some(keys) if n > 0 => {
+                let mask = Mask::full(q_pos, &keys.pos).with_causal(self.spec.causal).with_window(Some(self.spec.one_sided)).with_key_valid(Some(&keys.valid));
+                Ok(attention(q, &keys.k, &keys.v, &mask, self.spec.scale)?)
+            }
+            // No query, or no key at all (an empty shard).
+            _ => Ok(Partial::empty(heads, n, self.dv)?),
+        }
+    }
+}
+
 /// This rank's output rows of window attention. `q`, `own.k`, `own.v` hold the rank's shard as
 /// laid out by `plan`; `own.valid` marks padding.
 pub fn window_attention(
@@ -66,25 +108,18 @@ pub fn window_attention(
             return Err(DistError::Plan(format!("global token positions must be ascending and below {}", plan.len())));
         }
     }
-    let (heads, n, _) = q.dims3()?;
-    let dv = own.v.dim(2)?;
+    let n = q.dim(1)?;
     let q_pos = own.pos.clone();
 
     // Halo exchange: the keys within the window of this rank's tokens, from whoever owns them.
-    let halo_of = |r: usize| needed(plan.ranges(r), spec.one_sided, spec.causal, plan.len());
-    let keys = gather_needed(group, plan, &own, &halo_of)?;
-
-    let mut acc = Partial::empty(heads, n, dv)?;
-    if let Some(mut keys) = keys.filter(|_| n > 0) {
-        if let Some(g) = globals {
-            // Global keys are attended through the global block below, never twice.
-            for (valid, pos) in keys.valid.iter_mut().zip(&keys.pos) {
-                *valid &= g.positions.binary_search(&(*pos as usize)).is_err();
-            }
+    let mut keys = window_keys(group, plan, &own, spec)?;
+    if let (Some(g), Some(keys)) = (globals, keys.keys.as_mut()) {
+        // Global keys are attended through the global block below, never twice.
+        for (valid, pos) in keys.valid.iter_mut().zip(&keys.pos) {
+            *valid &= g.positions.binary_search(&(*pos as usize)).is_err();
         }
-        let mask = Mask::full(&q_pos, &keys.pos).with_causal(spec.causal).with_window(Some(spec.one_sided)).with_key_valid(Some(&keys.valid));
-        acc = attention(q, &keys.k, &keys.v, &mask, spec.scale)?;
     }
+    let mut acc = keys.partial(q, &q_pos)?;
     let Some(g) = globals else {
         return Ok(acc.out);
     };

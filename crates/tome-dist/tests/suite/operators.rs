@@ -7,7 +7,7 @@
 use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tome_attn::{reference, Mask};
-use tome_dist::ops::{ring_attention, window_attention, DenseSpec, GlobalTokens, KeyBlock, WindowSpec};
+use tome_dist::ops::{ring_attention, window_attention, window_keys, DenseSpec, GlobalTokens, KeyBlock, WindowSpec};
 use tome_dist::{Group, Layout, ShardPlan};
 
 use crate::launch;
@@ -214,6 +214,42 @@ fn window_p_ranks_equal_one_rank_and_the_naive_reference() {
                                 assert!(d <= 1e-5, "window n={n} w={w} p={p} causal={causal} globals={globals:?} plan={plan:?}: {d}");
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn window_queries_in_row_blocks_equal_the_whole_shard() {
+    if !crate::available() {
+        return;
+    }
+    // A layer may fetch the halo once and attend its queries a row block at a time.
+    for &n in &[23, 90] {
+        for &w in &[0, 4, 30] {
+            for &causal in &[false, true] {
+                let x = inputs(n, (n * 7 + w) as u64, true, false);
+                let spec = WindowSpec { one_sided: w, causal, scale: 0.4 };
+                for p in 1..=4 {
+                    for plan in plans(n, p) {
+                        let (whole, _) = window(&x, &plan, spec, &[]);
+                        let (blocked, _) = on_ranks(&plan, 1, |g, r| {
+                            let keys = window_keys(g, &plan, &own(&x, &plan, r), spec)?;
+                            let (q, pos) = (plan.shard_of(&x.q, 1, r)?, plan.positions(r));
+                            let mut rows = Vec::new();
+                            for start in (0..pos.len()).step_by(7) {
+                                let len = 7.min(pos.len() - start);
+                                rows.push(keys.attend(&q.narrow(1, start, len)?, &pos[start..start + len])?);
+                            }
+                            if rows.is_empty() {
+                                return Ok(keys.attend(&q, &pos)?);
+                            }
+                            Ok(Tensor::cat(&rows, 1)?)
+                        });
+                        let d = max_diff(&blocked, &whole);
+                        assert!(d <= 1e-5, "window in blocks n={n} w={w} p={p} causal={causal} plan={plan:?}: {d}");
                     }
                 }
             }

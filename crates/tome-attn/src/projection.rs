@@ -1,0 +1,161 @@
+//! Linear projections written into attention-head layout: `x Wₕᵀ + bₕ` for every head h, as
+//! `[heads, n, d]`, the weight read in place in Hugging Face's `[out, in]` layout. Wide heads
+//! get one GEMM each, writing the head's rows where they belong; narrow heads are projected
+//! together a block of rows at a time into a small reused buffer, scattered to the heads while
+//! in cache. Either way no `[n, heads·d]` temporary and no strided copy of one exists: their
+//! traffic and page faults would cost as much as the product itself.
+
+use candle_core::Tensor;
+
+use crate::error::{shape_err, Result};
+use crate::tensor::with_f32;
+
+const OP: &str = "project_to_heads";
+
+/// Head width from which each head gets a GEMM of its own: narrower heads fill too few of the
+/// micro-kernel's columns, and all heads are projected together in row blocks instead.
+const WIDE_HEAD: usize = 64;
+
+/// Token rows per GEMM of narrow heads: the block's `[rows, heads·d]` product is scattered to
+/// the heads while still in cache.
+const ROWS: usize = 256;
+
+/// `x` (`[n, in]`) projected by `weight` (`[heads·d, in]`) and `bias` (`[heads·d]`), as
+/// `[heads, n, d]`.
+pub fn project_to_heads(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, heads: usize) -> Result<Tensor> {
+    let (n, width_in) = x.dims2().map_err(|_| shape_err(OP, format!("x must be [tokens, in], got {:?}", x.dims())))?;
+    let (width_out, w_in) = weight.dims2().map_err(|_| shape_err(OP, format!("the weight must be [out, in], got {:?}", weight.dims())))?;
+    if w_in != width_in || heads == 0 || width_out % heads != 0 {
+        return Err(shape_err(OP, format!("x {:?} and weight {:?} do not make {heads} heads", x.dims(), weight.dims())));
+    }
+    if bias.is_some_and(|b| b.dims() != [width_out]) {
+        return Err(shape_err(OP, format!("the bias must be [{width_out}], got {:?}", bias.map(|b| b.dims().to_vec()))));
+    }
+    let d = width_out / heads;
+    let mut out = vec![0f32; heads * n * d];
+    if n > 0 && d > 0 {
+        let bias = bias.map(|b| with_f32(b, OP, |b| b.to_vec())).transpose()?;
+        with_f32(x, OP, |x| {
+            with_f32(weight, OP, |w| {
+                let threads = rayon::current_num_threads();
+                let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+                let shape = Shape { n, width_in, width_out, d };
+                if d >= WIDE_HEAD {
+                    per_head(&mut out, x, w, bias.as_deref(), shape, parallelism);
+                } else {
+                    row_blocks(&mut out, x, w, bias.as_deref(), shape, parallelism);
+                }
+            })
+        })??;
+    }
+    Ok(Tensor::from_vec(out, (heads, n, d), &candle_core::Device::Cpu)?)
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    n: usize,
+    width_in: usize,
+    width_out: usize,
+    d: usize,
+}
+
+/// `dst := bias + lhs · rhs` for an m × n `dst` and an m × k `lhs`, every matrix given by
+/// (column stride, row stride).
+///
+/// # Safety
+/// Each pointer spans its matrix under its strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: (*mut f32, isize, isize), read_dst: bool, lhs: (*const f32, isize, isize), rhs: (*const f32, isize, isize), parallelism: gemm::Parallelism) {
+    // SAFETY: the caller's contract.
+    unsafe { gemm::gemm(m, n, k, dst.0, dst.1, dst.2, read_dst, lhs.0, lhs.1, lhs.2, rhs.0, rhs.1, rhs.2, 1.0, 1.0, false, false, false, parallelism) }
+}
+
+/// Wide heads: one GEMM per head over every row, writing the head's rows in place.
+fn per_head(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape, parallelism: gemm::Parallelism) {
+    let Shape { n, width_in, d, .. } = s;
+    for (h, head) in out.chunks_exact_mut(n * d).enumerate() {
+        if let Some(b) = bias {
+            for row in head.chunks_exact_mut(d) {
+                row.copy_from_slice(&b[h * d..(h + 1) * d]);
+            }
+        }
+        let w_head = &w[h * d * width_in..(h + 1) * d * width_in];
+        // SAFETY: `head` is n × d with rows d apart, `x` n × in row-major, and the head's weight
+        // rows, read as the in × d matrix Wₕᵀ, have columns `in` apart.
+        unsafe {
+            gemm_into(n, d, width_in, (head.as_mut_ptr(), 1, d as isize), bias.is_some(), (x.as_ptr(), 1, width_in as isize), (w_head.as_ptr(), width_in as isize, 1), parallelism)
+        }
+    }
+}
+
+/// Narrow heads: one GEMM over all heads per block of rows, into a reused buffer whose rows are
+/// scattered to their heads while still in cache.
+fn row_blocks(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape, parallelism: gemm::Parallelism) {
+    let Shape { n, width_in, width_out, d } = s;
+    let mut scratch = vec![0f32; ROWS.min(n) * width_out];
+    for start in (0..n).step_by(ROWS) {
+        let rows = ROWS.min(n - start);
+        let scratch = &mut scratch[..rows * width_out];
+        if let Some(b) = bias {
+            for row in scratch.chunks_exact_mut(width_out) {
+                row.copy_from_slice(b);
+            }
+        }
+        // SAFETY: `scratch` is rows × out row-major, the block of `x` rows × in row-major, and
+        // the weight (out × in row-major), read as the in × out matrix Wᵀ, has columns `in` apart.
+        unsafe {
+            gemm_into(
+                rows,
+                width_out,
+                width_in,
+                (scratch.as_mut_ptr(), 1, width_out as isize),
+                bias.is_some(),
+                (x[start * width_in..].as_ptr(), 1, width_in as isize),
+                (w.as_ptr(), width_in as isize, 1),
+                parallelism,
+            )
+        }
+        for (h, head) in out.chunks_exact_mut(n * d).enumerate() {
+            for (i, row) in scratch.chunks_exact(width_out).enumerate() {
+                head[(start + i) * d..(start + i + 1) * d].copy_from_slice(&row[h * d..(h + 1) * d]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::project_to_heads;
+
+    #[test]
+    fn matches_matmul_then_split_heads() {
+        let dev = Device::Cpu;
+        // Narrow heads (row blocks, over several blocks at 300 rows) and wide heads (a GEMM per head).
+        for (n, width_in, heads, d, bias) in [(37, 24, 3, 8, true), (5, 16, 2, 6, false), (0, 8, 2, 4, true), (300, 64, 4, 16, true), (70, 32, 2, 64, true), (9, 16, 3, 80, false)] {
+            let x = Tensor::randn(0f32, 1.0, (n, width_in), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (heads * d, width_in), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, heads * d, &dev).unwrap();
+            let got = project_to_heads(&x, &w, bias.then_some(&b), heads).unwrap();
+            let mut want = x.matmul(&w.t().unwrap()).unwrap();
+            if bias {
+                want = want.broadcast_add(&b).unwrap();
+            }
+            let want = want.reshape((n, heads, d)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
+            assert_eq!(got.dims(), &[heads, n, d]);
+            let diff = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).map(|m| m.to_scalar::<f32>().unwrap()).unwrap_or(0.0);
+            assert!(diff < 1e-4, "n={n} in={width_in} heads={heads} d={d} bias={bias}: {diff}");
+        }
+    }
+
+    #[test]
+    fn refuses_shapes_that_do_not_make_heads() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((4, 8), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((9, 8), candle_core::DType::F32, &dev).unwrap();
+        assert!(project_to_heads(&x, &w, None, 2).unwrap_err().to_string().contains("2 heads"));
+        let w = Tensor::zeros((8, 7), candle_core::DType::F32, &dev).unwrap();
+        assert!(project_to_heads(&x, &w, None, 2).is_err());
+    }
+}
