@@ -47,6 +47,27 @@ pub struct BlockSparsePlan {
     lists: Vec<Vec<Vec<usize>>>,
 }
 
+/// `r` distinct blocks of `0..nb` outside `fixed` (sorted): each draw takes a uniform index into
+/// the remaining candidates and swap-removes it. The candidate list is never built — only the
+/// few slots the swaps moved are remembered, the rest computed from `fixed` — so a plan costs
+/// O(blocks) rather than O(blocks²).
+fn draw_without_replacement(mut rng: crate::rng::SplitMix64, nb: usize, fixed: &[usize], r: usize) -> Vec<usize> {
+    // The j-th block not in `fixed`.
+    let nth = |j: usize| fixed.iter().fold(j, |b, &f| if f <= b { b + 1 } else { b });
+    let mut moved: Vec<(usize, usize)> = Vec::with_capacity(r);
+    let at = |moved: &[(usize, usize)], j: usize| moved.iter().rev().find(|(k, _)| *k == j).map_or_else(|| nth(j), |&(_, b)| b);
+    let mut len = nb - fixed.len();
+    (0..r)
+        .map(|_| {
+            let pick = (rng.next_u64() % len as u64) as usize;
+            let (taken, last) = (at(&moved, pick), at(&moved, len - 1));
+            moved.push((pick, last));
+            len -= 1;
+            taken
+        })
+        .collect()
+}
+
 impl BlockSparsePlan {
     pub fn new(len: usize, block: usize, heads: usize, random: &RandomBlocks) -> Result<Self> {
         const OP: &str = "blocksparse";
@@ -77,21 +98,14 @@ impl BlockSparsePlan {
                         row.clone()
                     }
                     RandomBlocks::Seeded { r, seed } => {
-                        let candidates: Vec<usize> = (0..nb).filter(|b| !fixed.contains(b)).collect();
-                        if candidates.len() < *r {
+                        if nb - fixed.len() < *r {
                             return Err(shape_err(
                                 OP,
                                 format!("{r} random blocks need at least {} blocks besides the sliding and global ones; the sequence has {nb}", r),
                             ));
                         }
-                        let mut rng = crate::rng::SplitMix64::new(seed ^ ((h as u64) << 32) ^ (i as u64));
-                        let mut pool = candidates;
-                        (0..*r)
-                            .map(|_| {
-                                let at = (rng.next_u64() % pool.len() as u64) as usize;
-                                pool.swap_remove(at)
-                            })
-                            .collect()
+                        let rng = crate::rng::SplitMix64::new(seed ^ ((h as u64) << 32) ^ (i as u64));
+                        draw_without_replacement(rng, nb, &fixed, *r)
                     }
                 };
                 fixed.extend(randoms);
@@ -181,6 +195,23 @@ pub fn reference(q: &[Vec<Vec<f32>>], k: &[Vec<Vec<f32>>], v: &[Vec<Vec<f32>>], 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drawing_without_the_candidate_list_draws_as_swap_removing_from_it() {
+        for (nb, fixed, r) in [(40, vec![0, 4, 5, 6, 39], 3), (9, vec![0, 1, 2, 8], 5), (1000, vec![0, 500, 501, 502, 999], 7)] {
+            for seed in 0..20u64 {
+                let mut rng = crate::rng::SplitMix64::new(seed);
+                let mut pool: Vec<usize> = (0..nb).filter(|b| !fixed.contains(b)).collect();
+                let want: Vec<usize> = (0..r)
+                    .map(|_| {
+                        let at = (rng.next_u64() % pool.len() as u64) as usize;
+                        pool.swap_remove(at)
+                    })
+                    .collect();
+                assert_eq!(draw_without_replacement(crate::rng::SplitMix64::new(seed), nb, &fixed, r), want, "nb={nb} seed={seed}");
+            }
+        }
+    }
 
     #[test]
     fn plans() {

@@ -52,6 +52,18 @@ fn randn(shape: impl Into<candle_core::Shape>) -> anyhow::Result<Tensor> {
     Ok(Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?)
 }
 
+/// The fastest of `runs` runs of `f` (peak memory over all of them): for the length-scaling
+/// cases, whose smallest sizes last tens of milliseconds, where one cold run's start-up costs
+/// (thread pool, first page faults) would bend the fitted exponent.
+fn timed_best(case: &str, tokens: usize, runs: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Record> {
+    let mut best = timed(case, tokens, None, &mut f)?;
+    for _ in 1..runs {
+        let again = timed(case, tokens, None, &mut f)?;
+        best = Record { seconds: best.seconds.min(again.seconds), peak_increment_mb: best.peak_increment_mb.max(again.peak_increment_mb), peak_rss_mb: best.peak_rss_mb.max(again.peak_rss_mb), ..best };
+    }
+    Ok(best)
+}
+
 /// Times `f` once after resetting the peak-memory mark.
 fn timed(case: &str, tokens: usize, gflop: Option<f64>, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Record> {
     let before = rss_mb();
@@ -149,21 +161,6 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
                 Ok(())
             })
         }
-        "mm" => {
-            let x = randn((n, HIDDEN))?;
-            let w = randn((HIDDEN, HIDDEN))?;
-            let wt = w.t()?;
-            for _ in 0..2 {
-                let t = Instant::now(); let _a = x.matmul(&w)?; eprintln!("whole {:?}", t.elapsed());
-                let t = Instant::now(); let _a = x.matmul(&wt)?; eprintln!("whole wt {:?}", t.elapsed());
-                for b in [576usize, 2048, 4096] {
-                    let t = Instant::now();
-                    for s in (0..n).step_by(b) { let r = b.min(n - s); let _a = x.narrow(0, s, r)?.matmul(&wt)?; }
-                    eprintln!("blocks {b} wt {:?}", t.elapsed());
-                }
-            }
-            bail!("done")
-        }
         s if s.starts_with("scaling-") => scaling(&s["scaling-".len()..], n),
         "book" => book(),
         other => bail!("unknown bench case {other}"),
@@ -180,21 +177,22 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
     let (q, k, v) = (randn((H, n, D))?, randn((H, n, D))?, randn((H, n, D))?);
     let own = KeyBlock { k: k.clone(), v: v.clone(), pos, valid: vec![true; n] };
     let case = format!("scaling-{family}");
+    const RUNS: usize = 3;
     match family {
-        "window" => timed(&case, n, None, || {
-                window_attention(&g, &plan, &q, own, WindowSpec { one_sided: 128, causal: false, scale: 0.25 }, None)?;
+        "window" => timed_best(&case, n, RUNS, || {
+                window_attention(&g, &plan, &q, own.clone(), WindowSpec { one_sided: 128, causal: false, scale: 0.25 }, None)?;
                 Ok(())
             }),
         "blocksparse" => {
             let pattern = BlockSparsePlan::new(n, 64, H, &RandomBlocks::Seeded { r: 3, seed: 1 })?;
-            timed(&case, n, None, || {
-                blocksparse_attention(&g, &plan, &q, own, &pattern, 0.25)?;
+            timed_best(&case, n, RUNS, || {
+                blocksparse_attention(&g, &plan, &q, own.clone(), &pattern, 0.25)?;
                 Ok(())
             })
         }
         "favor" => {
             let spec = FavorSpec { projection: orthogonal_projection(32, D, 1)?, causal: false, chunk: 256, rows: 16384 };
-            timed(&case, n, None, || {
+            timed_best(&case, n, RUNS, || {
                 favor_attention(&g, &plan, &q, &k, &v, &spec)?;
                 Ok(())
             })
@@ -215,14 +213,14 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
             let seg_plan = ShardPlan::aligned(n, 1, 128)?;
             if family == "recurrent" {
                 let first = XlMemory::empty(128, width)?;
-                timed(&case, n, None, || {
+                timed_best(&case, n, RUNS, || {
                 segment_recurrence(&g, &seg_plan, &x, 128, &first, &|m: &XlMemory, s: &Tensor| attend(&m.mem, s))?;
                 Ok(())
             })
             } else {
                 let first = CompressiveMemory::empty(128, 64, 2, Compression::Mean, width)?;
                 let step = |m: &CompressiveMemory, s: &Tensor| attend(&Tensor::cat(&[&m.cmem, &m.mem], 0)?, s);
-                timed(&case, n, None, || {
+                timed_best(&case, n, RUNS, || {
                 segment_recurrence(&g, &seg_plan, &x, 128, &first, &step)?;
                 Ok(())
             })
