@@ -28,7 +28,16 @@ def status_mb(field):
     return 0.0
 
 
-def timed(case, tokens, fn, gflop=None):
+RUNS = 3  # as tome's side: the fastest run is reported, with the highest peak memory of them
+
+
+def timed(case, tokens, fn, gflop=None, runs=RUNS):
+    records = [timed_once(case, tokens, fn, gflop) for _ in range(runs)]
+    best = min(records, key=lambda r: r["seconds"])
+    return {**best, "peak_increment_mb": max(r["peak_increment_mb"] for r in records), "peak_rss_mb": max(r["peak_rss_mb"] for r in records)}
+
+
+def timed_once(case, tokens, fn, gflop=None):
     before = status_mb("VmRSS:")
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -98,7 +107,7 @@ def run_case(name, n):
         chunks = [model.tokenizer.decode(ids[i:i + 254]) for i in range(0, len(ids), 254)]
         model.max_seq_length = 256
         with torch.no_grad():
-            record = timed("book", len(ids), lambda: model.encode(chunks, batch_size=32))
+            record = timed("book", len(ids), lambda: model.encode(chunks, batch_size=32), runs=1)
         return record
     raise SystemExit(f"unknown case {name}")
 
