@@ -84,7 +84,7 @@ fn timed(case: &str, tokens: usize, gflop: Option<f64>, f: impl FnOnce() -> anyh
 }
 
 /// Projections of the model-pattern cases (512 → 512, no bias), applied as the models apply
-/// them: in row blocks straight into head layout (`[8, n, 64]`).
+/// them: straight into head layout (`[8, n, 64]`, `tome_attn::projection`).
 struct Projections {
     query: Linear,
     key: Linear,
