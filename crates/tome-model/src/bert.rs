@@ -274,7 +274,6 @@ impl BertModel {
             window_rows(group, plan, x, [&layer.query, &layer.key, &layer.value], heads, positions, valid, spec, FFN_ROWS, finish)?;
             return Ok(out);
         }
-        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?) };
         let [q, k, v] = project_heads(x, [&layer.query, &layer.key, &layer.value], heads)?;
         let own = KeyBlock { k, v, pos: positions.to_vec(), valid: valid.to_vec() };
         let ctx = match attn {
@@ -284,7 +283,10 @@ impl BertModel {
                 // has them (Longformer), computed for this rank's rows; the operator picks the
                 // global tokens' rows.
                 let projections = match (&layer.global, global_tokens.is_empty()) {
-                    (Some((gq, gk, gv)), false) => Some((split(gq.forward(x)?)?, split(gk.forward(x)?)?, split(gv.forward(x)?)?)),
+                    (Some((gq, gk, gv)), false) => {
+                        let [gq, gk, gv] = project_heads(x, [gq, gk, gv], heads)?;
+                        Some((gq, gk, gv))
+                    }
                     _ => None,
                 };
                 let globals = GlobalTokens { positions: global_tokens.to_vec(), projections };
