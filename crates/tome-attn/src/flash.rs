@@ -253,9 +253,15 @@ impl Problem<'_> {
 
     /// The vector tile, transposed: scores are kept as `Sᵀ` (keys × queries), so the key and
     /// value rows are read in place — nothing is packed per key block — while each micro-kernel
-    /// broadcasts keys (or value columns) against `K::NQ` queries in two registers. Only `Qᵀ`
-    /// is packed, once per tile; the online softmax runs down the columns, a register of
-    /// queries at once. Inlined into each instruction set's `#[target_feature]` wrapper.
+    /// broadcasts keys (or value columns) against `K::NQ` queries in two registers.
+    ///
+    /// The tile is walked one strip of `K::NQ` queries at a time inside each key block: a strip
+    /// computes its scores, runs the online softmax down their columns and adds its weighted
+    /// values before the next strip starts, so its scores, its slice of `Qᵀ` and its
+    /// accumulator stay in L1 next to the key and value block that every strip of the tile
+    /// shares. A strip that sees none of the block's keys skips it (causal diagonals) and one
+    /// that sees all of them skips the masking. Inlined into each instruction set's
+    /// `#[target_feature]` wrapper.
     ///
     /// # Safety
     /// The CPU has `K`'s instruction set.
@@ -263,7 +269,7 @@ impl Problem<'_> {
     #[inline(always)]
     unsafe fn tile_transposed<K: TransposedKernels>(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
         const { assert!(TQ % K::NQ == 0 && TQ_WINDOW % K::NQ == 0) };
-        let nq_kernel = K::NQ;
+        let nq = K::NQ;
         let (dqk, dv, mask) = (self.dqk, self.dv, self.mask);
         let rows = lse.len();
         let q_pos = &mask.q_pos[q0..q0 + rows];
@@ -274,58 +280,65 @@ impl Problem<'_> {
             return;
         }
         let kvh = h / self.group;
-        let rows_p = rows.div_ceil(nq_kernel) * nq_kernel;
-        // Qᵀ, pre-multiplied by the score scale: element (t, r) at t * rows_p + r.
-        let mut qt = vec![0f32; dqk * rows_p];
+        let strips = rows.div_ceil(nq);
+        // Per strip s: its queries' positions, their range, Qᵀ pre-multiplied by the score
+        // scale (element (t, r) at (s * dqk + t) * nq + r), the accumulator Oᵀ (element (c, r)
+        // at (s * dv + c) * nq + r), and the running max and sum of each query.
+        let strip_pos: Vec<&[i64]> = q_pos.chunks(nq).collect();
+        let strip_range: Vec<(i64, i64)> = strip_pos
+            .iter()
+            .map(|p| p.iter().fold((i64::MAX, i64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x))))
+            .collect();
+        let mut qt = vec![0f32; strips * dqk * nq];
         let q_head = &self.q[(h * self.nq + q0) * dqk..];
         for r in 0..rows {
+            let (s, lane) = (r / nq, r % nq);
             for (t, &x) in q_head[r * dqk..(r + 1) * dqk].iter().enumerate() {
-                qt[t * rows_p + r] = x * self.scale;
+                qt[(s * dqk + t) * nq + lane] = x * self.scale;
             }
         }
-        let mut st = vec![0f32; TK * rows_p];
-        let mut acc = vec![0f32; dv * rows_p];
-        let mut m = vec![f32::NEG_INFINITY; rows_p];
-        let mut l = vec![0f32; rows_p];
+        let mut acc = vec![0f32; strips * dv * nq];
+        let mut m = vec![f32::NEG_INFINITY; strips * nq];
+        let mut l = vec![0f32; strips * nq];
+        let mut st = vec![0f32; TK * nq];
         let k_head = &self.k[kvh * self.nk * dqk..(kvh + 1) * self.nk * dqk];
         let v_head = &self.v[kvh * self.nk * dv..(kvh + 1) * self.nk * dv];
 
         for kb in (k_start..k_end).step_by(TK) {
             let cols = TK.min(k_end - kb);
             let Some((valid, needs_mask)) = self.key_block(q_range, kb, cols) else { continue };
-            // SAFETY: the caller's contract.
-            unsafe { K::scores_t(&qt, &k_head[kb * dqk..(kb + cols) * dqk], &mut st, cols, dqk, rows_p) };
-            if needs_mask {
-                for j in 0..cols {
-                    let row = &mut st[j * rows_p..j * rows_p + rows];
-                    if valid.is_some_and(|v| !v[j]) {
-                        row.fill(f32::NEG_INFINITY);
-                        continue;
-                    }
-                    // The queries that see key j: positions in [lo, hi] (`Mask::allows`, with
-                    // validity settled above), compared branch-free so the loop vectorises.
-                    let (lo, hi) = mask.query_position_bounds(mask.k_pos[kb + j]);
-                    for (x, &qp) in row.iter_mut().zip(q_pos) {
-                        if qp < lo || qp > hi {
-                            *x = f32::NEG_INFINITY;
-                        }
-                    }
+            let (k_block, v_block) = (&k_head[kb * dqk..(kb + cols) * dqk], &v_head[kb * dv..(kb + cols) * dv]);
+            let k_range = (mask.k_pos[kb], mask.k_pos[kb + cols - 1]);
+            let some_invalid = valid.is_some_and(|v| v.contains(&false));
+            for (s, (&pos, &range)) in strip_pos.iter().zip(&strip_range).enumerate() {
+                let (lo, hi) = mask.key_position_bounds(range.0, range.1);
+                if k_range.1 < lo || k_range.0 >= hi {
+                    continue;
                 }
-            }
-            // SAFETY: as above.
-            unsafe {
-                K::softmax_t(&mut st, cols, rows_p, &mut m, &mut l, &mut acc, dv);
-                K::values_t(&st, &v_head[kb * dv..(kb + cols) * dv], &mut acc, cols, dv, rows_p);
+                let (m, l) = (&mut m[s * nq..(s + 1) * nq], &mut l[s * nq..(s + 1) * nq]);
+                let acc = &mut acc[s * dv * nq..(s + 1) * dv * nq];
+                // SAFETY: the caller's contract.
+                unsafe { K::scores_t(&qt[s * dqk * nq..(s + 1) * dqk * nq], k_block, &mut st, cols, dqk, nq) };
+                if needs_mask && (some_invalid || !mask.positions_all_visible(range, k_range)) {
+                    mask_strip(mask, &mut st, kb, cols, valid, pos, nq);
+                }
+                // SAFETY: as above.
+                unsafe {
+                    K::softmax_t(&mut st, cols, nq, m, l, acc, dv);
+                    K::values_t(&st, v_block, acc, cols, dv, nq);
+                }
             }
         }
 
         for r in 0..rows {
-            if l[r] > 0.0 {
-                let inv = 1.0 / l[r];
+            let (s, lane) = (r / nq, r % nq);
+            let l = l[r];
+            if l > 0.0 {
+                let inv = 1.0 / l;
                 for (c, o) in out[r * dv..(r + 1) * dv].iter_mut().enumerate() {
-                    *o = acc[c * rows_p + r] * inv;
+                    *o = acc[(s * dv + c) * nq + lane] * inv;
                 }
-                lse[r] = m[r] + l[r].ln();
+                lse[r] = m[r] + l.ln();
             }
         }
     }
@@ -419,6 +432,26 @@ impl Problem<'_> {
                     *o = a * inv;
                 }
                 lse[r] = m[r] + l[r].ln();
+            }
+        }
+    }
+}
+
+/// Sets to `-inf` the scores of a strip (`st`: keys `kb..kb + cols` × queries at positions
+/// `q_pos`, `stride` apart) that `mask` hides.
+#[cfg(target_arch = "x86_64")]
+fn mask_strip(mask: &Mask<'_>, st: &mut [f32], kb: usize, cols: usize, valid: Option<&[bool]>, q_pos: &[i64], stride: usize) {
+    for (j, row) in st.chunks_exact_mut(stride).take(cols).enumerate() {
+        if valid.is_some_and(|v| !v[j]) {
+            row.fill(f32::NEG_INFINITY);
+            continue;
+        }
+        // The queries that see key j: positions in [lo, hi] (`Mask::allows`, with validity
+        // settled above), compared branch-free so the loop vectorises.
+        let (lo, hi) = mask.query_position_bounds(mask.k_pos[kb + j]);
+        for (x, &qp) in row.iter_mut().zip(q_pos) {
+            if qp < lo || qp > hi {
+                *x = f32::NEG_INFINITY;
             }
         }
     }
