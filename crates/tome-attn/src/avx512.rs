@@ -144,9 +144,15 @@ pub(crate) fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: 
     let mut c = 0;
     // SAFETY: the checks above bound every panel's columns.
     unsafe {
-        while c + MK <= dv {
+        // Full panels while what is left is not 13..=19 columns wide, which two 8-column panels
+        // cover better than a full one and a narrow, load-bound one (dv = 64: 4 × 12 + 2 × 8).
+        while c + MK == dv || c + MK + 8 <= dv {
             values_panel::<MK>(pt, v, acc, c, cols, dv, rows_p);
             c += MK;
+        }
+        while c + 8 <= dv {
+            values_panel::<8>(pt, v, acc, c, cols, dv, rows_p);
+            c += 8;
         }
         while c + 4 <= dv {
             values_panel::<4>(pt, v, acc, c, cols, dv, rows_p);
