@@ -8,20 +8,20 @@
 
 use std::arch::x86_64::*;
 
+use crate::simd::{EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO};
+
 /// Eight lanes of `e^x` with the same reduction and polynomial as `simd::exp`.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::excessive_precision)] // Cephes expf's coefficients, as published
 fn exp8(x: __m256) -> __m256 {
-    let lo = _mm256_set1_ps(-87.336_54);
-    let xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.376_26));
+    let lo = _mm256_set1_ps(EXP_LO);
+    let xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(EXP_HI));
     let n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    let mut y = _mm256_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(*c));
     }
-    let y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
     let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
     let below = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
     _mm256_andnot_ps(below, _mm256_mul_ps(y, pow2))
