@@ -4,8 +4,14 @@
 //! together a block of rows at a time into a small reused buffer, scattered to the heads while
 //! in cache. Either way no `[n, heads·d]` temporary and no strided copy of one exists: their
 //! traffic and page faults would cost as much as the product itself.
+//!
+//! [`linear`] is the same product without the head split, with the residual connection and an
+//! elementwise epilogue (the feed-forward activation) folded in: the output is filled with
+//! `bias + residual` and the GEMM accumulates onto it, so neither a broadcast bias add nor a
+//! residual add makes a pass of its own or a tensor of its own.
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
 use crate::tensor::with_f32;
@@ -37,8 +43,7 @@ pub fn project_to_heads(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, head
         let bias = bias.map(|b| with_f32(b, OP, |b| b.to_vec())).transpose()?;
         with_f32(x, OP, |x| {
             with_f32(weight, OP, |w| {
-                let threads = rayon::current_num_threads();
-                let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+                let parallelism = parallelism();
                 let shape = Shape { n, width_in, width_out, d };
                 if d >= WIDE_HEAD {
                     per_head(&mut out, x, w, bias.as_deref(), shape, parallelism);
@@ -49,6 +54,61 @@ pub fn project_to_heads(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, head
         })??;
     }
     Ok(Tensor::from_vec(out, (heads, n, d), &candle_core::Device::Cpu)?)
+}
+
+/// Elements per parallel piece of an epilogue.
+const EPILOGUE_CHUNK: usize = 1 << 14;
+
+/// `epilogue(x Wᵀ + bias + residual)` as `[n, out]` for `x` (`[n, in]`), `weight` (`[out, in]`),
+/// `bias` (`[out]`) and `residual` (`[n, out]`); `epilogue` runs over pieces of the output in
+/// parallel and must act on each element alone.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, epilogue: impl Fn(&mut [f32]) + Sync) -> Result<Tensor> {
+    const OP: &str = "linear";
+    let (n, width_in) = x.dims2().map_err(|_| shape_err(OP, format!("x must be [tokens, in], got {:?}", x.dims())))?;
+    let (width_out, w_in) = weight.dims2().map_err(|_| shape_err(OP, format!("the weight must be [out, in], got {:?}", weight.dims())))?;
+    if w_in != width_in {
+        return Err(shape_err(OP, format!("x {:?} does not fit the weight {:?}", x.dims(), weight.dims())));
+    }
+    if bias.is_some_and(|b| b.dims() != [width_out]) {
+        return Err(shape_err(OP, format!("the bias must be [{width_out}], got {:?}", bias.map(|b| b.dims().to_vec()))));
+    }
+    if residual.is_some_and(|r| r.dims() != [n, width_out]) {
+        return Err(shape_err(OP, format!("the residual must be [{n}, {width_out}], got {:?}", residual.map(|r| r.dims().to_vec()))));
+    }
+    let mut out = vec![0f32; n * width_out];
+    if n > 0 && width_out > 0 {
+        let bias = bias.map(|b| with_f32(b, OP, |b| b.to_vec())).transpose()?;
+        if let Some(residual) = residual {
+            with_f32(residual, OP, |r| out.copy_from_slice(r))?;
+        }
+        if let Some(b) = &bias {
+            for row in out.chunks_exact_mut(width_out) {
+                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            }
+        }
+        let read_dst = bias.is_some() || residual.is_some();
+        with_f32(x, OP, |x| {
+            with_f32(weight, OP, |w| {
+                // SAFETY: `out` is n × out row-major, `x` n × in row-major, and the weight (out ×
+                // in row-major), read as the in × out matrix Wᵀ, has columns `in` apart.
+                unsafe {
+                    gemm_into(n, width_out, width_in, (out.as_mut_ptr(), 1, width_out as isize), read_dst, (x.as_ptr(), 1, width_in as isize), (w.as_ptr(), width_in as isize, 1), parallelism())
+                }
+            })
+        })??;
+        out.par_chunks_mut(EPILOGUE_CHUNK).for_each(&epilogue);
+    }
+    Ok(Tensor::from_vec(out, (n, width_out), &candle_core::Device::Cpu)?)
+}
+
+/// The GEMM's threads: the whole pool.
+fn parallelism() -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -127,7 +187,7 @@ fn row_blocks(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Sh
 mod tests {
     use candle_core::{Device, Tensor};
 
-    use super::project_to_heads;
+    use super::{linear, project_to_heads};
 
     #[test]
     fn matches_matmul_then_split_heads() {
@@ -147,6 +207,34 @@ mod tests {
             let diff = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).map(|m| m.to_scalar::<f32>().unwrap()).unwrap_or(0.0);
             assert!(diff < 1e-4, "n={n} in={width_in} heads={heads} d={d} bias={bias}: {diff}");
         }
+    }
+
+    #[test]
+    fn linear_folds_bias_residual_and_epilogue_in() {
+        let dev = Device::Cpu;
+        for (n, width_in, width_out, bias, residual) in [(37, 24, 40, true, true), (5, 16, 6, false, false), (0, 8, 4, true, true), (300, 64, 70, true, false), (9, 16, 80, false, true)] {
+            let x = Tensor::randn(0f32, 1.0, (n, width_in), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (width_out, width_in), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, width_out, &dev).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (n, width_out), &dev).unwrap();
+            let got = linear(&x, &w, bias.then_some(&b), residual.then_some(&r), |xs| xs.iter_mut().for_each(|x| *x = x.max(0.0))).unwrap();
+            let mut want = x.matmul(&w.t().unwrap()).unwrap();
+            if bias {
+                want = want.broadcast_add(&b).unwrap();
+            }
+            if residual {
+                want = (want + &r).unwrap();
+            }
+            let want = want.relu().unwrap();
+            assert_eq!(got.dims(), &[n, width_out]);
+            let diff = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).map(|m| m.to_scalar::<f32>().unwrap()).unwrap_or(0.0);
+            assert!(diff < 1e-4, "n={n} in={width_in} out={width_out} bias={bias} residual={residual}: {diff}");
+        }
+        let x = Tensor::zeros((4, 8), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((6, 8), candle_core::DType::F32, &dev).unwrap();
+        let r = Tensor::zeros((4, 5), candle_core::DType::F32, &dev).unwrap();
+        assert!(linear(&x, &w, None, Some(&r), |_| {}).unwrap_err().to_string().contains("residual"));
+        assert!(linear(&x, &w.t().unwrap(), None, None, |_| {}).is_err());
     }
 
     #[test]

@@ -55,26 +55,58 @@ fn erf(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn gelu_slice(input: &[f32], out: &mut [f32]) {
-    for (o, &x) in out.iter_mut().zip(input) {
-        *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+fn gelu_slice(xs: &mut [f32]) {
+    for x in xs.iter_mut() {
+        *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn gelu_slice_avx2(input: &[f32], out: &mut [f32]) {
-    gelu_slice(input, out)
+fn gelu_slice_avx2(xs: &mut [f32]) {
+    gelu_slice(xs)
 }
 
-fn gelu_chunk(input: &[f32], out: &mut [f32]) {
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn gelu_slice_avx512(xs: &mut [f32]) {
+    gelu_slice(xs)
+}
+
+/// Exact-erf GELU in place, on the widest vectors the CPU has.
+fn gelu_chunk(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU reported AVX2 and FMA.
-        unsafe { gelu_slice_avx2(input, out) };
-        return;
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU reported AVX-512F.
+            unsafe { gelu_slice_avx512(xs) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU reported AVX2 and FMA.
+            unsafe { gelu_slice_avx2(xs) };
+            return;
+        }
     }
-    gelu_slice(input, out)
+    gelu_slice(xs)
+}
+
+impl Activation {
+    /// The activation over a slice, in place, element by element: the epilogue of the
+    /// feed-forward GEMM (`tome_attn::projection::linear`). The same functions as [`Activation::apply`].
+    pub(crate) fn apply_in_place(self, xs: &mut [f32]) {
+        match self {
+            Activation::GeluErf => gelu_chunk(xs),
+            Activation::GeluTanh => {
+                // candle's `gelu`: the tanh approximation.
+                const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+                for x in xs.iter_mut() {
+                    *x = 0.5 * *x * (1.0 + (SQRT_TWO_OVER_PI * *x * (1.0 + 0.044_715 * *x * *x)).tanh());
+                }
+            }
+            Activation::Relu => xs.iter_mut().for_each(|x| *x = x.max(0.0)),
+        }
+    }
 }
 
 /// `gelu(x)` elementwise for an f32 tensor on the CPU.
@@ -86,8 +118,8 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     };
     let n = layout.shape().elem_count();
     let data = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n];
-    let mut out = vec![0f32; n];
-    out.par_chunks_mut(CHUNK).zip(data.par_chunks(CHUNK)).for_each(|(o, i)| gelu_chunk(i, o));
+    let mut out = data.to_vec();
+    out.par_chunks_mut(CHUNK).for_each(gelu_chunk);
     Tensor::from_vec(out, layout.shape().clone(), &Device::Cpu)
 }
 

@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, linear_b, Embedding, LayerNorm, Linear, VarBuilder};
 use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
+use tome_attn::projection;
 use tome_dist::ops::{blocksparse_attention, favor_attention, ring_attention, window_attention, DenseSpec, FavorSpec, GlobalTokens, KeyBlock, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 
@@ -263,7 +264,7 @@ impl BertModel {
         // all) is ever allocated, and each block stays in cache from projection to norm.
         let out = Tensor::zeros((n, hidden), DType::F32, &Device::Cpu)?;
         let finish = |start: usize, c: Tensor| -> Result<()> {
-            let h = layer.attn_norm.forward(&(layer.attn_out.forward(&c)? + x.narrow(0, start, c.dim(0)?)?)?)?;
+            let h = layer.attn_norm.forward(&projection::linear(&c, layer.attn_out.weight(), layer.attn_out.bias(), Some(&x.narrow(0, start, c.dim(0)?)?), |_| {})?)?;
             out.slice_set(&self.feed_forward(layer, &h)?, 0, start)?;
             Ok(())
         };
@@ -312,8 +313,9 @@ impl BertModel {
     }
 
     fn feed_forward(&self, layer: &BertLayer, x: &Tensor) -> Result<Tensor> {
-        let inner = layer.intermediate.forward(x)?;
-        let inner = self.cfg.activation()?.apply(&inner)?;
-        Ok(layer.out_norm.forward(&(layer.output.forward(&inner)? + x)?)?)
+        // Bias, activation and residual ride on the two GEMMs (`projection::linear`).
+        let activation = self.cfg.activation()?;
+        let inner = projection::linear(x, layer.intermediate.weight(), layer.intermediate.bias(), None, |xs| activation.apply_in_place(xs))?;
+        Ok(layer.out_norm.forward(&projection::linear(&inner, layer.output.weight(), layer.output.bias(), Some(x), |_| {})?)?)
     }
 }
