@@ -259,8 +259,8 @@ impl Problem<'_> {
     /// computes its scores, runs the online softmax down their columns and adds its weighted
     /// values before the next strip starts, so its scores, its slice of `Qᵀ` and its
     /// accumulator stay in L1 next to the key and value block that every strip of the tile
-    /// shares. A strip that sees none of the block's keys skips it (causal diagonals) and one
-    /// that sees all of them skips the masking. Inlined into each instruction set's
+    /// shares. A strip works only on the keys of the block its queries can see (a window's
+    /// edges, a causal diagonal) and masks only where some of its queries cannot. Inlined into each instruction set's
     /// `#[target_feature]` wrapper.
     ///
     /// # Safety
@@ -308,24 +308,28 @@ impl Problem<'_> {
             let cols = TK.min(k_end - kb);
             let Some((valid, needs_mask)) = self.key_block(q_range, kb, cols) else { continue };
             let (k_block, v_block) = (&k_head[kb * dqk..(kb + cols) * dqk], &v_head[kb * dv..(kb + cols) * dv]);
-            let k_range = (mask.k_pos[kb], mask.k_pos[kb + cols - 1]);
-            let some_invalid = valid.is_some_and(|v| v.contains(&false));
+            let block_pos = &mask.k_pos[kb..kb + cols];
             for (s, (&pos, &range)) in strip_pos.iter().zip(&strip_range).enumerate() {
+                // Only the block's keys this strip can see: the rest would add exact zeros.
                 let (lo, hi) = mask.key_position_bounds(range.0, range.1);
-                if k_range.1 < lo || k_range.0 >= hi {
+                let (j0, j1) = (block_pos.partition_point(|&p| p < lo), block_pos.partition_point(|&p| p < hi));
+                if j0 >= j1 {
                     continue;
                 }
+                let n_keys = j1 - j0;
+                let valid = valid.map(|v| &v[j0..j1]);
                 let (m, l) = (&mut m[s * nq..(s + 1) * nq], &mut l[s * nq..(s + 1) * nq]);
                 let acc = &mut acc[s * dv * nq..(s + 1) * dv * nq];
                 // SAFETY: the caller's contract.
-                unsafe { K::scores_t(&qt[s * dqk * nq..(s + 1) * dqk * nq], k_block, &mut st, cols, dqk, nq) };
-                if needs_mask && (some_invalid || !mask.positions_all_visible(range, k_range)) {
-                    mask_strip(mask, &mut st, kb, cols, valid, pos, nq);
+                unsafe { K::scores_t(&qt[s * dqk * nq..(s + 1) * dqk * nq], &k_block[j0 * dqk..j1 * dqk], &mut st, n_keys, dqk, nq) };
+                let k_range = (block_pos[j0], block_pos[j1 - 1]);
+                if needs_mask && (valid.is_some_and(|v| v.contains(&false)) || !mask.positions_all_visible(range, k_range)) {
+                    mask_strip(mask, &mut st, kb + j0, n_keys, valid, pos, range, nq);
                 }
                 // SAFETY: as above.
                 unsafe {
-                    K::softmax_t(&mut st, cols, nq, m, l, acc, dv);
-                    K::values_t(&st, v_block, acc, cols, dv, nq);
+                    K::softmax_t(&mut st, n_keys, nq, m, l, acc, dv);
+                    K::values_t(&st, &v_block[j0 * dv..j1 * dv], acc, n_keys, dv, nq);
                 }
             }
         }
@@ -438,17 +442,22 @@ impl Problem<'_> {
 }
 
 /// Sets to `-inf` the scores of a strip (`st`: keys `kb..kb + cols` × queries at positions
-/// `q_pos`, `stride` apart) that `mask` hides.
+/// `q_pos`, spanning `q_range`, `stride` apart) that `mask` hides.
 #[cfg(target_arch = "x86_64")]
-fn mask_strip(mask: &Mask<'_>, st: &mut [f32], kb: usize, cols: usize, valid: Option<&[bool]>, q_pos: &[i64], stride: usize) {
+#[allow(clippy::too_many_arguments)]
+fn mask_strip(mask: &Mask<'_>, st: &mut [f32], kb: usize, cols: usize, valid: Option<&[bool]>, q_pos: &[i64], q_range: (i64, i64), stride: usize) {
     for (j, row) in st.chunks_exact_mut(stride).take(cols).enumerate() {
         if valid.is_some_and(|v| !v[j]) {
             row.fill(f32::NEG_INFINITY);
             continue;
         }
         // The queries that see key j: positions in [lo, hi] (`Mask::allows`, with validity
-        // settled above), compared branch-free so the loop vectorises.
+        // settled above). Most keys are seen by the whole strip; the rest are compared
+        // branch-free so the loop vectorises.
         let (lo, hi) = mask.query_position_bounds(mask.k_pos[kb + j]);
+        if lo <= q_range.0 && q_range.1 <= hi {
+            continue;
+        }
         for (x, &qp) in row.iter_mut().zip(q_pos) {
             if qp < lo || qp > hi {
                 *x = f32::NEG_INFINITY;
