@@ -107,7 +107,7 @@ def run_case(name, n):
         chunks = [model.tokenizer.decode(ids[i:i + 254]) for i in range(0, len(ids), 254)]
         model.max_seq_length = 256
         with torch.no_grad():
-            record = timed("book", len(ids), lambda: model.encode(chunks, batch_size=32), runs=1)
+            record = timed("book", len(ids), lambda: model.encode(chunks, batch_size=32))
         return record
     raise SystemExit(f"unknown case {name}")
 

@@ -82,7 +82,7 @@ def main():
         "# Benchmarks", "",
         f"Machine: {machine()}. Measured FMA peak: {peak:.0f} GFLOP/s (f32)." if peak else f"Machine: {machine()}.",
         "Each case ran in its own process, with the same thread count on both sides; each side's time is the fastest of 3",
-        "runs in that process (the book: one run) and its memory the highest of them; speed-up is reference time / tome time",
+        "runs in that process and its memory the highest of them; speed-up is reference time / tome time",
         "(for the book: tome tokens/s / reference tokens/s); peak +MB is the resident-memory high-water mark above the",
         "process's memory before the timed call. Produced by scripts/bench/run.sh.", "",
         *table, "", "## Length scaling (tome, one rank, 2 heads × 16)", "", scaling_md, "", "![time and peak memory against tokens](bench.png)", ""])
