@@ -4,6 +4,7 @@ machine with the same thread count, case for case with `tome bench` (same names,
 
     python scripts/bench/reference.py suite [--smoke] [--out FILE]   # every case, each in its own process
     python scripts/bench/reference.py case NAME TOKENS               # one case, one JSON record
+    python scripts/bench/reference.py list [--smoke]                 # the suite's cases, `NAME TOKENS` lines
 
 Needs the benchmark venv (scripts/bench/run.sh makes it): torch, transformers,
 sentence-transformers, performer-pytorch. Never runs in CI.
@@ -124,6 +125,10 @@ def main():
     args = sys.argv[1:]
     if args[:1] == ["case"]:
         print(json.dumps(run_case(args[1], int(args[2]))))
+        return
+    if args[:1] == ["list"]:
+        for name, n in suite("--smoke" in args):
+            print(name, n)
         return
     if args[:1] == ["suite"]:
         smoke = "--smoke" in args

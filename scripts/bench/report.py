@@ -49,6 +49,14 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
+def records(path):
+    """The records of a file: one JSON array, or one JSON record per line (other lines skipped)."""
+    text = open(path).read()
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tome")
@@ -57,11 +65,10 @@ def main():
     ap.add_argument("--scaling")
     a = ap.parse_args()
     if a.scaling:
-        records = [json.loads(l) for l in open(a.scaling) if l.strip().startswith("{")]
-        print(scaling_table(records)[0])
+        print(scaling_table(records(a.scaling))[0])
         return
-    tome = json.load(open(a.tome))
-    ref = {(r["case"], r["tokens"]): r for r in json.load(open(a.reference))}
+    tome = records(a.tome)
+    ref = {(r["case"], r["tokens"]): r for r in records(a.reference)}
     peak = next((r["gflops"] for r in tome if r["case"] == "fma-peak"), None)
     rows, table = [], ["| case | tokens | tome s | reference s | speed-up | tome GFLOP/s (% of FMA peak) | tome peak +MB | reference peak +MB | reference |",
                        "|---|---|---|---|---|---|---|---|---|"]

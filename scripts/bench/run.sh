@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark suite, side by side: tome (`tome bench suite`) and what users run instead
+# The benchmark suite, side by side: tome (`tome bench case`, every case of `tome bench list`) and what users run instead
 # (scripts/bench/reference.py: PyTorch SDPA, transformers' Longformer/BigBird/Reformer attention,
 # performer-pytorch, sentence-transformers), on this machine with the same thread count, then
 # one table of ratios and a log-log plot in docs/bench/. Not part of CI (a smoke run of tome's
@@ -15,6 +15,18 @@ fi
 scripts/fetch_data.sh
 cargo build --release --locked -q -p tome-cli
 out=$(mktemp -d)
-target/release/tome bench suite "$@" --out "$out/tome.json"
-"$venv/bin/python" scripts/bench/reference.py suite "$@" --out "$out/reference.json"
-"$venv/bin/python" scripts/bench/report.py --tome "$out/tome.json" --reference "$out/reference.json" --out docs/bench
+py="$venv/bin/python"
+tome=target/release/tome
+# Case by case, each tome case followed at once by its reference (where there is one): a shared
+# machine's slow spells then fall on both sides of a comparison, not on one side's whole suite.
+"$py" scripts/bench/reference.py list "$@" > "$out/reference-cases"
+"$tome" bench list "$@" > "$out/cases"
+while read -r name tokens; do
+  "$tome" bench case "$name" --tokens "$tokens" >> "$out/tome.jsonl"
+  echo "tome      $(tail -n 1 "$out/tome.jsonl")" >&2
+  if grep -qx "$name $tokens" "$out/reference-cases"; then
+    "$py" scripts/bench/reference.py case "$name" "$tokens" >> "$out/reference.jsonl"
+    echo "reference $(tail -n 1 "$out/reference.jsonl")" >&2
+  fi
+done < "$out/cases"
+"$py" scripts/bench/report.py --tome "$out/tome.jsonl" --reference "$out/reference.jsonl" --out docs/bench

@@ -528,13 +528,16 @@ mod tests {
     /// Every path the CPU can run (portable, AVX2, AVX-512) against the reference.
     #[test]
     fn portable_and_vector_paths_agree() {
-        for &(nq, nk, d, causal, window) in &[(70usize, 90usize, 12usize, true, None), (33, 140, 64, false, Some(17usize)), (5, 3, 33, false, None), (400, 500, 32, true, Some(100))] {
+        // Causal, windowed, tiny, and a window over several tiles and key blocks with padding keys.
+        for &(nq, nk, d, causal, window) in &[(70usize, 90usize, 12usize, true, None), (33, 140, 64, false, Some(17usize)), (5, 3, 33, false, None), (300, 260, 16, false, Some(40)), (400, 500, 32, true, Some(100))] {
             let q = Tensor::randn(0f32, 1.0, (2, nq, d), &Device::Cpu).unwrap();
             let k = Tensor::randn(0f32, 1.0, (2, nk, d), &Device::Cpu).unwrap();
             let v = Tensor::randn(0f32, 1.0, (2, nk, d), &Device::Cpu).unwrap();
             let q_pos: Vec<i64> = (10..10 + nq as i64).collect();
             let k_pos: Vec<i64> = (0..nk as i64).collect();
-            let mask = Mask::full(&q_pos, &k_pos).with_causal(causal).with_window(window);
+            // Every third key invalid in the last case: strips then mask inside their key range.
+            let valid: Vec<bool> = (0..nk).map(|j| nq != 400 || j % 3 != 1).collect();
+            let mask = Mask::full(&q_pos, &k_pos).with_causal(causal).with_window(window).with_key_valid(Some(&valid));
             let want = crate::reference::attention(&q, &k, &v, &mask, 0.3).unwrap();
             for isa in Isa::available() {
                 let got = attention_on(&q, &k, &v, &mask, 0.3, isa).unwrap();

@@ -49,6 +49,13 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The suite's cases, one `NAME TOKENS` line each (scripts/bench/run.sh runs them one by one,
+    /// each beside its reference).
+    List {
+        /// The smoke suite's sizes.
+        #[arg(long)]
+        smoke: bool,
+    },
     /// One case (dense, dense-causal, longformer, bigbird, reformer-lsh, performer, fma-peak,
     /// scaling-FAMILY, book) on --tokens tokens; prints its JSON record.
     Case {

@@ -36,6 +36,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&record)?);
             Ok(())
         }
+        BenchCommand::List { smoke } => {
+            for (name, tokens) in cases::suite(smoke) {
+                println!("{name} {tokens}");
+            }
+            Ok(())
+        }
         BenchCommand::Suite { smoke, out } => {
             let exe = std::env::current_exe().context("locating the tome binary")?;
             let mut records = Vec::new();
