@@ -260,8 +260,8 @@ impl Problem<'_> {
     /// values before the next strip starts, so its scores, its slice of `Qᵀ` and its
     /// accumulator stay in L1 next to the key and value block that every strip of the tile
     /// shares. A strip works only on the keys of the block its queries can see (a window's
-    /// edges, a causal diagonal) and masks only where some of its queries cannot. Inlined into each instruction set's
-    /// `#[target_feature]` wrapper.
+    /// edges, a causal diagonal) and masks only where some of its queries cannot. Inlined into
+    /// each instruction set's `#[target_feature]` wrapper.
     ///
     /// # Safety
     /// The CPU has `K`'s instruction set.
