@@ -92,7 +92,9 @@ def main():
         "runs in that process and its memory the highest of them; speed-up is reference time / tome time",
         "(for the book: tome tokens/s / reference tokens/s); peak +MB is the resident-memory high-water mark above the",
         "process's memory before the timed call. Produced by scripts/bench/run.sh.", "",
-        *table, "", "## Length scaling (tome, one rank, 2 heads × 16)", "", scaling_md, "", "![time and peak memory against tokens](bench.png)", ""])
+        *table, "", "## Length scaling (tome, one rank, 2 heads × 16)", "", scaling_md, "", "![time and peak memory against tokens](bench.png)", "",
+        # What the numbers mean and what bounds them is written by hand, beside the table.
+        "Notes on the latest run (goals met and missed, profiles, what bounds each): [NOTES.md](NOTES.md).", ""])
     os.makedirs(a.out, exist_ok=True)
     open(os.path.join(a.out, "README.md"), "w").write(md)
     json.dump({"machine": machine(), "fma_peak_gflops": peak, "comparisons": rows, "scaling": fits}, open(os.path.join(a.out, "bench.json"), "w"), indent=2)
