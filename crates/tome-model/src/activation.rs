@@ -165,4 +165,17 @@ mod tests {
         let d = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(d < 5e-6, "{d}");
     }
+
+    /// The feed-forward GEMM's epilogue computes what the tensor path computes, for every activation.
+    #[test]
+    fn in_place_activations_match_the_tensor_ones() {
+        let x = Tensor::arange(-300f32, 300.0, &Device::Cpu).unwrap().affine(0.02, 0.0).unwrap();
+        for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
+            let want: Vec<f32> = act.apply(&x).unwrap().to_vec1().unwrap();
+            let mut got: Vec<f32> = x.to_vec1().unwrap();
+            act.apply_in_place(&mut got);
+            let d = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(d < 1e-6, "{act:?}: {d}");
+        }
+    }
 }
