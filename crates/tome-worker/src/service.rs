@@ -371,9 +371,12 @@ impl pb::worker_server::Worker for WorkerService {
                 }
             };
             tokio::select! {
+                // A shard that has reported its result is over: the coordinator dropping its
+                // call after the last event must not cancel the job's other ranks here.
+                biased;
+                _ = watch_finished => return,
                 _ = watch_tx.closed() => {}
                 _ = expired => {}
-                _ = watch_finished => return,
             }
             watch_flag.store(true, Ordering::Relaxed);
             watch_hub.cancel(&watch_job);
@@ -382,11 +385,14 @@ impl pb::worker_server::Worker for WorkerService {
             .name(format!("tome-shard-{}", shard.rank))
             .spawn(move || {
                 let _enter = span.enter();
-                let _running = running;
-                let _finished = finished;
                 let started = Instant::now();
                 let result = run_shard(&hub, &shard, &tx, &flag, deadline);
                 metrics::shard_seconds(started.elapsed());
+                // The shard is over before its last event goes out. Once the coordinator has that
+                // event it drops the call — which must not read as a cancel of the job's other
+                // ranks here — and may place its next job here at once, into a free slot.
+                drop(running);
+                let _ = finished.send(());
                 match result {
                     Ok(done) => {
                         info!(seconds = done.compute_seconds, bytes = done.bytes_sent, "shard done");
