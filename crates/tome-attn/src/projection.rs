@@ -75,29 +75,42 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
     if residual.is_some_and(|r| r.dims() != [n, width_out]) {
         return Err(shape_err(OP, format!("the residual must be [{n}, {width_out}], got {:?}", residual.map(|r| r.dims().to_vec()))));
     }
+    if n == 0 || width_out == 0 {
+        return Ok(Tensor::zeros((n, width_out), candle_core::DType::F32, &candle_core::Device::Cpu)?);
+    }
+    let bias = bias.map(|b| with_f32(b, OP, |b| b.to_vec())).transpose()?;
+    // The GEMM accumulates onto residual + bias, written in one parallel pass of whole rows
+    // (a fresh zeroed vector costs nothing to make: its pages are first touched here).
     let mut out = vec![0f32; n * width_out];
-    if n > 0 && width_out > 0 {
-        let bias = bias.map(|b| with_f32(b, OP, |b| b.to_vec())).transpose()?;
-        if let Some(residual) = residual {
-            with_f32(residual, OP, |r| out.copy_from_slice(r))?;
-        }
+    let piece = (EPILOGUE_CHUNK / width_out).max(1) * width_out;
+    let add_bias = |rows: &mut [f32]| {
         if let Some(b) = &bias {
-            for row in out.chunks_exact_mut(width_out) {
+            for row in rows.chunks_exact_mut(width_out) {
                 row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
             }
         }
-        let read_dst = bias.is_some() || residual.is_some();
-        with_f32(x, OP, |x| {
-            with_f32(weight, OP, |w| {
-                // SAFETY: `out` is n × out row-major, `x` n × in row-major, and the weight (out ×
-                // in row-major), read as the in × out matrix Wᵀ, has columns `in` apart.
-                unsafe {
-                    gemm_into(n, width_out, width_in, (out.as_mut_ptr(), 1, width_out as isize), read_dst, (x.as_ptr(), 1, width_in as isize), (w.as_ptr(), width_in as isize, 1), parallelism())
-                }
+    };
+    match residual {
+        Some(residual) => with_f32(residual, OP, |r| {
+            out.par_chunks_mut(piece).zip(r.par_chunks(piece)).for_each(|(o, r)| {
+                o.copy_from_slice(r);
+                add_bias(o);
             })
-        })??;
-        out.par_chunks_mut(EPILOGUE_CHUNK).for_each(&epilogue);
+        })?,
+        None if bias.is_some() => out.par_chunks_mut(piece).for_each(add_bias),
+        None => {}
     }
+    let read_dst = bias.is_some() || residual.is_some();
+    with_f32(x, OP, |x| {
+        with_f32(weight, OP, |w| {
+            // SAFETY: `out` is n × out row-major, `x` n × in row-major, and the weight (out ×
+            // in row-major), read as the in × out matrix Wᵀ, has columns `in` apart.
+            unsafe {
+                gemm_into(n, width_out, width_in, (out.as_mut_ptr(), 1, width_out as isize), read_dst, (x.as_ptr(), 1, width_in as isize), (w.as_ptr(), width_in as isize, 1), parallelism())
+            }
+        })
+    })??;
+    out.par_chunks_mut(EPILOGUE_CHUNK).for_each(&epilogue);
     Ok(Tensor::from_vec(out, (n, width_out), &candle_core::Device::Cpu)?)
 }
 
@@ -212,7 +225,7 @@ mod tests {
     #[test]
     fn linear_folds_bias_residual_and_epilogue_in() {
         let dev = Device::Cpu;
-        for (n, width_in, width_out, bias, residual) in [(37, 24, 40, true, true), (5, 16, 6, false, false), (0, 8, 4, true, true), (300, 64, 70, true, false), (9, 16, 80, false, true)] {
+        for (n, width_in, width_out, bias, residual) in [(37, 24, 40, true, true), (5, 16, 6, false, false), (0, 8, 4, true, true), (300, 64, 70, true, false), (9, 16, 80, false, true), (700, 32, 70, true, true)] {
             let x = Tensor::randn(0f32, 1.0, (n, width_in), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (width_out, width_in), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, width_out, &dev).unwrap();
