@@ -211,7 +211,8 @@ impl Cluster {
             }
             let client = self.client(address)?;
             let progress = (r == 0).then(|| events.clone());
-            ranks.spawn(async move { (r, run_remote_rank(client, request, progress).await) });
+            let worker = address.clone();
+            ranks.spawn(async move { (r, run_remote_rank(client, request, progress).await.map_err(|e| at_rank(e, r, &worker))) });
         }
         let expired = async {
             match deadline {
@@ -323,6 +324,17 @@ async fn cause(first: WorkerError, ranks: &mut JoinSet<(usize, Result<RemoteRank
 
 /// A worker's status as this job's error. A broken connection (the worker died or the
 /// network failed) arrives as UNKNOWN; it is UNAVAILABLE to the caller: retry elsewhere.
+/// A worker's answer with the rank and worker it came from in front of its message; the code and
+/// metadata (`retry-after`) stay as they were.
+fn at_rank(e: WorkerError, rank: usize, worker: &str) -> WorkerError {
+    match e {
+        WorkerError::Remote(s) => {
+            WorkerError::Remote(tonic::Status::with_metadata(s.code(), format!("rank {rank} on worker {worker}: {}", s.message()), s.metadata().clone()))
+        }
+        other => other,
+    }
+}
+
 fn remote(status: tonic::Status) -> WorkerError {
     if status.code() == tonic::Code::Unknown {
         return WorkerError::Remote(tonic::Status::unavailable(format!("a worker failed mid-job: {}", status.message())));
@@ -379,4 +391,21 @@ async fn run_remote_rank(
         }
     }
     Err(WorkerError::Remote(tonic::Status::unavailable("the worker ended the shard without a result")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workers_answer_names_the_rank_and_keeps_its_code_and_retry_hint() {
+        let mut busy = tonic::Status::resource_exhausted("worker w1 already runs 4 shards");
+        busy.metadata_mut().insert(tome_worker::RETRY_AFTER, tonic::metadata::MetadataValue::from_static("1"));
+        let e = at_rank(WorkerError::Remote(busy), 3, "127.0.0.1:7001");
+        assert!(e.is_busy(), "the retry hint survives: {e:?}");
+        let WorkerError::Remote(s) = &e else { panic!("{e:?}") };
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(s.message(), "rank 3 on worker 127.0.0.1:7001: worker w1 already runs 4 shards");
+        assert!(matches!(at_rank(WorkerError::Cancelled, 0, "a:1"), WorkerError::Cancelled));
+    }
 }

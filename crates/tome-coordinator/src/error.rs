@@ -22,8 +22,13 @@ pub enum CoordError {
     Unavailable(String),
     #[error("the job ran past its deadline")]
     DeadlineExceeded,
+    /// The caller went away.
     #[error("the job was cancelled")]
     Cancelled,
+    /// A worker stopped a rank of the job (an operator's cancel, or a failure it saw first); the
+    /// message says which rank, where, and why.
+    #[error("{0}")]
+    CancelledOnWorker(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -36,6 +41,7 @@ impl From<WorkerError> for CoordError {
         }
         match e.code() {
             Code::InvalidArgument => CoordError::Invalid(msg),
+            Code::Cancelled if matches!(e, WorkerError::Remote(_)) => CoordError::CancelledOnWorker(msg),
             Code::Cancelled => CoordError::Cancelled,
             Code::DeadlineExceeded => CoordError::DeadlineExceeded,
             Code::ResourceExhausted => CoordError::Exhausted(msg),
@@ -66,8 +72,23 @@ impl From<CoordError> for tonic::Status {
             CoordError::UnknownModel(_) => tonic::Status::not_found(msg),
             CoordError::Unavailable(_) => tonic::Status::unavailable(msg),
             CoordError::DeadlineExceeded => tonic::Status::deadline_exceeded(msg),
-            CoordError::Cancelled => tonic::Status::cancelled(msg),
+            CoordError::Cancelled | CoordError::CancelledOnWorker(_) => tonic::Status::cancelled(msg),
             CoordError::Internal(_) => tonic::Status::internal(msg),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancellation_from_a_worker_keeps_its_rank_and_reason() {
+        let remote = WorkerError::Remote(tonic::Status::cancelled("rank 2 on worker 10.0.0.7:7001: the job was cancelled"));
+        let status = tonic::Status::from(CoordError::from(remote));
+        assert_eq!(status.code(), Code::Cancelled);
+        assert!(status.message().contains("rank 2 on worker 10.0.0.7:7001"), "{}", status.message());
+        let local = tonic::Status::from(CoordError::from(WorkerError::Cancelled));
+        assert_eq!((local.code(), local.message()), (Code::Cancelled, "the job was cancelled"));
     }
 }
