@@ -119,11 +119,16 @@ impl Cluster {
         Ok(Placement { workers, held, reserved: self.reserved.clone() })
     }
 
+    /// The connection to the worker at `address`, made once and kept while the worker is a
+    /// member: workers come and go (a Kubernetes pod gets a new address each time), so
+    /// connections to addresses that left the membership are dropped whenever a new one is made.
     fn channel(&self, address: &str) -> Result<Channel, WorkerError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }
+        let live = self.membership.live();
+        channels.retain(|a, _| live.iter().any(|w| &w.address == a));
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| WorkerError::Internal(format!("worker address {address}: {e}")))?
             .connect_timeout(Duration::from_secs(10))
@@ -395,7 +400,36 @@ async fn run_remote_rank(
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::watch;
+
     use super::*;
+
+    struct Members(watch::Sender<Vec<pb::WorkerInfo>>);
+
+    impl Membership for Members {
+        fn subscribe(&self) -> watch::Receiver<Vec<pb::WorkerInfo>> {
+            self.0.subscribe()
+        }
+    }
+
+    fn worker(address: &str) -> pb::WorkerInfo {
+        pb::WorkerInfo { name: address.to_string(), address: address.to_string(), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn connections_to_workers_that_left_are_dropped() {
+        let (tx, _rx) = watch::channel(vec![worker("10.0.0.1:7001"), worker("10.0.0.2:7001")]);
+        let members = Arc::new(Members(tx));
+        let cluster = Cluster::new(members.clone(), 1 << 20, 1024);
+        cluster.channel("10.0.0.1:7001").unwrap();
+        cluster.channel("10.0.0.2:7001").unwrap();
+        // The first pod is replaced by one at a new address.
+        members.0.send_replace(vec![worker("10.0.0.2:7001"), worker("10.0.0.3:7001")]);
+        cluster.channel("10.0.0.3:7001").unwrap();
+        let mut kept: Vec<String> = cluster.channels.lock().unwrap().keys().cloned().collect();
+        kept.sort();
+        assert_eq!(kept, ["10.0.0.2:7001", "10.0.0.3:7001"]);
+    }
 
     #[test]
     fn a_workers_answer_names_the_rank_and_keeps_its_code_and_retry_hint() {
