@@ -327,8 +327,6 @@ async fn cause(first: WorkerError, ranks: &mut JoinSet<(usize, Result<RemoteRank
     found.unwrap_or(first)
 }
 
-/// A worker's status as this job's error. A broken connection (the worker died or the
-/// network failed) arrives as UNKNOWN; it is UNAVAILABLE to the caller: retry elsewhere.
 /// A worker's answer with the rank and worker it came from in front of its message; the code and
 /// metadata (`retry-after`) stay as they were.
 fn at_rank(e: WorkerError, rank: usize, worker: &str) -> WorkerError {
@@ -340,6 +338,8 @@ fn at_rank(e: WorkerError, rank: usize, worker: &str) -> WorkerError {
     }
 }
 
+/// A worker's status as this job's error. A broken connection (the worker died or the
+/// network failed) arrives as UNKNOWN; it is UNAVAILABLE to the caller: retry elsewhere.
 fn remote(status: tonic::Status) -> WorkerError {
     if status.code() == tonic::Code::Unknown {
         return WorkerError::Remote(tonic::Status::unavailable(format!("a worker failed mid-job: {}", status.message())));
