@@ -10,6 +10,8 @@
 //! `bias + residual` and the GEMM accumulates onto it, so neither a broadcast bias add nor a
 //! residual add makes a pass of its own or a tensor of its own.
 
+use std::mem::MaybeUninit;
+
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -38,20 +40,26 @@ pub fn project_to_heads(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, head
         return Err(shape_err(OP, format!("the bias must be [{width_out}], got {:?}", bias.map(|b| b.dims().to_vec()))));
     }
     let d = width_out / heads;
-    let mut out = vec![0f32; heads * n * d];
-    if n > 0 && d > 0 {
+    let len = heads * n * d;
+    // Not zeroed first: every element is written below (a reused heap block would otherwise be
+    // cleared only to be overwritten).
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    if len > 0 {
         let bias = bias.map(|b| with_f32(b, OP, |b| b.to_vec())).transpose()?;
+        let dst = &mut out.spare_capacity_mut()[..len];
         with_f32(x, OP, |x| {
             with_f32(weight, OP, |w| {
                 let parallelism = parallelism();
                 let shape = Shape { n, width_in, width_out, d };
                 if d >= WIDE_HEAD {
-                    per_head(&mut out, x, w, bias.as_deref(), shape, parallelism);
+                    per_head(dst, x, w, bias.as_deref(), shape, parallelism);
                 } else {
-                    row_blocks(&mut out, x, w, bias.as_deref(), shape, parallelism);
+                    row_blocks(dst, x, w, bias.as_deref(), shape, parallelism);
                 }
             })
         })??;
+        // SAFETY: `per_head` and `row_blocks` write every element of `dst`, the first `len`.
+        unsafe { out.set_len(len) };
     }
     Ok(Tensor::from_vec(out, (heads, n, d), &candle_core::Device::Cpu)?)
 }
@@ -79,37 +87,45 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
         return Ok(Tensor::zeros((n, width_out), candle_core::DType::F32, &candle_core::Device::Cpu)?);
     }
     let bias = bias.map(|b| with_f32(b, OP, |b| b.to_vec())).transpose()?;
-    // The GEMM accumulates onto residual + bias, written in one parallel pass of whole rows
-    // (a fresh zeroed vector costs nothing to make: its pages are first touched here).
-    let mut out = vec![0f32; n * width_out];
+    // The GEMM accumulates onto residual + bias, written in one parallel pass of whole rows, or
+    // writes every element itself when there is neither: the output is never zeroed first.
+    let len = n * width_out;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let dst = &mut out.spare_capacity_mut()[..len];
     let piece = (EPILOGUE_CHUNK / width_out).max(1) * width_out;
-    let add_bias = |rows: &mut [f32]| {
-        if let Some(b) = &bias {
-            for row in rows.chunks_exact_mut(width_out) {
-                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-            }
-        }
-    };
-    match residual {
-        Some(residual) => with_f32(residual, OP, |r| {
-            out.par_chunks_mut(piece).zip(r.par_chunks(piece)).for_each(|(o, r)| {
-                o.copy_from_slice(r);
-                add_bias(o);
+    match (residual, &bias) {
+        (Some(residual), bias) => with_f32(residual, OP, |r| {
+            dst.par_chunks_mut(piece).zip(r.par_chunks(piece)).for_each(|(o, r)| match bias {
+                Some(b) => o.chunks_exact_mut(width_out).zip(r.chunks_exact(width_out)).for_each(|(o, r)| {
+                    o.iter_mut().zip(r.iter().zip(b)).for_each(|(o, (&r, &b))| {
+                        o.write(r + b);
+                    })
+                }),
+                None => {
+                    o.write_copy_of_slice(r);
+                }
             })
         })?,
-        None if bias.is_some() => out.par_chunks_mut(piece).for_each(add_bias),
-        None => {}
+        (None, Some(b)) => dst.par_chunks_mut(piece).for_each(|o| {
+            o.chunks_exact_mut(width_out).for_each(|row| {
+                row.write_copy_of_slice(b);
+            })
+        }),
+        (None, None) => {}
     }
     let read_dst = bias.is_some() || residual.is_some();
     with_f32(x, OP, |x| {
         with_f32(weight, OP, |w| {
-            // SAFETY: `out` is n × out row-major, `x` n × in row-major, and the weight (out ×
-            // in row-major), read as the in × out matrix Wᵀ, has columns `in` apart.
+            // SAFETY: `dst` is n × out row-major, `x` n × in row-major, and the weight (out ×
+            // in row-major), read as the in × out matrix Wᵀ, has columns `in` apart. The GEMM
+            // reads `dst` only where it was written above.
             unsafe {
-                gemm_into(n, width_out, width_in, (out.as_mut_ptr(), 1, width_out as isize), read_dst, (x.as_ptr(), 1, width_in as isize), (w.as_ptr(), width_in as isize, 1), parallelism())
+                gemm_into(n, width_out, width_in, (dst.as_mut_ptr().cast(), 1, width_out as isize), read_dst, (x.as_ptr(), 1, width_in as isize), (w.as_ptr(), width_in as isize, 1), parallelism())
             }
         })
     })??;
+    // SAFETY: every element was written, by the fill above or by the GEMM.
+    unsafe { out.set_len(len) };
     out.par_chunks_mut(EPILOGUE_CHUNK).for_each(&epilogue);
     Ok(Tensor::from_vec(out, (n, width_out), &candle_core::Device::Cpu)?)
 }
@@ -143,27 +159,29 @@ unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: (*mut f32, isize, isize),
     unsafe { gemm::gemm(m, n, k, dst.0, dst.1, dst.2, read_dst, lhs.0, lhs.1, lhs.2, rhs.0, rhs.1, rhs.2, 1.0, 1.0, false, false, false, parallelism) }
 }
 
-/// Wide heads: one GEMM per head over every row, writing the head's rows in place.
-fn per_head(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape, parallelism: gemm::Parallelism) {
+/// Wide heads: one GEMM per head over every row, writing every element of the head's rows in
+/// place.
+fn per_head(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape, parallelism: gemm::Parallelism) {
     let Shape { n, width_in, d, .. } = s;
     for (h, head) in out.chunks_exact_mut(n * d).enumerate() {
         if let Some(b) = bias {
             for row in head.chunks_exact_mut(d) {
-                row.copy_from_slice(&b[h * d..(h + 1) * d]);
+                row.write_copy_of_slice(&b[h * d..(h + 1) * d]);
             }
         }
         let w_head = &w[h * d * width_in..(h + 1) * d * width_in];
         // SAFETY: `head` is n × d with rows d apart, `x` n × in row-major, and the head's weight
-        // rows, read as the in × d matrix Wₕᵀ, have columns `in` apart.
+        // rows, read as the in × d matrix Wₕᵀ, have columns `in` apart. The GEMM reads `head`
+        // only when the bias was written into it, and otherwise writes all of it.
         unsafe {
-            gemm_into(n, d, width_in, (head.as_mut_ptr(), 1, d as isize), bias.is_some(), (x.as_ptr(), 1, width_in as isize), (w_head.as_ptr(), width_in as isize, 1), parallelism)
+            gemm_into(n, d, width_in, (head.as_mut_ptr().cast(), 1, d as isize), bias.is_some(), (x.as_ptr(), 1, width_in as isize), (w_head.as_ptr(), width_in as isize, 1), parallelism)
         }
     }
 }
 
 /// Narrow heads: one GEMM over all heads per block of rows, into a reused buffer whose rows are
-/// scattered to their heads while still in cache.
-fn row_blocks(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape, parallelism: gemm::Parallelism) {
+/// scattered to their heads while still in cache, writing every element of `out`.
+fn row_blocks(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape, parallelism: gemm::Parallelism) {
     let Shape { n, width_in, width_out, d } = s;
     let mut scratch = vec![0f32; ROWS.min(n) * width_out];
     for start in (0..n).step_by(ROWS) {
@@ -190,7 +208,7 @@ fn row_blocks(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Sh
         }
         for (h, head) in out.chunks_exact_mut(n * d).enumerate() {
             for (i, row) in scratch.chunks_exact(width_out).enumerate() {
-                head[(start + i) * d..(start + i + 1) * d].copy_from_slice(&row[h * d..(h + 1) * d]);
+                head[(start + i) * d..(start + i + 1) * d].write_copy_of_slice(&row[h * d..(h + 1) * d]);
             }
         }
     }

@@ -12,6 +12,11 @@ pub struct Cli {
     /// Log filter (tracing's EnvFilter syntax), logs go to stderr.
     #[arg(long, env = "TOME_LOG", default_value = "warn", global = true)]
     pub log: String,
+    /// Freed memory (MiB) the process keeps for reuse between the layers of a job instead of
+    /// handing it back to the kernel, which would fault and zero it again; it is handed back when
+    /// the process goes idle. 0 keeps the allocator's defaults.
+    #[arg(long, env = "TOME_HEAP_RETAIN_MIB", default_value_t = 2047, global = true)]
+    pub heap_retain_mib: usize,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -26,11 +26,16 @@ fn main() -> std::process::ExitCode {
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT) };
     }
     let cli = Cli::parse();
+    // Before any other thread exists: every thread then allocates from the one main heap.
+    let heap_policy = cli.heap_retain_mib > 0 && tome_dist::heap::retain_freed_memory(cli.heap_retain_mib << 20);
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if cli.heap_retain_mib > 0 && !heap_policy {
+        tracing::debug!("this allocator takes no heap policy: freed memory goes back to the kernel at once");
+    }
     // Benchmarks are compute from start to end: they run on this thread, with no async runtime.
     let command = match cli.command {
         Command::Bench(a) => return finish(bench::run(a)),

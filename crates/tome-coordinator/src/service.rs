@@ -52,8 +52,23 @@ enum Backend {
 
 /// Holds a job's place in the admission limits until it ends.
 struct Admission {
-    _job: OwnedSemaphorePermit,
-    _tokens: OwnedSemaphorePermit,
+    job: OwnedSemaphorePermit,
+    tokens: OwnedSemaphorePermit,
+    /// Every job's places, to tell when the last job in flight has ended.
+    jobs: Arc<Semaphore>,
+    max_jobs: usize,
+}
+
+impl Admission {
+    /// Gives the job's places back. The last job out hands the heap's freed pages back to the
+    /// kernel (`tome_dist::heap`), so that an idle coordinator holds only what it uses.
+    fn end(self) {
+        let Admission { job, tokens, jobs, max_jobs } = self;
+        drop((job, tokens));
+        if jobs.available_permits() == max_jobs {
+            tokio::task::spawn_blocking(tome_dist::heap::release_freed_memory);
+        }
+    }
 }
 
 /// A document tokenized and checked, ready to run.
@@ -303,7 +318,7 @@ impl Coordinator {
             tokenize_seconds: admitted.tokenize_seconds,
             started,
         };
-        let admission = Admission { _job: job_permit, _tokens: token_permit };
+        let admission = Admission { job: job_permit, tokens: token_permit, jobs: self.jobs.clone(), max_jobs: self.config.limits.max_concurrent_jobs };
         tokio::spawn(drive(job, cluster, tx, self.abort.subscribe(), admission).instrument(span));
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
@@ -341,10 +356,12 @@ struct Job {
 }
 
 /// Runs an admitted job and streams its events; the admission is held until the job ends.
-async fn drive(job: Job, backend: Option<Arc<Cluster>>, tx: EventSender, abort: tokio::sync::watch::Receiver<bool>, _admission: Admission) {
-    let _in_flight = metrics::JobInFlight::start();
+async fn drive(job: Job, backend: Option<Arc<Cluster>>, tx: EventSender, abort: tokio::sync::watch::Receiver<bool>, admission: Admission) {
+    let in_flight = metrics::JobInFlight::start();
     let outcome = drive_events(job, backend, &tx, abort).await;
     metrics::job_ended(outcome);
+    drop(in_flight);
+    admission.end();
 }
 
 async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender, mut abort: tokio::sync::watch::Receiver<bool>) -> &'static str {

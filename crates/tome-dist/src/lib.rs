@@ -10,6 +10,7 @@
 
 mod error;
 mod group;
+pub mod heap;
 mod in_process;
 mod layout;
 pub mod ops;

@@ -352,6 +352,7 @@ impl pb::worker_server::Worker for WorkerService {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let hub = self.hub.clone();
+        let shards_here = self.running.clone();
         let span = info_span!(
             "shard",
             job = %shard.job,
@@ -405,6 +406,11 @@ impl pb::worker_server::Worker for WorkerService {
                         hub.cancel(&shard.job);
                         let _ = tx.blocking_send(Err(e.into()));
                     }
+                }
+                // The last shard out hands the heap's freed pages back to the kernel, after its
+                // last event: an idle worker holds only its models.
+                if shards_here.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                    tome_dist::heap::release_freed_memory();
                 }
             })
             .map_err(|e| WorkerError::Spawn(e.to_string()))?;

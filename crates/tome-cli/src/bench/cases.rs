@@ -52,16 +52,34 @@ fn randn(shape: impl Into<candle_core::Shape>) -> anyhow::Result<Tensor> {
     Ok(Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?)
 }
 
-/// Timed runs of every case: the fastest is reported (its peak memory the highest of all), as
-/// `scripts/bench/reference.py` does for the references. On a shared machine one run can be off
-/// by a fifth either way, and at tens of milliseconds one cold run's start-up (thread pool,
-/// first page faults) would weigh on the result.
-const RUNS: usize = 3;
+/// How many timed runs a case takes: the fastest is reported (its peak memory the highest of
+/// all). On a shared machine one run can be off by a fifth either way, and at tens of
+/// milliseconds one cold run's start-up (thread pool, first page faults) would weigh on the
+/// result.
+#[derive(Clone, Copy)]
+struct Runs {
+    at_least: usize,
+    /// Further runs until the runs have taken this long, up to [`MAX_RUNS`].
+    until_seconds: f64,
+}
+
+/// Cases compared with a reference: 3 runs, as `scripts/bench/reference.py` takes of the
+/// references.
+const RUNS: Runs = Runs { at_least: 3, until_seconds: 0.0 };
+
+/// Length-scaling cases (tome alone): their shortest points take tens of milliseconds, where a
+/// slow spell in 3 runs would bend the fitted exponent; they run for 2 seconds each.
+const SCALING_RUNS: Runs = Runs { at_least: 3, until_seconds: 2.0 };
+
+const MAX_RUNS: usize = 100;
 
 /// The fastest of `runs` runs of `f`, with the highest peak memory of them.
-fn timed_best(case: &str, tokens: usize, gflop: Option<f64>, runs: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Record> {
+fn timed_best(case: &str, tokens: usize, gflop: Option<f64>, runs: Runs, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Record> {
+    let started = Instant::now();
     let mut best = timed(case, tokens, gflop, &mut f)?;
-    for _ in 1..runs {
+    let mut done = 1;
+    while done < runs.at_least || (started.elapsed().as_secs_f64() < runs.until_seconds && done < MAX_RUNS) {
+        done += 1;
         let again = timed(case, tokens, gflop, &mut f)?;
         let (increment, peak) = (best.peak_increment_mb.max(again.peak_increment_mb), best.peak_rss_mb.max(again.peak_rss_mb));
         if again.seconds < best.seconds {
@@ -185,21 +203,23 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
     let (q, k, v) = (randn((H, n, D))?, randn((H, n, D))?, randn((H, n, D))?);
     let own = KeyBlock { k: k.clone(), v: v.clone(), pos, valid: vec![true; n] };
     let case = format!("scaling-{family}");
+    // The smoke sizes (CI) take the plain 3 runs.
+    let runs = if n >= 65536 { SCALING_RUNS } else { RUNS };
     match family {
-        "window" => timed_best(&case, n, None, RUNS, || {
+        "window" => timed_best(&case, n, None, runs, || {
                 window_attention(&g, &plan, &q, own.clone(), WindowSpec { one_sided: 128, causal: false, scale: 0.25 }, None)?;
                 Ok(())
             }),
         "blocksparse" => {
             let pattern = BlockSparsePlan::new(n, 64, H, &RandomBlocks::Seeded { r: 3, seed: 1 })?;
-            timed_best(&case, n, None, RUNS, || {
+            timed_best(&case, n, None, runs, || {
                 blocksparse_attention(&g, &plan, &q, own.clone(), &pattern, 0.25)?;
                 Ok(())
             })
         }
         "favor" => {
             let spec = FavorSpec { projection: orthogonal_projection(32, D, 1)?, causal: false, chunk: 256, rows: 16384 };
-            timed_best(&case, n, None, RUNS, || {
+            timed_best(&case, n, None, runs, || {
                 favor_attention(&g, &plan, &q, &k, &v, &spec)?;
                 Ok(())
             })
@@ -220,14 +240,14 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
             let seg_plan = ShardPlan::aligned(n, 1, 128)?;
             if family == "recurrent" {
                 let first = XlMemory::empty(128, width)?;
-                timed_best(&case, n, None, RUNS, || {
+                timed_best(&case, n, None, runs, || {
                 segment_recurrence(&g, &seg_plan, &x, 128, &first, &|m: &XlMemory, s: &Tensor| attend(&m.mem, s))?;
                 Ok(())
             })
             } else {
                 let first = CompressiveMemory::empty(128, 64, 2, Compression::Mean, width)?;
                 let step = |m: &CompressiveMemory, s: &Tensor| attend(&Tensor::cat(&[&m.cmem, &m.mem], 0)?, s);
-                timed_best(&case, n, None, RUNS, || {
+                timed_best(&case, n, None, runs, || {
                 segment_recurrence(&g, &seg_plan, &x, 128, &first, &step)?;
                 Ok(())
             })
