@@ -31,6 +31,13 @@ const ROWS: usize = 256;
 /// `x` (`[n, in]`) projected by `weight` (`[heads·d, in]`) and `bias` (`[heads·d]`), as
 /// `[heads, n, d]`.
 pub fn project_to_heads(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, heads: usize) -> Result<Tensor> {
+    project_to_heads_padded(x, weight, bias, heads, (0, 0))
+}
+
+/// As [`project_to_heads`], with `before` rows of zeros ahead of each head's rows and `after`
+/// behind: `[heads, before + n + after, d]`. Rows that others will fill in place (a window's
+/// halo) then need no copy of the whole projection to be joined to it.
+pub fn project_to_heads_padded(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, heads: usize, (before, after): (usize, usize)) -> Result<Tensor> {
     let (n, width_in) = x.dims2().map_err(|_| shape_err(OP, format!("x must be [tokens, in], got {:?}", x.dims())))?;
     let (width_out, w_in) = weight.dims2().map_err(|_| shape_err(OP, format!("the weight must be [out, in], got {:?}", weight.dims())))?;
     if w_in != width_in || heads == 0 || width_out % heads != 0 {
@@ -40,28 +47,36 @@ pub fn project_to_heads(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, head
         return Err(shape_err(OP, format!("the bias must be [{width_out}], got {:?}", bias.map(|b| b.dims().to_vec()))));
     }
     let d = width_out / heads;
-    let len = heads * n * d;
+    let rows = before + n + after;
+    let len = heads * rows * d;
     // Not zeroed first: every element is written below (a reused heap block would otherwise be
     // cleared only to be overwritten).
     let mut out: Vec<f32> = Vec::with_capacity(len);
     if len > 0 {
         let bias = bias.map(|b| with_f32(b, OP, |b| b.to_vec())).transpose()?;
         let dst = &mut out.spare_capacity_mut()[..len];
-        with_f32(x, OP, |x| {
-            with_f32(weight, OP, |w| {
-                let parallelism = parallelism();
-                let shape = Shape { n, width_in, width_out, d };
-                if d >= WIDE_HEAD {
-                    per_head(dst, x, w, bias.as_deref(), shape, parallelism);
-                } else {
-                    row_blocks(dst, x, w, bias.as_deref(), shape, parallelism);
-                }
-            })
-        })??;
-        // SAFETY: `per_head` and `row_blocks` write every element of `dst`, the first `len`.
+        for head in dst.chunks_exact_mut(rows * d) {
+            head[..before * d].fill(MaybeUninit::new(0.0));
+            head[(before + n) * d..].fill(MaybeUninit::new(0.0));
+        }
+        if n > 0 {
+            with_f32(x, OP, |x| {
+                with_f32(weight, OP, |w| {
+                    let parallelism = parallelism();
+                    let shape = Shape { n, width_in, width_out, d, before, rows };
+                    if d >= WIDE_HEAD {
+                        per_head(dst, x, w, bias.as_deref(), shape, parallelism);
+                    } else {
+                        row_blocks(dst, x, w, bias.as_deref(), shape, parallelism);
+                    }
+                })
+            })??;
+        }
+        // SAFETY: the margins were zeroed above, and `per_head` and `row_blocks` write every
+        // element of each head's rows `before..before + n`.
         unsafe { out.set_len(len) };
     }
-    Ok(Tensor::from_vec(out, (heads, n, d), &candle_core::Device::Cpu)?)
+    Ok(Tensor::from_vec(out, (heads, rows, d), &candle_core::Device::Cpu)?)
 }
 
 /// Elements per parallel piece of an epilogue.
@@ -146,6 +161,9 @@ struct Shape {
     width_in: usize,
     width_out: usize,
     d: usize,
+    /// Rows of margin ahead of each head's `n` rows, and the head's rows in all.
+    before: usize,
+    rows: usize,
 }
 
 /// `dst := bias + lhs · rhs` for an m × n `dst` and an m × k `lhs`, every matrix given by
@@ -162,8 +180,9 @@ unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: (*mut f32, isize, isize),
 /// Wide heads: one GEMM per head over every row, writing every element of the head's rows in
 /// place.
 fn per_head(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape, parallelism: gemm::Parallelism) {
-    let Shape { n, width_in, d, .. } = s;
-    for (h, head) in out.chunks_exact_mut(n * d).enumerate() {
+    let Shape { n, width_in, d, before, rows, .. } = s;
+    for (h, head) in out.chunks_exact_mut(rows * d).enumerate() {
+        let head = &mut head[before * d..(before + n) * d];
         if let Some(b) = bias {
             for row in head.chunks_exact_mut(d) {
                 row.write_copy_of_slice(&b[h * d..(h + 1) * d]);
@@ -182,7 +201,7 @@ fn per_head(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f
 /// Narrow heads: one GEMM over all heads per block of rows, into a reused buffer whose rows are
 /// scattered to their heads while still in cache, writing every element of `out`.
 fn row_blocks(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape, parallelism: gemm::Parallelism) {
-    let Shape { n, width_in, width_out, d } = s;
+    let Shape { n, width_in, width_out, d, before, rows: head_rows } = s;
     let mut scratch = vec![0f32; ROWS.min(n) * width_out];
     for start in (0..n).step_by(ROWS) {
         let rows = ROWS.min(n - start);
@@ -206,9 +225,10 @@ fn row_blocks(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&
                 parallelism,
             )
         }
-        for (h, head) in out.chunks_exact_mut(n * d).enumerate() {
+        for (h, head) in out.chunks_exact_mut(head_rows * d).enumerate() {
             for (i, row) in scratch.chunks_exact(width_out).enumerate() {
-                head[(start + i) * d..(start + i + 1) * d].write_copy_of_slice(&row[h * d..(h + 1) * d]);
+                let r = before + start + i;
+                head[r * d..(r + 1) * d].write_copy_of_slice(&row[h * d..(h + 1) * d]);
             }
         }
     }
@@ -218,7 +238,7 @@ fn row_blocks(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&
 mod tests {
     use candle_core::{Device, Tensor};
 
-    use super::{linear, project_to_heads};
+    use super::{linear, project_to_heads, project_to_heads_padded};
 
     #[test]
     fn matches_matmul_then_split_heads() {
@@ -237,6 +257,25 @@ mod tests {
             assert_eq!(got.dims(), &[heads, n, d]);
             let diff = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).map(|m| m.to_scalar::<f32>().unwrap()).unwrap_or(0.0);
             assert!(diff < 1e-4, "n={n} in={width_in} heads={heads} d={d} bias={bias}: {diff}");
+        }
+    }
+
+    #[test]
+    fn padded_heads_hold_the_same_rows_between_zero_margins() {
+        let dev = Device::Cpu;
+        for (n, width_in, heads, d, (before, after)) in [(37, 24, 3, 8, (5, 0)), (300, 64, 4, 16, (0, 7)), (70, 32, 2, 64, (3, 4)), (0, 8, 2, 4, (2, 1))] {
+            let x = Tensor::randn(0f32, 1.0, (n, width_in), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (heads * d, width_in), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, heads * d, &dev).unwrap();
+            let plain = project_to_heads(&x, &w, Some(&b), heads).unwrap();
+            let padded = project_to_heads_padded(&x, &w, Some(&b), heads, (before, after)).unwrap();
+            assert_eq!(padded.dims(), &[heads, before + n + after, d]);
+            // Bit for bit: the same GEMMs, written at an offset.
+            assert_eq!(padded.narrow(1, before, n).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), plain.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let margins = [padded.narrow(1, 0, before).unwrap(), padded.narrow(1, before + n, after).unwrap()];
+            for m in margins {
+                assert!(m.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&v| v == 0.0));
+            }
         }
     }
 

@@ -9,8 +9,8 @@
 
 use candle_core::Tensor;
 use candle_nn::Linear;
-use tome_attn::projection::project_to_heads;
-use tome_dist::ops::{window_keys, KeyBlock, WindowSpec};
+use tome_attn::projection::{project_to_heads, project_to_heads_padded};
+use tome_dist::ops::{window_keys, window_keys_in_place, window_margins, KeyBlock, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 
 use crate::error::Result;
@@ -46,8 +46,18 @@ pub fn window_rows(
     mut consume: impl FnMut(usize, Tensor) -> Result<()>,
 ) -> Result<()> {
     let (n, _) = x.dims2()?;
-    let [k, v] = project_heads(x, [key, value], heads)?;
-    let keys = window_keys(group, plan, &KeyBlock { k, v, pos: positions.to_vec(), valid: valid.to_vec() }, spec)?;
+    let keys = match window_margins(plan, group.rank(), spec) {
+        // A shard of one run: keys and values are projected with room for the halo, which
+        // arrives in place, instead of being joined to it by a copy of the whole shard's.
+        Some(margins) => {
+            let [k, v] = [key, value].map(|p| project_to_heads_padded(x, p.weight(), p.bias(), heads, margins));
+            window_keys_in_place(group, plan, k?, v?, valid, spec)?
+        }
+        None => {
+            let [k, v] = project_heads(x, [key, value], heads)?;
+            window_keys(group, plan, &KeyBlock { k, v, pos: positions.to_vec(), valid: valid.to_vec() }, spec)?
+        }
+    };
     let block = block.max(1);
     for start in (0..n).step_by(block) {
         let rows = block.min(n - start);

@@ -21,6 +21,29 @@ pub(crate) fn gather_needed(
     own: &KeyBlock,
     needs: &dyn Fn(usize) -> Vec<Range<usize>>,
 ) -> Result<Option<KeyBlock>> {
+    let mut pieces = exchange_needed(group, plan, own, needs)?;
+    let mut offset = 0;
+    for x in plan.ranges(group.rank()) {
+        pieces.push(own.rows(offset, x.len())?);
+        offset += x.len();
+    }
+    pieces.retain(|b| !b.is_empty());
+    pieces.sort_by_key(|b| b.pos[0]);
+    if pieces.is_empty() {
+        return Ok(None);
+    }
+    KeyBlock::concat(&pieces).map(Some)
+}
+
+/// The exchange of [`gather_needed`] alone: sends other ranks the rows they need of `own`, and
+/// returns the rows this rank needs from others, as runs of consecutive positions in ascending
+/// order.
+pub(crate) fn exchange_needed(
+    group: &dyn Group,
+    plan: &ShardPlan,
+    own: &KeyBlock,
+    needs: &dyn Fn(usize) -> Vec<Range<usize>>,
+) -> Result<Vec<KeyBlock>> {
     let (me, p) = (group.rank(), group.size());
     if plan.ranks() != p {
         return Err(DistError::Plan(format!("the plan has {} shards for a group of {p} ranks", plan.ranks())));
@@ -34,15 +57,12 @@ pub(crate) fn gather_needed(
         }
         let rows: Vec<KeyBlock> = parts.iter().map(|(x, off)| own.rows(*off, x.len())).collect::<Result<_>>()?;
         let b = KeyBlock::concat(&rows)?;
-        group.send(peer, vec![b.k, b.v, flags_to_tensor(&b.valid)?])?;
-    }
-    let mut offset = 0;
-    let mut pieces = Vec::new();
-    for x in plan.ranges(me) {
-        pieces.push(own.rows(offset, x.len())?);
-        offset += x.len();
+        // Frames own their rows: a receiver in this process writes what it receives into its own
+        // buffers while this rank may write into the buffer `own` views (its halo margins).
+        group.send(peer, vec![owned(&b.k)?, owned(&b.v)?, flags_to_tensor(&b.valid)?])?;
     }
     let mine = wanted(me);
+    let mut pieces = Vec::new();
     for peer in (0..p).filter(|&s| s != me) {
         let parts = plan.owned_parts(peer, &mine);
         if parts.is_empty() {
@@ -62,8 +82,10 @@ pub(crate) fn gather_needed(
     }
     pieces.retain(|b| !b.is_empty());
     pieces.sort_by_key(|b| b.pos[0]);
-    if pieces.is_empty() {
-        return Ok(None);
-    }
-    KeyBlock::concat(&pieces).map(Some)
+    Ok(pieces)
+}
+
+/// A contiguous copy of `t` that shares no storage with it.
+fn owned(t: &Tensor) -> Result<Tensor> {
+    Ok(if t.is_contiguous() { t.copy()? } else { t.contiguous()? })
 }

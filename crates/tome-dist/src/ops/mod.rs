@@ -22,4 +22,4 @@ pub use keys::KeyBlock;
 pub use lsh::lsh_attention;
 pub use recurrent::{segment_recurrence, Compression, CompressiveMemory, Memory, XlMemory};
 pub use moe::{apply_experts, route_tokens, Routing};
-pub use window::{window_attention, window_keys, GlobalTokens, WindowKeys, WindowSpec};
+pub use window::{window_attention, window_keys, window_keys_in_place, window_margins, GlobalTokens, WindowKeys, WindowSpec};

@@ -7,7 +7,7 @@
 use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tome_attn::{reference, Mask};
-use tome_dist::ops::{ring_attention, window_attention, window_keys, DenseSpec, GlobalTokens, KeyBlock, WindowSpec};
+use tome_dist::ops::{ring_attention, window_attention, window_keys, window_keys_in_place, window_margins, DenseSpec, GlobalTokens, KeyBlock, WindowSpec};
 use tome_dist::{Group, Layout, ShardPlan};
 
 use crate::launch;
@@ -250,6 +250,43 @@ fn window_queries_in_row_blocks_equal_the_whole_shard() {
                         });
                         let d = max_diff(&blocked, &whole);
                         assert!(d <= 1e-5, "window in blocks n={n} w={w} p={p} causal={causal} plan={plan:?}: {d}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_halo_taken_in_place_gives_the_joined_keys_results_to_the_bit() {
+    if !crate::available() {
+        return;
+    }
+    // Ranks whose shard is one run take the halo into margins around their own keys; the others
+    // (zigzag shards, empty shards) join keys as before, in the same exchange.
+    for &n in &[23, 90] {
+        for &w in &[0, 4, 30] {
+            for &causal in &[false, true] {
+                let x = inputs(n, (n * 5 + w) as u64, true, false);
+                let spec = WindowSpec { one_sided: w, causal, scale: 0.4 };
+                for p in 1..=4 {
+                    for plan in plans(n, p) {
+                        let (joined, _) = window(&x, &plan, spec, &[]);
+                        let (in_place, _) = on_ranks(&plan, 1, |g, r| {
+                            let own = own(&x, &plan, r);
+                            let keys = match window_margins(&plan, r, spec) {
+                                Some((before, after)) => {
+                                    let pad = |t: &Tensor| -> tome_dist::Result<Tensor> {
+                                        let zeros = |rows| Tensor::zeros((H, rows, D), candle_core::DType::F32, &Device::Cpu);
+                                        Ok(Tensor::cat(&[&zeros(before)?, t, &zeros(after)?], 1)?)
+                                    };
+                                    window_keys_in_place(g, &plan, pad(&own.k)?, pad(&own.v)?, &own.valid, spec)?
+                                }
+                                None => window_keys(g, &plan, &own, spec)?,
+                            };
+                            Ok(keys.attend(&plan.shard_of(&x.q, 1, r)?, &plan.positions(r))?)
+                        });
+                        assert_eq!(max_diff(&in_place, &joined), 0.0, "n={n} w={w} p={p} causal={causal} plan={plan:?}");
                     }
                 }
             }
