@@ -442,9 +442,12 @@ impl Problem<'_> {
 }
 
 /// Sets to `-inf` the scores of a strip (`st`: keys `kb..kb + cols` × queries at positions
-/// `q_pos`, spanning `q_range`, `stride` apart) that `mask` hides.
+/// `q_pos`, spanning `q_range`, `stride` apart) that `mask` hides. Inlined into the tile, and
+/// so into its instruction set's `#[target_feature]` wrapper: the position compares are 64-bit,
+/// which the baseline x86-64 target cannot do in vector registers.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn mask_strip(mask: &Mask<'_>, st: &mut [f32], kb: usize, cols: usize, valid: Option<&[bool]>, q_pos: &[i64], q_range: (i64, i64), stride: usize) {
     for (j, row) in st.chunks_exact_mut(stride).take(cols).enumerate() {
         if valid.is_some_and(|v| !v[j]) {
