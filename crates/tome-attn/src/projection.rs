@@ -167,7 +167,8 @@ struct Shape {
 }
 
 /// `dst := bias + lhs · rhs` for an m × n `dst` and an m × k `lhs`, every matrix given by
-/// (column stride, row stride).
+/// (column stride, row stride). Without `read_dst` every element of `dst` is written (zeros when
+/// k = 0) and none read, so `dst` may start uninitialised.
 ///
 /// # Safety
 /// Each pointer spans its matrix under its strides.
