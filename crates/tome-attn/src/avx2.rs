@@ -8,22 +8,26 @@
 
 use std::arch::x86_64::*;
 
-use crate::simd::{EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO};
+use crate::simd::{EXP_LO, EXP_POLY, LN2_HI, LN2_LO, ROUNDING_MAGIC};
 
-/// Eight lanes of `e^x` with the same reduction and polynomial as `simd::exp`.
+/// Eight lanes of `e^x` for `x <= 0` (the softmax's shifted scores), with the same reduction and
+/// polynomial as `simd::exp`: `n = round(x log2 e)` by [`ROUNDING_MAGIC`], whose sum also holds
+/// `n` as an integer in its low bits, shifted from there into the exponent of `2^n`. Lanes below
+/// `EXP_LO`, `-inf` included, are zeroed; NaN stays NaN.
 #[target_feature(enable = "avx2,fma")]
-fn exp8(x: __m256) -> __m256 {
-    let lo = _mm256_set1_ps(EXP_LO);
-    let xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(EXP_HI));
-    let n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
+fn exp8_nonpositive(x: __m256) -> __m256 {
+    let magic = _mm256_set1_ps(ROUNDING_MAGIC);
+    let rounded = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
+    let n = _mm256_sub_ps(rounded, magic);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
     let mut y = _mm256_set1_ps(EXP_POLY[0]);
     for c in &EXP_POLY[1..] {
         y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(*c));
     }
-    let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
-    let below = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
+    // The low bits of `rounded` are n's two's complement; the bits above them shift out.
+    let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_castps_si256(rounded), _mm256_set1_epi32(127))));
+    let below = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_LO));
     _mm256_andnot_ps(below, _mm256_mul_ps(y, pow2))
 }
 
@@ -164,30 +168,42 @@ pub(crate) fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32
     unsafe {
         let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
         for r0 in (0..rows_p).step_by(8) {
-            let mut block_max = neg_inf;
-            for j in 0..cols {
-                block_max = _mm256_max_ps(block_max, _mm256_loadu_ps(st.as_ptr().add(j * rows_p + r0)));
+            // Four running maxima: one would chain every load through the max's latency.
+            let mut maxima = [neg_inf; 4];
+            let mut j = 0;
+            while j + 4 <= cols {
+                for (i, mx) in maxima.iter_mut().enumerate() {
+                    *mx = _mm256_max_ps(*mx, _mm256_loadu_ps(st.as_ptr().add((j + i) * rows_p + r0)));
+                }
+                j += 4;
             }
+            for j in j..cols {
+                maxima[0] = _mm256_max_ps(maxima[0], _mm256_loadu_ps(st.as_ptr().add(j * rows_p + r0)));
+            }
+            let block_max = _mm256_max_ps(_mm256_max_ps(maxima[0], maxima[1]), _mm256_max_ps(maxima[2], maxima[3]));
             let m_old = _mm256_loadu_ps(m.as_ptr().add(r0));
             let m_new = _mm256_max_ps(m_old, block_max);
             // A query that has seen no visible key yet keeps m = -inf; shift by 0 so that its
             // masked scores give e^-inf = 0 rather than NaN.
             let unseen = _mm256_cmp_ps::<_CMP_EQ_OQ>(m_new, neg_inf);
             let shift = _mm256_andnot_ps(unseen, m_new);
-            let correction = exp8(_mm256_sub_ps(m_old, shift));
+            let correction = exp8_nonpositive(_mm256_sub_ps(m_old, shift));
             let mut sum = _mm256_setzero_ps();
             for j in 0..cols {
                 let p = st.as_mut_ptr().add(j * rows_p + r0);
-                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), shift));
+                let e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p), shift));
                 _mm256_storeu_ps(p, e);
                 sum = _mm256_add_ps(sum, e);
             }
             let l_old = _mm256_loadu_ps(l.as_ptr().add(r0));
             _mm256_storeu_ps(l.as_mut_ptr().add(r0), _mm256_fmadd_ps(l_old, correction, sum));
             _mm256_storeu_ps(m.as_mut_ptr().add(r0), m_new);
-            for c in 0..dv {
-                let a = acc.as_mut_ptr().add(c * rows_p + r0);
-                _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_loadu_ps(a), correction));
+            // Where no query's max moved the correction is exactly 1 (e^0): skip the rescale.
+            if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(m_new, m_old)) != 0xff {
+                for c in 0..dv {
+                    let a = acc.as_mut_ptr().add(c * rows_p + r0);
+                    _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_loadu_ps(a), correction));
+                }
             }
         }
     }
@@ -198,17 +214,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exp8_matches_libm_and_vanishes_below_the_range() {
+    fn exp8_matches_libm_on_nonpositive_inputs_and_vanishes_below_the_range() {
         if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
             return;
         }
         let mut worst = 0f32;
         let mut x = -87.0f32;
-        while x < 88.0 {
-            let xs = [x, x + 0.001, x + 0.002, x + 0.003, x + 0.004, x + 0.005, x + 0.006, x + 0.007];
+        while x <= 0.0 {
+            let xs: [f32; 8] = std::array::from_fn(|i| (x + 0.001 * i as f32).min(0.0));
             let mut got = [0f32; 8];
             // SAFETY: AVX2 and FMA were detected above; `got` holds eight f32.
-            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(xs.as_ptr()))) };
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8_nonpositive(_mm256_loadu_ps(xs.as_ptr()))) };
             for (g, x) in got.iter().zip(xs) {
                 worst = worst.max(((g - x.exp()) / x.exp()).abs());
             }
@@ -216,10 +232,14 @@ mod tests {
         }
         assert!(worst < 4.0 * f32::EPSILON, "worst relative error {worst}");
         let mut got = [1f32; 8];
-        let low = [f32::NEG_INFINITY, -100.0, -88.0, -1e30, 0.0, 0.0, 0.0, 0.0];
+        let low = [f32::NEG_INFINITY, -100.0, -88.0, -1e30, f32::MIN, 0.0, 0.0, -0.0];
         // SAFETY: as above.
-        unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(low.as_ptr()))) };
-        assert_eq!(&got[..4], &[0.0; 4]);
-        assert_eq!(&got[4..], &[1.0; 4]);
+        unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8_nonpositive(_mm256_loadu_ps(low.as_ptr()))) };
+        assert_eq!(&got[..5], &[0.0; 5]);
+        assert_eq!(&got[5..], &[1.0; 3]);
+        let nan = [f32::NAN; 8];
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8_nonpositive(_mm256_loadu_ps(nan.as_ptr()))) };
+        assert!(got.iter().all(|g| g.is_nan()));
     }
 }

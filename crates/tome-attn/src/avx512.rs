@@ -10,21 +10,18 @@
 
 use std::arch::x86_64::*;
 
-use crate::simd::{EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO};
+use crate::simd::{EXP_LO, EXP_POLY, LN2_HI, LN2_LO, ROUNDING_MAGIC};
 
-/// Sixteen lanes of `e^x` with the same reduction and polynomial as `simd::exp`; the power of two
-/// is applied by one `vscalefps` (AVX-512F). Only the top of the range is clamped (the
-/// reduction of a huge `x` loses every bit of `r`); lanes below the bottom, `-inf` included,
-/// whose reduction gives NaN, are zeroed by the mask instead. Eleven vector instructions.
+/// Sixteen lanes of `e^x` for `x <= 0` (the softmax's shifted scores), with the same reduction
+/// and polynomial as `simd::exp`: `n = round(x log2 e)` by [`ROUNDING_MAGIC`] (no clamp is needed
+/// from above), the power of two applied by one `vscalefps`. Lanes below `EXP_LO`, `-inf`
+/// included, whose reduction gives NaN, are zeroed by the mask; NaN stays NaN. Eleven vector
+/// instructions of one µop each.
 #[target_feature(enable = "avx512f")]
-fn exp16(x: __m512) -> __m512 {
-    let xc = _mm512_min_ps(x, _mm512_set1_ps(EXP_HI));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
-        xc,
-        _mm512_set1_ps(std::f32::consts::LOG2_E),
-        _mm512_set1_ps(0.5),
-    ));
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
+fn exp16_nonpositive(x: __m512) -> __m512 {
+    let magic = _mm512_set1_ps(ROUNDING_MAGIC);
+    let n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), magic), magic);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
     let mut y = _mm512_set1_ps(EXP_POLY[0]);
     for c in &EXP_POLY[1..] {
@@ -178,30 +175,42 @@ pub(crate) fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32
     unsafe {
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         for r0 in (0..rows_p).step_by(16) {
-            let mut block_max = neg_inf;
-            for j in 0..cols {
-                block_max = _mm512_max_ps(block_max, _mm512_loadu_ps(st.as_ptr().add(j * rows_p + r0)));
+            // Four running maxima: one would chain every load through the max's latency.
+            let mut maxima = [neg_inf; 4];
+            let mut j = 0;
+            while j + 4 <= cols {
+                for (i, mx) in maxima.iter_mut().enumerate() {
+                    *mx = _mm512_max_ps(*mx, _mm512_loadu_ps(st.as_ptr().add((j + i) * rows_p + r0)));
+                }
+                j += 4;
             }
+            for j in j..cols {
+                maxima[0] = _mm512_max_ps(maxima[0], _mm512_loadu_ps(st.as_ptr().add(j * rows_p + r0)));
+            }
+            let block_max = _mm512_max_ps(_mm512_max_ps(maxima[0], maxima[1]), _mm512_max_ps(maxima[2], maxima[3]));
             let m_old = _mm512_loadu_ps(m.as_ptr().add(r0));
             let m_new = _mm512_max_ps(m_old, block_max);
             // A query that has seen no visible key yet keeps m = -inf; shift by 0 so that its
             // masked scores give e^-inf = 0 rather than NaN.
             let seen = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(m_new, neg_inf);
             let shift = _mm512_maskz_mov_ps(seen, m_new);
-            let correction = exp16(_mm512_sub_ps(m_old, shift));
+            let correction = exp16_nonpositive(_mm512_sub_ps(m_old, shift));
             let mut sum = _mm512_setzero_ps();
             for j in 0..cols {
                 let p = st.as_mut_ptr().add(j * rows_p + r0);
-                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p), shift));
+                let e = exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p), shift));
                 _mm512_storeu_ps(p, e);
                 sum = _mm512_add_ps(sum, e);
             }
             let l_old = _mm512_loadu_ps(l.as_ptr().add(r0));
             _mm512_storeu_ps(l.as_mut_ptr().add(r0), _mm512_fmadd_ps(l_old, correction, sum));
             _mm512_storeu_ps(m.as_mut_ptr().add(r0), m_new);
-            for c in 0..dv {
-                let a = acc.as_mut_ptr().add(c * rows_p + r0);
-                _mm512_storeu_ps(a, _mm512_mul_ps(_mm512_loadu_ps(a), correction));
+            // Where no query's max moved the correction is exactly 1 (e^0): skip the rescale.
+            if _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_new, m_old) != 0xffff {
+                for c in 0..dv {
+                    let a = acc.as_mut_ptr().add(c * rows_p + r0);
+                    _mm512_storeu_ps(a, _mm512_mul_ps(_mm512_loadu_ps(a), correction));
+                }
             }
         }
     }
@@ -212,17 +221,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exp16_matches_libm_and_vanishes_below_the_range() {
+    fn exp16_matches_libm_on_nonpositive_inputs_and_vanishes_below_the_range() {
         if !std::arch::is_x86_feature_detected!("avx512f") {
             return;
         }
         let mut worst = 0f32;
         let mut x = -87.0f32;
-        while x < 88.0 {
-            let xs: [f32; 16] = std::array::from_fn(|i| x + 0.001 * i as f32);
+        while x <= 0.0 {
+            let xs: [f32; 16] = std::array::from_fn(|i| (x + 0.001 * i as f32).min(0.0));
             let mut got = [0f32; 16];
             // SAFETY: AVX-512F was detected above; `got` holds sixteen f32.
-            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp16(_mm512_loadu_ps(xs.as_ptr()))) };
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp16_nonpositive(_mm512_loadu_ps(xs.as_ptr()))) };
             for (g, x) in got.iter().zip(xs) {
                 worst = worst.max(((g - x.exp()) / x.exp()).abs());
             }
@@ -231,10 +240,14 @@ mod tests {
         assert!(worst < 4.0 * f32::EPSILON, "worst relative error {worst}");
         let mut got = [1f32; 16];
         let mut low = [0f32; 16];
-        low[..4].copy_from_slice(&[f32::NEG_INFINITY, -100.0, -88.0, -1e30]);
+        low[..5].copy_from_slice(&[f32::NEG_INFINITY, -100.0, -88.0, -1e30, f32::MIN]);
         // SAFETY: as above.
-        unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp16(_mm512_loadu_ps(low.as_ptr()))) };
-        assert_eq!(&got[..4], &[0.0; 4]);
-        assert_eq!(&got[4..], &[1.0; 12]);
+        unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp16_nonpositive(_mm512_loadu_ps(low.as_ptr()))) };
+        assert_eq!(&got[..5], &[0.0; 5]);
+        assert_eq!(&got[5..], &[1.0; 11]);
+        let nan = [f32::NAN; 16];
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp16_nonpositive(_mm512_loadu_ps(nan.as_ptr()))) };
+        assert!(got.iter().all(|g| g.is_nan()));
     }
 }

@@ -54,6 +54,11 @@ pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
 /// Below this `e^x` is under f32's smallest normal and the exps return 0; above `EXP_HI`, inf.
 pub(crate) const EXP_LO: f32 = -87.336_54;
 pub(crate) const EXP_HI: f32 = 88.376_26;
+/// `1.5 · 2^23`. Added to a float under 2^22 in magnitude, it leaves that float rounded to the
+/// nearest integer (ties to even) in the low mantissa bits of the sum: one addition (fused into
+/// the multiply by log2 e) and one subtraction round where `roundps` takes two µops and `cvtps`
+/// a third to get the integer back.
+pub(crate) const ROUNDING_MAGIC: f32 = 12_582_912.0;
 
 /// `e^x`, under 2 ulp for x in [-87.3, 88.3]; exactly 0 below (so masked `-inf` scores vanish).
 #[inline(always)]
