@@ -241,5 +241,8 @@ fn benchmark_suite_smoke_mode_measures_every_case() {
         assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert!(records[0]["gflops"].as_f64().unwrap() > 1.0, "the FMA peak is measured");
+    for r in records.iter().filter(|r| r["case"].as_str().is_some_and(|c| c.starts_with("dense"))) {
+        assert!(r["fma_peak_gflops"].as_f64().is_some_and(|p| p > 1.0), "a dense case measures the peak around its runs: {r}");
+    }
     std::fs::remove_file(&out).ok();
 }

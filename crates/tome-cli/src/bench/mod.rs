@@ -23,6 +23,11 @@ pub struct Record {
     pub seconds: f64,
     /// Useful floating-point work per second, where the case has a FLOP count.
     pub gflops: Option<f64>,
+    /// Where the case has a FLOP count: the machine's FMA peak measured just before and just after
+    /// the reported run, the higher of the two. `gflops` is read against it, not against a peak
+    /// measured minutes away: on a shared machine the peak moves by a third within the hour.
+    #[serde(default)]
+    pub fma_peak_gflops: Option<f64>,
     /// Peak resident memory during the timed part, above what the process held before it.
     pub peak_increment_mb: f64,
     /// Peak resident memory of the whole process.
