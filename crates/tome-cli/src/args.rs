@@ -14,8 +14,7 @@ pub struct Cli {
     pub log: String,
     /// Freed memory (MiB) the process keeps for reuse between the layers of a job instead of
     /// handing it back to the kernel, which would fault and zero it again; it is handed back when
-    /// the process goes idle. Blocks of 8 MiB or more are also advised onto transparent huge
-    /// pages. 0 keeps the allocator's and the kernel's defaults.
+    /// the process goes idle. 0 keeps the allocator's defaults.
     #[arg(long, env = "TOME_HEAP_RETAIN_MIB", default_value_t = 2047, global = true)]
     pub heap_retain_mib: usize,
     #[command(subcommand)]

@@ -16,10 +16,6 @@ use clap::Parser;
 
 use crate::args::{Cli, Command};
 
-/// The system allocator; under the heap policy it also advises huge pages for large blocks.
-#[global_allocator]
-static HEAP: tome_dist::heap::Heap = tome_dist::heap::Heap;
-
 /// Iterations candle's elementwise worker threads spin before parking, unless the environment
 /// says otherwise: ranks already keep every core busy, and spinning workers take their time.
 const CANDLE_SPIN_LIMIT: &str = "100";
