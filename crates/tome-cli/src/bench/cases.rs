@@ -100,7 +100,7 @@ fn timed_best(case: &str, tokens: usize, gflop: Option<f64>, runs: Runs, mut f: 
     Ok(best)
 }
 
-/// FMA rounds (all threads together) of the peak measured between runs: about 50 ms.
+/// FMA rounds (all threads together) of the peak measured between runs: 25–50 ms here.
 const PEAK_BETWEEN_RUNS_ROUNDS: u64 = 20_000_000;
 
 /// The FMA peak on every thread, measured now.
