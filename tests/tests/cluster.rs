@@ -85,6 +85,24 @@ fn http_get(addr: &str, path: &str) -> String {
     body
 }
 
+/// The value of an unlabelled sample in a Prometheus text page.
+fn metric_value(page: &str, name: &str) -> Option<f64> {
+    page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits (up to 10 s) until the server's `/metrics` shows `name` at `at_least` or more.
+async fn wait_for_metric(addr: &str, name: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = metric_value(&http_get(addr, "/metrics"), name);
+        if value.is_some_and(|v| v >= at_least) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{addr}: {name} is {value:?}, wanted at least {at_least}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn embedded_reference(model: &Path, text: &str, ranks: u32, layout: pb::Layout) -> Processed {
     let server = start_server(model, &[]).await;
     let mut client = TomeClient::connect(server.addr.clone()).await.unwrap();
@@ -127,10 +145,14 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
         assert!(done.wire_bytes_exchanged >= done.bytes_exchanged);
         let framing = (done.wire_bytes_exchanged - done.bytes_exchanged) as f64 / done.bytes_exchanged as f64;
         assert!(framing < 0.02, "framing {framing} on {n} workers");
-        // The caller's trace reached every worker that ran a rank, and their peer streams.
+        // The caller's trace reached every worker that ran a rank, and their peer streams. A
+        // worker logs a span as it closes, which may be just after the caller's last event.
         for w in &workers[..n] {
-            let log = w.log_text();
-            let traced = |what: &str| log.lines().any(|l| l.contains(&trace_id) && l.contains(what));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let traced = |what: &str| w.log_text().lines().any(|l| l.contains(&trace_id) && l.contains(what));
+            while !(traced("shard done") && traced("peer stream closed")) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             assert!(traced("shard done"), "worker {}: no shard span of trace {trace_id}", w.host_port);
             assert!(traced("peer stream closed"), "worker {}: no peer stream span of trace {trace_id}", w.host_port);
         }
@@ -140,6 +162,9 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
             for name in ["tome_jobs_total", "tome_stage_seconds", "tome_tokens_total", "tome_jobs_in_flight", "tome_queue_depth"] {
                 assert!(coordinator_metrics.contains(name), "coordinator metrics lack {name}");
             }
+            // Each of its 4 jobs ran alone, so each one's end left the coordinator idle and it
+            // handed its freed heap back to the kernel (the last release may still be running).
+            wait_for_metric(metrics_addr, "tome_heap_releases_total", 3.0).await;
         }
     }
     // Every server says what it serves, and only that.
@@ -152,6 +177,8 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
     for name in ["tome_peer_bytes_sent_total", "tome_worker_shards_total", "tome_worker_shard_seconds", "tome_worker_shards_running"] {
         assert!(metrics.contains(name), "worker metrics lack {name}");
     }
+    // The worker went idle after each job's last shard, and handed its freed heap back.
+    wait_for_metric(workers[0].metrics.as_deref().unwrap_or_default(), "tome_heap_releases_total", 1.0).await;
 }
 
 /// The first ~30,000 tokens of a book: a job that runs for seconds.

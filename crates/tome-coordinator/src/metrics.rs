@@ -13,6 +13,8 @@ pub const QUEUE_DEPTH: &str = "tome_queue_depth";
 pub const TOKENS_TOTAL: &str = "tome_tokens_total";
 /// Labelled `stage` = tokenize | compute | total.
 pub const STAGE_SECONDS: &str = "tome_stage_seconds";
+/// The worker counts under the same name.
+pub const HEAP_RELEASES: &str = "tome_heap_releases_total";
 
 pub fn describe() {
     describe_counter!(JOBS_TOTAL, "Jobs that ended, by outcome.");
@@ -20,6 +22,13 @@ pub fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Jobs admitted and being tokenized and planned.");
     describe_counter!(TOKENS_TOTAL, Unit::Count, "Tokens of the jobs that completed.");
     describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Time a job spent in each stage.");
+    describe_counter!(HEAP_RELEASES, "Times the heap's freed pages went back to the kernel (the last job in flight had ended).");
+}
+
+/// Hands the heap's freed pages back to the kernel (`tome_dist::heap`) and counts it.
+pub(crate) fn release_heap() {
+    tome_dist::heap::release_freed_memory();
+    counter!(HEAP_RELEASES).increment(1);
 }
 
 /// Counts a job in flight while it lives.

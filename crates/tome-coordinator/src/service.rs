@@ -66,7 +66,7 @@ impl Admission {
         let Admission { job, tokens, jobs, max_jobs } = self;
         drop((job, tokens));
         if jobs.available_permits() == max_jobs {
-            tokio::task::spawn_blocking(tome_dist::heap::release_freed_memory);
+            tokio::task::spawn_blocking(metrics::release_heap);
         }
     }
 }

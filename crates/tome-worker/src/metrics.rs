@@ -10,12 +10,21 @@ pub const SHARDS_TOTAL: &str = "tome_worker_shards_total";
 pub const SHARD_SECONDS: &str = "tome_worker_shard_seconds";
 /// Labelled `kind="elements"` (the plan's count) and `kind="wire"` (framing included).
 pub const PEER_BYTES: &str = "tome_peer_bytes_sent_total";
+/// The coordinator counts under the same name.
+pub const HEAP_RELEASES: &str = "tome_heap_releases_total";
 
 pub fn describe() {
     describe_gauge!(SHARDS_RUNNING, "Shards running on this worker now.");
     describe_counter!(SHARDS_TOTAL, "Shards this worker has started.");
     describe_histogram!(SHARD_SECONDS, Unit::Seconds, "Wall time of a shard, from start to result.");
     describe_counter!(PEER_BYTES, Unit::Bytes, "Bytes this worker's ranks sent to other ranks.");
+    describe_counter!(HEAP_RELEASES, "Times the heap's freed pages went back to the kernel (the last shard here had ended).");
+}
+
+/// Hands the heap's freed pages back to the kernel (`tome_dist::heap`) and counts it.
+pub(crate) fn release_heap() {
+    tome_dist::heap::release_freed_memory();
+    counter!(HEAP_RELEASES).increment(1);
 }
 
 pub(crate) fn shard_started() {

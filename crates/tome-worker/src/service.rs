@@ -410,7 +410,7 @@ impl pb::worker_server::Worker for WorkerService {
                 // The last shard out hands the heap's freed pages back to the kernel, after its
                 // last event: an idle worker holds only its models.
                 if shards_here.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-                    tome_dist::heap::release_freed_memory();
+                    crate::metrics::release_heap();
                 }
             })
             .map_err(|e| WorkerError::Spawn(e.to_string()))?;
