@@ -5,6 +5,11 @@
 //! in cache. Either way no `[n, heads·d]` temporary and no strided copy of one exists: their
 //! traffic and page faults would cost as much as the product itself.
 //!
+//! The threads split the heads, or the row blocks, rather than each GEMM: a GEMM of a few
+//! hundred rows split over threads runs at half the rate of the same GEMM on one thread per
+//! piece of work (the split's synchronisation and the re-packing of its operands per thread),
+//! and a window layer projects its queries a block of a few hundred rows at a time.
+//!
 //! [`linear`] is the same product without the head split, with the residual connection and an
 //! elementwise epilogue (the feed-forward activation) folded in: the output is filled with
 //! `bias + residual` and the GEMM accumulates onto it, so neither a broadcast bias add nor a
@@ -62,12 +67,11 @@ pub fn project_to_heads_padded(x: &Tensor, weight: &Tensor, bias: Option<&Tensor
         if n > 0 {
             with_f32(x, OP, |x| {
                 with_f32(weight, OP, |w| {
-                    let parallelism = parallelism();
                     let shape = Shape { n, width_in, width_out, d, before, rows };
                     if d >= WIDE_HEAD {
-                        per_head(dst, x, w, bias.as_deref(), shape, parallelism);
+                        per_head(dst, x, w, bias.as_deref(), shape);
                     } else {
-                        row_blocks(dst, x, w, bias.as_deref(), shape, parallelism);
+                        row_blocks(dst, x, w, bias.as_deref(), shape);
                     }
                 })
             })??;
@@ -178,11 +182,20 @@ unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: (*mut f32, isize, isize),
     unsafe { gemm::gemm(m, n, k, dst.0, dst.1, dst.2, read_dst, lhs.0, lhs.1, lhs.2, rhs.0, rhs.1, rhs.2, 1.0, 1.0, false, false, false, parallelism) }
 }
 
+/// Whether `pieces` independent GEMMs keep every thread busy when each runs on one thread: they
+/// divide evenly among the threads, or outnumber them enough that the last round's idle
+/// threads cost little.
+fn pieces_fill_threads(pieces: usize) -> bool {
+    let threads = rayon::current_num_threads();
+    threads > 1 && pieces >= threads && (pieces % threads == 0 || pieces >= 4 * threads)
+}
+
 /// Wide heads: one GEMM per head over every row, writing every element of the head's rows in
-/// place.
-fn per_head(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape, parallelism: gemm::Parallelism) {
-    let Shape { n, width_in, d, before, rows, .. } = s;
-    for (h, head) in out.chunks_exact_mut(rows * d).enumerate() {
+/// place. The heads run in parallel, each GEMM on one thread, where they fill the threads;
+/// otherwise one at a time, each GEMM on every thread.
+fn per_head(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape) {
+    let Shape { n, width_in, width_out, d, before, rows } = s;
+    let head_gemm = |(h, head): (usize, &mut [MaybeUninit<f32>]), parallelism: gemm::Parallelism| {
         let head = &mut head[before * d..(before + n) * d];
         if let Some(b) = bias {
             for row in head.chunks_exact_mut(d) {
@@ -196,16 +209,31 @@ fn per_head(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f
         unsafe {
             gemm_into(n, d, width_in, (head.as_mut_ptr().cast(), 1, d as isize), bias.is_some(), (x.as_ptr(), 1, width_in as isize), (w_head.as_ptr(), width_in as isize, 1), parallelism)
         }
+    };
+    if pieces_fill_threads(width_out / d) {
+        out.par_chunks_exact_mut(rows * d).enumerate().for_each(|head| head_gemm(head, gemm::Parallelism::None));
+    } else {
+        out.chunks_exact_mut(rows * d).enumerate().for_each(|head| head_gemm(head, parallelism()));
     }
 }
 
-/// Narrow heads: one GEMM over all heads per block of rows, into a reused buffer whose rows are
-/// scattered to their heads while still in cache, writing every element of `out`.
-fn row_blocks(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape, parallelism: gemm::Parallelism) {
+/// Narrow heads: one GEMM over all heads per block of rows, into a buffer whose rows are
+/// scattered to their heads while still in cache, writing every element of `out`. The blocks
+/// run in parallel, each GEMM on one thread (and one buffer per thread), where there are enough
+/// of them; a lone block's GEMM runs on every thread.
+fn row_blocks(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape) {
     let Shape { n, width_in, width_out, d, before, rows: head_rows } = s;
-    let mut scratch = vec![0f32; ROWS.min(n) * width_out];
-    for start in (0..n).step_by(ROWS) {
+    // Block b's rows of every head, in head order.
+    let mut blocks: Vec<Vec<&mut [MaybeUninit<f32>]>> = (0..n.div_ceil(ROWS)).map(|_| Vec::with_capacity(width_out / d)).collect();
+    for head in out.chunks_exact_mut(head_rows * d) {
+        for (block, rows) in blocks.iter_mut().zip(head[before * d..(before + n) * d].chunks_mut(ROWS * d)) {
+            block.push(rows);
+        }
+    }
+    let project_block = |scratch: &mut Vec<f32>, (b, mut heads): (usize, Vec<&mut [MaybeUninit<f32>]>), parallelism: gemm::Parallelism| {
+        let start = b * ROWS;
         let rows = ROWS.min(n - start);
+        scratch.resize(rows * width_out, 0.0);
         let scratch = &mut scratch[..rows * width_out];
         if let Some(b) = bias {
             for row in scratch.chunks_exact_mut(width_out) {
@@ -226,12 +254,17 @@ fn row_blocks(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&
                 parallelism,
             )
         }
-        for (h, head) in out.chunks_exact_mut(head_rows * d).enumerate() {
-            for (i, row) in scratch.chunks_exact(width_out).enumerate() {
-                let r = before + start + i;
-                head[r * d..(r + 1) * d].write_copy_of_slice(&row[h * d..(h + 1) * d]);
+        for (h, head) in heads.iter_mut().enumerate() {
+            for (dst, row) in head.chunks_exact_mut(d).zip(scratch.chunks_exact(width_out)) {
+                dst.write_copy_of_slice(&row[h * d..(h + 1) * d]);
             }
         }
+    };
+    if pieces_fill_threads(blocks.len()) {
+        blocks.into_par_iter().enumerate().for_each_init(Vec::new, |scratch, block| project_block(scratch, block, gemm::Parallelism::None));
+    } else {
+        let mut scratch = Vec::new();
+        blocks.into_iter().enumerate().for_each(|block| project_block(&mut scratch, block, parallelism()));
     }
 }
 
@@ -258,6 +291,27 @@ mod tests {
             assert_eq!(got.dims(), &[heads, n, d]);
             let diff = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).map(|m| m.to_scalar::<f32>().unwrap()).unwrap_or(0.0);
             assert!(diff < 1e-4, "n={n} in={width_in} heads={heads} d={d} bias={bias}: {diff}");
+        }
+    }
+
+    #[test]
+    fn thread_counts_split_heads_and_row_blocks_to_the_same_bits() {
+        // One thread runs every GEMM alone; two split the heads (8 wide ones, or 2) or the row
+        // blocks (narrow heads over 1100 rows); three split the GEMMs themselves (3 wide heads,
+        // 5 row blocks); eight split the 8 wide heads again.
+        let dev = Device::Cpu;
+        for (n, width_in, heads, d) in [(200, 48, 8, 64), (90, 32, 2, 64), (50, 24, 3, 80), (1100, 40, 4, 16), (100, 40, 4, 16)] {
+            let x = Tensor::randn(0f32, 1.0, (n, width_in), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (heads * d, width_in), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, heads * d, &dev).unwrap();
+            let on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| project_to_heads_padded(&x, &w, Some(&b), heads, (3, 2)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            };
+            let alone = on(1);
+            for threads in [2, 3, 8] {
+                assert_eq!(on(threads), alone, "n={n} heads={heads} d={d} on {threads} threads");
+            }
         }
     }
 
