@@ -187,7 +187,7 @@ unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: (*mut f32, isize, isize),
 /// threads cost little.
 fn pieces_fill_threads(pieces: usize) -> bool {
     let threads = rayon::current_num_threads();
-    threads > 1 && pieces >= threads && (pieces % threads == 0 || pieces >= 4 * threads)
+    threads > 1 && pieces >= threads && (pieces.is_multiple_of(threads) || pieces >= 4 * threads)
 }
 
 /// Wide heads: one GEMM per head over every row, writing every element of the head's rows in
