@@ -72,7 +72,7 @@ unsafe fn scores_panel<const M: usize>(qt: *const f32, k: *const f32, st: *mut f
 /// dqk`, read in place) and a packed `dqk × rows_p` Qᵀ (`rows_p` a multiple of `NQ`).
 #[target_feature(enable = "avx512f")]
 pub(crate) fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize) {
-    if rows_p % NQ != 0 || qt.len() < dqk * rows_p || k.len() < cols * dqk || st.len() < cols * rows_p {
+    if !rows_p.is_multiple_of(NQ) || qt.len() < dqk * rows_p || k.len() < cols * dqk || st.len() < cols * rows_p {
         return;
     }
     let (qt, k, st) = (qt.as_ptr(), k.as_ptr(), st.as_mut_ptr());
@@ -134,7 +134,7 @@ unsafe fn values_panel<const M: usize>(pt: *const f32, v: *const f32, acc: *mut 
 /// `cols × dv`, read in place), weights `pᵀ` (`cols × rows_p`) and a `dv × rows_p` accumulator.
 #[target_feature(enable = "avx512f")]
 pub(crate) fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize) {
-    if rows_p % NQ != 0 || pt.len() < cols * rows_p || v.len() < cols * dv || acc.len() < dv * rows_p {
+    if !rows_p.is_multiple_of(NQ) || pt.len() < cols * rows_p || v.len() < cols * dv || acc.len() < dv * rows_p {
         return;
     }
     let (pt, v, acc) = (pt.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
@@ -168,7 +168,7 @@ pub(crate) fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: 
 /// leaves `e^(s - m)` in `st`.
 #[target_feature(enable = "avx512f")]
 pub(crate) fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) {
-    if rows_p % 16 != 0 || st.len() < cols * rows_p || m.len() < rows_p || l.len() < rows_p || acc.len() < dv * rows_p {
+    if !rows_p.is_multiple_of(16) || st.len() < cols * rows_p || m.len() < rows_p || l.len() < rows_p || acc.len() < dv * rows_p {
         return;
     }
     // SAFETY: the checks above bound every pointer offset below.

@@ -174,14 +174,14 @@ pub fn reference(q: &[Vec<Vec<f32>>], k: &[Vec<Vec<f32>>], v: &[Vec<Vec<f32>>], 
     let mut out = Vec::with_capacity(q.len());
     for h in 0..q.len() {
         let mut rows = Vec::with_capacity(plan.len);
-        for i in 0..plan.len {
+        for (i, q_row) in q[h].iter().enumerate().take(plan.len) {
             let keys: Vec<usize> = plan.keys_of(h, i).into_iter().filter(|&j| valid[j]).collect();
             let dv = v[h].first().map_or(0, |r| r.len());
             if keys.is_empty() {
                 rows.push(vec![0.0; dv]);
                 continue;
             }
-            let scores: Vec<f64> = keys.iter().map(|&j| scale as f64 * q[h][i].iter().zip(&k[h][j]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()).collect();
+            let scores: Vec<f64> = keys.iter().map(|&j| scale as f64 * q_row.iter().zip(&k[h][j]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()).collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let z: f64 = e.iter().sum();

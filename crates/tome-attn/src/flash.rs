@@ -268,7 +268,7 @@ impl Problem<'_> {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn tile_transposed<K: TransposedKernels>(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
-        const { assert!(TQ % K::NQ == 0 && TQ_WINDOW % K::NQ == 0) };
+        const { assert!(TQ.is_multiple_of(K::NQ) && TQ_WINDOW.is_multiple_of(K::NQ)) };
         let nq = K::NQ;
         let (dqk, dv, mask) = (self.dqk, self.dv, self.mask);
         let rows = lse.len();

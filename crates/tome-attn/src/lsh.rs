@@ -32,10 +32,10 @@ pub struct LshSpec {
 
 impl LshSpec {
     pub fn check(&self, len: usize) -> Result<()> {
-        if self.n_hashes == 0 || self.n_buckets < 2 || self.n_buckets % 2 != 0 || self.chunk_len == 0 {
+        if self.n_hashes == 0 || self.n_buckets < 2 || !self.n_buckets.is_multiple_of(2) || self.chunk_len == 0 {
             return Err(shape_err("lsh", format!("{self:?}: hashes and chunk length must be positive, buckets even and at least 2")));
         }
-        if len % self.chunk_len != 0 {
+        if !len.is_multiple_of(self.chunk_len) {
             return Err(shape_err("lsh", format!("{len} tokens are not a multiple of the chunk length {}: pad the sequence", self.chunk_len)));
         }
         Ok(())

@@ -63,8 +63,8 @@ impl Collected {
             write_npy(&dir.join("chunk_char_spans.npy"), &[n, 2], &flat)?;
             written.extend(["chunk_embeddings.npy", "chunk_token_spans.npy", "chunk_char_spans.npy"].map(String::from));
         }
-        if self.hidden_rows > 0 {
-            let width = (self.hidden.len() / self.hidden_rows) as u64;
+        if let Some(width) = self.hidden.len().checked_div(self.hidden_rows) {
+            let width = width as u64;
             let name = match self.hidden_layer {
                 None => "last_hidden_state.npy".to_string(),
                 Some(k) => format!("hidden_states_layer{k}.npy"),

@@ -93,7 +93,7 @@ impl BertConfig {
                 format!("`{}` is not a BERT-family encoder (bert, roberta, longformer, big_bird, {PERFORMER})", self.model_type),
             ));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(config_err(
                 "num_attention_heads",
                 format!("{} heads do not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
@@ -198,7 +198,7 @@ pub const NATIVE_ATTENTION: [&str; 5] = ["lsh", "local", "relative", "compressiv
 impl LayerAttention {
     /// From a Longformer `attention_window` (even, both sides together).
     pub fn window(attention_window: usize) -> Result<Self> {
-        if attention_window == 0 || attention_window % 2 != 0 {
+        if attention_window == 0 || !attention_window.is_multiple_of(2) {
             return Err(config_err("attention_window", format!("{attention_window} must be even and positive")));
         }
         Ok(LayerAttention::Window { one_sided: attention_window / 2 })

@@ -56,7 +56,7 @@ fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
 
 impl Gpt2Config {
     fn validate(&self) -> Result<()> {
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(config_err("n_head", format!("{} heads do not divide n_embd {}", self.n_head, self.n_embd)));
         }
         if self.activation_function != "gelu_new" {

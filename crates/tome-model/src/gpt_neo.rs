@@ -70,7 +70,7 @@ impl GptNeoConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(config_err("num_heads", format!("{} heads do not divide hidden_size {}", self.num_heads, self.hidden_size)));
         }
         if self.activation_function != "gelu_new" {

@@ -101,13 +101,13 @@ impl LlamaConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || self.kv_heads() == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+        if self.num_attention_heads == 0 || self.kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(config_err(
                 "num_key_value_heads",
                 format!("{} key/value heads must divide {} attention heads", self.kv_heads(), self.num_attention_heads),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(config_err("head_dim", format!("{} must be even for rotary positions", self.head_dim())));
         }
         if self.hidden_act != "silu" {

@@ -167,7 +167,7 @@ impl ReformerConfig {
     /// `_pad_to_mult_of_chunk_length`).
     pub fn padding(&self, n: usize) -> Result<usize> {
         let (min, lcm) = self.chunk_lengths()?;
-        Ok(if n % lcm != 0 && n > min { lcm - n % lcm } else { 0 })
+        Ok(if !n.is_multiple_of(lcm) && n > min { lcm - n % lcm } else { 0 })
     }
 
     fn activation(&self) -> Result<Activation> {

@@ -181,7 +181,7 @@ impl TransfoXlConfig {
         if self.same_length && self.mem_len == 0 {
             return Err(config_err("same_length", "true with mem_len 0 would let no query see any key"));
         }
-        if self.d_model % 2 != 0 {
+        if !self.d_model.is_multiple_of(2) {
             return Err(config_err("d_model", format!("{} must be even (sines and cosines)", self.d_model)));
         }
         if self.div_val == 0 || self.n_head == 0 || self.d_head == 0 {

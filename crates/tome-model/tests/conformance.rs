@@ -132,7 +132,7 @@ fn minilm_embeddings_match_sentence_transformers() {
             let plan = ShardPlan::new(Layout::Contiguous, doc.len(), ranks).unwrap();
             let pooled = run_ranks(ranks, |g: &InProcessGroup| -> tome_dist::Result<_> {
                 let h = dir.model.forward_shard(g, &plan, &doc, &mut |_| true).unwrap();
-                Ok(pool_spans(g, &plan, &h, &[0..doc.len()], dir.pooling).unwrap())
+                Ok(pool_spans(g, &plan, &h, std::slice::from_ref(&(0..doc.len())), dir.pooling).unwrap())
             })
             .unwrap();
             let emb: Tensor = l2_normalize(&pooled[0]).unwrap();
@@ -176,6 +176,6 @@ fn pooled_chunks_are_rank_invariant() {
     let plan = ShardPlan::new(Layout::Contiguous, doc.len(), 1).unwrap();
     let g = InProcessGroup::single();
     let h = dir.model.forward_shard(&g, &plan, &doc, &mut |_| true).unwrap();
-    assert!(pool_spans(&g, &plan, &h, &[50..70], tome_model::Pooling::Mean).is_err());
+    assert!(pool_spans(&g, &plan, &h, std::slice::from_ref(&(50..70)), tome_model::Pooling::Mean).is_err());
     assert_eq!(g.size(), 1);
 }

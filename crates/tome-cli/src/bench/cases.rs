@@ -310,7 +310,8 @@ fn book() -> anyhow::Result<Record> {
         let opts = EncodeOptions { attention: Some(LayerAttention::window(512)?), position_extension: PositionExtension::Tile, ..Default::default() };
         let doc = dir.model.prepare(ids, &opts)?;
         let plan = ShardPlan::new(Layout::Contiguous, n, ranks)?;
-        let mut spans: Vec<Range<usize>> = vec![0..n];
+        // The whole book's embedding, then each 256-token chunk's.
+        let mut spans: Vec<Range<usize>> = std::iter::once(0..n).collect();
         spans.extend((0..n).step_by(256).map(|s| s..(s + 256).min(n)));
         run_ranks(ranks, |g: &InProcessGroup| -> tome_model::Result<Tensor> {
             let h = dir.model.forward_shard(g, &plan, &doc, &mut |_| true)?;

@@ -123,9 +123,9 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
             let earlier: f32 = all_counts[..me].iter().map(|c| c[h * keys_per_head + key]).sum();
             next[key] = (smaller + earlier) as usize;
         }
-        for r in 0..spec.n_hashes {
-            for t in 0..n {
-                let key = r * nb + b[h][r][t];
+        for (r, buckets) in b[h].iter().enumerate().take(spec.n_hashes) {
+            for (t, &bucket) in buckets.iter().enumerate().take(n) {
+                let key = r * nb + bucket;
                 let slot = next[key];
                 next[key] += 1;
                 let q = owner(slot);
