@@ -286,7 +286,6 @@ pub fn read_npy(path: &Path) -> Vec<f32> {
     npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
 }
 
-
 /// The services `addr` lists through gRPC reflection.
 pub async fn reflection_services(addr: &str) -> Vec<String> {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;

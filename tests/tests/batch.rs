@@ -33,16 +33,7 @@ fn small_docs(dir: &Path, n: usize) {
 const JOB: [&str; 6] = ["--attention", "window:256", "--positions", "tile", "--chunk-tokens", "200"];
 
 fn batch(input: &Path, out: &Path, extra: &[&str]) -> Output {
-    Command::new(tome_bin())
-        .arg("batch")
-        .arg(input)
-        .arg("--out")
-        .arg(out)
-        .args(JOB)
-        .args(["--progress", "json"])
-        .args(extra)
-        .output()
-        .unwrap()
+    Command::new(tome_bin()).arg("batch").arg(input).arg("--out").arg(out).args(JOB).args(["--progress", "json"]).args(extra).output().unwrap()
 }
 
 fn report(out: &Output) -> serde_json::Value {
@@ -209,17 +200,8 @@ fn a_killed_batch_resumes_to_exactly_the_uninterrupted_outputs_and_redoes_change
 
     // Killed with SIGKILL once a few documents are done, then run again to the end.
     let resumed = dir.join("resumed");
-    let mut child = Command::new(tome_bin())
-        .arg("batch")
-        .arg(&shelf)
-        .arg("--out")
-        .arg(&resumed)
-        .args(JOB)
-        .args(serial)
-        .args(["--progress", "none"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child =
+        Command::new(tome_bin()).arg("batch").arg(&shelf).arg("--out").arg(&resumed).args(JOB).args(serial).args(["--progress", "none"]).stdout(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while journal(&resumed).len() < 4 {
         assert!(Instant::now() < deadline, "the batch did not get going");
@@ -283,11 +265,8 @@ async fn a_manifest_against_a_real_coordinator_matches_the_embedded_batch() {
 
     let (m, remote, local) = (manifest.clone(), dir.join("remote"), dir.join("local"));
     let (addr, model_arg) = (coordinator.addr.clone(), model.to_str().unwrap().to_string());
-    let (remote_run, local_run) = tokio::task::spawn_blocking(move || {
-        (batch(&m, &remote, &["--coordinator", &addr, "--model", &model_arg]), batch(&m, &local, &["--model", &model_arg]))
-    })
-    .await
-    .unwrap();
+    let (remote_run, local_run) =
+        tokio::task::spawn_blocking(move || (batch(&m, &remote, &["--coordinator", &addr, "--model", &model_arg]), batch(&m, &local, &["--model", &model_arg]))).await.unwrap();
     for run in [&remote_run, &local_run] {
         assert_eq!(run.status.code(), Some(2), "{}", String::from_utf8_lossy(&run.stderr));
         let r = report(run);
@@ -306,9 +285,7 @@ async fn a_manifest_against_a_real_coordinator_matches_the_embedded_batch() {
     // with the server's reason, and the batch still ends with its report.
     let lonely = start_coordinator(&model, &["--workers", "127.0.0.1:9", "--probe-ms", "200"], log("lonely")).await;
     let (m, out, addr, model_arg) = (manifest.clone(), dir.join("lonely"), lonely.addr.clone(), model.to_str().unwrap().to_string());
-    let run = tokio::task::spawn_blocking(move || batch(&m, &out, &["--coordinator", &addr, "--model", &model_arg, "--retries", "2", "--backoff-ms", "50"]))
-        .await
-        .unwrap();
+    let run = tokio::task::spawn_blocking(move || batch(&m, &out, &["--coordinator", &addr, "--model", &model_arg, "--retries", "2", "--backoff-ms", "50"])).await.unwrap();
     assert_eq!(run.status.code(), Some(2));
     let r = report(&run);
     assert_eq!(r["failed"].as_u64(), Some(5), "{r}");

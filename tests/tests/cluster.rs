@@ -127,9 +127,7 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
         let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
         wait_for_workers(&mut client, n).await;
         for ranks in [1, n as u32, 4] {
-            let got = process_call(&mut client, request(&text, options(ranks, pb::Layout::Contiguous)))
-                .await
-                .unwrap_or_else(|e| panic!("{ranks} ranks on {n} workers: {e:?}"));
+            let got = process_call(&mut client, request(&text, options(ranks, pb::Layout::Contiguous))).await.unwrap_or_else(|e| panic!("{ranks} ranks on {n} workers: {e:?}"));
             assert_eq!(got.kinds.first(), Some(&"accepted"));
             assert_eq!(got.kinds.last(), Some(&"done"));
             assert_same(&got, &reference, &format!("{ranks} ranks on {n} workers"));

@@ -102,7 +102,13 @@ async fn server_processes_documents_identically_on_any_number_of_ranks_and_refus
         (text_request(text.as_bytes(), Default::default()), Code::InvalidArgument, "learned 512 positions"),
         (text_request(b"short", pb::ProcessOptions { pooling: 42, ..Default::default() }), Code::InvalidArgument, "unknown value 42"),
         (
-            text_request(b"short", pb::ProcessOptions { chunks: Some(pb::ChunkSpec { spec: Some(pb::chunk_spec::Spec::Spans(pb::TokenSpans { spans: vec![pb::Span { start: 1, end: 99 }] })) }), ..Default::default() }),
+            text_request(
+                b"short",
+                pb::ProcessOptions {
+                    chunks: Some(pb::ChunkSpec { spec: Some(pb::chunk_spec::Spec::Spans(pb::TokenSpans { spans: vec![pb::Span { start: 1, end: 99 }] })) }),
+                    ..Default::default()
+                },
+            ),
             Code::InvalidArgument,
             "outside the document",
         ),
@@ -168,7 +174,8 @@ fn token_id_conformance_path_writes_hidden_states_and_log_probs_on_any_number_of
         std::fs::remove_dir_all(&out).ok();
     }
     // An encoder does not score tokens: a clear error.
-    let run = Command::new(tome_bin()).args(["process", "--emit", "logprobs", "--quiet", "--ids"]).arg(fixture.join("input_ids.npy")).arg("--model").arg(&fixture).output().unwrap();
+    let run =
+        Command::new(tome_bin()).args(["process", "--emit", "logprobs", "--quiet", "--ids"]).arg(fixture.join("input_ids.npy")).arg("--model").arg(&fixture).output().unwrap();
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("causal"), "{}", String::from_utf8_lossy(&run.stderr));
 
@@ -234,7 +241,20 @@ fn benchmark_suite_smoke_mode_measures_every_case() {
     assert!(status.success());
     let records: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let cases: std::collections::BTreeSet<&str> = records.iter().map(|r| r["case"].as_str().unwrap()).collect();
-    for want in ["fma-peak", "dense", "dense-causal", "longformer", "bigbird", "reformer-lsh", "performer", "scaling-window", "scaling-blocksparse", "scaling-favor", "scaling-recurrent", "scaling-compressive"] {
+    for want in [
+        "fma-peak",
+        "dense",
+        "dense-causal",
+        "longformer",
+        "bigbird",
+        "reformer-lsh",
+        "performer",
+        "scaling-window",
+        "scaling-blocksparse",
+        "scaling-favor",
+        "scaling-recurrent",
+        "scaling-compressive",
+    ] {
         assert!(cases.contains(want), "{want} missing from {cases:?}");
     }
     for r in &records {

@@ -89,9 +89,8 @@ impl BlockSparsePlan {
                     RandomBlocks::None => Vec::new(),
                     RandomBlocks::AllZero(r) => vec![0; *r],
                     RandomBlocks::Given(g) => {
-                        let row = g.get(h).and_then(|x| x.get(i)).ok_or_else(|| {
-                            shape_err(OP, format!("the given random plan has no entry for head {h}, query block {i} (of {nb})"))
-                        })?;
+                        let row =
+                            g.get(h).and_then(|x| x.get(i)).ok_or_else(|| shape_err(OP, format!("the given random plan has no entry for head {h}, query block {i} (of {nb})")))?;
                         if let Some(&b) = row.iter().find(|&&b| b >= nb) {
                             return Err(shape_err(OP, format!("random block {b} for head {h}, query block {i} is beyond the {nb} blocks")));
                         }
@@ -99,10 +98,7 @@ impl BlockSparsePlan {
                     }
                     RandomBlocks::Seeded { r, seed } => {
                         if nb - fixed.len() < *r {
-                            return Err(shape_err(
-                                OP,
-                                format!("{r} random blocks need at least {} blocks besides the sliding and global ones; the sequence has {nb}", r),
-                            ));
+                            return Err(shape_err(OP, format!("{r} random blocks need at least {} blocks besides the sliding and global ones; the sequence has {nb}", r)));
                         }
                         let rng = crate::rng::SplitMix64::new(seed ^ ((h as u64) << 32) ^ (i as u64));
                         draw_without_replacement(rng, nb, &fixed, *r)

@@ -123,9 +123,10 @@ fn features(dash: &Tensor, diag: &Tensor, stab: &[f32], rows_per_stab: usize) ->
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let dst = &mut out.spare_capacity_mut()[..len];
     with_f32(dash, FEATURES, |dash| {
-        dst.par_chunks_mut(FEATURE_ROWS * m).zip(dash.par_chunks(FEATURE_ROWS * m)).enumerate().for_each(|(piece, (out, dash))| {
-            feature_rows(out, dash, piece * FEATURE_ROWS, &diag, stab, shape)
-        })
+        dst.par_chunks_mut(FEATURE_ROWS * m)
+            .zip(dash.par_chunks(FEATURE_ROWS * m))
+            .enumerate()
+            .for_each(|(piece, (out, dash))| feature_rows(out, dash, piece * FEATURE_ROWS, &diag, stab, shape))
     })?;
     // SAFETY: the pieces cover `dst`, the first `len` elements, and `feature_rows` writes every
     // element of its piece.

@@ -122,10 +122,10 @@ fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32,
                     (_, None) => TQ,
                     (_, Some(_)) => TQ_WINDOW,
                 };
-                out.par_chunks_mut(nq * dv).zip(lse.par_chunks_mut(nq)).enumerate().for_each(|(h, (out, lse))| {
-                    out.par_chunks_mut(bq * dv).zip(lse.par_chunks_mut(bq)).enumerate().for_each(|(t, (out, lse))| {
-                        p.tile(isa, h, t * bq, out, lse)
-                    })
+                let heads = out.par_chunks_mut(nq * dv).zip(lse.par_chunks_mut(nq));
+                heads.enumerate().for_each(|(h, (out, lse))| {
+                    let tiles = out.par_chunks_mut(bq * dv).zip(lse.par_chunks_mut(bq));
+                    tiles.enumerate().for_each(|(t, (out, lse))| p.tile(isa, h, t * bq, out, lse))
                 })
             })
         })
@@ -285,10 +285,7 @@ impl Problem<'_> {
         // scale (element (t, r) at (s * dqk + t) * nq + r), the accumulator Oᵀ (element (c, r)
         // at (s * dv + c) * nq + r), and the running max and sum of each query.
         let strip_pos: Vec<&[i64]> = q_pos.chunks(nq).collect();
-        let strip_range: Vec<(i64, i64)> = strip_pos
-            .iter()
-            .map(|p| p.iter().fold((i64::MAX, i64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x))))
-            .collect();
+        let strip_range: Vec<(i64, i64)> = strip_pos.iter().map(|p| p.iter().fold((i64::MAX, i64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)))).collect();
         let mut qt = vec![0f32; strips * dqk * nq];
         let q_head = &self.q[(h * self.nq + q0) * dqk..];
         for r in 0..rows {
@@ -532,7 +529,13 @@ mod tests {
     #[test]
     fn portable_and_vector_paths_agree() {
         // Causal, windowed, tiny, and a window over several tiles and key blocks with padding keys.
-        for &(nq, nk, d, causal, window) in &[(70usize, 90usize, 12usize, true, None), (33, 140, 64, false, Some(17usize)), (5, 3, 33, false, None), (300, 260, 16, false, Some(40)), (400, 500, 32, true, Some(100))] {
+        for &(nq, nk, d, causal, window) in &[
+            (70usize, 90usize, 12usize, true, None),
+            (33, 140, 64, false, Some(17usize)),
+            (5, 3, 33, false, None),
+            (300, 260, 16, false, Some(40)),
+            (400, 500, 32, true, Some(100)),
+        ] {
             let q = Tensor::randn(0f32, 1.0, (2, nq, d), &Device::Cpu).unwrap();
             let k = Tensor::randn(0f32, 1.0, (2, nk, d), &Device::Cpu).unwrap();
             let v = Tensor::randn(0f32, 1.0, (2, nk, d), &Device::Cpu).unwrap();

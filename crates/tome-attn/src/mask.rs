@@ -44,9 +44,7 @@ impl<'a> Mask<'a> {
     #[inline(always)]
     pub fn allows(&self, qi: usize, kj: usize) -> bool {
         let (qp, kp) = (self.q_pos[qi], self.k_pos[kj]);
-        self.key_valid.is_none_or(|v| v[kj])
-            && (!self.causal || kp <= qp)
-            && self.window.is_none_or(|w| qp.abs_diff(kp) <= w as u64)
+        self.key_valid.is_none_or(|v| v[kj]) && (!self.causal || kp <= qp) && self.window.is_none_or(|w| qp.abs_diff(kp) <= w as u64)
     }
 
     /// The closed range of query positions that see a (valid) key at position `kp`: the same

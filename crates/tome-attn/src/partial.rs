@@ -28,10 +28,7 @@ impl Partial {
     }
 
     pub fn from_vecs(out: Vec<f32>, lse: Vec<f32>, heads: usize, queries: usize, head_dim: usize) -> Result<Self> {
-        Ok(Partial {
-            out: Tensor::from_vec(out, (heads, queries, head_dim), &Device::Cpu)?,
-            lse: Tensor::from_vec(lse, (heads, queries), &Device::Cpu)?,
-        })
+        Ok(Partial { out: Tensor::from_vec(out, (heads, queries, head_dim), &Device::Cpu)?, lse: Tensor::from_vec(lse, (heads, queries), &Device::Cpu)? })
     }
 
     pub fn dims(&self) -> Result<(usize, usize, usize)> {
@@ -42,10 +39,7 @@ impl Partial {
     pub fn merge(&self, other: &Partial) -> Result<Partial> {
         let (h, n, d) = self.dims()?;
         if other.dims()? != (h, n, d) || self.lse.dims() != [h, n] || other.lse.dims() != [h, n] {
-            return Err(shape_err(
-                "Partial::merge",
-                format!("partials differ: {:?}/{:?} vs {:?}/{:?}", self.out.dims(), self.lse.dims(), other.out.dims(), other.lse.dims()),
-            ));
+            return Err(shape_err("Partial::merge", format!("partials differ: {:?}/{:?} vs {:?}/{:?}", self.out.dims(), self.lse.dims(), other.out.dims(), other.lse.dims())));
         }
         let mut out = vec![0f32; h * n * d];
         let mut lse = vec![0f32; h * n];

@@ -139,7 +139,16 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
             // in row-major), read as the in × out matrix Wᵀ, has columns `in` apart. The GEMM
             // reads `dst` only where it was written above.
             unsafe {
-                gemm_into(n, width_out, width_in, (dst.as_mut_ptr().cast(), 1, width_out as isize), read_dst, (x.as_ptr(), 1, width_in as isize), (w.as_ptr(), width_in as isize, 1), parallelism())
+                gemm_into(
+                    n,
+                    width_out,
+                    width_in,
+                    (dst.as_mut_ptr().cast(), 1, width_out as isize),
+                    read_dst,
+                    (x.as_ptr(), 1, width_in as isize),
+                    (w.as_ptr(), width_in as isize, 1),
+                    parallelism(),
+                )
             }
         })
     })??;
@@ -177,7 +186,16 @@ struct Shape {
 /// # Safety
 /// Each pointer spans its matrix under its strides.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: (*mut f32, isize, isize), read_dst: bool, lhs: (*const f32, isize, isize), rhs: (*const f32, isize, isize), parallelism: gemm::Parallelism) {
+unsafe fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, isize, isize),
+    read_dst: bool,
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+    parallelism: gemm::Parallelism,
+) {
     // SAFETY: the caller's contract.
     unsafe { gemm::gemm(m, n, k, dst.0, dst.1, dst.2, read_dst, lhs.0, lhs.1, lhs.2, rhs.0, rhs.1, rhs.2, 1.0, 1.0, false, false, false, parallelism) }
 }
@@ -207,7 +225,16 @@ fn per_head(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f
         // rows, read as the in × d matrix Wₕᵀ, have columns `in` apart. The GEMM reads `head`
         // only when the bias was written into it, and otherwise writes all of it.
         unsafe {
-            gemm_into(n, d, width_in, (head.as_mut_ptr().cast(), 1, d as isize), bias.is_some(), (x.as_ptr(), 1, width_in as isize), (w_head.as_ptr(), width_in as isize, 1), parallelism)
+            gemm_into(
+                n,
+                d,
+                width_in,
+                (head.as_mut_ptr().cast(), 1, d as isize),
+                bias.is_some(),
+                (x.as_ptr(), 1, width_in as isize),
+                (w_head.as_ptr(), width_in as isize, 1),
+                parallelism,
+            )
         }
     };
     if pieces_fill_threads(width_out / d) {
@@ -278,7 +305,8 @@ mod tests {
     fn matches_matmul_then_split_heads() {
         let dev = Device::Cpu;
         // Narrow heads (row blocks, over several blocks at 300 rows) and wide heads (a GEMM per head).
-        for (n, width_in, heads, d, bias) in [(37, 24, 3, 8, true), (5, 16, 2, 6, false), (0, 8, 2, 4, true), (300, 64, 4, 16, true), (70, 32, 2, 64, true), (9, 16, 3, 80, false)] {
+        for (n, width_in, heads, d, bias) in [(37, 24, 3, 8, true), (5, 16, 2, 6, false), (0, 8, 2, 4, true), (300, 64, 4, 16, true), (70, 32, 2, 64, true), (9, 16, 3, 80, false)]
+        {
             let x = Tensor::randn(0f32, 1.0, (n, width_in), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (heads * d, width_in), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, heads * d, &dev).unwrap();
@@ -337,7 +365,9 @@ mod tests {
     #[test]
     fn linear_folds_bias_residual_and_epilogue_in() {
         let dev = Device::Cpu;
-        for (n, width_in, width_out, bias, residual) in [(37, 24, 40, true, true), (5, 16, 6, false, false), (0, 8, 4, true, true), (300, 64, 70, true, false), (9, 16, 80, false, true), (700, 32, 70, true, true)] {
+        for (n, width_in, width_out, bias, residual) in
+            [(37, 24, 40, true, true), (5, 16, 6, false, false), (0, 8, 4, true, true), (300, 64, 70, true, false), (9, 16, 80, false, true), (700, 32, 70, true, true)]
+        {
             let x = Tensor::randn(0f32, 1.0, (n, width_in), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (width_out, width_in), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, width_out, &dev).unwrap();

@@ -39,14 +39,7 @@ const LANES: usize = 8;
 /// (worst relative error of the whole exp in f32: 1.5 epsilon). Six coefficients, five FMAs; the
 /// constant is exactly 1, so `e^0 = 1` exactly.
 #[allow(clippy::excessive_precision)] // as the script prints them
-pub(crate) const EXP_POLY: [f32; 6] = [
-    0.008_288_594_894_111_156,
-    0.041_907_232_254_743_576,
-    0.166_677_162_051_200_87,
-    0.499_990_791_082_382_2,
-    0.999_999_642_372_131_3,
-    1.0,
-];
+pub(crate) const EXP_POLY: [f32; 6] = [0.008_288_594_894_111_156, 0.041_907_232_254_743_576, 0.166_677_162_051_200_87, 0.499_990_791_082_382_2, 0.999_999_642_372_131_3, 1.0];
 /// The two-step ln 2 of the range reduction (Cody and Waite): `LN2_HI` has few enough bits that
 /// `n · LN2_HI` is exact.
 pub(crate) const LN2_HI: f32 = 0.693_359_4;

@@ -13,8 +13,7 @@ pub fn coordinator(args: &EmbeddedArgs) -> anyhow::Result<Coordinator> {
 }
 
 pub fn load_models(args: &EmbeddedArgs) -> anyhow::Result<Vec<ModelDir>> {
-    args
-        .models
+    args.models
         .iter()
         .map(|p| ModelDir::open(p).with_context(|| format!("loading the model at {} (scripts/fetch_data.sh fetches the default)", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()

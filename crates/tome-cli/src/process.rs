@@ -8,9 +8,9 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokio_stream::{Stream, StreamExt};
+use tome_coordinator::Coordinator;
 use tome_net::tensor_from_wire;
 use tome_proto::v1 as pb;
-use tome_coordinator::Coordinator;
 use tome_proto::v1::tome_client::TomeClient;
 use tome_proto::v1::tome_server::Tome;
 use tonic::transport::Channel;
@@ -168,9 +168,7 @@ pub async fn process(args: ProcessArgs) -> anyhow::Result<()> {
 pub fn layer_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {prefix} {msg} [{bar:30}] layer {pos}/{len} {elapsed_precise}").unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    bar.set_style(ProgressStyle::with_template("{spinner} {prefix} {msg} [{bar:30}] layer {pos}/{len} {elapsed_precise}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     bar
 }
 

@@ -76,11 +76,8 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     install_metrics(&args.ops).await?;
-    let models: Vec<Arc<ModelDir>> = args
-        .models
-        .iter()
-        .map(|p| ModelDir::open(p).map(Arc::new).with_context(|| format!("loading the model at {}", p.display())))
-        .collect::<anyhow::Result<_>>()?;
+    let models: Vec<Arc<ModelDir>> =
+        args.models.iter().map(|p| ModelDir::open(p).map(Arc::new).with_context(|| format!("loading the model at {}", p.display()))).collect::<anyhow::Result<_>>()?;
     if models.is_empty() {
         bail!("a worker needs at least one --model");
     }

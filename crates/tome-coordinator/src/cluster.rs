@@ -140,9 +140,7 @@ impl Cluster {
     }
 
     fn client(&self, address: &str) -> Result<pb::worker_client::WorkerClient<Channel>, WorkerError> {
-        Ok(pb::worker_client::WorkerClient::new(self.channel(address)?)
-            .max_decoding_message_size(self.max_message_bytes)
-            .max_encoding_message_size(self.max_message_bytes))
+        Ok(pb::worker_client::WorkerClient::new(self.channel(address)?).max_decoding_message_size(self.max_message_bytes).max_encoding_message_size(self.max_message_bytes))
     }
 
     /// Runs the job; its events (progress, then the outputs or an error) arrive on `events`.
@@ -178,13 +176,7 @@ impl Cluster {
         let started = Instant::now();
         let (tokens, shards) = wire::plan_to_wire(&spec.plan);
         let addresses: Vec<String> = placement.workers.iter().map(|w| w.address.clone()).collect();
-        let plan = pb::JobPlan {
-            job_id: job_id.to_string(),
-            tokens,
-            shards,
-            rank_addresses: addresses.clone(),
-            traceparent: trace.to_string(),
-        };
+        let plan = pb::JobPlan { job_id: job_id.to_string(), tokens, shards, rank_addresses: addresses.clone(), traceparent: trace.to_string() };
         let spans = wire::spans_to_wire(&pool_targets(spec.doc.len(), spec.document, &spec.chunks));
         let layers: Vec<pb::AttentionOverride> = spec.doc.layers.iter().map(|&l| wire::layer_to_wire(l)).collect();
         let mut ranks = JoinSet::new();
@@ -331,9 +323,7 @@ async fn cause(first: WorkerError, ranks: &mut JoinSet<(usize, Result<RemoteRank
 /// metadata (`retry-after`) stay as they were.
 fn at_rank(e: WorkerError, rank: usize, worker: &str) -> WorkerError {
     match e {
-        WorkerError::Remote(s) => {
-            WorkerError::Remote(tonic::Status::with_metadata(s.code(), format!("rank {rank} on worker {worker}: {}", s.message()), s.metadata().clone()))
-        }
+        WorkerError::Remote(s) => WorkerError::Remote(tonic::Status::with_metadata(s.code(), format!("rank {rank} on worker {worker}: {}", s.message()), s.metadata().clone())),
         other => other,
     }
 }
@@ -389,9 +379,7 @@ async fn run_remote_rank(
             Some(pb::shard_event::Event::HiddenStates(h)) => push_rows(&mut hidden, &mut hidden_rows, &h)?,
             Some(pb::shard_event::Event::Pooled(p)) => push_rows(&mut pooled, &mut pooled_rows, &p)?,
             Some(pb::shard_event::Event::LogProbs(l)) => push_rows(&mut log_probs, &mut scored, &l)?,
-            Some(pb::shard_event::Event::Done(done)) => {
-                return Ok(RemoteRank { done, hidden: concat(&hidden)?, pooled: concat(&pooled)?, log_probs: concat(&log_probs)? })
-            }
+            Some(pb::shard_event::Event::Done(done)) => return Ok(RemoteRank { done, hidden: concat(&hidden)?, pooled: concat(&pooled)?, log_probs: concat(&log_probs)? }),
             None => {}
         }
     }

@@ -15,14 +15,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_document_tokens: 4_000_000,
-            max_document_bytes: 64 << 20,
-            max_ranks: 64,
-            max_concurrent_jobs: 2,
-            max_tokens_in_flight: 8_000_000,
-            max_message_bytes: 64 << 20,
-        }
+        Limits { max_document_tokens: 4_000_000, max_document_bytes: 64 << 20, max_ranks: 64, max_concurrent_jobs: 2, max_tokens_in_flight: 8_000_000, max_message_bytes: 64 << 20 }
     }
 }
 

@@ -68,9 +68,9 @@ pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOpti
         Some(a) => match known::<pb::AttentionKind>(a.kind, "attention.kind")? {
             pb::AttentionKind::Unspecified => None,
             pb::AttentionKind::Dense => Some(LayerAttention::Dense),
-            pb::AttentionKind::Window => Some(
-                LayerAttention::window(a.window as usize).map_err(|_| CoordError::Invalid(format!("options.attention.window: {} must be even and positive", a.window)))?,
-            ),
+            pb::AttentionKind::Window => {
+                Some(LayerAttention::window(a.window as usize).map_err(|_| CoordError::Invalid(format!("options.attention.window: {} must be even and positive", a.window)))?)
+            }
             pb::AttentionKind::BlockSparse | pb::AttentionKind::Favor | pb::AttentionKind::Native => {
                 return Err(CoordError::Invalid("options.attention: block-sparse, FAVOR+ and architecture-defined attention come from a checkpoint's config, not a request".into()))
             }
@@ -117,10 +117,7 @@ pub(crate) fn chunk_spans(chunking: &Chunking, tokens: usize, default_chunk: usi
         Chunking::Every(n) => Ok(every(*n)),
         Chunking::Spans(spans) => {
             if let Some(bad) = spans.iter().find(|s| s.start >= s.end || s.end > tokens) {
-                return Err(CoordError::Invalid(format!(
-                    "options.chunks.spans: span {}..{} is empty or outside the document of {tokens} tokens",
-                    bad.start, bad.end
-                )));
+                return Err(CoordError::Invalid(format!("options.chunks.spans: span {}..{} is empty or outside the document of {tokens} tokens", bad.start, bad.end)));
             }
             Ok(spans.clone())
         }

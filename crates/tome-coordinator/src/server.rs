@@ -46,11 +46,6 @@ pub async fn serve(
             coordinator.wait_idle(Duration::from_secs(10)).await;
         }
     };
-    Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(tome)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+    Server::builder().add_service(health_service).add_service(reflection).add_service(tome).serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await?;
     Ok(())
 }

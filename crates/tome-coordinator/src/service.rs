@@ -198,12 +198,8 @@ struct CallContext {
 impl CallContext {
     fn of(metadata: &tonic::metadata::MetadataMap) -> Self {
         let deadline = tome_worker::grpc_timeout(metadata).map(|t| Instant::now() + t);
-        let trace = metadata
-            .get(tome_net::traceparent::TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(TraceParent::parse)
-            .map(|t| t.child())
-            .unwrap_or_else(TraceParent::new_root);
+        let trace =
+            metadata.get(tome_net::traceparent::TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse).map(|t| t.child()).unwrap_or_else(TraceParent::new_root);
         CallContext { deadline, trace }
     }
 }
@@ -250,9 +246,11 @@ impl Coordinator {
             return Err(CoordError::Exhausted(format!("{ranks} ranks asked; this server allows at most {}", self.config.limits.max_ranks)));
         }
         // Refuse early when the server is full, before spending time on tokenization.
-        let job_permit = self.jobs.clone().try_acquire_owned().map_err(|_| {
-            CoordError::Busy(format!("the server is busy: {} jobs in flight; retry later", self.config.limits.max_concurrent_jobs))
-        })?;
+        let job_permit = self
+            .jobs
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| CoordError::Busy(format!("the server is busy: {} jobs in flight; retry later", self.config.limits.max_concurrent_jobs)))?;
         if opts.log_probs && !model.model.is_causal() {
             return Err(CoordError::Invalid(format!("model `{}` is an encoder; log-probs need a causal language model", model.name())));
         }
@@ -269,9 +267,10 @@ impl Coordinator {
         if tokens > max_tokens {
             return Err(CoordError::Exhausted(format!("the document has {tokens} tokens, more than the {max_tokens} this server runs at once")));
         }
-        let token_permit = u32::try_from(tokens).ok().and_then(|n| self.tokens.clone().try_acquire_many_owned(n).ok()).ok_or_else(|| {
-            CoordError::Busy(format!("the server is busy: {tokens} more tokens would exceed the {max_tokens} tokens allowed in flight; retry later"))
-        })?;
+        let token_permit = u32::try_from(tokens)
+            .ok()
+            .and_then(|n| self.tokens.clone().try_acquire_many_owned(n).ok())
+            .ok_or_else(|| CoordError::Busy(format!("the server is busy: {tokens} more tokens would exceed the {max_tokens} tokens allowed in flight; retry later")))?;
         let chunks = if opts.chunks { chunk_spans(&opts.chunking, tokens, self.config.default_chunk_tokens)? } else { Vec::new() };
         let pooling = opts.pooling.unwrap_or(admitted.model.pooling);
         let model_name = admitted.model.name();
@@ -493,7 +492,6 @@ async fn emit(
     }
     Ok(())
 }
-
 
 #[tonic::async_trait]
 impl pb::tome_server::Tome for Coordinator {

@@ -35,11 +35,7 @@ impl InProcessGroup {
                 }
             }
         }
-        to.into_iter()
-            .zip(from)
-            .enumerate()
-            .map(|(rank, (to, from))| InProcessGroup { rank, to, from, bytes: AtomicU64::new(0) })
-            .collect()
+        to.into_iter().zip(from).enumerate().map(|(rank, (to, from))| InProcessGroup { rank, to, from, bytes: AtomicU64::new(0) }).collect()
     }
 
     /// A group of one: every operator then runs without communication.
@@ -146,8 +142,5 @@ impl RankError for DistError {
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into())
 }

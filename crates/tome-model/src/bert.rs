@@ -86,16 +86,11 @@ impl BertModel {
     /// `bert.` / `roberta.` prefix.
     pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         cfg.validate()?;
-        let vb = ["bert", "roberta", "longformer"]
-            .into_iter()
-            .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")))
-            .map_or(vb.clone(), |p| vb.pp(p));
+        let vb = ["bert", "roberta", "longformer"].into_iter().find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight"))).map_or(vb.clone(), |p| vb.pp(p));
         let h = cfg.hidden_size;
         let e = vb.pp("embeddings");
         let emb = |n: usize, part: &str| weights(embedding(n, h, e.pp(part)), &format!("{}.{part}", e.prefix()));
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| BertLayer::load(vb.pp(format!("encoder.layer.{i}")), cfg))
-            .collect::<Result<_>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| BertLayer::load(vb.pp(format!("encoder.layer.{i}")), cfg)).collect::<Result<_>>()?;
         Ok(BertModel {
             word: emb(cfg.vocab_size, "word_embeddings")?,
             position: emb(cfg.max_position_embeddings, "position_embeddings")?,

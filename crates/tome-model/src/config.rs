@@ -88,16 +88,10 @@ fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
 impl BertConfig {
     pub fn validate(&self) -> Result<()> {
         if !matches!(self.model_type.as_str(), "bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | PERFORMER) {
-            return Err(config_err(
-                "model_type",
-                format!("`{}` is not a BERT-family encoder (bert, roberta, longformer, big_bird, {PERFORMER})", self.model_type),
-            ));
+            return Err(config_err("model_type", format!("`{}` is not a BERT-family encoder (bert, roberta, longformer, big_bird, {PERFORMER})", self.model_type)));
         }
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(config_err(
-                "num_attention_heads",
-                format!("{} heads do not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
-            ));
+            return Err(config_err("num_attention_heads", format!("{} heads do not divide hidden_size {}", self.num_attention_heads, self.hidden_size)));
         }
         if self.position_embedding_type != "absolute" {
             return Err(config_err("position_embedding_type", format!("`{}` is not supported (only absolute)", self.position_embedding_type)));
@@ -177,14 +171,22 @@ pub enum Activation {
 pub enum LayerAttention {
     Dense,
     /// Each token sees `one_sided` tokens on either side (Longformer's `attention_window / 2`).
-    Window { one_sided: usize },
+    Window {
+        one_sided: usize,
+    },
     /// BigBird block-sparse attention: `block`-token blocks, each query block seeing the global
     /// first and last blocks, three sliding blocks and `random` random blocks — the plan of
     /// transformers in eval mode, where every random block is block 0.
-    BlockSparse { block: usize, random: usize },
+    BlockSparse {
+        block: usize,
+        random: usize,
+    },
     /// FAVOR+ linear attention (Performer) with `features` random features per head, its
     /// projection read from the checkpoint.
-    Favor { features: usize, causal: bool },
+    Favor {
+        features: usize,
+        causal: bool,
+    },
     /// The attention the architecture itself defines and no option overrides, named by one of
     /// [`NATIVE_ATTENTION`]: Reformer's `lsh` and `local` layers, Transformer-XL's `relative`
     /// segment recurrence, the Compressive Transformer's `compressive` memories, Switch

@@ -68,9 +68,7 @@ impl Prepared {
         }
         match self.run.segment_len {
             None => Ok(ShardPlan::new(layout, self.len(), ranks)?),
-            Some(_) if layout != Layout::Contiguous => {
-                Err(ModelError::Unsupported("a segment-recurrent model processes segments in order: it needs the contiguous layout".into()))
-            }
+            Some(_) if layout != Layout::Contiguous => Err(ModelError::Unsupported("a segment-recurrent model processes segments in order: it needs the contiguous layout".into())),
             Some(segment) => Ok(ShardPlan::aligned(self.len(), ranks, segment)?),
         }
     }
@@ -125,8 +123,6 @@ pub(crate) fn padded_plan(plan: &ShardPlan, pad: usize) -> Result<ShardPlan> {
         return Ok(plan.clone());
     }
     let len = plan.len();
-    let shards: Vec<Vec<Range<usize>>> = (0..plan.ranks())
-        .map(|r| plan.ranges(r).iter().map(|g| if g.end == len { g.start..len + pad } else { g.clone() }).collect())
-        .collect();
+    let shards: Vec<Vec<Range<usize>>> = (0..plan.ranks()).map(|r| plan.ranges(r).iter().map(|g| if g.end == len { g.start..len + pad } else { g.clone() }).collect()).collect();
     Ok(ShardPlan::from_ranges(len + pad, shards)?)
 }

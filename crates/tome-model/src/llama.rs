@@ -102,10 +102,7 @@ impl LlamaConfig {
 
     fn validate(&self) -> Result<()> {
         if self.num_attention_heads == 0 || self.kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
-            return Err(config_err(
-                "num_key_value_heads",
-                format!("{} key/value heads must divide {} attention heads", self.kv_heads(), self.num_attention_heads),
-            ));
+            return Err(config_err("num_key_value_heads", format!("{} key/value heads must divide {} attention heads", self.kv_heads(), self.num_attention_heads)));
         }
         if !self.head_dim().is_multiple_of(2) {
             return Err(config_err("head_dim", format!("{} must be even for rotary positions", self.head_dim())));
@@ -180,14 +177,7 @@ impl LlamaModel {
         let theta = cfg.rope_theta()? as f32;
         // As transformers: arange(0, dim, 2) / dim in f32, theta ** that, 1 / that.
         let inv_freq = (0..hd / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32)).collect();
-        Ok(LlamaModel {
-            norm: weights(rms_norm(d, eps, vb.pp("norm")), format!("{}.norm", vb.prefix()))?,
-            embed,
-            layers,
-            head,
-            inv_freq,
-            cfg: cfg.clone(),
-        })
+        Ok(LlamaModel { norm: weights(rms_norm(d, eps, vb.pp("norm")), format!("{}.norm", vb.prefix()))?, embed, layers, head, inv_freq, cfg: cfg.clone() })
     }
 
     pub fn config(&self) -> &LlamaConfig {

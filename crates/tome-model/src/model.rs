@@ -6,8 +6,8 @@ use candle_core::Tensor;
 use tome_dist::{Group, ShardPlan};
 
 use crate::bert::BertModel;
-use crate::document::{Prepared, RunOptions, ShardInput};
 use crate::config::{EncodeOptions, LayerAttention};
+use crate::document::{Prepared, RunOptions, ShardInput};
 use crate::error::{ModelError, Result};
 use crate::gpt2::Gpt2Model;
 use crate::llama::LlamaModel;
@@ -237,7 +237,9 @@ impl Model {
         match self {
             Model::Gpt2(m) => m.log_probs(hidden, next_ids),
             Model::Llama(m) => m.log_probs(hidden, next_ids),
-            Model::Bert(_) | Model::Switch(_) | Model::TransfoXl(_) | Model::Reformer(_) => Err(ModelError::Unsupported("log-probabilities need a causal language model; this is an encoder".into())),
+            Model::Bert(_) | Model::Switch(_) | Model::TransfoXl(_) | Model::Reformer(_) => {
+                Err(ModelError::Unsupported("log-probabilities need a causal language model; this is an encoder".into()))
+            }
         }
     }
 }
@@ -254,4 +256,3 @@ pub(crate) fn check_vocab(ids: &[u32], vocab: usize) -> Result<()> {
         None => Ok(()),
     }
 }
-

@@ -9,15 +9,15 @@ use serde::Deserialize;
 
 use crate::bert::BertModel;
 use crate::config::BertConfig;
+use crate::error::{ModelError, Result};
 use crate::gpt2::{Gpt2Config, Gpt2Model};
 use crate::llama::{LlamaConfig, LlamaModel};
+use crate::model::Model;
+use crate::pooling::Pooling;
 use crate::reformer::{ReformerConfig, ReformerModel};
 use crate::switch::{SwitchConfig, SwitchModel};
-use crate::transfo_xl::{TransfoXlConfig, TransfoXlModel, COMPRESSIVE};
-use crate::model::Model;
-use crate::error::{ModelError, Result};
-use crate::pooling::Pooling;
 use crate::tokenizer::TextTokenizer;
+use crate::transfo_xl::{TransfoXlConfig, TransfoXlModel, COMPRESSIVE};
 
 /// A loaded model directory.
 pub struct ModelDir {
@@ -53,11 +53,28 @@ impl ModelDir {
         let kind: ModelType = serde_json::from_str(&text).map_err(|e| dir_err(format!("config.json is not valid JSON: {e}")))?;
         let config_err = |e: serde_json::Error| ModelError::Config { field: "(config.json)".into(), msg: e.to_string() };
         match kind.model_type.as_deref() {
-            Some("bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | crate::config::PERFORMER | "gpt2" | "llama" | "switch_transformers" | "transfo-xl" | COMPRESSIVE | "reformer") => {}
+            Some(
+                "bert"
+                | "roberta"
+                | "xlm-roberta"
+                | "camembert"
+                | "longformer"
+                | "big_bird"
+                | crate::config::PERFORMER
+                | "gpt2"
+                | "llama"
+                | "switch_transformers"
+                | "transfo-xl"
+                | COMPRESSIVE
+                | "reformer",
+            ) => {}
             Some(other) => {
                 return Err(ModelError::Config {
                     field: "model_type".into(),
-                    msg: format!("`{other}` is not supported (bert, roberta, longformer, big_bird, {}, gpt2, llama, switch_transformers, transfo-xl, {COMPRESSIVE}, reformer)", crate::config::PERFORMER),
+                    msg: format!(
+                        "`{other}` is not supported (bert, roberta, longformer, big_bird, {}, gpt2, llama, switch_transformers, transfo-xl, {COMPRESSIVE}, reformer)",
+                        crate::config::PERFORMER
+                    ),
                 })
             }
             None => return Err(ModelError::Config { field: "model_type".into(), msg: "missing".into() }),
@@ -67,8 +84,7 @@ impl ModelDir {
             return Err(dir_err("has no model.safetensors".into()));
         }
         // SAFETY: the file is memory-mapped read-only; tome never writes checkpoints it serves.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
-            .map_err(|e| dir_err(format!("model.safetensors cannot be read: {e}")))?;
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }.map_err(|e| dir_err(format!("model.safetensors cannot be read: {e}")))?;
         let model = if kind.model_type.as_deref() == Some("gpt2") {
             let cfg: Gpt2Config = serde_json::from_str(&text).map_err(config_err)?;
             Model::Gpt2(Gpt2Model::load(vb, &cfg)?)

@@ -109,7 +109,6 @@ enum Kind {
     Local,
 }
 
-
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {
         a
@@ -132,7 +131,9 @@ impl ReformerConfig {
 
     fn num_buckets(&self) -> Result<usize> {
         match &self.num_buckets {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as usize).filter(|n| *n >= 2 && n % 2 == 0).ok_or_else(|| config_err("num_buckets", format!("{n} must be an even integer of at least 2"))),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|n| n as usize).filter(|n| *n >= 2 && n % 2 == 0).ok_or_else(|| config_err("num_buckets", format!("{n} must be an even integer of at least 2")))
+            }
             Some(serde_json::Value::Array(_)) => Err(config_err("num_buckets", "factorised bucket lists are not supported; give one even integer")),
             _ => Err(config_err("num_buckets", "must be set (transformers would choose one from the first sequence and write it into the config)")),
         }
@@ -211,7 +212,11 @@ impl ReformerConfig {
 
 enum Positions {
     /// `[ax0, d0]` and `[ax1, d1]`.
-    Axial { rows: Tensor, cols: Tensor, ax1: usize },
+    Axial {
+        rows: Tensor,
+        cols: Tensor,
+        ax1: usize,
+    },
     Learned(Embedding),
 }
 
@@ -408,7 +413,6 @@ impl ReformerModel {
         let out = if run == self.layers.len() { self.out_norm.forward(&both)? } else { both };
         Ok(out.narrow(0, 0, n)?)
     }
-
 
     /// `[rows, heads × head_size]`: this rank's rows of the layer's attention over the padded plan.
     fn attention(&self, layer: &Layer, group: &dyn Group, plan: &ShardPlan, x: &Tensor, positions: &[i64], valid: &[bool]) -> Result<Tensor> {

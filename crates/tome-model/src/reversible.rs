@@ -10,24 +10,14 @@ use candle_core::Tensor;
 use crate::error::Result;
 
 /// One reversible layer forward.
-pub fn forward(
-    x1: &Tensor,
-    x2: &Tensor,
-    f: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
-    g: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
-) -> Result<(Tensor, Tensor)> {
+pub fn forward(x1: &Tensor, x2: &Tensor, f: &mut dyn FnMut(&Tensor) -> Result<Tensor>, g: &mut dyn FnMut(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Tensor)> {
     let y1 = (x1 + f(x2)?)?;
     let y2 = (x2 + g(&y1)?)?;
     Ok((y1, y2))
 }
 
 /// The layer's inputs recomputed from its outputs.
-pub fn inverse(
-    y1: &Tensor,
-    y2: &Tensor,
-    f: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
-    g: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
-) -> Result<(Tensor, Tensor)> {
+pub fn inverse(y1: &Tensor, y2: &Tensor, f: &mut dyn FnMut(&Tensor) -> Result<Tensor>, g: &mut dyn FnMut(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Tensor)> {
     let x2 = (y2 - g(y1)?)?;
     let x1 = (y1 - f(&x2)?)?;
     Ok((x1, x2))

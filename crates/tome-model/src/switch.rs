@@ -77,7 +77,6 @@ fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
     ModelError::Config { field: field.into(), msg: msg.into() }
 }
 
-
 impl SwitchConfig {
     /// Every `step`-th layer (as transformers counts) is sparse.
     fn sparse_step(&self) -> usize {

@@ -409,9 +409,7 @@ impl TransfoXlModel {
                 }
                 _ => {
                     let first = XlMemory::empty(self.cfg.mem_len, d)?;
-                    segment_recurrence(group, plan, &x, segment, &first, &|m: &XlMemory, seg| {
-                        self.layer_step(layer, &m.mem, seg)
-                    })?
+                    segment_recurrence(group, plan, &x, segment, &first, &|m: &XlMemory, seg| self.layer_step(layer, &m.mem, seg))?
                 }
             };
             if !after_layer(l) {

@@ -113,7 +113,10 @@ mod tests {
             let w = tensor_to_wire(&t, pb::ElementType::Unspecified).unwrap();
             let back = tensor_from_wire(&w).unwrap();
             assert_eq!((back.dtype(), back.dims()), (t.dtype(), t.dims()));
-            assert_eq!(back.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert_eq!(
+                back.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
         }
         assert!(matches!(tensor_to_wire(&t, pb::ElementType::I64), Err(CodecError::UnsupportedDType(_))), "no silent conversion");
         let ids = Tensor::new(&[3i64, -4], &Device::Cpu).unwrap();

@@ -12,8 +12,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
 use std::time::Instant;
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -89,15 +89,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl PeerHub {
     /// A hub whose streams run on `runtime`.
     pub fn new(runtime: tokio::runtime::Handle, limits: PeerLimits) -> Self {
-        PeerHub {
-            inner: Arc::new(HubInner {
-                ranks: Mutex::new(HashMap::new()),
-                joined: Notify::new(),
-                cancelled: Mutex::new(HashMap::new()),
-                limits,
-                runtime,
-            }),
-        }
+        PeerHub { inner: Arc::new(HubInner { ranks: Mutex::new(HashMap::new()), joined: Notify::new(), cancelled: Mutex::new(HashMap::new()), limits, runtime }) }
     }
 
     /// The `tome.v1.Peer` service to add to this process's server.
@@ -200,10 +192,7 @@ impl HubInner {
                 return Ok(m.clone());
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(Status::not_found(format!(
-                    "rank {rank} of job {job} did not join this worker within {:?}",
-                    self.limits.rendezvous_timeout
-                )));
+                return Err(Status::not_found(format!("rank {rank} of job {job} did not join this worker within {:?}", self.limits.rendezvous_timeout)));
             }
         }
     }

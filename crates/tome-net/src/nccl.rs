@@ -81,12 +81,8 @@ impl NcclGroup {
         for (src, slot) in in_ids.iter_mut().enumerate().filter(|(s, _)| *s != rank) {
             let frame = control.recv(src)?;
             let bytes = frame.first().ok_or_else(|| transport(rank, src, "an empty id frame"))?.to_vec1::<u8>()?;
-            let internal: [std::ffi::c_char; 128] = bytes
-                .iter()
-                .map(|&b| b as std::ffi::c_char)
-                .collect::<Vec<_>>()
-                .try_into()
-                .map_err(|_| transport(rank, src, "an NCCL id of the wrong size"))?;
+            let internal: [std::ffi::c_char; 128] =
+                bytes.iter().map(|&b| b as std::ffi::c_char).collect::<Vec<_>>().try_into().map_err(|_| transport(rank, src, "an NCCL id of the wrong size"))?;
             *slot = Some(Id::uninit(internal));
         }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), DistError>>();

@@ -156,10 +156,7 @@ impl Group for PeerGroup {
         let message = pb::PeerFrame { job_id: self.job.clone(), src: self.rank as u32, dst: dst as u32, step, tensors, open: false };
         let encoded = message.encoded_len() as u64;
         if encoded > self.hub.limits.max_frame_bytes as u64 {
-            return Err(DistError::Plan(format!(
-                "a frame of {encoded} bytes exceeds the peer frame limit of {} bytes",
-                self.hub.limits.max_frame_bytes
-            )));
+            return Err(DistError::Plan(format!("a frame of {encoded} bytes exceeds the peer frame limit of {} bytes", self.hub.limits.max_frame_bytes)));
         }
         self.wait(link.tx.send(message))?.map_err(|_| gone(link.failure.get()))?;
         self.bytes.fetch_add(bytes, Ordering::Relaxed);

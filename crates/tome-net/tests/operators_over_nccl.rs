@@ -20,10 +20,12 @@ const GPUS_NEEDED: usize = 5;
 
 fn gpus() -> usize {
     static GPUS: OnceLock<usize> = OnceLock::new();
-    *GPUS.get_or_init(|| gpus_available().unwrap_or_else(|why| {
-        eprintln!("NCCL unavailable: {why}");
-        0
-    }))
+    *GPUS.get_or_init(|| {
+        gpus_available().unwrap_or_else(|why| {
+            eprintln!("NCCL unavailable: {why}");
+            0
+        })
+    })
 }
 
 pub fn available() -> bool {

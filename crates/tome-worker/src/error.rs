@@ -39,10 +39,8 @@ pub enum WorkerError {
 impl WorkerError {
     /// The user's input (not the server) is at fault.
     pub fn is_input(&self) -> bool {
-        matches!(
-            self,
-            WorkerError::Invalid(_) | WorkerError::Model(tome_model::ModelError::Input(_)) | WorkerError::Model(tome_model::ModelError::Unsupported(_))
-        ) || matches!(self, WorkerError::Remote(s) if s.code() == Code::InvalidArgument)
+        matches!(self, WorkerError::Invalid(_) | WorkerError::Model(tome_model::ModelError::Input(_)) | WorkerError::Model(tome_model::ModelError::Unsupported(_)))
+            || matches!(self, WorkerError::Remote(s) if s.code() == Code::InvalidArgument)
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -58,10 +56,8 @@ impl WorkerError {
     /// Another rank or worker failed or left (the cause lies elsewhere).
     pub fn is_peer_failure(&self) -> bool {
         use tome_dist::DistError::{PeerGone, Transport};
-        matches!(
-            self,
-            WorkerError::Dist(PeerGone { .. } | Transport { .. }) | WorkerError::Model(tome_model::ModelError::Dist(PeerGone { .. } | Transport { .. }))
-        ) || matches!(self, WorkerError::Remote(s) if s.code() == Code::Unavailable)
+        matches!(self, WorkerError::Dist(PeerGone { .. } | Transport { .. }) | WorkerError::Model(tome_model::ModelError::Dist(PeerGone { .. } | Transport { .. })))
+            || matches!(self, WorkerError::Remote(s) if s.code() == Code::Unavailable)
     }
 
     pub fn code(&self) -> Code {

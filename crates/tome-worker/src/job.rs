@@ -42,7 +42,10 @@ impl JobSpec {
 #[derive(Debug)]
 pub enum JobEvent {
     /// Layer `done` (1-based count) of `total` finished on every rank that reports.
-    Progress { done: usize, total: usize },
+    Progress {
+        done: usize,
+        total: usize,
+    },
     Finished(JobOutput),
 }
 
@@ -217,15 +220,7 @@ fn run(spec: &JobSpec, events: &mpsc::Sender<Result<JobEvent, WorkerError>>, can
         };
         let input = spec.doc.shard(&spec.plan, group.rank());
         let next = spec.log_probs.then(|| spec.doc.next_ids(&spec.plan, group.rank()));
-        let work = RankWork {
-            model: &spec.model,
-            plan: &spec.plan,
-            input: &input,
-            spans: &spans,
-            pooling: spec.pooling,
-            hidden: spec.hidden,
-            next_ids: next.as_deref(),
-        };
+        let work = RankWork { model: &spec.model, plan: &spec.plan, input: &input, spans: &spans, pooling: spec.pooling, hidden: spec.hidden, next_ids: next.as_deref() };
         run_rank(group, &work, &mut after_layer)
     });
     let outputs: Vec<RankOutput> = match outputs {

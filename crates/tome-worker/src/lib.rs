@@ -20,7 +20,7 @@ use tome_model::ModelDir;
 use tome_proto::v1 as pb;
 
 pub use error::{WorkerError, RETRY_AFTER};
-pub use job::{assemble, Assembled, Gathered, pool_targets, run_rank, spawn_job, CancelFlag, JobEvent, JobOutput, JobSpec, RankOutput, RankWork};
+pub use job::{assemble, pool_targets, run_rank, spawn_job, Assembled, CancelFlag, Gathered, JobEvent, JobOutput, JobSpec, RankOutput, RankWork};
 pub use memory::activation_bytes;
 pub use registration::{etcd_options, worker_key, EtcdRegistration};
 pub use server::{serve, EtcdOptions, ServeOptions};

@@ -157,11 +157,7 @@ fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TracePare
     let plan = wire::plan_from_wire(plan_msg.tokens, &plan_msg.shards)?;
     let rank = req.rank as usize;
     if rank >= plan.ranks() || plan_msg.rank_addresses.len() != plan.ranks() {
-        return Err(WorkerError::Invalid(format!(
-            "rank {rank} of a plan with {} ranks and {} rank addresses",
-            plan.ranks(),
-            plan_msg.rank_addresses.len()
-        )));
+        return Err(WorkerError::Invalid(format!("rank {rank} of a plan with {} ranks and {} rank addresses", plan.ranks(), plan_msg.rank_addresses.len())));
     }
     let model = service.model(&req.model)?;
     let input = ShardInput {
@@ -327,9 +323,8 @@ impl pb::worker_server::Worker for WorkerService {
             return Err(WorkerError::ShuttingDown(self.config.name.clone()).into());
         }
         let shard = parse(self, req.into_inner(), trace)?;
-        let permit = self.shards.clone().try_acquire_owned().map_err(|_| {
-            WorkerError::Busy(format!("worker {} already runs {} shards", self.config.name, self.config.max_shards))
-        })?;
+        let permit =
+            self.shards.clone().try_acquire_owned().map_err(|_| WorkerError::Busy(format!("worker {} already runs {} shards", self.config.name, self.config.max_shards)))?;
         let need = activation_bytes(&shard.model.model.shape(), shard.plan.shard_len(shard.rank));
         if need > self.config.memory_budget_bytes {
             return Err(WorkerError::TooLarge(format!(
@@ -342,9 +337,11 @@ impl pb::worker_server::Worker for WorkerService {
         // for ever).
         let total_kib = ((self.config.memory_budget_bytes / 1024) as usize).min(Semaphore::MAX_PERMITS);
         let need_kib = u32::try_from((need.div_ceil(1024) as usize).min(total_kib)).unwrap_or(u32::MAX);
-        let memory = self.memory_kib.clone().try_acquire_many_owned(need_kib).map_err(|_| {
-            WorkerError::Busy(format!("worker {} has no room for {need} more bytes of activations now", self.config.name))
-        })?;
+        let memory = self
+            .memory_kib
+            .clone()
+            .try_acquire_many_owned(need_kib)
+            .map_err(|_| WorkerError::Busy(format!("worker {} has no room for {need} more bytes of activations now", self.config.name)))?;
         let flag = Arc::new(AtomicBool::new(false));
         self.lock_running().entry(shard.job.clone()).or_default().push(flag.clone());
         metrics::shard_started();

@@ -35,10 +35,7 @@ pub fn plan_to_wire(plan: &ShardPlan) -> (u64, Vec<pb::RankRanges>) {
 
 pub fn plan_from_wire(tokens: u64, shards: &[pb::RankRanges]) -> Result<ShardPlan, WorkerError> {
     let len = usize::try_from(tokens).map_err(|_| invalid(format!("plan of {tokens} tokens")))?;
-    let shards = shards
-        .iter()
-        .map(|r| r.ranges.iter().map(|s| range(s, len, "shard range")).collect::<Result<Vec<_>, _>>())
-        .collect::<Result<Vec<_>, _>>()?;
+    let shards = shards.iter().map(|r| r.ranges.iter().map(|s| range(s, len, "shard range")).collect::<Result<Vec<_>, _>>()).collect::<Result<Vec<_>, _>>()?;
     Ok(ShardPlan::from_ranges(len, shards)?)
 }
 
@@ -46,15 +43,10 @@ pub fn layer_to_wire(l: LayerAttention) -> pb::AttentionOverride {
     match l {
         LayerAttention::Dense => pb::AttentionOverride { kind: pb::AttentionKind::Dense as i32, ..Default::default() },
         LayerAttention::Window { one_sided } => pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: (2 * one_sided) as u32, ..Default::default() },
-        LayerAttention::BlockSparse { block, random } => pb::AttentionOverride {
-            kind: pb::AttentionKind::BlockSparse as i32,
-            block_size: block as u32,
-            random_blocks: random as u32,
-            ..Default::default()
-        },
-        LayerAttention::Favor { features, causal } => {
-            pb::AttentionOverride { kind: pb::AttentionKind::Favor as i32, features: features as u32, causal, ..Default::default() }
+        LayerAttention::BlockSparse { block, random } => {
+            pb::AttentionOverride { kind: pb::AttentionKind::BlockSparse as i32, block_size: block as u32, random_blocks: random as u32, ..Default::default() }
         }
+        LayerAttention::Favor { features, causal } => pb::AttentionOverride { kind: pb::AttentionKind::Favor as i32, features: features as u32, causal, ..Default::default() },
         LayerAttention::Native(name) => pb::AttentionOverride { kind: pb::AttentionKind::Native as i32, native: name.into(), ..Default::default() },
     }
 }
@@ -125,7 +117,12 @@ mod tests {
         let (n, mut shards) = plan_to_wire(&ShardPlan::new(Layout::Contiguous, 10, 2).unwrap());
         shards[1].ranges[0].end = 11;
         assert!(plan_from_wire(n, &shards).is_err());
-        for l in [LayerAttention::Dense, LayerAttention::Window { one_sided: 256 }, LayerAttention::BlockSparse { block: 64, random: 3 }, LayerAttention::Favor { features: 16, causal: true }] {
+        for l in [
+            LayerAttention::Dense,
+            LayerAttention::Window { one_sided: 256 },
+            LayerAttention::BlockSparse { block: 64, random: 3 },
+            LayerAttention::Favor { features: 16, causal: true },
+        ] {
             assert_eq!(layer_from_wire(&layer_to_wire(l)).unwrap(), l);
         }
         assert!(layer_from_wire(&pb::AttentionOverride { kind: 9, window: 2, ..Default::default() }).is_err());

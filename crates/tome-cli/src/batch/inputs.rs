@@ -85,11 +85,8 @@ pub fn documents(input: &str) -> anyhow::Result<Vec<DocInput>> {
     } else if path.is_file() && path.extension().is_some_and(|e| e == "jsonl") {
         manifest(path)?
     } else {
-        let mut files: Vec<PathBuf> = glob::glob(input)
-            .with_context(|| format!("{input} is not a directory, a .jsonl manifest or a valid glob"))?
-            .filter_map(Result::ok)
-            .filter(|p| p.is_file())
-            .collect();
+        let mut files: Vec<PathBuf> =
+            glob::glob(input).with_context(|| format!("{input} is not a directory, a .jsonl manifest or a valid glob"))?.filter_map(Result::ok).filter(|p| p.is_file()).collect();
         files.sort();
         if files.is_empty() {
             bail!("{input} names no documents (a directory, a .jsonl manifest or a glob)");

@@ -288,9 +288,12 @@ fn report(shared: &Shared, docs: &[DocInput], started: Instant) -> anyhow::Resul
     let mut summary = String::new();
     for d in docs {
         let entry = journal.latest(&d.id);
-        summary.push_str(&json!({"id": d.id, "status": entry.map(|e| &e.status), "tokens": entry.and_then(|e| e.tokens),
+        summary.push_str(
+            &json!({"id": d.id, "status": entry.map(|e| &e.status), "tokens": entry.and_then(|e| e.tokens),
             "chunks": entry.and_then(|e| e.chunks), "reason": entry.and_then(|e| e.reason.as_ref()),
-            "dir": store::doc_dir(Path::new(""), &d.id)}).to_string());
+            "dir": store::doc_dir(Path::new(""), &d.id)})
+            .to_string(),
+        );
         summary.push('\n');
         if let Some(e) = entry.filter(|e| e.status == Status::Done) {
             let dir = store::doc_dir(out, &d.id);

@@ -29,9 +29,7 @@ impl Progress {
     pub fn new(mode: ProgressArg, documents: usize, estimated_tokens: u64, bar_tokens: usize) -> Self {
         let multi = MultiProgress::with_draw_target(if mode == ProgressArg::Bars { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
         let overall = multi.add(ProgressBar::new(estimated_tokens.max(1)));
-        overall.set_style(
-            ProgressStyle::with_template("{spinner} [{bar:30}] {msg}  {elapsed_precise} ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+        overall.set_style(ProgressStyle::with_template("{spinner} [{bar:30}] {msg}  {elapsed_precise} ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
         if mode == ProgressArg::Bars {
             overall.enable_steady_tick(Duration::from_millis(200));
         }

@@ -17,8 +17,7 @@ use tome_attn::lsh::{seeded_rotations, LshSpec};
 use tome_attn::relative::{segment_attention, sinusoid};
 use tome_attn::{attention, Mask};
 use tome_dist::ops::{
-    blocksparse_attention, favor_attention, lsh_attention, segment_recurrence, window_attention, Compression, CompressiveMemory, FavorSpec, KeyBlock, WindowSpec,
-    XlMemory,
+    blocksparse_attention, favor_attention, lsh_attention, segment_recurrence, window_attention, Compression, CompressiveMemory, FavorSpec, KeyBlock, WindowSpec, XlMemory,
 };
 use tome_dist::{run_ranks, InProcessGroup, Layout, ShardPlan};
 use tome_model::heads::{project_heads, window_rows};
@@ -117,15 +116,7 @@ fn timed(case: &str, tokens: usize, gflop: Option<f64>, f: impl FnOnce() -> anyh
     f()?;
     let seconds = started.elapsed().as_secs_f64();
     let peak = peak_mb();
-    Ok(Record {
-        case: case.into(),
-        tokens,
-        seconds,
-        gflops: gflop.map(|g| g / seconds),
-        fma_peak_gflops: None,
-        peak_increment_mb: (peak - before).max(0.0),
-        peak_rss_mb: peak,
-    })
+    Ok(Record { case: case.into(), tokens, seconds, gflops: gflop.map(|g| g / seconds), fma_peak_gflops: None, peak_increment_mb: (peak - before).max(0.0), peak_rss_mb: peak })
 }
 
 /// Projections of the model-pattern cases (512 → 512, no bias), applied as the models apply
@@ -186,9 +177,7 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
             let spec = WindowSpec { one_sided: 256, causal: false, scale: 0.125 };
             timed_best(name, n, None, RUNS, || {
                 let context = Tensor::zeros((n, HIDDEN), candle_core::DType::F32, &Device::Cpu)?;
-                window_rows(&g, &plan, &x, [&proj.query, &proj.key, &proj.value], HEADS, &pos, &valid, spec, ROWS, |start, c| {
-                    Ok(context.slice_set(&c, 0, start)?)
-                })?;
+                window_rows(&g, &plan, &x, [&proj.query, &proj.key, &proj.value], HEADS, &pos, &valid, spec, ROWS, |start, c| Ok(context.slice_set(&c, 0, start)?))?;
                 Ok(())
             })
         }
@@ -242,9 +231,9 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
     let runs = if n >= 65536 { SCALING_RUNS } else { RUNS };
     match family {
         "window" => timed_best(&case, n, None, runs, || {
-                window_attention(&g, &plan, &q, own.clone(), WindowSpec { one_sided: 128, causal: false, scale: 0.25 }, None)?;
-                Ok(())
-            }),
+            window_attention(&g, &plan, &q, own.clone(), WindowSpec { one_sided: 128, causal: false, scale: 0.25 }, None)?;
+            Ok(())
+        }),
         "blocksparse" => {
             let pattern = BlockSparsePlan::new(n, 64, H, &RandomBlocks::Seeded { r: 3, seed: 1 })?;
             timed_best(&case, n, None, runs, || {
@@ -276,16 +265,16 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
             if family == "recurrent" {
                 let first = XlMemory::empty(128, width)?;
                 timed_best(&case, n, None, runs, || {
-                segment_recurrence(&g, &seg_plan, &x, 128, &first, &|m: &XlMemory, s: &Tensor| attend(&m.mem, s))?;
-                Ok(())
-            })
+                    segment_recurrence(&g, &seg_plan, &x, 128, &first, &|m: &XlMemory, s: &Tensor| attend(&m.mem, s))?;
+                    Ok(())
+                })
             } else {
                 let first = CompressiveMemory::empty(128, 64, 2, Compression::Mean, width)?;
                 let step = |m: &CompressiveMemory, s: &Tensor| attend(&Tensor::cat(&[&m.cmem, &m.mem], 0)?, s);
                 timed_best(&case, n, None, runs, || {
-                segment_recurrence(&g, &seg_plan, &x, 128, &first, &step)?;
-                Ok(())
-            })
+                    segment_recurrence(&g, &seg_plan, &x, 128, &first, &step)?;
+                    Ok(())
+                })
             }
         }
         other => bail!("unknown scaling family {other}"),

@@ -15,12 +15,7 @@ use crate::layout::{subtract, union, ShardPlan};
 /// Keys this rank holds after the exchange: its own rows plus the rows at the positions `needs(rank)`
 /// names for it, in ascending position order (`None` when that is nothing). `needs` must give
 /// the same answer on every rank; positions a rank owns are never sent to it.
-pub(crate) fn gather_needed(
-    group: &dyn Group,
-    plan: &ShardPlan,
-    own: &KeyBlock,
-    needs: &dyn Fn(usize) -> Vec<Range<usize>>,
-) -> Result<Option<KeyBlock>> {
+pub(crate) fn gather_needed(group: &dyn Group, plan: &ShardPlan, own: &KeyBlock, needs: &dyn Fn(usize) -> Vec<Range<usize>>) -> Result<Option<KeyBlock>> {
     let mut pieces = exchange_needed(group, plan, own, needs)?;
     let mut offset = 0;
     for x in plan.ranges(group.rank()) {
@@ -38,12 +33,7 @@ pub(crate) fn gather_needed(
 /// The exchange of [`gather_needed`] alone: sends other ranks the rows they need of `own`, and
 /// returns the rows this rank needs from others, as runs of consecutive positions in ascending
 /// order.
-pub(crate) fn exchange_needed(
-    group: &dyn Group,
-    plan: &ShardPlan,
-    own: &KeyBlock,
-    needs: &dyn Fn(usize) -> Vec<Range<usize>>,
-) -> Result<Vec<KeyBlock>> {
+pub(crate) fn exchange_needed(group: &dyn Group, plan: &ShardPlan, own: &KeyBlock, needs: &dyn Fn(usize) -> Vec<Range<usize>>) -> Result<Vec<KeyBlock>> {
     let (me, p) = (group.rank(), group.size());
     if plan.ranks() != p {
         return Err(DistError::Plan(format!("the plan has {} shards for a group of {p} ranks", plan.ranks())));
@@ -68,10 +58,8 @@ pub(crate) fn exchange_needed(
         if parts.is_empty() {
             continue;
         }
-        let [k, v, valid]: [Tensor; 3] = group
-            .recv(peer)?
-            .try_into()
-            .map_err(|f: Vec<Tensor>| DistError::Plan(format!("a key frame from rank {peer} has {} tensors, not 3", f.len())))?;
+        let [k, v, valid]: [Tensor; 3] =
+            group.recv(peer)?.try_into().map_err(|f: Vec<Tensor>| DistError::Plan(format!("a key frame from rank {peer} has {} tensors, not 3", f.len())))?;
         let pos = parts.iter().flat_map(|(x, _)| x.clone()).map(|i| i as i64).collect();
         let fetched = KeyBlock { k, v, pos, valid: tensor_to_flags(&valid)? };
         let mut off = 0;

@@ -31,8 +31,7 @@ impl KeyBlock {
     }
 
     pub(crate) fn from_frame(frame: Frame) -> Result<Self> {
-        let [k, v, pos, valid]: [Tensor; 4] =
-            frame.try_into().map_err(|f: Frame| DistError::Plan(format!("a key frame has 4 tensors, got {}", f.len())))?;
+        let [k, v, pos, valid]: [Tensor; 4] = frame.try_into().map_err(|f: Frame| DistError::Plan(format!("a key frame has 4 tensors, got {}", f.len())))?;
         Ok(KeyBlock { k, v, pos: pos.to_vec1::<i64>()?, valid: tensor_to_flags(&valid)? })
     }
 

@@ -6,8 +6,8 @@
 
 pub mod blocksparse;
 pub mod dense;
-pub mod favor;
 mod exchange;
+pub mod favor;
 mod global;
 mod keys;
 pub mod lsh;
@@ -16,10 +16,10 @@ pub mod recurrent;
 pub mod window;
 
 pub use blocksparse::blocksparse_attention;
-pub use favor::{favor_attention, FavorSpec};
 pub use dense::{ring_attention, ring_attention_with_bias, DenseSpec};
+pub use favor::{favor_attention, FavorSpec};
 pub use keys::KeyBlock;
 pub use lsh::lsh_attention;
-pub use recurrent::{segment_recurrence, Compression, CompressiveMemory, Memory, XlMemory};
 pub use moe::{apply_experts, route_tokens, Routing};
+pub use recurrent::{segment_recurrence, Compression, CompressiveMemory, Memory, XlMemory};
 pub use window::{window_attention, window_keys, window_keys_in_place, window_margins, GlobalTokens, WindowKeys, WindowSpec};

@@ -67,7 +67,10 @@ pub enum Compression {
     Mean,
     Max,
     /// 1-D convolution with kernel = stride = rate: weight `[width_out, width, rate]`, bias `[width_out]`.
-    Conv { weight: Tensor, bias: Tensor },
+    Conv {
+        weight: Tensor,
+        bias: Tensor,
+    },
 }
 
 /// Compressive Transformer memory: `mem` (the last `mem_len` inputs) and `cmem` (the last

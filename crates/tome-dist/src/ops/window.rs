@@ -18,10 +18,10 @@ use std::ops::Range;
 use candle_core::Tensor;
 use tome_attn::{attention, Mask, Partial};
 
+use super::exchange::{exchange_needed, gather_needed};
 use super::global::{global_queries, overwrite_rows};
 use super::keys::KeyBlock;
 use crate::error::{DistError, Result};
-use super::exchange::{exchange_needed, gather_needed};
 use crate::group::Group;
 use crate::layout::ShardPlan;
 
@@ -87,8 +87,7 @@ pub fn window_margins(plan: &ShardPlan, rank: usize, spec: WindowSpec) -> Option
 /// the same results to the bit).
 pub fn window_keys_in_place(group: &dyn Group, plan: &ShardPlan, k: Tensor, v: Tensor, valid: &[bool], spec: WindowSpec) -> Result<WindowKeys> {
     let me = group.rank();
-    let (before, after) =
-        window_margins(plan, me, spec).ok_or_else(|| DistError::Plan(format!("rank {me}'s shard is not one run of positions: its halo has no margins")))?;
+    let (before, after) = window_margins(plan, me, spec).ok_or_else(|| DistError::Plan(format!("rank {me}'s shard is not one run of positions: its halo has no margins")))?;
     let own_range = plan.ranges(me)[0].clone();
     let n = own_range.len();
     let rows = before + n + after;
@@ -149,14 +148,7 @@ impl WindowKeys {
 
 /// This rank's output rows of window attention. `q`, `own.k`, `own.v` hold the rank's shard as
 /// laid out by `plan`; `own.valid` marks padding.
-pub fn window_attention(
-    group: &dyn Group,
-    plan: &ShardPlan,
-    q: &Tensor,
-    own: KeyBlock,
-    spec: WindowSpec,
-    globals: Option<&GlobalTokens>,
-) -> Result<Tensor> {
+pub fn window_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, own: KeyBlock, spec: WindowSpec, globals: Option<&GlobalTokens>) -> Result<Tensor> {
     let globals = globals.filter(|g| !g.positions.is_empty());
     if spec.causal && globals.is_some() {
         return Err(DistError::Unsupported("global tokens with causal window attention".into()));

@@ -38,12 +38,7 @@ fn inputs(n: usize, seed: u64, padded: bool, global_proj: bool) -> Inputs {
 
 fn own(x: &Inputs, plan: &ShardPlan, r: usize) -> KeyBlock {
     let pos = plan.positions(r);
-    KeyBlock {
-        k: plan.shard_of(&x.k, 1, r).unwrap(),
-        v: plan.shard_of(&x.v, 1, r).unwrap(),
-        valid: pos.iter().map(|&i| x.valid[i as usize]).collect(),
-        pos,
-    }
+    KeyBlock { k: plan.shard_of(&x.k, 1, r).unwrap(), v: plan.shard_of(&x.v, 1, r).unwrap(), valid: pos.iter().map(|&i| x.valid[i as usize]).collect(), pos }
 }
 
 /// Runs `op(group, rank)` on every rank of `plan`; returns the output reassembled along `dim`
@@ -160,17 +155,8 @@ fn naive_window(x: &Inputs, w: usize, causal: bool, globals: &[usize]) -> Tensor
                 (Some((gq, gk, gv)), true) => (gq.to_vec3::<f32>().unwrap(), gk.to_vec3::<f32>().unwrap(), gv.to_vec3::<f32>().unwrap()),
                 _ => (q.clone(), k.clone(), v.clone()),
             };
-            let sees = |j: usize| {
-                x.valid[j]
-                    && if is_global(i) {
-                        true
-                    } else {
-                        is_global(j) || ((!causal || j <= i) && (i as i64 - j as i64).unsigned_abs() as usize <= w)
-                    }
-            };
-            let scores: Vec<f64> = (0..n)
-                .map(|j| if sees(j) { 0.4 * (0..D).map(|t| qs[h][i][t] as f64 * ks[h][j][t] as f64).sum::<f64>() } else { f64::NEG_INFINITY })
-                .collect();
+            let sees = |j: usize| x.valid[j] && if is_global(i) { true } else { is_global(j) || ((!causal || j <= i) && (i as i64 - j as i64).unsigned_abs() as usize <= w) };
+            let scores: Vec<f64> = (0..n).map(|j| if sees(j) { 0.4 * (0..D).map(|t| qs[h][i][t] as f64 * ks[h][j][t] as f64).sum::<f64>() } else { f64::NEG_INFINITY }).collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             if m == f64::NEG_INFINITY {
                 continue;
@@ -614,7 +600,8 @@ mod recurrent {
     /// inputs max(0, start(s) - M) ..= i.
     fn naive_xl(l: &Layer, x: &Tensor, seg: usize, mem: usize) -> Vec<Vec<f32>> {
         let n = x.dim(0).unwrap();
-        let (q, k, v) = (x.matmul(&l.wq).unwrap().to_vec2::<f32>().unwrap(), x.matmul(&l.wk).unwrap().to_vec2::<f32>().unwrap(), x.matmul(&l.wv).unwrap().to_vec2::<f32>().unwrap());
+        let (q, k, v) =
+            (x.matmul(&l.wq).unwrap().to_vec2::<f32>().unwrap(), x.matmul(&l.wk).unwrap().to_vec2::<f32>().unwrap(), x.matmul(&l.wv).unwrap().to_vec2::<f32>().unwrap());
         let r = sinusoid(n + 1, W).unwrap().matmul(&l.wr).unwrap().to_vec2::<f32>().unwrap();
         let (u, vb) = (l.u.to_vec2::<f32>().unwrap(), l.vb.to_vec2::<f32>().unwrap());
         let mut out = vec![vec![0f32; H * D]; n];
@@ -634,7 +621,13 @@ mod recurrent {
         out
     }
 
-    fn run<M: tome_dist::ops::Memory + Sync>(x: &Tensor, plan: &ShardPlan, seg: usize, first: &M, step: &(dyn Fn(&M, &Tensor) -> tome_dist::Result<Tensor> + Sync)) -> (Tensor, u64) {
+    fn run<M: tome_dist::ops::Memory + Sync>(
+        x: &Tensor,
+        plan: &ShardPlan,
+        seg: usize,
+        first: &M,
+        step: &(dyn Fn(&M, &Tensor) -> tome_dist::Result<Tensor> + Sync),
+    ) -> (Tensor, u64) {
         on_ranks(plan, 0, |g, r| segment_recurrence(g, plan, &plan.shard_of(x, 0, r)?, seg, first, step))
     }
 

@@ -28,11 +28,7 @@ pub fn hubs() -> &'static Hubs {
             addresses.push(listener.local_addr().unwrap().to_string());
             let service = hub.service();
             runtime.spawn(async move {
-                tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                    .await
-                    .unwrap();
+                tonic::transport::Server::builder().add_service(service).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)).await.unwrap();
             });
             hubs.push(hub);
         }
@@ -77,4 +73,3 @@ pub fn launch_with<T: Send, E: RankError, G: Group>(
         None => Ok(out),
     }
 }
-
