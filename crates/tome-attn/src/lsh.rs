@@ -68,7 +68,9 @@ pub fn buckets(qk: &Tensor, rotations: &Tensor, valid: &[bool], spec: &LshSpec) 
     if n == 0 {
         return Ok(out);
     }
-    let rotated = qk.matmul(&rotations.reshape((heads, d, spec.n_hashes * half))?)?.to_vec3::<f32>()?;
+    // Row (h, t) of the rotations holds every round's `half` projections.
+    let rotated = qk.matmul(&rotations.reshape((heads, d, spec.n_hashes * half))?)?.flatten_all()?.to_vec1::<f32>()?;
+    let row_len = spec.n_hashes * half;
     for (h, per_head) in out.iter_mut().enumerate() {
         for (round, per_round) in per_head.iter_mut().enumerate() {
             for (t, bucket) in per_round.iter_mut().enumerate() {
@@ -76,10 +78,11 @@ pub fn buckets(qk: &Tensor, rotations: &Tensor, valid: &[bool], spec: &LshSpec) 
                     *bucket = spec.n_buckets;
                     continue;
                 }
-                let row = &rotated[h][t][round * half..(round + 1) * half];
+                let at = (h * n + t) * row_len + round * half;
+                let row = &rotated[at..at + half];
                 // argmax over [row, -row], first maximum wins.
                 let (mut best, mut arg) = (f32::NEG_INFINITY, 0);
-                for (i, &x) in row.iter().chain(row.iter().map(|x| -x).collect::<Vec<_>>().iter()).enumerate() {
+                for (i, x) in row.iter().copied().chain(row.iter().map(|x| -x)).enumerate() {
                     if x > best {
                         best = x;
                         arg = i;
@@ -94,9 +97,16 @@ pub fn buckets(qk: &Tensor, rotations: &Tensor, valid: &[bool], spec: &LshSpec) 
 
 /// A key from a shared query-key vector: `x · rsqrt(mean(x²) + 1e-6) / sqrt(d)`.
 pub fn normalize_key(x: &[f32]) -> Vec<f32> {
+    let mut key = vec![0.0; x.len()];
+    normalize_key_into(x, &mut key);
+    key
+}
+
+/// [`normalize_key`] written into `key` (as long as `x`).
+pub fn normalize_key_into(x: &[f32], key: &mut [f32]) {
     let var = x.iter().map(|a| a * a).sum::<f32>() / x.len() as f32;
     let inv = 1.0 / (var + 1e-6).sqrt() / (x.len() as f32).sqrt();
-    x.iter().map(|a| a * inv).collect()
+    key.iter_mut().zip(x).for_each(|(k, a)| *k = a * inv);
 }
 
 /// One query's attention over listed keys with Reformer's masks: `(output, lse)`.
@@ -153,10 +163,13 @@ pub fn chunk_attention(q: &Tensor, k: &Tensor, v: &Tensor, q_tok: &[i64], k_tok:
                 *s = PAD_SCORE;
             }
         }
+        // One exp per score: the weights are e^(s - m) / z.
         let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let z: f32 = scores.iter().map(|s| (s - m).exp()).sum();
+        scores.iter_mut().for_each(|s| *s = (*s - m).exp());
+        let z: f32 = scores.iter().sum();
         *lse = m + z.ln();
-        scores.iter_mut().for_each(|s| *s = (*s - *lse).exp());
+        let inv = 1.0 / z;
+        scores.iter_mut().for_each(|s| *s *= inv);
     }
     let probs = Tensor::from_vec(scores, (chunks, l, w), &candle_core::Device::Cpu)?;
     Ok((probs.matmul(v)?, lse))

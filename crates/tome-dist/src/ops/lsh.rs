@@ -14,7 +14,6 @@
 //!
 //! Shards must be contiguous runs in rank order (positions break ties in the sort).
 
-use std::collections::HashMap;
 use std::ops::Range;
 
 use candle_core::{Device, Tensor};
@@ -24,44 +23,57 @@ use crate::error::{DistError, Result};
 use crate::group::{flags_to_tensor, tensor_to_flags, Frame, Group};
 use crate::layout::ShardPlan;
 
-/// Rows of one head held in sorted-slot space.
+/// Rows of one head held in sorted-slot space, flat: row `i`'s query-key vector at `i · d`, its
+/// value at `i · dv` (one allocation per field, not one per row).
 #[derive(Default, Clone)]
 struct Rows {
     tok: Vec<i64>,
     valid: Vec<bool>,
-    qk: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    qk: Vec<f32>,
+    v: Vec<f32>,
 }
 
 impl Rows {
-    fn push(&mut self, tok: i64, valid: bool, qk: Vec<f32>, v: Vec<f32>) {
-        self.tok.push(tok);
-        self.valid.push(valid);
-        self.qk.push(qk);
-        self.v.push(v);
+    /// `m` rows to be filled by [`Rows::set`].
+    fn with_len(m: usize, (d, dv): (usize, usize)) -> Self {
+        Rows { tok: vec![0; m], valid: vec![false; m], qk: vec![0.0; m * d], v: vec![0.0; m * dv] }
     }
 
-    fn to_frame(&self, d: usize, dv: usize) -> Result<Frame> {
+    fn push(&mut self, tok: i64, valid: bool, qk: &[f32], v: &[f32]) {
+        self.tok.push(tok);
+        self.valid.push(valid);
+        self.qk.extend_from_slice(qk);
+        self.v.extend_from_slice(v);
+    }
+
+    /// Row `at` := row `i` of `from`.
+    fn set(&mut self, at: usize, from: &Rows, i: usize, (d, dv): (usize, usize)) {
+        self.tok[at] = from.tok[i];
+        self.valid[at] = from.valid[i];
+        self.qk[at * d..(at + 1) * d].copy_from_slice(&from.qk[i * d..(i + 1) * d]);
+        self.v[at * dv..(at + 1) * dv].copy_from_slice(&from.v[i * dv..(i + 1) * dv]);
+    }
+
+    /// Appends row `i` of `from`.
+    fn push_row(&mut self, from: &Rows, i: usize, (d, dv): (usize, usize)) {
+        self.push(from.tok[i], from.valid[i], &from.qk[i * d..(i + 1) * d], &from.v[i * dv..(i + 1) * dv]);
+    }
+
+    fn into_frame(self, (d, dv): (usize, usize)) -> Result<Frame> {
         let m = self.tok.len();
         Ok(vec![
-            Tensor::from_vec(self.tok.clone(), m, &Device::Cpu)?,
+            Tensor::from_vec(self.tok, m, &Device::Cpu)?,
             flags_to_tensor(&self.valid)?,
-            Tensor::from_vec(self.qk.concat(), (m, d), &Device::Cpu)?,
-            Tensor::from_vec(self.v.concat(), (m, dv), &Device::Cpu)?,
+            Tensor::from_vec(self.qk, (m, d), &Device::Cpu)?,
+            Tensor::from_vec(self.v, (m, dv), &Device::Cpu)?,
         ])
     }
 
     fn from_frame(f: &[Tensor]) -> Result<Self> {
         let [tok, valid, qk, v] = f else { return Err(DistError::Plan("an LSH row frame has 4 tensors per head".into())) };
-        let (qk, v) = if tok.dim(0)? == 0 { (Vec::new(), Vec::new()) } else { (qk.to_vec2::<f32>()?, v.to_vec2::<f32>()?) };
-        Ok(Rows { tok: tok.to_vec1::<i64>()?, valid: tensor_to_flags(valid)?, qk, v })
+        Ok(Rows { tok: tok.to_vec1::<i64>()?, valid: tensor_to_flags(valid)?, qk: qk.flatten_all()?.to_vec1::<f32>()?, v: v.flatten_all()?.to_vec1::<f32>()? })
     }
 }
-
-/// A fetched halo row: token position, validity, query-key vector, value.
-type HaloRow = (i64, bool, Vec<f32>, Vec<f32>);
-/// Per token, each round's (lse, output).
-type RoundPartials = Vec<(f32, Vec<f32>)>;
 
 /// `n` items in `parts` runs differing by at most one (longer first).
 fn even_bounds(n: usize, parts: usize) -> Vec<usize> {
@@ -112,8 +124,9 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
     let (lo, hi) = (bounds[me], bounds[me + 1]);
 
     // 2. Deal items to the owners of their slots.
-    let qk_rows = qk.to_vec3::<f32>()?;
-    let v_rows = v.to_vec3::<f32>()?;
+    let widths = (d, dv);
+    let qk_rows = qk.flatten_all()?.to_vec1::<f32>()?;
+    let v_rows = v.flatten_all()?.to_vec1::<f32>()?;
     let mut outgoing: Vec<Vec<(Vec<i64>, Rows)>> = vec![vec![(Vec::new(), Rows::default()); heads]; p];
     let mut sent: Vec<Vec<Vec<(usize, usize)>>> = vec![vec![Vec::new(); heads]; p]; // (round, token) in send order
     for h in 0..heads {
@@ -129,25 +142,26 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
                 let slot = next[key];
                 next[key] += 1;
                 let q = owner(slot);
+                let row = h * n + t;
                 outgoing[q][h].0.push(slot as i64);
-                outgoing[q][h].1.push(start + t as i64, valid[t], qk_rows[h][t].clone(), v_rows[h][t].clone());
+                outgoing[q][h].1.push(start + t as i64, valid[t], &qk_rows[row * d..(row + 1) * d], &v_rows[row * dv..(row + 1) * dv]);
                 sent[q][h].push((r, t));
             }
         }
     }
     let parts = outgoing
-        .iter()
+        .into_iter()
         .map(|per_head| {
             let mut f = Vec::new();
             for (slots, rows) in per_head {
                 f.push(Tensor::from_vec(slots.clone(), slots.len(), &Device::Cpu)?);
-                f.extend(rows.to_frame(d, dv)?);
+                f.extend(rows.into_frame(widths)?);
             }
             Ok(f)
         })
         .collect::<Result<Vec<Frame>>>()?;
     let received = group.all_to_all(parts)?;
-    let mut mine = vec![Rows { tok: vec![0; hi - lo], valid: vec![false; hi - lo], qk: vec![Vec::new(); hi - lo], v: vec![Vec::new(); hi - lo] }; heads];
+    let mut mine = vec![Rows::with_len(hi - lo, widths); heads];
     let mut arrivals: Vec<Vec<Vec<usize>>> = vec![vec![Vec::new(); heads]; p]; // slots in arrival order
     for (src, frame) in received.iter().enumerate() {
         for h in 0..heads {
@@ -155,11 +169,7 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
             let slots = f[0].to_vec1::<i64>()?;
             let rows = Rows::from_frame(&f[1..])?;
             for (i, &s) in slots.iter().enumerate() {
-                let at = s as usize - lo;
-                mine[h].tok[at] = rows.tok[i];
-                mine[h].valid[at] = rows.valid[i];
-                mine[h].qk[at] = rows.qk[i].clone();
-                mine[h].v[at] = rows.v[i].clone();
+                mine[h].set(s as usize - lo, &rows, i, widths);
                 arrivals[src][h].push(s as usize);
             }
         }
@@ -169,6 +179,7 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
     let window = |c: usize| -> Vec<usize> {
         (0..=spec.chunks_before + spec.chunks_after).map(|o| (c + total_chunks * (spec.chunks_before + 1) + o - spec.chunks_before) % total_chunks).collect()
     };
+    // Sorted slots outside rank q's own chunks that its chunks look at.
     let needs = |q: usize| -> Vec<Range<usize>> {
         let (a, z) = (bounds[q] / spec.chunk_len, bounds[q + 1] / spec.chunk_len);
         let mut chunks: Vec<usize> = (a..z).flat_map(window).filter(|&c| c < a || c >= z).collect();
@@ -185,24 +196,28 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
         for rows in &mine {
             let mut sel = Rows::default();
             for &s in &wanted {
-                sel.push(rows.tok[s - lo], rows.valid[s - lo], rows.qk[s - lo].clone(), rows.v[s - lo].clone());
+                sel.push_row(rows, s - lo, widths);
             }
-            frame.extend(sel.to_frame(d, dv)?);
+            frame.extend(sel.into_frame(widths)?);
         }
         group.send(q, frame)?;
     }
-    let mut halo: Vec<HashMap<usize, HaloRow>> = vec![HashMap::new(); heads];
+    // The halo: row i of each head's table holds slot `my_needs[i]` (ascending).
     let my_needs: Vec<usize> = needs(me).into_iter().flatten().collect();
+    let mut halo = vec![Rows::with_len(my_needs.len(), widths); heads];
     for q in (0..p).filter(|&q| q != me) {
-        let from: Vec<usize> = my_needs.iter().copied().filter(|&s| owner(s) == q).collect();
+        let from: Vec<usize> = (0..my_needs.len()).filter(|&i| owner(my_needs[i]) == q).collect();
         if from.is_empty() {
             continue;
         }
         let frame = group.recv(q)?;
-        for (h, map) in halo.iter_mut().enumerate() {
-            let rows = Rows::from_frame(&frame[h * 4..h * 4 + 4])?;
-            for (i, &s) in from.iter().enumerate() {
-                map.insert(s, (rows.tok[i], rows.valid[i], rows.qk[i].clone(), rows.v[i].clone()));
+        for (h, table) in halo.iter_mut().enumerate() {
+            let rows = Rows::from_frame(frame.get(h * 4..h * 4 + 4).ok_or_else(|| DistError::Plan(format!("rank {q} sent a halo frame of {} tensors", frame.len())))?)?;
+            if rows.tok.len() != from.len() {
+                return Err(DistError::Plan(format!("rank {q} sent {} halo rows for head {h}, {} were needed", rows.tok.len(), from.len())));
+            }
+            for (i, &at) in from.iter().enumerate() {
+                table.set(at, &rows, i, widths);
             }
         }
     }
@@ -211,81 +226,78 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
     //    item's (output, lse) home.
     let (c0, c1) = (lo / spec.chunk_len, hi / spec.chunk_len);
     let key_slots: Vec<usize> = (c0..c1).flat_map(window).flat_map(|kc| kc * spec.chunk_len..(kc + 1) * spec.chunk_len).collect();
-    let mut results: Vec<Vec<(Vec<f32>, f32)>> = vec![vec![(Vec::new(), 0.0); hi - lo]; heads];
+    // Per head: each of my slots' output (`dv` wide) and lse.
+    let mut results: Vec<(Vec<f32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); heads];
+    // Row of a slot in the table of my rows followed by the halo's.
+    let row_of = |s: usize| -> Result<usize> {
+        if (lo..hi).contains(&s) {
+            Ok(s - lo)
+        } else {
+            my_needs.binary_search(&s).map(|i| hi - lo + i).map_err(|_| DistError::Plan(format!("slot {s} never arrived")))
+        }
+    };
+    let idx: Vec<usize> = key_slots.iter().map(|&s| row_of(s)).collect::<Result<_>>()?;
+    let window_len = if c1 > c0 { idx.len() / (c1 - c0) } else { 0 };
     for h in (0..heads).filter(|_| c1 > c0) {
-        // One table of rows: this rank's slots, then the halo's; keys gathered from it by index.
-        let halo_slots: Vec<usize> = {
-            let mut s: Vec<usize> = halo[h].keys().copied().collect();
-            s.sort_unstable();
-            s
-        };
-        let row_of = |s: usize| -> Result<u32> {
-            if (lo..hi).contains(&s) {
-                Ok((s - lo) as u32)
-            } else {
-                halo_slots.binary_search(&s).map(|i| (hi - lo + i) as u32).map_err(|_| DistError::Plan(format!("slot {s} never arrived")))
-            }
-        };
-        let mut tok: Vec<i64> = mine[h].tok.clone();
-        let mut ok: Vec<bool> = mine[h].valid.clone();
-        let mut keys: Vec<f32> = mine[h].qk.iter().flat_map(|x| lsh::normalize_key(x)).collect();
-        let mut vals: Vec<f32> = mine[h].v.concat();
-        for s in &halo_slots {
-            let row = &halo[h][s];
-            tok.push(row.0);
-            ok.push(row.1);
-            keys.extend(lsh::normalize_key(&row.2));
-            vals.extend_from_slice(&row.3);
+        let (own, far) = (&mine[h], &halo[h]);
+        let row = |i: usize| if i < hi - lo { (own, i) } else { (far, i - (hi - lo)) };
+        // Keys and values of every chunk's window, gathered by row.
+        let (mut k, mut v) = (vec![0f32; idx.len() * d], vec![0f32; idx.len() * dv]);
+        let (mut k_tok, mut k_ok) = (Vec::with_capacity(idx.len()), Vec::with_capacity(idx.len()));
+        for (j, &i) in idx.iter().enumerate() {
+            let (table, i) = row(i);
+            lsh::normalize_key_into(&table.qk[i * d..(i + 1) * d], &mut k[j * d..(j + 1) * d]);
+            v[j * dv..(j + 1) * dv].copy_from_slice(&table.v[i * dv..(i + 1) * dv]);
+            k_tok.push(table.tok[i]);
+            k_ok.push(table.valid[i]);
         }
-        let rows = tok.len();
-        let idx: Vec<u32> = key_slots.iter().map(|&s| row_of(s)).collect::<Result<_>>()?;
-        let window_len = idx.len() / (c1 - c0);
-        let ids = Tensor::from_vec(idx.clone(), idx.len(), &Device::Cpu)?;
-        let k = Tensor::from_vec(keys, (rows, d), &Device::Cpu)?.index_select(&ids, 0)?.reshape((c1 - c0, window_len, d))?;
-        let v = Tensor::from_vec(vals, (rows, dv), &Device::Cpu)?.index_select(&ids, 0)?.reshape((c1 - c0, window_len, dv))?;
-        let q = Tensor::from_vec(mine[h].qk.concat(), (c1 - c0, spec.chunk_len, d), &Device::Cpu)?;
-        let k_tok: Vec<i64> = idx.iter().map(|&i| tok[i as usize]).collect();
-        let k_ok: Vec<bool> = idx.iter().map(|&i| ok[i as usize]).collect();
-        let (out, lse) = lsh::chunk_attention(&q, &k, &v, &mine[h].tok, &k_tok, &k_ok)?;
-        let out = out.flatten_all()?.to_vec1::<f32>()?;
-        for (i, (o, l)) in out.chunks_exact(dv.max(1)).zip(lse).enumerate() {
-            results[h][i] = (o.to_vec(), l);
-        }
+        let chunks = c1 - c0;
+        let k = Tensor::from_vec(k, (chunks, window_len, d), &Device::Cpu)?;
+        let v = Tensor::from_vec(v, (chunks, window_len, dv), &Device::Cpu)?;
+        let q = Tensor::from_vec(own.qk.clone(), (chunks, spec.chunk_len, d), &Device::Cpu)?;
+        let (out, lse) = lsh::chunk_attention(&q, &k, &v, &own.tok, &k_tok, &k_ok)?;
+        results[h] = (out.flatten_all()?.to_vec1::<f32>()?, lse);
     }
     let replies = arrivals
         .iter()
         .map(|per_head| {
             let mut f = Vec::new();
             for (h, slots) in per_head.iter().enumerate() {
-                let m = slots.len();
-                let outs: Vec<f32> = slots.iter().flat_map(|&s| results[h][s - lo].0.iter().copied()).collect();
-                let lses: Vec<f32> = slots.iter().map(|&s| results[h][s - lo].1).collect();
-                f.push(Tensor::from_vec(outs, (m, dv), &Device::Cpu)?);
-                f.push(Tensor::from_vec(lses, m, &Device::Cpu)?);
+                let (outs, lses) = &results[h];
+                let out: Vec<f32> = slots.iter().flat_map(|&s| &outs[(s - lo) * dv..(s - lo + 1) * dv]).copied().collect();
+                let lse: Vec<f32> = slots.iter().map(|&s| lses[s - lo]).collect();
+                f.push(Tensor::from_vec(out, (slots.len(), dv), &Device::Cpu)?);
+                f.push(Tensor::from_vec(lse, slots.len(), &Device::Cpu)?);
             }
             Ok(f)
         })
         .collect::<Result<Vec<Frame>>>()?;
     let answers = group.all_to_all(replies)?;
 
-    // Rounds merged per token by log-sum-exp.
-    let mut rounds: Vec<Vec<RoundPartials>> = vec![vec![Vec::new(); n]; heads];
+    // Rounds merged per token by log-sum-exp, in round order whichever rank answered.
+    let rounds = spec.n_hashes;
+    let mut lses = vec![f32::NEG_INFINITY; heads * n * rounds];
+    let mut outs = vec![0f32; heads * n * rounds * dv];
     for (q, frame) in answers.iter().enumerate() {
         for h in 0..heads {
-            let lses = frame[h * 2 + 1].to_vec1::<f32>()?;
-            let outs = if lses.is_empty() { Vec::new() } else { frame[h * 2].to_vec2::<f32>()? };
-            for (i, &(_, t)) in sent[q][h].iter().enumerate() {
-                rounds[h][t].push((lses[i], outs[i].clone()));
+            let (o, l) = (frame[h * 2].flatten_all()?.to_vec1::<f32>()?, frame[h * 2 + 1].to_vec1::<f32>()?);
+            if l.len() != sent[q][h].len() || o.len() != l.len() * dv {
+                return Err(DistError::Plan(format!("rank {q} answered {} items of head {h}, {} were sent", l.len(), sent[q][h].len())));
+            }
+            for (i, &(r, t)) in sent[q][h].iter().enumerate() {
+                let at = (h * n + t) * rounds + r;
+                lses[at] = l[i];
+                outs[at * dv..(at + 1) * dv].copy_from_slice(&o[i * dv..(i + 1) * dv]);
             }
         }
     }
     let mut out = vec![0f32; heads * n * dv];
-    for (h, per_head) in rounds.iter().enumerate() {
-        for (t, rs) in per_head.iter().enumerate() {
-            let m = rs.iter().map(|r| r.0).fold(f32::NEG_INFINITY, f32::max);
-            let z: f32 = rs.iter().map(|r| (r.0 - m).exp()).sum();
-            let o = &mut out[(h * n + t) * dv..(h * n + t + 1) * dv];
-            for (lse, x) in rs {
+    if dv > 0 {
+        let per_token = lses.chunks_exact(rounds).zip(outs.chunks_exact(rounds * dv));
+        for (o, (l, x)) in out.chunks_exact_mut(dv).zip(per_token) {
+            let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = l.iter().map(|r| (r - m).exp()).sum();
+            for (lse, x) in l.iter().zip(x.chunks_exact(dv)) {
                 let w = (lse - m).exp() / z;
                 o.iter_mut().zip(x).for_each(|(a, b)| *a += w * b);
             }
