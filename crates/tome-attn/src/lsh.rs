@@ -14,6 +14,7 @@
 use candle_core::Tensor;
 
 use crate::error::{shape_err, Result};
+use crate::simd::{self, Plain};
 
 /// Score of a query with its own key.
 pub const SELF_SCORE: f32 = -1e5;
@@ -151,7 +152,7 @@ pub fn chunk_attention(q: &Tensor, k: &Tensor, v: &Tensor, q_tok: &[i64], k_tok:
     if q_tok.len() != chunks * l || k_tok.len() != chunks * w || k_valid.len() != chunks * w {
         return Err(shape_err("lsh::chunk_attention", format!("{chunks} chunks of {l} queries and {w} keys, but {} / {} / {} tokens", q_tok.len(), k_tok.len(), k_valid.len())));
     }
-    let mut scores = q.matmul(&k.transpose(1, 2)?.contiguous()?)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut scores = q.matmul(&k.transpose(1, 2)?)?.flatten_all()?.to_vec1::<f32>()?;
     let mut lse = vec![0f32; chunks * l];
     for (row, (scores, lse)) in scores.chunks_exact_mut(w).zip(lse.iter_mut()).enumerate() {
         let (c, qt) = (row / l, q_tok[row]);
@@ -163,16 +164,50 @@ pub fn chunk_attention(q: &Tensor, k: &Tensor, v: &Tensor, q_tok: &[i64], k_tok:
                 *s = PAD_SCORE;
             }
         }
-        // One exp per score: the weights are e^(s - m) / z.
-        let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        scores.iter_mut().for_each(|s| *s = (*s - m).exp());
-        let z: f32 = scores.iter().sum();
-        *lse = m + z.ln();
-        let inv = 1.0 / z;
-        scores.iter_mut().for_each(|s| *s *= inv);
+        *lse = softmax_row(scores);
     }
     let probs = Tensor::from_vec(scores, (chunks, l, w), &candle_core::Device::Cpu)?;
     Ok((probs.matmul(v)?, lse))
+}
+
+/// A row of scores replaced by its softmax weights `e^(s - m) / z` (one exp per score); returns
+/// its log-sum-exp `m + ln z`. On the widest vectors the CPU has, with the same arithmetic on
+/// every path (the attention kernels' polynomial exp, no fused multiply-adds), so every machine
+/// computes the same weights.
+fn softmax_row(row: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU reported AVX-512F.
+            return unsafe { softmax_row_avx512(row) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU reported AVX2.
+            return unsafe { softmax_row_avx2(row) };
+        }
+    }
+    softmax_row_portable(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn softmax_row_avx512(row: &mut [f32]) -> f32 {
+    softmax_row_portable(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn softmax_row_avx2(row: &mut [f32]) -> f32 {
+    softmax_row_portable(row)
+}
+
+/// Inlined into each `target_feature` caller, where the row loops become vector code.
+#[inline(always)]
+fn softmax_row_portable(row: &mut [f32]) -> f32 {
+    let m = simd::row_max(row);
+    let z = simd::exp_shift_sum_scalar::<Plain>(row, m);
+    simd::scale_row(row, 1.0 / z);
+    m + z.ln()
 }
 
 /// Naive LSH attention over a whole sequence: `qk`, `v` as `[heads][n][d]`, buckets from
