@@ -246,8 +246,8 @@ fn per_head(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f
 
 /// Narrow heads: one GEMM over all heads per block of rows, into a buffer whose rows are
 /// scattered to their heads while still in cache, writing every element of `out`. The blocks
-/// run in parallel, each GEMM on one thread (and one buffer per thread), where there are enough
-/// of them; a lone block's GEMM runs on every thread.
+/// run in parallel, each GEMM on one thread, where they fill the threads (each run of blocks a
+/// thread takes reuses one buffer); otherwise one at a time, each GEMM on every thread.
 fn row_blocks(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape) {
     let Shape { n, width_in, width_out, d, before, rows: head_rows } = s;
     // Block b's rows of every head, in head order.
