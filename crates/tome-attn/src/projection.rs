@@ -33,6 +33,12 @@ const WIDE_HEAD: usize = 64;
 /// the heads while still in cache.
 const ROWS: usize = 256;
 
+/// Rows from which a wide head's GEMM splits over the threads as fast as the heads would (about
+/// 240 GFLOP/s on two threads at 768 rows and more), without every thread packing its own copy
+/// of `x` at once. Below it the heads split, each GEMM on one thread: at 192 rows a GEMM split
+/// over two threads ran at 132 GFLOP/s, the heads split at 170–209.
+const SPLIT_GEMM_ROWS: usize = 1024;
+
 /// `x` (`[n, in]`) projected by `weight` (`[heads·d, in]`) and `bias` (`[heads·d]`), as
 /// `[heads, n, d]`.
 pub fn project_to_heads(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, heads: usize) -> Result<Tensor> {
@@ -209,8 +215,8 @@ fn pieces_fill_threads(pieces: usize) -> bool {
 }
 
 /// Wide heads: one GEMM per head over every row, writing every element of the head's rows in
-/// place. The heads run in parallel, each GEMM on one thread, where they fill the threads;
-/// otherwise one at a time, each GEMM on every thread.
+/// place. Below [`SPLIT_GEMM_ROWS`] rows the heads run in parallel, each GEMM on one thread,
+/// where they fill the threads; otherwise one at a time, each GEMM on every thread.
 fn per_head(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape) {
     let Shape { n, width_in, width_out, d, before, rows } = s;
     let head_gemm = |(h, head): (usize, &mut [MaybeUninit<f32>]), parallelism: gemm::Parallelism| {
@@ -237,7 +243,7 @@ fn per_head(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&[f
             )
         }
     };
-    if pieces_fill_threads(width_out / d) {
+    if n < SPLIT_GEMM_ROWS && pieces_fill_threads(width_out / d) {
         out.par_chunks_exact_mut(rows * d).enumerate().for_each(|head| head_gemm(head, gemm::Parallelism::None));
     } else {
         out.chunks_exact_mut(rows * d).enumerate().for_each(|head| head_gemm(head, parallelism()));
@@ -326,9 +332,10 @@ mod tests {
     fn thread_counts_split_heads_and_row_blocks_to_the_same_bits() {
         // One thread runs every GEMM alone; two split the heads (8 wide ones, or 2) or the row
         // blocks (narrow heads over 1100 rows); three split the GEMMs themselves (3 wide heads,
-        // 5 row blocks); eight split the 8 wide heads again.
+        // 5 row blocks), as every thread count does for wide heads over 1030 rows; eight split
+        // the 8 wide heads again.
         let dev = Device::Cpu;
-        for (n, width_in, heads, d) in [(200, 48, 8, 64), (90, 32, 2, 64), (50, 24, 3, 80), (1100, 40, 4, 16), (100, 40, 4, 16)] {
+        for (n, width_in, heads, d) in [(200, 48, 8, 64), (90, 32, 2, 64), (50, 24, 3, 80), (1030, 32, 2, 64), (1100, 40, 4, 16), (100, 40, 4, 16)] {
             let x = Tensor::randn(0f32, 1.0, (n, width_in), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (heads * d, width_in), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, heads * d, &dev).unwrap();
