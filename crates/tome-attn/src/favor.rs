@@ -62,42 +62,57 @@ pub fn orthogonal_projection(features: usize, head_dim: usize, seed: u64) -> Res
     Ok(Tensor::from_vec(data, (features, head_dim), &Device::Cpu)?)
 }
 
-/// `w·x'` and `|x'|²/2` for `x` (`[heads, n, d]`) under `proj` (`[m, d]`).
-fn projections(x: &Tensor, proj: &Tensor) -> Result<(Tensor, Tensor)> {
+/// `w·x'` (`[heads, n, m]`) for `x` (`[heads, n, d]`) under `proj` (`[m, d]`), `x' = x · d^-1/4`:
+/// the scale is folded into the small projection rather than applied to every row of `x`.
+fn dash(x: &Tensor, proj: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
-    let normalizer = (d as f64).powf(-0.25);
-    let xs = (x * normalizer)?;
-    let dash = xs.broadcast_matmul(&proj.t()?)?;
-    let diag = (xs.sqr()?.sum_keepdim(D::Minus1)? * 0.5)?;
-    Ok((dash, diag))
+    let scaled = (proj * (d as f64).powf(-0.25))?;
+    Ok(x.contiguous()?.broadcast_matmul(&scaled.t()?)?)
+}
+
+/// `|x'|²/2` of every row of `x` (`[heads, n, d]`), in one pass over `x`.
+fn half_square_norms(x: &Tensor) -> Result<Vec<f32>> {
+    let d = x.dim(D::Minus1)?;
+    let (rows, half_sq) = (x.elem_count() / d.max(1), 0.5 / (d as f32).sqrt());
+    if d == 0 {
+        return Ok(vec![0.0; rows]);
+    }
+    with_f32(x, FEATURES, |x| x.chunks_exact(d).map(|row| half_sq * row.iter().map(|a| a * a).sum::<f32>()).collect())
+}
+
+/// The maximum of each `width`-element run of `dash` (`-inf` for an empty run).
+fn run_maxima(dash: &Tensor, width: usize) -> Result<Vec<f32>> {
+    if width == 0 {
+        return Ok(Vec::new());
+    }
+    with_f32(dash, FEATURES, |dash| dash.chunks_exact(width).map(|run| run.iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect())
 }
 
 /// The keys' stabiliser of one shard: per head, the maximum of `w·k'` over its keys and features
 /// (`[heads]`; `-inf` for no keys). The global stabiliser is the maximum over shards.
 pub fn key_stabilizer(k: &Tensor, proj: &Tensor) -> Result<Tensor> {
     let (heads, n, _) = k.dims3()?;
-    if n == 0 {
+    if n == 0 || proj.dim(0)? == 0 {
         return Ok(Tensor::full(f32::NEG_INFINITY, heads, &Device::Cpu)?);
     }
-    let (dash, _) = projections(k, proj)?;
-    Ok(dash.max(D::Minus1)?.max(D::Minus1)?)
+    let maxima = run_maxima(&dash(k, proj)?, n * proj.dim(0)?)?;
+    Ok(Tensor::from_vec(maxima, heads, &Device::Cpu)?)
 }
 
 /// Query features `[heads, n, m]` (each row stabilised by its own maximum).
 pub fn query_features(q: &Tensor, proj: &Tensor) -> Result<Tensor> {
-    let (dash, diag) = projections(q, proj)?;
-    let stab = dash.max_keepdim(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
-    features(&dash, &diag, &stab, 1)
+    let dash = dash(q, proj)?;
+    let stab = run_maxima(&dash, proj.dim(0)?)?;
+    features(&dash, &half_square_norms(q)?, &stab, 1)
 }
 
 /// Key features `[heads, n, m]` under the (global) per-head stabiliser `[heads]`.
 pub fn key_features(k: &Tensor, proj: &Tensor, stabilizer: &Tensor) -> Result<Tensor> {
-    let (dash, diag) = projections(k, proj)?;
     let stab = stabilizer.to_vec1::<f32>()?;
     if stab.len() != k.dim(0)? {
         return Err(shape_err(FEATURES, format!("{} stabilisers for {} heads", stab.len(), k.dim(0)?)));
     }
-    features(&dash, &diag, &stab, k.dim(1)?)
+    features(&dash(k, proj)?, &half_square_norms(k)?, &stab, k.dim(1)?)
 }
 
 const FEATURES: &str = "favor::features";
@@ -106,15 +121,14 @@ const FEATURES: &str = "favor::features";
 const FEATURE_ROWS: usize = 256;
 
 /// `m^-1/2 (exp(w·x' - |x'|²/2 - c) + eps)` from `dash` (`w·x'`, `[heads, n, m]`) and `diag`
-/// (`|x'|²/2`, `[heads, n, 1]`), with the stabiliser `c = stab[row / rows_per_stab]` of each
+/// (`|x'|²/2`, one per row), with the stabiliser `c = stab[row / rows_per_stab]` of each
 /// of the `heads · n` rows: one pass, where tensor ops would make five, each through memory.
-fn features(dash: &Tensor, diag: &Tensor, stab: &[f32], rows_per_stab: usize) -> Result<Tensor> {
+fn features(dash: &Tensor, diag: &[f32], stab: &[f32], rows_per_stab: usize) -> Result<Tensor> {
     let (heads, n, m) = dash.dims3()?;
     let len = heads * n * m;
     if len == 0 {
         return Ok(Tensor::zeros((heads, n, m), DType::F32, &Device::Cpu)?);
     }
-    let diag = diag.flatten_all()?.to_vec1::<f32>()?;
     if diag.len() != heads * n || stab.len() * rows_per_stab != heads * n {
         return Err(shape_err(FEATURES, format!("{} norms and {} stabilisers for {heads} × {n} rows", diag.len(), stab.len())));
     }
@@ -126,7 +140,7 @@ fn features(dash: &Tensor, diag: &Tensor, stab: &[f32], rows_per_stab: usize) ->
         dst.par_chunks_mut(FEATURE_ROWS * m)
             .zip(dash.par_chunks(FEATURE_ROWS * m))
             .enumerate()
-            .for_each(|(piece, (out, dash))| feature_rows(out, dash, piece * FEATURE_ROWS, &diag, stab, shape))
+            .for_each(|(piece, (out, dash))| feature_rows(out, dash, piece * FEATURE_ROWS, diag, stab, shape))
     })?;
     // SAFETY: the pieces cover `dst`, the first `len` elements, and `feature_rows` writes every
     // element of its piece.
