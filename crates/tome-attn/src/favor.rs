@@ -101,9 +101,11 @@ pub fn key_stabilizer(k: &Tensor, proj: &Tensor) -> Result<Tensor> {
 
 /// Query features `[heads, n, m]` (each row stabilised by its own maximum).
 pub fn query_features(q: &Tensor, proj: &Tensor) -> Result<Tensor> {
-    let dash = dash(q, proj)?;
+    // One contiguous copy of a row block's view, read by both the product and the norms.
+    let q = q.contiguous()?;
+    let dash = dash(&q, proj)?;
     let stab = run_maxima(&dash, proj.dim(0)?)?;
-    features(&dash, &half_square_norms(q)?, &stab, 1)
+    features(&dash, &half_square_norms(&q)?, &stab, 1)
 }
 
 /// Key features `[heads, n, m]` under the (global) per-head stabiliser `[heads]`.
@@ -112,7 +114,8 @@ pub fn key_features(k: &Tensor, proj: &Tensor, stabilizer: &Tensor) -> Result<Te
     if stab.len() != k.dim(0)? {
         return Err(shape_err(FEATURES, format!("{} stabilisers for {} heads", stab.len(), k.dim(0)?)));
     }
-    features(&dash(k, proj)?, &half_square_norms(k)?, &stab, k.dim(1)?)
+    let k = k.contiguous()?;
+    features(&dash(&k, proj)?, &half_square_norms(&k)?, &stab, k.dim(1)?)
 }
 
 const FEATURES: &str = "favor::features";
