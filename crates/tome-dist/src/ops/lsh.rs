@@ -165,7 +165,7 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
     let mut arrivals: Vec<Vec<Vec<usize>>> = vec![vec![Vec::new(); heads]; p]; // slots in arrival order
     for (src, frame) in received.iter().enumerate() {
         for h in 0..heads {
-            let f = &frame[h * 5..h * 5 + 5];
+            let f = frame.get(h * 5..h * 5 + 5).ok_or_else(|| DistError::Plan(format!("rank {src} dealt a frame of {} tensors for {heads} heads", frame.len())))?;
             let slots = f[0].to_vec1::<i64>()?;
             let rows = Rows::from_frame(&f[1..])?;
             for (i, &s) in slots.iter().enumerate() {
@@ -279,12 +279,15 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
     let mut lses = vec![f32::NEG_INFINITY; heads * n * rounds];
     let mut outs = vec![0f32; heads * n * rounds * dv];
     for (q, frame) in answers.iter().enumerate() {
-        for h in 0..heads {
-            let (o, l) = (frame[h * 2].flatten_all()?.to_vec1::<f32>()?, frame[h * 2 + 1].to_vec1::<f32>()?);
-            if l.len() != sent[q][h].len() || o.len() != l.len() * dv {
-                return Err(DistError::Plan(format!("rank {q} answered {} items of head {h}, {} were sent", l.len(), sent[q][h].len())));
+        for (h, items) in sent[q].iter().enumerate() {
+            let (Some(o), Some(l)) = (frame.get(h * 2), frame.get(h * 2 + 1)) else {
+                return Err(DistError::Plan(format!("rank {q} answered with a frame of {} tensors for {heads} heads", frame.len())));
+            };
+            let (o, l) = (o.flatten_all()?.to_vec1::<f32>()?, l.to_vec1::<f32>()?);
+            if l.len() != items.len() || o.len() != l.len() * dv {
+                return Err(DistError::Plan(format!("rank {q} answered {} items of head {h}, {} were sent", l.len(), items.len())));
             }
-            for (i, &(r, t)) in sent[q][h].iter().enumerate() {
+            for (i, &(r, t)) in items.iter().enumerate() {
                 let at = (h * n + t) * rounds + r;
                 lses[at] = l[i];
                 outs[at * dv..(at + 1) * dv].copy_from_slice(&o[i * dv..(i + 1) * dv]);
