@@ -254,8 +254,9 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
         let chunks = c1 - c0;
         let k = Tensor::from_vec(k, (chunks, window_len, d), &Device::Cpu)?;
         let v = Tensor::from_vec(v, (chunks, window_len, dv), &Device::Cpu)?;
-        let q = Tensor::from_vec(own.qk.clone(), (chunks, spec.chunk_len, d), &Device::Cpu)?;
-        let (out, lse) = lsh::chunk_attention(&q, &k, &v, &own.tok, &k_tok, &k_ok)?;
+        // The queries are this rank's rows, no longer needed as rows: moved, not copied.
+        let q = Tensor::from_vec(std::mem::take(&mut mine[h].qk), (chunks, spec.chunk_len, d), &Device::Cpu)?;
+        let (out, lse) = lsh::chunk_attention(&q, &k, &v, &mine[h].tok, &k_tok, &k_ok)?;
         results[h] = (out.flatten_all()?.to_vec1::<f32>()?, lse);
     }
     let replies = arrivals
