@@ -21,7 +21,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
-use crate::tensor::with_f32;
+use crate::tensor::{for_each_head, with_f32};
 
 const OP: &str = "project_to_heads";
 
@@ -42,13 +42,15 @@ const SPLIT_GEMM_ROWS: usize = 1024;
 /// `x` (`[n, in]`) projected by `weight` (`[heads·d, in]`) and `bias` (`[heads·d]`), as
 /// `[heads, n, d]`.
 pub fn project_to_heads(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, heads: usize) -> Result<Tensor> {
-    project_to_heads_padded(x, weight, bias, heads, (0, 0))
+    project_to_heads_between(x, weight, bias, heads, [&[], &[]])
 }
 
-/// As [`project_to_heads`], with `before` rows of zeros ahead of each head's rows and `after`
-/// behind: `[heads, before + n + after, d]`. Rows that others will fill in place (a window's
-/// halo) then need no copy of the whole projection to be joined to it.
-pub fn project_to_heads_padded(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, heads: usize, (before, after): (usize, usize)) -> Result<Tensor> {
+/// As [`project_to_heads`], with the rows of the pieces `before` (each `[heads, rows, d]`, in
+/// order) ahead of each head's projected rows and those of `after` behind:
+/// `[heads, before rows + n + after rows, d]`. A window's keys for a chunk of queries are its
+/// projected rows between rows made before (the previous chunk's, a halo): each element is
+/// written once, the pieces copied straight from their views.
+pub fn project_to_heads_between(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, heads: usize, [before, after]: [&[Tensor]; 2]) -> Result<Tensor> {
     let (n, width_in) = x.dims2().map_err(|_| shape_err(OP, format!("x must be [tokens, in], got {:?}", x.dims())))?;
     let (width_out, w_in) = weight.dims2().map_err(|_| shape_err(OP, format!("the weight must be [out, in], got {:?}", weight.dims())))?;
     if w_in != width_in || heads == 0 || width_out % heads != 0 {
@@ -58,7 +60,17 @@ pub fn project_to_heads_padded(x: &Tensor, weight: &Tensor, bias: Option<&Tensor
         return Err(shape_err(OP, format!("the bias must be [{width_out}], got {:?}", bias.map(|b| b.dims().to_vec()))));
     }
     let d = width_out / heads;
-    let rows = before + n + after;
+    let mut margin_rows = [0; 2];
+    for (rows, pieces) in margin_rows.iter_mut().zip([before, after]) {
+        for piece in pieces {
+            match piece.dims() {
+                &[h, r, pd] if h == heads && pd == d => *rows += r,
+                other => return Err(shape_err(OP, format!("rows to place around {heads} heads of {d} must be [{heads}, rows, {d}], got {other:?}"))),
+            }
+        }
+    }
+    let [before_rows, after_rows] = margin_rows;
+    let rows = before_rows + n + after_rows;
     let len = heads * rows * d;
     // Not zeroed first: every element is written below (a reused heap block would otherwise be
     // cleared only to be overwritten).
@@ -66,14 +78,20 @@ pub fn project_to_heads_padded(x: &Tensor, weight: &Tensor, bias: Option<&Tensor
     if len > 0 {
         let bias = bias.map(|b| with_f32(b, OP, |b| b.to_vec())).transpose()?;
         let dst = &mut out.spare_capacity_mut()[..len];
-        for head in dst.chunks_exact_mut(rows * d) {
-            head[..before * d].fill(MaybeUninit::new(0.0));
-            head[(before + n) * d..].fill(MaybeUninit::new(0.0));
+        let mut at = [0, before_rows + n].map(|row| row * d);
+        for (at, pieces) in at.iter_mut().zip([before, after]) {
+            for piece in pieces {
+                let piece_len = piece.dim(1)? * d;
+                for_each_head(piece, OP, |h, src| {
+                    dst[h * rows * d + *at..][..piece_len].write_copy_of_slice(src);
+                })?;
+                *at += piece_len;
+            }
         }
         if n > 0 {
             with_f32(x, OP, |x| {
                 with_f32(weight, OP, |w| {
-                    let shape = Shape { n, width_in, width_out, d, before, rows };
+                    let shape = Shape { n, width_in, width_out, d, before: before_rows, rows };
                     if d >= WIDE_HEAD {
                         per_head(dst, x, w, bias.as_deref(), shape);
                     } else {
@@ -82,8 +100,8 @@ pub fn project_to_heads_padded(x: &Tensor, weight: &Tensor, bias: Option<&Tensor
                 })
             })??;
         }
-        // SAFETY: the margins were zeroed above, and `per_head` and `row_blocks` write every
-        // element of each head's rows `before..before + n`.
+        // SAFETY: the pieces filled rows `..before_rows` and `before_rows + n..` of every head,
+        // and `per_head` and `row_blocks` write every element of its rows between.
         unsafe { out.set_len(len) };
     }
     Ok(Tensor::from_vec(out, (heads, rows, d), &candle_core::Device::Cpu)?)
@@ -305,7 +323,7 @@ fn row_blocks(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&
 mod tests {
     use candle_core::{Device, Tensor};
 
-    use super::{linear, project_to_heads, project_to_heads_padded};
+    use super::{linear, project_to_heads, project_to_heads_between};
 
     #[test]
     fn matches_matmul_then_split_heads() {
@@ -341,7 +359,7 @@ mod tests {
             let b = Tensor::randn(0f32, 1.0, heads * d, &dev).unwrap();
             let on = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| project_to_heads_padded(&x, &w, Some(&b), heads, (3, 2)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                pool.install(|| project_to_heads_between(&x, &w, Some(&b), heads, [&[], &[]]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
             };
             let alone = on(1);
             for threads in [2, 3, 8] {
@@ -351,22 +369,30 @@ mod tests {
     }
 
     #[test]
-    fn padded_heads_hold_the_same_rows_between_zero_margins() {
+    fn projected_rows_sit_between_the_rows_given_around_them() {
         let dev = Device::Cpu;
         for (n, width_in, heads, d, (before, after)) in [(37, 24, 3, 8, (5, 0)), (300, 64, 4, 16, (0, 7)), (70, 32, 2, 64, (3, 4)), (0, 8, 2, 4, (2, 1))] {
             let x = Tensor::randn(0f32, 1.0, (n, width_in), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (heads * d, width_in), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, heads * d, &dev).unwrap();
+            // Pieces as views: rows narrowed out of a larger tensor, and one made contiguous.
+            let source = Tensor::randn(0f32, 1.0, (heads, 20, d), &dev).unwrap();
+            let ahead = [source.narrow(1, 2, before.min(2)).unwrap(), source.narrow(1, 9, before - before.min(2)).unwrap().contiguous().unwrap()];
+            let behind = [source.narrow(1, 13, after).unwrap()];
             let plain = project_to_heads(&x, &w, Some(&b), heads).unwrap();
-            let padded = project_to_heads_padded(&x, &w, Some(&b), heads, (before, after)).unwrap();
-            assert_eq!(padded.dims(), &[heads, before + n + after, d]);
+            let between = project_to_heads_between(&x, &w, Some(&b), heads, [&ahead, &behind]).unwrap();
+            assert_eq!(between.dims(), &[heads, before + n + after, d]);
+            let rows = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             // Bit for bit: the same GEMMs, written at an offset.
-            assert_eq!(padded.narrow(1, before, n).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), plain.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-            let margins = [padded.narrow(1, 0, before).unwrap(), padded.narrow(1, before + n, after).unwrap()];
-            for m in margins {
-                assert!(m.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&v| v == 0.0));
-            }
+            assert_eq!(rows(&between.narrow(1, before, n).unwrap()), rows(&plain));
+            assert_eq!(rows(&between.narrow(1, 0, before).unwrap()), rows(&Tensor::cat(&ahead, 1).unwrap()));
+            assert_eq!(rows(&between.narrow(1, before + n, after).unwrap()), rows(&behind[0]));
         }
+        // Pieces that do not fit the heads are refused.
+        let x = Tensor::zeros((4, 8), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((8, 8), candle_core::DType::F32, &dev).unwrap();
+        let wrong = Tensor::zeros((2, 3, 3), candle_core::DType::F32, &dev).unwrap();
+        assert!(project_to_heads_between(&x, &w, None, 2, [&[wrong], &[]]).is_err());
     }
 
     #[test]

@@ -34,6 +34,26 @@ pub(crate) fn gather_needed(group: &dyn Group, plan: &ShardPlan, own: &KeyBlock,
 /// returns the rows this rank needs from others, as runs of consecutive positions in ascending
 /// order.
 pub(crate) fn exchange_needed(group: &dyn Group, plan: &ShardPlan, own: &KeyBlock, needs: &dyn Fn(usize) -> Vec<Range<usize>>) -> Result<Vec<KeyBlock>> {
+    exchange_needed_from(group, plan, &|offset, len| own.rows(offset, len), needs)
+}
+
+/// The rows of this rank's shard (as offsets into it, merged and ascending) that some other rank
+/// needs under `needs`: all that [`exchange_needed_from`] asks of its row source.
+pub(crate) fn rows_others_need(plan: &ShardPlan, me: usize, needs: &dyn Fn(usize) -> Vec<Range<usize>>) -> Vec<Range<usize>> {
+    let wanted = |r: usize| subtract(&union(needs(r)), plan.ranges(r));
+    let parts = (0..plan.ranks()).filter(|&r| r != me).flat_map(|r| plan.owned_parts(me, &wanted(r)));
+    union(parts.map(|(x, offset)| offset..offset + x.len()).collect())
+}
+
+/// [`exchange_needed`] for a rank whose own rows are made on demand: `own_rows(offset, len)`
+/// gives the rows `offset..offset + len` of its shard, and is asked only for rows within one run
+/// of [`rows_others_need`].
+pub(crate) fn exchange_needed_from(
+    group: &dyn Group,
+    plan: &ShardPlan,
+    own_rows: &dyn Fn(usize, usize) -> Result<KeyBlock>,
+    needs: &dyn Fn(usize) -> Vec<Range<usize>>,
+) -> Result<Vec<KeyBlock>> {
     let (me, p) = (group.rank(), group.size());
     if plan.ranks() != p {
         return Err(DistError::Plan(format!("the plan has {} shards for a group of {p} ranks", plan.ranks())));
@@ -45,7 +65,7 @@ pub(crate) fn exchange_needed(group: &dyn Group, plan: &ShardPlan, own: &KeyBloc
         if parts.is_empty() {
             continue;
         }
-        let rows: Vec<KeyBlock> = parts.iter().map(|(x, off)| own.rows(*off, x.len())).collect::<Result<_>>()?;
+        let rows: Vec<KeyBlock> = parts.iter().map(|(x, off)| own_rows(*off, x.len())).collect::<Result<_>>()?;
         let b = KeyBlock::concat(&rows)?;
         // Frames own their rows: a receiver in this process writes what it receives into its own
         // buffers while this rank may write into the buffer `own` views (its halo margins).

@@ -14,6 +14,7 @@ pub mod lsh;
 pub mod moe;
 pub mod recurrent;
 pub mod window;
+pub mod window_stream;
 
 pub use blocksparse::blocksparse_attention;
 pub use dense::{ring_attention, ring_attention_with_bias, DenseSpec};
@@ -22,4 +23,5 @@ pub use keys::KeyBlock;
 pub use lsh::lsh_attention;
 pub use moe::{apply_experts, route_tokens, Routing};
 pub use recurrent::{segment_recurrence, Compression, CompressiveMemory, Memory, XlMemory};
-pub use window::{window_attention, window_keys, window_keys_in_place, window_margins, GlobalTokens, WindowKeys, WindowSpec};
+pub use window::{window_attention, window_keys, window_margins, GlobalTokens, WindowKeys, WindowSpec};
+pub use window_stream::{window_key_stream, KeysOrValues, WindowKeyStream};

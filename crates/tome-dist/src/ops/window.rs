@@ -18,7 +18,7 @@ use std::ops::Range;
 use candle_core::Tensor;
 use tome_attn::{attention, Mask, Partial};
 
-use super::exchange::{exchange_needed, gather_needed};
+use super::exchange::gather_needed;
 use super::global::{global_queries, overwrite_rows};
 use super::keys::KeyBlock;
 use crate::error::{DistError, Result};
@@ -43,7 +43,7 @@ pub struct GlobalTokens {
 }
 
 /// The positions whose keys `ranges` need under the window, clipped to the sequence.
-fn needed(ranges: &[Range<usize>], w: usize, causal: bool, len: usize) -> Vec<Range<usize>> {
+pub(super) fn needed(ranges: &[Range<usize>], w: usize, causal: bool, len: usize) -> Vec<Range<usize>> {
     ranges.iter().map(|x| x.start.saturating_sub(w)..if causal { x.end } else { (x.end + w).min(len) }).collect()
 }
 
@@ -67,9 +67,8 @@ pub fn window_keys(group: &dyn Group, plan: &ShardPlan, own: &KeyBlock, spec: Wi
 }
 
 /// Rows of halo a rank's window queries need ahead of and behind its shard, `(before, after)`,
-/// when the shard is one run of positions (a contiguous plan); `None` otherwise. Keys and values
-/// projected with these margins ([`tome_attn::projection::project_to_heads_padded`]) take their
-/// halo in place ([`window_keys_in_place`]).
+/// when the shard is one run of positions (a contiguous plan); `None` otherwise. Such a shard's
+/// keys and values can stream ([`window_key_stream`](super::window_key_stream)).
 pub fn window_margins(plan: &ShardPlan, rank: usize, spec: WindowSpec) -> Option<(usize, usize)> {
     match plan.ranges(rank) {
         [x] if !x.is_empty() => {
@@ -80,50 +79,18 @@ pub fn window_margins(plan: &ShardPlan, rank: usize, spec: WindowSpec) -> Option
     }
 }
 
-/// As [`window_keys`], for keys and values already laid out with room for the halo: `k` and `v`
-/// as `[kv_heads, before + n + after, d]` with this rank's `n` rows in the middle and the margins
-/// of [`window_margins`]. The halo is written into the margins in place, so the shard's keys and
-/// values are never copied whole (the same keys in the same order as [`window_keys`] joins, so
-/// the same results to the bit).
-pub fn window_keys_in_place(group: &dyn Group, plan: &ShardPlan, k: Tensor, v: Tensor, valid: &[bool], spec: WindowSpec) -> Result<WindowKeys> {
-    let me = group.rank();
-    let (before, after) = window_margins(plan, me, spec).ok_or_else(|| DistError::Plan(format!("rank {me}'s shard is not one run of positions: its halo has no margins")))?;
-    let own_range = plan.ranges(me)[0].clone();
-    let n = own_range.len();
-    let rows = before + n + after;
-    if k.dim(1)? != rows || v.dim(1)? != rows || valid.len() != n {
-        return Err(DistError::Plan(format!(
-            "keys {:?} and values {:?} with {} flags do not hold {n} rows between margins of {before} and {after}",
-            k.dims(),
-            v.dims(),
-            valid.len()
-        )));
-    }
-    let own = KeyBlock { k: k.narrow(1, before, n)?, v: v.narrow(1, before, n)?, pos: own_range.clone().map(|p| p as i64).collect(), valid: valid.to_vec() };
-    let halo_of = |r: usize| needed(plan.ranges(r), spec.one_sided, spec.causal, plan.len());
-    let fetched = exchange_needed(group, plan, &own, &halo_of)?;
-    drop(own);
-    let first = own_range.start - before;
-    let mut all_valid = vec![false; rows];
-    all_valid[before..before + n].copy_from_slice(valid);
-    let mut filled = 0;
-    for piece in &fetched {
-        let at = (piece.pos[0] as usize).checked_sub(first).filter(|at| at + piece.len() <= rows);
-        let at = at.ok_or_else(|| DistError::Plan(format!("rank {me} received halo rows at {:?}, outside its window", piece.pos.first())))?;
-        k.slice_set(&piece.k.contiguous()?, 1, at)?;
-        v.slice_set(&piece.v.contiguous()?, 1, at)?;
-        all_valid[at..at + piece.len()].copy_from_slice(&piece.valid);
-        filled += piece.len();
-    }
-    if filled != before + after {
-        return Err(DistError::Plan(format!("rank {me} received {filled} halo rows for margins of {before} and {after}")));
-    }
-    let dv = v.dim(2)?;
-    let pos = (first..first + rows).map(|p| p as i64).collect();
-    Ok(WindowKeys { keys: Some(KeyBlock { k, v, pos, valid: all_valid }), spec, dv })
-}
-
 impl WindowKeys {
+    /// Keys already holding every row the queries that will attend them can see.
+    pub(super) fn from_keys(keys: KeyBlock, spec: WindowSpec) -> Result<Self> {
+        let dv = keys.v.dim(2)?;
+        Ok(WindowKeys { keys: Some(keys), spec, dv })
+    }
+
+    /// The keys and values held, given back to be reused.
+    pub(super) fn into_block(self) -> Option<KeyBlock> {
+        self.keys
+    }
+
     /// Window attention of the queries `q` (`[heads, rows, d]`) at positions `q_pos`, any rows
     /// of the shard the keys were fetched for: `[heads, rows, dv]`.
     pub fn attend(&self, q: &Tensor, q_pos: &[i64]) -> Result<Tensor> {

@@ -4,10 +4,12 @@
 //! closure on each rank of a new group of its backend, and `available`, which says whether
 //! the backend can run here (when not, every test returns at once, the crate saying why).
 
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tome_attn::{reference, Mask};
-use tome_dist::ops::{ring_attention, window_attention, window_keys, window_keys_in_place, window_margins, DenseSpec, GlobalTokens, KeyBlock, WindowSpec};
+use tome_dist::ops::{ring_attention, window_attention, window_key_stream, window_keys, window_margins, DenseSpec, GlobalTokens, KeyBlock, KeysOrValues, WindowKeys, WindowSpec};
 use tome_dist::{Group, Layout, ShardPlan};
 
 use crate::launch;
@@ -243,13 +245,28 @@ fn window_queries_in_row_blocks_equal_the_whole_shard() {
     }
 }
 
+/// The queries `q` (at `pos`) attending `block` rows at a time, each block the keys
+/// `keys_for(rows)` gives.
+fn attend_in_blocks(q: &Tensor, pos: &[i64], block: usize, mut keys_for: impl FnMut(Range<usize>) -> tome_dist::Result<WindowKeys>) -> tome_dist::Result<Tensor> {
+    let mut blocks = Vec::new();
+    for start in (0..pos.len()).step_by(block) {
+        let rows = start..(start + block).min(pos.len());
+        blocks.push(keys_for(rows.clone())?.attend(&q.narrow(1, start, rows.len())?, &pos[rows])?);
+    }
+    if blocks.is_empty() {
+        return Ok(Tensor::zeros((H, 0, D), candle_core::DType::F32, &Device::Cpu)?);
+    }
+    Ok(Tensor::cat(&blocks, 1)?)
+}
+
 #[test]
-fn a_halo_taken_in_place_gives_the_joined_keys_results_to_the_bit() {
+fn streamed_keys_give_the_joined_keys_results_to_the_bit() {
     if !crate::available() {
         return;
     }
-    // Ranks whose shard is one run take the halo into margins around their own keys; the others
-    // (zigzag shards, empty shards) join keys as before, in the same exchange.
+    // Ranks whose shard is one run stream their keys and values a chunk of query rows at a time;
+    // the others (zigzag shards, empty shards) join keys as before, in the same exchange. Every
+    // own row is projected exactly once, and no chunk holds more than its query rows' window.
     for &n in &[23, 90] {
         for &w in &[0, 4, 30] {
             for &causal in &[false, true] {
@@ -257,22 +274,44 @@ fn a_halo_taken_in_place_gives_the_joined_keys_results_to_the_bit() {
                 let spec = WindowSpec { one_sided: w, causal, scale: 0.4 };
                 for p in 1..=4 {
                     for plan in plans(n, p) {
-                        let (joined, _) = window(&x, &plan, spec, &[]);
-                        let (in_place, _) = on_ranks(&plan, 1, |g, r| {
-                            let own = own(&x, &plan, r);
-                            let keys = match window_margins(&plan, r, spec) {
-                                Some((before, after)) => {
-                                    let pad = |t: &Tensor| -> tome_dist::Result<Tensor> {
-                                        let zeros = |rows| Tensor::zeros((H, rows, D), candle_core::DType::F32, &Device::Cpu);
-                                        Ok(Tensor::cat(&[&zeros(before)?, t, &zeros(after)?], 1)?)
-                                    };
-                                    window_keys_in_place(g, &plan, pad(&own.k)?, pad(&own.v)?, &own.valid, spec)?
+                        for &(chunk, block) in &[(1, 1), (7, 5), (16, 40), (1000, 96)] {
+                            // Query blocks tile the kernel's work as they are given, so both sides take the same.
+                            let (joined, _) = on_ranks(&plan, 1, |g, r| {
+                                let (own, q, pos) = (own(&x, &plan, r), plan.shard_of(&x.q, 1, r)?, plan.positions(r));
+                                let keys = window_keys(g, &plan, &own, spec)?;
+                                attend_in_blocks(&q, &pos, block, |_| Ok(keys.clone()))
+                            });
+                            let (streamed, _) = on_ranks(&plan, 1, |g, r| {
+                                let (own, q, pos) = (own(&x, &plan, r), plan.shard_of(&x.q, 1, r)?, plan.positions(r));
+                                if window_margins(&plan, r, spec).is_none() {
+                                    let keys = window_keys(g, &plan, &own, spec)?;
+                                    return attend_in_blocks(&q, &pos, block, |_| Ok(keys.clone()));
                                 }
-                                None => window_keys(g, &plan, &own, spec)?,
-                            };
-                            keys.attend(&plan.shard_of(&x.q, 1, r)?, &plan.positions(r))
-                        });
-                        assert_eq!(max_diff(&in_place, &joined), 0.0, "n={n} w={w} p={p} causal={causal} plan={plan:?}");
+                                let mut projected = vec![0usize; pos.len()];
+                                let widest = chunk.max(block) + 2 * w;
+                                let project = |which: KeysOrValues, rows: Range<usize>, [before, after]: [&[Tensor]; 2]| -> tome_dist::Result<Tensor> {
+                                    let t = match which {
+                                        KeysOrValues::Keys => {
+                                            rows.clone().for_each(|i| projected[i] += 1);
+                                            &own.k
+                                        }
+                                        KeysOrValues::Values => &own.v,
+                                    };
+                                    let mut pieces: Vec<Tensor> = before.to_vec();
+                                    pieces.push(t.narrow(1, rows.start, rows.len())?);
+                                    pieces.extend(after.iter().cloned());
+                                    let joined = Tensor::cat(&pieces, 1)?;
+                                    assert!(joined.dim(1)? <= widest, "a chunk of {} rows for {chunk} query rows under w = {w}", joined.dim(1)?);
+                                    Ok(joined)
+                                };
+                                let mut stream = window_key_stream(g, &plan, &own.valid, spec, chunk, project)?;
+                                let out = attend_in_blocks(&q, &pos, block, |rows| stream.keys_for(rows).cloned())?;
+                                drop(stream);
+                                assert!(projected.iter().all(|&c| c == 1), "rank {r}'s rows projected {projected:?} times");
+                                Ok(out)
+                            });
+                            assert_eq!(max_diff(&streamed, &joined), 0.0, "n={n} w={w} p={p} causal={causal} chunk={chunk} block={block} plan={plan:?}");
+                        }
                     }
                 }
             }
