@@ -21,7 +21,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
-use crate::tensor::{for_each_head, with_f32};
+use crate::tensor::with_f32;
 
 const OP: &str = "project_to_heads";
 
@@ -42,15 +42,35 @@ const SPLIT_GEMM_ROWS: usize = 1024;
 /// `x` (`[n, in]`) projected by `weight` (`[heads·d, in]`) and `bias` (`[heads·d]`), as
 /// `[heads, n, d]`.
 pub fn project_to_heads(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, heads: usize) -> Result<Tensor> {
-    project_to_heads_between(x, weight, bias, heads, [&[], &[]])
+    let (n, d) = heads_shape(x, weight, bias, heads)?;
+    let len = heads * n * d;
+    // Not zeroed first: every element is written below (a reused heap block would otherwise be
+    // cleared only to be overwritten).
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    project_into(x, weight, bias, heads, &mut out.spare_capacity_mut()[..len], (n, 0))?;
+    // SAFETY: `project_into` wrote every element of the `n` rows of every head.
+    unsafe { out.set_len(len) };
+    Ok(Tensor::from_vec(out, (heads, n, d), &candle_core::Device::Cpu)?)
 }
 
-/// As [`project_to_heads`], with the rows of the pieces `before` (each `[heads, rows, d]`, in
-/// order) ahead of each head's projected rows and those of `after` behind:
-/// `[heads, before rows + n + after rows, d]`. A window's keys for a chunk of queries are its
-/// projected rows between rows made before (the previous chunk's, a halo): each element is
-/// written once, the pieces copied straight from their views.
-pub fn project_to_heads_between(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, heads: usize, [before, after]: [&[Tensor]; 2]) -> Result<Tensor> {
+/// As [`project_to_heads`], written into rows `at..at + n` of every head of `dst`, a
+/// `[heads, rows, d]` buffer (row-major); its other rows are left as they are. A window layer's
+/// keys and values for a chunk of queries live in one such buffer, its new rows projected
+/// straight into place.
+pub fn project_to_heads_into(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, heads: usize, dst: &mut [f32], rows: usize, at: usize) -> Result<()> {
+    let (n, d) = heads_shape(x, weight, bias, heads)?;
+    if dst.len() != heads * rows * d || at + n > rows {
+        return Err(shape_err(OP, format!("{n} rows of {heads} heads of {d} at row {at} do not fit a buffer of {} values with {rows} rows per head", dst.len())));
+    }
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and only initialised values are written
+    // through the view.
+    let dst = unsafe { &mut *(std::ptr::from_mut(dst) as *mut [MaybeUninit<f32>]) };
+    project_into(x, weight, bias, heads, dst, (rows, at))
+}
+
+/// The rows and head width of `x` projected by `weight` and `bias` into `heads` heads, once
+/// their shapes are checked.
+fn heads_shape(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, heads: usize) -> Result<(usize, usize)> {
     let (n, width_in) = x.dims2().map_err(|_| shape_err(OP, format!("x must be [tokens, in], got {:?}", x.dims())))?;
     let (width_out, w_in) = weight.dims2().map_err(|_| shape_err(OP, format!("the weight must be [out, in], got {:?}", weight.dims())))?;
     if w_in != width_in || heads == 0 || width_out % heads != 0 {
@@ -59,52 +79,28 @@ pub fn project_to_heads_between(x: &Tensor, weight: &Tensor, bias: Option<&Tenso
     if bias.is_some_and(|b| b.dims() != [width_out]) {
         return Err(shape_err(OP, format!("the bias must be [{width_out}], got {:?}", bias.map(|b| b.dims().to_vec()))));
     }
-    let d = width_out / heads;
-    let mut margin_rows = [0; 2];
-    for (rows, pieces) in margin_rows.iter_mut().zip([before, after]) {
-        for piece in pieces {
-            match piece.dims() {
-                &[h, r, pd] if h == heads && pd == d => *rows += r,
-                other => return Err(shape_err(OP, format!("rows to place around {heads} heads of {d} must be [{heads}, rows, {d}], got {other:?}"))),
-            }
-        }
+    Ok((n, width_out / heads))
+}
+
+/// Writes every element of rows `at..at + n` of each head of `dst` (`[heads, rows, d]`), shapes
+/// checked by the caller.
+fn project_into(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, heads: usize, dst: &mut [MaybeUninit<f32>], (rows, at): (usize, usize)) -> Result<()> {
+    let (n, width_in) = x.dims2()?;
+    let width_out = weight.dim(0)?;
+    if n == 0 || dst.is_empty() {
+        return Ok(());
     }
-    let [before_rows, after_rows] = margin_rows;
-    let rows = before_rows + n + after_rows;
-    let len = heads * rows * d;
-    // Not zeroed first: every element is written below (a reused heap block would otherwise be
-    // cleared only to be overwritten).
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    if len > 0 {
-        let bias = bias.map(|b| with_f32(b, OP, |b| b.to_vec())).transpose()?;
-        let dst = &mut out.spare_capacity_mut()[..len];
-        let mut at = [0, before_rows + n].map(|row| row * d);
-        for (at, pieces) in at.iter_mut().zip([before, after]) {
-            for piece in pieces {
-                let piece_len = piece.dim(1)? * d;
-                for_each_head(piece, OP, |h, src| {
-                    dst[h * rows * d + *at..][..piece_len].write_copy_of_slice(src);
-                })?;
-                *at += piece_len;
+    let bias = bias.map(|b| with_f32(b, OP, |b| b.to_vec())).transpose()?;
+    with_f32(x, OP, |x| {
+        with_f32(weight, OP, |w| {
+            let shape = Shape { n, width_in, width_out, d: width_out / heads, before: at, rows };
+            if shape.d >= WIDE_HEAD {
+                per_head(dst, x, w, bias.as_deref(), shape);
+            } else {
+                row_blocks(dst, x, w, bias.as_deref(), shape);
             }
-        }
-        if n > 0 {
-            with_f32(x, OP, |x| {
-                with_f32(weight, OP, |w| {
-                    let shape = Shape { n, width_in, width_out, d, before: before_rows, rows };
-                    if d >= WIDE_HEAD {
-                        per_head(dst, x, w, bias.as_deref(), shape);
-                    } else {
-                        row_blocks(dst, x, w, bias.as_deref(), shape);
-                    }
-                })
-            })??;
-        }
-        // SAFETY: the pieces filled rows `..before_rows` and `before_rows + n..` of every head,
-        // and `per_head` and `row_blocks` write every element of its rows between.
-        unsafe { out.set_len(len) };
-    }
-    Ok(Tensor::from_vec(out, (heads, rows, d), &candle_core::Device::Cpu)?)
+        })
+    })?
 }
 
 /// Elements per parallel piece of an epilogue.
@@ -323,7 +319,7 @@ fn row_blocks(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&
 mod tests {
     use candle_core::{Device, Tensor};
 
-    use super::{linear, project_to_heads, project_to_heads_between};
+    use super::{linear, project_to_heads, project_to_heads_into};
 
     #[test]
     fn matches_matmul_then_split_heads() {
@@ -359,7 +355,7 @@ mod tests {
             let b = Tensor::randn(0f32, 1.0, heads * d, &dev).unwrap();
             let on = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| project_to_heads_between(&x, &w, Some(&b), heads, [&[], &[]]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                pool.install(|| project_to_heads(&x, &w, Some(&b), heads).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
             };
             let alone = on(1);
             for threads in [2, 3, 8] {
@@ -369,30 +365,29 @@ mod tests {
     }
 
     #[test]
-    fn projected_rows_sit_between_the_rows_given_around_them() {
+    fn rows_projected_into_a_buffer_leave_its_other_rows_alone() {
         let dev = Device::Cpu;
-        for (n, width_in, heads, d, (before, after)) in [(37, 24, 3, 8, (5, 0)), (300, 64, 4, 16, (0, 7)), (70, 32, 2, 64, (3, 4)), (0, 8, 2, 4, (2, 1))] {
+        for (n, width_in, heads, d, (at, rows)) in [(37, 24, 3, 8, (5, 42)), (300, 64, 4, 16, (0, 307)), (70, 32, 2, 64, (3, 77)), (0, 8, 2, 4, (2, 3))] {
             let x = Tensor::randn(0f32, 1.0, (n, width_in), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (heads * d, width_in), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, heads * d, &dev).unwrap();
-            // Pieces as views: rows narrowed out of a larger tensor, and one made contiguous.
-            let source = Tensor::randn(0f32, 1.0, (heads, 20, d), &dev).unwrap();
-            let ahead = [source.narrow(1, 2, before.min(2)).unwrap(), source.narrow(1, 9, before - before.min(2)).unwrap().contiguous().unwrap()];
-            let behind = [source.narrow(1, 13, after).unwrap()];
             let plain = project_to_heads(&x, &w, Some(&b), heads).unwrap();
-            let between = project_to_heads_between(&x, &w, Some(&b), heads, [&ahead, &behind]).unwrap();
-            assert_eq!(between.dims(), &[heads, before + n + after, d]);
-            let rows = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut buffer: Vec<f32> = (0..heads * rows * d).map(|i| i as f32).collect();
+            let before = buffer.clone();
+            project_to_heads_into(&x, &w, Some(&b), heads, &mut buffer, rows, at).unwrap();
+            let buffer = Tensor::from_vec(buffer, (heads, rows, d), &dev).unwrap();
+            let before = Tensor::from_vec(before, (heads, rows, d), &dev).unwrap();
+            let rows_of = |t: &Tensor, from: usize, len: usize| t.narrow(1, from, len).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             // Bit for bit: the same GEMMs, written at an offset.
-            assert_eq!(rows(&between.narrow(1, before, n).unwrap()), rows(&plain));
-            assert_eq!(rows(&between.narrow(1, 0, before).unwrap()), rows(&Tensor::cat(&ahead, 1).unwrap()));
-            assert_eq!(rows(&between.narrow(1, before + n, after).unwrap()), rows(&behind[0]));
+            assert_eq!(rows_of(&buffer, at, n), rows_of(&plain, 0, n));
+            assert_eq!(rows_of(&buffer, 0, at), rows_of(&before, 0, at));
+            assert_eq!(rows_of(&buffer, at + n, rows - at - n), rows_of(&before, at + n, rows - at - n));
         }
-        // Pieces that do not fit the heads are refused.
+        // Rows that do not fit the buffer are refused.
         let x = Tensor::zeros((4, 8), candle_core::DType::F32, &dev).unwrap();
         let w = Tensor::zeros((8, 8), candle_core::DType::F32, &dev).unwrap();
-        let wrong = Tensor::zeros((2, 3, 3), candle_core::DType::F32, &dev).unwrap();
-        assert!(project_to_heads_between(&x, &w, None, 2, [&[wrong], &[]]).is_err());
+        assert!(project_to_heads_into(&x, &w, None, 2, &mut [0.0; 2 * 5 * 4], 5, 2).is_err());
+        assert!(project_to_heads_into(&x, &w, None, 2, &mut [0.0; 2 * 5 * 3], 5, 0).is_err());
     }
 
     #[test]

@@ -26,31 +26,6 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &'static str, f: impl FnOnce(&[f32]) -
     Ok(f(&all[start..start + t.elem_count()]))
 }
 
-/// Runs `f` on each head of a `[heads, rows, d]` f32 CPU tensor in turn, as that head's rows
-/// (one contiguous slice): without a copy for any view whose rows lie contiguous within each
-/// head, as a narrowing of the rows of a contiguous tensor does.
-pub(crate) fn for_each_head(t: &Tensor, op: &'static str, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
-    let (heads, rows, d) = dims3(t, op, "rows")?;
-    let stride = t.stride();
-    if t.dtype() != DType::F32 || !(rows <= 1 || stride[1] == d) || !(d <= 1 || stride[2] == 1) {
-        return with_f32(t, op, |all| all.chunks_exact(rows * d).enumerate().for_each(|(h, rows)| f(h, rows)));
-    }
-    if rows * d == 0 {
-        (0..heads).for_each(|h| f(h, &[]));
-        return Ok(());
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(shape_err(op, "the CPU kernels need CPU tensors"));
-    };
-    let all = cpu.as_slice::<f32>()?;
-    for h in 0..heads {
-        let start = layout.start_offset() + h * stride[0];
-        f(h, &all[start..start + rows * d]);
-    }
-    Ok(())
-}
-
 /// The dimensions of a rank-3 tensor, or an error naming the operation and argument.
 pub(crate) fn dims3(t: &Tensor, op: &'static str, name: &str) -> Result<(usize, usize, usize)> {
     match t.dims() {

@@ -1,18 +1,18 @@
 //! Attention projections in head layout, and window self-attention run a row block at a time
 //! (Beltagy et al. 2020, "Longformer", without global tokens).
 //!
-//! A window layer needs the whole shard's keys and values (neighbouring rows see them, and the
-//! halo goes to other ranks), but each query row is used once: so queries are projected, attend
-//! and are consumed one row block at a time. Neither the shard's queries nor its attention
-//! output ever exist whole, which keeps a layer's memory at keys, values and its output, and
-//! each block in cache from projection to whatever consumes it.
+//! Each query row is used once, so queries are projected, attend and are consumed one row
+//! block at a time; keys and values stream a chunk of about a thousand query rows ahead
+//! (`tome_dist::ops::window_key_stream`). Neither the shard's queries, nor its keys and values,
+//! nor its attention output ever exist whole: a layer's memory is its output and a chunk's keys,
+//! and each block stays in cache from projection to whatever consumes it.
 
 use std::ops::Range;
 
 use candle_core::Tensor;
 use candle_nn::Linear;
-use tome_attn::projection::{project_to_heads, project_to_heads_between};
-use tome_dist::ops::{window_key_stream, window_keys, window_margins, KeyBlock, KeysOrValues, WindowSpec};
+use tome_attn::projection::{project_to_heads, project_to_heads_into};
+use tome_dist::ops::{window_key_stream, window_keys, window_margins, HeadRows, KeyBlock, KeyShape, KeysOrValues, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 
 use crate::error::Result;
@@ -87,14 +87,16 @@ fn window_rows_in_chunks(
         Ok(())
     };
     if window_margins(plan, group.rank(), spec).is_some() {
-        let project = |which: KeysOrValues, rows: Range<usize>, around: [&[Tensor]; 2]| -> tome_dist::Result<Tensor> {
+        let project = |which: KeysOrValues, rows: Range<usize>, into: HeadRows<'_>| -> tome_dist::Result<()> {
             let p = match which {
                 KeysOrValues::Keys => key,
                 KeysOrValues::Values => value,
             };
-            Ok(project_to_heads_between(&x.narrow(0, rows.start, rows.len())?, p.weight(), p.bias(), heads, around)?)
+            Ok(project_to_heads_into(&x.narrow(0, rows.start, rows.len())?, p.weight(), p.bias(), heads, into.buffer, into.rows, into.at)?)
         };
-        let mut stream = window_key_stream(group, plan, valid, spec, key_chunk, project)?;
+        let [key_dim, value_dim] = [key, value].map(|p| p.weight().dim(0).map(|w| w / heads.max(1)));
+        let shape = KeyShape { kv_heads: heads, key_dim: key_dim?, value_dim: value_dim? };
+        let mut stream = window_key_stream(group, plan, valid, spec, shape, key_chunk, project)?;
         attend_blocks(&mut |rows, q| stream.keys_for(rows.clone())?.attend(q, &positions[rows]))
     } else {
         let [k, v] = project_heads(x, [key, value], heads)?;
@@ -111,7 +113,7 @@ mod tests {
     use tome_dist::{run_ranks, Layout, ShardPlan};
 
     use super::{project_heads, window_rows_in_chunks};
-    use crate::error::{ModelError, Result};
+    use crate::error::Result;
 
     const HIDDEN: usize = 32;
     const HEADS: usize = 2;
@@ -137,7 +139,6 @@ mod tests {
                 None => {
                     let [kh, vh] = project_heads(&x, [&k, &v], HEADS)?;
                     let keys = window_keys(g, plan, &KeyBlock { k: kh, v: vh, pos: pos.clone(), valid }, spec)?;
-                    let mut consume = consume;
                     for start in (0..pos.len()).step_by(block) {
                         let rows = block.min(pos.len() - start);
                         let [qh] = project_heads(&x.narrow(0, start, rows)?, [&q], HEADS)?;
@@ -149,7 +150,7 @@ mod tests {
             Ok(out)
         })
         .unwrap();
-        plan.unshard(&shards, 0).map_err(ModelError::from).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        plan.unshard(&shards, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap()
     }
 
     #[test]

@@ -24,4 +24,4 @@ pub use lsh::lsh_attention;
 pub use moe::{apply_experts, route_tokens, Routing};
 pub use recurrent::{segment_recurrence, Compression, CompressiveMemory, Memory, XlMemory};
 pub use window::{window_attention, window_keys, window_margins, GlobalTokens, WindowKeys, WindowSpec};
-pub use window_stream::{window_key_stream, KeysOrValues, WindowKeyStream};
+pub use window_stream::{window_key_stream, HeadRows, KeyShape, KeysOrValues, WindowKeyStream};

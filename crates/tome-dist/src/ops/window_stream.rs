@@ -3,20 +3,23 @@
 //!
 //! A window query sees only the keys within w of it, so a shard's keys and values never need to
 //! exist whole. The rows the neighbours need are projected first, alone, and the halo is
-//! exchanged once. Then each chunk of query rows gets the keys and values it can see: its own
-//! rows projected, the rows it shares with the previous chunk carried over by a copy, and halo
-//! rows copied in. Every own row is projected exactly once. A layer holds keys and values for one
-//! chunk and the window around it instead of for its shard: at book scale that is two
-//! shard-sized tensors less per layer.
+//! exchanged once. Then each chunk of query rows gets the keys and values it can see, in two
+//! buffers made once and rewritten in place: the rows it shares with the previous chunk move to
+//! the front, its own new rows are projected straight behind them, and halo rows are copied in.
+//! Every own row is projected exactly once, and a layer holds keys and values for one chunk and
+//! the window around it instead of for its shard: at book scale two shard-sized tensors less per
+//! layer, and no heap block allocated per chunk.
 //!
 //! The keys a query tile sees are the same rows at the same positions as in the whole shard's
-//! keys, and the kernel walks them from the first one the tile can see. So the results equal
-//! those of [`window_keys`](super::window_keys)' joined keys to the bit, as long as a row's
-//! projection does not depend on which rows are projected with it.
+//! keys, and the kernel walks them from the first one the tile can see (a buffer's unused rows
+//! sit at positions no query reaches). So the results equal those of
+//! [`window_keys`](super::window_keys)' joined keys to the bit, as long as a row's projection
+//! does not depend on which rows are projected with it.
 
+use std::cell::RefCell;
 use std::ops::Range;
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
 use super::exchange::{exchange_needed_from, rows_others_need};
 use super::keys::KeyBlock;
@@ -32,6 +35,46 @@ pub enum KeysOrValues {
     Values,
 }
 
+/// Where a projection writes: rows `at..` of every head of `buffer`, a `[heads, rows, d]`
+/// row-major buffer whose other rows it leaves alone.
+pub struct HeadRows<'a> {
+    pub buffer: &'a mut [f32],
+    pub rows: usize,
+    pub at: usize,
+}
+
+/// The shapes of a layer's keys and values: `[kv_heads, rows, key_dim]`, `[kv_heads, rows, value_dim]`.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyShape {
+    pub kv_heads: usize,
+    pub key_dim: usize,
+    pub value_dim: usize,
+}
+
+/// Rows the stream copies instead of projecting: the halo received, and the own rows projected
+/// for the neighbours. `rows` are extended rows; `k` and `v` hold them head-major.
+struct Kept {
+    rows: Range<usize>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    valid: Vec<bool>,
+}
+
+/// The buffers and the extended rows they hold now, in rows `0..rows.len()` of each head.
+struct Held {
+    rows: Range<usize>,
+    capacity: usize,
+    keys: WindowKeys,
+}
+
+/// Where a chunk's rows after those carried over come from.
+enum Source {
+    /// Extended rows of the kept block `index`.
+    Kept { index: usize, rows: Range<usize> },
+    /// The shard's rows (offsets into it).
+    Project(Range<usize>),
+}
+
 /// The keys and values of a window layer, made as its query rows advance ([`window_key_stream`]).
 ///
 /// Rows are indexed in the *extended* shard: the halo ahead of the shard (`before` rows), the
@@ -39,6 +82,7 @@ pub enum KeysOrValues {
 pub struct WindowKeyStream<P> {
     project: P,
     spec: WindowSpec,
+    shape: KeyShape,
     /// Position of extended row 0.
     first: usize,
     before: usize,
@@ -46,28 +90,23 @@ pub struct WindowKeyStream<P> {
     after: usize,
     /// Own rows' validity.
     valid: Vec<bool>,
-    /// Rows not projected again: the halo received, and the own rows projected for the
-    /// neighbours. Each is a block with its extended rows.
-    kept: Vec<(Range<usize>, KeyBlock)>,
+    kept: Vec<Kept>,
     /// Query rows made ahead at a time.
     chunk: usize,
-    /// The chunk held now, with its extended rows.
-    current: Option<(Range<usize>, WindowKeys)>,
+    held: Option<Held>,
 }
 
 /// Opens the key stream of this rank's shard (every rank of `group` calls this together, or
 /// [`window_keys`](super::window_keys) on ranks whose shard is not one run: it takes part in the
 /// same exchange).
 ///
-/// `project(which, rows, [before, after])` returns the keys or values of the shard's rows `rows`
-/// (offsets into the shard) between the rows of the pieces `before` and `after` (each
-/// `[kv_heads, rows, d]`, in order; views into rows made before):
-/// `[kv_heads, before rows + rows.len() + after rows, d]`. The rows other ranks need
-/// are projected here, and the halo is exchanged. Then [`WindowKeyStream::keys_for`] projects
-/// the other rows `chunk` query rows at a time.
-pub fn window_key_stream<P>(group: &dyn Group, plan: &ShardPlan, valid: &[bool], spec: WindowSpec, chunk: usize, mut project: P) -> Result<WindowKeyStream<P>>
+/// `project(which, rows, into)` writes the keys or values of the shard's rows `rows` (offsets
+/// into it) into `into`. The rows other ranks need are projected here, and the halo is
+/// exchanged. Then [`WindowKeyStream::keys_for`] projects the other rows `chunk` query rows at
+/// a time.
+pub fn window_key_stream<P>(group: &dyn Group, plan: &ShardPlan, valid: &[bool], spec: WindowSpec, shape: KeyShape, chunk: usize, mut project: P) -> Result<WindowKeyStream<P>>
 where
-    P: FnMut(KeysOrValues, Range<usize>, [&[Tensor]; 2]) -> Result<Tensor>,
+    P: FnMut(KeysOrValues, Range<usize>, HeadRows<'_>) -> Result<()>,
 {
     let me = group.rank();
     let (before, after) = window_margins(plan, me, spec).ok_or_else(|| DistError::Plan(format!("rank {me}'s shard is not one run of positions: its keys cannot stream")))?;
@@ -77,55 +116,54 @@ where
         return Err(DistError::Plan(format!("{} validity flags for a shard of {n} rows", valid.len())));
     }
     let halo_of = |r: usize| needed(plan.ranges(r), spec.one_sided, spec.causal, plan.len());
+    let mut kept = Vec::new();
     let mut edges = Vec::new();
     for rows in rows_others_need(plan, me, &halo_of) {
-        let block = KeyBlock {
-            k: project(KeysOrValues::Keys, rows.clone(), [&[], &[]])?,
-            v: project(KeysOrValues::Values, rows.clone(), [&[], &[]])?,
-            pos: rows.clone().map(|i| (own.start + i) as i64).collect(),
-            valid: valid[rows.clone()].to_vec(),
-        };
-        check_rows(&block, rows.len())?;
-        edges.push((rows, block));
+        let len = rows.len();
+        let mut k = vec![0f32; shape.kv_heads * len * shape.key_dim];
+        let mut v = vec![0f32; shape.kv_heads * len * shape.value_dim];
+        project(KeysOrValues::Keys, rows.clone(), HeadRows { buffer: &mut k, rows: len, at: 0 })?;
+        project(KeysOrValues::Values, rows.clone(), HeadRows { buffer: &mut v, rows: len, at: 0 })?;
+        let tensor = |data: &[f32], dim| Tensor::from_slice(data, (shape.kv_heads, len, dim), &Device::Cpu);
+        let pos = rows.clone().map(|i| (own.start + i) as i64).collect();
+        edges.push((rows.start, KeyBlock { k: tensor(&k, shape.key_dim)?, v: tensor(&v, shape.value_dim)?, pos, valid: valid[rows.clone()].to_vec() }));
+        kept.push(Kept { rows: before + rows.start..before + rows.end, k, v, valid: valid[rows].to_vec() });
     }
     let edge_rows = |offset: usize, len: usize| -> Result<KeyBlock> {
-        let (rows, block) = edges
+        let (start, block) = edges
             .iter()
-            .find(|(rows, _)| rows.start <= offset && offset + len <= rows.end)
+            .find(|(start, block)| *start <= offset && offset + len <= start + block.len())
             .ok_or_else(|| DistError::Plan(format!("rows {offset}..{} of rank {me}'s shard were not projected for its neighbours", offset + len)))?;
-        block.rows(offset - rows.start, len)
+        block.rows(offset - start, len)
     };
     let halo = exchange_needed_from(group, plan, &edge_rows, &halo_of)?;
+    drop(edges);
 
     let first = own.start - before;
-    let mut kept = Vec::with_capacity(halo.len() + edges.len());
     let mut received = 0;
     for piece in halo {
         let at = usize::try_from(piece.pos[0]).ok().and_then(|p| p.checked_sub(first));
         let rows = at.map(|at| at..at + piece.len());
         let rows = rows.filter(|r| r.end <= before || (r.start >= before + n && r.end <= before + n + after));
         let rows = rows.ok_or_else(|| DistError::Plan(format!("rank {me} received halo rows at {:?}, outside its window", piece.pos.first())))?;
-        received += piece.len();
-        kept.push((rows, piece));
+        let values = |t: &Tensor, dim: usize| -> Result<Vec<f32>> {
+            if t.dims() != [shape.kv_heads, rows.len(), dim] {
+                return Err(DistError::Plan(format!("rank {me} received halo rows shaped {:?}", t.dims())));
+            }
+            Ok(t.flatten_all()?.to_vec1::<f32>()?)
+        };
+        received += rows.len();
+        kept.push(Kept { k: values(&piece.k, shape.key_dim)?, v: values(&piece.v, shape.value_dim)?, valid: piece.valid, rows });
     }
     if received != before + after {
         return Err(DistError::Plan(format!("rank {me} received {received} halo rows for margins of {before} and {after}")));
     }
-    kept.extend(edges.into_iter().map(|(rows, block)| (before + rows.start..before + rows.end, block)));
-    Ok(WindowKeyStream { project, spec, first, before, n, after, valid: valid.to_vec(), kept, chunk: chunk.max(1), current: None })
-}
-
-/// A projection that does not hold the rows asked for is an error, not a wrong answer.
-fn check_rows(block: &KeyBlock, rows: usize) -> Result<()> {
-    if block.k.dim(1)? != rows || block.v.dim(1)? != rows {
-        return Err(DistError::Plan(format!("keys {:?} and values {:?} projected for {rows} rows", block.k.dims(), block.v.dims())));
-    }
-    Ok(())
+    Ok(WindowKeyStream { project, spec, shape, first, before, n, after, valid: valid.to_vec(), kept, chunk: chunk.max(1), held: None })
 }
 
 impl<P> WindowKeyStream<P>
 where
-    P: FnMut(KeysOrValues, Range<usize>, [&[Tensor]; 2]) -> Result<Tensor>,
+    P: FnMut(KeysOrValues, Range<usize>, HeadRows<'_>) -> Result<()>,
 {
     /// The keys the query rows `rows` (offsets into the shard) see under the window. A new chunk
     /// is made when the one held does not cover them: the keys of the next `chunk` query rows (at
@@ -136,19 +174,17 @@ where
             return Err(DistError::Plan(format!("query rows {rows:?} of a shard of {} rows", self.n)));
         }
         let seen = self.seen_by(&rows);
-        if !self.current.as_ref().is_some_and(|(held, _)| held.start <= seen.start && seen.end <= held.end) {
-            // The next `chunk` query rows, and more where the shard's edge leaves their keys
-            // short: every chunk but the last then has the same size, and each new chunk reuses
-            // the heap blocks the last one freed instead of growing the heap.
+        if !self.held.as_ref().is_some_and(|h| h.rows.start <= seen.start && seen.end <= h.rows.end) {
+            // Every chunk but the last sees as many keys as one in the middle of the shard, so
+            // the buffers made for the first one hold them all.
             let reach = if self.spec.causal { self.spec.one_sided } else { 2 * self.spec.one_sided };
             let mut end = (rows.start + self.chunk).clamp(rows.end, self.n);
             end = (end + (self.chunk + reach).saturating_sub(self.seen_by(&(rows.start..end)).len())).min(self.n);
             let ahead = self.seen_by(&(rows.start..end));
-            let keys = WindowKeys::from_keys(self.make(ahead.clone())?, self.spec)?;
-            self.current = Some((ahead, keys));
+            self.make(ahead)?;
         }
-        let (_, keys) = self.current.as_ref().ok_or_else(|| DistError::Plan("the window stream holds no keys".into()))?;
-        Ok(keys)
+        let held = self.held.as_ref().ok_or_else(|| DistError::Plan("the window stream holds no keys".into()))?;
+        Ok(&held.keys)
     }
 
     /// The extended rows that the queries at own rows `rows` can see.
@@ -158,68 +194,142 @@ where
         (self.before + rows.start).saturating_sub(w)..end
     }
 
-    /// The keys and values of the extended rows `want`.
-    fn make(&mut self, want: Range<usize>) -> Result<KeyBlock> {
-        let own = self.before..self.before + self.n;
-        let own_wanted = want.start.max(own.start)..want.end.min(own.end);
-        // The chunk held now is dropped as soon as each of its tensors has been copied from.
-        let (held, k_held, v_held) = match self.current.take().and_then(|(held, keys)| Some((held, keys.into_block()?))) {
-            Some((held, block)) => (held, Some(block.k), Some(block.v)),
-            None => (0..0, None, None),
+    /// Rewrites the buffers to hold the extended rows `want`.
+    fn make(&mut self, want: Range<usize>) -> Result<()> {
+        let KeyShape { kv_heads, key_dim, value_dim } = self.shape;
+        // Rows held now and wanted again move to the front of the buffers they are in; the
+        // buffers are made anew only when they are too small (the first chunk, or a block of
+        // query rows longer than any before), the carried rows then copied across.
+        let (buffers, capacity, carried, old) = match self.held.take() {
+            Some(held) => {
+                let carried = if held.rows.start <= want.start { want.start..held.rows.end.min(want.end).max(want.start) } else { want.start..want.start };
+                let from = carried.start - held.rows.start..carried.end - held.rows.start;
+                let block = held.keys.into_block().ok_or_else(|| DistError::Plan("the window stream's buffers are gone".into()))?;
+                if held.capacity >= want.len() {
+                    ([block.k, block.v], held.capacity, carried, Carry::InPlace(from))
+                } else {
+                    let rows = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, from.start, from.len())?.contiguous()?) };
+                    let old = Carry::From([rows(&block.k)?, rows(&block.v)?]);
+                    drop(block);
+                    (self.buffers(want.len())?, want.len(), carried, old)
+                }
+            }
+            None => (self.buffers(want.len())?, want.len(), want.start..want.start, Carry::Nothing),
         };
-        // Own rows are projected only where neither the held chunk nor a kept block has them:
-        // held rows and the leading edge cover a prefix of `own_wanted`, the trailing edge a
-        // suffix.
-        let covering = |at: usize| std::iter::once(&held).chain(self.kept.iter().map(|(r, _)| r)).filter(move |r| r.contains(&at));
-        let mut lo = own_wanted.start;
-        while let Some(end) = covering(lo).map(|r| r.end).max().filter(|_| lo < own_wanted.end) {
-            lo = end.min(own_wanted.end);
+        let sources = self.sources(carried.end..want.end)?;
+        for (which, buffer) in [KeysOrValues::Keys, KeysOrValues::Values].into_iter().zip(&buffers) {
+            let d = if which == KeysOrValues::Keys { key_dim } else { value_dim };
+            let head = capacity * d;
+            let carry = &old;
+            let (kept, project) = (&self.kept, &mut self.project);
+            in_place(buffer, |all| {
+                match carry {
+                    Carry::InPlace(from) => (0..kv_heads).for_each(|h| all.copy_within(h * head + from.start * d..h * head + from.end * d, h * head)),
+                    Carry::From(rows) => {
+                        let rows = rows[usize::from(which == KeysOrValues::Values)].flatten_all()?.to_vec1::<f32>()?;
+                        let len = rows.len() / kv_heads.max(1);
+                        (0..kv_heads).for_each(|h| all[h * head..h * head + len].copy_from_slice(&rows[h * len..(h + 1) * len]));
+                    }
+                    Carry::Nothing => {}
+                }
+                let mut at = carried.len();
+                for source in &sources {
+                    match source {
+                        Source::Kept { index, rows } => {
+                            let block = &kept[*index];
+                            let data = if which == KeysOrValues::Keys { &block.k } else { &block.v };
+                            let (from, len) = (rows.start - block.rows.start, rows.len());
+                            for h in 0..kv_heads {
+                                let src = &data[(h * block.rows.len() + from) * d..][..len * d];
+                                all[h * head + at * d..][..len * d].copy_from_slice(src);
+                            }
+                            at += len;
+                        }
+                        Source::Project(rows) => {
+                            project(which, rows.clone(), HeadRows { buffer: &mut *all, rows: capacity, at })?;
+                            at += rows.len();
+                        }
+                    }
+                }
+                Ok(())
+            })?;
         }
-        let mut hi = own_wanted.end;
-        while let Some(start) = covering(hi.wrapping_sub(1)).map(|r| r.start).min().filter(|_| hi > lo) {
-            hi = start.max(lo);
-        }
-        let margins = (lo - want.start, want.end - hi);
-        let shard_rows = lo - own.start..hi - own.start;
-        let k = self.fill(KeysOrValues::Keys, &want, shard_rows.clone(), margins, (&held, k_held))?;
-        let v = self.fill(KeysOrValues::Values, &want, shard_rows, margins, (&held, v_held))?;
-        let valid = want
+        // Unused rows sit at positions beyond every query's reach, and are padding.
+        let own = self.before..self.before + self.n;
+        let mut pos: Vec<i64> = want.clone().map(|e| (self.first + e) as i64).collect();
+        pos.extend((want.len()..capacity).map(|i| i64::MAX / 2 + i as i64));
+        let mut valid: Vec<bool> = want
             .clone()
-            .map(|e| if own.contains(&e) { self.valid[e - own.start] } else { self.kept.iter().find(|(r, _)| r.contains(&e)).is_some_and(|(r, b)| b.valid[e - r.start]) })
+            .map(|e| if own.contains(&e) { self.valid[e - own.start] } else { self.kept.iter().find(|b| b.rows.contains(&e)).is_some_and(|b| b.valid[e - b.rows.start]) })
             .collect();
-        let pos = want.clone().map(|e| (self.first + e) as i64).collect();
-        Ok(KeyBlock { k, v, pos, valid })
+        valid.resize(capacity, false);
+        let [k, v] = buffers;
+        let keys = WindowKeys::from_keys(KeyBlock { k, v, pos, valid }, self.spec)?;
+        self.held = Some(Held { rows: want, capacity, keys });
+        Ok(())
     }
 
-    /// One tensor of the extended rows `want`: the shard's rows `shard_rows` projected, between
-    /// rows taken from the held chunk's tensor (consumed here) and the kept blocks.
-    fn fill(&mut self, which: KeysOrValues, want: &Range<usize>, shard_rows: Range<usize>, margins: (usize, usize), held: (&Range<usize>, Option<Tensor>)) -> Result<Tensor> {
-        let (held_rows, held) = held;
-        let pick = |b: &KeyBlock| match which {
-            KeysOrValues::Keys => b.k.clone(),
-            KeysOrValues::Values => b.v.clone(),
-        };
-        let sources = held.iter().map(|t| (held_rows.clone(), t.clone())).chain(self.kept.iter().map(|(r, b)| (r.clone(), pick(b))));
-        let sources: Vec<(Range<usize>, Tensor)> = sources.collect();
-        let mut around = [Vec::new(), Vec::new()];
-        for (pieces, gap) in around.iter_mut().zip([want.start..want.start + margins.0, want.end - margins.1..want.end]) {
-            let mut at = gap.start;
-            while at < gap.end {
-                let (rows, src) = sources
-                    .iter()
-                    .filter(|(r, _)| r.contains(&at))
-                    .max_by_key(|(r, _)| r.end)
-                    .ok_or_else(|| DistError::Plan(format!("no {which:?} for extended row {at} of the window stream")))?;
-                let end = rows.end.min(gap.end);
-                pieces.push(src.narrow(1, at - rows.start, end - at)?);
+    /// Zeroed key and value buffers of `rows` rows per head.
+    fn buffers(&self, rows: usize) -> Result<[Tensor; 2]> {
+        let KeyShape { kv_heads, key_dim, value_dim } = self.shape;
+        let zeros = |d: usize| Tensor::zeros((kv_heads, rows, d), DType::F32, &Device::Cpu);
+        Ok([zeros(key_dim)?, zeros(value_dim)?])
+    }
+
+    /// Where each of the extended rows `rows` comes from, in order: a kept block where one holds
+    /// it, else the projection of the shard's row.
+    fn sources(&self, rows: Range<usize>) -> Result<Vec<Source>> {
+        let own = self.before..self.before + self.n;
+        let mut out = Vec::new();
+        let mut at = rows.start;
+        while at < rows.end {
+            if let Some((index, block)) = self.kept.iter().enumerate().find(|(_, b)| b.rows.contains(&at)) {
+                let end = block.rows.end.min(rows.end);
+                out.push(Source::Kept { index, rows: at..end });
                 at = end;
+            } else if own.contains(&at) {
+                let next_kept = self.kept.iter().map(|b| b.rows.start).filter(|&s| s > at).min().unwrap_or(usize::MAX);
+                let end = rows.end.min(own.end).min(next_kept);
+                out.push(Source::Project(at - own.start..end - own.start));
+                at = end;
+            } else {
+                return Err(DistError::Plan(format!("no keys for extended row {at} of the window stream")));
             }
         }
-        let len = shard_rows.len();
-        let t = (self.project)(which, shard_rows, [&around[0], &around[1]])?;
-        if t.dim(1)? != want.len() {
-            return Err(DistError::Plan(format!("{which:?} {:?} projected for {len} rows between {margins:?} rows", t.dims())));
-        }
-        Ok(t)
+        Ok(out)
     }
+}
+
+/// The rows a new chunk takes from the one before it.
+enum Carry {
+    Nothing,
+    /// Rows `from` of the same buffers, moved to the front.
+    InPlace(Range<usize>),
+    /// Rows of the old buffers, copied out before they were freed: keys and values.
+    From([Tensor; 2]),
+}
+
+/// Runs `f` on the elements of the contiguous f32 CPU tensor `t`, in place.
+fn in_place(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+    struct Op<F> {
+        f: RefCell<Option<F>>,
+        result: RefCell<Option<Result<()>>>,
+    }
+    impl<F: FnOnce(&mut [f32]) -> Result<()>> InplaceOp1 for Op<F> {
+        fn name(&self) -> &'static str {
+            "window-stream-rows"
+        }
+        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+            let (CpuStorage::F32(all), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+                return Err(candle_core::Error::Msg("the window stream's buffers are contiguous f32".into()));
+            };
+            if let Some(f) = self.f.borrow_mut().take() {
+                *self.result.borrow_mut() = Some(f(&mut all[start..end]));
+            }
+            Ok(())
+        }
+    }
+    let op = Op { f: RefCell::new(Some(f)), result: RefCell::new(None) };
+    t.inplace_op1(&op)?;
+    op.result.into_inner().unwrap_or_else(|| Err(DistError::Plan("the window stream's buffers were not written".into())))
 }

@@ -9,7 +9,9 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tome_attn::{reference, Mask};
-use tome_dist::ops::{ring_attention, window_attention, window_key_stream, window_keys, window_margins, DenseSpec, GlobalTokens, KeyBlock, KeysOrValues, WindowKeys, WindowSpec};
+use tome_dist::ops::{
+    ring_attention, window_attention, window_key_stream, window_keys, window_margins, DenseSpec, GlobalTokens, HeadRows, KeyBlock, KeyShape, KeysOrValues, WindowKeys, WindowSpec,
+};
 use tome_dist::{Group, Layout, ShardPlan};
 
 use crate::launch;
@@ -245,13 +247,15 @@ fn window_queries_in_row_blocks_equal_the_whole_shard() {
     }
 }
 
-/// The queries `q` (at `pos`) attending `block` rows at a time, each block the keys
-/// `keys_for(rows)` gives.
+/// The queries `q` (at `pos`) attending a block of rows at a time, each block the keys
+/// `keys_for(rows)` gives: blocks of `block` rows, or with `block` 0 of 1, 2, 3... rows.
 fn attend_in_blocks(q: &Tensor, pos: &[i64], block: usize, mut keys_for: impl FnMut(Range<usize>) -> tome_dist::Result<WindowKeys>) -> tome_dist::Result<Tensor> {
     let mut blocks = Vec::new();
-    for start in (0..pos.len()).step_by(block) {
-        let rows = start..(start + block).min(pos.len());
-        blocks.push(keys_for(rows.clone())?.attend(&q.narrow(1, start, rows.len())?, &pos[rows])?);
+    let mut start = 0;
+    while start < pos.len() {
+        let rows = start..(start + if block == 0 { blocks.len() + 1 } else { block }).min(pos.len());
+        blocks.push(keys_for(rows.clone())?.attend(&q.narrow(1, start, rows.len())?, &pos[rows.clone()])?);
+        start = rows.end;
     }
     if blocks.is_empty() {
         return Ok(Tensor::zeros((H, 0, D), candle_core::DType::F32, &Device::Cpu)?);
@@ -266,7 +270,8 @@ fn streamed_keys_give_the_joined_keys_results_to_the_bit() {
     }
     // Ranks whose shard is one run stream their keys and values a chunk of query rows at a time;
     // the others (zigzag shards, empty shards) join keys as before, in the same exchange. Every
-    // own row is projected exactly once, and no chunk holds more than its query rows' window.
+    // own row is projected exactly once, and the buffers hold no more than a chunk's or a block's
+    // query rows and their window.
     for &n in &[23, 90] {
         for &w in &[0, 4, 30] {
             for &causal in &[false, true] {
@@ -274,7 +279,8 @@ fn streamed_keys_give_the_joined_keys_results_to_the_bit() {
                 let spec = WindowSpec { one_sided: w, causal, scale: 0.4 };
                 for p in 1..=4 {
                     for plan in plans(n, p) {
-                        for &(chunk, block) in &[(1, 1), (7, 5), (16, 40), (1000, 96)] {
+                        // Block 0: blocks that grow, outgrowing the buffers made for the first.
+                        for &(chunk, block) in &[(1, 1), (7, 5), (16, 40), (1000, 96), (2, 0)] {
                             // Query blocks tile the kernel's work as they are given, so both sides take the same.
                             let (joined, _) = on_ranks(&plan, 1, |g, r| {
                                 let (own, q, pos) = (own(&x, &plan, r), plan.shard_of(&x.q, 1, r)?, plan.positions(r));
@@ -288,8 +294,9 @@ fn streamed_keys_give_the_joined_keys_results_to_the_bit() {
                                     return attend_in_blocks(&q, &pos, block, |_| Ok(keys.clone()));
                                 }
                                 let mut projected = vec![0usize; pos.len()];
-                                let widest = chunk.max(block) + 2 * w;
-                                let project = |which: KeysOrValues, rows: Range<usize>, [before, after]: [&[Tensor]; 2]| -> tome_dist::Result<Tensor> {
+                                let widest = chunk.max(if block == 0 { pos.len() } else { block }) + 2 * w;
+                                let project = |which: KeysOrValues, rows: Range<usize>, into: HeadRows<'_>| -> tome_dist::Result<()> {
+                                    assert!(into.rows <= widest, "buffers of {} rows for {chunk} query rows under w = {w}", into.rows);
                                     let t = match which {
                                         KeysOrValues::Keys => {
                                             rows.clone().for_each(|i| projected[i] += 1);
@@ -297,14 +304,14 @@ fn streamed_keys_give_the_joined_keys_results_to_the_bit() {
                                         }
                                         KeysOrValues::Values => &own.v,
                                     };
-                                    let mut pieces: Vec<Tensor> = before.to_vec();
-                                    pieces.push(t.narrow(1, rows.start, rows.len())?);
-                                    pieces.extend(after.iter().cloned());
-                                    let joined = Tensor::cat(&pieces, 1)?;
-                                    assert!(joined.dim(1)? <= widest, "a chunk of {} rows for {chunk} query rows under w = {w}", joined.dim(1)?);
-                                    Ok(joined)
+                                    let src = t.narrow(1, rows.start, rows.len())?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                                    for (h, head) in src.chunks(rows.len() * D).enumerate() {
+                                        into.buffer[(h * into.rows + into.at) * D..][..head.len()].copy_from_slice(head);
+                                    }
+                                    Ok(())
                                 };
-                                let mut stream = window_key_stream(g, &plan, &own.valid, spec, chunk, project)?;
+                                let shape = KeyShape { kv_heads: H, key_dim: D, value_dim: D };
+                                let mut stream = window_key_stream(g, &plan, &own.valid, spec, shape, chunk, project)?;
                                 let out = attend_in_blocks(&q, &pos, block, |rows| stream.keys_for(rows).cloned())?;
                                 drop(stream);
                                 assert!(projected.iter().all(|&c| c == 1), "rank {r}'s rows projected {projected:?} times");
