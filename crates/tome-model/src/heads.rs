@@ -27,8 +27,9 @@ pub fn project_heads<const P: usize>(x: &Tensor, projections: [&Linear; P], head
     Ok(std::array::from_fn(|i| outs[i].clone()))
 }
 
-/// Query rows a window layer makes keys and values for at a time (at least four windows' worth,
-/// so that the rows one chunk carries over to the next stay a small part of it).
+/// Query rows a window layer makes keys and values for at a time: at least four one-sided
+/// windows' worth, so that the rows one chunk carries over to the next (two windows) are at most
+/// a third of its keys.
 const KEY_CHUNK_ROWS: usize = 1024;
 
 /// Window self-attention of this rank's shard `x` (`[n, hidden]`, at `positions`, `valid`

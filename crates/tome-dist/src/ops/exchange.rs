@@ -67,8 +67,8 @@ pub(crate) fn exchange_needed_from(
         }
         let rows: Vec<KeyBlock> = parts.iter().map(|(x, off)| own_rows(*off, x.len())).collect::<Result<_>>()?;
         let b = KeyBlock::concat(&rows)?;
-        // Frames own their rows: a receiver in this process writes what it receives into its own
-        // buffers while this rank may write into the buffer `own` views (its halo margins).
+        // Frames own their rows: a receiver in this process keeps what it receives, which must
+        // not share storage with buffers its sender goes on to rewrite in place.
         group.send(peer, vec![owned(&b.k)?, owned(&b.v)?, flags_to_tensor(&b.valid)?])?;
     }
     let mine = wanted(me);

@@ -142,8 +142,8 @@ where
     let first = own.start - before;
     let mut received = 0;
     for piece in halo {
-        let at = usize::try_from(piece.pos[0]).ok().and_then(|p| p.checked_sub(first));
-        let rows = at.map(|at| at..at + piece.len());
+        let at = piece.pos.first().and_then(|&p| usize::try_from(p).ok()).and_then(|p| p.checked_sub(first));
+        let rows = at.map(|at| at..at + piece.len()).filter(|r| piece.valid.len() == r.len());
         let rows = rows.filter(|r| r.end <= before || (r.start >= before + n && r.end <= before + n + after));
         let rows = rows.ok_or_else(|| DistError::Plan(format!("rank {me} received halo rows at {:?}, outside its window", piece.pos.first())))?;
         let values = |t: &Tensor, dim: usize| -> Result<Vec<f32>> {
@@ -203,7 +203,7 @@ where
         let (buffers, capacity, carried, old) = match self.held.take() {
             Some(held) => {
                 let carried = if held.rows.start <= want.start { want.start..held.rows.end.min(want.end).max(want.start) } else { want.start..want.start };
-                let from = carried.start - held.rows.start..carried.end - held.rows.start;
+                let from = if carried.is_empty() { 0..0 } else { carried.start - held.rows.start..carried.end - held.rows.start };
                 let block = held.keys.into_block().ok_or_else(|| DistError::Plan("the window stream's buffers are gone".into()))?;
                 if held.capacity >= want.len() {
                     ([block.k, block.v], held.capacity, carried, Carry::InPlace(from))

@@ -293,13 +293,13 @@ fn streamed_keys_give_the_joined_keys_results_to_the_bit() {
                                     let keys = window_keys(g, &plan, &own, spec)?;
                                     return attend_in_blocks(&q, &pos, block, |_| Ok(keys.clone()));
                                 }
-                                let mut projected = vec![0usize; pos.len()];
+                                let projected = std::cell::RefCell::new(vec![0usize; pos.len()]);
                                 let widest = chunk.max(if block == 0 { pos.len() } else { block }) + 2 * w;
                                 let project = |which: KeysOrValues, rows: Range<usize>, into: HeadRows<'_>| -> tome_dist::Result<()> {
                                     assert!(into.rows <= widest, "buffers of {} rows for {chunk} query rows under w = {w}", into.rows);
                                     let t = match which {
                                         KeysOrValues::Keys => {
-                                            rows.clone().for_each(|i| projected[i] += 1);
+                                            rows.clone().for_each(|i| projected.borrow_mut()[i] += 1);
                                             &own.k
                                         }
                                         KeysOrValues::Values => &own.v,
@@ -313,8 +313,14 @@ fn streamed_keys_give_the_joined_keys_results_to_the_bit() {
                                 let shape = KeyShape { kv_heads: H, key_dim: D, value_dim: D };
                                 let mut stream = window_key_stream(g, &plan, &own.valid, spec, shape, chunk, project)?;
                                 let out = attend_in_blocks(&q, &pos, block, |rows| stream.keys_for(rows).cloned())?;
-                                drop(stream);
+                                let projected = projected.borrow().clone();
                                 assert!(projected.iter().all(|&c| c == 1), "rank {r}'s rows projected {projected:?} times");
+                                // Going back to the first rows makes their keys again.
+                                if !pos.is_empty() {
+                                    let first = 0..block.clamp(1, pos.len());
+                                    let again = stream.keys_for(first.clone())?.attend(&q.narrow(1, 0, first.len())?, &pos[first.clone()])?;
+                                    assert_eq!(max_diff(&again, &out.narrow(1, 0, first.len())?), 0.0, "rank {r} going back");
+                                }
                                 Ok(out)
                             });
                             assert_eq!(max_diff(&streamed, &joined), 0.0, "n={n} w={w} p={p} causal={causal} chunk={chunk} block={block} plan={plan:?}");
