@@ -176,10 +176,11 @@ where
         let seen = self.seen_by(&rows);
         if !self.held.as_ref().is_some_and(|h| h.rows.start <= seen.start && seen.end <= h.rows.end) {
             // Every chunk but the last sees as many keys as one in the middle of the shard, so
-            // the buffers made for the first one hold them all.
+            // that, with blocks of one size, the buffers made for the first one hold them all.
             let reach = if self.spec.causal { self.spec.one_sided } else { 2 * self.spec.one_sided };
+            let keys = self.chunk.max(rows.len()) + reach;
             let mut end = (rows.start + self.chunk).clamp(rows.end, self.n);
-            end = (end + (self.chunk + reach).saturating_sub(self.seen_by(&(rows.start..end)).len())).min(self.n);
+            end = (end + keys.saturating_sub(self.seen_by(&(rows.start..end)).len())).min(self.n);
             let ahead = self.seen_by(&(rows.start..end));
             self.make(ahead)?;
         }

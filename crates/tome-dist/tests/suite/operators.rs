@@ -295,8 +295,13 @@ fn streamed_keys_give_the_joined_keys_results_to_the_bit() {
                                 }
                                 let projected = std::cell::RefCell::new(vec![0usize; pos.len()]);
                                 let widest = chunk.max(if block == 0 { pos.len() } else { block }) + 2 * w;
+                                // Rows per head of the buffers written once the stream is open.
+                                let (open, buffer_rows) = (std::cell::Cell::new(false), std::cell::RefCell::new(Vec::new()));
                                 let project = |which: KeysOrValues, rows: Range<usize>, into: HeadRows<'_>| -> tome_dist::Result<()> {
                                     assert!(into.rows <= widest, "buffers of {} rows for {chunk} query rows under w = {w}", into.rows);
+                                    if open.get() {
+                                        buffer_rows.borrow_mut().push(into.rows);
+                                    }
                                     let t = match which {
                                         KeysOrValues::Keys => {
                                             rows.clone().for_each(|i| projected.borrow_mut()[i] += 1);
@@ -312,9 +317,13 @@ fn streamed_keys_give_the_joined_keys_results_to_the_bit() {
                                 };
                                 let shape = KeyShape { kv_heads: H, key_dim: D, value_dim: D };
                                 let mut stream = window_key_stream(g, &plan, &own.valid, spec, shape, chunk, project)?;
+                                open.set(true);
                                 let out = attend_in_blocks(&q, &pos, block, |rows| stream.keys_for(rows).cloned())?;
                                 let projected = projected.borrow().clone();
                                 assert!(projected.iter().all(|&c| c == 1), "rank {r}'s rows projected {projected:?} times");
+                                // Blocks of one size never outgrow the buffers made for the first chunk.
+                                let sizes = buffer_rows.borrow().clone();
+                                assert!(block == 0 || sizes.windows(2).all(|s| s[0] == s[1]), "rank {r}'s buffers made at {sizes:?} rows");
                                 // Going back to the first rows makes their keys again.
                                 if !pos.is_empty() {
                                     let first = 0..block.clamp(1, pos.len());
