@@ -60,12 +60,22 @@ pub(crate) fn exp<A: Arith + ?Sized>(x: f32) -> f32 {
     let n = A::fma(xc, std::f32::consts::LOG2_E, 0.5).floor();
     let r = A::fma(n, -LN2_LO, A::fma(n, -LN2_HI, xc));
     let y = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &c| A::fma(p, r, c));
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    let scale = pow2(n);
     if x < EXP_LO {
         0.0
     } else {
         y * scale
     }
+}
+
+/// `2^n` for an integral `n` in [-126, 128] (128 gives inf), built from the bits of
+/// `n + 1.5 · 2^23`, whose low mantissa bits hold `n`: integer lane arithmetic, where `n as i32`
+/// (a saturating, NaN-checking conversion) made LLVM leave every lane of the exp's vector loop
+/// to a scalar `cvttss2si` and compare.
+#[inline(always)]
+pub(crate) fn pow2(n: f32) -> f32 {
+    let biased = (n + ROUNDING_MAGIC).to_bits().wrapping_sub(ROUNDING_MAGIC.to_bits()).wrapping_add(127);
+    f32::from_bits(biased << 23)
 }
 
 /// Maximum of a row (`-inf` for an empty or fully masked row).
@@ -124,6 +134,16 @@ mod tests {
         assert_eq!(exp::<Plain>(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp::<Plain>(-100.0), 0.0);
         assert_eq!(exp::<Plain>(0.0), 1.0);
+    }
+
+    #[test]
+    fn pow2_is_exact_over_the_exps_range_and_exp_keeps_its_edges() {
+        for n in -126..=127 {
+            assert_eq!(pow2(n as f32), 2f32.powi(n), "2^{n}");
+        }
+        assert_eq!(pow2(128.0), f32::INFINITY);
+        assert!(exp::<Plain>(f32::NAN).is_nan());
+        assert_eq!(exp::<Plain>(EXP_LO), EXP_LO.exp());
     }
 
     #[test]
