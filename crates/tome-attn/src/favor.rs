@@ -11,19 +11,25 @@
 //! chunks (a masked C×C product inside a chunk plus the running state), and `1e-6` added to the
 //! running key sum as the reference does.
 //!
-//! The feature map is one fused pass per row block, with the exp of the attention kernels (a
-//! polynomial under 2 ulp, in vector registers): as tensor ops it was five passes through memory
-//! and a scalar libm call per feature, two thirds of the family's time.
+//! Bidirectional attention streams: [`key_stabilizer`], [`key_state`] and [`bidirectional`] each
+//! take a shard's rows once, a step of a few hundred rows at a time (the step's `w·x'` by GEMM,
+//! its features in one vectorised pass with the attention kernels' exp, then the step's share of
+//! the state or its output rows), so no feature map larger than a step exists and the output is
+//! written in place. Tasks of a fixed number of rows run in parallel and their sums are added in
+//! task order, so the thread count does not change the result. The causal path keeps whole row
+//! blocks' feature maps ([`query_features`], [`key_features`], [`causal`]).
 
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor, D};
 use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
+use crate::projection::gemm_into;
 use crate::rng::SplitMix64;
-use crate::simd::{exp, Plain};
-use crate::tensor::with_f32;
+use crate::simd::{dot, exp, row_max, Plain};
+use crate::tensor::{dims3, with_f32};
 
 /// Added to every feature (keeps features positive and denominators away from zero).
 pub const FEATURE_EPS: f32 = 1e-4;
@@ -89,13 +95,26 @@ fn run_maxima(dash: &Tensor, width: usize) -> Result<Vec<f32>> {
 }
 
 /// The keys' stabiliser of one shard: per head, the maximum of `w·k'` over its keys and features
-/// (`[heads]`; `-inf` for no keys). The global stabiliser is the maximum over shards.
+/// (`[heads]`; `-inf` for no keys). The global stabiliser is the maximum over shards. Computed a
+/// step of rows at a time; `w·k'` of the whole shard never exists.
 pub fn key_stabilizer(k: &Tensor, proj: &Tensor) -> Result<Tensor> {
-    let (heads, n, _) = k.dims3()?;
-    if n == 0 || proj.dim(0)? == 0 {
-        return Ok(Tensor::full(f32::NEG_INFINITY, heads, &Device::Cpu)?);
-    }
-    let maxima = run_maxima(&dash(k, proj)?, n * proj.dim(0)?)?;
+    const OP: &str = "favor::key_stabilizer";
+    let (heads, n, d) = dims3(k, OP, "k")?;
+    let w = Projection::scaled(proj, d, OP)?;
+    let k = k.contiguous()?;
+    let maxima = with_f32(&k, OP, |k| {
+        let keys = HeadRows { data: k, n, width: d };
+        let task_max = |(h, rows): (usize, Range<usize>)| {
+            let mut scratch = Scratch::default();
+            steps(rows).map(|step| row_max(w.dash(&mut scratch, keys.rows(h, step)))).fold(f32::NEG_INFINITY, f32::max)
+        };
+        let task_maxima: Vec<f32> = tasks(heads, n, TASK_ROWS).into_par_iter().map(task_max).collect();
+        let mut maxima = vec![f32::NEG_INFINITY; heads];
+        for ((h, _), m) in tasks(heads, n, TASK_ROWS).into_iter().zip(task_maxima) {
+            maxima[h] = maxima[h].max(m);
+        }
+        maxima
+    })?;
     Ok(Tensor::from_vec(maxima, heads, &Device::Cpu)?)
 }
 
@@ -201,30 +220,129 @@ fn feature_rows_portable(out: &mut [MaybeUninit<f32>], dash: &[f32], first: usiz
     }
 }
 
-/// The bidirectional state of a set of keys: `(phi(K)ᵀV [heads, m, dv], Σ phi(K) [heads, m])`.
-pub fn state(phi_k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (heads, n, m) = phi_k.dims3()?;
-    // Row by row down each head (a sum over the middle dimension as a tensor op reads across
-    // rows and was a fifth of the family's time).
-    let ksum = with_f32(phi_k, "favor::state", |phi| {
-        let mut sums = vec![0f32; heads * m];
-        if n > 0 && m > 0 {
-            for (sum, head) in sums.chunks_exact_mut(m).zip(phi.chunks_exact(n * m)) {
-                for row in head.chunks_exact(m) {
-                    sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
-                }
-            }
-        }
-        sums
-    })?;
-    Ok((phi_k.t()?.matmul(v)?, Tensor::from_vec(ksum, (heads, m), &Device::Cpu)?))
+/// The state of a shard's keys and values (`[heads, n, d]`, `[heads, n, dv]`) under the (global)
+/// per-head stabiliser, `(phi(K)ᵀV [heads, m, dv], Σ phi(K) [heads, m])`: its share of the
+/// bidirectional state, or what later shards start from under causal attention. One pass
+/// over the rows, a step at a time: no feature map larger than a step exists. Tasks of
+/// `task_rows` rows of one head run in parallel and their sums are added in task order, so the
+/// result does not depend on the thread count.
+pub fn key_state(k: &Tensor, v: &Tensor, proj: &Tensor, stabilizer: &Tensor, task_rows: usize) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "favor::key_state";
+    let ((heads, n, d), (v_heads, v_n, dv)) = (dims3(k, OP, "k")?, dims3(v, OP, "v")?);
+    let stab = stabilizer.to_vec1::<f32>()?;
+    if (v_heads, v_n) != (heads, n) || stab.len() != heads {
+        return Err(shape_err(OP, format!("k {:?}, v {:?} and {} stabilisers", k.dims(), v.dims(), stab.len())));
+    }
+    let w = Projection::scaled(proj, d, OP)?;
+    let m = w.features;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let task_list = tasks(heads, n, task_rows);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = with_f32(&k, OP, |k| {
+        with_f32(&v, OP, |v| {
+            let (keys, values) = (HeadRows { data: k, n, width: d }, HeadRows { data: v, n, width: dv });
+            task_list
+                .par_iter()
+                .map(|(h, rows)| {
+                    let (mut context, mut ksum) = (vec![0f32; m * dv], vec![0f32; m]);
+                    let mut scratch = Scratch::default();
+                    for step in steps(rows.clone()) {
+                        let phi = w.features(&mut scratch, keys.rows(*h, step.clone()), Stabiliser::Shared(stab[*h]));
+                        for row in phi.chunks_exact(m) {
+                            ksum.iter_mut().zip(row).for_each(|(s, f)| *s += f);
+                        }
+                        // context += phiᵀ · v over the step's rows.
+                        // SAFETY: `context` is m × dv row-major; phi (rows × m row-major) read as
+                        // its transpose has columns m apart; the step's values are rows × dv.
+                        unsafe {
+                            gemm_into(
+                                m,
+                                dv,
+                                step.len(),
+                                (context.as_mut_ptr(), 1, dv as isize),
+                                true,
+                                (phi.as_ptr(), m as isize, 1),
+                                (values.rows(*h, step).as_ptr(), 1, dv as isize),
+                                gemm::Parallelism::None,
+                            )
+                        }
+                    }
+                    (context, ksum)
+                })
+                .collect()
+        })
+    })??;
+    let (mut context, mut ksum) = (vec![0f32; heads * m * dv], vec![0f32; heads * m]);
+    for ((h, _), (c, s)) in task_list.iter().zip(partials) {
+        context[h * m * dv..(h + 1) * m * dv].iter_mut().zip(c).for_each(|(a, b)| *a += b);
+        ksum[h * m..(h + 1) * m].iter_mut().zip(s).for_each(|(a, b)| *a += b);
+    }
+    Ok((Tensor::from_vec(context, (heads, m, dv), &Device::Cpu)?, Tensor::from_vec(ksum, (heads, m), &Device::Cpu)?))
 }
 
-/// Bidirectional output from query features and the (global) state.
-pub fn bidirectional(phi_q: &Tensor, context: &Tensor, ksum: &Tensor) -> Result<Tensor> {
-    let num = phi_q.matmul(context)?;
-    let den = phi_q.matmul(&ksum.unsqueeze(D::Minus1)?)?;
-    Ok(num.broadcast_div(&den)?)
+/// Bidirectional output of a shard's queries (`[heads, n, d]`) from the (global) state:
+/// `phi(q)·context / phi(q)·ksum`, `[heads, n, dv]`, a step of rows at a time, each step's
+/// product written straight into the output and divided there.
+pub fn bidirectional(q: &Tensor, proj: &Tensor, context: &Tensor, ksum: &Tensor, task_rows: usize) -> Result<Tensor> {
+    const OP: &str = "favor::bidirectional";
+    let (heads, n, d) = dims3(q, OP, "q")?;
+    let w = Projection::scaled(proj, d, OP)?;
+    let m = w.features;
+    let (c_heads, c_m, dv) = dims3(context, OP, "context")?;
+    if (c_heads, c_m) != (heads, m) || ksum.dims() != [heads, m] {
+        return Err(shape_err(OP, format!("q {:?} with a context {:?} and key sum {:?} for {m} features", q.dims(), context.dims(), ksum.dims())));
+    }
+    let (q, context, ksum) = (q.contiguous()?, context.contiguous()?, ksum.contiguous()?);
+    let len = heads * n * dv;
+    // Not zeroed first: every element is written below.
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let task_list = tasks(heads, n, task_rows);
+    let mut pieces: Vec<&mut [MaybeUninit<f32>]> = Vec::with_capacity(task_list.len());
+    let mut rest = &mut out.spare_capacity_mut()[..len];
+    for (_, rows) in &task_list {
+        let (piece, tail) = rest.split_at_mut(rows.len() * dv);
+        pieces.push(piece);
+        rest = tail;
+    }
+    with_f32(&q, OP, |q| {
+        with_f32(&context, OP, |context| {
+            with_f32(&ksum, OP, |ksum| {
+                let queries = HeadRows { data: q, n, width: d };
+                pieces.into_par_iter().zip(task_list.par_iter()).for_each(|(piece, (h, rows))| {
+                    let (context, ksum) = (&context[h * m * dv..(h + 1) * m * dv], &ksum[h * m..(h + 1) * m]);
+                    let mut scratch = Scratch::default();
+                    let mut at = 0;
+                    for step in steps(rows.clone()) {
+                        let phi = w.features(&mut scratch, queries.rows(*h, step.clone()), Stabiliser::PerRow);
+                        let dst = &mut piece[at * dv..(at + step.len()) * dv];
+                        at += step.len();
+                        // SAFETY: `dst` is rows × dv row-major, phi rows × m, the head's context
+                        // m × dv; without `read_dst` the GEMM writes every element of `dst`.
+                        unsafe {
+                            gemm_into(
+                                step.len(),
+                                dv,
+                                m,
+                                (dst.as_mut_ptr().cast(), 1, dv as isize),
+                                false,
+                                (phi.as_ptr(), 1, m as isize),
+                                (context.as_ptr(), 1, dv as isize),
+                                gemm::Parallelism::None,
+                            )
+                        }
+                        // SAFETY: the GEMM above wrote every element of `dst`.
+                        let dst = unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                        for (row, features) in dst.chunks_exact_mut(dv.max(1)).zip(phi.chunks_exact(m.max(1))) {
+                            let den = dot(features, ksum);
+                            row.iter_mut().for_each(|x| *x /= den);
+                        }
+                    }
+                })
+            })
+        })
+    })???;
+    // SAFETY: the pieces cover the first `len` elements, each written whole by its GEMM.
+    unsafe { out.set_len(len) };
+    Ok(Tensor::from_vec(out, (heads, n, dv), &Device::Cpu)?)
 }
 
 /// Causal output for a run of consecutive tokens, starting from the running state of every
@@ -253,6 +371,119 @@ pub fn causal(phi_q: &Tensor, phi_k: &Tensor, v: &Tensor, context0: &Tensor, ksu
     let heads = phi_q.dim(0)?;
     let out = if outs.is_empty() { Tensor::zeros((heads, 0, v.dim(2)?), DType::F32, &Device::Cpu)? } else { Tensor::cat(&outs, 1)? };
     Ok((out, context, ksum))
+}
+
+/// Rows of one head per parallel task of [`key_stabilizer`].
+const TASK_ROWS: usize = 4096;
+/// Rows per step of the fused passes: a step's `w·x'` and features (`STEP_ROWS × m` each) stay
+/// in cache while its rows stream through.
+const STEP_ROWS: usize = 256;
+
+/// The (head, rows) tasks of a `[heads, n, _]` tensor: `task_rows` rows of one head each, in
+/// head-major order.
+fn tasks(heads: usize, n: usize, task_rows: usize) -> Vec<(usize, Range<usize>)> {
+    let task_rows = task_rows.max(1);
+    (0..heads).flat_map(|h| (0..n).step_by(task_rows).map(move |s| (h, s..(s + task_rows).min(n)))).collect()
+}
+
+/// A task's rows in steps of [`STEP_ROWS`].
+fn steps(rows: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    let end = rows.end;
+    rows.step_by(STEP_ROWS).map(move |s| s..(s + STEP_ROWS).min(end))
+}
+
+/// The rows of a contiguous `[heads, n, width]` tensor's elements.
+struct HeadRows<'a> {
+    data: &'a [f32],
+    n: usize,
+    width: usize,
+}
+
+impl HeadRows<'_> {
+    fn rows(&self, head: usize, rows: Range<usize>) -> &[f32] {
+        &self.data[(head * self.n + rows.start) * self.width..(head * self.n + rows.end) * self.width]
+    }
+}
+
+/// Which stabiliser a step's features take.
+#[derive(Clone, Copy)]
+enum Stabiliser {
+    /// The keys': one for the head.
+    Shared(f32),
+    /// The queries': each row's own maximum of `w·q'`.
+    PerRow,
+}
+
+/// A task's buffers for one step at a time, reused from step to step.
+#[derive(Default)]
+struct Scratch {
+    /// `w·x'` of the step's rows, `[rows, m]`.
+    dash: Vec<f32>,
+    /// Their features, `[rows, m]`.
+    phi: Vec<f32>,
+    /// `|x'|²/2` of each row.
+    diag: Vec<f32>,
+    /// The queries' per-row stabilisers.
+    stab: Vec<f32>,
+}
+
+/// The projection as the fused passes use it: `w · d^-1/4` (`[m, d]`, row-major).
+struct Projection {
+    scaled: Vec<f32>,
+    features: usize,
+    d: usize,
+}
+
+impl Projection {
+    fn scaled(proj: &Tensor, d: usize, op: &'static str) -> Result<Self> {
+        let (features, proj_d) = proj.dims2()?;
+        if proj_d != d {
+            return Err(shape_err(op, format!("a projection [{features}, {proj_d}] for head width {d}")));
+        }
+        let scale = (d as f32).powf(-0.25);
+        let scaled = with_f32(&proj.contiguous()?, op, |w| w.iter().map(|x| x * scale).collect())?;
+        Ok(Projection { scaled, features, d })
+    }
+
+    /// `w·x'` of the rows of `x` (`[rows, d]`), into the scratch (`[rows, m]`).
+    fn dash<'s>(&self, s: &'s mut Scratch, x: &[f32]) -> &'s [f32] {
+        let (m, d) = (self.features, self.d);
+        let rows = x.len().checked_div(d).unwrap_or(0);
+        s.dash.resize(rows * m, 0.0);
+        // SAFETY: `dash` is rows × m row-major, `x` rows × d row-major, and the scaled
+        // projection (m × d row-major), read as the d × m matrix wᵀ, has columns d apart.
+        unsafe { gemm_into(rows, m, d, (s.dash.as_mut_ptr(), 1, m as isize), false, (x.as_ptr(), 1, d as isize), (self.scaled.as_ptr(), d as isize, 1), gemm::Parallelism::None) }
+        &s.dash
+    }
+
+    /// The features of the rows of `x` (`[rows, d]`), into the scratch (`[rows, m]`).
+    fn features<'s>(&self, s: &'s mut Scratch, x: &[f32], stabiliser: Stabiliser) -> &'s [f32] {
+        let (m, d) = (self.features, self.d);
+        let rows = x.len().checked_div(d).unwrap_or(0);
+        self.dash(s, x);
+        let half_sq = 0.5 / (d as f32).sqrt();
+        s.diag.clear();
+        s.diag.extend(x.chunks_exact(d.max(1)).map(|row| half_sq * dot(row, row)));
+        s.stab.clear();
+        let rows_per_stab = match stabiliser {
+            Stabiliser::Shared(c) => {
+                s.stab.push(c);
+                rows.max(1)
+            }
+            Stabiliser::PerRow => {
+                s.stab.extend(s.dash.chunks_exact(m.max(1)).map(row_max));
+                1
+            }
+        };
+        s.phi.resize(rows * m, 0.0);
+        let shape = FeatureShape { m, ratio: (m as f64).powf(-0.5) as f32, rows_per_stab };
+        // SAFETY: MaybeUninit<f32> has f32's layout, and `feature_rows` writes only initialised values.
+        let out = unsafe { &mut *(s.phi.as_mut_slice() as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        if m > 0 {
+            feature_rows(out, &s.dash, 0, &s.diag, &s.stab, shape);
+        }
+        &s.phi
+    }
 }
 
 /// Naive FAVOR+ over a whole sequence, written out token by token in f64: the reference.
@@ -287,4 +518,69 @@ pub fn reference(q: &[Vec<Vec<f32>>], k: &[Vec<Vec<f32>>], v: &[Vec<Vec<f32>>], 
         out.push(rows);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    fn run_on(threads: usize, f: impl FnOnce() -> Tensor + Send) -> Tensor {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+    }
+
+    #[test]
+    fn fused_passes_match_the_reference_across_tasks_and_steps_on_any_thread_count() {
+        // 700 rows: tasks of 300 rows take a full step of 256 and a partial one, and end in a
+        // partial task; one-row tasks are all edges.
+        let (heads, n, d, dv, m) = (2, 700, 8, 5, 12);
+        let dev = Device::Cpu;
+        let (q, k, v) = (
+            Tensor::randn(0f32, 1.0, (heads, n, d), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (heads, n, d), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (heads, n, dv), &dev).unwrap(),
+        );
+        let proj = orthogonal_projection(m, d, 7).unwrap();
+        let want = Tensor::new(reference(&q.to_vec3().unwrap(), &k.to_vec3().unwrap(), &v.to_vec3().unwrap(), &proj.to_vec2().unwrap(), false), &dev).unwrap();
+        // The stabiliser is the maximum of the whole shard's w·k'.
+        let dash_max = dash(&k, &proj).unwrap().max_keepdim(2).unwrap().max_keepdim(1).unwrap().flatten_all().unwrap();
+        let stab = key_stabilizer(&k, &proj).unwrap();
+        let diff = (&stab - &dash_max).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "stabiliser off by {diff}");
+        for task_rows in [1, 300, 4096] {
+            let fused = || {
+                let stab = key_stabilizer(&k, &proj).unwrap();
+                let (context, ksum) = key_state(&k, &v, &proj, &stab, task_rows).unwrap();
+                bidirectional(&q, &proj, &context, &ksum, task_rows).unwrap()
+            };
+            let one = run_on(1, fused);
+            assert_eq!(one.dims(), &[heads, n, dv]);
+            let diff = (&one - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "tasks of {task_rows} rows: {diff} from the reference");
+            let three = run_on(3, fused);
+            assert_eq!(
+                one.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                three.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "tasks of {task_rows} rows on 1 and 3 threads"
+            );
+        }
+    }
+
+    #[test]
+    fn fused_passes_take_empty_shards_and_refuse_mismatched_shapes() {
+        let dev = Device::Cpu;
+        let proj = orthogonal_projection(4, 3, 1).unwrap();
+        let empty = Tensor::zeros((2, 0, 3), candle_core::DType::F32, &dev).unwrap();
+        let stab = key_stabilizer(&empty, &proj).unwrap();
+        assert_eq!(stab.to_vec1::<f32>().unwrap(), vec![f32::NEG_INFINITY; 2]);
+        let (context, ksum) = key_state(&empty, &empty, &proj, &stab, 8).unwrap();
+        assert_eq!((context.dims(), ksum.dims()), (&[2, 4, 3][..], &[2, 4][..]));
+        assert_eq!(context.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(bidirectional(&empty, &proj, &context, &ksum, 8).unwrap().dims(), &[2, 0, 3]);
+        let wide = Tensor::zeros((2, 5, 4), candle_core::DType::F32, &dev).unwrap();
+        assert!(key_stabilizer(&wide, &proj).is_err());
+        assert!(key_state(&empty, &wide, &proj, &stab, 8).is_err());
+        assert!(bidirectional(&empty, &proj, &context.narrow(1, 0, 3).unwrap(), &ksum, 8).is_err());
+    }
 }

@@ -206,7 +206,7 @@ struct Shape {
 /// # Safety
 /// Each pointer spans its matrix under its strides.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(
+pub(crate) unsafe fn gemm_into(
     m: usize,
     n: usize,
     k: usize,

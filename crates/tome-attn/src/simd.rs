@@ -92,6 +92,22 @@ pub(crate) fn row_max(row: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &x| m.max(x))
 }
 
+/// `Σ a·b` over the shorter of the two, in [`LANES`] interleaved partial sums: one chain of adds
+/// would wait on each add's latency.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let len = a.len().min(b.len());
+    let mut acc = [0f32; LANES];
+    let (mut ca, mut cb) = (a[..len].chunks_exact(LANES), b[..len].chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Replaces each `x` of the row by `e^(x - m)` and returns their sum.
 #[inline(always)]
 pub(crate) fn exp_shift_sum_scalar<A: Arith + ?Sized>(row: &mut [f32], m: f32) -> f32 {
@@ -149,6 +165,9 @@ mod tests {
     #[test]
     fn reductions_cover_tails() {
         let row: Vec<f32> = (0..19).map(|i| (i as f32 * 0.7).sin()).collect();
+        let want_dot: f32 = row.iter().map(|x| x * x).sum();
+        assert!((dot(&row, &row) - want_dot).abs() < 1e-5);
+        assert_eq!(dot(&row[..3], &row), row[..3].iter().map(|x| x * x).sum::<f32>());
         let want = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         assert_eq!(row_max(&row), want);
         assert_eq!(row_max(&[]), f32::NEG_INFINITY);

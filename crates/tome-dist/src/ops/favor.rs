@@ -20,7 +20,9 @@ pub struct FavorSpec {
     pub causal: bool,
     /// Tokens per chunk of the causal prefix computation.
     pub chunk: usize,
-    /// Tokens per row block: feature maps exist for one block at a time.
+    /// Tokens per row block. Causal: feature maps exist for one block at a time. Bidirectional:
+    /// the rows of one parallel task, whose sums are added in task order (whatever the thread
+    /// count); feature maps exist for a few hundred rows per task at a time.
     pub rows: usize,
 }
 
@@ -32,39 +34,26 @@ pub fn favor_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, k: &Tens
     let proj = &spec.projection;
     let (heads, n, dv) = v.dims3()?;
     let m = proj.dim(0)?;
-    // Row blocks keep the feature maps small (phi is `m` wide per token) and the cost linear.
+    let stab = group.all_reduce_max(&favor::key_stabilizer(k, proj)?)?;
+    // This shard's state: all of it for bidirectional attention, what later shards see for causal.
+    let (context, ksum) = favor::key_state(k, v, proj, &stab, spec.rows)?;
+    if !spec.causal {
+        let (context, ksum) = (group.all_reduce_sum(&context)?, group.all_reduce_sum(&ksum)?);
+        return Ok(favor::bidirectional(q, proj, &context, &ksum, spec.rows)?);
+    }
+    // Causal: row blocks keep the feature maps small (phi is `m` wide per token).
     let step = spec.rows.max(1);
     let blocks: Vec<(usize, usize)> = (0..n).step_by(step).map(|s| (s, step.min(n - s))).collect();
     let rows = |t: &Tensor, (s, len): (usize, usize)| t.narrow(1, s, len);
-
-    let mut stab = favor::key_stabilizer(&k.narrow(1, 0, 0)?, proj)?;
-    for &b in &blocks {
-        stab = stab.maximum(&favor::key_stabilizer(&rows(k, b)?, proj)?)?;
-    }
-    let stab = group.all_reduce_max(&stab)?;
-    let mut context = Tensor::zeros((heads, m, dv), DType::F32, &Device::Cpu)?;
-    let mut ksum = Tensor::zeros((heads, m), DType::F32, &Device::Cpu)?;
-    for &b in &blocks {
-        let (c, s) = favor::state(&favor::key_features(&rows(k, b)?, proj, &stab)?, &rows(v, b)?)?;
-        context = (context + c)?;
-        ksum = (ksum + s)?;
-    }
+    let state = Tensor::cat(&[&context.flatten_from(1)?, &ksum], 1)?;
+    let before = group.exclusive_scan_sum(&state)?;
+    let (mut context, mut ksum) = (before.narrow(1, 0, m * dv)?.reshape((heads, m, dv))?, before.narrow(1, m * dv, m)?);
     let mut outs = Vec::with_capacity(blocks.len());
-    if !spec.causal {
-        let (context, ksum) = (group.all_reduce_sum(&context)?, group.all_reduce_sum(&ksum)?);
-        for &b in &blocks {
-            outs.push(favor::bidirectional(&favor::query_features(&rows(q, b)?, proj)?, &context, &ksum)?);
-        }
-    } else {
-        let state = Tensor::cat(&[&context.flatten_from(1)?, &ksum], 1)?;
-        let before = group.exclusive_scan_sum(&state)?;
-        let (mut context, mut ksum) = (before.narrow(1, 0, m * dv)?.reshape((heads, m, dv))?, before.narrow(1, m * dv, m)?);
-        for &b in &blocks {
-            let (phi_q, phi_k) = (favor::query_features(&rows(q, b)?, proj)?, favor::key_features(&rows(k, b)?, proj, &stab)?);
-            let (out, c, s) = favor::causal(&phi_q, &phi_k, &rows(v, b)?, &context, &ksum, spec.chunk)?;
-            outs.push(out);
-            (context, ksum) = (c, s);
-        }
+    for &b in &blocks {
+        let (phi_q, phi_k) = (favor::query_features(&rows(q, b)?, proj)?, favor::key_features(&rows(k, b)?, proj, &stab)?);
+        let (out, c, s) = favor::causal(&phi_q, &phi_k, &rows(v, b)?, &context, &ksum, spec.chunk)?;
+        outs.push(out);
+        (context, ksum) = (c, s);
     }
     if outs.is_empty() {
         return Ok(Tensor::zeros((heads, 0, dv), DType::F32, &Device::Cpu)?);
