@@ -3,7 +3,7 @@
 # (scripts/bench/reference.py: PyTorch SDPA, transformers' Longformer/BigBird/Reformer attention,
 # performer-pytorch, sentence-transformers), on this machine with the same thread count, then
 # one table of ratios and a log-log plot in docs/bench/. Not part of CI (a smoke run of tome's
-# side is). Takes about a quarter of an hour on 2 cores plus the one-time venv install.
+# side is). Takes about twenty minutes on 2 cores plus the one-time venv install.
 #   scripts/bench/run.sh [--smoke]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,7 +32,7 @@ done < "$out/cases"
 # The length-scaling cases (tome alone) again, in rounds that each take every size in turn: a
 # fitted exponent compares sizes measured minutes apart, and one slow spell over one size bends
 # it. The report keeps each size's fastest round.
-for round in $(seq 2 "${TOME_BENCH_SCALING_ROUNDS:-3}"); do
+for round in $(seq 2 "${TOME_BENCH_SCALING_ROUNDS:-5}"); do
   grep '^scaling-' "$out/cases" | while read -r name tokens; do
     "$tome" bench case "$name" --tokens "$tokens" >> "$out/tome.jsonl"
     echo "tome      (round $round) $(tail -n 1 "$out/tome.jsonl")" >&2

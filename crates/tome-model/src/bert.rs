@@ -221,17 +221,23 @@ impl BertModel {
         pos_ids.extend((n..rows).map(|i| (((positions[i] as usize) % usable) + self.cfg.position_offset()) as u32));
         let valid: Vec<bool> = positions.iter().map(|&p| (p as usize) < plan.len()).collect();
 
-        let ids = Tensor::from_vec(ids, rows, &dev)?;
-        let pos_ids = Tensor::from_vec(pos_ids, rows, &dev)?;
-        let types = Tensor::zeros(rows, DType::U32, &dev)?;
-        let mut words = self.word.forward(&ids)?;
-        if self.cfg.rescale_embeddings {
-            words = (words * (self.cfg.hidden_size as f64).sqrt())?;
+        // The embeddings, a block of rows at a time, written into the first layer's input: the
+        // whole shard's word, position and type embeddings and their sums never exist at once.
+        let mut x = Tensor::zeros((rows, self.cfg.hidden_size), DType::F32, &dev)?;
+        for start in (0..rows).step_by(FFN_ROWS) {
+            let len = FFN_ROWS.min(rows - start);
+            let ids = Tensor::from_slice(&ids[start..start + len], len, &dev)?;
+            let pos_ids = Tensor::from_slice(&pos_ids[start..start + len], len, &dev)?;
+            let types = Tensor::zeros(len, DType::U32, &dev)?;
+            let mut words = self.word.forward(&ids)?;
+            if self.cfg.rescale_embeddings {
+                words = (words * (self.cfg.hidden_size as f64).sqrt())?;
+            }
+            let embedded = ((words + self.position.forward(&pos_ids)?)? + self.token_type.forward(&types)?)?;
+            x.slice_set(&self.embed_norm.forward(&embedded)?, 0, start)?;
         }
-        let x = ((words + self.position.forward(&pos_ids)?)? + self.token_type.forward(&types)?)?;
-        let mut x = self.embed_norm.forward(&x)?;
         for (l, layer) in self.layers.iter().enumerate().take(input.run.layers_to_run(self.layers.len())?) {
-            x = self.layer_forward(layer, group, &padded, &x, &positions, &valid, input.layers[l], &input.global_tokens)?;
+            x = self.layer_forward(layer, group, &padded, x, &positions, &valid, input.layers[l], &input.global_tokens)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);
             }
@@ -239,38 +245,46 @@ impl BertModel {
         Ok(x.narrow(0, 0, n)?)
     }
 
+    /// One layer on this rank's rows. Its output is written over its input `x`, which the
+    /// layer takes: no second shard-sized tensor exists (see `finish`).
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         layer: &BertLayer,
         group: &dyn Group,
         plan: &ShardPlan,
-        x: &Tensor,
+        x: Tensor,
         positions: &[i64],
         valid: &[bool],
         attn: LayerAttention,
         global_tokens: &[usize],
     ) -> Result<Tensor> {
+        // The rows are written in place, so they must be this layer's own (a copy only if not
+        // contiguous; nothing else holds the input of a layer).
+        let x = x.contiguous()?;
         let (n, hidden) = x.dims2()?;
         let (heads, hd) = (self.cfg.num_attention_heads, self.cfg.head_dim());
         let scale = 1.0 / (hd as f32).sqrt();
-        // Everything after attention is per token: run it in row blocks written into the
-        // layer's output, so that no whole-shard temporary (the 4x-wide intermediate above
-        // all) is ever allocated, and each block stays in cache from projection to norm.
-        let out = Tensor::zeros((n, hidden), DType::F32, &Device::Cpu)?;
+        // Everything after attention is per token: run it in row blocks, so that no whole-shard
+        // temporary (the 4x-wide intermediate above all) is ever allocated, and each block stays
+        // in cache from projection to norm. A block's output goes over its own input rows: by
+        // then nothing reads them again. Its queries and its residual have been taken, and so
+        // have the keys and values of every row up to the block's end plus the window (the key
+        // stream projects rows ahead of the queries, never behind; the other paths project the
+        // whole shard before attention).
         let finish = |start: usize, c: Tensor| -> Result<()> {
             let h = layer.attn_norm.forward(&projection::linear(&c, layer.attn_out.weight(), layer.attn_out.bias(), Some(&x.narrow(0, start, c.dim(0)?)?), |_| {})?)?;
-            out.slice_set(&self.feed_forward(layer, &h)?, 0, start)?;
+            x.slice_set(&self.feed_forward(layer, &h)?, 0, start)?;
             Ok(())
         };
         if let (LayerAttention::Window { one_sided }, true) = (attn, global_tokens.is_empty()) {
             // Without global tokens, queries go through attention and the rest of the layer a
             // row block at a time: the shard's queries and context never exist whole.
             let spec = WindowSpec { one_sided, causal: false, scale };
-            window_rows(group, plan, x, [&layer.query, &layer.key, &layer.value], heads, positions, valid, spec, FFN_ROWS, finish)?;
-            return Ok(out);
+            window_rows(group, plan, &x, [&layer.query, &layer.key, &layer.value], heads, positions, valid, spec, FFN_ROWS, finish)?;
+            return Ok(x);
         }
-        let [q, k, v] = project_heads(x, [&layer.query, &layer.key, &layer.value], heads)?;
+        let [q, k, v] = project_heads(&x, [&layer.query, &layer.key, &layer.value], heads)?;
         let own = KeyBlock { k, v, pos: positions.to_vec(), valid: valid.to_vec() };
         let ctx = match attn {
             LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale })?,
@@ -280,7 +294,7 @@ impl BertModel {
                 // global tokens' rows.
                 let projections = match (&layer.global, global_tokens.is_empty()) {
                     (Some((gq, gk, gv)), false) => {
-                        let [gq, gk, gv] = project_heads(x, [gq, gk, gv], heads)?;
+                        let [gq, gk, gv] = project_heads(&x, [gq, gk, gv], heads)?;
                         Some((gq, gk, gv))
                     }
                     _ => None,
@@ -304,7 +318,7 @@ impl BertModel {
             let rows = FFN_ROWS.min(n - start);
             finish(start, ctx.narrow(1, start, rows)?.transpose(0, 1)?.reshape((rows, hidden))?)?;
         }
-        Ok(out)
+        Ok(x)
     }
 
     fn feed_forward(&self, layer: &BertLayer, x: &Tensor) -> Result<Tensor> {

@@ -77,6 +77,24 @@ fn window_attention_with_global_tokens_and_tiled_positions_is_rank_invariant() {
 }
 
 #[test]
+fn long_window_documents_agree_whether_keys_stream_or_are_made_whole() {
+    // 4,700 tokens: each rank embeds its rows in 2,048-row blocks, and each layer runs several
+    // such blocks, each over its own chunk of streamed keys, writing each block's output over
+    // its input rows. The ranks' rows fall into different blocks on each plan. Contiguous shards
+    // stream their keys; zigzag shards (two runs per rank) project their whole shard's keys
+    // before any row is overwritten, so they check the streamed, in-place path.
+    let dir = ModelDir::open(&fixture("bert-tiny")).unwrap();
+    let ids: Vec<u32> = (0..4700).map(|i| (i * 37 % 98 + 1) as u32).collect();
+    let opts = EncodeOptions { attention: Some(LayerAttention::window(8).unwrap()), position_extension: PositionExtension::Tile, ..Default::default() };
+    let doc = dir.model.prepare(ids, &opts).unwrap();
+    let whole = hidden(&dir, &doc, 2, Layout::Zigzag);
+    for ranks in 1..=3 {
+        let d = max_diff(&hidden(&dir, &doc, ranks, Layout::Contiguous), &whole);
+        assert!(d <= 1e-5, "{ranks} contiguous ranks against 2 zigzag ranks: {d}");
+    }
+}
+
+#[test]
 fn bad_model_directories_name_the_problem() {
     let missing = ModelDir::open(Path::new("/nonexistent/model")).err().unwrap();
     assert!(missing.to_string().contains("does not exist"), "{missing}");
