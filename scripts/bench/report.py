@@ -115,8 +115,10 @@ def main():
         "(for the book: tome tokens/s / reference tokens/s); peak +MB is the resident-memory high-water mark above the",
         "process's memory before the timed call. Produced by scripts/bench/run.sh.", "",
         *table, "", "## Length scaling (tome, one rank, 2 heads × 16)", "",
-        "Each size ran in its own process, in rounds that took every size in turn; a size's time is its fastest",
-        "round (each round the fastest of at least 3 runs, or of 2 seconds of runs), and the exponent is fitted to those.", "",
+        "Each size ran in its own process, in rounds that took every size in turn. Every timed run covers 1M tokens",
+        "(a smaller size repeats its call: 16 times at 64k), so runs last alike at every size; a round reports the",
+        "fastest of at least 3 runs (or of 2 seconds of runs), per call. A size's time is its fastest round, and the",
+        "exponent is fitted to those.", "",
         scaling_md, "", "![time and peak memory against tokens](bench.png)", "",
         # What the numbers mean and what bounds them is written by hand, beside the table.
         "Notes on the latest run (goals met and missed, profiles, what bounds each): [NOTES.md](NOTES.md).", ""])

@@ -32,7 +32,7 @@ done < "$out/cases"
 # The length-scaling cases (tome alone) again, in rounds that each take every size in turn: a
 # fitted exponent compares sizes measured minutes apart, and one slow spell over one size bends
 # it. The report keeps each size's fastest round.
-for round in $(seq 2 "${TOME_BENCH_SCALING_ROUNDS:-5}"); do
+for round in $(seq 2 "${TOME_BENCH_SCALING_ROUNDS:-3}"); do
   grep '^scaling-' "$out/cases" | while read -r name tokens; do
     "$tome" bench case "$name" --tokens "$tokens" >> "$out/tome.jsonl"
     echo "tome      (round $round) $(tail -n 1 "$out/tome.jsonl")" >&2

@@ -247,7 +247,7 @@ pub fn key_state(k: &Tensor, v: &Tensor, proj: &Tensor, stabilizer: &Tensor, tas
                     let mut scratch = Scratch::default();
                     for step in steps(rows.clone()) {
                         let phi = w.features(&mut scratch, keys.rows(*h, step.clone()), Stabiliser::Shared(stab[*h]));
-                        for row in phi.chunks_exact(m) {
+                        for row in phi.chunks_exact(m.max(1)) {
                             ksum.iter_mut().zip(row).for_each(|(s, f)| *s += f);
                         }
                         // context += phiᵀ · v over the step's rows.
@@ -437,8 +437,8 @@ struct Projection {
 impl Projection {
     fn scaled(proj: &Tensor, d: usize, op: &'static str) -> Result<Self> {
         let (features, proj_d) = proj.dims2()?;
-        if proj_d != d {
-            return Err(shape_err(op, format!("a projection [{features}, {proj_d}] for head width {d}")));
+        if proj_d != d || features == 0 || d == 0 {
+            return Err(shape_err(op, format!("a projection [{features}, {proj_d}] for head width {d}: it needs features, and the heads' width")));
         }
         let scale = (d as f32).powf(-0.25);
         let scaled = with_f32(&proj.contiguous()?, op, |w| w.iter().map(|x| x * scale).collect())?;
@@ -580,6 +580,8 @@ mod tests {
         assert_eq!(bidirectional(&empty, &proj, &context, &ksum, 8).unwrap().dims(), &[2, 0, 3]);
         let wide = Tensor::zeros((2, 5, 4), candle_core::DType::F32, &dev).unwrap();
         assert!(key_stabilizer(&wide, &proj).is_err());
+        let featureless = Tensor::zeros((0, 3), candle_core::DType::F32, &dev).unwrap();
+        assert!(key_stabilizer(&empty, &featureless).is_err());
         assert!(key_state(&empty, &wide, &proj, &stab, 8).is_err());
         assert!(bidirectional(&empty, &proj, &context.narrow(1, 0, 3).unwrap(), &ksum, 8).is_err());
     }

@@ -70,6 +70,13 @@ const RUNS: Runs = Runs { at_least: 3, until_seconds: 0.0 };
 /// slow spell in 3 runs would bend the fitted exponent; they run for 2 seconds each.
 const SCALING_RUNS: Runs = Runs { at_least: 3, until_seconds: 2.0 };
 
+/// Tokens a timed length-scaling run covers at every size: a smaller size repeats its call (16
+/// times at 64k tokens, 4 at 256k), so a run lasts about as long at every size and meets the
+/// machine's slow spells alike. With one call per run, the 64k point's fastest run could fall
+/// inside a quiet spell that no run of the 1M point was short enough to fit in, and the fitted
+/// exponent came out too high.
+const SCALING_SAMPLE_TOKENS: usize = 1 << 20;
+
 const MAX_RUNS: usize = 100;
 
 /// The fastest of `runs` runs of `f`, with the highest peak memory of them. A case with a FLOP
@@ -227,26 +234,49 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
     let (q, k, v) = (randn((H, n, D))?, randn((H, n, D))?, randn((H, n, D))?);
     let own = KeyBlock { k: k.clone(), v: v.clone(), pos, valid: vec![true; n] };
     let case = format!("scaling-{family}");
-    // The smoke sizes (CI) take the plain 3 runs.
-    let runs = if n >= 65536 { SCALING_RUNS } else { RUNS };
+    // The smoke sizes (CI) take the plain 3 runs of one call.
+    let (runs, calls) = if n >= 65536 { (SCALING_RUNS, (SCALING_SAMPLE_TOKENS / n).max(1)) } else { (RUNS, 1) };
+    // Each timed run makes `calls` calls; the record is per call.
+    let timed_per_call = |case: &str, n: usize, gflop: Option<f64>, runs: Runs, mut call: Box<dyn FnMut() -> anyhow::Result<()> + '_>| -> anyhow::Result<Record> {
+        let record = timed_best(case, n, gflop, runs, || (0..calls).try_for_each(|_| call()))?;
+        Ok(Record { seconds: record.seconds / calls as f64, ..record })
+    };
     match family {
-        "window" => timed_best(&case, n, None, runs, || {
-            window_attention(&g, &plan, &q, own.clone(), WindowSpec { one_sided: 128, causal: false, scale: 0.25 }, None)?;
-            Ok(())
-        }),
+        "window" => timed_per_call(
+            &case,
+            n,
+            None,
+            runs,
+            Box::new(|| {
+                window_attention(&g, &plan, &q, own.clone(), WindowSpec { one_sided: 128, causal: false, scale: 0.25 }, None)?;
+                Ok(())
+            }),
+        ),
         "blocksparse" => {
             let pattern = BlockSparsePlan::new(n, 64, H, &RandomBlocks::Seeded { r: 3, seed: 1 })?;
-            timed_best(&case, n, None, runs, || {
-                blocksparse_attention(&g, &plan, &q, own.clone(), &pattern, 0.25)?;
-                Ok(())
-            })
+            timed_per_call(
+                &case,
+                n,
+                None,
+                runs,
+                Box::new(|| {
+                    blocksparse_attention(&g, &plan, &q, own.clone(), &pattern, 0.25)?;
+                    Ok(())
+                }),
+            )
         }
         "favor" => {
             let spec = FavorSpec { projection: orthogonal_projection(32, D, 1)?, causal: false, chunk: 256, rows: 16384 };
-            timed_best(&case, n, None, runs, || {
-                favor_attention(&g, &plan, &q, &k, &v, &spec)?;
-                Ok(())
-            })
+            timed_per_call(
+                &case,
+                n,
+                None,
+                runs,
+                Box::new(|| {
+                    favor_attention(&g, &plan, &q, &k, &v, &spec)?;
+                    Ok(())
+                }),
+            )
         }
         "recurrent" | "compressive" => {
             let width = H * D;
@@ -264,17 +294,29 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
             let seg_plan = ShardPlan::aligned(n, 1, 128)?;
             if family == "recurrent" {
                 let first = XlMemory::empty(128, width)?;
-                timed_best(&case, n, None, runs, || {
-                    segment_recurrence(&g, &seg_plan, &x, 128, &first, &|m: &XlMemory, s: &Tensor| attend(&m.mem, s))?;
-                    Ok(())
-                })
+                timed_per_call(
+                    &case,
+                    n,
+                    None,
+                    runs,
+                    Box::new(|| {
+                        segment_recurrence(&g, &seg_plan, &x, 128, &first, &|m: &XlMemory, s: &Tensor| attend(&m.mem, s))?;
+                        Ok(())
+                    }),
+                )
             } else {
                 let first = CompressiveMemory::empty(128, 64, 2, Compression::Mean, width)?;
                 let step = |m: &CompressiveMemory, s: &Tensor| attend(&Tensor::cat(&[&m.cmem, &m.mem], 0)?, s);
-                timed_best(&case, n, None, runs, || {
-                    segment_recurrence(&g, &seg_plan, &x, 128, &first, &step)?;
-                    Ok(())
-                })
+                timed_per_call(
+                    &case,
+                    n,
+                    None,
+                    runs,
+                    Box::new(|| {
+                        segment_recurrence(&g, &seg_plan, &x, 128, &first, &step)?;
+                        Ok(())
+                    }),
+                )
             }
         }
         other => bail!("unknown scaling family {other}"),
