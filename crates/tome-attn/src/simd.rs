@@ -44,7 +44,8 @@ pub(crate) const EXP_POLY: [f32; 6] = [0.008_288_594_894_111_156, 0.041_907_232_
 /// `n · LN2_HI` is exact.
 pub(crate) const LN2_HI: f32 = 0.693_359_4;
 pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
-/// Below this `e^x` is under f32's smallest normal and the exps return 0; above `EXP_HI`, inf.
+/// Below this `e^x` is under f32's smallest normal and the exps return 0; above `EXP_HI` the
+/// input is clamped to it (`e^EXP_HI` ≈ 2.4e38, finite). Scores and features stay far below.
 pub(crate) const EXP_LO: f32 = -87.336_54;
 pub(crate) const EXP_HI: f32 = 88.376_26;
 /// `1.5 · 2^23`. Added to a float under 2^22 in magnitude, it leaves that float rounded to the
@@ -159,6 +160,8 @@ mod tests {
         }
         assert_eq!(pow2(128.0), f32::INFINITY);
         assert!(exp::<Plain>(f32::NAN).is_nan());
+        assert_eq!(exp::<Plain>(f32::INFINITY), exp::<Plain>(EXP_HI));
+        assert!(exp::<Plain>(EXP_HI).is_finite());
         assert_eq!(exp::<Plain>(EXP_LO), EXP_LO.exp());
     }
 
