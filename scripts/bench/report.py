@@ -31,19 +31,18 @@ def exponent(rows):
 
 
 def fastest_rounds(records):
-    """One record per (case, tokens) where rounds repeated it: the fastest round's time, the
-    highest round's memory, and how many rounds there were."""
+    """One record per (case, tokens) where rounds repeated it: the fastest round's record (its
+    time, and the GFLOP/s and FMA peak measured with it), the highest memory of all rounds, and
+    how many rounds there were."""
     merged = {}
     for r in records:
         key = (r["case"], r["tokens"])
-        if key not in merged:
-            merged[key] = dict(r, rounds=1)
+        m = merged.get(key)
+        if m is None:
+            merged[key] = dict(r, rounds=r.get("rounds", 1))
             continue
-        m = merged[key]
-        m["rounds"] += 1
-        m["seconds"] = min(m["seconds"], r["seconds"])
-        for mem in ("peak_rss_mb", "peak_increment_mb"):
-            m[mem] = max(m[mem], r[mem])
+        memory = {mem: max(m[mem], r[mem]) for mem in ("peak_rss_mb", "peak_increment_mb")}
+        merged[key] = dict(r if r["seconds"] < m["seconds"] else m, rounds=m["rounds"] + r.get("rounds", 1), **memory)
     return list(merged.values())
 
 
@@ -85,8 +84,8 @@ def main():
     if a.scaling:
         print(scaling_table(records(a.scaling))[0])
         return
-    tome = records(a.tome)
-    ref = {(r["case"], r["tokens"]): r for r in records(a.reference)}
+    tome = fastest_rounds(records(a.tome))
+    ref = {(r["case"], r["tokens"]): r for r in fastest_rounds(records(a.reference))}
     peak = next((r["gflops"] for r in tome if r["case"] == "fma-peak"), None)
     rows, table = [], ["| case | tokens | tome s | reference s | speed-up | tome GFLOP/s (% of the FMA peak around the run) | tome peak +MB | reference peak +MB | reference |",
                        "|---|---|---|---|---|---|---|---|---|"]
@@ -104,14 +103,16 @@ def main():
         table.append(f"| {r['case']} | {r['tokens']} | {r['seconds']:.3f} | {x['seconds']:.3f} | {speedup:.2f}× | {gf} | {r['peak_increment_mb']:.0f} | {x['peak_increment_mb']:.0f} | {REFERENCE_NAMES[r['case']]} |"
                      if x else f"| {r['case']} | {r['tokens']} | {r['seconds']:.3f} | — | — | {gf} | {r['peak_increment_mb']:.0f} | — | {REFERENCE_NAMES[r['case']]} |")
         rows.append({"case": r["case"], "tokens": r["tokens"], "tome": r, "reference": x, "speedup": speedup})
+    rounds = max((r["rounds"] for r in tome if r["case"] in REFERENCE_NAMES), default=1)
     scaling_md, fits = scaling_table(tome)
     md = "\n".join([
         "# Benchmarks", "",
         f"Machine: {machine()}. Measured FMA peak: {peak:.0f} GFLOP/s (f32) at the start of the run; cases with a FLOP count"
         " measure it again just before and after each timed run and are read against the higher of the two around"
         " their fastest run." if peak else f"Machine: {machine()}.",
-        "Each case ran in its own process, with the same thread count on both sides; each side's time is the fastest of 3",
-        "runs in that process and its memory the highest of them; speed-up is reference time / tome time",
+        f"Each case ran in its own process, with the same thread count on both sides, in {rounds} rounds that each took every",
+        "case in turn, tome's run followed at once by its reference's. A round reports the fastest of 3 runs in its process;",
+        "each side's time is its fastest round and its memory the highest of all; speed-up is reference time / tome time",
         "(for the book: tome tokens/s / reference tokens/s); peak +MB is the resident-memory high-water mark above the",
         "process's memory before the timed call. Produced by scripts/bench/run.sh.", "",
         *table, "", "## Length scaling (tome, one rank, 2 heads × 16)", "",
@@ -125,7 +126,7 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     open(os.path.join(a.out, "README.md"), "w").write(md)
     json.dump({"machine": machine(), "fma_peak_gflops": peak, "comparisons": rows, "scaling": fits}, open(os.path.join(a.out, "bench.json"), "w"), indent=2)
-    plot(fastest_rounds(tome), list(ref.values()), os.path.join(a.out, "bench.png"))
+    plot(tome, list(ref.values()), os.path.join(a.out, "bench.png"))
     print(md)
 
 

@@ -108,10 +108,11 @@ pub fn key_stabilizer(k: &Tensor, proj: &Tensor) -> Result<Tensor> {
             let mut scratch = Scratch::default();
             steps(rows).map(|step| row_max(w.dash(&mut scratch, keys.rows(h, step)))).fold(f32::NEG_INFINITY, f32::max)
         };
-        let task_maxima: Vec<f32> = tasks(heads, n, TASK_ROWS).into_par_iter().map(task_max).collect();
+        let task_list = tasks(heads, n, TASK_ROWS);
+        let task_maxima: Vec<f32> = task_list.par_iter().cloned().map(task_max).collect();
         let mut maxima = vec![f32::NEG_INFINITY; heads];
-        for ((h, _), m) in tasks(heads, n, TASK_ROWS).into_iter().zip(task_maxima) {
-            maxima[h] = maxima[h].max(m);
+        for ((h, _), m) in task_list.iter().zip(task_maxima) {
+            maxima[*h] = maxima[*h].max(m);
         }
         maxima
     })?;
@@ -247,7 +248,7 @@ pub fn key_state(k: &Tensor, v: &Tensor, proj: &Tensor, stabilizer: &Tensor, tas
                     let mut scratch = Scratch::default();
                     for step in steps(rows.clone()) {
                         let phi = w.features(&mut scratch, keys.rows(*h, step.clone()), Stabiliser::Shared(stab[*h]));
-                        for row in phi.chunks_exact(m.max(1)) {
+                        for row in phi.chunks_exact(m) {
                             ksum.iter_mut().zip(row).for_each(|(s, f)| *s += f);
                         }
                         // context += phiᵀ · v over the step's rows.
@@ -331,7 +332,7 @@ pub fn bidirectional(q: &Tensor, proj: &Tensor, context: &Tensor, ksum: &Tensor,
                         }
                         // SAFETY: the GEMM above wrote every element of `dst`.
                         let dst = unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) };
-                        for (row, features) in dst.chunks_exact_mut(dv.max(1)).zip(phi.chunks_exact(m.max(1))) {
+                        for (row, features) in dst.chunks_exact_mut(dv.max(1)).zip(phi.chunks_exact(m)) {
                             let den = dot(features, ksum);
                             row.iter_mut().for_each(|x| *x /= den);
                         }
@@ -428,6 +429,7 @@ struct Scratch {
 }
 
 /// The projection as the fused passes use it: `w · d^-1/4` (`[m, d]`, row-major).
+/// `features` and `d` are never 0 (`scaled` refuses them), so rows chunk by either.
 struct Projection {
     scaled: Vec<f32>,
     features: usize,
@@ -463,7 +465,7 @@ impl Projection {
         self.dash(s, x);
         let half_sq = 0.5 / (d as f32).sqrt();
         s.diag.clear();
-        s.diag.extend(x.chunks_exact(d.max(1)).map(|row| half_sq * dot(row, row)));
+        s.diag.extend(x.chunks_exact(d).map(|row| half_sq * dot(row, row)));
         s.stab.clear();
         let rows_per_stab = match stabiliser {
             Stabiliser::Shared(c) => {
@@ -471,7 +473,7 @@ impl Projection {
                 rows.max(1)
             }
             Stabiliser::PerRow => {
-                s.stab.extend(s.dash.chunks_exact(m.max(1)).map(row_max));
+                s.stab.extend(s.dash.chunks_exact(m).map(row_max));
                 1
             }
         };
@@ -479,9 +481,7 @@ impl Projection {
         let shape = FeatureShape { m, ratio: (m as f64).powf(-0.5) as f32, rows_per_stab };
         // SAFETY: MaybeUninit<f32> has f32's layout, and `feature_rows` writes only initialised values.
         let out = unsafe { &mut *(s.phi.as_mut_slice() as *mut [f32] as *mut [MaybeUninit<f32>]) };
-        if m > 0 {
-            feature_rows(out, &s.dash, 0, &s.diag, &s.stab, shape);
-        }
+        feature_rows(out, &s.dash, 0, &s.diag, &s.stab, shape);
         &s.phi
     }
 }
