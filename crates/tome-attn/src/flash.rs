@@ -11,10 +11,17 @@
 //! packed, once per tile: 6 × 16 in `avx2`, 12 × 32 in `avx512` where the CPU has AVX-512F. The
 //! portable path packs `Qᵀ` panels, `Kᵀ` and `V` per key block for `MR × NR` kernels. Work is
 //! split over (head, query tile) with rayon.
+//!
+//! Two things keep the vector tile fed: its scratch (`Qᵀ`, scores, accumulators) starts on a
+//! cache line (`aligned`), so no register load straddles two lines, and while a key block
+//! computes, each strip asks for its share of the next block's key and value lines, so that a
+//! head's keys and values larger than L2 (16k tokens: 8 MB) arrive before the first strip
+//! needs them.
 
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use crate::aligned::LineAligned;
 use crate::error::{shape_err, AttnError, Result};
 use crate::mask::Mask;
 use crate::partial::Partial;
@@ -286,7 +293,7 @@ impl Problem<'_> {
         // at (s * dv + c) * nq + r), and the running max and sum of each query.
         let strip_pos: Vec<&[i64]> = q_pos.chunks(nq).collect();
         let strip_range: Vec<(i64, i64)> = strip_pos.iter().map(|p| p.iter().fold((i64::MAX, i64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)))).collect();
-        let mut qt = vec![0f32; strips * dqk * nq];
+        let mut qt = LineAligned::filled(strips * dqk * nq, 0.0);
         let q_head = &self.q[(h * self.nq + q0) * dqk..];
         for r in 0..rows {
             let (s, lane) = (r / nq, r % nq);
@@ -294,10 +301,10 @@ impl Problem<'_> {
                 qt[(s * dqk + t) * nq + lane] = x * self.scale;
             }
         }
-        let mut acc = vec![0f32; strips * dv * nq];
-        let mut m = vec![f32::NEG_INFINITY; strips * nq];
-        let mut l = vec![0f32; strips * nq];
-        let mut st = vec![0f32; TK * nq];
+        let mut acc = LineAligned::filled(strips * dv * nq, 0.0);
+        let mut m = LineAligned::filled(strips * nq, f32::NEG_INFINITY);
+        let mut l = LineAligned::filled(strips * nq, 0.0);
+        let mut st = LineAligned::filled(TK * nq, 0.0);
         let k_head = &self.k[kvh * self.nk * dqk..(kvh + 1) * self.nk * dqk];
         let v_head = &self.v[kvh * self.nk * dv..(kvh + 1) * self.nk * dv];
 
@@ -306,7 +313,11 @@ impl Problem<'_> {
             let Some((valid, needs_mask)) = self.key_block(q_range, kb, cols) else { continue };
             let (k_block, v_block) = (&k_head[kb * dqk..(kb + cols) * dqk], &v_head[kb * dv..(kb + cols) * dv]);
             let block_pos = &mask.k_pos[kb..kb + cols];
+            let next = (kb + cols)..(kb + cols + TK).min(k_end);
+            let (next_k, next_v) = (&k_head[next.start * dqk..next.end * dqk], &v_head[next.start * dv..next.end * dv]);
             for (s, (&pos, &range)) in strip_pos.iter().zip(&strip_range).enumerate() {
+                prefetch_share(next_k, s, strips);
+                prefetch_share(next_v, s, strips);
                 // Only the block's keys this strip can see: the rest would add exact zeros.
                 let (lo, hi) = mask.key_position_bounds(range.0, range.1);
                 let (j0, j1) = (block_pos.partition_point(|&p| p < lo), block_pos.partition_point(|&p| p < hi));
@@ -435,6 +446,23 @@ impl Problem<'_> {
                 lse[r] = m[r] + l[r].ln();
             }
         }
+    }
+}
+
+/// Asks for share `share` of `shares` of `data`'s cache lines to be brought into L2: the next
+/// key block's rows, a share per strip, on their way while this block computes. At 16k tokens
+/// a head's keys and values (8 MB) come from L3, and the first strip to touch a block would
+/// otherwise wait on each of its lines.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_share(data: &[f32], share: usize, shares: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    let lines = data.len().div_ceil(16);
+    let per_share = lines.div_ceil(shares.max(1));
+    for line in (share * per_share..((share + 1) * per_share).min(lines)).map(|l| l * 16) {
+        // SAFETY: `line < data.len()`, so the address is inside `data`; a prefetch reads nothing
+        // the program sees and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(data.as_ptr().add(line).cast()) }
     }
 }
 

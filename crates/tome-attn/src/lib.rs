@@ -9,6 +9,7 @@
 //! This crate knows nothing of ranks, networks, async or files: it is pure math over slices and
 //! tensors. `reference` holds the naive O(n²) versions the kernels are tested against.
 
+mod aligned;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
