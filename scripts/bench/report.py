@@ -111,7 +111,8 @@ def main():
         " measure it again just before and after each timed run and are read against the higher of the two around"
         " their fastest run." if peak else f"Machine: {machine()}.",
         f"Each case ran in its own process, with the same thread count on both sides, in {rounds} rounds that each took every",
-        "case in turn, tome's run followed at once by its reference's. A round reports the fastest of 3 runs in its process;",
+        "case in turn, tome's run and its reference's next to each other, which first alternating from round to round.",
+        "A round reports the fastest of 3 runs in its process;",
         "each side's time is its fastest round and its memory the highest of all; speed-up is reference time / tome time",
         "(for the book: tome tokens/s / reference tokens/s); peak +MB is the resident-memory high-water mark above the",
         "process's memory before the timed call. Produced by scripts/bench/run.sh.", "",

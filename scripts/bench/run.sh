@@ -17,8 +17,8 @@ cargo build --release --locked -q -p tome-cli
 out=$(mktemp -d)
 py="$venv/bin/python"
 tome=target/release/tome
-# Rounds, each taking the cases in turn, each tome case followed at once by its reference (where
-# there is one): a shared machine's slow spells then fall on both sides of a comparison, not on
+# Rounds, each taking the cases in turn, each tome case next to its reference (where there is
+# one): a shared machine's slow spells then fall on both sides of a comparison, not on
 # one side's whole suite, and one slow spell cannot decide a ratio alone, for the report keeps
 # each side's fastest round. Comparisons run TOME_BENCH_ROUNDS rounds (default 2); the
 # length-scaling cases (tome alone) TOME_BENCH_SCALING_ROUNDS (default 3), as a fitted exponent
@@ -34,12 +34,19 @@ for round in $(seq 1 $((rounds > scaling_rounds ? rounds : scaling_rounds))); do
       scaling-*) [ "$round" -le "$scaling_rounds" ] || continue ;;
       *) [ "$round" -le "$rounds" ] || continue ;;
     esac
-    "$tome" bench case "$name" --tokens "$tokens" >> "$out/tome.jsonl"
-    echo "tome      (round $round) $(tail -n 1 "$out/tome.jsonl")" >&2
-    if grep -qx "$name $tokens" "$out/reference-cases"; then
-      "$py" scripts/bench/reference.py case "$name" "$tokens" >> "$out/reference.jsonl"
-      echo "reference (round $round) $(tail -n 1 "$out/reference.jsonl")" >&2
-    fi
+    # Which side goes first alternates from round to round, so that whatever the case before
+    # leaves behind (a heavy reference process, a cold cache) falls on each side alike.
+    sides=(tome reference)
+    [ $((round % 2)) -eq 1 ] || sides=(reference tome)
+    for side in "${sides[@]}"; do
+      if [ "$side" = tome ]; then
+        "$tome" bench case "$name" --tokens "$tokens" >> "$out/tome.jsonl"
+        echo "tome      (round $round) $(tail -n 1 "$out/tome.jsonl")" >&2
+      elif grep -qx "$name $tokens" "$out/reference-cases"; then
+        "$py" scripts/bench/reference.py case "$name" "$tokens" >> "$out/reference.jsonl"
+        echo "reference (round $round) $(tail -n 1 "$out/reference.jsonl")" >&2
+      fi
+    done
   done < "$out/cases"
 done
 "$py" scripts/bench/report.py --tome "$out/tome.jsonl" --reference "$out/reference.jsonl" --out docs/bench
