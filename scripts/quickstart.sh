@@ -5,7 +5,7 @@
 # that each saw the whole book's context. Outputs land in out/paradise-lost/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/prereqs.sh protoc
+scripts/prereqs.sh cc protoc python
 scripts/fetch_data.sh
 cargo build --release --locked -p tome-cli
 target/release/tome process data/books/plrabn12.txt \

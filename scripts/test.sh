@@ -3,7 +3,7 @@
 # every test of the workspace (numeric crates are optimised even in the test profile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/prereqs.sh protoc etcd
+scripts/prereqs.sh cc protoc python etcd
 scripts/fetch_data.sh
 # The end-to-end tests (tests/) run the `tome` binary as real processes: build it first.
 cargo build --locked -p tome-cli
