@@ -186,8 +186,9 @@ fn token_id_conformance_path_writes_hidden_states_and_log_probs_on_any_number_of
 }
 
 /// `tome process --ids` for every architecture beyond BERT and the causal LMs, as a user checks
-/// their own checkpoint: Reformer, Switch, Transformer-XL and Compressive (`--segment-len`) on
-/// several ranks; and `--hidden-layer`, which writes that layer's hidden states.
+/// their own checkpoint: Reformer, Switch, Transformer-XL and Compressive (`--segment-len`) and
+/// GPT-Neo (dense and banded layers) on several ranks; and `--hidden-layer`, which writes that
+/// layer's hidden states.
 #[test]
 fn token_id_conformance_path_serves_every_architecture_and_a_chosen_layer() {
     let fixtures = repo().join("crates/tome-model/tests/fixtures");
@@ -214,6 +215,7 @@ fn token_id_conformance_path_serves_every_architecture_and_a_chosen_layer() {
         ("switch-tiny", &["--ranks", "2"][..]),
         ("transfo-xl-tiny", &["--ranks", "3", "--segment-len", "8"][..]),
         ("compressive-tiny", &["--ranks", "2", "--segment-len", "8"][..]),
+        ("gpt-neo-tiny", &["--ranks", "3", "--layout", "zigzag"][..]),
     ] {
         let golden = read_npy(&fixtures.join(model).join("last_hidden_state.npy"));
         assert!(max_diff(&run(model, extra, "last_hidden_state.npy"), &golden) <= 1e-4, "{model}");

@@ -17,6 +17,7 @@ use crate::config::{BertConfig, EncodeOptions, LayerAttention, PositionExtension
 use crate::document::{padded_plan, Prepared, RunOptions, ShardInput};
 use crate::error::{ModelError, Result};
 use crate::heads::{project_heads, window_rows};
+use crate::model::{Architecture, Shape};
 
 /// Token rows per feed-forward block (bounds the intermediate activation's memory).
 const FFN_ROWS: usize = 2048;
@@ -105,144 +106,11 @@ impl BertModel {
         &self.cfg
     }
 
-    /// Checks a whole document against the model and options and derives per-token positions
-    /// (done once, before sharding: RoBERTa positions count the non-padding tokens before each).
-    pub fn prepare(&self, ids: Vec<u32>, opts: &EncodeOptions) -> Result<Prepared> {
-        let cfg = &self.cfg;
-        if ids.is_empty() {
-            return Err(ModelError::Input("the document has no tokens".into()));
-        }
-        crate::model::check_vocab(&ids, cfg.vocab_size)?;
-        let usable = cfg.usable_positions();
-        let offset = cfg.position_offset();
-        // RoBERTa-style models count positions past padding tokens; BERT-style ones number
-        // every token.
-        let roberta = cfg.position_offset() != 0;
-        let mut position_ids = Vec::with_capacity(ids.len());
-        let mut counted = 0usize;
-        for &id in &ids {
-            if roberta && id as usize == cfg.pad_token_id {
-                position_ids.push(cfg.pad_token_id as u32);
-                continue;
-            }
-            let p = if roberta { counted } else { position_ids.len() };
-            counted += 1;
-            let p = match opts.position_extension {
-                PositionExtension::Tile => p % usable,
-                PositionExtension::Refuse if p < usable => p,
-                PositionExtension::Refuse => {
-                    return Err(ModelError::Input(format!(
-                        "the document has {} tokens but the model has learned {usable} positions; \
-                         ask for a position extension (tile) or send a shorter document",
-                        ids.len()
-                    )))
-                }
-            };
-            position_ids.push((p + offset) as u32);
-        }
-        let mut layers = match opts.attention {
-            Some(a) => vec![a; cfg.num_hidden_layers],
-            None => cfg.layer_attention()?,
-        };
-        if let Some(&LayerAttention::BlockSparse { block, random }) = layers.iter().find(|l| matches!(l, LayerAttention::BlockSparse { .. })) {
-            // As transformers: a sequence no longer than what one block row attends to runs
-            // full attention, and block-sparse attention needs whole blocks.
-            // Longer ones are padded to whole blocks (in `forward`, on the rank holding the end).
-            let padded = ids.len().next_multiple_of(block);
-            if ids.len() <= (5 + 2 * random) * block {
-                layers = vec![LayerAttention::Dense; cfg.num_hidden_layers];
-            } else if opts.position_extension == PositionExtension::Refuse && padded > usable {
-                return Err(ModelError::Input(format!(
-                    "the document has {} tokens, padded to {padded} for blocks of {block}; the model has learned {usable} positions",
-                    ids.len()
-                )));
-            }
-        }
-        if !opts.global_tokens.is_empty() {
-            if !layers.iter().any(|l| matches!(l, LayerAttention::Window { .. })) {
-                return Err(ModelError::Input("global tokens need window attention (dense attention already sees every token)".into()));
-            }
-            let mut g = opts.global_tokens.clone();
-            g.sort_unstable();
-            g.dedup();
-            if let Some(&last) = g.last().filter(|&&l| l >= ids.len()) {
-                return Err(ModelError::Input(format!("global token {last} is outside the document of {} tokens", ids.len())));
-            }
-        }
-        let mut global_tokens = opts.global_tokens.clone();
-        global_tokens.sort_unstable();
-        global_tokens.dedup();
-        Ok(Prepared { ids, position_ids, layers, global_tokens, run: RunOptions { output_layer: opts.output_layer, segment_len: None } })
-    }
-
     /// Runs the encoder on this rank's shard of `doc` and returns the shard's hidden states
     /// (`[shard, hidden]`) after the layers `doc.run` asks for (the last by default). `after_layer(l)` is called when layer `l` is done; returning false
     /// cancels the job.
     pub fn forward_shard(&self, group: &dyn Group, plan: &ShardPlan, doc: &Prepared, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         self.forward(group, plan, &doc.shard(plan, group.rank()), after_layer)
-    }
-
-    /// As [`BertModel::forward_shard`], from the rank's [`ShardInput`] alone.
-    pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
-        let r = group.rank();
-        let positions = plan.positions(r);
-        let dev = Device::Cpu;
-        let n = positions.len();
-        if input.ids.len() != n || input.position_ids.len() != n || input.layers.len() != self.layers.len() {
-            return Err(ModelError::Input(format!(
-                "rank {r} owns {n} tokens of {} layers but was given {} ids, {} positions and {} layers",
-                self.layers.len(),
-                input.ids.len(),
-                input.position_ids.len(),
-                input.layers.len()
-            )));
-        }
-        crate::model::check_vocab(&input.ids, self.cfg.vocab_size)?;
-        if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= self.cfg.max_position_embeddings) {
-            return Err(ModelError::Input(format!("position id {bad} is beyond the {} learned positions", self.cfg.max_position_embeddings)));
-        }
-        if input.global_tokens.windows(2).any(|w| w[1] <= w[0]) || input.global_tokens.last().is_some_and(|&g| g >= plan.len()) {
-            return Err(ModelError::Input(format!("global tokens must ascend and lie within the {} tokens of the document", plan.len())));
-        }
-        // Block-sparse layers see whole blocks: as transformers, pad the document's end with
-        // `pad_token_id` tokens that are never attended to, at the next positions, and drop
-        // their rows at the end.
-        let pad = match input.layers.iter().find_map(|l| if let LayerAttention::BlockSparse { block, .. } = l { Some(*block) } else { None }) {
-            Some(block) => plan.len().next_multiple_of(block) - plan.len(),
-            None => 0,
-        };
-        let padded = padded_plan(plan, pad)?;
-        let positions = padded.positions(r);
-        let rows = positions.len();
-        let usable = self.cfg.usable_positions();
-        let mut ids = input.ids.clone();
-        ids.resize(rows, self.cfg.pad_token_id as u32);
-        let mut pos_ids = input.position_ids.clone();
-        pos_ids.extend((n..rows).map(|i| (((positions[i] as usize) % usable) + self.cfg.position_offset()) as u32));
-        let valid: Vec<bool> = positions.iter().map(|&p| (p as usize) < plan.len()).collect();
-
-        // The embeddings, a block of rows at a time, written into the first layer's input: the
-        // whole shard's word, position and type embeddings and their sums never exist at once.
-        let mut x = Tensor::zeros((rows, self.cfg.hidden_size), DType::F32, &dev)?;
-        for start in (0..rows).step_by(FFN_ROWS) {
-            let len = FFN_ROWS.min(rows - start);
-            let ids = Tensor::from_slice(&ids[start..start + len], len, &dev)?;
-            let pos_ids = Tensor::from_slice(&pos_ids[start..start + len], len, &dev)?;
-            let types = Tensor::zeros(len, DType::U32, &dev)?;
-            let mut words = self.word.forward(&ids)?;
-            if self.cfg.rescale_embeddings {
-                words = (words * (self.cfg.hidden_size as f64).sqrt())?;
-            }
-            let embedded = ((words + self.position.forward(&pos_ids)?)? + self.token_type.forward(&types)?)?;
-            x.slice_set(&self.embed_norm.forward(&embedded)?, 0, start)?;
-        }
-        for (l, layer) in self.layers.iter().enumerate().take(input.run.layers_to_run(self.layers.len())?) {
-            x = self.layer_forward(layer, group, &padded, x, &positions, &valid, input.layers[l], &input.global_tokens)?;
-            if !after_layer(l) {
-                return Err(ModelError::Cancelled);
-            }
-        }
-        Ok(x.narrow(0, 0, n)?)
     }
 
     /// One layer on this rank's rows. Its output is written over its input `x`, which the
@@ -312,7 +180,7 @@ impl BertModel {
                 let spec = FavorSpec { projection, causal, chunk: FAVOR_CHUNK, rows: FFN_ROWS };
                 favor_attention(group, plan, &q, &own.k, &own.v, &spec)?
             }
-            LayerAttention::Native(name) => return Err(ModelError::Unsupported(format!("a BERT-family layer cannot run `{name}` attention"))),
+            LayerAttention::Native(native) => return Err(ModelError::Unsupported(format!("a BERT-family layer cannot run `{}` attention", native.name()))),
         };
         for start in (0..n).step_by(FFN_ROWS) {
             let rows = FFN_ROWS.min(n - start);
@@ -326,5 +194,154 @@ impl BertModel {
         let activation = self.cfg.activation()?;
         let inner = projection::linear(x, layer.intermediate.weight(), layer.intermediate.bias(), None, |xs| activation.apply_in_place(xs))?;
         Ok(layer.out_norm.forward(&projection::linear(&inner, layer.output.weight(), layer.output.bias(), Some(x), |_| {})?)?)
+    }
+}
+
+impl Architecture for BertModel {
+    fn shape(&self) -> Shape {
+        let c = self.config();
+        Shape {
+            model_type: c.model_type.clone(),
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_layers: c.num_hidden_layers,
+            vocab_size: c.vocab_size,
+            max_positions: Some(c.usable_positions()),
+            layer_attention: c.layer_attention().map(|l| l.iter().map(|a| a.to_string()).collect()).unwrap_or_default(),
+            causal: false,
+        }
+    }
+
+    /// Checks a whole document against the model and options and derives per-token positions
+    /// (done once, before sharding: RoBERTa positions count the non-padding tokens before each).
+    fn prepare(&self, ids: Vec<u32>, opts: &EncodeOptions) -> Result<Prepared> {
+        let cfg = &self.cfg;
+        if ids.is_empty() {
+            return Err(ModelError::Input("the document has no tokens".into()));
+        }
+        crate::model::check_vocab(&ids, cfg.vocab_size)?;
+        let usable = cfg.usable_positions();
+        let offset = cfg.position_offset();
+        // RoBERTa-style models count positions past padding tokens; BERT-style ones number
+        // every token.
+        let roberta = cfg.position_offset() != 0;
+        let mut position_ids = Vec::with_capacity(ids.len());
+        let mut counted = 0usize;
+        for &id in &ids {
+            if roberta && id as usize == cfg.pad_token_id {
+                position_ids.push(cfg.pad_token_id as u32);
+                continue;
+            }
+            let p = if roberta { counted } else { position_ids.len() };
+            counted += 1;
+            let p = match opts.position_extension {
+                PositionExtension::Tile => p % usable,
+                PositionExtension::Refuse if p < usable => p,
+                PositionExtension::Refuse => {
+                    return Err(ModelError::Input(format!(
+                        "the document has {} tokens but the model has learned {usable} positions; \
+                         ask for a position extension (tile) or send a shorter document",
+                        ids.len()
+                    )))
+                }
+            };
+            position_ids.push((p + offset) as u32);
+        }
+        let mut layers = match opts.attention {
+            Some(a) => vec![a; cfg.num_hidden_layers],
+            None => cfg.layer_attention()?,
+        };
+        if let Some(&LayerAttention::BlockSparse { block, random }) = layers.iter().find(|l| matches!(l, LayerAttention::BlockSparse { .. })) {
+            // As transformers: a sequence no longer than what one block row attends to runs
+            // full attention, and block-sparse attention needs whole blocks.
+            // Longer ones are padded to whole blocks (in `forward`, on the rank holding the end).
+            let padded = ids.len().next_multiple_of(block);
+            if ids.len() <= (5 + 2 * random) * block {
+                layers = vec![LayerAttention::Dense; cfg.num_hidden_layers];
+            } else if opts.position_extension == PositionExtension::Refuse && padded > usable {
+                return Err(ModelError::Input(format!(
+                    "the document has {} tokens, padded to {padded} for blocks of {block}; the model has learned {usable} positions",
+                    ids.len()
+                )));
+            }
+        }
+        if !opts.global_tokens.is_empty() {
+            if !layers.iter().any(|l| matches!(l, LayerAttention::Window { .. })) {
+                return Err(ModelError::Input("global tokens need window attention (dense attention already sees every token)".into()));
+            }
+            let mut g = opts.global_tokens.clone();
+            g.sort_unstable();
+            g.dedup();
+            if let Some(&last) = g.last().filter(|&&l| l >= ids.len()) {
+                return Err(ModelError::Input(format!("global token {last} is outside the document of {} tokens", ids.len())));
+            }
+        }
+        let mut global_tokens = opts.global_tokens.clone();
+        global_tokens.sort_unstable();
+        global_tokens.dedup();
+        Ok(Prepared { ids, position_ids, layers, global_tokens, run: RunOptions { output_layer: opts.output_layer, segment_len: None } })
+    }
+
+    /// As [`BertModel::forward_shard`], from the rank's [`ShardInput`] alone.
+    fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        let r = group.rank();
+        let positions = plan.positions(r);
+        let dev = Device::Cpu;
+        let n = positions.len();
+        if input.ids.len() != n || input.position_ids.len() != n || input.layers.len() != self.layers.len() {
+            return Err(ModelError::Input(format!(
+                "rank {r} owns {n} tokens of {} layers but was given {} ids, {} positions and {} layers",
+                self.layers.len(),
+                input.ids.len(),
+                input.position_ids.len(),
+                input.layers.len()
+            )));
+        }
+        crate::model::check_vocab(&input.ids, self.cfg.vocab_size)?;
+        if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= self.cfg.max_position_embeddings) {
+            return Err(ModelError::Input(format!("position id {bad} is beyond the {} learned positions", self.cfg.max_position_embeddings)));
+        }
+        if input.global_tokens.windows(2).any(|w| w[1] <= w[0]) || input.global_tokens.last().is_some_and(|&g| g >= plan.len()) {
+            return Err(ModelError::Input(format!("global tokens must ascend and lie within the {} tokens of the document", plan.len())));
+        }
+        // Block-sparse layers see whole blocks: as transformers, pad the document's end with
+        // `pad_token_id` tokens that are never attended to, at the next positions, and drop
+        // their rows at the end.
+        let pad = match input.layers.iter().find_map(|l| if let LayerAttention::BlockSparse { block, .. } = l { Some(*block) } else { None }) {
+            Some(block) => plan.len().next_multiple_of(block) - plan.len(),
+            None => 0,
+        };
+        let padded = padded_plan(plan, pad)?;
+        let positions = padded.positions(r);
+        let rows = positions.len();
+        let usable = self.cfg.usable_positions();
+        let mut ids = input.ids.clone();
+        ids.resize(rows, self.cfg.pad_token_id as u32);
+        let mut pos_ids = input.position_ids.clone();
+        pos_ids.extend((n..rows).map(|i| (((positions[i] as usize) % usable) + self.cfg.position_offset()) as u32));
+        let valid: Vec<bool> = positions.iter().map(|&p| (p as usize) < plan.len()).collect();
+
+        // The embeddings, a block of rows at a time, written into the first layer's input: the
+        // whole shard's word, position and type embeddings and their sums never exist at once.
+        let mut x = Tensor::zeros((rows, self.cfg.hidden_size), DType::F32, &dev)?;
+        for start in (0..rows).step_by(FFN_ROWS) {
+            let len = FFN_ROWS.min(rows - start);
+            let ids = Tensor::from_slice(&ids[start..start + len], len, &dev)?;
+            let pos_ids = Tensor::from_slice(&pos_ids[start..start + len], len, &dev)?;
+            let types = Tensor::zeros(len, DType::U32, &dev)?;
+            let mut words = self.word.forward(&ids)?;
+            if self.cfg.rescale_embeddings {
+                words = (words * (self.cfg.hidden_size as f64).sqrt())?;
+            }
+            let embedded = ((words + self.position.forward(&pos_ids)?)? + self.token_type.forward(&types)?)?;
+            x.slice_set(&self.embed_norm.forward(&embedded)?, 0, start)?;
+        }
+        for (l, layer) in self.layers.iter().enumerate().take(input.run.layers_to_run(self.layers.len())?) {
+            x = self.layer_forward(layer, group, &padded, x, &positions, &valid, input.layers[l], &input.global_tokens)?;
+            if !after_layer(l) {
+                return Err(ModelError::Cancelled);
+            }
+        }
+        Ok(x.narrow(0, 0, n)?)
     }
 }

@@ -87,8 +87,9 @@ fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
 
 impl BertConfig {
     pub fn validate(&self) -> Result<()> {
-        if !matches!(self.model_type.as_str(), "bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | PERFORMER) {
-            return Err(config_err("model_type", format!("`{}` is not a BERT-family encoder (bert, roberta, longformer, big_bird, {PERFORMER})", self.model_type)));
+        if !crate::registry::ModelType::from_name(&self.model_type).is_ok_and(|t| t.is_bert_family()) {
+            let family: Vec<&str> = crate::registry::ModelType::ALL.iter().filter(|t| t.is_bert_family()).map(|t| t.name()).collect();
+            return Err(config_err("model_type", format!("`{}` is not a BERT-family encoder ({})", self.model_type, family.join(", "))));
         }
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(config_err("num_attention_heads", format!("{} heads do not divide hidden_size {}", self.num_attention_heads, self.hidden_size)));
@@ -187,15 +188,50 @@ pub enum LayerAttention {
         features: usize,
         causal: bool,
     },
-    /// The attention the architecture itself defines and no option overrides, named by one of
-    /// [`NATIVE_ATTENTION`]: Reformer's `lsh` and `local` layers, Transformer-XL's `relative`
-    /// segment recurrence, the Compressive Transformer's `compressive` memories, Switch
-    /// Transformers' `relative-bias` dense attention.
-    Native(&'static str),
+    /// The attention the architecture itself defines and no option overrides.
+    Native(NativeAttention),
 }
 
-/// The names of [`LayerAttention::Native`] attentions.
-pub const NATIVE_ATTENTION: [&str; 5] = ["lsh", "local", "relative", "compressive", "relative-bias"];
+/// Attentions an architecture defines itself and no option overrides. These keep tokens in
+/// order across ranks, so documents that use them run the contiguous layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NativeAttention {
+    /// Reformer's LSH layers.
+    Lsh,
+    /// Reformer's chunked local layers.
+    Local,
+    /// Transformer-XL's relative attention over segment memories.
+    Relative,
+    /// The Compressive Transformer's memories and compressed memories.
+    Compressive,
+    /// Switch Transformers' dense attention with T5's relative position bias.
+    RelativeBias,
+}
+
+impl NativeAttention {
+    pub const ALL: [NativeAttention; 5] = [Self::Lsh, Self::Local, Self::Relative, Self::Compressive, Self::RelativeBias];
+
+    /// The name it has on the wire and in descriptions.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lsh => "lsh",
+            Self::Local => "local",
+            Self::Relative => "relative",
+            Self::Compressive => "compressive",
+            Self::RelativeBias => "relative-bias",
+        }
+    }
+
+    /// The attention named `name`, if tome has one by that name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// Every name, for error messages.
+    pub fn names() -> String {
+        Self::ALL.map(Self::name).join(", ")
+    }
+}
 
 impl LayerAttention {
     /// From a Longformer `attention_window` (even, both sides together).
@@ -214,7 +250,7 @@ impl std::fmt::Display for LayerAttention {
             LayerAttention::Window { one_sided } => write!(f, "window:{}", one_sided * 2),
             LayerAttention::BlockSparse { block, random } => write!(f, "block_sparse:{block}:{random}"),
             LayerAttention::Favor { features, causal } => write!(f, "favor:{features}{}", if *causal { ":causal" } else { "" }),
-            LayerAttention::Native(name) => write!(f, "{name}"),
+            LayerAttention::Native(native) => write!(f, "{}", native.name()),
         }
     }
 }

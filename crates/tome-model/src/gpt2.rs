@@ -14,9 +14,11 @@ use serde::Deserialize;
 use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
-use crate::document::ShardInput;
+use crate::config::{EncodeOptions, LayerAttention};
+use crate::document::{Prepared, ShardInput};
 use crate::error::{ModelError, Result};
 use crate::model::check_vocab;
+use crate::model::{causal_only, plain_run, Architecture, Shape};
 
 /// `config.json` of `GPT2Model` / `GPT2LMHeadModel`.
 #[derive(Clone, Debug, Deserialize)]
@@ -155,10 +157,42 @@ impl Gpt2Model {
         check_vocab(ids, self.cfg.vocab_size)
     }
 
+    fn attention(&self, block: &Block, group: &dyn Group, x: &Tensor, positions: &[i64]) -> Result<Tensor> {
+        let (n, d) = x.dims2()?;
+        let (heads, hd) = (self.cfg.n_head, d / self.cfg.n_head);
+        let qkv = block.c_attn.forward(x)?;
+        let split = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(1, i * d, d)?.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?) };
+        let own = KeyBlock { k: split(1)?, v: split(2)?, pos: positions.to_vec(), valid: vec![true; n] };
+        let ctx = ring_attention(group, &split(0)?, positions, own, DenseSpec { causal: true, scale: block.scale })?;
+        Ok(block.c_proj.forward(&ctx.transpose(0, 1)?.reshape((n, d))?)?)
+    }
+}
+
+impl Architecture for Gpt2Model {
+    fn shape(&self) -> Shape {
+        let c = self.config();
+        Shape {
+            model_type: "gpt2".into(),
+            hidden_size: c.n_embd,
+            intermediate_size: c.n_inner.unwrap_or(4 * c.n_embd),
+            num_layers: c.n_layer,
+            vocab_size: c.vocab_size,
+            max_positions: Some(c.n_positions),
+            layer_attention: vec!["dense (causal)".into(); c.n_layer],
+            causal: true,
+        }
+    }
+
+    fn prepare(&self, ids: Vec<u32>, opts: &EncodeOptions) -> Result<Prepared> {
+        self.check(&ids)?;
+        causal_only(opts)?;
+        Ok(Prepared::plain(ids, vec![LayerAttention::Dense; self.cfg.n_layer], plain_run(opts)))
+    }
+
     /// This rank's rows of the hidden states `input.run` asks for (by default the last, after
     /// `ln_f`), from its own tokens.
     /// `after_layer(l)` returning false cancels.
-    pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+    fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         let positions = plan.positions(group.rank());
         let n = positions.len();
         if input.ids.len() != n || input.position_ids.len() != n {
@@ -191,20 +225,10 @@ impl Gpt2Model {
         }
     }
 
-    fn attention(&self, block: &Block, group: &dyn Group, x: &Tensor, positions: &[i64]) -> Result<Tensor> {
-        let (n, d) = x.dims2()?;
-        let (heads, hd) = (self.cfg.n_head, d / self.cfg.n_head);
-        let qkv = block.c_attn.forward(x)?;
-        let split = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(1, i * d, d)?.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?) };
-        let own = KeyBlock { k: split(1)?, v: split(2)?, pos: positions.to_vec(), valid: vec![true; n] };
-        let ctx = ring_attention(group, &split(0)?, positions, own, DenseSpec { causal: true, scale: block.scale })?;
-        Ok(block.c_proj.forward(&ctx.transpose(0, 1)?.reshape((n, d))?)?)
-    }
-
     /// log p(next token | the tokens up to each row) for the first `next_ids.len()` rows of
     /// `hidden` (`[rows, n_embd]`, the rank's rows in position order): `[next_ids.len()]`,
     /// with the head tied to `wte`.
-    pub fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
+    fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
         crate::lm_head::log_probs(hidden, self.wte.embeddings(), next_ids)
     }
 }

@@ -15,8 +15,10 @@ use serde::Deserialize;
 use tome_dist::ops::{ring_attention, window_attention, DenseSpec, KeyBlock, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 
-use crate::config::LayerAttention;
+use crate::config::{EncodeOptions, LayerAttention};
+use crate::document::{Prepared, ShardInput};
 use crate::error::{ModelError, Result};
+use crate::model::{check_vocab, plain_run, Architecture, Shape};
 
 /// `config.json` of `GPTNeoModel`.
 #[derive(Clone, Debug, Deserialize)]
@@ -35,6 +37,9 @@ pub struct GptNeoConfig {
     pub activation_function: String,
     #[serde(default = "default_eps")]
     pub layer_norm_epsilon: f64,
+    /// The language-model head is `wte` (log-probabilities are computed with it).
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
 }
 
 fn default_act() -> String {
@@ -42,6 +47,9 @@ fn default_act() -> String {
 }
 fn default_eps() -> f64 {
     1e-5
+}
+fn default_true() -> bool {
+    true
 }
 
 fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
@@ -72,6 +80,9 @@ impl GptNeoConfig {
     fn validate(&self) -> Result<()> {
         if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(config_err("num_heads", format!("{} heads do not divide hidden_size {}", self.num_heads, self.hidden_size)));
+        }
+        if !self.tie_word_embeddings {
+            return Err(config_err("tie_word_embeddings", "false is not supported: tome's language-model head is the tied `wte`"));
         }
         if self.activation_function != "gelu_new" {
             return Err(config_err("activation_function", format!("`{}` is not supported (gelu_new)", self.activation_function)));
@@ -145,29 +156,19 @@ impl GptNeoModel {
         &self.cfg
     }
 
-    /// This rank's rows of the last hidden state (after `ln_f`) for the document `ids`.
-    pub fn forward_shard(&self, group: &dyn Group, plan: &ShardPlan, ids: &[u32]) -> Result<Tensor> {
-        if ids.len() != plan.len() {
-            return Err(ModelError::Input(format!("the plan covers {} tokens, the document has {}", plan.len(), ids.len())));
+    /// Checks a whole document against the model.
+    pub fn check(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(ModelError::Input("the document has no tokens".into()));
         }
         if ids.len() > self.cfg.max_position_embeddings {
-            return Err(ModelError::Input(format!("the document has {} tokens; the model has learned {} positions", ids.len(), self.cfg.max_position_embeddings)));
+            return Err(ModelError::Input(format!(
+                "the document has {} tokens; GPT-Neo has learned {} positions and a causal model's positions cannot be tiled",
+                ids.len(),
+                self.cfg.max_position_embeddings
+            )));
         }
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} is beyond the vocabulary of {}", self.cfg.vocab_size)));
-        }
-        let positions = plan.positions(group.rank());
-        let n = positions.len();
-        let tok: Vec<u32> = positions.iter().map(|&p| ids[p as usize]).collect();
-        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        let mut x = (self.wte.forward(&Tensor::from_vec(tok, n, &Device::Cpu)?)? + self.wpe.forward(&Tensor::from_vec(pos, n, &Device::Cpu)?)?)?;
-        for block in &self.blocks {
-            let a = self.attention(block, group, plan, &block.ln_1.forward(&x)?, &positions)?;
-            x = (x + a)?;
-            let m = block.proj.forward(&block.fc.forward(&block.ln_2.forward(&x)?)?.gelu()?)?;
-            x = (x + m)?;
-        }
-        Ok(self.ln_f.forward(&x)?)
+        check_vocab(ids, self.cfg.vocab_size)
     }
 
     fn attention(&self, block: &Block, group: &dyn Group, plan: &ShardPlan, x: &Tensor, positions: &[i64]) -> Result<Tensor> {
@@ -185,5 +186,76 @@ impl GptNeoModel {
             }
         };
         Ok(block.out.forward(&ctx.transpose(0, 1)?.reshape((n, d))?)?)
+    }
+}
+
+impl Architecture for GptNeoModel {
+    fn shape(&self) -> Shape {
+        let c = &self.cfg;
+        Shape {
+            model_type: "gpt_neo".into(),
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size.unwrap_or(4 * c.hidden_size),
+            num_layers: c.num_layers,
+            vocab_size: c.vocab_size,
+            max_positions: Some(c.max_position_embeddings),
+            layer_attention: self.blocks.iter().map(|b| format!("{} (causal)", b.attention)).collect(),
+            causal: true,
+        }
+    }
+
+    /// Each layer runs the attention its config gives it: an override would change the outputs.
+    fn prepare(&self, ids: Vec<u32>, opts: &EncodeOptions) -> Result<Prepared> {
+        self.check(&ids)?;
+        if let Some(attention) = opts.attention {
+            return Err(ModelError::Unsupported(format!("GPT-Neo's layers alternate dense and local attention as its config says; `{attention}` would change its outputs")));
+        }
+        if !opts.global_tokens.is_empty() {
+            return Err(ModelError::Input("global tokens are not part of GPT-Neo's attention".into()));
+        }
+        Ok(Prepared::plain(ids, self.blocks.iter().map(|b| b.attention).collect(), plain_run(opts)))
+    }
+
+    /// This rank's rows of the hidden states `input.run` asks for (by default the last, after
+    /// `ln_f`), from its own tokens.
+    fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        let positions = plan.positions(group.rank());
+        let n = positions.len();
+        if input.ids.len() != n || input.position_ids.len() != n {
+            return Err(ModelError::Input(format!("rank {} owns {n} tokens but was given {} ids and {} positions", group.rank(), input.ids.len(), input.position_ids.len())));
+        }
+        if plan.len() > self.cfg.max_position_embeddings {
+            return Err(ModelError::Input(format!("the document has {} tokens; GPT-Neo has learned {} positions", plan.len(), self.cfg.max_position_embeddings)));
+        }
+        check_vocab(&input.ids, self.cfg.vocab_size)?;
+        if !input.layers.iter().eq(self.blocks.iter().map(|b| &b.attention)) {
+            return Err(ModelError::Input("the shard's layer attentions are not the ones GPT-Neo's config gives its layers".into()));
+        }
+        if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= self.cfg.max_position_embeddings) {
+            return Err(ModelError::Input(format!("position id {bad} is beyond the {} learned positions", self.cfg.max_position_embeddings)));
+        }
+        let tok = Tensor::from_slice(&input.ids, n, &Device::Cpu)?;
+        let pos = Tensor::from_slice(&input.position_ids, n, &Device::Cpu)?;
+        let mut x = (self.wte.forward(&tok)? + self.wpe.forward(&pos)?)?;
+        let run = input.run.layers_to_run(self.blocks.len())?;
+        for (l, block) in self.blocks.iter().enumerate().take(run) {
+            let a = self.attention(block, group, plan, &block.ln_1.forward(&x)?, &positions)?;
+            x = (x + a)?;
+            let m = block.proj.forward(&block.fc.forward(&block.ln_2.forward(&x)?)?.gelu()?)?;
+            x = (x + m)?;
+            if !after_layer(l) {
+                return Err(ModelError::Cancelled);
+            }
+        }
+        // As transformers' `hidden_states`: only the last layer's output passes through `ln_f`.
+        match run == self.blocks.len() {
+            true => Ok(self.ln_f.forward(&x)?),
+            false => Ok(x),
+        }
+    }
+
+    /// With the head tied to `wte`, as `GPTNeoForCausalLM` ties it (`tie_word_embeddings`).
+    fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
+        crate::lm_head::log_probs(hidden, self.wte.embeddings(), next_ids)
     }
 }

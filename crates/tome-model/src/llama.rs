@@ -15,9 +15,11 @@ use serde::Deserialize;
 use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
-use crate::document::ShardInput;
+use crate::config::{EncodeOptions, LayerAttention};
+use crate::document::{Prepared, ShardInput};
 use crate::error::{ModelError, Result};
 use crate::model::check_vocab;
+use crate::model::{causal_only, plain_run, Architecture, Shape};
 
 /// RoPE settings: `rope_parameters` (transformers 5) or the older top-level `rope_theta` /
 /// `rope_scaling`.
@@ -207,10 +209,53 @@ impl LlamaModel {
         Ok((Tensor::from_vec(cos, (n, 2 * half), &Device::Cpu)?, Tensor::from_vec(sin, (n, 2 * half), &Device::Cpu)?))
     }
 
+    fn attention(&self, layer: &Layer, group: &dyn Group, x: &Tensor, positions: &[i64], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let (hd, heads, kv) = (self.cfg.head_dim(), self.cfg.num_attention_heads, self.cfg.kv_heads());
+        let split = |t: Tensor, h: usize| -> Result<Tensor> { Ok(t.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()?) };
+        let q = rope(&split(layer.q.forward(x)?, heads)?, cos, sin)?;
+        let k = rope(&split(layer.k.forward(x)?, kv)?, cos, sin)?;
+        let own = KeyBlock { k, v: split(layer.v.forward(x)?, kv)?, pos: positions.to_vec(), valid: vec![true; n] };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let ctx = ring_attention(group, &q, positions, own, DenseSpec { causal: true, scale })?;
+        Ok(layer.o.forward(&ctx.transpose(0, 1)?.reshape((n, heads * hd))?)?)
+    }
+}
+
+/// Applies rotary positions to `x` (`[heads, n, head_dim]`): x cos + rotate_half(x) sin.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(2)?;
+    let (x1, x2) = (x.narrow(2, 0, hd / 2)?, x.narrow(2, hd / 2, hd / 2)?);
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 2)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+impl Architecture for LlamaModel {
+    fn shape(&self) -> Shape {
+        let c = self.config();
+        Shape {
+            model_type: "llama".into(),
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_layers: c.num_hidden_layers,
+            vocab_size: c.vocab_size,
+            // Rotary positions are computed: any length runs as transformers runs it.
+            max_positions: Some(c.max_position_embeddings),
+            layer_attention: vec!["dense (causal)".into(); c.num_hidden_layers],
+            causal: true,
+        }
+    }
+
+    fn prepare(&self, ids: Vec<u32>, opts: &EncodeOptions) -> Result<Prepared> {
+        self.check(&ids)?;
+        causal_only(opts)?;
+        Ok(Prepared::plain(ids, vec![LayerAttention::Dense; self.config().num_hidden_layers], plain_run(opts)))
+    }
+
     /// This rank's rows of the hidden states `input.run` asks for (by default the last, through
     /// the final norm), from its own tokens.
     /// `after_layer(l)` returning false cancels.
-    pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+    fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         let positions = plan.positions(group.rank());
         let n = positions.len();
         if input.ids.len() != n || input.position_ids.len() != n {
@@ -237,28 +282,8 @@ impl LlamaModel {
         }
     }
 
-    fn attention(&self, layer: &Layer, group: &dyn Group, x: &Tensor, positions: &[i64], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        let (hd, heads, kv) = (self.cfg.head_dim(), self.cfg.num_attention_heads, self.cfg.kv_heads());
-        let split = |t: Tensor, h: usize| -> Result<Tensor> { Ok(t.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()?) };
-        let q = rope(&split(layer.q.forward(x)?, heads)?, cos, sin)?;
-        let k = rope(&split(layer.k.forward(x)?, kv)?, cos, sin)?;
-        let own = KeyBlock { k, v: split(layer.v.forward(x)?, kv)?, pos: positions.to_vec(), valid: vec![true; n] };
-        let scale = 1.0 / (hd as f32).sqrt();
-        let ctx = ring_attention(group, &q, positions, own, DenseSpec { causal: true, scale })?;
-        Ok(layer.o.forward(&ctx.transpose(0, 1)?.reshape((n, heads * hd))?)?)
-    }
-
     /// log p(next token | the tokens up to each row) for the first `next_ids.len()` rows.
-    pub fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
+    fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
         crate::lm_head::log_probs(hidden, &self.head, next_ids)
     }
-}
-
-/// Applies rotary positions to `x` (`[heads, n, head_dim]`): x cos + rotate_half(x) sin.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(2)?;
-    let (x1, x2) = (x.narrow(2, 0, hd / 2)?, x.narrow(2, hd / 2, hd / 2)?);
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 2)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }

@@ -7,17 +7,11 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::bert::BertModel;
-use crate::config::BertConfig;
 use crate::error::{ModelError, Result};
-use crate::gpt2::{Gpt2Config, Gpt2Model};
-use crate::llama::{LlamaConfig, LlamaModel};
 use crate::model::Model;
 use crate::pooling::Pooling;
-use crate::reformer::{ReformerConfig, ReformerModel};
-use crate::switch::{SwitchConfig, SwitchModel};
+use crate::registry::ModelType;
 use crate::tokenizer::TextTokenizer;
-use crate::transfo_xl::{TransfoXlConfig, TransfoXlModel, COMPRESSIVE};
 
 /// A loaded model directory.
 pub struct ModelDir {
@@ -36,8 +30,9 @@ struct PoolingConfig {
     pooling_mode_mean_tokens: bool,
 }
 
+/// The one field read before the architecture is known.
 #[derive(Deserialize)]
-struct ModelType {
+struct ModelTypeField {
     #[serde(default)]
     model_type: Option<String>,
 }
@@ -50,60 +45,18 @@ impl ModelDir {
         }
         let config_path = path.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| dir_err(format!("cannot read config.json: {e}")))?;
-        let kind: ModelType = serde_json::from_str(&text).map_err(|e| dir_err(format!("config.json is not valid JSON: {e}")))?;
-        let config_err = |e: serde_json::Error| ModelError::Config { field: "(config.json)".into(), msg: e.to_string() };
-        match kind.model_type.as_deref() {
-            Some(
-                "bert"
-                | "roberta"
-                | "xlm-roberta"
-                | "camembert"
-                | "longformer"
-                | "big_bird"
-                | crate::config::PERFORMER
-                | "gpt2"
-                | "llama"
-                | "switch_transformers"
-                | "transfo-xl"
-                | COMPRESSIVE
-                | "reformer",
-            ) => {}
-            Some(other) => {
-                return Err(ModelError::Config {
-                    field: "model_type".into(),
-                    msg: format!(
-                        "`{other}` is not supported (bert, roberta, longformer, big_bird, {}, gpt2, llama, switch_transformers, transfo-xl, {COMPRESSIVE}, reformer)",
-                        crate::config::PERFORMER
-                    ),
-                })
-            }
+        let kind: ModelTypeField = serde_json::from_str(&text).map_err(|e| dir_err(format!("config.json is not valid JSON: {e}")))?;
+        let model_type = match kind.model_type.as_deref() {
+            Some(name) => ModelType::from_name(name)?,
             None => return Err(ModelError::Config { field: "model_type".into(), msg: "missing".into() }),
-        }
+        };
         let weights = path.join("model.safetensors");
         if !weights.is_file() {
             return Err(dir_err("has no model.safetensors".into()));
         }
         // SAFETY: the file is memory-mapped read-only; tome never writes checkpoints it serves.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }.map_err(|e| dir_err(format!("model.safetensors cannot be read: {e}")))?;
-        let model = if kind.model_type.as_deref() == Some("gpt2") {
-            let cfg: Gpt2Config = serde_json::from_str(&text).map_err(config_err)?;
-            Model::Gpt2(Gpt2Model::load(vb, &cfg)?)
-        } else if kind.model_type.as_deref() == Some("llama") {
-            let cfg: LlamaConfig = serde_json::from_str(&text).map_err(config_err)?;
-            Model::Llama(LlamaModel::load(vb, &cfg)?)
-        } else if matches!(kind.model_type.as_deref(), Some("transfo-xl" | COMPRESSIVE)) {
-            let cfg: TransfoXlConfig = serde_json::from_str(&text).map_err(config_err)?;
-            Model::TransfoXl(TransfoXlModel::load(vb, &cfg)?)
-        } else if kind.model_type.as_deref() == Some("reformer") {
-            let cfg: ReformerConfig = serde_json::from_str(&text).map_err(config_err)?;
-            Model::Reformer(ReformerModel::load(vb, &cfg)?)
-        } else if kind.model_type.as_deref() == Some("switch_transformers") {
-            let cfg: SwitchConfig = serde_json::from_str(&text).map_err(config_err)?;
-            Model::Switch(SwitchModel::load(vb, &cfg)?)
-        } else {
-            let cfg: BertConfig = serde_json::from_str(&text).map_err(config_err)?;
-            Model::Bert(BertModel::load(vb, &cfg)?)
-        };
+        let model = model_type.load(&text, vb)?;
         let tokenizer_path = path.join("tokenizer.json");
         let tokenizer = tokenizer_path.is_file().then(|| TextTokenizer::from_file(&tokenizer_path)).transpose()?;
         let pooling = match std::fs::read_to_string(path.join("1_Pooling/config.json")) {

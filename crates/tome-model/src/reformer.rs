@@ -29,10 +29,11 @@ use tome_attn::lsh::{seeded_rotations, LshSpec};
 use tome_dist::ops::{blocksparse_attention, lsh_attention, ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
-use crate::config::Activation;
-use crate::document::{padded_plan, ShardInput};
+use crate::config::{Activation, EncodeOptions, LayerAttention, NativeAttention};
+use crate::document::{padded_plan, Prepared, ShardInput};
 use crate::error::{ModelError, Result};
 use crate::model::check_vocab;
+use crate::model::{fixed_attention, plain_run, Architecture, Shape};
 use crate::reversible;
 
 /// Seed of tome's rotations for checkpoints without their own (per layer: seed + layer).
@@ -321,16 +322,8 @@ impl ReformerModel {
     }
 
     /// Each layer's attention, as the config lists them.
-    pub fn layer_names(&self) -> Vec<&'static str> {
-        self.layers.iter().map(|l| if matches!(l.attention, Attention::Lsh { .. }) { "lsh" } else { "local" }).collect()
-    }
-
-    /// The shortest document LSH layers run (longer than one chunk).
-    pub fn min_tokens(&self) -> usize {
-        match self.layers.iter().any(|l| matches!(l.attention, Attention::Lsh { .. })) {
-            true => self.cfg.lsh_attn_chunk_length + 1,
-            false => 1,
-        }
+    pub fn layer_attention(&self) -> Vec<NativeAttention> {
+        self.layers.iter().map(|l| if matches!(l.attention, Attention::Lsh { .. }) { NativeAttention::Lsh } else { NativeAttention::Local }).collect()
     }
 
     /// Checks a whole document: tokens, positions (padding included) and the LSH chunk.
@@ -372,10 +365,68 @@ impl ReformerModel {
         })
     }
 
+    /// `[rows, heads × head_size]`: this rank's rows of the layer's attention over the padded plan.
+    fn attention(&self, layer: &Layer, group: &dyn Group, plan: &ShardPlan, x: &Tensor, positions: &[i64], valid: &[bool]) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        let (heads, hd) = (self.cfg.num_attention_heads, self.cfg.attention_head_size);
+        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((rows, heads, hd))?.transpose(0, 1)?.contiguous()?) };
+        let ctx = match &layer.attention {
+            Attention::Lsh { query_key, value, rotations } => {
+                let spec = self.cfg.lsh_spec()?;
+                lsh_attention(group, plan, &split(query_key.forward(x)?)?, &split(value.forward(x)?)?, valid, rotations, &spec)?
+            }
+            Attention::Local { query, key, value } => {
+                let q = split(query.forward(x)?)?;
+                let own = KeyBlock { k: split(key.forward(x)?)?, v: split(value.forward(x)?)?, pos: positions.to_vec(), valid: valid.to_vec() };
+                let scale = 1.0 / (hd as f32).sqrt();
+                let chunk = self.cfg.local_attn_chunk_length;
+                if plan.len() <= chunk {
+                    // transformers' "standard" self-attention: one chunk sees every key.
+                    ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale })?
+                } else {
+                    let pattern = BlockSparsePlan::local(plan.len(), chunk, heads, self.cfg.local_num_chunks_before, self.cfg.local_num_chunks_after, false)?;
+                    blocksparse_attention(group, plan, &q, own, &pattern, scale)?
+                }
+            }
+        };
+        Ok(ctx.transpose(0, 1)?.reshape((rows, heads * hd))?)
+    }
+}
+
+impl Architecture for ReformerModel {
+    fn shape(&self) -> Shape {
+        let c = self.config();
+        Shape {
+            model_type: "reformer".into(),
+            // The output: both reversible streams.
+            hidden_size: 2 * c.hidden_size,
+            intermediate_size: c.feed_forward_size,
+            num_layers: c.attn_layers.len(),
+            vocab_size: c.vocab_size,
+            max_positions: Some(c.max_positions()),
+            layer_attention: self.layer_attention().into_iter().map(|a| a.name().to_string()).collect(),
+            causal: false,
+        }
+    }
+
+    fn prepare(&self, ids: Vec<u32>, opts: &EncodeOptions) -> Result<Prepared> {
+        self.check(&ids)?;
+        fixed_attention(opts)?;
+        Ok(Prepared::plain(ids, self.layer_attention().into_iter().map(LayerAttention::Native).collect(), plain_run(opts)))
+    }
+
+    /// The shortest document LSH layers run (longer than one chunk).
+    fn min_tokens(&self) -> usize {
+        match self.layers.iter().any(|l| matches!(l.attention, Attention::Lsh { .. })) {
+            true => self.cfg.lsh_attn_chunk_length + 1,
+            false => 1,
+        }
+    }
+
     /// This rank's rows of the hidden states `input.run` asks for: by default the normed
     /// concatenation of both streams (`[shard, 2 × hidden]`); after `k < layers` layers the raw
     /// concatenation. `after_layer(l)` returning false cancels.
-    pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+    fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         let me = group.rank();
         let n = plan.shard_len(me);
         if input.ids.len() != n {
@@ -412,32 +463,5 @@ impl ReformerModel {
         let both = Tensor::cat(&[&x1, &x2], 1)?;
         let out = if run == self.layers.len() { self.out_norm.forward(&both)? } else { both };
         Ok(out.narrow(0, 0, n)?)
-    }
-
-    /// `[rows, heads × head_size]`: this rank's rows of the layer's attention over the padded plan.
-    fn attention(&self, layer: &Layer, group: &dyn Group, plan: &ShardPlan, x: &Tensor, positions: &[i64], valid: &[bool]) -> Result<Tensor> {
-        let rows = x.dim(0)?;
-        let (heads, hd) = (self.cfg.num_attention_heads, self.cfg.attention_head_size);
-        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((rows, heads, hd))?.transpose(0, 1)?.contiguous()?) };
-        let ctx = match &layer.attention {
-            Attention::Lsh { query_key, value, rotations } => {
-                let spec = self.cfg.lsh_spec()?;
-                lsh_attention(group, plan, &split(query_key.forward(x)?)?, &split(value.forward(x)?)?, valid, rotations, &spec)?
-            }
-            Attention::Local { query, key, value } => {
-                let q = split(query.forward(x)?)?;
-                let own = KeyBlock { k: split(key.forward(x)?)?, v: split(value.forward(x)?)?, pos: positions.to_vec(), valid: valid.to_vec() };
-                let scale = 1.0 / (hd as f32).sqrt();
-                let chunk = self.cfg.local_attn_chunk_length;
-                if plan.len() <= chunk {
-                    // transformers' "standard" self-attention: one chunk sees every key.
-                    ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale })?
-                } else {
-                    let pattern = BlockSparsePlan::local(plan.len(), chunk, heads, self.cfg.local_num_chunks_before, self.cfg.local_num_chunks_after, false)?;
-                    blocksparse_attention(group, plan, &q, own, &pattern, scale)?
-                }
-            }
-        };
-        Ok(ctx.transpose(0, 1)?.reshape((rows, heads * hd))?)
     }
 }

@@ -19,10 +19,11 @@ use tome_attn::relative_bias::RelativeBias;
 use tome_dist::ops::{apply_experts, ring_attention_with_bias, route_tokens, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
-use crate::config::Activation;
-use crate::document::ShardInput;
+use crate::config::{Activation, EncodeOptions, LayerAttention, NativeAttention};
+use crate::document::{Prepared, ShardInput};
 use crate::error::{ModelError, Result};
 use crate::model::check_vocab;
+use crate::model::{fixed_attention, plain_run, Architecture, Shape};
 
 /// `config.json` of `SwitchTransformersModel` / `SwitchTransformersEncoderModel`.
 #[derive(Clone, Debug, Deserialize)]
@@ -235,10 +236,43 @@ impl SwitchModel {
         check_vocab(ids, self.cfg.vocab_size)
     }
 
+    fn attention(&self, block: &Block, group: &dyn Group, x: &Tensor, positions: &[i64]) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let (heads, dk) = (self.cfg.num_heads, self.cfg.d_kv);
+        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, heads, dk))?.transpose(0, 1)?.contiguous()?) };
+        let q = split(block.q.forward(x)?)?;
+        let own = KeyBlock { k: split(block.k.forward(x)?)?, v: split(block.v.forward(x)?)?, pos: positions.to_vec(), valid: vec![true; n] };
+        let ctx = ring_attention_with_bias(group, &q, positions, own, &self.bias)?;
+        Ok(block.o.forward(&ctx.transpose(0, 1)?.reshape((n, heads * dk))?)?)
+    }
+}
+
+impl Architecture for SwitchModel {
+    fn shape(&self) -> Shape {
+        let c = self.config();
+        let sparse = self.sparse_layers();
+        Shape {
+            model_type: "switch_transformers".into(),
+            hidden_size: c.d_model,
+            intermediate_size: c.d_ff,
+            num_layers: c.num_layers,
+            vocab_size: c.vocab_size,
+            max_positions: None,
+            layer_attention: (0..c.num_layers).map(|l| if sparse.contains(&l) { format!("relative-bias + {} experts", c.num_experts) } else { "relative-bias".into() }).collect(),
+            causal: false,
+        }
+    }
+
+    fn prepare(&self, ids: Vec<u32>, opts: &EncodeOptions) -> Result<Prepared> {
+        self.check(&ids)?;
+        fixed_attention(opts)?;
+        Ok(Prepared::plain(ids, vec![LayerAttention::Native(NativeAttention::RelativeBias); self.config().num_layers], plain_run(opts)))
+    }
+
     /// This rank's rows of the hidden states `input.run` asks for (by default the encoder's
     /// output after the final norm). Shards must be contiguous (expert capacity follows token
     /// order). `after_layer(l)` returning false cancels.
-    pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+    fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         let positions = plan.positions(group.rank());
         let n = positions.len();
         if input.ids.len() != n {
@@ -267,15 +301,5 @@ impl SwitchModel {
             true => Ok(self.final_norm.forward(&x)?),
             false => Ok(x),
         }
-    }
-
-    fn attention(&self, block: &Block, group: &dyn Group, x: &Tensor, positions: &[i64]) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        let (heads, dk) = (self.cfg.num_heads, self.cfg.d_kv);
-        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, heads, dk))?.transpose(0, 1)?.contiguous()?) };
-        let q = split(block.q.forward(x)?)?;
-        let own = KeyBlock { k: split(block.k.forward(x)?)?, v: split(block.v.forward(x)?)?, pos: positions.to_vec(), valid: vec![true; n] };
-        let ctx = ring_attention_with_bias(group, &q, positions, own, &self.bias)?;
-        Ok(block.o.forward(&ctx.transpose(0, 1)?.reshape((n, heads * dk))?)?)
     }
 }

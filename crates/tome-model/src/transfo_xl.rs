@@ -24,9 +24,11 @@ use tome_attn::relative::segment_attention;
 use tome_dist::ops::{segment_recurrence, Compression, CompressiveMemory, XlMemory};
 use tome_dist::{Group, ShardPlan};
 
-use crate::document::ShardInput;
+use crate::config::{EncodeOptions, LayerAttention, NativeAttention};
+use crate::document::{Prepared, RunOptions, ShardInput};
 use crate::error::{ModelError, Result};
 use crate::model::check_vocab;
+use crate::model::{fixed_attention, Architecture, Shape};
 
 /// `model_type` of tome's Compressive Transformer checkpoints.
 pub const COMPRESSIVE: &str = "tome-compressive";
@@ -386,39 +388,6 @@ impl TransfoXlModel {
         Ok(Tensor::from_vec(data, (n, d), &Device::Cpu)?)
     }
 
-    /// This rank's rows of the hidden states `input.run` asks for (by default the last layer's
-    /// output), in segments of `input.run.segment_len`. `after_layer(l)` returning false cancels.
-    pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
-        let n = plan.shard_len(group.rank());
-        if input.ids.len() != n {
-            return Err(ModelError::Input(format!("rank {} owns {n} tokens but was given {} ids", group.rank(), input.ids.len())));
-        }
-        check_vocab(&input.ids, self.cfg.vocab_size)?;
-        let segment = input.run.segment_len.unwrap_or_else(|| self.cfg.default_segment_len());
-        let mut x = self.embed.forward(&input.ids)?;
-        let run = input.run.layers_to_run(self.layers.len())?;
-        let d = self.cfg.d_model;
-        for (l, layer) in self.layers.iter().enumerate().take(run) {
-            x = match (&layer.compression, self.compressed) {
-                (Some(c), Some((cmem_len, rate))) => {
-                    let first = CompressiveMemory::empty(self.cfg.mem_len, cmem_len, rate, c.clone(), d)?;
-                    segment_recurrence(group, plan, &x, segment, &first, &|m: &CompressiveMemory, seg| {
-                        let context = Tensor::cat(&[&m.cmem, &m.mem], 0)?;
-                        self.layer_step(layer, &context, seg)
-                    })?
-                }
-                _ => {
-                    let first = XlMemory::empty(self.cfg.mem_len, d)?;
-                    segment_recurrence(group, plan, &x, segment, &first, &|m: &XlMemory, seg| self.layer_step(layer, &m.mem, seg))?
-                }
-            };
-            if !after_layer(l) {
-                return Err(ModelError::Cancelled);
-            }
-        }
-        Ok(x)
-    }
-
     /// One layer on one segment (`[L, d]`) given its memory rows (`[M, d]`).
     fn layer_step(&self, layer: &Layer, memory: &Tensor, seg: &Tensor) -> tome_dist::Result<Tensor> {
         let (heads, dh) = (self.cfg.n_head, self.cfg.d_head);
@@ -448,5 +417,67 @@ impl TransfoXlModel {
             let f = ff(&h)?;
             layer.ff_norm.forward(&(h + f)?)?
         })
+    }
+}
+
+impl Architecture for TransfoXlModel {
+    fn shape(&self) -> Shape {
+        let c = self.config();
+        let kind = if c.is_compressive() { "compressive" } else { "relative" };
+        Shape {
+            model_type: c.model_type.clone(),
+            hidden_size: c.d_model,
+            intermediate_size: c.d_inner,
+            num_layers: c.n_layer,
+            vocab_size: c.vocab_size,
+            max_positions: None,
+            layer_attention: vec![format!("{kind} (memory {})", c.mem_len); c.n_layer],
+            causal: false,
+        }
+    }
+
+    fn prepare(&self, ids: Vec<u32>, opts: &EncodeOptions) -> Result<Prepared> {
+        self.check(&ids)?;
+        fixed_attention(opts)?;
+        let c = self.config();
+        let segment = opts.segment_len.unwrap_or_else(|| c.default_segment_len());
+        if segment == 0 {
+            return Err(ModelError::Input("the segment length must be positive".into()));
+        }
+        let kind = if c.is_compressive() { NativeAttention::Compressive } else { NativeAttention::Relative };
+        Ok(Prepared::plain(ids, vec![LayerAttention::Native(kind); c.n_layer], RunOptions { output_layer: opts.output_layer, segment_len: Some(segment) }))
+    }
+
+    /// This rank's rows of the hidden states `input.run` asks for (by default the last layer's
+    /// output), in segments of `input.run.segment_len`. `after_layer(l)` returning false cancels.
+    fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        let n = plan.shard_len(group.rank());
+        if input.ids.len() != n {
+            return Err(ModelError::Input(format!("rank {} owns {n} tokens but was given {} ids", group.rank(), input.ids.len())));
+        }
+        check_vocab(&input.ids, self.cfg.vocab_size)?;
+        let segment = input.run.segment_len.unwrap_or_else(|| self.cfg.default_segment_len());
+        let mut x = self.embed.forward(&input.ids)?;
+        let run = input.run.layers_to_run(self.layers.len())?;
+        let d = self.cfg.d_model;
+        for (l, layer) in self.layers.iter().enumerate().take(run) {
+            x = match (&layer.compression, self.compressed) {
+                (Some(c), Some((cmem_len, rate))) => {
+                    let first = CompressiveMemory::empty(self.cfg.mem_len, cmem_len, rate, c.clone(), d)?;
+                    segment_recurrence(group, plan, &x, segment, &first, &|m: &CompressiveMemory, seg| {
+                        let context = Tensor::cat(&[&m.cmem, &m.mem], 0)?;
+                        self.layer_step(layer, &context, seg)
+                    })?
+                }
+                _ => {
+                    let first = XlMemory::empty(self.cfg.mem_len, d)?;
+                    segment_recurrence(group, plan, &x, segment, &first, &|m: &XlMemory, seg| self.layer_step(layer, &m.mem, seg))?
+                }
+            };
+            if !after_layer(l) {
+                return Err(ModelError::Cancelled);
+            }
+        }
+        Ok(x)
     }
 }

@@ -5,13 +5,21 @@
 mod common;
 
 use common::{assert_in_order_match, fixture, fixture_with_config, input_ids};
-use tome_model::{EncodeOptions, LayerAttention, ModelDir};
+use tome_model::{EncodeOptions, LayerAttention, ModelDir, NativeAttention};
 
 #[test]
 fn reformer_matches_transformers_on_any_number_of_ranks() {
     let dir = ModelDir::open(&fixture("reformer-tiny")).unwrap();
     let doc = dir.model.prepare(input_ids("reformer-tiny"), &EncodeOptions::default()).unwrap();
-    assert_eq!(doc.layers, vec![LayerAttention::Native("local"), LayerAttention::Native("lsh"), LayerAttention::Native("local"), LayerAttention::Native("lsh")]);
+    assert_eq!(
+        doc.layers,
+        vec![
+            LayerAttention::Native(NativeAttention::Local),
+            LayerAttention::Native(NativeAttention::Lsh),
+            LayerAttention::Native(NativeAttention::Local),
+            LayerAttention::Native(NativeAttention::Lsh)
+        ]
+    );
     // Both reversible streams come out: twice the model width.
     assert_eq!(dir.model.shape().hidden_size, 64);
     assert_in_order_match("reformer-tiny", "last_hidden_state.npy", &dir, &doc);

@@ -6,13 +6,13 @@
 mod common;
 
 use common::{assert_in_order_match, fixture, fixture_with_config, input_ids, read_npy};
-use tome_model::{EncodeOptions, LayerAttention, ModelDir};
+use tome_model::{EncodeOptions, LayerAttention, ModelDir, NativeAttention};
 
 #[test]
 fn switch_encoder_matches_transformers_on_any_number_of_ranks() {
     let dir = ModelDir::open(&fixture("switch-tiny")).unwrap();
     let doc = dir.model.prepare(input_ids("switch-tiny"), &EncodeOptions::default()).unwrap();
-    assert_eq!(doc.layers, vec![LayerAttention::Native("relative-bias"); 2]);
+    assert_eq!(doc.layers, vec![LayerAttention::Native(NativeAttention::RelativeBias); 2]);
     assert_eq!(dir.model.shape().layer_attention, vec!["relative-bias".to_string(), "relative-bias + 4 experts".to_string()]);
     // The fixture drops tokens: the golden checks what a dropped token gets.
     let kept = read_npy::<bool>(&fixture("switch-tiny").join("kept.npy"));

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{assert_in_order_match, fixture, fixture_with_config, input_ids};
-use tome_model::{EncodeOptions, LayerAttention, ModelDir};
+use tome_model::{EncodeOptions, LayerAttention, ModelDir, NativeAttention};
 
 fn with_segments(segment_len: usize) -> EncodeOptions {
     EncodeOptions { segment_len: Some(segment_len), ..Default::default() }
@@ -17,7 +17,7 @@ fn transformer_xl_matches_transformers_segment_by_segment() {
     let dir = ModelDir::open(&fixture("transfo-xl-tiny")).unwrap();
     // The adaptive embedding's three clusters, memories carried over 5 segments of 8 ...
     let doc = dir.model.prepare(input_ids("transfo-xl-tiny"), &with_segments(8)).unwrap();
-    assert_eq!(doc.layers[0], LayerAttention::Native("relative"));
+    assert_eq!(doc.layers[0], LayerAttention::Native(NativeAttention::Relative));
     assert_in_order_match("transfo-xl-tiny", "last_hidden_state.npy", &dir, &doc);
     // ... and the output depends on the segment length: 16 + 16 + 8.
     let doc = dir.model.prepare(input_ids("transfo-xl-tiny"), &with_segments(16)).unwrap();
@@ -39,7 +39,7 @@ fn compressive_memories_match_the_reference_for_every_compression() {
     let ids = input_ids("compressive-tiny");
     let dir = ModelDir::open(&fixture("compressive-tiny")).unwrap();
     let doc = dir.model.prepare(ids.clone(), &with_segments(8)).unwrap();
-    assert_eq!(doc.layers[0], LayerAttention::Native("compressive"));
+    assert_eq!(doc.layers[0], LayerAttention::Native(NativeAttention::Compressive));
     assert_in_order_match("compressive-tiny", "last_hidden_state.npy", &dir, &doc);
     for kind in ["mean", "max"] {
         let path = fixture_with_config("compressive-tiny", kind, |c| c["compression"] = kind.into());

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Tensor};
 use tome_dist::ShardPlan;
-use tome_model::{LayerAttention, Pooling, NATIVE_ATTENTION};
+use tome_model::{LayerAttention, NativeAttention, Pooling};
 use tome_net::{tensor_from_wire, tensor_to_wire};
 use tome_proto::v1 as pb;
 
@@ -47,7 +47,7 @@ pub fn layer_to_wire(l: LayerAttention) -> pb::AttentionOverride {
             pb::AttentionOverride { kind: pb::AttentionKind::BlockSparse as i32, block_size: block as u32, random_blocks: random as u32, ..Default::default() }
         }
         LayerAttention::Favor { features, causal } => pb::AttentionOverride { kind: pb::AttentionKind::Favor as i32, features: features as u32, causal, ..Default::default() },
-        LayerAttention::Native(name) => pb::AttentionOverride { kind: pb::AttentionKind::Native as i32, native: name.into(), ..Default::default() },
+        LayerAttention::Native(native) => pb::AttentionOverride { kind: pb::AttentionKind::Native as i32, native: native.name().into(), ..Default::default() },
     }
 }
 
@@ -57,9 +57,9 @@ pub fn layer_from_wire(a: &pb::AttentionOverride) -> Result<LayerAttention, Work
         Ok(pb::AttentionKind::Window) => LayerAttention::window(a.window as usize).map_err(|e| invalid(e.to_string())),
         Ok(pb::AttentionKind::BlockSparse) if a.block_size > 0 => Ok(LayerAttention::BlockSparse { block: a.block_size as usize, random: a.random_blocks as usize }),
         Ok(pb::AttentionKind::Favor) if a.features > 0 => Ok(LayerAttention::Favor { features: a.features as usize, causal: a.causal }),
-        Ok(pb::AttentionKind::Native) => match NATIVE_ATTENTION.iter().find(|&&n| n == a.native) {
-            Some(name) => Ok(LayerAttention::Native(name)),
-            None => Err(invalid(format!("architecture-defined attention `{}` is not one of {NATIVE_ATTENTION:?}", a.native))),
+        Ok(pb::AttentionKind::Native) => match NativeAttention::from_name(&a.native) {
+            Some(native) => Ok(LayerAttention::Native(native)),
+            None => Err(invalid(format!("architecture-defined attention `{}` is not one of {}", a.native, NativeAttention::names()))),
         },
         _ => Err(invalid(format!("layer attention kind {} is not dense, window, block-sparse, FAVOR+ or native with its parameters", a.kind))),
     }
