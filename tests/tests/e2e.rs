@@ -3,9 +3,11 @@
 //! and `tome process` (embedded and against the server) giving the same outputs on any number of
 //! ranks, including the token-id conformance path.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tome_e2e::*;
+use tome_model::ModelType;
 use tome_proto::v1 as pb;
 use tome_proto::v1::tome_client::TomeClient;
 use tonic::Code;
@@ -185,45 +187,77 @@ fn token_id_conformance_path_writes_hidden_states_and_log_probs_on_any_number_of
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// `tome process --ids` for every architecture beyond BERT and the causal LMs, as a user checks
-/// their own checkpoint: Reformer, Switch, Transformer-XL and Compressive (`--segment-len`) and
-/// GPT-Neo (dense and banded layers) on several ranks; and `--hidden-layer`, which writes that
-/// layer's hidden states.
+/// `tome process --ids` for every `model_type` the registry lists, as a user checks their own
+/// checkpoint: each loads through the binary and gives transformers' hidden states on several
+/// ranks (a type without a fixture fails here, so the registry, README and fixtures agree);
+/// and `--hidden-layer`, which writes that layer's hidden states.
 #[test]
-fn token_id_conformance_path_serves_every_architecture_and_a_chosen_layer() {
+fn token_id_conformance_path_serves_every_registered_model_type_and_a_chosen_layer() {
     let fixtures = repo().join("crates/tome-model/tests/fixtures");
-    let run = |model: &str, extra: &[&str], file: &str| -> Vec<f32> {
-        let dir = fixtures.join(model);
-        let out = std::env::temp_dir().join(format!("tome-e2e-arch-{model}-{}", std::process::id()));
+    let run = |dir: &Path, extra: &[&str], file: &str| -> Vec<f32> {
+        let out = std::env::temp_dir().join(format!("tome-e2e-arch-{}-{}", dir.file_name().unwrap().to_string_lossy(), std::process::id()));
         let run = Command::new(tome_bin())
             .args(["process", "--emit", "hidden-states", "--quiet", "--ids"])
             .arg(dir.join("input_ids.npy"))
             .arg("--model")
-            .arg(&dir)
+            .arg(dir)
             .args(extra)
             .arg("--out")
             .arg(&out)
             .output()
             .unwrap();
-        assert!(run.status.success(), "{model}: {}", String::from_utf8_lossy(&run.stderr));
+        assert!(run.status.success(), "{}: {}", dir.display(), String::from_utf8_lossy(&run.stderr));
         let got = read_npy(&out.join(file));
         std::fs::remove_dir_all(&out).ok();
         got
     };
-    for (model, extra) in [
-        ("reformer-tiny", &["--ranks", "3"][..]),
-        ("switch-tiny", &["--ranks", "2"][..]),
-        ("transfo-xl-tiny", &["--ranks", "3", "--segment-len", "8"][..]),
-        ("compressive-tiny", &["--ranks", "2", "--segment-len", "8"][..]),
-        ("gpt-neo-tiny", &["--ranks", "3", "--layout", "zigzag"][..]),
-    ] {
-        let golden = read_npy(&fixtures.join(model).join("last_hidden_state.npy"));
-        assert!(max_diff(&run(model, extra, "last_hidden_state.npy"), &golden) <= 1e-4, "{model}");
+    let model_type = |dir: &Path| -> String {
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        cfg["model_type"].as_str().unwrap().to_string()
+    };
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let mut fixture_dirs: Vec<PathBuf> = std::fs::read_dir(&fixtures).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("config.json").is_file()).collect();
+    fixture_dirs.sort();
+    for &t in ModelType::ALL {
+        assert!(readme.contains(&format!("`{}`", t.name())), "README.md does not list model_type `{}`", t.name());
+        // transformers' XLMRobertaModel and CamembertModel are RobertaModel's code under
+        // another name: RoBERTa's fixture, renamed, must give RoBERTa's golden.
+        let renamed = matches!(t, ModelType::XlmRoberta | ModelType::Camembert).then(|| {
+            let dir = std::env::temp_dir().join(format!("tome-e2e-{}-{}", t.name(), std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in ["model.safetensors", "input_ids.npy", "last_hidden_state.npy"] {
+                std::fs::copy(fixtures.join("roberta-tiny").join(f), dir.join(f)).unwrap();
+            }
+            let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures.join("roberta-tiny/config.json")).unwrap()).unwrap();
+            cfg["model_type"] = t.name().into();
+            std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+            dir
+        });
+        let dirs: Vec<PathBuf> = match &renamed {
+            Some(dir) => vec![dir.clone()],
+            None => fixture_dirs.iter().filter(|d| model_type(d) == t.name()).cloned().collect(),
+        };
+        assert!(!dirs.is_empty(), "no fixture of model_type `{}` under {}", t.name(), fixtures.display());
+        for dir in dirs {
+            let extra: &[&str] = match dir.file_name().unwrap().to_str().unwrap() {
+                "longformer-tiny" => &["--ranks", "3", "--global-tokens", "0,17,33"],
+                "transfo-xl-tiny" => &["--ranks", "3", "--segment-len", "8"],
+                "compressive-tiny" => &["--ranks", "2", "--segment-len", "8"],
+                "gpt-neo-tiny" | "llama-tiny" | "gpt2-tiny" => &["--ranks", "3", "--layout", "zigzag"],
+                _ => &["--ranks", "2"],
+            };
+            let golden = read_npy(&dir.join("last_hidden_state.npy"));
+            let got = run(&dir, extra, "last_hidden_state.npy");
+            assert!(max_diff(&got, &golden) <= 1e-4, "{} ({}): {}", dir.display(), t.name(), max_diff(&got, &golden));
+        }
+        if let Some(dir) = renamed {
+            std::fs::remove_dir_all(dir).ok();
+        }
     }
     // GPT-2's second layer, before the final norm only the last layer gets.
     let all = read_npy(&fixtures.join("gpt2-tiny/hidden_states.npy"));
     let per = all.len() / 4;
-    let got = run("gpt2-tiny", &["--ranks", "2", "--hidden-layer", "2"], "hidden_states_layer2.npy");
+    let got = run(&fixtures.join("gpt2-tiny"), &["--ranks", "2", "--hidden-layer", "2"], "hidden_states_layer2.npy");
     assert!(max_diff(&got, &all[2 * per..3 * per]) <= 1e-4);
 }
 

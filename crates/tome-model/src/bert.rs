@@ -15,7 +15,7 @@ use tome_dist::{Group, ShardPlan};
 
 use crate::config::{BertConfig, EncodeOptions, LayerAttention, PositionExtension};
 use crate::document::{padded_plan, Prepared, RunOptions, ShardInput};
-use crate::error::{ModelError, Result};
+use crate::error::{weights, ModelError, Result};
 use crate::heads::{project_heads, window_rows};
 use crate::model::{Architecture, Shape};
 
@@ -50,34 +50,30 @@ struct BertLayer {
     out_norm: LayerNorm,
 }
 
-fn weights<T>(r: candle_core::Result<T>, name: &str) -> Result<T> {
-    r.map_err(|e| ModelError::Weights { name: name.into(), msg: e.to_string() })
-}
-
 impl BertLayer {
     fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         let p = vb.prefix();
         let name = |s: &str| format!("{p}.{s}");
         Ok(BertLayer {
-            query: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.query")), &name("attention.self.query"))?,
-            key: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.key")), &name("attention.self.key"))?,
-            value: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.value")), &name("attention.self.value"))?,
+            query: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.query")), name("attention.self.query"))?,
+            key: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.key")), name("attention.self.key"))?,
+            value: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.value")), name("attention.self.value"))?,
             projection: match cfg.nb_features.filter(|_| cfg.model_type == crate::config::PERFORMER) {
-                Some(m) => Some(weights(vb.get((m, cfg.head_dim()), "attention.self.projection_matrix"), &name("attention.self.projection_matrix"))?),
+                Some(m) => Some(weights(vb.get((m, cfg.head_dim()), "attention.self.projection_matrix"), name("attention.self.projection_matrix"))?),
                 None => None,
             },
             global: if cfg.model_type == "longformer" {
-                let g = |part: &str| weights(linear(h, h, vb.pp(format!("attention.self.{part}"))), &name(&format!("attention.self.{part}")));
+                let g = |part: &str| weights(linear(h, h, vb.pp(format!("attention.self.{part}"))), name(&format!("attention.self.{part}")));
                 Some((g("query_global")?, g("key_global")?, g("value_global")?))
             } else {
                 None
             },
-            attn_out: weights(linear(h, h, vb.pp("attention.output.dense")), &name("attention.output.dense"))?,
-            attn_norm: weights(layer_norm(h, eps, vb.pp("attention.output.LayerNorm")), &name("attention.output.LayerNorm"))?,
-            intermediate: weights(linear(h, i, vb.pp("intermediate.dense")), &name("intermediate.dense"))?,
-            output: weights(linear(i, h, vb.pp("output.dense")), &name("output.dense"))?,
-            out_norm: weights(layer_norm(h, eps, vb.pp("output.LayerNorm")), &name("output.LayerNorm"))?,
+            attn_out: weights(linear(h, h, vb.pp("attention.output.dense")), name("attention.output.dense"))?,
+            attn_norm: weights(layer_norm(h, eps, vb.pp("attention.output.LayerNorm")), name("attention.output.LayerNorm"))?,
+            intermediate: weights(linear(h, i, vb.pp("intermediate.dense")), name("intermediate.dense"))?,
+            output: weights(linear(i, h, vb.pp("output.dense")), name("output.dense"))?,
+            out_norm: weights(layer_norm(h, eps, vb.pp("output.LayerNorm")), name("output.LayerNorm"))?,
         })
     }
 }
@@ -90,13 +86,13 @@ impl BertModel {
         let vb = ["bert", "roberta", "longformer"].into_iter().find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight"))).map_or(vb.clone(), |p| vb.pp(p));
         let h = cfg.hidden_size;
         let e = vb.pp("embeddings");
-        let emb = |n: usize, part: &str| weights(embedding(n, h, e.pp(part)), &format!("{}.{part}", e.prefix()));
+        let emb = |n: usize, part: &str| weights(embedding(n, h, e.pp(part)), format!("{}.{part}", e.prefix()));
         let layers = (0..cfg.num_hidden_layers).map(|i| BertLayer::load(vb.pp(format!("encoder.layer.{i}")), cfg)).collect::<Result<_>>()?;
         Ok(BertModel {
             word: emb(cfg.vocab_size, "word_embeddings")?,
             position: emb(cfg.max_position_embeddings, "position_embeddings")?,
             token_type: emb(cfg.type_vocab_size, "token_type_embeddings")?,
-            embed_norm: weights(layer_norm(h, cfg.layer_norm_eps, e.pp("LayerNorm")), &format!("{}.LayerNorm", e.prefix()))?,
+            embed_norm: weights(layer_norm(h, cfg.layer_norm_eps, e.pp("LayerNorm")), format!("{}.LayerNorm", e.prefix()))?,
             layers,
             cfg: cfg.clone(),
         })

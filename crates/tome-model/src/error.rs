@@ -25,6 +25,11 @@ pub enum ModelError {
 
 pub type Result<T> = std::result::Result<T, ModelError>;
 
+/// A checkpoint tensor as loaded, its error naming the tensor.
+pub(crate) fn weights<T>(r: candle_core::Result<T>, name: impl Into<String>) -> Result<T> {
+    r.map_err(|e| ModelError::Weights { name: name.into(), msg: e.to_string() })
+}
+
 impl From<tome_attn::AttnError> for ModelError {
     fn from(e: tome_attn::AttnError) -> Self {
         ModelError::Dist(e.into())

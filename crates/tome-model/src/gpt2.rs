@@ -16,7 +16,7 @@ use tome_dist::{Group, ShardPlan};
 
 use crate::config::{EncodeOptions, LayerAttention};
 use crate::document::{Prepared, ShardInput};
-use crate::error::{ModelError, Result};
+use crate::error::{weights, ModelError, Result};
 use crate::model::check_vocab;
 use crate::model::{causal_only, plain_run, Architecture, Shape};
 
@@ -90,10 +90,6 @@ pub struct Gpt2Model {
     ln_f: LayerNorm,
 }
 
-fn weights<T>(r: candle_core::Result<T>, name: String) -> Result<T> {
-    r.map_err(|e| ModelError::Weights { name, msg: e.to_string() })
-}
-
 /// A `Conv1D` (weight `[in, out]`, `y = x W + b`) as a linear layer.
 fn conv1d(vb: &VarBuilder, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
     let full = format!("{}.{name}", vb.prefix());
@@ -130,9 +126,9 @@ impl Gpt2Model {
             })
             .collect::<Result<_>>()?;
         Ok(Gpt2Model {
-            wte: weights(embedding(cfg.vocab_size, d, vb.pp("wte")), "wte".into())?,
-            wpe: weights(embedding(cfg.n_positions, d, vb.pp("wpe")), "wpe".into())?,
-            ln_f: weights(layer_norm(d, eps, vb.pp("ln_f")), "ln_f".into())?,
+            wte: weights(embedding(cfg.vocab_size, d, vb.pp("wte")), "wte")?,
+            wpe: weights(embedding(cfg.n_positions, d, vb.pp("wpe")), "wpe")?,
+            ln_f: weights(layer_norm(d, eps, vb.pp("ln_f")), "ln_f")?,
             blocks,
             cfg: cfg.clone(),
         })

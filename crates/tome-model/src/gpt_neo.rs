@@ -17,7 +17,7 @@ use tome_dist::{Group, ShardPlan};
 
 use crate::config::{EncodeOptions, LayerAttention};
 use crate::document::{Prepared, ShardInput};
-use crate::error::{ModelError, Result};
+use crate::error::{weights, ModelError, Result};
 use crate::model::{check_vocab, plain_run, Architecture, Shape};
 
 /// `config.json` of `GPTNeoModel`.
@@ -111,10 +111,6 @@ pub struct GptNeoModel {
     ln_f: LayerNorm,
 }
 
-fn weights<T>(r: candle_core::Result<T>, name: String) -> Result<T> {
-    r.map_err(|e| ModelError::Weights { name, msg: e.to_string() })
-}
-
 impl GptNeoModel {
     /// Loads `GPTNeoModel` weights (with or without the `transformer.` prefix of the LM class).
     pub fn load(vb: VarBuilder, cfg: &GptNeoConfig) -> Result<Self> {
@@ -144,9 +140,9 @@ impl GptNeoModel {
             })
             .collect::<Result<_>>()?;
         Ok(GptNeoModel {
-            wte: weights(embedding(cfg.vocab_size, d, vb.pp("wte")), "wte".into())?,
-            wpe: weights(embedding(cfg.max_position_embeddings, d, vb.pp("wpe")), "wpe".into())?,
-            ln_f: weights(layer_norm(d, eps, vb.pp("ln_f")), "ln_f".into())?,
+            wte: weights(embedding(cfg.vocab_size, d, vb.pp("wte")), "wte")?,
+            wpe: weights(embedding(cfg.max_position_embeddings, d, vb.pp("wpe")), "wpe")?,
+            ln_f: weights(layer_norm(d, eps, vb.pp("ln_f")), "ln_f")?,
             blocks,
             cfg: cfg.clone(),
         })

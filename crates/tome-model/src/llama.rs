@@ -17,7 +17,7 @@ use tome_dist::{Group, ShardPlan};
 
 use crate::config::{EncodeOptions, LayerAttention};
 use crate::document::{Prepared, ShardInput};
-use crate::error::{ModelError, Result};
+use crate::error::{weights, ModelError, Result};
 use crate::model::check_vocab;
 use crate::model::{causal_only, plain_run, Architecture, Shape};
 
@@ -140,10 +140,6 @@ pub struct LlamaModel {
     inv_freq: Vec<f32>,
 }
 
-fn weights<T>(r: candle_core::Result<T>, name: String) -> Result<T> {
-    r.map_err(|e| ModelError::Weights { name, msg: e.to_string() })
-}
-
 impl LlamaModel {
     /// Loads `LlamaForCausalLM` (keys under `model.`, plus `lm_head`) or `LlamaModel` weights.
     pub fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
@@ -172,7 +168,7 @@ impl LlamaModel {
             .collect::<Result<_>>()?;
         let embed = weights(embedding(cfg.vocab_size, d, vb.pp("embed_tokens")), format!("{}.embed_tokens", vb.prefix()))?;
         let head = if !cfg.tie_word_embeddings && root.contains_tensor("lm_head.weight") {
-            weights(root.get((cfg.vocab_size, d), "lm_head.weight"), "lm_head.weight".into())?
+            weights(root.get((cfg.vocab_size, d), "lm_head.weight"), "lm_head.weight")?
         } else {
             embed.embeddings().clone()
         };

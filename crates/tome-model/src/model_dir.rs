@@ -1,6 +1,8 @@
-//! A Hugging Face model directory: config.json, model.safetensors, and optionally tokenizer.json
-//! and sentence-transformers' `1_Pooling/config.json`.
+//! A Hugging Face model directory: config.json, the weights (model.safetensors, or several
+//! files under model.safetensors.index.json), and optionally tokenizer.json and
+//! sentence-transformers' `1_Pooling/config.json`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
@@ -30,6 +32,53 @@ struct PoolingConfig {
     pooling_mode_mean_tokens: bool,
 }
 
+/// `model.safetensors.index.json` of a checkpoint saved in several files.
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// The checkpoint's safetensors files: `model.safetensors`, else the files that
+/// `model.safetensors.index.json` maps tensors to (each a file of the directory itself).
+/// PyTorch-only checkpoints are refused with the command that converts them.
+fn weight_files(dir: &Path) -> std::result::Result<Vec<PathBuf>, String> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.is_file() {
+        let text = std::fs::read_to_string(&index_path).map_err(|e| format!("cannot read model.safetensors.index.json: {e}"))?;
+        let index: ShardIndex = serde_json::from_str(&text).map_err(|e| format!("model.safetensors.index.json: {e}"))?;
+        let mut files: Vec<&str> = index.weight_map.values().map(String::as_str).collect();
+        files.sort_unstable();
+        files.dedup();
+        if files.is_empty() {
+            return Err("model.safetensors.index.json maps no tensors".into());
+        }
+        return files
+            .into_iter()
+            .map(|name| {
+                let plain = Path::new(name).file_name().is_some_and(|f| f == name) && name.ends_with(".safetensors");
+                if !plain {
+                    return Err(format!("model.safetensors.index.json names `{name}`, which is not a .safetensors file of the directory"));
+                }
+                let file = dir.join(name);
+                match file.is_file() {
+                    true => Ok(file),
+                    false => Err(format!("model.safetensors.index.json names `{name}`, which is missing")),
+                }
+            })
+            .collect();
+    }
+    if dir.join("pytorch_model.bin").is_file() || dir.join("pytorch_model.bin.index.json").is_file() {
+        return Err("holds PyTorch weights (pytorch_model.bin) only; tome reads safetensors. Convert once with transformers: load the checkpoint with \
+                    its class (AutoModelForCausalLM for a language model, else AutoModel) and save it with save_pretrained(DIR, safe_serialization=True)"
+            .into());
+    }
+    Err("has no model.safetensors (nor model.safetensors.index.json)".into())
+}
+
 /// The one field read before the architecture is known.
 #[derive(Deserialize)]
 struct ModelTypeField {
@@ -50,12 +99,9 @@ impl ModelDir {
             Some(name) => ModelType::from_name(name)?,
             None => return Err(ModelError::Config { field: "model_type".into(), msg: "missing".into() }),
         };
-        let weights = path.join("model.safetensors");
-        if !weights.is_file() {
-            return Err(dir_err("has no model.safetensors".into()));
-        }
-        // SAFETY: the file is memory-mapped read-only; tome never writes checkpoints it serves.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }.map_err(|e| dir_err(format!("model.safetensors cannot be read: {e}")))?;
+        let weights = weight_files(path).map_err(dir_err)?;
+        // SAFETY: the files are memory-mapped read-only; tome never writes checkpoints it serves.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, DType::F32, &Device::Cpu) }.map_err(|e| dir_err(format!("the safetensors weights cannot be read: {e}")))?;
         let model = model_type.load(&text, vb)?;
         let tokenizer_path = path.join("tokenizer.json");
         let tokenizer = tokenizer_path.is_file().then(|| TextTokenizer::from_file(&tokenizer_path)).transpose()?;

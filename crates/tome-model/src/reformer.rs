@@ -31,7 +31,7 @@ use tome_dist::{Group, ShardPlan};
 
 use crate::config::{Activation, EncodeOptions, LayerAttention, NativeAttention};
 use crate::document::{padded_plan, Prepared, ShardInput};
-use crate::error::{ModelError, Result};
+use crate::error::{weights, ModelError, Result};
 use crate::model::check_vocab;
 use crate::model::{fixed_attention, plain_run, Architecture, Shape};
 use crate::reversible;
@@ -242,10 +242,6 @@ pub struct ReformerModel {
     positions: Positions,
     layers: Vec<Layer>,
     out_norm: LayerNorm,
-}
-
-fn weights<T>(r: candle_core::Result<T>, name: String) -> Result<T> {
-    r.map_err(|e| ModelError::Weights { name, msg: e.to_string() })
 }
 
 impl ReformerModel {

@@ -21,7 +21,7 @@ use tome_dist::{Group, ShardPlan};
 
 use crate::config::{Activation, EncodeOptions, LayerAttention, NativeAttention};
 use crate::document::{Prepared, ShardInput};
-use crate::error::{ModelError, Result};
+use crate::error::{weights, ModelError, Result};
 use crate::model::check_vocab;
 use crate::model::{fixed_attention, plain_run, Architecture, Shape};
 
@@ -150,10 +150,6 @@ pub struct SwitchModel {
     final_norm: RmsNorm,
 }
 
-fn weights<T>(r: candle_core::Result<T>, name: String) -> Result<T> {
-    r.map_err(|e| ModelError::Weights { name, msg: e.to_string() })
-}
-
 impl FeedForward {
     fn load(vb: &VarBuilder, cfg: &SwitchConfig) -> Result<Self> {
         let name = |s: &str| format!("{}.{s}", vb.prefix());
@@ -175,7 +171,7 @@ impl SwitchModel {
         cfg.validate()?;
         let (d, inner, eps) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.layer_norm_epsilon);
         let shared = if vb.contains_tensor("shared.weight") { vb.pp("shared") } else { vb.pp("encoder.embed_tokens") };
-        let shared = weights(embedding(cfg.vocab_size, d, shared), "shared.weight".into())?;
+        let shared = weights(embedding(cfg.vocab_size, d, shared), "shared.weight")?;
         let enc = vb.pp("encoder");
         let table_name = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight".to_string();
         let table = weights(enc.get((cfg.relative_attention_num_buckets, cfg.num_heads), "block.0.layer.0.SelfAttention.relative_attention_bias.weight"), table_name)?;
@@ -212,7 +208,7 @@ impl SwitchModel {
             .collect::<Result<_>>()?;
         Ok(SwitchModel {
             act: cfg.activation()?,
-            final_norm: weights(rms_norm(d, eps, enc.pp("final_layer_norm")), "encoder.final_layer_norm".into())?,
+            final_norm: weights(rms_norm(d, eps, enc.pp("final_layer_norm")), "encoder.final_layer_norm")?,
             cfg: cfg.clone(),
             shared,
             bias,

@@ -26,7 +26,7 @@ use tome_dist::{Group, ShardPlan};
 
 use crate::config::{EncodeOptions, LayerAttention, NativeAttention};
 use crate::document::{Prepared, RunOptions, ShardInput};
-use crate::error::{ModelError, Result};
+use crate::error::{weights, ModelError, Result};
 use crate::model::check_vocab;
 use crate::model::{fixed_attention, Architecture, Shape};
 
@@ -292,10 +292,6 @@ pub struct TransfoXlModel {
     layers: Vec<Layer>,
     /// `(cmem_len, rate)` for a Compressive checkpoint with a compressed memory.
     compressed: Option<(usize, usize)>,
-}
-
-fn weights<T>(r: candle_core::Result<T>, name: String) -> Result<T> {
-    r.map_err(|e| ModelError::Weights { name, msg: e.to_string() })
 }
 
 impl TransfoXlModel {
