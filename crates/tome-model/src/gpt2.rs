@@ -8,7 +8,7 @@
 //! ("gelu_new"), learned absolute positions (documents beyond `n_positions` are refused), and
 //! the LM head tied to `wte`.
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
@@ -17,8 +17,7 @@ use tome_dist::{Group, ShardPlan};
 use crate::config::{EncodeOptions, LayerAttention};
 use crate::document::{Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
-use crate::model::check_vocab;
-use crate::model::{causal_only, plain_run, Architecture, Shape};
+use crate::model::{causal_only, check_vocab, embed_learned_positions, plain_run, Architecture, Shape};
 
 /// `config.json` of `GPT2Model` / `GPT2LMHeadModel`.
 #[derive(Clone, Debug, Deserialize)]
@@ -189,21 +188,7 @@ impl Architecture for Gpt2Model {
     /// `ln_f`), from its own tokens.
     /// `after_layer(l)` returning false cancels.
     fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
-        let positions = plan.positions(group.rank());
-        let n = positions.len();
-        if input.ids.len() != n || input.position_ids.len() != n {
-            return Err(ModelError::Input(format!("rank {} owns {n} tokens but was given {} ids and {} positions", group.rank(), input.ids.len(), input.position_ids.len())));
-        }
-        if plan.len() > self.cfg.n_positions {
-            return Err(ModelError::Input(format!("the document has {} tokens; GPT-2 has learned {} positions", plan.len(), self.cfg.n_positions)));
-        }
-        check_vocab(&input.ids, self.cfg.vocab_size)?;
-        if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= self.cfg.n_positions) {
-            return Err(ModelError::Input(format!("position id {bad} is beyond the {} learned positions", self.cfg.n_positions)));
-        }
-        let tok = Tensor::from_slice(&input.ids, n, &Device::Cpu)?;
-        let pos = Tensor::from_slice(&input.position_ids, n, &Device::Cpu)?;
-        let mut x = (self.wte.forward(&tok)? + self.wpe.forward(&pos)?)?;
+        let (mut x, positions) = embed_learned_positions("GPT-2", &self.wte, &self.wpe, self.cfg.n_positions, group, plan, input)?;
         let run = input.run.layers_to_run(self.blocks.len())?;
         for (l, block) in self.blocks.iter().enumerate().take(run) {
             let a = self.attention(block, group, &block.ln_1.forward(&x)?, &positions)?;

@@ -9,7 +9,7 @@
 //! tokens (itself included), GELU with the tanh approximation ("gelu_new"), learned absolute
 //! positions.
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 use tome_dist::ops::{ring_attention, window_attention, DenseSpec, KeyBlock, WindowSpec};
@@ -18,7 +18,7 @@ use tome_dist::{Group, ShardPlan};
 use crate::config::{EncodeOptions, LayerAttention};
 use crate::document::{Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
-use crate::model::{check_vocab, plain_run, Architecture, Shape};
+use crate::model::{check_vocab, embed_learned_positions, plain_run, Architecture, Shape};
 
 /// `config.json` of `GPTNeoModel`.
 #[derive(Clone, Debug, Deserialize)]
@@ -215,24 +215,10 @@ impl Architecture for GptNeoModel {
     /// This rank's rows of the hidden states `input.run` asks for (by default the last, after
     /// `ln_f`), from its own tokens.
     fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
-        let positions = plan.positions(group.rank());
-        let n = positions.len();
-        if input.ids.len() != n || input.position_ids.len() != n {
-            return Err(ModelError::Input(format!("rank {} owns {n} tokens but was given {} ids and {} positions", group.rank(), input.ids.len(), input.position_ids.len())));
-        }
-        if plan.len() > self.cfg.max_position_embeddings {
-            return Err(ModelError::Input(format!("the document has {} tokens; GPT-Neo has learned {} positions", plan.len(), self.cfg.max_position_embeddings)));
-        }
-        check_vocab(&input.ids, self.cfg.vocab_size)?;
+        let (mut x, positions) = embed_learned_positions("GPT-Neo", &self.wte, &self.wpe, self.cfg.max_position_embeddings, group, plan, input)?;
         if !input.layers.iter().eq(self.blocks.iter().map(|b| &b.attention)) {
             return Err(ModelError::Input("the shard's layer attentions are not the ones GPT-Neo's config gives its layers".into()));
         }
-        if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= self.cfg.max_position_embeddings) {
-            return Err(ModelError::Input(format!("position id {bad} is beyond the {} learned positions", self.cfg.max_position_embeddings)));
-        }
-        let tok = Tensor::from_slice(&input.ids, n, &Device::Cpu)?;
-        let pos = Tensor::from_slice(&input.position_ids, n, &Device::Cpu)?;
-        let mut x = (self.wte.forward(&tok)? + self.wpe.forward(&pos)?)?;
         let run = input.run.layers_to_run(self.blocks.len())?;
         for (l, block) in self.blocks.iter().enumerate().take(run) {
             let a = self.attention(block, group, plan, &block.ln_1.forward(&x)?, &positions)?;

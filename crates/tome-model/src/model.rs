@@ -5,7 +5,8 @@
 //! architecture; which `model_type` loads which architecture is said once, in
 //! [`crate::registry`].
 
-use candle_core::Tensor;
+use candle_core::{Device, Module, Tensor};
+use candle_nn::Embedding;
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{EncodeOptions, LayerAttention};
@@ -135,4 +136,33 @@ pub(crate) fn check_vocab(ids: &[u32], vocab: usize) -> Result<()> {
         Some((i, id)) => Err(ModelError::Input(format!("token {i} has id {id}, beyond the vocabulary of {vocab}"))),
         None => Ok(()),
     }
+}
+
+/// Token plus learned absolute position embeddings of a rank's own tokens (GPT-2, GPT-Neo),
+/// after checking the input: the rank's tokens and positions, the document within the `learned`
+/// positions of `model`, ids within the vocabulary. Returns the rank's global positions too.
+pub(crate) fn embed_learned_positions(
+    model: &str,
+    wte: &Embedding,
+    wpe: &Embedding,
+    learned: usize,
+    group: &dyn Group,
+    plan: &ShardPlan,
+    input: &ShardInput,
+) -> Result<(Tensor, Vec<i64>)> {
+    let positions = plan.positions(group.rank());
+    let n = positions.len();
+    if input.ids.len() != n || input.position_ids.len() != n {
+        return Err(ModelError::Input(format!("rank {} owns {n} tokens but was given {} ids and {} positions", group.rank(), input.ids.len(), input.position_ids.len())));
+    }
+    if plan.len() > learned {
+        return Err(ModelError::Input(format!("the document has {} tokens; {model} has learned {learned} positions", plan.len())));
+    }
+    check_vocab(&input.ids, wte.embeddings().dim(0)?)?;
+    if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= learned) {
+        return Err(ModelError::Input(format!("position id {bad} is beyond the {learned} learned positions")));
+    }
+    let tok = Tensor::from_slice(&input.ids, n, &Device::Cpu)?;
+    let pos = Tensor::from_slice(&input.position_ids, n, &Device::Cpu)?;
+    Ok(((wte.forward(&tok)? + wpe.forward(&pos)?)?, positions))
 }

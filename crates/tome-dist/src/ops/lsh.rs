@@ -23,6 +23,14 @@ use crate::error::{DistError, Result};
 use crate::group::{flags_to_tensor, tensor_to_flags, Frame, Group};
 use crate::layout::ShardPlan;
 
+/// Tensors per head in a frame of [`Rows`]: token positions, validity flags, query-key
+/// vectors, values.
+const ROWS_TENSORS: usize = 4;
+/// Tensors per head in a frame dealing items to a slot's owner: the slots, then the rows.
+const DEALT_TENSORS: usize = 1 + ROWS_TENSORS;
+/// Tensors per head in a frame answering dealt items: outputs `[items, dv]`, log-sum-exps.
+const ANSWER_TENSORS: usize = 2;
+
 /// Rows of one head held in sorted-slot space, flat: row `i`'s query-key vector at `i · d`, its
 /// value at `i · dv` (one allocation per field, not one per row).
 #[derive(Default, Clone)]
@@ -69,9 +77,20 @@ impl Rows {
         ])
     }
 
-    fn from_frame(f: &[Tensor]) -> Result<Self> {
-        let [tok, valid, qk, v] = f else { return Err(DistError::Plan("an LSH row frame has 4 tensors per head".into())) };
-        Ok(Rows { tok: tok.to_vec1::<i64>()?, valid: tensor_to_flags(valid)?, qk: qk.flatten_all()?.to_vec1::<f32>()?, v: v.flatten_all()?.to_vec1::<f32>()? })
+    /// Rows as a peer sent them, each field checked to hold the same number of rows.
+    fn from_frame(f: &[Tensor], (d, dv): (usize, usize)) -> Result<Self> {
+        let [tok, valid, qk, v] = f else { return Err(DistError::Plan(format!("an LSH row frame has {ROWS_TENSORS} tensors per head"))) };
+        let rows = Rows { tok: tok.to_vec1::<i64>()?, valid: tensor_to_flags(valid)?, qk: qk.flatten_all()?.to_vec1::<f32>()?, v: v.flatten_all()?.to_vec1::<f32>()? };
+        let m = rows.tok.len();
+        if rows.valid.len() != m || rows.qk.len() != m * d || rows.v.len() != m * dv {
+            return Err(DistError::Plan(format!(
+                "an LSH row frame of {m} rows has {} flags, {} query-key and {} value numbers ({d} and {dv} wide)",
+                rows.valid.len(),
+                rows.qk.len(),
+                rows.v.len()
+            )));
+        }
+        Ok(rows)
     }
 }
 
@@ -83,6 +102,69 @@ fn even_bounds(n: usize, parts: usize) -> Vec<usize> {
         b.push(b[i] + base + usize::from(i < extra));
     }
     b
+}
+
+/// Checks every rank's bucket histogram before slots are derived from it: `heads ·
+/// keys_per_head` whole, non-negative counts, each head's summing to the rank's tokens times
+/// the hash rounds. Every slot derived from them then lies within the document's.
+fn check_histograms(all_counts: &[Vec<f32>], plan: &ShardPlan, heads: usize, keys_per_head: usize, rounds: usize) -> Result<()> {
+    for (q, counts) in all_counts.iter().enumerate() {
+        if counts.len() != heads * keys_per_head {
+            return Err(DistError::Plan(format!("rank {q} sent a histogram of {} counts; {heads} heads of {keys_per_head} keys were expected", counts.len())));
+        }
+        if let Some(bad) = counts.iter().find(|c| !(c.is_finite() && **c >= 0.0 && c.fract() == 0.0)) {
+            return Err(DistError::Plan(format!("rank {q} sent a histogram count of {bad}")));
+        }
+        let items = (rounds * plan.ranges(q).iter().map(|r| r.len()).sum::<usize>()) as f64;
+        for (h, per_head) in counts.chunks_exact(keys_per_head.max(1)).enumerate() {
+            let sum: f64 = per_head.iter().map(|&c| c as f64).sum();
+            if sum != items {
+                return Err(DistError::Plan(format!("rank {q} counted {sum} items for head {h}; it holds {items}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Per source rank and head, the slots its items were dealt, in arrival order.
+type Arrivals = Vec<Vec<Vec<usize>>>;
+
+/// The items dealt to this rank, whose slots are `slots`: per head, the rows in slot order, and
+/// per source rank and head, the slots it sent in arrival order (its answers go back in that
+/// order). Every slot must arrive exactly once, with a row of the right widths.
+fn take_dealt(received: &[Frame], heads: usize, slots: Range<usize>, widths: (usize, usize)) -> Result<(Vec<Rows>, Arrivals)> {
+    let len = slots.len();
+    let mut mine = vec![Rows::with_len(len, widths); heads];
+    let mut filled = vec![vec![false; len]; heads];
+    let mut arrivals: Arrivals = vec![vec![Vec::new(); heads]; received.len()];
+    for (src, frame) in received.iter().enumerate() {
+        for h in 0..heads {
+            let f = frame
+                .get(h * DEALT_TENSORS..(h + 1) * DEALT_TENSORS)
+                .ok_or_else(|| DistError::Plan(format!("rank {src} dealt a frame of {} tensors for {heads} heads", frame.len())))?;
+            let dealt = f[0].to_vec1::<i64>()?;
+            let rows = Rows::from_frame(&f[1..], widths)?;
+            if rows.tok.len() != dealt.len() {
+                return Err(DistError::Plan(format!("rank {src} dealt {} slots with {} rows for head {h}", dealt.len(), rows.tok.len())));
+            }
+            for (i, &s) in dealt.iter().enumerate() {
+                let at = usize::try_from(s)
+                    .ok()
+                    .filter(|s| slots.contains(s))
+                    .map(|s| s - slots.start)
+                    .ok_or_else(|| DistError::Plan(format!("rank {src} dealt slot {s} of head {h}; this rank holds slots {slots:?}")))?;
+                if std::mem::replace(&mut filled[h][at], true) {
+                    return Err(DistError::Plan(format!("slot {s} of head {h} was dealt twice")));
+                }
+                mine[h].set(at, &rows, i, widths);
+                arrivals[src][h].push(at + slots.start);
+            }
+        }
+    }
+    if let Some((h, at)) = filled.iter().enumerate().find_map(|(h, f)| f.iter().position(|x| !x).map(|at| (h, at))) {
+        return Err(DistError::Plan(format!("slot {} of head {h} was never dealt", at + slots.start)));
+    }
+    Ok((mine, arrivals))
 }
 
 /// This rank's output rows of LSH attention. `qk` (shared query-key vectors) and `v` are
@@ -117,6 +199,7 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
         .map(|f| f.first().map(|t| t.to_vec1::<f32>()).transpose())
         .collect::<candle_core::Result<Option<Vec<_>>>>()?
         .ok_or_else(|| DistError::Plan("an empty histogram frame".into()))?;
+    check_histograms(&all_counts, plan, heads, keys_per_head, spec.n_hashes)?;
     let total_slots = spec.n_hashes * plan.len();
     let total_chunks = total_slots / spec.chunk_len;
     let bounds: Vec<usize> = even_bounds(total_chunks, p).into_iter().map(|c| c * spec.chunk_len).collect();
@@ -161,19 +244,7 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
         })
         .collect::<Result<Vec<Frame>>>()?;
     let received = group.all_to_all(parts)?;
-    let mut mine = vec![Rows::with_len(hi - lo, widths); heads];
-    let mut arrivals: Vec<Vec<Vec<usize>>> = vec![vec![Vec::new(); heads]; p]; // slots in arrival order
-    for (src, frame) in received.iter().enumerate() {
-        for h in 0..heads {
-            let f = frame.get(h * 5..h * 5 + 5).ok_or_else(|| DistError::Plan(format!("rank {src} dealt a frame of {} tensors for {heads} heads", frame.len())))?;
-            let slots = f[0].to_vec1::<i64>()?;
-            let rows = Rows::from_frame(&f[1..])?;
-            for (i, &s) in slots.iter().enumerate() {
-                mine[h].set(s as usize - lo, &rows, i, widths);
-                arrivals[src][h].push(s as usize);
-            }
-        }
-    }
+    let (mut mine, arrivals) = take_dealt(&received, heads, lo..hi, widths)?;
 
     // 3. The look-back and look-ahead chunks, wrapping around.
     let window = |c: usize| -> Vec<usize> {
@@ -212,7 +283,8 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
         }
         let frame = group.recv(q)?;
         for (h, table) in halo.iter_mut().enumerate() {
-            let rows = Rows::from_frame(frame.get(h * 4..h * 4 + 4).ok_or_else(|| DistError::Plan(format!("rank {q} sent a halo frame of {} tensors", frame.len())))?)?;
+            let part = frame.get(h * ROWS_TENSORS..(h + 1) * ROWS_TENSORS).ok_or_else(|| DistError::Plan(format!("rank {q} sent a halo frame of {} tensors", frame.len())))?;
+            let rows = Rows::from_frame(part, widths)?;
             if rows.tok.len() != from.len() {
                 return Err(DistError::Plan(format!("rank {q} sent {} halo rows for head {h}, {} were needed", rows.tok.len(), from.len())));
             }
@@ -281,7 +353,7 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
     let mut outs = vec![0f32; heads * n * rounds * dv];
     for (q, frame) in answers.iter().enumerate() {
         for (h, items) in sent[q].iter().enumerate() {
-            let (Some(o), Some(l)) = (frame.get(h * 2), frame.get(h * 2 + 1)) else {
+            let (Some(o), Some(l)) = (frame.get(h * ANSWER_TENSORS), frame.get(h * ANSWER_TENSORS + 1)) else {
                 return Err(DistError::Plan(format!("rank {q} answered with a frame of {} tensors for {heads} heads", frame.len())));
             };
             let (o, l) = (o.flatten_all()?.to_vec1::<f32>()?, l.to_vec1::<f32>()?);
@@ -308,4 +380,66 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
         }
     }
     Ok(Tensor::from_vec(out, (heads, n, dv), &Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Layout;
+
+    const WIDTHS: (usize, usize) = (2, 1);
+
+    /// One head's dealt frame: `slots` with a row each (token = slot, all valid).
+    fn dealt(slots: &[i64]) -> Frame {
+        let mut rows = Rows::default();
+        for &s in slots {
+            rows.push(s, true, &[s as f32, 0.5], &[1.0]);
+        }
+        let mut f = vec![Tensor::from_vec(slots.to_vec(), slots.len(), &Device::Cpu).unwrap()];
+        f.extend(rows.into_frame(WIDTHS).unwrap());
+        f
+    }
+
+    #[test]
+    fn dealt_items_fill_every_slot_once_whichever_rank_sent_them() {
+        let (mine, arrivals) = take_dealt(&[dealt(&[5, 3]), dealt(&[4])], 1, 3..6, WIDTHS).unwrap();
+        assert_eq!(mine[0].tok, vec![3, 4, 5]);
+        assert_eq!(mine[0].qk, vec![3.0, 0.5, 4.0, 0.5, 5.0, 0.5]);
+        assert_eq!(arrivals, vec![vec![vec![5, 3]], vec![vec![4]]]);
+    }
+
+    #[test]
+    fn a_peers_dealt_frame_out_of_range_twice_short_or_incomplete_is_an_error_not_a_panic() {
+        let err = |received: &[Frame]| take_dealt(received, 1, 3..6, WIDTHS).err().unwrap().to_string();
+        assert!(err(&[dealt(&[2, 3, 4])]).contains("dealt slot 2"), "below the rank's slots");
+        assert!(err(&[dealt(&[3, 4, 9])]).contains("dealt slot 9"), "beyond them");
+        assert!(err(&[dealt(&[-1, 4, 5])]).contains("dealt slot -1"));
+        assert!(err(&[dealt(&[3, 4]), dealt(&[4])]).contains("dealt twice"));
+        assert!(err(&[dealt(&[3, 4])]).contains("slot 5 of head 0 was never dealt"));
+        let mut short = dealt(&[3, 4, 5]);
+        short[3] = Tensor::from_vec(vec![0f32; 5], 5, &Device::Cpu).unwrap();
+        assert!(err(&[short]).contains("query-key"), "a query-key tensor one number short");
+        let mut fewer_rows = dealt(&[3, 4, 5]);
+        fewer_rows[0] = Tensor::from_vec(vec![3i64, 4, 5, 6], 4, &Device::Cpu).unwrap();
+        assert!(err(&[fewer_rows]).contains("4 slots with 3 rows"));
+        assert!(err(&[dealt(&[3, 4, 5])[..3].to_vec()]).contains("frame of 3 tensors"));
+    }
+
+    #[test]
+    fn histograms_are_whole_non_negative_counts_of_the_ranks_items() {
+        let plan = ShardPlan::new(Layout::Contiguous, 6, 2).unwrap();
+        let ok = vec![vec![1.0, 2.0, 0.0, 3.0], vec![3.0, 0.0, 1.0, 2.0]];
+        check_histograms(&ok, &plan, 2, 2, 1).unwrap();
+        let with = |q: usize, i: usize, x: f32| {
+            let mut c = ok.clone();
+            c[q][i] = x;
+            check_histograms(&c, &plan, 2, 2, 1).err().unwrap().to_string()
+        };
+        assert!(with(0, 0, f32::NAN).contains("count of NaN"));
+        assert!(with(1, 2, -1.0).contains("count of -1"));
+        assert!(with(0, 1, 1.5).contains("count of 1.5"));
+        assert!(with(0, 1, 4.0).contains("counted 5 items for head 0; it holds 3"));
+        let short = vec![ok[0][..3].to_vec(), ok[1].clone()];
+        assert!(check_histograms(&short, &plan, 2, 2, 1).unwrap_err().to_string().contains("histogram of 3 counts"));
+    }
 }
