@@ -105,19 +105,16 @@ fn even_bounds(n: usize, parts: usize) -> Vec<usize> {
 }
 
 /// Checks every rank's bucket histogram before slots are derived from it: `heads ·
-/// keys_per_head` whole, non-negative counts, each head's summing to the rank's tokens times
-/// the hash rounds. Every slot derived from them then lies within the document's.
-fn check_histograms(all_counts: &[Vec<f32>], plan: &ShardPlan, heads: usize, keys_per_head: usize, rounds: usize) -> Result<()> {
+/// keys_per_head` counts, each head's summing to the rank's tokens times the hash rounds.
+/// Every slot derived from them then lies within the document's.
+fn check_histograms(all_counts: &[Vec<u32>], plan: &ShardPlan, heads: usize, keys_per_head: usize, rounds: usize) -> Result<()> {
     for (q, counts) in all_counts.iter().enumerate() {
         if counts.len() != heads * keys_per_head {
             return Err(DistError::Plan(format!("rank {q} sent a histogram of {} counts; {heads} heads of {keys_per_head} keys were expected", counts.len())));
         }
-        if let Some(bad) = counts.iter().find(|c| !(c.is_finite() && **c >= 0.0 && c.fract() == 0.0)) {
-            return Err(DistError::Plan(format!("rank {q} sent a histogram count of {bad}")));
-        }
-        let items = (rounds * plan.ranges(q).iter().map(|r| r.len()).sum::<usize>()) as f64;
+        let items = rounds * plan.ranges(q).iter().map(|r| r.len()).sum::<usize>();
         for (h, per_head) in counts.chunks_exact(keys_per_head.max(1)).enumerate() {
-            let sum: f64 = per_head.iter().map(|&c| c as f64).sum();
+            let sum: usize = per_head.iter().map(|&c| c as usize).sum();
             if sum != items {
                 return Err(DistError::Plan(format!("rank {q} counted {sum} items for head {h}; it holds {items}")));
             }
@@ -185,18 +182,18 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
     let nb = spec.buckets_with_padding(padded);
     let keys_per_head = spec.n_hashes * nb;
     let b = lsh::buckets(qk, rotations, valid, spec)?;
-    let mut counts = vec![0f32; heads * keys_per_head];
+    let mut counts = vec![0u32; heads * keys_per_head];
     for (h, per_head) in b.iter().enumerate() {
         for (r, per_round) in per_head.iter().enumerate() {
             for &bucket in per_round {
-                counts[h * keys_per_head + r * nb + bucket] += 1.0;
+                counts[h * keys_per_head + r * nb + bucket] += 1;
             }
         }
     }
-    let all_counts: Vec<Vec<f32>> = group
+    let all_counts: Vec<Vec<u32>> = group
         .all_gather(vec![Tensor::from_vec(counts, heads * keys_per_head, &Device::Cpu)?])?
         .into_iter()
-        .map(|f| f.first().map(|t| t.to_vec1::<f32>()).transpose())
+        .map(|f| f.first().map(|t| t.to_vec1::<u32>()).transpose())
         .collect::<candle_core::Result<Option<Vec<_>>>>()?
         .ok_or_else(|| DistError::Plan("an empty histogram frame".into()))?;
     check_histograms(&all_counts, plan, heads, keys_per_head, spec.n_hashes)?;
@@ -215,9 +212,9 @@ pub fn lsh_attention(group: &dyn Group, plan: &ShardPlan, qk: &Tensor, v: &Tenso
     for h in 0..heads {
         let mut next = vec![0usize; keys_per_head];
         for key in 0..keys_per_head {
-            let smaller: f32 = all_counts.iter().map(|c| c[h * keys_per_head..h * keys_per_head + key].iter().sum::<f32>()).sum();
-            let earlier: f32 = all_counts[..me].iter().map(|c| c[h * keys_per_head + key]).sum();
-            next[key] = (smaller + earlier) as usize;
+            let smaller: usize = all_counts.iter().map(|c| c[h * keys_per_head..h * keys_per_head + key].iter().map(|&x| x as usize).sum::<usize>()).sum();
+            let earlier: usize = all_counts[..me].iter().map(|c| c[h * keys_per_head + key] as usize).sum();
+            next[key] = smaller + earlier;
         }
         for (r, buckets) in b[h].iter().enumerate().take(spec.n_hashes) {
             for (t, &bucket) in buckets.iter().enumerate().take(n) {
@@ -426,19 +423,17 @@ mod tests {
     }
 
     #[test]
-    fn histograms_are_whole_non_negative_counts_of_the_ranks_items() {
+    fn histograms_count_exactly_the_ranks_items() {
         let plan = ShardPlan::new(Layout::Contiguous, 6, 2).unwrap();
-        let ok = vec![vec![1.0, 2.0, 0.0, 3.0], vec![3.0, 0.0, 1.0, 2.0]];
+        let ok = vec![vec![1, 2, 0, 3], vec![3, 0, 1, 2]];
         check_histograms(&ok, &plan, 2, 2, 1).unwrap();
-        let with = |q: usize, i: usize, x: f32| {
+        let with = |q: usize, i: usize, x: u32| {
             let mut c = ok.clone();
             c[q][i] = x;
             check_histograms(&c, &plan, 2, 2, 1).err().unwrap().to_string()
         };
-        assert!(with(0, 0, f32::NAN).contains("count of NaN"));
-        assert!(with(1, 2, -1.0).contains("count of -1"));
-        assert!(with(0, 1, 1.5).contains("count of 1.5"));
-        assert!(with(0, 1, 4.0).contains("counted 5 items for head 0; it holds 3"));
+        assert!(with(0, 1, 4).contains("counted 5 items for head 0; it holds 3"));
+        assert!(with(1, 2, u32::MAX).contains("for head 1; it holds 3"));
         let short = vec![ok[0][..3].to_vec(), ok[1].clone()];
         assert!(check_histograms(&short, &plan, 2, 2, 1).unwrap_err().to_string().contains("histogram of 3 counts"));
     }
