@@ -9,8 +9,8 @@
 #   scripts/fresh-machine.sh scripts/test.sh
 #
 # Needs root, apt (debootstrap is installed when missing), unshare and git. The root lives in a
-# temporary folder (or FRESH_ROOT_DIR) and is removed afterwards; the command runs in its own
-# mount and PID namespaces, so nothing it starts or mounts outlives it. The Debian release and
+# temporary folder (or FRESH_ROOT_DIR) and is removed afterwards, also when interrupted; the
+# command runs in its own mount and PID namespaces, so nothing it starts or mounts outlives it. The Debian release and
 # mirror are FRESH_SUITE (default: bookworm) and FRESH_MIRROR (default: the Debian mirror).
 # Carried over from this machine, as any machine on its network has them: its DNS settings, its
 # apt settings (apt.conf.d), the certificate authorities it adds to Debian's
@@ -48,6 +48,8 @@ cleanup() {
     rm -rf "$root"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 log "debootstrap $suite (minbase) into $root"
 started=$SECONDS
@@ -80,8 +82,7 @@ for name in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
 done
 
 log "running in the fresh root: $*"
-set +e
-unshare --mount --pid --fork --propagation private bash -euo pipefail -c '
+unshare --mount --pid --fork --kill-child --propagation private bash -euo pipefail -c '
     root="$1" toolchain="$2"; shift 2
     mount -t proc proc "$root/proc"
     mount --rbind /dev "$root/dev"
@@ -89,8 +90,14 @@ unshare --mount --pid --fork --propagation private bash -euo pipefail -c '
     mount --bind "$toolchain" "$root/opt/rust"
     mount -o remount,bind,ro "$root/opt/rust"
     exec chroot "$root" /usr/bin/env -i "$@"
-' fresh "$root" "$toolchain" "${env_vars[@]}" /bin/bash -c 'cd /src && exec "$@"' command "$@"
-status=$?
-set -e
+' fresh "$root" "$toolchain" "${env_vars[@]}" /bin/bash -c 'cd /src && exec "$@"' command "$@" &
+# Waiting in the background lets an interrupt end the command before the root is removed:
+# unshare ignores SIGTERM while it waits, and killing it kills its namespace's first process
+# (--kill-child), which ends every process of the namespace.
+child=$!
+trap 'kill -KILL "$child" 2>/dev/null; wait "$child"; exit 143' TERM
+trap 'kill -KILL "$child" 2>/dev/null; wait "$child"; exit 130' INT
+status=0
+wait "$child" || status=$?
 log "the command exited with $status"
 exit "$status"
