@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 scripts/prereqs.sh cc protoc python etcd lint
 scripts/fetch_data.sh
 cargo fmt --all --check
-cargo clippy --workspace --tests --locked --features tome-net/nccl -- -D warnings
+cargo clippy --workspace --tests --locked --features tome-cli/nccl -- -D warnings
 # The end-to-end tests (tests/) run the `tome` binary as real processes: build it first.
 cargo build --locked -p tome-cli
 # With the NCCL Group, which builds everywhere (CUDA and NCCL load at run time); its tests skip,
 # saying why, where there are not enough GPUs.
-cargo test --workspace --locked --features tome-net/nccl
+cargo test --workspace --locked --features tome-cli/nccl

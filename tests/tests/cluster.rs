@@ -392,4 +392,32 @@ async fn every_architecture_runs_across_workers_as_transformers_does() {
     // Log-probs need the last layer; a segment length needs a segment-recurrent model.
     let Err(err) = process_call(&mut client, hidden("bert-tiny", 1, ids("bert-tiny"), 8, None)).await else { panic!("a segment length for BERT was accepted") };
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    // The coordinator chose the transport from where the ranks ran: workers without GPUs talk
+    // over peer streams.
+    assert!(coordinator.log_text().lines().any(|l| l.contains("cluster job done") && l.contains("transport=\"peer-streams\"")), "{}", coordinator.log_text());
+    // A worker runs a rank on the transport its plan names, and refuses NCCL, saying why, when
+    // it has no GPU for it; a transport it does not know is the request's fault.
+    let mut worker = WorkerClient::connect(w1.addr.clone()).await.unwrap();
+    assert_eq!(worker.info(pb::WorkerInfoRequest {}).await.unwrap().into_inner().nccl_gpus, 0);
+    let shard = |transport: i32| {
+        let ids: Vec<u8> = (0..8u32).flat_map(|i| (i + 5).to_le_bytes()).collect();
+        let positions: Vec<u8> = (0..8u32).flat_map(|i| i.to_le_bytes()).collect();
+        let u32s = |data: Vec<u8>| Some(pb::Tensor { shape: vec![8], dtype: pb::ElementType::U32 as i32, data });
+        let ranges = |start, end| pb::RankRanges { ranges: vec![pb::Span { start, end }] };
+        let plan = pb::JobPlan {
+            job_id: format!("transport-{transport}"),
+            tokens: 16,
+            shards: vec![ranges(0, 8), ranges(8, 16)],
+            rank_addresses: vec![w1.host_port.clone(), w2.host_port.clone()],
+            transport,
+            ..Default::default()
+        };
+        pb::ShardRequest { plan: Some(plan), model: "bert-tiny".into(), token_ids: u32s(ids), position_ids: u32s(positions), ..Default::default() }
+    };
+    let Err(err) = worker.run_shard(shard(pb::Transport::Nccl as i32)).await else { panic!("an NCCL rank ran on a worker without GPUs") };
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("talk over NCCL") && err.message().contains("has no GPU for it"), "{err:?}");
+    let Err(err) = worker.run_shard(shard(9)).await else { panic!("an unknown transport was accepted") };
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("unknown transport 9"), "{err:?}");
 }

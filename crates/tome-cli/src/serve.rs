@@ -95,7 +95,9 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let hub = PeerHub::new(tokio::runtime::Handle::current(), limits);
     let config = WorkerConfig { name: name.clone(), advertise: advertise.clone(), max_shards: args.max_shards.max(1), memory_budget_bytes: args.memory_budget_bytes };
-    let service = Arc::new(WorkerService::new(models, hub.clone(), config));
+    let gpus = tome_worker::transport::NcclGpus::detect();
+    tracing::info!(gpus = gpus.count(), "GPUs for ranks that talk over NCCL");
+    let service = Arc::new(WorkerService::new(models, hub.clone(), config, gpus));
     let etcd = (!args.membership.etcd.is_empty()).then(|| EtcdOptions {
         endpoints: args.membership.etcd.clone(),
         prefix: args.membership.etcd_prefix.clone(),

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tome_net::{tensor_from_wire, TraceParent};
 use tome_proto::v1 as pb;
+use tome_worker::transport::{self, Hosts, Transport};
 use tome_worker::{activation_bytes, assemble, pool_targets, wire, Gathered, JobEvent, JobOutput, JobSpec, WorkerError};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -46,6 +47,8 @@ struct Load {
 /// A job's ranks placed on workers; holds their share of the workers until dropped.
 pub struct Placement {
     pub workers: Vec<pb::WorkerInfo>,
+    /// How the ranks talk, chosen from where they run.
+    pub transport: Transport,
     held: Vec<(String, Load)>,
     reserved: Arc<Mutex<HashMap<String, Load>>>,
 }
@@ -116,7 +119,8 @@ impl Cluster {
             r.bytes += load.bytes;
             r.shards += load.shards;
         }
-        Ok(Placement { workers, held, reserved: self.reserved.clone() })
+        let transport = transport::choose(Hosts::Workers(&workers));
+        Ok(Placement { workers, transport, held, reserved: self.reserved.clone() })
     }
 
     /// The connection to the worker at `address`, made once and kept while the worker is a
@@ -176,7 +180,14 @@ impl Cluster {
         let started = Instant::now();
         let (tokens, shards) = wire::plan_to_wire(&spec.plan);
         let addresses: Vec<String> = placement.workers.iter().map(|w| w.address.clone()).collect();
-        let plan = pb::JobPlan { job_id: job_id.to_string(), tokens, shards, rank_addresses: addresses.clone(), traceparent: trace.to_string() };
+        let plan = pb::JobPlan {
+            job_id: job_id.to_string(),
+            tokens,
+            shards,
+            rank_addresses: addresses.clone(),
+            traceparent: trace.to_string(),
+            transport: wire::transport_to_wire(placement.transport)? as i32,
+        };
         let spans = wire::spans_to_wire(&pool_targets(spec.doc.len(), spec.document, &spec.chunks));
         let layers: Vec<pb::AttentionOverride> = spec.doc.layers.iter().map(|&l| wire::layer_to_wire(l)).collect();
         let mut ranks = JoinSet::new();
@@ -262,7 +273,7 @@ impl Cluster {
         let a = tokio::task::spawn_blocking(move || assemble(&plan, document, chunks, normalize, gathered))
             .await
             .map_err(|e| WorkerError::Internal(format!("assembling the outputs failed: {e}")))??;
-        info!(job = %job_id, ranks = addresses.len(), bytes, wire_bytes, "cluster job done");
+        info!(job = %job_id, ranks = addresses.len(), transport = placement.transport.name(), bytes, wire_bytes, "cluster job done");
         Ok(JobOutput {
             document: a.document,
             chunks: a.chunks,
@@ -417,6 +428,34 @@ mod tests {
         let mut kept: Vec<String> = cluster.channels.lock().unwrap().keys().cloned().collect();
         kept.sort();
         assert_eq!(kept, ["10.0.0.2:7001", "10.0.0.3:7001"]);
+    }
+
+    fn job(ranks: usize) -> JobSpec {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tome-model/tests/fixtures/bert-tiny");
+        let model = Arc::new(tome_model::ModelDir::open(&dir).unwrap());
+        let doc = Arc::new(model.model.prepare(vec![5; 16], &tome_model::EncodeOptions::default()).unwrap());
+        JobSpec::new(model, doc, ranks, tome_dist::Layout::Contiguous).unwrap()
+    }
+
+    fn serving(name: &str, model: &str, nccl_gpus: u32) -> pb::WorkerInfo {
+        let models = vec![pb::ModelInfo { name: model.into(), ..Default::default() }];
+        pb::WorkerInfo { nccl_gpus, models, memory_budget_bytes: 1 << 30, max_shards: 8, ..worker(name) }
+    }
+
+    #[test]
+    fn placement_chooses_nccl_only_when_every_rank_gets_a_gpu_of_its_own() {
+        let spec = job(4);
+        let model = spec.model.name();
+        let chosen = |workers: Vec<pb::WorkerInfo>| {
+            let (tx, _rx) = watch::channel(workers);
+            Cluster::new(Arc::new(Members(tx)), 1 << 20, 1024).place(&spec).unwrap().transport
+        };
+        assert_eq!(chosen(vec![serving("a", &model, 2), serving("b", &model, 2)]), Transport::Nccl);
+        assert_eq!(chosen(vec![serving("a", &model, 2), serving("b", &model, 1)]), Transport::PeerStreams, "b would hold two ranks on one GPU");
+        assert_eq!(chosen(vec![serving("a", &model, 0), serving("b", &model, 0)]), Transport::PeerStreams);
+        let one_rank = job(1);
+        let (tx, _rx) = watch::channel(vec![serving("a", &model, 8)]);
+        assert_eq!(Cluster::new(Arc::new(Members(tx)), 1 << 20, 1024).place(&one_rank).unwrap().transport, Transport::PeerStreams, "one rank exchanges nothing");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tokio_stream::Stream;
 use tome_model::{ModelDir, Prepared};
 use tome_net::{tensor_to_wire, TraceParent};
 use tome_proto::v1 as pb;
+use tome_worker::transport::{self, Hosts, Transport};
 use tome_worker::{spawn_job, JobEvent, JobOutput, JobSpec};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, Instrument};
@@ -368,13 +369,19 @@ async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender,
     let (jtx, mut jrx) = mpsc::channel(8);
     let chunks = job.spec.chunks.clone();
     let tokens = job.spec.doc.len();
-    match (backend, job.placement) {
-        (Some(cluster), Some(placement)) => cluster.spawn(job.id.clone(), job.spec, placement, jtx, job.deadline, job.trace),
-        _ => {
+    let transport = job.placement.as_ref().map_or(transport::choose(Hosts::ThisProcess), |p| p.transport);
+    match (transport, backend, job.placement) {
+        (Transport::PeerStreams | Transport::Nccl, Some(cluster), Some(placement)) => cluster.spawn(job.id.clone(), job.spec, placement, jtx, job.deadline, job.trace),
+        (Transport::InProcess, _, _) => {
             if let Err(e) = spawn_job(job.spec, jtx, cancel.clone()) {
                 let _ = tx.send(Err(CoordError::from(e).into())).await;
                 return "failed";
             }
+        }
+        (transport, ..) => {
+            let e = CoordError::Internal(format!("a job placed for transport {} has no cluster to run on", transport.name()));
+            let _ = tx.send(Err(e.into())).await;
+            return "failed";
         }
     }
     let expired = async {

@@ -55,6 +55,8 @@ pub struct NcclGroup {
     outgoing: Vec<Option<SyncSender<Frame>>>,
     incoming: Vec<Option<(SyncSender<()>, Receiver<Reply>)>>,
     bytes: AtomicU64,
+    /// `bytes` plus each frame's header.
+    wire_bytes: AtomicU64,
 }
 
 fn transport(rank: usize, peer: usize, msg: impl Into<String>) -> DistError {
@@ -134,7 +136,14 @@ impl NcclGroup {
         for _ in 0..2 * (size - 1) {
             ready_rx.recv().map_err(|_| DistError::RankPanicked("an NCCL thread ended before initialising".into()))??;
         }
-        Ok(NcclGroup { rank, size, outgoing, incoming, bytes: AtomicU64::new(0) })
+        Ok(NcclGroup { rank, size, outgoing, incoming, bytes: AtomicU64::new(0), wire_bytes: AtomicU64::new(0) })
+    }
+}
+
+impl NcclGroup {
+    /// Bytes this rank has sent over NCCL: its frames' elements and a header per frame.
+    pub fn wire_bytes_sent(&self) -> u64 {
+        self.wire_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -241,6 +250,7 @@ impl Group for NcclGroup {
         let bytes = frame_bytes(&frame);
         tx.send(frame).map_err(|_| DistError::PeerGone { rank: self.rank, peer: dst, what: "send" })?;
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.wire_bytes.fetch_add(bytes + (HEADER_WORDS * size_of::<u64>()) as u64, Ordering::Relaxed);
         Ok(())
     }
 

@@ -27,6 +27,9 @@ pub enum WorkerError {
     /// A fault of the server's own (not the request's).
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request is sound, but this worker lacks what it needs (e.g. a GPU for NCCL).
+    #[error("{0}")]
+    Precondition(String),
     #[error("worker {0} is shutting down")]
     ShuttingDown(String),
     /// A worker's answer, passed on with its code.
@@ -69,6 +72,7 @@ impl WorkerError {
             WorkerError::UnknownModel(_) => Code::NotFound,
             WorkerError::Busy(_) | WorkerError::TooLarge(_) => Code::ResourceExhausted,
             WorkerError::ShuttingDown(_) => Code::Unavailable,
+            WorkerError::Precondition(_) => Code::FailedPrecondition,
             WorkerError::Remote(s) => s.code(),
             _ => Code::Internal,
         }

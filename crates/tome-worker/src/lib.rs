@@ -14,6 +14,7 @@ pub mod metrics;
 mod registration;
 mod server;
 mod service;
+pub mod transport;
 pub mod wire;
 
 use tome_model::ModelDir;

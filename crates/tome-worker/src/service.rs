@@ -26,6 +26,7 @@ use crate::error::WorkerError;
 use crate::job::{run_rank, RankWork};
 use crate::memory::activation_bytes;
 use crate::metrics;
+use crate::transport::{self, GpuLease, NcclGpus, Rendezvous, Transport};
 use crate::wire;
 
 /// The worker's settings; every one is a flag of `tome serve worker`.
@@ -47,6 +48,8 @@ const EVENT_BUFFER: usize = 16;
 pub struct WorkerService {
     models: Vec<Arc<ModelDir>>,
     hub: PeerHub,
+    /// The GPUs ranks talking over NCCL take, one each.
+    gpus: NcclGpus,
     config: WorkerConfig,
     shards: Arc<Semaphore>,
     /// The memory budget in KiB, reserved by each running shard for its activations.
@@ -58,10 +61,10 @@ pub struct WorkerService {
 }
 
 impl WorkerService {
-    pub fn new(models: Vec<Arc<ModelDir>>, hub: PeerHub, config: WorkerConfig) -> Self {
+    pub fn new(models: Vec<Arc<ModelDir>>, hub: PeerHub, config: WorkerConfig, gpus: NcclGpus) -> Self {
         let shards = Arc::new(Semaphore::new(config.max_shards));
         let memory_kib = Arc::new(Semaphore::new(((config.memory_budget_bytes / 1024) as usize).min(Semaphore::MAX_PERMITS)));
-        WorkerService { models, hub, config, shards, memory_kib, running: Arc::default(), admitting: AtomicBool::new(true) }
+        WorkerService { models, hub, gpus, config, shards, memory_kib, running: Arc::default(), admitting: AtomicBool::new(true) }
     }
 
     /// Refuses new shards from now on (shutdown has begun).
@@ -119,6 +122,7 @@ impl WorkerService {
             memory_budget_bytes: self.config.memory_budget_bytes,
             max_shards: self.config.max_shards as u32,
             shards_running: self.shards_running() as u32,
+            nccl_gpus: u32::try_from(self.gpus.count()).unwrap_or(u32::MAX),
         }
     }
 
@@ -137,6 +141,7 @@ struct Shard {
     job: String,
     rank: usize,
     addresses: Vec<String>,
+    transport: Transport,
     plan: tome_dist::ShardPlan,
     model: Arc<ModelDir>,
     input: ShardInput,
@@ -186,6 +191,7 @@ fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TracePare
     };
     Ok(Shard {
         next_ids,
+        transport: wire::transport_from_wire(plan_msg.transport)?,
         job: plan_msg.job_id,
         rank,
         addresses: plan_msg.rank_addresses,
@@ -227,9 +233,10 @@ fn event(e: pb::shard_event::Event) -> Result<pb::ShardEvent, Status> {
 }
 
 /// Runs a checked shard on the calling (compute) thread and reports on `tx`.
-fn run_shard(hub: &PeerHub, shard: &Shard, tx: &EventSender, cancel: &AtomicBool, deadline: Option<Instant>) -> Result<pb::ShardDone, WorkerError> {
+fn run_shard(hub: &PeerHub, gpu: Option<&GpuLease>, shard: &Shard, tx: &EventSender, cancel: &AtomicBool, deadline: Option<Instant>) -> Result<pb::ShardDone, WorkerError> {
     let started = Instant::now();
-    let group = hub.join(&shard.job, shard.rank, &shard.addresses, shard.trace)?;
+    let at = Rendezvous { job: &shard.job, rank: shard.rank, addresses: &shard.addresses, trace: shard.trace };
+    let group = transport::join(hub, shard.transport, gpu, &at)?;
     let total = shard.input.layers_run();
     let mut after_layer = |layer: usize| {
         if shard.rank == 0 {
@@ -249,7 +256,7 @@ fn run_shard(hub: &PeerHub, shard: &Shard, tx: &EventSender, cancel: &AtomicBool
         hidden: shard.hidden,
         next_ids: shard.next_ids.as_deref(),
     };
-    let out = run_rank(&group, &work, &mut after_layer);
+    let out = run_rank(group.group(), &work, &mut after_layer);
     let wire_bytes_sent = group.wire_bytes_sent();
     drop(group);
     let out = match out {
@@ -342,6 +349,7 @@ impl pb::worker_server::Worker for WorkerService {
             .clone()
             .try_acquire_many_owned(need_kib)
             .map_err(|_| WorkerError::Busy(format!("worker {} has no room for {need} more bytes of activations now", self.config.name)))?;
+        let gpu = self.gpus.lease(shard.transport, &self.config.name)?;
         let flag = Arc::new(AtomicBool::new(false));
         self.lock_running().entry(shard.job.clone()).or_default().push(flag.clone());
         metrics::shard_started();
@@ -384,7 +392,8 @@ impl pb::worker_server::Worker for WorkerService {
             .spawn(move || {
                 let _enter = span.enter();
                 let started = Instant::now();
-                let result = run_shard(&hub, &shard, &tx, &flag, deadline);
+                let result = run_shard(&hub, gpu.as_ref(), &shard, &tx, &flag, deadline);
+                drop(gpu);
                 metrics::shard_seconds(started.elapsed());
                 // The shard is over before its last event goes out. Once the coordinator has that
                 // event it drops the call — which must not read as a cancel of the job's other

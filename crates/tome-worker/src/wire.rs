@@ -11,6 +11,7 @@ use tome_net::{tensor_from_wire, tensor_to_wire};
 use tome_proto::v1 as pb;
 
 use crate::error::WorkerError;
+use crate::transport::Transport;
 
 fn invalid(msg: impl Into<String>) -> WorkerError {
     WorkerError::Invalid(msg.into())
@@ -37,6 +38,23 @@ pub fn plan_from_wire(tokens: u64, shards: &[pb::RankRanges]) -> Result<ShardPla
     let len = usize::try_from(tokens).map_err(|_| invalid(format!("plan of {tokens} tokens")))?;
     let shards = shards.iter().map(|r| r.ranges.iter().map(|s| range(s, len, "shard range")).collect::<Result<Vec<_>, _>>()).collect::<Result<Vec<_>, _>>()?;
     Ok(ShardPlan::from_ranges(len, shards)?)
+}
+
+/// The transport of a job on workers; an in-process job has no wire form.
+pub fn transport_to_wire(t: Transport) -> Result<pb::Transport, WorkerError> {
+    match t {
+        Transport::PeerStreams => Ok(pb::Transport::PeerStreams),
+        Transport::Nccl => Ok(pb::Transport::Nccl),
+        Transport::InProcess => Err(WorkerError::Internal("an in-process job has no plan on the wire".into())),
+    }
+}
+
+pub fn transport_from_wire(t: i32) -> Result<Transport, WorkerError> {
+    match pb::Transport::try_from(t) {
+        Ok(pb::Transport::PeerStreams) => Ok(Transport::PeerStreams),
+        Ok(pb::Transport::Nccl) => Ok(Transport::Nccl),
+        Err(_) => Err(invalid(format!("unknown transport {t} in the plan"))),
+    }
 }
 
 pub fn layer_to_wire(l: LayerAttention) -> pb::AttentionOverride {
