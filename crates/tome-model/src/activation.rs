@@ -11,16 +11,15 @@ use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::config::Activation;
-use crate::error::{ModelError, Result};
 
 impl Activation {
-    /// From a transformers activation name (`ACT2FN`'s keys); `field` names the config field.
-    pub(crate) fn from_name(field: &str, name: &str) -> Result<Self> {
-        match name {
-            "gelu" => Ok(Activation::GeluErf),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
-            "relu" => Ok(Activation::Relu),
-            other => Err(ModelError::Config { field: field.into(), msg: format!("`{other}` is not supported (gelu, gelu_new, relu)") }),
+    /// Its name in transformers' configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::GeluErf => "gelu",
+            Activation::GeluTanh => "gelu_new",
+            Activation::Relu => "relu",
+            Activation::Silu => "silu",
         }
     }
 
@@ -29,6 +28,7 @@ impl Activation {
             Activation::GeluErf => gelu_erf(x),
             Activation::GeluTanh => x.gelu(),
             Activation::Relu => x.relu(),
+            Activation::Silu => x.silu(),
         }
     }
 }
@@ -105,6 +105,8 @@ impl Activation {
                 }
             }
             Activation::Relu => xs.iter_mut().for_each(|x| *x = x.max(0.0)),
+            // candle's `silu`.
+            Activation::Silu => xs.iter_mut().for_each(|x| *x /= 1.0 + (-*x).exp()),
         }
     }
 }

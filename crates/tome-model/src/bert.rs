@@ -18,6 +18,7 @@ use crate::document::{padded_plan, Prepared, RunOptions, ShardInput};
 use crate::error::{weights, ModelError, Result};
 use crate::heads::{project_heads, window_rows};
 use crate::model::{Architecture, Shape};
+use crate::registry::ModelType;
 
 /// Token rows per feed-forward block (bounds the intermediate activation's memory).
 const FFN_ROWS: usize = 2048;
@@ -59,11 +60,11 @@ impl BertLayer {
             query: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.query")), name("attention.self.query"))?,
             key: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.key")), name("attention.self.key"))?,
             value: weights(linear_b(h, h, cfg.use_bias, vb.pp("attention.self.value")), name("attention.self.value"))?,
-            projection: match cfg.nb_features.filter(|_| cfg.model_type == crate::config::PERFORMER) {
+            projection: match cfg.nb_features.filter(|_| cfg.model_type == ModelType::Performer) {
                 Some(m) => Some(weights(vb.get((m, cfg.head_dim()), "attention.self.projection_matrix"), name("attention.self.projection_matrix"))?),
                 None => None,
             },
-            global: if cfg.model_type == "longformer" {
+            global: if cfg.model_type == ModelType::Longformer {
                 let g = |part: &str| weights(linear(h, h, vb.pp(format!("attention.self.{part}"))), name(&format!("attention.self.{part}")));
                 Some((g("query_global")?, g("key_global")?, g("value_global")?))
             } else {
@@ -187,7 +188,7 @@ impl BertModel {
 
     fn feed_forward(&self, layer: &BertLayer, x: &Tensor) -> Result<Tensor> {
         // Bias, activation and residual ride on the two GEMMs (`projection::linear`).
-        let activation = self.cfg.activation()?;
+        let activation = self.cfg.hidden_act;
         let inner = projection::linear(x, layer.intermediate.weight(), layer.intermediate.bias(), None, |xs| activation.apply_in_place(xs))?;
         Ok(layer.out_norm.forward(&projection::linear(&inner, layer.output.weight(), layer.output.bias(), Some(x), |_| {})?)?)
     }
@@ -197,7 +198,7 @@ impl Architecture for BertModel {
     fn shape(&self) -> Shape {
         let c = self.config();
         Shape {
-            model_type: c.model_type.clone(),
+            model_type: c.model_type.name().into(),
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
             num_layers: c.num_hidden_layers,

@@ -4,19 +4,20 @@
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
+use crate::registry::ModelType;
 
 /// `config.json` of `BertModel` / `RobertaModel` (and sentence-transformers' copies of them).
 #[derive(Clone, Debug, Deserialize)]
 pub struct BertConfig {
     #[serde(default = "default_model_type")]
-    pub model_type: String,
+    pub model_type: ModelType,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub intermediate_size: usize,
     #[serde(default = "default_act")]
-    pub hidden_act: String,
+    pub hidden_act: Activation,
     pub max_position_embeddings: usize,
     #[serde(default = "default_type_vocab")]
     pub type_vocab_size: usize,
@@ -24,15 +25,15 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub pad_token_id: usize,
-    #[serde(default = "default_position_type")]
-    pub position_embedding_type: String,
+    #[serde(default)]
+    pub position_embedding_type: PositionEmbeddingType,
     /// Longformer-style window size (both sides together), one for all layers or one per layer.
     /// Absent: dense attention.
     #[serde(default)]
     pub attention_window: Option<OneOrPerLayer>,
-    /// BigBird: `block_sparse` or `original_full`.
+    /// BigBird's attention (block-sparse when absent).
     #[serde(default)]
-    pub attention_type: Option<String>,
+    pub attention_type: Option<BigBirdAttention>,
     #[serde(default)]
     pub block_size: Option<usize>,
     #[serde(default)]
@@ -62,11 +63,28 @@ pub enum OneOrPerLayer {
 /// whose attention is FAVOR+; see docs/models/performer.md for the schema.
 pub const PERFORMER: &str = "tome-performer";
 
-fn default_model_type() -> String {
-    "bert".into()
+/// How a BERT-family encoder numbers positions; only learned absolute positions are
+/// implemented (transformers' `relative_key` variants are refused when the config is read).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionEmbeddingType {
+    #[default]
+    Absolute,
 }
-fn default_act() -> String {
-    "gelu".into()
+
+/// BigBird's `attention_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BigBirdAttention {
+    BlockSparse,
+    OriginalFull,
+}
+
+fn default_model_type() -> ModelType {
+    ModelType::Bert
+}
+fn default_act() -> Activation {
+    Activation::GeluErf
 }
 fn default_type_vocab() -> usize {
     2
@@ -77,9 +95,6 @@ fn default_eps() -> f64 {
 fn default_true() -> bool {
     true
 }
-fn default_position_type() -> String {
-    "absolute".into()
-}
 
 fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
     ModelError::Config { field: field.into(), msg: msg.into() }
@@ -87,17 +102,13 @@ fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
 
 impl BertConfig {
     pub fn validate(&self) -> Result<()> {
-        if !crate::registry::ModelType::from_name(&self.model_type).is_ok_and(|t| t.is_bert_family()) {
-            let family: Vec<&str> = crate::registry::ModelType::ALL.iter().filter(|t| t.is_bert_family()).map(|t| t.name()).collect();
-            return Err(config_err("model_type", format!("`{}` is not a BERT-family encoder ({})", self.model_type, family.join(", "))));
+        if !self.model_type.is_bert_family() {
+            let family: Vec<&str> = ModelType::ALL.iter().filter(|t| t.is_bert_family()).map(|t| t.name()).collect();
+            return Err(config_err("model_type", format!("`{}` is not a BERT-family encoder ({})", self.model_type.name(), family.join(", "))));
         }
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(config_err("num_attention_heads", format!("{} heads do not divide hidden_size {}", self.num_attention_heads, self.hidden_size)));
         }
-        if self.position_embedding_type != "absolute" {
-            return Err(config_err("position_embedding_type", format!("`{}` is not supported (only absolute)", self.position_embedding_type)));
-        }
-        self.activation()?;
         self.layer_attention()?;
         if self.max_position_embeddings <= self.position_offset() {
             return Err(config_err("max_position_embeddings", "leaves no usable position"));
@@ -109,14 +120,10 @@ impl BertConfig {
         self.hidden_size / self.num_attention_heads
     }
 
-    pub fn activation(&self) -> Result<Activation> {
-        Activation::from_name("hidden_act", &self.hidden_act)
-    }
-
     /// RoBERTa-style models number positions from `pad_token_id + 1`; BERT, BigBird and the
     /// Performer encoder from 0.
     pub fn position_offset(&self) -> usize {
-        if matches!(self.model_type.as_str(), "bert" | "big_bird" | PERFORMER) {
+        if matches!(self.model_type, ModelType::Bert | ModelType::BigBird | ModelType::Performer) {
             0
         } else {
             self.pad_token_id + 1
@@ -131,21 +138,20 @@ impl BertConfig {
     /// The attention each layer's config selects.
     pub fn layer_attention(&self) -> Result<Vec<LayerAttention>> {
         let n = self.num_hidden_layers;
-        if self.model_type == PERFORMER {
+        if self.model_type == ModelType::Performer {
             let features = self.nb_features.filter(|&m| m > 0).ok_or_else(|| config_err("nb_features", "a positive number of random features is required"))?;
             return Ok(vec![LayerAttention::Favor { features, causal: self.causal }; n]);
         }
-        if self.model_type == "big_bird" {
-            return match self.attention_type.as_deref().unwrap_or("block_sparse") {
-                "original_full" => Ok(vec![LayerAttention::Dense; n]),
-                "block_sparse" => {
+        if self.model_type == ModelType::BigBird {
+            return match self.attention_type.unwrap_or(BigBirdAttention::BlockSparse) {
+                BigBirdAttention::OriginalFull => Ok(vec![LayerAttention::Dense; n]),
+                BigBirdAttention::BlockSparse => {
                     let block = self.block_size.unwrap_or(64);
                     if block == 0 {
                         return Err(config_err("block_size", "must be positive"));
                     }
                     Ok(vec![LayerAttention::BlockSparse { block, random: self.num_random_blocks.unwrap_or(3) }; n])
                 }
-                other => Err(config_err("attention_type", format!("`{other}` is not supported (block_sparse, original_full)"))),
             };
         }
         let windows = match &self.attention_window {
@@ -160,11 +166,21 @@ impl BertConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A feed-forward activation, by its transformers name (a key of `ACT2FN`); a name tome does
+/// not implement is refused when the config is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub enum Activation {
+    /// `gelu`: x·Φ(x) with the exact error function.
+    #[serde(rename = "gelu")]
     GeluErf,
+    /// `gelu_new` and its equals `gelu_pytorch_tanh`, `gelu_fast`: the tanh approximation.
+    #[serde(rename = "gelu_new", alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
     GeluTanh,
+    #[serde(rename = "relu")]
     Relu,
+    /// `silu` (`swish`): x·σ(x).
+    #[serde(rename = "silu", alias = "swish")]
+    Silu,
 }
 
 /// The attention a layer runs.

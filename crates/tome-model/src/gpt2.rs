@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
-use crate::config::{EncodeOptions, LayerAttention};
+use crate::config::{Activation, EncodeOptions, LayerAttention};
 use crate::document::{Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
 use crate::model::{causal_only, check_vocab, embed_learned_positions, plain_run, Architecture, Shape};
@@ -30,7 +30,7 @@ pub struct Gpt2Config {
     #[serde(default)]
     pub n_inner: Option<usize>,
     #[serde(default = "default_act")]
-    pub activation_function: String,
+    pub activation_function: Activation,
     #[serde(default = "default_eps")]
     pub layer_norm_epsilon: f64,
     #[serde(default = "default_true")]
@@ -41,8 +41,8 @@ pub struct Gpt2Config {
     pub add_cross_attention: bool,
 }
 
-fn default_act() -> String {
-    "gelu_new".into()
+fn default_act() -> Activation {
+    Activation::GeluTanh
 }
 fn default_eps() -> f64 {
     1e-5
@@ -60,8 +60,8 @@ impl Gpt2Config {
         if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(config_err("n_head", format!("{} heads do not divide n_embd {}", self.n_head, self.n_embd)));
         }
-        if self.activation_function != "gelu_new" {
-            return Err(config_err("activation_function", format!("`{}` is not supported (gelu_new)", self.activation_function)));
+        if self.activation_function != Activation::GeluTanh {
+            return Err(config_err("activation_function", format!("`{}` is not supported (gelu_new)", self.activation_function.name())));
         }
         if self.add_cross_attention {
             return Err(config_err("add_cross_attention", "cross-attention (an encoder-decoder GPT-2) is not supported"));

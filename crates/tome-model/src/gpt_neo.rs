@@ -15,7 +15,7 @@ use serde::Deserialize;
 use tome_dist::ops::{ring_attention, window_attention, DenseSpec, KeyBlock, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 
-use crate::config::{EncodeOptions, LayerAttention};
+use crate::config::{Activation, EncodeOptions, LayerAttention};
 use crate::document::{Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
 use crate::model::{check_vocab, embed_learned_positions, plain_run, Architecture, Shape};
@@ -28,13 +28,13 @@ pub struct GptNeoConfig {
     pub num_layers: usize,
     pub num_heads: usize,
     /// e.g. `[[["global", "local"], 12]]`: the pattern, repeated.
-    pub attention_types: Vec<(Vec<String>, usize)>,
+    pub attention_types: Vec<(Vec<GptNeoAttention>, usize)>,
     pub window_size: usize,
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub intermediate_size: Option<usize>,
     #[serde(default = "default_act")]
-    pub activation_function: String,
+    pub activation_function: Activation,
     #[serde(default = "default_eps")]
     pub layer_norm_epsilon: f64,
     /// The language-model head is `wte` (log-probabilities are computed with it).
@@ -42,14 +42,24 @@ pub struct GptNeoConfig {
     pub tie_word_embeddings: bool,
 }
 
-fn default_act() -> String {
-    "gelu_new".into()
+fn default_act() -> Activation {
+    Activation::GeluTanh
 }
 fn default_eps() -> f64 {
     1e-5
 }
 fn default_true() -> bool {
     true
+}
+
+/// A GPT-Neo layer's attention (`attention_types`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GptNeoAttention {
+    /// Dense causal attention.
+    Global,
+    /// Causal attention over the `window_size` latest tokens.
+    Local,
 }
 
 fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
@@ -63,10 +73,10 @@ impl GptNeoConfig {
         for (pattern, repeat) in &self.attention_types {
             for _ in 0..*repeat {
                 for kind in pattern {
-                    layers.push(match kind.as_str() {
-                        "global" => LayerAttention::Dense,
-                        "local" if self.window_size > 0 => LayerAttention::Window { one_sided: self.window_size - 1 },
-                        other => return Err(config_err("attention_types", format!("`{other}` is not global or local (window_size {})", self.window_size))),
+                    layers.push(match kind {
+                        GptNeoAttention::Global => LayerAttention::Dense,
+                        GptNeoAttention::Local if self.window_size > 0 => LayerAttention::Window { one_sided: self.window_size - 1 },
+                        GptNeoAttention::Local => return Err(config_err("window_size", "local layers need a positive window")),
                     });
                 }
             }
@@ -84,8 +94,8 @@ impl GptNeoConfig {
         if !self.tie_word_embeddings {
             return Err(config_err("tie_word_embeddings", "false is not supported: tome's language-model head is the tied `wte`"));
         }
-        if self.activation_function != "gelu_new" {
-            return Err(config_err("activation_function", format!("`{}` is not supported (gelu_new)", self.activation_function)));
+        if self.activation_function != Activation::GeluTanh {
+            return Err(config_err("activation_function", format!("`{}` is not supported (gelu_new)", self.activation_function.name())));
         }
         self.layer_attention().map(drop)
     }

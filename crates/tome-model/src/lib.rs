@@ -32,5 +32,5 @@ pub use error::{ModelError, Result};
 pub use model::{Architecture, Model, Shape};
 pub use model_dir::ModelDir;
 pub use pooling::{l2_normalize, pool_spans, Pooling};
-pub use registry::ModelType;
+pub use registry::{ModelConfig, ModelType};
 pub use tokenizer::{Encoded, TextTokenizer};

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
-use crate::config::{EncodeOptions, LayerAttention};
+use crate::config::{Activation, EncodeOptions, LayerAttention};
 use crate::document::{Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
 use crate::model::check_vocab;
@@ -57,7 +57,7 @@ pub struct LlamaConfig {
     #[serde(default = "default_positions")]
     pub max_position_embeddings: usize,
     #[serde(default = "default_act")]
-    pub hidden_act: String,
+    pub hidden_act: Activation,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default)]
@@ -72,8 +72,8 @@ fn default_eps() -> f64 {
 fn default_positions() -> usize {
     2048
 }
-fn default_act() -> String {
-    "silu".into()
+fn default_act() -> Activation {
+    Activation::Silu
 }
 
 fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
@@ -109,8 +109,8 @@ impl LlamaConfig {
         if !self.head_dim().is_multiple_of(2) {
             return Err(config_err("head_dim", format!("{} must be even for rotary positions", self.head_dim())));
         }
-        if self.hidden_act != "silu" {
-            return Err(config_err("hidden_act", format!("`{}` is not supported (silu)", self.hidden_act)));
+        if self.hidden_act != Activation::Silu {
+            return Err(config_err("hidden_act", format!("`{}` is not supported (silu)", self.hidden_act.name())));
         }
         self.rope_theta()?;
         Ok(())

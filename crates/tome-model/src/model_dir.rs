@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::error::{ModelError, Result};
 use crate::model::Model;
 use crate::pooling::Pooling;
-use crate::registry::ModelType;
+use crate::registry::ModelConfig;
 use crate::tokenizer::TextTokenizer;
 
 /// A loaded model directory.
@@ -79,13 +79,6 @@ fn weight_files(dir: &Path) -> std::result::Result<Vec<PathBuf>, String> {
     Err("has no model.safetensors (nor model.safetensors.index.json)".into())
 }
 
-/// The one field read before the architecture is known.
-#[derive(Deserialize)]
-struct ModelTypeField {
-    #[serde(default)]
-    model_type: Option<String>,
-}
-
 impl ModelDir {
     pub fn open(path: &Path) -> Result<Self> {
         let dir_err = |msg: String| ModelError::Directory { dir: path.display().to_string(), msg };
@@ -94,15 +87,11 @@ impl ModelDir {
         }
         let config_path = path.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| dir_err(format!("cannot read config.json: {e}")))?;
-        let kind: ModelTypeField = serde_json::from_str(&text).map_err(|e| dir_err(format!("config.json is not valid JSON: {e}")))?;
-        let model_type = match kind.model_type.as_deref() {
-            Some(name) => ModelType::from_name(name)?,
-            None => return Err(ModelError::Config { field: "model_type".into(), msg: "missing".into() }),
-        };
+        let config = ModelConfig::from_json(&text)?;
         let weights = weight_files(path).map_err(dir_err)?;
         // SAFETY: the files are memory-mapped read-only; tome never writes checkpoints it serves.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, DType::F32, &Device::Cpu) }.map_err(|e| dir_err(format!("the safetensors weights cannot be read: {e}")))?;
-        let model = model_type.load(&text, vb)?;
+        let model = config.load(vb)?;
         let tokenizer_path = path.join("tokenizer.json");
         let tokenizer = tokenizer_path.is_file().then(|| TextTokenizer::from_file(&tokenizer_path)).transpose()?;
         let pooling = match std::fs::read_to_string(path.join("1_Pooling/config.json")) {

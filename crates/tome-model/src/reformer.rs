@@ -47,7 +47,7 @@ pub struct ReformerConfig {
     pub num_attention_heads: usize,
     pub attention_head_size: usize,
     pub feed_forward_size: usize,
-    pub attn_layers: Vec<String>,
+    pub attn_layers: Vec<Kind>,
     #[serde(default = "d_true")]
     pub axial_pos_embds: bool,
     #[serde(default)]
@@ -74,7 +74,7 @@ pub struct ReformerConfig {
     #[serde(default)]
     pub is_decoder: bool,
     #[serde(default = "d_act")]
-    pub hidden_act: String,
+    pub hidden_act: Activation,
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
     #[serde(default)]
@@ -93,8 +93,8 @@ fn d_chunk() -> usize {
 fn d_one() -> usize {
     1
 }
-fn d_act() -> String {
-    "relu".into()
+fn d_act() -> Activation {
+    Activation::Relu
 }
 fn d_eps() -> f64 {
     1e-12
@@ -104,8 +104,10 @@ fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
     ModelError::Config { field: field.into(), msg: msg.into() }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+/// A Reformer layer's attention (`attn_layers`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
     Lsh,
     Local,
 }
@@ -120,14 +122,7 @@ fn gcd(a: usize, b: usize) -> usize {
 
 impl ReformerConfig {
     fn kinds(&self) -> Result<Vec<Kind>> {
-        self.attn_layers
-            .iter()
-            .map(|k| match k.as_str() {
-                "lsh" => Ok(Kind::Lsh),
-                "local" => Ok(Kind::Local),
-                other => Err(config_err("attn_layers", format!("`{other}` is not lsh or local"))),
-            })
-            .collect()
+        Ok(self.attn_layers.clone())
     }
 
     fn num_buckets(&self) -> Result<usize> {
@@ -173,7 +168,7 @@ impl ReformerConfig {
     }
 
     fn activation(&self) -> Result<Activation> {
-        Activation::from_name("hidden_act", &self.hidden_act)
+        Ok(self.hidden_act)
     }
 
     fn validate(&self) -> Result<()> {

@@ -52,10 +52,10 @@ pub struct SwitchConfig {
     #[serde(default = "default_eps")]
     pub layer_norm_epsilon: f64,
     #[serde(default = "default_ff")]
-    pub feed_forward_proj: String,
+    pub feed_forward_proj: Activation,
     /// The activation transformers derives from `feed_forward_proj` (written by 5.x).
     #[serde(default)]
-    pub dense_act_fn: Option<String>,
+    pub dense_act_fn: Option<Activation>,
 }
 
 fn default_router_dtype() -> String {
@@ -70,8 +70,8 @@ fn default_max_distance() -> usize {
 fn default_eps() -> f64 {
     1e-6
 }
-fn default_ff() -> String {
-    "relu".into()
+fn default_ff() -> Activation {
+    Activation::Relu
 }
 
 fn config_err(field: &str, msg: impl Into<String>) -> ModelError {
@@ -95,10 +95,7 @@ impl SwitchConfig {
 
     /// Switch's feed-forward is never gated: `feed_forward_proj` names a plain activation.
     fn activation(&self) -> Result<Activation> {
-        match &self.dense_act_fn {
-            Some(a) => Activation::from_name("dense_act_fn", a),
-            None => Activation::from_name("feed_forward_proj", &self.feed_forward_proj),
-        }
+        Ok(self.dense_act_fn.unwrap_or(self.feed_forward_proj))
     }
 
     fn validate(&self) -> Result<()> {

@@ -29,6 +29,7 @@ use crate::document::{Prepared, RunOptions, ShardInput};
 use crate::error::{weights, ModelError, Result};
 use crate::model::check_vocab;
 use crate::model::{fixed_attention, Architecture, Shape};
+use crate::registry::ModelType;
 
 /// `model_type` of tome's Compressive Transformer checkpoints.
 pub const COMPRESSIVE: &str = "tome-compressive";
@@ -41,7 +42,7 @@ pub const DEFAULT_SEGMENT_LEN: usize = 128;
 /// are `TransfoXLConfig`'s.
 #[derive(Clone, Debug, Deserialize)]
 pub struct TransfoXlConfig {
-    pub model_type: String,
+    pub model_type: ModelType,
     #[serde(default = "d_vocab")]
     pub vocab_size: usize,
     #[serde(default = "d_cutoffs")]
@@ -138,7 +139,7 @@ pub enum CompressionKind {
 
 impl TransfoXlConfig {
     pub fn is_compressive(&self) -> bool {
-        self.model_type == COMPRESSIVE
+        self.model_type == ModelType::Compressive
     }
 
     /// The default segment length: the config's `tgt_len`, else [`DEFAULT_SEGMENT_LEN`].
@@ -421,7 +422,7 @@ impl Architecture for TransfoXlModel {
         let c = self.config();
         let kind = if c.is_compressive() { "compressive" } else { "relative" };
         Shape {
-            model_type: c.model_type.clone(),
+            model_type: c.model_type.name().into(),
             hidden_size: c.d_model,
             intermediate_size: c.d_inner,
             num_layers: c.n_layer,
