@@ -168,10 +168,21 @@ fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TracePare
     let input = ShardInput {
         ids: wire::u32s_from_wire(req.token_ids.as_ref(), "token_ids")?,
         position_ids: wire::u32s_from_wire(req.position_ids.as_ref(), "position_ids")?,
-        layers: req.layers.iter().map(wire::layer_from_wire).collect::<Result<_, _>>()?,
+        layers: wire::layers_from_wire(&req.layers, &model.model.shape(), plan.len())?,
         global_tokens: req.global_tokens.iter().map(|&g| g as usize).collect(),
         run: RunOptions { output_layer: req.output_layer.map(|k| k as usize), segment_len: (req.segment_len > 0).then_some(req.segment_len as usize) },
     };
+    let rows = plan.shard_len(rank);
+    if input.ids.len() != rows || input.position_ids.len() != rows {
+        return Err(WorkerError::Invalid(format!("{} token ids and {} position ids for rank {rank} of {rows} tokens", input.ids.len(), input.position_ids.len())));
+    }
+    if let Some(g) = input.global_tokens.iter().find(|&&g| g >= plan.len()) {
+        return Err(WorkerError::Invalid(format!("global token {g} is outside the plan's {} tokens", plan.len())));
+    }
+    let layers = model.model.shape().num_layers;
+    if let Some(k) = input.run.output_layer.filter(|&k| k > layers) {
+        return Err(WorkerError::Invalid(format!("output layer {k} of a model with {layers} layers")));
+    }
     let trace = trace.or_else(|| TraceParent::parse(&plan_msg.traceparent));
     let next_ids = if req.log_probs {
         let next = wire::u32s_from_wire(req.next_ids.as_ref(), "next_ids")?;
@@ -392,7 +403,10 @@ impl pb::worker_server::Worker for WorkerService {
             .spawn(move || {
                 let _enter = span.enter();
                 let started = Instant::now();
-                let result = run_shard(&hub, gpu.as_ref(), &shard, &tx, &flag, deadline);
+                // A fault in the rank's code ends the shard with an error status, never a
+                // stream that ends OK without its result.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_shard(&hub, gpu.as_ref(), &shard, &tx, &flag, deadline)))
+                    .unwrap_or_else(|_| Err(WorkerError::Internal(format!("rank {} failed unexpectedly; the worker's log has the cause", shard.rank))));
                 drop(gpu);
                 metrics::shard_seconds(started.elapsed());
                 // The shard is over before its last event goes out. Once the coordinator has that

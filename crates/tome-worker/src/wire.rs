@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Tensor};
 use tome_dist::ShardPlan;
-use tome_model::{LayerAttention, NativeAttention, Pooling};
+use tome_model::{LayerAttention, NativeAttention, Pooling, Shape};
 use tome_net::{tensor_from_wire, tensor_to_wire};
 use tome_proto::v1 as pb;
 
@@ -34,10 +34,19 @@ pub fn plan_to_wire(plan: &ShardPlan) -> (u64, Vec<pb::RankRanges>) {
     (plan.len() as u64, shards)
 }
 
+/// The most tokens a plan may hold: well past a book (10^7 tokens), well short of what would
+/// overflow the sizes derived from it.
+pub const MAX_PLAN_TOKENS: u64 = 1 << 30;
+
+/// A plan, checked: at least one token and at most [`MAX_PLAN_TOKENS`], at least one rank, and
+/// ranges that tile the document exactly once.
 pub fn plan_from_wire(tokens: u64, shards: &[pb::RankRanges]) -> Result<ShardPlan, WorkerError> {
-    let len = usize::try_from(tokens).map_err(|_| invalid(format!("plan of {tokens} tokens")))?;
+    if tokens == 0 || tokens > MAX_PLAN_TOKENS {
+        return Err(invalid(format!("plan.tokens: {tokens} is not within 1..={MAX_PLAN_TOKENS}")));
+    }
+    let len = usize::try_from(tokens).map_err(|_| invalid(format!("plan.tokens: {tokens} does not fit this machine")))?;
     let shards = shards.iter().map(|r| r.ranges.iter().map(|s| range(s, len, "shard range")).collect::<Result<Vec<_>, _>>()).collect::<Result<Vec<_>, _>>()?;
-    Ok(ShardPlan::from_ranges(len, shards)?)
+    ShardPlan::from_ranges(len, shards).map_err(|e| invalid(format!("plan.shards: {e}")))
 }
 
 /// The transport of a job on workers; an in-process job has no wire form.
@@ -81,6 +90,33 @@ pub fn layer_from_wire(a: &pb::AttentionOverride) -> Result<LayerAttention, Work
         },
         _ => Err(invalid(format!("layer attention kind {} is not dense, window, block-sparse, FAVOR+ or native with its parameters", a.kind))),
     }
+}
+
+/// A plan's layers, checked against the model they run on before anything is allocated for
+/// them: one per layer, each dense or a window (what a caller may choose; a window wider than
+/// the document is the whole document, and is kept no wider than it), or the block-sparse or
+/// FAVOR+ attention the model's config gives that layer (sizes a caller cannot choose), or an
+/// architecture-defined attention (which the architecture runs from its own config).
+pub fn layers_from_wire(layers: &[pb::AttentionOverride], model: &Shape, tokens: usize) -> Result<Vec<LayerAttention>, WorkerError> {
+    if layers.len() != model.layer_attention.len() {
+        return Err(invalid(format!("the plan has {} layers; model `{}` has {}", layers.len(), model.model_type, model.layer_attention.len())));
+    }
+    layers
+        .iter()
+        .zip(&model.layer_attention)
+        .enumerate()
+        .map(|(i, (wire, configured))| {
+            let layer = layer_from_wire(wire)?;
+            match layer {
+                LayerAttention::Dense | LayerAttention::Native(_) => Ok(layer),
+                LayerAttention::Window { one_sided } => Ok(LayerAttention::Window { one_sided: one_sided.min(tokens) }),
+                LayerAttention::BlockSparse { .. } | LayerAttention::Favor { .. } if layer.to_string() == *configured => Ok(layer),
+                LayerAttention::BlockSparse { .. } | LayerAttention::Favor { .. } => {
+                    Err(invalid(format!("layer {i}: attention {layer} is not the model's ({configured}), dense or a window")))
+                }
+            }
+        })
+        .collect()
 }
 
 pub fn pooling_to_wire(p: Pooling) -> pb::Pooling {
@@ -149,5 +185,62 @@ mod tests {
         assert!(spans_from_wire(&[pb::Span { start: 4, end: 4 }], 9).is_err());
         assert_eq!(u32s_from_wire(Some(&u32s_to_wire(&[1, 5, 9]).unwrap()), "ids").unwrap(), vec![1, 5, 9]);
         assert!(u32s_from_wire(None, "ids").is_err());
+    }
+
+    #[test]
+    fn malformed_plans_are_the_requests_fault_and_name_the_field() {
+        let span = |start, end| pb::Span { start, end };
+        let ranks = |rs: Vec<Vec<pb::Span>>| rs.into_iter().map(|ranges| pb::RankRanges { ranges }).collect::<Vec<_>>();
+        let cases = [
+            (0, ranks(vec![vec![]]), "plan.tokens"),
+            (1 << 62, ranks(vec![vec![span(0, 1 << 62)]]), "plan.tokens"),
+            (10, ranks(vec![]), "plan.shards"),
+            (10, ranks(vec![vec![span(0, 4)], vec![span(5, 10)]]), "plan.shards"),
+            (10, ranks(vec![vec![span(0, 6)], vec![span(4, 10)]]), "plan.shards"),
+            (10, ranks(vec![vec![span(5, 10), span(0, 5)]]), "plan.shards"),
+        ];
+        for (tokens, shards, field) in cases {
+            let err = plan_from_wire(tokens, &shards).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+            assert!(err.to_string().contains(field), "{err}");
+        }
+    }
+
+    fn fixture(name: &str) -> tome_model::ModelDir {
+        tome_model::ModelDir::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tome-model/tests/fixtures").join(name)).unwrap()
+    }
+
+    #[test]
+    fn every_models_own_layers_pass_and_others_are_refused_before_allocating() {
+        for name in [
+            "bert-tiny",
+            "longformer-tiny",
+            "big-bird-tiny",
+            "performer-tiny",
+            "gpt2-tiny",
+            "gpt-neo-tiny",
+            "llama-tiny",
+            "switch-tiny",
+            "reformer-tiny",
+            "transfo-xl-tiny",
+            "compressive-tiny",
+        ] {
+            let m = fixture(name);
+            let ids = vec![1; m.model.min_tokens().max(64)];
+            let doc = m.model.prepare(ids, &tome_model::EncodeOptions::default()).unwrap();
+            let wire: Vec<pb::AttentionOverride> = doc.layers.iter().map(|&l| layer_to_wire(l)).collect();
+            assert_eq!(layers_from_wire(&wire, &m.model.shape(), doc.len()).unwrap_or_else(|e| panic!("{name}: {e}")), doc.layers, "{name}");
+        }
+        let bert = fixture("bert-tiny").model.shape();
+        let all = |l: LayerAttention| vec![layer_to_wire(l); bert.num_layers];
+        let window = layers_from_wire(&all(LayerAttention::Window { one_sided: 1 << 30 }), &bert, 100).unwrap();
+        assert_eq!(window[0], LayerAttention::Window { one_sided: 100 }, "a window past the document is the document");
+        for hostile in [LayerAttention::BlockSparse { block: u32::MAX as usize, random: 3 }, LayerAttention::Favor { features: 1 << 30, causal: false }] {
+            let err = layers_from_wire(&all(hostile), &bert, 100).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+            assert!(err.to_string().contains("is not the model's"), "{err}");
+        }
+        let err = layers_from_wire(&all(LayerAttention::Dense)[1..], &bert, 100).unwrap_err();
+        assert!(err.to_string().contains("layers"), "{err}");
     }
 }
