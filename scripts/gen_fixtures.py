@@ -39,6 +39,11 @@ Writes (all small, committed) under crates/tome-model/tests/fixtures/:
                                        layer i (round offsets included)
       last_hidden_state_first60.npy    float32 [60, 2*hidden]: the first 60 tokens, which
                                        transformers pads to 64 (whole chunks)
+  mpnet-tiny/           random MPNetModel (relative position bias from T5's bidirectional
+                        buckets, 32 buckets, max distance 128, computed once and added in every
+                        layer; padding index 1), 300 tokens so distances pass 128. Plus
+      relative_buckets.npy             int64 [2201]: MPNetEncoder.relative_position_bucket(r) for
+                                       r = key - query = -1100..1100 (checked equal to T5's)
   bert-tiny/, gpt2-tiny/ also carry
       hidden_states.npy                float32 [num_layers + 1, seq, hidden]:
                                        model(input_ids[None], output_hidden_states=True)

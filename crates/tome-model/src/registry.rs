@@ -13,6 +13,7 @@ use crate::gpt2::{Gpt2Config, Gpt2Model};
 use crate::gpt_neo::{GptNeoConfig, GptNeoModel};
 use crate::llama::{LlamaConfig, LlamaModel};
 use crate::model::Model;
+use crate::mpnet::{MpnetConfig, MpnetModel};
 use crate::reformer::{ReformerConfig, ReformerModel};
 use crate::switch::{SwitchConfig, SwitchModel};
 use crate::transfo_xl::{TransfoXlConfig, TransfoXlModel, COMPRESSIVE};
@@ -57,6 +58,7 @@ model_types! {
     /// tome's own Compressive Transformer schema (docs/models/compressive.md).
     Compressive => COMPRESSIVE,
     Reformer => "reformer",
+    Mpnet => "mpnet",
 }
 
 impl ModelType {
@@ -85,6 +87,7 @@ impl ModelType {
             Self::Switch => Model::new(SwitchModel::load(vb, &parse::<SwitchConfig>(config)?)?),
             Self::TransfoXl | Self::Compressive => Model::new(TransfoXlModel::load(vb, &parse::<TransfoXlConfig>(config)?)?),
             Self::Reformer => Model::new(ReformerModel::load(vb, &parse::<ReformerConfig>(config)?)?),
+            Self::Mpnet => Model::new(MpnetModel::load(vb, &parse::<MpnetConfig>(config)?)?),
         })
     }
 }
