@@ -44,6 +44,20 @@ Writes (all small, committed) under crates/tome-model/tests/fixtures/:
                         layer; padding index 1), 300 tokens so distances pass 128. Plus
       relative_buckets.npy             int64 [2201]: MPNetEncoder.relative_position_bucket(r) for
                                        r = key - query = -1100..1100 (checked equal to T5's)
+  xlm-roberta-long-tiny/ random XLMRobertaModel of BAAI/bge-m3's shape with tiny widths (hidden 16,
+                        2 heads): max_position_embeddings 8194 (8,192 usable), a 777-token
+                        document (<s> ... </s>), and bge-m3's sentence-transformers files:
+                        modules.json (Transformer, Pooling, Normalize), 1_Pooling/config.json
+                        (pooling_mode_cls_token true, legacy keys), sentence_bert_config.json. Plus
+      cls_embedding.npy                float32 [hidden]: SentenceTransformer(fixture).forward(
+                                       {input_ids, attention_mask})['sentence_embedding'][0]
+                                       (a word-level tokenizer is written for the load, then
+                                       removed)
+  modernbert-tiny/      random ModernBertModel: 4 layers [full, sliding, sliding, full]
+                        (global_attn_every_n_layers 3), local_attention 32 (|i - j| <= 16),
+                        RoPE theta 160000 (global) / 10000 (local), GeGLU, LayerNorms without
+                        bias; 90 tokens. The eager golden is checked against a forward by hand
+                        (_modernbert_by_hand) and sdpa; meta.json notes both differences
   bert-tiny/, gpt2-tiny/ also carry
       hidden_states.npy                float32 [num_layers + 1, seq, hidden]:
                                        model(input_ids[None], output_hidden_states=True)
