@@ -244,7 +244,7 @@ fn token_id_conformance_path_serves_every_registered_model_type_and_a_chosen_lay
                 "longformer-tiny" => &["--ranks", "3", "--global-tokens", "0,17,33"],
                 "transfo-xl-tiny" => &["--ranks", "3", "--segment-len", "8"],
                 "compressive-tiny" => &["--ranks", "2", "--segment-len", "8"],
-                "gpt-neo-tiny" | "llama-tiny" | "gpt2-tiny" | "mpnet-tiny" => &["--ranks", "3", "--layout", "zigzag"],
+                "gpt-neo-tiny" | "llama-tiny" | "gpt2-tiny" | "mpnet-tiny" | "modernbert-tiny" => &["--ranks", "3", "--layout", "zigzag"],
                 _ => &["--ranks", "2"],
             };
             let golden = read_npy(&dir.join("last_hidden_state.npy"));

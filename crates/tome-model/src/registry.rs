@@ -13,6 +13,7 @@ use crate::gpt2::{Gpt2Config, Gpt2Model};
 use crate::gpt_neo::{GptNeoConfig, GptNeoModel};
 use crate::llama::{LlamaConfig, LlamaModel};
 use crate::model::Model;
+use crate::modernbert::{ModernBertConfig, ModernBertModel};
 use crate::mpnet::{MpnetConfig, MpnetModel};
 use crate::reformer::{ReformerConfig, ReformerModel};
 use crate::switch::{SwitchConfig, SwitchModel};
@@ -59,6 +60,7 @@ model_types! {
     Compressive => COMPRESSIVE,
     Reformer => "reformer",
     Mpnet => "mpnet",
+    ModernBert => "modernbert",
 }
 
 impl ModelType {
@@ -88,6 +90,7 @@ impl ModelType {
             Self::TransfoXl | Self::Compressive => Model::new(TransfoXlModel::load(vb, &parse::<TransfoXlConfig>(config)?)?),
             Self::Reformer => Model::new(ReformerModel::load(vb, &parse::<ReformerConfig>(config)?)?),
             Self::Mpnet => Model::new(MpnetModel::load(vb, &parse::<MpnetConfig>(config)?)?),
+            Self::ModernBert => Model::new(ModernBertModel::load(vb, &parse::<ModernBertConfig>(config)?)?),
         })
     }
 }
