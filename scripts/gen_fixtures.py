@@ -58,11 +58,12 @@ Writes (all small, committed) under crates/tome-model/tests/fixtures/:
                         RoPE theta 160000 (global) / 10000 (local), GeGLU, LayerNorms without
                         bias; 90 tokens. The eager golden is checked against a forward by hand
                         (_modernbert_by_hand) and sdpa; meta.json notes both differences
-  bert-tiny/, gpt2-tiny/ also carry
+  bert-tiny/, gpt2-tiny/, mpnet-tiny/, modernbert-tiny/ also carry
       hidden_states.npy                float32 [num_layers + 1, seq, hidden]:
                                        model(input_ids[None], output_hidden_states=True)
                                        .hidden_states (last entry = last_hidden_state;
-                                       GPT-2's is after ln_f, the others before). Written by
+                                       GPT-2's and ModernBERT's are after their final norm,
+                                       the others before). Written by
                                        add_hidden_states() from the committed fixture.
   Every model fixture has:
       config.json, model.safetensors   save_pretrained() output
@@ -1495,7 +1496,7 @@ def gen_reformer() -> None:
 # hidden_states.npy for existing fixtures (added without touching their other files)
 # ---------------------------------------------------------------------------
 
-HIDDEN_STATES_FIXTURES = ("bert-tiny", "gpt2-tiny")
+HIDDEN_STATES_FIXTURES = ("bert-tiny", "gpt2-tiny", "mpnet-tiny", "modernbert-tiny")
 
 
 def add_big_bird_padded(keep: int = 46) -> None:
@@ -1543,8 +1544,10 @@ def add_hidden_states(name: str) -> None:
     num_layers = cfg.num_hidden_layers
     if meta["model_class"] == "GPT2LMHeadModel":
         blocks, final_norm = list(model.transformer.h), model.transformer.ln_f
-    elif meta["model_class"] == "BertModel":
+    elif meta["model_class"] in ("BertModel", "MPNetModel"):
         blocks, final_norm = list(model.encoder.layer), None
+    elif meta["model_class"] == "ModernBertModel":
+        blocks, final_norm = list(model.layers), model.final_norm
     else:
         raise ValueError(f"add_hidden_states: no layer map for {meta['model_class']}")
     block_io = []
@@ -1645,6 +1648,7 @@ def gen_mpnet() -> None:
     )
     write_json(meta_path, meta)
     print(f"{name}: relative_buckets.npy {len(rel)} distances, buckets {sorted(set(mpnet.tolist()))[:3]}..")
+    add_hidden_states(name)
 
 
 # ---------------------------------------------------------------------------
@@ -1847,6 +1851,7 @@ def gen_modernbert() -> None:
     )
     write_json(meta_path, meta)
     print(f"{name}: by hand {d_hand:.1e}, sdpa {d_sdpa:.1e}")
+    add_hidden_states(name)
 
 
 def main() -> None:

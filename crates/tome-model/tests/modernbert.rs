@@ -2,7 +2,7 @@
 //! local, global], local_attention 32 so a local token sees 16 on each side, RoPE bases 160000
 //! and 10000, GeGLU, LayerNorms without bias) on 90 tokens against its golden (eager, itself
 //! checked against a forward by hand with the window |i - j| <= 16), loaded through the
-//! registry: 1 rank against transformers, and 2..4 ranks in both layouts, each rank given only
+//! registry: 1 rank against transformers, and 2..5 ranks in both layouts, each rank given only
 //! its own tokens (shards shorter than the window included), against one rank. The config forms
 //! of transformers 4 (`global_attn_every_n_layers`, `global_rope_theta`, `local_rope_theta`)
 //! and 5 (`layer_types`, `rope_parameters`) give the same model.
@@ -43,7 +43,7 @@ fn modernbert_matches_transformers_and_any_number_of_ranks_matches_one() {
     let d = max_diff(&one, &golden);
     eprintln!("{NAME}: 1 rank vs transformers {d:.2e}");
     assert!(d <= 1e-4, "1 rank vs transformers: {d}");
-    for ranks in 2..=4 {
+    for ranks in 2..=5 {
         for layout in [Layout::Contiguous, Layout::Zigzag] {
             let many = run(&dir, &ids, ranks, layout);
             let d = max_diff(&many, &one);
