@@ -39,11 +39,31 @@ Writes (all small, committed) under crates/tome-model/tests/fixtures/:
                                        layer i (round offsets included)
       last_hidden_state_first60.npy    float32 [60, 2*hidden]: the first 60 tokens, which
                                        transformers pads to 64 (whole chunks)
-  bert-tiny/, gpt2-tiny/ also carry
+  mpnet-tiny/           random MPNetModel (relative position bias from T5's bidirectional
+                        buckets, 32 buckets, max distance 128, computed once and added in every
+                        layer; padding index 1), 300 tokens so distances pass 128. Plus
+      relative_buckets.npy             int64 [2201]: MPNetEncoder.relative_position_bucket(r) for
+                                       r = key - query = -1100..1100 (checked equal to T5's)
+  xlm-roberta-long-tiny/ random XLMRobertaModel of BAAI/bge-m3's shape with tiny widths (hidden 16,
+                        2 heads): max_position_embeddings 8194 (8,192 usable), a 777-token
+                        document (<s> ... </s>), and bge-m3's sentence-transformers files:
+                        modules.json (Transformer, Pooling, Normalize), 1_Pooling/config.json
+                        (pooling_mode_cls_token true, legacy keys), sentence_bert_config.json. Plus
+      cls_embedding.npy                float32 [hidden]: SentenceTransformer(fixture).forward(
+                                       {input_ids, attention_mask})['sentence_embedding'][0]
+                                       (a word-level tokenizer is written for the load, then
+                                       removed)
+  modernbert-tiny/      random ModernBertModel: 4 layers [full, sliding, sliding, full]
+                        (global_attn_every_n_layers 3), local_attention 32 (|i - j| <= 16),
+                        RoPE theta 160000 (global) / 10000 (local), GeGLU, LayerNorms without
+                        bias; 90 tokens. The eager golden is checked against a forward by hand
+                        (_modernbert_by_hand) and sdpa; meta.json notes both differences
+  bert-tiny/, gpt2-tiny/, mpnet-tiny/, modernbert-tiny/ also carry
       hidden_states.npy                float32 [num_layers + 1, seq, hidden]:
                                        model(input_ids[None], output_hidden_states=True)
                                        .hidden_states (last entry = last_hidden_state;
-                                       GPT-2's is after ln_f, the others before). Written by
+                                       GPT-2's and ModernBERT's are after their final norm,
+                                       the others before). Written by
                                        add_hidden_states() from the committed fixture.
   Every model fixture has:
       config.json, model.safetensors   save_pretrained() output
@@ -224,6 +244,7 @@ def gen_tiny(
     notes: dict | None = None,
     logprobs: bool = False,
     global_tokens: list[int] | None = None,
+    first_last: tuple[int, int] | None = None,
 ) -> None:
     out = FIXTURES / name
     if out.exists():
@@ -236,6 +257,9 @@ def gen_tiny(
     model.eval()
 
     input_ids = torch.randint(id_low, config.vocab_size, (seq_len,), dtype=torch.int64)
+    if first_last is not None:
+        # A document as a tokenizer frames it (e.g. <s> ... </s>).
+        input_ids[0], input_ids[-1] = first_last
 
     extra_inputs = {}
     if global_tokens is not None:
@@ -295,7 +319,7 @@ def gen_tiny(
         "position_ids": (
             f"padding_idx + 1 + arange(seq) = {config.pad_token_id + 1}..{config.pad_token_id + seq_len} "
             "(RoBERTa; input_ids contain no pad id)"
-            if config.model_type == "roberta"
+            if config.model_type in ("roberta", "xlm-roberta", "mpnet")
             else f"arange(seq) = 0..{seq_len - 1}"
         ),
         "attn_implementation": model.config._attn_implementation,
@@ -1472,7 +1496,7 @@ def gen_reformer() -> None:
 # hidden_states.npy for existing fixtures (added without touching their other files)
 # ---------------------------------------------------------------------------
 
-HIDDEN_STATES_FIXTURES = ("bert-tiny", "gpt2-tiny")
+HIDDEN_STATES_FIXTURES = ("bert-tiny", "gpt2-tiny", "mpnet-tiny", "modernbert-tiny")
 
 
 def add_big_bird_padded(keep: int = 46) -> None:
@@ -1520,8 +1544,10 @@ def add_hidden_states(name: str) -> None:
     num_layers = cfg.num_hidden_layers
     if meta["model_class"] == "GPT2LMHeadModel":
         blocks, final_norm = list(model.transformer.h), model.transformer.ln_f
-    elif meta["model_class"] == "BertModel":
+    elif meta["model_class"] in ("BertModel", "MPNetModel"):
         blocks, final_norm = list(model.encoder.layer), None
+    elif meta["model_class"] == "ModernBertModel":
+        blocks, final_norm = list(model.layers), model.final_norm
     else:
         raise ValueError(f"add_hidden_states: no layer map for {meta['model_class']}")
     block_io = []
@@ -1554,6 +1580,280 @@ def add_hidden_states(name: str) -> None:
     print(f"{name}/hidden_states.npy: {list(hs.shape)} std={hs.std():.3f} |hs[-1] - golden| = {diff:.2e}")
 
 
+# ---------------------------------------------------------------------------
+# mpnet-tiny: MPNetModel (T5-style relative bias computed once, added in every layer)
+# ---------------------------------------------------------------------------
+
+MPNET_NOTES = {
+    "positions": "MPNetEmbeddings.padding_idx is hard-coded 1 (not config.pad_token_id): position_ids = "
+    "create_position_ids_from_input_ids(input_ids, 1) = cumsum(ids != 1) * (ids != 1) + 1, i.e. 2..seq+1 "
+    "here (input_ids contain no 1); x = LayerNorm(word + position), no token type embeddings",
+    "bias": "MPNetEncoder.compute_position_bias(hidden_states) once per forward, with its default "
+    "num_buckets=32 and relative_position_bucket's default max_distance=128 (neither read from the config; "
+    "relative_attention_num_buckets only sizes encoder.relative_attention_bias), on arange(seq) positions "
+    "(not position_ids): bias[h, i, j] = relative_attention_bias[bucket(j - i), h], added in every layer",
+    "bucket": "relative_position_bucket(j - i): n = -(j - i); ret = 16 if n < 0 else 0; n = |n|; exact below 8, "
+    "else 8 + int(log(n / 8) / log(128 / 8) * 8) capped at 15 -- T5's bidirectional bucket "
+    "(T5Attention._relative_position_bucket(j - i, True, 32, 128)), checked equal over "
+    "relative_buckets.npy's range",
+    "scores": "softmax(q k^T / sqrt(head_dim) + bias) v (MPNetSelfAttention: scaled first, bias added after)",
+    "layer": "post-LN as BERT: h = LayerNorm(o(attn) + x) (attention.LayerNorm), "
+    "out = LayerNorm(output.dense(gelu(intermediate.dense(h))) + h) (output.LayerNorm); erf GELU",
+}
+MPNET_BUCKET_RANGE = 1100
+
+
+def gen_mpnet() -> None:
+    from transformers import MPNetConfig, MPNetModel
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    name = "mpnet-tiny"
+    gen_tiny(
+        name,
+        MPNetModel,
+        MPNetConfig(
+            vocab_size=99,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=514,
+            relative_attention_num_buckets=32,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            hidden_dropout_prob=0,
+            attention_probs_dropout_prob=0,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            attn_implementation="eager",
+        ),
+        seed=11,
+        seq_len=300,
+        id_low=3,
+        golden_from="last_hidden_state",
+        notes=MPNET_NOTES,
+    )
+    rel = torch.arange(-MPNET_BUCKET_RANGE, MPNET_BUCKET_RANGE + 1)
+    mpnet = MPNetEncoder.relative_position_bucket(rel, num_buckets=32, max_distance=128)
+    t5 = T5Attention._relative_position_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128)
+    assert torch.equal(mpnet, t5), "MPNet's bucket differs from T5's"
+    np.save(FIXTURES / name / "relative_buckets.npy", mpnet.numpy().astype(np.int64))
+    meta_path = FIXTURES / name / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["relative_buckets"] = (
+        f"int64 [{2 * MPNET_BUCKET_RANGE + 1}]: MPNetEncoder.relative_position_bucket(j - i) for j - i = "
+        f"-{MPNET_BUCKET_RANGE}..{MPNET_BUCKET_RANGE} (equal to T5's bidirectional bucket, 32 buckets, max distance 128)"
+    )
+    write_json(meta_path, meta)
+    print(f"{name}: relative_buckets.npy {len(rel)} distances, buckets {sorted(set(mpnet.tolist()))[:3]}..")
+    add_hidden_states(name)
+
+
+# ---------------------------------------------------------------------------
+# xlm-roberta-long-tiny: bge-m3's shape (8,194 positions, CLS pooling, normalize), tiny widths
+# ---------------------------------------------------------------------------
+
+XLMR_LONG_NOTES = {
+    "shape": "BAAI/bge-m3's shape with tiny widths: model_type xlm-roberta, max_position_embeddings 8194 "
+    "(8,192 usable: positions start at padding_idx + 1 = 2), type_vocab_size 1, layer_norm_eps 1e-5; "
+    "hidden 16 and 2 heads keep the position table at 8194 x 16 floats (512 KiB)",
+    "document": "777 tokens, longer than 512: <s> (0), random ids from 3..98, </s> (2)",
+    "pooling": "sentence-transformers directory as bge-m3 ships it: modules.json (Transformer, Pooling at "
+    "1_Pooling, Normalize), 1_Pooling/config.json with pooling_mode_cls_token true (the legacy keys bge-m3 "
+    "carries); cls_embedding.npy = SentenceTransformer(fixture).forward({input_ids, attention_mask})"
+    "['sentence_embedding'][0]: the first token's state, L2-normalised",
+}
+
+
+def gen_xlm_roberta_long() -> None:
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+    from sentence_transformers import SentenceTransformer
+
+    name, seq_len = "xlm-roberta-long-tiny", 777
+    gen_tiny(
+        name,
+        XLMRobertaModel,
+        XLMRobertaConfig(
+            vocab_size=99,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=8194,
+            type_vocab_size=1,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            hidden_dropout_prob=0,
+            attention_probs_dropout_prob=0,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            attn_implementation="eager",
+        ),
+        seed=12,
+        seq_len=seq_len,
+        id_low=3,
+        golden_from="last_hidden_state",
+        notes=XLMR_LONG_NOTES,
+        first_last=(0, 2),
+    )
+    out = FIXTURES / name
+    write_json(out / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ])
+    (out / "1_Pooling").mkdir()
+    write_json(out / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": 16,
+        "pooling_mode_cls_token": True,
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    })
+    write_json(out / "sentence_bert_config.json", {"max_seq_length": 8192, "do_lower_case": False})
+    # sentence-transformers loads the tokenizer with the model: a word-level one for the run only.
+    write_word_tokenizer(out, 99)
+    write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192})
+    try:
+        st = SentenceTransformer(str(out), device="cpu")
+        st.eval()
+        kinds = [type(m).__name__ for m in st]
+        assert kinds == ["Transformer", "Pooling", "Normalize"], kinds
+        assert st[1].pooling_mode == "cls", st[1].pooling_mode
+        ids = torch.from_numpy(np.load(out / "input_ids.npy"))[None]
+        with torch.no_grad():
+            feats = st.forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        emb = feats["sentence_embedding"][0].to(torch.float32).numpy()
+        tokens = feats["token_embeddings"][0].to(torch.float32).numpy()
+    finally:
+        (out / "tokenizer.json").unlink()
+        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (out / extra).exists():
+                (out / extra).unlink()
+    golden = np.load(out / "last_hidden_state.npy")
+    diff = float(np.abs(tokens - golden).max())
+    assert diff < 1e-5, f"sentence-transformers' token embeddings differ from the golden by {diff}"
+    by_hand = golden[0] / np.linalg.norm(golden[0])
+    assert float(np.abs(by_hand - emb).max()) < 1e-6
+    np.save(out / "cls_embedding.npy", emb.astype(np.float32))
+    print(f"{name}: cls_embedding.npy norm={np.linalg.norm(emb):.6f} token diff={diff:.2e} total {_dir_size(out)} bytes")
+
+
+# ---------------------------------------------------------------------------
+# modernbert-tiny: ModernBertModel (global / local sliding-window layers, two RoPE bases, GeGLU)
+# ---------------------------------------------------------------------------
+
+MODERNBERT_NOTES = {
+    "layers": "layer_types from global_attn_every_n_layers 3: layer i is full_attention when i % 3 == 0, "
+    "else sliding_attention: [full, sliding, sliding, full]",
+    "window": "local_attention 32 is the whole window: config.sliding_window = 32 // 2 = 16, and "
+    "create_bidirectional_sliding_window_mask keeps |i - j| <= 16 (masking_utils "
+    "sliding_window_bidirectional_overlay); checked by a forward by hand with that mask",
+    "rope": "inv_freq = 1 / theta^(arange(0, head_dim, 2) / head_dim) per layer type, theta 160000 "
+    "(full_attention, global_rope_theta) and 10000 (sliding_attention, local_rope_theta); angles "
+    "position * inv_freq in f32 on arange(seq); rotate_half on q and k",
+    "layer": "pre-LN: x = x + Wo(attn(attn_norm(x))); x = x + mlp(mlp_norm(x)); layer 0's attn_norm is the "
+    "identity (no weights); mlp(h) = Wo(gelu(a) * g) with (a, g) = Wi(h).chunk(2); erf GELU; "
+    "LayerNorms without bias (norm_bias false); no biases on Wqkv / Wo / Wi (attention_bias, mlp_bias false)",
+    "embeddings": "x = norm(tok_embeddings(ids)): no position embeddings; last_hidden_state = final_norm(x)",
+    "scores": "q k^T * head_dim^-0.5, softmax in f32",
+}
+
+
+def _modernbert_by_hand(sd: dict, cfg, ids: torch.Tensor) -> torch.Tensor:
+    """ModernBERT's forward from the state dict, with the window written as |i - j| <= local_attention // 2."""
+    d, heads = cfg.hidden_size, cfg.num_attention_heads
+    hd = d // heads
+    n = ids.shape[0]
+    ln = lambda x, p: torch.nn.functional.layer_norm(x, (d,), sd[p + ".weight"], sd.get(p + ".bias"), cfg.norm_eps)
+    x = ln(sd["embeddings.tok_embeddings.weight"][ids], "embeddings.norm")
+    pos = torch.arange(n, dtype=torch.float32)
+    dist = (pos[:, None] - pos[None, :]).abs()
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}"
+        local = cfg.layer_types[i] == "sliding_attention"
+        theta = cfg.rope_parameters[cfg.layer_types[i]]["rope_theta"]
+        inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        ang = pos[:, None] * inv
+        cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+        h = x if i == 0 else ln(x, p + ".attn_norm")
+        q, k, v = (h @ sd[p + ".attn.Wqkv.weight"].T).view(n, 3, heads, hd).unbind(1)
+        rot = lambda t: torch.cat([-t[..., hd // 2:], t[..., : hd // 2]], -1)
+        q, k = q * cos[:, None] + rot(q) * sin[:, None], k * cos[:, None] + rot(k) * sin[:, None]
+        s = torch.einsum("ihd,jhd->hij", q, k) * hd ** -0.5
+        if local:
+            s = s.masked_fill(dist > cfg.local_attention // 2, float("-inf"))
+        a = torch.einsum("hij,jhd->ihd", s.softmax(-1), v).reshape(n, d)
+        x = x + a @ sd[p + ".attn.Wo.weight"].T
+        g_in, g = (ln(x, p + ".mlp_norm") @ sd[p + ".mlp.Wi.weight"].T).chunk(2, -1)
+        x = x + (torch.nn.functional.gelu(g_in) * g) @ sd[p + ".mlp.Wo.weight"].T
+    return ln(x, "final_norm")
+
+
+def gen_modernbert() -> None:
+    from transformers import ModernBertConfig, ModernBertModel
+
+    name = "modernbert-tiny"
+    gen_tiny(
+        name,
+        ModernBertModel,
+        ModernBertConfig(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            global_attn_every_n_layers=3,
+            local_attention=32,
+            global_rope_theta=160000.0,
+            local_rope_theta=10000.0,
+            max_position_embeddings=128,
+            hidden_activation="gelu",
+            norm_eps=1e-5,
+            norm_bias=False,
+            attention_bias=False,
+            mlp_bias=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            cls_token_id=1,
+            eos_token_id=2,
+            sep_token_id=2,
+            attn_implementation="eager",
+        ),
+        seed=13,
+        seq_len=90,
+        id_low=3,
+        golden_from="last_hidden_state",
+        notes=MODERNBERT_NOTES,
+    )
+    out = FIXTURES / name
+    ids = torch.from_numpy(np.load(out / "input_ids.npy"))
+    golden = np.load(out / "last_hidden_state.npy")
+    model = ModernBertModel.from_pretrained(out).eval()
+    cfg = model.config
+    assert cfg.layer_types == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"], cfg.layer_types
+    assert cfg.sliding_window == 16
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        by_hand = _modernbert_by_hand(sd, cfg, ids).numpy()
+        sdpa = ModernBertModel.from_pretrained(out, attn_implementation="sdpa").eval()(ids[None]).last_hidden_state[0].numpy()
+    d_hand = float(np.abs(by_hand - golden).max())
+    d_sdpa = float(np.abs(sdpa - golden).max())
+    assert d_hand < 1e-5, f"by-hand forward differs from eager by {d_hand}"
+    meta_path = out / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["notes"]["checks"] = (
+        f"eager golden vs a forward by hand (_modernbert_by_hand, window |i - j| <= 16): {d_hand:.1e}; "
+        f"vs attn_implementation='sdpa' (same masks as a float bias to torch's SDPA on CPU): {d_sdpa:.1e}"
+    )
+    write_json(meta_path, meta)
+    print(f"{name}: by hand {d_hand:.1e}, sdpa {d_sdpa:.1e}")
+    add_hidden_states(name)
+
+
 def main() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     FIXTURES.mkdir(parents=True, exist_ok=True)
@@ -1574,7 +1874,8 @@ def main() -> None:
         for name in only:
             {"gpt2-tiny": gen_gpt2, "llama-tiny": gen_llama, "longformer-tiny": gen_longformer,
              "big-bird-tiny": gen_big_bird, "performer-tiny": gen_performer,
-             "switch-tiny": gen_switch, "reformer-tiny": gen_reformer}[name]()
+             "switch-tiny": gen_switch, "reformer-tiny": gen_reformer, "mpnet-tiny": gen_mpnet,
+             "xlm-roberta-long-tiny": gen_xlm_roberta_long, "modernbert-tiny": gen_modernbert}[name]()
         return
 
     gen_tiny(
@@ -1640,6 +1941,9 @@ def main() -> None:
     gen_performer()
     gen_switch()
     gen_reformer()
+    gen_mpnet()
+    gen_xlm_roberta_long()
+    gen_modernbert()
     gen_minilm()
 
 

@@ -248,9 +248,10 @@ pub struct JobFlags {
     /// Pooling (default: the model's own).
     #[arg(long, value_enum, env = "TOME_POOLING")]
     pub pooling: Option<PoolingArg>,
-    /// L2-normalise embeddings.
-    #[arg(long, env = "TOME_NORMALIZE")]
-    pub normalize: bool,
+    /// L2-normalise embeddings (`--normalize false` to keep them as pooled; default: the
+    /// model's own, from sentence-transformers' modules.json).
+    #[arg(long, env = "TOME_NORMALIZE", num_args = 0..=1, default_missing_value = "true")]
+    pub normalize: Option<bool>,
     #[arg(long, value_enum, env = "TOME_LAYOUT", default_value = "contiguous")]
     pub layout: LayoutArg,
     /// Token positions with global attention (window attention), e.g. 0,500.

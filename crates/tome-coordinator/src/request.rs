@@ -17,7 +17,8 @@ pub(crate) struct JobOptions {
     pub hidden: bool,
     pub log_probs: bool,
     pub pooling: Option<Pooling>,
-    pub normalize: bool,
+    /// `None`: as the model's modules.json says.
+    pub normalize: Option<bool>,
     pub chunking: Chunking,
     pub encode: EncodeOptions,
     pub ranks: Option<usize>,

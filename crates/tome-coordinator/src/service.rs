@@ -282,7 +282,7 @@ impl Coordinator {
         spec.hidden = opts.hidden;
         spec.log_probs = opts.log_probs;
         spec.pooling = pooling;
-        spec.normalize = opts.normalize;
+        spec.normalize = opts.normalize.unwrap_or(spec.model.normalize);
         let (cluster, placement) = match &self.backend {
             Backend::Embedded => (None, None),
             Backend::Cluster(c) => (Some(c.clone()), Some(c.place(&spec)?)),

@@ -17,6 +17,8 @@ pub mod llama;
 mod lm_head;
 mod model;
 mod model_dir;
+pub mod modernbert;
+pub mod mpnet;
 mod pooling;
 pub mod reformer;
 pub mod registry;

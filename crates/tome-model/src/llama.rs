@@ -172,9 +172,7 @@ impl LlamaModel {
         } else {
             embed.embeddings().clone()
         };
-        let theta = cfg.rope_theta()? as f32;
-        // As transformers: arange(0, dim, 2) / dim in f32, theta ** that, 1 / that.
-        let inv_freq = (0..hd / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32)).collect();
+        let inv_freq = inv_freq(cfg.rope_theta()?, hd);
         Ok(LlamaModel { norm: weights(rms_norm(d, eps, vb.pp("norm")), format!("{}.norm", vb.prefix()))?, embed, layers, head, inv_freq, cfg: cfg.clone() })
     }
 
@@ -192,17 +190,7 @@ impl LlamaModel {
 
     /// (cos, sin) of the rotary angles at `positions`: `[n, head_dim]` each (halves repeated).
     fn rotary(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * 2 * half), Vec::with_capacity(positions.len() * 2 * half));
-        for &p in positions {
-            let angles: Vec<f32> = self.inv_freq.iter().map(|&f| p as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
-            }
-        }
-        let n = positions.len();
-        Ok((Tensor::from_vec(cos, (n, 2 * half), &Device::Cpu)?, Tensor::from_vec(sin, (n, 2 * half), &Device::Cpu)?))
+        rotary(&self.inv_freq, positions)
     }
 
     fn attention(&self, layer: &Layer, group: &dyn Group, x: &Tensor, positions: &[i64], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -218,8 +206,31 @@ impl LlamaModel {
     }
 }
 
+/// RoPE's inverse frequencies for base `theta` and `head_dim`, as transformers computes them:
+/// `arange(0, dim, 2) / dim` in f32, theta to that power, one over that.
+pub(crate) fn inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
+    let theta = theta as f32;
+    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
+}
+
+/// (cos, sin) of the rotary angles `p * inv_freq` (f32) at `positions`: `[n, 2 * inv_freq.len()]`
+/// each, the halves repeated as transformers' `cat((freqs, freqs))`.
+pub(crate) fn rotary(inv_freq: &[f32], positions: &[u32]) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * 2 * half), Vec::with_capacity(positions.len() * 2 * half));
+    for &p in positions {
+        let angles: Vec<f32> = inv_freq.iter().map(|&f| p as f32 * f).collect();
+        for _ in 0..2 {
+            cos.extend(angles.iter().map(|a| a.cos()));
+            sin.extend(angles.iter().map(|a| a.sin()));
+        }
+    }
+    let n = positions.len();
+    Ok((Tensor::from_vec(cos, (n, 2 * half), &Device::Cpu)?, Tensor::from_vec(sin, (n, 2 * half), &Device::Cpu)?))
+}
+
 /// Applies rotary positions to `x` (`[heads, n, head_dim]`): x cos + rotate_half(x) sin.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let hd = x.dim(2)?;
     let (x1, x2) = (x.narrow(2, 0, hd / 2)?, x.narrow(2, hd / 2, hd / 2)?);
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], 2)?;

@@ -1,6 +1,8 @@
 //! A Hugging Face model directory: config.json, the weights (model.safetensors, or several
 //! files under model.safetensors.index.json), and optionally tokenizer.json and
-//! sentence-transformers' `1_Pooling/config.json`.
+//! sentence-transformers' pooling: the Pooling module `modules.json` lists (else `1_Pooling`),
+//! its `config.json` in either the legacy flag form (`pooling_mode_cls_token`, ...) or
+//! sentence-transformers 6's `pooling_mode`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,14 +24,58 @@ pub struct ModelDir {
     pub tokenizer: Option<TextTokenizer>,
     /// The pooling the checkpoint was trained with (sentence-transformers config), else mean.
     pub pooling: Pooling,
+    /// sentence-transformers' `modules.json` ends its pipeline with `Normalize`: the
+    /// checkpoint's embeddings are meant L2-normalised (requests choose whether to normalise).
+    pub normalize: bool,
 }
 
+/// A Pooling module's `config.json`: the legacy flags (one of CLS and mean set, the others
+/// unset or false) or sentence-transformers 6's `pooling_mode`.
 #[derive(Deserialize)]
 struct PoolingConfig {
     #[serde(default)]
     pooling_mode_cls_token: bool,
     #[serde(default)]
     pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+    #[serde(default)]
+    pooling_mode_weightedmean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_lasttoken: bool,
+    #[serde(default)]
+    pooling_mode: Option<PoolingMode>,
+}
+
+/// The `pooling_mode` values tome pools with (sentence-transformers also knows max,
+/// mean_sqrt_len_tokens, weightedmean and lasttoken, and tuples of modes: refused).
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PoolingMode {
+    Cls,
+    Mean,
+}
+
+impl PoolingConfig {
+    fn pooling(&self) -> std::result::Result<Pooling, String> {
+        let others = self.pooling_mode_max_tokens || self.pooling_mode_mean_sqrt_len_tokens || self.pooling_mode_weightedmean_tokens || self.pooling_mode_lasttoken;
+        match (&self.pooling_mode, self.pooling_mode_cls_token, self.pooling_mode_mean_tokens, others) {
+            (Some(PoolingMode::Cls), false, false, false) | (None, true, false, false) => Ok(Pooling::Cls),
+            (Some(PoolingMode::Mean), false, false, false) | (None, false, true, false) => Ok(Pooling::Mean),
+            _ => Err("must select exactly one of mean or CLS pooling (tome pools with no other mode)".into()),
+        }
+    }
+}
+
+/// One entry of sentence-transformers' `modules.json`.
+#[derive(Deserialize)]
+struct ModuleEntry {
+    #[serde(default)]
+    path: String,
+    #[serde(rename = "type")]
+    kind: String,
 }
 
 /// `model.safetensors.index.json` of a checkpoint saved in several files.
@@ -94,18 +140,30 @@ impl ModelDir {
         let model = config.load(vb)?;
         let tokenizer_path = path.join("tokenizer.json");
         let tokenizer = tokenizer_path.is_file().then(|| TextTokenizer::from_file(&tokenizer_path)).transpose()?;
-        let pooling = match std::fs::read_to_string(path.join("1_Pooling/config.json")) {
+        // sentence-transformers' pipeline: where its Pooling module lives, and whether it ends
+        // in Normalize. Without modules.json, `1_Pooling` as sentence-transformers saves it.
+        let modules: Vec<ModuleEntry> = match std::fs::read_to_string(path.join("modules.json")) {
+            Err(_) => Vec::new(),
+            Ok(t) => serde_json::from_str(&t).map_err(|e| dir_err(format!("modules.json: {e}")))?,
+        };
+        let module = |name: &str| modules.iter().find(|m| m.kind.rsplit('.').next() == Some(name));
+        let pooling_dir = match module("Pooling") {
+            Some(m) => m.path.clone(),
+            None => "1_Pooling".into(),
+        };
+        if pooling_dir.is_empty() || Path::new(&pooling_dir).components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            return Err(dir_err(format!("modules.json puts the Pooling module at `{pooling_dir}`, which is not a folder of the directory")));
+        }
+        let pooling_config = Path::new(&pooling_dir).join("config.json");
+        let pooling = match std::fs::read_to_string(path.join(&pooling_config)) {
             Err(_) => Pooling::Mean,
             Ok(t) => {
-                let p: PoolingConfig = serde_json::from_str(&t).map_err(|e| dir_err(format!("1_Pooling/config.json: {e}")))?;
-                match (p.pooling_mode_cls_token, p.pooling_mode_mean_tokens) {
-                    (true, false) => Pooling::Cls,
-                    (false, true) => Pooling::Mean,
-                    _ => return Err(dir_err("1_Pooling/config.json must select exactly one of mean or CLS pooling".into())),
-                }
+                let p: PoolingConfig = serde_json::from_str(&t).map_err(|e| dir_err(format!("{}: {e}", pooling_config.display())))?;
+                p.pooling().map_err(|e| dir_err(format!("{} {e}", pooling_config.display())))?
             }
         };
-        Ok(ModelDir { path: path.to_path_buf(), model, tokenizer, pooling })
+        let normalize = modules.last().is_some_and(|m| m.kind.rsplit('.').next() == Some("Normalize"));
+        Ok(ModelDir { path: path.to_path_buf(), model, tokenizer, pooling, normalize })
     }
 
     /// The directory's name, used as the model's name.

@@ -18,6 +18,8 @@ use crate::gpt2::{Gpt2Config, Gpt2Model};
 use crate::gpt_neo::{GptNeoConfig, GptNeoModel};
 use crate::llama::{LlamaConfig, LlamaModel};
 use crate::model::Model;
+use crate::modernbert::{ModernBertConfig, ModernBertModel};
+use crate::mpnet::{MpnetConfig, MpnetModel};
 use crate::reformer::{ReformerConfig, ReformerModel};
 use crate::switch::{SwitchConfig, SwitchModel};
 use crate::transfo_xl::{TransfoXlConfig, TransfoXlModel, COMPRESSIVE};
@@ -97,6 +99,8 @@ model_types! {
     /// tome's own Compressive Transformer schema (docs/models/compressive.md).
     Compressive => COMPRESSIVE, TransfoXlConfig => TransfoXlModel,
     Reformer => "reformer", ReformerConfig => ReformerModel,
+    Mpnet => "mpnet", MpnetConfig => MpnetModel,
+    ModernBert => "modernbert", ModernBertConfig => ModernBertModel,
 }
 
 impl ModelType {

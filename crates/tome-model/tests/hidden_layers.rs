@@ -1,6 +1,6 @@
 //! Hidden states of a chosen layer: `output_layer = k` gives transformers' `hidden_states[k]`
-//! (0 the embeddings, the layer count the last hidden state — through GPT-2's final norm, which
-//! only the last gets), on 1..3 ranks.
+//! (0 the embeddings, the layer count the last hidden state — through GPT-2's and ModernBERT's
+//! final norm, which only the last gets), on 1..3 ranks.
 
 mod common;
 
@@ -39,4 +39,14 @@ fn bert_hidden_states_of_every_layer() {
 #[test]
 fn gpt2_hidden_states_of_every_layer() {
     check_every_layer("gpt2-tiny");
+}
+
+#[test]
+fn mpnet_hidden_states_of_every_layer() {
+    check_every_layer("mpnet-tiny");
+}
+
+#[test]
+fn modernbert_hidden_states_of_every_layer() {
+    check_every_layer("modernbert-tiny");
 }

@@ -74,7 +74,7 @@ fn request(args: &BatchArgs, doc: &DocInput, text: Vec<u8>) -> anyhow::Result<pb
             flags.pooling = Some(enum_value::<PoolingArg>("pooling", &p)?);
         }
         if let Some(n) = o.normalize {
-            flags.normalize = n;
+            flags.normalize = Some(n);
         }
         if let Some(g) = o.global_tokens {
             flags.global_tokens = g;
