@@ -412,7 +412,8 @@ async fn every_architecture_runs_across_workers_as_transformers_does() {
             transport,
             ..Default::default()
         };
-        pb::ShardRequest { plan: Some(plan), model: "bert-tiny".into(), token_ids: u32s(ids), position_ids: u32s(positions), ..Default::default() }
+        let layers = vec![pb::AttentionOverride { kind: pb::AttentionKind::Dense as i32, ..Default::default() }; 2];
+        pb::ShardRequest { plan: Some(plan), model: "bert-tiny".into(), token_ids: u32s(ids), position_ids: u32s(positions), layers, ..Default::default() }
     };
     let Err(err) = worker.run_shard(shard(pb::Transport::Nccl as i32)).await else { panic!("an NCCL rank ran on a worker without GPUs") };
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");

@@ -7,7 +7,7 @@
 //! HTTP/2 flow control holds the sender back. A stream may arrive before its receiving rank has
 //! joined (ranks start at slightly different times); it waits for the rank, up to a limit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,13 +66,62 @@ pub(crate) struct HubInner {
     joined: Notify,
     /// Jobs cancelled here lately: a rank of one that joins after its cancellation is refused
     /// (the cancel may overtake the rank's start).
-    cancelled: Mutex<HashMap<String, Instant>>,
+    cancelled: Mutex<RecentCancels>,
     pub(crate) limits: PeerLimits,
     pub(crate) runtime: tokio::runtime::Handle,
 }
 
 /// How long a cancelled job is remembered.
 const REMEMBER_CANCELLED: Duration = Duration::from_secs(600);
+/// How many cancelled jobs are remembered at most (the oldest is forgotten first): strangers'
+/// Cancel calls cannot grow the worker without bound.
+const MAX_REMEMBERED_CANCELS: usize = 16_384;
+/// The longest job id a hub accepts (coordinators make ids of a few dozen bytes).
+pub const MAX_JOB_ID_BYTES: usize = 128;
+
+/// Recently cancelled job ids, bounded in time and number.
+#[derive(Default)]
+pub(crate) struct RecentCancels {
+    at: HashMap<String, Instant>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl RecentCancels {
+    fn forget_old(&mut self, now: Instant) {
+        while let Some((at, job)) = self.order.front() {
+            if now.duration_since(*at) < REMEMBER_CANCELLED && self.order.len() <= MAX_REMEMBERED_CANCELS {
+                break;
+            }
+            // A job cancelled again later has a newer entry; only its latest one removes it.
+            if self.at.get(job) == Some(at) {
+                self.at.remove(job);
+            }
+            self.order.pop_front();
+        }
+    }
+
+    fn insert(&mut self, job: &str, now: Instant) {
+        self.at.insert(job.to_string(), now);
+        self.order.push_back((now, job.to_string()));
+        self.forget_old(now);
+    }
+
+    fn contains(&self, job: &str) -> bool {
+        self.at.contains_key(job)
+    }
+
+    fn len(&self) -> usize {
+        self.at.len()
+    }
+}
+
+/// Refuses a job id longer than [`MAX_JOB_ID_BYTES`].
+pub fn check_job_id(job: &str) -> Result<(), String> {
+    if job.is_empty() || job.len() > MAX_JOB_ID_BYTES {
+        return Err(format!("a job id has 1 to {MAX_JOB_ID_BYTES} bytes; this one has {}", job.len()));
+    }
+    Ok(())
+}
 
 /// The ranks this process hosts, and the `tome.v1.Peer` service that feeds them.
 #[derive(Clone)]
@@ -89,7 +138,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl PeerHub {
     /// A hub whose streams run on `runtime`.
     pub fn new(runtime: tokio::runtime::Handle, limits: PeerLimits) -> Self {
-        PeerHub { inner: Arc::new(HubInner { ranks: Mutex::new(HashMap::new()), joined: Notify::new(), cancelled: Mutex::new(HashMap::new()), limits, runtime }) }
+        PeerHub { inner: Arc::new(HubInner { ranks: Mutex::new(HashMap::new()), joined: Notify::new(), cancelled: Mutex::new(RecentCancels::default()), limits, runtime }) }
     }
 
     /// The `tome.v1.Peer` service to add to this process's server.
@@ -107,6 +156,7 @@ impl PeerHub {
         if rank >= size {
             return Err(tome_dist::DistError::NoSuchRank { rank, size });
         }
+        check_job_id(job).map_err(tome_dist::DistError::Plan)?;
         let key = (job.to_string(), rank);
         let depth = self.inner.limits.queue_depth.max(1);
         let (mut senders, mut receivers) = (Vec::with_capacity(size), Vec::with_capacity(size));
@@ -124,7 +174,7 @@ impl PeerHub {
         {
             let mut ranks = lock(&self.inner.ranks);
             // Checked under the ranks lock, which `cancel` also takes: no cancel slips between.
-            if lock(&self.inner.cancelled).contains_key(job) {
+            if lock(&self.inner.cancelled).contains(job) {
                 return Err(tome_dist::DistError::Cancelled);
             }
             if ranks.contains_key(&key) {
@@ -137,15 +187,14 @@ impl PeerHub {
     }
 
     /// Stops every rank of `job` hosted here — their waits end with `Cancelled` — and refuses
-    /// ranks of it that join later. Returns how many ranks were stopped.
+    /// ranks of it that join later. Returns how many ranks were stopped. An id no job could
+    /// have (see [`check_job_id`]) stops nothing and is not remembered.
     pub fn cancel(&self, job: &str) -> usize {
-        let ranks = lock(&self.inner.ranks);
-        {
-            let mut cancelled = lock(&self.inner.cancelled);
-            let now = Instant::now();
-            cancelled.retain(|_, at| now.duration_since(*at) < REMEMBER_CANCELLED);
-            cancelled.insert(job.to_string(), now);
+        if check_job_id(job).is_err() {
+            return 0;
         }
+        let ranks = lock(&self.inner.ranks);
+        lock(&self.inner.cancelled).insert(job, Instant::now());
         let mut n = 0;
         for ((j, _), mailbox) in ranks.iter() {
             if j == job {
@@ -159,6 +208,11 @@ impl PeerHub {
     /// Ranks joined here now (all jobs).
     pub fn ranks_joined(&self) -> usize {
         lock(&self.inner.ranks).len()
+    }
+
+    /// Cancelled jobs remembered now.
+    pub fn cancels_remembered(&self) -> usize {
+        lock(&self.inner.cancelled).len()
     }
 }
 
@@ -223,10 +277,16 @@ impl pb::peer_server::Peer for PeerService {
     async fn exchange(&self, req: Request<Streaming<pb::PeerFrame>>) -> Result<Response<Self::ExchangeStream>, Status> {
         let trace = req.metadata().get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
         let mut inbound = req.into_inner();
-        let open = inbound.message().await?.ok_or_else(|| Status::invalid_argument("a peer stream must start with an open frame"))?;
+        // A stream that never opens is closed once a rank would have given up waiting for it.
+        let wait = self.hub.limits.rendezvous_timeout;
+        let open = tokio::time::timeout(wait, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("no open frame within {wait:?}")))??
+            .ok_or_else(|| Status::invalid_argument("a peer stream must start with an open frame"))?;
         if !open.open || !open.tensors.is_empty() {
             return Err(Status::invalid_argument("a peer stream's first frame must be an open frame without tensors"));
         }
+        check_job_id(&open.job_id).map_err(Status::invalid_argument)?;
         let (job, src, dst) = (open.job_id.clone(), open.src as usize, open.dst as usize);
         let mailbox = self.hub.wait_for(&job, dst).await?;
         let inbox = mailbox.take_inbox(src)?;
@@ -281,5 +341,39 @@ impl pb::peer_server::Peer for PeerService {
             .instrument(span),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancelled_jobs_are_remembered_for_a_while_and_never_beyond_a_bound() {
+        let mut recent = RecentCancels::default();
+        let start = Instant::now();
+        recent.insert("a", start);
+        assert!(recent.contains("a"));
+        for i in 0..MAX_REMEMBERED_CANCELS + 10 {
+            recent.insert(&format!("job-{i}"), start);
+        }
+        assert_eq!(recent.len(), MAX_REMEMBERED_CANCELS, "the oldest are forgotten first");
+        assert!(!recent.contains("a") && recent.contains(&format!("job-{}", MAX_REMEMBERED_CANCELS + 9)));
+        recent.insert("late", start + REMEMBER_CANCELLED);
+        assert_eq!(recent.len(), 1, "entries older than {REMEMBER_CANCELLED:?} are forgotten");
+        // A job cancelled twice is forgotten by its latest cancel only.
+        let mut twice = RecentCancels::default();
+        twice.insert("j", start);
+        twice.insert("j", start + Duration::from_secs(300));
+        twice.forget_old(start + Duration::from_secs(601));
+        assert!(twice.contains("j"));
+    }
+
+    #[test]
+    fn job_ids_are_bounded() {
+        assert!(check_job_id("job-1").is_ok());
+        assert!(check_job_id("").is_err());
+        let long = "x".repeat(MAX_JOB_ID_BYTES + 1);
+        assert!(check_job_id(&long).unwrap_err().contains("129"));
     }
 }

@@ -156,9 +156,7 @@ struct Shard {
 
 fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TraceParent>) -> Result<Shard, WorkerError> {
     let plan_msg = req.plan.ok_or_else(|| WorkerError::Invalid("the shard request has no plan".into()))?;
-    if plan_msg.job_id.is_empty() {
-        return Err(WorkerError::Invalid("the plan has no job id".into()));
-    }
+    tome_net::check_job_id(&plan_msg.job_id).map_err(|e| WorkerError::Invalid(format!("plan.job_id: {e}")))?;
     let plan = wire::plan_from_wire(plan_msg.tokens, &plan_msg.shards)?;
     let rank = req.rank as usize;
     if rank >= plan.ranks() || plan_msg.rank_addresses.len() != plan.ranks() {
@@ -439,6 +437,7 @@ impl pb::worker_server::Worker for WorkerService {
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
         let job = req.into_inner().job_id;
+        tome_net::check_job_id(&job).map_err(|e| WorkerError::Invalid(format!("job_id: {e}")))?;
         let n = self.cancel_job(&job);
         if n > 0 {
             info!(%job, shards = n, "cancelled");
