@@ -79,9 +79,9 @@ fn mpnet_refuses_what_would_change_its_outputs() {
     assert!(dir.model.prepare(vec![5; 10], &window).unwrap_err().to_string().contains("would change its outputs"));
     assert!(dir.model.prepare(vec![5, 99], &EncodeOptions::default()).unwrap_err().to_string().contains("vocabulary"));
     // An unknown activation is a config error, and so is a bucket count MPNet never uses.
-    let path = fixture_with_config(NAME, "act", |c| c["hidden_act"] = "swish".into());
+    let path = fixture_with_config(NAME, "act", |c| c["hidden_act"] = "quick_gelu".into());
     let err = ModelDir::open(&path).err().unwrap().to_string();
-    assert!(err.contains("swish"), "{err}");
+    assert!(err.contains("quick_gelu"), "{err}");
     std::fs::remove_dir_all(path).unwrap();
     let path = fixture_with_config(NAME, "buckets", |c| c["relative_attention_num_buckets"] = 64.into());
     let err = ModelDir::open(&path).err().unwrap().to_string();
