@@ -155,6 +155,10 @@ pub struct CoordinatorArgs {
     /// How often a static list's workers are probed, in milliseconds.
     #[arg(long, env = "TOME_PROBE_MS", default_value_t = 1000)]
     pub probe_ms: u64,
+    /// Runs of one job, the first included: a job whose workers are lost runs again on the live
+    /// workers (within its deadline) up to this many times in all.
+    #[arg(long, env = "TOME_JOB_ATTEMPTS", default_value_t = tome_coordinator::DEFAULT_JOB_ATTEMPTS)]
+    pub job_attempts: usize,
     #[command(flatten)]
     pub ops: OpsArgs,
 }

@@ -67,7 +67,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         Arc::new(StaticMembership::start(args.workers.clone(), Duration::from_millis(args.probe_ms.max(50))))
     };
     let limits = config(&args.embedded);
-    let cluster = Arc::new(Cluster::new(membership, limits.limits.max_message_bytes, limits.hidden_rows_per_message));
+    let cluster = Arc::new(Cluster::new(membership, limits.limits.max_message_bytes, limits.hidden_rows_per_message).with_attempts(args.job_attempts));
     let coordinator = Arc::new(Coordinator::with_cluster(load_models(&args.embedded)?, limits, cluster)?);
     let listener = bind(args.listen).await?;
     let grace = Duration::from_secs(args.ops.grace_seconds);

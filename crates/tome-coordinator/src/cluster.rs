@@ -6,8 +6,15 @@
 //! its `ShardRequest` — its own tokens only — with the job's deadline and trace context; the
 //! ranks then talk to each other directly, and only results come back here. The first failure,
 //! a caller that leaves or a deadline that passes cancels the job on every worker.
+//!
+//! A job outlives its workers: when it fails with UNAVAILABLE, the coordinator asks each of its
+//! workers whether it is still there; if some are not, it places the job again on the live
+//! workers without them and runs it again from the start, up to `attempts` runs within the
+//! caller's deadline. The plan (ranks and layout) stays the same, so the outputs are the
+//! fault-free run's to the bit; progress already reported is not reported again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +34,10 @@ use crate::membership::Membership;
 
 /// How long the other ranks may take to report after a job has failed (to find the cause).
 const DRAIN_AFTER_FAILURE: Duration = Duration::from_secs(5);
+/// How long a worker may take to answer whether it is still there after a job failed.
+const PRESENCE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Runs of one job, the first included, when workers are lost under it.
+pub const DEFAULT_JOB_ATTEMPTS: usize = 3;
 
 pub struct Cluster {
     membership: Arc<dyn Membership>,
@@ -36,6 +47,8 @@ pub struct Cluster {
     reserved: Arc<Mutex<HashMap<String, Load>>>,
     max_message_bytes: usize,
     rows_per_message: usize,
+    /// Runs of one job, the first included, when workers are lost under it.
+    attempts: usize,
 }
 
 #[derive(Clone, Copy, Default, Debug)]
@@ -67,7 +80,13 @@ impl Drop for Placement {
 
 impl Cluster {
     pub fn new(membership: Arc<dyn Membership>, max_message_bytes: usize, rows_per_message: usize) -> Self {
-        Cluster { membership, channels: Mutex::new(HashMap::new()), reserved: Arc::default(), max_message_bytes, rows_per_message }
+        Cluster { membership, channels: Mutex::new(HashMap::new()), reserved: Arc::default(), max_message_bytes, rows_per_message, attempts: DEFAULT_JOB_ATTEMPTS }
+    }
+
+    /// Runs one job at most `attempts` times (at least once) when workers are lost under it.
+    pub fn with_attempts(mut self, attempts: usize) -> Self {
+        self.attempts = attempts.max(1);
+        self
     }
 
     pub fn live(&self) -> Vec<pb::WorkerInfo> {
@@ -78,8 +97,13 @@ impl Cluster {
     /// coordinator keeps least busy first, each within its shard limit and memory budget
     /// (counting what this coordinator's other jobs hold there).
     pub fn place(&self, spec: &JobSpec) -> Result<Placement, CoordError> {
+        self.place_without(spec, &HashSet::new())
+    }
+
+    /// As [`Cluster::place`], on the live workers other than those named in `lost`.
+    fn place_without(&self, spec: &JobSpec, lost: &HashSet<String>) -> Result<Placement, CoordError> {
         let model = spec.model.name();
-        let mut live: Vec<pb::WorkerInfo> = self.membership.live().into_iter().filter(|w| w.models.iter().any(|m| m.name == model)).collect();
+        let mut live: Vec<pb::WorkerInfo> = self.membership.live().into_iter().filter(|w| !lost.contains(&w.name) && w.models.iter().any(|m| m.name == model)).collect();
         if live.is_empty() {
             return Err(CoordError::Unavailable(format!("no live worker serves model `{model}`")));
         }
@@ -160,7 +184,7 @@ impl Cluster {
     ) {
         let cluster = self.clone();
         tokio::spawn(async move {
-            let result = cluster.run(&job_id, &spec, &placement, &events, deadline, trace).await;
+            let result = cluster.run_to_the_end(&job_id, &spec, placement, &events, deadline, trace).await;
             if let Err(e) = &result {
                 warn!(job = %job_id, error = %e, "job failed");
             }
@@ -168,12 +192,84 @@ impl Cluster {
         });
     }
 
+    /// Runs the job, and again on the live workers when workers were lost under it.
+    async fn run_to_the_end(
+        &self,
+        job_id: &str,
+        spec: &JobSpec,
+        mut placement: Placement,
+        events: &mpsc::Sender<Result<JobEvent, WorkerError>>,
+        deadline: Option<Instant>,
+        trace: TraceParent,
+    ) -> Result<JobOutput, WorkerError> {
+        let reported = Arc::new(AtomicUsize::new(0));
+        let mut lost: HashSet<String> = HashSet::new();
+        let mut attempt = 1;
+        loop {
+            // Each run is a job of its own to the workers: a cancelled run's id stays refused.
+            let run_id = if attempt == 1 { job_id.to_string() } else { format!("{job_id}.{attempt}") };
+            let error = match self.run(&run_id, spec, &placement, events, &reported, deadline, trace).await {
+                Ok(out) => return Ok(out),
+                Err(e) => e,
+            };
+            let time_left = deadline.is_none_or(|d| Instant::now() < d);
+            if error.code() != tonic::Code::Unavailable || attempt >= self.attempts || events.is_closed() || !time_left {
+                return Err(error);
+            }
+            let gone = self.absent(&placement.workers).await;
+            if gone.is_empty() {
+                return Err(error);
+            }
+            warn!(job = %job_id, attempt, lost = ?gone, %error, "workers were lost mid-job; running it again on the live workers");
+            crate::metrics::job_rerun();
+            lost.extend(gone);
+            drop(placement);
+            placement = match self.place_without(spec, &lost) {
+                Ok(p) => p,
+                Err(e) => return Err(WorkerError::Remote(tonic::Status::unavailable(format!("{error}; the live workers cannot take the job again: {e}")))),
+            };
+            attempt += 1;
+        }
+    }
+
+    /// The workers among `workers` that do not answer now (dead, unreachable or draining).
+    async fn absent(&self, workers: &[pb::WorkerInfo]) -> Vec<String> {
+        let mut distinct: Vec<&pb::WorkerInfo> = workers.iter().collect();
+        distinct.sort_by(|a, b| a.name.cmp(&b.name));
+        distinct.dedup_by(|a, b| a.name == b.name);
+        let mut probes = JoinSet::new();
+        for w in distinct {
+            let (name, client) = (w.name.clone(), self.client(&w.address));
+            probes.spawn(async move {
+                let answered = match client {
+                    Ok(mut c) => {
+                        let mut req = tonic::Request::new(pb::WorkerInfoRequest {});
+                        req.set_timeout(PRESENCE_TIMEOUT);
+                        tokio::time::timeout(PRESENCE_TIMEOUT, c.info(req)).await.is_ok_and(|r| r.is_ok())
+                    }
+                    Err(_) => false,
+                };
+                (!answered).then_some(name)
+            });
+        }
+        let mut gone = Vec::new();
+        while let Some(next) = probes.join_next().await {
+            if let Ok(Some(name)) = next {
+                gone.push(name);
+            }
+        }
+        gone.sort();
+        gone
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
         job_id: &str,
         spec: &JobSpec,
         placement: &Placement,
         events: &mpsc::Sender<Result<JobEvent, WorkerError>>,
+        reported: &Arc<AtomicUsize>,
         deadline: Option<Instant>,
         trace: TraceParent,
     ) -> Result<JobOutput, WorkerError> {
@@ -218,7 +314,7 @@ impl Cluster {
                 request.metadata_mut().insert(tome_net::traceparent::TRACEPARENT, v);
             }
             let client = self.client(address)?;
-            let progress = (r == 0).then(|| events.clone());
+            let progress = (r == 0).then(|| Progress { events: events.clone(), reported: reported.clone() });
             let worker = address.clone();
             ranks.spawn(async move { (r, run_remote_rank(client, request, progress).await.map_err(|e| at_rank(e, r, &worker))) });
         }
@@ -371,10 +467,17 @@ fn concat(blocks: &[Tensor]) -> Result<Option<Tensor>, WorkerError> {
     Ok(if blocks.is_empty() { None } else { Some(Tensor::cat(blocks, 0)?) })
 }
 
+/// Where rank 0 reports a job's progress, and the most layers reported so far (by any run of
+/// the job: a run after a lost worker reports only beyond it).
+struct Progress {
+    events: mpsc::Sender<Result<JobEvent, WorkerError>>,
+    reported: Arc<AtomicUsize>,
+}
+
 async fn run_remote_rank(
     mut client: pb::worker_client::WorkerClient<Channel>,
     request: tonic::Request<pb::ShardRequest>,
-    progress: Option<mpsc::Sender<Result<JobEvent, WorkerError>>>,
+    progress: Option<Progress>,
 ) -> Result<RemoteRank, WorkerError> {
     let mut stream = client.run_shard(request).await.map_err(remote)?.into_inner();
     let (mut hidden, mut hidden_rows) = (Vec::new(), 0);
@@ -383,8 +486,9 @@ async fn run_remote_rank(
     while let Some(ev) = stream.message().await.map_err(remote)? {
         match ev.event {
             Some(pb::shard_event::Event::Progress(p)) => {
-                if let Some(tx) = &progress {
-                    let _ = tx.send(Ok(JobEvent::Progress { done: p.layers_done as usize, total: p.layers_total as usize })).await;
+                let done = p.layers_done as usize;
+                if let Some(progress) = progress.as_ref().filter(|pr| pr.reported.fetch_max(done, Ordering::Relaxed) < done) {
+                    let _ = progress.events.send(Ok(JobEvent::Progress { done, total: p.layers_total as usize })).await;
                 }
             }
             Some(pb::shard_event::Event::HiddenStates(h)) => push_rows(&mut hidden, &mut hidden_rows, &h)?,

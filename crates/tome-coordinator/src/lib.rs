@@ -16,7 +16,7 @@ mod request;
 mod server;
 mod service;
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, DEFAULT_JOB_ATTEMPTS};
 pub use config::{CoordinatorConfig, Limits};
 pub use error::CoordError;
 pub use membership::{EtcdMembership, Membership, StaticMembership};

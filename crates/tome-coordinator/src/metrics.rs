@@ -15,6 +15,8 @@ pub const TOKENS_TOTAL: &str = "tome_tokens_total";
 pub const STAGE_SECONDS: &str = "tome_stage_seconds";
 /// The worker counts under the same name.
 pub const HEAP_RELEASES: &str = "tome_heap_releases_total";
+/// Jobs run again because workers were lost under them.
+pub const JOB_RERUNS: &str = "tome_job_reruns_total";
 
 pub fn describe() {
     describe_counter!(JOBS_TOTAL, "Jobs that ended, by outcome.");
@@ -22,6 +24,7 @@ pub fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Jobs admitted and being tokenized and planned.");
     describe_counter!(TOKENS_TOTAL, Unit::Count, "Tokens of the jobs that completed.");
     describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Time a job spent in each stage.");
+    describe_counter!(JOB_RERUNS, "Times a job ran again on the live workers because workers were lost under it.");
     describe_counter!(HEAP_RELEASES, "Times the heap's freed pages went back to the kernel (the last job in flight had ended).");
 }
 
@@ -29,6 +32,10 @@ pub fn describe() {
 pub(crate) fn release_heap() {
     tome_dist::heap::release_freed_memory();
     counter!(HEAP_RELEASES).increment(1);
+}
+
+pub(crate) fn job_rerun() {
+    counter!(JOB_RERUNS).increment(1);
 }
 
 /// Counts a job in flight while it lives.
