@@ -421,8 +421,7 @@ mod tests {
 
     #[test]
     fn a_workers_answer_names_the_rank_and_keeps_its_code_and_retry_hint() {
-        let mut busy = tonic::Status::resource_exhausted("worker w1 already runs 4 shards");
-        busy.metadata_mut().insert(tome_worker::RETRY_AFTER, tonic::metadata::MetadataValue::from_static("1"));
+        let busy = tome_server::status::busy("worker w1 already runs 4 shards");
         let e = at_rank(WorkerError::Remote(busy), 3, "127.0.0.1:7001");
         assert!(e.is_busy(), "the retry hint survives: {e:?}");
         let WorkerError::Remote(s) = &e else { panic!("{e:?}") };

@@ -61,7 +61,7 @@ struct Admission {
 
 impl Admission {
     /// Gives the job's places back. The last job out hands the heap's freed pages back to the
-    /// kernel (`tome_dist::heap`), so that an idle coordinator holds only what it uses.
+    /// kernel (`tome_server::heap`), so that an idle coordinator holds only what it uses.
     fn end(self) {
         let Admission { job, tokens, jobs, max_jobs } = self;
         drop((job, tokens));
@@ -197,7 +197,7 @@ struct CallContext {
 
 impl CallContext {
     fn of(metadata: &tonic::metadata::MetadataMap) -> Self {
-        let deadline = tome_worker::grpc_timeout(metadata).map(|t| Instant::now() + t);
+        let deadline = tome_server::grpc_timeout(metadata).map(|t| Instant::now() + t);
         let trace =
             metadata.get(tome_net::traceparent::TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse).map(|t| t.child()).unwrap_or_else(TraceParent::new_root);
         CallContext { deadline, trace }

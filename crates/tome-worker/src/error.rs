@@ -80,22 +80,17 @@ impl WorkerError {
     pub fn is_busy(&self) -> bool {
         match self {
             WorkerError::Busy(_) => true,
-            WorkerError::Remote(s) => s.code() == Code::ResourceExhausted && s.metadata().get(RETRY_AFTER).is_some(),
+            WorkerError::Remote(s) => tome_server::status::is_busy(s),
             _ => false,
         }
     }
 }
 
-/// The metadata key a refusal-for-now carries (seconds to wait), so callers can tell it from a
-/// refusal for good.
-pub const RETRY_AFTER: &str = "retry-after";
-
 impl From<WorkerError> for Status {
     fn from(e: WorkerError) -> Status {
-        let mut s = Status::new(e.code(), e.to_string());
         if e.is_busy() {
-            s.metadata_mut().insert(RETRY_AFTER, tonic::metadata::MetadataValue::from_static("1"));
+            return tome_server::status::busy(e.to_string());
         }
-        s
+        Status::new(e.code(), e.to_string())
     }
 }
