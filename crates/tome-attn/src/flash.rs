@@ -553,6 +553,34 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// Times every path the CPU can run on a few shapes (dense, causal, windowed; head widths 64
+    /// and 80, which exercise the kernels' narrower panels), on one thread, best of several runs:
+    /// `cargo test -p tome-attn --lib time_vector_paths -- --ignored --nocapture`. A harness
+    /// to compare two builds of the kernels side by side, not a test.
+    #[test]
+    #[ignore]
+    fn time_vector_paths() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let reps: usize = 11;
+        for &(n, d, causal, window) in &[(2048usize, 64usize, false, None), (2048, 64, true, None), (4096, 64, false, Some(128usize)), (2048, 80, true, None)] {
+            let q = Tensor::randn(0f32, 1.0, (2, n, d), &Device::Cpu).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (2, n, d), &Device::Cpu).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (2, n, d), &Device::Cpu).unwrap();
+            let pos: Vec<i64> = (0..n as i64).collect();
+            let mask = Mask::full(&pos, &pos).with_causal(causal).with_window(window);
+            for isa in Isa::available().into_iter().filter(|&i| i != Isa::Portable) {
+                let best = (0..reps)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        pool.install(|| attention_on(&q, &k, &v, &mask, 0.125, isa).unwrap());
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::INFINITY, f64::min);
+                println!("bench n={n} d={d} causal={causal} window={window:?} {isa:?}: {:.2} ms", best * 1e3);
+            }
+        }
+    }
+
     /// Every path the CPU can run (portable, AVX2, AVX-512) against the reference.
     #[test]
     fn portable_and_vector_paths_agree() {
