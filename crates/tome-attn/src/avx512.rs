@@ -6,11 +6,14 @@
 //! AVX-512F after the CPU reported it (see `flash::Isa`).
 //!
 //! Shapes are guaranteed by the packing in `flash`: every length is checked on entry, and the
-//! functions do nothing when a check fails, so no out-of-bounds access is possible.
+//! functions return an error when a check fails (`transposed`), so no out-of-bounds access and no
+//! silently skipped step is possible.
 
 use std::arch::x86_64::*;
 
+use crate::error::Result;
 use crate::simd::{EXP_LO, EXP_POLY, LN2_HI, LN2_LO, ROUNDING_MAGIC};
+use crate::transposed::{check_scores, check_softmax, check_values};
 
 /// Sixteen lanes of `e^x` for `x <= 0` (the softmax's shifted scores), with the same reduction
 /// and polynomial as `simd::exp`: `n = round(x log2 e)` by [`ROUNDING_MAGIC`] (no clamp is needed
@@ -71,10 +74,8 @@ unsafe fn scores_panel<const M: usize>(qt: *const f32, k: *const f32, st: *mut f
 /// `st[j][r] = Σ_t k[j][t] · qᵀ[t][r]` for keys `0..cols` of a row-major key block (`k`: `cols ×
 /// dqk`, read in place) and a packed `dqk × rows_p` Qᵀ (`rows_p` a multiple of `NQ`).
 #[target_feature(enable = "avx512f")]
-pub(crate) fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize) {
-    if !rows_p.is_multiple_of(NQ) || qt.len() < dqk * rows_p || k.len() < cols * dqk || st.len() < cols * rows_p {
-        return;
-    }
+pub(crate) fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize) -> Result<()> {
+    check_scores("avx512::scores_t", NQ, qt, k, st, cols, dqk, rows_p)?;
     let (qt, k, st) = (qt.as_ptr(), k.as_ptr(), st.as_mut_ptr());
     let mut j = 0;
     // SAFETY: the checks above bound every panel's rows.
@@ -92,6 +93,7 @@ pub(crate) fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: 
             j += 1;
         }
     }
+    Ok(())
 }
 
 /// `M`-column panel of `accᵀ[c][r] += Σ_j v[j][c] · pᵀ[j][r]`, columns `c0..c0 + M`.
@@ -133,10 +135,8 @@ unsafe fn values_panel<const M: usize>(pt: *const f32, v: *const f32, acc: *mut 
 /// `accᵀ[c][r] += Σ_j v[j][c] · pᵀ[j][r]` for keys `0..cols` of a row-major value block (`v`:
 /// `cols × dv`, read in place), weights `pᵀ` (`cols × rows_p`) and a `dv × rows_p` accumulator.
 #[target_feature(enable = "avx512f")]
-pub(crate) fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize) {
-    if !rows_p.is_multiple_of(NQ) || pt.len() < cols * rows_p || v.len() < cols * dv || acc.len() < dv * rows_p {
-        return;
-    }
+pub(crate) fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize) -> Result<()> {
+    check_values("avx512::values_t", NQ, pt, v, acc, cols, dv, rows_p)?;
     let (pt, v, acc) = (pt.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
     let mut c = 0;
     // SAFETY: the checks above bound every panel's columns.
@@ -160,6 +160,7 @@ pub(crate) fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: 
             c += 1;
         }
     }
+    Ok(())
 }
 
 /// The online-softmax step of a key block in the transposed layout, sixteen queries per lane
@@ -167,10 +168,8 @@ pub(crate) fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: 
 /// running max `m` and sum `l`, rescales its accumulator column (`acc`: `dv × rows_p`) and
 /// leaves `e^(s - m)` in `st`.
 #[target_feature(enable = "avx512f")]
-pub(crate) fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) {
-    if !rows_p.is_multiple_of(16) || st.len() < cols * rows_p || m.len() < rows_p || l.len() < rows_p || acc.len() < dv * rows_p {
-        return;
-    }
+pub(crate) fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) -> Result<()> {
+    check_softmax("avx512::softmax_t", 16, st, m, l, acc, cols, rows_p, dv)?;
     // SAFETY: the checks above bound every pointer offset below.
     unsafe {
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -214,6 +213,7 @@ pub(crate) fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32
             }
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
