@@ -81,3 +81,30 @@ fn every_declared_dependency_is_used() {
         }
     }
 }
+
+/// What every server process shares — the heap policy, the deadline header, the retry-after
+/// marker, etcd's connection options — is defined once, in tome-server: no other crate defines
+/// it again or spells its header names, so neither server reaches into the other for plumbing.
+#[test]
+fn process_plumbing_lives_in_tome_server() {
+    let owned_by_tome_server =
+        ["fn grpc_timeout", "fn etcd_options", "RETRY_AFTER: &str", "fn retain_freed_memory", "fn release_freed_memory", "\"retry-after\"", "\"grpc-timeout\""];
+    fn check(dir: &Path, crate_name: &str, owned: &[&str]) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                check(&path, crate_name, owned);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let code = std::fs::read_to_string(&path).unwrap();
+                for item in owned {
+                    assert!(!code.contains(item), "{} ({crate_name}) has `{item}`, which belongs to tome-server", path.display());
+                }
+            }
+        }
+    }
+    for name in crates().into_iter().filter(|n| n != "tome-server") {
+        check(&repo().join("crates").join(&name).join("src"), &name, &owned_by_tome_server);
+    }
+    let coordinator = std::fs::read_to_string(repo().join("crates/tome-coordinator/Cargo.toml")).unwrap();
+    assert!(coordinator.contains("tome-server.workspace"), "the coordinator takes its plumbing from tome-server");
+}

@@ -7,6 +7,10 @@ pub enum AttnError {
     Shape { op: &'static str, msg: String },
     #[error("{op}: key positions must be sorted ascending (position {at} is {got}, after {prev})")]
     UnsortedKeys { op: &'static str, at: usize, got: i64, prev: i64 },
+    /// A vector kernel was called outside its contract (slice lengths, lane multiples): a bug in
+    /// the caller's packing, reported instead of computing from stale scratch.
+    #[error("{kernel}: broken precondition: {msg}")]
+    Precondition { kernel: &'static str, msg: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

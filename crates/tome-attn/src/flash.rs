@@ -130,13 +130,13 @@ fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32,
                     (_, Some(_)) => TQ_WINDOW,
                 };
                 let heads = out.par_chunks_mut(nq * dv).zip(lse.par_chunks_mut(nq));
-                heads.enumerate().for_each(|(h, (out, lse))| {
+                heads.enumerate().try_for_each(|(h, (out, lse))| {
                     let tiles = out.par_chunks_mut(bq * dv).zip(lse.par_chunks_mut(bq));
-                    tiles.enumerate().for_each(|(t, (out, lse))| p.tile(isa, h, t * bq, out, lse))
+                    tiles.enumerate().try_for_each(|(t, (out, lse))| p.tile(isa, h, t * bq, out, lse))
                 })
             })
         })
-    })???;
+    })????;
     Partial::from_vecs(out, lse, hq, nq, dv)
 }
 
@@ -145,15 +145,17 @@ fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32,
 trait TransposedKernels {
     /// Queries per micro-kernel: `rows_p` is padded to a multiple.
     const NQ: usize;
+    /// A broken precondition (lengths, lane multiple) is an error, never a silent return.
+    ///
     /// # Safety
     /// The CPU has the kernels' instruction set.
-    unsafe fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize);
+    unsafe fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize) -> Result<()>;
     /// # Safety
     /// As `scores_t`.
-    unsafe fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize);
+    unsafe fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) -> Result<()>;
     /// # Safety
     /// As `scores_t`.
-    unsafe fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize);
+    unsafe fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize) -> Result<()>;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -162,15 +164,15 @@ struct Avx2Kernels;
 #[cfg(target_arch = "x86_64")]
 impl TransposedKernels for Avx2Kernels {
     const NQ: usize = crate::avx2::NQ;
-    unsafe fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize) {
+    unsafe fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize) -> Result<()> {
         // SAFETY: the caller's contract.
         unsafe { crate::avx2::scores_t(qt, k, st, cols, dqk, rows_p) }
     }
-    unsafe fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) {
+    unsafe fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) -> Result<()> {
         // SAFETY: the caller's contract.
         unsafe { crate::avx2::softmax_t(st, cols, rows_p, m, l, acc, dv) }
     }
-    unsafe fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize) {
+    unsafe fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize) -> Result<()> {
         // SAFETY: the caller's contract.
         unsafe { crate::avx2::values_t(pt, v, acc, cols, dv, rows_p) }
     }
@@ -182,15 +184,15 @@ struct Avx512Kernels;
 #[cfg(target_arch = "x86_64")]
 impl TransposedKernels for Avx512Kernels {
     const NQ: usize = crate::avx512::NQ;
-    unsafe fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize) {
+    unsafe fn scores_t(qt: &[f32], k: &[f32], st: &mut [f32], cols: usize, dqk: usize, rows_p: usize) -> Result<()> {
         // SAFETY: the caller's contract.
         unsafe { crate::avx512::scores_t(qt, k, st, cols, dqk, rows_p) }
     }
-    unsafe fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) {
+    unsafe fn softmax_t(st: &mut [f32], cols: usize, rows_p: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) -> Result<()> {
         // SAFETY: the caller's contract.
         unsafe { crate::avx512::softmax_t(st, cols, rows_p, m, l, acc, dv) }
     }
-    unsafe fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize) {
+    unsafe fn values_t(pt: &[f32], v: &[f32], acc: &mut [f32], cols: usize, dv: usize, rows_p: usize) -> Result<()> {
         // SAFETY: the caller's contract.
         unsafe { crate::avx512::values_t(pt, v, acc, cols, dv, rows_p) }
     }
@@ -212,7 +214,7 @@ struct Problem<'a> {
 }
 
 impl Problem<'_> {
-    fn tile(&self, isa: Isa, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
+    fn tile(&self, isa: Isa, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) -> Result<()> {
         match isa {
             // SAFETY: `Isa::available` offers these only where the CPU reports them.
             #[cfg(target_arch = "x86_64")]
@@ -220,20 +222,23 @@ impl Problem<'_> {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { self.tile_avx512(h, q0, out, lse) },
-            _ => self.tile_with::<Plain>(h, q0, out, lse),
+            _ => {
+                self.tile_with::<Plain>(h, q0, out, lse);
+                Ok(())
+            }
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_avx2(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
+    unsafe fn tile_avx2(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) -> Result<()> {
         // SAFETY: compiled for, and called only on, CPUs with AVX2 and FMA.
         unsafe { self.tile_transposed::<Avx2Kernels>(h, q0, out, lse) }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile_avx512(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
+    unsafe fn tile_avx512(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) -> Result<()> {
         // SAFETY: compiled for, and called only on, CPUs with AVX-512F.
         unsafe { self.tile_transposed::<Avx512Kernels>(h, q0, out, lse) }
     }
@@ -274,7 +279,7 @@ impl Problem<'_> {
     /// The CPU has `K`'s instruction set.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn tile_transposed<K: TransposedKernels>(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
+    unsafe fn tile_transposed<K: TransposedKernels>(&self, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) -> Result<()> {
         const { assert!(TQ.is_multiple_of(K::NQ) && TQ_WINDOW.is_multiple_of(K::NQ)) };
         let nq = K::NQ;
         let (dqk, dv, mask) = (self.dqk, self.dv, self.mask);
@@ -284,7 +289,7 @@ impl Problem<'_> {
         out.fill(0.0);
         lse.fill(f32::NEG_INFINITY);
         if k_start >= k_end {
-            return;
+            return Ok(());
         }
         let kvh = h / self.group;
         let strips = rows.div_ceil(nq);
@@ -329,15 +334,15 @@ impl Problem<'_> {
                 let (m, l) = (&mut m[s * nq..(s + 1) * nq], &mut l[s * nq..(s + 1) * nq]);
                 let acc = &mut acc[s * dv * nq..(s + 1) * dv * nq];
                 // SAFETY: the caller's contract.
-                unsafe { K::scores_t(&qt[s * dqk * nq..(s + 1) * dqk * nq], &k_block[j0 * dqk..j1 * dqk], &mut st, n_keys, dqk, nq) };
+                unsafe { K::scores_t(&qt[s * dqk * nq..(s + 1) * dqk * nq], &k_block[j0 * dqk..j1 * dqk], &mut st, n_keys, dqk, nq)? };
                 let k_range = (block_pos[j0], block_pos[j1 - 1]);
                 if needs_mask && (valid.is_some_and(|v| v.contains(&false)) || !mask.positions_all_visible(range, k_range)) {
                     mask_strip(mask, &mut st, kb + j0, n_keys, valid, pos, range, nq);
                 }
                 // SAFETY: as above.
                 unsafe {
-                    K::softmax_t(&mut st, n_keys, nq, m, l, acc, dv);
-                    K::values_t(&st, &v_block[j0 * dv..j1 * dv], acc, n_keys, dv, nq);
+                    K::softmax_t(&mut st, n_keys, nq, m, l, acc, dv)?;
+                    K::values_t(&st, &v_block[j0 * dv..j1 * dv], acc, n_keys, dv, nq)?;
                 }
             }
         }
@@ -353,6 +358,7 @@ impl Problem<'_> {
                 lse[r] = m[r] + l.ln();
             }
         }
+        Ok(())
     }
 
     /// Attention of query rows `q0..q0 + lse.len()` of head `h`, written into `out`/`lse`.
@@ -552,6 +558,41 @@ fn weighted_values<A: Arith>(p: &[f32], vt: &[f32], acc: &mut [f32], rows_p: usi
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Times every path the CPU can run on a few shapes (dense, causal, windowed; head widths 64
+    /// and 80, which exercise the kernels' narrower panels), on one thread, best of several runs
+    /// (CPU time of the thread, and wall time):
+    /// `cargo test -p tome-attn --lib time_vector_paths -- --ignored --nocapture`. A harness
+    /// to compare two builds of the kernels side by side, not a test.
+    #[test]
+    #[ignore]
+    fn time_vector_paths() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let reps: usize = 11;
+        for &(n, d, causal, window) in &[(2048usize, 64usize, false, None), (2048, 64, true, None), (4096, 64, false, Some(128usize)), (2048, 80, true, None)] {
+            let q = Tensor::randn(0f32, 1.0, (2, n, d), &Device::Cpu).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (2, n, d), &Device::Cpu).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (2, n, d), &Device::Cpu).unwrap();
+            let pos: Vec<i64> = (0..n as i64).collect();
+            let mask = Mask::full(&pos, &pos).with_causal(causal).with_window(window);
+            for isa in Isa::available().into_iter().filter(|&i| i != Isa::Portable) {
+                // CPU time of the pool's one thread as the kernel sees it (Linux schedstat: time
+                // on a CPU), which other processes' load does not inflate the way it does wall time.
+                let on_cpu = || std::fs::read_to_string("/proc/thread-self/schedstat").ok().and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+                let (mut wall, mut cpu) = (f64::INFINITY, f64::INFINITY);
+                for _ in 0..reps {
+                    let (w, c) = pool.install(|| {
+                        let (t, c0) = (std::time::Instant::now(), on_cpu());
+                        attention_on(&q, &k, &v, &mask, 0.125, isa).unwrap();
+                        (t.elapsed().as_secs_f64(), on_cpu().zip(c0).map_or(f64::NAN, |(c1, c0)| (c1 - c0) as f64 * 1e-9))
+                    });
+                    wall = wall.min(w);
+                    cpu = cpu.min(c);
+                }
+                println!("bench n={n} d={d} causal={causal} window={window:?} {isa:?}: {:.2} ms cpu {:.2} ms wall", cpu * 1e3, wall * 1e3);
+            }
+        }
+    }
 
     /// Every path the CPU can run (portable, AVX2, AVX-512) against the reference.
     #[test]

@@ -29,6 +29,8 @@ pub mod relative_bias;
 mod rng;
 mod simd;
 mod tensor;
+#[cfg(target_arch = "x86_64")]
+mod transposed;
 
 pub use error::{AttnError, Result};
 pub use flash::attention;

@@ -1,5 +1,5 @@
-//! The arithmetic the portable kernel's hot loops are built from (the AVX2 path has its own
-//! intrinsics in `avx2`), with the exp both share.
+//! The arithmetic the portable kernel's hot loops are built from (the vector paths have theirs in
+//! `transposed`, over the lanes of `avx2` and `avx512`), with the exp they all share.
 //!
 //! Every helper is `#[inline(always)]` so that it is compiled inside the caller's
 //! `#[target_feature]` context, where LLVM turns the fixed-width lane loops into vector code.

@@ -27,7 +27,7 @@ fn main() -> std::process::ExitCode {
     }
     let cli = Cli::parse();
     // Before any other thread exists: every thread then allocates from the one main heap.
-    let heap_policy = cli.heap_retain_mib > 0 && tome_dist::heap::retain_freed_memory(cli.heap_retain_mib.saturating_mul(1 << 20));
+    let heap_policy = cli.heap_retain_mib > 0 && tome_server::heap::retain_freed_memory(cli.heap_retain_mib.saturating_mul(1 << 20));
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
         .with_writer(std::io::stderr)

@@ -564,13 +564,26 @@ mod tests {
 
     #[test]
     fn a_workers_answer_names_the_rank_and_keeps_its_code_and_retry_hint() {
-        let mut busy = tonic::Status::resource_exhausted("worker w1 already runs 4 shards");
-        busy.metadata_mut().insert(tome_worker::RETRY_AFTER, tonic::metadata::MetadataValue::from_static("1"));
+        let busy = tome_server::status::busy("worker w1 already runs 4 shards");
         let e = at_rank(WorkerError::Remote(busy), 3, "127.0.0.1:7001");
         assert!(e.is_busy(), "the retry hint survives: {e:?}");
         let WorkerError::Remote(s) = &e else { panic!("{e:?}") };
         assert_eq!(s.code(), tonic::Code::ResourceExhausted);
         assert_eq!(s.message(), "rank 3 on worker 127.0.0.1:7001: worker w1 already runs 4 shards");
         assert!(matches!(at_rank(WorkerError::Cancelled, 0, "a:1"), WorkerError::Cancelled));
+    }
+
+    #[tokio::test]
+    async fn a_failed_jobs_cause_is_the_worker_that_died_not_the_rank_that_lost_it() {
+        // Rank 0 reports first that its peer, rank 1, left; rank 1's own call broke (its
+        // worker died). Both are UNAVAILABLE: only the worker's mark tells the consequence.
+        let lost = WorkerError::Dist(tome_dist::DistError::PeerGone { rank: 0, peer: 1, what: "receive" });
+        let first = at_rank(WorkerError::Remote(tonic::Status::from(lost)), 0, "10.0.0.1:7001");
+        assert!(first.is_peer_failure());
+        let mut ranks = JoinSet::new();
+        ranks.spawn(async { (1, Err(at_rank(remote(tonic::Status::unknown("error reading a body from connection")), 1, "10.0.0.2:7001"))) });
+        let found = cause(first, &mut ranks).await;
+        assert_eq!(found.code(), tonic::Code::Unavailable);
+        assert!(found.to_string().starts_with("rank 1 on worker 10.0.0.2:7001: a worker failed mid-job"), "{found}");
     }
 }

@@ -1,5 +1,7 @@
 //! The coordinator's errors, each mapped once to the gRPC status a caller can act on.
 
+use tome_dist::DistError;
+use tome_model::ModelError;
 use tome_worker::WorkerError;
 use tonic::Code;
 
@@ -33,6 +35,7 @@ pub enum CoordError {
     Internal(String),
 }
 
+/// A job's failure, as the job runner (embedded ranks or workers) reports it.
 impl From<WorkerError> for CoordError {
     fn from(e: WorkerError) -> Self {
         let msg = e.to_string();
@@ -52,9 +55,16 @@ impl From<WorkerError> for CoordError {
     }
 }
 
-impl From<tome_model::ModelError> for CoordError {
-    fn from(e: tome_model::ModelError) -> Self {
-        WorkerError::from(e).into()
+/// A model's refusal while a request is admitted (tokenizing, preparing, planning).
+impl From<ModelError> for CoordError {
+    fn from(e: ModelError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ModelError::Input(_) | ModelError::Unsupported(_) => CoordError::Invalid(msg),
+            ModelError::Cancelled | ModelError::Dist(DistError::Cancelled) => CoordError::Cancelled,
+            ModelError::Dist(DistError::PeerGone { .. } | DistError::Transport { .. }) => CoordError::Unavailable(msg),
+            _ => CoordError::Internal(msg),
+        }
     }
 }
 
@@ -64,11 +74,7 @@ impl From<CoordError> for tonic::Status {
         match e {
             CoordError::Invalid(_) => tonic::Status::invalid_argument(msg),
             CoordError::Exhausted(_) => tonic::Status::resource_exhausted(msg),
-            CoordError::Busy(_) => {
-                let mut s = tonic::Status::resource_exhausted(msg);
-                s.metadata_mut().insert(tome_worker::RETRY_AFTER, tonic::metadata::MetadataValue::from_static("1"));
-                s
-            }
+            CoordError::Busy(_) => tome_server::status::busy(msg),
             CoordError::UnknownModel(_) => tonic::Status::not_found(msg),
             CoordError::Unavailable(_) => tonic::Status::unavailable(msg),
             CoordError::DeadlineExceeded => tonic::Status::deadline_exceeded(msg),

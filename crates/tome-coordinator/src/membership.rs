@@ -99,7 +99,7 @@ impl EtcdMembership {
     /// Connects (the first connection must succeed: a wrong address is a start-up error), then
     /// follows the prefix in the background, reconnecting when etcd goes away.
     pub async fn start(endpoints: Vec<String>, prefix: &str) -> Result<Self, etcd_client::Error> {
-        let client = Client::connect(&endpoints, Some(tome_worker::etcd_options())).await?;
+        let client = Client::connect(&endpoints, Some(tome_server::etcd_options())).await?;
         let prefix = format!("{}/workers/", prefix.trim_end_matches('/'));
         let (tx, rx) = watch::channel(Vec::new());
         let task = tokio::spawn(async move {
@@ -107,7 +107,7 @@ impl EtcdMembership {
             loop {
                 let c = match client.take() {
                     Some(c) => c,
-                    None => match Client::connect(&endpoints, Some(tome_worker::etcd_options())).await {
+                    None => match Client::connect(&endpoints, Some(tome_server::etcd_options())).await {
                         Ok(c) => c,
                         Err(e) => {
                             warn!(error = %e, "etcd unreachable; retrying");

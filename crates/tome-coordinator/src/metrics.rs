@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 
-/// Labelled `outcome` = ok | failed | cancelled | deadline_exceeded.
+use crate::error::CoordError;
+
+/// Labelled `outcome` = ok | failed | cancelled | deadline_exceeded ([`JobOutcome`]).
 pub const JOBS_TOTAL: &str = "tome_jobs_total";
 pub const JOBS_IN_FLIGHT: &str = "tome_jobs_in_flight";
 /// Jobs admitted and still being tokenized and planned (waiting to run).
@@ -28,9 +30,9 @@ pub fn describe() {
     describe_counter!(HEAP_RELEASES, "Times the heap's freed pages went back to the kernel (the last job in flight had ended).");
 }
 
-/// Hands the heap's freed pages back to the kernel (`tome_dist::heap`) and counts it.
+/// Hands the heap's freed pages back to the kernel (`tome_server::heap`) and counts it.
 pub(crate) fn release_heap() {
-    tome_dist::heap::release_freed_memory();
+    tome_server::heap::release_freed_memory();
     counter!(HEAP_RELEASES).increment(1);
 }
 
@@ -70,8 +72,41 @@ impl Drop for Queued {
     }
 }
 
-pub(crate) fn job_ended(outcome: &'static str) {
-    counter!(JOBS_TOTAL, "outcome" => outcome).increment(1);
+/// How a job ended: the `outcome` label of [`JOBS_TOTAL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobOutcome {
+    Ok,
+    /// It failed (the error is the caller's, a worker's or the server's).
+    Failed,
+    /// The caller left, the server shut down, or a worker stopped a rank (an operator's cancel).
+    Cancelled,
+    DeadlineExceeded,
+}
+
+impl JobOutcome {
+    pub const ALL: [JobOutcome; 4] = [JobOutcome::Ok, JobOutcome::Failed, JobOutcome::Cancelled, JobOutcome::DeadlineExceeded];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            JobOutcome::Ok => "ok",
+            JobOutcome::Failed => "failed",
+            JobOutcome::Cancelled => "cancelled",
+            JobOutcome::DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+
+    /// The outcome of a job that ended with `e`, decided by its kind.
+    pub fn of(e: &CoordError) -> Self {
+        match e {
+            CoordError::Cancelled | CoordError::CancelledOnWorker(_) => JobOutcome::Cancelled,
+            CoordError::DeadlineExceeded => JobOutcome::DeadlineExceeded,
+            _ => JobOutcome::Failed,
+        }
+    }
+}
+
+pub(crate) fn job_ended(outcome: JobOutcome) {
+    counter!(JOBS_TOTAL, "outcome" => outcome.label()).increment(1);
 }
 
 pub(crate) fn tokens_processed(n: usize) {
@@ -80,4 +115,24 @@ pub(crate) fn tokens_processed(n: usize) {
 
 pub(crate) fn stage_seconds(stage: &'static str, d: Duration) {
     histogram!(STAGE_SECONDS, "stage" => stage).record(d.as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jobs_outcome_follows_its_error_kind() {
+        let labels: Vec<&str> = JobOutcome::ALL.iter().map(|o| o.label()).collect();
+        assert_eq!(labels, ["ok", "failed", "cancelled", "deadline_exceeded"], "the labels JOBS_TOTAL documents");
+        assert_eq!(JobOutcome::of(&CoordError::DeadlineExceeded), JobOutcome::DeadlineExceeded);
+        assert_eq!(JobOutcome::of(&CoordError::Cancelled), JobOutcome::Cancelled);
+        assert_eq!(JobOutcome::of(&CoordError::CancelledOnWorker("rank 1 on worker w2: the job was cancelled".into())), JobOutcome::Cancelled);
+        // A worker's deadline reaches the coordinator as the job's error, not only as its own timer.
+        let from_a_worker = CoordError::from(tome_worker::WorkerError::Remote(tonic::Status::deadline_exceeded("rank 0 on worker w1: the job ran past its deadline")));
+        assert_eq!(JobOutcome::of(&from_a_worker), JobOutcome::DeadlineExceeded);
+        for failed in [CoordError::Unavailable("a worker failed mid-job".into()), CoordError::Internal("x".into()), CoordError::Invalid("x".into())] {
+            assert_eq!(JobOutcome::of(&failed), JobOutcome::Failed);
+        }
+    }
 }

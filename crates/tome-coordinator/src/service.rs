@@ -24,7 +24,7 @@ use tracing::{info, info_span, Instrument};
 use crate::cluster::Cluster;
 use crate::config::CoordinatorConfig;
 use crate::error::CoordError;
-use crate::metrics;
+use crate::metrics::{self, JobOutcome};
 use crate::request::{chunk_spans, document_text, parse_options, JobOptions};
 
 /// Events waiting for a slow caller before the job waits too.
@@ -62,7 +62,7 @@ struct Admission {
 
 impl Admission {
     /// Gives the job's places back. The last job out hands the heap's freed pages back to the
-    /// kernel (`tome_dist::heap`), so that an idle coordinator holds only what it uses.
+    /// kernel (`tome_server::heap`), so that an idle coordinator holds only what it uses.
     fn end(self) {
         let Admission { job, tokens, jobs, max_jobs } = self;
         drop((job, tokens));
@@ -198,7 +198,7 @@ struct CallContext {
 
 impl CallContext {
     fn of(metadata: &tonic::metadata::MetadataMap) -> Self {
-        let deadline = tome_worker::grpc_timeout(metadata).map(|t| Instant::now() + t);
+        let deadline = tome_server::grpc_timeout(metadata).map(|t| Instant::now() + t);
         let trace =
             metadata.get(tome_net::traceparent::TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse).map(|t| t.child()).unwrap_or_else(TraceParent::new_root);
         CallContext { deadline, trace }
@@ -364,7 +364,7 @@ async fn drive(job: Job, backend: Option<Arc<Cluster>>, tx: EventSender, abort: 
     admission.end();
 }
 
-async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender, mut abort: tokio::sync::watch::Receiver<bool>) -> &'static str {
+async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender, mut abort: tokio::sync::watch::Receiver<bool>) -> JobOutcome {
     let cancel = Arc::new(AtomicBool::new(false));
     let (jtx, mut jrx) = mpsc::channel(8);
     let chunks = job.spec.chunks.clone();
@@ -374,14 +374,11 @@ async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender,
         (Transport::PeerStreams | Transport::Nccl, Some(cluster), Some(placement)) => cluster.spawn(job.id.clone(), job.spec, placement, jtx, job.deadline, job.trace),
         (Transport::InProcess, _, _) => {
             if let Err(e) = spawn_job(job.spec, jtx, cancel.clone()) {
-                let _ = tx.send(Err(CoordError::from(e).into())).await;
-                return "failed";
+                return fail(tx, e.into()).await;
             }
         }
         (transport, ..) => {
-            let e = CoordError::Internal(format!("a job placed for transport {} has no cluster to run on", transport.name()));
-            let _ = tx.send(Err(e.into())).await;
-            return "failed";
+            return fail(tx, CoordError::Internal(format!("a job placed for transport {} has no cluster to run on", transport.name()))).await;
         }
     }
     let expired = async {
@@ -395,12 +392,11 @@ async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender,
         let ev = tokio::select! {
             ev = jrx.recv() => match ev {
                 Some(ev) => ev,
-                None => return "failed",
+                None => return JobOutcome::Failed,
             },
             _ = &mut expired => {
                 cancel.store(true, Ordering::Relaxed);
-                let _ = tx.send(Err(CoordError::DeadlineExceeded.into())).await;
-                return "deadline_exceeded";
+                return fail(tx, CoordError::DeadlineExceeded).await;
             }
             _ = async {
                 // A coordinator dropped without aborting (its last handle went) lets jobs finish.
@@ -410,7 +406,7 @@ async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender,
             } => {
                 cancel.store(true, Ordering::Relaxed);
                 let _ = tx.send(Err(CoordError::Unavailable("the server shut down before the job finished; retry elsewhere".into()).into())).await;
-                return "cancelled";
+                return JobOutcome::Cancelled;
             }
         };
         let sent = match ev {
@@ -420,8 +416,7 @@ async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender,
             Ok(JobEvent::Finished(out)) => {
                 metrics::stage_seconds("compute", out.compute);
                 if let Err(e) = emit(&job.id, &out, &chunks, job.offsets.as_deref(), job.hidden_dtype, job.rows_per_message, tx).await {
-                    let _ = tx.send(Err(e.into())).await;
-                    return "failed";
+                    return fail(tx, e).await;
                 }
                 let done = pb::Done {
                     tokens: tokens as u64,
@@ -436,20 +431,24 @@ async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender,
                 metrics::tokens_processed(tokens);
                 info!(job = %job.id, tokens, compute_s = done.compute_seconds, "job done");
                 let _ = tx.send(event(pb::process_event::Event::Done(done))).await;
-                return "ok";
+                return JobOutcome::Ok;
             }
-            Err(e) => {
-                let _ = tx.send(Err(CoordError::from(e).into())).await;
-                return "failed";
-            }
+            Err(e) => return fail(tx, e.into()).await,
         };
         if sent.is_err() {
             // The caller went away: stop every rank (dropping the receiver stops a cluster job).
             info!(job = %job.id, "caller left; cancelling");
             cancel.store(true, Ordering::Relaxed);
-            return "cancelled";
+            return JobOutcome::Cancelled;
         }
     }
+}
+
+/// Ends a job with `e`: the caller gets its status, the metrics its outcome.
+async fn fail(tx: &EventSender, e: CoordError) -> JobOutcome {
+    let outcome = JobOutcome::of(&e);
+    let _ = tx.send(Err(e.into())).await;
+    outcome
 }
 
 async fn emit(

@@ -10,7 +10,6 @@
 
 mod error;
 mod group;
-pub mod heap;
 mod in_process;
 mod layout;
 pub mod ops;

@@ -56,11 +56,22 @@ impl WorkerError {
         ) || matches!(self, WorkerError::Remote(s) if s.code() == Code::Cancelled)
     }
 
-    /// Another rank or worker failed or left (the cause lies elsewhere).
-    pub fn is_peer_failure(&self) -> bool {
+    /// Another rank of the job failed or left (the cause lies elsewhere): the rank it was.
+    /// A worker's answer says so in its status (`tome_server::status::peer_failed`); an
+    /// UNAVAILABLE without that mark — a worker shutting down, or one that died — is a cause.
+    pub fn failed_peer(&self) -> Option<usize> {
         use tome_dist::DistError::{PeerGone, Transport};
-        matches!(self, WorkerError::Dist(PeerGone { .. } | Transport { .. }) | WorkerError::Model(tome_model::ModelError::Dist(PeerGone { .. } | Transport { .. })))
-            || matches!(self, WorkerError::Remote(s) if s.code() == Code::Unavailable)
+        match self {
+            WorkerError::Dist(PeerGone { peer, .. } | Transport { peer, .. })
+            | WorkerError::Model(tome_model::ModelError::Dist(PeerGone { peer, .. } | Transport { peer, .. })) => Some(*peer),
+            WorkerError::Remote(s) => tome_server::status::failed_peer(s),
+            _ => None,
+        }
+    }
+
+    /// Another rank of the job failed or left (the cause lies elsewhere).
+    pub fn is_peer_failure(&self) -> bool {
+        self.failed_peer().is_some()
     }
 
     pub fn code(&self) -> Code {
@@ -84,22 +95,67 @@ impl WorkerError {
     pub fn is_busy(&self) -> bool {
         match self {
             WorkerError::Busy(_) => true,
-            WorkerError::Remote(s) => s.code() == Code::ResourceExhausted && s.metadata().get(RETRY_AFTER).is_some(),
+            WorkerError::Remote(s) => tome_server::status::is_busy(s),
             _ => false,
         }
     }
 }
 
-/// The metadata key a refusal-for-now carries (seconds to wait), so callers can tell it from a
-/// refusal for good.
-pub const RETRY_AFTER: &str = "retry-after";
-
 impl From<WorkerError> for Status {
     fn from(e: WorkerError) -> Status {
-        let mut s = Status::new(e.code(), e.to_string());
+        let code = e.code();
         if e.is_busy() {
-            s.metadata_mut().insert(RETRY_AFTER, tonic::metadata::MetadataValue::from_static("1"));
+            return tome_server::status::busy(e.to_string());
         }
-        s
+        match e.failed_peer() {
+            Some(peer) if code == Code::Unavailable => tome_server::status::peer_failed(e.to_string(), peer),
+            _ => Status::new(code, e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tome_dist::DistError;
+    use tome_model::ModelError;
+
+    use super::*;
+
+    /// A worker's answer as the coordinator receives it.
+    fn on_the_wire(e: WorkerError) -> WorkerError {
+        WorkerError::Remote(Status::from(e))
+    }
+
+    #[test]
+    fn a_rank_that_lost_its_peer_says_which_on_the_wire() {
+        let gone = WorkerError::Model(ModelError::Dist(DistError::PeerGone { rank: 0, peer: 2, what: "receive" }));
+        assert_eq!(gone.failed_peer(), Some(2));
+        let remote = on_the_wire(gone);
+        assert_eq!(remote.code(), Code::Unavailable);
+        assert_eq!(remote.failed_peer(), Some(2), "{remote:?}");
+        assert!(remote.is_peer_failure() && !remote.is_cancelled());
+        let cut = on_the_wire(WorkerError::Dist(DistError::Transport { rank: 1, peer: 0, msg: "no frame within 600s".into() }));
+        assert_eq!(cut.failed_peer(), Some(0));
+    }
+
+    #[test]
+    fn an_unavailable_worker_is_a_cause_not_another_ranks_failure() {
+        // Both are UNAVAILABLE to the caller, and neither is a consequence of a peer's failure.
+        let draining = on_the_wire(WorkerError::ShuttingDown("w1".into()));
+        assert_eq!(draining.code(), Code::Unavailable);
+        assert!(!draining.is_peer_failure(), "{draining:?}");
+        let died = WorkerError::Remote(Status::unavailable("a worker failed mid-job: connection reset"));
+        assert_eq!(died.code(), Code::Unavailable);
+        assert!(!died.is_peer_failure());
+        assert!(!WorkerError::Dist(DistError::Plan("bad".into())).is_peer_failure());
+    }
+
+    #[test]
+    fn a_cancellation_stays_a_cancellation_on_the_wire() {
+        for e in [WorkerError::Cancelled, WorkerError::Model(ModelError::Cancelled), WorkerError::Dist(DistError::Cancelled)] {
+            let remote = on_the_wire(e);
+            assert!(remote.is_cancelled() && !remote.is_peer_failure(), "{remote:?}");
+            assert_eq!(remote.code(), Code::Cancelled);
+        }
     }
 }

@@ -20,12 +20,12 @@ pub mod wire;
 use tome_model::ModelDir;
 use tome_proto::v1 as pb;
 
-pub use error::{WorkerError, RETRY_AFTER};
+pub use error::WorkerError;
 pub use job::{assemble, pool_targets, run_rank, spawn_job, Assembled, CancelFlag, Gathered, JobEvent, JobOutput, JobSpec, RankOutput, RankWork};
 pub use memory::activation_bytes;
-pub use registration::{etcd_options, worker_key, EtcdRegistration};
+pub use registration::{worker_key, EtcdRegistration};
 pub use server::{serve, EtcdOptions, ServeOptions};
-pub use service::{grpc_timeout, WorkerConfig, WorkerService};
+pub use service::{WorkerConfig, WorkerService};
 
 /// How a loaded model describes itself on the wire.
 pub fn model_info(m: &ModelDir) -> pb::ModelInfo {

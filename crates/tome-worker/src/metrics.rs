@@ -21,9 +21,9 @@ pub fn describe() {
     describe_counter!(HEAP_RELEASES, "Times the heap's freed pages went back to the kernel (the last shard here had ended).");
 }
 
-/// Hands the heap's freed pages back to the kernel (`tome_dist::heap`) and counts it.
+/// Hands the heap's freed pages back to the kernel (`tome_server::heap`) and counts it.
 pub(crate) fn release_heap() {
-    tome_dist::heap::release_freed_memory();
+    tome_server::heap::release_freed_memory();
     counter!(HEAP_RELEASES).increment(1);
 }
 

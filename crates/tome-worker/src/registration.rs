@@ -7,17 +7,12 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use etcd_client::{Client, ConnectOptions, PutOptions};
+use etcd_client::{Client, PutOptions};
 use prost::Message;
 use tokio::task::JoinHandle;
 use tome_proto::v1 as pb;
+use tome_server::etcd_options;
 use tracing::{info, warn};
-
-/// How tome connects to etcd: HTTP/2 pings find a connection that died silently (a half-open
-/// socket would otherwise leave a watch or a keep-alive waiting for ever).
-pub fn etcd_options() -> ConnectOptions {
-    ConnectOptions::new().with_connect_timeout(Duration::from_secs(5)).with_keep_alive(Duration::from_secs(5), Duration::from_secs(5)).with_keep_alive_while_idle(true)
-}
 
 /// The key a worker registers under `prefix`.
 pub fn worker_key(prefix: &str, name: &str) -> String {

@@ -215,26 +215,6 @@ fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TracePare
     })
 }
 
-/// Reads a `grpc-timeout` header ("<digits><unit>", at most 8 digits as the gRPC spec says,
-/// unit one of H M S m u n); anything else is no deadline.
-pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 type EventSender = mpsc::Sender<Result<pb::ShardEvent, Status>>;
 
 fn event(e: pb::shard_event::Event) -> Result<pb::ShardEvent, Status> {
@@ -333,7 +313,7 @@ impl pb::worker_server::Worker for WorkerService {
     type RunShardStream = Pin<Box<dyn Stream<Item = Result<pb::ShardEvent, Status>> + Send + 'static>>;
 
     async fn run_shard(&self, req: Request<pb::ShardRequest>) -> Result<Response<Self::RunShardStream>, Status> {
-        let timeout = grpc_timeout(req.metadata());
+        let timeout = tome_server::grpc_timeout(req.metadata());
         let trace = req.metadata().get(tome_net::traceparent::TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
         if !self.admitting.load(Ordering::Relaxed) {
             return Err(WorkerError::ShuttingDown(self.config.name.clone()).into());
@@ -443,29 +423,5 @@ impl pb::worker_server::Worker for WorkerService {
             info!(%job, shards = n, "cancelled");
         }
         Ok(Response::new(pb::CancelResponse { shards_cancelled: n as u32 }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_are_read_in_every_unit() {
-        let at = |v: &str| {
-            let mut m = tonic::metadata::MetadataMap::new();
-            m.insert("grpc-timeout", v.parse().unwrap());
-            grpc_timeout(&m)
-        };
-        assert_eq!(at("2H"), Some(Duration::from_secs(7200)));
-        assert_eq!(at("3M"), Some(Duration::from_secs(180)));
-        assert_eq!(at("15S"), Some(Duration::from_secs(15)));
-        assert_eq!(at("1500m"), Some(Duration::from_millis(1500)));
-        assert_eq!(at("7u"), Some(Duration::from_micros(7)));
-        assert_eq!(at("9n"), Some(Duration::from_nanos(9)));
-        assert_eq!(at("5x"), None);
-        assert_eq!(at("S"), None);
-        assert_eq!(at("123456789S"), None, "more than 8 digits");
-        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 }

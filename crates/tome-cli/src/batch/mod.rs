@@ -109,7 +109,7 @@ fn settings(args: &BatchArgs) -> anyhow::Result<String> {
 fn retryable(s: &tonic::Status) -> bool {
     match s.code() {
         tonic::Code::Unavailable | tonic::Code::Unknown => true,
-        tonic::Code::ResourceExhausted => s.metadata().get("retry-after").is_some(),
+        tonic::Code::ResourceExhausted => tome_server::status::is_busy(s),
         _ => false,
     }
 }

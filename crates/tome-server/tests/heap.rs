@@ -2,7 +2,7 @@
 //! and resident-memory readings need no other test allocating beside them.
 #![cfg(all(target_os = "linux", target_env = "gnu"))]
 
-use tome_dist::heap::{release_freed_memory, retain_freed_memory};
+use tome_server::heap::{release_freed_memory, retain_freed_memory};
 
 /// Resident memory of this process, in bytes.
 fn resident_bytes() -> usize {

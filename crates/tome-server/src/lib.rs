@@ -1,0 +1,20 @@
+//! tome-server: what every tome server process shares, whichever service it runs.
+//!
+//! - [`heap`]: the process heap's policy (freed activations kept for reuse, handed back to the
+//!   kernel when the last job or shard ends), set by the binary and applied by both servers.
+//! - [`grpc_timeout`]: a call's deadline as its `grpc-timeout` header states it.
+//! - [`status`]: what a status carries beyond its code, written by one server and read by
+//!   another or by a client: a refusal for now (`retry-after`), a failure that is a
+//!   consequence of another rank's (`tome-peer-failed`).
+//! - [`etcd_options`]: how every process connects to etcd (workers register, coordinators watch).
+//!
+//! It knows nothing of models, ranks or the tome services: the coordinator and the worker both
+//! depend on it, so neither reaches into the other for plumbing.
+
+mod deadline;
+mod etcd;
+pub mod heap;
+pub mod status;
+
+pub use deadline::grpc_timeout;
+pub use etcd::etcd_options;
