@@ -125,6 +125,13 @@ async fn server_processes_documents_identically_on_any_number_of_ranks_and_refus
         assert!(err.message().contains(needle), "{:?} should mention {needle:?}", err.message());
     }
     assert!(client.info(pb::InfoRequest {}).await.is_ok(), "the server keeps serving");
+    // A text far over the token limit is refused once counting passes the limit, without being
+    // tokenized whole: the count it reports is a small part of its ~2.9 million tokens.
+    let huge = TEXT.repeat(52_000);
+    let err = process(&mut client, text_request(huge.as_bytes(), Default::default())).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    let counted: usize = err.message().split_whitespace().nth(5).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{}", err.message()));
+    assert!(counted > 20_000 && counted < 1_000_000, "{}", err.message());
     assert_reflection_lists_services(&server.addr).await;
     let tok = client.tokenize(pb::TokenizeRequest { model: String::new(), text: b"Hello world".to_vec() }).await.unwrap().into_inner();
     assert_eq!(tok.ids.first(), Some(&101));

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
-use tome_model::{ModelDir, Prepared};
+use tome_model::{Bounded, ModelDir, Prepared};
 use tome_net::{tensor_to_wire, TraceParent};
 use tome_proto::v1 as pb;
 use tome_worker::transport::{self, Hosts, Transport};
@@ -36,6 +36,9 @@ pub struct Coordinator {
     backend: Backend,
     jobs: Arc<Semaphore>,
     tokens: Arc<Semaphore>,
+    /// Places for documents being tokenized, apart from the jobs' places: a caller's long text
+    /// never holds a place a running job could use.
+    tokenizing: Arc<Semaphore>,
     next_job: AtomicU64,
     /// False once shutdown has begun: new jobs are refused.
     admitting: AtomicBool,
@@ -101,6 +104,7 @@ impl Coordinator {
         }
         let jobs = Arc::new(Semaphore::new(config.limits.max_concurrent_jobs));
         let tokens = Arc::new(Semaphore::new(config.limits.max_tokens_in_flight.min(Semaphore::MAX_PERMITS)));
+        let tokenizing = Arc::new(Semaphore::new(config.limits.max_concurrent_jobs));
         metrics::describe();
         Ok(Coordinator {
             models: models.into_iter().map(Arc::new).collect(),
@@ -108,6 +112,7 @@ impl Coordinator {
             backend,
             jobs,
             tokens,
+            tokenizing,
             next_job: AtomicU64::new(1),
             admitting: AtomicBool::new(true),
             abort: tokio::sync::watch::channel(false).0,
@@ -163,8 +168,10 @@ impl Coordinator {
                 Some(pb::process_request::Input::Text(bytes)) => {
                     let text = document_text(&bytes, limits.max_document_bytes)?;
                     let tokenizer = model.tokenizer.as_ref().ok_or_else(|| CoordError::Invalid(format!("model `{}` has no tokenizer.json: send token_ids", model.name())))?;
-                    let enc = tokenizer.encode(text)?;
-                    (enc.ids, Some(enc.offsets))
+                    match tokenizer.encode_at_most(text, limits.max_document_tokens)? {
+                        Bounded::Encoded(enc) => (enc.ids, Some(enc.offsets)),
+                        Bounded::TooLong { tokens } => return Err(too_long(tokens, limits.max_document_tokens)),
+                    }
                 }
                 Some(pb::process_request::Input::TokenIds(t)) => {
                     if t.ids.len() > limits.max_document_tokens {
@@ -246,12 +253,6 @@ impl Coordinator {
         if ranks > self.config.limits.max_ranks {
             return Err(CoordError::Exhausted(format!("{ranks} ranks asked; this server allows at most {}", self.config.limits.max_ranks)));
         }
-        // Refuse early when the server is full, before spending time on tokenization.
-        let job_permit = self
-            .jobs
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| CoordError::Busy(format!("the server is busy: {} jobs in flight; retry later", self.config.limits.max_concurrent_jobs)))?;
         if opts.log_probs && !model.model.is_causal() {
             return Err(CoordError::Invalid(format!("model `{}` is an encoder; log-probs need a causal language model", model.name())));
         }
@@ -260,8 +261,18 @@ impl Coordinator {
         }
         let admitted = {
             let _queued = metrics::Queued::enter();
+            let _tokenizing = self
+                .tokenizing
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| CoordError::Busy(format!("the server is busy: {} documents are being tokenized; retry later", self.config.limits.max_concurrent_jobs)))?;
             self.admit(model, req.input, &opts).await?
         };
+        let job_permit = self
+            .jobs
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| CoordError::Busy(format!("the server is busy: {} jobs in flight; retry later", self.config.limits.max_concurrent_jobs)))?;
         metrics::stage_seconds("tokenize", Duration::from_secs_f64(admitted.tokenize_seconds));
         let tokens = admitted.doc.len();
         let max_tokens = self.config.limits.max_tokens_in_flight;
@@ -325,7 +336,7 @@ impl Coordinator {
 }
 
 fn too_long(tokens: usize, max: usize) -> CoordError {
-    CoordError::Exhausted(format!("the document has {tokens} tokens; this server accepts at most {max}"))
+    CoordError::Exhausted(format!("the document has at least {tokens} tokens; this server accepts at most {max}"))
 }
 
 type EventSender = mpsc::Sender<Result<pb::ProcessEvent, Status>>;
@@ -543,11 +554,19 @@ impl pb::tome_server::Tome for Coordinator {
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         let req = req.into_inner();
         let model = self.model(&req.model)?;
-        let max = self.config.limits.max_document_bytes;
+        let limits = self.config.limits.clone();
+        let _tokenizing = self
+            .tokenizing
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| CoordError::Busy(format!("the server is busy: {} documents are being tokenized; retry later", limits.max_concurrent_jobs)))?;
         let enc = tokio::task::spawn_blocking(move || -> Result<_, CoordError> {
-            let text = document_text(&req.text, max)?;
+            let text = document_text(&req.text, limits.max_document_bytes)?;
             let tokenizer = model.tokenizer.as_ref().ok_or_else(|| CoordError::Invalid(format!("model `{}` has no tokenizer.json", model.name())))?;
-            Ok(tokenizer.encode(text)?)
+            match tokenizer.encode_at_most(text, limits.max_document_tokens)? {
+                Bounded::Encoded(enc) => Ok(enc),
+                Bounded::TooLong { tokens } => Err(too_long(tokens, limits.max_document_tokens)),
+            }
         })
         .await
         .map_err(|e| CoordError::Internal(e.to_string()))??;

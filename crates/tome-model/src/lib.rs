@@ -35,4 +35,4 @@ pub use model::{Architecture, Model, Shape};
 pub use model_dir::ModelDir;
 pub use pooling::{l2_normalize, pool_spans, Pooling};
 pub use registry::{ModelConfig, ModelType};
-pub use tokenizer::{Encoded, TextTokenizer};
+pub use tokenizer::{Bounded, Encoded, TextTokenizer};
