@@ -124,7 +124,7 @@ impl Cluster {
             let Some(n) = need.get(&w.name) else { continue };
             if n.bytes > w.memory_budget_bytes || n.shards > w.max_shards {
                 return Err(CoordError::Exhausted(format!(
-                    "the job needs {} ranks and about {:.2} GiB of activations on worker {}, which runs at most {} shards in {:.2} GiB: ask for more ranks or add workers",
+                    "the job needs {} ranks and about {:.2} GiB of activations on worker {}, which runs at most {} shards in {:.2} GiB: ask for fewer ranks or add workers",
                     n.shards,
                     gib(n.bytes),
                     w.name,

@@ -86,7 +86,9 @@ pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOpti
         pb::Layout::Zigzag => Layout::Zigzag,
     };
     let hidden_dtype = match known::<pb::ElementType>(o.hidden_dtype, "hidden_dtype")? {
-        pb::ElementType::I64 => return Err(CoordError::Invalid("options.hidden_dtype: hidden states are floating point".into())),
+        pb::ElementType::I64 | pb::ElementType::U8 | pb::ElementType::U32 => {
+            return Err(CoordError::Invalid("options.hidden_dtype: hidden states are floating point (f32, f16 or bf16)".into()))
+        }
         other => other,
     };
     Ok(JobOptions {
@@ -112,10 +114,20 @@ pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOpti
 
 /// The chunk spans of a document of `tokens` tokens, checked.
 pub(crate) fn chunk_spans(chunking: &Chunking, tokens: usize, default_chunk: usize) -> Result<Vec<Range<usize>>, CoordError> {
-    let every = |n: usize| (0..tokens).step_by(n).map(|s| s..(s + n).min(tokens)).collect();
+    // One place is the document's own span.
+    let most = tome_model::MAX_POOL_SPANS - 1;
+    let too_many = |n: usize| CoordError::Invalid(format!("options.chunks: {n} chunks; at most {most}"));
+    let every = |n: usize| {
+        let count = tokens.div_ceil(n);
+        if count > most {
+            return Err(too_many(count));
+        }
+        Ok((0..tokens).step_by(n).map(|s| s..(s + n).min(tokens)).collect())
+    };
     match chunking {
-        Chunking::Default => Ok(every(default_chunk)),
-        Chunking::Every(n) => Ok(every(*n)),
+        Chunking::Default => every(default_chunk),
+        Chunking::Every(n) => every(*n),
+        Chunking::Spans(spans) if spans.len() > most => Err(too_many(spans.len())),
         Chunking::Spans(spans) => {
             if let Some(bad) = spans.iter().find(|s| s.start >= s.end || s.end > tokens) {
                 return Err(CoordError::Invalid(format!("options.chunks.spans: span {}..{} is empty or outside the document of {tokens} tokens", bad.start, bad.end)));
@@ -156,5 +168,20 @@ mod tests {
         assert!(document_text(b"\xff\xfe", 100).unwrap_err().to_string().contains("UTF-8"));
         assert!(document_text(b"  \n", 100).is_err());
         assert!(matches!(document_text(b"hello", 3), Err(CoordError::Exhausted(_))));
+        for dtype in [pb::ElementType::I64, pb::ElementType::U8, pb::ElementType::U32] {
+            let ints = pb::ProcessOptions { hidden_dtype: dtype as i32, ..Default::default() };
+            assert!(matches!(parse_options(Some(&ints)), Err(CoordError::Invalid(m)) if m.contains("floating point")), "{dtype:?} is refused before the job runs");
+        }
+    }
+
+    #[test]
+    fn the_chunks_a_job_pools_are_bounded_before_any_is_made() {
+        let most = tome_model::MAX_POOL_SPANS - 1;
+        assert_eq!(chunk_spans(&Chunking::Every(1), most, 256).unwrap().len(), most);
+        let err = chunk_spans(&Chunking::Every(1), most + 1, 256).unwrap_err();
+        assert!(matches!(&err, CoordError::Invalid(m) if m.contains(&format!("{} chunks; at most {most}", most + 1))), "{err}");
+        let err = chunk_spans(&Chunking::Every(1), 4_000_000_000, 256).unwrap_err();
+        assert!(err.to_string().contains("4000000000 chunks"), "{err}");
+        assert!(chunk_spans(&Chunking::Spans(vec![0..1; most + 1]), 10, 256).is_err());
     }
 }

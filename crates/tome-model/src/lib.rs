@@ -33,6 +33,6 @@ pub use document::{Prepared, RunOptions, ShardInput};
 pub use error::{ModelError, Result};
 pub use model::{Architecture, Model, Shape};
 pub use model_dir::ModelDir;
-pub use pooling::{l2_normalize, pool_spans, Pooling};
+pub use pooling::{l2_normalize, pool_spans, Pooling, MAX_POOL_SPANS};
 pub use registry::{ModelConfig, ModelType};
 pub use tokenizer::{Bounded, Encoded, TextTokenizer};

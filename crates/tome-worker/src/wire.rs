@@ -139,6 +139,9 @@ pub fn spans_to_wire(spans: &[Range<usize>]) -> Vec<pb::Span> {
 }
 
 pub fn spans_from_wire(spans: &[pb::Span], tokens: usize) -> Result<Vec<Range<usize>>, WorkerError> {
+    if spans.len() > tome_model::MAX_POOL_SPANS {
+        return Err(invalid(format!("pool_spans: {} spans; at most {}", spans.len(), tome_model::MAX_POOL_SPANS)));
+    }
     spans.iter().map(|s| range(s, tokens, "pool span")).collect()
 }
 
