@@ -181,7 +181,12 @@ pub struct Etcd {
 impl Etcd {
     /// Starts Debian's `etcd` (package etcd-server, which `.ci/run` installs) and waits for it.
     pub async fn start() -> Etcd {
-        let (client, peer) = (free_port(), free_port());
+        Etcd::start_at(free_port()).await
+    }
+
+    /// Starts etcd serving clients at 127.0.0.1:`client`.
+    pub async fn start_at(client: u16) -> Etcd {
+        let peer = free_port();
         let dir = std::env::temp_dir().join(format!("tome-etcd-{}-{client}", std::process::id()));
         let endpoint = format!("http://127.0.0.1:{client}");
         let child = Command::new("etcd")

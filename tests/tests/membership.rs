@@ -139,3 +139,19 @@ async fn static_membership_conforms() {
 async fn etcd_membership_conforms() {
     conformance(Backend::Etcd(Etcd::start().await)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_while_etcd_is_down_serves_and_registers_once_it_is_back() {
+    let Some(model) = minilm() else { return };
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    // Nothing listens at the endpoint yet: the worker starts and reports SERVING all the same.
+    let worker = start_worker(&model, &["--etcd", &endpoint, "--etcd-ttl-seconds", "2"], log("etcd-down-w")).await;
+    let etcd = Etcd::start_at(port).await;
+    let coordinator = start_coordinator(&model, &["--etcd", &etcd.endpoint], log("etcd-down-c")).await;
+    let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
+    wait_live(&mut client, &[worker.host_port.as_str()], Duration::from_secs(20), "registered once etcd is back").await;
+    let got = process_call(&mut client, job(&TEXT.repeat(8), 2)).await.unwrap();
+    assert_eq!(got.kinds.last(), Some(&"done"));
+    assert!(worker.log_text().contains("etcd is unreachable"), "the worker said why it was not registered yet");
+}

@@ -1,11 +1,12 @@
 //! A worker's entry in etcd: `{prefix}/workers/{name}` holding its encoded `WorkerInfo`, bound
-//! to a lease that a background task keeps alive. Leaving revokes the lease (the entry goes at
-//! once); a worker that dies stops the keep-alive and the entry goes when the lease expires.
+//! to a lease that a background task keeps alive. etcd is never needed to start or to serve:
+//! the task registers as soon as etcd answers (retrying with backoff while it does not), and
+//! again whenever etcd loses the lease (an outage longer than it). Leaving revokes the lease
+//! (the entry goes at once); a worker that dies stops the keep-alive and the entry goes when the
+//! lease expires.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
 
 use etcd_client::{Client, PutOptions};
 use prost::Message;
@@ -14,82 +15,119 @@ use tome_proto::v1 as pb;
 use tome_server::etcd_options;
 use tracing::{info, warn};
 
+/// The first wait after etcd failed to answer; it doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long leaving may take before the lease is left to expire.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The key a worker registers under `prefix`.
 pub fn worker_key(prefix: &str, name: &str) -> String {
     format!("{}/workers/{name}", prefix.trim_end_matches('/'))
 }
 
+/// The connection and lease the entry is bound to now, once registered.
+type Registered = Arc<Mutex<Option<(Client, i64)>>>;
+
 pub struct EtcdRegistration {
-    client: Client,
-    /// The lease the entry is bound to now (the keep-alive may have had to take a new one).
-    lease: Arc<AtomicI64>,
     key: String,
-    keep_alive: JoinHandle<()>,
+    registered: Registered,
+    task: JoinHandle<()>,
 }
 
 impl EtcdRegistration {
-    /// Registers `info` under `prefix` with a lease of `ttl`, kept alive every third of it.
-    pub async fn register(endpoints: &[String], prefix: &str, info: &pb::WorkerInfo, ttl: Duration) -> Result<Self, etcd_client::Error> {
-        let mut client = Client::connect(endpoints, Some(etcd_options())).await?;
-        let ttl_s = ttl.as_secs().max(1) as i64;
-        let id = client.lease_grant(ttl_s, None).await?.id();
+    /// Starts registering `info` under `prefix` with a lease of `ttl`, kept alive every third of
+    /// it, in the background: returns at once, whether etcd answers or not.
+    pub fn start(endpoints: Vec<String>, prefix: &str, info: &pb::WorkerInfo, ttl: Duration) -> Self {
         let key = worker_key(prefix, &info.name);
-        client.put(key.clone(), info.encode_to_vec(), Some(PutOptions::new().with_lease(id))).await?;
-        info!(%key, lease = id, ttl_s, "registered in etcd");
-        let lease = Arc::new(AtomicI64::new(id));
-        let keep_alive = tokio::spawn(keep_alive(client.clone(), lease.clone(), key.clone(), info.encode_to_vec(), ttl));
-        Ok(EtcdRegistration { client, lease, key, keep_alive })
+        let registered: Registered = Arc::default();
+        let task = tokio::spawn(stay_registered(endpoints, key.clone(), info.encode_to_vec(), ttl, registered.clone()));
+        EtcdRegistration { key, registered, task }
     }
 
-    /// Leaves at once: stops the keep-alive, deletes the entry and revokes the lease.
-    pub async fn leave(mut self) -> Result<(), etcd_client::Error> {
-        self.keep_alive.abort();
-        // The keep-alive may have registered anew under another lease: delete the key itself.
-        self.client.delete(self.key.clone(), None).await?;
-        let _ = self.client.lease_revoke(self.lease.load(Ordering::Relaxed)).await;
-        info!(key = %self.key, "left etcd");
-        Ok(())
+    /// Whether the entry is in etcd now (as far as this worker knows).
+    pub fn is_registered(&self) -> bool {
+        self.registered.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Leaves at once: stops the keep-alive, deletes the entry and revokes the lease (within
+    /// [`LEAVE_TIMEOUT`]; past it, or with etcd down, the entry goes when its lease expires).
+    pub async fn leave(self) -> Result<(), etcd_client::Error> {
+        self.task.abort();
+        let Some((mut client, lease)) = self.registered.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Ok(());
+        };
+        let key = self.key.clone();
+        let leaving = async move {
+            client.delete(key, None).await?;
+            let _ = client.lease_revoke(lease).await;
+            Ok(())
+        };
+        match tokio::time::timeout(LEAVE_TIMEOUT, leaving).await {
+            Ok(r) => {
+                info!(key = %self.key, "left etcd");
+                r
+            }
+            Err(_) => {
+                warn!(key = %self.key, "etcd did not answer in time; the entry goes when its lease expires");
+                Ok(())
+            }
+        }
     }
 
     /// Stops the keep-alive without revoking, as a worker that dies would (tests).
     pub fn abandon(self) {
-        self.keep_alive.abort();
+        self.task.abort();
     }
 }
 
-/// Keeps the lease alive; when etcd lost it (expired during a partition), registers anew.
-async fn keep_alive(mut client: Client, lease: Arc<AtomicI64>, key: String, value: Vec<u8>, ttl: Duration) {
-    let period = (ttl / 3).max(Duration::from_millis(200));
+/// Registers, keeps the lease alive, and registers anew whenever that fails, for ever.
+async fn stay_registered(endpoints: Vec<String>, key: String, value: Vec<u8>, ttl: Duration, registered: Registered) {
+    let mut backoff = MIN_BACKOFF;
     loop {
-        let id = lease.load(Ordering::Relaxed);
-        let result = async {
-            let (mut keeper, mut responses) = client.lease_keep_alive(id).await?;
-            loop {
-                keeper.keep_alive().await?;
-                // An answer slower than the lease itself is no answer.
-                match tokio::time::timeout(ttl, responses.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                    Ok(Ok(_)) => return Ok::<&str, etcd_client::Error>("etcd lease expired"),
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => return Ok("etcd did not answer a keep-alive in time"),
-                }
-                tokio::time::sleep(period).await;
+        let why = match register(&endpoints, &key, &value, ttl).await {
+            Ok((client, lease)) => {
+                info!(%key, lease, "registered in etcd");
+                backoff = MIN_BACKOFF;
+                *registered.lock().unwrap_or_else(|p| p.into_inner()) = Some((client.clone(), lease));
+                let why = keep_alive(client, lease, ttl).await;
+                registered.lock().unwrap_or_else(|p| p.into_inner()).take();
+                why
             }
-        }
-        .await;
-        match result {
-            Ok(why) => warn!(%key, why, "registering again"),
-            Err(e) => warn!(%key, error = %e, "etcd keep-alive failed; retrying"),
-        }
-        tokio::time::sleep(period).await;
-        let again = async {
-            let id = client.lease_grant(ttl.as_secs().max(1) as i64, None).await?.id();
-            client.put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(id))).await?;
-            Ok::<i64, etcd_client::Error>(id)
+            Err(e) => format!("etcd is unreachable: {e}"),
         };
-        match again.await {
-            Ok(id) => lease.store(id, Ordering::Relaxed),
-            Err(e) => warn!(%key, error = %e, "etcd registration failed; retrying"),
+        warn!(%key, why, retry_in = ?backoff, "not registered in etcd; registering again");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn register(endpoints: &[String], key: &str, value: &[u8], ttl: Duration) -> Result<(Client, i64), etcd_client::Error> {
+    let mut client = Client::connect(endpoints, Some(etcd_options())).await?;
+    let lease = client.lease_grant(ttl.as_secs().max(1) as i64, None).await?.id();
+    client.put(key, value, Some(PutOptions::new().with_lease(lease))).await?;
+    Ok((client, lease))
+}
+
+/// Keeps `lease` alive until that fails; returns why.
+async fn keep_alive(mut client: Client, lease: i64, ttl: Duration) -> String {
+    let period = (ttl / 3).max(Duration::from_millis(200));
+    let result = async {
+        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+        loop {
+            keeper.keep_alive().await?;
+            // An answer slower than the lease itself is no answer.
+            match tokio::time::timeout(ttl, responses.message()).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                Ok(Ok(_)) => return Ok::<String, etcd_client::Error>("etcd lease expired".into()),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok("etcd did not answer a keep-alive in time".into()),
+            }
+            tokio::time::sleep(period).await;
         }
+    };
+    match result.await {
+        Ok(why) => why,
+        Err(e) => format!("etcd keep-alive failed: {e}"),
     }
 }

@@ -55,10 +55,8 @@ pub async fn serve(
         .with_service_name("grpc.health.v1.Health")
         .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
-    let registration = match &options.etcd {
-        Some(e) => Some(EtcdRegistration::register(&e.endpoints, &e.prefix, &service.info(), e.ttl).await?),
-        None => None,
-    };
+    // In the background: a worker serves whether etcd answers now or only later.
+    let registration = options.etcd.as_ref().map(|e| EtcdRegistration::start(e.endpoints.clone(), &e.prefix, &service.info(), e.ttl));
     let worker = WorkerServer::from_arc(service.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
     info!(address = %listener.local_addr()?, name = %service.config().name, "serving tome.v1.Worker and tome.v1.Peer");
     let grace = options.grace;
