@@ -161,7 +161,11 @@ impl Cluster {
             .map_err(|e| WorkerError::Internal(format!("worker address {address}: {e}")))?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
-            .http2_adaptive_window(true);
+            .http2_adaptive_window(true)
+            // A worker whose host went silent (no reset) fails its ranks' calls within seconds.
+            .http2_keep_alive_interval(tome_net::PEER_KEEPALIVE)
+            .keep_alive_timeout(tome_net::PEER_KEEPALIVE)
+            .keep_alive_while_idle(true);
         let channel = endpoint.connect_lazy();
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)

@@ -71,6 +71,9 @@ pub(crate) struct HubInner {
     pub(crate) runtime: tokio::runtime::Handle,
 }
 
+/// How often a peer connection is pinged, and how long a ping may go unanswered.
+pub const PEER_KEEPALIVE: Duration = Duration::from_secs(10);
+
 /// How long a cancelled job is remembered.
 const REMEMBER_CANCELLED: Duration = Duration::from_secs(600);
 /// How many cancelled jobs are remembered at most (the oldest is forgotten first): strangers'
@@ -228,7 +231,11 @@ impl HubInner {
             .map_err(|e| format!("bad peer address {address}: {e}"))?
             .connect_timeout(self.limits.connect_timeout)
             .tcp_nodelay(true)
-            .http2_adaptive_window(true);
+            .http2_adaptive_window(true)
+            // A peer whose host went silent (no reset) is found by pings, not by a receive timeout.
+            .http2_keep_alive_interval(PEER_KEEPALIVE)
+            .keep_alive_timeout(PEER_KEEPALIVE)
+            .keep_alive_while_idle(true);
         // The lazy channel spawns its connection task on the current runtime.
         let _runtime = self.runtime.enter();
         Ok(endpoint.connect_lazy())

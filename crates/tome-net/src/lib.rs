@@ -15,6 +15,6 @@ mod peer_group;
 pub mod traceparent;
 
 pub use codec::{frame_from_wire, frame_to_wire, tensor_from_wire, tensor_to_wire, CodecError};
-pub use hub::{check_job_id, PeerHub, PeerLimits, PeerService, MAX_JOB_ID_BYTES};
+pub use hub::{check_job_id, PeerHub, PeerLimits, PeerService, MAX_JOB_ID_BYTES, PEER_KEEPALIVE};
 pub use peer_group::PeerGroup;
 pub use traceparent::TraceParent;

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tome_dist::{frame_bytes, DistError, Frame, Group};
 use tome_proto::v1 as pb;
 use tonic::metadata::MetadataValue;
@@ -33,6 +34,9 @@ struct Link {
     step: AtomicU64,
     /// Why the stream ended early, if it did.
     failure: Arc<OnceLock<String>>,
+    /// Cancelled when the peer's hub said the peer rank never joined: no frame will come from it
+    /// either, so a wait for one ends then rather than at the receive timeout.
+    never_joined: CancellationToken,
 }
 
 /// One rank of a job whose ranks talk over `tome.v1.Peer` streams.
@@ -82,7 +86,8 @@ impl PeerGroup {
         tx.try_send(open).map_err(|e| transport(format!("could not queue the open frame: {e}")))?;
         let failure = Arc::new(OnceLock::new());
         let limit = self.hub.limits.max_frame_bytes;
-        let (job, rank, cancel, fail) = (self.job.clone(), self.rank, self.mailbox.cancel.clone(), failure.clone());
+        let never_joined = CancellationToken::new();
+        let (job, rank, cancel, fail, absent) = (self.job.clone(), self.rank, self.mailbox.cancel.clone(), failure.clone(), never_joined.clone());
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         if let Some(value) = trace.and_then(|t| MetadataValue::try_from(t.child().to_string()).ok()) {
             request.metadata_mut().insert(TRACEPARENT, value);
@@ -101,9 +106,12 @@ impl PeerGroup {
             if let Err(status) = result {
                 warn!(job = %job, rank, peer = dst, %status, "peer stream failed");
                 let _ = fail.set(format!("{}: {}", status.code(), status.message()));
+                if status.code() == tonic::Code::NotFound {
+                    absent.cancel();
+                }
             }
         });
-        Ok(Link { tx, step: AtomicU64::new(0), failure })
+        Ok(Link { tx, step: AtomicU64::new(0), failure, never_joined })
     }
 
     /// Bytes this rank has put on the wire for its frames: encoded messages with their gRPC
@@ -169,11 +177,21 @@ impl Group for PeerGroup {
         let inbox = self.inboxes[src].as_ref().ok_or(DistError::NoSuchRank { rank: src, size: self.links.len() })?;
         let mut inbox = inbox.lock().unwrap_or_else(|p| p.into_inner());
         let timeout = self.hub.limits.recv_timeout;
+        let never_joined = self.links[src].as_ref().map(|l| l.never_joined.clone()).unwrap_or_default();
         // Built inside the future: a timer needs the runtime's context when it is created.
-        match self.wait(async { tokio::time::timeout(timeout, inbox.recv()).await })? {
-            Ok(Some(frame)) => Ok(frame),
-            Ok(None) => Err(DistError::PeerGone { rank: self.rank, peer: src, what: "receive" }),
-            Err(_) => Err(DistError::Transport { rank: self.rank, peer: src, msg: format!("no frame within {timeout:?}") }),
+        let next = async {
+            tokio::select! {
+                // A frame already here is taken before anything else is looked at.
+                biased;
+                frame = tokio::time::timeout(timeout, inbox.recv()) => Some(frame),
+                _ = never_joined.cancelled() => None,
+            }
+        };
+        match self.wait(next)? {
+            Some(Ok(Some(frame))) => Ok(frame),
+            Some(Ok(None)) => Err(DistError::PeerGone { rank: self.rank, peer: src, what: "receive" }),
+            Some(Err(_)) => Err(DistError::Transport { rank: self.rank, peer: src, msg: format!("no frame within {timeout:?}") }),
+            None => Err(DistError::Transport { rank: self.rank, peer: src, msg: format!("rank {src} never joined the job") }),
         }
     }
 

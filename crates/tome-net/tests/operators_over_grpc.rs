@@ -103,3 +103,22 @@ fn a_rank_that_joins_after_its_job_was_cancelled_is_refused() {
     // Another job is not affected.
     assert!(h.hubs[0].join("not-cancelled", 0, &addresses[..1], None).is_ok());
 }
+
+#[test]
+fn a_rank_whose_peer_never_joins_fails_after_the_rendezvous_not_the_receive_timeout() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let limits = tome_net::PeerLimits { rendezvous_timeout: std::time::Duration::from_millis(500), ..Default::default() };
+    let hub = tome_net::PeerHub::new(runtime.handle().clone(), limits);
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let service = hub.service();
+    runtime.spawn(async move {
+        tonic::transport::Server::builder().add_service(service).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)).await.unwrap();
+    });
+    // Rank 1 of the job never joins its hub.
+    let group = hub.join("lonely", 0, &[address.clone(), address], None).unwrap();
+    let started = std::time::Instant::now();
+    let err = group.recv(1).unwrap_err();
+    assert!(err.to_string().contains("never joined"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "waited {:?}, the receive timeout is 600 s", started.elapsed());
+}
