@@ -252,9 +252,9 @@ pub struct JobFlags {
     /// Pooling (default: the model's own).
     #[arg(long, value_enum, env = "TOME_POOLING")]
     pub pooling: Option<PoolingArg>,
-    /// L2-normalise embeddings (`--normalize false` to keep them as pooled; default: the
-    /// model's own, from sentence-transformers' modules.json).
-    #[arg(long, env = "TOME_NORMALIZE", num_args = 0..=1, default_missing_value = "true")]
+    /// L2-normalise embeddings (`--normalize=false` keeps them as pooled; default: the model's
+    /// own, from sentence-transformers' modules.json).
+    #[arg(long, env = "TOME_NORMALIZE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub normalize: Option<bool>,
     #[arg(long, value_enum, env = "TOME_LAYOUT", default_value = "contiguous")]
     pub layout: LayoutArg,
