@@ -420,3 +420,41 @@ pub struct InfoArgs {
     #[command(flatten)]
     pub embedded: EmbeddedArgs,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tome").chain(args.split_whitespace()))
+    }
+
+    #[test]
+    fn the_flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn tls_flags_come_in_the_pairs_they_need() {
+        let ok = |args: &str| assert!(parse(args).is_ok(), "tome {args}: {:?}", parse(args).err());
+        let refused = |args: &str| assert!(parse(args).is_err(), "tome {args} was accepted");
+        ok("serve worker --tls-cert c.pem --tls-key k.pem --tls-client-ca ca.pem");
+        ok("serve worker --tls-cert c.pem --tls-key k.pem --tls-client-ca ca.pem --tls-ca peers.pem");
+        ok("serve worker --listen 0.0.0.0:1 --insecure-plaintext");
+        refused("serve worker --tls-cert c.pem");
+        refused("serve worker --tls-key k.pem");
+        refused("serve worker --tls-client-ca ca.pem");
+        refused("serve worker --tls-ca ca.pem");
+        refused("serve worker --insecure-plaintext --tls-cert c.pem --tls-key k.pem");
+        ok("serve coordinator --workers a:1 --tls-cert c.pem --tls-key k.pem --tls-ca ca.pem");
+        refused("serve coordinator --workers a:1 --tls-ca ca.pem");
+        ok("run --tls-cert c.pem --tls-key k.pem");
+        refused("run --tls-client-ca ca.pem");
+        ok("info --coordinator h:1 --tls-ca ca.pem --tls-cert c.pem --tls-key k.pem");
+        ok("process doc.txt --coordinator h:1 --tls-ca ca.pem");
+        refused("process doc.txt --coordinator h:1 --tls-cert c.pem --tls-key k.pem");
+        refused("batch books --out shelf --tls-cert c.pem");
+    }
+}
