@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tome_proto::v1 as pb;
 use tonic::transport::ClientTlsConfig;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The live workers, ordered by name; every change is published.
 pub trait Membership: Send + Sync {
@@ -75,9 +75,11 @@ async fn probe(address: String, timeout: Duration, tls: Option<ClientTlsConfig>)
             return None;
         }
     };
-    let channel = endpoint.connect().await.ok()?;
+    // Why a worker is not live (down, or a certificate that does not check out) is said at
+    // debug level: a down worker would say it every probe.
+    let channel = endpoint.connect().await.inspect_err(|e| debug!(error = ?e, "worker {address} does not answer")).ok()?;
     let mut client = pb::worker_client::WorkerClient::new(channel);
-    let mut info = client.info(pb::WorkerInfoRequest {}).await.ok()?.into_inner();
+    let mut info = client.info(pb::WorkerInfoRequest {}).await.inspect_err(|s| debug!(status = ?s, "worker {address} does not answer Info")).ok()?.into_inner();
     if info.address.is_empty() {
         info.address = address;
     }
