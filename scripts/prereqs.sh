@@ -2,7 +2,8 @@
 # Makes this machine able to build, test and run tome, starting from nothing but a Rust toolchain
 # (and, for system packages, apt). Each tool is checked by doing what tome needs of it, never by
 # its presence alone, and installed when that fails:
-#   cc      rustc links with `cc`, and some crates build C: a C compiler that links a program
+#   cc      rustc links with `cc`, and some crates build C (ring, the TLS crypto, compiles its C
+#           and assembly with it; nothing more): a C compiler that links a program
 #           (Debian: gcc, libc6-dev).
 #   protoc  etcd-client's build script compiles etcd's protos, which import Google's well-known
 #           types: a protoc that compiles a file importing google/protobuf/descriptor.proto.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tome_proto::v1 as pb;
 use tome_proto::v1::tome_client::TomeClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -41,7 +41,7 @@ pub fn free_port() -> u16 {
 /// A `tome` process, killed when dropped.
 pub struct Server {
     pub child: Child,
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` for a server spawned with a client TLS configuration)
     pub addr: String,
     /// `127.0.0.1:PORT`
     pub host_port: String,
@@ -93,6 +93,13 @@ pub async fn spawn_serving(args: &[&str], service: &str, log: Option<PathBuf>) -
 /// As [`spawn_serving`], listening on `listen`. The port a server got is the one it prints
 /// (`tome listening on ADDR`), so port 0 never races with other tests for a free port.
 pub async fn spawn_serving_at(args: &[&str], service: &str, log: Option<PathBuf>, listen: String) -> Server {
+    spawn_serving_tls(args, service, log, listen, None).await
+}
+
+/// As [`spawn_serving_at`], for a server that speaks TLS when `tls` is given: its health is
+/// asked over TLS with `tls`, and its `addr` is `https://`. A server listening on every
+/// interface (0.0.0.0, ::) is called at 127.0.0.1, so no test sends traffic beyond loopback.
+pub async fn spawn_serving_tls(args: &[&str], service: &str, log: Option<PathBuf>, listen: String, tls: Option<ClientTlsConfig>) -> Server {
     let mut cmd = Command::new(tome_bin());
     cmd.args(args).args(["--listen", &listen]).stdout(Stdio::piped());
     if let Some(path) = &log {
@@ -117,16 +124,24 @@ pub async fn spawn_serving_at(args: &[&str], service: &str, log: Option<PathBuf>
     let lines = tokio::time::timeout(Duration::from_secs(120), lines).await.expect("the server did not say where it listens").unwrap().unwrap();
     let after = |prefix: &str| lines.iter().find_map(|l| l.trim().strip_prefix(prefix).map(str::to_string));
     let host_port = after("tome listening on ").unwrap_or_else(|| panic!("the server exited before listening; it printed {lines:?}"));
-    let server = Server { child, addr: format!("http://{host_port}"), host_port, log, metrics: after("tome metrics on ") };
-    wait_serving(&server.addr, service, Duration::from_secs(60)).await;
+    let bound: std::net::SocketAddr = host_port.parse().unwrap();
+    let host_port = if bound.ip().is_unspecified() { format!("127.0.0.1:{}", bound.port()) } else { host_port };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = Server { child, addr: format!("{scheme}://{host_port}"), host_port, log, metrics: after("tome metrics on ") };
+    wait_serving_tls(&server.addr, service, Duration::from_secs(60), tls.as_ref()).await;
     server
 }
 
 /// Waits until `addr`'s health service reports `service` SERVING.
 pub async fn wait_serving(addr: &str, service: &str, limit: Duration) {
+    wait_serving_tls(addr, service, limit, None).await
+}
+
+/// As [`wait_serving`], asking over TLS with `tls`.
+pub async fn wait_serving_tls(addr: &str, service: &str, limit: Duration, tls: Option<&ClientTlsConfig>) {
     let deadline = Instant::now() + limit;
     loop {
-        if health(addr, service).await == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32) {
+        if health_tls(addr, service, tls).await == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32) {
             return;
         }
         assert!(Instant::now() < deadline, "{addr} did not report {service} SERVING");
@@ -136,7 +151,16 @@ pub async fn wait_serving(addr: &str, service: &str, limit: Duration) {
 
 /// The health status `addr` reports for `service`, if it answers.
 pub async fn health(addr: &str, service: &str) -> Option<i32> {
-    let ch = Channel::from_shared(addr.to_string()).ok()?.connect().await.ok()?;
+    health_tls(addr, service, None).await
+}
+
+/// As [`health`], over TLS with `tls`.
+pub async fn health_tls(addr: &str, service: &str, tls: Option<&ClientTlsConfig>) -> Option<i32> {
+    let mut endpoint = Channel::from_shared(addr.to_string()).ok()?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone()).ok()?;
+    }
+    let ch = endpoint.connect().await.ok()?;
     let mut client = tonic_health::pb::health_client::HealthClient::new(ch);
     let req = tonic_health::pb::HealthCheckRequest { service: service.into() };
     Some(client.check(req).await.ok()?.into_inner().status)

@@ -110,6 +110,52 @@ pub struct OpsArgs {
     pub grace_seconds: u64,
 }
 
+/// TLS on a server's listener. Beyond loopback a listener speaks TLS, or is told
+/// `--insecure-plaintext`.
+#[derive(Args, Clone, Default)]
+pub struct ServerTlsArgs {
+    /// This server's certificate chain (PEM). With --tls-key the listener speaks only TLS; the
+    /// certificate names the host callers reach it at (a worker's: its --advertise host).
+    #[arg(long, env = "TOME_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TOME_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Callers must present a certificate this CA signed (PEM): mutual TLS.
+    #[arg(long, env = "TOME_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve plaintext on an address reachable beyond loopback, which is refused without this
+    /// flag: anyone who reaches the port can call the server. Logged as a warning at start-up.
+    #[arg(long, env = "TOME_INSECURE_PLAINTEXT", conflicts_with = "tls_cert")]
+    pub insecure_plaintext: bool,
+}
+
+impl ServerTlsArgs {
+    pub fn files(&self) -> tome_server::tls::ServerTlsFiles {
+        tome_server::tls::ServerTlsFiles { cert: self.tls_cert.clone(), key: self.tls_key.clone(), client_ca: self.tls_client_ca.clone() }
+    }
+}
+
+/// TLS to a coordinator: its CA, and a certificate to present where it checks callers'.
+#[derive(Args, Clone, Default)]
+pub struct ClientTlsArgs {
+    /// The CA that signed the coordinator's certificate (PEM): connect over TLS (https).
+    #[arg(long, env = "TOME_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// A certificate to present to the coordinator (PEM; mutual TLS), with --tls-key.
+    #[arg(long, env = "TOME_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TOME_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    pub fn files(&self) -> tome_server::tls::ClientTlsFiles {
+        tome_server::tls::ClientTlsFiles { ca: self.tls_ca.clone(), cert: self.tls_cert.clone(), key: self.tls_key.clone() }
+    }
+}
+
 #[derive(Args)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -117,6 +163,8 @@ pub struct RunArgs {
     /// Address to serve tome.v1.Tome, health and reflection on.
     #[arg(long, env = "TOME_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
     #[command(flatten)]
     pub ops: OpsArgs,
 }
@@ -160,6 +208,12 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "TOME_JOB_ATTEMPTS", default_value_t = tome_coordinator::DEFAULT_JOB_ATTEMPTS)]
     pub job_attempts: usize,
     #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    /// The cluster CA, which signed the workers' certificates (PEM): call workers over TLS,
+    /// presenting --tls-cert (which that CA signed too).
+    #[arg(long, env = "TOME_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
     pub ops: OpsArgs,
 }
 
@@ -197,6 +251,13 @@ pub struct WorkerArgs {
     /// Seconds the etcd lease lives without a keep-alive.
     #[arg(long, env = "TOME_ETCD_TTL_SECONDS", default_value_t = 10)]
     pub etcd_ttl_seconds: u64,
+    /// A worker with --tls-cert needs --tls-client-ca, the cluster CA: Worker and Peer take calls
+    /// only from cluster members, and this worker presents --tls-cert to its peers.
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    /// The CA that signed the other workers' certificates (PEM; default: --tls-client-ca).
+    #[arg(long, env = "TOME_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     #[command(flatten)]
     pub ops: OpsArgs,
 }
@@ -279,10 +340,12 @@ pub struct ProcessArgs {
     /// Token ids instead of text: an int64 .npy file of shape [tokens].
     #[arg(long, env = "TOME_IDS", conflicts_with = "file")]
     pub ids: Option<PathBuf>,
-    /// A coordinator to send the document to (e.g. http://127.0.0.1:50051); without it the
-    /// embedded default runs in this process.
+    /// A coordinator to send the document to (host:port, e.g. 127.0.0.1:50051; over TLS with
+    /// --tls-ca); without it the embedded default runs in this process.
     #[arg(long, env = "TOME_COORDINATOR")]
     pub coordinator: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     #[command(flatten)]
     pub embedded: EmbeddedArgs,
     #[command(flatten)]
@@ -313,6 +376,8 @@ pub struct BatchArgs {
     /// A coordinator to send the documents to; without it the embedded default runs here.
     #[arg(long, env = "TOME_COORDINATOR")]
     pub coordinator: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     #[command(flatten)]
     pub embedded: EmbeddedArgs,
     #[command(flatten)]
@@ -351,5 +416,45 @@ pub struct InfoArgs {
     #[arg(long, env = "TOME_COORDINATOR")]
     pub coordinator: Option<String>,
     #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    #[command(flatten)]
     pub embedded: EmbeddedArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tome").chain(args.split_whitespace()))
+    }
+
+    #[test]
+    fn the_flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn tls_flags_come_in_the_pairs_they_need() {
+        let ok = |args: &str| assert!(parse(args).is_ok(), "tome {args}: {:?}", parse(args).err());
+        let refused = |args: &str| assert!(parse(args).is_err(), "tome {args} was accepted");
+        ok("serve worker --tls-cert c.pem --tls-key k.pem --tls-client-ca ca.pem");
+        ok("serve worker --tls-cert c.pem --tls-key k.pem --tls-client-ca ca.pem --tls-ca peers.pem");
+        ok("serve worker --listen 0.0.0.0:1 --insecure-plaintext");
+        refused("serve worker --tls-cert c.pem");
+        refused("serve worker --tls-key k.pem");
+        refused("serve worker --tls-client-ca ca.pem");
+        refused("serve worker --tls-ca ca.pem");
+        refused("serve worker --insecure-plaintext --tls-cert c.pem --tls-key k.pem");
+        ok("serve coordinator --workers a:1 --tls-cert c.pem --tls-key k.pem --tls-ca ca.pem");
+        refused("serve coordinator --workers a:1 --tls-ca ca.pem");
+        ok("run --tls-cert c.pem --tls-key k.pem");
+        refused("run --tls-client-ca ca.pem");
+        ok("info --coordinator h:1 --tls-ca ca.pem --tls-cert c.pem --tls-key k.pem");
+        ok("process doc.txt --coordinator h:1 --tls-ca ca.pem");
+        refused("process doc.txt --coordinator h:1 --tls-cert c.pem --tls-key k.pem");
+        refused("batch books --out shelf --tls-cert c.pem");
+    }
 }

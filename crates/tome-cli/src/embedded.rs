@@ -36,12 +36,13 @@ pub fn config(args: &EmbeddedArgs) -> CoordinatorConfig {
 
 /// Serves until Ctrl-C or SIGTERM.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let tls = crate::serve::listener_tls(args.listen, &args.tls)?;
     crate::serve::install_metrics(&args.ops).await?;
     let coordinator = Arc::new(coordinator(&args.embedded)?);
     let listener = crate::serve::bind(args.listen).await?;
     eprintln!("tome: serving {} model(s) with {} ranks per job", args.embedded.models.len(), args.embedded.ranks);
     let grace = std::time::Duration::from_secs(args.ops.grace_seconds);
-    serve(listener, coordinator, grace, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
+    serve(listener, coordinator, grace, tls, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }
 
 pub async fn shutdown_signal() {

@@ -16,7 +16,7 @@ use tome_proto::v1::tome_server::Tome;
 use tonic::transport::Channel;
 use tonic::Request;
 
-use crate::args::{EmbeddedArgs, Emit, InfoArgs, JobFlags, LayoutArg, PoolingArg, PositionsArg, ProcessArgs};
+use crate::args::{ClientTlsArgs, EmbeddedArgs, Emit, InfoArgs, JobFlags, LayoutArg, PoolingArg, PositionsArg, ProcessArgs};
 use crate::embedded;
 use crate::outputs::{read_ids_npy, Collected};
 
@@ -112,16 +112,20 @@ pub enum Target {
     Embedded(Arc<Coordinator>),
 }
 
+/// A client of the coordinator at `addr` (`host:port`; over TLS with `tls.tls_ca`).
+pub async fn connect(addr: &str, tls: &ClientTlsArgs) -> anyhow::Result<TomeClient<Channel>> {
+    let config = tome_server::tls::client_config(&tls.files())?;
+    let channel = tome_server::tls::endpoint(addr, config.as_ref())?.connect().await.with_context(|| format!("connecting to {addr}"))?;
+    Ok(TomeClient::new(channel))
+}
+
 impl Target {
-    /// `coordinator` if given, else the embedded default built from `embedded`.
-    pub async fn new(coordinator: Option<&str>, embedded: &EmbeddedArgs) -> anyhow::Result<Self> {
+    /// `coordinator` if given (over TLS as `tls` says), else the embedded default built from
+    /// `embedded`.
+    pub async fn new(coordinator: Option<&str>, tls: &ClientTlsArgs, embedded: &EmbeddedArgs) -> anyhow::Result<Self> {
         Ok(match coordinator {
             Some(addr) => {
-                let client = TomeClient::connect(addr.to_string())
-                    .await
-                    .with_context(|| format!("connecting to {addr}"))?
-                    .max_decoding_message_size(embedded.max_message_bytes)
-                    .max_encoding_message_size(embedded.max_message_bytes);
+                let client = connect(addr, tls).await?.max_decoding_message_size(embedded.max_message_bytes).max_encoding_message_size(embedded.max_message_bytes);
                 Target::Remote(client)
             }
             None => Target::Embedded(Arc::new(embedded::coordinator(embedded)?)),
@@ -149,7 +153,7 @@ impl Target {
 pub async fn process(args: ProcessArgs) -> anyhow::Result<()> {
     let req = request(&args)?;
     let hidden_layer = req.options.as_ref().and_then(|o| o.hidden_layer);
-    let target = Target::new(args.coordinator.as_deref(), &args.embedded).await?;
+    let target = Target::new(args.coordinator.as_deref(), &args.tls, &args.embedded).await?;
     let stream = target.open(req).await.map_err(status_error)?;
     let bar = if args.quiet { ProgressBar::hidden() } else { layer_bar() };
     let mut collected = collect(stream, &bar).await.map_err(status_error)?;
@@ -246,7 +250,7 @@ fn vector(t: Option<&pb::Tensor>) -> anyhow::Result<Vec<f32>> {
 
 pub async fn info(args: InfoArgs) -> anyhow::Result<()> {
     let resp = match &args.coordinator {
-        Some(addr) => TomeClient::connect(addr.clone()).await?.info(pb::InfoRequest {}).await.map_err(status_error)?.into_inner(),
+        Some(addr) => connect(addr, &args.tls).await?.info(pb::InfoRequest {}).await.map_err(status_error)?.into_inner(),
         None => embedded::coordinator(&args.embedded)?.info(Request::new(pb::InfoRequest {})).await.map_err(status_error)?.into_inner(),
     };
     let models: Vec<_> = resp

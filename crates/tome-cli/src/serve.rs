@@ -7,9 +7,11 @@ use anyhow::{bail, Context};
 use tome_coordinator::{Cluster, Coordinator, EtcdMembership, Membership, StaticMembership};
 use tome_model::ModelDir;
 use tome_net::{PeerHub, PeerLimits};
+use tome_server::tls::{self, ClientTlsFiles, Exposure};
 use tome_worker::{EtcdOptions, ServeOptions, WorkerConfig, WorkerService};
+use tonic::transport::{ClientTlsConfig, ServerTlsConfig};
 
-use crate::args::{CoordinatorArgs, OpsArgs, ServeCommand, WorkerArgs};
+use crate::args::{CoordinatorArgs, OpsArgs, ServeCommand, ServerTlsArgs, WorkerArgs};
 use crate::embedded::{config, load_models, shutdown_signal};
 
 pub async fn serve(command: ServeCommand) -> anyhow::Result<()> {
@@ -17,6 +19,32 @@ pub async fn serve(command: ServeCommand) -> anyhow::Result<()> {
         ServeCommand::Coordinator(a) => coordinator(a).await,
         ServeCommand::Worker(a) => worker(a).await,
     }
+}
+
+/// The TLS a server listening on `listen` serves with, or `None` for plaintext, which beyond
+/// loopback is refused unless `--insecure-plaintext` says so (and then logged as a warning).
+/// Called first thing, so a server that may not start says so before it loads its models.
+pub fn listener_tls(listen: std::net::SocketAddr, args: &ServerTlsArgs) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let config = tls::server_config(&args.files())?;
+    match tls::check_listen(listen, config.is_some(), args.insecure_plaintext)? {
+        Exposure::InsecurePlaintext => tracing::warn!(
+            %listen,
+            "INSECURE: serving plaintext beyond loopback (--insecure-plaintext): anyone who reaches this port can call every service on it, unauthenticated and unencrypted"
+        ),
+        Exposure::LoopbackPlaintext => tracing::info!(%listen, "plaintext on loopback: only this machine can call"),
+        Exposure::Tls => tracing::info!(%listen, mutual = args.tls_client_ca.is_some(), "serving TLS"),
+    }
+    Ok(config)
+}
+
+/// The TLS a server calls workers with: the cluster CA (`ca`) and, as its identity, the
+/// server's own certificate, which workers check against the same CA.
+fn cluster_client_tls(ca: Option<&std::path::Path>, server: &ServerTlsArgs) -> anyhow::Result<Option<ClientTlsConfig>> {
+    let Some(ca) = ca else { return Ok(None) };
+    if server.tls_cert.is_none() {
+        bail!("calling workers over TLS (--tls-ca {}) needs --tls-cert and --tls-key: workers take calls only from holders of a cluster certificate", ca.display());
+    }
+    Ok(tls::client_config(&ClientTlsFiles { ca: Some(ca.to_path_buf()), cert: server.tls_cert.clone(), key: server.tls_key.clone() })?)
 }
 
 /// Binds the server's address and says where it listens on stdout (one line, `tome listening
@@ -57,6 +85,8 @@ pub async fn install_metrics(ops: &OpsArgs) -> anyhow::Result<()> {
 }
 
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let server_tls = listener_tls(args.listen, &args.tls)?;
+    let worker_tls = cluster_client_tls(args.tls_ca.as_deref(), &args.tls)?;
     install_metrics(&args.ops).await?;
     let membership: Arc<dyn Membership> = if !args.membership.etcd.is_empty() {
         let m = EtcdMembership::start(args.membership.etcd.clone(), &args.membership.etcd_prefix)
@@ -64,17 +94,23 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             .with_context(|| format!("connecting to etcd at {}", args.membership.etcd.join(",")))?;
         Arc::new(m)
     } else {
-        Arc::new(StaticMembership::start(args.workers.clone(), Duration::from_millis(args.probe_ms.max(50))))
+        Arc::new(StaticMembership::start(args.workers.clone(), Duration::from_millis(args.probe_ms.max(50)), worker_tls.clone()))
     };
     let limits = config(&args.embedded);
-    let cluster = Arc::new(Cluster::new(membership, limits.limits.max_message_bytes, limits.hidden_rows_per_message).with_attempts(args.job_attempts));
+    let cluster = Arc::new(Cluster::new(membership, limits.limits.max_message_bytes, limits.hidden_rows_per_message).with_attempts(args.job_attempts).with_tls(worker_tls));
     let coordinator = Arc::new(Coordinator::with_cluster(load_models(&args.embedded)?, limits, cluster)?);
     let listener = bind(args.listen).await?;
     let grace = Duration::from_secs(args.ops.grace_seconds);
-    tome_coordinator::serve(listener, coordinator, grace, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
+    tome_coordinator::serve(listener, coordinator, grace, server_tls, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let server_tls = listener_tls(args.listen, &args.tls)?;
+    // Worker and Peer are for cluster members only: over TLS, callers need a cluster certificate.
+    if server_tls.is_some() && args.tls.tls_client_ca.is_none() {
+        bail!("a worker serving TLS needs --tls-client-ca, the cluster CA: Worker and Peer take calls only from cluster members");
+    }
+    let peer_tls = cluster_client_tls(args.tls_ca.as_deref().or(args.tls.tls_client_ca.as_deref()), &args.tls)?;
     install_metrics(&args.ops).await?;
     let models: Vec<Arc<ModelDir>> =
         args.models.iter().map(|p| ModelDir::open(p).map(Arc::new).with_context(|| format!("loading the model at {}", p.display()))).collect::<anyhow::Result<_>>()?;
@@ -93,7 +129,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         recv_timeout: Duration::from_secs(args.peer_recv_timeout_seconds),
         ..PeerLimits::default()
     };
-    let hub = PeerHub::new(tokio::runtime::Handle::current(), limits);
+    let hub = PeerHub::with_tls(tokio::runtime::Handle::current(), limits, peer_tls);
     let config = WorkerConfig { name: name.clone(), advertise: advertise.clone(), max_shards: args.max_shards.max(1), memory_budget_bytes: args.memory_budget_bytes };
     let gpus = tome_worker::transport::NcclGpus::detect();
     tracing::info!(gpus = gpus.count(), "GPUs for ranks that talk over NCCL");
@@ -103,7 +139,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         prefix: args.membership.etcd_prefix.clone(),
         ttl: Duration::from_secs(args.etcd_ttl_seconds.max(1)),
     });
-    let options = ServeOptions { max_message_bytes: args.max_message_bytes, grace: Duration::from_secs(args.ops.grace_seconds), etcd };
+    let options = ServeOptions { max_message_bytes: args.max_message_bytes, grace: Duration::from_secs(args.ops.grace_seconds), etcd, tls: server_tls };
     eprintln!("tome: worker {name}, reached at {advertise}");
     tome_worker::serve(listener, service, hub, options, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }

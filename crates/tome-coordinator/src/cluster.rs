@@ -26,7 +26,7 @@ use tome_proto::v1 as pb;
 use tome_worker::transport::{self, Hosts, Transport};
 use tome_worker::{activation_bytes, assemble, pool_targets, wire, Gathered, JobEvent, JobOutput, JobSpec, WorkerError};
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 use tracing::{info, warn};
 
 use crate::error::CoordError;
@@ -49,6 +49,8 @@ pub struct Cluster {
     rows_per_message: usize,
     /// Runs of one job, the first included, when workers are lost under it.
     attempts: usize,
+    /// TLS for the calls to workers (the cluster CA, this coordinator's certificate).
+    tls: Option<ClientTlsConfig>,
 }
 
 #[derive(Clone, Copy, Default, Debug)]
@@ -80,7 +82,13 @@ impl Drop for Placement {
 
 impl Cluster {
     pub fn new(membership: Arc<dyn Membership>, max_message_bytes: usize, rows_per_message: usize) -> Self {
-        Cluster { membership, channels: Mutex::new(HashMap::new()), reserved: Arc::default(), max_message_bytes, rows_per_message, attempts: DEFAULT_JOB_ATTEMPTS }
+        Cluster { membership, channels: Mutex::new(HashMap::new()), reserved: Arc::default(), max_message_bytes, rows_per_message, attempts: DEFAULT_JOB_ATTEMPTS, tls: None }
+    }
+
+    /// Calls workers over TLS with `tls` (plaintext with `None`).
+    pub fn with_tls(mut self, tls: Option<ClientTlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Runs one job at most `attempts` times (at least once) when workers are lost under it.
@@ -157,7 +165,7 @@ impl Cluster {
         }
         let live = self.membership.live();
         channels.retain(|a, _| live.iter().any(|w| &w.address == a));
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = tome_server::tls::endpoint(address, self.tls.as_ref())
             .map_err(|e| WorkerError::Internal(format!("worker address {address}: {e}")))?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)

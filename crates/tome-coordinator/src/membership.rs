@@ -15,8 +15,8 @@ use prost::Message;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tome_proto::v1 as pb;
-use tonic::transport::Endpoint;
-use tracing::{info, warn};
+use tonic::transport::ClientTlsConfig;
+use tracing::{debug, info, warn};
 
 /// The live workers, ordered by name; every change is published.
 pub trait Membership: Send + Sync {
@@ -38,20 +38,21 @@ fn publish(tx: &watch::Sender<Vec<pb::WorkerInfo>>, mut workers: Vec<pb::WorkerI
     });
 }
 
-/// A fixed list of worker addresses, each probed every `every`.
+/// A fixed list of worker addresses, each probed every `every` (over TLS with a TLS
+/// configuration).
 pub struct StaticMembership {
     rx: watch::Receiver<Vec<pb::WorkerInfo>>,
     task: JoinHandle<()>,
 }
 
 impl StaticMembership {
-    pub fn start(addresses: Vec<String>, every: Duration) -> Self {
+    pub fn start(addresses: Vec<String>, every: Duration, tls: Option<ClientTlsConfig>) -> Self {
         let (tx, rx) = watch::channel(Vec::new());
         let task = tokio::spawn(async move {
             loop {
                 let mut probes = tokio::task::JoinSet::new();
                 for a in &addresses {
-                    probes.spawn(probe(a.clone(), every.max(Duration::from_millis(500))));
+                    probes.spawn(probe(a.clone(), every.max(Duration::from_millis(500)), tls.clone()));
                 }
                 let mut live = Vec::new();
                 while let Some(answer) = probes.join_next().await {
@@ -66,11 +67,19 @@ impl StaticMembership {
 }
 
 /// `Worker.Info` of the worker at `address`, or `None` if it does not answer in time.
-async fn probe(address: String, timeout: Duration) -> Option<pb::WorkerInfo> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}")).ok()?.connect_timeout(timeout).timeout(timeout);
-    let channel = endpoint.connect().await.ok()?;
+async fn probe(address: String, timeout: Duration, tls: Option<ClientTlsConfig>) -> Option<pb::WorkerInfo> {
+    let endpoint = match tome_server::tls::endpoint(&address, tls.as_ref()) {
+        Ok(e) => e.connect_timeout(timeout).timeout(timeout),
+        Err(e) => {
+            warn!(error = %e, "cannot probe worker {address}");
+            return None;
+        }
+    };
+    // Why a worker is not live (down, or a certificate that does not check out) is said at
+    // debug level: a down worker would say it every probe.
+    let channel = endpoint.connect().await.inspect_err(|e| debug!(error = ?e, "worker {address} does not answer")).ok()?;
     let mut client = pb::worker_client::WorkerClient::new(channel);
-    let mut info = client.info(pb::WorkerInfoRequest {}).await.ok()?.into_inner();
+    let mut info = client.info(pb::WorkerInfoRequest {}).await.inspect_err(|s| debug!(status = ?s, "worker {address} does not answer Info")).ok()?.into_inner();
     if info.address.is_empty() {
         info.address = address;
     }

@@ -1,7 +1,8 @@
 //! The coordinator's gRPC server: `tome.v1.Tome`, standard health (`grpc.health.v1`) that
 //! reflects readiness, and reflection, with configured message limits and graceful shutdown:
 //! on the signal it reports NOT_SERVING, refuses new jobs, lets jobs in flight finish within
-//! the grace period, cancels the rest, and stops.
+//! the grace period, cancels the rest, and stops. With a TLS configuration it serves only over
+//! TLS (and, when that names a client CA, only to callers with a certificate it signed).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,16 +11,18 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tome_proto::v1::tome_server::TomeServer;
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::service::Coordinator;
 
-/// Serves until `shutdown` resolves, then shuts down gracefully within `grace`.
+/// Serves until `shutdown` resolves, then shuts down gracefully within `grace`; over TLS when
+/// `tls` is given (see `tome_server::tls`).
 pub async fn serve(
     listener: TcpListener,
     coordinator: Arc<Coordinator>,
     grace: Duration,
+    tls: Option<ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let limit = coordinator.config().limits.max_message_bytes;
@@ -34,7 +37,7 @@ pub async fn serve(
         .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
     let tome = TomeServer::from_arc(coordinator.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
-    info!(addr = %listener.local_addr()?, "serving tome.v1.Tome");
+    info!(addr = %listener.local_addr()?, tls = tls.is_some(), "serving tome.v1.Tome");
     let shutdown = async move {
         shutdown.await;
         health.set_not_serving::<TomeServer<Coordinator>>().await;
@@ -46,6 +49,10 @@ pub async fn serve(
             coordinator.wait_idle(Duration::from_secs(10)).await;
         }
     };
-    Server::builder().add_service(health_service).add_service(reflection).add_service(tome).serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await?;
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server.add_service(health_service).add_service(reflection).add_service(tome).serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await?;
     Ok(())
 }

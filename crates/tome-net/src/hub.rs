@@ -6,6 +6,10 @@
 //! Inboxes are bounded: a rank that does not keep up stops the hub reading its stream, and
 //! HTTP/2 flow control holds the sender back. A stream may arrive before its receiving rank has
 //! joined (ranks start at slightly different times); it waits for the rank, up to a limit.
+//!
+//! With a client TLS configuration ([`PeerHub::with_tls`]) the hub's streams to other workers
+//! go over TLS, presenting this worker's certificate to peers that take calls only from
+//! cluster members. Loading the configuration is the server's business (tome-server).
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -19,7 +23,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tome_dist::Frame;
 use tome_proto::v1 as pb;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -69,6 +73,8 @@ pub(crate) struct HubInner {
     cancelled: Mutex<RecentCancels>,
     pub(crate) limits: PeerLimits,
     pub(crate) runtime: tokio::runtime::Handle,
+    /// TLS for streams to other workers; plaintext without it.
+    tls: Option<ClientTlsConfig>,
 }
 
 /// How often a peer connection is pinged, and how long a ping may go unanswered.
@@ -141,7 +147,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl PeerHub {
     /// A hub whose streams run on `runtime`.
     pub fn new(runtime: tokio::runtime::Handle, limits: PeerLimits) -> Self {
-        PeerHub { inner: Arc::new(HubInner { ranks: Mutex::new(HashMap::new()), joined: Notify::new(), cancelled: Mutex::new(RecentCancels::default()), limits, runtime }) }
+        Self::with_tls(runtime, limits, None)
+    }
+
+    /// A hub whose streams to other workers go over TLS when `tls` is given (peer addresses
+    /// stay `host:port`; the scheme becomes `https`).
+    pub fn with_tls(runtime: tokio::runtime::Handle, limits: PeerLimits, tls: Option<ClientTlsConfig>) -> Self {
+        PeerHub { inner: Arc::new(HubInner { ranks: Mutex::new(HashMap::new()), joined: Notify::new(), cancelled: Mutex::new(RecentCancels::default()), limits, runtime, tls }) }
     }
 
     /// The `tome.v1.Peer` service to add to this process's server.
@@ -227,8 +239,12 @@ impl HubInner {
     /// A connection to `address` for one ordered pair of ranks. Pairs never share a
     /// connection, so one that waits for a slow receiver cannot hold back another's frames.
     pub(crate) fn channel(&self, address: &str) -> Result<Channel, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("bad peer address {address}: {e}"))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}")).map_err(|e| format!("bad peer address {address}: {e}"))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("TLS to peer {address}: {e}"))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(self.limits.connect_timeout)
             .tcp_nodelay(true)
             .http2_adaptive_window(true)

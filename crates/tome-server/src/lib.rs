@@ -7,6 +7,8 @@
 //!   another or by a client: a refusal for now (`retry-after`), a failure that is a
 //!   consequence of another rank's (`tome-peer-failed`).
 //! - [`etcd_options`]: how every process connects to etcd (workers register, coordinators watch).
+//! - [`tls`]: TLS for every listener and client, from the `--tls-*` PEM files, and the rule that
+//!   a listener reachable beyond loopback speaks TLS unless told `--insecure-plaintext`.
 //!
 //! It knows nothing of models, ranks or the tome services: the coordinator and the worker both
 //! depend on it, so neither reaches into the other for plumbing.
@@ -15,6 +17,7 @@ mod deadline;
 mod etcd;
 pub mod heap;
 pub mod status;
+pub mod tls;
 
 pub use deadline::grpc_timeout;
 pub use etcd::etcd_options;

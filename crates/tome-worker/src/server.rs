@@ -5,6 +5,10 @@
 //! reports SERVING from then on. On shutdown it reports NOT_SERVING, leaves etcd (so that no
 //! coordinator plans on it), refuses new shards, lets running ones finish within the grace
 //! period, cancels what is left, and stops.
+//!
+//! With a TLS configuration it serves only over TLS; one that names a client CA (the cluster's)
+//! takes calls to Worker and Peer only from callers with a certificate that CA signed: the
+//! coordinators and the other workers.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,7 +19,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tome_net::PeerHub;
 use tome_proto::v1::peer_server::PeerServer;
 use tome_proto::v1::worker_server::WorkerServer;
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::registration::EtcdRegistration;
@@ -26,6 +30,8 @@ pub struct ServeOptions {
     /// How long running shards may take to finish after shutdown begins.
     pub grace: Duration,
     pub etcd: Option<EtcdOptions>,
+    /// TLS for the listener (see `tome_server::tls`); plaintext without it.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 pub struct EtcdOptions {
@@ -58,7 +64,7 @@ pub async fn serve(
     // In the background: a worker serves whether etcd answers now or only later.
     let registration = options.etcd.as_ref().map(|e| EtcdRegistration::start(e.endpoints.clone(), &e.prefix, &service.info(), e.ttl));
     let worker = WorkerServer::from_arc(service.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
-    info!(address = %listener.local_addr()?, name = %service.config().name, "serving tome.v1.Worker and tome.v1.Peer");
+    info!(address = %listener.local_addr()?, name = %service.config().name, tls = options.tls.is_some(), "serving tome.v1.Worker and tome.v1.Peer");
     let grace = options.grace;
     let drain = async move {
         shutdown.await;
@@ -76,7 +82,11 @@ pub async fn serve(
             service.wait_idle(Duration::from_secs(10)).await;
         }
     };
-    Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = options.tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(worker)

@@ -154,7 +154,7 @@ pub async fn run(mut args: BatchArgs) -> anyhow::Result<u8> {
     }
     // The embedded coordinator must admit as many jobs as the batch sends at once.
     args.embedded.max_concurrent_jobs = args.embedded.max_concurrent_jobs.max(args.documents_in_flight);
-    let target = Target::new(args.coordinator.as_deref(), &args.embedded).await?;
+    let target = Target::new(args.coordinator.as_deref(), &args.tls, &args.embedded).await?;
     let shared = Arc::new(Shared {
         settings: settings(&args)?,
         target,
