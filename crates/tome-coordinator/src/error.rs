@@ -17,7 +17,7 @@ pub enum CoordError {
     /// `retry-after` header, in seconds).
     #[error("{0}")]
     Busy(String),
-    #[error("no model named `{0}` is loaded")]
+    #[error("no model named `{}` is loaded", tome_server::status::echo(.0))]
     UnknownModel(String),
     /// No worker can take the job now (none live, one failed mid-job, shutting down).
     #[error("{0}")]
@@ -79,7 +79,7 @@ impl From<CoordError> for tonic::Status {
             CoordError::Unavailable(_) => tonic::Status::unavailable(msg),
             CoordError::DeadlineExceeded => tonic::Status::deadline_exceeded(msg),
             CoordError::Cancelled | CoordError::CancelledOnWorker(_) => tonic::Status::cancelled(msg),
-            CoordError::Internal(_) => tonic::Status::internal(msg),
+            CoordError::Internal(_) => tome_server::status::internal(&msg),
         }
     }
 }

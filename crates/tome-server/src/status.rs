@@ -4,6 +4,25 @@
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
+/// Most characters of a caller's own input repeated in an error message.
+pub const MAX_ECHO_CHARS: usize = 64;
+
+/// `input` fit to be repeated to its sender: at most [`MAX_ECHO_CHARS`] characters, the rest
+/// counted rather than sent back (a status's message travels in a header of bounded size).
+pub fn echo(input: &str) -> String {
+    match input.char_indices().nth(MAX_ECHO_CHARS) {
+        None => input.to_string(),
+        Some((cut, _)) => format!("{}… ({} bytes)", &input[..cut], input.len()),
+    }
+}
+
+/// INTERNAL for a server's own fault: the caller learns that it happened and where to look,
+/// never the details (paths, backtraces, internal state), which go to this server's log.
+pub fn internal(detail: &str) -> Status {
+    tracing::error!(error = %detail, "internal error");
+    Status::internal("internal error; this server's log has the cause")
+}
+
 /// The metadata key a refusal-for-now carries (seconds to wait), so callers can tell it from a
 /// refusal for good.
 pub const RETRY_AFTER: &str = "retry-after";
@@ -45,6 +64,18 @@ pub fn failed_peer(s: &Status) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echoes_are_bounded_and_internal_details_stay_home() {
+        assert_eq!(echo("bert-tiny"), "bert-tiny");
+        let long = "m".repeat(1 << 20);
+        let e = echo(&long);
+        assert!(e.len() < 100 && e.ends_with("(1048576 bytes)"), "{e}");
+        assert_eq!(echo(&"é".repeat(70)).chars().filter(|&c| c == 'é').count(), MAX_ECHO_CHARS, "cut on a character boundary");
+        let s = internal("/home/build/src/kernel.rs:12: stack backtrace: ...");
+        assert_eq!(s.code(), Code::Internal);
+        assert!(!s.message().contains("/home") && !s.message().contains("backtrace"), "{}", s.message());
+    }
 
     #[test]
     fn a_peer_failure_names_the_rank_and_plain_unavailable_does_not() {

@@ -16,7 +16,7 @@ pub enum WorkerError {
     Spawn(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("this worker does not serve model `{0}`")]
+    #[error("this worker does not serve model `{}`", tome_server::status::echo(.0))]
     UnknownModel(String),
     /// Full now; the same shard may fit later.
     #[error("{0}")]
@@ -109,6 +109,7 @@ impl From<WorkerError> for Status {
         }
         match e.failed_peer() {
             Some(peer) if code == Code::Unavailable => tome_server::status::peer_failed(e.to_string(), peer),
+            _ if code == Code::Internal => tome_server::status::internal(&e.to_string()),
             _ => Status::new(code, e.to_string()),
         }
     }
