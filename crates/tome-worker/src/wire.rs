@@ -227,6 +227,9 @@ mod tests {
             "reformer-tiny",
             "transfo-xl-tiny",
             "compressive-tiny",
+            "mpnet-tiny",
+            "modernbert-tiny",
+            "xlm-roberta-long-tiny",
         ] {
             let m = fixture(name);
             let ids = vec![1; m.model.min_tokens().max(64)];
