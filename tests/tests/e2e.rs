@@ -310,3 +310,34 @@ fn benchmark_suite_smoke_mode_measures_every_case() {
     }
     std::fs::remove_file(&out).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_api_keys_only_callers_that_send_one_are_served() {
+    let Some(model) = minilm() else { return };
+    let dir = std::env::temp_dir().join(format!("tome-api-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    std::fs::write(&keys, "# the platform team\nteam-a-0123456789abcdef\nteam-b-0123456789abcdef\n").unwrap();
+    let server = start_server(&model, &["--api-keys-file", keys.to_str().unwrap()]).await;
+    let mut client = TomeClient::connect(server.addr.clone()).await.unwrap();
+    let request = |key: Option<&str>| {
+        let mut r = tonic::Request::new(text_request(TEXT.as_bytes(), Default::default()));
+        if let Some(k) = key {
+            r.metadata_mut().insert("authorization", format!("Bearer {k}").parse().unwrap());
+        }
+        r
+    };
+    for key in [None, Some("team-c-0123456789abcdef")] {
+        let Err(err) = process_call(&mut client, request(key)).await else { panic!("served without a valid key: {key:?}") };
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    }
+    let got = process_call(&mut client, request(Some("team-b-0123456789abcdef"))).await.unwrap();
+    assert_eq!(got.kinds.last(), Some(&"done"));
+    // Probes need no key; the CLI sends its --api-key.
+    assert_eq!(health(&server.addr, "tome.v1.Tome").await, Some(1));
+    let info = |key: &str| Command::new(tome_bin()).args(["info", "--coordinator", &server.host_port, "--api-key", key]).output().unwrap();
+    assert!(info("team-a-0123456789abcdef").status.success());
+    let refused = info("team-x-0123456789abcdef");
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("API key"), "{}", String::from_utf8_lossy(&refused.stderr));
+    std::fs::remove_dir_all(dir).ok();
+}

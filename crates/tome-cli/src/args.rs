@@ -148,9 +148,16 @@ pub struct ClientTlsArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, env = "TOME_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// The API key to send the coordinator (`authorization: Bearer KEY`).
+    #[arg(long, env = "TOME_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 impl ClientTlsArgs {
+    pub fn bearer(&self) -> anyhow::Result<tome_server::auth::BearerToken> {
+        tome_server::auth::BearerToken::new(self.api_key.as_deref()).map_err(|e| anyhow::anyhow!("--api-key: {e}"))
+    }
+
     pub fn files(&self) -> tome_server::tls::ClientTlsFiles {
         tome_server::tls::ClientTlsFiles { ca: self.tls_ca.clone(), cert: self.tls_cert.clone(), key: self.tls_key.clone() }
     }
@@ -163,6 +170,10 @@ pub struct RunArgs {
     /// Address to serve tome.v1.Tome, health and reflection on.
     #[arg(long, env = "TOME_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Callers of tome.v1.Tome must send one of the API keys in this file (`authorization:
+    /// Bearer KEY`; one key a line, at least 16 characters; `#` comments).
+    #[arg(long, env = "TOME_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
     #[command(flatten)]
@@ -195,6 +206,10 @@ pub struct CoordinatorArgs {
     pub embedded: EmbeddedArgs,
     #[arg(long, env = "TOME_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Callers of tome.v1.Tome must send one of the API keys in this file (`authorization:
+    /// Bearer KEY`; one key a line, at least 16 characters; `#` comments).
+    #[arg(long, env = "TOME_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// A static list of worker addresses (host:port), comma-separated; without etcd.
     #[arg(long, env = "TOME_WORKERS", value_delimiter = ',', conflicts_with = "etcd")]
     pub workers: Vec<String>,

@@ -13,6 +13,8 @@ use tome_net::tensor_from_wire;
 use tome_proto::v1 as pb;
 use tome_proto::v1::tome_client::TomeClient;
 use tome_proto::v1::tome_server::Tome;
+use tome_server::auth::BearerToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Request;
 
@@ -108,15 +110,19 @@ fn upload(mut req: pb::ProcessRequest) -> Vec<pb::UploadChunk> {
 /// through its service trait, with no socket in between).
 #[derive(Clone)]
 pub enum Target {
-    Remote(TomeClient<Channel>),
+    Remote(Client),
     Embedded(Arc<Coordinator>),
 }
 
-/// A client of the coordinator at `addr` (`host:port`; over TLS with `tls.tls_ca`).
-pub async fn connect(addr: &str, tls: &ClientTlsArgs) -> anyhow::Result<TomeClient<Channel>> {
+/// A coordinator's client that sends the caller's API key with every call.
+pub type Client = TomeClient<InterceptedService<Channel, BearerToken>>;
+
+/// A client of the coordinator at `addr` (`host:port`; over TLS with `tls.tls_ca`; with the API
+/// key `tls.api_key`).
+pub async fn connect(addr: &str, tls: &ClientTlsArgs) -> anyhow::Result<Client> {
     let config = tome_server::tls::client_config(&tls.files())?;
     let channel = tome_server::tls::endpoint(addr, config.as_ref())?.connect().await.with_context(|| format!("connecting to {addr}"))?;
-    Ok(TomeClient::new(channel))
+    Ok(TomeClient::with_interceptor(channel, tls.bearer()?))
 }
 
 impl Target {

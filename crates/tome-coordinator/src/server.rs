@@ -2,7 +2,9 @@
 //! reflects readiness, and reflection, with configured message limits and graceful shutdown:
 //! on the signal it reports NOT_SERVING, refuses new jobs, lets jobs in flight finish within
 //! the grace period, cancels the rest, and stops. With a TLS configuration it serves only over
-//! TLS (and, when that names a client CA, only to callers with a certificate it signed).
+//! TLS (and, when that names a client CA, only to callers with a certificate it signed). With
+//! API keys, `tome.v1.Tome` answers only calls that carry one (health and reflection stay open,
+//! for probes).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,6 +13,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tome_proto::v1::tome_server::TomeServer;
+use tome_server::auth::{ApiKeys, RequireApiKey};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Server, ServerTlsConfig};
 use tracing::{info, warn};
 
@@ -23,6 +27,7 @@ pub async fn serve(
     coordinator: Arc<Coordinator>,
     grace: Duration,
     tls: Option<ServerTlsConfig>,
+    api_keys: Option<Arc<ApiKeys>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let limit = coordinator.config().limits.max_message_bytes;
@@ -37,7 +42,8 @@ pub async fn serve(
         .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
     let tome = TomeServer::from_arc(coordinator.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
-    info!(addr = %listener.local_addr()?, tls = tls.is_some(), "serving tome.v1.Tome");
+    info!(addr = %listener.local_addr()?, tls = tls.is_some(), api_keys = api_keys.is_some(), "serving tome.v1.Tome");
+    let tome = InterceptedService::new(tome, RequireApiKey(api_keys));
     let shutdown = async move {
         shutdown.await;
         health.set_not_serving::<TomeServer<Coordinator>>().await;

@@ -7,12 +7,15 @@
 //!   another or by a client: a refusal for now (`retry-after`), a failure that is a
 //!   consequence of another rank's (`tome-peer-failed`).
 //! - [`etcd_options`]: how every process connects to etcd (workers register, coordinators watch).
+//! - [`auth`]: API keys on the public API (`authorization: Bearer KEY`), checked by the server
+//!   and sent by clients.
 //! - [`tls`]: TLS for every listener and client, from the `--tls-*` PEM files, and the rule that
 //!   a listener reachable beyond loopback speaks TLS unless told `--insecure-plaintext`.
 //!
 //! It knows nothing of models, ranks or the tome services: the coordinator and the worker both
 //! depend on it, so neither reaches into the other for plumbing.
 
+pub mod auth;
 mod deadline;
 mod etcd;
 pub mod heap;
