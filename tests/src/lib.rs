@@ -333,3 +333,13 @@ pub async fn reflection_services(addr: &str) -> Vec<String> {
     let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no service list") };
     list.service.into_iter().map(|s| s.name).collect()
 }
+
+/// A plain HTTP GET (the metrics endpoint speaks HTTP/1).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}

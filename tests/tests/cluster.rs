@@ -75,16 +75,6 @@ fn assert_same(got: &Processed, want: &Processed, what: &str) {
     }
 }
 
-/// A plain HTTP GET (the metrics endpoint speaks HTTP/1).
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
 /// The value of an unlabelled sample in a Prometheus text page.
 fn metric_value(page: &str, name: &str) -> Option<f64> {
     page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
@@ -427,6 +417,7 @@ async fn every_architecture_runs_across_workers_as_transformers_does() {
             shards: vec![ranges(0, 8), ranges(8, 16)],
             rank_addresses: vec![w1.host_port.clone(), w2.host_port.clone()],
             transport,
+            secret: vec![7; 32],
             ..Default::default()
         };
         let layers = vec![pb::AttentionOverride { kind: pb::AttentionKind::Dense as i32, ..Default::default() }; 2];

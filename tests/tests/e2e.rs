@@ -317,8 +317,8 @@ async fn with_api_keys_only_callers_that_send_one_are_served() {
     let dir = std::env::temp_dir().join(format!("tome-api-keys-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let keys = dir.join("keys");
-    std::fs::write(&keys, "# the platform team\nteam-a-0123456789abcdef\nteam-b-0123456789abcdef\n").unwrap();
-    let server = start_server(&model, &["--api-keys-file", keys.to_str().unwrap()]).await;
+    std::fs::write(&keys, "# the platform team\nteam-a team-a-0123456789abcdef\nteam-b team-b-0123456789abcdef\n").unwrap();
+    let server = start_server(&model, &["--api-keys-file", keys.to_str().unwrap(), "--metrics-listen", "127.0.0.1:0"]).await;
     let mut client = TomeClient::connect(server.addr.clone()).await.unwrap();
     let request = |key: Option<&str>| {
         let mut r = tonic::Request::new(text_request(TEXT.as_bytes(), Default::default()));
@@ -333,6 +333,11 @@ async fn with_api_keys_only_callers_that_send_one_are_served() {
     }
     let got = process_call(&mut client, request(Some("team-b-0123456789abcdef"))).await.unwrap();
     assert_eq!(got.kinds.last(), Some(&"done"));
+    // Metrics tell callers apart by their key's name, and never show a key.
+    let page = http_get(server.metrics.as_deref().expect("metrics address"), "/metrics");
+    assert!(page.lines().any(|l| l.starts_with("tome_jobs_total{") && l.contains(r#"caller="team-b""#) && l.contains(r#"outcome="ok""#)), "{page}");
+    assert!(page.lines().any(|l| l.starts_with("tome_tokens_total{") && l.contains(r#"caller="team-b""#)), "{page}");
+    assert!(!page.contains("0123456789abcdef"), "a key in the metrics: {page}");
     // Probes need no key; the CLI sends its --api-key.
     assert_eq!(health(&server.addr, "tome.v1.Tome").await, Some(1));
     let info = |key: &str| Command::new(tome_bin()).args(["info", "--coordinator", &server.host_port, "--api-key", key]).output().unwrap();

@@ -171,7 +171,8 @@ pub struct RunArgs {
     #[arg(long, env = "TOME_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Callers of tome.v1.Tome must send one of the API keys in this file (`authorization:
-    /// Bearer KEY`; one key a line, at least 16 characters; `#` comments).
+    /// Bearer KEY`; one caller a line, `NAME KEY` or a bare `KEY`, keys at least 16
+    /// characters; `#` comments). Metrics and logs name callers by NAME.
     #[arg(long, env = "TOME_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
     #[command(flatten)]
@@ -207,7 +208,8 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "TOME_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Callers of tome.v1.Tome must send one of the API keys in this file (`authorization:
-    /// Bearer KEY`; one key a line, at least 16 characters; `#` comments).
+    /// Bearer KEY`; one caller a line, `NAME KEY` or a bare `KEY`, keys at least 16
+    /// characters; `#` comments). Metrics and logs name callers by NAME.
     #[arg(long, env = "TOME_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
     /// A static list of worker addresses (host:port), comma-separated; without etcd.

@@ -286,6 +286,8 @@ impl Cluster {
         trace: TraceParent,
     ) -> Result<JobOutput, WorkerError> {
         let started = Instant::now();
+        // A credential of this run alone: its ranks' streams and its cancels prove it.
+        let secret = tome_net::JobSecret::random();
         let (tokens, shards) = wire::plan_to_wire(&spec.plan);
         let addresses: Vec<String> = placement.workers.iter().map(|w| w.address.clone()).collect();
         let plan = pb::JobPlan {
@@ -295,6 +297,7 @@ impl Cluster {
             rank_addresses: addresses.clone(),
             traceparent: trace.to_string(),
             transport: wire::transport_to_wire(placement.transport)? as i32,
+            secret: secret.to_wire(),
         };
         let spans = wire::spans_to_wire(&pool_targets(spec.doc.len(), spec.document, &spec.chunks));
         let layers: Vec<pb::AttentionOverride> = spec.doc.layers.iter().map(|&l| wire::layer_to_wire(l)).collect();
@@ -351,7 +354,7 @@ impl Cluster {
             }
         };
         if let Some(first) = failure {
-            self.cancel(job_id, &addresses).await;
+            self.cancel(job_id, &secret, &addresses).await;
             return Err(cause(first, &mut ranks).await);
         }
         let mut gathered = Gathered::default();
@@ -395,16 +398,16 @@ impl Cluster {
     }
 
     /// Asks every worker of the job to stop it (best effort: a worker that is gone has stopped).
-    async fn cancel(&self, job_id: &str, addresses: &[String]) {
+    async fn cancel(&self, job_id: &str, secret: &tome_net::JobSecret, addresses: &[String]) {
         let mut distinct = addresses.to_vec();
         distinct.sort();
         distinct.dedup();
         let mut calls = JoinSet::new();
         for a in distinct {
             if let Ok(mut client) = self.client(&a) {
-                let job = job_id.to_string();
+                let cancel = pb::CancelRequest { job_id: job_id.to_string(), secret: secret.to_wire() };
                 calls.spawn(async move {
-                    let mut req = tonic::Request::new(pb::CancelRequest { job_id: job });
+                    let mut req = tonic::Request::new(cancel);
                     req.set_timeout(Duration::from_secs(5));
                     if let Err(status) = client.cancel(req).await {
                         warn!(worker = %a, %status, "could not cancel on a worker");

@@ -5,13 +5,17 @@ use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 
+use tome_server::auth::Caller;
+
 use crate::error::CoordError;
 
-/// Labelled `outcome` = ok | failed | cancelled | deadline_exceeded ([`JobOutcome`]).
+/// Labelled `outcome` = ok | failed | cancelled | deadline_exceeded ([`JobOutcome`]) and
+/// `caller` (the API key's caller name; `anonymous` without keys).
 pub const JOBS_TOTAL: &str = "tome_jobs_total";
 pub const JOBS_IN_FLIGHT: &str = "tome_jobs_in_flight";
 /// Jobs admitted and still being tokenized and planned (waiting to run).
 pub const QUEUE_DEPTH: &str = "tome_queue_depth";
+/// Labelled `caller`.
 pub const TOKENS_TOTAL: &str = "tome_tokens_total";
 /// Labelled `stage` = tokenize | compute | total.
 pub const STAGE_SECONDS: &str = "tome_stage_seconds";
@@ -105,12 +109,12 @@ impl JobOutcome {
     }
 }
 
-pub(crate) fn job_ended(outcome: JobOutcome) {
-    counter!(JOBS_TOTAL, "outcome" => outcome.label()).increment(1);
+pub(crate) fn job_ended(outcome: JobOutcome, caller: &Caller) {
+    counter!(JOBS_TOTAL, "outcome" => outcome.label(), "caller" => caller.name().to_string()).increment(1);
 }
 
-pub(crate) fn tokens_processed(n: usize) {
-    counter!(TOKENS_TOTAL).increment(n as u64);
+pub(crate) fn tokens_processed(n: usize, caller: &Caller) {
+    counter!(TOKENS_TOTAL, "caller" => caller.name().to_string()).increment(n as u64);
 }
 
 pub(crate) fn stage_seconds(stage: &'static str, d: Duration) {

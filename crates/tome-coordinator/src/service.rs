@@ -16,6 +16,7 @@ use tokio_stream::Stream;
 use tome_model::{Bounded, ModelDir, Prepared};
 use tome_net::{tensor_to_wire, TraceParent};
 use tome_proto::v1 as pb;
+use tome_server::auth::Caller;
 use tome_worker::transport::{self, Hosts, Transport};
 use tome_worker::{spawn_job, JobEvent, JobOutput, JobSpec};
 use tonic::{Request, Response, Status, Streaming};
@@ -201,14 +202,18 @@ impl Coordinator {
 struct CallContext {
     deadline: Option<Instant>,
     trace: TraceParent,
+    /// Who called (the API key's caller), for metrics and logs.
+    caller: Caller,
 }
 
 impl CallContext {
-    fn of(metadata: &tonic::metadata::MetadataMap) -> Self {
+    fn of<T>(req: &Request<T>) -> Self {
+        let metadata = req.metadata();
+        let caller = req.extensions().get::<Caller>().cloned().unwrap_or_else(Caller::anonymous);
         let deadline = tome_server::grpc_timeout(metadata).map(|t| Instant::now() + t);
         let trace =
             metadata.get(tome_net::traceparent::TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse).map(|t| t.child()).unwrap_or_else(TraceParent::new_root);
-        CallContext { deadline, trace }
+        CallContext { deadline, trace, caller }
     }
 }
 
@@ -316,13 +321,14 @@ impl Coordinator {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         // Buffered, so this cannot block: the receiver is still here and the buffer is empty.
         let _ = tx.try_send(event(pb::process_event::Event::Accepted(accepted)));
-        let span = info_span!("process", job = %id, tokens, ranks, trace_id = %context.trace.trace_id_hex());
+        let span = info_span!("process", job = %id, caller = context.caller.name(), tokens, ranks, trace_id = %context.trace.trace_id_hex());
         let job = Job {
             id,
             spec,
             placement,
             deadline: context.deadline,
             trace: context.trace,
+            caller: context.caller,
             offsets: admitted.offsets,
             hidden_dtype: opts.hidden_dtype,
             rows_per_message: self.config.hidden_rows_per_message,
@@ -359,6 +365,7 @@ struct Job {
     placement: Option<crate::cluster::Placement>,
     deadline: Option<Instant>,
     trace: TraceParent,
+    caller: Caller,
     offsets: Option<Vec<(usize, usize)>>,
     hidden_dtype: pb::ElementType,
     rows_per_message: usize,
@@ -369,8 +376,9 @@ struct Job {
 /// Runs an admitted job and streams its events; the admission is held until the job ends.
 async fn drive(job: Job, backend: Option<Arc<Cluster>>, tx: EventSender, abort: tokio::sync::watch::Receiver<bool>, admission: Admission) {
     let in_flight = metrics::JobInFlight::start();
+    let caller = job.caller.clone();
     let outcome = drive_events(job, backend, &tx, abort).await;
-    metrics::job_ended(outcome);
+    metrics::job_ended(outcome, &caller);
     drop(in_flight);
     admission.end();
 }
@@ -439,7 +447,7 @@ async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender,
                     perplexity: out.perplexity,
                 };
                 metrics::stage_seconds("total", job.started.elapsed());
-                metrics::tokens_processed(tokens);
+                metrics::tokens_processed(tokens, &job.caller);
                 info!(job = %job.id, tokens, compute_s = done.compute_seconds, "job done");
                 let _ = tx.send(event(pb::process_event::Event::Done(done))).await;
                 return JobOutcome::Ok;
@@ -537,7 +545,7 @@ impl pb::tome_server::Tome for Coordinator {
     type ProcessStream = Pin<Box<dyn Stream<Item = Result<pb::ProcessEvent, Status>> + Send + 'static>>;
 
     async fn process(&self, req: Request<pb::ProcessRequest>) -> Result<Response<Self::ProcessStream>, Status> {
-        let context = CallContext::of(req.metadata());
+        let context = CallContext::of(&req);
         let stream = self.start(req.into_inner(), context).await?;
         Ok(Response::new(stream))
     }
@@ -545,7 +553,7 @@ impl pb::tome_server::Tome for Coordinator {
     type ProcessUploadStream = Self::ProcessStream;
 
     async fn process_upload(&self, req: Request<Streaming<pb::UploadChunk>>) -> Result<Response<Self::ProcessUploadStream>, Status> {
-        let context = CallContext::of(req.metadata());
+        let context = CallContext::of(&req);
         let request = receive_upload(req.into_inner(), self.config.limits.max_document_bytes).await?;
         let stream = self.start(request, context).await?;
         Ok(Response::new(stream))

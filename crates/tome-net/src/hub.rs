@@ -7,6 +7,10 @@
 //! HTTP/2 flow control holds the sender back. A stream may arrive before its receiving rank has
 //! joined (ranks start at slightly different times); it waits for the rank, up to a limit.
 //!
+//! Every rank joins under its job's [`JobSecret`]: a stream is routed only if its open frame
+//! holds the receiving rank's secret, and a cancel stops only the ranks that joined under the
+//! secret it holds. A caller that knows a job's id but not its secret reaches nothing.
+//!
 //! With a client TLS configuration ([`PeerHub::with_tls`]) the hub's streams to other workers
 //! go over TLS, presenting this worker's certificate to peers that take calls only from
 //! cluster members. Loading the configuration is the server's business (tome-server).
@@ -28,6 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::codec::frame_from_wire;
+use crate::credential::JobSecret;
 use crate::peer_group::PeerGroup;
 use crate::traceparent::{TraceParent, TRACEPARENT};
 
@@ -63,6 +68,8 @@ type RankKey = (String, usize);
 pub(crate) struct Mailbox {
     inboxes: Mutex<Vec<Option<mpsc::Sender<Frame>>>>,
     pub(crate) cancel: CancellationToken,
+    /// The job's secret, which the rank's streams open with and its senders must show.
+    pub(crate) secret: JobSecret,
 }
 
 pub(crate) struct HubInner {
@@ -88,10 +95,10 @@ const MAX_REMEMBERED_CANCELS: usize = 16_384;
 /// The longest job id a hub accepts (coordinators make ids of a few dozen bytes).
 pub const MAX_JOB_ID_BYTES: usize = 128;
 
-/// Recently cancelled job ids, bounded in time and number.
+/// Recently cancelled jobs (id and secret), bounded in time and number.
 #[derive(Default)]
 pub(crate) struct RecentCancels {
-    at: HashMap<String, Instant>,
+    at: HashMap<String, Vec<(Instant, JobSecret)>>,
     order: VecDeque<(Instant, String)>,
 }
 
@@ -101,26 +108,29 @@ impl RecentCancels {
             if now.duration_since(*at) < REMEMBER_CANCELLED && self.order.len() <= MAX_REMEMBERED_CANCELS {
                 break;
             }
-            // A job cancelled again later has a newer entry; only its latest one removes it.
-            if self.at.get(job) == Some(at) {
-                self.at.remove(job);
+            // Entries are forgotten in the order they were made: the job's oldest goes.
+            if let Some(entries) = self.at.get_mut(job) {
+                entries.remove(0);
+                if entries.is_empty() {
+                    self.at.remove(job);
+                }
             }
             self.order.pop_front();
         }
     }
 
-    fn insert(&mut self, job: &str, now: Instant) {
-        self.at.insert(job.to_string(), now);
+    fn insert(&mut self, job: &str, secret: &JobSecret, now: Instant) {
+        self.at.entry(job.to_string()).or_default().push((now, secret.clone()));
         self.order.push_back((now, job.to_string()));
         self.forget_old(now);
     }
 
-    fn contains(&self, job: &str) -> bool {
-        self.at.contains_key(job)
+    fn contains(&self, job: &str, secret: &JobSecret) -> bool {
+        self.at.get(job).is_some_and(|entries| entries.iter().any(|(_, s)| s.same(secret)))
     }
 
     fn len(&self) -> usize {
-        self.at.len()
+        self.order.len()
     }
 }
 
@@ -162,11 +172,11 @@ impl PeerHub {
         pb::peer_server::PeerServer::new(PeerService { hub: self.inner.clone() }).max_decoding_message_size(limit).max_encoding_message_size(limit)
     }
 
-    /// Joins rank `rank` of job `job`, whose ranks run at `addresses` (one Peer address per
-    /// rank). Opens a stream to every other rank at once, so that a rank that leaves — done,
-    /// failed or cancelled — closes them and no peer waits on it in vain. Call from the rank's
-    /// compute thread, not from the async runtime.
-    pub fn join(&self, job: &str, rank: usize, addresses: &[String], trace: Option<TraceParent>) -> Result<PeerGroup, tome_dist::DistError> {
+    /// Joins rank `rank` of job `job`, run under `secret`, whose ranks run at `addresses` (one
+    /// Peer address per rank). Opens a stream to every other rank at once, so that a rank that
+    /// leaves — done, failed or cancelled — closes them and no peer waits on it in vain. Call
+    /// from the rank's compute thread, not from the async runtime.
+    pub fn join(&self, job: &str, secret: &JobSecret, rank: usize, addresses: &[String], trace: Option<TraceParent>) -> Result<PeerGroup, tome_dist::DistError> {
         let size = addresses.len();
         if rank >= size {
             return Err(tome_dist::DistError::NoSuchRank { rank, size });
@@ -185,11 +195,11 @@ impl PeerHub {
                 receivers.push(Some(rx));
             }
         }
-        let mailbox = Arc::new(Mailbox { inboxes: Mutex::new(senders), cancel: CancellationToken::new() });
+        let mailbox = Arc::new(Mailbox { inboxes: Mutex::new(senders), cancel: CancellationToken::new(), secret: secret.clone() });
         {
             let mut ranks = lock(&self.inner.ranks);
             // Checked under the ranks lock, which `cancel` also takes: no cancel slips between.
-            if lock(&self.inner.cancelled).contains(job) {
+            if lock(&self.inner.cancelled).contains(job, secret) {
                 return Err(tome_dist::DistError::Cancelled);
             }
             if ranks.contains_key(&key) {
@@ -201,18 +211,19 @@ impl PeerHub {
         PeerGroup::open(self.inner.clone(), job.to_string(), rank, addresses, receivers, mailbox, trace)
     }
 
-    /// Stops every rank of `job` hosted here — their waits end with `Cancelled` — and refuses
-    /// ranks of it that join later. Returns how many ranks were stopped. An id no job could
-    /// have (see [`check_job_id`]) stops nothing and is not remembered.
-    pub fn cancel(&self, job: &str) -> usize {
+    /// Stops every rank of `job` that joined here under `secret` — their waits end with
+    /// `Cancelled` — and refuses ranks of it that join later under that secret. Returns how
+    /// many ranks were stopped. An id no job could have (see [`check_job_id`]) stops nothing
+    /// and is not remembered.
+    pub fn cancel(&self, job: &str, secret: &JobSecret) -> usize {
         if check_job_id(job).is_err() {
             return 0;
         }
         let ranks = lock(&self.inner.ranks);
-        lock(&self.inner.cancelled).insert(job, Instant::now());
+        lock(&self.inner.cancelled).insert(job, secret, Instant::now());
         let mut n = 0;
         for ((j, _), mailbox) in ranks.iter() {
-            if j == job {
+            if j == job && mailbox.secret.same(secret) {
                 mailbox.cancel.cancel();
                 n += 1;
             }
@@ -312,6 +323,10 @@ impl pb::peer_server::Peer for PeerService {
         check_job_id(&open.job_id).map_err(Status::invalid_argument)?;
         let (job, src, dst) = (open.job_id.clone(), open.src as usize, open.dst as usize);
         let mailbox = self.hub.wait_for(&job, dst).await?;
+        // Before anything is taken: a stream without the job's secret leaves the rank as it was.
+        if !mailbox.secret.matches(&open.secret) {
+            return Err(Status::permission_denied(format!("the stream to rank {dst} of job {job} does not hold the job's credential")));
+        }
         let inbox = mailbox.take_inbox(src)?;
         let (ack_tx, ack_rx) = mpsc::channel(ACK_BUFFER);
         let span = info_span!("peer_stream", job = %job, src, dst, trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default());
@@ -373,23 +388,27 @@ mod tests {
 
     #[test]
     fn cancelled_jobs_are_remembered_for_a_while_and_never_beyond_a_bound() {
+        let (secret, other) = (JobSecret::random(), JobSecret::random());
         let mut recent = RecentCancels::default();
         let start = Instant::now();
-        recent.insert("a", start);
-        assert!(recent.contains("a"));
+        recent.insert("a", &secret, start);
+        assert!(recent.contains("a", &secret));
+        assert!(!recent.contains("a", &other), "a cancel under another secret refuses nothing of the job");
         for i in 0..MAX_REMEMBERED_CANCELS + 10 {
-            recent.insert(&format!("job-{i}"), start);
+            recent.insert(&format!("job-{i}"), &secret, start);
         }
         assert_eq!(recent.len(), MAX_REMEMBERED_CANCELS, "the oldest are forgotten first");
-        assert!(!recent.contains("a") && recent.contains(&format!("job-{}", MAX_REMEMBERED_CANCELS + 9)));
-        recent.insert("late", start + REMEMBER_CANCELLED);
+        assert!(!recent.contains("a", &secret) && recent.contains(&format!("job-{}", MAX_REMEMBERED_CANCELS + 9), &secret));
+        recent.insert("late", &secret, start + REMEMBER_CANCELLED);
         assert_eq!(recent.len(), 1, "entries older than {REMEMBER_CANCELLED:?} are forgotten");
-        // A job cancelled twice is forgotten by its latest cancel only.
+        // A job cancelled twice stays remembered until its latest cancel is forgotten.
         let mut twice = RecentCancels::default();
-        twice.insert("j", start);
-        twice.insert("j", start + Duration::from_secs(300));
+        twice.insert("j", &secret, start);
+        twice.insert("j", &secret, start + Duration::from_secs(300));
         twice.forget_old(start + Duration::from_secs(601));
-        assert!(twice.contains("j"));
+        assert!(twice.contains("j", &secret));
+        twice.forget_old(start + Duration::from_secs(901));
+        assert!(!twice.contains("j", &secret) && twice.len() == 0);
     }
 
     #[test]

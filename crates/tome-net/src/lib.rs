@@ -8,6 +8,7 @@
 //! - `nccl` (cargo feature): the Group trait over NCCL, for ranks on GPUs.
 
 mod codec;
+mod credential;
 mod hub;
 #[cfg(feature = "nccl")]
 pub mod nccl;
@@ -15,6 +16,7 @@ mod peer_group;
 pub mod traceparent;
 
 pub use codec::{frame_from_wire, frame_to_wire, tensor_from_wire, tensor_to_wire, CodecError};
+pub use credential::{JobSecret, SECRET_BYTES};
 pub use hub::{check_job_id, PeerHub, PeerLimits, PeerService, MAX_JOB_ID_BYTES, PEER_KEEPALIVE};
 pub use peer_group::PeerGroup;
 pub use traceparent::TraceParent;

@@ -82,7 +82,8 @@ impl PeerGroup {
         let transport = |msg: String| DistError::Transport { rank: self.rank, peer: dst, msg };
         let channel = self.hub.channel(address).map_err(transport)?;
         let (tx, rx) = mpsc::channel(OUTGOING_DEPTH);
-        let open = pb::PeerFrame { job_id: self.job.clone(), src: self.rank as u32, dst: dst as u32, step: 0, tensors: Vec::new(), open: true };
+        let open =
+            pb::PeerFrame { job_id: self.job.clone(), src: self.rank as u32, dst: dst as u32, step: 0, tensors: Vec::new(), open: true, secret: self.mailbox.secret.to_wire() };
         tx.try_send(open).map_err(|e| transport(format!("could not queue the open frame: {e}")))?;
         let failure = Arc::new(OnceLock::new());
         let limit = self.hub.limits.max_frame_bytes;
@@ -161,7 +162,7 @@ impl Group for PeerGroup {
         let bytes = frame_bytes(&frame);
         let tensors = frame_to_wire(&frame).map_err(|e| DistError::Plan(format!("frame for rank {dst} cannot be encoded: {e}")))?;
         let step = link.step.fetch_add(1, Ordering::Relaxed);
-        let message = pb::PeerFrame { job_id: self.job.clone(), src: self.rank as u32, dst: dst as u32, step, tensors, open: false };
+        let message = pb::PeerFrame { job_id: self.job.clone(), src: self.rank as u32, dst: dst as u32, step, tensors, open: false, secret: Vec::new() };
         let encoded = message.encoded_len() as u64;
         if encoded > self.hub.limits.max_frame_bytes as u64 {
             return Err(DistError::Plan(format!("a frame of {encoded} bytes exceeds the peer frame limit of {} bytes", self.hub.limits.max_frame_bytes)));

@@ -30,6 +30,9 @@ pub enum WorkerError {
     /// The request is sound, but this worker lacks what it needs (e.g. a GPU for NCCL).
     #[error("{0}")]
     Precondition(String),
+    /// The caller does not hold the credential of the job it names.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("worker {0} is shutting down")]
     ShuttingDown(String),
     /// A worker's answer, passed on with its code.
@@ -84,6 +87,7 @@ impl WorkerError {
             WorkerError::Busy(_) | WorkerError::TooLarge(_) => Code::ResourceExhausted,
             WorkerError::ShuttingDown(_) => Code::Unavailable,
             WorkerError::Precondition(_) => Code::FailedPrecondition,
+            WorkerError::Forbidden(_) => Code::PermissionDenied,
             WorkerError::Remote(s) => s.code(),
             _ => Code::Internal,
         }

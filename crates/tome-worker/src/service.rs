@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tome_model::{ModelDir, RunOptions, ShardInput};
-use tome_net::{tensor_to_wire, PeerHub, TraceParent};
+use tome_net::{tensor_to_wire, JobSecret, PeerHub, TraceParent};
 use tome_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 use tracing::{info, info_span, warn};
@@ -42,6 +42,9 @@ pub struct WorkerConfig {
     pub memory_budget_bytes: u64,
 }
 
+/// A running shard's job secret and cancel flag, by job id.
+type RunningShards = HashMap<String, Vec<(JobSecret, Arc<AtomicBool>)>>;
+
 /// Events waiting for a slow coordinator before the shard waits too.
 const EVENT_BUFFER: usize = 16;
 
@@ -54,8 +57,8 @@ pub struct WorkerService {
     shards: Arc<Semaphore>,
     /// The memory budget in KiB, reserved by each running shard for its activations.
     memory_kib: Arc<Semaphore>,
-    /// Cancel flags of the shards running here, by job.
-    running: Arc<Mutex<HashMap<String, Vec<Arc<AtomicBool>>>>>,
+    /// The shards running here, by job.
+    running: Arc<Mutex<RunningShards>>,
     /// False once shutdown has begun: new shards are refused.
     admitting: AtomicBool,
 }
@@ -91,20 +94,26 @@ impl WorkerService {
 
     /// Cancels every running shard.
     pub fn cancel_all(&self) {
-        let jobs: Vec<String> = self.lock_running().keys().cloned().collect();
-        for job in jobs {
-            self.cancel_job(&job);
+        let shards: Vec<(String, JobSecret)> = self.lock_running().iter().flat_map(|(job, shards)| shards.iter().map(|(s, _)| (job.clone(), s.clone()))).collect();
+        for (job, secret) in shards {
+            self.cancel_job(&job, &secret);
         }
     }
 
-    /// Cancels a job's shards here; returns how many there were.
-    fn cancel_job(&self, job: &str) -> usize {
-        let flags = self.lock_running().get(job).cloned().unwrap_or_default();
+    /// Cancels the shards of `job` run here under `secret`; returns how many there were.
+    fn cancel_job(&self, job: &str, secret: &JobSecret) -> usize {
+        let flags: Vec<Arc<AtomicBool>> =
+            self.lock_running().get(job).map(|shards| shards.iter().filter(|(s, _)| s.same(secret)).map(|(_, f)| f.clone()).collect()).unwrap_or_default();
         for f in &flags {
             f.store(true, Ordering::Relaxed);
         }
-        self.hub.cancel(job);
+        self.hub.cancel(job, secret);
         flags.len()
+    }
+
+    /// Whether shards of `job` run here under a secret other than `secret`.
+    fn runs_under_another_secret(&self, job: &str, secret: &JobSecret) -> bool {
+        self.lock_running().get(job).is_some_and(|shards| shards.iter().any(|(s, _)| !s.same(secret)))
     }
 
     pub fn config(&self) -> &WorkerConfig {
@@ -131,7 +140,7 @@ impl WorkerService {
         found.cloned().ok_or_else(|| WorkerError::UnknownModel(name.into()))
     }
 
-    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<AtomicBool>>>> {
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, RunningShards> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -139,6 +148,7 @@ impl WorkerService {
 /// A `RunShard` request, checked.
 struct Shard {
     job: String,
+    secret: JobSecret,
     rank: usize,
     addresses: Vec<String>,
     transport: Transport,
@@ -157,6 +167,7 @@ struct Shard {
 fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TraceParent>) -> Result<Shard, WorkerError> {
     let plan_msg = req.plan.ok_or_else(|| WorkerError::Invalid("the shard request has no plan".into()))?;
     tome_net::check_job_id(&plan_msg.job_id).map_err(|e| WorkerError::Invalid(format!("plan.job_id: {e}")))?;
+    let secret = JobSecret::from_wire(&plan_msg.secret, "plan.secret").map_err(WorkerError::Invalid)?;
     let plan = wire::plan_from_wire(plan_msg.tokens, &plan_msg.shards)?;
     let rank = req.rank as usize;
     if rank >= plan.ranks() || plan_msg.rank_addresses.len() != plan.ranks() {
@@ -202,6 +213,7 @@ fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TracePare
         next_ids,
         transport: wire::transport_from_wire(plan_msg.transport)?,
         job: plan_msg.job_id,
+        secret,
         rank,
         addresses: plan_msg.rank_addresses,
         spans: wire::spans_from_wire(&req.pool_spans, plan.len())?,
@@ -224,7 +236,7 @@ fn event(e: pb::shard_event::Event) -> Result<pb::ShardEvent, Status> {
 /// Runs a checked shard on the calling (compute) thread and reports on `tx`.
 fn run_shard(hub: &PeerHub, gpu: Option<&GpuLease>, shard: &Shard, tx: &EventSender, cancel: &AtomicBool, deadline: Option<Instant>) -> Result<pb::ShardDone, WorkerError> {
     let started = Instant::now();
-    let at = Rendezvous { job: &shard.job, rank: shard.rank, addresses: &shard.addresses, trace: shard.trace };
+    let at = Rendezvous { job: &shard.job, secret: &shard.secret, rank: shard.rank, addresses: &shard.addresses, trace: shard.trace };
     let group = transport::join(hub, shard.transport, gpu, &at)?;
     let total = shard.input.layers_run();
     let mut after_layer = |layer: usize| {
@@ -282,7 +294,7 @@ fn send_rows(t: &Tensor, rows_per_message: usize, tx: &EventSender, kind: fn(pb:
 struct Running {
     job: String,
     flag: Arc<AtomicBool>,
-    running: Arc<Mutex<HashMap<String, Vec<Arc<AtomicBool>>>>>,
+    running: Arc<Mutex<RunningShards>>,
     _permit: OwnedSemaphorePermit,
     _memory: OwnedSemaphorePermit,
 }
@@ -291,7 +303,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(flags) = running.get_mut(&self.job) {
-            flags.retain(|f| !Arc::ptr_eq(f, &self.flag));
+            flags.retain(|(_, f)| !Arc::ptr_eq(f, &self.flag));
             if flags.is_empty() {
                 running.remove(&self.job);
             }
@@ -319,6 +331,9 @@ impl pb::worker_server::Worker for WorkerService {
             return Err(WorkerError::ShuttingDown(self.config.name.clone()).into());
         }
         let shard = parse(self, req.into_inner(), trace)?;
+        if self.runs_under_another_secret(&shard.job, &shard.secret) {
+            return Err(WorkerError::Forbidden(format!("job {} runs on worker {} under another credential", shard.job, self.config.name)).into());
+        }
         let permit =
             self.shards.clone().try_acquire_owned().map_err(|_| WorkerError::Busy(format!("worker {} already runs {} shards", self.config.name, self.config.max_shards)))?;
         let need = activation_bytes(&shard.model.model.shape(), shard.plan.shard_len(shard.rank));
@@ -340,7 +355,7 @@ impl pb::worker_server::Worker for WorkerService {
             .map_err(|_| WorkerError::Busy(format!("worker {} has no room for {need} more bytes of activations now", self.config.name)))?;
         let gpu = self.gpus.lease(shard.transport, &self.config.name)?;
         let flag = Arc::new(AtomicBool::new(false));
-        self.lock_running().entry(shard.job.clone()).or_default().push(flag.clone());
+        self.lock_running().entry(shard.job.clone()).or_default().push((shard.secret.clone(), flag.clone()));
         metrics::shard_started();
         let running = Running { job: shard.job.clone(), flag: flag.clone(), running: self.running.clone(), _permit: permit, _memory: memory };
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
@@ -357,7 +372,7 @@ impl pb::worker_server::Worker for WorkerService {
         // Stops the shard when the coordinator drops the call or the deadline passes, even while
         // the rank waits on a peer; `finished` ends the watch when the shard ends by itself.
         let (finished, watch_finished) = tokio::sync::oneshot::channel::<()>();
-        let (watch_tx, watch_flag, watch_hub, watch_job) = (tx.clone(), flag.clone(), self.hub.clone(), shard.job.clone());
+        let (watch_tx, watch_flag, watch_hub, watch_job, watch_secret) = (tx.clone(), flag.clone(), self.hub.clone(), shard.job.clone(), shard.secret.clone());
         tokio::spawn(async move {
             let expired = async {
                 match deadline {
@@ -374,7 +389,7 @@ impl pb::worker_server::Worker for WorkerService {
                 _ = expired => {}
             }
             watch_flag.store(true, Ordering::Relaxed);
-            watch_hub.cancel(&watch_job);
+            watch_hub.cancel(&watch_job, &watch_secret);
         });
         std::thread::Builder::new()
             .name(format!("tome-shard-{}", shard.rank))
@@ -401,7 +416,7 @@ impl pb::worker_server::Worker for WorkerService {
                         warn!(error = %e, "shard failed");
                         // The job cannot go on without this rank: end the waits of its other
                         // ranks here at once (the coordinator cancels the remote ones).
-                        hub.cancel(&shard.job);
+                        hub.cancel(&shard.job, &shard.secret);
                         let _ = tx.blocking_send(Err(e.into()));
                     }
                 }
@@ -416,9 +431,14 @@ impl pb::worker_server::Worker for WorkerService {
     }
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
-        let job = req.into_inner().job_id;
+        let req = req.into_inner();
+        let job = req.job_id;
         tome_net::check_job_id(&job).map_err(|e| WorkerError::Invalid(format!("job_id: {e}")))?;
-        let n = self.cancel_job(&job);
+        let secret = JobSecret::from_wire(&req.secret, "secret").map_err(WorkerError::Invalid)?;
+        if self.runs_under_another_secret(&job, &secret) {
+            return Err(WorkerError::Forbidden(format!("job {job} runs on worker {} under another credential", self.config.name)).into());
+        }
+        let n = self.cancel_job(&job, &secret);
         if n > 0 {
             info!(%job, shards = n, "cancelled");
         }

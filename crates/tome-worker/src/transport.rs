@@ -162,6 +162,8 @@ impl RankGroup {
 /// What a worker's rank needs to join its job's Group.
 pub struct Rendezvous<'a> {
     pub job: &'a str,
+    /// The job's credential, which its peer streams open with.
+    pub secret: &'a tome_net::JobSecret,
     pub rank: usize,
     /// The peer address of every rank's worker.
     pub addresses: &'a [String],
@@ -171,7 +173,7 @@ pub struct Rendezvous<'a> {
 /// Joins rank `at.rank` to its job's Group on `transport`: the peer streams of `hub`, and over
 /// them the NCCL communicators on the leased GPU.
 pub fn join(hub: &PeerHub, transport: Transport, gpu: Option<&GpuLease>, at: &Rendezvous) -> Result<RankGroup, WorkerError> {
-    let peers = hub.join(at.job, at.rank, at.addresses, at.trace)?;
+    let peers = hub.join(at.job, at.secret, at.rank, at.addresses, at.trace)?;
     match (transport, gpu) {
         (Transport::PeerStreams, _) => Ok(RankGroup::Peer(peers)),
         #[cfg(feature = "nccl")]

@@ -47,12 +47,13 @@ pub fn launch_with<T: Send, E: RankError, G: Group>(
     let h = hubs();
     let job = format!("test-{}", JOBS.fetch_add(1, Ordering::Relaxed));
     let addresses: Vec<String> = (0..p).map(|r| h.addresses[r % HUBS].clone()).collect();
+    let secret = tome_net::JobSecret::random();
     let results: Vec<Result<T, E>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..p)
             .map(|r| {
-                let (f, group, job, addresses) = (&f, &group, &job, &addresses);
+                let (f, group, job, addresses, secret) = (&f, &group, &job, &addresses, &secret);
                 scope.spawn(move || -> Result<T, E> {
-                    let peers = h.hubs[r % HUBS].join(job, r, addresses, None)?;
+                    let peers = h.hubs[r % HUBS].join(job, secret, r, addresses, None)?;
                     f(&group(peers)?)
                 })
             })
