@@ -210,20 +210,32 @@ impl Etcd {
 
     /// Starts etcd serving clients at 127.0.0.1:`client`.
     pub async fn start_at(client: u16) -> Etcd {
+        Etcd::start_with(client, None).await
+    }
+
+    /// Starts etcd serving clients over TLS with `cert` and `key` (PEM files; the certificate
+    /// names 127.0.0.1) at a free port: its endpoint is `https://127.0.0.1:PORT`.
+    pub async fn start_tls(cert: &Path, key: &Path) -> Etcd {
+        Etcd::start_with(free_port(), Some((cert, key))).await
+    }
+
+    async fn start_with(client: u16, tls: Option<(&Path, &Path)>) -> Etcd {
         let peer = free_port();
         let dir = std::env::temp_dir().join(format!("tome-etcd-{}-{client}", std::process::id()));
-        let endpoint = format!("http://127.0.0.1:{client}");
-        let child = Command::new("etcd")
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
+        let mut command = Command::new("etcd");
+        command
             .args(["--name", "tome-test", "--data-dir"])
             .arg(&dir)
             .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
             .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &format!("tome-test=http://127.0.0.1:{peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start etcd ({e}): install Debian's etcd-server (.ci/run does)"));
+            .args(["--initial-cluster", &format!("tome-test=http://127.0.0.1:{peer}")]);
+        if let Some((cert, key)) = tls {
+            command.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+        }
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("cannot start etcd ({e}): install Debian's etcd-server (.ci/run does)"));
         let etcd = Etcd { child, endpoint, dir };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(format!("127.0.0.1:{client}")).is_err() {
@@ -231,6 +243,12 @@ impl Etcd {
             std::thread::sleep(Duration::from_millis(100));
         }
         etcd
+    }
+
+    /// Kills etcd now (an outage), keeping its data directory.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -155,3 +155,53 @@ async fn a_worker_started_while_etcd_is_down_serves_and_registers_once_it_is_bac
     assert_eq!(got.kinds.last(), Some(&"done"));
     assert!(worker.log_text().contains("etcd is unreachable"), "the worker said why it was not registered yet");
 }
+
+/// Writes a worker entry into etcd as anyone with write access could.
+async fn register_by_hand(etcd: &str, name: &str, address: &str) {
+    use prost::Message;
+    let mut client = etcd_client::Client::connect([etcd], None).await.unwrap();
+    let info = pb::WorkerInfo { name: name.into(), address: address.into(), ..Default::default() };
+    client.put(format!("/tome/workers/{name}"), info.encode_to_vec(), None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_entries_place_only_workers_that_answer_as_themselves_and_the_dead_drop_out_whatever_etcd_says() {
+    let Some(model) = minilm() else { return };
+    let mut etcd = Etcd::start().await;
+    // Leases far longer than the test: only the coordinator's probes can drop a dead worker.
+    let worker_args = ["--etcd", &etcd.endpoint, "--etcd-ttl-seconds", "600"];
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        workers.push(start_worker(&model, &worker_args, log(&format!("identity-w{i}"))).await);
+    }
+    let coordinator = start_coordinator(&model, &["--etcd", &etcd.endpoint, "--probe-ms", "200"], log("identity-c")).await;
+    let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
+    let addresses: Vec<String> = workers.iter().map(|w| w.host_port.clone()).collect();
+    let a: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    wait_live(&mut client, &a, Duration::from_secs(20), "both workers registered").await;
+
+    // Entries written by hand, named to sort first: one at a real worker's address (which
+    // answers with its own name), one where nothing answers. Neither is planned on.
+    register_by_hand(&etcd.endpoint, "aaa-impostor", a[0]).await;
+    register_by_hand(&etcd.endpoint, "aab-nowhere", &format!("127.0.0.1:{}", free_port())).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_live(&mut client, &a, Duration::from_secs(1), "the impostors are not members").await;
+    assert!(coordinator.log_text().contains("not who answers at its address"), "the coordinator says why it refused the impostor");
+    let text = TEXT.repeat(8);
+    let got = process_call(&mut client, job(&text, 2)).await.unwrap();
+    assert_eq!(got.kinds.last(), Some(&"done"));
+
+    // A worker killed while its lease has minutes left is dropped within seconds.
+    workers[0].child.kill().unwrap();
+    let _ = workers[0].child.wait();
+    let killed = std::time::Instant::now();
+    wait_live(&mut client, &a[1..], Duration::from_secs(5), "a dead worker whose entry remains").await;
+    eprintln!("a killed worker was dropped {:?} after the kill", killed.elapsed());
+
+    // etcd goes away: jobs keep running on the last membership known.
+    etcd.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = process_call(&mut client, job(&text, 2)).await.unwrap();
+    assert_eq!(got.kinds.last(), Some(&"done"), "a job during an etcd outage");
+    wait_live(&mut client, &a[1..], Duration::from_secs(1), "during the outage").await;
+}

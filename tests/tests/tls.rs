@@ -2,7 +2,9 @@
 //! throwaway cluster CA runs documents end to end (coordinator -> workers, worker <-> worker
 //! peer streams, the CLI -> coordinator), while plaintext callers, callers without a
 //! certificate and callers with another CA's certificate are refused; and a listener beyond
-//! loopback without TLS refuses to start unless `--insecure-plaintext` says so.
+//! loopback without TLS refuses to start unless `--insecure-plaintext` says so. etcd over TLS
+//! with authentication: workers register and coordinators watch with the etcd CA and a user's
+//! password from a file.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -24,7 +26,7 @@ impl Pki {
     fn new(name: &str) -> Pki {
         let dir = std::env::temp_dir().join(format!("tome-tls-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (ca, leaves) in [("ca", &["coordinator", "worker", "client"][..]), ("stranger-ca", &["stranger"][..])] {
+        for (ca, leaves) in [("ca", &["coordinator", "worker", "client", "etcd"][..]), ("stranger-ca", &["stranger"][..])] {
             let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
             params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
             params.distinguished_name.push(rcgen::DnType::CommonName, ca);
@@ -287,5 +289,51 @@ async fn beyond_loopback_plaintext_is_refused_unless_insecure_plaintext_says_so(
     let tls = spawn_serving_tls(&args, "tome.v1.Tome", None, "0.0.0.0:0".into(), Some(pki.client("ca", Some("client")))).await;
     assert_eq!(coordinator_info(&tls.host_port, Some(pki.client("ca", Some("client")))).await.unwrap().backend, "embedded");
     drop((worker, plain, tls));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_register_and_coordinators_watch_over_tls_to_an_etcd_that_checks_credentials() {
+    let Some(model) = minilm() else { return };
+    let pki = Pki::new("etcd");
+    let etcd = Etcd::start_tls(&pki.dir.join("etcd.pem"), &pki.dir.join("etcd.key")).await;
+    // The etcd CA (here the cluster CA) and a root user; from now on etcd answers only
+    // authenticated calls.
+    let etcd_tls = etcd_client::TlsOptions::new().ca_certificate(Certificate::from_pem(pki.read("ca.pem")));
+    let mut admin = etcd_client::Client::connect([&etcd.endpoint], Some(etcd_client::ConnectOptions::new().with_tls(etcd_tls.clone()))).await.unwrap();
+    admin.user_add("root", "root-password-0123", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    let mut anonymous = etcd_client::Client::connect([&etcd.endpoint], Some(etcd_client::ConnectOptions::new().with_tls(etcd_tls))).await.unwrap();
+    assert!(anonymous.put("/tome/workers/intruder", "x", None).await.is_err(), "etcd refuses writes without credentials");
+
+    let password = pki.dir.join("etcd-password");
+    std::fs::write(&password, "root-password-0123\n").unwrap();
+    let (ca, password) = (pki.path("ca.pem"), password.to_string_lossy().into_owned());
+    let etcd_flags = ["--etcd", etcd.endpoint.as_str(), "--etcd-ca", &ca, "--etcd-user", "root", "--etcd-password-file", &password];
+    let model_arg = model.to_string_lossy();
+    let mut args = vec!["serve", "worker", "--model", &model_arg, "--etcd-ttl-seconds", "5"];
+    args.extend(etcd_flags);
+    let dir = std::env::temp_dir().join(format!("tome-tls-etcd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _worker = spawn_serving(&args, "tome.v1.Worker", Some(dir.join("worker.log"))).await;
+    let mut args = vec!["serve", "coordinator", "--model", &model_arg, "--probe-ms", "200"];
+    args.extend(etcd_flags);
+    let coordinator = spawn_serving(&args, "tome.v1.Tome", Some(dir.join("coordinator.log"))).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while coordinator_info(&coordinator.host_port, None).await.unwrap().workers.len() != 1 {
+        assert!(Instant::now() < deadline, "the worker never showed up through etcd; coordinator log:\n{}", coordinator.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
+    let got = process_call(&mut client, text_request(TEXT.as_bytes(), Default::default())).await.unwrap();
+    assert_eq!(got.kinds.last(), Some(&"done"));
+
+    // Each flag is checked where it is given: TLS without its scheme, a user without a password.
+    let e = refused(&["serve", "coordinator", "--model", &model_arg, "--etcd", etcd.endpoint.as_str()]);
+    assert!(e.contains("--etcd-ca"), "{e}");
+    let plain = etcd.endpoint.replace("https://", "http://");
+    let e = refused(&["serve", "coordinator", "--model", &model_arg, "--etcd", &plain, "--etcd-ca", &ca]);
+    assert!(e.contains("https://"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

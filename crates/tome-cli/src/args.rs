@@ -198,6 +198,38 @@ pub struct MembershipArgs {
     /// The etcd key prefix workers register under.
     #[arg(long, env = "TOME_ETCD_PREFIX", default_value = "/tome")]
     pub etcd_prefix: String,
+    /// The CA that signed etcd's certificate (PEM): talk to etcd over TLS.
+    #[arg(long, env = "TOME_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// A client certificate for etcd (PEM; for etcd's --client-cert-auth), with --etcd-key.
+    #[arg(long, env = "TOME_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "TOME_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// The etcd user to authenticate as, with --etcd-password-file.
+    #[arg(long, env = "TOME_ETCD_USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// The file whose first line is the etcd user's password (a mounted Secret).
+    #[arg(long, env = "TOME_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl MembershipArgs {
+    /// How to reach etcd, or `None` without `--etcd`.
+    pub fn etcd_access(&self) -> anyhow::Result<Option<tome_server::EtcdAccess>> {
+        if self.etcd.is_empty() {
+            return Ok(None);
+        }
+        let settings = tome_server::EtcdSettings {
+            endpoints: self.etcd.clone(),
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            user: self.etcd_user.clone(),
+            password_file: self.etcd_password_file.clone(),
+        };
+        tome_server::EtcdAccess::new(&settings).map(Some).map_err(|e| anyhow::anyhow!(e))
+    }
 }
 
 #[derive(Args)]
@@ -217,7 +249,8 @@ pub struct CoordinatorArgs {
     pub workers: Vec<String>,
     #[command(flatten)]
     pub membership: MembershipArgs,
-    /// How often a static list's workers are probed, in milliseconds.
+    /// How often the workers (a static list's, or those registered in etcd) are probed, in
+    /// milliseconds: one that does not answer is not planned on.
     #[arg(long, env = "TOME_PROBE_MS", default_value_t = 1000)]
     pub probe_ms: u64,
     /// Runs of one job, the first included: a job whose workers are lost runs again on the live

@@ -93,13 +93,13 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let server_tls = listener_tls(args.listen, &args.tls)?;
     let worker_tls = cluster_client_tls(args.tls_ca.as_deref(), &args.tls)?;
     install_metrics(&args.ops).await?;
-    let membership: Arc<dyn Membership> = if !args.membership.etcd.is_empty() {
-        let m = EtcdMembership::start(args.membership.etcd.clone(), &args.membership.etcd_prefix)
-            .await
-            .with_context(|| format!("connecting to etcd at {}", args.membership.etcd.join(",")))?;
+    let probe_every = Duration::from_millis(args.probe_ms.max(50));
+    let membership: Arc<dyn Membership> = if let Some(etcd) = args.membership.etcd_access()? {
+        let endpoints = etcd.endpoints().join(",");
+        let m = EtcdMembership::start(etcd, &args.membership.etcd_prefix, probe_every, worker_tls.clone()).await.with_context(|| format!("connecting to etcd at {endpoints}"))?;
         Arc::new(m)
     } else {
-        Arc::new(StaticMembership::start(args.workers.clone(), Duration::from_millis(args.probe_ms.max(50)), worker_tls.clone()))
+        Arc::new(StaticMembership::start(args.workers.clone(), probe_every, worker_tls.clone()))
     };
     let limits = config(&args.embedded);
     let cluster = Arc::new(Cluster::new(membership, limits.limits.max_message_bytes, limits.hidden_rows_per_message).with_attempts(args.job_attempts).with_tls(worker_tls));
@@ -140,11 +140,8 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let gpus = tome_worker::transport::NcclGpus::detect();
     tracing::info!(gpus = gpus.count(), "GPUs for ranks that talk over NCCL");
     let service = Arc::new(WorkerService::new(models, hub.clone(), config, gpus));
-    let etcd = (!args.membership.etcd.is_empty()).then(|| EtcdOptions {
-        endpoints: args.membership.etcd.clone(),
-        prefix: args.membership.etcd_prefix.clone(),
-        ttl: Duration::from_secs(args.etcd_ttl_seconds.max(1)),
-    });
+    let etcd =
+        args.membership.etcd_access()?.map(|access| EtcdOptions { access, prefix: args.membership.etcd_prefix.clone(), ttl: Duration::from_secs(args.etcd_ttl_seconds.max(1)) });
     let options = ServeOptions { max_message_bytes: args.max_message_bytes, grace: Duration::from_secs(args.ops.grace_seconds), etcd, tls: server_tls };
     eprintln!("tome: worker {name}, reached at {advertise}");
     tome_worker::serve(listener, service, hub, options, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))

@@ -1,13 +1,19 @@
 //! Which workers are live: the set a coordinator plans over.
 //!
-//! Two backends behind one trait, passing one conformance suite (tests/membership.rs):
-//! - [`StaticMembership`]: a fixed `--workers` list, probed with `Worker.Info`; a worker is live
-//!   while it answers.
+//! Two sources of candidates behind one trait, passing one conformance suite
+//! (tests/membership.rs):
+//! - [`StaticMembership`]: a fixed `--workers` list.
 //! - [`EtcdMembership`]: workers register under `{prefix}/workers/` with a lease
-//!   (`tome_worker::EtcdRegistration`); the coordinator reads the prefix and watches it, so a
-//!   worker that leaves or whose lease expires drops out at once.
+//!   (`tome_worker::EtcdRegistration`); the coordinator reads the prefix and watches it.
+//!
+//! Either way a candidate is live only while it answers `Worker.Info` to the coordinator's
+//! probes, every `every`: a worker that died is dropped within a probe whatever etcd says, and
+//! during an etcd outage the last entries known are still probed, so jobs keep running on the
+//! live ones. Over TLS the probe's handshake checks the worker's certificate (the cluster CA
+//! signed it, for the host it is reached at), and a registered entry counts only if the worker
+//! at its address answers with the entry's name: writing to etcd alone places no one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
@@ -38,31 +44,72 @@ fn publish(tx: &watch::Sender<Vec<pb::WorkerInfo>>, mut workers: Vec<pb::WorkerI
     });
 }
 
+/// A worker a source names: where to reach it and, for a registered entry, the name it
+/// registered under (which the worker must answer with).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Candidate {
+    address: String,
+    name: Option<String>,
+}
+
+/// Probes the current candidates every `every` (and at once when they change) and publishes
+/// those that answer as themselves.
+fn spawn_prober(mut candidates: watch::Receiver<Vec<Candidate>>, every: Duration, tls: Option<ClientTlsConfig>, tx: watch::Sender<Vec<pb::WorkerInfo>>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        // Entries refused for their identity are said once each, not every probe.
+        let mut refused: HashSet<(String, String)> = HashSet::new();
+        loop {
+            let now: Vec<Candidate> = candidates.borrow_and_update().clone();
+            let mut probes = tokio::task::JoinSet::new();
+            for c in now {
+                let (timeout, tls) = (every.max(Duration::from_millis(500)), tls.clone());
+                probes.spawn(async move {
+                    let info = probe(c.address.clone(), timeout, tls).await;
+                    (c, info)
+                });
+            }
+            let mut live = Vec::new();
+            while let Some(answer) = probes.join_next().await {
+                let Ok((candidate, Some(info))) = answer else { continue };
+                match &candidate.name {
+                    Some(name) if *name != info.name || info.address != candidate.address => {
+                        if refused.insert((name.clone(), candidate.address.clone())) {
+                            warn!(
+                                entry = %name,
+                                address = %candidate.address,
+                                answered_name = %info.name,
+                                answered_address = %info.address,
+                                "a registered worker is not who answers at its address; not planning on it"
+                            );
+                        }
+                    }
+                    _ => live.push(info),
+                }
+            }
+            publish(&tx, live);
+            tokio::select! {
+                changed = candidates.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    })
+}
+
 /// A fixed list of worker addresses, each probed every `every` (over TLS with a TLS
 /// configuration).
 pub struct StaticMembership {
     rx: watch::Receiver<Vec<pb::WorkerInfo>>,
     task: JoinHandle<()>,
+    // Keeps the candidates' channel open for the prober.
+    _candidates: watch::Sender<Vec<Candidate>>,
 }
 
 impl StaticMembership {
     pub fn start(addresses: Vec<String>, every: Duration, tls: Option<ClientTlsConfig>) -> Self {
+        let (candidates, candidates_rx) = watch::channel(addresses.into_iter().map(|address| Candidate { address, name: None }).collect());
         let (tx, rx) = watch::channel(Vec::new());
-        let task = tokio::spawn(async move {
-            loop {
-                let mut probes = tokio::task::JoinSet::new();
-                for a in &addresses {
-                    probes.spawn(probe(a.clone(), every.max(Duration::from_millis(500)), tls.clone()));
-                }
-                let mut live = Vec::new();
-                while let Some(answer) = probes.join_next().await {
-                    live.extend(answer.ok().flatten());
-                }
-                publish(&tx, live);
-                tokio::time::sleep(every).await;
-            }
-        });
-        StaticMembership { rx, task }
+        let task = spawn_prober(candidates_rx, every, tls, tx);
+        StaticMembership { rx, task, _candidates: candidates }
     }
 }
 
@@ -98,45 +145,49 @@ impl Drop for StaticMembership {
     }
 }
 
-/// The workers registered in etcd under a prefix.
+/// The workers registered in etcd under a prefix, each live while it answers its probes.
 pub struct EtcdMembership {
     rx: watch::Receiver<Vec<pb::WorkerInfo>>,
-    task: JoinHandle<()>,
+    follower: JoinHandle<()>,
+    prober: JoinHandle<()>,
 }
 
 impl EtcdMembership {
     /// Connects (the first connection must succeed: a wrong address is a start-up error), then
-    /// follows the prefix in the background, reconnecting when etcd goes away.
-    pub async fn start(endpoints: Vec<String>, prefix: &str) -> Result<Self, etcd_client::Error> {
-        let client = Client::connect(&endpoints, Some(tome_server::etcd_options())).await?;
+    /// follows the prefix in the background, reconnecting when etcd goes away, and probes the
+    /// entries every `every` (over TLS with `tls`).
+    pub async fn start(etcd: tome_server::EtcdAccess, prefix: &str, every: Duration, tls: Option<ClientTlsConfig>) -> Result<Self, etcd_client::Error> {
+        let client = etcd.connect().await?;
         let prefix = format!("{}/workers/", prefix.trim_end_matches('/'));
-        let (tx, rx) = watch::channel(Vec::new());
-        let task = tokio::spawn(async move {
+        let (candidates, candidates_rx) = watch::channel(Vec::new());
+        let follower = tokio::spawn(async move {
             let mut client = Some(client);
             loop {
                 let c = match client.take() {
                     Some(c) => c,
-                    None => match Client::connect(&endpoints, Some(tome_server::etcd_options())).await {
+                    None => match etcd.connect().await {
                         Ok(c) => c,
                         Err(e) => {
-                            warn!(error = %e, "etcd unreachable; retrying");
+                            warn!(error = %e, "etcd unreachable; retrying (the last workers known stay candidates)");
                             tokio::time::sleep(Duration::from_secs(1)).await;
                             continue;
                         }
                     },
                 };
-                if let Err(e) = follow(c, &prefix, &tx).await {
+                if let Err(e) = follow(c, &prefix, &candidates).await {
                     warn!(error = %e, "lost the etcd watch; resyncing");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
         });
-        Ok(EtcdMembership { rx, task })
+        let (tx, rx) = watch::channel(Vec::new());
+        let prober = spawn_prober(candidates_rx, every, tls, tx);
+        Ok(EtcdMembership { rx, follower, prober })
     }
 }
 
 /// Reads the prefix, then applies every change to it until the watch fails.
-async fn follow(mut client: Client, prefix: &str, tx: &watch::Sender<Vec<pb::WorkerInfo>>) -> Result<(), etcd_client::Error> {
+async fn follow(mut client: Client, prefix: &str, tx: &watch::Sender<Vec<Candidate>>) -> Result<(), etcd_client::Error> {
     let resp = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let mut workers: BTreeMap<Vec<u8>, pb::WorkerInfo> = BTreeMap::new();
@@ -145,7 +196,7 @@ async fn follow(mut client: Client, prefix: &str, tx: &watch::Sender<Vec<pb::Wor
             workers.insert(kv.key().to_vec(), info);
         }
     }
-    publish(tx, workers.values().cloned().collect());
+    publish_candidates(tx, &workers);
     info!(workers = workers.len(), revision, "following etcd");
     let mut stream = client.watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1))).await?;
     while let Some(resp) = stream.message().await? {
@@ -165,9 +216,21 @@ async fn follow(mut client: Client, prefix: &str, tx: &watch::Sender<Vec<pb::Wor
                 }
             }
         }
-        publish(tx, workers.values().cloned().collect());
+        publish_candidates(tx, &workers);
     }
     Err(etcd_client::Error::WatchError("the watch stream ended".into()))
+}
+
+/// The registered entries as candidates, published if they changed.
+fn publish_candidates(tx: &watch::Sender<Vec<Candidate>>, entries: &BTreeMap<Vec<u8>, pb::WorkerInfo>) {
+    let candidates: Vec<Candidate> = entries.values().map(|w| Candidate { address: w.address.clone(), name: Some(w.name.clone()) }).collect();
+    tx.send_if_modified(|current| {
+        let changed = *current != candidates;
+        if changed {
+            *current = candidates;
+        }
+        changed
+    });
 }
 
 fn decode(key: &[u8], value: &[u8]) -> Option<pb::WorkerInfo> {
@@ -188,6 +251,7 @@ impl Membership for EtcdMembership {
 
 impl Drop for EtcdMembership {
     fn drop(&mut self) {
-        self.task.abort();
+        self.follower.abort();
+        self.prober.abort();
     }
 }

@@ -6,7 +6,8 @@
 //! - [`status`]: what a status carries beyond its code, written by one server and read by
 //!   another or by a client: a refusal for now (`retry-after`), a failure that is a
 //!   consequence of another rank's (`tome-peer-failed`).
-//! - [`etcd_options`]: how every process connects to etcd (workers register, coordinators watch).
+//! - [`EtcdAccess`]: how every process reaches etcd (workers register, coordinators watch):
+//!   endpoints, TLS, credentials, keep-alives.
 //! - [`auth`]: API keys on the public API (`authorization: Bearer KEY`), checked by the server
 //!   and sent by clients.
 //! - [`tls`]: TLS for every listener and client, from the `--tls-*` PEM files, and the rule that
@@ -23,4 +24,4 @@ pub mod status;
 pub mod tls;
 
 pub use deadline::grpc_timeout;
-pub use etcd::etcd_options;
+pub use etcd::{etcd_options, EtcdAccess, EtcdSettings};

@@ -12,7 +12,7 @@ use etcd_client::{Client, PutOptions};
 use prost::Message;
 use tokio::task::JoinHandle;
 use tome_proto::v1 as pb;
-use tome_server::etcd_options;
+use tome_server::EtcdAccess;
 use tracing::{info, warn};
 
 /// The first wait after etcd failed to answer; it doubles up to [`MAX_BACKOFF`].
@@ -38,10 +38,10 @@ pub struct EtcdRegistration {
 impl EtcdRegistration {
     /// Starts registering `info` under `prefix` with a lease of `ttl`, kept alive every third of
     /// it, in the background: returns at once, whether etcd answers or not.
-    pub fn start(endpoints: Vec<String>, prefix: &str, info: &pb::WorkerInfo, ttl: Duration) -> Self {
+    pub fn start(etcd: EtcdAccess, prefix: &str, info: &pb::WorkerInfo, ttl: Duration) -> Self {
         let key = worker_key(prefix, &info.name);
         let registered: Registered = Arc::default();
-        let task = tokio::spawn(stay_registered(endpoints, key.clone(), info.encode_to_vec(), ttl, registered.clone()));
+        let task = tokio::spawn(stay_registered(etcd, key.clone(), info.encode_to_vec(), ttl, registered.clone()));
         EtcdRegistration { key, registered, task }
     }
 
@@ -82,10 +82,10 @@ impl EtcdRegistration {
 }
 
 /// Registers, keeps the lease alive, and registers anew whenever that fails, for ever.
-async fn stay_registered(endpoints: Vec<String>, key: String, value: Vec<u8>, ttl: Duration, registered: Registered) {
+async fn stay_registered(etcd: EtcdAccess, key: String, value: Vec<u8>, ttl: Duration, registered: Registered) {
     let mut backoff = MIN_BACKOFF;
     loop {
-        let why = match register(&endpoints, &key, &value, ttl).await {
+        let why = match register(&etcd, &key, &value, ttl).await {
             Ok((client, lease)) => {
                 info!(%key, lease, "registered in etcd");
                 backoff = MIN_BACKOFF;
@@ -102,8 +102,8 @@ async fn stay_registered(endpoints: Vec<String>, key: String, value: Vec<u8>, tt
     }
 }
 
-async fn register(endpoints: &[String], key: &str, value: &[u8], ttl: Duration) -> Result<(Client, i64), etcd_client::Error> {
-    let mut client = Client::connect(endpoints, Some(etcd_options())).await?;
+async fn register(etcd: &EtcdAccess, key: &str, value: &[u8], ttl: Duration) -> Result<(Client, i64), etcd_client::Error> {
+    let mut client = etcd.connect().await?;
     let lease = client.lease_grant(ttl.as_secs().max(1) as i64, None).await?.id();
     client.put(key, value, Some(PutOptions::new().with_lease(lease))).await?;
     Ok((client, lease))

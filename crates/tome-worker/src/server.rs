@@ -35,7 +35,7 @@ pub struct ServeOptions {
 }
 
 pub struct EtcdOptions {
-    pub endpoints: Vec<String>,
+    pub access: tome_server::EtcdAccess,
     pub prefix: String,
     pub ttl: Duration,
 }
@@ -62,7 +62,7 @@ pub async fn serve(
         .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
     // In the background: a worker serves whether etcd answers now or only later.
-    let registration = options.etcd.as_ref().map(|e| EtcdRegistration::start(e.endpoints.clone(), &e.prefix, &service.info(), e.ttl));
+    let registration = options.etcd.as_ref().map(|e| EtcdRegistration::start(e.access.clone(), &e.prefix, &service.info(), e.ttl));
     let worker = WorkerServer::from_arc(service.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
     info!(address = %listener.local_addr()?, name = %service.config().name, tls = options.tls.is_some(), "serving tome.v1.Worker and tome.v1.Peer");
     let grace = options.grace;
