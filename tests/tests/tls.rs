@@ -337,3 +337,53 @@ async fn workers_register_and_coordinators_watch_over_tls_to_an_etcd_that_checks
     assert!(e.contains("https://"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Replaces `to` with `from` in one step, as a Secret's update is seen by the pod.
+fn replace_file(from: &std::path::Path, to: &std::path::Path) {
+    let staged = to.with_extension("staged");
+    std::fs::copy(from, &staged).unwrap();
+    std::fs::rename(&staged, to).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_certificates_and_client_cas_take_effect_without_a_restart() {
+    let Some(model) = minilm() else { return };
+    let pki = Pki::new("rotate");
+    // The server reads its files from a directory of its own, as from a mounted Secret.
+    let live = pki.dir.join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    for (from, to) in [("coordinator.pem", "tls.crt"), ("coordinator.key", "tls.key"), ("ca.pem", "client-ca.crt")] {
+        std::fs::copy(pki.dir.join(from), live.join(to)).unwrap();
+    }
+    let (cert, key, client_ca) = (live.join("tls.crt"), live.join("tls.key"), live.join("client-ca.crt"));
+    let model_arg = model.to_string_lossy();
+    let args =
+        ["--log", "info", "run", "--model", &model_arg, "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap(), "--tls-client-ca", client_ca.to_str().unwrap()];
+    let (old, new) = (Some(pki.client("ca", Some("client"))), Some(pki.client("stranger-ca", Some("stranger"))));
+    let server = spawn_serving_tls(&args, "tome.v1.Tome", Some(pki.dir.join("server.log")), "127.0.0.1:0".into(), old.clone()).await;
+    assert!(coordinator_info(&server.host_port, old.clone()).await.is_ok());
+    assert!(coordinator_info(&server.host_port, new.clone()).await.is_err(), "the other CA is not trusted yet");
+
+    // Rotation: a certificate from another CA, and that CA for the callers.
+    replace_file(&pki.dir.join("stranger.pem"), &cert);
+    replace_file(&pki.dir.join("stranger.key"), &key);
+    replace_file(&pki.dir.join("stranger-ca.pem"), &client_ca);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while coordinator_info(&server.host_port, new.clone()).await.is_err() {
+        assert!(Instant::now() < deadline, "the rotated files were not picked up; the server's log:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(coordinator_info(&server.host_port, old).await.is_err(), "the old identity and CA are gone");
+    assert!(server.log_text().contains("reloaded TLS files"), "{}", server.log_text());
+
+    // Files that cannot be used (a key that is not the certificate's) leave the server as it was.
+    replace_file(&pki.dir.join("worker.key"), &key);
+    tokio::time::sleep(tome_server_reload_check() * 2).await;
+    assert!(coordinator_info(&server.host_port, new).await.is_ok(), "a bad rotation keeps the previous configuration");
+    assert!(server.log_text().contains("cannot be used; keeping the previous ones"), "{}", server.log_text());
+}
+
+/// How often servers look at their TLS files (tome_server::tls::RELOAD_CHECK).
+fn tome_server_reload_check() -> Duration {
+    Duration::from_secs(2)
+}

@@ -9,7 +9,6 @@ use tome_model::ModelDir;
 use tome_net::{PeerHub, PeerLimits};
 use tome_server::tls::{self, ClientTlsFiles, Exposure};
 use tome_worker::{EtcdOptions, ServeOptions, WorkerConfig, WorkerService};
-use tonic::transport::{ClientTlsConfig, ServerTlsConfig};
 
 use crate::args::{CoordinatorArgs, OpsArgs, ServeCommand, ServerTlsArgs, WorkerArgs};
 use crate::embedded::{config, load_models, shutdown_signal};
@@ -29,7 +28,7 @@ pub fn api_keys(file: Option<&std::path::Path>) -> anyhow::Result<Option<Arc<tom
     file.map(|f| tome_server::auth::ApiKeys::from_file(f).map(Arc::new).map_err(|e| anyhow::anyhow!(e))).transpose()
 }
 
-pub fn listener_tls(listen: std::net::SocketAddr, args: &ServerTlsArgs) -> anyhow::Result<Option<ServerTlsConfig>> {
+pub fn listener_tls(listen: std::net::SocketAddr, args: &ServerTlsArgs) -> anyhow::Result<Option<tls::ServerTls>> {
     let config = tls::server_config(&args.files())?;
     match tls::check_listen(listen, config.is_some(), args.insecure_plaintext)? {
         Exposure::InsecurePlaintext => tracing::warn!(
@@ -44,12 +43,12 @@ pub fn listener_tls(listen: std::net::SocketAddr, args: &ServerTlsArgs) -> anyho
 
 /// The TLS a server calls workers with: the cluster CA (`ca`) and, as its identity, the
 /// server's own certificate, which workers check against the same CA.
-fn cluster_client_tls(ca: Option<&std::path::Path>, server: &ServerTlsArgs) -> anyhow::Result<Option<ClientTlsConfig>> {
+fn cluster_client_tls(ca: Option<&std::path::Path>, server: &ServerTlsArgs) -> anyhow::Result<Option<tls::ClientTls>> {
     let Some(ca) = ca else { return Ok(None) };
     if server.tls_cert.is_none() {
         bail!("calling workers over TLS (--tls-ca {}) needs --tls-cert and --tls-key: workers take calls only from holders of a cluster certificate", ca.display());
     }
-    Ok(tls::client_config(&ClientTlsFiles { ca: Some(ca.to_path_buf()), cert: server.tls_cert.clone(), key: server.tls_key.clone() })?)
+    Ok(tls::follow_client(&ClientTlsFiles { ca: Some(ca.to_path_buf()), cert: server.tls_cert.clone(), key: server.tls_key.clone() })?)
 }
 
 /// Binds the server's address and says where it listens on stdout (one line, `tome listening

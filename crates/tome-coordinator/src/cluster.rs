@@ -23,10 +23,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tome_net::{tensor_from_wire, TraceParent};
 use tome_proto::v1 as pb;
+use tome_server::tls::ClientTls;
 use tome_worker::transport::{self, Hosts, Transport};
 use tome_worker::{activation_bytes, assemble, pool_targets, wire, Gathered, JobEvent, JobOutput, JobSpec, WorkerError};
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::error::CoordError;
@@ -41,7 +42,7 @@ pub const DEFAULT_JOB_ATTEMPTS: usize = 3;
 
 pub struct Cluster {
     membership: Arc<dyn Membership>,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<Channels>,
     /// What this coordinator's jobs in flight hold on each worker (by name): the membership's
     /// figures lag (etcd entries are written once), so placement counts its own.
     reserved: Arc<Mutex<HashMap<String, Load>>>,
@@ -49,8 +50,16 @@ pub struct Cluster {
     rows_per_message: usize,
     /// Runs of one job, the first included, when workers are lost under it.
     attempts: usize,
-    /// TLS for the calls to workers (the cluster CA, this coordinator's certificate).
-    tls: Option<ClientTlsConfig>,
+}
+
+/// The connections to workers, and the TLS they were made with.
+#[derive(Default)]
+struct Channels {
+    by_address: HashMap<String, Channel>,
+    /// TLS for the calls to workers (the cluster CA, this coordinator's certificate), as it
+    /// follows its files: connections made before a change are dropped, so new calls present
+    /// the new certificate.
+    tls: Option<ClientTls>,
 }
 
 #[derive(Clone, Copy, Default, Debug)]
@@ -82,12 +91,12 @@ impl Drop for Placement {
 
 impl Cluster {
     pub fn new(membership: Arc<dyn Membership>, max_message_bytes: usize, rows_per_message: usize) -> Self {
-        Cluster { membership, channels: Mutex::new(HashMap::new()), reserved: Arc::default(), max_message_bytes, rows_per_message, attempts: DEFAULT_JOB_ATTEMPTS, tls: None }
+        Cluster { membership, channels: Mutex::default(), reserved: Arc::default(), max_message_bytes, rows_per_message, attempts: DEFAULT_JOB_ATTEMPTS }
     }
 
     /// Calls workers over TLS with `tls` (plaintext with `None`).
-    pub fn with_tls(mut self, tls: Option<ClientTlsConfig>) -> Self {
-        self.tls = tls;
+    pub fn with_tls(mut self, tls: Option<ClientTls>) -> Self {
+        self.channels.get_mut().unwrap_or_else(|p| p.into_inner()).tls = tls;
         self
     }
 
@@ -159,13 +168,21 @@ impl Cluster {
     /// member: workers come and go (a Kubernetes pod gets a new address each time), so
     /// connections to addresses that left the membership are dropped whenever a new one is made.
     fn channel(&self, address: &str) -> Result<Channel, WorkerError> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(address) {
+        let mut guard = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let channels = &mut *guard;
+        if let Some(tls) = channels.tls.as_mut() {
+            if tls.has_changed().unwrap_or(false) {
+                tls.mark_unchanged();
+                channels.by_address.clear();
+            }
+        }
+        if let Some(c) = channels.by_address.get(address) {
             return Ok(c.clone());
         }
         let live = self.membership.live();
-        channels.retain(|a, _| live.iter().any(|w| &w.address == a));
-        let endpoint = tome_server::tls::endpoint(address, self.tls.as_ref())
+        channels.by_address.retain(|a, _| live.iter().any(|w| &w.address == a));
+        let tls = channels.tls.as_ref().map(|t| t.borrow().clone());
+        let endpoint = tome_server::tls::endpoint(address, tls.as_ref())
             .map_err(|e| WorkerError::Internal(format!("worker address {address}: {e}")))?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
@@ -175,7 +192,7 @@ impl Cluster {
             .keep_alive_timeout(tome_net::PEER_KEEPALIVE)
             .keep_alive_while_idle(true);
         let channel = endpoint.connect_lazy();
-        channels.insert(address.to_string(), channel.clone());
+        channels.by_address.insert(address.to_string(), channel.clone());
         Ok(channel)
     }
 
@@ -544,7 +561,7 @@ mod tests {
         // The first pod is replaced by one at a new address.
         members.0.send_replace(vec![worker("10.0.0.2:7001"), worker("10.0.0.3:7001")]);
         cluster.channel("10.0.0.3:7001").unwrap();
-        let mut kept: Vec<String> = cluster.channels.lock().unwrap().keys().cloned().collect();
+        let mut kept: Vec<String> = cluster.channels.lock().unwrap().by_address.keys().cloned().collect();
         kept.sort();
         assert_eq!(kept, ["10.0.0.2:7001", "10.0.0.3:7001"]);
     }

@@ -21,7 +21,7 @@ use prost::Message;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tome_proto::v1 as pb;
-use tonic::transport::ClientTlsConfig;
+use tome_server::tls::ClientTls;
 use tracing::{debug, info, warn};
 
 /// The live workers, ordered by name; every change is published.
@@ -54,15 +54,17 @@ struct Candidate {
 
 /// Probes the current candidates every `every` (and at once when they change) and publishes
 /// those that answer as themselves.
-fn spawn_prober(mut candidates: watch::Receiver<Vec<Candidate>>, every: Duration, tls: Option<ClientTlsConfig>, tx: watch::Sender<Vec<pb::WorkerInfo>>) -> JoinHandle<()> {
+fn spawn_prober(mut candidates: watch::Receiver<Vec<Candidate>>, every: Duration, tls: Option<ClientTls>, tx: watch::Sender<Vec<pb::WorkerInfo>>) -> JoinHandle<()> {
     tokio::spawn(async move {
         // Entries refused for their identity are said once each, not every probe.
         let mut refused: HashSet<(String, String)> = HashSet::new();
         loop {
             let now: Vec<Candidate> = candidates.borrow_and_update().clone();
             let mut probes = tokio::task::JoinSet::new();
+            // The configuration as it is now (certificates are reloaded when their files change).
+            let tls_now = tls.as_ref().map(|t| t.borrow().clone());
             for c in now {
-                let (timeout, tls) = (every.max(Duration::from_millis(500)), tls.clone());
+                let (timeout, tls) = (every.max(Duration::from_millis(500)), tls_now.clone());
                 probes.spawn(async move {
                     let info = probe(c.address.clone(), timeout, tls).await;
                     (c, info)
@@ -105,7 +107,7 @@ pub struct StaticMembership {
 }
 
 impl StaticMembership {
-    pub fn start(addresses: Vec<String>, every: Duration, tls: Option<ClientTlsConfig>) -> Self {
+    pub fn start(addresses: Vec<String>, every: Duration, tls: Option<ClientTls>) -> Self {
         let (candidates, candidates_rx) = watch::channel(addresses.into_iter().map(|address| Candidate { address, name: None }).collect());
         let (tx, rx) = watch::channel(Vec::new());
         let task = spawn_prober(candidates_rx, every, tls, tx);
@@ -114,7 +116,7 @@ impl StaticMembership {
 }
 
 /// `Worker.Info` of the worker at `address`, or `None` if it does not answer in time.
-async fn probe(address: String, timeout: Duration, tls: Option<ClientTlsConfig>) -> Option<pb::WorkerInfo> {
+async fn probe(address: String, timeout: Duration, tls: Option<tonic::transport::ClientTlsConfig>) -> Option<pb::WorkerInfo> {
     let endpoint = match tome_server::tls::endpoint(&address, tls.as_ref()) {
         Ok(e) => e.connect_timeout(timeout).timeout(timeout),
         Err(e) => {
@@ -156,7 +158,7 @@ impl EtcdMembership {
     /// Connects (the first connection must succeed: a wrong address is a start-up error), then
     /// follows the prefix in the background, reconnecting when etcd goes away, and probes the
     /// entries every `every` (over TLS with `tls`).
-    pub async fn start(etcd: tome_server::EtcdAccess, prefix: &str, every: Duration, tls: Option<ClientTlsConfig>) -> Result<Self, etcd_client::Error> {
+    pub async fn start(etcd: tome_server::EtcdAccess, prefix: &str, every: Duration, tls: Option<ClientTls>) -> Result<Self, etcd_client::Error> {
         let client = etcd.connect().await?;
         let prefix = format!("{}/workers/", prefix.trim_end_matches('/'));
         let (candidates, candidates_rx) = watch::channel(Vec::new());

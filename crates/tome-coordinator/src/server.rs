@@ -14,8 +14,9 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tome_proto::v1::tome_server::TomeServer;
 use tome_server::auth::{ApiKeys, RequireApiKey};
+use tome_server::tls::ServerTls;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::service::Coordinator;
@@ -26,7 +27,7 @@ pub async fn serve(
     listener: TcpListener,
     coordinator: Arc<Coordinator>,
     grace: Duration,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<ServerTls>,
     api_keys: Option<Arc<ApiKeys>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -55,10 +56,10 @@ pub async fn serve(
             coordinator.wait_idle(Duration::from_secs(10)).await;
         }
     };
-    let mut server = Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls)?;
+    let router = Server::builder().add_service(health_service).add_service(reflection).add_service(tome);
+    match tls {
+        Some(tls) => router.serve_with_incoming_shutdown(tls.incoming(listener), shutdown).await?,
+        None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await?,
     }
-    server.add_service(health_service).add_service(reflection).add_service(tome).serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await?;
     Ok(())
 }

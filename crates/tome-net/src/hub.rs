@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use std::time::Instant;
+use tokio::sync::watch;
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -80,8 +81,9 @@ pub(crate) struct HubInner {
     cancelled: Mutex<RecentCancels>,
     pub(crate) limits: PeerLimits,
     pub(crate) runtime: tokio::runtime::Handle,
-    /// TLS for streams to other workers; plaintext without it.
-    tls: Option<ClientTlsConfig>,
+    /// TLS for streams to other workers, as it is now (it follows its files); plaintext
+    /// without it.
+    tls: Option<watch::Receiver<ClientTlsConfig>>,
 }
 
 /// How often a peer connection is pinged, and how long a ping may go unanswered.
@@ -162,7 +164,7 @@ impl PeerHub {
 
     /// A hub whose streams to other workers go over TLS when `tls` is given (peer addresses
     /// stay `host:port`; the scheme becomes `https`).
-    pub fn with_tls(runtime: tokio::runtime::Handle, limits: PeerLimits, tls: Option<ClientTlsConfig>) -> Self {
+    pub fn with_tls(runtime: tokio::runtime::Handle, limits: PeerLimits, tls: Option<watch::Receiver<ClientTlsConfig>>) -> Self {
         PeerHub { inner: Arc::new(HubInner { ranks: Mutex::new(HashMap::new()), joined: Notify::new(), cancelled: Mutex::new(RecentCancels::default()), limits, runtime, tls }) }
     }
 
@@ -253,7 +255,8 @@ impl HubInner {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}")).map_err(|e| format!("bad peer address {address}: {e}"))?;
         if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("TLS to peer {address}: {e}"))?;
+            let tls = tls.borrow().clone();
+            endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS to peer {address}: {e}"))?;
         }
         let endpoint = endpoint
             .connect_timeout(self.limits.connect_timeout)

@@ -9,7 +9,17 @@
 //! - [`check_listen`]: a listener reachable beyond loopback speaks TLS, or the operator says
 //!   `--insecure-plaintext` and the server says so loudly.
 //!
+//! - [`ServerTls`] and [`follow_client`] (module `reload`): configurations that follow their
+//!   files, so rotated certificates take effect without a restart.
+//!
 //! Every error names the file (or flag) it is about. The crypto is rustls with ring.
+
+mod reload;
+
+pub use reload::{follow_client, ServerTls, RELOAD_CHECK};
+
+/// A client's TLS configuration as it follows its files: read the current one with `borrow()`.
+pub type ClientTls = tokio::sync::watch::Receiver<ClientTlsConfig>;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,7 +27,7 @@ use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// How long a server waits for a connection's TLS handshake: a caller that opens a connection
 /// and says nothing does not hold it longer.
@@ -91,23 +101,10 @@ fn identity(cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Identity>,
     }
 }
 
-/// The server TLS `files` configure, or `None` without `--tls-cert` (plaintext).
-pub fn server_config(files: &ServerTlsFiles) -> Result<Option<ServerTlsConfig>, TlsError> {
-    let Some(identity) = identity(files.cert.as_deref(), files.key.as_deref())? else {
-        if files.client_ca.is_some() {
-            return Err(err("--tls-client-ca needs --tls-cert and --tls-key: a server checks its callers' certificates only over TLS"));
-        }
-        return Ok(None);
-    };
-    let mut config = ServerTlsConfig::new().identity(identity).timeout(HANDSHAKE_TIMEOUT);
-    if let Some(ca) = &files.client_ca {
-        config = config.client_ca_root(Certificate::from_pem(read_certificates(ca, "--tls-client-ca")?));
-    }
-    // Build it once here, so a key that does not match its certificate is an error at start-up.
-    tonic::transport::Server::builder()
-        .tls_config(config.clone())
-        .map_err(|e| err(format!("--tls-cert {} with --tls-key {}: {}", show(&files.cert), show(&files.key), source_chain(&e))))?;
-    Ok(Some(config))
+/// The server TLS `files` configure, followed from now on, or `None` without `--tls-cert`
+/// (plaintext). A key that does not match its certificate is an error here, at start-up.
+pub fn server_config(files: &ServerTlsFiles) -> Result<Option<ServerTls>, TlsError> {
+    ServerTls::load(files)
 }
 
 /// The client TLS `files` configure, or `None` without `--tls-ca` (plaintext).

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tome_net::PeerHub;
 use tome_proto::v1::peer_server::PeerServer;
 use tome_proto::v1::worker_server::WorkerServer;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::registration::EtcdRegistration;
@@ -31,7 +31,7 @@ pub struct ServeOptions {
     pub grace: Duration,
     pub etcd: Option<EtcdOptions>,
     /// TLS for the listener (see `tome_server::tls`); plaintext without it.
-    pub tls: Option<ServerTlsConfig>,
+    pub tls: Option<tome_server::tls::ServerTls>,
 }
 
 pub struct EtcdOptions {
@@ -82,16 +82,10 @@ pub async fn serve(
             service.wait_idle(Duration::from_secs(10)).await;
         }
     };
-    let mut server = Server::builder();
-    if let Some(tls) = options.tls {
-        server = server.tls_config(tls)?;
+    let router = Server::builder().add_service(health_service).add_service(reflection).add_service(worker).add_service(hub.service());
+    match options.tls {
+        Some(tls) => router.serve_with_incoming_shutdown(tls.incoming(listener), drain).await?,
+        None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain).await?,
     }
-    server
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(worker)
-        .add_service(hub.service())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
-        .await?;
     Ok(())
 }
