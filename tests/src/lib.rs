@@ -354,10 +354,15 @@ pub async fn reflection_services(addr: &str) -> Vec<String> {
 
 /// A plain HTTP GET (the metrics endpoint speaks HTTP/1).
 pub fn http_get(addr: &str, path: &str) -> String {
+    try_http_get(addr, path).unwrap()
+}
+
+/// A plain HTTP GET, or the I/O error that ended it (a TLS listener hangs up on one).
+pub fn try_http_get(addr: &str, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body)?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }

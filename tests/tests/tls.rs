@@ -243,6 +243,8 @@ async fn beyond_loopback_plaintext_is_refused_unless_insecure_plaintext_says_so(
         vec!["serve", "coordinator", "--model", &model, "--workers", "127.0.0.1:1", "--listen", "0.0.0.0:0"],
         vec!["serve", "worker", "--model", &model, "--listen", "0.0.0.0:0"],
         vec!["serve", "worker", "--model", &model, "--listen", "[::]:0"],
+        // The metrics listener too.
+        vec!["run", "--model", &model, "--metrics-listen", "0.0.0.0:0"],
     ] {
         let stderr = refused(&args);
         assert!(stderr.contains("refusing to listen on") && stderr.contains("in plaintext") && stderr.contains("--insecure-plaintext"), "{stderr}");
@@ -283,11 +285,18 @@ async fn beyond_loopback_plaintext_is_refused_unless_insecure_plaintext_says_so(
     let args = ["serve", "worker", "--model", &model];
     let plain = spawn_serving_at(&args, "tome.v1.Worker", None, "127.0.0.1:0".into()).await;
     assert!(worker_info(&plain.host_port, None).await.is_ok());
-    let mut args = vec!["run", "--model", &*model];
+    let mut args = vec!["run", "--model", &*model, "--metrics-listen", "0.0.0.0:0"];
     let flags = pki.server_flags("coordinator");
     args.extend(flags.iter().map(String::as_str));
     let tls = spawn_serving_tls(&args, "tome.v1.Tome", None, "0.0.0.0:0".into(), Some(pki.client("ca", Some("client")))).await;
     assert_eq!(coordinator_info(&tls.host_port, Some(pki.client("ca", Some("client")))).await.unwrap().backend, "embedded");
+    // Its metrics beyond loopback are HTTPS with the server's certificate, for scrapers that
+    // hold a certificate the client CA signed.
+    let metrics = tls.metrics.as_deref().unwrap().replace("0.0.0.0", "127.0.0.1");
+    let page = https_get(&metrics, "/metrics", &pki, Some("client")).await.unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(https_get(&metrics, "/metrics", &pki, None).await.is_err(), "a scraper without a certificate");
+    assert!(!try_http_get(&metrics, "/metrics").is_ok_and(|page| page.starts_with("HTTP/1.1 200")), "plaintext to the TLS metrics listener");
     drop((worker, plain, tls));
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -386,4 +395,37 @@ async fn rotated_certificates_and_client_cas_take_effect_without_a_restart() {
 /// How often servers look at their TLS files (tome_server::tls::RELOAD_CHECK).
 fn tome_server_reload_check() -> Duration {
     Duration::from_secs(2)
+}
+
+/// GET `path` over HTTPS from `addr`, trusting the cluster CA and presenting `identity`'s
+/// certificate, if any; `Err` when the handshake or the exchange fails.
+async fn https_get(addr: &str, path: &str, pki: &Pki, identity: Option<&str>) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pki.read("ca.pem")) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots);
+    let mut config = match identity {
+        Some(who) => {
+            let chain = CertificateDer::pem_slice_iter(&pki.read(&format!("{who}.pem"))).collect::<Result<Vec<_>, _>>().unwrap();
+            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(&pki.read(&format!("{who}.key"))).unwrap()).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let mut stream = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.map_err(|e| e.to_string())?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut page = String::new();
+    stream.read_to_string(&mut page).await.map_err(|e| e.to_string())?;
+    if page.is_empty() {
+        return Err("no answer".into());
+    }
+    Ok(page)
 }

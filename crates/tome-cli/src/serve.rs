@@ -62,9 +62,16 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpL
 /// Serves Prometheus metrics over HTTP (`GET /metrics`) on `--metrics-listen`, when given, and
 /// says where on stdout (`tome metrics on ADDR`) before the server's own `tome listening on`
 /// line, so port 0 works here too. The listener is bound before this returns: a taken port is
-/// an error at start-up, not a log line later.
-pub async fn install_metrics(ops: &OpsArgs) -> anyhow::Result<()> {
+/// an error at start-up, not a log line later. With the server's `--tls-*` files it speaks
+/// HTTPS with the server's certificate (and, with `--tls-client-ca`, takes only scrapers whose
+/// certificate that CA signed); beyond loopback it is plaintext only with
+/// `--insecure-plaintext`, like the server's own listener.
+pub async fn install_metrics(ops: &OpsArgs, server_tls: &ServerTlsArgs) -> anyhow::Result<()> {
     let Some(addr) = ops.metrics_listen else { return Ok(()) };
+    let tls = tls::ServerTls::load(&server_tls.files(), tls::Protocol::Http1)?;
+    if tls::check_listen(addr, tls.is_some(), server_tls.insecure_plaintext)? == Exposure::InsecurePlaintext {
+        tracing::warn!(%addr, "INSECURE: serving metrics in plaintext beyond loopback (--insecure-plaintext)");
+    }
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("serving metrics on {addr}"))?;
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")?;
     tome_worker::metrics::describe();
@@ -81,17 +88,55 @@ pub async fn install_metrics(ops: &OpsArgs) -> anyhow::Result<()> {
     });
     let app = axum::Router::new().route("/metrics", axum::routing::get(move || std::future::ready(handle.render())));
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let served = match tls {
+            Some(tls) => {
+                let local = listener.local_addr();
+                axum::serve(TlsListener { accepted: tls.incoming(listener), local }, app).await
+            }
+            None => axum::serve(listener, app).await,
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "the metrics server stopped");
         }
     });
     Ok(())
 }
 
+/// A listener whose connections have done their TLS handshake (tome_server's accept loop), for
+/// axum.
+struct TlsListener {
+    accepted: tokio_stream::wrappers::ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>,
+    local: std::io::Result<std::net::SocketAddr>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.accepted.next().await {
+                Some(Ok(stream)) => {
+                    let Ok(peer) = stream.get_ref().0.peer_addr() else { continue };
+                    return (stream, peer);
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, "a metrics connection failed"),
+                // The accept loop ends only with the process.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.local.as_ref().map(|a| *a).map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
+    }
+}
+
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let server_tls = listener_tls(args.listen, &args.tls)?;
     let worker_tls = cluster_client_tls(args.tls_ca.as_deref(), &args.tls)?;
-    install_metrics(&args.ops).await?;
+    install_metrics(&args.ops, &args.tls).await?;
     let probe_every = Duration::from_millis(args.probe_ms.max(50));
     let membership: Arc<dyn Membership> = if let Some(etcd) = args.membership.etcd_access()? {
         let endpoints = etcd.endpoints().join(",");
@@ -116,7 +161,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         bail!("a worker serving TLS needs --tls-client-ca, the cluster CA: Worker and Peer take calls only from cluster members");
     }
     let peer_tls = cluster_client_tls(args.tls_ca.as_deref().or(args.tls.tls_client_ca.as_deref()), &args.tls)?;
-    install_metrics(&args.ops).await?;
+    install_metrics(&args.ops, &args.tls).await?;
     let models: Vec<Arc<ModelDir>> =
         args.models.iter().map(|p| ModelDir::open(p).map(Arc::new).with_context(|| format!("loading the model at {}", p.display()))).collect::<anyhow::Result<_>>()?;
     if models.is_empty() {

@@ -16,7 +16,7 @@
 
 mod reload;
 
-pub use reload::{follow_client, ServerTls, RELOAD_CHECK};
+pub use reload::{follow_client, Protocol, ServerTls, RELOAD_CHECK};
 
 /// A client's TLS configuration as it follows its files: read the current one with `borrow()`.
 pub type ClientTls = tokio::sync::watch::Receiver<ClientTlsConfig>;
@@ -104,7 +104,7 @@ fn identity(cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Identity>,
 /// The server TLS `files` configure, followed from now on, or `None` without `--tls-cert`
 /// (plaintext). A key that does not match its certificate is an error here, at start-up.
 pub fn server_config(files: &ServerTlsFiles) -> Result<Option<ServerTls>, TlsError> {
-    ServerTls::load(files)
+    ServerTls::load(files, Protocol::Grpc)
 }
 
 /// The client TLS `files` configure, or `None` without `--tls-ca` (plaintext).

@@ -74,8 +74,26 @@ fn watch_files(paths: Vec<PathBuf>, what: &'static str, in_use: impl Fn() -> boo
     }
 }
 
+/// What a listener speaks inside TLS (its ALPN protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// gRPC: HTTP/2.
+    Grpc,
+    /// Plain HTTP/1.1 (the metrics endpoint).
+    Http1,
+}
+
+impl Protocol {
+    fn alpn(self) -> Vec<Vec<u8>> {
+        match self {
+            Protocol::Grpc => vec![b"h2".to_vec()],
+            Protocol::Http1 => vec![b"http/1.1".to_vec()],
+        }
+    }
+}
+
 /// The rustls configuration of a server with `files`, or `None` without a certificate.
-fn build_server(files: &ServerTlsFiles) -> Result<Option<Arc<ServerConfig>>, TlsError> {
+fn build_server(files: &ServerTlsFiles, protocol: Protocol) -> Result<Option<Arc<ServerConfig>>, TlsError> {
     let (cert, key) = match (&files.cert, &files.key) {
         (None, None) => {
             if files.client_ca.is_some() {
@@ -108,7 +126,7 @@ fn build_server(files: &ServerTlsFiles) -> Result<Option<Arc<ServerConfig>>, Tls
         }
     };
     let mut config = builder.with_single_cert(chain, private).map_err(|e| err(format!("--tls-cert {} with --tls-key {}: {}", cert.display(), key.display(), source_chain(&e))))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = protocol.alpn();
     Ok(Some(Arc::new(config)))
 }
 
@@ -128,13 +146,13 @@ impl std::fmt::Debug for ServerTls {
 impl ServerTls {
     /// The TLS `files` configure, followed from now on, or `None` without `--tls-cert`
     /// (plaintext). Every error names the file or flag at fault.
-    pub fn load(files: &ServerTlsFiles) -> Result<Option<ServerTls>, TlsError> {
-        let Some(config) = build_server(files)? else { return Ok(None) };
+    pub fn load(files: &ServerTlsFiles, protocol: Protocol) -> Result<Option<ServerTls>, TlsError> {
+        let Some(config) = build_server(files, protocol)? else { return Ok(None) };
         let tls = ServerTls { current: Arc::new(RwLock::new(config)), mutual: files.client_ca.is_some() };
         let (weak, files) = (Arc::downgrade(&tls.current), files.clone());
         let paths = [&files.cert, &files.key, &files.client_ca].into_iter().flatten().cloned().collect();
         let users = weak.clone();
-        watch_files(paths, "server", move || users.strong_count() > 0, move || swap_server(&weak, &files));
+        watch_files(paths, "server", move || users.strong_count() > 0, move || swap_server(&weak, &files, protocol));
         Ok(Some(tls))
     }
 
@@ -185,9 +203,9 @@ impl ServerTls {
     }
 }
 
-fn swap_server(current: &Weak<RwLock<Arc<ServerConfig>>>, files: &ServerTlsFiles) -> Result<bool, TlsError> {
+fn swap_server(current: &Weak<RwLock<Arc<ServerConfig>>>, files: &ServerTlsFiles, protocol: Protocol) -> Result<bool, TlsError> {
     let Some(current) = current.upgrade() else { return Ok(false) };
-    let Some(config) = build_server(files)? else { return Err(err("the certificate is gone")) };
+    let Some(config) = build_server(files, protocol)? else { return Err(err("the certificate is gone")) };
     *current.write().unwrap_or_else(|p| p.into_inner()) = config;
     Ok(true)
 }
