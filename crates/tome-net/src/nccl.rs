@@ -29,6 +29,9 @@ use crate::codec::raw_bytes;
 
 /// Words of a frame header: count, then per tensor its element type, rank and dimensions.
 const HEADER_WORDS: usize = 64;
+/// The largest tensor a frame may carry (bytes): a peer's header stating more is refused before
+/// any device memory is allocated for it.
+const MAX_TENSOR_BYTES: usize = 4 << 30;
 /// Frames queued per destination before `send` waits.
 const QUEUE_DEPTH: usize = 4;
 
@@ -209,20 +212,37 @@ fn send_frame(comm: &Comm, stream: &Arc<CudaStream>, frame: &[Tensor]) -> Result
     Ok(())
 }
 
+/// The element type, dimensions and byte size of each tensor a received frame header states,
+/// checked before anything it states is allocated: at most as many tensors and dimensions as a
+/// header can describe, no size that overflows, none over [`MAX_TENSOR_BYTES`].
+fn layouts(header: &[u64]) -> Result<Vec<(DType, Vec<usize>, usize)>, String> {
+    let mut words = header.iter().copied();
+    let mut next = || words.next().ok_or_else(|| "a truncated frame header".to_string());
+    let count = usize::try_from(next()?).ok().filter(|&c| c <= HEADER_WORDS).ok_or("a frame header counting more tensors than it can describe")?;
+    let mut layouts = Vec::with_capacity(count);
+    for _ in 0..count {
+        let dtype = code_dtype(next()?).ok_or("an unknown element type in a frame header")?;
+        let rank = usize::try_from(next()?).ok().filter(|&r| r <= HEADER_WORDS).ok_or("a frame header with more dimensions than it can describe")?;
+        let dims =
+            (0..rank).map(|_| next().and_then(|d| usize::try_from(d).map_err(|_| "a dimension beyond this machine's address space".to_string()))).collect::<Result<Vec<_>, _>>()?;
+        let n = dims
+            .iter()
+            .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= MAX_TENSOR_BYTES)
+            .ok_or_else(|| format!("a frame header stating a tensor of {dims:?} {dtype:?}, over the {MAX_TENSOR_BYTES} bytes a tensor may have"))?;
+        layouts.push((dtype, dims, n));
+    }
+    Ok(layouts)
+}
+
 fn recv_frame(comm: &Comm, stream: &Arc<CudaStream>) -> Reply {
     let mut h = stream.alloc_zeros::<u64>(HEADER_WORDS).map_err(|e| format!("{e:?}"))?;
     comm.recv(&mut h, 0).map_err(|e| format!("ncclRecv: {e:?}"))?;
     stream.synchronize().map_err(|e| format!("{e:?}"))?;
     let h = stream.clone_dtoh(&h).map_err(|e| format!("{e:?}"))?;
-    let mut words = h.into_iter();
-    let mut next = || words.next().ok_or_else(|| "a truncated frame header".to_string());
-    let count = next()? as usize;
-    let mut frame = Vec::with_capacity(count);
-    for _ in 0..count {
-        let dtype = code_dtype(next()?).ok_or("an unknown element type in a frame header")?;
-        let rank = next()? as usize;
-        let dims = (0..rank).map(|_| next().map(|d| d as usize)).collect::<Result<Vec<_>, _>>()?;
-        let n: usize = dims.iter().product::<usize>() * dtype.size_in_bytes();
+    let layouts = layouts(&h)?;
+    let mut frame = Vec::with_capacity(layouts.len());
+    for (dtype, dims, n) in layouts {
         let bytes = if n == 0 {
             Vec::new()
         } else {
@@ -263,5 +283,29 @@ impl Group for NcclGroup {
 
     fn bytes_sent(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_frame_header_is_checked_before_anything_is_allocated() {
+        let t = Tensor::zeros((3, 5), DType::F32, &Device::Cpu).unwrap();
+        let good = header(&[t]).unwrap();
+        assert_eq!(layouts(&good).unwrap(), vec![(DType::F32, vec![3, 5], 60)]);
+        let f32_code = dtype_code(DType::F32).unwrap();
+        let refused = [
+            vec![1 << 60],
+            vec![1, f32_code, 1 << 40],
+            vec![1, f32_code, 2, 1 << 40, 1 << 40],
+            vec![1, f32_code, 1, (MAX_TENSOR_BYTES as u64 / 4) + 1],
+            vec![1, 999, 0],
+            vec![2, f32_code, 1],
+        ];
+        for h in refused {
+            assert!(layouts(&h).is_err(), "{h:?}");
+        }
     }
 }
