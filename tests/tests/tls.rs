@@ -215,8 +215,44 @@ async fn a_cluster_over_mutual_tls_runs_documents_and_refuses_strangers() {
 
     // The coordinator still runs documents after the strangers' attempts.
     let options = pb::ProcessOptions { outputs: vec![pb::Output::DocumentEmbedding as i32], ranks: 2, ..Default::default() };
-    let again = process_call(&mut client, text_request(text.as_bytes(), options)).await.unwrap();
+    let again = process_call(&mut client, text_request(text.as_bytes(), options.clone())).await.unwrap();
     assert!(max_diff(&again.document, &got.document) <= 1e-6);
+
+    // A coordinator whose public certificate another CA signed (as a public CA would) presents
+    // its cluster certificate to the workers.
+    let (stranger_cert, stranger_key, cluster_cert, cluster_key) = (pki.path("stranger.pem"), pki.path("stranger.key"), pki.path("coordinator.pem"), pki.path("coordinator.key"));
+    let args = [
+        "serve",
+        "coordinator",
+        "--model",
+        &model_arg,
+        "--max-ranks",
+        "8",
+        "--workers",
+        &addresses,
+        "--probe-ms",
+        "200",
+        "--tls-cert",
+        &stranger_cert,
+        "--tls-key",
+        &stranger_key,
+        "--tls-ca",
+        &ca,
+        "--cluster-tls-cert",
+        &cluster_cert,
+        "--cluster-tls-key",
+        &cluster_key,
+    ];
+    let public_ca = || Some(pki.client("stranger-ca", None));
+    let public = spawn_serving_tls(&args, "tome.v1.Tome", Some(dir.join("public-coordinator.log")), "127.0.0.1:0".into(), public_ca()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while coordinator_info(&public.host_port, public_ca()).await.unwrap().workers.len() != 2 {
+        assert!(Instant::now() < deadline, "the workers took no calls from the cluster identity; its log:\n{}", public.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut public_client = TomeClient::new(channel(&public.host_port, public_ca()).await.unwrap());
+    let via_public = process_call(&mut public_client, text_request(text.as_bytes(), options)).await.unwrap();
+    assert!(max_diff(&via_public.document, &got.document) <= 1e-6);
     drop(workers);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -260,9 +260,16 @@ pub struct CoordinatorArgs {
     #[command(flatten)]
     pub tls: ServerTlsArgs,
     /// The cluster CA, which signed the workers' certificates (PEM): call workers over TLS,
-    /// presenting --tls-cert (which that CA signed too).
-    #[arg(long, env = "TOME_TLS_CA", requires = "tls_cert")]
+    /// presenting --cluster-tls-cert, or else --tls-cert (which that CA must then have signed).
+    #[arg(long, env = "TOME_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// The certificate this coordinator presents to workers (PEM, signed by the cluster CA),
+    /// when its public certificate (--tls-cert) is not one: callers and workers then see two
+    /// identities. With --cluster-tls-key.
+    #[arg(long, env = "TOME_CLUSTER_TLS_CERT", requires_all = ["cluster_tls_key", "tls_ca"])]
+    pub cluster_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "TOME_CLUSTER_TLS_KEY", requires = "cluster_tls_cert")]
+    pub cluster_tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub ops: OpsArgs,
 }

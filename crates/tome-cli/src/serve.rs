@@ -41,14 +41,14 @@ pub fn listener_tls(listen: std::net::SocketAddr, args: &ServerTlsArgs) -> anyho
     Ok(config)
 }
 
-/// The TLS a server calls workers with: the cluster CA (`ca`) and, as its identity, the
-/// server's own certificate, which workers check against the same CA.
-fn cluster_client_tls(ca: Option<&std::path::Path>, server: &ServerTlsArgs) -> anyhow::Result<Option<tls::ClientTls>> {
+/// The TLS a server calls workers with: the cluster CA (`ca`) and `identity` (certificate and
+/// key), which workers check against the same CA. Both follow their files.
+fn cluster_client_tls(ca: Option<&std::path::Path>, identity: (Option<&std::path::Path>, Option<&std::path::Path>)) -> anyhow::Result<Option<tls::ClientTls>> {
     let Some(ca) = ca else { return Ok(None) };
-    if server.tls_cert.is_none() {
-        bail!("calling workers over TLS (--tls-ca {}) needs --tls-cert and --tls-key: workers take calls only from holders of a cluster certificate", ca.display());
-    }
-    Ok(tls::follow_client(&ClientTlsFiles { ca: Some(ca.to_path_buf()), cert: server.tls_cert.clone(), key: server.tls_key.clone() })?)
+    let (Some(cert), Some(key)) = identity else {
+        bail!("calling workers over TLS (--tls-ca {}) needs a certificate the cluster CA signed: workers take calls only from cluster members", ca.display());
+    };
+    Ok(tls::follow_client(&ClientTlsFiles { ca: Some(ca.to_path_buf()), cert: Some(cert.to_path_buf()), key: Some(key.to_path_buf()) })?)
 }
 
 /// Binds the server's address and says where it listens on stdout (one line, `tome listening
@@ -135,7 +135,12 @@ impl axum::serve::Listener for TlsListener {
 
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let server_tls = listener_tls(args.listen, &args.tls)?;
-    let worker_tls = cluster_client_tls(args.tls_ca.as_deref(), &args.tls)?;
+    // Towards workers: the cluster identity, or the public one when it is a cluster certificate.
+    let identity = match &args.cluster_tls_cert {
+        Some(cert) => (Some(cert.as_path()), args.cluster_tls_key.as_deref()),
+        None => (args.tls.tls_cert.as_deref(), args.tls.tls_key.as_deref()),
+    };
+    let worker_tls = cluster_client_tls(args.tls_ca.as_deref(), identity)?;
     install_metrics(&args.ops, &args.tls).await?;
     let probe_every = Duration::from_millis(args.probe_ms.max(50));
     let membership: Arc<dyn Membership> = if let Some(etcd) = args.membership.etcd_access()? {
@@ -160,7 +165,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     if server_tls.is_some() && args.tls.tls_client_ca.is_none() {
         bail!("a worker serving TLS needs --tls-client-ca, the cluster CA: Worker and Peer take calls only from cluster members");
     }
-    let peer_tls = cluster_client_tls(args.tls_ca.as_deref().or(args.tls.tls_client_ca.as_deref()), &args.tls)?;
+    let peer_tls = cluster_client_tls(args.tls_ca.as_deref().or(args.tls.tls_client_ca.as_deref()), (args.tls.tls_cert.as_deref(), args.tls.tls_key.as_deref()))?;
     install_metrics(&args.ops, &args.tls).await?;
     let models: Vec<Arc<ModelDir>> =
         args.models.iter().map(|p| ModelDir::open(p).map(Arc::new).with_context(|| format!("loading the model at {}", p.display()))).collect::<anyhow::Result<_>>()?;
