@@ -318,15 +318,16 @@ async fn with_api_keys_only_callers_that_send_one_are_served() {
     std::fs::create_dir_all(&dir).unwrap();
     let keys = dir.join("keys");
     std::fs::write(&keys, "# the platform team\nteam-a team-a-0123456789abcdef\nteam-b team-b-0123456789abcdef\n").unwrap();
-    let server = start_server(&model, &["--api-keys-file", keys.to_str().unwrap(), "--metrics-listen", "127.0.0.1:0"]).await;
+    let server = start_server(&model, &["--api-keys-file", keys.to_str().unwrap(), "--metrics-listen", "127.0.0.1:0", "--max-jobs-per-caller", "1"]).await;
     let mut client = TomeClient::connect(server.addr.clone()).await.unwrap();
-    let request = |key: Option<&str>| {
-        let mut r = tonic::Request::new(text_request(TEXT.as_bytes(), Default::default()));
+    let request = |key: Option<&str>| keyed(text_request(TEXT.as_bytes(), Default::default()), key);
+    fn keyed(request: pb::ProcessRequest, key: Option<&str>) -> tonic::Request<pb::ProcessRequest> {
+        let mut r = tonic::Request::new(request);
         if let Some(k) = key {
             r.metadata_mut().insert("authorization", format!("Bearer {k}").parse().unwrap());
         }
         r
-    };
+    }
     for key in [None, Some("team-c-0123456789abcdef")] {
         let Err(err) = process_call(&mut client, request(key)).await else { panic!("served without a valid key: {key:?}") };
         assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
@@ -338,6 +339,21 @@ async fn with_api_keys_only_callers_that_send_one_are_served() {
     assert!(page.lines().any(|l| l.starts_with("tome_jobs_total{") && l.contains(r#"caller="team-b""#) && l.contains(r#"outcome="ok""#)), "{page}");
     assert!(page.lines().any(|l| l.starts_with("tome_tokens_total{") && l.contains(r#"caller="team-b""#)), "{page}");
     assert!(!page.contains("0123456789abcdef"), "a key in the metrics: {page}");
+    // One job at a time per caller here: while team-a's job streams its hidden states (unread,
+    // so it holds its place), team-a's next is refused and team-b's runs.
+    let options = pb::ProcessOptions {
+        outputs: vec![pb::Output::HiddenStates as i32],
+        attention: Some(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 64, ..Default::default() }),
+        position_extension: pb::PositionExtension::Tile as i32,
+        ranks: 1,
+        ..Default::default()
+    };
+    let held = client.process(keyed(text_request(TEXT.repeat(400).as_bytes(), options), Some("team-a-0123456789abcdef"))).await.unwrap();
+    let Err(err) = process_call(&mut client, request(Some("team-a-0123456789abcdef"))).await else { panic!("a caller ran two jobs at once") };
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("caller team-a"), "{err:?}");
+    assert_eq!(process_call(&mut client, request(Some("team-b-0123456789abcdef"))).await.unwrap().kinds.last(), Some(&"done"));
+    drop(held);
     // Probes need no key; the CLI sends its --api-key.
     assert_eq!(health(&server.addr, "tome.v1.Tome").await, Some(1));
     let info = |key: &str| Command::new(tome_bin()).args(["info", "--coordinator", &server.host_port, "--api-key", key]).output().unwrap();

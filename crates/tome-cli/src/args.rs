@@ -91,6 +91,10 @@ pub struct EmbeddedArgs {
     /// Jobs running at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "TOME_MAX_CONCURRENT_JOBS", default_value_t = 2)]
     pub max_concurrent_jobs: usize,
+    /// Jobs one caller (one API key) may run at once, so no caller takes every place; more are
+    /// refused with RESOURCE_EXHAUSTED. 0: no limit of its own.
+    #[arg(long, env = "TOME_MAX_JOBS_PER_CALLER", default_value_t = 0)]
+    pub max_jobs_per_caller: usize,
     /// Tokens of all jobs in flight together; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "TOME_MAX_TOKENS_IN_FLIGHT", default_value_t = 8_000_000)]
     pub max_tokens_in_flight: usize,

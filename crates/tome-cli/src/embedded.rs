@@ -27,6 +27,7 @@ pub fn config(args: &EmbeddedArgs) -> CoordinatorConfig {
             max_document_bytes: args.max_document_bytes,
             max_ranks: args.max_ranks,
             max_concurrent_jobs: args.max_concurrent_jobs,
+            max_jobs_per_caller: args.max_jobs_per_caller,
             max_tokens_in_flight: args.max_tokens_in_flight,
             max_message_bytes: args.max_message_bytes,
         },

@@ -7,6 +7,8 @@ pub struct Limits {
     pub max_document_bytes: usize,
     pub max_ranks: usize,
     pub max_concurrent_jobs: usize,
+    /// Jobs one caller (API key) may run at once; 0: no limit of its own.
+    pub max_jobs_per_caller: usize,
     /// Tokens of all jobs in flight together.
     pub max_tokens_in_flight: usize,
     /// Largest gRPC message accepted or sent.
@@ -15,7 +17,15 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_document_tokens: 4_000_000, max_document_bytes: 64 << 20, max_ranks: 64, max_concurrent_jobs: 2, max_tokens_in_flight: 8_000_000, max_message_bytes: 64 << 20 }
+        Limits {
+            max_document_tokens: 4_000_000,
+            max_document_bytes: 64 << 20,
+            max_ranks: 64,
+            max_concurrent_jobs: 2,
+            max_jobs_per_caller: 0,
+            max_tokens_in_flight: 8_000_000,
+            max_message_bytes: 64 << 20,
+        }
     }
 }
 

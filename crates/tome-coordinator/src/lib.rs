@@ -7,6 +7,7 @@
 //! processes found through a [`Membership`] (a static list or etcd). The gRPC server adds
 //! standard health and reflection services.
 
+mod callers;
 mod cluster;
 mod config;
 mod error;

@@ -22,6 +22,7 @@ use tome_worker::{spawn_job, JobEvent, JobOutput, JobSpec};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, Instrument};
 
+use crate::callers::{CallerJobs, CallerPlace};
 use crate::cluster::Cluster;
 use crate::config::CoordinatorConfig;
 use crate::error::CoordError;
@@ -40,6 +41,8 @@ pub struct Coordinator {
     /// Places for documents being tokenized, apart from the jobs' places: a caller's long text
     /// never holds a place a running job could use.
     tokenizing: Arc<Semaphore>,
+    /// Jobs in flight per caller, held to `max_jobs_per_caller`.
+    callers: CallerJobs,
     next_job: AtomicU64,
     /// False once shutdown has begun: new jobs are refused.
     admitting: AtomicBool,
@@ -58,6 +61,7 @@ enum Backend {
 /// Holds a job's place in the admission limits until it ends.
 struct Admission {
     job: OwnedSemaphorePermit,
+    caller: CallerPlace,
     tokens: OwnedSemaphorePermit,
     /// Every job's places, to tell when the last job in flight has ended.
     jobs: Arc<Semaphore>,
@@ -68,8 +72,8 @@ impl Admission {
     /// Gives the job's places back. The last job out hands the heap's freed pages back to the
     /// kernel (`tome_server::heap`), so that an idle coordinator holds only what it uses.
     fn end(self) {
-        let Admission { job, tokens, jobs, max_jobs } = self;
-        drop((job, tokens));
+        let Admission { job, caller, tokens, jobs, max_jobs } = self;
+        drop((job, caller, tokens));
         if jobs.available_permits() == max_jobs {
             tokio::task::spawn_blocking(metrics::release_heap);
         }
@@ -106,6 +110,7 @@ impl Coordinator {
         let jobs = Arc::new(Semaphore::new(config.limits.max_concurrent_jobs));
         let tokens = Arc::new(Semaphore::new(config.limits.max_tokens_in_flight.min(Semaphore::MAX_PERMITS)));
         let tokenizing = Arc::new(Semaphore::new(config.limits.max_concurrent_jobs));
+        let callers = CallerJobs::new(config.limits.max_jobs_per_caller);
         metrics::describe();
         Ok(Coordinator {
             models: models.into_iter().map(Arc::new).collect(),
@@ -114,6 +119,7 @@ impl Coordinator {
             jobs,
             tokens,
             tokenizing,
+            callers,
             next_job: AtomicU64::new(1),
             admitting: AtomicBool::new(true),
             abort: tokio::sync::watch::channel(false).0,
@@ -278,6 +284,7 @@ impl Coordinator {
             .clone()
             .try_acquire_owned()
             .map_err(|_| CoordError::Busy(format!("the server is busy: {} jobs in flight; retry later", self.config.limits.max_concurrent_jobs)))?;
+        let caller_place = self.callers.enter(&context.caller)?;
         metrics::stage_seconds("tokenize", Duration::from_secs_f64(admitted.tokenize_seconds));
         let tokens = admitted.doc.len();
         let max_tokens = self.config.limits.max_tokens_in_flight;
@@ -335,7 +342,7 @@ impl Coordinator {
             tokenize_seconds: admitted.tokenize_seconds,
             started,
         };
-        let admission = Admission { job: job_permit, tokens: token_permit, jobs: self.jobs.clone(), max_jobs: self.config.limits.max_concurrent_jobs };
+        let admission = Admission { job: job_permit, caller: caller_place, tokens: token_permit, jobs: self.jobs.clone(), max_jobs: self.config.limits.max_concurrent_jobs };
         tokio::spawn(drive(job, cluster, tx, self.abort.subscribe(), admission).instrument(span));
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
