@@ -352,6 +352,22 @@ pub async fn reflection_services(addr: &str) -> Vec<String> {
     list.service.into_iter().map(|s| s.name).collect()
 }
 
+/// The services `addr` lists through reflection's v1alpha (what grpcio-reflection speaks).
+pub async fn reflection_services_v1alpha(addr: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+
+    let channel = Channel::from_shared(addr.to_string()).unwrap().connect().await.unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut responses = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let resp = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no service list") };
+    list.service.into_iter().map(|s| s.name).collect()
+}
+
 /// A plain HTTP GET (the metrics endpoint speaks HTTP/1).
 pub fn http_get(addr: &str, path: &str) -> String {
     try_http_get(addr, path).unwrap()

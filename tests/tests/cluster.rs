@@ -150,6 +150,8 @@ async fn a_document_over_1_2_and_4_workers_matches_the_embedded_default() {
             for name in ["tome_jobs_total", "tome_stage_seconds", "tome_tokens_total", "tome_jobs_in_flight", "tome_queue_depth"] {
                 assert!(coordinator_metrics.contains(name), "coordinator metrics lack {name}");
             }
+            // Durations are histograms with the documented buckets, which add up across replicas.
+            assert!(coordinator_metrics.lines().any(|l| l.starts_with("tome_stage_seconds_bucket{") && l.contains(r#"le="0.005""#)), "{coordinator_metrics}");
             // Each of its 4 jobs ran alone, so each one's end left the coordinator idle and it
             // handed its freed heap back to the kernel (the last release may still be running).
             wait_for_metric(metrics_addr, "tome_heap_releases_total", 3.0).await;

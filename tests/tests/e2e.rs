@@ -276,6 +276,7 @@ async fn assert_reflection_lists_services(addr: &str) {
         assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
     assert!(!names.iter().any(|n| n == "tome.v1.Worker"), "the embedded server does not serve tome.v1.Worker: {names:?}");
+    assert_eq!(reflection_services_v1alpha(addr).await, names, "reflection v1alpha lists what v1 does");
 }
 
 #[test]
@@ -358,6 +359,21 @@ async fn with_api_keys_only_callers_that_send_one_are_served() {
     assert_eq!(health(&server.addr, "tome.v1.Tome").await, Some(1));
     let info = |key: &str| Command::new(tome_bin()).args(["info", "--coordinator", &server.host_port, "--api-key", key]).output().unwrap();
     assert!(info("team-a-0123456789abcdef").status.success());
+    // A reader that closes its end early (`tome info | head -1`) ends tome quietly, never with
+    // a panic.
+    let mut piped = Command::new(tome_bin())
+        .args(["info", "--coordinator", &server.host_port, "--api-key", "team-a-0123456789abcdef"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(piped.stdout.take());
+    let closed = piped.wait_with_output().unwrap();
+    assert!(!String::from_utf8_lossy(&closed.stderr).contains("panicked"), "{}", String::from_utf8_lossy(&closed.stderr));
+    // A log filter that does not parse is an error, not a quiet `info`.
+    let bad = Command::new(tome_bin()).args(["--log", "info,[[", "info", "--coordinator", &server.host_port]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--log"), "{}", String::from_utf8_lossy(&bad.stderr));
     let refused = info("team-x-0123456789abcdef");
     assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("API key"), "{}", String::from_utf8_lossy(&refused.stderr));
     std::fs::remove_dir_all(dir).ok();

@@ -25,14 +25,24 @@ fn main() -> std::process::ExitCode {
         // SAFETY: the first statement of main, before any thread exists.
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT) };
     }
+    // Writing to a closed pipe (`tome info | head -1`) ends the process quietly, as it does any
+    // Unix filter, instead of a panic in `println!`.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: --log {:?} is not a log filter: {e} (e.g. info, or warn,tome_coordinator=debug)", cli.log);
+            return std::process::ExitCode::from(2);
+        }
+    };
     // Before any other thread exists: every thread then allocates from the one main heap.
     let heap_policy = cli.heap_retain_mib > 0 && tome_server::heap::retain_freed_memory(cli.heap_retain_mib.saturating_mul(1 << 20));
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
     if cli.heap_retain_mib > 0 && !heap_policy {
         tracing::debug!("this allocator takes no heap policy: freed memory goes back to the kernel at once");
     }

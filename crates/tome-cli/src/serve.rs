@@ -73,7 +73,12 @@ pub async fn install_metrics(ops: &OpsArgs, server_tls: &ServerTlsArgs) -> anyho
         tracing::warn!(%addr, "INSECURE: serving metrics in plaintext beyond loopback (--insecure-plaintext)");
     }
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("serving metrics on {addr}"))?;
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")?;
+    // Durations are histograms, which add up across replicas (summaries do not).
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .context("the metrics' histogram buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
     tome_worker::metrics::describe();
     tome_coordinator::metrics::describe();
     println!("tome metrics on {}", listener.local_addr()?);
@@ -101,6 +106,10 @@ pub async fn install_metrics(ops: &OpsArgs, server_tls: &ServerTlsArgs) -> anyho
     });
     Ok(())
 }
+
+/// The buckets (upper bounds, seconds) of every `*_seconds` histogram: from a short document's
+/// tokenization to a book's run on few ranks.
+pub const SECONDS_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0];
 
 /// A listener whose connections have done their TLS handshake (tome_server's accept loop), for
 /// axum.

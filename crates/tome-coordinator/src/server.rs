@@ -34,14 +34,18 @@ pub async fn serve(
     let limit = coordinator.config().limits.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TomeServer<Coordinator>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tome_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        // Only what this server serves (the descriptor set describes every tome service).
-        .with_service_name("tome.v1.Tome")
-        .with_service_name("grpc.health.v1.Health")
-        .with_service_name("grpc.reflection.v1.ServerReflection")
-        .build_v1()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tome_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Only what this server serves (the descriptor set describes every tome service).
+            .with_service_name("tome.v1.Tome")
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+    };
+    // Served as v1 and as v1alpha: grpcurl speaks v1, grpcio-reflection (Python) v1alpha.
+    let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let tome = TomeServer::from_arc(coordinator.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
     info!(addr = %listener.local_addr()?, tls = tls.is_some(), api_keys = api_keys.is_some(), "serving tome.v1.Tome");
     let tome = InterceptedService::new(tome, RequireApiKey(api_keys));
@@ -56,7 +60,7 @@ pub async fn serve(
             coordinator.wait_idle(Duration::from_secs(10)).await;
         }
     };
-    let router = Server::builder().add_service(health_service).add_service(reflection).add_service(tome);
+    let router = Server::builder().add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha).add_service(tome);
     match tls {
         Some(tls) => router.serve_with_incoming_shutdown(tls.incoming(listener), shutdown).await?,
         None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await?,

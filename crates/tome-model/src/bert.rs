@@ -236,9 +236,9 @@ impl Architecture for BertModel {
                 PositionExtension::Refuse if p < usable => p,
                 PositionExtension::Refuse => {
                     return Err(ModelError::Input(format!(
-                        "the document has {} tokens but the model has learned {usable} positions; \
-                         ask for a position extension (tile) or send a shorter document",
-                        ids.len()
+                        "the document has {} tokens but the model has learned {usable} positions; {}",
+                        ids.len(),
+                        crate::config::ASK_FOR_TILED_POSITIONS
                     )))
                 }
             };

@@ -271,6 +271,11 @@ impl std::fmt::Display for LayerAttention {
     }
 }
 
+/// What a refusal of a document longer than the learned positions tells the caller to do, in
+/// the API's words and the command line's.
+pub const ASK_FOR_TILED_POSITIONS: &str =
+    "ask for tiled positions (API: options.position_extension = POSITION_EXTENSION_TILE; command line: --positions tile) or send a shorter document";
+
 /// Documents longer than the learned positions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PositionExtension {

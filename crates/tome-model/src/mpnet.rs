@@ -216,8 +216,9 @@ impl Architecture for MpnetModel {
                 PositionExtension::Refuse if counted < usable => counted,
                 PositionExtension::Refuse => {
                     return Err(ModelError::Input(format!(
-                        "the document has {} tokens but MPNet has learned {usable} positions; ask for a position extension (tile) or send a shorter document",
-                        ids.len()
+                        "the document has {} tokens but MPNet has learned {usable} positions; {}",
+                        ids.len(),
+                        crate::config::ASK_FOR_TILED_POSITIONS
                     )))
                 }
             };

@@ -65,6 +65,8 @@ fn window_attention_with_global_tokens_and_tiled_positions_is_rank_invariant() {
     let ids: Vec<u32> = (0..150).map(|i| (i * 37 % 98 + 1) as u32).collect();
     let refused = dir.model.prepare(ids.clone(), &EncodeOptions::default()).unwrap_err();
     assert!(refused.to_string().contains("learned 64 positions"), "{refused}");
+    // The refusal says how to ask for more, in the API's words and the command line's.
+    assert!(refused.to_string().contains("POSITION_EXTENSION_TILE") && refused.to_string().contains("--positions tile"), "{refused}");
     let opts = EncodeOptions { attention: Some(LayerAttention::window(8).unwrap()), position_extension: PositionExtension::Tile, global_tokens: vec![0, 77], ..Default::default() };
     let doc = dir.model.prepare(ids, &opts).unwrap();
     let one = hidden(&dir, &doc, 1, Layout::Contiguous);

@@ -52,15 +52,19 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
     health.set_serving::<PeerServer<tome_net::PeerService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tome_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        // Only what this server serves (the descriptor set describes every tome service).
-        .with_service_name("tome.v1.Worker")
-        .with_service_name("tome.v1.Peer")
-        .with_service_name("grpc.health.v1.Health")
-        .with_service_name("grpc.reflection.v1.ServerReflection")
-        .build_v1()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tome_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Only what this server serves (the descriptor set describes every tome service).
+            .with_service_name("tome.v1.Worker")
+            .with_service_name("tome.v1.Peer")
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+    };
+    // Served as v1 and as v1alpha: grpcurl speaks v1, grpcio-reflection (Python) v1alpha.
+    let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     // In the background: a worker serves whether etcd answers now or only later.
     let registration = options.etcd.as_ref().map(|e| EtcdRegistration::start(e.access.clone(), &e.prefix, &service.info(), e.ttl));
     let worker = WorkerServer::from_arc(service.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
@@ -82,7 +86,7 @@ pub async fn serve(
             service.wait_idle(Duration::from_secs(10)).await;
         }
     };
-    let router = Server::builder().add_service(health_service).add_service(reflection).add_service(worker).add_service(hub.service());
+    let router = Server::builder().add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha).add_service(worker).add_service(hub.service());
     match options.tls {
         Some(tls) => router.serve_with_incoming_shutdown(tls.incoming(listener), drain).await?,
         None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain).await?,
