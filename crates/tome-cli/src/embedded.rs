@@ -37,7 +37,7 @@ pub fn config(args: &EmbeddedArgs) -> CoordinatorConfig {
 
 /// Serves until Ctrl-C or SIGTERM.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let tls = crate::serve::listener_tls(args.listen, &args.tls)?;
+    let tls = crate::serve::listener_tls(args.listen, &args.tls, tome_server::tls::Protocol::GrpcAndHttp1)?;
     crate::serve::install_metrics(&args.ops, &args.tls).await?;
     let coordinator = Arc::new(coordinator(&args.embedded)?);
     let listener = crate::serve::bind(args.listen).await?;

@@ -20,16 +20,17 @@ pub async fn serve(command: ServeCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The TLS a server listening on `listen` serves with, or `None` for plaintext, which beyond
-/// loopback is refused unless `--insecure-plaintext` says so (and then logged as a warning).
-/// Called first thing, so a server that may not start says so before it loads its models.
 /// The API keys callers of tome.v1.Tome must send, when a key file is given.
 pub fn api_keys(file: Option<&std::path::Path>) -> anyhow::Result<Option<Arc<tome_server::auth::ApiKeys>>> {
     file.map(|f| tome_server::auth::ApiKeys::from_file(f).map(Arc::new).map_err(|e| anyhow::anyhow!(e))).transpose()
 }
 
-pub fn listener_tls(listen: std::net::SocketAddr, args: &ServerTlsArgs) -> anyhow::Result<Option<tls::ServerTls>> {
-    let config = tls::server_config(&args.files())?;
+/// The TLS a server listening on `listen` serves with, or `None` for plaintext, which beyond
+/// loopback is refused unless `--insecure-plaintext` says so (and then logged as a warning).
+/// `protocol`: what it speaks inside TLS. Called first thing, so a server that may not start
+/// says so before it loads its models.
+pub fn listener_tls(listen: std::net::SocketAddr, args: &ServerTlsArgs, protocol: tls::Protocol) -> anyhow::Result<Option<tls::ServerTls>> {
+    let config = tls::server_config(&args.files(), protocol)?;
     match tls::check_listen(listen, config.is_some(), args.insecure_plaintext)? {
         Exposure::InsecurePlaintext => tracing::warn!(
             %listen,
@@ -94,10 +95,7 @@ pub async fn install_metrics(ops: &OpsArgs, server_tls: &ServerTlsArgs) -> anyho
     let app = axum::Router::new().route("/metrics", axum::routing::get(move || std::future::ready(handle.render())));
     tokio::spawn(async move {
         let served = match tls {
-            Some(tls) => {
-                let local = listener.local_addr();
-                axum::serve(TlsListener { accepted: tls.incoming(listener), local }, app).await
-            }
+            Some(tls) => axum::serve(tls.listener(listener), app).await,
             None => axum::serve(listener, app).await,
         };
         if let Err(e) = served {
@@ -111,39 +109,8 @@ pub async fn install_metrics(ops: &OpsArgs, server_tls: &ServerTlsArgs) -> anyho
 /// tokenization to a book's run on few ranks.
 pub const SECONDS_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0];
 
-/// A listener whose connections have done their TLS handshake (tome_server's accept loop), for
-/// axum.
-struct TlsListener {
-    accepted: tokio_stream::wrappers::ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>,
-    local: std::io::Result<std::net::SocketAddr>,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        use tokio_stream::StreamExt;
-        loop {
-            match self.accepted.next().await {
-                Some(Ok(stream)) => {
-                    let Ok(peer) = stream.get_ref().0.peer_addr() else { continue };
-                    return (stream, peer);
-                }
-                Some(Err(e)) => tracing::debug!(error = %e, "a metrics connection failed"),
-                // The accept loop ends only with the process.
-                None => std::future::pending::<()>().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.local.as_ref().map(|a| *a).map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
-    }
-}
-
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let server_tls = listener_tls(args.listen, &args.tls)?;
+    let server_tls = listener_tls(args.listen, &args.tls, tls::Protocol::GrpcAndHttp1)?;
     // Towards workers: the cluster identity, or the public one when it is a cluster certificate.
     let identity = match &args.cluster_tls_cert {
         Some(cert) => (Some(cert.as_path()), args.cluster_tls_key.as_deref()),
@@ -169,7 +136,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
-    let server_tls = listener_tls(args.listen, &args.tls)?;
+    let server_tls = listener_tls(args.listen, &args.tls, tls::Protocol::Grpc)?;
     // Worker and Peer are for cluster members only: over TLS, callers need a cluster certificate.
     if server_tls.is_some() && args.tls.tls_client_ca.is_none() {
         bail!("a worker serving TLS needs --tls-client-ca, the cluster CA: Worker and Peer take calls only from cluster members");

@@ -11,6 +11,7 @@ mod callers;
 mod cluster;
 mod config;
 mod error;
+pub mod http;
 pub mod membership;
 pub mod metrics;
 mod request;

@@ -4,19 +4,18 @@
 //! the grace period, cancels the rest, and stops. With a TLS configuration it serves only over
 //! TLS (and, when that names a client CA, only to callers with a certificate it signed). With
 //! API keys, `tome.v1.Tome` answers only calls that carry one (health and reflection stay open,
-//! for probes).
+//! for probes). The HTTP routes (`crate::http`) share the port: HTTP/2 requests reach gRPC,
+//! HTTP/1.1 ones the JSON routes.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tome_proto::v1::tome_server::TomeServer;
 use tome_server::auth::{ApiKeys, RequireApiKey};
 use tome_server::tls::ServerTls;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::service::Coordinator;
@@ -48,6 +47,7 @@ pub async fn serve(
     let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let tome = TomeServer::from_arc(coordinator.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
     info!(addr = %listener.local_addr()?, tls = tls.is_some(), api_keys = api_keys.is_some(), "serving tome.v1.Tome");
+    let http = crate::http::router(coordinator.clone(), api_keys.clone());
     let tome = InterceptedService::new(tome, RequireApiKey(api_keys));
     let shutdown = async move {
         shutdown.await;
@@ -60,10 +60,11 @@ pub async fn serve(
             coordinator.wait_idle(Duration::from_secs(10)).await;
         }
     };
-    let router = Server::builder().add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha).add_service(tome);
+    let grpc = tonic::service::Routes::new(health_service).add_service(reflection_v1).add_service(reflection_v1alpha).add_service(tome);
+    let app = grpc.into_axum_router().merge(http);
     match tls {
-        Some(tls) => router.serve_with_incoming_shutdown(tls.incoming(listener), shutdown).await?,
-        None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await?,
+        Some(tls) => axum::serve(tls.listener(listener), app).with_graceful_shutdown(shutdown).await?,
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await?,
     }
     Ok(())
 }

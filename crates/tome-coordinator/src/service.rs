@@ -131,6 +131,15 @@ impl Coordinator {
         self.admitting.store(false, Ordering::Relaxed);
     }
 
+    /// Whether jobs can run here now: admitting, and (a cluster) with a live worker.
+    pub fn is_ready(&self) -> bool {
+        self.admitting.load(Ordering::Relaxed)
+            && match &self.backend {
+                Backend::Embedded => true,
+                Backend::Cluster(c) => !c.live().is_empty(),
+            }
+    }
+
     /// Jobs in flight now.
     pub fn jobs_in_flight(&self) -> usize {
         self.config.limits.max_concurrent_jobs - self.jobs.available_permits()

@@ -16,7 +16,7 @@
 
 mod reload;
 
-pub use reload::{follow_client, Protocol, ServerTls, RELOAD_CHECK};
+pub use reload::{follow_client, Protocol, ServerTls, TlsListener, RELOAD_CHECK};
 
 /// A client's TLS configuration as it follows its files: read the current one with `borrow()`.
 pub type ClientTls = tokio::sync::watch::Receiver<ClientTlsConfig>;
@@ -103,8 +103,8 @@ fn identity(cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Identity>,
 
 /// The server TLS `files` configure, followed from now on, or `None` without `--tls-cert`
 /// (plaintext). A key that does not match its certificate is an error here, at start-up.
-pub fn server_config(files: &ServerTlsFiles) -> Result<Option<ServerTls>, TlsError> {
-    ServerTls::load(files, Protocol::Grpc)
+pub fn server_config(files: &ServerTlsFiles, protocol: Protocol) -> Result<Option<ServerTls>, TlsError> {
+    ServerTls::load(files, protocol)
 }
 
 /// The client TLS `files` configure, or `None` without `--tls-ca` (plaintext).
@@ -254,13 +254,13 @@ mod tests {
     #[test]
     fn a_server_needs_its_certificate_and_key_together() {
         let pki = Pki::new("server");
-        assert!(server_config(&ServerTlsFiles::default()).unwrap().is_none(), "no flags: plaintext");
+        assert!(server_config(&ServerTlsFiles::default(), Protocol::Grpc).unwrap().is_none(), "no flags: plaintext");
         let files = ServerTlsFiles { cert: pki.path("cert.pem"), key: pki.path("key.pem"), client_ca: pki.path("ca.pem") };
-        assert!(server_config(&files).unwrap().is_some());
-        assert!(server_config(&ServerTlsFiles { client_ca: None, ..files.clone() }).unwrap().is_some());
-        let e = server_config(&ServerTlsFiles { key: None, ..files.clone() }).unwrap_err();
+        assert!(server_config(&files, Protocol::Grpc).unwrap().is_some());
+        assert!(server_config(&ServerTlsFiles { client_ca: None, ..files.clone() }, Protocol::Grpc).unwrap().is_some());
+        let e = server_config(&ServerTlsFiles { key: None, ..files.clone() }, Protocol::Grpc).unwrap_err();
         assert!(e.0.contains("--tls-cert needs --tls-key"), "{e}");
-        let e = server_config(&ServerTlsFiles { cert: None, key: None, ..files.clone() }).unwrap_err();
+        let e = server_config(&ServerTlsFiles { cert: None, key: None, ..files.clone() }, Protocol::Grpc).unwrap_err();
         assert!(e.0.contains("--tls-client-ca needs --tls-cert"), "{e}");
     }
 
@@ -279,7 +279,7 @@ mod tests {
             (ServerTlsFiles { key: pki.path("other-key.pem"), ..good.clone() }, "--tls-key", "other-key.pem"),
         ];
         for (files, flag, file) in cases {
-            let e = server_config(&files).unwrap_err();
+            let e = server_config(&files, Protocol::Grpc).unwrap_err();
             assert!(e.0.contains(flag) && e.0.contains(file), "{flag} {file}: {e}");
         }
         let e = client_config(&ClientTlsFiles { ca: pki.path("junk.pem"), cert: None, key: None }).unwrap_err();

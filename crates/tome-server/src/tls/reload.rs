@@ -81,6 +81,8 @@ pub enum Protocol {
     Grpc,
     /// Plain HTTP/1.1 (the metrics endpoint).
     Http1,
+    /// gRPC and HTTP/1.1 on one port (the coordinator's gRPC and JSON routes).
+    GrpcAndHttp1,
 }
 
 impl Protocol {
@@ -88,6 +90,7 @@ impl Protocol {
         match self {
             Protocol::Grpc => vec![b"h2".to_vec()],
             Protocol::Http1 => vec![b"http/1.1".to_vec()],
+            Protocol::GrpcAndHttp1 => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         }
     }
 }
@@ -165,6 +168,12 @@ impl ServerTls {
         TlsAcceptor::from(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
+    /// [`ServerTls::incoming`] as a listener `axum::serve` takes.
+    pub fn listener(&self, listener: TcpListener) -> TlsListener {
+        let local = listener.local_addr();
+        TlsListener { accepted: self.incoming(listener), local }
+    }
+
     /// The connections `listener` accepts, each after its TLS handshake with the configuration
     /// current when it arrived. Handshakes run side by side, each within
     /// [`HANDSHAKE_TIMEOUT`]; one that fails is logged at debug level and dropped. Accepting
@@ -200,6 +209,37 @@ impl ServerTls {
             }
         });
         ReceiverStream::new(rx)
+    }
+}
+
+/// A listener whose connections have done their TLS handshake ([`ServerTls::incoming`]), for
+/// `axum::serve`.
+pub struct TlsListener {
+    accepted: ReceiverStream<std::io::Result<TlsStream<TcpStream>>>,
+    local: std::io::Result<std::net::SocketAddr>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.accepted.next().await {
+                Some(Ok(stream)) => {
+                    let Ok(peer) = stream.get_ref().0.peer_addr() else { continue };
+                    return (stream, peer);
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, "a metrics connection failed"),
+                // The accept loop ends only with the process.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.local.as_ref().map(|a| *a).map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
     }
 }
 
