@@ -47,6 +47,8 @@ pub struct Shape {
     pub model_type: String,
     pub hidden_size: usize,
     pub intermediate_size: usize,
+    /// Query heads per attention layer.
+    pub num_heads: usize,
     pub num_layers: usize,
     pub vocab_size: usize,
     /// Longest document without a position extension; `None` when positions are relative

@@ -425,6 +425,7 @@ impl Architecture for TransfoXlModel {
             model_type: c.model_type.name().into(),
             hidden_size: c.d_model,
             intermediate_size: c.d_inner,
+            num_heads: c.n_head,
             num_layers: c.n_layer,
             vocab_size: c.vocab_size,
             max_positions: None,

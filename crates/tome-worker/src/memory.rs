@@ -1,23 +1,116 @@
-//! How much activation memory a rank needs, so that a coordinator can plan within each
-//! worker's budget and a worker can refuse what would not fit.
+//! How much activation memory a rank needs at its peak, so that a coordinator can plan within
+//! each worker's budget and a worker can refuse what would not fit; both compute it from the
+//! same [`RankLoad`].
+//!
+//! The estimate covers what the rank allocates while it runs: the hidden states of its tokens,
+//! the largest layer's temporaries (projections, attention partials, feed-forward blocks), what
+//! other ranks send it (key/value blocks, halos, global tokens, memories), and the language-model
+//! head's blocks of logits when it scores tokens. Model weights are not activations: a worker
+//! loads them once for all its ranks, outside this budget. Layers run one after the other and
+//! the head after the last, so the peak is the largest of them. Each architecture's terms follow
+//! what its code keeps alive at once, counted in f32 rows per token; the coefficients are held to
+//! the peaks that the `memory_estimate` test measures (never below them, at most a fifth above
+//! on its cases).
 
-use tome_model::Shape;
+use tome_model::{LayerAttention, Shape};
 
-/// Hidden-width rows live at once per token: the residual stream, its norm, query, key, value,
-/// context and attention output, plus keys and values received from other ranks. Calibrated on
-/// the book job (109,737 tokens, MiniLM, 2 ranks): peak RSS 1.61 GB, of which about 1.5 GB are
-/// activations, against 1.69 GB estimated.
-const ROWS_PER_TOKEN: u64 = 10;
+/// Bytes of an f32.
+const F32: u64 = 4;
 
-/// Rows of the feed-forward's intermediate activations kept at once (it runs in blocks).
-const FFN_BLOCK_ROWS: u64 = 2048;
+/// Rows BERT-family layers run their feed-forward on at once (tome-model's `FFN_ROWS`).
+const FFN_ROWS: u64 = 2048;
 
-/// Rows of logits a causal model's head holds at once (with their log-softmax).
+/// Rows of logits a causal model's head holds at once (tome-model's `HEAD_ROWS`).
 const HEAD_ROWS: u64 = 1024;
 
-/// Bytes of activations a rank of `tokens` tokens needs (f32).
-pub fn activation_bytes(shape: &Shape, tokens: usize) -> u64 {
-    let (h, i) = (shape.hidden_size as u64, shape.intermediate_size as u64);
-    let head = if shape.causal { 2 * HEAD_ROWS * shape.vocab_size as u64 } else { 0 };
-    4 * (ROWS_PER_TOKEN * tokens as u64 * h + 2 * FFN_BLOCK_ROWS * i + head)
+/// Query rows a window layer's key stream runs ahead (tome-model's `KEY_CHUNK_ROWS`).
+const KEY_CHUNK_ROWS: u64 = 1024;
+
+/// Query rows per tile of attention with T5's relative bias (Switch): each tile's scores against
+/// a whole key block exist at once, twice (the product and its copy).
+const BIAS_ROWS: u64 = 128;
+
+/// Bytes per token besides hidden-width rows: positions, validity flags, softmax statistics,
+/// ids, outputs.
+const TOKEN_BYTES: u64 = 128;
+
+/// What one rank of a job runs, as far as its memory goes.
+#[derive(Clone, Copy, Debug)]
+pub struct RankLoad<'a> {
+    /// The rank's tokens (its shard).
+    pub tokens: usize,
+    /// The job's ranks: with more than one, other ranks' keys and values arrive.
+    pub ranks: usize,
+    /// The attention of each layer the rank runs.
+    pub layers: &'a [LayerAttention],
+    /// Tokens with global attention (window layers).
+    pub global_tokens: usize,
+    /// Tokens per segment (segment-recurrent models).
+    pub segment_len: Option<usize>,
+    /// The rank scores its tokens with the language-model head.
+    pub log_probs: bool,
+}
+
+/// Bytes of activations a rank running `load` of a model of `shape` needs at its peak (f32).
+pub fn activation_bytes(shape: &Shape, load: &RankLoad) -> u64 {
+    let n = load.tokens as u64;
+    let layers = load.layers.iter().map(|&attention| layer_floats(shape, load, attention)).max().unwrap_or(0);
+    let (h, vocab) = (shape.hidden_size as u64, shape.vocab_size as u64);
+    // The head: the last hidden states (and their final norm) and the scores, a block of logits, its log-softmax and
+    // the shifted logits it is computed from, and the head's weight as the product takes it.
+    let head = if load.log_probs { n * (3 * h + 8) + 3 * n.min(HEAD_ROWS) * vocab + 2 * vocab * h } else { 0 };
+    F32 * layers.max(head) + TOKEN_BYTES * n
+}
+
+/// Floats one layer of `attention` holds at its peak on the rank.
+fn layer_floats(shape: &Shape, load: &RankLoad, attention: LayerAttention) -> u64 {
+    let (n, h, i, heads) = (load.tokens as u64, shape.hidden_size as u64, shape.intermediate_size as u64, shape.num_heads as u64);
+    // Keys and values that other ranks send arrive beside this rank's own.
+    let received = u64::from(load.ranks > 1);
+    let globals = load.global_tokens as u64;
+    match shape.model_type.as_str() {
+        "bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | "tome-performer" | "mpnet" => {
+            // After attention the layer runs a block of rows at a time over the residual and the
+            // whole context: the block's output projection, norm, intermediate, output and norm.
+            let block = n.min(FFN_ROWS) * (6 * h + i);
+            let attention = match attention {
+                // The residual, queries, keys, values, the partial of a key block, the running
+                // output and their merge (and a block received from the ring).
+                LayerAttention::Dense | LayerAttention::Favor { .. } | LayerAttention::Native(_) => (7 + received) * n * h,
+                // Streamed: only the residual is whole; queries, keys and values exist for a
+                // chunk of rows and the window around it, beside the block after attention.
+                LayerAttention::Window { one_sided } if globals == 0 => {
+                    let w = one_sided as u64;
+                    return n * h + block + (KEY_CHUNK_ROWS.max(4 * w) + 2 * w) * 4 * h;
+                }
+                // Local and global projections of the whole shard, the context and the global
+                // rows' partials (and the halo and global keys received).
+                LayerAttention::Window { one_sided } => (10 + 2 * received) * n * h + globals * 4 * h + 2 * one_sided as u64 * 2 * h,
+                // The window, global and random blocks gathered beside the shard's own keys.
+                LayerAttention::BlockSparse { .. } => (6 + 2 * received) * n * h,
+            };
+            // A quarter row more for what the kernels keep beside the rows (masks, per-head
+            // statistics, the last tile), which the test's measurements show.
+            (attention + n * h / 4).max(2 * n * h + block)
+        }
+        // The whole shard through the feed-forward at once: the residual, its norm, the
+        // intermediate and its activation, the output; the ring's block beside the attention.
+        "gpt2" => n * (4 * h + 2 * i + 2 * received * h + 16),
+        // As GPT-2; its local layers receive only a window's halo.
+        "gpt_neo" => n * (4 * h + 2 * i + 16),
+        // The gate, its activation, the up projection and their product, all whole-shard.
+        "llama" => n * (3 * h + 4 * i + received * h),
+        // Dense attention with relative bias scores a tile of queries against a whole key block.
+        "switch_transformers" => n * (3 * h + 2 * i + 3 * received * h) + 2 * heads * BIAS_ROWS * n,
+        // Reversible layers keep both halves (the shape's width is both); LSH sorts each hash
+        // round's chunks with their scores.
+        "reformer" => n * (10 * h + 1280 * heads / F32),
+        // Segments: the shard's states, and one segment with its memory through a layer.
+        "transfo-xl" | "tome-compressive" => {
+            let segment = load.segment_len.unwrap_or(n as usize) as u64;
+            3 * n * h + 16 * segment * h + received * 4 * segment * h + heads * segment * 2 * segment
+        }
+        // Any other architecture: every activation of the shard whole, feed-forward included.
+        _ => n * (10 * h + 4 * i),
+    }
 }
