@@ -49,6 +49,9 @@ pub struct Shape {
     pub intermediate_size: usize,
     /// Query heads per attention layer.
     pub num_heads: usize,
+    /// Rows of memory a segment-recurrent layer attends to beside its segment (memory and
+    /// compressed memory); 0 for other architectures.
+    pub memory_len: usize,
     pub num_layers: usize,
     pub vocab_size: usize,
     /// Longest document without a position extension; `None` when positions are relative

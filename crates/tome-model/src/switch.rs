@@ -249,6 +249,7 @@ impl Architecture for SwitchModel {
             hidden_size: c.d_model,
             intermediate_size: c.d_ff,
             num_heads: c.num_heads,
+            memory_len: 0,
             num_layers: c.num_layers,
             vocab_size: c.vocab_size,
             max_positions: None,

@@ -26,6 +26,9 @@ const HEAD_ROWS: u64 = 1024;
 /// Query rows a window layer's key stream runs ahead (tome-model's `KEY_CHUNK_ROWS`).
 const KEY_CHUNK_ROWS: u64 = 1024;
 
+/// Rows per chunk of causal FAVOR+'s prefix sums (tome-model's `FAVOR_CHUNK`).
+const FAVOR_CHUNK: u64 = 64;
+
 /// Query rows per tile of attention with T5's relative bias (Switch): each tile's scores against
 /// a whole key block exist at once, twice (the product and its copy).
 const BIAS_ROWS: u64 = 128;
@@ -69,46 +72,62 @@ fn layer_floats(shape: &Shape, load: &RankLoad, attention: LayerAttention) -> u6
     let received = u64::from(load.ranks > 1);
     let globals = load.global_tokens as u64;
     match shape.model_type.as_str() {
-        "bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | "tome-performer" | "mpnet" => {
-            // After attention the layer runs a block of rows at a time over the residual and the
-            // whole context: the block's output projection, norm, intermediate, output and norm.
-            let block = n.min(FFN_ROWS) * (6 * h + i);
+        "bert" | "roberta" | "xlm-roberta" | "camembert" | "longformer" | "big_bird" | "tome-performer" => {
+            // After attention the layer runs a block of rows at a time beside the residual, the
+            // queries and the whole context: the block's output projection, norm, intermediate
+            // and output.
+            let block = n.min(FFN_ROWS) * (4 * h + i);
             let attention = match attention {
                 // The residual, queries, keys, values, the partial of a key block, the running
                 // output and their merge (and a block received from the ring).
-                LayerAttention::Dense | LayerAttention::Favor { .. } | LayerAttention::Native(_) => (7 + received) * n * h,
+                LayerAttention::Dense | LayerAttention::Native(_) => (7 + received) * n * h,
                 // Streamed: only the residual is whole; queries, keys and values exist for a
                 // chunk of rows and the window around it, beside the block after attention.
                 LayerAttention::Window { one_sided } if globals == 0 => {
                     let w = one_sided as u64;
-                    return n * h + block + (KEY_CHUNK_ROWS.max(4 * w) + 2 * w) * 4 * h;
+                    return n * h + n.min(FFN_ROWS) * (6 * h + i) + (KEY_CHUNK_ROWS.max(4 * w) + 2 * w) * 4 * h;
                 }
                 // Local and global projections of the whole shard, the context and the global
                 // rows' partials (and the halo and global keys received).
                 LayerAttention::Window { one_sided } => (10 + 2 * received) * n * h + globals * 4 * h + 2 * one_sided as u64 * 2 * h,
                 // The window, global and random blocks gathered beside the shard's own keys.
                 LayerAttention::BlockSparse { .. } => (6 + 2 * received) * n * h,
+                // Keys and values stay whole beside the queries and context while the blocks run,
+                // each block with its queries' random features (and the state of the ranks
+                // before, or the sums of all, received); causal prefix sums keep a chunk's
+                // running states.
+                LayerAttention::Favor { features, causal } => {
+                    let m = features as u64;
+                    let prefix = if causal { 2 * FAVOR_CHUNK * m * h } else { 0 };
+                    return (5 + 2 * received) * n * h + n.min(FFN_ROWS) * (4 * h + i + heads * m) + prefix + n * h / 4;
+                }
             };
             // A quarter row more for what the kernels keep beside the rows (masks, per-head
             // statistics, the last tile), which the test's measurements show.
-            (attention + n * h / 4).max(2 * n * h + block)
+            (attention + n * h / 4).max(3 * n * h + block + n * h / 4)
         }
         // The whole shard through the feed-forward at once: the residual, its norm, the
         // intermediate and its activation, the output; the ring's block beside the attention.
-        "gpt2" => n * (4 * h + 2 * i + 2 * received * h + 16),
+        "gpt2" => n * (9 * h / 2 + 2 * i + 2 * received * h + 16),
         // As GPT-2; its local layers receive only a window's halo.
         "gpt_neo" => n * (4 * h + 2 * i + 16),
         // The gate, its activation, the up projection and their product, all whole-shard.
         "llama" => n * (3 * h + 4 * i + received * h),
-        // Dense attention with relative bias scores a tile of queries against a whole key block.
-        "switch_transformers" => n * (3 * h + 2 * i + 3 * received * h) + 2 * heads * BIAS_ROWS * n,
+        // Dense attention with relative bias (Switch's T5 bias, MPNet's) scores a tile of queries
+        // against a whole key block, and keeps the tile's buffers beside it.
+        "switch_transformers" | "mpnet" => n * (3 * h + 2 * i + 3 * received * h) + 2 * heads * BIAS_ROWS * n + 1024 * heads * BIAS_ROWS,
         // Reversible layers keep both halves (the shape's width is both); LSH sorts each hash
-        // round's chunks with their scores.
-        "reformer" => n * (10 * h + 1280 * heads / F32),
-        // Segments: the shard's states, and one segment with its memory through a layer.
+        // round's chunks with their scores; the feed-forward runs in chunks.
+        "reformer" => n * (10 * h + 1280 * heads / F32) + 2 * n.min(FFN_ROWS) * h,
+        // The whole shard through every step at once, the gate's two products included.
+        "modernbert" => n * (3 * h + 4 * i),
+        // The shard's states, and one segment with its memory through a layer: projections and
+        // scores against the segment and memory (and, with ranks before, their memories of
+        // every layer received).
         "transfo-xl" | "tome-compressive" => {
             let segment = load.segment_len.unwrap_or(n as usize) as u64;
-            3 * n * h + 16 * segment * h + received * 4 * segment * h + heads * segment * 2 * segment
+            let memory = shape.memory_len as u64;
+            3 * n * h + 16 * segment * h + 4 * heads * segment * (segment + memory) + received * 2 * shape.num_layers as u64 * memory * h
         }
         // Any other architecture: every activation of the shard whole, feed-forward included.
         _ => n * (10 * h + 4 * i),
