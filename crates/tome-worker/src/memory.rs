@@ -107,8 +107,9 @@ fn layer_floats(shape: &Shape, load: &RankLoad, attention: LayerAttention) -> u6
             (attention + n * h / 4).max(3 * n * h + block + n * h / 4)
         }
         // The whole shard through the feed-forward at once: the residual, its norm, the
-        // intermediate and its activation, the output; the ring's block beside the attention.
-        "gpt2" => n * (9 * h / 2 + 2 * i + 2 * received * h + 16),
+        // intermediate and its activation, the output; the ring's block beside the attention;
+        // and two megabytes of fixed-size buffers that short shards show.
+        "gpt2" => n * (9 * h / 2 + 2 * i + 2 * received * h + 16) + (1 << 19),
         // As GPT-2; its local layers receive only a window's halo.
         "gpt_neo" => n * (4 * h + 2 * i + 16),
         // The gate, its activation, the up projection and their product, all whole-shard.
@@ -127,7 +128,7 @@ fn layer_floats(shape: &Shape, load: &RankLoad, attention: LayerAttention) -> u6
         "transfo-xl" | "tome-compressive" => {
             let segment = load.segment_len.unwrap_or(n as usize) as u64;
             let memory = shape.memory_len as u64;
-            3 * n * h + 16 * segment * h + 4 * heads * segment * (segment + memory) + received * 2 * shape.num_layers as u64 * memory * h
+            5 * n * h / 2 + 16 * segment * h + 4 * heads * segment * (segment + memory) + received * 2 * shape.num_layers as u64 * memory * h
         }
         // Any other architecture: every activation of the shard whole, feed-forward included.
         _ => n * (10 * h + 4 * i),

@@ -109,7 +109,7 @@ impl SimpleBackend for RandomWeights {
 
 fn model(config: &str) -> ModelDir {
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
-    let model = ModelConfig::from_json(config).unwrap().load(vb).unwrap();
+    let model = ModelConfig::from_json(config).unwrap().load(vb).unwrap_or_else(|e| panic!("{e}"));
     ModelDir { path: "random".into(), model, tokenizer: None, pooling: Pooling::Mean, normalize: false }
 }
 
@@ -207,14 +207,84 @@ fn llama(hidden: usize) -> String {
     )
 }
 
-/// One rank's estimate covers the peak its run reaches, and is at most a fifth above it, for
-/// each case: thousands of tokens per rank (activations dominate) on two ranks, so that what
-/// other ranks send is counted.
+/// The other architectures and families, small: (name, config.json).
+fn others(h: usize) -> Vec<(&'static str, String)> {
+    let (i, kv) = (4 * h, h / 4);
+    vec![
+        ("GPT-2", format!(r#"{{"model_type": "gpt2", "n_embd": {h}, "n_head": 4, "n_layer": 2, "n_positions": 65536, "vocab_size": 4000, "activation_function": "gelu_new"}}"#)),
+        (
+            "GPT-Neo, global and local layers",
+            format!(
+                r#"{{"model_type": "gpt_neo", "hidden_size": {h}, "num_heads": 4, "num_layers": 2, "attention_types": [[["global", "local"], 1]], "intermediate_size": {i},
+                    "max_position_embeddings": 65536, "vocab_size": 4000, "window_size": 256, "activation_function": "gelu_new"}}"#
+            ),
+        ),
+        ("Longformer, window attention", bert("longformer", h, 2, r#", "attention_window": 256, "pad_token_id": 1"#)),
+        ("Performer, FAVOR+", bert("tome-performer", h, 2, r#", "nb_features": 64"#)),
+        ("Performer, causal FAVOR+", bert("tome-performer", h, 2, r#", "nb_features": 64, "causal": true"#)),
+        (
+            "Switch Transformers, experts and relative bias",
+            format!(
+                r#"{{"model_type": "switch_transformers", "d_model": {h}, "d_ff": {i}, "d_kv": {kv}, "num_heads": 4, "num_layers": 2, "num_experts": 4, "expert_capacity": 65536,
+                    "encoder_sparse_step": 2, "vocab_size": 1000, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "dense_act_fn": "relu"}}"#
+            ),
+        ),
+        (
+            "MPNet, relative bias",
+            format!(
+                r#"{{"model_type": "mpnet", "hidden_size": {h}, "intermediate_size": {i}, "num_attention_heads": 4, "num_hidden_layers": 2, "max_position_embeddings": 65536,
+                    "vocab_size": 1000, "relative_attention_num_buckets": 32, "hidden_act": "gelu", "pad_token_id": 1}}"#
+            ),
+        ),
+        (
+            "ModernBERT, global and sliding layers",
+            format!(
+                r#"{{"model_type": "modernbert", "hidden_size": {h}, "intermediate_size": {i}, "num_attention_heads": 4, "num_hidden_layers": 2,
+                    "layer_types": ["full_attention", "sliding_attention"], "global_attn_every_n_layers": 2, "local_attention": 256, "max_position_embeddings": 65536,
+                    "vocab_size": 1000, "hidden_activation": "gelu", "rope_parameters": {{"full_attention": {{"rope_theta": 160000.0, "rope_type": "default"}},
+                    "sliding_attention": {{"rope_theta": 10000.0, "rope_type": "default"}}}}}}"#
+            ),
+        ),
+        (
+            "Reformer, local and LSH layers",
+            format!(
+                r#"{{"model_type": "reformer", "attention_head_size": {}, "attn_layers": ["local", "lsh"], "axial_pos_embds": true, "axial_pos_embds_dim": [{}, {}],
+                    "axial_pos_shape": [128, 128], "feed_forward_size": {i}, "hidden_act": "gelu", "hidden_size": {h}, "local_attn_chunk_length": 64,
+                    "local_num_chunks_after": 0, "local_num_chunks_before": 1, "lsh_attn_chunk_length": 64, "lsh_num_chunks_after": 0, "lsh_num_chunks_before": 1,
+                    "max_position_embeddings": 16384, "num_attention_heads": 2, "num_buckets": 128, "num_hashes": 2, "num_hidden_layers": 2, "vocab_size": 1000,
+                    "is_decoder": false}}"#,
+                h / 2,
+                h / 2,
+                h / 2
+            ),
+        ),
+        (
+            "Transformer-XL, segment memories",
+            format!(
+                r#"{{"model_type": "transfo-xl", "adaptive": false, "cutoffs": [], "div_val": 1, "d_embed": {h}, "d_model": {h}, "d_head": {kv}, "n_head": 4, "d_inner": {i},
+                    "mem_len": 256, "n_layer": 2, "vocab_size": 1000, "clamp_len": 1000, "tie_projs": [false]}}"#
+            ),
+        ),
+        (
+            "Compressive Transformer, memories and compressed memories",
+            format!(
+                r#"{{"model_type": "tome-compressive", "adaptive": true, "cutoffs": [], "div_val": 1, "d_embed": {h}, "d_model": {h}, "d_head": {kv}, "n_head": 4,
+                    "d_inner": {i}, "mem_len": 256, "cmem_len": 128, "compression": "conv", "compression_rate": 2, "n_layer": 2, "vocab_size": 1000, "clamp_len": 1000,
+                    "same_length": false, "tie_projs": [false]}}"#
+            ),
+        ),
+    ]
+}
+
+/// One rank's estimate covers the peak its run reaches and is at most a fifth above it, for
+/// the main families at thousands of tokens a rank (activations dominate) on two ranks, so that
+/// what other ranks send is counted; for every other architecture and family, on shorter
+/// shards, it covers the peak. One test, its cases in turn: the counters are the process's.
 #[test]
-fn estimates_cover_measured_peaks_within_a_fifth() {
+fn estimates_cover_measured_peaks() {
     let plain = EncodeOptions::default;
     let case = |name, config, opts, log_probs| Case { name, config, tokens: 12_288, ranks: 2, opts, log_probs, hidden: false };
-    let cases = [
+    let banded = [
         case("BERT, dense ring attention", bert("bert", 128, 2, ""), plain(), false),
         case(
             "Longformer, window attention with global tokens",
@@ -225,16 +295,17 @@ fn estimates_cover_measured_peaks_within_a_fifth() {
         case("BigBird, block-sparse attention", bert("big_bird", 128, 2, r#", "block_size": 64, "num_random_blocks": 3"#), plain(), false),
         case("Llama, causal with log-probs", llama(128), plain(), true),
     ];
+    let covered: Vec<Case> = others(64).into_iter().map(|(name, config)| Case { name, config, tokens: 4096, ranks: 2, opts: plain(), log_probs: false, hidden: false }).collect();
     let mut report = String::new();
     let mut outside = Vec::new();
-    for case in &cases {
+    for (case, most) in banded.iter().map(|c| (c, 1.2)).chain(covered.iter().map(|c| (c, f64::INFINITY))) {
         let (peak, estimate, other) = measure(case);
         let ratio = estimate as f64 / peak as f64;
-        report += &format!("{}: peak {peak} B, estimate {estimate} B ({ratio:.2}x); other threads {other} B\n", case.name);
-        if !(1.0..=1.2).contains(&ratio) {
+        report += &format!("{}: {} tokens a rank, peak {peak} B, estimate {estimate} B ({ratio:.2}x); other threads {other} B\n", case.name, case.tokens / case.ranks);
+        if !(1.0..=most).contains(&ratio) {
             outside.push(case.name);
         }
     }
     println!("{report}");
-    assert!(outside.is_empty(), "outside [1, 1.2] x the measured peak: {outside:?}\n{report}");
+    assert!(outside.is_empty(), "estimates under the measured peak, or more than a fifth above it where the band applies: {outside:?}\n{report}");
 }
