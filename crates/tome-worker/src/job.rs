@@ -42,6 +42,7 @@ impl JobSpec {
             layers: &self.doc.layers[..self.doc.layers_run()],
             global_tokens: self.doc.global_tokens.len(),
             segment_len: self.doc.run.segment_len,
+            spans: pool_targets(self.doc.len(), self.document, &self.chunks).len(),
             log_probs: self.log_probs,
         }
     }

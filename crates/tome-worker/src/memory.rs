@@ -1,16 +1,18 @@
-//! How much activation memory a rank needs at its peak, so that a coordinator can plan within
-//! each worker's budget and a worker can refuse what would not fit; both compute it from the
-//! same [`RankLoad`].
+//! How much activation memory a rank needs at its peak, so that a coordinator can plan within each
+//! worker's budget and a worker can refuse what would not fit; both compute it from the same
+//! [`RankLoad`].
 //!
-//! The estimate covers what the rank allocates while it runs: the hidden states of its tokens,
-//! the largest layer's temporaries (projections, attention partials, feed-forward blocks), what
-//! other ranks send it (key/value blocks, halos, global tokens, memories), and the language-model
-//! head's blocks of logits when it scores tokens. Model weights are not activations: a worker
-//! loads them once for all its ranks, outside this budget. Layers run one after the other and
-//! the head after the last, so the peak is the largest of them. Each architecture's terms follow
-//! what its code keeps alive at once, counted in f32 rows per token; the coefficients are held to
-//! the peaks that the `memory_estimate` test measures (never below them, at most a fifth above
-//! on its cases).
+//! The estimate covers what the rank allocates while it runs: the hidden states of its tokens, the
+//! largest layer's temporaries (projections, attention partials, feed-forward blocks), what other
+//! ranks send it (key/value blocks, halos, global tokens, memories), and after the layers the
+//! pooling of its spans or the language-model head's blocks of logits. Model weights are not
+//! activations: a worker loads them once for all its ranks, outside this budget. Layers run one
+//! after the other, and the pooling and the head after the last, so the peak is the largest of
+//! them. Each architecture's terms follow what its code keeps alive at once, counted in f32 rows
+//! per token; the coefficients are held to the peaks that the `memory_estimate` test measures
+//! (never below them, at most a fifth above on its cases). Those are peaks of live heap bytes:
+//! what the allocator holds beyond them (freed pages kept for reuse, fragmentation) is left to
+//! the budget's headroom.
 
 use tome_model::{LayerAttention, Shape};
 
@@ -50,6 +52,8 @@ pub struct RankLoad<'a> {
     pub global_tokens: usize,
     /// Tokens per segment (segment-recurrent models).
     pub segment_len: Option<usize>,
+    /// Spans the rank pools (the document and chunks); 0 for none.
+    pub spans: usize,
     /// The rank scores its tokens with the language-model head.
     pub log_probs: bool,
 }
@@ -62,7 +66,10 @@ pub fn activation_bytes(shape: &Shape, load: &RankLoad) -> u64 {
     // The head: the last hidden states (and their final norm) and the scores, a block of logits, its log-softmax and
     // the shifted logits it is computed from, and the head's weight as the product takes it.
     let head = if load.log_probs { n * (3 * h + 8) + 3 * n.min(HEAD_ROWS) * vocab + 2 * vocab * h } else { 0 };
-    F32 * layers.max(head) + TOKEN_BYTES * n
+    // Pooling: the last hidden states and their copy as plain rows, and each span's running
+    // sums (in f64) and its sums, mean and the other ranks' part received.
+    let pool = if load.spans > 0 { 2 * n * h + 6 * load.spans as u64 * h } else { 0 };
+    F32 * layers.max(head).max(pool) + TOKEN_BYTES * n
 }
 
 /// Floats one layer of `attention` holds at its peak on the rank.

@@ -164,6 +164,7 @@ impl Shard {
             layers: &self.input.layers[..self.input.layers_run()],
             global_tokens: self.input.global_tokens.len(),
             segment_len: self.input.run.segment_len,
+            spans: self.spans.len(),
             log_probs: self.next_ids.is_some(),
         }
     }
