@@ -31,8 +31,8 @@ const KEY_CHUNK_ROWS: u64 = 1024;
 /// Rows per chunk of causal FAVOR+'s prefix sums (tome-model's `FAVOR_CHUNK`).
 const FAVOR_CHUNK: u64 = 64;
 
-/// Query rows per tile of attention with T5's relative bias (Switch): each tile's scores against
-/// a whole key block exist at once, twice (the product and its copy).
+/// Query rows per tile of attention with a relative position bias (Switch, MPNet): each tile's
+/// scores against a whole key block exist at once, twice (the product and its copy).
 const BIAS_ROWS: u64 = 128;
 
 /// Bytes per token besides hidden-width rows: positions, validity flags, softmax statistics,
@@ -63,8 +63,9 @@ pub fn activation_bytes(shape: &Shape, load: &RankLoad) -> u64 {
     let n = load.tokens as u64;
     let layers = load.layers.iter().map(|&attention| layer_floats(shape, load, attention)).max().unwrap_or(0);
     let (h, vocab) = (shape.hidden_size as u64, shape.vocab_size as u64);
-    // The head: the last hidden states (and their final norm) and the scores, a block of logits, its log-softmax and
-    // the shifted logits it is computed from, and the head's weight as the product takes it.
+    // The head: the last hidden states (and their final norm) and the scores, a block of
+    // logits, its log-softmax and the shifted logits it is computed from, and the head's weight
+    // as the product takes it.
     let head = if load.log_probs { n * (3 * h + 8) + 3 * n.min(HEAD_ROWS) * vocab + 2 * vocab * h } else { 0 };
     // Pooling: the last hidden states and their copy as plain rows, and each span's running
     // sums (in f64) and its sums, mean and the other ranks' part received.
@@ -119,10 +120,11 @@ fn layer_floats(shape: &Shape, load: &RankLoad, attention: LayerAttention) -> u6
         "gpt2" => n * (9 * h / 2 + 2 * i + 2 * received * h + 16) + (1 << 19),
         // As GPT-2; its local layers receive only a window's halo.
         "gpt_neo" => n * (4 * h + 2 * i + 16),
-        // The gate, its activation, the up projection and their product, all whole-shard.
+        // The gate, its activation, the up projection and their product, all whole-shard (and
+        // the ring's block beside the attention).
         "llama" => n * (3 * h + 4 * i + received * h),
         // Dense attention with relative bias (Switch's T5 bias, MPNet's) scores a tile of queries
-        // against a whole key block, and keeps the tile's buffers beside it.
+        // against a whole key block (a shard's length), and keeps the tile's buffers beside it.
         "switch_transformers" | "mpnet" => n * (3 * h + 2 * i + 3 * received * h) + 2 * heads * BIAS_ROWS * n + 1024 * heads * BIAS_ROWS,
         // Reversible layers keep both halves (the shape's width is both); LSH sorts each hash
         // round's chunks with their scores; the feed-forward runs in chunks.

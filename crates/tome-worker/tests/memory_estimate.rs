@@ -1,8 +1,9 @@
 //! The activation estimate against the heap a job's ranks really use. A counting global
-//! allocator (this test binary is a process of its own) records the peak of live heap bytes
-//! while every rank of a job runs [`run_rank`] on an in-process group, above what was live
-//! before (the weights); the sum of the ranks' estimates must cover that peak and exceed it by
-//! at most a fifth.
+//! allocator (this test binary is a process of its own) records, for each rank, the peak of the
+//! live heap bytes its threads allocated while every rank of a job runs [`run_rank`] on an
+//! in-process group, above what was live before (the weights, built at random from a config);
+//! the rank's estimate must cover that peak, and on the main families exceed the highest rank's
+//! by at most a fifth.
 
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::cell::Cell;
@@ -151,9 +152,9 @@ struct Case {
     chunk: Option<usize>,
 }
 
-/// (measured peak, estimate) of the case's largest rank, in bytes, and the peak of what other
+/// (measured peak, estimate) of each rank of the case, in bytes, and the peak of what other
 /// threads allocated meanwhile.
-fn measure(case: &Case) -> (u64, u64, u64) {
+fn measure(case: &Case) -> (Vec<(u64, u64)>, u64) {
     let dir = model(&case.config);
     let vocab = dir.model.shape().vocab_size as u32;
     let ids: Vec<u32> = (0..case.tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
@@ -190,8 +191,7 @@ fn measure(case: &Case) -> (u64, u64, u64) {
     .unwrap();
     let peaks: Vec<u64> = PEAK.iter().zip(&before).map(|(p, b)| (p.load(Ordering::Relaxed) - b) as u64).collect();
     drop(outputs);
-    let worst = (0..case.ranks).max_by(|&a, &b| (peaks[a] as f64 / estimates[a] as f64).total_cmp(&(peaks[b] as f64 / estimates[b] as f64))).unwrap_or(0);
-    (peaks[worst], estimates[worst], peaks[OTHER as usize])
+    (peaks.iter().copied().zip(estimates).collect(), peaks[OTHER as usize])
 }
 
 fn bert(model_type: &str, hidden: usize, layers: usize, extra: &str) -> String {
@@ -279,10 +279,11 @@ fn others(h: usize) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// One rank's estimate covers the peak its run reaches and is at most a fifth above it, for
-/// the main families at thousands of tokens a rank (activations dominate) on two ranks, so that
-/// what other ranks send is counted; for every other architecture and family, on shorter
-/// shards, it covers the peak. One test, its cases in turn: the counters are the process's.
+/// Each rank's estimate covers the peak its run reaches, and is at most a fifth above the
+/// highest rank's for the main families at thousands of tokens a rank (activations dominate) on
+/// two ranks, so that what other ranks send is counted; for every other architecture and
+/// family, on shorter shards, it covers the peak. One test, its cases in turn: the counters are
+/// the process's.
 #[test]
 fn estimates_cover_measured_peaks() {
     let plain = EncodeOptions::default;
@@ -312,13 +313,23 @@ fn estimates_cover_measured_peaks() {
     let mut report = String::new();
     let mut outside = Vec::new();
     for (case, most) in banded.iter().map(|c| (c, 1.2)).chain(covered.iter().map(|c| (c, f64::INFINITY))) {
-        let (peak, estimate, other) = measure(case);
-        let ratio = estimate as f64 / peak as f64;
-        report += &format!("{}: {} tokens a rank, peak {peak} B, estimate {estimate} B ({ratio:.2}x); other threads {other} B\n", case.name, case.tokens / case.ranks);
-        if !(1.0..=most).contains(&ratio) {
-            outside.push(case.name);
+        let (ranks, other) = measure(case);
+        // Every rank within its estimate; the band holds for the rank that peaks highest (ranks
+        // with equal shards have equal estimates, and which of them peaks highest depends on
+        // when frames arrive).
+        let highest = ranks.iter().map(|&(peak, estimate)| estimate as f64 / peak as f64).fold(f64::INFINITY, f64::min);
+        for (r, (peak, estimate)) in ranks.into_iter().enumerate() {
+            let ratio = estimate as f64 / peak as f64;
+            report += &format!("{}, rank {r} of {} tokens: peak {peak} B, estimate {estimate} B ({ratio:.2}x)\n", case.name, case.tokens / case.ranks);
+            if ratio < 1.0 {
+                outside.push(format!("{} (rank {r})", case.name));
+            }
         }
+        if highest > most {
+            outside.push(case.name.to_string());
+        }
+        report += &format!("  other threads: {other} B\n");
     }
     println!("{report}");
-    assert!(outside.is_empty(), "estimates under the measured peak, or more than a fifth above it where the band applies: {outside:?}\n{report}");
+    assert!(outside.is_empty(), "estimates under a rank's measured peak, or more than a fifth above the highest where the band applies: {outside:?}\n{report}");
 }
