@@ -38,6 +38,7 @@ impl JobSpec {
     pub fn rank_load(&self, rank: usize) -> RankLoad<'_> {
         RankLoad {
             tokens: self.plan.shard_len(rank),
+            document: self.plan.len(),
             ranks: self.plan.ranks(),
             layers: &self.doc.layers[..self.doc.layers_run()],
             global_tokens: self.doc.global_tokens.len(),

@@ -44,6 +44,8 @@ const TOKEN_BYTES: u64 = 128;
 pub struct RankLoad<'a> {
     /// The rank's tokens (its shard).
     pub tokens: usize,
+    /// The document's tokens (a window wider than the document is the document).
+    pub document: usize,
     /// The job's ranks: with more than one, other ranks' keys and values arrive.
     pub ranks: usize,
     /// The attention of each layer the rank runs.
@@ -92,12 +94,12 @@ fn layer_floats(shape: &Shape, load: &RankLoad, attention: LayerAttention) -> u6
                 // Streamed: only the residual is whole; queries, keys and values exist for a
                 // chunk of rows and the window around it, beside the block after attention.
                 LayerAttention::Window { one_sided } if globals == 0 => {
-                    let w = one_sided as u64;
+                    let w = one_sided.min(load.document) as u64;
                     return n * h + n.min(FFN_ROWS) * (6 * h + i) + (KEY_CHUNK_ROWS.max(4 * w) + 2 * w) * 4 * h;
                 }
                 // Local and global projections of the whole shard, the context and the global
                 // rows' partials (and the halo and global keys received).
-                LayerAttention::Window { one_sided } => (10 + 2 * received) * n * h + globals * 4 * h + 2 * one_sided as u64 * 2 * h,
+                LayerAttention::Window { one_sided } => (10 + 2 * received) * n * h + globals * 4 * h + 2 * one_sided.min(load.document) as u64 * 2 * h,
                 // The window, global and random blocks gathered beside the shard's own keys.
                 LayerAttention::BlockSparse { .. } => (6 + 2 * received) * n * h,
                 // Keys and values stay whole beside the queries and context while the blocks run,
@@ -141,5 +143,47 @@ fn layer_floats(shape: &Shape, load: &RankLoad, attention: LayerAttention) -> u6
         }
         // Any other architecture: every activation of the shard whole, feed-forward included.
         _ => n * (10 * h + 4 * i),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minilm() -> Shape {
+        Shape {
+            model_type: "bert".into(),
+            hidden_size: 384,
+            intermediate_size: 1536,
+            num_heads: 12,
+            memory_len: 0,
+            num_layers: 6,
+            vocab_size: 30522,
+            max_positions: Some(512),
+            layer_attention: vec!["dense".into(); 6],
+            causal: false,
+        }
+    }
+
+    fn load(layers: &[LayerAttention], ranks: usize) -> RankLoad<'_> {
+        RankLoad { tokens: 10_000, document: 10_000 * ranks, ranks, layers, global_tokens: 0, segment_len: None, spans: 1, log_probs: false }
+    }
+
+    #[test]
+    fn a_window_wider_than_the_document_costs_the_document_wide_window() {
+        // The coordinator plans with the layers as prepared; a worker reads them clamped to the
+        // document: both must agree.
+        let wide = [LayerAttention::Window { one_sided: 1 << 30 }; 6];
+        let clamped = [LayerAttention::Window { one_sided: 20_000 }; 6];
+        assert_eq!(activation_bytes(&minilm(), &load(&wide, 2)), activation_bytes(&minilm(), &load(&clamped, 2)));
+    }
+
+    #[test]
+    fn what_other_ranks_send_is_counted_and_streamed_windows_cost_less_than_dense() {
+        let dense = [LayerAttention::Dense; 6];
+        let window = [LayerAttention::Window { one_sided: 256 }; 6];
+        let shape = minilm();
+        assert!(activation_bytes(&shape, &load(&dense, 2)) > activation_bytes(&shape, &load(&dense, 1)));
+        assert!(activation_bytes(&shape, &load(&window, 2)) < activation_bytes(&shape, &load(&dense, 2)));
     }
 }

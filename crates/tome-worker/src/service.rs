@@ -160,6 +160,7 @@ impl Shard {
     fn load(&self) -> RankLoad<'_> {
         RankLoad {
             tokens: self.plan.shard_len(self.rank),
+            document: self.plan.len(),
             ranks: self.plan.ranks(),
             layers: &self.input.layers[..self.input.layers_run()],
             global_tokens: self.input.global_tokens.len(),
