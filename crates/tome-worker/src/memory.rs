@@ -120,8 +120,9 @@ fn layer_floats(shape: &Shape, load: &RankLoad, attention: LayerAttention) -> u6
         // intermediate and its activation, the output; the ring's block beside the attention;
         // and two megabytes of fixed-size buffers that short shards show.
         "gpt2" => n * (9 * h / 2 + 2 * i + 2 * received * h + 16) + (1 << 19),
-        // As GPT-2; its local layers receive only a window's halo.
-        "gpt_neo" => n * (4 * h + 2 * i + 16),
+        // As GPT-2 (its global layers' ring block can arrive while the feed-forward holds the
+        // peak).
+        "gpt_neo" => n * (4 * h + 2 * i + 2 * received * h + 16),
         // The gate, its activation, the up projection and their product, all whole-shard (and
         // the ring's block beside the attention).
         "llama" => n * (3 * h + 4 * i + received * h),
@@ -131,8 +132,9 @@ fn layer_floats(shape: &Shape, load: &RankLoad, attention: LayerAttention) -> u6
         // Reversible layers keep both halves (the shape's width is both); LSH sorts each hash
         // round's chunks with their scores; the feed-forward runs in chunks.
         "reformer" => n * (10 * h + 1280 * heads / F32) + 2 * n.min(FFN_ROWS) * h,
-        // The whole shard through every step at once, the gate's two products included.
-        "modernbert" => n * (3 * h + 4 * i),
+        // The whole shard through every step at once, the gate's two products included (and a
+        // global layer's ring block, which can arrive while the feed-forward holds the peak).
+        "modernbert" => n * (3 * h + 4 * i + 2 * received * h),
         // The shard's states, and one segment with its memory through a layer: projections and
         // scores against the segment and memory (and, with ranks before, their memories of
         // every layer received).
