@@ -133,7 +133,7 @@ impl Cluster {
         let mut need: HashMap<String, Load> = HashMap::new();
         for (r, w) in workers.iter().enumerate() {
             let e = need.entry(w.name.clone()).or_default();
-            e.bytes += activation_bytes(&shape, spec.plan.shard_len(r));
+            e.bytes += activation_bytes(&shape, &spec.rank_load(r));
             e.shards += 1;
         }
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;

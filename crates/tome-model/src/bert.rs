@@ -201,6 +201,8 @@ impl Architecture for BertModel {
             model_type: c.model_type.name().into(),
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
+            num_heads: c.num_attention_heads,
+            memory_len: 0,
             num_layers: c.num_hidden_layers,
             vocab_size: c.vocab_size,
             max_positions: Some(c.usable_positions()),

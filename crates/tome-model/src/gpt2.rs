@@ -170,6 +170,8 @@ impl Architecture for Gpt2Model {
             model_type: "gpt2".into(),
             hidden_size: c.n_embd,
             intermediate_size: c.n_inner.unwrap_or(4 * c.n_embd),
+            num_heads: c.n_head,
+            memory_len: 0,
             num_layers: c.n_layer,
             vocab_size: c.vocab_size,
             max_positions: Some(c.n_positions),

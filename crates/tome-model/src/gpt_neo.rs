@@ -202,6 +202,8 @@ impl Architecture for GptNeoModel {
             model_type: "gpt_neo".into(),
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size.unwrap_or(4 * c.hidden_size),
+            num_heads: c.num_heads,
+            memory_len: 0,
             num_layers: c.num_layers,
             vocab_size: c.vocab_size,
             max_positions: Some(c.max_position_embeddings),

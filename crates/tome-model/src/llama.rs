@@ -244,6 +244,8 @@ impl Architecture for LlamaModel {
             model_type: "llama".into(),
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
+            num_heads: c.num_attention_heads,
+            memory_len: 0,
             num_layers: c.num_hidden_layers,
             vocab_size: c.vocab_size,
             // Rotary positions are computed: any length runs as transformers runs it.

@@ -47,6 +47,11 @@ pub struct Shape {
     pub model_type: String,
     pub hidden_size: usize,
     pub intermediate_size: usize,
+    /// Query heads per attention layer.
+    pub num_heads: usize,
+    /// Rows of memory a segment-recurrent layer attends to beside its segment (memory and
+    /// compressed memory); 0 for other architectures.
+    pub memory_len: usize,
     pub num_layers: usize,
     pub vocab_size: usize,
     /// Longest document without a position extension; `None` when positions are relative

@@ -308,6 +308,8 @@ impl Architecture for ModernBertModel {
             model_type: "modernbert".into(),
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
+            num_heads: c.num_attention_heads,
+            memory_len: 0,
             num_layers: c.num_hidden_layers,
             vocab_size: c.vocab_size,
             // Rotary positions are computed: any length runs as transformers runs it.

@@ -392,6 +392,8 @@ impl Architecture for ReformerModel {
             // The output: both reversible streams.
             hidden_size: 2 * c.hidden_size,
             intermediate_size: c.feed_forward_size,
+            num_heads: c.num_attention_heads,
+            memory_len: 0,
             num_layers: c.attn_layers.len(),
             vocab_size: c.vocab_size,
             max_positions: Some(c.max_positions()),

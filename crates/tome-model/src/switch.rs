@@ -248,6 +248,8 @@ impl Architecture for SwitchModel {
             model_type: "switch_transformers".into(),
             hidden_size: c.d_model,
             intermediate_size: c.d_ff,
+            num_heads: c.num_heads,
+            memory_len: 0,
             num_layers: c.num_layers,
             vocab_size: c.vocab_size,
             max_positions: None,

@@ -425,6 +425,8 @@ impl Architecture for TransfoXlModel {
             model_type: c.model_type.name().into(),
             hidden_size: c.d_model,
             intermediate_size: c.d_inner,
+            num_heads: c.n_head,
+            memory_len: c.mem_len + c.cmem_len.unwrap_or(0),
             num_layers: c.n_layer,
             vocab_size: c.vocab_size,
             max_positions: None,

@@ -12,6 +12,7 @@ use tome_model::{l2_normalize, pool_spans, ModelDir, Pooling, Prepared, ShardInp
 use tracing::{info_span, Span};
 
 use crate::error::WorkerError;
+use crate::memory::RankLoad;
 
 /// Set to stop a job at its next layer boundary.
 pub type CancelFlag = Arc<AtomicBool>;
@@ -32,6 +33,21 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
+    /// What rank `rank` runs, for its memory estimate (a worker derives the same from the
+    /// rank's shard request).
+    pub fn rank_load(&self, rank: usize) -> RankLoad<'_> {
+        RankLoad {
+            tokens: self.plan.shard_len(rank),
+            document: self.plan.len(),
+            ranks: self.plan.ranks(),
+            layers: &self.doc.layers[..self.doc.layers_run()],
+            global_tokens: self.doc.global_tokens.len(),
+            segment_len: self.doc.run.segment_len,
+            spans: pool_targets(self.doc.len(), self.document, &self.chunks).len(),
+            log_probs: self.log_probs,
+        }
+    }
+
     pub fn new(model: Arc<ModelDir>, doc: Arc<Prepared>, ranks: usize, layout: Layout) -> Result<Self, WorkerError> {
         let plan = doc.plan(layout, ranks)?;
         let pooling = model.pooling;

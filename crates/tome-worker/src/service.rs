@@ -24,7 +24,7 @@ use tracing::{info, info_span, warn};
 
 use crate::error::WorkerError;
 use crate::job::{run_rank, RankWork};
-use crate::memory::activation_bytes;
+use crate::memory::{activation_bytes, RankLoad};
 use crate::metrics;
 use crate::transport::{self, GpuLease, NcclGpus, Rendezvous, Transport};
 use crate::wire;
@@ -162,6 +162,23 @@ struct Shard {
     next_ids: Option<Vec<u32>>,
     rows_per_message: usize,
     trace: Option<TraceParent>,
+}
+
+impl Shard {
+    /// What the rank runs, for its memory estimate (the coordinator derives the same from the
+    /// job).
+    fn load(&self) -> RankLoad<'_> {
+        RankLoad {
+            tokens: self.plan.shard_len(self.rank),
+            document: self.plan.len(),
+            ranks: self.plan.ranks(),
+            layers: &self.input.layers[..self.input.layers_run()],
+            global_tokens: self.input.global_tokens.len(),
+            segment_len: self.input.run.segment_len,
+            spans: self.spans.len(),
+            log_probs: self.next_ids.is_some(),
+        }
+    }
 }
 
 fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TraceParent>) -> Result<Shard, WorkerError> {
@@ -336,7 +353,7 @@ impl pb::worker_server::Worker for WorkerService {
         }
         let permit =
             self.shards.clone().try_acquire_owned().map_err(|_| WorkerError::Busy(format!("worker {} already runs {} shards", self.config.name, self.config.max_shards)))?;
-        let need = activation_bytes(&shard.model.model.shape(), shard.plan.shard_len(shard.rank));
+        let need = activation_bytes(&shard.model.model.shape(), &shard.load());
         if need > self.config.memory_budget_bytes {
             return Err(WorkerError::TooLarge(format!(
                 "rank {} needs about {need} bytes of activations; worker {} offers {} in all",
