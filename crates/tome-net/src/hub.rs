@@ -348,10 +348,9 @@ impl pb::peer_server::Peer for PeerService {
                         }
                     };
                     if frame.job_id != job || frame.src as usize != src || frame.dst as usize != dst || frame.step != step || frame.open {
-                        let msg = format!(
-                            "frame out of sequence: expected job {job} {src}->{dst} step {step}, got job {} {}->{} step {}",
-                            frame.job_id, frame.src, frame.dst, frame.step
-                        );
+                        // The sender's job id is repeated only if it could be one.
+                        let got = if frame.job_id.len() <= MAX_JOB_ID_BYTES { frame.job_id.as_str() } else { "(longer than any job id)" };
+                        let msg = format!("frame out of sequence: expected job {job} {src}->{dst} step {step}, got job {got} {}->{} step {}", frame.src, frame.dst, frame.step);
                         let _ = ack_tx.send(Err(Status::invalid_argument(msg))).await;
                         break;
                     }
