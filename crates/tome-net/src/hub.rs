@@ -296,6 +296,15 @@ impl Mailbox {
     }
 }
 
+/// A frame over the limit is RESOURCE_EXHAUSTED, as gRPC's status codes have it (tonic reports
+/// it as OUT_OF_RANGE); other failures keep their code.
+fn over_limit(status: Status) -> Status {
+    match status.code() {
+        tonic::Code::OutOfRange => Status::resource_exhausted(status.message().to_string()),
+        _ => status,
+    }
+}
+
 /// `tome.v1.Peer`, routing frames into the inboxes of the ranks hosted here.
 pub struct PeerService {
     hub: Arc<HubInner>,
@@ -315,7 +324,8 @@ impl pb::peer_server::Peer for PeerService {
         let wait = self.hub.limits.rendezvous_timeout;
         let open = tokio::time::timeout(wait, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded(format!("no open frame within {wait:?}")))??
+            .map_err(|_| Status::deadline_exceeded(format!("no open frame within {wait:?}")))?
+            .map_err(over_limit)?
             .ok_or_else(|| Status::invalid_argument("a peer stream must start with an open frame"))?;
         if !open.open || !open.tensors.is_empty() {
             return Err(Status::invalid_argument("a peer stream's first frame must be an open frame without tensors"));
@@ -342,8 +352,10 @@ impl pb::peer_server::Peer for PeerService {
                         Ok(Some(f)) => f,
                         Ok(None) => break,
                         Err(status) => {
-                            // The sender's side went away mid-job; dropping the inbox tells the rank.
+                            // The sender's side went away mid-job, or sent what cannot be read;
+                            // dropping the inbox tells the rank, and the sender hears why.
                             warn!(%status, "peer stream broke");
+                            let _ = ack_tx.send(Err(over_limit(status))).await;
                             break;
                         }
                     };
