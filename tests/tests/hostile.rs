@@ -715,7 +715,7 @@ fn peer_cases(addr: &str) -> Vec<Case> {
         exchange_case(
             addr,
             "Exchange: first frame over --max-message-bytes",
-            &[Code::OutOfRange, Code::ResourceExhausted],
+            &[Code::ResourceExhausted],
             vec![pb::PeerFrame { tensors: vec![big], ..open_frame("h-peer", 0, 1, secret(7)) }],
             true,
         ),

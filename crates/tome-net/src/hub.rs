@@ -353,9 +353,10 @@ impl pb::peer_server::Peer for PeerService {
                         Ok(None) => break,
                         Err(status) => {
                             // The sender's side went away mid-job, or sent what cannot be read;
-                            // dropping the inbox tells the rank, and the sender hears why.
+                            // dropping the inbox tells the rank at once, and a sender still
+                            // reading its acks hears why.
                             warn!(%status, "peer stream broke");
-                            let _ = ack_tx.send(Err(over_limit(status))).await;
+                            let _ = ack_tx.try_send(Err(over_limit(status)));
                             break;
                         }
                     };
