@@ -304,6 +304,10 @@ pub struct WorkerArgs {
     /// Seconds a rank waits for a peer's frame before the job fails.
     #[arg(long, env = "TOME_PEER_RECV_TIMEOUT_SECONDS", default_value_t = 600)]
     pub peer_recv_timeout_seconds: u64,
+    /// Seconds a peer stream waits for its open frame and for its receiving rank to join this
+    /// worker before it is refused.
+    #[arg(long, env = "TOME_PEER_RENDEZVOUS_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub peer_rendezvous_timeout_seconds: u64,
     /// Largest gRPC message (and peer frame) received or sent, in bytes.
     #[arg(long, env = "TOME_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
     pub max_message_bytes: usize,

@@ -158,6 +158,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         queue_depth: args.peer_queue_depth,
         max_frame_bytes: args.max_message_bytes,
         recv_timeout: Duration::from_secs(args.peer_recv_timeout_seconds),
+        rendezvous_timeout: Duration::from_secs(args.peer_rendezvous_timeout_seconds),
         ..PeerLimits::default()
     };
     let hub = PeerHub::with_tls(tokio::runtime::Handle::current(), limits, peer_tls);

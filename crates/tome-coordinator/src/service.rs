@@ -232,9 +232,20 @@ impl CallContext {
     }
 }
 
+/// An upload stream's failure: a message over --max-message-bytes is RESOURCE_EXHAUSTED, as for
+/// any other limit (tonic reports it as OUT_OF_RANGE), a caller that went away CANCELLED, and
+/// anything else the request's fault.
+fn upload_broke(s: Status) -> CoordError {
+    match s.code() {
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => CoordError::Exhausted(format!("upload: {}", s.message())),
+        tonic::Code::Cancelled => CoordError::Cancelled,
+        _ => CoordError::Invalid(format!("upload: {}", s.message())),
+    }
+}
+
 /// Reads an upload: the request first, then the text in order, within the byte limit.
 async fn receive_upload(mut stream: Streaming<pb::UploadChunk>, max_bytes: usize) -> Result<pb::ProcessRequest, CoordError> {
-    let first = stream.message().await.map_err(|s| CoordError::Invalid(format!("upload: {}", s.message())))?;
+    let first = stream.message().await.map_err(upload_broke)?;
     let mut request = match first.and_then(|c| c.part) {
         Some(pb::upload_chunk::Part::Request(r)) => r,
         _ => return Err(CoordError::Invalid("an upload must start with its request".into())),
@@ -244,7 +255,7 @@ async fn receive_upload(mut stream: Streaming<pb::UploadChunk>, max_bytes: usize
         Some(pb::process_request::Input::Text(t)) => t,
         Some(pb::process_request::Input::TokenIds(_)) => return Err(CoordError::Invalid("an upload carries text, not token ids".into())),
     };
-    while let Some(chunk) = stream.message().await.map_err(|s| CoordError::Invalid(format!("upload: {}", s.message())))? {
+    while let Some(chunk) = stream.message().await.map_err(upload_broke)? {
         match chunk.part {
             Some(pb::upload_chunk::Part::Text(t)) => {
                 if text.len() + t.len() > max_bytes {

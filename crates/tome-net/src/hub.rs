@@ -299,6 +299,15 @@ impl Mailbox {
     }
 }
 
+/// A frame over the limit is RESOURCE_EXHAUSTED, as gRPC's status codes have it (tonic reports
+/// it as OUT_OF_RANGE); other failures keep their code.
+fn over_limit(status: Status) -> Status {
+    match status.code() {
+        tonic::Code::OutOfRange => Status::resource_exhausted(status.message().to_string()),
+        _ => status,
+    }
+}
+
 /// `tome.v1.Peer`, routing frames into the inboxes of the ranks hosted here.
 pub struct PeerService {
     hub: Arc<HubInner>,
@@ -318,7 +327,8 @@ impl pb::peer_server::Peer for PeerService {
         let wait = self.hub.limits.rendezvous_timeout;
         let open = tokio::time::timeout(wait, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded(format!("no open frame within {wait:?}")))??
+            .map_err(|_| Status::deadline_exceeded(format!("no open frame within {wait:?}")))?
+            .map_err(over_limit)?
             .ok_or_else(|| Status::invalid_argument("a peer stream must start with an open frame"))?;
         if !open.open || !open.tensors.is_empty() {
             return Err(Status::invalid_argument("a peer stream's first frame must be an open frame without tensors"));
@@ -345,16 +355,18 @@ impl pb::peer_server::Peer for PeerService {
                         Ok(Some(f)) => f,
                         Ok(None) => break,
                         Err(status) => {
-                            // The sender's side went away mid-job; dropping the inbox tells the rank.
+                            // The sender's side went away mid-job, or sent what cannot be read;
+                            // dropping the inbox tells the rank at once, and a sender still
+                            // reading its acks hears why.
                             warn!(%status, "peer stream broke");
+                            let _ = ack_tx.try_send(Err(over_limit(status)));
                             break;
                         }
                     };
                     if frame.job_id != job || frame.src as usize != src || frame.dst as usize != dst || frame.step != step || frame.open {
-                        let msg = format!(
-                            "frame out of sequence: expected job {job} {src}->{dst} step {step}, got job {} {}->{} step {}",
-                            frame.job_id, frame.src, frame.dst, frame.step
-                        );
+                        // The sender's job id is repeated only if it could be one.
+                        let got = if frame.job_id.len() <= MAX_JOB_ID_BYTES { frame.job_id.as_str() } else { "(longer than any job id)" };
+                        let msg = format!("frame out of sequence: expected job {job} {src}->{dst} step {step}, got job {got} {}->{} step {}", frame.src, frame.dst, frame.step);
                         let _ = ack_tx.send(Err(Status::invalid_argument(msg))).await;
                         break;
                     }

@@ -86,7 +86,7 @@ pub fn layer_from_wire(a: &pb::AttentionOverride) -> Result<LayerAttention, Work
         Ok(pb::AttentionKind::Favor) if a.features > 0 => Ok(LayerAttention::Favor { features: a.features as usize, causal: a.causal }),
         Ok(pb::AttentionKind::Native) => match NativeAttention::from_name(&a.native) {
             Some(native) => Ok(LayerAttention::Native(native)),
-            None => Err(invalid(format!("architecture-defined attention `{}` is not one of {}", a.native, NativeAttention::names()))),
+            None => Err(invalid(format!("architecture-defined attention `{}` is not one of {}", tome_server::status::echo(&a.native), NativeAttention::names()))),
         },
         _ => Err(invalid(format!("layer attention kind {} is not dense, window, block-sparse, FAVOR+ or native with its parameters", a.kind))),
     }
@@ -184,6 +184,8 @@ mod tests {
         }
         assert!(layer_from_wire(&pb::AttentionOverride { kind: 9, window: 2, ..Default::default() }).is_err());
         assert!(layer_from_wire(&pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 3, ..Default::default() }).is_err());
+        let long = pb::AttentionOverride { kind: pb::AttentionKind::Native as i32, native: "n".repeat(1 << 20), ..Default::default() };
+        assert!(layer_from_wire(&long).unwrap_err().to_string().len() < 512, "a caller's attention name is repeated only in part");
         assert_eq!(spans_from_wire(&spans_to_wire(&[0..3, 2..9]), 9).unwrap(), vec![0..3, 2..9]);
         assert!(spans_from_wire(&[pb::Span { start: 4, end: 4 }], 9).is_err());
         assert_eq!(u32s_from_wire(Some(&u32s_to_wire(&[1, 5, 9]).unwrap()), "ids").unwrap(), vec![1, 5, 9]);
