@@ -378,3 +378,163 @@ async fn with_api_keys_only_callers_that_send_one_are_served() {
     assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("API key"), "{}", String::from_utf8_lossy(&refused.stderr));
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// An HTTP/1.1 request by hand: the status code and the body.
+fn http(host_port: &str, method: &str, path: &str, body: Option<&str>, key: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(host_port).unwrap();
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let body = body.unwrap_or("");
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {host_port}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let code = raw.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// Installs OpenAI's Python client from PyPI (once, under target/), returning the directory to
+/// put on PYTHONPATH.
+fn openai_python() -> PathBuf {
+    let dir = repo().join("target/python-openai");
+    if !dir.join("openai").is_dir() {
+        let out = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--target"])
+            .arg(&dir)
+            .arg("openai")
+            .output()
+            .expect("python3 (scripts/prereqs.sh python installs it)");
+        assert!(out.status.success(), "pip install openai: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_answer_as_grpc_does_and_openais_client_works_unchanged() {
+    let Some(model) = minilm() else { return };
+    let dir = std::env::temp_dir().join(format!("tome-http-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    let key = "ops-0123456789abcdef";
+    std::fs::write(&keys, format!("ops {key}\n")).unwrap();
+    let server = start_server(&model, &["--api-keys-file", keys.to_str().unwrap()]).await;
+    let at = server.host_port.as_str();
+
+    // The reference: gRPC's document embeddings of the same texts.
+    let mut client = TomeClient::connect(server.addr.clone()).await.unwrap();
+    let grpc = |text: &str| {
+        let options = pb::ProcessOptions { outputs: vec![pb::Output::DocumentEmbedding as i32], ..Default::default() };
+        let mut r = tonic::Request::new(text_request(text.as_bytes(), options));
+        r.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+        r
+    };
+    let (first, second) = (TEXT, "Paradise Lost begins with the fall, in media res.");
+    let want = [process_call(&mut client, grpc(first)).await.unwrap(), process_call(&mut client, grpc(second)).await.unwrap()];
+
+    // Open routes: health and the API's description.
+    let (code, body) = http(at, "GET", "/health", None, None);
+    assert_eq!((code, json(&body)["status"].as_str()), (200, Some("SERVING")));
+    let (code, body) = http(at, "GET", "/openapi.json", None, None);
+    assert!(code == 200 && json(&body)["paths"]["/v1/embeddings"].is_object(), "{body}");
+    // The rest needs a key, as gRPC does; refusals carry OpenAI's error body.
+    let request = serde_json::json!({ "input": first, "model": "" }).to_string();
+    let (code, body) = http(at, "POST", "/v1/embeddings", Some(&request), None);
+    assert_eq!((code, json(&body)["error"]["type"].as_str()), (401, Some("authentication_error")), "{body}");
+    let (code, body) = http(at, "GET", "/info", None, Some(key));
+    assert_eq!(code, 200, "{body}");
+    let model_name = json(&body)["models"][0]["name"].as_str().unwrap().to_string();
+
+    // OpenAI's embeddings: one string, a list, floats or base64, as gRPC computes them.
+    let (code, body) = http(at, "POST", "/v1/embeddings", Some(&request), Some(key));
+    assert_eq!(code, 200, "{body}");
+    let one = json(&body);
+    assert_eq!(one["object"], "list");
+    assert!(max_diff(&floats(&one["data"][0]["embedding"]), &want[0].document) <= 1e-6);
+    assert_eq!(one["usage"]["prompt_tokens"].as_u64(), want[0].done.as_ref().map(|d| d.tokens));
+    let list = serde_json::json!({ "input": [first, second], "model": model_name, "encoding_format": "base64" }).to_string();
+    let (code, body) = http(at, "POST", "/v1/embeddings", Some(&list), Some(key));
+    assert_eq!(code, 200, "{body}");
+    let both = json(&body);
+    for (i, want) in want.iter().enumerate() {
+        assert_eq!(both["data"][i]["index"].as_u64(), Some(i as u64));
+        let bytes = base64_decode(both["data"][i]["embedding"].as_str().unwrap());
+        let got: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        assert!(max_diff(&got, &want.document) <= 1e-6, "input {i}");
+    }
+    for (body, status, says) in [
+        (serde_json::json!({ "input": first, "dimensions": 7 }).to_string(), 400, "384"),
+        (serde_json::json!({ "input": first, "model": "no-such-model" }).to_string(), 404, "no-such-model"),
+        (serde_json::json!({ "input": [] }).to_string(), 400, "1 to 2048"),
+        (serde_json::json!({ "input": first, "encoding_format": "int8" }).to_string(), 400, "encoding_format"),
+        ("{not json".to_string(), 400, "request body"),
+    ] {
+        let (code, answer) = http(at, "POST", "/v1/embeddings", Some(&body), Some(key));
+        assert_eq!(code, status, "{body}: {answer}");
+        assert!(json(&answer)["error"]["message"].as_str().unwrap().contains(says), "{body}: {answer}");
+    }
+
+    // tome's own route: the document's embedding and its chunks', with their spans.
+    let options = serde_json::json!({ "chunk_tokens": 64, "attention": "window:128", "positions": "tile" });
+    let embed = serde_json::json!({ "text": first.repeat(12), "options": options }).to_string();
+    let (code, body) = http(at, "POST", "/v1/embed", Some(&embed), Some(key));
+    assert_eq!(code, 200, "{body}");
+    let got = json(&body);
+    assert_eq!(got["document_embedding"].as_array().unwrap().len(), 384);
+    let chunks = got["chunks"].as_array().unwrap();
+    assert!(chunks.len() > 1 && chunks[0]["tokens"][1].as_u64() == Some(64), "{body}");
+    let (code, body) = http(at, "POST", "/v1/embed", Some(r#"{"text": "x", "options": {"attention": "sparse"}}"#), Some(key));
+    assert!(code == 400 && body.contains("options.attention"), "{body}");
+
+    // OpenAI's own Python client, unchanged, from PyPI.
+    let script = r#"
+import json, sys
+from openai import OpenAI, AuthenticationError
+url, key, model, a, b = sys.argv[1:]
+r = OpenAI(base_url=url, api_key=key).embeddings.create(model=model, input=[a, b])
+out = {"embeddings": [d.embedding for d in r.data], "tokens": r.usage.prompt_tokens}
+try:
+    OpenAI(base_url=url, api_key="not-a-key-0123456789", max_retries=0).embeddings.create(model=model, input=a)
+except AuthenticationError:
+    out["refused"] = True
+print(json.dumps(out))
+"#;
+    let out = Command::new("python3").env("PYTHONPATH", openai_python()).args(["-c", script, &format!("http://{at}/v1"), key, &model_name, first, second]).output().unwrap();
+    assert!(out.status.success(), "the openai client: {}", String::from_utf8_lossy(&out.stderr));
+    let got = json(String::from_utf8_lossy(&out.stdout).trim());
+    for (i, want) in want.iter().enumerate() {
+        assert!(max_diff(&floats(&got["embeddings"][i]), &want.document) <= 1e-6, "the openai client's embedding {i}");
+    }
+    let tokens: u64 = want.iter().filter_map(|w| w.done.as_ref().map(|d| d.tokens)).sum();
+    assert_eq!(got["tokens"].as_u64(), Some(tokens));
+    assert_eq!(got["refused"], true, "a wrong key is refused through the client too");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Standard base64 (with padding), as OpenAI's `encoding_format: base64` sends.
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let digits: Vec<u8> = text.bytes().filter(|&c| c != b'=').map(value).collect();
+    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+    for group in digits.chunks(4) {
+        let n = group.iter().enumerate().fold(0u32, |n, (i, &d)| n | (u32::from(d) << (18 - 6 * i)));
+        out.extend(&n.to_be_bytes()[1..group.len()]);
+    }
+    out
+}

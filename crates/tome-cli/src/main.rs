@@ -25,13 +25,6 @@ fn main() -> std::process::ExitCode {
         // SAFETY: the first statement of main, before any thread exists.
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT) };
     }
-    // Writing to a closed pipe (`tome info | head -1`) ends the process quietly, as it does any
-    // Unix filter, instead of a panic in `println!`.
-    #[cfg(unix)]
-    // SAFETY: restores the default disposition of one signal before any thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
     let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
         Ok(f) => f,

@@ -166,12 +166,22 @@ pub async fn process(args: ProcessArgs) -> anyhow::Result<()> {
     collected.hidden_layer = hidden_layer;
     let files = collected.write(&args.out)?;
     let done = collected.done.clone().unwrap_or_default();
-    println!(
-        "{}",
-        json!({"out": args.out, "files": files, "tokens": done["tokens"], "compute_seconds": done["compute_seconds"],
+    print_line(
+        &json!({"out": args.out, "files": files, "tokens": done["tokens"], "compute_seconds": done["compute_seconds"],
                "total_seconds": done["total_seconds"], "perplexity": done["perplexity"]})
-    );
-    Ok(())
+        .to_string(),
+    )
+}
+
+/// Writes `text` and a newline to stdout. A reader that has closed its end (`tome info | head
+/// -1`) has all it wanted: that ends the output quietly rather than as an error or a panic.
+pub fn print_line(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 /// A bar for one document's layers.
@@ -269,13 +279,9 @@ pub async fn info(args: InfoArgs) -> anyhow::Result<()> {
         })
         .collect();
     let limits = resp.limits.unwrap_or_default();
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&json!({"version": resp.version, "backend": resp.backend, "workers": resp.workers,
-            "default_ranks": resp.default_ranks, "models": models,
-            "limits": {"max_document_tokens": limits.max_document_tokens, "max_document_bytes": limits.max_document_bytes,
-                       "max_ranks": limits.max_ranks, "max_concurrent_jobs": limits.max_concurrent_jobs,
-                       "max_tokens_in_flight": limits.max_tokens_in_flight}}))?
-    );
-    Ok(())
+    print_line(&serde_json::to_string_pretty(&json!({"version": resp.version, "backend": resp.backend, "workers": resp.workers,
+        "default_ranks": resp.default_ranks, "models": models,
+        "limits": {"max_document_tokens": limits.max_document_tokens, "max_document_bytes": limits.max_document_bytes,
+                   "max_ranks": limits.max_ranks, "max_concurrent_jobs": limits.max_concurrent_jobs,
+                   "max_tokens_in_flight": limits.max_tokens_in_flight}}))?)
 }

@@ -88,6 +88,29 @@ pub fn http_status(code: Code) -> StatusCode {
     }
 }
 
+/// A code's name as gRPC's status codes spell it, in lower case.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
 /// OpenAI's `error.type` for a code.
 fn error_type(code: Code) -> &'static str {
     match code {
@@ -104,7 +127,7 @@ impl IntoResponse for Refusal {
         let Refusal(status) = self;
         let code = status.code();
         let body = serde_json::json!({
-            "error": { "message": status.message(), "type": error_type(code), "code": format!("{code:?}").to_ascii_lowercase() }
+            "error": { "message": status.message(), "type": error_type(code), "code": code_name(code) }
         });
         let mut response = (http_status(code), Json(body)).into_response();
         if let Some(seconds) = status.metadata().get(tome_server::status::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| HeaderValue::from_str(v).ok()) {

@@ -319,6 +319,6 @@ fn report(shared: &Shared, docs: &[DocInput], started: Instant) -> anyhow::Resul
         "tables": {"chunks.parquet": chunk_rows, "documents.parquet": doc_rows},
     });
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
-    println!("{report}");
+    crate::process::print_line(&report.to_string())?;
     Ok(if tally.failed.is_empty() { 0 } else { SOME_FAILED })
 }
