@@ -336,37 +336,29 @@ pub fn read_npy(path: &Path) -> Vec<f32> {
     npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
 }
 
-/// The services `addr` lists through gRPC reflection.
-pub async fn reflection_services(addr: &str) -> Vec<String> {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
+/// `reflection_services!(NAME, VERSION)`: an async fn NAME listing the services a server names
+/// through that version of reflection (grpcurl speaks v1, grpcio-reflection v1alpha).
+macro_rules! reflection_services {
+    ($name:ident, $version:ident) => {
+        pub async fn $name(addr: &str) -> Vec<String> {
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
 
-    let channel = Channel::from_shared(addr.to_string()).unwrap().connect().await.unwrap();
-    let mut client = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut responses = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
-    let resp = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no service list") };
-    list.service.into_iter().map(|s| s.name).collect()
+            let channel = Channel::from_shared(addr.to_string()).unwrap().connect().await.unwrap();
+            let mut client = ServerReflectionClient::new(channel);
+            let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+            let mut responses = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+            let resp = responses.message().await.unwrap().unwrap();
+            let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no service list") };
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+    };
 }
 
-/// The services `addr` lists through reflection's v1alpha (what grpcio-reflection speaks).
-pub async fn reflection_services_v1alpha(addr: &str) -> Vec<String> {
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-
-    let channel = Channel::from_shared(addr.to_string()).unwrap().connect().await.unwrap();
-    let mut client = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut responses = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
-    let resp = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no service list") };
-    list.service.into_iter().map(|s| s.name).collect()
-}
+reflection_services!(reflection_services, v1);
+reflection_services!(reflection_services_v1alpha, v1alpha);
 
 /// A plain HTTP GET (the metrics endpoint speaks HTTP/1).
 pub fn http_get(addr: &str, path: &str) -> String {

@@ -427,7 +427,7 @@ async fn http_routes_answer_as_grpc_does_and_openais_client_works_unchanged() {
     let keys = dir.join("keys");
     let key = "ops-0123456789abcdef";
     std::fs::write(&keys, format!("ops {key}\n")).unwrap();
-    let server = start_server(&model, &["--api-keys-file", keys.to_str().unwrap()]).await;
+    let server = start_server(&model, &["--api-keys-file", keys.to_str().unwrap(), "--max-document-bytes", "4000"]).await;
     let at = server.host_port.as_str();
 
     // The reference: gRPC's document embeddings of the same texts.
@@ -477,6 +477,9 @@ async fn http_routes_answer_as_grpc_does_and_openais_client_works_unchanged() {
         (serde_json::json!({ "input": [] }).to_string(), 400, "1 to 2048"),
         (serde_json::json!({ "input": first, "encoding_format": "int8" }).to_string(), 400, "encoding_format"),
         ("{not json".to_string(), 400, "request body"),
+        // Larger than the server takes: a document over --max-document-bytes, a body over twice it.
+        (serde_json::json!({ "input": "x".repeat(5000) }).to_string(), 413, "4000"),
+        (serde_json::json!({ "input": "x".repeat(100_000) }).to_string(), 413, "larger than this server takes"),
     ] {
         let (code, answer) = http(at, "POST", "/v1/embeddings", Some(&body), Some(key));
         assert_eq!(code, status, "{body}: {answer}");

@@ -19,6 +19,8 @@
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -69,9 +71,12 @@ fn invalid(message: impl Into<String>) -> Refusal {
     Refusal(Status::invalid_argument(message.into()))
 }
 
-/// The HTTP status that says what a gRPC code says.
-pub fn http_status(code: Code) -> StatusCode {
-    match code {
+/// The HTTP status that says what a gRPC status says. RESOURCE_EXHAUSTED is 429 when it is
+/// a refusal for now (it carries `retry-after`) and 413 when the request is larger than this
+/// server takes at all.
+pub fn http_status(status: &Status) -> StatusCode {
+    match status.code() {
+        Code::ResourceExhausted if !tome_server::status::is_busy(status) => StatusCode::PAYLOAD_TOO_LARGE,
         Code::Ok => StatusCode::OK,
         Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => StatusCode::BAD_REQUEST,
         Code::Unauthenticated => StatusCode::UNAUTHORIZED,
@@ -129,7 +134,7 @@ impl IntoResponse for Refusal {
         let body = serde_json::json!({
             "error": { "message": status.message(), "type": error_type(code), "code": code_name(code) }
         });
-        let mut response = (http_status(code), Json(body)).into_response();
+        let mut response = (http_status(&status), Json(body)).into_response();
         if let Some(seconds) = status.metadata().get(tome_server::status::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| HeaderValue::from_str(v).ok()) {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds);
         }
@@ -230,8 +235,17 @@ struct EmbeddingsRequest {
 /// Documents one `/v1/embeddings` call may hold.
 const MAX_INPUTS: usize = 2048;
 
-async fn openai_embeddings(State(http): State<Http>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, Refusal> {
+/// The body, or a refusal in JSON when it is over the limit or cannot be read.
+fn body(read: Result<Bytes, BytesRejection>) -> Result<Bytes, Refusal> {
+    read.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Refusal(Status::resource_exhausted("the request body is larger than this server takes (twice --max-document-bytes)")),
+        _ => invalid(format!("the request body: {}", e.body_text())),
+    })
+}
+
+async fn openai_embeddings(State(http): State<Http>, headers: HeaderMap, read: Result<Bytes, BytesRejection>) -> Result<Response, Refusal> {
     let caller = http.caller(&headers)?;
+    let body = body(read)?;
     let request: EmbeddingsRequest = serde_json::from_slice(&body).map_err(|e| invalid(format!("the request body: {e}")))?;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -343,8 +357,9 @@ impl EmbedOptions {
     }
 }
 
-async fn embed(State(http): State<Http>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, Refusal> {
+async fn embed(State(http): State<Http>, headers: HeaderMap, read: Result<Bytes, BytesRejection>) -> Result<Response, Refusal> {
     let caller = http.caller(&headers)?;
+    let body = body(read)?;
     let request: EmbedRequest = serde_json::from_slice(&body).map_err(|e| invalid(format!("the request body: {e}")))?;
     let options = request.options.to_proto()?;
     let process = pb::ProcessRequest { model: request.model, input: Some(pb::process_request::Input::Text(request.text.into_bytes())), options: Some(options) };
@@ -407,12 +422,14 @@ mod tests {
 
     #[test]
     fn every_code_has_its_http_status_and_the_openapi_document_parses() {
-        assert_eq!(http_status(Code::InvalidArgument), StatusCode::BAD_REQUEST);
-        assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
-        assert_eq!(http_status(Code::ResourceExhausted), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(http_status(Code::NotFound), StatusCode::NOT_FOUND);
-        assert_eq!(http_status(Code::Unavailable), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(http_status(Code::Internal), StatusCode::INTERNAL_SERVER_ERROR);
+        let of = |code| http_status(&Status::new(code, ""));
+        assert_eq!(of(Code::InvalidArgument), StatusCode::BAD_REQUEST);
+        assert_eq!(of(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
+        assert_eq!(of(Code::ResourceExhausted), StatusCode::PAYLOAD_TOO_LARGE, "larger than ever taken");
+        assert_eq!(http_status(&tome_server::status::busy("busy")), StatusCode::TOO_MANY_REQUESTS, "refused for now");
+        assert_eq!(of(Code::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(of(Code::Unavailable), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(of(Code::Internal), StatusCode::INTERNAL_SERVER_ERROR);
         let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
         for path in ["/v1/embeddings", "/v1/embed", "/info", "/health"] {
             assert!(doc["paths"].get(path).is_some(), "{path} is not described");
