@@ -514,7 +514,10 @@ mod tests {
         refused("serve worker --tls-ca ca.pem");
         refused("serve worker --insecure-plaintext --tls-cert c.pem --tls-key k.pem");
         ok("serve coordinator --workers a:1 --tls-cert c.pem --tls-key k.pem --tls-ca ca.pem");
-        refused("serve coordinator --workers a:1 --tls-ca ca.pem");
+        // Without an identity for workers it parses, and is refused at start-up (serve.rs).
+        ok("serve coordinator --workers a:1 --tls-ca ca.pem --cluster-tls-cert c.pem --cluster-tls-key k.pem");
+        refused("serve coordinator --workers a:1 --cluster-tls-cert c.pem --cluster-tls-key k.pem");
+        refused("serve coordinator --workers a:1 --tls-ca ca.pem --cluster-tls-cert c.pem");
         ok("run --tls-cert c.pem --tls-key k.pem");
         refused("run --tls-client-ca ca.pem");
         ok("info --coordinator h:1 --tls-ca ca.pem --tls-cert c.pem --tls-key k.pem");

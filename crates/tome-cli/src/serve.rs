@@ -172,3 +172,16 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     eprintln!("tome: worker {name}, reached at {advertise}");
     tome_worker::serve(listener, service, hub, options, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calling_workers_over_tls_needs_an_identity_they_accept() {
+        let ca = std::path::Path::new("/nonexistent/ca.pem");
+        let err = cluster_client_tls(Some(ca), (None, None)).err().expect("refused");
+        assert!(err.to_string().contains("needs a certificate the cluster CA signed"), "{err}");
+        assert!(cluster_client_tls(None, (None, None)).unwrap().is_none(), "no cluster CA: plaintext to workers");
+    }
+}
