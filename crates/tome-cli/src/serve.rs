@@ -180,7 +180,7 @@ mod tests {
     #[test]
     fn calling_workers_over_tls_needs_an_identity_they_accept() {
         let ca = std::path::Path::new("/nonexistent/ca.pem");
-        let err = cluster_client_tls(Some(ca), (None, None)).err().expect("refused");
+        let Err(err) = cluster_client_tls(Some(ca), (None, None)) else { panic!("calling workers over TLS without an identity was accepted") };
         assert!(err.to_string().contains("needs a certificate the cluster CA signed"), "{err}");
         assert!(cluster_client_tls(None, (None, None)).unwrap().is_none(), "no cluster CA: plaintext to workers");
     }
