@@ -167,6 +167,23 @@ impl ClientTlsArgs {
     }
 }
 
+/// Who may call tome.v1.Tome (and the HTTP routes beside it).
+#[derive(Args, Clone, Default)]
+pub struct ApiKeyArgs {
+    /// Callers of tome.v1.Tome must send one of the API keys in this file (`authorization:
+    /// Bearer KEY`; one caller a line, `NAME KEY` or a bare `KEY`, keys at least 16
+    /// characters; `#` comments). Metrics and logs name callers by NAME.
+    #[arg(long, env = "TOME_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+}
+
+impl ApiKeyArgs {
+    /// The keys callers must send, when a key file is given.
+    pub fn keys(&self) -> anyhow::Result<Option<std::sync::Arc<tome_server::auth::ApiKeys>>> {
+        self.api_keys_file.as_deref().map(|f| tome_server::auth::ApiKeys::from_file(f).map(std::sync::Arc::new).map_err(|e| anyhow::anyhow!(e))).transpose()
+    }
+}
+
 #[derive(Args)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -174,11 +191,8 @@ pub struct RunArgs {
     /// Address to serve tome.v1.Tome, health and reflection on.
     #[arg(long, env = "TOME_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Callers of tome.v1.Tome must send one of the API keys in this file (`authorization:
-    /// Bearer KEY`; one caller a line, `NAME KEY` or a bare `KEY`, keys at least 16
-    /// characters; `#` comments). Metrics and logs name callers by NAME.
-    #[arg(long, env = "TOME_API_KEYS_FILE")]
-    pub api_keys_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub api_keys: ApiKeyArgs,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
     #[command(flatten)]
@@ -243,11 +257,8 @@ pub struct CoordinatorArgs {
     pub embedded: EmbeddedArgs,
     #[arg(long, env = "TOME_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Callers of tome.v1.Tome must send one of the API keys in this file (`authorization:
-    /// Bearer KEY`; one caller a line, `NAME KEY` or a bare `KEY`, keys at least 16
-    /// characters; `#` comments). Metrics and logs name callers by NAME.
-    #[arg(long, env = "TOME_API_KEYS_FILE")]
-    pub api_keys_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub api_keys: ApiKeyArgs,
     /// A static list of worker addresses (host:port), comma-separated; without etcd.
     #[arg(long, env = "TOME_WORKERS", value_delimiter = ',', conflicts_with = "etcd")]
     pub workers: Vec<String>,

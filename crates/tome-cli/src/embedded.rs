@@ -43,7 +43,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = crate::serve::bind(args.listen).await?;
     eprintln!("tome: serving {} model(s) with {} ranks per job", args.embedded.models.len(), args.embedded.ranks);
     let grace = std::time::Duration::from_secs(args.ops.grace_seconds);
-    let api_keys = crate::serve::api_keys(args.api_keys_file.as_deref())?;
+    let api_keys = args.api_keys.keys()?;
     serve(listener, coordinator, grace, tls, api_keys, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }
 

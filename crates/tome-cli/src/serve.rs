@@ -20,11 +20,6 @@ pub async fn serve(command: ServeCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The API keys callers of tome.v1.Tome must send, when a key file is given.
-pub fn api_keys(file: Option<&std::path::Path>) -> anyhow::Result<Option<Arc<tome_server::auth::ApiKeys>>> {
-    file.map(|f| tome_server::auth::ApiKeys::from_file(f).map(Arc::new).map_err(|e| anyhow::anyhow!(e))).transpose()
-}
-
 /// The TLS a server listening on `listen` serves with, or `None` for plaintext, which beyond
 /// loopback is refused unless `--insecure-plaintext` says so (and then logged as a warning).
 /// `protocol`: what it speaks inside TLS. Called first thing, so a server that may not start
@@ -131,7 +126,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let coordinator = Arc::new(Coordinator::with_cluster(load_models(&args.embedded)?, limits, cluster)?);
     let listener = bind(args.listen).await?;
     let grace = Duration::from_secs(args.ops.grace_seconds);
-    let api_keys = api_keys(args.api_keys_file.as_deref())?;
+    let api_keys = args.api_keys.keys()?;
     tome_coordinator::serve(listener, coordinator, grace, server_tls, api_keys, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }
 

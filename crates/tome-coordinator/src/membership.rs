@@ -52,6 +52,9 @@ struct Candidate {
     name: Option<String>,
 }
 
+/// Refused entries remembered (so as to be logged once each) at most.
+const MAX_REFUSED_REMEMBERED: usize = 1024;
+
 /// Probes the current candidates every `every` (and at once when they change) and publishes
 /// those that answer as themselves.
 fn spawn_prober(mut candidates: watch::Receiver<Vec<Candidate>>, every: Duration, tls: Option<ClientTls>, tx: watch::Sender<Vec<pb::WorkerInfo>>) -> JoinHandle<()> {
@@ -75,6 +78,10 @@ fn spawn_prober(mut candidates: watch::Receiver<Vec<Candidate>>, every: Duration
                 let Ok((candidate, Some(info))) = answer else { continue };
                 match &candidate.name {
                     Some(name) if *name != info.name || info.address != candidate.address => {
+                        // Bounded: entries written to etcd by whoever can write there.
+                        if refused.len() >= MAX_REFUSED_REMEMBERED {
+                            refused.clear();
+                        }
                         if refused.insert((name.clone(), candidate.address.clone())) {
                             warn!(
                                 entry = %name,
