@@ -743,28 +743,33 @@ fn peer_cases(addr: &str) -> Vec<Case> {
 /// is 1 MiB long, and one from rank 2 a frame over the message limit. Both are refused with a
 /// short message; the rank, whose peers never come, ends UNAVAILABLE.
 fn member_cases(addr: &str) -> Vec<Case> {
-    let mut rank0 = shard(addr, "h-member");
-    if let Some(p) = rank0.plan.as_mut() {
-        p.shards = [span(0, 4), span(4, 6), span(6, 8)].into_iter().map(|s| pb::RankRanges { ranges: vec![s] }).collect();
-        p.rank_addresses = vec![addr.to_string(); 3];
-    }
-    rank0.token_ids = Some(u32_tensor(&[101, 2009, 2001, 1996]));
-    rank0.position_ids = Some(u32_tensor(&[0, 1, 2, 3]));
+    // Each kind of garbage goes to a job of its own: the first to fail its rank 0 must not turn
+    // the other's case into a stream that finds no rank.
+    let rank0 = |job: &str| {
+        let mut rank0 = shard(addr, job);
+        if let Some(p) = rank0.plan.as_mut() {
+            p.shards = [span(0, 4), span(4, 6), span(6, 8)].into_iter().map(|s| pb::RankRanges { ranges: vec![s] }).collect();
+            p.rank_addresses = vec![addr.to_string(); 3];
+        }
+        rank0.token_ids = Some(u32_tensor(&[101, 2009, 2001, 1996]));
+        rank0.position_ids = Some(u32_tensor(&[0, 1, 2, 3]));
+        rank0
+    };
     let garbage = pb::PeerFrame { job_id: "j".repeat(1 << 20), src: 1, dst: 0, step: 0, tensors: Vec::new(), open: false, secret: Vec::new() };
     let long_id = exchange_case(
         addr,
         "Exchange: with the job's secret, then a frame with a 1 MiB job id",
         &[Code::InvalidArgument],
-        vec![open_frame("h-member", 1, 0, secret(7)), garbage],
+        vec![open_frame("h-member-a", 1, 0, secret(7)), garbage],
         true,
     );
     let big = pb::Tensor { shape: vec![TARGET_MAX_MESSAGE as u64], dtype: pb::ElementType::U8 as i32, data: vec![0; TARGET_MAX_MESSAGE + 1] };
-    let huge = pb::PeerFrame { job_id: "h-member".into(), src: 2, dst: 0, step: 0, tensors: vec![big], open: false, secret: Vec::new() };
+    let huge = pb::PeerFrame { job_id: "h-member-b".into(), src: 2, dst: 0, step: 0, tensors: vec![big], open: false, secret: Vec::new() };
     let oversized = exchange_case(
         addr,
         "Exchange: with the job's secret, then a frame over --max-message-bytes",
         &[Code::ResourceExhausted],
-        vec![open_frame("h-member", 2, 0, secret(7)), huge],
+        vec![open_frame("h-member-b", 2, 0, secret(7)), huge],
         true,
     );
     // Once rank 0 has joined.
@@ -776,9 +781,15 @@ fn member_cases(addr: &str) -> Vec<Case> {
         });
         c
     };
-    let url = format!("http://{addr}");
+    let (url_a, url_b) = (format!("http://{addr}"), format!("http://{addr}"));
+    let (rank0_a, rank0_b) = (rank0("h-member-a"), rank0("h-member-b"));
     vec![
-        case("Worker", "RunShard: rank 0 of 3 whose peers send garbage", &[Code::Unavailable], async move { drain(worker(&url).await.run_shard(rank0).await?.into_inner()).await }),
+        case("Worker", "RunShard: rank 0 of 3 whose peer sends a frame with a 1 MiB job id", &[Code::Unavailable], async move {
+            drain(worker(&url_a).await.run_shard(rank0_a).await?.into_inner()).await
+        }),
+        case("Worker", "RunShard: rank 0 of 3 whose peer sends a frame over the limit", &[Code::Unavailable], async move {
+            drain(worker(&url_b).await.run_shard(rank0_b).await?.into_inner()).await
+        }),
         later(long_id).saying("out of sequence"),
         later(oversized),
     ]
