@@ -72,7 +72,7 @@ fn validator_python() -> PathBuf {
     dir
 }
 
-/// `objects` validated: what failed validation, and how many objects were.
+/// The objects of a YAML stream, what of them failed validation, and how many were validated.
 fn validate(yaml: &str, label: &str) -> (Vec<Value>, Vec<String>, usize) {
     let file = std::env::temp_dir().join(format!("tome-deploy-{}-{label}.yaml", std::process::id()));
     std::fs::write(&file, yaml).unwrap();
@@ -92,9 +92,11 @@ fn validate(yaml: &str, label: &str) -> (Vec<Value>, Vec<String>, usize) {
 
 /// `kubectl kustomize DIR`'s objects, each validated.
 fn render(dir: &Path, label: &str) -> Vec<Value> {
-    let out = Command::new("kubectl").arg("kustomize").arg(dir).output().unwrap_or_else(|e| {
-        panic!("cannot run kubectl ({e}): the test command installs it (scripts/prereqs.sh kube: Debian's kubernetes-client)")
-    });
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run kubectl ({e}): the test command installs it (scripts/prereqs.sh kube: Debian's kubernetes-client)"));
     assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
     let (objects, problems, validated) = validate(&String::from_utf8(out.stdout).unwrap(), label);
     assert!(problems.is_empty(), "{label}: objects that do not validate against Kubernetes {KUBERNETES_VERSION}:\n{}", problems.join("\n"));
@@ -252,7 +254,10 @@ fn check_custom(objects: &[Value], label: &str) {
                 assert!(secrets.contains(&secret.as_str().unwrap()), "{label}: the scraper's TLS comes from a Certificate's Secret, not {secret}");
             }
             let server = tls["serverName"].as_str().unwrap();
-            assert!(certificates.iter().any(|c| array(&c["spec"]["dnsNames"]).iter().any(|n| covers(n.as_str().unwrap(), server))), "{label}: serverName {server} is a name of the certificate");
+            assert!(
+                certificates.iter().any(|c| array(&c["spec"]["dnsNames"]).iter().any(|n| covers(n.as_str().unwrap(), server))),
+                "{label}: serverName {server} is a name of the certificate"
+            );
         }
     }
 }
@@ -392,7 +397,10 @@ fn check_common(objects: &[Value], label: &str) {
         assert_eq!(peers.len(), 2, "{label}: the {target}s' {port} port is for two kinds of pod");
         for peer in peers {
             assert_eq!(peer.as_object().unwrap().len(), 1, "{label}: a pod selector alone (no namespaces, no addresses)");
-            assert!(selects(&peer["podSelector"], &component("coordinator")) || selects(&peer["podSelector"], &component("worker")), "{label}: {peer} is a coordinator or a worker");
+            assert!(
+                selects(&peer["podSelector"], &component("coordinator")) || selects(&peer["podSelector"], &component("worker")),
+                "{label}: {peer} is a coordinator or a worker"
+            );
         }
     }
 }
@@ -467,14 +475,20 @@ fn the_optional_pieces_render_and_validate_when_an_overlay_turns_them_on() {
             rules.iter().any(|r| r["action"] == "FailJob" && r["onExitCodes"]["operator"] == "In" && array(&r["onExitCodes"]["values"]).contains(&Value::from(2))),
             "{label}: tome batch's exit code 2 fails the Job"
         );
-        assert!(rules.iter().any(|r| r["action"] == "Ignore" && array(&r["onPodConditions"]).iter().any(|c| c["type"] == "DisruptionTarget")), "{label}: an evicted pod is not a failure");
+        assert!(
+            rules.iter().any(|r| r["action"] == "Ignore" && array(&r["onPodConditions"]).iter().any(|c| c["type"] == "DisruptionTarget")),
+            "{label}: an evicted pod is not a failure"
+        );
         // Resumable: the journal (in --out) is on the shelf's volume.
         let args: Vec<&str> = array(&batch["args"]).iter().map(|a| a.as_str().unwrap()).collect();
         let out = args[args.iter().position(|a| *a == "--out").unwrap() + 1];
         let mount = array(&batch["volumeMounts"]).iter().find(|m| out.starts_with(m["mountPath"].as_str().unwrap())).unwrap_or_else(|| panic!("{label}: {out} is on a volume"));
         let volume = array(&pod["volumes"]).iter().find(|v| v["name"] == mount["name"]).unwrap();
         assert!(volume["persistentVolumeClaim"].is_object(), "{label}: the journal outlives the pod");
-        assert!(env(batch, "TOME_COORDINATOR").is_some() && env(batch, "TOME_API_KEY").is_some() && env(batch, "TOME_TLS_CA").is_some(), "{label}: the batch calls the coordinators as a caller does");
+        assert!(
+            env(batch, "TOME_COORDINATOR").is_some() && env(batch, "TOME_API_KEY").is_some() && env(batch, "TOME_TLS_CA").is_some(),
+            "{label}: the batch calls the coordinators as a caller does"
+        );
 
         let hpa = of_kind(&objects, "HorizontalPodAutoscaler").next().unwrap_or_else(|| panic!("{label}: the HPA"));
         assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "tome-coordinator");
@@ -497,7 +511,11 @@ fn the_optional_pieces_render_and_validate_when_an_overlay_turns_them_on() {
     // A pinned digest.
     let digest = format!("sha256:{}", "0123456789abcdef".repeat(4));
     let copy = Edited::new("gpu-digest");
-    copy.edit("gpu", "    # digest: sha256:<64 hex digits>\n", &format!("    digest: {digest}\n")).edit("gpu", "    # digest: sha256:<64 hex digits>\n", &format!("    digest: {digest}\n"));
+    copy.edit("gpu", "    # digest: sha256:<64 hex digits>\n", &format!("    digest: {digest}\n")).edit(
+        "gpu",
+        "    # digest: sha256:<64 hex digits>\n",
+        &format!("    digest: {digest}\n"),
+    );
     let objects = copy.render("gpu", "gpu-digest");
     check_common(&objects, "gpu-digest");
     for (_, pod) in workloads(&objects) {
