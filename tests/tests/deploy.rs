@@ -319,8 +319,10 @@ fn check_common(objects: &[Value], label: &str) {
                     assert!(OPERATOR_SECRETS.contains(&secret), "{who}: Secret {secret} comes from nowhere");
                 }
             }
+            // A StatefulSet's volume claim templates are volumes of its pods too.
+            let volumes = array(&spec["volumes"]).iter().chain(array(&owner["spec"]["volumeClaimTemplates"]).iter().map(|t| &t["metadata"]));
             for mount in array(&c["volumeMounts"]) {
-                assert!(array(&spec["volumes"]).iter().any(|v| v["name"] == mount["name"]), "{who}/{}: volume {}", c["name"], mount["name"]);
+                assert!(volumes.clone().any(|v| v["name"] == mount["name"]), "{who}/{}: volume {}", c["name"], mount["name"]);
             }
         }
     }
