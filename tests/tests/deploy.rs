@@ -57,19 +57,25 @@ for doc in docs:
 print(json.dumps({"objects": objects, "problems": problems, "validated": validated}))
 "#;
 
-/// kubernetes-validate, installed once into target/python-kube.
+/// kubernetes-validate, installed once into target/python-kube (once per process: the tests
+/// that validate run in parallel and would otherwise install it over each other).
 fn validator_python() -> PathBuf {
-    let dir = repo().join("target/python-kube");
-    if !dir.join("kubernetes_validate").is_dir() {
-        let out = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--target"])
-            .arg(&dir)
-            .arg(KUBERNETES_VALIDATE)
-            .output()
-            .expect("python3 (scripts/prereqs.sh python installs it)");
-        assert!(out.status.success(), "pip install {KUBERNETES_VALIDATE}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    dir
+    static INSTALLED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            let dir = repo().join("target/python-kube");
+            if !dir.join("kubernetes_validate").is_dir() {
+                let out = Command::new("python3")
+                    .args(["-m", "pip", "install", "--quiet", "--target"])
+                    .arg(&dir)
+                    .arg(KUBERNETES_VALIDATE)
+                    .output()
+                    .expect("python3 (scripts/prereqs.sh python installs it)");
+                assert!(out.status.success(), "pip install {KUBERNETES_VALIDATE}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            dir
+        })
+        .clone()
 }
 
 /// The objects of a YAML stream, what of them failed validation, and how many were validated.
