@@ -3,6 +3,7 @@ today, and the package's requirements admit the runtime they check for at import
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import subprocess
@@ -26,11 +27,10 @@ class GeneratedStubs(unittest.TestCase):
             fresh = Path(out) / "tome/v1"
             self.assertEqual(sorted(p.name for p in fresh.iterdir()), sorted(GENERATED))
             for name in GENERATED:
-                self.assertEqual(
-                    (fresh / name).read_text(),
-                    (COMMITTED / name).read_text(),
-                    f"{name} differs from what proto/tome/v1/tome.proto generates: run scripts/gen_python_stubs.sh and commit the result",
-                )
+                want, have = (fresh / name).read_text(), (COMMITTED / name).read_text()
+                if want != have:
+                    diff = "".join(list(difflib.unified_diff(have.splitlines(True), want.splitlines(True), "committed", "generated"))[:12])
+                    self.fail(f"{name} differs from what proto/tome/v1/tome.proto generates: run scripts/gen_python_stubs.sh and commit the result\n{diff}")
 
     def test_stubs_import_as_a_subpackage_only(self) -> None:
         for name in GENERATED:
