@@ -105,7 +105,7 @@ class RealServer(unittest.TestCase):
     def test_hidden_states_stream_in_order_and_equal_the_cli(self) -> None:
         want = self.ref("last_hidden_state.npy")
         with self.client.hidden_states(self.text, **OPTIONS) as stream:
-            blocks = []
+            blocks: list[np.ndarray] = []
             for block in stream:
                 self.assertEqual((block.dtype, block.ndim, block.shape[1]), (np.float32, 2, 384))
                 if not blocks:

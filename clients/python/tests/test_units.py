@@ -60,7 +60,7 @@ class TensorDecoding(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "ELEMENT_TYPE_UNSPECIFIED"):
             tome_client.decode_tensor(pb.Tensor(shape=[1], data=bytes(4)))
         with self.assertRaisesRegex(ValueError, "99"):
-            tome_client.decode_tensor(pb.Tensor(shape=[1], dtype=99, data=bytes(4)))
+            tome_client.decode_tensor(pb.Tensor(shape=[1], dtype=99, data=bytes(4)))  # type: ignore[arg-type]
 
 
 class Options(unittest.TestCase):
@@ -113,7 +113,7 @@ class Options(unittest.TestCase):
         with self.assertRaises(TypeError):
             _document(np.zeros((2, 2), dtype=np.int64))
         with self.assertRaises(TypeError):
-            _document([0.5, 1.5])
+            _document([0.5, 1.5])  # type: ignore[list-item]
 
     def test_addresses(self) -> None:
         self.assertEqual(_target("http://127.0.0.1:50051", False), ("127.0.0.1:50051", False))

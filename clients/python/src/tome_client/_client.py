@@ -273,7 +273,7 @@ class Client:
             self._channel = grpc.secure_channel(self.target, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(self.target, options=options)
-        self._stub = pb_grpc.TomeStub(self._channel)
+        self._stub = pb_grpc.TomeStub(self._channel)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""
@@ -472,7 +472,7 @@ class Client:
 
     def _options(
         self,
-        outputs: list[int],
+        outputs: Sequence[pb.Output],
         *,
         pooling: Pooling | str | None = None,
         normalize: bool | None = None,

@@ -26,7 +26,7 @@ class TomeError(Exception):
     @property
     def code_name(self) -> str:
         """The code's name, e.g. `"UNAUTHENTICATED"`."""
-        return self.code.name
+        return str(self.code.name)
 
     def __repr__(self) -> str:
         return f"TomeError({self.code.name}, {self.message!r}, retry_after={self.retry_after!r}, attempts={self.attempts})"

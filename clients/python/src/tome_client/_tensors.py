@@ -9,14 +9,14 @@ import numpy as np
 from ._proto.tome.v1 import tome_pb2 as pb
 
 # Element types that numpy holds as they are sent (little-endian on the wire).
-_DIRECT: dict[int, np.dtype] = {
+_DIRECT: dict[pb.ElementType, np.dtype] = {
     pb.ELEMENT_TYPE_F32: np.dtype("<f4"),
     pb.ELEMENT_TYPE_F16: np.dtype("<f2"),
     pb.ELEMENT_TYPE_I64: np.dtype("<i8"),
     pb.ELEMENT_TYPE_U8: np.dtype("u1"),
     pb.ELEMENT_TYPE_U32: np.dtype("<u4"),
 }
-_NATIVE: dict[int, np.dtype] = {
+_NATIVE: dict[pb.ElementType, np.dtype] = {
     pb.ELEMENT_TYPE_F32: np.dtype(np.float32),
     pb.ELEMENT_TYPE_F16: np.dtype(np.float16),
     pb.ELEMENT_TYPE_I64: np.dtype(np.int64),
@@ -59,7 +59,7 @@ def decode_tensor(tensor: pb.Tensor) -> np.ndarray:
     return np.frombuffer(tensor.data, dtype=wire).astype(_NATIVE[tensor.dtype]).reshape(shape)
 
 
-def encode_tensor(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
+def encode_tensor(array: np.ndarray, dtype: pb.ElementType | None = None) -> pb.Tensor:
     """The `tome.v1.Tensor` of `array` (float32, float16, int64, uint8 or uint32; or bf16 from
     float32 by truncation when `dtype` is `ELEMENT_TYPE_BF16`). Servers in tests use it."""
     array = np.ascontiguousarray(array)
