@@ -139,8 +139,8 @@ class AgainstAFakeServer(unittest.TestCase):
         self.assertEqual(info.models[0].name, "fake-model")
         self.assertEqual(self.fake.calls["Info"], 3, "two refusals, then the call that was served")
         gaps = np.diff(self.fake.call_times)
-        self.assertTrue(all(0.95 <= g < 1.6 for g in gaps), f"each retry waits the 1 s retry-after: {gaps}")
-        self.assertLess(elapsed, 3.5)
+        self.assertTrue(all(0.95 <= g < 2.5 for g in gaps), f"each retry waits the 1 s retry-after: {gaps}")
+        self.assertLess(elapsed, 6.0)
 
     def test_a_stream_refused_for_now_is_retried_before_its_first_event(self) -> None:
         self.fake.busy["Process"] = 2
@@ -172,7 +172,7 @@ class AgainstAFakeServer(unittest.TestCase):
                 started = time.monotonic()
                 with self.assertRaises(TomeError) as caught:
                     call()
-                self.assertLess(time.monotonic() - started, 0.5, code)
+                self.assertLess(time.monotonic() - started, 0.9, code)
                 self.assertEqual(caught.exception.code, code)
                 self.assertEqual(caught.exception.message, f"refused with {code.name}")
                 self.assertEqual(caught.exception.attempts, 1)
@@ -192,7 +192,7 @@ class AgainstAFakeServer(unittest.TestCase):
         started = time.monotonic()
         with self.assertRaises(TomeError) as caught:
             self.client(retry=RetryPolicy(max_attempts=10, total_seconds=1.5)).info()
-        self.assertLess(time.monotonic() - started, 1.5)
+        self.assertLess(time.monotonic() - started, 1.95, "no second wait")
         self.assertEqual((self.fake.calls["Info"], caught.exception.attempts), (2, 2))
 
         # A long retry-after is capped at max_wait_seconds; max_attempts=1 never retries.
@@ -201,7 +201,7 @@ class AgainstAFakeServer(unittest.TestCase):
         self.fake.retry_after = "3600"
         started = time.monotonic()
         self.assertEqual(self.client(retry=RetryPolicy(max_wait_seconds=0.2)).info().version, "fake")
-        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertLess(time.monotonic() - started, 2.0, "not the hour retry-after asked")
         self.fake.busy["Info"] = 1
         with self.assertRaises(TomeError):
             self.client(retry=RetryPolicy(max_attempts=1)).info()
