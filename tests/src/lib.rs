@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tome_proto::v1 as pb;
 use tome_proto::v1::tome_client::TomeClient;
-use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -373,4 +373,63 @@ pub fn try_http_get(addr: &str, path: &str) -> std::io::Result<String> {
     let mut body = Vec::new();
     s.read_to_end(&mut body)?;
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Throwaway PEM files, removed when dropped: the cluster CA and certificates it signed (for
+/// localhost and 127.0.0.1, usable as server and as client: `coordinator`, `worker`, `client`,
+/// `etcd`), and a stranger CA with a certificate of its own (`stranger`).
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("tome-tls-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (ca, leaves) in [("ca", &["coordinator", "worker", "client", "etcd"][..]), ("stranger-ca", &["stranger"][..])] {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.distinguished_name.push(rcgen::DnType::CommonName, ca);
+            let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+            std::fs::write(dir.join(format!("{ca}.pem")), issuer.pem()).unwrap();
+            for leaf in leaves {
+                let key = rcgen::KeyPair::generate().unwrap();
+                let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+                params.distinguished_name.push(rcgen::DnType::CommonName, *leaf);
+                params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+                let cert = params.signed_by(&key, &issuer).unwrap();
+                std::fs::write(dir.join(format!("{leaf}.pem")), cert.pem()).unwrap();
+                std::fs::write(dir.join(format!("{leaf}.key")), key.serialize_pem()).unwrap();
+            }
+        }
+        Pki { dir }
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.join(file).to_string_lossy().into_owned()
+    }
+
+    pub fn read(&self, file: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(file)).unwrap()
+    }
+
+    /// A client that trusts `ca` and presents `identity`'s certificate, if any.
+    pub fn client(&self, ca: &str, identity: Option<&str>) -> ClientTlsConfig {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(self.read(&format!("{ca}.pem"))));
+        if let Some(who) = identity {
+            tls = tls.identity(Identity::from_pem(self.read(&format!("{who}.pem")), self.read(&format!("{who}.key"))));
+        }
+        tls
+    }
+
+    /// The server flags of `who`, taking calls only from holders of a cluster certificate.
+    pub fn server_flags(&self, who: &str) -> Vec<String> {
+        ["--tls-cert", &self.path(&format!("{who}.pem")), "--tls-key", &self.path(&format!("{who}.key")), "--tls-client-ca", &self.path("ca.pem")].map(String::from).to_vec()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -6,7 +6,6 @@
 //! with authentication: workers register and coordinators watch with the etcd CA and a user's
 //! password from a file.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -14,65 +13,7 @@ use tome_e2e::*;
 use tome_proto::v1 as pb;
 use tome_proto::v1::tome_client::TomeClient;
 use tome_proto::v1::worker_client::WorkerClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-/// Throwaway PEM files: the cluster CA and certificates it signed (for localhost and
-/// 127.0.0.1, usable as server and as client), and a stranger CA with a certificate of its own.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!("tome-tls-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        for (ca, leaves) in [("ca", &["coordinator", "worker", "client", "etcd"][..]), ("stranger-ca", &["stranger"][..])] {
-            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            params.distinguished_name.push(rcgen::DnType::CommonName, ca);
-            let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-            std::fs::write(dir.join(format!("{ca}.pem")), issuer.pem()).unwrap();
-            for leaf in leaves {
-                let key = rcgen::KeyPair::generate().unwrap();
-                let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-                params.distinguished_name.push(rcgen::DnType::CommonName, *leaf);
-                params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-                let cert = params.signed_by(&key, &issuer).unwrap();
-                std::fs::write(dir.join(format!("{leaf}.pem")), cert.pem()).unwrap();
-                std::fs::write(dir.join(format!("{leaf}.key")), key.serialize_pem()).unwrap();
-            }
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, file: &str) -> String {
-        self.dir.join(file).to_string_lossy().into_owned()
-    }
-
-    fn read(&self, file: &str) -> Vec<u8> {
-        std::fs::read(self.dir.join(file)).unwrap()
-    }
-
-    /// A client that trusts `ca` and presents `identity`'s certificate, if any.
-    fn client(&self, ca: &str, identity: Option<&str>) -> ClientTlsConfig {
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(self.read(&format!("{ca}.pem"))));
-        if let Some(who) = identity {
-            tls = tls.identity(Identity::from_pem(self.read(&format!("{who}.pem")), self.read(&format!("{who}.key"))));
-        }
-        tls
-    }
-
-    /// The server flags of `who`, taking calls only from holders of a cluster certificate.
-    fn server_flags(&self, who: &str) -> Vec<String> {
-        ["--tls-cert", &self.path(&format!("{who}.pem")), "--tls-key", &self.path(&format!("{who}.key")), "--tls-client-ca", &self.path("ca.pem")].map(String::from).to_vec()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 /// A channel to `host_port` over TLS with `tls` (or plaintext); `Err` when no call can be made.
 async fn channel(host_port: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
