@@ -341,7 +341,7 @@ async fn with_api_keys_only_callers_that_send_one_are_served() {
     assert!(page.lines().any(|l| l.starts_with("tome_tokens_total{") && l.contains(r#"caller="team-b""#)), "{page}");
     assert!(!page.contains("0123456789abcdef"), "a key in the metrics: {page}");
     // One job at a time per caller here: while team-a's job streams its hidden states (unread,
-    // so it holds its place), team-a's next is refused and team-b's runs.
+    // so it holds its place), team-a's next waits and team-b's runs.
     let options = pb::ProcessOptions {
         outputs: vec![pb::Output::HiddenStates as i32],
         attention: Some(pb::AttentionOverride { kind: pb::AttentionKind::Window as i32, window: 64, ..Default::default() }),
@@ -349,12 +349,14 @@ async fn with_api_keys_only_callers_that_send_one_are_served() {
         ranks: 1,
         ..Default::default()
     };
-    let held = client.process(keyed(text_request(TEXT.repeat(400).as_bytes(), options), Some("team-a-0123456789abcdef"))).await.unwrap();
-    let Err(err) = process_call(&mut client, request(Some("team-a-0123456789abcdef"))).await else { panic!("a caller ran two jobs at once") };
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(err.message().contains("caller team-a"), "{err:?}");
+    let held = client.process(keyed(text_request(TEXT.repeat(1000).as_bytes(), options), Some("team-a-0123456789abcdef"))).await.unwrap();
+    let mut waiting_client = client.clone();
+    let team_a_next = tokio::spawn(async move { process_call(&mut waiting_client, request(Some("team-a-0123456789abcdef"))).await });
     assert_eq!(process_call(&mut client, request(Some("team-b-0123456789abcdef"))).await.unwrap().kinds.last(), Some(&"done"));
+    assert!(!team_a_next.is_finished(), "a caller ran two jobs at once");
     drop(held);
+    let team_a_next = tokio::time::timeout(std::time::Duration::from_secs(120), team_a_next).await.expect("team-a's next ran once its first ended");
+    assert_eq!(team_a_next.unwrap().unwrap().kinds.last(), Some(&"done"));
     // Probes need no key; the CLI sends its --api-key.
     assert_eq!(health(&server.addr, "tome.v1.Tome").await, Some(1));
     let info = |key: &str| Command::new(tome_bin()).args(["info", "--coordinator", &server.host_port, "--api-key", key]).output().unwrap();

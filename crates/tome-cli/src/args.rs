@@ -12,6 +12,18 @@ pub struct Cli {
     /// Log filter (tracing's EnvFilter syntax), logs go to stderr.
     #[arg(long, env = "TOME_LOG", default_value = "warn", global = true)]
     pub log: String,
+    /// Log lines as text, or as one JSON object a line (for log collectors).
+    #[arg(long, env = "TOME_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Export trace spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317),
+    /// continuing the trace of each request's `traceparent`. Spans the --log filter keeps are
+    /// exported.
+    #[arg(long, env = "TOME_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// Threads that compute (shared by the ranks of this process); 0: one per CPU this process
+    /// may use. Set it to the container's CPU limit where the CPU count is the node's.
+    #[arg(long, env = "TOME_THREADS", default_value_t = 0, global = true)]
+    pub threads: usize,
     /// Freed memory (MiB) the process keeps for reuse between the layers of a job instead of
     /// handing it back to the kernel, which would fault and zero it again; it is handed back when
     /// the process goes idle. 0 keeps the allocator's defaults.
@@ -19,6 +31,12 @@ pub struct Cli {
     pub heap_retain_mib: usize,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -88,16 +106,26 @@ pub struct EmbeddedArgs {
     /// Most ranks a request may ask for.
     #[arg(long, env = "TOME_MAX_RANKS", default_value_t = 64)]
     pub max_ranks: usize,
-    /// Jobs running at once; more are refused with RESOURCE_EXHAUSTED.
+    /// Jobs running at once; more wait in the queue (--max-queued-requests).
     #[arg(long, env = "TOME_MAX_CONCURRENT_JOBS", default_value_t = 2)]
     pub max_concurrent_jobs: usize,
-    /// Jobs one caller (one API key) may run at once, so no caller takes every place; more are
-    /// refused with RESOURCE_EXHAUSTED. 0: no limit of its own.
+    /// Jobs one caller (one API key) may run at once, so no caller takes every place; more wait
+    /// in the queue while other callers' requests run. 0: no limit of its own.
     #[arg(long, env = "TOME_MAX_JOBS_PER_CALLER", default_value_t = 0)]
     pub max_jobs_per_caller: usize,
-    /// Tokens of all jobs in flight together; more are refused with RESOURCE_EXHAUSTED.
+    /// Tokens of all jobs in flight together; more wait in the queue. A document with more
+    /// tokens than this is refused.
     #[arg(long, env = "TOME_MAX_TOKENS_IN_FLIGHT", default_value_t = 8_000_000)]
     pub max_tokens_in_flight: usize,
+    /// Requests that wait for a place beyond the free ones (callers take turns); more are
+    /// refused with RESOURCE_EXHAUSTED and retry-after. Each holds its text (up to
+    /// --max-document-bytes) while it waits. 0: refuse what cannot run now.
+    #[arg(long, env = "TOME_MAX_QUEUED_REQUESTS", default_value_t = 32)]
+    pub max_queued_requests: usize,
+    /// Tokens of the tokenized requests waiting, together; more are refused with
+    /// RESOURCE_EXHAUSTED and retry-after.
+    #[arg(long, env = "TOME_MAX_QUEUED_TOKENS", default_value_t = 16_000_000)]
+    pub max_queued_tokens: usize,
     /// Largest gRPC message received or sent, in bytes.
     #[arg(long, env = "TOME_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub max_message_bytes: usize,

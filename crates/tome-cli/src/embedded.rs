@@ -29,6 +29,8 @@ pub fn config(args: &EmbeddedArgs) -> CoordinatorConfig {
             max_concurrent_jobs: args.max_concurrent_jobs,
             max_jobs_per_caller: args.max_jobs_per_caller,
             max_tokens_in_flight: args.max_tokens_in_flight,
+            max_queued_requests: args.max_queued_requests,
+            max_queued_tokens: args.max_queued_tokens,
             max_message_bytes: args.max_message_bytes,
         },
         ..CoordinatorConfig::default()
@@ -38,12 +40,12 @@ pub fn config(args: &EmbeddedArgs) -> CoordinatorConfig {
 /// Serves until Ctrl-C or SIGTERM.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let tls = crate::serve::listener_tls(args.listen, &args.tls, tome_server::tls::Protocol::GrpcAndHttp1)?;
-    crate::serve::install_metrics(&args.ops, &args.tls).await?;
+    let api_keys = args.api_keys.keys()?;
+    crate::serve::install_metrics(&args.ops, &args.tls, crate::serve::Role::Coordinator { api_keys: api_keys.as_deref() }).await?;
     let coordinator = Arc::new(coordinator(&args.embedded)?);
     let listener = crate::serve::bind(args.listen).await?;
-    eprintln!("tome: serving {} model(s) with {} ranks per job", args.embedded.models.len(), args.embedded.ranks);
+    tracing::info!(models = args.embedded.models.len(), ranks = args.embedded.ranks, "serving the embedded default");
     let grace = std::time::Duration::from_secs(args.ops.grace_seconds);
-    let api_keys = args.api_keys.keys()?;
     serve(listener, coordinator, grace, tls, api_keys, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }
 

@@ -11,10 +11,12 @@ mod embedded;
 mod outputs;
 mod process;
 mod serve;
+mod telemetry;
 
 use clap::Parser;
 
 use crate::args::{Cli, Command};
+use crate::telemetry::Telemetry;
 
 /// Iterations candle's elementwise worker threads spin before parking, unless the environment
 /// says otherwise: ranks already keep every core busy, and spinning workers take their time.
@@ -26,6 +28,11 @@ fn main() -> std::process::ExitCode {
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT) };
     }
     let cli = Cli::parse();
+    if cli.threads > 0 {
+        // SAFETY: before any thread exists. Rayon's global pool and candle's kernels size
+        // themselves by it, and the ranks of this process share that many.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string()) };
+    }
     let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
         Ok(f) => f,
         Err(e) => {
@@ -35,15 +42,13 @@ fn main() -> std::process::ExitCode {
     };
     // Before any other thread exists: every thread then allocates from the one main heap.
     let heap_policy = cli.heap_retain_mib > 0 && tome_server::heap::retain_freed_memory(cli.heap_retain_mib.saturating_mul(1 << 20));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
-    if cli.heap_retain_mib > 0 && !heap_policy {
-        tracing::debug!("this allocator takes no heap policy: freed memory goes back to the kernel at once");
-    }
     // Benchmarks are compute from start to end: they run on this thread, with no async runtime.
-    let command = match cli.command {
-        Command::Bench(a) => return finish(bench::run(a)),
-        other => other,
-    };
+    if let Command::Bench(a) = cli.command {
+        if let Err(e) = Telemetry::install(filter, cli.log_format, None) {
+            return finish(Err(e));
+        }
+        return finish(bench::run(a));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -51,6 +56,17 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        match Telemetry::install(filter, cli.log_format, cli.otlp_endpoint.as_deref()) {
+            Ok(t) => t,
+            Err(e) => return finish(Err(e)),
+        }
+    };
+    if cli.heap_retain_mib > 0 && !heap_policy {
+        tracing::debug!("this allocator takes no heap policy: freed memory goes back to the kernel at once");
+    }
+    let command = cli.command;
     let result = runtime.block_on(async {
         match command {
             Command::Run(a) => embedded::run(a).await,
@@ -62,6 +78,7 @@ fn main() -> std::process::ExitCode {
         }
         .map(|()| 0)
     });
+    telemetry.shutdown();
     match result {
         Ok(0) => std::process::ExitCode::SUCCESS,
         Ok(code) => std::process::ExitCode::from(code),

@@ -283,5 +283,6 @@ pub async fn info(args: InfoArgs) -> anyhow::Result<()> {
         "default_ranks": resp.default_ranks, "models": models,
         "limits": {"max_document_tokens": limits.max_document_tokens, "max_document_bytes": limits.max_document_bytes,
                    "max_ranks": limits.max_ranks, "max_concurrent_jobs": limits.max_concurrent_jobs,
-                   "max_tokens_in_flight": limits.max_tokens_in_flight}}))?)
+                   "max_tokens_in_flight": limits.max_tokens_in_flight, "max_queued_requests": limits.max_queued_requests,
+                   "max_queued_tokens": limits.max_queued_tokens, "max_jobs_per_caller": limits.max_jobs_per_caller}}))?)
 }

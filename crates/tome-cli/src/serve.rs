@@ -55,14 +55,28 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpL
     Ok(listener)
 }
 
-/// Serves Prometheus metrics over HTTP (`GET /metrics`) on `--metrics-listen`, when given, and
-/// says where on stdout (`tome metrics on ADDR`) before the server's own `tome listening on`
+/// What a server process is, for its metrics.
+pub enum Role<'a> {
+    /// A coordinator (or the embedded default), with the callers its API keys name.
+    Coordinator {
+        api_keys: Option<&'a tome_server::auth::ApiKeys>,
+    },
+    Worker,
+}
+
+/// The build this process runs: `tome_build_info`, always 1, labelled with the version and the
+/// features built in.
+pub const BUILD_INFO: &str = "tome_build_info";
+
+/// Serves Prometheus metrics over HTTP (`GET /metrics`) on `--metrics-listen`, when given: the
+/// role's series (each present, at zero, from start), [`BUILD_INFO`] and the process's own
+/// (`process_*`: CPU seconds, resident memory, open files, start time), and says where on stdout (`tome metrics on ADDR`) before the server's own `tome listening on`
 /// line, so port 0 works here too. The listener is bound before this returns: a taken port is
 /// an error at start-up, not a log line later. With the server's `--tls-*` files it speaks
 /// HTTPS with the server's certificate (and, with `--tls-client-ca`, takes only scrapers whose
 /// certificate that CA signed); beyond loopback it is plaintext only with
 /// `--insecure-plaintext`, like the server's own listener.
-pub async fn install_metrics(ops: &OpsArgs, server_tls: &ServerTlsArgs) -> anyhow::Result<()> {
+pub async fn install_metrics(ops: &OpsArgs, server_tls: &ServerTlsArgs, role: Role<'_>) -> anyhow::Result<()> {
     let Some(addr) = ops.metrics_listen else { return Ok(()) };
     let tls = tls::ServerTls::load(&server_tls.files(), tls::Protocol::Http1)?;
     if tls::check_listen(addr, tls.is_some(), server_tls.insecure_plaintext)? == Exposure::InsecurePlaintext {
@@ -75,8 +89,25 @@ pub async fn install_metrics(ops: &OpsArgs, server_tls: &ServerTlsArgs) -> anyho
         .context("the metrics' histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    tome_worker::metrics::describe();
-    tome_coordinator::metrics::describe();
+    match role {
+        Role::Coordinator { api_keys } => {
+            tome_coordinator::metrics::describe();
+            let anonymous = tome_server::auth::Caller::anonymous();
+            let callers: Vec<&str> = match api_keys {
+                Some(keys) => keys.callers().map(|c| c.name()).collect(),
+                None => vec![anonymous.name()],
+            };
+            tome_coordinator::metrics::start_at_zero(&callers);
+        }
+        Role::Worker => {
+            tome_worker::metrics::describe();
+            tome_worker::metrics::start_at_zero();
+        }
+    }
+    metrics::describe_gauge!(BUILD_INFO, "The build this process runs (always 1): its version and features.");
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "nccl" => cfg!(feature = "nccl").to_string()).set(1.0);
+    let process = metrics_process::Collector::default();
+    process.describe();
     println!("tome metrics on {}", listener.local_addr()?);
     // Histograms drain their buckets on upkeep; the crate leaves scheduling it to the caller.
     let upkeep = handle.clone();
@@ -87,7 +118,11 @@ pub async fn install_metrics(ops: &OpsArgs, server_tls: &ServerTlsArgs) -> anyho
             upkeep.run_upkeep();
         }
     });
-    let app = axum::Router::new().route("/metrics", axum::routing::get(move || std::future::ready(handle.render())));
+    let render = move || {
+        process.collect();
+        std::future::ready(handle.render())
+    };
+    let app = axum::Router::new().route("/metrics", axum::routing::get(render));
     tokio::spawn(async move {
         let served = match tls {
             Some(tls) => axum::serve(tls.listener(listener), app).await,
@@ -112,7 +147,8 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         None => (args.tls.tls_cert.as_deref(), args.tls.tls_key.as_deref()),
     };
     let worker_tls = cluster_client_tls(args.tls_ca.as_deref(), identity)?;
-    install_metrics(&args.ops, &args.tls).await?;
+    let api_keys = args.api_keys.keys()?;
+    install_metrics(&args.ops, &args.tls, Role::Coordinator { api_keys: api_keys.as_deref() }).await?;
     let probe_every = Duration::from_millis(args.probe_ms.max(50));
     let membership: Arc<dyn Membership> = if let Some(etcd) = args.membership.etcd_access()? {
         let endpoints = etcd.endpoints().join(",");
@@ -126,7 +162,6 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let coordinator = Arc::new(Coordinator::with_cluster(load_models(&args.embedded)?, limits, cluster)?);
     let listener = bind(args.listen).await?;
     let grace = Duration::from_secs(args.ops.grace_seconds);
-    let api_keys = args.api_keys.keys()?;
     tome_coordinator::serve(listener, coordinator, grace, server_tls, api_keys, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }
 
@@ -137,7 +172,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         bail!("a worker serving TLS needs --tls-client-ca, the cluster CA: Worker and Peer take calls only from cluster members");
     }
     let peer_tls = cluster_client_tls(args.tls_ca.as_deref().or(args.tls.tls_client_ca.as_deref()), (args.tls.tls_cert.as_deref(), args.tls.tls_key.as_deref()))?;
-    install_metrics(&args.ops, &args.tls).await?;
+    install_metrics(&args.ops, &args.tls, Role::Worker).await?;
     let models: Vec<Arc<ModelDir>> =
         args.models.iter().map(|p| ModelDir::open(p).map(Arc::new).with_context(|| format!("loading the model at {}", p.display()))).collect::<anyhow::Result<_>>()?;
     if models.is_empty() {
@@ -164,7 +199,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let etcd =
         args.membership.etcd_access()?.map(|access| EtcdOptions { access, prefix: args.membership.etcd_prefix.clone(), ttl: Duration::from_secs(args.etcd_ttl_seconds.max(1)) });
     let options = ServeOptions { max_message_bytes: args.max_message_bytes, grace: Duration::from_secs(args.ops.grace_seconds), etcd, tls: server_tls };
-    eprintln!("tome: worker {name}, reached at {advertise}");
+    tracing::info!(%name, %advertise, "worker serving");
     tome_worker::serve(listener, service, hub, options, shutdown_signal()).await.map_err(|e| anyhow::anyhow!(e))
 }
 

@@ -11,8 +11,25 @@ pub struct Limits {
     pub max_jobs_per_caller: usize,
     /// Tokens of all jobs in flight together.
     pub max_tokens_in_flight: usize,
+    /// Requests waiting to run beyond the free job places (0: refuse what cannot run now).
+    pub max_queued_requests: usize,
+    /// Tokens of the tokenized requests waiting to run, together.
+    pub max_queued_tokens: usize,
     /// Largest gRPC message accepted or sent.
     pub max_message_bytes: usize,
+}
+
+impl Limits {
+    /// The admission queue's bounds.
+    pub fn queue(&self) -> crate::QueueLimits {
+        crate::QueueLimits {
+            max_jobs: self.max_concurrent_jobs,
+            max_tokens: self.max_tokens_in_flight,
+            max_jobs_per_caller: self.max_jobs_per_caller,
+            max_waiting: self.max_queued_requests,
+            max_waiting_tokens: self.max_queued_tokens,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -24,6 +41,8 @@ impl Default for Limits {
             max_concurrent_jobs: 2,
             max_jobs_per_caller: 0,
             max_tokens_in_flight: 8_000_000,
+            max_queued_requests: 32,
+            max_queued_tokens: 16_000_000,
             max_message_bytes: 64 << 20,
         }
     }

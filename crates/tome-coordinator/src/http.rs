@@ -28,12 +28,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use tome_net::traceparent::TRACEPARENT;
 use tome_proto::v1 as pb;
 use tome_proto::v1::tome_server::Tome;
 use tome_server::auth::{ApiKeys, Caller};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
+use crate::metrics::{self, RefusalReason};
 use crate::service::Coordinator;
 
 /// What every route needs: the coordinator and the keys callers must send.
@@ -148,14 +150,18 @@ impl Http {
     fn caller(&self, headers: &HeaderMap) -> Result<Caller, Refusal> {
         match &self.keys {
             None => Ok(Caller::anonymous()),
-            Some(keys) => Ok(keys.check(&MetadataMap::from_headers(headers.clone()))?),
+            Some(keys) => Ok(keys.check(&MetadataMap::from_headers(headers.clone())).inspect_err(|_| metrics::refused_for(RefusalReason::Unauthenticated))?),
         }
     }
 
-    /// Runs `request` as the gRPC `Process` call of `caller` and gathers its events.
-    async fn process(&self, request: pb::ProcessRequest, caller: &Caller) -> Result<Processed, Refusal> {
+    /// Runs `request` as the gRPC `Process` call of `caller` and gathers its events; the
+    /// request's trace context (`traceparent`) goes with it.
+    async fn process(&self, request: pb::ProcessRequest, caller: &Caller, headers: &HeaderMap) -> Result<Processed, Refusal> {
         let mut call = tonic::Request::new(request);
         call.extensions_mut().insert(caller.clone());
+        if let Some(trace) = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+            call.metadata_mut().insert(TRACEPARENT, trace);
+        }
         let mut events = self.coordinator.process(call).await?.into_inner();
         let mut out = Processed::default();
         use tokio_stream::StreamExt;
@@ -264,7 +270,7 @@ async fn openai_embeddings(State(http): State<Http>, headers: HeaderMap, read: R
     for (index, text) in inputs.into_iter().enumerate() {
         let process = pb::ProcessRequest { model: request.model.clone(), input: Some(pb::process_request::Input::Text(text.into_bytes())), options: Some(options.clone()) };
         let out = http
-            .process(process, &caller)
+            .process(process, &caller, &headers)
             .await
             .map_err(|Refusal(s)| Refusal(Status::with_metadata(s.code(), format!("input[{index}]: {}", s.message()), s.metadata().clone())))?;
         if let Some(d) = request.dimensions.filter(|&d| d != out.document.len()) {
@@ -363,7 +369,7 @@ async fn embed(State(http): State<Http>, headers: HeaderMap, read: Result<Bytes,
     let request: EmbedRequest = serde_json::from_slice(&body).map_err(|e| invalid(format!("the request body: {e}")))?;
     let options = request.options.to_proto()?;
     let process = pb::ProcessRequest { model: request.model, input: Some(pb::process_request::Input::Text(request.text.into_bytes())), options: Some(options) };
-    let out = http.process(process, &caller).await?;
+    let out = http.process(process, &caller, &headers).await?;
     Ok(Json(serde_json::json!({
         "model": out.model,
         "tokens": out.tokens,
@@ -391,6 +397,9 @@ async fn info(State(http): State<Http>, headers: HeaderMap) -> Result<Response, 
             "max_ranks": limits.max_ranks,
             "max_concurrent_jobs": limits.max_concurrent_jobs,
             "max_tokens_in_flight": limits.max_tokens_in_flight,
+            "max_queued_requests": limits.max_queued_requests,
+            "max_queued_tokens": limits.max_queued_tokens,
+            "max_jobs_per_caller": limits.max_jobs_per_caller,
         },
         "models": info.models.iter().map(|m| serde_json::json!({
             "name": m.name, "architecture": m.architecture, "hidden_size": m.hidden_size, "num_layers": m.num_layers,

@@ -13,11 +13,17 @@ use crate::error::CoordError;
 /// `caller` (the API key's caller name; `anonymous` without keys).
 pub const JOBS_TOTAL: &str = "tome_jobs_total";
 pub const JOBS_IN_FLIGHT: &str = "tome_jobs_in_flight";
-/// Jobs admitted and still being tokenized and planned (waiting to run).
+/// Requests that arrived and do not run yet: being tokenized, or waiting for a place.
 pub const QUEUE_DEPTH: &str = "tome_queue_depth";
+/// Tokens of the tokenized requests waiting for a place.
+pub const QUEUE_TOKENS: &str = "tome_queue_tokens";
+/// From a request's arrival to its job's start.
+pub const QUEUE_WAIT_SECONDS: &str = "tome_queue_wait_seconds";
+/// Requests refused before their job started, labelled `reason` ([`RefusalReason`]).
+pub const REQUESTS_REFUSED: &str = "tome_requests_refused_total";
 /// Labelled `caller`.
 pub const TOKENS_TOTAL: &str = "tome_tokens_total";
-/// Labelled `stage` = tokenize | compute | total.
+/// Labelled `stage` ([`STAGES`]: tokenize | compute | total).
 pub const STAGE_SECONDS: &str = "tome_stage_seconds";
 /// The worker counts under the same name.
 pub const HEAP_RELEASES: &str = "tome_heap_releases_total";
@@ -27,11 +33,39 @@ pub const JOB_RERUNS: &str = "tome_job_reruns_total";
 pub fn describe() {
     describe_counter!(JOBS_TOTAL, "Jobs that ended, by outcome.");
     describe_gauge!(JOBS_IN_FLIGHT, "Jobs running now.");
-    describe_gauge!(QUEUE_DEPTH, "Jobs admitted and being tokenized and planned.");
+    describe_gauge!(QUEUE_DEPTH, "Requests that arrived and do not run yet: being tokenized, or waiting for a place.");
+    describe_gauge!(QUEUE_TOKENS, Unit::Count, "Tokens of the requests waiting for a place.");
+    describe_histogram!(QUEUE_WAIT_SECONDS, Unit::Seconds, "Time from a request's arrival to its job's start.");
+    describe_counter!(REQUESTS_REFUSED, "Requests refused before their job started, by reason.");
     describe_counter!(TOKENS_TOTAL, Unit::Count, "Tokens of the jobs that completed.");
     describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Time a job spent in each stage.");
     describe_counter!(JOB_RERUNS, "Times a job ran again on the live workers because workers were lost under it.");
     describe_counter!(HEAP_RELEASES, "Times the heap's freed pages went back to the kernel (the last job in flight had ended).");
+}
+
+/// The `stage` labels of [`STAGE_SECONDS`].
+pub const STAGES: [&str; 3] = ["tokenize", "compute", "total"];
+
+/// Every series this coordinator exports, at zero: present from start, before the first
+/// request. `callers`: the callers its API keys name (`anonymous` without keys).
+pub fn start_at_zero(callers: &[&str]) {
+    for caller in callers {
+        for outcome in JobOutcome::ALL {
+            counter!(JOBS_TOTAL, "outcome" => outcome.label(), "caller" => caller.to_string()).increment(0);
+        }
+        counter!(TOKENS_TOTAL, "caller" => caller.to_string()).increment(0);
+    }
+    for reason in RefusalReason::ALL {
+        counter!(REQUESTS_REFUSED, "reason" => reason.label()).increment(0);
+    }
+    gauge!(JOBS_IN_FLIGHT).set(0.0);
+    queue_now(0, 0);
+    for stage in STAGES {
+        let _ = histogram!(STAGE_SECONDS, "stage" => stage);
+    }
+    let _ = histogram!(QUEUE_WAIT_SECONDS);
+    counter!(JOB_RERUNS).increment(0);
+    counter!(HEAP_RELEASES).increment(0);
 }
 
 /// Hands the heap's freed pages back to the kernel (`tome_server::heap`) and counts it.
@@ -60,20 +94,85 @@ impl Drop for JobInFlight {
     }
 }
 
-/// Counts a job in the queue while it is tokenized and planned.
-pub(crate) struct Queued;
+/// The queue as it stands: requests that do not run yet, and the tokens waiting.
+pub(crate) fn queue_now(requests: usize, tokens: usize) {
+    gauge!(QUEUE_DEPTH).set(requests as f64);
+    gauge!(QUEUE_TOKENS).set(tokens as f64);
+}
 
-impl Queued {
-    pub(crate) fn enter() -> Self {
-        gauge!(QUEUE_DEPTH).increment(1.0);
-        Queued
+pub(crate) fn queue_wait(d: Duration) {
+    histogram!(QUEUE_WAIT_SECONDS).record(d.as_secs_f64());
+}
+
+/// Why a request was refused before its job started: the `reason` label of [`REQUESTS_REFUSED`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// No API key, or one this server does not accept.
+    Unauthenticated,
+    /// The request is malformed or asks for something the model cannot do.
+    Invalid,
+    UnknownModel,
+    /// Over a limit for good (document, upload or ranks larger than this server takes).
+    TooLarge,
+    /// The queue is full (for now: `retry-after`).
+    QueueFull,
+    /// No worker can take it, or the server is shutting down.
+    Unavailable,
+    /// Its deadline passed while it waited.
+    DeadlineExceeded,
+    /// The caller left while it waited.
+    Cancelled,
+    Internal,
+}
+
+impl RefusalReason {
+    pub const ALL: [RefusalReason; 9] = [
+        RefusalReason::Unauthenticated,
+        RefusalReason::Invalid,
+        RefusalReason::UnknownModel,
+        RefusalReason::TooLarge,
+        RefusalReason::QueueFull,
+        RefusalReason::Unavailable,
+        RefusalReason::DeadlineExceeded,
+        RefusalReason::Cancelled,
+        RefusalReason::Internal,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalReason::Unauthenticated => "unauthenticated",
+            RefusalReason::Invalid => "invalid",
+            RefusalReason::UnknownModel => "unknown_model",
+            RefusalReason::TooLarge => "too_large",
+            RefusalReason::QueueFull => "queue_full",
+            RefusalReason::Unavailable => "unavailable",
+            RefusalReason::DeadlineExceeded => "deadline_exceeded",
+            RefusalReason::Cancelled => "cancelled",
+            RefusalReason::Internal => "internal",
+        }
+    }
+
+    pub fn of(e: &CoordError) -> Self {
+        match e {
+            CoordError::Invalid(_) => RefusalReason::Invalid,
+            CoordError::UnknownModel(_) => RefusalReason::UnknownModel,
+            CoordError::Exhausted(_) => RefusalReason::TooLarge,
+            CoordError::Busy(_) => RefusalReason::QueueFull,
+            CoordError::Unavailable(_) => RefusalReason::Unavailable,
+            CoordError::DeadlineExceeded => RefusalReason::DeadlineExceeded,
+            CoordError::Cancelled | CoordError::CancelledOnWorker(_) => RefusalReason::Cancelled,
+            CoordError::Internal(_) => RefusalReason::Internal,
+        }
     }
 }
 
-impl Drop for Queued {
-    fn drop(&mut self) {
-        gauge!(QUEUE_DEPTH).decrement(1.0);
-    }
+/// Counts a request refused before its job started.
+pub(crate) fn refused(e: &CoordError) {
+    refused_for(RefusalReason::of(e));
+}
+
+pub fn refused_for(reason: RefusalReason) {
+    counter!(REQUESTS_REFUSED, "reason" => reason.label()).increment(1);
 }
 
 /// How a job ended: the `outcome` label of [`JOBS_TOTAL`].

@@ -1,5 +1,6 @@
 //! The coordinator's gRPC server: `tome.v1.Tome`, standard health (`grpc.health.v1`) that
-//! reflects readiness, and reflection, with configured message limits and graceful shutdown:
+//! reflects readiness (SERVING only while jobs can run here: admitting, and with a cluster, while
+//! a worker is live; checked every [`READINESS_CHECK`]), and reflection, with configured message limits and graceful shutdown:
 //! on the signal it reports NOT_SERVING, refuses new jobs, lets jobs in flight finish within
 //! the grace period, cancels the rest, and stops. With a TLS configuration it serves only over
 //! TLS (and, when that names a client CA, only to callers with a certificate it signed). With
@@ -16,9 +17,32 @@ use tome_proto::v1::tome_server::TomeServer;
 use tome_server::auth::{ApiKeys, RequireApiKey};
 use tome_server::tls::ServerTls;
 use tonic::service::interceptor::InterceptedService;
+use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::service::Coordinator;
+
+/// How often health follows the coordinator's readiness.
+pub const READINESS_CHECK: Duration = Duration::from_millis(500);
+
+/// Keeps the health of `tome.v1.Tome` and of the server as a whole (the empty service name) at
+/// the coordinator's readiness.
+async fn follow_readiness(health: tonic_health::server::HealthReporter, coordinator: Arc<Coordinator>) {
+    let mut serving = None;
+    let mut every = tokio::time::interval(READINESS_CHECK);
+    loop {
+        every.tick().await;
+        let ready = coordinator.is_ready();
+        if serving == Some(ready) {
+            continue;
+        }
+        let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+        health.set_service_status("", status).await;
+        health.set_service_status(<TomeServer<Coordinator> as tonic::server::NamedService>::NAME, status).await;
+        info!(ready, "readiness changed");
+        serving = Some(ready);
+    }
+}
 
 /// Serves until `shutdown` resolves, then shuts down gracefully within `grace`; over TLS when
 /// `tls` is given (see `tome_server::tls`).
@@ -32,7 +56,7 @@ pub async fn serve(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let limit = coordinator.config().limits.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<TomeServer<Coordinator>>().await;
+    let readiness = tokio::spawn(follow_readiness(health.clone(), coordinator.clone()));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(tome_proto::FILE_DESCRIPTOR_SET)
@@ -48,11 +72,16 @@ pub async fn serve(
     let tome = TomeServer::from_arc(coordinator.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
     info!(addr = %listener.local_addr()?, tls = tls.is_some(), api_keys = api_keys.is_some(), "serving tome.v1.Tome");
     let http = crate::http::router(coordinator.clone(), api_keys.clone());
-    let tome = InterceptedService::new(tome, RequireApiKey(api_keys));
+    let mut require_key = RequireApiKey(api_keys);
+    let tome = InterceptedService::new(tome, move |request| {
+        tonic::service::Interceptor::call(&mut require_key, request).inspect_err(|_| crate::metrics::refused_for(crate::metrics::RefusalReason::Unauthenticated))
+    });
     let shutdown = async move {
         shutdown.await;
-        health.set_not_serving::<TomeServer<Coordinator>>().await;
         coordinator.stop_admitting();
+        readiness.abort();
+        health.set_service_status("", ServingStatus::NotServing).await;
+        health.set_not_serving::<TomeServer<Coordinator>>().await;
         info!(jobs = coordinator.jobs_in_flight(), "shutting down: finishing the jobs in flight");
         if !coordinator.wait_idle(grace).await {
             warn!(?grace, "jobs still in flight after the grace period; cancelling them");

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tome_model::{Bounded, ModelDir, Prepared};
@@ -22,11 +22,11 @@ use tome_worker::{spawn_job, JobEvent, JobOutput, JobSpec};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, Instrument};
 
-use crate::callers::{CallerJobs, CallerPlace};
 use crate::cluster::Cluster;
 use crate::config::CoordinatorConfig;
 use crate::error::CoordError;
 use crate::metrics::{self, JobOutcome};
+use crate::queue::{until, JobQueue, Running, Ticket};
 use crate::request::{chunk_spans, document_text, parse_options, JobOptions};
 
 /// Events waiting for a slow caller before the job waits too.
@@ -36,13 +36,11 @@ pub struct Coordinator {
     models: Vec<Arc<ModelDir>>,
     config: CoordinatorConfig,
     backend: Backend,
-    jobs: Arc<Semaphore>,
-    tokens: Arc<Semaphore>,
+    /// The running jobs and the requests waiting to run.
+    queue: JobQueue,
     /// Places for documents being tokenized, apart from the jobs' places: a caller's long text
     /// never holds a place a running job could use.
     tokenizing: Arc<Semaphore>,
-    /// Jobs in flight per caller, held to `max_jobs_per_caller`.
-    callers: CallerJobs,
     next_job: AtomicU64,
     /// False once shutdown has begun: new jobs are refused.
     admitting: AtomicBool,
@@ -58,23 +56,19 @@ enum Backend {
     Cluster(Arc<Cluster>),
 }
 
-/// Holds a job's place in the admission limits until it ends.
+/// Holds a job's running place until it ends.
 struct Admission {
-    job: OwnedSemaphorePermit,
-    caller: CallerPlace,
-    tokens: OwnedSemaphorePermit,
-    /// Every job's places, to tell when the last job in flight has ended.
-    jobs: Arc<Semaphore>,
-    max_jobs: usize,
+    place: Running,
+    queue: JobQueue,
 }
 
 impl Admission {
-    /// Gives the job's places back. The last job out hands the heap's freed pages back to the
+    /// Gives the job's place back. The last job out hands the heap's freed pages back to the
     /// kernel (`tome_server::heap`), so that an idle coordinator holds only what it uses.
     fn end(self) {
-        let Admission { job, caller, tokens, jobs, max_jobs } = self;
-        drop((job, caller, tokens));
-        if jobs.available_permits() == max_jobs {
+        let Admission { place, queue } = self;
+        drop(place);
+        if queue.running() == 0 {
             tokio::task::spawn_blocking(metrics::release_heap);
         }
     }
@@ -107,19 +101,15 @@ impl Coordinator {
         if config.default_ranks == 0 || config.default_ranks > config.limits.max_ranks {
             return Err(CoordError::Invalid(format!("default ranks {} must be within 1..={}", config.default_ranks, config.limits.max_ranks)));
         }
-        let jobs = Arc::new(Semaphore::new(config.limits.max_concurrent_jobs));
-        let tokens = Arc::new(Semaphore::new(config.limits.max_tokens_in_flight.min(Semaphore::MAX_PERMITS)));
-        let tokenizing = Arc::new(Semaphore::new(config.limits.max_concurrent_jobs));
-        let callers = CallerJobs::new(config.limits.max_jobs_per_caller);
         metrics::describe();
+        let queue = JobQueue::new(config.limits.queue());
+        let tokenizing = Arc::new(Semaphore::new(config.limits.max_concurrent_jobs));
         Ok(Coordinator {
             models: models.into_iter().map(Arc::new).collect(),
             config,
             backend,
-            jobs,
-            tokens,
+            queue,
             tokenizing,
-            callers,
             next_job: AtomicU64::new(1),
             admitting: AtomicBool::new(true),
             abort: tokio::sync::watch::channel(false).0,
@@ -142,7 +132,7 @@ impl Coordinator {
 
     /// Jobs in flight now.
     pub fn jobs_in_flight(&self) -> usize {
-        self.config.limits.max_concurrent_jobs - self.jobs.available_permits()
+        self.queue.running()
     }
 
     /// Waits up to `limit` for every job in flight to end; true if they did.
@@ -171,6 +161,20 @@ impl Coordinator {
             return self.models.first().cloned().ok_or_else(|| CoordError::UnknownModel(String::new()));
         }
         self.models.iter().find(|m| m.name() == name).cloned().ok_or_else(|| CoordError::UnknownModel(name.into()))
+    }
+
+    /// Waits for a tokenizer (until `deadline`), then tokenizes, while `_ticket` holds the
+    /// request's place in the queue.
+    async fn tokenize_waiting(
+        &self,
+        _ticket: &Ticket,
+        model: Arc<ModelDir>,
+        input: Option<pb::process_request::Input>,
+        opts: &JobOptions,
+        deadline: Option<Instant>,
+    ) -> Result<Admitted, CoordError> {
+        let _tokenizer = until(deadline, self.tokenizing.clone().acquire_owned()).await?.map_err(|_| CoordError::Unavailable("the server is shutting down".into()))?;
+        self.admit(model, input, opts).await
     }
 
     /// Tokenizes and checks the input on a blocking thread (a book takes a while to tokenize).
@@ -216,7 +220,8 @@ impl Coordinator {
 /// What a call's metadata says about the job: its deadline and trace context.
 struct CallContext {
     deadline: Option<Instant>,
-    trace: TraceParent,
+    /// The caller's trace context (`traceparent`), when it sent one.
+    trace: Option<TraceParent>,
     /// Who called (the API key's caller), for metrics and logs.
     caller: Caller,
 }
@@ -226,8 +231,7 @@ impl CallContext {
         let metadata = req.metadata();
         let caller = req.extensions().get::<Caller>().cloned().unwrap_or_else(Caller::anonymous);
         let deadline = tome_server::grpc_timeout(metadata).map(|t| Instant::now() + t);
-        let trace =
-            metadata.get(tome_net::traceparent::TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse).map(|t| t.child()).unwrap_or_else(TraceParent::new_root);
+        let trace = metadata.get(tome_net::traceparent::TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
         CallContext { deadline, trace, caller }
     }
 }
@@ -272,8 +276,13 @@ async fn receive_upload(mut stream: Streaming<pb::UploadChunk>, max_bytes: usize
 }
 
 impl Coordinator {
-    /// Admits, tokenizes and plans a request, then starts its job; returns the event stream.
+    /// Admits, tokenizes and plans a request, then starts its job; returns the event stream. A
+    /// refusal is counted by its reason.
     async fn start(&self, req: pb::ProcessRequest, context: CallContext) -> Result<<Self as pb::tome_server::Tome>::ProcessStream, CoordError> {
+        self.start_job(req, context).await.inspect_err(metrics::refused)
+    }
+
+    async fn start_job(&self, req: pb::ProcessRequest, context: CallContext) -> Result<<Self as pb::tome_server::Tome>::ProcessStream, CoordError> {
         let started = Instant::now();
         if !self.admitting.load(Ordering::Relaxed) {
             return Err(CoordError::Unavailable("the server is shutting down".into()));
@@ -290,31 +299,11 @@ impl Coordinator {
         if opts.log_probs && opts.encode.output_layer.is_some_and(|k| k != model.model.shape().num_layers) {
             return Err(CoordError::Invalid("log-probs score the last layer's hidden states: leave options.hidden_layer unset".into()));
         }
-        let admitted = {
-            let _queued = metrics::Queued::enter();
-            let _tokenizing = self
-                .tokenizing
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| CoordError::Busy(format!("the server is busy: {} documents are being tokenized; retry later", self.config.limits.max_concurrent_jobs)))?;
-            self.admit(model, req.input, &opts).await?
-        };
-        let job_permit = self
-            .jobs
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| CoordError::Busy(format!("the server is busy: {} jobs in flight; retry later", self.config.limits.max_concurrent_jobs)))?;
-        let caller_place = self.callers.enter(&context.caller)?;
+        let ticket = self.queue.arrive(&context.caller)?;
+        let admitted = self.tokenize_waiting(&ticket, model, req.input, &opts, context.deadline).await?;
         metrics::stage_seconds("tokenize", Duration::from_secs_f64(admitted.tokenize_seconds));
         let tokens = admitted.doc.len();
-        let max_tokens = self.config.limits.max_tokens_in_flight;
-        if tokens > max_tokens {
-            return Err(CoordError::Exhausted(format!("the document has {tokens} tokens, more than the {max_tokens} this server runs at once")));
-        }
-        let token_permit = u32::try_from(tokens)
-            .ok()
-            .and_then(|n| self.tokens.clone().try_acquire_many_owned(n).ok())
-            .ok_or_else(|| CoordError::Busy(format!("the server is busy: {tokens} more tokens would exceed the {max_tokens} tokens allowed in flight; retry later")))?;
+        let place = ticket.wait_to_run(tokens, context.deadline).await?;
         let chunks = if opts.chunks { chunk_spans(&opts.chunking, tokens, self.config.default_chunk_tokens)? } else { Vec::new() };
         let pooling = opts.pooling.unwrap_or(admitted.model.pooling);
         let model_name = admitted.model.name();
@@ -348,13 +337,16 @@ impl Coordinator {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         // Buffered, so this cannot block: the receiver is still here and the buffer is empty.
         let _ = tx.try_send(event(pb::process_event::Event::Accepted(accepted)));
-        let span = info_span!("process", job = %id, caller = context.caller.name(), tokens, ranks, trace_id = %context.trace.trace_id_hex());
+        let span = info_span!("process", job = %id, caller = context.caller.name(), tokens, ranks, trace_id = tracing::field::Empty);
+        // The job's ranks are children of this span in exported traces.
+        let trace = tome_net::traceparent::continue_trace(&span, context.trace);
+        span.record("trace_id", trace.trace_id_hex());
         let job = Job {
             id,
             spec,
             placement,
             deadline: context.deadline,
-            trace: context.trace,
+            trace,
             caller: context.caller,
             offsets: admitted.offsets,
             hidden_dtype: opts.hidden_dtype,
@@ -362,7 +354,7 @@ impl Coordinator {
             tokenize_seconds: admitted.tokenize_seconds,
             started,
         };
-        let admission = Admission { job: job_permit, caller: caller_place, tokens: token_permit, jobs: self.jobs.clone(), max_jobs: self.config.limits.max_concurrent_jobs };
+        let admission = Admission { place, queue: self.queue.clone() };
         tokio::spawn(drive(job, cluster, tx, self.abort.subscribe(), admission).instrument(span));
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
@@ -563,6 +555,9 @@ impl pb::tome_server::Tome for Coordinator {
                 max_ranks: l.max_ranks as u32,
                 max_concurrent_jobs: l.max_concurrent_jobs as u32,
                 max_tokens_in_flight: l.max_tokens_in_flight as u64,
+                max_queued_requests: l.max_queued_requests as u32,
+                max_queued_tokens: l.max_queued_tokens as u64,
+                max_jobs_per_caller: l.max_jobs_per_caller as u32,
             }),
             backend: backend.into(),
             workers,
@@ -581,20 +576,25 @@ impl pb::tome_server::Tome for Coordinator {
 
     async fn process_upload(&self, req: Request<Streaming<pb::UploadChunk>>) -> Result<Response<Self::ProcessUploadStream>, Status> {
         let context = CallContext::of(&req);
-        let request = receive_upload(req.into_inner(), self.config.limits.max_document_bytes).await?;
+        let request = receive_upload(req.into_inner(), self.config.limits.max_document_bytes).await.inspect_err(metrics::refused)?;
         let stream = self.start(request, context).await?;
         Ok(Response::new(stream))
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
-        let req = req.into_inner();
+        let context = CallContext::of(&req);
+        Ok(Response::new(self.tokenize_text(req.into_inner(), context).await.inspect_err(metrics::refused)?))
+    }
+}
+
+impl Coordinator {
+    /// `Tome::tokenize`: in the queue like a job's request (it waits for a tokenizer, not for a
+    /// running place).
+    async fn tokenize_text(&self, req: pb::TokenizeRequest, context: CallContext) -> Result<pb::TokenizeResponse, CoordError> {
         let model = self.model(&req.model)?;
         let limits = self.config.limits.clone();
-        let _tokenizing = self
-            .tokenizing
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| CoordError::Busy(format!("the server is busy: {} documents are being tokenized; retry later", limits.max_concurrent_jobs)))?;
+        let _ticket = self.queue.arrive(&context.caller)?;
+        let _tokenizer = until(context.deadline, self.tokenizing.clone().acquire_owned()).await?.map_err(|_| CoordError::Unavailable("the server is shutting down".into()))?;
         let enc = tokio::task::spawn_blocking(move || -> Result<_, CoordError> {
             let text = document_text(&req.text, limits.max_document_bytes)?;
             let tokenizer = model.tokenizer.as_ref().ok_or_else(|| CoordError::Invalid(format!("model `{}` has no tokenizer.json", model.name())))?;
@@ -605,9 +605,9 @@ impl pb::tome_server::Tome for Coordinator {
         })
         .await
         .map_err(|e| CoordError::Internal(e.to_string()))??;
-        Ok(Response::new(pb::TokenizeResponse {
+        Ok(pb::TokenizeResponse {
             ids: enc.ids.iter().map(|&i| i as i64).collect(),
             offsets: enc.offsets.iter().map(|&(a, b)| pb::Span { start: a as u64, end: b as u64 }).collect(),
-        }))
+        })
     }
 }

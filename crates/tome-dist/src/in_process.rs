@@ -89,9 +89,10 @@ where
     F: Fn(&InProcessGroup) -> std::result::Result<T, E> + Sync,
 {
     let groups = InProcessGroup::create(p);
-    // The ranks partition the cores: each computes in a thread pool of its own share, so the
-    // kernels' parallel loops never queue behind another rank's on one shared pool.
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    // The ranks partition the compute threads (the global pool's size: RAYON_NUM_THREADS, else
+    // the CPUs this process may use): each computes in a pool of its own share, so the kernels'
+    // parallel loops never queue behind another rank's on one shared pool.
+    let cores = rayon::current_num_threads();
     let share = (cores / p).max(1);
     std::thread::scope(|scope| {
         let handles: Vec<_> = groups

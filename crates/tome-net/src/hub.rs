@@ -342,7 +342,9 @@ impl pb::peer_server::Peer for PeerService {
         }
         let inbox = mailbox.take_inbox(src)?;
         let (ack_tx, ack_rx) = mpsc::channel(ACK_BUFFER);
-        let span = info_span!("peer_stream", job = %job, src, dst, trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default());
+        let span = info_span!("peer_stream", job = %job, src, dst, trace_id = tracing::field::Empty);
+        let trace = crate::traceparent::continue_trace(&span, trace);
+        span.record("trace_id", trace.trace_id_hex());
         tokio::spawn(
             async move {
                 let mut step = 0u64;

@@ -1,9 +1,12 @@
 //! W3C trace context (`traceparent`, https://www.w3.org/TR/trace-context/): the header that
-//! ties a job's spans together as it goes coordinator -> worker -> peer.
+//! ties a job's spans together as it goes coordinator -> worker -> peer, and the link from it to
+//! exported traces ([`continue_trace`]).
 
 use std::fmt;
 
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use rand::Rng;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The gRPC metadata key (HTTP header) that carries it.
 pub const TRACEPARENT: &str = "traceparent";
@@ -48,6 +51,26 @@ impl TraceParent {
     /// The trace id as 32 hex digits (what log lines carry).
     pub fn trace_id_hex(&self) -> String {
         self.trace_id.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Continues the trace of `incoming` (the caller's context, if it sent one) in `span`: where
+/// traces are exported (the OpenTelemetry layer, `--otlp-endpoint`), `span` becomes the child of
+/// the caller's span, or the root of a new trace. Returns the context `span`'s own calls pass on:
+/// its trace, with `span` as their parent (its exported id; a fresh one where nothing is
+/// exported). Call it before `span` is first entered.
+pub fn continue_trace(span: &tracing::Span, incoming: Option<TraceParent>) -> TraceParent {
+    if let Some(parent) = incoming {
+        let flags = if parent.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+        let remote = SpanContext::new(TraceId::from_bytes(parent.trace_id), SpanId::from_bytes(parent.span_id), flags, true, TraceState::default());
+        // Without the layer (nothing exported) there is no parent to set: the ids below say so.
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+    let exported = span.context().span().span_context().clone();
+    match incoming {
+        _ if exported.is_valid() => TraceParent { trace_id: exported.trace_id().to_bytes(), span_id: exported.span_id().to_bytes(), sampled: exported.is_sampled() },
+        Some(parent) => parent.child(),
+        None => TraceParent::new_root(),
     }
 }
 

@@ -86,6 +86,11 @@ impl ApiKeys {
         Ok(ApiKeys { keys })
     }
 
+    /// The callers the keys name, in the file's order.
+    pub fn callers(&self) -> impl Iterator<Item = &Caller> {
+        self.keys.iter().map(|(_, c)| c)
+    }
+
     /// The caller whose key the call carries; UNAUTHENTICATED when it carries none of them.
     pub fn check(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         let header = metadata.get(AUTHORIZATION).ok_or_else(|| Status::unauthenticated("this server needs an API key: send `authorization: Bearer KEY`"))?;

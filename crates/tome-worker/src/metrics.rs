@@ -21,6 +21,17 @@ pub fn describe() {
     describe_counter!(HEAP_RELEASES, "Times the heap's freed pages went back to the kernel (the last shard here had ended).");
 }
 
+/// Every series this worker exports, at zero: present from start, before the first shard.
+pub fn start_at_zero() {
+    gauge!(SHARDS_RUNNING).set(0.0);
+    counter!(SHARDS_TOTAL).increment(0);
+    let _ = histogram!(SHARD_SECONDS);
+    for kind in ["elements", "wire"] {
+        counter!(PEER_BYTES, "kind" => kind).increment(0);
+    }
+    counter!(HEAP_RELEASES).increment(0);
+}
+
 /// Hands the heap's freed pages back to the kernel (`tome_server::heap`) and counts it.
 pub(crate) fn release_heap() {
     tome_server::heap::release_freed_memory();

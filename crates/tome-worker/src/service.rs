@@ -347,7 +347,7 @@ impl pb::worker_server::Worker for WorkerService {
         if !self.admitting.load(Ordering::Relaxed) {
             return Err(WorkerError::ShuttingDown(self.config.name.clone()).into());
         }
-        let shard = parse(self, req.into_inner(), trace)?;
+        let mut shard = parse(self, req.into_inner(), trace)?;
         if self.runs_under_another_secret(&shard.job, &shard.secret) {
             return Err(WorkerError::Forbidden(format!("job {} runs on worker {} under another credential", shard.job, self.config.name)).into());
         }
@@ -384,8 +384,12 @@ impl pb::worker_server::Worker for WorkerService {
             job = %shard.job,
             rank = shard.rank,
             tokens = shard.plan.shard_len(shard.rank),
-            trace_id = shard.trace.map(|t| t.trace_id_hex()).unwrap_or_default()
+            trace_id = tracing::field::Empty
         );
+        // The rank's peer streams are children of this span in exported traces.
+        let trace = tome_net::traceparent::continue_trace(&span, shard.trace);
+        span.record("trace_id", trace.trace_id_hex());
+        shard.trace = Some(trace);
         // Stops the shard when the coordinator drops the call or the deadline passes, even while
         // the rank waits on a peer; `finished` ends the watch when the shard ends by itself.
         let (finished, watch_finished) = tokio::sync::oneshot::channel::<()>();

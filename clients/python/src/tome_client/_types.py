@@ -138,6 +138,9 @@ class Limits:
     max_ranks: int
     max_concurrent_jobs: int
     max_tokens_in_flight: int
+    max_queued_requests: int
+    max_queued_tokens: int
+    max_jobs_per_caller: int
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,16 @@ class Info:
             for m in r.models
         )
         lim = r.limits
-        limits = Limits(lim.max_document_tokens, lim.max_document_bytes, lim.max_ranks, lim.max_concurrent_jobs, lim.max_tokens_in_flight)
+        limits = Limits(
+            lim.max_document_tokens,
+            lim.max_document_bytes,
+            lim.max_ranks,
+            lim.max_concurrent_jobs,
+            lim.max_tokens_in_flight,
+            lim.max_queued_requests,
+            lim.max_queued_tokens,
+            lim.max_jobs_per_caller,
+        )
         return cls(r.version, models, r.default_ranks, limits, r.backend, tuple(r.workers))
 
 

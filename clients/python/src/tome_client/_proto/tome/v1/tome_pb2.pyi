@@ -120,18 +120,24 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_positions: _Optional[int] = ..., default_pooling: _Optional[str] = ..., layer_attention: _Optional[_Iterable[str]] = ..., has_tokenizer: _Optional[bool] = ..., causal: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_document_tokens", "max_document_bytes", "max_ranks", "max_concurrent_jobs", "max_tokens_in_flight")
+    __slots__ = ("max_document_tokens", "max_document_bytes", "max_ranks", "max_concurrent_jobs", "max_tokens_in_flight", "max_queued_requests", "max_queued_tokens", "max_jobs_per_caller")
     MAX_DOCUMENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_DOCUMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_RANKS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_JOBS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOBS_PER_CALLER_FIELD_NUMBER: _ClassVar[int]
     max_document_tokens: int
     max_document_bytes: int
     max_ranks: int
     max_concurrent_jobs: int
     max_tokens_in_flight: int
-    def __init__(self, max_document_tokens: _Optional[int] = ..., max_document_bytes: _Optional[int] = ..., max_ranks: _Optional[int] = ..., max_concurrent_jobs: _Optional[int] = ..., max_tokens_in_flight: _Optional[int] = ...) -> None: ...
+    max_queued_requests: int
+    max_queued_tokens: int
+    max_jobs_per_caller: int
+    def __init__(self, max_document_tokens: _Optional[int] = ..., max_document_bytes: _Optional[int] = ..., max_ranks: _Optional[int] = ..., max_concurrent_jobs: _Optional[int] = ..., max_tokens_in_flight: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., max_jobs_per_caller: _Optional[int] = ...) -> None: ...
 
 class ProcessRequest(_message.Message):
     __slots__ = ("model", "text", "token_ids", "options")
