@@ -199,7 +199,8 @@ async fn cancelled_jobs_free_the_workers_and_requests_over_the_limits_are_refuse
     let small = start_worker(&model, &["--memory-budget-bytes", "100000000"], logs("limits-small")).await;
     let w2 = start_worker(&model, &["--max-shards", "2"], logs("limits-w2")).await;
     let list = format!("{},{}", w1.host_port, w2.host_port);
-    let extra = ["--workers", &list, "--probe-ms", "200", "--max-concurrent-jobs", "1", "--max-document-tokens", "40000"];
+    // No queue: what cannot run now is refused for now.
+    let extra = ["--workers", &list, "--probe-ms", "200", "--max-concurrent-jobs", "1", "--max-queued-requests", "0", "--max-document-tokens", "40000"];
     let coordinator = start_coordinator(&model, &extra, logs("limits-c")).await;
     let mut client = TomeClient::connect(coordinator.addr.clone()).await.unwrap();
     wait_for_workers(&mut client, 2).await;
@@ -207,9 +208,10 @@ async fn cancelled_jobs_free_the_workers_and_requests_over_the_limits_are_refuse
     // A caller that goes away mid-job: every rank stops and both workers are free again.
     let stream = start_long_job(&mut client, &long, 4).await;
     assert_eq!(shards_running(&w1).await + shards_running(&w2).await, 4);
-    // While it runs, a second job is over the concurrent-jobs limit.
+    // While it runs, a second job is over the concurrent-jobs limit, with no queue to wait in.
     let busy = process_call(&mut client, request(TEXT, options(1, pb::Layout::Contiguous))).await.err().unwrap();
     assert_eq!(busy.code(), Code::ResourceExhausted, "{busy:?}");
+    assert!(busy.metadata().get("retry-after").is_some(), "refused for now: {busy:?}");
     drop(stream);
     wait_idle(&[&w1, &w2]).await;
     assert!(w1.log_text().contains("cancelled") || w2.log_text().contains("cancelled"), "no worker logged the cancellation");
