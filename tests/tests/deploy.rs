@@ -8,14 +8,15 @@
 //! Prometheus Operator's ServiceMonitor are custom resources, which it has no schemas for: those
 //! are checked here field by field for what tome relies on, as is what tome needs of the built-in
 //! objects (references that resolve, probes, security contexts, threads that follow the CPU
-//! limit, who may reach the workers). And the Grafana dashboard asks only for metrics that a
-//! running coordinator and worker export.
+//! limit, who may reach the workers, and settings — `TOME_*` variables and flags, in the
+//! manifests and the image — that the binary takes). And the Grafana dashboard asks only for
+//! metrics that a running coordinator and worker export.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use tome_e2e::{http_get, minilm, repo, start_server, start_worker};
+use tome_e2e::{http_get, minilm, repo, start_server, start_worker, tome_bin};
 
 /// The Kubernetes release the objects are validated against: the oldest the manifests are for
 /// (a Job's podFailurePolicy is GA from 1.31).
@@ -211,6 +212,28 @@ fn tome_command(container: &Value) -> Option<&str> {
     array(&container["args"]).first().and_then(Value::as_str).filter(|a| ["serve", "batch", "run"].contains(a))
 }
 
+/// `tome ARGS --help`: what that command takes, each flag with its `[env: TOME_...]` variable.
+fn tome_help(args: &[&str]) -> String {
+    let out = Command::new(tome_bin()).args(args).arg("--help").output().unwrap();
+    assert!(out.status.success(), "tome {args:?} --help: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every `TOME_*` variable and `--flag` a tome container (or the image) sets is one that its
+/// command takes: a misspelt or removed setting would otherwise be silently ignored.
+fn check_settings_exist(who: &str, command: &[&str], env_names: &[&str], flags: &[&str]) {
+    let help = tome_help(command);
+    for name in env_names.iter().filter(|n| n.starts_with("TOME_")) {
+        // `[env: NAME=default]`, or `[env: NAME]` where the value is a secret.
+        let named = help.contains(&format!("[env: {name}=")) || help.contains(&format!("[env: {name}]"));
+        assert!(named, "{who}: `tome {}` takes no {name}", command.join(" "));
+    }
+    for flag in flags.iter().filter(|f| f.starts_with("--")) {
+        let flag = flag.split('=').next().unwrap();
+        assert!(help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")), "{who}: `tome {}` takes no {flag}", command.join(" "));
+    }
+}
+
 /// Whether DNS name `host` is covered by certificate name `pattern` (one leading `*.` label).
 fn covers(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix("*.") {
@@ -282,6 +305,12 @@ fn check_common(objects: &[Value], label: &str) {
         assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{who} runs as non-root");
         assert_eq!(spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault", "{who}'s seccomp profile");
         assert_eq!(spec["automountServiceAccountToken"], false, "{who} needs no API token");
+        for c in containers(pod).filter(|c| tome_command(c).is_some()) {
+            let args: Vec<&str> = array(&c["args"]).iter().filter_map(Value::as_str).collect();
+            let command: Vec<&str> = args.iter().copied().take_while(|a| !a.starts_with('-')).collect();
+            let env_names: Vec<&str> = array(&c["env"]).iter().filter_map(|e| e["name"].as_str()).collect();
+            check_settings_exist(&format!("{who}/{}", c["name"]), &command, &env_names, &args);
+        }
         for c in containers(pod) {
             let ctx = &c["securityContext"];
             assert_eq!(ctx["readOnlyRootFilesystem"], true, "{who}/{}: read-only root filesystem", c["name"]);
@@ -534,6 +563,31 @@ fn the_optional_pieces_render_and_validate_when_an_overlay_turns_them_on() {
 }
 
 /// The validation above is not vacuous: an object Kubernetes would refuse is refused.
+#[test]
+fn the_images_defaults_are_settings_tome_takes() {
+    let dockerfile = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
+    let mut env_names = Vec::new();
+    let mut in_env = false;
+    for line in dockerfile.lines() {
+        let line = line.trim();
+        let rest = match line.strip_prefix("ENV ") {
+            Some(rest) => rest,
+            None if in_env => line,
+            None => continue,
+        };
+        in_env = rest.ends_with('\\');
+        env_names.extend(rest.split_whitespace().filter_map(|w| w.split_once('=')).map(|(name, _)| name));
+    }
+    assert!(env_names.contains(&"TOME_LISTEN") && env_names.contains(&"TOME_MODEL"), "the image's defaults serve: {env_names:?}");
+    let commands: Vec<&str> = dockerfile.lines().filter_map(|l| l.strip_prefix("CMD ")).collect();
+    assert!(!commands.is_empty());
+    for cmd in commands {
+        let args: Vec<String> = serde_json::from_str(cmd).unwrap();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        check_settings_exist("deploy/Dockerfile", &args, &env_names, &[]);
+    }
+}
+
 #[test]
 fn the_schema_validation_refuses_what_kubernetes_would() {
     let deployment = |extra: &str| {
