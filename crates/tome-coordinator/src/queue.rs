@@ -49,6 +49,8 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
+    /// Shutting down: nothing more is let in or kept waiting.
+    closed: bool,
     running: usize,
     running_tokens: usize,
     running_by_caller: HashMap<Arc<str>, usize>,
@@ -107,6 +109,9 @@ impl JobQueue {
     pub(crate) fn arrive(&self, caller: &Caller) -> Result<Ticket, CoordError> {
         let limits = self.shared.limits;
         let mut state = self.lock();
+        if state.closed {
+            return Err(shutting_down());
+        }
         let free = limits.max_jobs.saturating_sub(state.running);
         if state.pending >= free + limits.max_waiting {
             return Err(CoordError::Busy(format!(
@@ -119,6 +124,19 @@ impl JobQueue {
         let id = state.next_ticket;
         state.publish();
         Ok(Ticket { queue: self.clone(), id, caller: caller.0.clone(), arrived: Instant::now(), enqueued: false, ran: false })
+    }
+
+    /// Shuts the queue: requests waiting now, and any that arrive later, are refused
+    /// (UNAVAILABLE); running jobs keep their places.
+    pub(crate) fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        let left = std::mem::take(&mut state.waiting);
+        state.pending -= left.len();
+        state.waiting_tokens = 0;
+        state.publish();
+        // Dropping a waiter's sender tells it (`Ticket::wait_to_run`).
+        drop(left);
     }
 
     /// Gives places to waiting requests while some fit, callers in turn (see the module doc).
@@ -175,6 +193,9 @@ impl Ticket {
         let (grant, granted) = oneshot::channel();
         let unclaimed = {
             let mut state = self.queue.lock();
+            if state.closed {
+                return Err(shutting_down());
+            }
             if !state.waiting.is_empty() && state.waiting_tokens + tokens > limits.max_waiting_tokens {
                 return Err(CoordError::Busy(format!(
                     "the server is busy: {} tokens already wait, and {tokens} more would exceed the {} its queue holds (--max-queued-tokens); retry later",
@@ -187,11 +208,16 @@ impl Ticket {
             self.queue.dispatch(&mut state)
         };
         drop(unclaimed);
-        let place = until(deadline, granted).await?.map_err(|_| CoordError::Internal("the queue dropped a waiting request".into()))?;
+        // The sender goes without a place only when the queue closes.
+        let place = until(deadline, granted).await?.map_err(|_| shutting_down())?;
         self.ran = true;
         metrics::queue_wait(self.arrived.elapsed());
         Ok(place)
     }
+}
+
+fn shutting_down() -> CoordError {
+    CoordError::Unavailable("the server is shutting down; retry elsewhere".into())
 }
 
 /// `wait`'s output, or DEADLINE_EXCEEDED once `deadline` has passed.
@@ -364,6 +390,24 @@ mod tests {
         drop(queue.arrive(&caller("e")).unwrap());
         let state = queue.lock();
         assert_eq!((state.running, state.pending, state.waiting.len()), (0, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_closed_queue_sends_its_waiting_requests_elsewhere_and_lets_running_jobs_finish() {
+        let queue = JobQueue::new(limits(1, 4));
+        let running = queue.arrive(&caller("a")).unwrap().wait_to_run(1, None).await.unwrap();
+        let waiting = wait(&queue, "b", 1);
+        let tokenizing = queue.arrive(&caller("c")).unwrap();
+        settle().await;
+        queue.close();
+        let refused = tonic::Status::from(waiting.await.unwrap().err().expect("a waiting request is refused"));
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(matches!(tokenizing.wait_to_run(1, None).await, Err(CoordError::Unavailable(_))), "one still tokenizing too");
+        assert!(matches!(queue.arrive(&caller("d")).err(), Some(CoordError::Unavailable(_))), "and any that arrives");
+        assert_eq!(queue.running(), 1, "the running job keeps its place");
+        drop(running);
+        let state = queue.lock();
+        assert_eq!((state.running, state.pending, state.waiting.len(), state.waiting_tokens), (0, 0, 0, 0));
     }
 
     #[tokio::test]

@@ -116,9 +116,12 @@ impl Coordinator {
         })
     }
 
-    /// Refuses new jobs from now on (shutdown has begun).
+    /// Refuses new jobs from now on (shutdown has begun), and the requests waiting in the queue
+    /// or for a tokenizer too (UNAVAILABLE: their callers retry elsewhere); jobs running go on.
     pub fn stop_admitting(&self) {
         self.admitting.store(false, Ordering::Relaxed);
+        self.queue.close();
+        self.tokenizing.close();
     }
 
     /// Whether jobs can run here now: admitting, and (a cluster) with a live worker.
