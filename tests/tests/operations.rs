@@ -50,7 +50,7 @@ async fn requests_beyond_the_running_jobs_wait_and_every_outcome_is_counted_from
         (r#"tome_jobs_total{outcome="ok",caller="anonymous"}"#, Some(0.0)),
         (r#"tome_jobs_total{outcome="failed",caller="anonymous"}"#, Some(0.0)),
         (r#"tome_tokens_total{caller="anonymous"}"#, Some(0.0)),
-        (r#"tome_requests_refused_total{reason="queue_full"}"#, Some(0.0)),
+        (r#"tome_requests_refused_total{reason="busy"}"#, Some(0.0)),
         (r#"tome_requests_refused_total{reason="unauthenticated"}"#, Some(0.0)),
         (r#"tome_requests_refused_total{reason="too_large"}"#, Some(0.0)),
         ("tome_jobs_in_flight", Some(0.0)),
@@ -100,7 +100,7 @@ async fn requests_beyond_the_running_jobs_wait_and_every_outcome_is_counted_from
     let page =
         wait_metrics(&metrics, Duration::from_secs(30), "the outcomes are counted", |p| series(p, r#"tome_jobs_total{outcome="cancelled",caller="anonymous"}"#) == Some(1.0));
     assert_eq!(series(&page, r#"tome_jobs_total{outcome="ok",caller="anonymous"}"#), Some(1.0), "{page}");
-    assert_eq!(series(&page, r#"tome_requests_refused_total{reason="queue_full"}"#), Some(1.0), "{page}");
+    assert_eq!(series(&page, r#"tome_requests_refused_total{reason="busy"}"#), Some(1.0), "{page}");
     assert_eq!(series(&page, "tome_queue_wait_seconds_count"), Some(2.0), "both jobs that ran waited (one for no time): {page}");
     assert!(series(&page, "tome_queue_wait_seconds_sum").unwrap() > 0.0, "{page}");
     assert_eq!(series(&page, "tome_queue_depth"), Some(0.0), "{page}");

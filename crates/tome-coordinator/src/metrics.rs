@@ -114,8 +114,8 @@ pub enum RefusalReason {
     UnknownModel,
     /// Over a limit for good (document, upload or ranks larger than this server takes).
     TooLarge,
-    /// The queue is full (for now: `retry-after`).
-    QueueFull,
+    /// Refused for now (`retry-after`): the queue is full, or the workers have no room.
+    Busy,
     /// No worker can take it, or the server is shutting down.
     Unavailable,
     /// Its deadline passed while it waited.
@@ -131,7 +131,7 @@ impl RefusalReason {
         RefusalReason::Invalid,
         RefusalReason::UnknownModel,
         RefusalReason::TooLarge,
-        RefusalReason::QueueFull,
+        RefusalReason::Busy,
         RefusalReason::Unavailable,
         RefusalReason::DeadlineExceeded,
         RefusalReason::Cancelled,
@@ -144,7 +144,7 @@ impl RefusalReason {
             RefusalReason::Invalid => "invalid",
             RefusalReason::UnknownModel => "unknown_model",
             RefusalReason::TooLarge => "too_large",
-            RefusalReason::QueueFull => "queue_full",
+            RefusalReason::Busy => "busy",
             RefusalReason::Unavailable => "unavailable",
             RefusalReason::DeadlineExceeded => "deadline_exceeded",
             RefusalReason::Cancelled => "cancelled",
@@ -157,7 +157,7 @@ impl RefusalReason {
             CoordError::Invalid(_) => RefusalReason::Invalid,
             CoordError::UnknownModel(_) => RefusalReason::UnknownModel,
             CoordError::Exhausted(_) => RefusalReason::TooLarge,
-            CoordError::Busy(_) => RefusalReason::QueueFull,
+            CoordError::Busy(_) => RefusalReason::Busy,
             CoordError::Unavailable(_) => RefusalReason::Unavailable,
             CoordError::DeadlineExceeded => RefusalReason::DeadlineExceeded,
             CoordError::Cancelled | CoordError::CancelledOnWorker(_) => RefusalReason::Cancelled,
