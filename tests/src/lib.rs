@@ -84,7 +84,9 @@ impl Drop for Server {
     }
 }
 
-/// Starts `tome ARGS --listen 127.0.0.1:0` and waits until health reports `service` SERVING.
+/// Starts `tome ARGS --listen 127.0.0.1:0` and waits until its health service answers for
+/// `service`: the server is up. A worker and `tome run` are SERVING by then; a coordinator of a
+/// cluster is SERVING only once a worker is live (wait for that apart, e.g. with its Info).
 /// With `log`, stderr goes to that file.
 pub async fn spawn_serving(args: &[&str], service: &str, log: Option<PathBuf>) -> Server {
     spawn_serving_at(args, service, log, "127.0.0.1:0".into()).await
@@ -128,23 +130,20 @@ pub async fn spawn_serving_tls(args: &[&str], service: &str, log: Option<PathBuf
     let host_port = if bound.ip().is_unspecified() { format!("127.0.0.1:{}", bound.port()) } else { host_port };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let server = Server { child, addr: format!("{scheme}://{host_port}"), host_port, log, metrics: after("tome metrics on ") };
-    wait_serving_tls(&server.addr, service, Duration::from_secs(60), tls.as_ref()).await;
+    wait_answering_tls(&server.addr, service, Duration::from_secs(60), tls.as_ref()).await;
     server
 }
 
-/// Waits until `addr`'s health service reports `service` SERVING.
-pub async fn wait_serving(addr: &str, service: &str, limit: Duration) {
-    wait_serving_tls(addr, service, limit, None).await
-}
-
-/// As [`wait_serving`], asking over TLS with `tls`.
-pub async fn wait_serving_tls(addr: &str, service: &str, limit: Duration, tls: Option<&ClientTlsConfig>) {
+/// Waits until `addr`'s health service answers for `service`, SERVING or NOT_SERVING.
+pub async fn wait_answering_tls(addr: &str, service: &str, limit: Duration, tls: Option<&ClientTlsConfig>) {
+    use tonic_health::pb::health_check_response::ServingStatus;
     let deadline = Instant::now() + limit;
     loop {
-        if health_tls(addr, service, tls).await == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32) {
+        let status = health_tls(addr, service, tls).await;
+        if status == Some(ServingStatus::Serving as i32) || status == Some(ServingStatus::NotServing as i32) {
             return;
         }
-        assert!(Instant::now() < deadline, "{addr} did not report {service} SERVING");
+        assert!(Instant::now() < deadline, "{addr}'s health did not answer for {service}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
