@@ -39,41 +39,35 @@ def complete(directory):
     return has("config.json") and has("tokenizer.json") and weights
 
 
-def safe_extract_zip(archive, staging):
-    members = [m for m in archive.infolist() if not m.is_dir()]
-    names = [m.filename for m in members]
-    # One top-level folder around the model is flattened away.
+def extract(entries, staging):
+    """Writes an archive's files into staging. `entries`: (name, open) for each file, `open`
+    giving its bytes. One top-level folder around the model is flattened away, and a path that
+    would leave staging is refused."""
+    entries = [(os.path.normpath(name), name, opener) for name, opener in entries]
+    names = [n for n, _, _ in entries]
     prefix = ""
     if "config.json" not in names:
         tops = {n.split("/", 1)[0] for n in names}
         if len(tops) == 1 and all("/" in n for n in names):
             prefix = tops.pop() + "/"
-    for member in members:
-        rel = os.path.normpath(member.filename[len(prefix):])
+    for name, original, opener in entries:
+        rel = os.path.normpath(name[len(prefix):])
         if rel.startswith("..") or os.path.isabs(rel):
-            sys.exit(f"load_model: refusing the unsafe path {member.filename!r}")
+            sys.exit(f"load_model: refusing the unsafe path {original!r}")
         out = os.path.join(staging, rel)
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        with archive.open(member) as fin, open(out, "wb") as fout:
+        with opener() as fin, open(out, "wb") as fout:
             shutil.copyfileobj(fin, fout)
+
+
+def safe_extract_zip(archive, staging):
+    files = [m for m in archive.infolist() if not m.is_dir()]
+    extract([(m.filename, lambda m=m: archive.open(m)) for m in files], staging)
 
 
 def safe_extract_tar(archive, staging):
-    members = [m for m in archive.getmembers() if m.isfile()]
-    names = [os.path.normpath(m.name) for m in members]
-    prefix = ""
-    if "config.json" not in names:
-        tops = {n.split("/", 1)[0] for n in names}
-        if len(tops) == 1 and all("/" in n for n in names):
-            prefix = tops.pop() + "/"
-    for member, name in zip(members, names):
-        rel = os.path.normpath(name[len(prefix):])
-        if rel.startswith("..") or os.path.isabs(rel):
-            sys.exit(f"load_model: refusing the unsafe path {member.name!r}")
-        out = os.path.join(staging, rel)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with archive.extractfile(member) as fin, open(out, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
+    files = [m for m in archive.getmembers() if m.isfile()]
+    extract([(m.name, lambda m=m: archive.extractfile(m)) for m in files], staging)
 
 
 def download(url, path):
