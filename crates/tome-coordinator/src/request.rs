@@ -105,6 +105,7 @@ pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOpti
             global_tokens: o.global_tokens.iter().map(|&g| g as usize).collect(),
             output_layer: o.hidden_layer.map(|k| k as usize),
             segment_len: (o.segment_len > 0).then_some(o.segment_len as usize),
+            precision: Default::default(),
         },
         ranks: (o.ranks > 0).then_some(o.ranks as usize),
         layout,

@@ -14,7 +14,7 @@ use tome_dist::ops::{blocksparse_attention, favor_attention, ring_attention, win
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{BertConfig, EncodeOptions, LayerAttention, PositionExtension};
-use crate::document::{padded_plan, Prepared, RunOptions, ShardInput};
+use crate::document::{padded_plan, Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
 use crate::heads::{project_heads, window_rows};
 use crate::model::{Architecture, Shape};
@@ -278,7 +278,7 @@ impl Architecture for BertModel {
         let mut global_tokens = opts.global_tokens.clone();
         global_tokens.sort_unstable();
         global_tokens.dedup();
-        Ok(Prepared { ids, position_ids, layers, global_tokens, run: RunOptions { output_layer: opts.output_layer, segment_len: None } })
+        Ok(Prepared { ids, position_ids, layers, global_tokens, run: crate::model::plain_run(opts) })
     }
 
     /// As [`BertModel::forward_shard`], from the rank's [`ShardInput`] alone.

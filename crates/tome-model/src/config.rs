@@ -2,6 +2,7 @@
 //! that choose attention and position handling.
 
 use serde::Deserialize;
+use tome_attn::Precision;
 
 use crate::error::{ModelError, Result};
 use crate::registry::ModelType;
@@ -299,4 +300,7 @@ pub struct EncodeOptions {
     pub output_layer: Option<usize>,
     /// Tokens per segment for segment-recurrent models; `None` for the model's default.
     pub segment_len: Option<usize>,
+    /// The arithmetic to run in; the architecture must list it in
+    /// [`Architecture::precisions`](crate::model::Architecture::precisions).
+    pub precision: Precision,
 }

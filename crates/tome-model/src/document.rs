@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use tome_attn::Precision;
 use tome_dist::{Layout, ShardPlan};
 
 use crate::config::LayerAttention;
@@ -30,6 +31,8 @@ pub struct RunOptions {
     /// Segment-recurrent models (Transformer-XL, Compressive): tokens per segment. Shards then
     /// hold whole segments.
     pub segment_len: Option<usize>,
+    /// The arithmetic of the products and attention inputs ([`Precision::F32`] unless asked).
+    pub precision: Precision,
 }
 
 /// What one rank needs of a prepared document: its own tokens (in the order of the plan's

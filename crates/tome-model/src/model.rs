@@ -7,6 +7,7 @@
 
 use candle_core::{Device, Module, Tensor};
 use candle_nn::Embedding;
+use tome_attn::Precision;
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{EncodeOptions, LayerAttention};
@@ -29,6 +30,11 @@ pub trait Architecture: Send + Sync {
     /// The shortest document the model runs.
     fn min_tokens(&self) -> usize {
         1
+    }
+
+    /// The precisions its forward implements; f32 alone unless it says more.
+    fn precisions(&self) -> &'static [Precision] {
+        &[Precision::F32]
     }
 
     /// log p(next token | tokens so far) for the first `next_ids.len()` rows of `hidden`.
@@ -77,12 +83,28 @@ impl Model {
         self.0.min_tokens()
     }
 
+    /// Refuses a precision the architecture does not implement, naming it and what it runs in.
+    pub fn check_precision(&self, precision: Precision) -> Result<()> {
+        let offered = self.0.precisions();
+        if offered.contains(&precision) {
+            return Ok(());
+        }
+        let names: Vec<_> = offered.iter().map(|p| p.name()).collect();
+        Err(ModelError::Unsupported(format!("{} runs in {}; {precision} is not implemented for it", self.0.shape().model_type, names.join(", "))))
+    }
+
+    /// The precisions its forward implements.
+    pub fn precisions(&self) -> &'static [Precision] {
+        self.0.precisions()
+    }
+
     pub fn is_causal(&self) -> bool {
         self.0.shape().causal
     }
 
     /// Checks a whole document against the model and options and derives per-token positions.
     pub fn prepare(&self, ids: Vec<u32>, opts: &EncodeOptions) -> Result<Prepared> {
+        self.check_precision(opts.precision)?;
         let doc = self.0.prepare(ids, opts)?;
         if opts.segment_len.is_some() && doc.run.segment_len.is_none() {
             return Err(ModelError::Input("a segment length applies to segment-recurrent models (Transformer-XL, Compressive) only".into()));
@@ -94,6 +116,7 @@ impl Model {
     /// Runs a rank's shard; returns its rows of the last hidden state. `after_layer(l)` is
     /// called when layer `l` is done; returning false cancels.
     pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        self.check_precision(input.run.precision)?;
         self.0.forward(group, plan, input, after_layer)
     }
 
@@ -132,7 +155,7 @@ pub(crate) fn causal_only(opts: &EncodeOptions) -> Result<()> {
 
 /// The run options of a model without segments.
 pub(crate) fn plain_run(opts: &EncodeOptions) -> RunOptions {
-    RunOptions { output_layer: opts.output_layer, segment_len: None }
+    RunOptions { output_layer: opts.output_layer, segment_len: None, precision: opts.precision }
 }
 
 /// Refuses token ids outside a vocabulary of `vocab`, naming the first.

@@ -444,7 +444,11 @@ impl Architecture for TransfoXlModel {
             return Err(ModelError::Input("the segment length must be positive".into()));
         }
         let kind = if c.is_compressive() { NativeAttention::Compressive } else { NativeAttention::Relative };
-        Ok(Prepared::plain(ids, vec![LayerAttention::Native(kind); c.n_layer], RunOptions { output_layer: opts.output_layer, segment_len: Some(segment) }))
+        Ok(Prepared::plain(
+            ids,
+            vec![LayerAttention::Native(kind); c.n_layer],
+            RunOptions { output_layer: opts.output_layer, segment_len: Some(segment), precision: opts.precision },
+        ))
     }
 
     /// This rank's rows of the hidden states `input.run` asks for (by default the last layer's

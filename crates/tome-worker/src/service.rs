@@ -196,7 +196,11 @@ fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TracePare
         position_ids: wire::u32s_from_wire(req.position_ids.as_ref(), "position_ids")?,
         layers: wire::layers_from_wire(&req.layers, &model.model.shape(), plan.len())?,
         global_tokens: req.global_tokens.iter().map(|&g| g as usize).collect(),
-        run: RunOptions { output_layer: req.output_layer.map(|k| k as usize), segment_len: (req.segment_len > 0).then_some(req.segment_len as usize) },
+        run: RunOptions {
+            output_layer: req.output_layer.map(|k| k as usize),
+            segment_len: (req.segment_len > 0).then_some(req.segment_len as usize),
+            precision: Default::default(),
+        },
     };
     let rows = plan.shard_len(rank);
     if input.ids.len() != rows || input.position_ids.len() != rows {
