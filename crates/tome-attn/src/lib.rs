@@ -14,6 +14,7 @@ mod aligned;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod bf16;
 pub mod blocksparse;
 mod error;
 pub mod favor;
