@@ -7,9 +7,9 @@
 //! checkpoint may carry a `bert.`/`roberta.` prefix (e.g. saved from `BertForMaskedLM`).
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, linear_b, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
-use tome_attn::projection;
+use tome_attn::Precision;
 use tome_dist::ops::{blocksparse_attention, favor_attention, ring_attention, window_attention, DenseSpec, FavorSpec, GlobalTokens, KeyBlock, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 
@@ -17,6 +17,7 @@ use crate::config::{BertConfig, EncodeOptions, LayerAttention, PositionExtension
 use crate::document::{padded_plan, Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
 use crate::heads::{project_heads, window_rows};
+use crate::linear::{linear, linear_b, Linear};
 use crate::model::{Architecture, Shape};
 use crate::registry::ModelType;
 
@@ -123,6 +124,7 @@ impl BertModel {
         valid: &[bool],
         attn: LayerAttention,
         global_tokens: &[usize],
+        precision: Precision,
     ) -> Result<Tensor> {
         // The rows are written in place, so they must be this layer's own (a copy only if not
         // contiguous; nothing else holds the input of a layer).
@@ -137,19 +139,21 @@ impl BertModel {
         // have the keys and values of every row up to the block's end plus the window (the key
         // stream projects rows ahead of the queries, never behind; the other paths project the
         // whole shard before attention).
+        let qkv = [layer.query.at(precision)?, layer.key.at(precision)?, layer.value.at(precision)?];
+        let attn_out = layer.attn_out.at(precision)?;
         let finish = |start: usize, c: Tensor| -> Result<()> {
-            let h = layer.attn_norm.forward(&projection::linear(&c, layer.attn_out.weight(), layer.attn_out.bias(), Some(&x.narrow(0, start, c.dim(0)?)?), |_| {})?)?;
-            x.slice_set(&self.feed_forward(layer, &h)?, 0, start)?;
+            let h = layer.attn_norm.forward(&attn_out.linear(&c, Some(&x.narrow(0, start, c.dim(0)?)?), |_| {})?)?;
+            x.slice_set(&self.feed_forward(layer, &h, precision)?, 0, start)?;
             Ok(())
         };
         if let (LayerAttention::Window { one_sided }, true) = (attn, global_tokens.is_empty()) {
             // Without global tokens, queries go through attention and the rest of the layer a
             // row block at a time: the shard's queries and context never exist whole.
             let spec = WindowSpec { one_sided, causal: false, scale };
-            window_rows(group, plan, &x, [&layer.query, &layer.key, &layer.value], heads, positions, valid, spec, FFN_ROWS, finish)?;
+            window_rows(group, plan, &x, qkv, heads, positions, valid, spec, FFN_ROWS, finish)?;
             return Ok(x);
         }
-        let [q, k, v] = project_heads(&x, [&layer.query, &layer.key, &layer.value], heads)?;
+        let [q, k, v] = project_heads(&x, qkv, heads)?;
         let own = KeyBlock { k, v, pos: positions.to_vec(), valid: valid.to_vec() };
         let ctx = match attn {
             LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale })?,
@@ -159,7 +163,7 @@ impl BertModel {
                 // global tokens' rows.
                 let projections = match (&layer.global, global_tokens.is_empty()) {
                     (Some((gq, gk, gv)), false) => {
-                        let [gq, gk, gv] = project_heads(&x, [gq, gk, gv], heads)?;
+                        let [gq, gk, gv] = project_heads(&x, [gq.at(precision)?, gk.at(precision)?, gv.at(precision)?], heads)?;
                         Some((gq, gk, gv))
                     }
                     _ => None,
@@ -186,15 +190,21 @@ impl BertModel {
         Ok(x)
     }
 
-    fn feed_forward(&self, layer: &BertLayer, x: &Tensor) -> Result<Tensor> {
-        // Bias, activation and residual ride on the two GEMMs (`projection::linear`).
+    fn feed_forward(&self, layer: &BertLayer, x: &Tensor, precision: Precision) -> Result<Tensor> {
+        // Bias, activation and residual ride on the two GEMMs (`Projection::linear`).
         let activation = self.cfg.hidden_act;
-        let inner = projection::linear(x, layer.intermediate.weight(), layer.intermediate.bias(), None, |xs| activation.apply_in_place(xs))?;
-        Ok(layer.out_norm.forward(&projection::linear(&inner, layer.output.weight(), layer.output.bias(), Some(x), |_| {})?)?)
+        let inner = layer.intermediate.at(precision)?.linear(x, None, |xs| activation.apply_in_place(xs))?;
+        Ok(layer.out_norm.forward(&layer.output.at(precision)?.linear(&inner, Some(x), |_| {})?)?)
     }
 }
 
 impl Architecture for BertModel {
+    /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
+    /// and values; embeddings, norms, residual sums and every partial in f32.
+    fn precisions(&self) -> &'static [Precision] {
+        Precision::ALL
+    }
+
     fn shape(&self) -> Shape {
         let c = self.config();
         Shape {
@@ -336,7 +346,7 @@ impl Architecture for BertModel {
             x.slice_set(&self.embed_norm.forward(&embedded)?, 0, start)?;
         }
         for (l, layer) in self.layers.iter().enumerate().take(input.run.layers_to_run(self.layers.len())?) {
-            x = self.layer_forward(layer, group, &padded, x, &positions, &valid, input.layers[l], &input.global_tokens)?;
+            x = self.layer_forward(layer, group, &padded, x, &positions, &valid, input.layers[l], &input.global_tokens, input.run.precision)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);
             }

@@ -10,19 +10,18 @@
 use std::ops::Range;
 
 use candle_core::Tensor;
-use candle_nn::Linear;
-use tome_attn::projection::{project_to_heads, project_to_heads_into};
+use tome_attn::projection::Projection;
 use tome_dist::ops::{window_key_stream, window_keys, window_margins, HeadRows, KeyBlock, KeyShape, KeysOrValues, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 
 use crate::error::Result;
 
 /// `x` (`[n, hidden]`) through each of `projections`, as `[heads, n, hidden / heads]` each,
-/// written straight into head layout.
-pub fn project_heads<const P: usize>(x: &Tensor, projections: [&Linear; P], heads: usize) -> Result<[Tensor; P]> {
+/// written straight into head layout (rounded to bf16 where the projection is bf16).
+pub fn project_heads<'a, L: Into<Projection<'a>>, const P: usize>(x: &Tensor, projections: [L; P], heads: usize) -> Result<[Tensor; P]> {
     let mut outs = Vec::with_capacity(P);
     for p in projections {
-        outs.push(project_to_heads(x, p.weight(), p.bias(), heads)?);
+        outs.push(p.into().to_heads(x, heads)?);
     }
     Ok(std::array::from_fn(|i| outs[i].clone()))
 }
@@ -44,11 +43,11 @@ const KEY_CHUNK_ROWS: usize = 1024;
 /// window around them at a time, never for the whole shard. Otherwise (a zigzag shard) they are
 /// projected for the whole shard and joined to the halo.
 #[allow(clippy::too_many_arguments)]
-pub fn window_rows(
+pub fn window_rows<'a, L: Into<Projection<'a>>>(
     group: &dyn Group,
     plan: &ShardPlan,
     x: &Tensor,
-    projections: [&Linear; 3],
+    projections: [L; 3],
     heads: usize,
     positions: &[i64],
     valid: &[bool],
@@ -57,7 +56,7 @@ pub fn window_rows(
     consume: impl FnMut(usize, Tensor) -> Result<()>,
 ) -> Result<()> {
     let key_chunk = KEY_CHUNK_ROWS.max(4 * spec.one_sided);
-    window_rows_in_chunks(group, plan, x, projections, heads, positions, valid, spec, block, key_chunk, consume)
+    window_rows_in_chunks(group, plan, x, projections.map(Into::into), heads, positions, valid, spec, block, key_chunk, consume)
 }
 
 /// [`window_rows`] with keys and values made `key_chunk` query rows at a time.
@@ -66,7 +65,7 @@ fn window_rows_in_chunks(
     group: &dyn Group,
     plan: &ShardPlan,
     x: &Tensor,
-    [query, key, value]: [&Linear; 3],
+    [query, key, value]: [Projection<'_>; 3],
     heads: usize,
     positions: &[i64],
     valid: &[bool],
@@ -93,9 +92,9 @@ fn window_rows_in_chunks(
                 KeysOrValues::Keys => key,
                 KeysOrValues::Values => value,
             };
-            Ok(project_to_heads_into(&x.narrow(0, rows.start, rows.len())?, p.weight(), p.bias(), heads, into.buffer, into.rows, into.at)?)
+            Ok(p.to_heads_into(&x.narrow(0, rows.start, rows.len())?, heads, into.buffer, into.rows, into.at)?)
         };
-        let [key_dim, value_dim] = [key, value].map(|p| p.weight().dim(0).map(|w| w / heads.max(1)));
+        let [key_dim, value_dim] = [key, value].map(|p| p.out_features().map(|w| w / heads.max(1)));
         let shape = KeyShape { kv_heads: heads, key_dim: key_dim?, value_dim: value_dim? };
         let mut stream = window_key_stream(group, plan, valid, spec, shape, key_chunk, project)?;
         attend_blocks(&mut |rows, q| stream.keys_for(rows.clone())?.attend(q, &positions[rows]))
@@ -136,7 +135,7 @@ mod tests {
             let out = Tensor::zeros((pos.len(), HIDDEN), DType::F32, &Device::Cpu)?;
             let consume = |start: usize, c: Tensor| -> Result<()> { Ok(out.slice_set(&c, 0, start)?) };
             match key_chunk {
-                Some(chunk) => window_rows_in_chunks(g, plan, &x, [&q, &k, &v], HEADS, &pos, &valid, spec, block, chunk, consume)?,
+                Some(chunk) => window_rows_in_chunks(g, plan, &x, [&q, &k, &v].map(Into::into), HEADS, &pos, &valid, spec, block, chunk, consume)?,
                 None => {
                     let [kh, vh] = project_heads(&x, [&k, &v], HEADS)?;
                     let keys = window_keys(g, plan, &KeyBlock { k: kh, v: vh, pos: pos.clone(), valid }, spec)?;

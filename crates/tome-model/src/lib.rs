@@ -13,6 +13,7 @@ mod error;
 pub mod gpt2;
 pub mod gpt_neo;
 pub mod heads;
+pub mod linear;
 pub mod llama;
 mod lm_head;
 mod model;

@@ -36,3 +36,361 @@ impl Bf16Kernel {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod convert;
+mod packed;
+mod portable;
+
+use std::mem::MaybeUninit;
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+pub use convert::{from_bf16_bits, round_to_bf16, to_bf16_bits};
+pub use packed::PackedBf16;
+
+use crate::error::{shape_err, Result};
+use crate::tensor::with_f32;
+use convert::pair;
+use packed::PANEL;
+
+/// Rows per tile.
+const MR: usize = 8;
+/// Panels per tile: 8 × 3 accumulators plus 3 panel registers and a broadcast fit the 32
+/// vector registers.
+const NR: usize = 3;
+/// Rows whose bf16 copy a task packs and reuses across its panels.
+const ROW_CHUNK: usize = 64;
+
+/// A raw pointer the tasks of one product share; each writes elements no other task writes.
+#[derive(Clone, Copy)]
+struct Shared(*mut MaybeUninit<f32>);
+// SAFETY: the tasks of a product write disjoint elements (their own rows × columns).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The element `i` places on.
+    ///
+    /// # Safety
+    /// `i` lies within the buffer.
+    unsafe fn at(self, i: usize) -> *mut MaybeUninit<f32> {
+        // SAFETY: the caller keeps `i` within the buffer.
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// `x · Wᵀ` for `x` (`m` rows of `w.in_features()` f32, row-major), each row's product handed
+/// to `sink(row, first_column, values)` a tile row at a time; every (row, column) exactly once.
+/// Tasks run in parallel, so `sink` must only write what its arguments name.
+fn product(x: &[f32], m: usize, w: &PackedBf16, sink: &(dyn Fn(usize, usize, &[f32]) + Sync)) {
+    product_on(Bf16Kernel::detect(), x, m, w, sink)
+}
+
+/// [`product`] on `kernel`.
+fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, sink: &(dyn Fn(usize, usize, &[f32]) + Sync)) {
+    let (k, pairs, panels) = (w.in_features(), w.pairs(), w.panels());
+    if m == 0 || panels == 0 {
+        return;
+    }
+    let groups = panels.div_ceil(NR);
+    let row_chunks = m.div_ceil(ROW_CHUNK);
+    let threads = rayon::current_num_threads();
+    // Few row chunks: split the columns too, so that every thread has work.
+    let col_splits = if row_chunks >= 2 * threads { 1 } else { (2 * threads).div_ceil(row_chunks).min(groups).max(1) };
+    (0..row_chunks * col_splits).into_par_iter().for_each(|task| {
+        let (chunk, split) = (task / col_splits, task % col_splits);
+        let rows = chunk * ROW_CHUNK..(m.min((chunk + 1) * ROW_CHUNK));
+        let group_range = split * groups / col_splits..(split + 1) * groups / col_splits;
+        // The chunk's rows as bf16 pairs, padded with zero rows to whole tiles.
+        let padded = rows.len().next_multiple_of(MR);
+        let mut xp = vec![0u32; padded * pairs];
+        for (r, packed) in rows.clone().zip(xp.chunks_exact_mut(pairs)) {
+            let row = &x[r * k..(r + 1) * k];
+            for (q, lane) in packed.iter_mut().enumerate() {
+                *lane = pair(row[2 * q], if 2 * q + 1 < k { row[2 * q + 1] } else { 0.0 });
+            }
+        }
+        let mut tile = [0f32; MR * NR * PANEL];
+        for g in group_range {
+            let np = NR.min(panels - g * NR);
+            let first_col = g * NR * PANEL;
+            let width = (np * PANEL).min(w.out_features() - first_col);
+            let panel = w.panel(g * NR);
+            for t in (0..padded).step_by(MR) {
+                let xt = &xp[t * pairs..(t + MR) * pairs];
+                run_tile(kernel, np, xt, panel, pairs, &mut tile[..MR * np * PANEL]);
+                for r in 0..MR.min(rows.len() - t) {
+                    sink(rows.start + t + r, first_col, &tile[r * np * PANEL..][..width]);
+                }
+            }
+        }
+    });
+}
+
+/// One tile of `np` panels on `kernel`.
+fn run_tile(kernel: Bf16Kernel, np: usize, x: &[u32], w: &[u32], pairs: usize, tile: &mut [f32]) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Bf16Kernel::detect` found AVX512F and AVX512-BF16; `product` hands whole
+        // tiles of rows and `np` whole panels.
+        Bf16Kernel::Avx512Bf16 => unsafe {
+            match np {
+                1 => avx512::tile::<1>(x, w, pairs, tile),
+                2 => avx512::tile::<2>(x, w, pairs, tile),
+                _ => avx512::tile::<NR>(x, w, pairs, tile),
+            }
+        },
+        _ => match np {
+            1 => portable::tile::<1>(x, w, pairs, tile),
+            2 => portable::tile::<2>(x, w, pairs, tile),
+            _ => portable::tile::<NR>(x, w, pairs, tile),
+        },
+    }
+}
+
+/// `epilogue(x Wᵀ + bias + residual)` as `[n, out]` f32, for `x` (`[n, in]` f32, rounded to
+/// bf16 as it is packed) and `w` in bf16; the products accumulate in f32, the bias and residual
+/// are added in f32. `epilogue` acts on each element alone.
+pub fn linear(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>, residual: Option<&Tensor>, epilogue: impl Fn(&mut [f32]) + Sync) -> Result<Tensor> {
+    const OP: &str = "bf16 linear";
+    let (n, out_w) = (checked_rows(x, w, OP)?, w.out_features());
+    let bias = checked_bias(bias, out_w, OP)?;
+    if residual.is_some_and(|r| r.dims() != [n, out_w]) {
+        return Err(shape_err(OP, format!("the residual must be [{n}, {out_w}], got {:?}", residual.map(|r| r.dims().to_vec()))));
+    }
+    let residual = residual.map(|r| with_f32(r, OP, |r| r.to_vec())).transpose()?;
+    let len = n * out_w;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let dst = Shared(out.spare_capacity_mut().as_mut_ptr());
+    with_f32(x, OP, |x| {
+        product(x, n, w, &|row, col, values| {
+            let at = row * out_w + col;
+            // SAFETY: `product` hands each (row, column) once; `at..at + values.len()` lies in
+            // row `row` of the `n × out_w` output.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.at(at), values.len()) };
+            let mut sums = [0f32; NR * PANEL];
+            let sums = &mut sums[..values.len()];
+            for (i, (s, &v)) in sums.iter_mut().zip(values).enumerate() {
+                *s = v + bias.as_ref().map_or(0.0, |b| b[col + i]) + residual.as_ref().map_or(0.0, |r| r[at + i]);
+            }
+            epilogue(sums);
+            for (d, &s) in dst.iter_mut().zip(sums.iter()) {
+                d.write(s);
+            }
+        })
+    })?;
+    // SAFETY: `product` wrote every element of the `n × out_w` output.
+    unsafe { out.set_len(len) };
+    Ok(Tensor::from_vec(out, (n, out_w), &candle_core::Device::Cpu)?)
+}
+
+/// `x Wₕᵀ + bₕ` for every head h as `[heads, n, d]`, each value rounded to bf16: the queries,
+/// keys and values attention takes in a bf16 run.
+pub fn project_to_heads(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>, heads: usize) -> Result<Tensor> {
+    let n = checked_rows(x, w, "bf16 project_to_heads")?;
+    let d = head_dim(w, heads)?;
+    let mut out = vec![0f32; heads * n * d];
+    project_to_heads_into(x, w, bias, heads, &mut out, n, 0)?;
+    Ok(Tensor::from_vec(out, (heads, n, d), &candle_core::Device::Cpu)?)
+}
+
+/// As [`project_to_heads`], written into rows `at..at + n` of every head of `dst`, a
+/// `[heads, rows, d]` buffer; its other rows are left as they are.
+pub fn project_to_heads_into(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>, heads: usize, dst: &mut [f32], rows: usize, at: usize) -> Result<()> {
+    const OP: &str = "bf16 project_to_heads";
+    let n = checked_rows(x, w, OP)?;
+    let d = head_dim(w, heads)?;
+    if dst.len() != heads * rows * d || at + n > rows {
+        return Err(shape_err(OP, format!("{n} rows of {heads} heads of {d} at row {at} do not fit a buffer of {} values with {rows} rows per head", dst.len())));
+    }
+    let bias = checked_bias(bias, w.out_features(), OP)?;
+    let base = Shared(dst.as_mut_ptr().cast());
+    with_f32(x, OP, |x| {
+        product(x, n, w, &|row, col, values| {
+            for (i, &v) in values.iter().enumerate() {
+                let c = col + i;
+                let (h, j) = (c / d, c % d);
+                let v = round_to_bf16(v + bias.as_ref().map_or(0.0, |b| b[c]));
+                // SAFETY: (h, at + row, j) lies in the `[heads, rows, d]` buffer checked above,
+                // and `product` hands each (row, column) once.
+                unsafe { (*base.at((h * rows + at + row) * d + j)).write(v) };
+            }
+        })
+    })
+}
+
+fn checked_rows(x: &Tensor, w: &PackedBf16, op: &'static str) -> Result<usize> {
+    match x.dims() {
+        &[n, k] if k == w.in_features() => Ok(n),
+        other => Err(shape_err(op, format!("x must be [tokens, {}], got {other:?}", w.in_features()))),
+    }
+}
+
+fn checked_bias(bias: Option<&Tensor>, out: usize, op: &'static str) -> Result<Option<Vec<f32>>> {
+    match bias {
+        Some(b) if b.dims() != [out] => Err(shape_err(op, format!("the bias must be [{out}], got {:?}", b.dims()))),
+        Some(b) => Ok(Some(with_f32(b, op, |b| b.to_vec())?)),
+        None => Ok(None),
+    }
+}
+
+fn head_dim(w: &PackedBf16, heads: usize) -> Result<usize> {
+    if heads == 0 || !w.out_features().is_multiple_of(heads) {
+        return Err(shape_err("bf16 project_to_heads", format!("{} outputs do not make {heads} heads", w.out_features())));
+    }
+    Ok(w.out_features() / heads)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// The product as the kernels define it, one element at a time: bf16 inputs, per pair the
+    /// odd input's product added before the even one's, in f32.
+    fn defined(x: &[f32], m: usize, w: &[f32], out: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * out];
+        for i in 0..m {
+            for o in 0..out {
+                let mut acc = 0f32;
+                for q in 0..k.div_ceil(2) {
+                    if 2 * q + 1 < k {
+                        acc += round_to_bf16(x[i * k + 2 * q + 1]) * round_to_bf16(w[o * k + 2 * q + 1]);
+                    }
+                    acc += round_to_bf16(x[i * k + 2 * q]) * round_to_bf16(w[o * k + 2 * q]);
+                }
+                y[i * out + o] = acc;
+            }
+        }
+        y
+    }
+
+    fn run(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16) -> Vec<f32> {
+        let out = w.out_features();
+        let y = Mutex::new(vec![f32::NAN; m * out]);
+        product_on(kernel, x, m, w, &|row, col, values| {
+            let mut y = y.lock().unwrap();
+            for (i, &v) in values.iter().enumerate() {
+                assert!(y[row * out + col + i].is_nan(), "({row}, {}) written twice", col + i);
+                y[row * out + col + i] = v;
+            }
+        });
+        y.into_inner().unwrap()
+    }
+
+    fn kernels() -> Vec<Bf16Kernel> {
+        let mut k = vec![Bf16Kernel::Portable];
+        if Bf16Kernel::detect() != Bf16Kernel::Portable {
+            k.push(Bf16Kernel::detect());
+        } else {
+            eprintln!("this CPU has no AVX512-BF16: only the portable kernel is checked");
+        }
+        k
+    }
+
+    #[test]
+    fn every_kernel_gives_the_defined_product_bit_for_bit_on_ragged_shapes() {
+        for (m, out, k) in [(1, 1, 1), (7, 17, 3), (8, 48, 64), (9, 49, 65), (130, 100, 384), (64, 1536, 384), (3, 40, 1536)] {
+            let (x, w) = (random(m * k, 1), random(out * k, 2));
+            let packed = PackedBf16::from_rows(&w, out, k);
+            let want = defined(&x, m, &w, out, k);
+            for kernel in kernels() {
+                let got = run(kernel, &x, m, &packed);
+                let worst = got.iter().zip(&want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
+                assert_eq!(worst, 0, "{} kernel, {m}×{out}×{k}: {worst} elements differ", kernel.name());
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_whatever_rows_share_its_product() {
+        let (m, out, k) = (200, 96, 130);
+        let (x, w) = (random(m * k, 3), random(out * k, 4));
+        let packed = PackedBf16::from_rows(&w, out, k);
+        let all = run(Bf16Kernel::detect(), &x, m, &packed);
+        for (start, rows) in [(0, 1), (5, 3), (77, 64), (199, 1)] {
+            let part = run(Bf16Kernel::detect(), &x[start * k..(start + rows) * k], rows, &packed);
+            assert_eq!(part, all[start * out..(start + rows) * out], "rows {start}..{}", start + rows);
+        }
+    }
+
+    #[test]
+    fn linear_adds_bias_and_residual_in_f32_then_the_epilogue() -> Result<()> {
+        let (n, out, k) = (21, 33, 19);
+        let dev = Device::Cpu;
+        let (x, w, b, r) = (random(n * k, 5), random(out * k, 6), random(out, 7), random(n * out, 8));
+        let packed = PackedBf16::from_rows(&w, out, k);
+        let xt = Tensor::from_vec(x.clone(), (n, k), &dev)?;
+        let (bt, rt) = (Tensor::from_vec(b.clone(), out, &dev)?, Tensor::from_vec(r.clone(), (n, out), &dev)?);
+        let got = linear(&xt, &packed, Some(&bt), Some(&rt), |v| v.iter_mut().for_each(|v| *v = v.max(0.0)))?.flatten_all()?.to_vec1::<f32>()?;
+        let product = defined(&x, n, &w, out, k);
+        let want: Vec<f32> = (0..n * out).map(|i| (product[i] + b[i % out] + r[i]).max(0.0)).collect();
+        assert_eq!(got, want);
+        let plain = linear(&xt, &packed, None, None, |_| {})?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(plain, product);
+        Ok(())
+    }
+
+    #[test]
+    fn heads_hold_the_product_rounded_to_bf16_in_their_rows() -> Result<()> {
+        let (n, heads, d, k) = (13, 3, 20, 24);
+        let dev = Device::Cpu;
+        let (x, w, b) = (random(n * k, 9), random(heads * d * k, 10), random(heads * d, 11));
+        let packed = PackedBf16::from_rows(&w, heads * d, k);
+        let xt = Tensor::from_vec(x.clone(), (n, k), &dev)?;
+        let bt = Tensor::from_vec(b.clone(), heads * d, &dev)?;
+        let got = project_to_heads(&xt, &packed, Some(&bt), heads)?;
+        assert_eq!(got.dims(), [heads, n, d]);
+        let got = got.flatten_all()?.to_vec1::<f32>()?;
+        let product = defined(&x, n, &w, heads * d, k);
+        for h in 0..heads {
+            for i in 0..n {
+                for j in 0..d {
+                    let want = round_to_bf16(product[i * heads * d + h * d + j] + b[h * d + j]);
+                    assert_eq!(got[(h * n + i) * d + j], want, "head {h} row {i} col {j}");
+                }
+            }
+        }
+        // Into rows 4.. of a 20-row buffer; the other rows stay.
+        let mut buffer = vec![-7f32; heads * 20 * d];
+        project_to_heads_into(&xt, &packed, Some(&bt), heads, &mut buffer, 20, 4)?;
+        for h in 0..heads {
+            for row in 0..20 {
+                let slot = &buffer[(h * 20 + row) * d..][..d];
+                if (4..4 + n).contains(&row) {
+                    assert_eq!(slot, &got[(h * n + row - 4) * d..][..d]);
+                } else {
+                    assert!(slot.iter().all(|&v| v == -7.0));
+                }
+            }
+        }
+        assert!(project_to_heads_into(&xt, &packed, None, heads, &mut buffer, 20, 8).is_err(), "rows past the buffer are refused");
+        assert!(project_to_heads(&xt, &packed, None, 7).is_err(), "60 outputs do not make 7 heads");
+        Ok(())
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_are_refused() -> Result<()> {
+        let packed = PackedBf16::from_rows(&random(6, 1), 2, 3);
+        let x = Tensor::zeros((4, 5), candle_core::DType::F32, &Device::Cpu)?;
+        assert!(linear(&x, &packed, None, None, |_| {}).is_err());
+        let x = Tensor::zeros((4, 3), candle_core::DType::F32, &Device::Cpu)?;
+        let wrong = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu)?;
+        assert!(linear(&x, &packed, Some(&wrong), None, |_| {}).is_err());
+        assert!(linear(&x, &packed, None, Some(&wrong), |_| {}).is_err());
+        assert_eq!(linear(&x.narrow(0, 0, 0)?, &packed, None, None, |_| {})?.dims(), [0, 2]);
+        Ok(())
+    }
+}
