@@ -9,14 +9,16 @@
 //! the LM head tied to `wte`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
+use tome_attn::Precision;
 use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{Activation, EncodeOptions, LayerAttention};
 use crate::document::{Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
+use crate::linear::{attention_input, Linear};
 use crate::model::{causal_only, check_vocab, embed_learned_positions, plain_run, Architecture, Shape};
 
 /// `config.json` of `GPT2Model` / `GPT2LMHeadModel`.
@@ -94,7 +96,7 @@ fn conv1d(vb: &VarBuilder, name: &str, d_in: usize, d_out: usize) -> Result<Line
     let full = format!("{}.{name}", vb.prefix());
     let w = weights(vb.get((d_in, d_out), &format!("{name}.weight")), format!("{full}.weight"))?;
     let b = weights(vb.get(d_out, &format!("{name}.bias")), format!("{full}.bias"))?;
-    Ok(Linear::new(w.t()?, Some(b)))
+    Ok(Linear::new(candle_nn::Linear::new(w.t()?, Some(b))))
 }
 
 impl Gpt2Model {
@@ -152,18 +154,24 @@ impl Gpt2Model {
         check_vocab(ids, self.cfg.vocab_size)
     }
 
-    fn attention(&self, block: &Block, group: &dyn Group, x: &Tensor, positions: &[i64]) -> Result<Tensor> {
+    fn attention(&self, block: &Block, group: &dyn Group, x: &Tensor, positions: &[i64], p: Precision) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
         let (heads, hd) = (self.cfg.n_head, d / self.cfg.n_head);
-        let qkv = block.c_attn.forward(x)?;
-        let split = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(1, i * d, d)?.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?) };
+        let qkv = block.c_attn.forward_at(x, p)?;
+        let split = |i: usize| -> Result<Tensor> { Ok(attention_input(qkv.narrow(1, i * d, d)?.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?, p)?) };
         let own = KeyBlock { k: split(1)?, v: split(2)?, pos: positions.to_vec(), valid: vec![true; n] };
         let ctx = ring_attention(group, &split(0)?, positions, own, DenseSpec { causal: true, scale: block.scale })?;
-        Ok(block.c_proj.forward(&ctx.transpose(0, 1)?.reshape((n, d))?)?)
+        Ok(block.c_proj.forward_at(&ctx.transpose(0, 1)?.reshape((n, d))?, p)?)
     }
 }
 
 impl Architecture for Gpt2Model {
+    /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
+    /// and values; embeddings, norms, residual sums and the language-model head in f32.
+    fn precisions(&self) -> &'static [Precision] {
+        Precision::ALL
+    }
+
     fn shape(&self) -> Shape {
         let c = self.config();
         Shape {
@@ -192,10 +200,11 @@ impl Architecture for Gpt2Model {
     fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         let (mut x, positions) = embed_learned_positions("GPT-2", &self.wte, &self.wpe, self.cfg.n_positions, group, plan, input)?;
         let run = input.run.layers_to_run(self.blocks.len())?;
+        let p = input.run.precision;
         for (l, block) in self.blocks.iter().enumerate().take(run) {
-            let a = self.attention(block, group, &block.ln_1.forward(&x)?, &positions)?;
+            let a = self.attention(block, group, &block.ln_1.forward(&x)?, &positions, p)?;
             x = (x + a)?;
-            let m = block.mlp_proj.forward(&block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?)?;
+            let m = block.mlp_proj.forward_at(&block.c_fc.forward_at(&block.ln_2.forward(&x)?, p)?.gelu()?, p)?;
             x = (x + m)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);

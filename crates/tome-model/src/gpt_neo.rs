@@ -10,14 +10,16 @@
 //! positions.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
+use tome_attn::Precision;
 use tome_dist::ops::{ring_attention, window_attention, DenseSpec, KeyBlock, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{Activation, EncodeOptions, LayerAttention};
 use crate::document::{Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
+use crate::linear::{attention_input, linear, linear_no_bias, Linear};
 use crate::model::{check_vocab, embed_learned_positions, plain_run, Architecture, Shape};
 
 /// `config.json` of `GPTNeoModel`.
@@ -177,12 +179,12 @@ impl GptNeoModel {
         check_vocab(ids, self.cfg.vocab_size)
     }
 
-    fn attention(&self, block: &Block, group: &dyn Group, plan: &ShardPlan, x: &Tensor, positions: &[i64]) -> Result<Tensor> {
+    fn attention(&self, block: &Block, group: &dyn Group, plan: &ShardPlan, x: &Tensor, positions: &[i64], p: Precision) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
         let (heads, hd) = (self.cfg.num_heads, d / self.cfg.num_heads);
-        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?) };
-        let q = split(block.q.forward(x)?)?;
-        let own = KeyBlock { k: split(block.k.forward(x)?)?, v: split(block.v.forward(x)?)?, pos: positions.to_vec(), valid: vec![true; n] };
+        let split = |t: Tensor| -> Result<Tensor> { Ok(attention_input(t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?, p)?) };
+        let q = split(block.q.forward_at(x, p)?)?;
+        let own = KeyBlock { k: split(block.k.forward_at(x, p)?)?, v: split(block.v.forward_at(x, p)?)?, pos: positions.to_vec(), valid: vec![true; n] };
         // GPT-Neo does not scale its scores.
         let ctx = match block.attention {
             LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: true, scale: 1.0 })?,
@@ -191,11 +193,17 @@ impl GptNeoModel {
                 return Err(ModelError::Unsupported("GPT-Neo layers are dense or local".into()))
             }
         };
-        Ok(block.out.forward(&ctx.transpose(0, 1)?.reshape((n, d))?)?)
+        Ok(block.out.forward_at(&ctx.transpose(0, 1)?.reshape((n, d))?, p)?)
     }
 }
 
 impl Architecture for GptNeoModel {
+    /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
+    /// and values; embeddings, norms, residual sums and the language-model head in f32.
+    fn precisions(&self) -> &'static [Precision] {
+        Precision::ALL
+    }
+
     fn shape(&self) -> Shape {
         let c = &self.cfg;
         Shape {
@@ -232,10 +240,11 @@ impl Architecture for GptNeoModel {
             return Err(ModelError::Input("the shard's layer attentions are not the ones GPT-Neo's config gives its layers".into()));
         }
         let run = input.run.layers_to_run(self.blocks.len())?;
+        let p = input.run.precision;
         for (l, block) in self.blocks.iter().enumerate().take(run) {
-            let a = self.attention(block, group, plan, &block.ln_1.forward(&x)?, &positions)?;
+            let a = self.attention(block, group, plan, &block.ln_1.forward(&x)?, &positions, p)?;
             x = (x + a)?;
-            let m = block.proj.forward(&block.fc.forward(&block.ln_2.forward(&x)?)?.gelu()?)?;
+            let m = block.proj.forward_at(&block.fc.forward_at(&block.ln_2.forward(&x)?, p)?.gelu()?, p)?;
             x = (x + m)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);

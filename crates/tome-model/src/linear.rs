@@ -3,12 +3,11 @@
 
 use std::sync::OnceLock;
 
+use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use tome_attn::bf16::PackedBf16;
 use tome_attn::projection::Projection;
-use tome_attn::Precision;
-
-use crate::error::Result;
+use tome_attn::{Precision, Result};
 
 /// A `[out, in]` weight and optional bias, readable as f32 or as bf16.
 pub struct Linear {
@@ -46,6 +45,26 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `x Wᵀ + b` (`x` `[n, in]`) in `precision`: f32 through candle's layer, exactly as the
+    /// f32 path has always run; bf16 through the packed product, f32 out.
+    pub fn forward_at(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
+        match precision {
+            Precision::F32 => Ok(self.f32.forward(x)?),
+            Precision::Bf16 => Ok(self.at(precision)?.linear(x, None, |_| {})?),
+        }
+    }
+}
+
+/// Queries, keys or values as attention takes them in `precision`: as they are in f32, each
+/// value rounded to bf16 (nearest even) in bf16.
+pub fn attention_input(t: Tensor, precision: Precision) -> Result<Tensor> {
+    match precision {
+        Precision::F32 => Ok(t),
+        Precision::Bf16 => Ok(t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?),
+    }
+}
+
 /// candle's `linear_b` (a `[out, in]` weight, a bias when `bias`), as a [`Linear`].
 pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Linear> {
     candle_nn::linear_b(in_dim, out_dim, bias, vb).map(Linear::new)
@@ -54,4 +73,9 @@ pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> ca
 /// candle's `linear` (weight and bias), as a [`Linear`].
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     candle_nn::linear(in_dim, out_dim, vb).map(Linear::new)
+}
+
+/// candle's `linear_no_bias`, as a [`Linear`].
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    candle_nn::linear_no_bias(in_dim, out_dim, vb).map(Linear::new)
 }

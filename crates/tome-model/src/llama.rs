@@ -10,14 +10,16 @@
 //! is supported (scaled variants are refused by name).
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{embedding, linear_b, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 use serde::Deserialize;
+use tome_attn::Precision;
 use tome_dist::ops::{ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{Activation, EncodeOptions, LayerAttention};
 use crate::document::{Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
+use crate::linear::{attention_input, linear_b, Linear};
 use crate::model::check_vocab;
 use crate::model::{causal_only, plain_run, Architecture, Shape};
 
@@ -193,16 +195,18 @@ impl LlamaModel {
         rotary(&self.inv_freq, positions)
     }
 
-    fn attention(&self, layer: &Layer, group: &dyn Group, x: &Tensor, positions: &[i64], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&self, layer: &Layer, group: &dyn Group, x: &Tensor, positions: &[i64], cos: &Tensor, sin: &Tensor, p: Precision) -> Result<Tensor> {
         let n = x.dim(0)?;
         let (hd, heads, kv) = (self.cfg.head_dim(), self.cfg.num_attention_heads, self.cfg.kv_heads());
         let split = |t: Tensor, h: usize| -> Result<Tensor> { Ok(t.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()?) };
-        let q = rope(&split(layer.q.forward(x)?, heads)?, cos, sin)?;
-        let k = rope(&split(layer.k.forward(x)?, kv)?, cos, sin)?;
-        let own = KeyBlock { k, v: split(layer.v.forward(x)?, kv)?, pos: positions.to_vec(), valid: vec![true; n] };
+        let q = attention_input(rope(&split(layer.q.forward_at(x, p)?, heads)?, cos, sin)?, p)?;
+        let k = attention_input(rope(&split(layer.k.forward_at(x, p)?, kv)?, cos, sin)?, p)?;
+        let v = attention_input(split(layer.v.forward_at(x, p)?, kv)?, p)?;
+        let own = KeyBlock { k, v, pos: positions.to_vec(), valid: vec![true; n] };
         let scale = 1.0 / (hd as f32).sqrt();
         let ctx = ring_attention(group, &q, positions, own, DenseSpec { causal: true, scale })?;
-        Ok(layer.o.forward(&ctx.transpose(0, 1)?.reshape((n, heads * hd))?)?)
+        Ok(layer.o.forward_at(&ctx.transpose(0, 1)?.reshape((n, heads * hd))?, p)?)
     }
 }
 
@@ -238,6 +242,12 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 impl Architecture for LlamaModel {
+    /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
+    /// and values; embeddings, norms, residual sums and the language-model head in f32.
+    fn precisions(&self) -> &'static [Precision] {
+        Precision::ALL
+    }
+
     fn shape(&self) -> Shape {
         let c = self.config();
         Shape {
@@ -274,11 +284,12 @@ impl Architecture for LlamaModel {
         let (cos, sin) = self.rotary(&input.position_ids)?;
         let mut x = self.embed.forward(&Tensor::from_slice(&input.ids, n, &Device::Cpu)?)?;
         let run = input.run.layers_to_run(self.layers.len())?;
+        let p = input.run.precision;
         for (l, layer) in self.layers.iter().enumerate().take(run) {
-            let a = self.attention(layer, group, &layer.input_norm.forward(&x)?, &positions, &cos, &sin)?;
+            let a = self.attention(layer, group, &layer.input_norm.forward(&x)?, &positions, &cos, &sin, p)?;
             x = (x + a)?;
             let h = layer.post_norm.forward(&x)?;
-            let m = layer.down.forward(&(layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?)?;
+            let m = layer.down.forward_at(&(layer.gate.forward_at(&h, p)?.silu()? * layer.up.forward_at(&h, p)?)?, p)?;
             x = (x + m)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);

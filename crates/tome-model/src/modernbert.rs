@@ -21,8 +21,9 @@
 //! runs; other RoPE types are refused by name.
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{embedding, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
+use tome_attn::Precision;
 use tome_dist::ops::{ring_attention, window_attention, DenseSpec, KeyBlock, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 
@@ -30,6 +31,7 @@ use crate::config::{Activation, EncodeOptions, LayerAttention};
 use crate::document::{Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
 use crate::heads::project_heads;
+use crate::linear::{attention_input, Linear};
 use crate::llama::{inv_freq, rope, rotary};
 use crate::model::{check_vocab, fixed_attention, plain_run, Architecture, Shape};
 
@@ -231,7 +233,7 @@ fn rows_of(weight: &Tensor, bias: Option<&Tensor>, start: usize, rows: usize) ->
         Some(b) => Some(b.narrow(0, start, rows)?.contiguous()?),
         None => None,
     };
-    Ok(Linear::new(weight.narrow(0, start, rows)?.contiguous()?, b))
+    Ok(Linear::new(candle_nn::Linear::new(weight.narrow(0, start, rows)?.contiguous()?, b)))
 }
 
 impl ModernBertModel {
@@ -259,11 +261,11 @@ impl ModernBertModel {
                     q: rows_of(&qkv_w, qkv_b.as_ref(), 0, h)?,
                     k: rows_of(&qkv_w, qkv_b.as_ref(), h, h)?,
                     v: rows_of(&qkv_w, qkv_b.as_ref(), 2 * h, h)?,
-                    wo: Linear::new(get(&l, (h, h), "attn.Wo.weight")?, bias(&wo, h, cfg.attention_bias)?),
+                    wo: Linear::new(candle_nn::Linear::new(get(&l, (h, h), "attn.Wo.weight")?, bias(&wo, h, cfg.attention_bias)?)),
                     mlp_norm: norm(&l.pp("mlp_norm"), h, cfg)?,
                     wi_input: rows_of(&wi_w, wi_b.as_ref(), 0, inter)?,
                     wi_gate: rows_of(&wi_w, wi_b.as_ref(), inter, inter)?,
-                    mlp_wo: Linear::new(get(&l, (h, inter), "mlp.Wo.weight")?, bias(&mlp_wo, h, cfg.mlp_bias)?),
+                    mlp_wo: Linear::new(candle_nn::Linear::new(get(&l, (h, inter), "mlp.Wo.weight")?, bias(&mlp_wo, h, cfg.mlp_bias)?)),
                     attention: attentions[i],
                     inv_freq: inv_freq(cfg.rope_theta(types[i]), cfg.head_dim()),
                 })
@@ -284,12 +286,13 @@ impl ModernBertModel {
         &self.cfg
     }
 
-    fn attention(&self, layer: &Layer, group: &dyn Group, plan: &ShardPlan, x: &Tensor, positions: &[i64], position_ids: &[u32]) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&self, layer: &Layer, group: &dyn Group, plan: &ShardPlan, x: &Tensor, positions: &[i64], position_ids: &[u32], p: Precision) -> Result<Tensor> {
         let (n, hidden) = x.dims2()?;
         let heads = self.cfg.num_attention_heads;
-        let [q, k, v] = project_heads(x, [&layer.q, &layer.k, &layer.v], heads)?;
+        let [q, k, v] = project_heads(x, [layer.q.at(p)?, layer.k.at(p)?, layer.v.at(p)?], heads)?;
         let (cos, sin) = rotary(&layer.inv_freq, position_ids)?;
-        let (q, k) = (rope(&q, &cos, &sin)?, rope(&k, &cos, &sin)?);
+        let (q, k) = (attention_input(rope(&q, &cos, &sin)?, p)?, attention_input(rope(&k, &cos, &sin)?, p)?);
         let own = KeyBlock { k, v, pos: positions.to_vec(), valid: vec![true; n] };
         let scale = 1.0 / (self.cfg.head_dim() as f32).sqrt();
         let ctx = match layer.attention {
@@ -297,11 +300,17 @@ impl ModernBertModel {
             LayerAttention::Window { one_sided } => window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: false, scale }, None)?,
             other => return Err(ModelError::Unsupported(format!("a ModernBERT layer is global or local, not `{other}`"))),
         };
-        Ok(layer.wo.forward(&ctx.transpose(0, 1)?.reshape((n, hidden))?)?)
+        Ok(layer.wo.forward_at(&ctx.transpose(0, 1)?.reshape((n, hidden))?, p)?)
     }
 }
 
 impl Architecture for ModernBertModel {
+    /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
+    /// and values; embeddings, norms and residual sums in f32.
+    fn precisions(&self) -> &'static [Precision] {
+        Precision::ALL
+    }
+
     fn shape(&self) -> Shape {
         let c = &self.cfg;
         Shape {
@@ -347,10 +356,11 @@ impl Architecture for ModernBertModel {
                 Some(norm) => norm.forward(&x)?,
                 None => x.clone(),
             };
-            x = (&x + self.attention(layer, group, plan, &h, &positions, &input.position_ids)?)?;
+            let p = input.run.precision;
+            x = (&x + self.attention(layer, group, plan, &h, &positions, &input.position_ids, p)?)?;
             let h = layer.mlp_norm.forward(&x)?;
-            let gated = (self.act.apply(&layer.wi_input.forward(&h)?)? * layer.wi_gate.forward(&h)?)?;
-            x = (&x + layer.mlp_wo.forward(&gated)?)?;
+            let gated = (self.act.apply(&layer.wi_input.forward_at(&h, p)?)? * layer.wi_gate.forward_at(&h, p)?)?;
+            x = (&x + layer.mlp_wo.forward_at(&gated, p)?)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);
             }

@@ -16,9 +16,10 @@
 //! not part of the hidden states); sentence-transformers pools the hidden states itself.
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 use tome_attn::relative_bias::RelativeBias;
+use tome_attn::Precision;
 use tome_dist::ops::{ring_attention_with_bias, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
@@ -26,6 +27,7 @@ use crate::config::{Activation, EncodeOptions, LayerAttention, PositionExtension
 use crate::document::{Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
 use crate::heads::project_heads;
+use crate::linear::{attention_input, linear, Linear};
 use crate::model::{check_vocab, fixed_attention, plain_run, Architecture, Shape};
 
 /// The padding index `MPNetEmbeddings` uses, whatever `pad_token_id` says.
@@ -163,23 +165,29 @@ impl MpnetModel {
         self.bias.bucket(relative)
     }
 
-    fn layer_forward(&self, layer: &Layer, group: &dyn Group, x: &Tensor, positions: &[i64]) -> Result<Tensor> {
+    fn layer_forward(&self, layer: &Layer, group: &dyn Group, x: &Tensor, positions: &[i64], p: Precision) -> Result<Tensor> {
         let (n, hidden) = x.dims2()?;
         let heads = self.cfg.num_attention_heads;
-        let [q, k, v] = project_heads(x, [&layer.q, &layer.k, &layer.v], heads)?;
+        let [q, k, v] = project_heads(x, [layer.q.at(p)?, layer.k.at(p)?, layer.v.at(p)?], heads)?;
         // MPNet scales the scores before adding the bias; the relative-bias ring adds the bias
         // to unscaled dot products, so the queries carry the scale: (q/√d)·k = q·k/√d.
-        let q = (q * (1.0 / (self.cfg.head_dim() as f64).sqrt()))?;
+        let q = attention_input((q * (1.0 / (self.cfg.head_dim() as f64).sqrt()))?, p)?;
         let own = KeyBlock { k, v, pos: positions.to_vec(), valid: vec![true; n] };
         let ctx = ring_attention_with_bias(group, &q, positions, own, &self.bias)?;
         let ctx = ctx.transpose(0, 1)?.reshape((n, hidden))?;
-        let h = layer.attn_norm.forward(&(layer.o.forward(&ctx)? + x)?)?;
-        let inner = self.act.apply(&layer.intermediate.forward(&h)?)?;
-        Ok(layer.out_norm.forward(&(layer.output.forward(&inner)? + h)?)?)
+        let h = layer.attn_norm.forward(&(layer.o.forward_at(&ctx, p)? + x)?)?;
+        let inner = self.act.apply(&layer.intermediate.forward_at(&h, p)?)?;
+        Ok(layer.out_norm.forward(&(layer.output.forward_at(&inner, p)? + h)?)?)
     }
 }
 
 impl Architecture for MpnetModel {
+    /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
+    /// and values; embeddings, norms and residual sums in f32.
+    fn precisions(&self) -> &'static [Precision] {
+        Precision::ALL
+    }
+
     fn shape(&self) -> Shape {
         let c = &self.cfg;
         Shape {
@@ -250,7 +258,7 @@ impl Architecture for MpnetModel {
         let pos = self.position.forward(&Tensor::from_slice(&input.position_ids, n, &dev)?)?;
         let mut x = self.embed_norm.forward(&(words + pos)?)?;
         for (l, layer) in self.layers.iter().enumerate().take(input.run.layers_to_run(self.layers.len())?) {
-            x = self.layer_forward(layer, group, &x, &positions)?;
+            x = self.layer_forward(layer, group, &x, &positions, input.run.precision)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);
             }

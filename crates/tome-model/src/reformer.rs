@@ -22,16 +22,18 @@
 //! and documents no longer than an LSH chunk (transformers switches those to full attention).
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 use tome_attn::blocksparse::BlockSparsePlan;
 use tome_attn::lsh::{seeded_rotations, LshSpec};
+use tome_attn::Precision;
 use tome_dist::ops::{blocksparse_attention, lsh_attention, ring_attention, DenseSpec, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{Activation, EncodeOptions, LayerAttention, NativeAttention};
 use crate::document::{padded_plan, Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
+use crate::linear::{attention_input, linear, linear_no_bias, Linear};
 use crate::model::check_vocab;
 use crate::model::{fixed_attention, plain_run, Architecture, Shape};
 use crate::reversible;
@@ -357,18 +359,19 @@ impl ReformerModel {
     }
 
     /// `[rows, heads × head_size]`: this rank's rows of the layer's attention over the padded plan.
-    fn attention(&self, layer: &Layer, group: &dyn Group, plan: &ShardPlan, x: &Tensor, positions: &[i64], valid: &[bool]) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&self, layer: &Layer, group: &dyn Group, plan: &ShardPlan, x: &Tensor, positions: &[i64], valid: &[bool], p: Precision) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let (heads, hd) = (self.cfg.num_attention_heads, self.cfg.attention_head_size);
-        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((rows, heads, hd))?.transpose(0, 1)?.contiguous()?) };
+        let split = |t: Tensor| -> Result<Tensor> { Ok(attention_input(t.reshape((rows, heads, hd))?.transpose(0, 1)?.contiguous()?, p)?) };
         let ctx = match &layer.attention {
             Attention::Lsh { query_key, value, rotations } => {
                 let spec = self.cfg.lsh_spec()?;
-                lsh_attention(group, plan, &split(query_key.forward(x)?)?, &split(value.forward(x)?)?, valid, rotations, &spec)?
+                lsh_attention(group, plan, &split(query_key.forward_at(x, p)?)?, &split(value.forward_at(x, p)?)?, valid, rotations, &spec)?
             }
             Attention::Local { query, key, value } => {
-                let q = split(query.forward(x)?)?;
-                let own = KeyBlock { k: split(key.forward(x)?)?, v: split(value.forward(x)?)?, pos: positions.to_vec(), valid: valid.to_vec() };
+                let q = split(query.forward_at(x, p)?)?;
+                let own = KeyBlock { k: split(key.forward_at(x, p)?)?, v: split(value.forward_at(x, p)?)?, pos: positions.to_vec(), valid: valid.to_vec() };
                 let scale = 1.0 / (hd as f32).sqrt();
                 let chunk = self.cfg.local_attn_chunk_length;
                 if plan.len() <= chunk {
@@ -385,6 +388,12 @@ impl ReformerModel {
 }
 
 impl Architecture for ReformerModel {
+    /// f32, and bf16: products in bf16 with f32 accumulation, LSH hashing and attention on bf16
+    /// queries, keys and values; embeddings, norms and the reversible sums in f32.
+    fn precisions(&self) -> &'static [Precision] {
+        Precision::ALL
+    }
+
     fn shape(&self) -> Shape {
         let c = self.config();
         Shape {
@@ -442,12 +451,13 @@ impl Architecture for ReformerModel {
         let x = (words + self.embed_positions(&positions)?)?;
         let (mut x1, mut x2) = (x.clone(), x);
         let run = input.run.layers_to_run(self.layers.len())?;
+        let p = input.run.precision;
         for (l, layer) in self.layers.iter().enumerate().take(run) {
             let mut f = |x: &Tensor| -> Result<Tensor> {
-                let a = self.attention(layer, group, &padded, &layer.attn_norm.forward(x)?, &positions, &valid)?;
-                Ok(layer.attn_out.forward(&a)?)
+                let a = self.attention(layer, group, &padded, &layer.attn_norm.forward(x)?, &positions, &valid, p)?;
+                Ok(layer.attn_out.forward_at(&a, p)?)
             };
-            let mut g = |y: &Tensor| -> Result<Tensor> { Ok(layer.ff_out.forward(&self.act.apply(&layer.ff_dense.forward(&layer.ff_norm.forward(y)?)?)?)?) };
+            let mut g = |y: &Tensor| -> Result<Tensor> { Ok(layer.ff_out.forward_at(&self.act.apply(&layer.ff_dense.forward_at(&layer.ff_norm.forward(y)?, p)?)?, p)?) };
             (x1, x2) = reversible::forward(&x1, &x2, &mut f, &mut g)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);

@@ -13,15 +13,17 @@
 //! Layer `i` is sparse when `i % step == 1` or `step == 1`, exactly as transformers decides it.
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{embedding, linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{embedding, linear_b, rms_norm, Embedding, RmsNorm, VarBuilder};
 use serde::Deserialize;
 use tome_attn::relative_bias::RelativeBias;
+use tome_attn::Precision;
 use tome_dist::ops::{apply_experts, ring_attention_with_bias, route_tokens, KeyBlock};
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{Activation, EncodeOptions, LayerAttention, NativeAttention};
 use crate::document::{Prepared, ShardInput};
 use crate::error::{weights, ModelError, Result};
+use crate::linear::{attention_input, linear_no_bias, Linear};
 use crate::model::check_vocab;
 use crate::model::{fixed_attention, plain_run, Architecture, Shape};
 
@@ -125,7 +127,7 @@ struct FeedForward {
 
 enum Mlp {
     Dense(FeedForward),
-    Sparse { router: Linear, experts: Vec<FeedForward> },
+    Sparse { router: candle_nn::Linear, experts: Vec<FeedForward> },
 }
 
 struct Block {
@@ -156,8 +158,8 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
-        self.wo.forward(&act.apply(&self.wi.forward(x)?)?)
+    fn forward(&self, x: &Tensor, act: Activation, p: Precision) -> tome_attn::Result<Tensor> {
+        self.wo.forward_at(&act.apply(&self.wi.forward_at(x, p)?)?, p)
     }
 }
 
@@ -229,18 +231,25 @@ impl SwitchModel {
         check_vocab(ids, self.cfg.vocab_size)
     }
 
-    fn attention(&self, block: &Block, group: &dyn Group, x: &Tensor, positions: &[i64]) -> Result<Tensor> {
+    fn attention(&self, block: &Block, group: &dyn Group, x: &Tensor, positions: &[i64], p: Precision) -> Result<Tensor> {
         let n = x.dim(0)?;
         let (heads, dk) = (self.cfg.num_heads, self.cfg.d_kv);
-        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, heads, dk))?.transpose(0, 1)?.contiguous()?) };
-        let q = split(block.q.forward(x)?)?;
-        let own = KeyBlock { k: split(block.k.forward(x)?)?, v: split(block.v.forward(x)?)?, pos: positions.to_vec(), valid: vec![true; n] };
+        let split = |t: Tensor| -> Result<Tensor> { Ok(attention_input(t.reshape((n, heads, dk))?.transpose(0, 1)?.contiguous()?, p)?) };
+        let q = split(block.q.forward_at(x, p)?)?;
+        let own = KeyBlock { k: split(block.k.forward_at(x, p)?)?, v: split(block.v.forward_at(x, p)?)?, pos: positions.to_vec(), valid: vec![true; n] };
         let ctx = ring_attention_with_bias(group, &q, positions, own, &self.bias)?;
-        Ok(block.o.forward(&ctx.transpose(0, 1)?.reshape((n, heads * dk))?)?)
+        Ok(block.o.forward_at(&ctx.transpose(0, 1)?.reshape((n, heads * dk))?, p)?)
     }
 }
 
 impl Architecture for SwitchModel {
+    /// f32, and bf16: products in bf16 with f32 accumulation (the router stays f32, as
+    /// transformers' `router_dtype`), attention on bf16 queries, keys and values; embeddings,
+    /// norms, residual sums and the relative bias in f32.
+    fn precisions(&self) -> &'static [Precision] {
+        Precision::ALL
+    }
+
     fn shape(&self) -> Shape {
         let c = self.config();
         let sparse = self.sparse_layers();
@@ -276,15 +285,16 @@ impl Architecture for SwitchModel {
         check_vocab(&input.ids, self.cfg.vocab_size)?;
         let mut x = self.shared.forward(&Tensor::from_slice(&input.ids, n, &Device::Cpu)?)?;
         let run = input.run.layers_to_run(self.blocks.len())?;
+        let p = input.run.precision;
         for (l, block) in self.blocks.iter().enumerate().take(run) {
-            let a = self.attention(block, group, &block.attn_norm.forward(&x)?, &positions)?;
+            let a = self.attention(block, group, &block.attn_norm.forward(&x)?, &positions, p)?;
             x = (x + a)?;
             let h = block.ff_norm.forward(&x)?;
             let f = match &block.mlp {
-                Mlp::Dense(ff) => ff.forward(&h, self.act)?,
+                Mlp::Dense(ff) => ff.forward(&h, self.act, p)?,
                 Mlp::Sparse { router, experts } => {
                     let routing = route_tokens(group, plan, &router.forward(&h)?, self.cfg.expert_capacity)?;
-                    apply_experts(&h, &routing, experts.len(), &|e, rows| Ok(experts[e].forward(rows, self.act)?))?
+                    apply_experts(&h, &routing, experts.len(), &|e, rows| Ok(experts[e].forward(rows, self.act, p)?))?
                 }
             };
             x = (x + f)?;

@@ -18,15 +18,17 @@
 //! (every query sees the last `mem_len` keys, itself included).
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 use serde::Deserialize;
 use tome_attn::relative::segment_attention;
+use tome_attn::Precision;
 use tome_dist::ops::{segment_recurrence, Compression, CompressiveMemory, XlMemory};
 use tome_dist::{Group, ShardPlan};
 
 use crate::config::{EncodeOptions, LayerAttention, NativeAttention};
 use crate::document::{Prepared, RunOptions, ShardInput};
 use crate::error::{weights, ModelError, Result};
+use crate::linear::{attention_input, linear, linear_no_bias, Linear};
 use crate::model::check_vocab;
 use crate::model::{fixed_attention, Architecture, Shape};
 use crate::registry::ModelType;
@@ -386,25 +388,25 @@ impl TransfoXlModel {
     }
 
     /// One layer on one segment (`[L, d]`) given its memory rows (`[M, d]`).
-    fn layer_step(&self, layer: &Layer, memory: &Tensor, seg: &Tensor) -> tome_dist::Result<Tensor> {
+    fn layer_step(&self, layer: &Layer, memory: &Tensor, seg: &Tensor, p: Precision) -> tome_dist::Result<Tensor> {
         let (heads, dh) = (self.cfg.n_head, self.cfg.d_head);
         let (m, l) = (memory.dim(0)?, seg.dim(0)?);
         let klen = m + l;
         let all = Tensor::cat(&[memory, seg], 0)?;
         let attn_in = if self.cfg.pre_lnorm { layer.attn_norm.forward(&all)? } else { all };
-        let qkv = layer.qkv.forward(&attn_in)?;
-        let split = |t: Tensor, rows: usize| -> tome_dist::Result<Tensor> { Ok(t.reshape((rows, heads, dh))?.transpose(0, 1)?.contiguous()?) };
+        let qkv = layer.qkv.forward_at(&attn_in, p)?;
+        let split = |t: Tensor, rows: usize| -> tome_dist::Result<Tensor> { Ok(attention_input(t.reshape((rows, heads, dh))?.transpose(0, 1)?.contiguous()?, p)?) };
         let hd = heads * dh;
         let q = split(qkv.narrow(1, 0, hd)?.narrow(0, m, l)?, l)?;
         let k = split(qkv.narrow(1, hd, hd)?, klen)?;
         let v = split(qkv.narrow(1, 2 * hd, hd)?, klen)?;
         let clamp = self.cfg.clamp();
         let distances = (klen - 1).min(clamp) + 1;
-        let r = split(layer.r_net.forward(&self.sinusoid(distances)?)?, distances)?;
+        let r = split(layer.r_net.forward_at(&self.sinusoid(distances)?, p)?, distances)?;
         let horizon = self.cfg.same_length.then_some(self.cfg.mem_len);
         let ctx = segment_attention(&q, &k, &v, &r, &layer.r_w_bias, &layer.r_r_bias, clamp, horizon)?.out;
-        let attn = layer.o_net.forward(&ctx.transpose(0, 1)?.reshape((l, hd))?)?;
-        let ff = |x: &Tensor| -> tome_dist::Result<Tensor> { Ok(layer.ff_out.forward(&layer.ff_in.forward(x)?.relu()?)?) };
+        let attn = layer.o_net.forward_at(&ctx.transpose(0, 1)?.reshape((l, hd))?, p)?;
+        let ff = |x: &Tensor| -> tome_dist::Result<Tensor> { Ok(layer.ff_out.forward_at(&layer.ff_in.forward_at(x, p)?.relu()?, p)?) };
         Ok(if self.cfg.pre_lnorm {
             let h = (seg + attn)?;
             let f = ff(&layer.ff_norm.forward(&h)?)?;
@@ -418,6 +420,13 @@ impl TransfoXlModel {
 }
 
 impl Architecture for TransfoXlModel {
+    /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys,
+    /// values and relative positions; embeddings, norms, residual sums, memory compression and
+    /// the memories passed between ranks in f32.
+    fn precisions(&self) -> &'static [Precision] {
+        Precision::ALL
+    }
+
     fn shape(&self) -> Shape {
         let c = self.config();
         let kind = if c.is_compressive() { "compressive" } else { "relative" };
@@ -463,18 +472,19 @@ impl Architecture for TransfoXlModel {
         let mut x = self.embed.forward(&input.ids)?;
         let run = input.run.layers_to_run(self.layers.len())?;
         let d = self.cfg.d_model;
+        let p = input.run.precision;
         for (l, layer) in self.layers.iter().enumerate().take(run) {
             x = match (&layer.compression, self.compressed) {
                 (Some(c), Some((cmem_len, rate))) => {
                     let first = CompressiveMemory::empty(self.cfg.mem_len, cmem_len, rate, c.clone(), d)?;
                     segment_recurrence(group, plan, &x, segment, &first, &|m: &CompressiveMemory, seg| {
                         let context = Tensor::cat(&[&m.cmem, &m.mem], 0)?;
-                        self.layer_step(layer, &context, seg)
+                        self.layer_step(layer, &context, seg, p)
                     })?
                 }
                 _ => {
                     let first = XlMemory::empty(self.cfg.mem_len, d)?;
-                    segment_recurrence(group, plan, &x, segment, &first, &|m: &XlMemory, seg| self.layer_step(layer, &m.mem, seg))?
+                    segment_recurrence(group, plan, &x, segment, &first, &|m: &XlMemory, seg| self.layer_step(layer, &m.mem, seg, p))?
                 }
             };
             if !after_layer(l) {
