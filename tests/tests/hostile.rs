@@ -396,6 +396,7 @@ fn public_cases(addr: &str) -> Vec<Case> {
         process_case(addr, "Process: unknown pooling", &[Code::InvalidArgument], text(TEXT, opts(|o| o.pooling = 99))),
         process_case(addr, "Process: unknown layout", &[Code::InvalidArgument], text(TEXT, opts(|o| o.layout = -1))),
         process_case(addr, "Process: unknown position extension", &[Code::InvalidArgument], text(TEXT, opts(|o| o.position_extension = 7))),
+        process_case(addr, "Process: unknown precision", &[Code::InvalidArgument], text(TEXT, opts(|o| o.precision = 7))).saying("options.precision"),
         process_case(
             addr,
             "Process: unknown attention kind",
@@ -690,6 +691,7 @@ fn worker_cases(addr: &str) -> Vec<Case> {
         run_shard_case(addr, "RunShard: 70,000 pool spans", inv, with("h-spans", &|r| r.pool_spans = vec![span(0, 1); 70_000])),
         run_shard_case(addr, "RunShard: pool span past the plan", inv, with("h-span", &|r| r.pool_spans = vec![span(0, 9)])),
         run_shard_case(addr, "RunShard: unknown pooling", inv, with("h-pooling", &|r| r.pooling = 9)),
+        run_shard_case(addr, "RunShard: unknown precision", inv, with("h-precision", &|r| r.precision = 7)).saying("precision"),
         run_shard_case(
             addr,
             "RunShard: log-probs of an encoder",

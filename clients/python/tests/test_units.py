@@ -87,6 +87,7 @@ class Options(unittest.TestCase):
             dtype="bf16",
             hidden_layer=0,
             segment_len=8,
+            precision="BF16",
         )
         self.assertEqual(o.pooling, pb.POOLING_CLS)
         self.assertTrue(o.HasField("normalize") and not o.normalize)
@@ -97,10 +98,14 @@ class Options(unittest.TestCase):
         self.assertEqual(o.hidden_dtype, pb.ELEMENT_TYPE_BF16)
         self.assertTrue(o.HasField("hidden_layer") and o.hidden_layer == 0)
         self.assertEqual(o.segment_len, 8)
+        self.assertEqual(o.precision, pb.PRECISION_BF16, "the arithmetic, apart from the hidden states' dtype")
         unset = client._options([])
+        self.assertEqual(unset.precision, pb.PRECISION_UNSPECIFIED, "f32 unless asked")
         self.assertFalse(unset.HasField("normalize") or unset.HasField("hidden_layer") or unset.HasField("attention") or unset.HasField("chunks"))
         with self.assertRaisesRegex(ValueError, "pooling: 'max' is not one of 'mean', 'cls'"):
             client._options([], pooling="max")
+        with self.assertRaisesRegex(ValueError, "precision: 'f64' is not one of 'f32', 'bf16'"):
+            client._options([], precision="f64")
         with self.assertRaisesRegex(ValueError, "not both"):
             client._options([], chunk_tokens=4, chunk_spans=[(0, 1)])
         client.close()

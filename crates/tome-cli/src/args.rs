@@ -3,8 +3,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tome_attn::Precision;
 
 #[derive(Parser)]
 #[command(name = "tome", version, about = "Exact transformer processing of book-length inputs, spread over ranks")]
@@ -434,6 +436,11 @@ pub struct JobFlags {
     /// the config's `tgt_len`, else 128.
     #[arg(long, env = "TOME_SEGMENT_LEN")]
     pub segment_len: Option<u32>,
+    /// Compute precision: `f32` (exact) or `bf16` (weights and attention inputs in bfloat16,
+    /// f32 accumulation); a model that does not implement it refuses the job (`tome info`
+    /// lists each model's precisions). Not the element type of written hidden states.
+    #[arg(long, env = "TOME_DTYPE", default_value = "f32", value_parser = Precision::from_str)]
+    pub dtype: Precision,
 }
 
 #[derive(Args)]

@@ -79,6 +79,7 @@ pub fn options(args: &JobFlags, ranks: usize) -> anyhow::Result<pb::ProcessOptio
         hidden_dtype: pb::ElementType::F32 as i32,
         hidden_layer: args.hidden_layer,
         segment_len: args.segment_len.unwrap_or(0),
+        precision: tome_worker::wire::precision_to_wire(args.dtype) as i32,
     };
     Ok(options)
 }
@@ -275,11 +276,12 @@ pub async fn info(args: InfoArgs) -> anyhow::Result<()> {
         .map(|m| {
             json!({"name": m.name, "architecture": m.architecture, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
                    "max_positions": m.max_positions, "default_pooling": m.default_pooling, "layer_attention": m.layer_attention,
-                   "has_tokenizer": m.has_tokenizer, "causal": m.causal})
+                   "has_tokenizer": m.has_tokenizer, "causal": m.causal, "precisions": m.precisions})
         })
         .collect();
     let limits = resp.limits.unwrap_or_default();
     print_line(&serde_json::to_string_pretty(&json!({"version": resp.version, "backend": resp.backend, "workers": resp.workers,
+        "bf16_kernel": resp.bf16_kernel,
         "default_ranks": resp.default_ranks, "models": models,
         "limits": {"max_document_tokens": limits.max_document_tokens, "max_document_bytes": limits.max_document_bytes,
                    "max_ranks": limits.max_ranks, "max_concurrent_jobs": limits.max_concurrent_jobs,

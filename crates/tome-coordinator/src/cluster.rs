@@ -336,6 +336,7 @@ impl Cluster {
                 log_probs: spec.log_probs,
                 output_layer: input.run.output_layer.map(|k| k as u32),
                 segment_len: input.run.segment_len.unwrap_or(0) as u32,
+                precision: wire::precision_to_wire(input.run.precision) as i32,
                 next_ids: if spec.log_probs { Some(wire::u32s_to_wire(&spec.doc.next_ids(&spec.plan, r))?) } else { None },
             };
             let mut request = tonic::Request::new(req);

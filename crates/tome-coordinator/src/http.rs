@@ -4,10 +4,11 @@
 //!   each processed as a document of its own (its document embedding is the vector);
 //!   `encoding_format` is `float` or `base64` (little-endian f32, as OpenAI's clients decode);
 //!   `dimensions`, where given, must be the model's width (tome's models are not trained to be
-//!   truncated); `usage` counts the documents' tokens.
+//!   truncated); `usage` counts the documents' tokens; tome's own `dtype` (`f32`, the default,
+//!   or `bf16`) chooses the compute precision.
 //! - `POST /v1/embed`: tome's own: one text, its document embedding and its chunks' (late
 //!   chunking) with their token and character spans, with the options of `ProcessOptions`
-//!   that apply to embeddings.
+//!   that apply to embeddings (`dtype` is `ProcessOptions.precision`).
 //! - `GET /health` (open, for probes: 200 while jobs can run here, 503 while shutting down or
 //!   while a cluster has no live worker), `GET /info`, `GET /openapi.json` (open).
 //!
@@ -28,6 +29,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use tome_attn::Precision;
 use tome_net::traceparent::TRACEPARENT;
 use tome_proto::v1 as pb;
 use tome_proto::v1::tome_server::Tome;
@@ -232,10 +234,21 @@ struct EmbeddingsRequest {
     encoding_format: Option<String>,
     #[serde(default)]
     dimensions: Option<usize>,
+    /// tome's own: the compute precision, `f32` (default) or `bf16`.
+    #[serde(default)]
+    dtype: Option<String>,
     /// Accepted and ignored, as OpenAI does for attribution.
     #[serde(default)]
     #[allow(dead_code)]
     user: Option<String>,
+}
+
+/// A request's `dtype` as `ProcessOptions.precision`; `field` names it in the refusal.
+fn precision(dtype: Option<&str>, field: &str) -> Result<pb::Precision, Refusal> {
+    match dtype {
+        None => Ok(pb::Precision::Unspecified),
+        Some(d) => d.parse::<Precision>().map(tome_worker::wire::precision_to_wire).map_err(|e| invalid(format!("{field}: {e}"))),
+    }
 }
 
 /// Documents one `/v1/embeddings` call may hold.
@@ -265,7 +278,8 @@ async fn openai_embeddings(State(http): State<Http>, headers: HeaderMap, read: R
     if inputs.is_empty() || inputs.len() > MAX_INPUTS {
         return Err(invalid(format!("input holds {} documents; a call takes 1 to {MAX_INPUTS}", inputs.len())));
     }
-    let options = pb::ProcessOptions { outputs: vec![pb::Output::DocumentEmbedding as i32], ..Default::default() };
+    let precision = precision(request.dtype.as_deref(), "dtype")?;
+    let options = pb::ProcessOptions { outputs: vec![pb::Output::DocumentEmbedding as i32], precision: precision as i32, ..Default::default() };
     let (mut data, mut tokens, mut model) = (Vec::with_capacity(inputs.len()), 0, String::new());
     for (index, text) in inputs.into_iter().enumerate() {
         let process = pb::ProcessRequest { model: request.model.clone(), input: Some(pb::process_request::Input::Text(text.into_bytes())), options: Some(options.clone()) };
@@ -312,6 +326,8 @@ struct EmbedOptions {
     ranks: Option<u32>,
     #[serde(default)]
     global_tokens: Vec<u64>,
+    /// The compute precision: `f32` (default) or `bf16`.
+    dtype: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -358,6 +374,7 @@ impl EmbedOptions {
             position_extension: position_extension as i32,
             ranks: self.ranks.unwrap_or(0),
             global_tokens: self.global_tokens.clone(),
+            precision: precision(self.dtype.as_deref(), "options.dtype")? as i32,
             ..Default::default()
         })
     }
@@ -391,6 +408,7 @@ async fn info(State(http): State<Http>, headers: HeaderMap) -> Result<Response, 
         "backend": info.backend,
         "default_ranks": info.default_ranks,
         "workers": info.workers,
+        "bf16_kernel": info.bf16_kernel,
         "limits": {
             "max_document_tokens": limits.max_document_tokens,
             "max_document_bytes": limits.max_document_bytes,
@@ -404,7 +422,7 @@ async fn info(State(http): State<Http>, headers: HeaderMap) -> Result<Response, 
         "models": info.models.iter().map(|m| serde_json::json!({
             "name": m.name, "architecture": m.architecture, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
             "max_positions": m.max_positions, "default_pooling": m.default_pooling, "layer_attention": m.layer_attention,
-            "causal": m.causal,
+            "causal": m.causal, "precisions": m.precisions,
         })).collect::<Vec<_>>(),
     }))
     .into_response())
@@ -453,13 +471,21 @@ mod tests {
         assert_eq!(p.attention.unwrap().window, 64);
         assert_eq!(p.position_extension, pb::PositionExtension::Tile as i32);
         assert_eq!((p.pooling, p.ranks), (pb::Pooling::Cls as i32, 3));
-        for (json, field) in
-            [(r#"{"attention": "sparse"}"#, "options.attention"), (r#"{"positions": "stretch"}"#, "options.positions"), (r#"{"pooling": "max"}"#, "options.pooling")]
-        {
+        assert_eq!(p.precision, pb::Precision::Unspecified as i32, "f32 unless asked");
+        let bf16: EmbedOptions = serde_json::from_str(r#"{"dtype": "bf16"}"#).unwrap();
+        assert_eq!(bf16.to_proto().unwrap().precision, pb::Precision::Bf16 as i32);
+        for (json, field) in [
+            (r#"{"attention": "sparse"}"#, "options.attention"),
+            (r#"{"positions": "stretch"}"#, "options.positions"),
+            (r#"{"pooling": "max"}"#, "options.pooling"),
+            (r#"{"dtype": "f64"}"#, "options.dtype"),
+        ] {
             let o: EmbedOptions = serde_json::from_str(json).unwrap();
             let Err(Refusal(s)) = o.to_proto() else { panic!("{json} was accepted") };
             assert!(s.code() == Code::InvalidArgument && s.message().contains(field), "{s:?}");
         }
+        let Err(Refusal(s)) = precision(Some("f64"), "dtype") else { panic!("f64 was accepted") };
+        assert!(s.code() == Code::InvalidArgument && s.message() == "dtype: unknown dtype `f64`; one of f32, bf16", "{s:?}");
         assert!(serde_json::from_str::<EmbedOptions>(r#"{"chunk_size": 3}"#).is_err(), "unknown options are refused");
     }
 }

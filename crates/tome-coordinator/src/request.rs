@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 
+use tome_attn::Precision;
 use tome_dist::Layout;
 use tome_model::{EncodeOptions, LayerAttention, Pooling, PositionExtension};
 use tome_proto::v1 as pb;
@@ -91,6 +92,10 @@ pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOpti
         }
         other => other,
     };
+    let precision = match known::<pb::Precision>(o.precision, "precision")? {
+        pb::Precision::Unspecified | pb::Precision::F32 => Precision::F32,
+        pb::Precision::Bf16 => Precision::Bf16,
+    };
     Ok(JobOptions {
         document,
         chunks,
@@ -105,7 +110,7 @@ pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOpti
             global_tokens: o.global_tokens.iter().map(|&g| g as usize).collect(),
             output_layer: o.hidden_layer.map(|k| k as usize),
             segment_len: (o.segment_len > 0).then_some(o.segment_len as usize),
-            precision: Default::default(),
+            precision,
         },
         ranks: (o.ranks > 0).then_some(o.ranks as usize),
         layout,
@@ -173,6 +178,17 @@ mod tests {
             let ints = pb::ProcessOptions { hidden_dtype: dtype as i32, ..Default::default() };
             assert!(matches!(parse_options(Some(&ints)), Err(CoordError::Invalid(m)) if m.contains("floating point")), "{dtype:?} is refused before the job runs");
         }
+    }
+
+    #[test]
+    fn the_precision_is_f32_unless_asked_and_unknown_values_name_the_field() {
+        assert_eq!(parse_options(None).unwrap().encode.precision, Precision::F32);
+        for (wire, precision) in [(pb::Precision::Unspecified, Precision::F32), (pb::Precision::F32, Precision::F32), (pb::Precision::Bf16, Precision::Bf16)] {
+            let o = pb::ProcessOptions { precision: wire as i32, ..Default::default() };
+            assert_eq!(parse_options(Some(&o)).unwrap().encode.precision, precision);
+        }
+        let bad = pb::ProcessOptions { precision: 7, ..Default::default() };
+        assert!(matches!(parse_options(Some(&bad)), Err(CoordError::Invalid(m)) if m == "options.precision: unknown value 7"));
     }
 
     #[test]

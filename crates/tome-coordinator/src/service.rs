@@ -292,6 +292,8 @@ impl Coordinator {
         }
         let model = self.model(&req.model)?;
         let opts = parse_options(req.options.as_ref())?;
+        // Before the queue and the tokenizer: a precision the model lacks costs nothing.
+        model.model.check_precision(opts.encode.precision)?;
         let ranks = opts.ranks.unwrap_or(self.config.default_ranks);
         if ranks > self.config.limits.max_ranks {
             return Err(CoordError::Exhausted(format!("{ranks} ranks asked; this server allows at most {}", self.config.limits.max_ranks)));
@@ -564,6 +566,7 @@ impl pb::tome_server::Tome for Coordinator {
             }),
             backend: backend.into(),
             workers,
+            bf16_kernel: tome_attn::bf16::Bf16Kernel::detect().name().into(),
         }))
     }
 

@@ -40,6 +40,7 @@ pub fn model_info(m: &ModelDir) -> pb::ModelInfo {
         layer_attention: shape.layer_attention,
         has_tokenizer: m.tokenizer.is_some(),
         causal: shape.causal,
+        precisions: m.model.precisions().iter().map(|p| p.name().into()).collect(),
     }
 }
 

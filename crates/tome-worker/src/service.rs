@@ -132,6 +132,7 @@ impl WorkerService {
             max_shards: self.config.max_shards as u32,
             shards_running: self.shards_running() as u32,
             nccl_gpus: u32::try_from(self.gpus.count()).unwrap_or(u32::MAX),
+            bf16_kernel: tome_attn::bf16::Bf16Kernel::detect().name().into(),
         }
     }
 
@@ -199,9 +200,10 @@ fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TracePare
         run: RunOptions {
             output_layer: req.output_layer.map(|k| k as usize),
             segment_len: (req.segment_len > 0).then_some(req.segment_len as usize),
-            precision: Default::default(),
+            precision: wire::precision_from_wire(req.precision, "precision")?,
         },
     };
+    model.model.check_precision(input.run.precision)?;
     let rows = plan.shard_len(rank);
     if input.ids.len() != rows || input.position_ids.len() != rows {
         return Err(WorkerError::Invalid(format!("{} token ids and {} position ids for rank {rank} of {rows} tokens", input.ids.len(), input.position_ids.len())));

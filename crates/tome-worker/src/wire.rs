@@ -5,6 +5,7 @@
 use std::ops::Range;
 
 use candle_core::{DType, Tensor};
+use tome_attn::Precision;
 use tome_dist::ShardPlan;
 use tome_model::{LayerAttention, NativeAttention, Pooling, Shape};
 use tome_net::{tensor_from_wire, tensor_to_wire};
@@ -134,6 +135,23 @@ pub fn pooling_from_wire(p: i32) -> Result<Pooling, WorkerError> {
     }
 }
 
+pub fn precision_to_wire(p: Precision) -> pb::Precision {
+    match p {
+        Precision::F32 => pb::Precision::F32,
+        Precision::Bf16 => pb::Precision::Bf16,
+    }
+}
+
+/// A precision on the wire (unspecified is f32); `field` names it in the refusal of a value
+/// this version does not know.
+pub fn precision_from_wire(p: i32, field: &str) -> Result<Precision, WorkerError> {
+    match pb::Precision::try_from(p) {
+        Ok(pb::Precision::Unspecified | pb::Precision::F32) => Ok(Precision::F32),
+        Ok(pb::Precision::Bf16) => Ok(Precision::Bf16),
+        Err(_) => Err(invalid(format!("{field}: unknown precision {p}"))),
+    }
+}
+
 pub fn spans_to_wire(spans: &[Range<usize>]) -> Vec<pb::Span> {
     spans.iter().map(span).collect()
 }
@@ -209,6 +227,17 @@ mod tests {
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
             assert!(err.to_string().contains(field), "{err}");
         }
+    }
+
+    #[test]
+    fn precisions_round_trip_unspecified_is_f32_and_unknown_ones_name_the_field() {
+        for &p in Precision::ALL {
+            assert_eq!(precision_from_wire(precision_to_wire(p) as i32, "precision").unwrap(), p);
+        }
+        assert_eq!(precision_from_wire(pb::Precision::Unspecified as i32, "precision").unwrap(), Precision::F32);
+        let err = precision_from_wire(7, "precision").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert!(err.to_string().contains("precision") && err.to_string().contains('7'), "{err}");
     }
 
     fn fixture(name: &str) -> tome_model::ModelDir {

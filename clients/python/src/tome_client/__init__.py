@@ -8,6 +8,7 @@
         e.chunks          # float32 [chunks, hidden], with e.chunk_token_spans, e.chunk_char_spans
         for rows in tome.hidden_states("a text", dtype="bf16"):
             ...           # float32 [rows, hidden] blocks, in token order, as they arrive
+        tome.embed("a text", precision="bf16")   # bfloat16 arithmetic, if the model has it
 
 Errors from the server raise TomeError (its gRPC code and message); calls refused for now
 (RESOURCE_EXHAUSTED with `retry-after`) are retried as RetryPolicy says. The generated stubs are
@@ -32,6 +33,7 @@ from ._types import (
     ModelInfo,
     Pooling,
     Positions,
+    Precision,
     Tokens,
 )
 
@@ -52,6 +54,7 @@ __all__ = [
     "ModelInfo",
     "Pooling",
     "Positions",
+    "Precision",
     "RetryPolicy",
     "Stream",
     "Tokens",

@@ -21,6 +21,7 @@ from ._types import (
     LAYOUT_PB,
     POOLING_PB,
     POSITIONS_PB,
+    PRECISION_PB,
     Accepted,
     Attention,
     Done,
@@ -30,6 +31,7 @@ from ._types import (
     Layout,
     Pooling,
     Positions,
+    Precision,
     Tokens,
     parse_enum,
 )
@@ -322,6 +324,7 @@ class Client:
         global_tokens: Sequence[int] = (),
         hidden_layer: int | None = None,
         segment_len: int = 0,
+        precision: Precision | str | None = None,
         timeout: float | None = None,
     ) -> Embeddings:
         """A document's embedding and its chunks' (late chunking: each chunk's tokens saw the
@@ -345,6 +348,9 @@ class Client:
             hidden_layer: compute from the hidden states after this many layers (0: the
                 embeddings); default: the last.
             segment_len: tokens per segment for segment-recurrent models; 0: the model's.
+            precision: the arithmetic, "f32" (exact; the default) or "bf16" (bfloat16 weights
+                and attention inputs, f32 accumulation); a model that does not implement it
+                refuses the call.
             timeout: seconds for this call; default: the client's.
         """
         options = self._options(
@@ -360,6 +366,7 @@ class Client:
             global_tokens=global_tokens,
             hidden_layer=hidden_layer,
             segment_len=segment_len,
+            precision=precision,
         )
         accepted: Accepted | None = None
         done: Done | None = None
@@ -407,13 +414,15 @@ class Client:
         global_tokens: Sequence[int] = (),
         hidden_layer: int | None = None,
         segment_len: int = 0,
+        precision: Precision | str | None = None,
         timeout: float | None = None,
     ) -> Stream:
         """The hidden states of every token, streamed in token order as blocks of rows.
 
         Returns a Stream yielding [rows, hidden] arrays as they arrive: float32 for dtype "f32"
         and "bf16" (widened exactly), float16 for "f16". `hidden_layer` picks transformers'
-        `hidden_states[k]` (0: the embeddings); the other options are `embed`'s.
+        `hidden_states[k]` (0: the embeddings); `dtype` is the element type of the rows on the
+        wire, `precision` the arithmetic that computes them; the other options are `embed`'s.
         """
         options = self._options(
             [pb.OUTPUT_HIDDEN_STATES],
@@ -425,6 +434,7 @@ class Client:
             global_tokens=global_tokens,
             hidden_layer=hidden_layer,
             segment_len=segment_len,
+            precision=precision,
         )
         return Stream(self._process(document, model, options, timeout), "hidden_states")
 
@@ -439,6 +449,7 @@ class Client:
         layout: Layout | str | None = None,
         global_tokens: Sequence[int] = (),
         segment_len: int = 0,
+        precision: Precision | str | None = None,
         timeout: float | None = None,
     ) -> Stream:
         """A causal language model's log p(token t+1 | tokens <= t) for every t, streamed in
@@ -451,6 +462,7 @@ class Client:
             layout=layout,
             global_tokens=global_tokens,
             segment_len=segment_len,
+            precision=precision,
         )
         return Stream(self._process(document, model, options, timeout), "log_probs")
 
@@ -486,6 +498,7 @@ class Client:
         dtype: Dtype | str | None = None,
         hidden_layer: int | None = None,
         segment_len: int = 0,
+        precision: Precision | str | None = None,
     ) -> pb.ProcessOptions:
         o = pb.ProcessOptions(outputs=outputs, ranks=ranks, segment_len=segment_len, global_tokens=[int(g) for g in global_tokens])
         if pooling is not None:
@@ -510,6 +523,8 @@ class Client:
             o.hidden_dtype = DTYPE_PB[parse_enum(Dtype, dtype, "dtype")]
         if hidden_layer is not None:
             o.hidden_layer = hidden_layer
+        if precision is not None:
+            o.precision = PRECISION_PB[parse_enum(Precision, precision, "precision")]
         return o
 
     def _process(self, document: Document, model: str | None, options: pb.ProcessOptions, timeout: float | None) -> Iterator[pb.ProcessEvent]:

@@ -43,6 +43,16 @@ class Dtype(str, enum.Enum):
     BF16 = "bf16"
 
 
+class Precision(str, enum.Enum):
+    """The arithmetic of the computation (`ProcessOptions.precision`; not the element type of
+    outputs, which is `Dtype`): f32 is exact; bf16 stores weights and attention inputs in
+    bfloat16 with f32 accumulation. A model that does not implement it refuses the request
+    (INVALID_ARGUMENT); `ModelInfo.precisions` lists what each model runs in."""
+
+    F32 = "f32"
+    BF16 = "bf16"
+
+
 class AttentionKind(str, enum.Enum):
     """`AttentionOverride.kind`. Requests override with dense or window; the others are what
     checkpoints select, and servers refuse them as overrides."""
@@ -74,6 +84,7 @@ POOLING_PB = {Pooling.MEAN: pb.POOLING_MEAN, Pooling.CLS: pb.POOLING_CLS}
 LAYOUT_PB = {Layout.CONTIGUOUS: pb.LAYOUT_CONTIGUOUS, Layout.ZIGZAG: pb.LAYOUT_ZIGZAG}
 POSITIONS_PB = {Positions.REFUSE: pb.POSITION_EXTENSION_UNSPECIFIED, Positions.TILE: pb.POSITION_EXTENSION_TILE}
 DTYPE_PB = {Dtype.F32: pb.ELEMENT_TYPE_F32, Dtype.F16: pb.ELEMENT_TYPE_F16, Dtype.BF16: pb.ELEMENT_TYPE_BF16}
+PRECISION_PB = {Precision.F32: pb.PRECISION_F32, Precision.BF16: pb.PRECISION_BF16}
 ATTENTION_PB = {
     AttentionKind.DENSE: pb.ATTENTION_KIND_DENSE,
     AttentionKind.WINDOW: pb.ATTENTION_KIND_WINDOW,
@@ -158,6 +169,8 @@ class ModelInfo:
     has_tokenizer: bool
     #: A causal language model: it scores tokens (`Client.log_probs`).
     causal: bool
+    #: The precisions it runs in ("f32", "bf16").
+    precisions: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -172,6 +185,8 @@ class Info:
     backend: str
     #: A cluster's live workers, as "name@address".
     workers: tuple[str, ...]
+    #: The server CPU's bf16 product kernel: "avx512_bf16" or "portable" (correct, slower).
+    bf16_kernel: str
 
     @classmethod
     def from_pb(cls, r: pb.InfoResponse) -> Info:
@@ -186,6 +201,7 @@ class Info:
                 layer_attention=tuple(m.layer_attention),
                 has_tokenizer=m.has_tokenizer,
                 causal=m.causal,
+                precisions=tuple(m.precisions),
             )
             for m in r.models
         )
@@ -200,7 +216,7 @@ class Info:
             lim.max_queued_tokens,
             lim.max_jobs_per_caller,
         )
-        return cls(r.version, models, r.default_ranks, limits, r.backend, tuple(r.workers))
+        return cls(r.version, models, r.default_ranks, limits, r.backend, tuple(r.workers), r.bf16_kernel)
 
 
 @dataclass(frozen=True)

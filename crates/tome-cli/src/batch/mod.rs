@@ -49,6 +49,7 @@ struct DocOptions {
     layout: Option<String>,
     hidden_layer: Option<u32>,
     segment_len: Option<u32>,
+    dtype: Option<String>,
 }
 
 fn enum_value<T: clap::ValueEnum>(field: &str, value: &str) -> anyhow::Result<T> {
@@ -87,6 +88,9 @@ fn request(args: &BatchArgs, doc: &DocInput, text: Vec<u8>) -> anyhow::Result<pb
         }
         if let Some(s) = o.segment_len {
             flags.segment_len = Some(s);
+        }
+        if let Some(d) = o.dtype {
+            flags.dtype = d.parse().map_err(|e| anyhow::anyhow!("options.dtype: {e}"))?;
         }
         if let Some(r) = o.ranks {
             ranks = r as usize;

@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRECISION_UNSPECIFIED: _ClassVar[Precision]
+    PRECISION_F32: _ClassVar[Precision]
+    PRECISION_BF16: _ClassVar[Precision]
+
 class Output(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OUTPUT_UNSPECIFIED: _ClassVar[Output]
@@ -50,6 +56,9 @@ class ElementType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ELEMENT_TYPE_I64: _ClassVar[ElementType]
     ELEMENT_TYPE_U8: _ClassVar[ElementType]
     ELEMENT_TYPE_U32: _ClassVar[ElementType]
+PRECISION_UNSPECIFIED: Precision
+PRECISION_F32: Precision
+PRECISION_BF16: Precision
 OUTPUT_UNSPECIFIED: Output
 OUTPUT_DOCUMENT_EMBEDDING: Output
 OUTPUT_CHUNK_EMBEDDINGS: Output
@@ -82,23 +91,25 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("version", "models", "default_ranks", "limits", "backend", "workers")
+    __slots__ = ("version", "models", "default_ranks", "limits", "backend", "workers", "bf16_kernel")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_RANKS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    BF16_KERNEL_FIELD_NUMBER: _ClassVar[int]
     version: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     default_ranks: int
     limits: Limits
     backend: str
     workers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_ranks: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
+    bf16_kernel: str
+    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_ranks: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., bf16_kernel: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "hidden_size", "num_layers", "max_positions", "default_pooling", "layer_attention", "has_tokenizer", "causal")
+    __slots__ = ("name", "architecture", "hidden_size", "num_layers", "max_positions", "default_pooling", "layer_attention", "has_tokenizer", "causal", "precisions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +119,7 @@ class ModelInfo(_message.Message):
     LAYER_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     CAUSAL_FIELD_NUMBER: _ClassVar[int]
+    PRECISIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     hidden_size: int
@@ -117,7 +129,8 @@ class ModelInfo(_message.Message):
     layer_attention: _containers.RepeatedScalarFieldContainer[str]
     has_tokenizer: bool
     causal: bool
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_positions: _Optional[int] = ..., default_pooling: _Optional[str] = ..., layer_attention: _Optional[_Iterable[str]] = ..., has_tokenizer: _Optional[bool] = ..., causal: _Optional[bool] = ...) -> None: ...
+    precisions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_positions: _Optional[int] = ..., default_pooling: _Optional[str] = ..., layer_attention: _Optional[_Iterable[str]] = ..., has_tokenizer: _Optional[bool] = ..., causal: _Optional[bool] = ..., precisions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_document_tokens", "max_document_bytes", "max_ranks", "max_concurrent_jobs", "max_tokens_in_flight", "max_queued_requests", "max_queued_tokens", "max_jobs_per_caller")
@@ -158,7 +171,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ProcessOptions(_message.Message):
-    __slots__ = ("outputs", "pooling", "normalize", "chunks", "attention", "position_extension", "ranks", "layout", "global_tokens", "hidden_dtype", "hidden_layer", "segment_len")
+    __slots__ = ("outputs", "pooling", "normalize", "chunks", "attention", "position_extension", "ranks", "layout", "global_tokens", "hidden_dtype", "hidden_layer", "segment_len", "precision")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +184,7 @@ class ProcessOptions(_message.Message):
     HIDDEN_DTYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_LAYER_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_LEN_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedScalarFieldContainer[Output]
     pooling: Pooling
     normalize: bool
@@ -183,7 +197,8 @@ class ProcessOptions(_message.Message):
     hidden_dtype: ElementType
     hidden_layer: int
     segment_len: int
-    def __init__(self, outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., normalize: _Optional[bool] = ..., chunks: _Optional[_Union[ChunkSpec, _Mapping]] = ..., attention: _Optional[_Union[AttentionOverride, _Mapping]] = ..., position_extension: _Optional[_Union[PositionExtension, str]] = ..., ranks: _Optional[int] = ..., layout: _Optional[_Union[Layout, str]] = ..., global_tokens: _Optional[_Iterable[int]] = ..., hidden_dtype: _Optional[_Union[ElementType, str]] = ..., hidden_layer: _Optional[int] = ..., segment_len: _Optional[int] = ...) -> None: ...
+    precision: Precision
+    def __init__(self, outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., normalize: _Optional[bool] = ..., chunks: _Optional[_Union[ChunkSpec, _Mapping]] = ..., attention: _Optional[_Union[AttentionOverride, _Mapping]] = ..., position_extension: _Optional[_Union[PositionExtension, str]] = ..., ranks: _Optional[int] = ..., layout: _Optional[_Union[Layout, str]] = ..., global_tokens: _Optional[_Iterable[int]] = ..., hidden_dtype: _Optional[_Union[ElementType, str]] = ..., hidden_layer: _Optional[int] = ..., segment_len: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ...) -> None: ...
 
 class ChunkSpec(_message.Message):
     __slots__ = ("tokens_per_chunk", "spans")
