@@ -3,43 +3,98 @@
 //! they are packed, products accumulated in f32 in one fixed order per output element, so a row's
 //! result does not depend on which rows share its product (P ranks give one rank's bits).
 //!
-//! The kernel is chosen at run time: AVX512-BF16 dot products (`vdpbf16ps`) where the CPU has
-//! them, else a portable loop that accumulates in the same order (clearly slower, same results
-//! up to the instruction's flushing of subnormals).
+//! The kernel is chosen at run time, and every kernel gives the same bits (up to the flushing of
+//! subnormal sums), so the choice is one of speed alone: AVX512-BF16 dot products (`vdpbf16ps`)
+//! or AVX-512 f32 FMAs on the bf16 values, whichever runs faster on this CPU (some run
+//! `vdpbf16ps` at half the FMA rate: measured once, at first use), else a portable loop (clearly
+//! slower). AMX tiles are not used yet.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// The bf16 product kernel this CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bf16Kernel {
     /// `vdpbf16ps` on 512-bit registers.
     Avx512Bf16,
+    /// f32 FMAs on 512-bit registers, on the bf16 values widened.
+    Avx512Fma,
     /// Scalar f32 arithmetic on bf16 values: correct, several times slower.
     Portable,
 }
 
 impl Bf16Kernel {
-    /// The kernel of this CPU, detected once.
+    /// The fastest kernel of this CPU, chosen once.
     pub fn detect() -> Self {
+        static CHOSEN: OnceLock<Bf16Kernel> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let available = Self::available();
+            match available.as_slice() {
+                [only] => *only,
+                kernels => *kernels.iter().min_by_key(|&&k| k.time_a_product()).unwrap_or(&Bf16Kernel::Portable),
+            }
+        })
+    }
+
+    /// The kernels this CPU can run, the vector ones first.
+    pub fn available() -> Vec<Self> {
+        let mut kernels = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
-                return Bf16Kernel::Avx512Bf16;
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                if std::arch::is_x86_feature_detected!("avx512bf16") {
+                    kernels.push(Bf16Kernel::Avx512Bf16);
+                }
+                kernels.push(Bf16Kernel::Avx512Fma);
             }
         }
-        Bf16Kernel::Portable
+        if kernels.is_empty() {
+            kernels.push(Bf16Kernel::Portable);
+        }
+        kernels
     }
 
     /// Its name in `Info` and logs.
     pub fn name(self) -> &'static str {
         match self {
             Bf16Kernel::Avx512Bf16 => "avx512_bf16",
+            Bf16Kernel::Avx512Fma => "avx512_fma",
             Bf16Kernel::Portable => "portable",
         }
     }
+
+    /// 32-bit lanes of packed activations per input pair: a bf16 pair in one lane, or two f32.
+    fn lanes_per_pair(self) -> usize {
+        match self {
+            Bf16Kernel::Avx512Fma => 2,
+            Bf16Kernel::Avx512Bf16 | Bf16Kernel::Portable => 1,
+        }
+    }
+
+    /// The best of a few runs of one tile over 256 inputs, on this thread.
+    fn time_a_product(self) -> Duration {
+        let pairs = 128;
+        let x = vec![0x3f80_3f80u32; MR * pairs * self.lanes_per_pair()];
+        let w = vec![0x3f80_3f80u32; NR * pairs * PANEL];
+        let mut tile = [0f32; MR * NR * PANEL];
+        (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                for _ in 0..50 {
+                    run_tile(self, NR, &x, &w, pairs, &mut tile);
+                }
+                start.elapsed()
+            })
+            .min()
+            .unwrap_or_default()
+    }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512;
 mod convert;
+#[cfg(target_arch = "x86_64")]
+mod dpbf16;
+#[cfg(target_arch = "x86_64")]
+mod fma;
 mod packed;
 mod portable;
 
@@ -104,13 +159,18 @@ fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, sink: &(d
         let (chunk, split) = (task / col_splits, task % col_splits);
         let rows = chunk * ROW_CHUNK..(m.min((chunk + 1) * ROW_CHUNK));
         let group_range = split * groups / col_splits..(split + 1) * groups / col_splits;
-        // The chunk's rows as bf16 pairs, padded with zero rows to whole tiles.
+        // The chunk's rows rounded to bf16 as the kernel reads them (a pair per lane, or each
+        // value as f32 bits), the odd input past the end zero, padded with zero rows to whole
+        // tiles.
         let padded = rows.len().next_multiple_of(MR);
-        let mut xp = vec![0u32; padded * pairs];
-        for (r, packed) in rows.clone().zip(xp.chunks_exact_mut(pairs)) {
+        let lanes = pairs * kernel.lanes_per_pair();
+        let mut xp = vec![0u32; padded * lanes];
+        for (r, packed) in rows.clone().zip(xp.chunks_exact_mut(lanes)) {
             let row = &x[r * k..(r + 1) * k];
-            for (q, lane) in packed.iter_mut().enumerate() {
-                *lane = pair(row[2 * q], if 2 * q + 1 < k { row[2 * q + 1] } else { 0.0 });
+            let at = |i: usize| if i < k { row[i] } else { 0.0 };
+            match kernel.lanes_per_pair() {
+                1 => packed.iter_mut().enumerate().for_each(|(q, lane)| *lane = pair(at(2 * q), at(2 * q + 1))),
+                _ => packed.iter_mut().enumerate().for_each(|(i, lane)| *lane = round_to_bf16(at(i)).to_bits()),
             }
         }
         let mut tile = [0f32; MR * NR * PANEL];
@@ -120,7 +180,7 @@ fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, sink: &(d
             let width = (np * PANEL).min(w.out_features() - first_col);
             let panel = w.panel(g * NR);
             for t in (0..padded).step_by(MR) {
-                let xt = &xp[t * pairs..(t + MR) * pairs];
+                let xt = &xp[t * lanes..(t + MR) * lanes];
                 run_tile(kernel, np, xt, panel, pairs, &mut tile[..MR * np * PANEL]);
                 for r in 0..MR.min(rows.len() - t) {
                     sink(rows.start + t + r, first_col, &tile[r * np * PANEL..][..width]);
@@ -134,13 +194,23 @@ fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, sink: &(d
 fn run_tile(kernel: Bf16Kernel, np: usize, x: &[u32], w: &[u32], pairs: usize, tile: &mut [f32]) {
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Bf16Kernel::detect` found AVX512F and AVX512-BF16; `product` hands whole
+        // SAFETY: `Bf16Kernel::available` found AVX512F and AVX512-BF16; `product` hands whole
         // tiles of rows and `np` whole panels.
         Bf16Kernel::Avx512Bf16 => unsafe {
             match np {
-                1 => avx512::tile::<1>(x, w, pairs, tile),
-                2 => avx512::tile::<2>(x, w, pairs, tile),
-                _ => avx512::tile::<NR>(x, w, pairs, tile),
+                1 => dpbf16::tile::<1>(x, w, pairs, tile),
+                2 => dpbf16::tile::<2>(x, w, pairs, tile),
+                _ => dpbf16::tile::<NR>(x, w, pairs, tile),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Bf16Kernel::available` found AVX512F; the lanes are f32 bits (two per pair).
+        Bf16Kernel::Avx512Fma => unsafe {
+            let x: &[f32] = std::slice::from_raw_parts(x.as_ptr().cast(), x.len());
+            match np {
+                1 => fma::tile::<1>(x, w, pairs, tile),
+                2 => fma::tile::<2>(x, w, pairs, tile),
+                _ => fma::tile::<NR>(x, w, pairs, tile),
             }
         },
         _ => match np {
@@ -291,12 +361,11 @@ mod tests {
     }
 
     fn kernels() -> Vec<Bf16Kernel> {
-        let mut k = vec![Bf16Kernel::Portable];
-        if Bf16Kernel::detect() != Bf16Kernel::Portable {
-            k.push(Bf16Kernel::detect());
-        } else {
-            eprintln!("this CPU has no AVX512-BF16: only the portable kernel is checked");
+        let mut k = Bf16Kernel::available();
+        if !k.contains(&Bf16Kernel::Portable) {
+            k.push(Bf16Kernel::Portable);
         }
+        eprintln!("checking the kernels {:?}; {} is this CPU's fastest", k, Bf16Kernel::detect().name());
         k
     }
 
