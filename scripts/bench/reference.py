@@ -57,19 +57,22 @@ def run_case(name, n):
     import torch
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    if name in ("dense", "dense-causal"):
+    # A `-bf16` case is the same computation with the module, weights and inputs in bfloat16,
+    # as a user running PyTorch in bf16 sets it up.
+    dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
+    if name in ("dense", "dense-causal", "dense-bf16"):
         import torch.nn.functional as F
         causal = name == "dense-causal"
-        q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM) for _ in range(3))
+        q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, dtype=dtype) for _ in range(3))
         pairs = n * (n + 1) / 2 if causal else n * n
         with torch.no_grad():
             return timed(name, n, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), 4 * pairs * HIDDEN / 1e9)
-    if name == "longformer":
+    if name in ("longformer", "longformer-bf16"):
         from transformers import LongformerConfig
         from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
         cfg = LongformerConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, attention_window=[512])
-        attn = LongformerSelfAttention(cfg, layer_id=0).eval()
-        x = torch.randn(1, n, HIDDEN)
+        attn = LongformerSelfAttention(cfg, layer_id=0).eval().to(dtype)
+        x = torch.randn(1, n, HIDDEN, dtype=dtype)
         mask = torch.zeros(1, n)
         none = torch.zeros(1, n, dtype=torch.bool)
         with torch.no_grad():
@@ -99,25 +102,25 @@ def run_case(name, n):
         q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM) for _ in range(3))
         with torch.no_grad():
             return timed(name, n, lambda: attn(q, k, v))
-    if name == "book":
+    if name in ("book", "book-bf16"):
         from sentence_transformers import SentenceTransformer
-        model = SentenceTransformer(os.path.join(ROOT, "data/models/all-MiniLM-L6-v2"), device="cpu")
+        model = SentenceTransformer(os.path.join(ROOT, "data/models/all-MiniLM-L6-v2"), device="cpu").to(dtype)
         text = open(os.path.join(ROOT, "data/books/plrabn12.txt"), encoding="utf-8").read()
         ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
         # What a user does today: isolated 256-token chunks (254 + [CLS] and [SEP]).
         chunks = [model.tokenizer.decode(ids[i:i + 254]) for i in range(0, len(ids), 254)]
         model.max_seq_length = 256
         with torch.no_grad():
-            record = timed("book", len(ids), lambda: model.encode(chunks, batch_size=32))
+            record = timed(name, len(ids), lambda: model.encode(chunks, batch_size=32))
         return record
     raise SystemExit(f"unknown case {name}")
 
 
 def suite(smoke):
     sizes = [512, 1024] if smoke else [4096, 16384]
-    cases = [(name, n) for name in ("dense", "dense-causal", "longformer", "bigbird", "reformer-lsh", "performer") for n in sizes]
+    cases = [(name, n) for name in ("dense", "dense-causal", "longformer", "bigbird", "reformer-lsh", "performer", "dense-bf16", "longformer-bf16") for n in sizes]
     if not smoke:
-        cases.append(("book", 0))
+        cases += [("book", 0), ("book-bf16", 0)]
     return cases
 
 

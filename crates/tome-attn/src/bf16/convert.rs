@@ -1,20 +1,26 @@
 //! f32 ⇄ bfloat16 as the products use them: rounding to nearest even, subnormals flushed to
 //! zero (as `vdpbf16ps` reads them), NaN kept quiet.
 
-/// The bf16 bits nearest `x` (ties to even); subnormals become zero of the same sign.
+/// The bf16 bits nearest `x` (ties to even); subnormals become zero of the same sign. Written
+/// without branches, so that loops over it vectorise.
 #[inline(always)]
 pub fn to_bf16_bits(x: f32) -> u16 {
     let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    if x.is_subnormal() {
-        return ((bits >> 16) & 0x8000) as u16;
-    }
+    let magnitude = bits & 0x7fff_ffff;
     // Adding 0x7fff plus the lowest kept bit rounds half to even; a carry into the exponent is
     // the correct rounding up (to the next binade, or to infinity past the largest finite).
     // bf16 has f32's exponent range, so a normal value stays normal (or becomes infinite).
-    (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    let quiet_nan = (bits >> 16) | 0x40;
+    let signed_zero = (bits >> 16) & 0x8000;
+    let out = if magnitude > 0x7f80_0000 {
+        quiet_nan
+    } else if magnitude < 0x0080_0000 {
+        signed_zero
+    } else {
+        rounded
+    };
+    out as u16
 }
 
 /// The f32 value of bf16 bits (exact).

@@ -165,14 +165,7 @@ fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, sink: &(d
         let padded = rows.len().next_multiple_of(MR);
         let lanes = pairs * kernel.lanes_per_pair();
         let mut xp = vec![0u32; padded * lanes];
-        for (r, packed) in rows.clone().zip(xp.chunks_exact_mut(lanes)) {
-            let row = &x[r * k..(r + 1) * k];
-            let at = |i: usize| if i < k { row[i] } else { 0.0 };
-            match kernel.lanes_per_pair() {
-                1 => packed.iter_mut().enumerate().for_each(|(q, lane)| *lane = pair(at(2 * q), at(2 * q + 1))),
-                _ => packed.iter_mut().enumerate().for_each(|(i, lane)| *lane = round_to_bf16(at(i)).to_bits()),
-            }
-        }
+        pack_rows(kernel, &x[rows.start * k..rows.end * k], k, &mut xp[..rows.len() * lanes]);
         let mut tile = [0f32; MR * NR * PANEL];
         for g in group_range {
             let np = NR.min(panels - g * NR);
@@ -188,6 +181,37 @@ fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, sink: &(d
             }
         }
     });
+}
+
+/// `rows` (row-major, `k` wide) rounded to bf16 into `packed` as `kernel` reads them: a pair
+/// per lane, or each value as its f32 bits; the odd input past the end is zero.
+fn pack_rows(kernel: Bf16Kernel, rows: &[f32], k: usize, packed: &mut [u32]) {
+    #[inline(always)]
+    fn pack(lanes_per_pair: usize, rows: &[f32], k: usize, packed: &mut [u32]) {
+        let lanes = k.div_ceil(2) * lanes_per_pair;
+        for (row, packed) in rows.chunks_exact(k).zip(packed.chunks_exact_mut(lanes)) {
+            if lanes_per_pair == 1 {
+                for (lane, two) in packed.iter_mut().zip(row.chunks(2)) {
+                    *lane = pair(two[0], two.get(1).copied().unwrap_or(0.0));
+                }
+            } else {
+                for (lane, &v) in packed.iter_mut().zip(row) {
+                    *lane = round_to_bf16(v).to_bits();
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn pack_avx512(lanes_per_pair: usize, rows: &[f32], k: usize, packed: &mut [u32]) {
+        pack(lanes_per_pair, rows, k, packed)
+    }
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the vector kernels run only where `Bf16Kernel::available` found AVX512F.
+        Bf16Kernel::Avx512Bf16 | Bf16Kernel::Avx512Fma => unsafe { pack_avx512(kernel.lanes_per_pair(), rows, k, packed) },
+        _ => pack(kernel.lanes_per_pair(), rows, k, packed),
+    }
 }
 
 /// One tile of `np` panels on `kernel`.
@@ -231,27 +255,37 @@ pub fn linear(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>, residual: Optio
     if residual.is_some_and(|r| r.dims() != [n, out_w]) {
         return Err(shape_err(OP, format!("the residual must be [{n}, {out_w}], got {:?}", residual.map(|r| r.dims().to_vec()))));
     }
-    let residual = residual.map(|r| with_f32(r, OP, |r| r.to_vec())).transpose()?;
     let len = n * out_w;
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let dst = Shared(out.spare_capacity_mut().as_mut_ptr());
-    with_f32(x, OP, |x| {
+    let zeros = [0f32; NR * PANEL];
+    let run = |x: &[f32], residual: Option<&[f32]>| {
         product(x, n, w, &|row, col, values| {
             let at = row * out_w + col;
-            // SAFETY: `product` hands each (row, column) once; `at..at + values.len()` lies in
-            // row `row` of the `n × out_w` output.
-            let dst = unsafe { std::slice::from_raw_parts_mut(dst.at(at), values.len()) };
+            let width = values.len();
             let mut sums = [0f32; NR * PANEL];
-            let sums = &mut sums[..values.len()];
-            for (i, (s, &v)) in sums.iter_mut().zip(values).enumerate() {
-                *s = v + bias.as_ref().map_or(0.0, |b| b[col + i]) + residual.as_ref().map_or(0.0, |r| r[at + i]);
+            let sums = &mut sums[..width];
+            let bias = bias.as_ref().map_or(&zeros[..width], |b| &b[col..col + width]);
+            let residual = residual.map_or(&zeros[..width], |r| &r[at..at + width]);
+            for (((s, &v), &b), &r) in sums.iter_mut().zip(values).zip(bias).zip(residual) {
+                *s = v + b + r;
             }
             epilogue(sums);
+            // SAFETY: `product` hands each (row, column) once; `at..at + width` lies in row
+            // `row` of the `n × out_w` output.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.at(at), width) };
             for (d, &s) in dst.iter_mut().zip(sums.iter()) {
                 d.write(s);
             }
         })
-    })?;
+    };
+    with_f32(x, OP, |x| match residual {
+        Some(r) => with_f32(r, OP, |r| run(x, Some(r))),
+        None => {
+            run(x, None);
+            Ok(())
+        }
+    })??;
     // SAFETY: `product` wrote every element of the `n × out_w` output.
     unsafe { out.set_len(len) };
     Ok(Tensor::from_vec(out, (n, out_w), &candle_core::Device::Cpu)?)
@@ -278,15 +312,22 @@ pub fn project_to_heads_into(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>, 
     }
     let bias = checked_bias(bias, w.out_features(), OP)?;
     let base = Shared(dst.as_mut_ptr().cast());
+    let zeros = [0f32; NR * PANEL];
     with_f32(x, OP, |x| {
         product(x, n, w, &|row, col, values| {
-            for (i, &v) in values.iter().enumerate() {
-                let c = col + i;
-                let (h, j) = (c / d, c % d);
-                let v = round_to_bf16(v + bias.as_ref().map_or(0.0, |b| b[c]));
-                // SAFETY: (h, at + row, j) lies in the `[heads, rows, d]` buffer checked above,
-                // and `product` hands each (row, column) once.
-                unsafe { (*base.at((h * rows + at + row) * d + j)).write(v) };
+            let bias = bias.as_ref().map_or(&zeros[..values.len()], |b| &b[col..col + values.len()]);
+            // The segment in runs within one head each: contiguous in that head's row.
+            let mut i = 0;
+            while i < values.len() {
+                let (h, j) = ((col + i) / d, (col + i) % d);
+                let run = (d - j).min(values.len() - i);
+                // SAFETY: (h, at + row, j..j + run) lies in the `[heads, rows, d]` buffer checked
+                // above, and `product` hands each (row, column) once.
+                let dst = unsafe { std::slice::from_raw_parts_mut(base.at((h * rows + at + row) * d + j), run) };
+                for ((d, &v), &b) in dst.iter_mut().zip(&values[i..i + run]).zip(&bias[i..i + run]) {
+                    d.write(round_to_bf16(v + b));
+                }
+                i += run;
             }
         })
     })

@@ -14,13 +14,15 @@ use candle_nn::Linear;
 use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
 use tome_attn::favor::orthogonal_projection;
 use tome_attn::lsh::{seeded_rotations, LshSpec};
+use tome_attn::projection::Projection;
 use tome_attn::relative::{segment_attention, sinusoid};
-use tome_attn::{attention, Mask};
+use tome_attn::{attention, Mask, Precision};
 use tome_dist::ops::{
     blocksparse_attention, favor_attention, lsh_attention, segment_recurrence, window_attention, Compression, CompressiveMemory, FavorSpec, KeyBlock, WindowSpec, XlMemory,
 };
 use tome_dist::{run_ranks, InProcessGroup, Layout, ShardPlan};
 use tome_model::heads::{project_heads, window_rows};
+use tome_model::linear::attention_input;
 use tome_model::{pool_spans, EncodeOptions, LayerAttention, ModelDir, PositionExtension};
 
 use super::memory::{peak_mb, reset_peak, rss_mb};
@@ -35,7 +37,7 @@ const HIDDEN: usize = HEADS * HEAD_DIM;
 pub fn suite(smoke: bool) -> Vec<(String, usize)> {
     let pick = |full: &[usize], small: &[usize]| if smoke { small.to_vec() } else { full.to_vec() };
     let mut cases = vec![("fma-peak".to_string(), 0)];
-    for name in ["dense", "dense-causal", "longformer", "bigbird", "reformer-lsh", "performer"] {
+    for name in ["dense", "dense-causal", "longformer", "bigbird", "reformer-lsh", "performer", "dense-bf16", "longformer-bf16"] {
         cases.extend(pick(&[4096, 16384], &[512, 1024]).into_iter().map(|n| (name.to_string(), n)));
     }
     for family in ["window", "blocksparse", "favor", "recurrent", "compressive"] {
@@ -43,6 +45,7 @@ pub fn suite(smoke: bool) -> Vec<(String, usize)> {
     }
     if !smoke {
         cases.push(("book".to_string(), 0));
+        cases.push(("book-bf16".to_string(), 0));
     }
     cases
 }
@@ -143,6 +146,11 @@ impl Projections {
     fn qkv(&self, x: &Tensor) -> anyhow::Result<[Tensor; 3]> {
         Ok(project_heads(x, [&self.query, &self.key, &self.value], HEADS)?)
     }
+
+    /// The three as a bf16 run reads them (packed once, here).
+    fn in_bf16(&self) -> [tome_model::linear::Linear; 3] {
+        [&self.query, &self.key, &self.value].map(|l| tome_model::linear::Linear::new(l.clone()))
+    }
 }
 
 pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
@@ -164,27 +172,36 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
                 peak_rss_mb: peak_mb(),
             })
         }
-        "dense" | "dense-causal" => {
+        "dense" | "dense-causal" | "dense-bf16" => {
             let causal = name == "dense-causal";
-            let (q, k, v) = (randn((HEADS, n, HEAD_DIM))?, randn((HEADS, n, HEAD_DIM))?, randn((HEADS, n, HEAD_DIM))?);
+            // bf16: queries, keys and values of bf16 value, as a bf16 run's attention takes them.
+            let precision = if name == "dense-bf16" { Precision::Bf16 } else { Precision::F32 };
+            let input = || -> anyhow::Result<Tensor> { Ok(attention_input(randn((HEADS, n, HEAD_DIM))?, precision)?) };
+            let (q, k, v) = (input()?, input()?, input()?);
             let pairs = if causal { (n * (n + 1) / 2) as f64 } else { (n * n) as f64 };
             timed_best(name, n, Some(4.0 * pairs * HIDDEN as f64 / 1e9), RUNS, || {
                 attention(&q, &k, &v, &Mask::full(&pos, &pos).with_causal(causal), 0.125)?;
                 Ok(())
             })
         }
-        "longformer" => {
+        "longformer" | "longformer-bf16" => {
             // As a Longformer layer without global tokens runs: keys and values for the whole
             // sequence, queries projected and attending a row block at a time; the context is
             // returned as `[n, 512]`, as transformers' LongformerSelfAttention returns it. Blocks
-            // of two 96-row kernel tiles keep the working set small.
+            // of two 96-row kernel tiles keep the working set small. bf16: the projections'
+            // weights in bf16 and their outputs rounded to bf16, as a bf16 run computes them.
             const ROWS: usize = 192;
             let (x, proj) = (randn((n, HIDDEN))?, Projections::new()?);
             let (plan, valid) = (plan()?, vec![true; n]);
             let spec = WindowSpec { one_sided: 256, causal: false, scale: 0.125 };
+            let packed = proj.in_bf16();
+            let projections: [Projection<'_>; 3] = match name {
+                "longformer-bf16" => [packed[0].at(Precision::Bf16)?, packed[1].at(Precision::Bf16)?, packed[2].at(Precision::Bf16)?],
+                _ => [(&proj.query).into(), (&proj.key).into(), (&proj.value).into()],
+            };
             timed_best(name, n, None, RUNS, || {
                 let context = Tensor::zeros((n, HIDDEN), candle_core::DType::F32, &Device::Cpu)?;
-                window_rows(&g, &plan, &x, [&proj.query, &proj.key, &proj.value], HEADS, &pos, &valid, spec, ROWS, |start, c| Ok(context.slice_set(&c, 0, start)?))?;
+                window_rows(&g, &plan, &x, projections, HEADS, &pos, &valid, spec, ROWS, |start, c| Ok(context.slice_set(&c, 0, start)?))?;
                 Ok(())
             })
         }
@@ -219,7 +236,8 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
             })
         }
         s if s.starts_with("scaling-") => scaling(&s["scaling-".len()..], n),
-        "book" => book(),
+        "book" => book("book", Precision::F32),
+        "book-bf16" => book("book-bf16", Precision::Bf16),
         other => bail!("unknown bench case {other}"),
     }
 }
@@ -325,8 +343,8 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
 
 /// The whole-book job: Paradise Lost through all-MiniLM-L6-v2 with window attention (512) on
 /// 2 ranks (`TOME_BENCH_BOOK_RANKS` to change), document and 256-token chunk embeddings (what
-/// `tome process` computes).
-fn book() -> anyhow::Result<Record> {
+/// `tome process` computes), in `precision`.
+fn book(case: &str, precision: Precision) -> anyhow::Result<Record> {
     let data = std::env::var("TOME_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("data"));
     let dir = ModelDir::open(&data.join("models/all-MiniLM-L6-v2")).context("the book case needs scripts/fetch_data.sh")?;
     let text = std::fs::read_to_string(data.join("books/plrabn12.txt"))?;
@@ -334,11 +352,11 @@ fn book() -> anyhow::Result<Record> {
     let ranks: usize = std::env::var("TOME_BENCH_BOOK_RANKS").ok().and_then(|r| r.parse().ok()).unwrap_or(2);
     let mut tokens = 0;
     // Tokenising and preparing the document are part of the job, as they are of `tome process`.
-    let record = timed_best("book", 0, None, RUNS, || {
+    let record = timed_best(case, 0, None, RUNS, || {
         let ids = tokenizer.encode(&text)?.ids;
         let n = ids.len();
         tokens = n;
-        let opts = EncodeOptions { attention: Some(LayerAttention::window(512)?), position_extension: PositionExtension::Tile, ..Default::default() };
+        let opts = EncodeOptions { attention: Some(LayerAttention::window(512)?), position_extension: PositionExtension::Tile, precision, ..Default::default() };
         let doc = dir.model.prepare(ids, &opts)?;
         let plan = ShardPlan::new(Layout::Contiguous, n, ranks)?;
         // The whole book's embedding, then each 256-token chunk's.
