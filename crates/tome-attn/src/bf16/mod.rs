@@ -9,92 +9,12 @@
 //! `vdpbf16ps` at half the FMA rate: measured once, at first use), else a portable loop (clearly
 //! slower). AMX tiles are not used yet.
 
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
-
-/// The bf16 product kernel this CPU runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Bf16Kernel {
-    /// `vdpbf16ps` on 512-bit registers.
-    Avx512Bf16,
-    /// f32 FMAs on 512-bit registers, on the bf16 values widened.
-    Avx512Fma,
-    /// Scalar f32 arithmetic on bf16 values: correct, several times slower.
-    Portable,
-}
-
-impl Bf16Kernel {
-    /// The fastest kernel of this CPU, chosen once.
-    pub fn detect() -> Self {
-        static CHOSEN: OnceLock<Bf16Kernel> = OnceLock::new();
-        *CHOSEN.get_or_init(|| {
-            let available = Self::available();
-            match available.as_slice() {
-                [only] => *only,
-                kernels => *kernels.iter().min_by_key(|&&k| k.time_a_product()).unwrap_or(&Bf16Kernel::Portable),
-            }
-        })
-    }
-
-    /// The kernels this CPU can run, the vector ones first.
-    pub fn available() -> Vec<Self> {
-        let mut kernels = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                if std::arch::is_x86_feature_detected!("avx512bf16") {
-                    kernels.push(Bf16Kernel::Avx512Bf16);
-                }
-                kernels.push(Bf16Kernel::Avx512Fma);
-            }
-        }
-        if kernels.is_empty() {
-            kernels.push(Bf16Kernel::Portable);
-        }
-        kernels
-    }
-
-    /// Its name in `Info` and logs.
-    pub fn name(self) -> &'static str {
-        match self {
-            Bf16Kernel::Avx512Bf16 => "avx512_bf16",
-            Bf16Kernel::Avx512Fma => "avx512_fma",
-            Bf16Kernel::Portable => "portable",
-        }
-    }
-
-    /// 32-bit lanes of packed activations per input pair: a bf16 pair in one lane, or two f32.
-    fn lanes_per_pair(self) -> usize {
-        match self {
-            Bf16Kernel::Avx512Fma => 2,
-            Bf16Kernel::Avx512Bf16 | Bf16Kernel::Portable => 1,
-        }
-    }
-
-    /// The best of a few runs of one tile over 256 inputs, on this thread.
-    fn time_a_product(self) -> Duration {
-        let pairs = 128;
-        let x = vec![0x3f80_3f80u32; MR * pairs * self.lanes_per_pair()];
-        let w = vec![0x3f80_3f80u32; NR * pairs * PANEL];
-        let mut tile = [0f32; MR * NR * PANEL];
-        (0..5)
-            .map(|_| {
-                let start = Instant::now();
-                for _ in 0..50 {
-                    run_tile(self, NR, &x, &w, pairs, &mut tile);
-                }
-                start.elapsed()
-            })
-            .min()
-            .unwrap_or_default()
-    }
-}
-
 mod convert;
 #[cfg(target_arch = "x86_64")]
 mod dpbf16;
 #[cfg(target_arch = "x86_64")]
 mod fma;
+mod kernel;
 mod packed;
 mod portable;
 
@@ -104,18 +24,20 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 pub use convert::{from_bf16_bits, round_to_bf16, to_bf16_bits};
+pub use kernel::Bf16Kernel;
 pub use packed::PackedBf16;
 
 use crate::error::{shape_err, Result};
 use crate::tensor::with_f32;
 use convert::pair;
+use kernel::run_tile;
 use packed::PANEL;
 
 /// Rows per tile.
-const MR: usize = 8;
+pub(crate) const MR: usize = 8;
 /// Panels per tile: 8 × 3 accumulators plus 3 panel registers and a broadcast fit the 32
 /// vector registers.
-const NR: usize = 3;
+pub(crate) const NR: usize = 3;
 /// Rows whose bf16 copy a task packs and reuses across its panels.
 const ROW_CHUNK: usize = 64;
 
@@ -211,37 +133,6 @@ fn pack_rows(kernel: Bf16Kernel, rows: &[f32], k: usize, packed: &mut [u32]) {
         // SAFETY: the vector kernels run only where `Bf16Kernel::available` found AVX512F.
         Bf16Kernel::Avx512Bf16 | Bf16Kernel::Avx512Fma => unsafe { pack_avx512(kernel.lanes_per_pair(), rows, k, packed) },
         _ => pack(kernel.lanes_per_pair(), rows, k, packed),
-    }
-}
-
-/// One tile of `np` panels on `kernel`.
-fn run_tile(kernel: Bf16Kernel, np: usize, x: &[u32], w: &[u32], pairs: usize, tile: &mut [f32]) {
-    match kernel {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Bf16Kernel::available` found AVX512F and AVX512-BF16; `product` hands whole
-        // tiles of rows and `np` whole panels.
-        Bf16Kernel::Avx512Bf16 => unsafe {
-            match np {
-                1 => dpbf16::tile::<1>(x, w, pairs, tile),
-                2 => dpbf16::tile::<2>(x, w, pairs, tile),
-                _ => dpbf16::tile::<NR>(x, w, pairs, tile),
-            }
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Bf16Kernel::available` found AVX512F; the lanes are f32 bits (two per pair).
-        Bf16Kernel::Avx512Fma => unsafe {
-            let x: &[f32] = std::slice::from_raw_parts(x.as_ptr().cast(), x.len());
-            match np {
-                1 => fma::tile::<1>(x, w, pairs, tile),
-                2 => fma::tile::<2>(x, w, pairs, tile),
-                _ => fma::tile::<NR>(x, w, pairs, tile),
-            }
-        },
-        _ => match np {
-            1 => portable::tile::<1>(x, w, pairs, tile),
-            2 => portable::tile::<2>(x, w, pairs, tile),
-            _ => portable::tile::<NR>(x, w, pairs, tile),
-        },
     }
 }
 
