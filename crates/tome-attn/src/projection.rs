@@ -14,6 +14,9 @@
 //! elementwise epilogue (the feed-forward activation) folded in: the output is filled with
 //! `bias + residual` and the GEMM accumulates onto it, so neither a broadcast bias add nor a
 //! residual add makes a pass of its own or a tensor of its own.
+//!
+//! [`Projection`] is a layer's weights as a run's precision reads them: these f32 products, or
+//! [`crate::bf16`]'s on packed bf16 weights.
 
 use std::mem::MaybeUninit;
 
@@ -316,6 +319,56 @@ fn row_blocks(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], bias: Option<&
     }
 }
 
+/// A linear layer's weights as the products read them: the checkpoint's f32 (the exact path) or
+/// packed bf16 ([`Precision::Bf16`](crate::Precision) runs). The bias is f32 either way.
+#[derive(Clone, Copy, Debug)]
+pub enum Projection<'a> {
+    /// `[out, in]` f32, through the products above.
+    F32 { weight: &'a Tensor, bias: Option<&'a Tensor> },
+    /// Packed bf16, through [`crate::bf16`]'s products.
+    Bf16 { weight: &'a PackedBf16, bias: Option<&'a Tensor> },
+}
+
+impl<'a> From<&'a candle_nn::Linear> for Projection<'a> {
+    fn from(linear: &'a candle_nn::Linear) -> Self {
+        Projection::F32 { weight: linear.weight(), bias: linear.bias() }
+    }
+}
+
+impl Projection<'_> {
+    /// Output features.
+    pub fn out_features(&self) -> Result<usize> {
+        match self {
+            Projection::F32 { weight, .. } => Ok(weight.dim(0)?),
+            Projection::Bf16 { weight, .. } => Ok(weight.out_features()),
+        }
+    }
+
+    /// [`project_to_heads`]; in bf16 each value is rounded to bf16, as attention takes it.
+    pub fn to_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        match *self {
+            Projection::F32 { weight, bias } => project_to_heads(x, weight, bias, heads),
+            Projection::Bf16 { weight, bias } => bf16::project_to_heads(x, weight, bias, heads),
+        }
+    }
+
+    /// [`project_to_heads_into`]; in bf16 each value is rounded to bf16.
+    pub fn to_heads_into(&self, x: &Tensor, heads: usize, dst: &mut [f32], rows: usize, at: usize) -> Result<()> {
+        match *self {
+            Projection::F32 { weight, bias } => project_to_heads_into(x, weight, bias, heads, dst, rows, at),
+            Projection::Bf16 { weight, bias } => bf16::project_to_heads_into(x, weight, bias, heads, dst, rows, at),
+        }
+    }
+
+    /// [`linear`]: `epilogue(x Wᵀ + bias + residual)`, f32 out in either precision.
+    pub fn linear(&self, x: &Tensor, residual: Option<&Tensor>, epilogue: impl Fn(&mut [f32]) + Sync) -> Result<Tensor> {
+        match *self {
+            Projection::F32 { weight, bias } => linear(x, weight, bias, residual, epilogue),
+            Projection::Bf16 { weight, bias } => bf16::linear(x, weight, bias, residual, epilogue),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor};
@@ -429,53 +482,5 @@ mod tests {
         assert!(project_to_heads(&x, &w, None, 2).unwrap_err().to_string().contains("2 heads"));
         let w = Tensor::zeros((8, 7), candle_core::DType::F32, &dev).unwrap();
         assert!(project_to_heads(&x, &w, None, 2).is_err());
-    }
-}
-
-/// A linear layer's weights as the products read them: the checkpoint's f32 (the exact path) or
-/// packed bf16 ([`Precision::Bf16`](crate::Precision) runs). The bias is f32 either way.
-#[derive(Clone, Copy, Debug)]
-pub enum Projection<'a> {
-    F32 { weight: &'a Tensor, bias: Option<&'a Tensor> },
-    Bf16 { weight: &'a PackedBf16, bias: Option<&'a Tensor> },
-}
-
-impl<'a> From<&'a candle_nn::Linear> for Projection<'a> {
-    fn from(linear: &'a candle_nn::Linear) -> Self {
-        Projection::F32 { weight: linear.weight(), bias: linear.bias() }
-    }
-}
-
-impl Projection<'_> {
-    /// Output features.
-    pub fn out_features(&self) -> Result<usize> {
-        match self {
-            Projection::F32 { weight, .. } => Ok(weight.dim(0)?),
-            Projection::Bf16 { weight, .. } => Ok(weight.out_features()),
-        }
-    }
-
-    /// [`project_to_heads`]; in bf16 each value is rounded to bf16, as attention takes it.
-    pub fn to_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
-        match *self {
-            Projection::F32 { weight, bias } => project_to_heads(x, weight, bias, heads),
-            Projection::Bf16 { weight, bias } => bf16::project_to_heads(x, weight, bias, heads),
-        }
-    }
-
-    /// [`project_to_heads_into`]; in bf16 each value is rounded to bf16.
-    pub fn to_heads_into(&self, x: &Tensor, heads: usize, dst: &mut [f32], rows: usize, at: usize) -> Result<()> {
-        match *self {
-            Projection::F32 { weight, bias } => project_to_heads_into(x, weight, bias, heads, dst, rows, at),
-            Projection::Bf16 { weight, bias } => bf16::project_to_heads_into(x, weight, bias, heads, dst, rows, at),
-        }
-    }
-
-    /// [`linear`]: `epilogue(x Wᵀ + bias + residual)`, f32 out in either precision.
-    pub fn linear(&self, x: &Tensor, residual: Option<&Tensor>, epilogue: impl Fn(&mut [f32]) + Sync) -> Result<Tensor> {
-        match *self {
-            Projection::F32 { weight, bias } => linear(x, weight, bias, residual, epilogue),
-            Projection::Bf16 { weight, bias } => bf16::linear(x, weight, bias, residual, epilogue),
-        }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 use tome_attn::bf16::PackedBf16;
 use tome_attn::projection::Projection;
@@ -16,13 +16,9 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The checkpoint's layer; its bf16 packing is made when first asked for.
     pub fn new(f32: candle_nn::Linear) -> Self {
         Linear { f32, bf16: OnceLock::new() }
-    }
-
-    /// The checkpoint's f32 layer.
-    pub fn f32(&self) -> &candle_nn::Linear {
-        &self.f32
     }
 
     /// The weights as a `precision` run's products read them; a bf16 run packs them the first
@@ -43,9 +39,7 @@ impl Linear {
             }
         })
     }
-}
 
-impl Linear {
     /// `x Wᵀ + b` (`x` `[n, in]`) in `precision`: f32 through candle's layer, exactly as the
     /// f32 path has always run; bf16 through the packed product, f32 out.
     pub fn forward_at(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
@@ -61,7 +55,7 @@ impl Linear {
 pub fn attention_input(t: Tensor, precision: Precision) -> Result<Tensor> {
     match precision {
         Precision::F32 => Ok(t),
-        Precision::Bf16 => Ok(t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?),
+        Precision::Bf16 => tome_attn::bf16::round_tensor(&t),
     }
 }
 

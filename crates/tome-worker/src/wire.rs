@@ -148,7 +148,7 @@ pub fn precision_from_wire(p: i32, field: &str) -> Result<Precision, WorkerError
     match pb::Precision::try_from(p) {
         Ok(pb::Precision::Unspecified | pb::Precision::F32) => Ok(Precision::F32),
         Ok(pb::Precision::Bf16) => Ok(Precision::Bf16),
-        Err(_) => Err(invalid(format!("{field}: unknown precision {p}"))),
+        Err(_) => Err(invalid(format!("{field}: unknown value {p}"))),
     }
 }
 

@@ -185,7 +185,8 @@ class Info:
     backend: str
     #: A cluster's live workers, as "name@address".
     workers: tuple[str, ...]
-    #: The server CPU's bf16 product kernel: "avx512_bf16" or "portable" (correct, slower).
+    #: The server CPU's bf16 product kernel: "avx512_bf16", "avx512_fma" (the same bits from
+    #: FMAs, where faster) or "portable" (correct, slower).
     bf16_kernel: str
 
     @classmethod

@@ -1,6 +1,7 @@
 //! Which bf16 product kernel runs: the CPU's kernels, the fastest of them chosen once, and one
-//! tile dispatched to it. Every kernel gives the same bits (up to the flushing of subnormal
-//! sums), so the choice is one of speed alone.
+//! tile dispatched to it. Every kernel gives the same bits up to subnormal values (`vdpbf16ps`
+//! and the portable loop flush subnormal sums to zero, FMAs keep them), so the choice is one of
+//! speed alone.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -70,7 +71,8 @@ impl Bf16Kernel {
         }
     }
 
-    /// The best of a few runs of one tile over 256 inputs, on this thread.
+    /// The best of a few runs of one tile over 256 inputs, on this thread. `self` is one of
+    /// [`Bf16Kernel::available`].
     fn time_a_product(self) -> Duration {
         let pairs = 128;
         let x = vec![0x3f80_3f80u32; MR * pairs * self.lanes_per_pair()];
@@ -80,7 +82,9 @@ impl Bf16Kernel {
             .map(|_| {
                 let start = Instant::now();
                 for _ in 0..50 {
-                    run_tile(self, NR, &x, &w, pairs, &mut tile);
+                    // SAFETY: `self` is one of `available` (`detect` times no other), on a whole
+                    // tile of `NR` panels.
+                    unsafe { run_tile(self, NR, &x, &w, pairs, &mut tile) };
                 }
                 start.elapsed()
             })
@@ -90,11 +94,15 @@ impl Bf16Kernel {
 }
 
 /// One tile of `np` panels on `kernel`.
-pub(super) fn run_tile(kernel: Bf16Kernel, np: usize, x: &[u32], w: &[u32], pairs: usize, tile: &mut [f32]) {
+///
+/// # Safety
+/// `kernel` is [`Bf16Kernel::Portable`] or one of [`Bf16Kernel::available`]; `x` holds `MR`
+/// rows of `pairs · kernel.lanes_per_pair()` lanes, `w` `np` panels of `pairs · 16` lanes.
+pub(super) unsafe fn run_tile(kernel: Bf16Kernel, np: usize, x: &[u32], w: &[u32], pairs: usize, tile: &mut [f32]) {
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Bf16Kernel::available` found AVX512F and AVX512-BF16; `product` hands whole
-        // tiles of rows and `np` whole panels.
+        // SAFETY: the caller's kernel is available, so the CPU has AVX512F and AVX512-BF16; the
+        // caller hands whole tiles of rows and `np` whole panels.
         Bf16Kernel::Avx512Bf16 => unsafe {
             match np {
                 1 => dpbf16::tile::<1>(x, w, pairs, tile),
@@ -103,7 +111,8 @@ pub(super) fn run_tile(kernel: Bf16Kernel, np: usize, x: &[u32], w: &[u32], pair
             }
         },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Bf16Kernel::available` found AVX512F; the lanes are f32 bits (two per pair).
+        // SAFETY: as above, with AVX512F; the lanes are f32 bits (two per pair), and `u32` and
+        // `f32` share size and alignment.
         Bf16Kernel::Avx512Fma => unsafe {
             let x: &[f32] = std::slice::from_raw_parts(x.as_ptr().cast(), x.len());
             match np {

@@ -7,7 +7,7 @@
 //! subnormal sums), so the choice is one of speed alone: AVX512-BF16 dot products (`vdpbf16ps`)
 //! or AVX-512 f32 FMAs on the bf16 values, whichever runs faster on this CPU (some run
 //! `vdpbf16ps` at half the FMA rate: measured once, at first use), else a portable loop (clearly
-//! slower). AMX tiles are not used yet.
+//! slower). AMX tiles are not used.
 
 mod convert;
 #[cfg(target_arch = "x86_64")]
@@ -23,7 +23,7 @@ use std::mem::MaybeUninit;
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-pub use convert::{from_bf16_bits, round_to_bf16, to_bf16_bits};
+pub use convert::round_to_bf16;
 pub use kernel::Bf16Kernel;
 pub use packed::PackedBf16;
 
@@ -63,11 +63,15 @@ impl Shared {
 /// to `sink(row, first_column, values)` a tile row at a time; every (row, column) exactly once.
 /// Tasks run in parallel, so `sink` must only write what its arguments name.
 fn product(x: &[f32], m: usize, w: &PackedBf16, sink: &(dyn Fn(usize, usize, &[f32]) + Sync)) {
-    product_on(Bf16Kernel::detect(), x, m, w, sink)
+    // SAFETY: `detect` chooses among this CPU's kernels.
+    unsafe { product_on(Bf16Kernel::detect(), x, m, w, sink) }
 }
 
 /// [`product`] on `kernel`.
-fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, sink: &(dyn Fn(usize, usize, &[f32]) + Sync)) {
+///
+/// # Safety
+/// `kernel` is [`Bf16Kernel::Portable`] or one of [`Bf16Kernel::available`].
+unsafe fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, sink: &(dyn Fn(usize, usize, &[f32]) + Sync)) {
     let (k, pairs, panels) = (w.in_features(), w.pairs(), w.panels());
     if m == 0 || panels == 0 {
         return;
@@ -87,7 +91,8 @@ fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, sink: &(d
         let padded = rows.len().next_multiple_of(MR);
         let lanes = pairs * kernel.lanes_per_pair();
         let mut xp = vec![0u32; padded * lanes];
-        pack_rows(kernel, &x[rows.start * k..rows.end * k], k, &mut xp[..rows.len() * lanes]);
+        // SAFETY: the caller runs this CPU's kernels only.
+        unsafe { pack_rows(kernel, &x[rows.start * k..rows.end * k], k, &mut xp[..rows.len() * lanes]) };
         let mut tile = [0f32; MR * NR * PANEL];
         for g in group_range {
             let np = NR.min(panels - g * NR);
@@ -96,7 +101,8 @@ fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, sink: &(d
             let panel = w.panel(g * NR);
             for t in (0..padded).step_by(MR) {
                 let xt = &xp[t * lanes..(t + MR) * lanes];
-                run_tile(kernel, np, xt, panel, pairs, &mut tile[..MR * np * PANEL]);
+                // SAFETY: as above; whole tiles of rows and `np` whole panels.
+                unsafe { run_tile(kernel, np, xt, panel, pairs, &mut tile[..MR * np * PANEL]) };
                 for r in 0..MR.min(rows.len() - t) {
                     sink(rows.start + t + r, first_col, &tile[r * np * PANEL..][..width]);
                 }
@@ -107,9 +113,15 @@ fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, sink: &(d
 
 /// `rows` (row-major, `k` wide) rounded to bf16 into `packed` as `kernel` reads them: a pair
 /// per lane, or each value as its f32 bits; the odd input past the end is zero.
-fn pack_rows(kernel: Bf16Kernel, rows: &[f32], k: usize, packed: &mut [u32]) {
+///
+/// # Safety
+/// `kernel` is [`Bf16Kernel::Portable`] or one of [`Bf16Kernel::available`].
+unsafe fn pack_rows(kernel: Bf16Kernel, rows: &[f32], k: usize, packed: &mut [u32]) {
     #[inline(always)]
     fn pack(lanes_per_pair: usize, rows: &[f32], k: usize, packed: &mut [u32]) {
+        if k == 0 {
+            return;
+        }
         let lanes = k.div_ceil(2) * lanes_per_pair;
         for (row, packed) in rows.chunks_exact(k).zip(packed.chunks_exact_mut(lanes)) {
             if lanes_per_pair == 1 {
@@ -130,7 +142,7 @@ fn pack_rows(kernel: Bf16Kernel, rows: &[f32], k: usize, packed: &mut [u32]) {
     }
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the vector kernels run only where `Bf16Kernel::available` found AVX512F.
+        // SAFETY: the caller's kernel is available, and both vector kernels need AVX512F.
         Bf16Kernel::Avx512Bf16 | Bf16Kernel::Avx512Fma => unsafe { pack_avx512(kernel.lanes_per_pair(), rows, k, packed) },
         _ => pack(kernel.lanes_per_pair(), rows, k, packed),
     }
@@ -187,22 +199,33 @@ pub fn linear(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>, residual: Optio
 pub fn project_to_heads(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>, heads: usize) -> Result<Tensor> {
     let n = checked_rows(x, w, "bf16 project_to_heads")?;
     let d = head_dim(w, heads)?;
-    let mut out = vec![0f32; heads * n * d];
-    project_to_heads_into(x, w, bias, heads, &mut out, n, 0)?;
+    let len = heads * n * d;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    project_into(x, w, bias, heads, &mut out.spare_capacity_mut()[..len], n, 0)?;
+    // SAFETY: `project_into` wrote every row of every head.
+    unsafe { out.set_len(len) };
     Ok(Tensor::from_vec(out, (heads, n, d), &candle_core::Device::Cpu)?)
 }
 
 /// As [`project_to_heads`], written into rows `at..at + n` of every head of `dst`, a
 /// `[heads, rows, d]` buffer; its other rows are left as they are.
 pub fn project_to_heads_into(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>, heads: usize, dst: &mut [f32], rows: usize, at: usize) -> Result<()> {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and only initialised values are written
+    // through the view.
+    let dst = unsafe { &mut *(std::ptr::from_mut(dst) as *mut [MaybeUninit<f32>]) };
+    project_into(x, w, bias, heads, dst, rows, at)
+}
+
+/// Writes every element of rows `at..at + n` of each head of `dst` (`[heads, rows, d]`).
+fn project_into(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>, heads: usize, dst: &mut [MaybeUninit<f32>], rows: usize, at: usize) -> Result<()> {
     const OP: &str = "bf16 project_to_heads";
     let n = checked_rows(x, w, OP)?;
-    let d = head_dim(w, heads)?;
-    if dst.len() != heads * rows * d || at + n > rows {
-        return Err(shape_err(OP, format!("{n} rows of {heads} heads of {d} at row {at} do not fit a buffer of {} values with {rows} rows per head", dst.len())));
+    let width = head_dim(w, heads)?;
+    if dst.len() != heads * rows * width || at + n > rows {
+        return Err(shape_err(OP, format!("{n} rows of {heads} heads of {width} at row {at} do not fit a buffer of {} values with {rows} rows per head", dst.len())));
     }
     let bias = checked_bias(bias, w.out_features(), OP)?;
-    let base = Shared(dst.as_mut_ptr().cast());
+    let base = Shared(dst.as_mut_ptr());
     let zeros = [0f32; NR * PANEL];
     with_f32(x, OP, |x| {
         product(x, n, w, &|row, col, values| {
@@ -210,18 +233,25 @@ pub fn project_to_heads_into(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>, 
             // The segment in runs within one head each: contiguous in that head's row.
             let mut i = 0;
             while i < values.len() {
-                let (h, j) = ((col + i) / d, (col + i) % d);
-                let run = (d - j).min(values.len() - i);
-                // SAFETY: (h, at + row, j..j + run) lies in the `[heads, rows, d]` buffer checked
-                // above, and `product` hands each (row, column) once.
-                let dst = unsafe { std::slice::from_raw_parts_mut(base.at((h * rows + at + row) * d + j), run) };
-                for ((d, &v), &b) in dst.iter_mut().zip(&values[i..i + run]).zip(&bias[i..i + run]) {
-                    d.write(round_to_bf16(v + b));
+                let (h, j) = ((col + i) / width, (col + i) % width);
+                let run = (width - j).min(values.len() - i);
+                // SAFETY: (h, at + row, j..j + run) lies in the `[heads, rows, width]` buffer
+                // checked above, and `product` hands each (row, column) once.
+                let out = unsafe { std::slice::from_raw_parts_mut(base.at((h * rows + at + row) * width + j), run) };
+                for ((out, &v), &b) in out.iter_mut().zip(&values[i..i + run]).zip(&bias[i..i + run]) {
+                    out.write(round_to_bf16(v + b));
                 }
                 i += run;
             }
         })
     })
+}
+
+/// `t` (f32) with each value rounded to bf16, as attention takes queries, keys and values in a
+/// bf16 run.
+pub fn round_tensor(t: &Tensor) -> Result<Tensor> {
+    let values = with_f32(t, "round_tensor", |v| v.iter().map(|&v| round_to_bf16(v)).collect::<Vec<f32>>())?;
+    Ok(Tensor::from_vec(values, t.dims(), &candle_core::Device::Cpu)?)
 }
 
 fn checked_rows(x: &Tensor, w: &PackedBf16, op: &'static str) -> Result<usize> {
@@ -282,13 +312,16 @@ mod tests {
     fn run(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16) -> Vec<f32> {
         let out = w.out_features();
         let y = Mutex::new(vec![f32::NAN; m * out]);
-        product_on(kernel, x, m, w, &|row, col, values| {
-            let mut y = y.lock().unwrap();
-            for (i, &v) in values.iter().enumerate() {
-                assert!(y[row * out + col + i].is_nan(), "({row}, {}) written twice", col + i);
-                y[row * out + col + i] = v;
-            }
-        });
+        // SAFETY: `kernels` lists this CPU's kernels and the portable one.
+        unsafe {
+            product_on(kernel, x, m, w, &|row, col, values| {
+                let mut y = y.lock().unwrap();
+                for (i, &v) in values.iter().enumerate() {
+                    assert!(y[row * out + col + i].is_nan(), "({row}, {}) written twice", col + i);
+                    y[row * out + col + i] = v;
+                }
+            })
+        };
         y.into_inner().unwrap()
     }
 
@@ -303,7 +336,7 @@ mod tests {
 
     #[test]
     fn every_kernel_gives_the_defined_product_bit_for_bit_on_ragged_shapes() {
-        for (m, out, k) in [(1, 1, 1), (7, 17, 3), (8, 48, 64), (9, 49, 65), (130, 100, 384), (64, 1536, 384), (3, 40, 1536)] {
+        for (m, out, k) in [(4, 20, 0), (1, 1, 1), (7, 17, 3), (8, 48, 64), (9, 49, 65), (130, 100, 384), (64, 1536, 384), (3, 40, 1536)] {
             let (x, w) = (random(m * k, 1), random(out * k, 2));
             let packed = PackedBf16::from_rows(&w, out, k);
             let want = defined(&x, m, &w, out, k);

@@ -28,10 +28,13 @@ impl PackedBf16 {
     }
 
     /// Packs `w`, `[out, in]` row-major.
-    pub fn from_rows(w: &[f32], out: usize, inp: usize) -> Self {
+    pub(crate) fn from_rows(w: &[f32], out: usize, inp: usize) -> Self {
         assert_eq!(w.len(), out * inp, "a [{out}, {inp}] weight");
         let pairs = inp.div_ceil(2);
         let mut data = vec![0u32; out.div_ceil(PANEL) * pairs * PANEL];
+        if pairs == 0 {
+            return PackedBf16 { out, inp, data };
+        }
         let at = |o: usize, i: usize| if i < inp { w[o * inp + i] } else { 0.0 };
         for (p, panel) in data.chunks_exact_mut(pairs * PANEL).enumerate() {
             for (q, lanes) in panel.chunks_exact_mut(PANEL).enumerate() {
@@ -61,6 +64,7 @@ impl PackedBf16 {
         self.inp.div_ceil(2)
     }
 
+    /// Panels of 16 output columns (the last padded with zero columns).
     pub(crate) fn panels(&self) -> usize {
         self.out.div_ceil(PANEL)
     }
@@ -68,10 +72,5 @@ impl PackedBf16 {
     /// Panel `p` onwards.
     pub(crate) fn panel(&self, p: usize) -> &[u32] {
         &self.data[p * self.pairs() * PANEL..]
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 4
     }
 }
