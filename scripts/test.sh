@@ -4,7 +4,7 @@
 # in the test profile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/prereqs.sh cc protoc python etcd kube lint
+scripts/prereqs.sh cc cxx protoc python nvrtc etcd kube lint
 scripts/fetch_data.sh
 cargo fmt --all --check
 cargo clippy --workspace --tests --locked --features tome-cli/nccl -- -D warnings

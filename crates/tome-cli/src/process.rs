@@ -265,6 +265,11 @@ fn vector(t: Option<&pb::Tensor>) -> anyhow::Result<Vec<f32>> {
     Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// GPUs as `tome info` and `/info` print them.
+fn gpus_json(gpus: &[pb::GpuDevice]) -> serde_json::Value {
+    gpus.iter().map(|g| json!({"index": g.index, "name": g.name, "memory_bytes": g.memory_bytes, "compute_capability": g.compute_capability})).collect()
+}
+
 pub async fn info(args: InfoArgs) -> anyhow::Result<()> {
     let resp = match &args.coordinator {
         Some(addr) => connect(addr, &args.tls).await?.info(pb::InfoRequest {}).await.map_err(status_error)?.into_inner(),
@@ -281,7 +286,7 @@ pub async fn info(args: InfoArgs) -> anyhow::Result<()> {
         .collect();
     let limits = resp.limits.unwrap_or_default();
     print_line(&serde_json::to_string_pretty(&json!({"version": resp.version, "backend": resp.backend, "workers": resp.workers,
-        "bf16_kernel": resp.bf16_kernel,
+        "bf16_kernel": resp.bf16_kernel, "gpus": gpus_json(&resp.gpus), "gpus_missing": resp.gpus_missing,
         "default_ranks": resp.default_ranks, "models": models,
         "limits": {"max_document_tokens": limits.max_document_tokens, "max_document_bytes": limits.max_document_bytes,
                    "max_ranks": limits.max_ranks, "max_concurrent_jobs": limits.max_concurrent_jobs,

@@ -409,6 +409,10 @@ async fn info(State(http): State<Http>, headers: HeaderMap) -> Result<Response, 
         "default_ranks": info.default_ranks,
         "workers": info.workers,
         "bf16_kernel": info.bf16_kernel,
+        "gpus": info.gpus.iter().map(|g| serde_json::json!({
+            "index": g.index, "name": g.name, "memory_bytes": g.memory_bytes, "compute_capability": g.compute_capability,
+        })).collect::<Vec<_>>(),
+        "gpus_missing": info.gpus_missing,
         "limits": {
             "max_document_tokens": limits.max_document_tokens,
             "max_document_bytes": limits.max_document_bytes,

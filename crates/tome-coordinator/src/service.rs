@@ -550,6 +550,7 @@ impl pb::tome_server::Tome for Coordinator {
             Backend::Embedded => ("embedded", Vec::new()),
             Backend::Cluster(c) => ("cluster", c.live().iter().map(|w| format!("{}@{}", w.name, w.address)).collect()),
         };
+        let (gpus, gpus_missing) = tome_worker::gpu_devices();
         Ok(Response::new(pb::InfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             models: self.models.iter().map(|m| tome_worker::model_info(m)).collect(),
@@ -567,6 +568,8 @@ impl pb::tome_server::Tome for Coordinator {
             backend: backend.into(),
             workers,
             bf16_kernel: tome_attn::bf16::Bf16Kernel::detect().name().into(),
+            gpus,
+            gpus_missing,
         }))
     }
 

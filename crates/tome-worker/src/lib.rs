@@ -44,9 +44,36 @@ pub fn model_info(m: &ModelDir) -> pb::ModelInfo {
     }
 }
 
+/// The GPUs of this machine as `Info` reports them, and why there are none when there are none
+/// (asked of the driver once per process).
+pub fn gpu_devices() -> (Vec<pb::GpuDevice>, String) {
+    match tome_gpu::present() {
+        Ok(gpus) => {
+            let list = gpus
+                .iter()
+                .map(|g| pb::GpuDevice {
+                    index: u32::try_from(g.index).unwrap_or(u32::MAX),
+                    name: g.name.clone(),
+                    memory_bytes: g.memory_bytes,
+                    compute_capability: format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
+                })
+                .collect::<Vec<_>>();
+            let missing = if list.is_empty() { "the CUDA driver sees no GPU".to_string() } else { String::new() };
+            (list, missing)
+        }
+        Err(why) => (Vec::new(), why.clone()),
+    }
+}
+
 /// Runs every model once on a few tokens, so that the first request does not pay for lazy
 /// initialisation (thread pools, page faults on the weights).
 pub fn warm_up(models: &[std::sync::Arc<ModelDir>]) -> Result<(), WorkerError> {
+    match gpu_devices() {
+        (gpus, _) if !gpus.is_empty() => {
+            tracing::info!(gpus = ?gpus.iter().map(|g| format!("cuda:{} {} ({})", g.index, g.name, g.compute_capability)).collect::<Vec<_>>(), "GPUs present")
+        }
+        (_, missing) => tracing::info!(%missing, "no GPU"),
+    }
     for m in models {
         let ids = vec![0u32; m.model.min_tokens().max(8)];
         let doc = m.model.prepare(ids, &tome_model::EncodeOptions::default())?;

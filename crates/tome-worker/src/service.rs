@@ -122,6 +122,7 @@ impl WorkerService {
 
     /// What this worker is, as its `Info` says (also what it registers in etcd).
     pub fn info(&self) -> pb::WorkerInfo {
+        let (gpus, gpus_missing) = crate::gpu_devices();
         pb::WorkerInfo {
             name: self.config.name.clone(),
             address: self.config.advertise.clone(),
@@ -133,6 +134,8 @@ impl WorkerService {
             shards_running: self.shards_running() as u32,
             nccl_gpus: u32::try_from(self.gpus.count()).unwrap_or(u32::MAX),
             bf16_kernel: tome_attn::bf16::Bf16Kernel::detect().name().into(),
+            gpus,
+            gpus_missing,
         }
     }
 

@@ -91,7 +91,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("version", "models", "default_ranks", "limits", "backend", "workers", "bf16_kernel")
+    __slots__ = ("version", "models", "default_ranks", "limits", "backend", "workers", "bf16_kernel", "gpus", "gpus_missing")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_RANKS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,8 @@ class InfoResponse(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     BF16_KERNEL_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_MISSING_FIELD_NUMBER: _ClassVar[int]
     version: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     default_ranks: int
@@ -106,7 +108,21 @@ class InfoResponse(_message.Message):
     backend: str
     workers: _containers.RepeatedScalarFieldContainer[str]
     bf16_kernel: str
-    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_ranks: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., bf16_kernel: _Optional[str] = ...) -> None: ...
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuDevice]
+    gpus_missing: str
+    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_ranks: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., bf16_kernel: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuDevice, _Mapping]]] = ..., gpus_missing: _Optional[str] = ...) -> None: ...
+
+class GpuDevice(_message.Message):
+    __slots__ = ("index", "name", "memory_bytes", "compute_capability")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    memory_bytes: int
+    compute_capability: str
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., compute_capability: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "architecture", "hidden_size", "num_layers", "max_positions", "default_pooling", "layer_attention", "has_tokenizer", "causal", "precisions")

@@ -1,0 +1,225 @@
+//! Attention partials on a GPU: `kernels/attention.cu` compiled for the GPU at hand, launched
+//! on device buffers, with the arguments and result of `tome_attn::attention`.
+//!
+//! [`GpuAttention::launch`] works on buffers already on the GPU (what a device-resident layer
+//! calls); [`GpuAttention::attention`] takes host tensors and a [`Mask`], copies them over and
+//! returns a host [`Partial`], for tests and benchmarks beside the CPU kernel.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use tome_attn::{Mask, Partial};
+
+use crate::device::Gpu;
+use crate::error::{driver, GpuError, Result};
+use crate::kernels::ATTENTION;
+use crate::nvrtc::compile_cubin;
+
+/// Query rows per thread block, threads per block, and the largest head size: as in the kernel.
+const ROWS: usize = 64;
+const THREADS: u32 = 256;
+const MAX_HEAD_DIM: usize = 128;
+/// Grid rows (query heads) a launch may have.
+const MAX_HEADS: usize = 65_535;
+/// Window widths are capped here so that position arithmetic in the kernel cannot overflow; a
+/// wider window sees everything any real document holds.
+const MAX_WINDOW: usize = 1 << 60;
+
+const OP: &str = "gpu attention";
+
+/// An element type the kernel reads: f32, or bf16 carried as its 16 bits.
+pub trait AttentionElement: DeviceRepr {
+    const ENTRY: &'static str;
+}
+
+impl AttentionElement for f32 {
+    const ENTRY: &'static str = "tome_attention_f32";
+}
+
+/// bf16 as its bits (`half::bf16::to_bits`).
+impl AttentionElement for u16 {
+    const ENTRY: &'static str = "tome_attention_bf16";
+}
+
+/// The sizes of one call: `q` is `[heads, queries, head_dim]`, `k` and `v` are
+/// `[kv_heads, keys, head_dim]` and `[kv_heads, keys, value_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub queries: usize,
+    pub keys: usize,
+    pub head_dim: usize,
+    pub value_dim: usize,
+}
+
+impl Dims {
+    /// Checks what the kernel can take, before anything is allocated.
+    pub fn check(&self) -> Result<()> {
+        let shape = |msg: String| GpuError::Shape { op: OP, msg };
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(shape(format!("{} query heads cannot share {} key/value heads", self.heads, self.kv_heads)));
+        }
+        if self.heads > MAX_HEADS {
+            return Err(shape(format!("{} heads: at most {MAX_HEADS} in one launch", self.heads)));
+        }
+        for (name, dim) in [("head", self.head_dim), ("value head", self.value_dim)] {
+            if dim == 0 || dim > MAX_HEAD_DIM || !dim.is_multiple_of(4) {
+                return Err(shape(format!("{name} size {dim}: the kernel takes multiples of 4 up to {MAX_HEAD_DIM}")));
+            }
+        }
+        let fits = |n: usize| i32::try_from(n).is_ok();
+        if ![self.queries, self.keys, self.heads * self.queries, self.kv_heads * self.keys].into_iter().all(fits) {
+            return Err(shape(format!("{} queries and {} keys per head: past the kernel's 32-bit counts", self.queries, self.keys)));
+        }
+        Ok(())
+    }
+}
+
+/// What a launch reads: device buffers laid out as [`Dims`] says, and the mask's rule.
+pub struct Inputs<'a, T> {
+    pub q: &'a CudaSlice<T>,
+    pub k: &'a CudaSlice<T>,
+    pub v: &'a CudaSlice<T>,
+    pub q_pos: &'a CudaSlice<i64>,
+    /// Sorted ascending, as on the CPU.
+    pub k_pos: &'a CudaSlice<i64>,
+    /// One byte per key, 0 for a key no query may see; `None`: every key is valid.
+    pub key_valid: Option<&'a CudaSlice<u8>>,
+    pub causal: bool,
+    pub window: Option<usize>,
+    pub scale: f32,
+}
+
+/// The attention kernel loaded on one GPU, with the stream it runs on.
+pub struct GpuAttention {
+    stream: Arc<CudaStream>,
+    f32_entry: CudaFunction,
+    bf16_entry: CudaFunction,
+}
+
+impl GpuAttention {
+    /// Compiles the kernel for `gpu`'s architecture and loads it.
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let cubin = compile_cubin(&ATTENTION, &gpu.info()?.arch())?;
+        let module = gpu.ctx.load_module(Ptx::from_binary(cubin)).map_err(driver("cuModuleLoadData"))?;
+        Ok(GpuAttention {
+            stream: gpu.ctx.default_stream(),
+            f32_entry: module.load_function(<f32 as AttentionElement>::ENTRY).map_err(driver("cuModuleGetFunction"))?,
+            bf16_entry: module.load_function(<u16 as AttentionElement>::ENTRY).map_err(driver("cuModuleGetFunction"))?,
+        })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Writes the partial of `inputs` into `out` (`[heads, queries, value_dim]`) and `lse`
+    /// (`[heads, queries]`), on this kernel's stream.
+    pub fn launch<T: AttentionElement>(&self, dims: Dims, inputs: &Inputs<'_, T>, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>) -> Result<()> {
+        dims.check()?;
+        let expect = |name: &str, have: usize, want: usize| {
+            if have == want {
+                Ok(())
+            } else {
+                Err(GpuError::Shape { op: OP, msg: format!("{name} holds {have} elements, the dimensions {dims:?} need {want}") })
+            }
+        };
+        let Dims { heads, kv_heads, queries, keys, head_dim, value_dim } = dims;
+        expect("q", inputs.q.len(), heads * queries * head_dim)?;
+        expect("k", inputs.k.len(), kv_heads * keys * head_dim)?;
+        expect("v", inputs.v.len(), kv_heads * keys * value_dim)?;
+        expect("q_pos", inputs.q_pos.len(), queries)?;
+        expect("k_pos", inputs.k_pos.len(), keys)?;
+        if let Some(valid) = inputs.key_valid {
+            expect("key_valid", valid.len(), keys)?;
+        }
+        expect("out", out.len(), heads * queries * value_dim)?;
+        expect("lse", lse.len(), heads * queries)?;
+        if queries == 0 {
+            return Ok(());
+        }
+        let entry = if T::ENTRY == <f32 as AttentionElement>::ENTRY { &self.f32_entry } else { &self.bf16_entry };
+        let as_i32 = |n: usize| n as i32; // fits: `Dims::check`
+        let (hq, hk, nq, nk, d, dv) = (as_i32(heads), as_i32(kv_heads), as_i32(queries), as_i32(keys), as_i32(head_dim), as_i32(value_dim));
+        let causal = i32::from(inputs.causal);
+        let window: i64 = inputs.window.map_or(-1, |w| w.min(MAX_WINDOW) as i64);
+        let no_validity = 0u64;
+        let config = LaunchConfig { grid_dim: (queries.div_ceil(ROWS) as u32, heads as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut args = self.stream.launch_builder(entry);
+        args.arg(inputs.q).arg(inputs.k).arg(inputs.v).arg(inputs.q_pos).arg(inputs.k_pos);
+        match inputs.key_valid {
+            Some(valid) => args.arg(valid),
+            None => args.arg(&no_validity),
+        };
+        args.arg(&hq).arg(&hk).arg(&nq).arg(&nk).arg(&d).arg(&dv).arg(&causal).arg(&window).arg(&inputs.scale).arg(out).arg(lse);
+        // SAFETY: the argument list matches `tome_attention_*` in kernels/attention.cu, and every
+        // buffer's length was checked against the dimensions above.
+        unsafe { args.launch(config) }.map_err(driver("cuLaunchKernel"))?;
+        Ok(())
+    }
+
+    /// `tome_attn::attention` on this GPU: host tensors (f32, or bf16 for the bf16 kernel) in,
+    /// the host partial out.
+    pub fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> Result<Partial> {
+        let dims = dims_of(q, k, v, mask)?;
+        dims.check()?;
+        if dims.queries == 0 || dims.keys == 0 {
+            return Ok(Partial::empty(dims.heads, dims.queries, dims.value_dim)?);
+        }
+        let dtype = q.dtype();
+        if k.dtype() != dtype || v.dtype() != dtype {
+            return Err(GpuError::Shape { op: OP, msg: format!("q, k and v differ in element type: {dtype:?}, {:?}, {:?}", k.dtype(), v.dtype()) });
+        }
+        match dtype {
+            DType::F32 => self.run_host(dims, &flat::<f32>(q)?, &flat::<f32>(k)?, &flat::<f32>(v)?, mask, scale),
+            DType::BF16 => {
+                let bits = |t: &Tensor| -> Result<Vec<u16>> { Ok(flat::<half::bf16>(t)?.into_iter().map(half::bf16::to_bits).collect()) };
+                self.run_host(dims, &bits(q)?, &bits(k)?, &bits(v)?, mask, scale)
+            }
+            other => Err(GpuError::Shape { op: OP, msg: format!("the kernel reads f32 or bf16, not {other:?}") }),
+        }
+    }
+
+    fn run_host<T: AttentionElement>(&self, dims: Dims, q: &[T], k: &[T], v: &[T], mask: &Mask<'_>, scale: f32) -> Result<Partial> {
+        let s = &self.stream;
+        let upload = |op: &'static str| driver(op);
+        let q_dev = s.clone_htod(q).map_err(upload("copy q"))?;
+        let k_dev = s.clone_htod(k).map_err(upload("copy k"))?;
+        let v_dev = s.clone_htod(v).map_err(upload("copy v"))?;
+        let q_pos = s.clone_htod(mask.q_pos).map_err(upload("copy query positions"))?;
+        let k_pos = s.clone_htod(mask.k_pos).map_err(upload("copy key positions"))?;
+        let valid = match mask.key_valid {
+            Some(flags) => Some(s.clone_htod(&flags.iter().map(|&f| u8::from(f)).collect::<Vec<_>>()).map_err(upload("copy key validity"))?),
+            None => None,
+        };
+        let mut out = s.alloc_zeros::<f32>(dims.heads * dims.queries * dims.value_dim).map_err(driver("allocate out"))?;
+        let mut lse = s.alloc_zeros::<f32>(dims.heads * dims.queries).map_err(driver("allocate lse"))?;
+        let inputs = Inputs { q: &q_dev, k: &k_dev, v: &v_dev, q_pos: &q_pos, k_pos: &k_pos, key_valid: valid.as_ref(), causal: mask.causal, window: mask.window, scale };
+        self.launch(dims, &inputs, &mut out, &mut lse)?;
+        let out = s.clone_dtoh(&out).map_err(driver("copy out back"))?;
+        let lse = s.clone_dtoh(&lse).map_err(driver("copy lse back"))?;
+        Ok(Partial::from_vecs(out, lse, dims.heads, dims.queries, dims.value_dim)?)
+    }
+}
+
+fn dims_of(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>) -> Result<Dims> {
+    let three = |t: &Tensor, name: &str| match t.dims() {
+        &[a, b, c] => Ok((a, b, c)),
+        other => Err(GpuError::Shape { op: OP, msg: format!("{name} must be [heads, tokens, head_dim], got {other:?}") }),
+    };
+    let ((hq, nq, d), (hk, nk, dk), (hv, nv, dv)) = (three(q, "q")?, three(k, "k")?, three(v, "v")?);
+    if hk != hv || nk != nv || dk != d {
+        return Err(GpuError::Shape { op: OP, msg: format!("q {:?}, k {:?}, v {:?} do not fit together", q.dims(), k.dims(), v.dims()) });
+    }
+    if mask.q_pos.len() != nq || mask.k_pos.len() != nk || mask.key_valid.is_some_and(|m| m.len() != nk) {
+        return Err(GpuError::Shape { op: OP, msg: format!("the mask covers {} queries and {} keys, the tensors {nq} and {nk}", mask.q_pos.len(), mask.k_pos.len()) });
+    }
+    Ok(Dims { heads: hq, kv_heads: hk, queries: nq, keys: nk, head_dim: d, value_dim: dv })
+}
+
+fn flat<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    Ok(t.flatten_all()?.to_vec1::<T>()?)
+}

@@ -1,0 +1,24 @@
+//! tome-gpu: the GPUs a process can use, and tome's CUDA kernels on them.
+//!
+//! Nothing CUDA is needed to build this crate: the driver and NVRTC are loaded at run time
+//! (cudarc's dynamic loading), and the kernels are CUDA C sources in `kernels/`, compiled by
+//! NVRTC to machine code (cubin) for the GPU at hand the first time a process needs them. A
+//! machine without a driver, without NVRTC or without a GPU gets an error saying which, never a
+//! panic and never a silent CPU run.
+//!
+//! - `device`: what `--device` names (`cpu`, `cuda`, `cuda:N`) and the GPUs present (name,
+//!   memory, compute capability).
+//! - `nvrtc`: the library's location and compilation to cubin for a named architecture.
+//! - `kernels`: every kernel source, with the entry points it defines.
+//! - `attention`: the attention partial (out, lse) of a key block on a GPU, the twin of
+//!   `tome_attn::attention`.
+
+pub mod attention;
+pub mod device;
+mod error;
+pub mod kernels;
+pub mod nvrtc;
+
+pub use attention::GpuAttention;
+pub use device::{gpus, present, DeviceSpec, Gpu, GpuInfo};
+pub use error::{GpuError, Result};
