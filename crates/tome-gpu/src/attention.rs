@@ -9,13 +9,11 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::Ptx;
 use tome_attn::{Mask, Partial};
 
 use crate::device::Gpu;
 use crate::error::{driver, GpuError, Result};
 use crate::kernels::ATTENTION;
-use crate::nvrtc::compile_cubin;
 
 /// Query rows per thread block, threads per block, and the largest head size: as in the kernel.
 const ROWS: usize = 64;
@@ -103,10 +101,9 @@ pub struct GpuAttention {
 impl GpuAttention {
     /// Compiles the kernel for `gpu`'s architecture and loads it.
     pub fn new(gpu: &Gpu) -> Result<Self> {
-        let cubin = compile_cubin(&ATTENTION, &gpu.info()?.arch())?;
-        let module = gpu.ctx.load_module(Ptx::from_binary(cubin)).map_err(driver("cuModuleLoadData"))?;
+        let module = gpu.load(&ATTENTION)?;
         Ok(GpuAttention {
-            stream: gpu.ctx.default_stream(),
+            stream: gpu.stream(),
             f32_entry: module.load_function(<f32 as AttentionElement>::ENTRY).map_err(driver("cuModuleGetFunction"))?,
             bf16_entry: module.load_function(<u16 as AttentionElement>::ENTRY).map_err(driver("cuModuleGetFunction"))?,
         })

@@ -4,9 +4,11 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{result, CudaContext};
+use cudarc::driver::{result, CudaContext, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
 
 use crate::error::{driver, GpuError, Result};
+use crate::kernels::KernelSource;
 
 /// Where a rank computes: `cpu`, `cuda` (the first GPU) or `cuda:N`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -120,6 +122,17 @@ impl Gpu {
 
     pub fn info(&self) -> Result<GpuInfo> {
         describe(self.ctx.ordinal() as i32)
+    }
+
+    /// The stream tome's work on this GPU is ordered on.
+    pub fn stream(&self) -> Arc<CudaStream> {
+        self.ctx.default_stream()
+    }
+
+    /// `kernel` compiled for this GPU (once per process and architecture) and loaded.
+    pub fn load(&self, kernel: &KernelSource) -> Result<Arc<CudaModule>> {
+        let cubin = crate::nvrtc::compile_cached(kernel, &self.info()?.arch())?;
+        self.ctx.load_module(Ptx::from_binary(cubin)).map_err(driver("cuModuleLoadData"))
     }
 }
 

@@ -13,8 +13,16 @@ pub struct KernelSource {
 pub const ATTENTION: KernelSource =
     KernelSource { name: "attention.cu", source: include_str!("../kernels/attention.cu"), entry_points: &["tome_attention_f32", "tome_attention_bf16"] };
 
+/// A layer's per-token pieces: embeddings, layer norm, bias with activation or residual, heads
+/// split and merged, partials merged.
+pub const LAYERS: KernelSource = KernelSource {
+    name: "layers.cu",
+    source: include_str!("../kernels/layers.cu"),
+    entry_points: &["tome_embed", "tome_layer_norm", "tome_bias_activation", "tome_bias_residual", "tome_split_heads", "tome_merge_heads", "tome_merge_partials"],
+};
+
 /// Every kernel source.
-pub const ALL: &[KernelSource] = &[ATTENTION];
+pub const ALL: &[KernelSource] = &[ATTENTION, LAYERS];
 
 /// The architectures CI compiles every kernel for: A100 and H100 class.
 pub const CI_ARCHES: &[&str] = &["sm_80", "sm_90"];

@@ -12,11 +12,16 @@
 //! - `kernels`: every kernel source, with the entry points it defines.
 //! - `attention`: the attention partial (out, lse) of a key block on a GPU, the twin of
 //!   `tome_attn::attention`.
+//! - `layers`: a layer's per-token pieces (embeddings, layer norm, bias with activation or
+//!   residual, heads split and merged, partials merged).
+//! - `blas`: matrix products through cuBLAS, f32 without TF32.
 
 pub mod attention;
+pub mod blas;
 pub mod device;
 mod error;
 pub mod kernels;
+pub mod layers;
 pub mod nvrtc;
 
 pub use attention::GpuAttention;

@@ -9,7 +9,8 @@
 
 use std::ffi::{c_char, CStr, CString};
 use std::path::Path;
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 use cudarc::nvrtc::{result, sys};
 
@@ -100,6 +101,19 @@ pub fn compile_cubin(kernel: &KernelSource, arch: &str) -> Result<Vec<u8>> {
     if cubin.is_empty() {
         return Err(failed("NVRTC produced no machine code".into()));
     }
+    Ok(cubin)
+}
+
+/// [`compile_cubin`], once per process for each kernel and architecture.
+pub fn compile_cached(kernel: &KernelSource, arch: &str) -> Result<Vec<u8>> {
+    static CUBINS: OnceLock<Mutex<HashMap<(&'static str, String), Vec<u8>>>> = OnceLock::new();
+    let cache = CUBINS.get_or_init(Mutex::default);
+    let key = (kernel.name, arch.to_string());
+    if let Some(cubin) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(cubin.clone());
+    }
+    let cubin = compile_cubin(kernel, arch)?;
+    cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, cubin.clone());
     Ok(cubin)
 }
 

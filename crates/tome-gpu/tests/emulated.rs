@@ -12,22 +12,25 @@ use std::sync::OnceLock;
 use candle_core::{DType, Tensor};
 use tome_attn::{Mask, Partial};
 
-/// The harness binary, compiled once with the host's C++ compiler (`CXX`, default `c++`).
+/// A harness binary (`tests/emulated/NAME.cpp`), compiled with the host's C++ compiler (`CXX`,
+/// default `c++`).
+fn build(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulated");
+    let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let status = Command::new(&cxx)
+        .args(["-std=c++20", "-O2", "-Wall", "-Wno-unknown-pragmas", "-o"])
+        .arg(&bin)
+        .arg(dir.join(format!("{name}.cpp")))
+        .status()
+        .unwrap_or_else(|e| panic!("{cxx}: {e} (scripts/prereqs.sh cxx installs a C++ compiler)"));
+    assert!(status.success(), "{name}: the emulated kernels do not compile with {cxx}");
+    bin
+}
+
 fn harness() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulated");
-        let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join("attention_harness");
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let status = Command::new(&cxx)
-            .args(["-std=c++20", "-O2", "-Wall", "-Wno-unknown-pragmas", "-o"])
-            .arg(&bin)
-            .arg(dir.join("attention_harness.cpp"))
-            .status()
-            .unwrap_or_else(|e| panic!("{cxx}: {e} (scripts/prereqs.sh cxx installs a C++ compiler)"));
-        assert!(status.success(), "the emulated kernel does not compile with {cxx}");
-        bin
-    })
+    BUILT.get_or_init(|| build("attention_harness"))
 }
 
 /// Values as the harness reads them (little-endian, as this host is).
@@ -41,6 +44,18 @@ fn elements(t: &Tensor) -> Vec<u8> {
         DType::BF16 => bytes_of(&flat.to_vec1::<half::bf16>().unwrap().into_iter().map(half::bf16::to_bits).collect::<Vec<_>>()),
         _ => bytes_of(&flat.to_vec1::<f32>().unwrap()),
     }
+}
+
+/// Runs `bin IN OUT` on `input`; returns OUT as f32s.
+fn run_harness(bin: &Path, input: Vec<u8>) -> Vec<f32> {
+    let dir = tempdir();
+    let (inp, out) = (dir.join("in"), dir.join("out"));
+    std::fs::write(&inp, input).unwrap();
+    let status = Command::new(bin).arg(&inp).arg(&out).status().unwrap();
+    assert!(status.success(), "{}: {status}", bin.display());
+    let raw = std::fs::read(&out).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    std::fs::remove_dir_all(&dir).unwrap();
+    raw
 }
 
 /// One kernel call through the harness.
@@ -70,13 +85,7 @@ fn emulated(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> 
     if let Some(valid) = mask.key_valid {
         input.extend(valid.iter().map(|&b| u8::from(b)));
     }
-    let dir = tempdir();
-    let (inp, out) = (dir.join("in"), dir.join("out"));
-    std::fs::write(&inp, input).unwrap();
-    let status = Command::new(harness()).arg(&inp).arg(&out).status().unwrap();
-    assert!(status.success(), "the harness failed: {status}");
-    let raw: Vec<f32> = std::fs::read(&out).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    std::fs::remove_dir_all(&dir).unwrap();
+    let raw = run_harness(harness(), input);
     let (o, l) = raw.split_at(hq * nq * dv);
     Partial::from_vecs(o.to_vec(), l.to_vec(), hq, nq, dv).unwrap()
 }
@@ -101,4 +110,80 @@ fn emulated_kernel_partials_of_key_blocks_merge_to_the_whole() {
     for case in common::cases() {
         common::check_blocks_merge(&emulated, &case, 3);
     }
+}
+
+/// Every kernel of kernels/layers.cu against its definition (candle's ops, tome-attn's merge):
+/// embeddings, layer norm, bias with each activation, bias with residual, heads split and
+/// merged back, and partials merged (rows that saw nothing on one side, or on both).
+#[test]
+fn emulated_layer_kernels_match_their_definitions() {
+    use candle_core::Device;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    let (n, hidden, heads, vocab, npos) = (37usize, 48usize, 4usize, 50usize, 40usize);
+    let d = hidden / heads;
+    let (eps, word_scale) = (1e-12f32, 1.5f32);
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut vals = |len: usize, scale: f32| -> Vec<f32> { (0..len).map(|_| rng.random_range(-scale..scale)).collect() };
+    let word = vals(vocab * hidden, 1.0);
+    let position = vals(npos * hidden, 1.0);
+    let token_type = vals(hidden, 1.0);
+    let (gamma, beta, bias) = (vals(hidden, 2.0), vals(hidden, 1.0), vals(hidden, 1.0));
+    let (residual, x) = (vals(n * hidden, 3.0), vals(n * hidden, 4.0));
+    let (acc_out, out) = (vals(n * hidden, 1.0), vals(n * hidden, 1.0));
+    let (mut acc_lse, mut lse) = (vals(heads * n, 5.0), vals(heads * n, 5.0));
+    acc_lse[3] = f32::NEG_INFINITY;
+    lse[5] = f32::NEG_INFINITY;
+    (acc_lse[8], lse[8]) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    let ids: Vec<u32> = (0..n).map(|i| (i * 7 % vocab) as u32).collect();
+    let pos_ids: Vec<u32> = (0..n).map(|i| (i % npos) as u32).collect();
+
+    let mut input = bytes_of(&[n as i64, hidden as i64, heads as i64, vocab as i64, npos as i64]);
+    input.extend(bytes_of(&[eps, word_scale]));
+    input.extend(bytes_of(&ids));
+    input.extend(bytes_of(&pos_ids));
+    for v in [&word, &position, &token_type, &gamma, &beta, &bias, &residual, &x, &acc_out, &acc_lse, &out, &lse] {
+        input.extend(bytes_of(v));
+    }
+    static LAYERS: OnceLock<PathBuf> = OnceLock::new();
+    let got = run_harness(LAYERS.get_or_init(|| build("layers_harness")), input);
+    let mut parts = got.chunks(n * hidden);
+    let mut next = || parts.next().unwrap().to_vec();
+
+    let close = |what: &str, got: &[f32], want: &[f32], tol: f32| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!((a.is_infinite() && a == b) || (a - b).abs() <= tol, "{what}[{i}] = {a}, expected {b}");
+        }
+    };
+    let t = |v: &[f32], shape: (usize, usize)| Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
+    let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+
+    let embedded: Vec<f32> = (0..n * hidden)
+        .map(|i| {
+            let (r, c) = (i / hidden, i % hidden);
+            (word[ids[r] as usize * hidden + c] * word_scale + position[pos_ids[r] as usize * hidden + c]) + token_type[c]
+        })
+        .collect();
+    close("embed", &next(), &embedded, 0.0);
+
+    let norm = candle_nn::LayerNorm::new(Tensor::from_slice(&gamma, hidden, &Device::Cpu).unwrap(), Tensor::from_slice(&beta, hidden, &Device::Cpu).unwrap(), f64::from(eps));
+    close("layer norm", &next(), &flat(candle_core::Module::forward(&norm, &t(&x, (n, hidden))).unwrap()), 2e-5);
+
+    let biased = t(&x, (n, hidden)).broadcast_add(&Tensor::from_slice(&bias, hidden, &Device::Cpu).unwrap()).unwrap();
+    close("bias", &next(), &flat(biased.clone()), 0.0);
+    close("bias + gelu", &next(), &flat(biased.gelu_erf().unwrap()), 2e-6);
+    close("bias + gelu (tanh)", &next(), &flat(biased.gelu().unwrap()), 2e-6);
+    close("bias + relu", &next(), &flat(biased.relu().unwrap()), 0.0);
+    close("bias + residual", &next(), &flat((biased + t(&residual, (n, hidden))).unwrap()), 0.0);
+
+    let split = t(&x, (n, hidden)).reshape((n, heads, d)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
+    close("split heads", &next(), &flat(split), 0.0);
+    close("merge heads", &next(), &x, 0.0);
+
+    let partial = |o: &[f32], l: &[f32]| Partial { out: Tensor::from_slice(o, (heads, n, d), &Device::Cpu).unwrap(), lse: Tensor::from_slice(l, (heads, n), &Device::Cpu).unwrap() };
+    let merged = partial(&acc_out, &acc_lse).merge(&partial(&out, &lse)).unwrap();
+    close("merged out", &next(), &flat(merged.out), 1e-6);
+    let merged_lse = &got[got.len() - heads * n..];
+    close("merged lse", merged_lse, &flat(merged.lse), 1e-6);
 }

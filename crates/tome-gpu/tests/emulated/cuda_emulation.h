@@ -36,6 +36,7 @@ inline float __uint_as_float(unsigned u) {
     memcpy(&f, &u, sizeof f);
     return f;
 }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 template <class T>
 inline T min(T a, T b) {
     return a < b ? a : b;

@@ -1,0 +1,130 @@
+// The per-token pieces of a transformer layer on the GPU, in f32: embeddings, layer norm, bias
+// with activation, bias with residual, heads split out of and merged back into rows, and the
+// merge of two attention partials. Matrix products are cuBLAS's; attention is attention.cu.
+//
+// Rows are row-major ([n, cols]); heads are [heads, n, head_dim]. Every kernel is block-uniform
+// (see attention.cu): the CPU emulation in tests/emulated runs them too.
+
+#define TOME_ROW_THREADS 128
+
+#ifndef INFINITY
+#define INFINITY __uint_as_float(0x7f800000u)
+#endif
+
+// The sum of `value` over the block's TOME_ROW_THREADS threads, returned to every thread.
+__device__ __forceinline__ float tome_block_sum(float value, float* scratch) {
+    scratch[threadIdx.x] = value;
+    __syncthreads();
+    for (int stride = TOME_ROW_THREADS / 2; stride > 0; stride /= 2) {
+        if ((int)threadIdx.x < stride) {
+            scratch[threadIdx.x] += scratch[threadIdx.x + stride];
+        }
+        __syncthreads();
+    }
+    const float total = scratch[0];
+    __syncthreads();
+    return total;
+}
+
+// out[i] = word[ids[i]] * word_scale + position[position_ids[i]] + token_type[0], one block a row.
+extern "C" __global__ void __launch_bounds__(TOME_ROW_THREADS)
+    tome_embed(const unsigned int* ids, const unsigned int* position_ids, const float* word, const float* position,
+               const float* token_type, float word_scale, int n, int hidden, float* out) {
+    const int row = blockIdx.x;
+    if (row >= n) return;
+    const float* w = word + (long long)ids[row] * hidden;
+    const float* p = position + (long long)position_ids[row] * hidden;
+    for (int c = threadIdx.x; c < hidden; c += TOME_ROW_THREADS) {
+        out[(long long)row * hidden + c] = (w[c] * word_scale + p[c]) + token_type[c];
+    }
+}
+
+// Layer norm of each row (biased variance, as PyTorch), in place or not; one block a row.
+extern "C" __global__ void __launch_bounds__(TOME_ROW_THREADS)
+    tome_layer_norm(const float* x, const float* gamma, const float* beta, int n, int cols, float eps, float* out) {
+    __shared__ float scratch[TOME_ROW_THREADS];
+    const int row = blockIdx.x;
+    const float* r = x + (long long)row * cols;
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += TOME_ROW_THREADS) sum += r[c];
+    const float mean = tome_block_sum(sum, scratch) / cols;
+    float squares = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += TOME_ROW_THREADS) {
+        const float d = r[c] - mean;
+        squares += d * d;
+    }
+    const float inv = rsqrtf(tome_block_sum(squares, scratch) / cols + eps);
+    float* o = out + (long long)row * cols;
+    for (int c = threadIdx.x; c < cols; c += TOME_ROW_THREADS) {
+        o[c] = (r[c] - mean) * inv * gamma[c] + beta[c];
+    }
+}
+
+// x = act(x + bias), x [n, cols]. act: 0 none, 1 GELU (erf), 2 GELU (tanh), 3 ReLU.
+extern "C" __global__ void tome_bias_activation(float* x, const float* bias, long long n, int cols, int act) {
+    const long long total = n * cols;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const float v = x[i] + bias[i % cols];
+        float y = v;
+        if (act == 1) {
+            y = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        } else if (act == 2) {
+            y = 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+        } else if (act == 3) {
+            y = fmaxf(v, 0.0f);
+        }
+        x[i] = y;
+    }
+}
+
+// x = x + bias + residual, all [n, cols].
+extern "C" __global__ void tome_bias_residual(float* x, const float* bias, const float* residual, long long n, int cols) {
+    const long long total = n * cols;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        x[i] = (x[i] + bias[i % cols]) + residual[i];
+    }
+}
+
+// rows [n, heads * d] -> heads [heads, n, d].
+extern "C" __global__ void tome_split_heads(const float* rows, int n, int heads, int d, float* out) {
+    const long long total = (long long)n * heads * d;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const long long row = i / ((long long)heads * d);
+        const int rest = (int)(i % ((long long)heads * d));
+        const int h = rest / d, t = rest % d;
+        out[((long long)h * n + row) * d + t] = rows[i];
+    }
+}
+
+// heads [heads, n, d] -> rows [n, heads * d].
+extern "C" __global__ void tome_merge_heads(const float* in, int n, int heads, int d, float* rows) {
+    const long long total = (long long)n * heads * d;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const long long row = i / ((long long)heads * d);
+        const int rest = (int)(i % ((long long)heads * d));
+        const int h = rest / d, t = rest % d;
+        rows[i] = in[((long long)h * n + row) * d + t];
+    }
+}
+
+// (acc_out, acc_lse) = merge((acc_out, acc_lse), (out, lse)): partials of the same queries over
+// disjoint keys, rows of width d, one thread a row (the formula of tome-attn's `Partial::merge`).
+extern "C" __global__ void tome_merge_partials(float* acc_out, float* acc_lse, const float* out, const float* lse, long long rows,
+                                               int d) {
+    for (long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x; row < rows; row += (long long)gridDim.x * blockDim.x) {
+        const float a = acc_lse[row], b = lse[row];
+        const float m = fmaxf(a, b);
+        float* o = acc_out + row * d;
+        const float* r = out + row * d;
+        if (m == -INFINITY) {
+            for (int t = 0; t < d; ++t) o[t] = 0.0f;
+            acc_lse[row] = -INFINITY;
+            continue;
+        }
+        const float ea = expf(a - m), eb = expf(b - m);
+        const float total = ea + eb;
+        const float wa = ea / total, wb = eb / total;
+        for (int t = 0; t < d; ++t) o[t] = wa * o[t] + wb * r[t];
+        acc_lse[row] = m + logf(total);
+    }
+}

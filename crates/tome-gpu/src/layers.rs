@@ -1,0 +1,206 @@
+//! The per-token pieces of a layer on a GPU (`kernels/layers.cu`): embeddings, layer norm, bias
+//! with an activation or a residual, heads split out of rows and merged back, partials merged.
+//! Every launcher checks its buffers' lengths against the sizes it is given before launching.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use crate::device::Gpu;
+use crate::error::{driver, GpuError, Result};
+use crate::kernels::LAYERS;
+
+/// Threads of the one-block-a-row kernels (`TOME_ROW_THREADS`).
+const ROW_THREADS: u32 = 128;
+/// Threads per block and the most blocks of the grid-stride kernels.
+const THREADS: u32 = 256;
+const MAX_BLOCKS: u64 = 1 << 16;
+
+const OP: &str = "gpu layer";
+
+/// The activation folded into a bias add.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity = 0,
+    /// GELU with erf, exact (`gelu`).
+    Gelu = 1,
+    /// GELU's tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh = 2,
+    Relu = 3,
+}
+
+/// The kernels of `layers.cu`, loaded on one GPU.
+pub struct Layers {
+    stream: Arc<CudaStream>,
+    embed: CudaFunction,
+    layer_norm: CudaFunction,
+    bias_activation: CudaFunction,
+    bias_residual: CudaFunction,
+    split_heads: CudaFunction,
+    merge_heads: CudaFunction,
+    merge_partials: CudaFunction,
+}
+
+fn expect(name: &str, have: usize, want: usize) -> Result<()> {
+    if have == want {
+        Ok(())
+    } else {
+        Err(GpuError::Shape { op: OP, msg: format!("{name} holds {have} elements where {want} are needed") })
+    }
+}
+
+fn i32_of(what: &str, n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| GpuError::Shape { op: OP, msg: format!("{what} {n}: past the kernels' 32-bit sizes") })
+}
+
+/// A grid-stride launch over `total` elements.
+fn spread(total: usize) -> LaunchConfig {
+    let blocks = (total as u64).div_ceil(u64::from(THREADS)).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block per row.
+fn per_row(rows: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig { grid_dim: (u32::try_from(rows).map_err(|_| GpuError::Shape { op: OP, msg: format!("{rows} rows in one launch") })?, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 })
+}
+
+impl Layers {
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let module = gpu.load(&LAYERS)?;
+        let f = |name: &str| module.load_function(name).map_err(driver("cuModuleGetFunction"));
+        Ok(Layers {
+            stream: gpu.stream(),
+            embed: f("tome_embed")?,
+            layer_norm: f("tome_layer_norm")?,
+            bias_activation: f("tome_bias_activation")?,
+            bias_residual: f("tome_bias_residual")?,
+            split_heads: f("tome_split_heads")?,
+            merge_heads: f("tome_merge_heads")?,
+            merge_partials: f("tome_merge_partials")?,
+        })
+    }
+
+    /// `out[i] = word[ids[i]] · word_scale + position[position_ids[i]] + token_type[0]`, `out`
+    /// `[n, hidden]`. Ids and positions are checked against the tables here, on the host.
+    #[allow(clippy::too_many_arguments)]
+    pub fn embed(&self, ids: &[u32], position_ids: &[u32], word: &CudaSlice<f32>, position: &CudaSlice<f32>, token_type: &CudaSlice<f32>, word_scale: f32, hidden: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+        let n = ids.len();
+        expect("position ids", position_ids.len(), n)?;
+        expect("out", out.len(), n * hidden)?;
+        if hidden == 0 || token_type.len() < hidden {
+            return Err(GpuError::Shape { op: OP, msg: format!("a token type table of {} values for width {hidden}", token_type.len()) });
+        }
+        for (name, table, rows) in [("token id", word, ids), ("position id", position, position_ids)] {
+            let limit = table.len() / hidden;
+            if let Some((i, bad)) = rows.iter().enumerate().find(|(_, &r)| r as usize >= limit) {
+                return Err(GpuError::Shape { op: OP, msg: format!("{name} {bad} at row {i} is past the table's {limit} rows") });
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let ids = self.stream.clone_htod(ids).map_err(driver("copy ids"))?;
+        let position_ids = self.stream.clone_htod(position_ids).map_err(driver("copy position ids"))?;
+        let (n32, h32) = (i32_of("rows", n)?, i32_of("width", hidden)?);
+        let mut args = self.stream.launch_builder(&self.embed);
+        args.arg(&ids).arg(&position_ids).arg(word).arg(position).arg(token_type).arg(&word_scale).arg(&n32).arg(&h32).arg(out);
+        // SAFETY: arguments as `tome_embed` takes them; every id and position was checked against
+        // its table and `out` holds n · hidden values.
+        unsafe { args.launch(per_row(n)?) }.map_err(driver("tome_embed"))?;
+        Ok(())
+    }
+
+    /// Layer norm of each row of `x` (`[rows, cols]`) into `out`.
+    pub fn layer_norm(&self, x: &CudaSlice<f32>, gamma: &CudaSlice<f32>, beta: &CudaSlice<f32>, cols: usize, eps: f32, out: &mut CudaSlice<f32>) -> Result<()> {
+        expect("gamma", gamma.len(), cols)?;
+        expect("beta", beta.len(), cols)?;
+        expect("out", out.len(), x.len())?;
+        if cols == 0 || x.len() % cols != 0 {
+            return Err(GpuError::Shape { op: OP, msg: format!("{} values are not rows of {cols}", x.len()) });
+        }
+        let rows = x.len() / cols;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (n32, c32) = (i32_of("rows", rows)?, i32_of("width", cols)?);
+        let mut args = self.stream.launch_builder(&self.layer_norm);
+        args.arg(x).arg(gamma).arg(beta).arg(&n32).arg(&c32).arg(&eps).arg(out);
+        // SAFETY: arguments as `tome_layer_norm` takes them; lengths checked above.
+        unsafe { args.launch(per_row(rows)?) }.map_err(driver("tome_layer_norm"))?;
+        Ok(())
+    }
+
+    /// `x = act(x + bias)` over rows of `bias.len()` columns.
+    pub fn bias_activation(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, act: Activation) -> Result<()> {
+        let cols = bias.len();
+        if cols == 0 || x.len() % cols != 0 {
+            return Err(GpuError::Shape { op: OP, msg: format!("{} values are not rows of {cols}", x.len()) });
+        }
+        let (rows, c32, act) = ((x.len() / cols) as i64, i32_of("width", cols)?, act as i32);
+        let config = spread(x.len());
+        let mut args = self.stream.launch_builder(&self.bias_activation);
+        args.arg(&mut *x).arg(bias).arg(&rows).arg(&c32).arg(&act);
+        // SAFETY: arguments as `tome_bias_activation` takes them; `x` is whole rows of `bias`.
+        unsafe { args.launch(config) }.map_err(driver("tome_bias_activation"))?;
+        Ok(())
+    }
+
+    /// `x = x + bias + residual` over rows of `bias.len()` columns.
+    pub fn bias_residual(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, residual: &CudaSlice<f32>) -> Result<()> {
+        let cols = bias.len();
+        expect("residual", residual.len(), x.len())?;
+        if cols == 0 || x.len() % cols != 0 {
+            return Err(GpuError::Shape { op: OP, msg: format!("{} values are not rows of {cols}", x.len()) });
+        }
+        let (rows, c32) = ((x.len() / cols) as i64, i32_of("width", cols)?);
+        let config = spread(x.len());
+        let mut args = self.stream.launch_builder(&self.bias_residual);
+        args.arg(&mut *x).arg(bias).arg(residual).arg(&rows).arg(&c32);
+        // SAFETY: arguments as `tome_bias_residual` takes them; lengths checked above.
+        unsafe { args.launch(config) }.map_err(driver("tome_bias_residual"))?;
+        Ok(())
+    }
+
+    /// Rows `[n, heads · d]` into heads `[heads, n, d]`.
+    pub fn split_heads(&self, rows: &CudaSlice<f32>, n: usize, heads: usize, d: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+        self.reorder(&self.split_heads, "tome_split_heads", rows, n, heads, d, out)
+    }
+
+    /// Heads `[heads, n, d]` back into rows `[n, heads · d]`.
+    pub fn merge_heads(&self, heads_in: &CudaSlice<f32>, n: usize, heads: usize, d: usize, rows: &mut CudaSlice<f32>) -> Result<()> {
+        self.reorder(&self.merge_heads, "tome_merge_heads", heads_in, n, heads, d, rows)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn reorder(&self, f: &CudaFunction, name: &'static str, from: &CudaSlice<f32>, n: usize, heads: usize, d: usize, to: &mut CudaSlice<f32>) -> Result<()> {
+        expect("input", from.len(), n * heads * d)?;
+        expect("output", to.len(), n * heads * d)?;
+        if from.is_empty() {
+            return Ok(());
+        }
+        let (n32, h32, d32) = (i32_of("rows", n)?, i32_of("heads", heads)?, i32_of("head size", d)?);
+        let mut args = self.stream.launch_builder(f);
+        args.arg(from).arg(&n32).arg(&h32).arg(&d32).arg(to);
+        // SAFETY: arguments as the kernel takes them; both buffers hold n · heads · d values.
+        unsafe { args.launch(spread(n * heads * d)) }.map_err(driver(name))?;
+        Ok(())
+    }
+
+    /// Merges the partial `(out, lse)` into the accumulator `(acc_out, acc_lse)`: the same queries
+    /// over disjoint keys, rows of `d` values.
+    pub fn merge_partials(&self, acc_out: &mut CudaSlice<f32>, acc_lse: &mut CudaSlice<f32>, out: &CudaSlice<f32>, lse: &CudaSlice<f32>, d: usize) -> Result<()> {
+        let rows = acc_lse.len();
+        expect("lse", lse.len(), rows)?;
+        expect("accumulated out", acc_out.len(), rows * d)?;
+        expect("out", out.len(), rows * d)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows64, d32) = (rows as i64, i32_of("width", d)?);
+        let mut args = self.stream.launch_builder(&self.merge_partials);
+        args.arg(acc_out).arg(acc_lse).arg(out).arg(lse).arg(&rows64).arg(&d32);
+        // SAFETY: arguments as `tome_merge_partials` takes them; lengths checked above.
+        unsafe { args.launch(spread(rows)) }.map_err(driver("tome_merge_partials"))?;
+        Ok(())
+    }
+}

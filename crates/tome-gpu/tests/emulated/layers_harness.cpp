@@ -1,0 +1,83 @@
+// Runs every kernel of kernels/layers.cu under cuda_emulation.h on inputs read from a file:
+//   layers_harness IN OUT
+// IN (little-endian): i64 n, hidden, heads, vocab, positions; f32 eps, word_scale; u32 ids[n],
+// position_ids[n]; f32 word[vocab * hidden], position[positions * hidden], token_type[hidden],
+// gamma[hidden], beta[hidden], bias[hidden], residual[n * hidden], x[n * hidden],
+// acc_out[n * hidden], acc_lse[heads * n], out[n * hidden], lse[heads * n].
+// OUT: f32 embedded, normed (x), then x + bias under each activation 0..3, x + bias + residual,
+// x split into heads, that merged back into rows, the merged partial's out then lse.
+#include "cuda_emulation.h"
+#include "../../kernels/layers.cu"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+template <class T>
+static std::vector<T> take(FILE* f, size_t n) {
+    std::vector<T> v(n);
+    if (n && fread(v.data(), sizeof(T), n, f) != n) {
+        fprintf(stderr, "short input\n");
+        exit(2);
+    }
+    return v;
+}
+
+static unsigned spread(long long total) { return (unsigned)((total + 255) / 256); }
+
+int main(int argc, char** argv) {
+    if (argc != 3) return 2;
+    FILE* in = fopen(argv[1], "rb");
+    if (!in) return 2;
+    auto h = take<long long>(in, 5);
+    const long long n = h[0], hidden = h[1], heads = h[2], vocab = h[3], npos = h[4];
+    auto f = take<float>(in, 2);
+    const float eps = f[0], word_scale = f[1];
+    auto ids = take<unsigned>(in, n), pos_ids = take<unsigned>(in, n);
+    auto word = take<float>(in, vocab * hidden), position = take<float>(in, npos * hidden);
+    auto token_type = take<float>(in, hidden), gamma = take<float>(in, hidden), beta = take<float>(in, hidden);
+    auto bias = take<float>(in, hidden), residual = take<float>(in, n * hidden), x = take<float>(in, n * hidden);
+    auto acc_out = take<float>(in, n * hidden), acc_lse = take<float>(in, heads * n);
+    auto out = take<float>(in, n * hidden), lse = take<float>(in, heads * n);
+    fclose(in);
+
+    const long long total = n * hidden;
+    const int d = (int)(hidden / heads);
+    std::vector<float> results;
+    auto keep = [&](const std::vector<float>& v) { results.insert(results.end(), v.begin(), v.end()); };
+
+    std::vector<float> embedded(total);
+    emu::launch((unsigned)n, 1, TOME_ROW_THREADS, [&] {
+        tome_embed(ids.data(), pos_ids.data(), word.data(), position.data(), token_type.data(), word_scale, (int)n,
+                   (int)hidden, embedded.data());
+    });
+    keep(embedded);
+    std::vector<float> normed(total);
+    emu::launch((unsigned)n, 1, TOME_ROW_THREADS, [&] {
+        tome_layer_norm(x.data(), gamma.data(), beta.data(), (int)n, (int)hidden, eps, normed.data());
+    });
+    keep(normed);
+    for (int act = 0; act < 4; ++act) {
+        std::vector<float> y = x;
+        emu::launch(spread(total), 1, 256, [&] { tome_bias_activation(y.data(), bias.data(), n, (int)hidden, act); });
+        keep(y);
+    }
+    std::vector<float> summed = x;
+    emu::launch(spread(total), 1, 256, [&] { tome_bias_residual(summed.data(), bias.data(), residual.data(), n, (int)hidden); });
+    keep(summed);
+    std::vector<float> split(total), back(total);
+    emu::launch(spread(total), 1, 256, [&] { tome_split_heads(x.data(), (int)n, (int)heads, d, split.data()); });
+    emu::launch(spread(total), 1, 256, [&] { tome_merge_heads(split.data(), (int)n, (int)heads, d, back.data()); });
+    keep(split);
+    keep(back);
+    emu::launch(spread(heads * n), 1, 256, [&] {
+        tome_merge_partials(acc_out.data(), acc_lse.data(), out.data(), lse.data(), heads * n, d);
+    });
+    keep(acc_out);
+    keep(acc_lse);
+
+    FILE* o = fopen(argv[2], "wb");
+    if (!o) return 2;
+    fwrite(results.data(), sizeof(float), results.size(), o);
+    fclose(o);
+    return 0;
+}
