@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use tome_model::gpu::DeviceSpec;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tome_attn::Precision;
@@ -131,6 +132,10 @@ pub struct EmbeddedArgs {
     /// Largest gRPC message received or sent, in bytes.
     #[arg(long, env = "TOME_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub max_message_bytes: usize,
+    /// Where the ranks compute: cpu, cuda (the first GPU) or cuda:N. A GPU holds a rank's
+    /// activations through every layer; asking for one where there is none is an error.
+    #[arg(long, env = "TOME_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
 }
 
 /// What every server shares: where to serve metrics, how long to drain on shutdown.
@@ -339,6 +344,10 @@ pub struct WorkerArgs {
     /// Activation memory offered to the shards running at once, in bytes.
     #[arg(long, env = "TOME_MEMORY_BUDGET_BYTES", default_value_t = 8 << 30)]
     pub memory_budget_bytes: u64,
+    /// Where this worker's ranks compute: cpu, cuda (the first GPU) or cuda:N. Asking for a GPU
+    /// where there is none stops the worker at start with the reason.
+    #[arg(long, env = "TOME_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
     /// Frames waiting per pair of ranks before the sender is held back.
     #[arg(long, env = "TOME_PEER_QUEUE_DEPTH", default_value_t = 4)]
     pub peer_queue_depth: usize,

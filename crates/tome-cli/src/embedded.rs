@@ -4,12 +4,25 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tome_coordinator::{serve, Coordinator, CoordinatorConfig, Limits};
+use tome_model::gpu::DeviceSpec;
 use tome_model::ModelDir;
 
 use crate::args::{EmbeddedArgs, RunArgs};
 
 pub fn coordinator(args: &EmbeddedArgs) -> anyhow::Result<Coordinator> {
+    check_device(args.device)?;
     Ok(Coordinator::new(load_models(args)?, config(args))?)
+}
+
+/// Opens the GPU `device` names once, compiling tome's kernels for it, so that a missing GPU,
+/// driver, NVRTC or cuBLAS stops the process at start with the reason, never a job later.
+pub fn check_device(device: DeviceSpec) -> anyhow::Result<()> {
+    if let DeviceSpec::Cuda(index) = device {
+        let rank = tome_model::gpu::GpuRank::open(index).with_context(|| format!("--device {device}"))?;
+        let gpu = rank.info();
+        tracing::info!(device = %device, name = %gpu.name, memory_bytes = gpu.memory_bytes, arch = %gpu.arch(), "ranks compute on this GPU");
+    }
+    Ok(())
 }
 
 pub fn load_models(args: &EmbeddedArgs) -> anyhow::Result<Vec<ModelDir>> {
@@ -33,6 +46,7 @@ pub fn config(args: &EmbeddedArgs) -> CoordinatorConfig {
             max_queued_tokens: args.max_queued_tokens,
             max_message_bytes: args.max_message_bytes,
         },
+        device: args.device,
         ..CoordinatorConfig::default()
     }
 }

@@ -178,6 +178,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     if models.is_empty() {
         bail!("a worker needs at least one --model");
     }
+    crate::embedded::check_device(args.device)?;
     let warm = models.clone();
     tokio::task::spawn_blocking(move || tome_worker::warm_up(&warm)).await.context("warming up")??;
     let listener = bind(args.listen).await?;
@@ -192,7 +193,8 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         ..PeerLimits::default()
     };
     let hub = PeerHub::with_tls(tokio::runtime::Handle::current(), limits, peer_tls);
-    let config = WorkerConfig { name: name.clone(), advertise: advertise.clone(), max_shards: args.max_shards.max(1), memory_budget_bytes: args.memory_budget_bytes };
+    let config =
+        WorkerConfig { name: name.clone(), advertise: advertise.clone(), max_shards: args.max_shards.max(1), memory_budget_bytes: args.memory_budget_bytes, device: args.device };
     let gpus = tome_worker::transport::NcclGpus::detect();
     tracing::info!(gpus = gpus.count(), "GPUs for ranks that talk over NCCL");
     let service = Arc::new(WorkerService::new(models, hub.clone(), config, gpus));

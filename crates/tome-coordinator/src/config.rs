@@ -1,5 +1,7 @@
 //! The coordinator's settings; every limit is explicit (the CLI exposes each as a flag).
 
+use tome_model::gpu::DeviceSpec;
+
 /// Hard limits a request must stay within.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -57,10 +59,12 @@ pub struct CoordinatorConfig {
     /// Hidden-state rows per streamed message.
     pub hidden_rows_per_message: usize,
     pub limits: Limits,
+    /// Where embedded ranks compute (a cluster's workers say where theirs do).
+    pub device: DeviceSpec,
 }
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
-        CoordinatorConfig { default_ranks: 2, default_chunk_tokens: 256, hidden_rows_per_message: 1024, limits: Limits::default() }
+        CoordinatorConfig { default_ranks: 2, default_chunk_tokens: 256, hidden_rows_per_message: 1024, limits: Limits::default(), device: DeviceSpec::Cpu }
     }
 }

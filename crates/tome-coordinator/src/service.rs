@@ -321,7 +321,10 @@ impl Coordinator {
         spec.pooling = pooling;
         spec.normalize = opts.normalize.unwrap_or(spec.model.normalize);
         let (cluster, placement) = match &self.backend {
-            Backend::Embedded => (None, None),
+            Backend::Embedded => {
+                spec.device = self.config.device;
+                (None, None)
+            }
             Backend::Cluster(c) => (Some(c.clone()), Some(c.place(&spec)?)),
         };
 

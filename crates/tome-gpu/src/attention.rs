@@ -99,11 +99,11 @@ pub struct GpuAttention {
 }
 
 impl GpuAttention {
-    /// Compiles the kernel for `gpu`'s architecture and loads it.
-    pub fn new(gpu: &Gpu) -> Result<Self> {
+    /// The kernel compiled for `gpu`'s architecture and loaded, launched on `stream`.
+    pub fn new(gpu: &Gpu, stream: Arc<CudaStream>) -> Result<Self> {
         let module = gpu.load(&ATTENTION)?;
         Ok(GpuAttention {
-            stream: gpu.stream(),
+            stream,
             f32_entry: module.load_function(<f32 as AttentionElement>::ENTRY).map_err(driver("cuModuleGetFunction"))?,
             bf16_entry: module.load_function(<u16 as AttentionElement>::ENTRY).map_err(driver("cuModuleGetFunction"))?,
         })

@@ -124,9 +124,14 @@ impl Gpu {
         describe(self.ctx.ordinal() as i32)
     }
 
-    /// The stream tome's work on this GPU is ordered on.
+    /// The GPU's default stream.
     pub fn stream(&self) -> Arc<CudaStream> {
         self.ctx.default_stream()
+    }
+
+    /// A stream of its own, for one rank's work.
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        self.ctx.new_stream().map_err(driver("cuStreamCreate"))
     }
 
     /// `kernel` compiled for this GPU (once per process and architecture) and loaded.

@@ -61,15 +61,20 @@ fn spread(total: usize) -> LaunchConfig {
 
 /// One block per row.
 fn per_row(rows: usize) -> Result<LaunchConfig> {
-    Ok(LaunchConfig { grid_dim: (u32::try_from(rows).map_err(|_| GpuError::Shape { op: OP, msg: format!("{rows} rows in one launch") })?, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 })
+    Ok(LaunchConfig {
+        grid_dim: (u32::try_from(rows).map_err(|_| GpuError::Shape { op: OP, msg: format!("{rows} rows in one launch") })?, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 impl Layers {
-    pub fn new(gpu: &Gpu) -> Result<Self> {
+    /// The kernels on `gpu`, launched on `stream`.
+    pub fn new(gpu: &Gpu, stream: Arc<CudaStream>) -> Result<Self> {
         let module = gpu.load(&LAYERS)?;
         let f = |name: &str| module.load_function(name).map_err(driver("cuModuleGetFunction"));
         Ok(Layers {
-            stream: gpu.stream(),
+            stream,
             embed: f("tome_embed")?,
             layer_norm: f("tome_layer_norm")?,
             bias_activation: f("tome_bias_activation")?,
@@ -83,7 +88,17 @@ impl Layers {
     /// `out[i] = word[ids[i]] · word_scale + position[position_ids[i]] + token_type[0]`, `out`
     /// `[n, hidden]`. Ids and positions are checked against the tables here, on the host.
     #[allow(clippy::too_many_arguments)]
-    pub fn embed(&self, ids: &[u32], position_ids: &[u32], word: &CudaSlice<f32>, position: &CudaSlice<f32>, token_type: &CudaSlice<f32>, word_scale: f32, hidden: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+    pub fn embed(
+        &self,
+        ids: &[u32],
+        position_ids: &[u32],
+        word: &CudaSlice<f32>,
+        position: &CudaSlice<f32>,
+        token_type: &CudaSlice<f32>,
+        word_scale: f32,
+        hidden: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let n = ids.len();
         expect("position ids", position_ids.len(), n)?;
         expect("out", out.len(), n * hidden)?;

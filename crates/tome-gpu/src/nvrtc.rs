@@ -7,9 +7,9 @@
 //! path), or taken from `TOME_NVRTC_DIR` (`scripts/prereqs.sh nvrtc` installs NVIDIA's PyPI
 //! wheel into `.tools/nvrtc`, which `.cargo/config.toml` names for every cargo command here).
 
+use std::collections::HashMap;
 use std::ffi::{c_char, CStr, CString};
 use std::path::Path;
-use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
 use cudarc::nvrtc::{result, sys};

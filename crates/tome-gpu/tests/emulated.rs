@@ -181,7 +181,8 @@ fn emulated_layer_kernels_match_their_definitions() {
     close("split heads", &next(), &flat(split), 0.0);
     close("merge heads", &next(), &x, 0.0);
 
-    let partial = |o: &[f32], l: &[f32]| Partial { out: Tensor::from_slice(o, (heads, n, d), &Device::Cpu).unwrap(), lse: Tensor::from_slice(l, (heads, n), &Device::Cpu).unwrap() };
+    let partial =
+        |o: &[f32], l: &[f32]| Partial { out: Tensor::from_slice(o, (heads, n, d), &Device::Cpu).unwrap(), lse: Tensor::from_slice(l, (heads, n), &Device::Cpu).unwrap() };
     let merged = partial(&acc_out, &acc_lse).merge(&partial(&out, &lse)).unwrap();
     close("merged out", &next(), &flat(merged.out), 1e-6);
     let merged_lse = &got[got.len() - heads * n..];

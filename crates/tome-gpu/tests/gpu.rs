@@ -11,7 +11,7 @@ use tome_gpu::{Gpu, GpuAttention};
 fn kernel() -> GpuAttention {
     let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("on {:?}", gpu.info().unwrap());
-    GpuAttention::new(&gpu).unwrap_or_else(|e| panic!("{e}"))
+    GpuAttention::new(&gpu, gpu.stream()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]

@@ -28,28 +28,30 @@ const FFN_ROWS: usize = 2048;
 const FAVOR_CHUNK: usize = 64;
 
 pub struct BertModel {
-    cfg: BertConfig,
-    word: Embedding,
-    position: Embedding,
-    token_type: Embedding,
-    embed_norm: LayerNorm,
-    layers: Vec<BertLayer>,
+    pub(crate) cfg: BertConfig,
+    pub(crate) word: Embedding,
+    pub(crate) position: Embedding,
+    pub(crate) token_type: Embedding,
+    pub(crate) embed_norm: LayerNorm,
+    pub(crate) layers: Vec<BertLayer>,
+    /// The weights on each GPU that has run this model.
+    pub(crate) on_gpus: crate::gpu::DeviceWeights<crate::gpu::bert::BertWeights>,
 }
 
-struct BertLayer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+pub(crate) struct BertLayer {
+    pub(crate) query: Linear,
+    pub(crate) key: Linear,
+    pub(crate) value: Linear,
     /// Longformer's separate projections for global attention (`query_global`, `key_global`,
     /// `value_global`); BERT and RoBERTa reuse `query`, `key`, `value`.
-    global: Option<(Linear, Linear, Linear)>,
+    pub(crate) global: Option<(Linear, Linear, Linear)>,
     /// The Performer encoder's FAVOR+ projection `[features, head_dim]`.
-    projection: Option<Tensor>,
-    attn_out: Linear,
-    attn_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
-    out_norm: LayerNorm,
+    pub(crate) projection: Option<Tensor>,
+    pub(crate) attn_out: Linear,
+    pub(crate) attn_norm: LayerNorm,
+    pub(crate) intermediate: Linear,
+    pub(crate) output: Linear,
+    pub(crate) out_norm: LayerNorm,
 }
 
 impl BertLayer {
@@ -96,6 +98,7 @@ impl BertModel {
             token_type: emb(cfg.type_vocab_size, "token_type_embeddings")?,
             embed_norm: weights(layer_norm(h, cfg.layer_norm_eps, e.pp("LayerNorm")), format!("{}.LayerNorm", e.prefix()))?,
             layers,
+            on_gpus: Default::default(),
             cfg: cfg.clone(),
         })
     }
@@ -198,7 +201,65 @@ impl BertModel {
     }
 }
 
+/// A rank's rows as a BERT-family layer stack takes them: the plan padded for block-sparse
+/// layers, each row's global position, token id and position id, whether it is a real token
+/// (padding is never attended to), and how many rows are the rank's own.
+pub(crate) struct ShardRows {
+    pub(crate) padded: ShardPlan,
+    pub(crate) positions: Vec<i64>,
+    pub(crate) ids: Vec<u32>,
+    pub(crate) pos_ids: Vec<u32>,
+    pub(crate) valid: Vec<bool>,
+    pub(crate) n: usize,
+}
+
+impl BertModel {
+    /// Checks rank `r`'s input against the model and the plan and lays out its rows.
+    pub(crate) fn shard_rows(&self, plan: &ShardPlan, input: &ShardInput, r: usize) -> Result<ShardRows> {
+        let positions = plan.positions(r);
+        let n = positions.len();
+        if input.ids.len() != n || input.position_ids.len() != n || input.layers.len() != self.layers.len() {
+            return Err(ModelError::Input(format!(
+                "rank {r} owns {n} tokens of {} layers but was given {} ids, {} positions and {} layers",
+                self.layers.len(),
+                input.ids.len(),
+                input.position_ids.len(),
+                input.layers.len()
+            )));
+        }
+        crate::model::check_vocab(&input.ids, self.cfg.vocab_size)?;
+        if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= self.cfg.max_position_embeddings) {
+            return Err(ModelError::Input(format!("position id {bad} is beyond the {} learned positions", self.cfg.max_position_embeddings)));
+        }
+        if input.global_tokens.windows(2).any(|w| w[1] <= w[0]) || input.global_tokens.last().is_some_and(|&g| g >= plan.len()) {
+            return Err(ModelError::Input(format!("global tokens must ascend and lie within the {} tokens of the document", plan.len())));
+        }
+        // Block-sparse layers see whole blocks: as transformers, pad the document's end with
+        // `pad_token_id` tokens that are never attended to, at the next positions, and drop
+        // their rows at the end.
+        let pad = match input.layers.iter().find_map(|l| if let LayerAttention::BlockSparse { block, .. } = l { Some(*block) } else { None }) {
+            Some(block) => plan.len().next_multiple_of(block) - plan.len(),
+            None => 0,
+        };
+        let padded = padded_plan(plan, pad)?;
+        let positions = padded.positions(r);
+        let rows = positions.len();
+        let usable = self.cfg.usable_positions();
+        let mut ids = input.ids.clone();
+        ids.resize(rows, self.cfg.pad_token_id as u32);
+        let mut pos_ids = input.position_ids.clone();
+        pos_ids.extend((n..rows).map(|i| (((positions[i] as usize) % usable) + self.cfg.position_offset()) as u32));
+        let valid: Vec<bool> = positions.iter().map(|&p| (p as usize) < plan.len()).collect();
+
+        Ok(ShardRows { padded, positions, ids, pos_ids, valid, n })
+    }
+}
+
 impl Architecture for BertModel {
+    fn forward_gpu(&self, rank: &crate::gpu::GpuRank, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        self.forward_on_gpu(rank, group, plan, input, after_layer)
+    }
+
     /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
     /// and values; embeddings, norms, residual sums and every partial in f32.
     fn precisions(&self) -> &'static [Precision] {
@@ -293,42 +354,9 @@ impl Architecture for BertModel {
 
     /// As [`BertModel::forward_shard`], from the rank's [`ShardInput`] alone.
     fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
-        let r = group.rank();
-        let positions = plan.positions(r);
         let dev = Device::Cpu;
-        let n = positions.len();
-        if input.ids.len() != n || input.position_ids.len() != n || input.layers.len() != self.layers.len() {
-            return Err(ModelError::Input(format!(
-                "rank {r} owns {n} tokens of {} layers but was given {} ids, {} positions and {} layers",
-                self.layers.len(),
-                input.ids.len(),
-                input.position_ids.len(),
-                input.layers.len()
-            )));
-        }
-        crate::model::check_vocab(&input.ids, self.cfg.vocab_size)?;
-        if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= self.cfg.max_position_embeddings) {
-            return Err(ModelError::Input(format!("position id {bad} is beyond the {} learned positions", self.cfg.max_position_embeddings)));
-        }
-        if input.global_tokens.windows(2).any(|w| w[1] <= w[0]) || input.global_tokens.last().is_some_and(|&g| g >= plan.len()) {
-            return Err(ModelError::Input(format!("global tokens must ascend and lie within the {} tokens of the document", plan.len())));
-        }
-        // Block-sparse layers see whole blocks: as transformers, pad the document's end with
-        // `pad_token_id` tokens that are never attended to, at the next positions, and drop
-        // their rows at the end.
-        let pad = match input.layers.iter().find_map(|l| if let LayerAttention::BlockSparse { block, .. } = l { Some(*block) } else { None }) {
-            Some(block) => plan.len().next_multiple_of(block) - plan.len(),
-            None => 0,
-        };
-        let padded = padded_plan(plan, pad)?;
-        let positions = padded.positions(r);
+        let ShardRows { padded, positions, ids, pos_ids, valid, n } = self.shard_rows(plan, input, group.rank())?;
         let rows = positions.len();
-        let usable = self.cfg.usable_positions();
-        let mut ids = input.ids.clone();
-        ids.resize(rows, self.cfg.pad_token_id as u32);
-        let mut pos_ids = input.position_ids.clone();
-        pos_ids.extend((n..rows).map(|i| (((positions[i] as usize) % usable) + self.cfg.position_offset()) as u32));
-        let valid: Vec<bool> = positions.iter().map(|&p| (p as usize) < plan.len()).collect();
 
         // The embeddings, a block of rows at a time, written into the first layer's input: the
         // whole shard's word, position and type embeddings and their sums never exist at once.

@@ -21,6 +21,9 @@ pub enum ModelError {
     Dist(#[from] tome_dist::DistError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A GPU rank's device, driver or kernel failed.
+    #[error(transparent)]
+    Gpu(#[from] tome_gpu::GpuError),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

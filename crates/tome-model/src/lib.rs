@@ -12,6 +12,7 @@ mod document;
 mod error;
 pub mod gpt2;
 pub mod gpt_neo;
+pub mod gpu;
 pub mod heads;
 pub mod linear;
 pub mod llama;

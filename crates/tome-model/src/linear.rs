@@ -21,6 +21,11 @@ impl Linear {
         Linear { f32, bf16: OnceLock::new() }
     }
 
+    /// The checkpoint's f32 layer.
+    pub fn f32(&self) -> &candle_nn::Linear {
+        &self.f32
+    }
+
     /// The weights as a `precision` run's products read them; a bf16 run packs them the first
     /// time (ranks asking at once may each pack; one packing is kept).
     pub fn at(&self, precision: Precision) -> Result<Projection<'_>> {

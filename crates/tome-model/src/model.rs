@@ -13,6 +13,7 @@ use tome_dist::{Group, ShardPlan};
 use crate::config::{EncodeOptions, LayerAttention};
 use crate::document::{Prepared, RunOptions, ShardInput};
 use crate::error::{ModelError, Result};
+use crate::gpu::GpuRank;
 
 /// One architecture: a file in this crate that implements it, and a line in the registry.
 pub trait Architecture: Send + Sync {
@@ -26,6 +27,12 @@ pub trait Architecture: Send + Sync {
     /// Runs a rank's shard from its own tokens; returns its rows of the hidden states the run
     /// asks for. `after_layer(l)` is called when layer `l` is done; returning false cancels.
     fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor>;
+
+    /// [`Architecture::forward`] with the rank's activations on a GPU (`rank`). Architectures
+    /// without a GPU forward keep this default, which refuses by name.
+    fn forward_gpu(&self, _rank: &GpuRank, _group: &dyn Group, _plan: &ShardPlan, _input: &ShardInput, _after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        Err(ModelError::Unsupported(format!("{} does not run on a GPU rank yet (the BERT family does); run it with --device cpu", self.shape().model_type)))
+    }
 
     /// The shortest document the model runs.
     fn min_tokens(&self) -> usize {
@@ -118,6 +125,17 @@ impl Model {
     pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         self.check_precision(input.run.precision)?;
         self.0.forward(group, plan, input, after_layer)
+    }
+
+    /// [`Model::forward`] on `gpu` where one is given, on the CPU otherwise.
+    pub fn forward_on(&self, gpu: Option<&GpuRank>, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        match gpu {
+            None => self.forward(group, plan, input, after_layer),
+            Some(rank) => {
+                self.check_precision(input.run.precision)?;
+                self.0.forward_gpu(rank, group, plan, input, after_layer)
+            }
+        }
     }
 
     /// As [`Model::forward`] for rank `group.rank()` of a prepared document.

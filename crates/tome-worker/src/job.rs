@@ -4,6 +4,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tome_model::gpu::{DeviceSpec, GpuRank};
 
 use candle_core::Tensor;
 use tokio::sync::mpsc;
@@ -30,6 +31,8 @@ pub struct JobSpec {
     pub log_probs: bool,
     pub pooling: Pooling,
     pub normalize: bool,
+    /// Where the ranks compute.
+    pub device: DeviceSpec,
 }
 
 impl JobSpec {
@@ -51,7 +54,7 @@ impl JobSpec {
     pub fn new(model: Arc<ModelDir>, doc: Arc<Prepared>, ranks: usize, layout: Layout) -> Result<Self, WorkerError> {
         let plan = doc.plan(layout, ranks)?;
         let pooling = model.pooling;
-        Ok(JobSpec { model, doc, plan, chunks: Vec::new(), document: true, hidden: false, log_probs: false, pooling, normalize: false })
+        Ok(JobSpec { model, doc, plan, chunks: Vec::new(), document: true, hidden: false, log_probs: false, pooling, normalize: false, device: DeviceSpec::Cpu })
     }
 }
 
@@ -106,12 +109,19 @@ pub struct RankWork<'a> {
     pub hidden: bool,
     /// Score the rank's tokens: the id after each of its rows (causal models).
     pub next_ids: Option<&'a [u32]>,
+    /// Where the rank computes: the CPU, or a GPU that holds its activations through every
+    /// layer (only its hidden rows come back).
+    pub device: DeviceSpec,
 }
 
 /// Runs one rank of a job on `group`: the encoder on its shard, then its part of the pooling.
 /// The same code runs a rank of the in-process group and a rank on a worker process.
 pub fn run_rank(group: &dyn Group, work: &RankWork, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<RankOutput, tome_model::ModelError> {
-    let hidden = work.model.model.forward(group, work.plan, work.input, after_layer)?;
+    let gpu = match work.device {
+        DeviceSpec::Cpu => None,
+        DeviceSpec::Cuda(index) => Some(GpuRank::open(index)?),
+    };
+    let hidden = work.model.model.forward_on(gpu.as_ref(), group, work.plan, work.input, after_layer)?;
     let pooled = if work.spans.is_empty() { None } else { Some(pool_spans(group, work.plan, &hidden, work.spans, work.pooling)?) };
     let log_probs = match work.next_ids {
         Some(next) => Some(work.model.model.log_probs(&hidden, next)?),
@@ -236,7 +246,16 @@ fn run(spec: &JobSpec, events: &mpsc::Sender<Result<JobEvent, WorkerError>>, can
         };
         let input = spec.doc.shard(&spec.plan, group.rank());
         let next = spec.log_probs.then(|| spec.doc.next_ids(&spec.plan, group.rank()));
-        let work = RankWork { model: &spec.model, plan: &spec.plan, input: &input, spans: &spans, pooling: spec.pooling, hidden: spec.hidden, next_ids: next.as_deref() };
+        let work = RankWork {
+            model: &spec.model,
+            plan: &spec.plan,
+            input: &input,
+            spans: &spans,
+            pooling: spec.pooling,
+            hidden: spec.hidden,
+            next_ids: next.as_deref(),
+            device: spec.device,
+        };
         run_rank(group, &work, &mut after_layer)
     });
     let outputs: Vec<RankOutput> = match outputs {

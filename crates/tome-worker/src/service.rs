@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tome_model::gpu::DeviceSpec;
 
 use candle_core::Tensor;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -40,6 +41,8 @@ pub struct WorkerConfig {
     pub max_shards: usize,
     /// Activation memory offered to the shards running at once.
     pub memory_budget_bytes: u64,
+    /// Where this worker's ranks compute.
+    pub device: DeviceSpec,
 }
 
 /// A running shard's job secret and cancel flag, by job id.
@@ -127,7 +130,10 @@ impl WorkerService {
             name: self.config.name.clone(),
             address: self.config.advertise.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
-            device: format!("cpu, {} threads", candle_core::utils::get_num_threads()),
+            device: match self.config.device {
+                DeviceSpec::Cpu => format!("cpu, {} threads", candle_core::utils::get_num_threads()),
+                gpu => format!("{gpu}, with {} CPU threads", candle_core::utils::get_num_threads()),
+            },
             models: self.models.iter().map(|m| crate::model_info(m)).collect(),
             memory_budget_bytes: self.config.memory_budget_bytes,
             max_shards: self.config.max_shards as u32,
@@ -260,7 +266,15 @@ fn event(e: pb::shard_event::Event) -> Result<pb::ShardEvent, Status> {
 }
 
 /// Runs a checked shard on the calling (compute) thread and reports on `tx`.
-fn run_shard(hub: &PeerHub, gpu: Option<&GpuLease>, shard: &Shard, tx: &EventSender, cancel: &AtomicBool, deadline: Option<Instant>) -> Result<pb::ShardDone, WorkerError> {
+fn run_shard(
+    hub: &PeerHub,
+    gpu: Option<&GpuLease>,
+    device: DeviceSpec,
+    shard: &Shard,
+    tx: &EventSender,
+    cancel: &AtomicBool,
+    deadline: Option<Instant>,
+) -> Result<pb::ShardDone, WorkerError> {
     let started = Instant::now();
     let at = Rendezvous { job: &shard.job, secret: &shard.secret, rank: shard.rank, addresses: &shard.addresses, trace: shard.trace };
     let group = transport::join(hub, shard.transport, gpu, &at)?;
@@ -282,6 +296,7 @@ fn run_shard(hub: &PeerHub, gpu: Option<&GpuLease>, shard: &Shard, tx: &EventSen
         pooling: shard.pooling,
         hidden: shard.hidden,
         next_ids: shard.next_ids.as_deref(),
+        device,
     };
     let out = run_rank(group.group(), &work, &mut after_layer);
     let wire_bytes_sent = group.wire_bytes_sent();
@@ -421,6 +436,7 @@ impl pb::worker_server::Worker for WorkerService {
             watch_flag.store(true, Ordering::Relaxed);
             watch_hub.cancel(&watch_job, &watch_secret);
         });
+        let device = self.config.device;
         std::thread::Builder::new()
             .name(format!("tome-shard-{}", shard.rank))
             .spawn(move || {
@@ -428,7 +444,7 @@ impl pb::worker_server::Worker for WorkerService {
                 let started = Instant::now();
                 // A fault in the rank's code ends the shard with an error status, never a
                 // stream that ends OK without its result.
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_shard(&hub, gpu.as_ref(), &shard, &tx, &flag, deadline)))
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_shard(&hub, gpu.as_ref(), device, &shard, &tx, &flag, deadline)))
                     .unwrap_or_else(|_| Err(WorkerError::Internal(format!("rank {} failed unexpectedly; the worker's log has the cause", shard.rank))));
                 drop(gpu);
                 metrics::shard_seconds(started.elapsed());

@@ -185,6 +185,7 @@ fn measure(case: &Case) -> (Vec<(u64, u64)>, u64) {
             pooling: spec.pooling,
             hidden: spec.hidden,
             next_ids: spec.log_probs.then_some(next[r].as_slice()),
+            device: spec.device,
         };
         run_rank(&Decoding(g), &work, &mut |_| true)
     })

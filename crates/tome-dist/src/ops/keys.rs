@@ -24,13 +24,15 @@ impl KeyBlock {
         self.pos.is_empty()
     }
 
-    /// Frame for the wire when the receiver cannot derive the positions itself.
-    pub(crate) fn to_frame(&self) -> Result<Frame> {
+    /// The block as one frame, for the wire when the receiver cannot derive the positions
+    /// itself: keys, values, positions, validity.
+    pub fn to_frame(&self) -> Result<Frame> {
         let pos = Tensor::from_vec(self.pos.clone(), self.pos.len(), &candle_core::Device::Cpu)?;
         Ok(vec![self.k.clone(), self.v.clone(), pos, flags_to_tensor(&self.valid)?])
     }
 
-    pub(crate) fn from_frame(frame: Frame) -> Result<Self> {
+    /// A block read back from [`KeyBlock::to_frame`]'s frame.
+    pub fn from_frame(frame: Frame) -> Result<Self> {
         let [k, v, pos, valid]: [Tensor; 4] = frame.try_into().map_err(|f: Frame| DistError::Plan(format!("a key frame has 4 tensors, got {}", f.len())))?;
         Ok(KeyBlock { k, v, pos: pos.to_vec1::<i64>()?, valid: tensor_to_flags(&valid)? })
     }

@@ -86,6 +86,11 @@ impl WindowKeys {
         Ok(WindowKeys { keys: Some(keys), spec, dv })
     }
 
+    /// The keys held (own rows and the halo, ascending by position); `None` for an empty shard.
+    pub fn keys(&self) -> Option<&KeyBlock> {
+        self.keys.as_ref()
+    }
+
     /// The keys and values held, given back to be reused.
     pub(super) fn into_block(self) -> Option<KeyBlock> {
         self.keys

@@ -1,0 +1,177 @@
+//! Attention of a shard held on the GPU, across ranks: dense (ring) and window (halo) attention
+//! with the plans of `tome_dist::ops`, their key blocks crossing ranks as the same frames over
+//! the job's Group (staged through the host), and every partial computed and merged on the
+//! device. With one rank nothing leaves the device.
+
+use candle_core::{Device, Tensor};
+use cudarc::driver::CudaSlice;
+use tome_dist::ops::{window_keys, KeyBlock, WindowSpec};
+use tome_dist::{Group, ShardPlan};
+use tome_gpu::attention::{Dims, Inputs};
+
+use super::GpuRank;
+use crate::error::Result;
+
+/// Which keys a layer's queries see.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Pattern {
+    /// Every key (`causal`: up to the query's own position), through the ring.
+    Dense { causal: bool },
+    /// Keys within `one_sided` positions, the halo fetched from the neighbours.
+    Window { one_sided: usize, causal: bool },
+}
+
+/// A shard's queries, keys and values on the device, `[heads, n, d]`, at `pos` (ascending).
+pub(crate) struct Shard<'a> {
+    pub q: &'a CudaSlice<f32>,
+    pub k: &'a CudaSlice<f32>,
+    pub v: &'a CudaSlice<f32>,
+    pub pos: &'a [i64],
+    pub valid: &'a [bool],
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// Keys and values on the device with their positions and validity, borrowed.
+#[derive(Clone, Copy)]
+struct BlockRef<'a> {
+    k: &'a CudaSlice<f32>,
+    v: &'a CudaSlice<f32>,
+    pos: &'a CudaSlice<i64>,
+    valid: &'a CudaSlice<u8>,
+    len: usize,
+}
+
+/// A block copied to the device.
+struct DeviceBlock {
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    pos: CudaSlice<i64>,
+    valid: CudaSlice<u8>,
+    len: usize,
+}
+
+impl DeviceBlock {
+    fn upload(rank: &GpuRank, block: &KeyBlock) -> Result<Self> {
+        Ok(DeviceBlock {
+            k: rank.upload_tensor(&block.k)?,
+            v: rank.upload_tensor(&block.v)?,
+            pos: rank.upload(&block.pos)?,
+            valid: rank.upload(&block.valid.iter().map(|&b| u8::from(b)).collect::<Vec<_>>())?,
+            len: block.len(),
+        })
+    }
+
+    fn as_ref(&self) -> BlockRef<'_> {
+        BlockRef { k: &self.k, v: &self.v, pos: &self.pos, valid: &self.valid, len: self.len }
+    }
+}
+
+/// The shard's attention output `[heads, n, d]` under `pattern`, on the device.
+pub(crate) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, pattern: Pattern, scale: f32) -> Result<CudaSlice<f32>> {
+    let (heads, d, n) = (shard.heads, shard.head_dim, shard.pos.len());
+    let q_pos = rank.upload(shard.pos)?;
+    let own_valid = rank.upload(&shard.valid.iter().map(|&b| u8::from(b)).collect::<Vec<_>>())?;
+    let own = BlockRef { k: shard.k, v: shard.v, pos: &q_pos, valid: &own_valid, len: n };
+    let mut acc = Accumulator::new(rank, heads, n, d)?;
+    match pattern {
+        Pattern::Window { one_sided, causal } => {
+            let fetched = if group.size() == 1 {
+                None
+            } else {
+                let host = to_host(rank, shard)?;
+                let keys = window_keys(group, plan, &host, WindowSpec { one_sided, causal, scale })?;
+                Some(keys.keys().map(|k| DeviceBlock::upload(rank, k)).transpose()?)
+            };
+            let block = match &fetched {
+                None => Some(own),
+                Some(halo) => halo.as_ref().map(DeviceBlock::as_ref),
+            };
+            if let Some(block) = block.filter(|b| b.len > 0 && n > 0) {
+                acc.add(rank, shard, &q_pos, block, causal, Some(one_sided), scale)?;
+            }
+        }
+        Pattern::Dense { causal } => {
+            if group.size() == 1 {
+                if n > 0 {
+                    acc.add(rank, shard, &q_pos, own, causal, None, scale)?;
+                }
+            } else {
+                ring(rank, group, shard, &q_pos, &mut acc, causal, scale)?;
+            }
+        }
+    }
+    Ok(acc.out)
+}
+
+/// Ring attention (as `tome_dist::ops::ring_attention`): each block is forwarded to the next
+/// rank before this rank computes on it; a block wholly after this rank's last query is passed
+/// on without being computed under a causal mask.
+fn ring(rank: &GpuRank, group: &dyn Group, shard: &Shard<'_>, q_pos: &CudaSlice<i64>, acc: &mut Accumulator, causal: bool, scale: f32) -> Result<()> {
+    let q_max = shard.pos.iter().copied().max();
+    let mut block = to_host(rank, shard)?;
+    let p = group.size();
+    for step in 0..p {
+        let last = step + 1 == p;
+        if !last {
+            group.send(group.next_rank(), block.to_frame()?)?;
+        }
+        let visible = !causal || matches!((q_max, block.pos.first()), (Some(qm), Some(&k0)) if k0 <= qm);
+        if !block.is_empty() && !shard.pos.is_empty() && visible {
+            acc.add(rank, shard, q_pos, DeviceBlock::upload(rank, &block)?.as_ref(), causal, None, scale)?;
+        }
+        if !last {
+            block = KeyBlock::from_frame(group.recv(group.prev_rank())?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The shard's own keys and values on the host, as a block to send.
+fn to_host(rank: &GpuRank, shard: &Shard<'_>) -> Result<KeyBlock> {
+    let n = shard.pos.len();
+    let dims = (shard.heads, n, shard.head_dim);
+    Ok(KeyBlock {
+        k: Tensor::from_vec(rank.download(shard.k)?, dims, &Device::Cpu)?,
+        v: Tensor::from_vec(rank.download(shard.v)?, dims, &Device::Cpu)?,
+        pos: shard.pos.to_vec(),
+        valid: shard.valid.to_vec(),
+    })
+}
+
+/// The running partial of the shard's queries: output and log-sum-exp, on the device.
+struct Accumulator {
+    out: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+    /// A second partial, for each block after the first.
+    scratch: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+    blocks: usize,
+}
+
+impl Accumulator {
+    fn new(rank: &GpuRank, heads: usize, n: usize, d: usize) -> Result<Self> {
+        Ok(Accumulator { out: rank.zeros(heads * n * d)?, lse: rank.upload(&vec![f32::NEG_INFINITY; heads * n])?, scratch: None, blocks: 0 })
+    }
+
+    /// Attends the shard's queries to `block` and merges the partial in.
+    #[allow(clippy::too_many_arguments)]
+    fn add(&mut self, rank: &GpuRank, shard: &Shard<'_>, q_pos: &CudaSlice<i64>, block: BlockRef<'_>, causal: bool, window: Option<usize>, scale: f32) -> Result<()> {
+        let n = shard.pos.len();
+        let dims = Dims { heads: shard.heads, kv_heads: shard.heads, queries: n, keys: block.len, head_dim: shard.head_dim, value_dim: shard.head_dim };
+        let inputs = Inputs { q: shard.q, k: block.k, v: block.v, q_pos, k_pos: block.pos, key_valid: Some(block.valid), causal, window, scale };
+        if self.blocks == 0 {
+            rank.attention.launch(dims, &inputs, &mut self.out, &mut self.lse)?;
+        } else {
+            let (out, lse) = match self.scratch.take() {
+                Some(s) => s,
+                None => (rank.zeros(self.out.len())?, rank.zeros(self.lse.len())?),
+            };
+            let (mut out, mut lse) = (out, lse);
+            rank.attention.launch(dims, &inputs, &mut out, &mut lse)?;
+            rank.layers.merge_partials(&mut self.out, &mut self.lse, &out, &lse, shard.head_dim)?;
+            self.scratch = Some((out, lse));
+        }
+        self.blocks += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,164 @@
+//! The BERT family on a GPU rank (BERT, RoBERTa, MiniLM, Longformer without global tokens): the
+//! layer stack of `crate::bert` in f32 with every activation on the device — embeddings and
+//! norms by tome's kernels, projections by cuBLAS (no TF32), attention by tome's kernel over
+//! the ring or the window halo. The rank's hidden rows leave the device at the end.
+
+use candle_core::{Device, Tensor};
+use cudarc::driver::CudaSlice;
+use tome_attn::Precision;
+use tome_dist::{Group, ShardPlan};
+use tome_gpu::layers::Activation;
+
+use super::attention::{attend, Pattern, Shard};
+use super::{DeviceLinear, DeviceNorm, GpuRank};
+use crate::bert::{BertModel, ShardRows};
+use crate::config::{Activation as Act, LayerAttention};
+use crate::document::ShardInput;
+use crate::error::{ModelError, Result};
+
+/// One layer's weights on a GPU.
+pub(crate) struct LayerWeights {
+    query: DeviceLinear,
+    key: DeviceLinear,
+    value: DeviceLinear,
+    attn_out: DeviceLinear,
+    attn_norm: DeviceNorm,
+    intermediate: DeviceLinear,
+    output: DeviceLinear,
+    out_norm: DeviceNorm,
+}
+
+/// A BERT-family model's weights on a GPU.
+pub(crate) struct BertWeights {
+    word: CudaSlice<f32>,
+    position: CudaSlice<f32>,
+    token_type: CudaSlice<f32>,
+    embed_norm: DeviceNorm,
+    layers: Vec<LayerWeights>,
+}
+
+impl BertWeights {
+    fn upload(model: &BertModel, rank: &GpuRank) -> Result<Self> {
+        let eps = model.cfg.layer_norm_eps;
+        let layers = model
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerWeights {
+                    query: DeviceLinear::upload(rank, l.query.f32())?,
+                    key: DeviceLinear::upload(rank, l.key.f32())?,
+                    value: DeviceLinear::upload(rank, l.value.f32())?,
+                    attn_out: DeviceLinear::upload(rank, l.attn_out.f32())?,
+                    attn_norm: DeviceNorm::upload(rank, &l.attn_norm, eps)?,
+                    intermediate: DeviceLinear::upload(rank, l.intermediate.f32())?,
+                    output: DeviceLinear::upload(rank, l.output.f32())?,
+                    out_norm: DeviceNorm::upload(rank, &l.out_norm, eps)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(BertWeights {
+            word: rank.upload_tensor(model.word.embeddings())?,
+            position: rank.upload_tensor(model.position.embeddings())?,
+            token_type: rank.upload_tensor(model.token_type.embeddings())?,
+            embed_norm: DeviceNorm::upload(rank, &model.embed_norm, eps)?,
+            layers,
+        })
+    }
+}
+
+/// What a GPU rank of this model refuses, by name, before any work.
+fn check(model: &BertModel, input: &ShardInput) -> Result<Activation> {
+    let family = model.cfg.model_type.name();
+    if input.run.precision != Precision::F32 {
+        return Err(ModelError::Unsupported(format!("{family} runs in f32 on a GPU rank; {} is not implemented there", input.run.precision)));
+    }
+    if !input.global_tokens.is_empty() {
+        return Err(ModelError::Unsupported(format!("{family} with global tokens does not run on a GPU rank yet (window attention without them does)")));
+    }
+    if let Some(other) = input.layers.iter().find(|l| !matches!(l, LayerAttention::Dense | LayerAttention::Window { .. })) {
+        return Err(ModelError::Unsupported(format!("{family}: `{other}` attention does not run on a GPU rank yet (dense and window attention do)")));
+    }
+    match model.cfg.hidden_act {
+        Act::GeluErf => Ok(Activation::Gelu),
+        Act::GeluTanh => Ok(Activation::GeluTanh),
+        Act::Relu => Ok(Activation::Relu),
+        Act::Silu => Err(ModelError::Unsupported(format!("{family}: the silu activation does not run on a GPU rank yet"))),
+    }
+}
+
+/// `x = x + bias` where the layer has a bias.
+fn add_bias(rank: &GpuRank, x: &mut CudaSlice<f32>, layer: &DeviceLinear, act: Activation) -> Result<()> {
+    match &layer.b {
+        Some(b) => Ok(rank.layers.bias_activation(x, b, act)?),
+        None if act == Activation::Identity => Ok(()),
+        None => {
+            let zero = rank.zeros(layer.out)?;
+            Ok(rank.layers.bias_activation(x, &zero, act)?)
+        }
+    }
+}
+
+/// `x Wᵀ + b` split into heads `[heads, rows, d]`.
+fn project_heads(rank: &GpuRank, x: &CudaSlice<f32>, layer: &DeviceLinear, rows: usize, heads: usize) -> Result<CudaSlice<f32>> {
+    let mut y = layer.product(rank, x)?;
+    add_bias(rank, &mut y, layer, Activation::Identity)?;
+    let mut out = rank.zeros(y.len())?;
+    rank.layers.split_heads(&y, rows, heads, layer.out / heads, &mut out)?;
+    Ok(out)
+}
+
+/// `norm(x Wᵀ + b + residual)`.
+fn residual_norm(rank: &GpuRank, x: &CudaSlice<f32>, layer: &DeviceLinear, residual: &CudaSlice<f32>, norm: &DeviceNorm) -> Result<CudaSlice<f32>> {
+    let mut y = layer.product(rank, x)?;
+    match &layer.b {
+        Some(b) => rank.layers.bias_residual(&mut y, b, residual)?,
+        None => rank.layers.bias_residual(&mut y, &rank.zeros(layer.out)?, residual)?,
+    }
+    norm.apply(rank, &y)
+}
+
+impl BertModel {
+    /// [`crate::Architecture::forward`] on `rank`'s GPU.
+    pub(crate) fn forward_on_gpu(&self, rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        let act = check(self, input)?;
+        let ShardRows { padded, positions, ids, pos_ids, valid, n } = self.shard_rows(plan, input, group.rank())?;
+        let weights = self.on_gpus.on(rank, |rank| BertWeights::upload(self, rank))?;
+        let (rows, hidden) = (positions.len(), self.cfg.hidden_size);
+        let (heads, d) = (self.cfg.num_attention_heads, self.cfg.head_dim());
+        let scale = 1.0 / (d as f32).sqrt();
+
+        let word_scale = if self.cfg.rescale_embeddings { (hidden as f32).sqrt() } else { 1.0 };
+        let mut embedded = rank.zeros(rows * hidden)?;
+        rank.layers.embed(&ids, &pos_ids, &weights.word, &weights.position, &weights.token_type, word_scale, hidden, &mut embedded)?;
+        let mut x = weights.embed_norm.apply(rank, &embedded)?;
+        drop(embedded);
+
+        for (l, w) in weights.layers.iter().enumerate().take(input.run.layers_to_run(weights.layers.len())?) {
+            let pattern = match input.layers[l] {
+                LayerAttention::Dense => Pattern::Dense { causal: false },
+                LayerAttention::Window { one_sided } => Pattern::Window { one_sided, causal: false },
+                other => return Err(ModelError::Unsupported(format!("`{other}` attention on a GPU rank"))),
+            };
+            let q = project_heads(rank, &x, &w.query, rows, heads)?;
+            let k = project_heads(rank, &x, &w.key, rows, heads)?;
+            let v = project_heads(rank, &x, &w.value, rows, heads)?;
+            let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, head_dim: d };
+            let context = attend(rank, group, &padded, &shard, pattern, scale)?;
+            drop((q, k, v));
+            let mut merged = rank.zeros(rows * hidden)?;
+            rank.layers.merge_heads(&context, rows, heads, d, &mut merged)?;
+            drop(context);
+            let h = residual_norm(rank, &merged, &w.attn_out, &x, &w.attn_norm)?;
+            drop(merged);
+            let mut inner = w.intermediate.product(rank, &h)?;
+            add_bias(rank, &mut inner, &w.intermediate, act)?;
+            x = residual_norm(rank, &inner, &w.output, &h, &w.out_norm)?;
+            if !after_layer(l) {
+                return Err(ModelError::Cancelled);
+            }
+        }
+        let mut values = rank.download(&x)?;
+        values.truncate(n * hidden);
+        Ok(Tensor::from_vec(values, (n, hidden), &Device::Cpu)?)
+    }
+}

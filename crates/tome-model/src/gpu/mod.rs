@@ -1,0 +1,142 @@
+//! Ranks that compute on a GPU: a rank's handles on its GPU ([`GpuRank`]: its own stream, the
+//! kernels, cuBLAS), a model's weights uploaded once per GPU ([`DeviceWeights`]), and the
+//! attention of a shard whose queries, keys and values are on the device (`attention`). Only
+//! results (the rank's hidden rows) and the frames between ranks leave the device.
+//!
+//! An architecture runs on a GPU by implementing `Architecture::forward_gpu`: the BERT family
+//! (BERT, RoBERTa, MiniLM, Longformer without global tokens) with dense and window attention,
+//! in f32. Every other architecture, attention or precision is refused on a GPU rank by name.
+
+mod attention;
+pub(crate) mod bert;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::Tensor;
+use cudarc::driver::{CudaSlice, CudaStream};
+use tome_gpu::blas::Blas;
+use tome_gpu::layers::Layers;
+use tome_gpu::{Gpu, GpuAttention, GpuError, GpuInfo};
+
+pub use tome_gpu::DeviceSpec;
+
+use crate::error::{ModelError, Result};
+
+/// One rank's handles on a GPU: a stream of its own (ranks sharing a GPU run side by side), the
+/// kernels loaded on it and a cuBLAS handle bound to it.
+pub struct GpuRank {
+    info: GpuInfo,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) layers: Layers,
+    pub(crate) attention: GpuAttention,
+    pub(crate) blas: Blas,
+}
+
+impl GpuRank {
+    /// Opens GPU `index` for one rank, compiling the kernels the first time in the process.
+    pub fn open(index: usize) -> Result<Self> {
+        let gpu = Gpu::open(index)?;
+        let stream = gpu.new_stream()?;
+        let info = gpu.info()?;
+        Ok(GpuRank { layers: Layers::new(&gpu, stream.clone())?, attention: GpuAttention::new(&gpu, stream.clone())?, blas: Blas::new(stream.clone())?, info, stream })
+    }
+
+    /// The GPU this rank runs on.
+    pub fn info(&self) -> &GpuInfo {
+        &self.info
+    }
+
+    /// Copies `values` to the device.
+    pub(crate) fn upload<T: cudarc::driver::DeviceRepr>(&self, values: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(values).map_err(|e| gpu_err("copy to the GPU", e))
+    }
+
+    /// A tensor's values (f32) on the device.
+    pub(crate) fn upload_tensor(&self, t: &Tensor) -> Result<CudaSlice<f32>> {
+        self.upload(&t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
+    }
+
+    /// `len` zeros on the device.
+    pub(crate) fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(len).map_err(|e| gpu_err("allocate", e))
+    }
+
+    /// A device buffer's values back on the host.
+    pub(crate) fn download(&self, values: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.stream.clone_dtoh(values).map_err(|e| gpu_err("copy from the GPU", e))
+    }
+}
+
+pub(crate) fn gpu_err(op: &'static str, e: cudarc::driver::DriverError) -> ModelError {
+    ModelError::Gpu(GpuError::Driver { op, msg: format!("{e:?}") })
+}
+
+/// A model's weights on each GPU that has run it: uploaded by the first rank there, shared by
+/// every rank and job after.
+pub(crate) struct DeviceWeights<W> {
+    by_gpu: Mutex<HashMap<usize, Arc<W>>>,
+}
+
+impl<W> Default for DeviceWeights<W> {
+    fn default() -> Self {
+        DeviceWeights { by_gpu: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<W> DeviceWeights<W> {
+    /// This GPU's weights, uploaded with `upload` (and the copy finished) if they are not yet.
+    pub(crate) fn on(&self, rank: &GpuRank, upload: impl FnOnce(&GpuRank) -> Result<W>) -> Result<Arc<W>> {
+        let mut held = self.by_gpu.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = held.get(&rank.info.index) {
+            return Ok(w.clone());
+        }
+        let w = Arc::new(upload(rank)?);
+        rank.stream.synchronize().map_err(|e| gpu_err("upload weights", e))?;
+        held.insert(rank.info.index, w.clone());
+        Ok(w)
+    }
+}
+
+/// A linear layer on the device: `[out, in]` weights and the bias, if any.
+pub(crate) struct DeviceLinear {
+    pub(crate) w: CudaSlice<f32>,
+    pub(crate) b: Option<CudaSlice<f32>>,
+    pub(crate) inp: usize,
+    pub(crate) out: usize,
+}
+
+impl DeviceLinear {
+    pub(crate) fn upload(rank: &GpuRank, layer: &candle_nn::Linear) -> Result<Self> {
+        let (out, inp) = layer.weight().dims2()?;
+        Ok(DeviceLinear { w: rank.upload_tensor(layer.weight())?, b: layer.bias().map(|b| rank.upload_tensor(b)).transpose()?, inp, out })
+    }
+
+    /// `x Wᵀ` into a new buffer (the bias is added by the caller's bias kernel).
+    pub(crate) fn product(&self, rank: &GpuRank, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let rows = x.len() / self.inp.max(1);
+        let mut y = rank.zeros(rows * self.out)?;
+        rank.blas.linear(x, &self.w, self.inp, self.out, &mut y)?;
+        Ok(y)
+    }
+}
+
+/// A layer norm on the device.
+pub(crate) struct DeviceNorm {
+    pub(crate) gamma: CudaSlice<f32>,
+    pub(crate) beta: CudaSlice<f32>,
+    pub(crate) eps: f32,
+}
+
+impl DeviceNorm {
+    pub(crate) fn upload(rank: &GpuRank, norm: &candle_nn::LayerNorm, eps: f64) -> Result<Self> {
+        let beta = norm.bias().ok_or_else(|| ModelError::Unsupported("a layer norm without a bias on a GPU rank".into()))?;
+        Ok(DeviceNorm { gamma: rank.upload_tensor(norm.weight())?, beta: rank.upload_tensor(beta)?, eps: eps as f32 })
+    }
+
+    pub(crate) fn apply(&self, rank: &GpuRank, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let mut out = rank.zeros(x.len())?;
+        rank.layers.layer_norm(x, &self.gamma, &self.beta, self.gamma.len(), self.eps, &mut out)?;
+        Ok(out)
+    }
+}
