@@ -65,3 +65,52 @@ async fn every_info_reports_this_machine_s_gpus_or_why_there_are_none() {
     assert_why_none(&info.gpus_missing, info.gpus.is_empty(), no_driver);
     assert!(!w.log_text().contains("panicked"), "{}", w.log_text());
 }
+
+/// On a machine without a GPU, `--device cuda` stops `tome process`, `tome run` and
+/// `tome serve worker` at start with the reason, and nothing is computed on the CPU instead.
+#[test]
+fn asking_for_a_gpu_where_there_is_none_is_an_error_with_the_reason() {
+    let (gpus, _) = expected();
+    if !gpus.is_empty() {
+        eprintln!("this machine has GPUs: the refusal is not what happens here (scripts/gpu-check.sh runs them)");
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("tome-gpus-out-{}", std::process::id()));
+    let model = fixture();
+    let text = std::env::temp_dir().join(format!("tome-gpus-{}.txt", std::process::id()));
+    std::fs::write(&text, "a short document").unwrap();
+    let runs: [Vec<String>; 3] = [
+        vec![
+            "process".into(),
+            text.display().to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--device".into(),
+            "cuda".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ],
+        vec!["run".into(), "--model".into(), model.display().to_string(), "--device".into(), "cuda:1".into(), "--listen".into(), format!("127.0.0.1:{}", free_port())],
+        vec![
+            "serve".into(),
+            "worker".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--device".into(),
+            "cuda".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ],
+    ];
+    for args in runs {
+        let ran = std::process::Command::new(tome_bin()).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&ran.stderr);
+        assert!(!ran.status.success(), "{args:?} ran without a GPU");
+        assert!(stderr.contains("--device cuda") && stderr.contains("no GPU:"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    assert!(!out.exists(), "nothing was written");
+    let bad = std::process::Command::new(tome_bin()).args(["process", "--device", "gpu0"]).arg(&text).output().unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown device 'gpu0' (expected cpu, cuda or cuda:N)"));
+    std::fs::remove_file(&text).ok();
+}

@@ -35,7 +35,7 @@ impl Blas {
 
     /// `y[n, out] = x[n, inp] · w[out, inp]ᵀ` (a linear layer's product; the bias is added apart).
     pub fn linear(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, inp: usize, out: usize, y: &mut CudaSlice<f32>) -> Result<()> {
-        if inp == 0 || x.len() % inp != 0 {
+        if inp == 0 || !x.len().is_multiple_of(inp) {
             return Err(GpuError::Shape { op: OP, msg: format!("{} values are not rows of {inp}", x.len()) });
         }
         let n = x.len() / inp;

@@ -130,7 +130,7 @@ impl Layers {
         expect("gamma", gamma.len(), cols)?;
         expect("beta", beta.len(), cols)?;
         expect("out", out.len(), x.len())?;
-        if cols == 0 || x.len() % cols != 0 {
+        if cols == 0 || !x.len().is_multiple_of(cols) {
             return Err(GpuError::Shape { op: OP, msg: format!("{} values are not rows of {cols}", x.len()) });
         }
         let rows = x.len() / cols;
@@ -148,7 +148,7 @@ impl Layers {
     /// `x = act(x + bias)` over rows of `bias.len()` columns.
     pub fn bias_activation(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, act: Activation) -> Result<()> {
         let cols = bias.len();
-        if cols == 0 || x.len() % cols != 0 {
+        if cols == 0 || !x.len().is_multiple_of(cols) {
             return Err(GpuError::Shape { op: OP, msg: format!("{} values are not rows of {cols}", x.len()) });
         }
         let (rows, c32, act) = ((x.len() / cols) as i64, i32_of("width", cols)?, act as i32);
@@ -164,7 +164,7 @@ impl Layers {
     pub fn bias_residual(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, residual: &CudaSlice<f32>) -> Result<()> {
         let cols = bias.len();
         expect("residual", residual.len(), x.len())?;
-        if cols == 0 || x.len() % cols != 0 {
+        if cols == 0 || !x.len().is_multiple_of(cols) {
             return Err(GpuError::Shape { op: OP, msg: format!("{} values are not rows of {cols}", x.len()) });
         }
         let (rows, c32) = ((x.len() / cols) as i64, i32_of("width", cols)?);

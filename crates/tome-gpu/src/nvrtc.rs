@@ -104,9 +104,12 @@ pub fn compile_cubin(kernel: &KernelSource, arch: &str) -> Result<Vec<u8>> {
     Ok(cubin)
 }
 
+/// Compiled kernels by (source name, architecture).
+type Cubins = HashMap<(&'static str, String), Vec<u8>>;
+
 /// [`compile_cubin`], once per process for each kernel and architecture.
 pub fn compile_cached(kernel: &KernelSource, arch: &str) -> Result<Vec<u8>> {
-    static CUBINS: OnceLock<Mutex<HashMap<(&'static str, String), Vec<u8>>>> = OnceLock::new();
+    static CUBINS: OnceLock<Mutex<Cubins>> = OnceLock::new();
     let cache = CUBINS.get_or_init(Mutex::default);
     let key = (kernel.name, arch.to_string());
     if let Some(cubin) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {

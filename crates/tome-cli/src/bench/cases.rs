@@ -238,6 +238,7 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
         s if s.starts_with("scaling-") => scaling(&s["scaling-".len()..], n),
         "book" => book("book", Precision::F32),
         "book-bf16" => book("book-bf16", Precision::Bf16),
+        gpu if gpu.starts_with("gpu-") => super::gpu::run(gpu, n),
         other => bail!("unknown bench case {other}"),
     }
 }

@@ -6,6 +6,7 @@
 //! `--smoke` shrinks every size so the whole suite takes seconds (CI runs it).
 
 mod cases;
+mod gpu;
 mod memory;
 mod peak;
 

@@ -1,0 +1,89 @@
+//! Models on a GPU rank: the BERT family's fixtures against transformers' goldens (≤ 1e-4) on
+//! 1..4 ranks sharing the GPU in both layouts, P ranks against one rank (≤ 1e-5), against the
+//! CPU path, and what a GPU rank refuses by name. These need a GPU, NVRTC and cuBLAS: a plain
+//! `cargo test` ignores them (nothing here counts as passed without one); scripts/gpu-check.sh
+//! runs them with `--ignored`, where no GPU is an error.
+
+mod common;
+
+use candle_core::Tensor;
+use common::{fixture, input_ids, max_diff, read_npy};
+use tome_attn::Precision;
+use tome_dist::{run_ranks, Group, InProcessGroup, Layout, ShardPlan};
+use tome_model::gpu::GpuRank;
+use tome_model::{EncodeOptions, LayerAttention, ModelDir, ModelError, Prepared};
+
+/// The document's last hidden state from `ranks` ranks on GPU 0 (each rank its own stream).
+fn on_gpu(dir: &ModelDir, doc: &Prepared, ranks: usize, layout: Layout) -> Result<Vec<f32>, ModelError> {
+    let plan = ShardPlan::new(layout, doc.len(), ranks)?;
+    let shards: Vec<Tensor> = run_ranks(ranks, |g: &InProcessGroup| {
+        let rank = GpuRank::open(0)?;
+        dir.model.forward_on(Some(&rank), g, &plan, &doc.shard(&plan, g.rank()), &mut |_| true)
+    })?;
+    Ok(plan.unshard(&shards, 0)?.flatten_all()?.to_vec1()?)
+}
+
+fn on_cpu(dir: &ModelDir, doc: &Prepared) -> Vec<f32> {
+    let plan = ShardPlan::new(Layout::Contiguous, doc.len(), 1).unwrap();
+    let shards: Vec<Tensor> = run_ranks(1, |g: &InProcessGroup| dir.model.forward_shard(g, &plan, doc, &mut |_| true)).unwrap();
+    plan.unshard(&shards, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// The BERT family's fixtures, dense and through a window wider than the document (bert-tiny's
+/// dense golden holds for both).
+fn cases() -> Vec<(&'static str, EncodeOptions)> {
+    let window = EncodeOptions { attention: Some(LayerAttention::window(200).unwrap()), ..Default::default() };
+    let narrow = EncodeOptions { attention: Some(LayerAttention::window(8).unwrap()), ..Default::default() };
+    vec![
+        ("bert-tiny", EncodeOptions::default()),
+        ("roberta-tiny", EncodeOptions::default()),
+        ("xlm-roberta-long-tiny", EncodeOptions::default()),
+        ("bert-tiny", window),
+        // A window narrower than a shard: halos cross ranks (no golden; the CPU path is the check).
+        ("bert-tiny", narrow),
+    ]
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it"]
+fn the_bert_family_on_a_gpu_matches_transformers_and_one_rank_on_any_number_of_ranks() {
+    for (name, opts) in cases() {
+        let dir = ModelDir::open(&fixture(name)).unwrap();
+        let doc = dir.model.prepare(input_ids(name), &opts).unwrap();
+        let cpu = on_cpu(&dir, &doc);
+        let golden = read_npy::<f32>(&fixture(name).join("last_hidden_state.npy"));
+        let narrow = matches!(opts.attention, Some(LayerAttention::Window { one_sided }) if one_sided < doc.len());
+        let one = on_gpu(&dir, &doc, 1, Layout::Contiguous).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let d = max_diff(&one, &cpu);
+        assert!(d <= 1e-4, "{name} {:?}: GPU against CPU {d}", opts.attention);
+        if !narrow {
+            let d = max_diff(&one, &golden);
+            assert!(d <= 1e-4, "{name} {:?}: GPU against transformers {d}", opts.attention);
+        }
+        for ranks in 2..=4 {
+            for layout in [Layout::Contiguous, Layout::Zigzag] {
+                let got = on_gpu(&dir, &doc, ranks, layout).unwrap_or_else(|e| panic!("{name}: {e}"));
+                let d = max_diff(&got, &one);
+                assert!(d <= 1e-5, "{name} {:?}, {ranks} ranks {layout:?}: {d} from one rank", opts.attention);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it"]
+fn a_gpu_rank_refuses_what_it_cannot_run_by_name() {
+    let refused = |name: &str, opts: EncodeOptions, says: &[&str]| {
+        let dir = ModelDir::open(&fixture(name)).unwrap();
+        let doc = dir.model.prepare(input_ids(name), &opts).unwrap();
+        let err = on_gpu(&dir, &doc, 1, Layout::Contiguous).expect_err(name).to_string();
+        for s in says {
+            assert!(err.contains(s), "{name}: {err:?} should say {s:?}");
+        }
+    };
+    refused("gpt2-tiny", EncodeOptions::default(), &["gpt2", "does not run on a GPU rank"]);
+    refused("bert-tiny", EncodeOptions { precision: Precision::Bf16, ..Default::default() }, &["f32 on a GPU rank", "bf16"]);
+    let globals = read_npy::<i64>(&fixture("longformer-tiny").join("global_tokens.npy")).into_iter().map(|g| g as usize).collect();
+    refused("longformer-tiny", EncodeOptions { global_tokens: globals, ..Default::default() }, &["global tokens", "GPU rank"]);
+    refused("performer-tiny", EncodeOptions::default(), &["attention does not run on a GPU rank"]);
+}
