@@ -340,17 +340,17 @@ def book_model(ckdir, work):
     return out
 
 
-def reference_side(name, tokens, model_dir, clock):
-    cmd = [sys.executable, os.path.join(HERE, "reference.py"), "case", name, str(tokens)]
+def reference_side(name, tokens, model_dir, clock, device):
+    cmd = [sys.executable, os.path.join(HERE, "reference.py"), "case", name, str(tokens), "--device", device]
     if name == "gpu-book":
         cmd += ["--model", model_dir, "--book", BOOK]
-    rc, out, err, _ = run(cmd, clock.left(150))
+    rc, out, err, _ = run(cmd, clock.left(90))
     record = last_json(out) if rc == 0 else None
     return record, None if record else (first_line(err.splitlines()[-1] if err.strip() else "") or f"exit {rc}")
 
 
 def tome_bench(tome, name, tokens, clock):
-    rc, out, err, _ = run([tome, "bench", "case", name, "--tokens", str(tokens)], clock.left(150))
+    rc, out, err, _ = run([tome, "bench", "case", name, "--tokens", str(tokens)], clock.left(90))
     record = last_json(out) if rc == 0 else None
     return record, None if record else (first_line(err) or f"exit {rc}")
 
@@ -375,7 +375,7 @@ def timing_row(args, name, tokens, model_dir, clock):
     if name == "gpu-book" and model_dir is None:
         row["status"] = "not run: data not carried"
         return row
-    row["reference"], row["reference_error"] = reference_side(name, tokens, model_dir, clock)
+    row["reference"], row["reference_error"] = reference_side(name, tokens, model_dir, clock, args.device)
     row["tome"], row["tome_error"] = tome_bench(args.tome, name, tokens, clock)
     if name == "gpu-book" and row["tome"] is None:
         bench_error = row["tome_error"]
@@ -399,7 +399,8 @@ def timings_step(args):
     except OSError as e:
         model_dir = None
         rows.append({"case": "gpu-book setup", "status": f"failed: {e}"})
-    for name, tokens in CASES:
+    cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")] if args.cases else CASES
+    for name, tokens in cases:
         if clock.out():
             rows.append({"case": name, "tokens": tokens, "goal": GOALS.get(name), "status": "not run: out of time"})
             continue
@@ -433,6 +434,8 @@ def main():
         p.add_argument("work")
         p.add_argument("out")
         p.set_defaults(fn=fn)
+    p.add_argument("--cases", help="NAME:TOKENS,... instead of the check's own (a CPU check of this script)")
+    p.add_argument("--device", default="cuda", help="the reference side's device")
     for p in sub.choices.values():
         p.add_argument("--budget", type=int, default=300)
     args = ap.parse_args()

@@ -136,7 +136,8 @@ def book_sentence_transformers(model_dir, text, n, device):
     def run():
         with torch.no_grad():
             model.encode(chunks, batch_size=64)
-    return len(ids), best_of(run, device), "sentence-transformers encode, fp16, batch 64"
+    precision = "fp16" if device.startswith("cuda") else "f32"
+    return len(ids), best_of(run, device), f"sentence-transformers encode, {precision}, batch 64"
 
 
 def book_transformers(model_dir, text, n, device):
@@ -156,7 +157,8 @@ def book_transformers(model_dir, text, n, device):
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
                 torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
-    return len(ids), best_of(run, device), "transformers BertModel + mean pooling, fp16, batch 64 (sentence-transformers could not load the directory)"
+    return len(ids), best_of(run, device), (f"transformers BertModel + mean pooling, {str(dtype)[6:]}, batch 64 "
+                                            "(sentence-transformers could not load the directory)")
 
 
 def book(n, device, model_dir, book_path):
