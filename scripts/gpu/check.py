@@ -217,6 +217,8 @@ def tests_step(args):
         else:
             row["status"] = "failed" if row["passed"] + row["failed"] else f"failed: {first_line(err) or rc}"
         rows.append(row)
+    if not rows:
+        rows.append({"executable": "(none)", "status": f"not run: no test executables in {args.bindir}"})
     write(args.out, {"tests": rows})
 
 
