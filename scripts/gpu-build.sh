@@ -5,6 +5,8 @@
 #
 #   gpu-bin/tome.xz
 #   gpu-bin/tests/<crate>-<testname>.xz     one per test target (lib, tests/*.rs)
+#   gpu-bin/build-root                      this checkout's path: tests find their fixtures by
+#                                           the path they were built at (CARGO_MANIFEST_DIR)
 #
 # Usage: scripts/gpu-build.sh
 #   GPU_TEST_CRATES="tome-gpu tome-model" scripts/gpu-build.sh   # more crates' tests
@@ -88,6 +90,7 @@ main() {
         compress "${path}" "${BIN_DIR}/tests/${name}.xz"
     done <"${listing}"
     rm -f "${listing}"
+    echo "${ROOT}" >"${BIN_DIR}/build-root"
 
     local total
     total="$(du -cb "${BIN_DIR}"/tome.xz "${BIN_DIR}"/tests/*.xz | tail -n 1 | cut -f 1)"

@@ -38,6 +38,7 @@ START_S=${SECONDS}
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 export RUST_BACKTRACE=1
+export TOME_DATA_DIR="${TOME_DATA_DIR:-${ROOT}/data}"
 
 rm -rf "${PARTS}" "${LOGS}"
 mkdir -p "${PARTS}" "${LOGS}"
@@ -92,6 +93,22 @@ step_unpack() {
         unxz_to "${f}" "${SCRATCH}/tests/$(basename "${f}" .xz)" || return
     done
     ls -l "${SCRATCH}/bin" "${SCRATCH}/tests"
+    link_build_root
+}
+
+# Tests read their fixtures at the checkout path they were built at (env!("CARGO_MANIFEST_DIR")):
+# where that path is absent here, a symbolic link from it to this checkout (best effort).
+link_build_root() {
+    local built
+    built="$(cat gpu-bin/build-root 2>/dev/null || true)"
+    if [[ -z "${built}" || "${built}" == "${ROOT}" || -e "${built}" ]]; then
+        return 0
+    fi
+    if mkdir -p "$(dirname "${built}")" 2>/dev/null && ln -s "${ROOT}" "${built}" 2>/dev/null; then
+        echo "linked ${built} -> ${ROOT} for the tests' fixtures"
+    else
+        echo "could not link ${built} -> ${ROOT}: tests that read fixtures may fail"
+    fi
 }
 
 step_env() {

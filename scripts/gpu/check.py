@@ -195,6 +195,16 @@ def parse_libtest(text):
     return counts
 
 
+def crate_dir(executable):
+    """crates/<crate> for an executable named <crate>-<test>: libtest under cargo runs there."""
+    dirs = sorted(glob.glob(os.path.join(ROOT, "crates", "*", "Cargo.toml")), key=len, reverse=True)
+    for manifest in dirs:
+        crate = os.path.dirname(manifest)
+        if executable.startswith(os.path.basename(crate) + "-"):
+            return crate
+    return ROOT
+
+
 def tests_step(args):
     clock, rows = Clock(args.budget), []
     os.makedirs(args.logs, exist_ok=True)
@@ -206,7 +216,7 @@ def tests_step(args):
         if clock.out():
             rows.append({"executable": name, "status": "not run: out of time"})
             continue
-        rc, out, err, seconds = run([path, "--include-ignored", "--test-threads=1"], clock.left(args.cap))
+        rc, out, err, seconds = run([path, "--include-ignored", "--test-threads=1"], clock.left(args.cap), cwd=crate_dir(name))
         with open(os.path.join(args.logs, name + ".log"), "w") as f:
             f.write(out + "\n--- stderr ---\n" + err)
         row = {"executable": name, "rc": rc, "seconds": round(seconds, 2), **parse_libtest(out)}
@@ -239,7 +249,8 @@ def refusal(err, model):
     names |= {"bert", "minilm"} if model["model"] == "minilm" else set()
     names |= {"gpt-2", "gpt2"} if model["model"] == "gpt2" else set()
     says_gpu = any(w in text for w in ("gpu", "cuda", "device"))
-    says_no = any(w in text for w in ("not supported", "unsupported", "refuse", "not implemented", "cannot run", "does not run", "not available"))
+    says_no = any(w in text for w in ("not supported", "unsupported", "refuse", "not implemented", "cannot run",
+                                      "does not run", "not available", "not yet", "only on the cpu", "cpu only"))
     return says_gpu and says_no and any(n and n in text for n in names)
 
 

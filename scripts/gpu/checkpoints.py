@@ -140,7 +140,8 @@ def load_model(out, model_cls, device):
                                           torch_dtype="float32")
     except (TypeError, ValueError):
         model, info = cls.from_pretrained(out, output_loading_info=True)
-    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    parameters = dict(model.named_parameters())  # buffers (position ids, causal masks) may be absent
+    missing = [k for k in info.get("missing_keys", []) if k in parameters]
     if missing:
         raise RuntimeError(f"weights missing from {out}: {missing[:5]}")
     return model.float().eval().to(device)
