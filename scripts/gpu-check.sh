@@ -65,7 +65,7 @@ run_step() {
     case "${rc}" in
         0) status="ok" ;;
         124 | 137) status="timed out" ;;
-        *) status="failed (exit ${rc}): $(grep -v '^\s*$' "${LOGS}/${name}.log" | tail -n 1 | cut -c 1-200)" ;;
+        *) status="failed (exit ${rc}): $({ grep -v '^\s*$' "${LOGS}/${name}.log" || true; } | tail -n 1 | cut -c 1-200)" ;;
     esac
     log "${name}: ${status} (${seconds} s)"
     "${PY}" -c 'import json, sys; print(json.dumps({"step": sys.argv[1], "rc": int(sys.argv[2]), "seconds": int(sys.argv[3]), "status": sys.argv[4]}))' \

@@ -70,6 +70,14 @@ def first_line(text):
     return ""
 
 
+def error_line(text):
+    """The first line that names an error, else the first line."""
+    for line in text.splitlines():
+        if "error" in line.lower():
+            return line.strip()[:300]
+    return first_line(text)
+
+
 def last_json(text):
     """The last line of `text` that is a JSON object."""
     for line in reversed(text.splitlines()):
@@ -264,7 +272,7 @@ def tome_hidden(tome, model, device, ranks, work, clock):
     row = {"model": model["model"], "architecture": model.get("architecture"), "tokens": model.get("tokens"),
            "device": device, "ranks": ranks, "seconds": round(seconds, 2)}
     if rc != 0:
-        row["status"] = ("refused: " if refusal(err, model) else "failed: ") + (first_line(err) or f"exit {rc}")
+        row["status"] = ("refused: " if refusal(err, model) else "failed: ") + (error_line(err) or f"exit {rc}")
         return row, None
     path = os.path.join(out, "last_hidden_state.npy")
     if not os.path.exists(path):
@@ -333,12 +341,13 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spec
 
 
 def book_model(ckdir, work):
-    """MiniLM-L6's random weights with the real tokenizer files (and sentence-transformers'
-    module files) beside them; None where the data was not carried."""
+    """(directory, None): MiniLM-L6's random weights with the real tokenizer files (and
+    sentence-transformers' module files) beside them; (None, why) where it cannot be made."""
     weights = os.path.join(ckdir, "minilm")
-    if not (os.path.exists(BOOK) and os.path.exists(os.path.join(TOKENIZER, "tokenizer.json"))
-            and os.path.exists(os.path.join(weights, "model.safetensors"))):
-        return None
+    if not (os.path.exists(BOOK) and os.path.exists(os.path.join(TOKENIZER, "tokenizer.json"))):
+        return None, "not run: data not carried"
+    if not os.path.exists(os.path.join(weights, "model.safetensors")):
+        return None, "not run: no MiniLM checkpoint (see the checkpoints step)"
     out = os.path.join(work, "book-minilm")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
@@ -350,7 +359,7 @@ def book_model(ckdir, work):
             shutil.copytree(src, os.path.join(out, name))
         elif os.path.exists(src):
             shutil.copy(src, out)
-    return out
+    return out, None
 
 
 def reference_side(name, tokens, model_dir, clock, device):
@@ -365,7 +374,7 @@ def reference_side(name, tokens, model_dir, clock, device):
 def tome_bench(tome, name, tokens, clock):
     rc, out, err, _ = run([tome, "bench", "case", name, "--tokens", str(tokens)], clock.left(90))
     record = last_json(out) if rc == 0 else None
-    return record, None if record else (first_line(err) or f"exit {rc}")
+    return record, None if record else (error_line(err) or f"exit {rc}")
 
 
 def tome_book_process(tome, model_dir, work, clock):
@@ -377,16 +386,17 @@ def tome_book_process(tome, model_dir, work, clock):
     for _ in range(4):
         rc, _, err, seconds = run(cmd, clock.left(120))
         if rc != 0:
-            return None, first_line(err) or f"exit {rc}"
+            return None, error_line(err) or f"exit {rc}"
         times.append(seconds)
     return {"case": "gpu-book", "tokens": 0, "seconds": min(times[1:]), "gflops": None,
             "how": "wall time of `tome process` (process start, model load and tokenizing included)"}, None
 
 
-def timing_row(args, name, tokens, model_dir, clock):
+def timing_row(args, name, tokens, book, clock):
     row = {"case": name, "tokens": tokens, "goal": GOALS.get(name)}
+    model_dir, why_not = book
     if name == "gpu-book" and model_dir is None:
-        row["status"] = "not run: data not carried"
+        row["status"] = why_not
         return row
     row["reference"], row["reference_error"] = reference_side(name, tokens, model_dir, clock, args.device)
     row["tome"], row["tome_error"] = tome_bench(args.tome, name, tokens, clock)
@@ -408,16 +418,15 @@ def timings_step(args):
     clock, rows = Clock(args.budget), []
     os.makedirs(args.work, exist_ok=True)
     try:
-        model_dir = book_model(args.ckdir, args.work)
+        book = book_model(args.ckdir, args.work)
     except OSError as e:
-        model_dir = None
-        rows.append({"case": "gpu-book setup", "status": f"failed: {e}"})
+        book = None, f"not run: the book's model directory: {e}"
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")] if args.cases else CASES
     for name, tokens in cases:
         if clock.out():
             rows.append({"case": name, "tokens": tokens, "goal": GOALS.get(name), "status": "not run: out of time"})
             continue
-        rows.append(timing_row(args, name, tokens, model_dir, clock))
+        rows.append(timing_row(args, name, tokens, book, clock))
         write(args.out, {"timings": rows})
     write(args.out, {"timings": rows})
 
