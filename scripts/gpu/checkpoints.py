@@ -36,9 +36,8 @@ def minilm(tiny):
                hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0)
     tokens = 512
     if tiny:
-        # the real vocabulary: the dry run's book goes through the real tokenizer
-        cfg.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=64, max_position_embeddings=64)
+        # the real vocabulary and positions: the dry run's book goes through the real tokenizer
+        cfg.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
         tokens = 64
     # ids from 1000 up: past [PAD], [UNK], [CLS], [SEP], [MASK] and the unused ones.
     return "BertModel", "BertConfig", cfg, tokens, min(1000, cfg["vocab_size"] // 2)
