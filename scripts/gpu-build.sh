@@ -72,6 +72,7 @@ main() {
     compress "${target_dir}/release/tome" "${BIN_DIR}/tome.xz"
 
     local crate_args=() crate
+    # shellcheck disable=SC2086  # GPU_TEST_CRATES is a space-separated list of names
     for crate in ${GPU_TEST_CRATES}; do
         crate_args+=(-p "${crate}")
     done
