@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # Builds what scripts/gpu-check.sh needs on a GPU machine without Rust: the release `tome`
-# binary and the test executables of the GPU test crates, stripped and xz-compressed into
-# gpu-bin/ (ignored by git; it travels with the checkout):
+# binary and the GPU test executables, stripped and xz-compressed into gpu-bin/ (ignored by git;
+# it travels with the checkout):
 #
 #   gpu-bin/tome.xz
-#   gpu-bin/tests/<crate>-<testname>.xz     one per test target (lib, tests/*.rs)
+#   gpu-bin/tests/<crate>-<testname>.xz     one per test target of GPU_TESTS
 #   gpu-bin/build-root                      this checkout's path: tests find their fixtures by
 #                                           the path they were built at (CARGO_MANIFEST_DIR)
 #
 # Usage: scripts/gpu-build.sh
-#   GPU_TEST_CRATES="tome-gpu tome-model" scripts/gpu-build.sh   # more crates' tests
+#   GPU_TESTS="tome-gpu:gpu tome-model:gpu" scripts/gpu-build.sh   # CRATE:TEST targets to carry
+# The default carries the GPU tests of tome-gpu (the kernels against the reference) and
+# tome-model (models on GPU ranks), and tome-gpu's NVRTC and device tests.
 #
 # Fails if gpu-bin/ comes to more than 56 MiB (the GPU machine takes 64 MiB with the checkout).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-GPU_TEST_CRATES="${GPU_TEST_CRATES:-tome-gpu}"
+GPU_TESTS="${GPU_TESTS:-tome-gpu:gpu tome-gpu:compile tome-gpu:devices tome-model:gpu}"
 BIN_DIR="${ROOT}/gpu-bin"
 LIMIT_BYTES=$((56 * 1024 * 1024))
 
@@ -71,19 +73,17 @@ main() {
     target_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
     compress "${target_dir}/release/tome" "${BIN_DIR}/tome.xz"
 
-    local crate_args=() crate
-    # shellcheck disable=SC2086  # GPU_TEST_CRATES is a space-separated list of names
-    for crate in ${GPU_TEST_CRATES}; do
-        crate_args+=(-p "${crate}")
-    done
-    echo "== cargo test --release --no-run ${crate_args[*]}"
-    local listing
+    local listing target crate test
     listing="$(mktemp)"
-    # shellcheck disable=SC2086  # GPU_TEST_CRATES is a space-separated list of names
-    cargo test --release --locked "${crate_args[@]}" --no-run --message-format=json \
-        | list_test_executables ${GPU_TEST_CRATES} >"${listing}"
+    for target in ${GPU_TESTS}; do
+        crate="${target%%:*}"
+        test="${target#*:}"
+        echo "== cargo test --release --no-run -p ${crate} --test ${test}"
+        cargo test --release --locked -p "${crate}" --test "${test}" --no-run --message-format=json \
+            | list_test_executables "${crate}" >>"${listing}"
+    done
     if [[ ! -s "${listing}" ]]; then
-        echo "no test executables found for: ${GPU_TEST_CRATES}" >&2
+        echo "no test executables found for: ${GPU_TESTS}" >&2
         exit 1
     fi
     local name path

@@ -371,8 +371,13 @@ def reference_side(name, tokens, model_dir, clock, device):
     return record, None if record else (first_line(err.splitlines()[-1] if err.strip() else "") or f"exit {rc}")
 
 
-def tome_bench(tome, name, tokens, clock):
-    rc, out, err, _ = run([tome, "bench", "case", name, "--tokens", str(tokens)], clock.left(90))
+def tome_bench(tome, name, tokens, clock, model_dir=None):
+    # gpu-book reads its model (random weights, real tokenizer) and the book from here.
+    env = dict(os.environ)
+    if model_dir:
+        env["TOME_BENCH_BOOK_MODEL"] = model_dir
+        env["TOME_DATA_DIR"] = os.path.dirname(os.path.dirname(BOOK))
+    rc, out, err, _ = run([tome, "bench", "case", name, "--tokens", str(tokens)], clock.left(90), env=env)
     record = last_json(out) if rc == 0 else None
     return record, None if record else (error_line(err) or f"exit {rc}")
 
@@ -399,7 +404,7 @@ def timing_row(args, name, tokens, book, clock):
         row["status"] = why_not
         return row
     row["reference"], row["reference_error"] = reference_side(name, tokens, model_dir, clock, args.device)
-    row["tome"], row["tome_error"] = tome_bench(args.tome, name, tokens, clock)
+    row["tome"], row["tome_error"] = tome_bench(args.tome, name, tokens, clock, model_dir if name == "gpu-book" else None)
     if name == "gpu-book" and row["tome"] is None:
         bench_error = row["tome_error"]
         row["tome"], row["tome_error"] = tome_book_process(args.tome, model_dir, args.work, clock)
