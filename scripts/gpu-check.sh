@@ -123,9 +123,9 @@ step_libs() {
 
 step_tests() {
     local budget
-    budget="$(left 90)"
+    budget="$(left 180)"
     timeout $((budget + 15)) "${PY}" scripts/gpu/check.py tests "${SCRATCH}/tests" "${PARTS}/tests.json" \
-        --logs "${LOGS}/tests" --budget "${budget}" --cap 60 || return
+        --logs "${LOGS}/tests" --budget "${budget}" --cap 120 || return
     cat "${PARTS}/tests.json"
 }
 

@@ -334,8 +334,9 @@ def exactness_step(args):
 CASES = [("gpu-dense-bf16", 16384), ("gpu-dense-bf16", 65536), ("gpu-dense", 16384),
          ("gpu-longformer", 4096), ("gpu-longformer", 16384), ("gpu-book", 0)]
 GOALS = {"gpu-dense-bf16": 0.7, "gpu-longformer": 10.0, "gpu-book": 1.0}  # reference s / tome s
-BOOK = os.path.join(ROOT, "data", "books", "plrabn12.txt")
-TOKENIZER = os.path.join(ROOT, "data", "models", "all-MiniLM-L6-v2")
+DATA = os.environ.get("TOME_DATA_DIR", os.path.join(ROOT, "data"))
+BOOK = os.path.join(DATA, "books", "plrabn12.txt")
+TOKENIZER = os.path.join(DATA, "models", "all-MiniLM-L6-v2")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
 
@@ -376,7 +377,7 @@ def tome_bench(tome, name, tokens, clock, model_dir=None):
     env = dict(os.environ)
     if model_dir:
         env["TOME_BENCH_BOOK_MODEL"] = model_dir
-        env["TOME_DATA_DIR"] = os.path.dirname(os.path.dirname(BOOK))
+        env["TOME_DATA_DIR"] = DATA
     rc, out, err, _ = run([tome, "bench", "case", name, "--tokens", str(tokens)], clock.left(90), env=env)
     record = last_json(out) if rc == 0 else None
     return record, None if record else (error_line(err) or f"exit {rc}")

@@ -18,7 +18,7 @@ pub fn coordinator(args: &EmbeddedArgs) -> anyhow::Result<Coordinator> {
 /// driver, NVRTC or cuBLAS stops the process at start with the reason, never a job later.
 pub fn check_device(device: DeviceSpec) -> anyhow::Result<()> {
     if let DeviceSpec::Cuda(index) = device {
-        let rank = tome_model::gpu::GpuRank::open(index).with_context(|| format!("--device {device}"))?;
+        let rank = tome_model::gpu::GpuRank::lease(index).with_context(|| format!("--device {device}"))?;
         let gpu = rank.info();
         tracing::info!(device = %device, name = %gpu.name, memory_bytes = gpu.memory_bytes, arch = %gpu.arch(), "ranks compute on this GPU");
     }

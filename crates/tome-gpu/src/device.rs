@@ -75,7 +75,11 @@ fn driver_present() -> Result<()> {
 /// context on it (no device memory is taken).
 pub fn gpus() -> Result<Vec<GpuInfo>> {
     driver_present()?;
-    result::init().map_err(driver("cuInit"))?;
+    match result::init() {
+        // A driver on a machine without a GPU.
+        Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => return Ok(Vec::new()),
+        other => other.map_err(driver("cuInit"))?,
+    }
     let count = result::device::get_count().map_err(driver("cuDeviceGetCount"))?.max(0);
     (0..count).map(describe).collect()
 }
@@ -109,8 +113,7 @@ impl Gpu {
     /// Opens GPU `index`, or says why it cannot be used.
     pub fn open(index: usize) -> Result<Self> {
         driver_present()?;
-        result::init().map_err(driver("cuInit"))?;
-        let count = result::device::get_count().map_err(driver("cuDeviceGetCount"))?.max(0) as usize;
+        let count = gpus()?.len();
         if index >= count {
             return Err(GpuError::Unavailable(match count {
                 0 => format!("cuda:{index} was asked for, and the driver sees no GPU"),

@@ -27,11 +27,26 @@ fn ensure_loaded() -> Result<()> {
 }
 
 fn load() -> std::result::Result<(), String> {
-    if let Some(dir) = std::env::var_os(DIR_VAR) {
-        preload_from(Path::new(&dir))?;
-    }
+    let preloaded = match std::env::var_os(DIR_VAR) {
+        Some(dir) => Some(preload_from(Path::new(&dir))?),
+        None => None,
+    };
     // SAFETY: this only tries to open the shared library.
     if unsafe { sys::is_culib_present() } {
+        // cudarc opens NVRTC by name; the library found that way must be the one named.
+        if let Some((path, want)) = preloaded {
+            let (mut major, mut minor) = (0, 0);
+            // SAFETY: two valid out-pointers.
+            unsafe { sys::nvrtcVersion(&mut major, &mut minor) }.result().map_err(|e| format!("nvrtcVersion: {e:?}"))?;
+            if (major, minor) != want {
+                return Err(format!(
+                    "{DIR_VAR} names NVRTC {}.{} ({}), but NVRTC {major}.{minor} from the loader's path answers: put its directory first on LD_LIBRARY_PATH, or unset {DIR_VAR}",
+                    want.0,
+                    want.1,
+                    path.display()
+                ));
+            }
+        }
         Ok(())
     } else {
         Err(format!(
@@ -41,8 +56,8 @@ fn load() -> std::result::Result<(), String> {
 }
 
 /// Opens `dir`'s `libnvrtc.so.*` by path and keeps it for the process, so that cudarc's open by
-/// soname finds it already loaded.
-fn preload_from(dir: &Path) -> std::result::Result<(), String> {
+/// soname finds it already loaded; returns its path and version.
+fn preload_from(dir: &Path) -> std::result::Result<(std::path::PathBuf, (i32, i32)), String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{DIR_VAR}={}: {e}", dir.display()))?;
     let mut names: Vec<_> =
         entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnvrtc.so"))).collect();
@@ -53,8 +68,15 @@ fn preload_from(dir: &Path) -> std::result::Result<(), String> {
     // SAFETY: NVRTC's initialisers only set up the compiler; the library stays loaded for the
     // life of the process (leaked on purpose), as cudarc's own handle does.
     let lib = unsafe { libloading::Library::new(path) }.map_err(|e| format!("{}: {e}", path.display()))?;
+    type Version = unsafe extern "C" fn(*mut std::ffi::c_int, *mut std::ffi::c_int) -> std::ffi::c_int;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: `nvrtcVersion` has this signature in every NVRTC; two valid out-pointers.
+    let status = unsafe { lib.get::<Version>(b"nvrtcVersion\0").map(|f| f(&mut major, &mut minor)) }.map_err(|e| format!("{}: {e}", path.display()))?;
+    if status != 0 {
+        return Err(format!("{}: nvrtcVersion failed ({status})", path.display()));
+    }
     std::mem::forget(lib);
-    Ok(())
+    Ok((path.clone(), (major, minor)))
 }
 
 /// NVRTC's version, (major, minor).

@@ -17,7 +17,7 @@ use tome_model::{EncodeOptions, LayerAttention, ModelDir, ModelError, Prepared};
 fn on_gpu(dir: &ModelDir, doc: &Prepared, ranks: usize, layout: Layout) -> Result<Vec<f32>, ModelError> {
     let plan = ShardPlan::new(layout, doc.len(), ranks)?;
     let shards: Vec<Tensor> = run_ranks(ranks, |g: &InProcessGroup| {
-        let rank = GpuRank::open(0)?;
+        let rank = GpuRank::lease(0)?;
         dir.model.forward_on(Some(&rank), g, &plan, &doc.shard(&plan, g.rank()), &mut |_| true)
     })?;
     Ok(plan.unshard(&shards, 0)?.flatten_all()?.to_vec1()?)
@@ -66,6 +66,23 @@ fn the_bert_family_on_a_gpu_matches_transformers_and_one_rank_on_any_number_of_r
                 let d = max_diff(&got, &one);
                 assert!(d <= 1e-5, "{name} {:?}, {ranks} ranks {layout:?}: {d} from one rank", opts.attention);
             }
+        }
+    }
+}
+
+/// Ranks without rows (3 tokens on 4 ranks) take part in their peers' exchanges and return no
+/// rows; the document's rows are one rank's.
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it"]
+fn ranks_without_rows_take_part_and_give_the_one_rank_result() {
+    let dir = ModelDir::open(&fixture("bert-tiny")).unwrap();
+    let ids: Vec<u32> = input_ids("bert-tiny").into_iter().take(3).collect();
+    for attention in [LayerAttention::Dense, LayerAttention::window(2).unwrap()] {
+        let doc = dir.model.prepare(ids.clone(), &EncodeOptions { attention: Some(attention), ..Default::default() }).unwrap();
+        let one = on_gpu(&dir, &doc, 1, Layout::Contiguous).unwrap();
+        for layout in [Layout::Contiguous, Layout::Zigzag] {
+            let four = on_gpu(&dir, &doc, 4, layout).unwrap_or_else(|e| panic!("{attention:?} {layout:?}: {e}"));
+            assert!(max_diff(&four, &one) <= 1e-5, "{attention:?} {layout:?}");
         }
     }
 }

@@ -119,9 +119,9 @@ pub struct RankWork<'a> {
 pub fn run_rank(group: &dyn Group, work: &RankWork, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<RankOutput, tome_model::ModelError> {
     let gpu = match work.device {
         DeviceSpec::Cpu => None,
-        DeviceSpec::Cuda(index) => Some(GpuRank::open(index)?),
+        DeviceSpec::Cuda(index) => Some(GpuRank::lease(index)?),
     };
-    let hidden = work.model.model.forward_on(gpu.as_ref(), group, work.plan, work.input, after_layer)?;
+    let hidden = work.model.model.forward_on(gpu.as_deref(), group, work.plan, work.input, after_layer)?;
     let pooled = if work.spans.is_empty() { None } else { Some(pool_spans(group, work.plan, &hidden, work.spans, work.pooling)?) };
     let log_probs = match work.next_ids {
         Some(next) => Some(work.model.model.log_probs(&hidden, next)?),

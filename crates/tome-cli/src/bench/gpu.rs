@@ -145,7 +145,7 @@ fn book(name: &str) -> anyhow::Result<Record> {
         let mut spans: Vec<Range<usize>> = std::iter::once(0..n).collect();
         spans.extend((0..n).step_by(256).map(|s| s..(s + 256).min(n)));
         run_ranks(ranks, |g: &InProcessGroup| -> tome_model::Result<candle_core::Tensor> {
-            let rank = GpuRank::open(index)?;
+            let rank = GpuRank::lease(index)?;
             let h = dir.model.forward_on(Some(&rank), g, &plan, &doc.shard(&plan, g.rank()), &mut |_| true)?;
             pool_spans(g, &plan, &h, &spans, dir.pooling)
         })?;

@@ -109,22 +109,48 @@ pub(crate) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard:
 /// on without being computed under a causal mask.
 fn ring(rank: &GpuRank, group: &dyn Group, shard: &Shard<'_>, q_pos: &CudaSlice<i64>, acc: &mut Accumulator, causal: bool, scale: f32) -> Result<()> {
     let q_max = shard.pos.iter().copied().max();
-    let mut block = to_host(rank, shard)?;
+    pass_around(group, to_host(rank, shard)?, &mut |block| {
+        let visible = !causal || matches!((q_max, block.pos.first()), (Some(qm), Some(&k0)) if k0 <= qm);
+        if !block.is_empty() && !shard.pos.is_empty() && visible {
+            acc.add(rank, shard, q_pos, DeviceBlock::upload(rank, block)?.as_ref(), causal, None, scale)?;
+        }
+        Ok(())
+    })
+}
+
+/// The ring's exchanges: each block in hand is forwarded to the next rank, then `compute` sees
+/// it, then the next block comes from the previous rank.
+fn pass_around(group: &dyn Group, own: KeyBlock, compute: &mut dyn FnMut(&KeyBlock) -> Result<()>) -> Result<()> {
     let p = group.size();
+    let mut block = own;
     for step in 0..p {
         let last = step + 1 == p;
         if !last {
             group.send(group.next_rank(), block.to_frame()?)?;
         }
-        let visible = !causal || matches!((q_max, block.pos.first()), (Some(qm), Some(&k0)) if k0 <= qm);
-        if !block.is_empty() && !shard.pos.is_empty() && visible {
-            acc.add(rank, shard, q_pos, DeviceBlock::upload(rank, &block)?.as_ref(), causal, None, scale)?;
-        }
+        compute(&block)?;
         if !last {
             block = KeyBlock::from_frame(group.recv(group.prev_rank())?)?;
         }
     }
     Ok(())
+}
+
+/// A rank without rows in a layer of `pattern`: no device work, only its part in the other
+/// ranks' exchanges (the same frames as [`attend`] sends and receives).
+pub(crate) fn exchange_only(group: &dyn Group, plan: &ShardPlan, pattern: Pattern, heads: usize, head_dim: usize, scale: f32) -> Result<()> {
+    if group.size() == 1 {
+        return Ok(());
+    }
+    let empty = || Tensor::zeros((heads, 0, head_dim), candle_core::DType::F32, &Device::Cpu);
+    let own = KeyBlock { k: empty()?, v: empty()?, pos: Vec::new(), valid: Vec::new() };
+    match pattern {
+        Pattern::Window { one_sided, causal } => {
+            window_keys(group, plan, &own, WindowSpec { one_sided, causal, scale })?;
+            Ok(())
+        }
+        Pattern::Dense { .. } => pass_around(group, own, &mut |_| Ok(())),
+    }
 }
 
 /// The shard's own keys and values on the host, as a block to send.

@@ -9,7 +9,7 @@ use tome_attn::Precision;
 use tome_dist::{Group, ShardPlan};
 use tome_gpu::layers::Activation;
 
-use super::attention::{attend, Pattern, Shard};
+use super::attention::{attend, exchange_only, Pattern, Shard};
 use super::{DeviceLinear, DeviceNorm, GpuRank};
 use crate::bert::{BertModel, ShardRows};
 use crate::config::{Activation as Act, LayerAttention};
@@ -122,10 +122,25 @@ impl BertModel {
     pub(crate) fn forward_on_gpu(&self, rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         let act = check(self, input)?;
         let ShardRows { padded, positions, ids, pos_ids, valid, n } = self.shard_rows(plan, input, group.rank())?;
-        let weights = self.on_gpus.on(rank, |rank| BertWeights::upload(self, rank))?;
         let (rows, hidden) = (positions.len(), self.cfg.hidden_size);
         let (heads, d) = (self.cfg.num_attention_heads, self.cfg.head_dim());
         let scale = 1.0 / (d as f32).sqrt();
+        let layers = input.run.layers_to_run(self.layers.len())?;
+        let pattern = |l: usize| match input.layers[l] {
+            LayerAttention::Dense => Ok(Pattern::Dense { causal: false }),
+            LayerAttention::Window { one_sided } => Ok(Pattern::Window { one_sided, causal: false }),
+            other => Err(ModelError::Unsupported(format!("`{other}` attention on a GPU rank"))),
+        };
+        if rows == 0 {
+            for l in 0..layers {
+                exchange_only(group, &padded, pattern(l)?, heads, d, scale)?;
+                if !after_layer(l) {
+                    return Err(ModelError::Cancelled);
+                }
+            }
+            return Ok(Tensor::zeros((0, hidden), candle_core::DType::F32, &Device::Cpu)?);
+        }
+        let weights = self.on_gpus.on(rank, |rank| BertWeights::upload(self, rank))?;
 
         let word_scale = if self.cfg.rescale_embeddings { (hidden as f32).sqrt() } else { 1.0 };
         let mut embedded = rank.zeros(rows * hidden)?;
@@ -133,12 +148,8 @@ impl BertModel {
         let mut x = weights.embed_norm.apply(rank, &embedded)?;
         drop(embedded);
 
-        for (l, w) in weights.layers.iter().enumerate().take(input.run.layers_to_run(weights.layers.len())?) {
-            let pattern = match input.layers[l] {
-                LayerAttention::Dense => Pattern::Dense { causal: false },
-                LayerAttention::Window { one_sided } => Pattern::Window { one_sided, causal: false },
-                other => return Err(ModelError::Unsupported(format!("`{other}` attention on a GPU rank"))),
-            };
+        for (l, w) in weights.layers.iter().enumerate().take(layers) {
+            let pattern = pattern(l)?;
             let q = project_heads(rank, &x, &w.query, rows, heads)?;
             let k = project_heads(rank, &x, &w.key, rows, heads)?;
             let v = project_heads(rank, &x, &w.value, rows, heads)?;

@@ -11,15 +11,19 @@ mod attention;
 pub(crate) mod bert;
 
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use tome_gpu::blas::Blas;
 use tome_gpu::layers::Layers;
 use tome_gpu::{Gpu, GpuAttention, GpuError, GpuInfo};
 
 pub use tome_gpu::DeviceSpec;
+
+// A rank with no rows does no device work (the driver allocates no zero-sized buffer); it only
+// takes part in its peers' exchanges: `attention::exchange_only`.
 
 use crate::error::{ModelError, Result};
 
@@ -33,7 +37,47 @@ pub struct GpuRank {
     pub(crate) blas: Blas,
 }
 
+/// Ranks' handles kept for the next job's ranks, by GPU: a cuBLAS handle's creation and
+/// destruction (which waits for the whole device) and the modules' loading happen once per
+/// handle, not once per rank of every job.
+static IDLE: Mutex<Vec<GpuRank>> = Mutex::new(Vec::new());
+
+/// A [`GpuRank`] held by one rank of a job, given back for reuse when dropped (its stream's
+/// work finished first).
+pub struct LeasedRank(ManuallyDrop<GpuRank>);
+
+impl std::ops::Deref for LeasedRank {
+    type Target = GpuRank;
+
+    fn deref(&self) -> &GpuRank {
+        &self.0
+    }
+}
+
+impl Drop for LeasedRank {
+    fn drop(&mut self) {
+        // SAFETY: the handles are taken once, here, and the lease is not used after.
+        let rank = unsafe { ManuallyDrop::take(&mut self.0) };
+        // A rank whose stream cannot finish its work is not given to another job.
+        if rank.stream.synchronize().is_ok() {
+            IDLE.lock().unwrap_or_else(|p| p.into_inner()).push(rank);
+        }
+    }
+}
+
 impl GpuRank {
+    /// A rank's handles on GPU `index`: an idle one if there is, else newly opened.
+    pub fn lease(index: usize) -> Result<LeasedRank> {
+        let idle = {
+            let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
+            idle.iter().position(|r| r.info.index == index).map(|at| idle.swap_remove(at))
+        };
+        Ok(LeasedRank(ManuallyDrop::new(match idle {
+            Some(rank) => rank,
+            None => GpuRank::open(index)?,
+        })))
+    }
+
     /// Opens GPU `index` for one rank, compiling the kernels the first time in the process.
     pub fn open(index: usize) -> Result<Self> {
         let gpu = Gpu::open(index)?;
@@ -72,10 +116,30 @@ pub(crate) fn gpu_err(op: &'static str, e: cudarc::driver::DriverError) -> Model
     ModelError::Gpu(GpuError::Driver { op, msg: format!("{e:?}") })
 }
 
+impl Drop for GpuRank {
+    /// Work still queued on the stream (a rank that failed or was cancelled mid-layer) finishes
+    /// before its modules and cuBLAS handle go.
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
+}
+
 /// A model's weights on each GPU that has run it: uploaded by the first rank there, shared by
 /// every rank and job after.
 pub(crate) struct DeviceWeights<W> {
-    by_gpu: Mutex<HashMap<usize, Arc<W>>>,
+    by_gpu: Mutex<HashMap<usize, OnGpu<W>>>,
+}
+
+/// Weights on one GPU, with the context they live in.
+type OnGpu<W> = (Arc<W>, Arc<CudaContext>);
+
+impl<W> Drop for DeviceWeights<W> {
+    /// Every stream that read the weights finishes before they are freed.
+    fn drop(&mut self) {
+        for (_, ctx) in self.by_gpu.get_mut().unwrap_or_else(|p| p.into_inner()).values() {
+            let _ = ctx.synchronize();
+        }
+    }
 }
 
 impl<W> Default for DeviceWeights<W> {
@@ -88,12 +152,12 @@ impl<W> DeviceWeights<W> {
     /// This GPU's weights, uploaded with `upload` (and the copy finished) if they are not yet.
     pub(crate) fn on(&self, rank: &GpuRank, upload: impl FnOnce(&GpuRank) -> Result<W>) -> Result<Arc<W>> {
         let mut held = self.by_gpu.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = held.get(&rank.info.index) {
+        if let Some((w, _)) = held.get(&rank.info.index) {
             return Ok(w.clone());
         }
         let w = Arc::new(upload(rank)?);
         rank.stream.synchronize().map_err(|e| gpu_err("upload weights", e))?;
-        held.insert(rank.info.index, w.clone());
+        held.insert(rank.info.index, (w.clone(), rank.stream.context().clone()));
         Ok(w)
     }
 }
