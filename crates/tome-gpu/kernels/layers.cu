@@ -85,14 +85,16 @@ extern "C" __global__ void tome_bias_residual(float* x, const float* bias, const
     }
 }
 
-// rows [n, heads * d] -> heads [heads, n, d].
-extern "C" __global__ void tome_split_heads(const float* rows, int n, int heads, int d, float* out) {
+// Columns col_offset .. col_offset + heads * d of rows [n, row_stride] -> heads [heads, n, d]
+// (a fused q/k/v projection's part: row_stride 3 · heads · d).
+extern "C" __global__ void tome_split_heads(const float* rows, int n, int heads, int d, int row_stride, int col_offset,
+                                            float* out) {
     const long long total = (long long)n * heads * d;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
         const long long row = i / ((long long)heads * d);
         const int rest = (int)(i % ((long long)heads * d));
         const int h = rest / d, t = rest % d;
-        out[((long long)h * n + row) * d + t] = rows[i];
+        out[((long long)h * n + row) * d + t] = rows[row * row_stride + col_offset + rest];
     }
 }
 

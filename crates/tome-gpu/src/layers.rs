@@ -178,26 +178,42 @@ impl Layers {
 
     /// Rows `[n, heads · d]` into heads `[heads, n, d]`.
     pub fn split_heads(&self, rows: &CudaSlice<f32>, n: usize, heads: usize, d: usize, out: &mut CudaSlice<f32>) -> Result<()> {
-        self.reorder(&self.split_heads, "tome_split_heads", rows, n, heads, d, out)
+        self.split_heads_at(rows, n, heads, d, heads * d, 0, out)
+    }
+
+    /// Columns `offset .. offset + heads · d` of rows `[n, stride]` into heads `[heads, n, d]`
+    /// (one of a fused q/k/v projection's parts).
+    #[allow(clippy::too_many_arguments)]
+    pub fn split_heads_at(&self, rows: &CudaSlice<f32>, n: usize, heads: usize, d: usize, stride: usize, offset: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+        expect("rows", rows.len(), n * stride)?;
+        expect("heads", out.len(), n * heads * d)?;
+        if offset + heads * d > stride {
+            return Err(GpuError::Shape { op: OP, msg: format!("columns {offset}..{} of rows {stride} wide", offset + heads * d) });
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        let (n32, h32, d32, s32, o32) = (i32_of("rows", n)?, i32_of("heads", heads)?, i32_of("head size", d)?, i32_of("row width", stride)?, i32_of("column", offset)?);
+        let mut args = self.stream.launch_builder(&self.split_heads);
+        args.arg(rows).arg(&n32).arg(&h32).arg(&d32).arg(&s32).arg(&o32).arg(out);
+        // SAFETY: arguments as `tome_split_heads` takes them; `rows` holds n rows of `stride`,
+        // the columns lie within them and `out` holds n · heads · d values.
+        unsafe { args.launch(spread(n * heads * d)) }.map_err(driver("tome_split_heads"))?;
+        Ok(())
     }
 
     /// Heads `[heads, n, d]` back into rows `[n, heads · d]`.
     pub fn merge_heads(&self, heads_in: &CudaSlice<f32>, n: usize, heads: usize, d: usize, rows: &mut CudaSlice<f32>) -> Result<()> {
-        self.reorder(&self.merge_heads, "tome_merge_heads", heads_in, n, heads, d, rows)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn reorder(&self, f: &CudaFunction, name: &'static str, from: &CudaSlice<f32>, n: usize, heads: usize, d: usize, to: &mut CudaSlice<f32>) -> Result<()> {
-        expect("input", from.len(), n * heads * d)?;
-        expect("output", to.len(), n * heads * d)?;
-        if from.is_empty() {
+        expect("heads", heads_in.len(), n * heads * d)?;
+        expect("rows", rows.len(), n * heads * d)?;
+        if rows.is_empty() {
             return Ok(());
         }
         let (n32, h32, d32) = (i32_of("rows", n)?, i32_of("heads", heads)?, i32_of("head size", d)?);
-        let mut args = self.stream.launch_builder(f);
-        args.arg(from).arg(&n32).arg(&h32).arg(&d32).arg(to);
-        // SAFETY: arguments as the kernel takes them; both buffers hold n · heads · d values.
-        unsafe { args.launch(spread(n * heads * d)) }.map_err(driver(name))?;
+        let mut args = self.stream.launch_builder(&self.merge_heads);
+        args.arg(heads_in).arg(&n32).arg(&h32).arg(&d32).arg(rows);
+        // SAFETY: arguments as `tome_merge_heads` takes them; both buffers hold n · heads · d values.
+        unsafe { args.launch(spread(n * heads * d)) }.map_err(driver("tome_merge_heads"))?;
         Ok(())
     }
 

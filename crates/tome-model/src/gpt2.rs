@@ -72,23 +72,25 @@ impl Gpt2Config {
     }
 }
 
-struct Block {
-    ln_1: LayerNorm,
-    c_attn: Linear,
-    c_proj: Linear,
-    ln_2: LayerNorm,
-    c_fc: Linear,
-    mlp_proj: Linear,
+pub(crate) struct Block {
+    pub(crate) ln_1: LayerNorm,
+    pub(crate) c_attn: Linear,
+    pub(crate) c_proj: Linear,
+    pub(crate) ln_2: LayerNorm,
+    pub(crate) c_fc: Linear,
+    pub(crate) mlp_proj: Linear,
     /// The scores' scale: 1/sqrt(head_dim), and 1/(layer + 1) when the config asks.
-    scale: f32,
+    pub(crate) scale: f32,
 }
 
 pub struct Gpt2Model {
-    cfg: Gpt2Config,
-    wte: Embedding,
-    wpe: Embedding,
-    blocks: Vec<Block>,
-    ln_f: LayerNorm,
+    pub(crate) cfg: Gpt2Config,
+    pub(crate) wte: Embedding,
+    pub(crate) wpe: Embedding,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) ln_f: LayerNorm,
+    /// The weights on each GPU that has run this model.
+    pub(crate) on_gpus: crate::gpu::DeviceWeights<crate::gpu::gpt2::Gpt2Weights>,
 }
 
 /// A `Conv1D` (weight `[in, out]`, `y = x W + b`) as a linear layer.
@@ -131,6 +133,7 @@ impl Gpt2Model {
             wpe: weights(embedding(cfg.n_positions, d, vb.pp("wpe")), "wpe")?,
             ln_f: weights(layer_norm(d, eps, vb.pp("ln_f")), "ln_f")?,
             blocks,
+            on_gpus: Default::default(),
             cfg: cfg.clone(),
         })
     }
@@ -166,6 +169,10 @@ impl Gpt2Model {
 }
 
 impl Architecture for Gpt2Model {
+    fn forward_gpu(&self, rank: &crate::gpu::GpuRank, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        self.forward_on_gpu(rank, group, plan, input, after_layer)
+    }
+
     /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
     /// and values; embeddings, norms, residual sums and the language-model head in f32.
     fn precisions(&self) -> &'static [Precision] {

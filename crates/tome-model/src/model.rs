@@ -31,7 +31,7 @@ pub trait Architecture: Send + Sync {
     /// [`Architecture::forward`] with the rank's activations on a GPU (`rank`). Architectures
     /// without a GPU forward keep this default, which refuses by name.
     fn forward_gpu(&self, _rank: &GpuRank, _group: &dyn Group, _plan: &ShardPlan, _input: &ShardInput, _after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
-        Err(ModelError::Unsupported(format!("{} does not run on a GPU rank yet (the BERT family does); run it with --device cpu", self.shape().model_type)))
+        Err(ModelError::Unsupported(format!("{} does not run on a GPU rank yet (the BERT family and GPT-2 do); run it with --device cpu", self.shape().model_type)))
     }
 
     /// The shortest document the model runs.
@@ -187,6 +187,25 @@ pub(crate) fn check_vocab(ids: &[u32], vocab: usize) -> Result<()> {
 /// Token plus learned absolute position embeddings of a rank's own tokens (GPT-2, GPT-Neo),
 /// after checking the input: the rank's tokens and positions, the document within the `learned`
 /// positions of `model`, ids within the vocabulary. Returns the rank's global positions too.
+/// Checks rank `rank`'s input for a model with `learned` absolute positions and a vocabulary of
+/// `vocab`: its tokens and positions, the document within the positions, ids within the
+/// vocabulary. Returns the rank's global positions.
+pub(crate) fn check_learned_positions(model: &str, vocab: usize, learned: usize, rank: usize, plan: &ShardPlan, input: &ShardInput) -> Result<Vec<i64>> {
+    let positions = plan.positions(rank);
+    let n = positions.len();
+    if input.ids.len() != n || input.position_ids.len() != n {
+        return Err(ModelError::Input(format!("rank {rank} owns {n} tokens but was given {} ids and {} positions", input.ids.len(), input.position_ids.len())));
+    }
+    if plan.len() > learned {
+        return Err(ModelError::Input(format!("the document has {} tokens; {model} has learned {learned} positions", plan.len())));
+    }
+    check_vocab(&input.ids, vocab)?;
+    if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= learned) {
+        return Err(ModelError::Input(format!("position id {bad} is beyond the {learned} learned positions")));
+    }
+    Ok(positions)
+}
+
 pub(crate) fn embed_learned_positions(
     model: &str,
     wte: &Embedding,
@@ -196,18 +215,8 @@ pub(crate) fn embed_learned_positions(
     plan: &ShardPlan,
     input: &ShardInput,
 ) -> Result<(Tensor, Vec<i64>)> {
-    let positions = plan.positions(group.rank());
+    let positions = check_learned_positions(model, wte.embeddings().dim(0)?, learned, group.rank(), plan, input)?;
     let n = positions.len();
-    if input.ids.len() != n || input.position_ids.len() != n {
-        return Err(ModelError::Input(format!("rank {} owns {n} tokens but was given {} ids and {} positions", group.rank(), input.ids.len(), input.position_ids.len())));
-    }
-    if plan.len() > learned {
-        return Err(ModelError::Input(format!("the document has {} tokens; {model} has learned {learned} positions", plan.len())));
-    }
-    check_vocab(&input.ids, wte.embeddings().dim(0)?)?;
-    if let Some(&bad) = input.position_ids.iter().find(|&&p| p as usize >= learned) {
-        return Err(ModelError::Input(format!("position id {bad} is beyond the {learned} learned positions")));
-    }
     let tok = Tensor::from_slice(&input.ids, n, &Device::Cpu)?;
     let pos = Tensor::from_slice(&input.position_ids, n, &Device::Cpu)?;
     Ok(((wte.forward(&tok)? + wpe.forward(&pos)?)?, positions))

@@ -1,4 +1,4 @@
-//! Models on a GPU rank: the BERT family's fixtures against transformers' goldens (≤ 1e-4) on
+//! Models on a GPU rank: the BERT family's and GPT-2's fixtures against transformers' goldens (≤ 1e-4) on
 //! 1..4 ranks sharing the GPU in both layouts, P ranks against one rank (≤ 1e-5), against the
 //! CPU path, and what a GPU rank refuses by name. These need a GPU, NVRTC and cuBLAS: a plain
 //! `cargo test` ignores them (nothing here counts as passed without one); scripts/gpu-check.sh
@@ -30,7 +30,7 @@ fn on_cpu(dir: &ModelDir, doc: &Prepared) -> Vec<f32> {
 }
 
 /// The BERT family's fixtures, dense and through a window wider than the document (bert-tiny's
-/// dense golden holds for both).
+/// dense golden holds for both), and GPT-2 (causal).
 fn cases() -> Vec<(&'static str, EncodeOptions)> {
     let window = EncodeOptions { attention: Some(LayerAttention::window(200).unwrap()), ..Default::default() };
     let narrow = EncodeOptions { attention: Some(LayerAttention::window(8).unwrap()), ..Default::default() };
@@ -38,6 +38,7 @@ fn cases() -> Vec<(&'static str, EncodeOptions)> {
         ("bert-tiny", EncodeOptions::default()),
         ("roberta-tiny", EncodeOptions::default()),
         ("xlm-roberta-long-tiny", EncodeOptions::default()),
+        ("gpt2-tiny", EncodeOptions::default()),
         ("bert-tiny", window),
         // A window narrower than a shard: halos cross ranks (no golden; the CPU path is the check).
         ("bert-tiny", narrow),
@@ -98,7 +99,8 @@ fn a_gpu_rank_refuses_what_it_cannot_run_by_name() {
             assert!(err.contains(s), "{name}: {err:?} should say {s:?}");
         }
     };
-    refused("gpt2-tiny", EncodeOptions::default(), &["gpt2", "does not run on a GPU rank"]);
+    refused("llama-tiny", EncodeOptions::default(), &["llama", "does not run on a GPU rank"]);
+    refused("gpt2-tiny", EncodeOptions { precision: Precision::Bf16, ..Default::default() }, &["gpt2 runs in f32 on a GPU rank"]);
     refused("bert-tiny", EncodeOptions { precision: Precision::Bf16, ..Default::default() }, &["f32 on a GPU rank", "bf16"]);
     let globals = read_npy::<i64>(&fixture("longformer-tiny").join("global_tokens.npy")).into_iter().map(|g| g as usize).collect();
     refused("longformer-tiny", EncodeOptions { global_tokens: globals, ..Default::default() }, &["global tokens", "GPU rank"]);

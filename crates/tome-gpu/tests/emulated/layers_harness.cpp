@@ -5,7 +5,8 @@
 // gamma[hidden], beta[hidden], bias[hidden], residual[n * hidden], x[n * hidden],
 // acc_out[n * hidden], acc_lse[heads * n], out[n * hidden], lse[heads * n].
 // OUT: f32 embedded, normed (x), then x + bias under each activation 0..3, x + bias + residual,
-// x split into heads, that merged back into rows, the merged partial's out then lse.
+// x split into heads, that merged back into rows, the second half of x's columns split into
+// heads / 2 heads, the merged partial's out then lse.
 #include "cuda_emulation.h"
 #include "../../kernels/layers.cu"
 
@@ -65,10 +66,16 @@ int main(int argc, char** argv) {
     emu::launch(spread(total), 1, 256, [&] { tome_bias_residual(summed.data(), bias.data(), residual.data(), n, (int)hidden); });
     keep(summed);
     std::vector<float> split(total), back(total);
-    emu::launch(spread(total), 1, 256, [&] { tome_split_heads(x.data(), (int)n, (int)heads, d, split.data()); });
+    emu::launch(spread(total), 1, 256, [&] { tome_split_heads(x.data(), (int)n, (int)heads, d, (int)hidden, 0, split.data()); });
     emu::launch(spread(total), 1, 256, [&] { tome_merge_heads(split.data(), (int)n, (int)heads, d, back.data()); });
     keep(split);
     keep(back);
+    // The second half of each row's columns as heads / 2 heads (a fused projection's part).
+    std::vector<float> part(total / 2);
+    emu::launch(spread(total / 2), 1, 256, [&] {
+        tome_split_heads(x.data(), (int)n, (int)(heads / 2), d, (int)hidden, (int)(hidden / 2), part.data());
+    });
+    keep(part);
     emu::launch(spread(heads * n), 1, 256, [&] {
         tome_merge_partials(acc_out.data(), acc_lse.data(), out.data(), lse.data(), heads * n, d);
     });

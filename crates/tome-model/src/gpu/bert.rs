@@ -86,35 +86,12 @@ fn check(model: &BertModel, input: &ShardInput) -> Result<Activation> {
     }
 }
 
-/// `x = x + bias` where the layer has a bias.
-fn add_bias(rank: &GpuRank, x: &mut CudaSlice<f32>, layer: &DeviceLinear, act: Activation) -> Result<()> {
-    match &layer.b {
-        Some(b) => Ok(rank.layers.bias_activation(x, b, act)?),
-        None if act == Activation::Identity => Ok(()),
-        None => {
-            let zero = rank.zeros(layer.out)?;
-            Ok(rank.layers.bias_activation(x, &zero, act)?)
-        }
-    }
-}
-
 /// `x Wᵀ + b` split into heads `[heads, rows, d]`.
 fn project_heads(rank: &GpuRank, x: &CudaSlice<f32>, layer: &DeviceLinear, rows: usize, heads: usize) -> Result<CudaSlice<f32>> {
-    let mut y = layer.product(rank, x)?;
-    add_bias(rank, &mut y, layer, Activation::Identity)?;
+    let y = layer.forward(rank, x, Activation::Identity)?;
     let mut out = rank.zeros(y.len())?;
     rank.layers.split_heads(&y, rows, heads, layer.out / heads, &mut out)?;
     Ok(out)
-}
-
-/// `norm(x Wᵀ + b + residual)`.
-fn residual_norm(rank: &GpuRank, x: &CudaSlice<f32>, layer: &DeviceLinear, residual: &CudaSlice<f32>, norm: &DeviceNorm) -> Result<CudaSlice<f32>> {
-    let mut y = layer.product(rank, x)?;
-    match &layer.b {
-        Some(b) => rank.layers.bias_residual(&mut y, b, residual)?,
-        None => rank.layers.bias_residual(&mut y, &rank.zeros(layer.out)?, residual)?,
-    }
-    norm.apply(rank, &y)
 }
 
 impl BertModel {
@@ -159,11 +136,10 @@ impl BertModel {
             let mut merged = rank.zeros(rows * hidden)?;
             rank.layers.merge_heads(&context, rows, heads, d, &mut merged)?;
             drop(context);
-            let h = residual_norm(rank, &merged, &w.attn_out, &x, &w.attn_norm)?;
+            let h = w.attn_norm.apply(rank, &w.attn_out.forward_residual(rank, &merged, &x)?)?;
             drop(merged);
-            let mut inner = w.intermediate.product(rank, &h)?;
-            add_bias(rank, &mut inner, &w.intermediate, act)?;
-            x = residual_norm(rank, &inner, &w.output, &h, &w.out_norm)?;
+            let inner = w.intermediate.forward(rank, &h, act)?;
+            x = w.out_norm.apply(rank, &w.output.forward_residual(rank, &inner, &h)?)?;
             if !after_layer(l) {
                 return Err(ModelError::Cancelled);
             }

@@ -5,10 +5,11 @@
 //!
 //! An architecture runs on a GPU by implementing `Architecture::forward_gpu`: the BERT family
 //! (BERT, RoBERTa, MiniLM, Longformer without global tokens) with dense and window attention,
-//! in f32. Every other architecture, attention or precision is refused on a GPU rank by name.
+//! and GPT-2 (causal dense attention), in f32. Every other architecture, attention or precision is refused on a GPU rank by name.
 
 mod attention;
 pub(crate) mod bert;
+pub(crate) mod gpt2;
 
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::Tensor;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use tome_gpu::blas::Blas;
-use tome_gpu::layers::Layers;
+use tome_gpu::layers::{Activation, Layers};
 use tome_gpu::{Gpu, GpuAttention, GpuError, GpuInfo};
 
 pub use tome_gpu::DeviceSpec;
@@ -176,11 +177,32 @@ impl DeviceLinear {
         Ok(DeviceLinear { w: rank.upload_tensor(layer.weight())?, b: layer.bias().map(|b| rank.upload_tensor(b)).transpose()?, inp, out })
     }
 
-    /// `x Wᵀ` into a new buffer (the bias is added by the caller's bias kernel).
-    pub(crate) fn product(&self, rank: &GpuRank, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+    /// `x Wᵀ` into a new buffer.
+    fn product(&self, rank: &GpuRank, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let rows = x.len() / self.inp.max(1);
         let mut y = rank.zeros(rows * self.out)?;
         rank.blas.linear(x, &self.w, self.inp, self.out, &mut y)?;
+        Ok(y)
+    }
+
+    /// `act(x Wᵀ + b)`.
+    pub(crate) fn forward(&self, rank: &GpuRank, x: &CudaSlice<f32>, act: Activation) -> Result<CudaSlice<f32>> {
+        let mut y = self.product(rank, x)?;
+        match &self.b {
+            Some(b) => rank.layers.bias_activation(&mut y, b, act)?,
+            None if act == Activation::Identity => {}
+            None => rank.layers.bias_activation(&mut y, &rank.zeros(self.out)?, act)?,
+        }
+        Ok(y)
+    }
+
+    /// `x Wᵀ + b + residual`.
+    pub(crate) fn forward_residual(&self, rank: &GpuRank, x: &CudaSlice<f32>, residual: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let mut y = self.product(rank, x)?;
+        match &self.b {
+            Some(b) => rank.layers.bias_residual(&mut y, b, residual)?,
+            None => rank.layers.bias_residual(&mut y, &rank.zeros(self.out)?, residual)?,
+        }
         Ok(y)
     }
 }
