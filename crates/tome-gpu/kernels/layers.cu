@@ -60,6 +60,46 @@ extern "C" __global__ void __launch_bounds__(TOME_ROW_THREADS)
     }
 }
 
+// RMS norm of each row (x · rsqrt(mean(x²) + eps) · gamma, as Llama), in place or not; one
+// block a row.
+extern "C" __global__ void __launch_bounds__(TOME_ROW_THREADS)
+    tome_rms_norm(const float* x, const float* gamma, int n, int cols, float eps, float* out) {
+    __shared__ float scratch[TOME_ROW_THREADS];
+    const int row = blockIdx.x;
+    const float* r = x + (long long)row * cols;
+    float squares = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += TOME_ROW_THREADS) squares += r[c] * r[c];
+    const float inv = rsqrtf(tome_block_sum(squares, scratch) / cols + eps);
+    float* o = out + (long long)row * cols;
+    for (int c = threadIdx.x; c < cols; c += TOME_ROW_THREADS) o[c] = r[c] * inv * gamma[c];
+}
+
+// Rotary positions in place on heads [heads, n, d] (d even), the halves rotated as Llama's
+// `rotate_half`: x·cos + (-x₂, x₁)·sin, with cos and sin [n, d] for each row's position.
+extern "C" __global__ void tome_rope(float* x, const float* cos_table, const float* sin_table, int heads, int n, int d) {
+    const int half = d / 2;
+    const long long total = (long long)heads * n * half;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const long long row = i / half;  // (head, token)
+        const int t = (int)(i % half);
+        const long long token = row % n;
+        float* r = x + row * d;
+        const float* c = cos_table + token * d;
+        const float* s = sin_table + token * d;
+        const float x1 = r[t], x2 = r[t + half];
+        r[t] = x1 * c[t] + (-x2) * s[t];
+        r[t + half] = x2 * c[t + half] + x1 * s[t + half];
+    }
+}
+
+// gate = silu(gate) · up (SwiGLU), both [total].
+extern "C" __global__ void tome_silu_mul(float* gate, const float* up, long long total) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const float g = gate[i];
+        gate[i] = (g / (1.0f + expf(-g))) * up[i];
+    }
+}
+
 // x = act(x + bias), x [n, cols]. act: 0 none, 1 GELU (erf), 2 GELU (tanh), 3 ReLU.
 extern "C" __global__ void tome_bias_activation(float* x, const float* bias, long long n, int cols, int act) {
     const long long total = n * cols;

@@ -13,12 +13,23 @@ pub struct KernelSource {
 pub const ATTENTION: KernelSource =
     KernelSource { name: "attention.cu", source: include_str!("../kernels/attention.cu"), entry_points: &["tome_attention_f32", "tome_attention_bf16"] };
 
-/// A layer's per-token pieces: embeddings, layer norm, bias with activation or residual, heads
-/// split and merged, partials merged.
+/// A layer's per-token pieces: embeddings, layer and RMS norms, rotary positions, SwiGLU, bias
+/// with activation or residual, heads split and merged, partials merged.
 pub const LAYERS: KernelSource = KernelSource {
     name: "layers.cu",
     source: include_str!("../kernels/layers.cu"),
-    entry_points: &["tome_embed", "tome_layer_norm", "tome_bias_activation", "tome_bias_residual", "tome_split_heads", "tome_merge_heads", "tome_merge_partials"],
+    entry_points: &[
+        "tome_embed",
+        "tome_layer_norm",
+        "tome_rms_norm",
+        "tome_rope",
+        "tome_silu_mul",
+        "tome_bias_activation",
+        "tome_bias_residual",
+        "tome_split_heads",
+        "tome_merge_heads",
+        "tome_merge_partials",
+    ],
 };
 
 /// Every kernel source.

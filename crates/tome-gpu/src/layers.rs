@@ -34,6 +34,9 @@ pub struct Layers {
     stream: Arc<CudaStream>,
     embed: CudaFunction,
     layer_norm: CudaFunction,
+    rms_norm: CudaFunction,
+    rope: CudaFunction,
+    silu_mul: CudaFunction,
     bias_activation: CudaFunction,
     bias_residual: CudaFunction,
     split_heads: CudaFunction,
@@ -77,6 +80,9 @@ impl Layers {
             stream,
             embed: f("tome_embed")?,
             layer_norm: f("tome_layer_norm")?,
+            rms_norm: f("tome_rms_norm")?,
+            rope: f("tome_rope")?,
+            silu_mul: f("tome_silu_mul")?,
             bias_activation: f("tome_bias_activation")?,
             bias_residual: f("tome_bias_residual")?,
             split_heads: f("tome_split_heads")?,
@@ -142,6 +148,59 @@ impl Layers {
         args.arg(x).arg(gamma).arg(beta).arg(&n32).arg(&c32).arg(&eps).arg(out);
         // SAFETY: arguments as `tome_layer_norm` takes them; lengths checked above.
         unsafe { args.launch(per_row(rows)?) }.map_err(driver("tome_layer_norm"))?;
+        Ok(())
+    }
+
+    /// RMS norm of each row of `x` (`[rows, gamma.len()]`) into `out`.
+    pub fn rms_norm(&self, x: &CudaSlice<f32>, gamma: &CudaSlice<f32>, eps: f32, out: &mut CudaSlice<f32>) -> Result<()> {
+        let cols = gamma.len();
+        expect("out", out.len(), x.len())?;
+        if cols == 0 || !x.len().is_multiple_of(cols) {
+            return Err(GpuError::Shape { op: OP, msg: format!("{} values are not rows of {cols}", x.len()) });
+        }
+        let rows = x.len() / cols;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (n32, c32) = (i32_of("rows", rows)?, i32_of("width", cols)?);
+        let mut args = self.stream.launch_builder(&self.rms_norm);
+        args.arg(x).arg(gamma).arg(&n32).arg(&c32).arg(&eps).arg(out);
+        // SAFETY: arguments as `tome_rms_norm` takes them; lengths checked above.
+        unsafe { args.launch(per_row(rows)?) }.map_err(driver("tome_rms_norm"))?;
+        Ok(())
+    }
+
+    /// Rotary positions in place on heads `[heads, n, d]`, from `cos` and `sin` `[n, d]`.
+    pub fn rope(&self, x: &mut CudaSlice<f32>, cos: &CudaSlice<f32>, sin: &CudaSlice<f32>, heads: usize, n: usize, d: usize) -> Result<()> {
+        expect("heads", x.len(), heads * n * d)?;
+        expect("cos", cos.len(), n * d)?;
+        expect("sin", sin.len(), n * d)?;
+        if !d.is_multiple_of(2) {
+            return Err(GpuError::Shape { op: OP, msg: format!("rotary positions need an even head size, not {d}") });
+        }
+        if x.is_empty() {
+            return Ok(());
+        }
+        let (h32, n32, d32) = (i32_of("heads", heads)?, i32_of("rows", n)?, i32_of("head size", d)?);
+        let mut args = self.stream.launch_builder(&self.rope);
+        args.arg(&mut *x).arg(cos).arg(sin).arg(&h32).arg(&n32).arg(&d32);
+        // SAFETY: arguments as `tome_rope` takes them; lengths checked above.
+        unsafe { args.launch(spread(heads * n * d / 2)) }.map_err(driver("tome_rope"))?;
+        Ok(())
+    }
+
+    /// `gate = silu(gate) · up`.
+    pub fn silu_mul(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) -> Result<()> {
+        expect("up", up.len(), gate.len())?;
+        if gate.is_empty() {
+            return Ok(());
+        }
+        let total = gate.len() as i64;
+        let config = spread(gate.len());
+        let mut args = self.stream.launch_builder(&self.silu_mul);
+        args.arg(&mut *gate).arg(up).arg(&total);
+        // SAFETY: arguments as `tome_silu_mul` takes them; both buffers hold `total` values.
+        unsafe { args.launch(config) }.map_err(driver("tome_silu_mul"))?;
         Ok(())
     }
 

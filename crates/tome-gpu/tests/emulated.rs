@@ -186,6 +186,26 @@ fn emulated_layer_kernels_match_their_definitions() {
     let half = t(&x, (n, hidden)).narrow(1, hidden / 2, hidden / 2).unwrap().reshape((n, heads / 2, d)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
     close("split heads of columns", &take(n * hidden / 2), &flat(half), 0.0);
 
+    let rms = candle_nn::RmsNorm::new(Tensor::from_slice(&gamma, hidden, &Device::Cpu).unwrap(), f64::from(eps));
+    close("rms norm", &take(n * hidden), &flat(candle_core::Module::forward(&rms, &t(&x, (n, hidden))).unwrap()), 2e-5);
+    let (cos, sin) = (take(n * d), take(n * d));
+    let rotated: Vec<f32> = (0..n * hidden)
+        .map(|i| {
+            let (row, t) = ((i / d) % n, i % d);
+            let (h, half) = (i / (n * d), d / 2);
+            let at = |c: usize| x[row * hidden + h * d + c];
+            let (c, s) = (cos[row * d + t], sin[row * d + t]);
+            if t < half {
+                at(t) * c + (-at(t + half)) * s
+            } else {
+                at(t) * c + at(t - half) * s
+            }
+        })
+        .collect();
+    close("rotary positions", &take(n * hidden), &rotated, 1e-6);
+    let swiglu: Vec<f32> = x.iter().zip(&residual).map(|(&g, &u)| (g / (1.0 + (-g).exp())) * u).collect();
+    close("silu · up", &take(n * hidden), &swiglu, 1e-5);
+
     let partial =
         |o: &[f32], l: &[f32]| Partial { out: Tensor::from_slice(o, (heads, n, d), &Device::Cpu).unwrap(), lse: Tensor::from_slice(l, (heads, n), &Device::Cpu).unwrap() };
     let merged = partial(&acc_out, &acc_lse).merge(&partial(&out, &lse)).unwrap();

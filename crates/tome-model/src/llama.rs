@@ -119,27 +119,29 @@ impl LlamaConfig {
     }
 }
 
-struct Layer {
-    input_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    post_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+pub(crate) struct Layer {
+    pub(crate) input_norm: RmsNorm,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) post_norm: RmsNorm,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
 }
 
 pub struct LlamaModel {
-    cfg: LlamaConfig,
-    embed: Embedding,
-    layers: Vec<Layer>,
-    norm: RmsNorm,
+    pub(crate) cfg: LlamaConfig,
+    pub(crate) embed: Embedding,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: RmsNorm,
     /// `[vocab, hidden]`: `lm_head.weight`, or the embeddings when tied (or absent: a
     /// `LlamaModel` checkpoint).
-    head: Tensor,
-    inv_freq: Vec<f32>,
+    pub(crate) head: Tensor,
+    pub(crate) inv_freq: Vec<f32>,
+    /// The weights on each GPU that has run this model.
+    pub(crate) on_gpus: crate::gpu::DeviceWeights<crate::gpu::llama::LlamaWeights>,
 }
 
 impl LlamaModel {
@@ -175,7 +177,15 @@ impl LlamaModel {
             embed.embeddings().clone()
         };
         let inv_freq = inv_freq(cfg.rope_theta()?, hd);
-        Ok(LlamaModel { norm: weights(rms_norm(d, eps, vb.pp("norm")), format!("{}.norm", vb.prefix()))?, embed, layers, head, inv_freq, cfg: cfg.clone() })
+        Ok(LlamaModel {
+            norm: weights(rms_norm(d, eps, vb.pp("norm")), format!("{}.norm", vb.prefix()))?,
+            embed,
+            layers,
+            head,
+            inv_freq,
+            on_gpus: Default::default(),
+            cfg: cfg.clone(),
+        })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -242,6 +252,10 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 impl Architecture for LlamaModel {
+    fn forward_gpu(&self, rank: &crate::gpu::GpuRank, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        self.forward_on_gpu(rank, group, plan, input, after_layer)
+    }
+
     /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
     /// and values; embeddings, norms, residual sums and the language-model head in f32.
     fn precisions(&self) -> &'static [Precision] {

@@ -1,4 +1,4 @@
-//! Models on a GPU rank: the BERT family's and GPT-2's fixtures against transformers' goldens (≤ 1e-4) on
+//! Models on a GPU rank: the BERT family's, GPT-2's and Llama's fixtures against transformers' goldens (≤ 1e-4) on
 //! 1..4 ranks sharing the GPU in both layouts, P ranks against one rank (≤ 1e-5), against the
 //! CPU path, and what a GPU rank refuses by name. These need a GPU, NVRTC and cuBLAS: a plain
 //! `cargo test` ignores them (nothing here counts as passed without one); scripts/gpu-check.sh
@@ -30,7 +30,7 @@ fn on_cpu(dir: &ModelDir, doc: &Prepared) -> Vec<f32> {
 }
 
 /// The BERT family's fixtures, dense and through a window wider than the document (bert-tiny's
-/// dense golden holds for both), and GPT-2 (causal).
+/// dense golden holds for both), GPT-2 and Llama (causal; Llama with grouped-query heads).
 fn cases() -> Vec<(&'static str, EncodeOptions)> {
     let window = EncodeOptions { attention: Some(LayerAttention::window(200).unwrap()), ..Default::default() };
     let narrow = EncodeOptions { attention: Some(LayerAttention::window(8).unwrap()), ..Default::default() };
@@ -39,6 +39,7 @@ fn cases() -> Vec<(&'static str, EncodeOptions)> {
         ("roberta-tiny", EncodeOptions::default()),
         ("xlm-roberta-long-tiny", EncodeOptions::default()),
         ("gpt2-tiny", EncodeOptions::default()),
+        ("llama-tiny", EncodeOptions::default()),
         ("bert-tiny", window),
         // A window narrower than a shard: halos cross ranks (no golden; the CPU path is the check).
         ("bert-tiny", narrow),
@@ -99,7 +100,7 @@ fn a_gpu_rank_refuses_what_it_cannot_run_by_name() {
             assert!(err.contains(s), "{name}: {err:?} should say {s:?}");
         }
     };
-    refused("llama-tiny", EncodeOptions::default(), &["llama", "does not run on a GPU rank"]);
+    refused("mpnet-tiny", EncodeOptions::default(), &["mpnet", "does not run on a GPU rank"]);
     refused("gpt2-tiny", EncodeOptions { precision: Precision::Bf16, ..Default::default() }, &["gpt2 runs in f32 on a GPU rank"]);
     refused("bert-tiny", EncodeOptions { precision: Precision::Bf16, ..Default::default() }, &["f32 on a GPU rank", "bf16"]);
     let globals = read_npy::<i64>(&fixture("longformer-tiny").join("global_tokens.npy")).into_iter().map(|g| g as usize).collect();

@@ -6,7 +6,8 @@
 // acc_out[n * hidden], acc_lse[heads * n], out[n * hidden], lse[heads * n].
 // OUT: f32 embedded, normed (x), then x + bias under each activation 0..3, x + bias + residual,
 // x split into heads, that merged back into rows, the second half of x's columns split into
-// heads / 2 heads, the merged partial's out then lse.
+// heads / 2 heads, x's RMS norm, the rotary cos and sin tables, x's heads rotated, SwiGLU of x
+// and residual, the merged partial's out then lse.
 #include "cuda_emulation.h"
 #include "../../kernels/layers.cu"
 
@@ -76,6 +77,27 @@ int main(int argc, char** argv) {
         tome_split_heads(x.data(), (int)n, (int)(heads / 2), d, (int)hidden, (int)(hidden / 2), part.data());
     });
     keep(part);
+    // RMS norm of x; rotary positions on x as heads (cos/sin: position angles of each row); SwiGLU
+    // of x (gate) and residual (up).
+    std::vector<float> rms(total);
+    emu::launch((unsigned)n, 1, TOME_ROW_THREADS, [&] { tome_rms_norm(x.data(), gamma.data(), (int)n, (int)hidden, eps, rms.data()); });
+    keep(rms);
+    std::vector<float> cos_table(n * d), sin_table(n * d);
+    for (long long i = 0; i < n; ++i) {
+        for (int t = 0; t < d; ++t) {
+            const float angle = (float)(i + 3) / powf(10000.0f, (float)(2 * (t % (d / 2))) / d);
+            cos_table[i * d + t] = cosf(angle);
+            sin_table[i * d + t] = sinf(angle);
+        }
+    }
+    std::vector<float> rotated = split;
+    emu::launch(spread(total / 2), 1, 256, [&] { tome_rope(rotated.data(), cos_table.data(), sin_table.data(), (int)heads, (int)n, d); });
+    keep(cos_table);
+    keep(sin_table);
+    keep(rotated);
+    std::vector<float> swiglu = x;
+    emu::launch(spread(total), 1, 256, [&] { tome_silu_mul(swiglu.data(), residual.data(), total); });
+    keep(swiglu);
     emu::launch(spread(heads * n), 1, 256, [&] {
         tome_merge_partials(acc_out.data(), acc_lse.data(), out.data(), lse.data(), heads * n, d);
     });

@@ -21,7 +21,8 @@ pub(crate) enum Pattern {
     Window { one_sided: usize, causal: bool },
 }
 
-/// A shard's queries, keys and values on the device, `[heads, n, d]`, at `pos` (ascending).
+/// A shard's queries (`[heads, n, d]`), keys and values (`[kv_heads, n, d]`) on the device, at
+/// `pos` (ascending).
 pub(crate) struct Shard<'a> {
     pub q: &'a CudaSlice<f32>,
     pub k: &'a CudaSlice<f32>,
@@ -29,6 +30,8 @@ pub(crate) struct Shard<'a> {
     pub pos: &'a [i64],
     pub valid: &'a [bool],
     pub heads: usize,
+    /// Key/value heads: fewer than `heads` under grouped-query attention.
+    pub kv_heads: usize,
     pub head_dim: usize,
 }
 
@@ -138,11 +141,11 @@ fn pass_around(group: &dyn Group, own: KeyBlock, compute: &mut dyn FnMut(&KeyBlo
 
 /// A rank without rows in a layer of `pattern`: no device work, only its part in the other
 /// ranks' exchanges (the same frames as [`attend`] sends and receives).
-pub(crate) fn exchange_only(group: &dyn Group, plan: &ShardPlan, pattern: Pattern, heads: usize, head_dim: usize, scale: f32) -> Result<()> {
+pub(crate) fn exchange_only(group: &dyn Group, plan: &ShardPlan, pattern: Pattern, kv_heads: usize, head_dim: usize, scale: f32) -> Result<()> {
     if group.size() == 1 {
         return Ok(());
     }
-    let empty = || Tensor::zeros((heads, 0, head_dim), candle_core::DType::F32, &Device::Cpu);
+    let empty = || Tensor::zeros((kv_heads, 0, head_dim), candle_core::DType::F32, &Device::Cpu);
     let own = KeyBlock { k: empty()?, v: empty()?, pos: Vec::new(), valid: Vec::new() };
     match pattern {
         Pattern::Window { one_sided, causal } => {
@@ -156,7 +159,7 @@ pub(crate) fn exchange_only(group: &dyn Group, plan: &ShardPlan, pattern: Patter
 /// The shard's own keys and values on the host, as a block to send.
 fn to_host(rank: &GpuRank, shard: &Shard<'_>) -> Result<KeyBlock> {
     let n = shard.pos.len();
-    let dims = (shard.heads, n, shard.head_dim);
+    let dims = (shard.kv_heads, n, shard.head_dim);
     Ok(KeyBlock {
         k: Tensor::from_vec(rank.download(shard.k)?, dims, &Device::Cpu)?,
         v: Tensor::from_vec(rank.download(shard.v)?, dims, &Device::Cpu)?,
@@ -183,7 +186,7 @@ impl Accumulator {
     #[allow(clippy::too_many_arguments)]
     fn add(&mut self, rank: &GpuRank, shard: &Shard<'_>, q_pos: &CudaSlice<i64>, block: BlockRef<'_>, causal: bool, window: Option<usize>, scale: f32) -> Result<()> {
         let n = shard.pos.len();
-        let dims = Dims { heads: shard.heads, kv_heads: shard.heads, queries: n, keys: block.len, head_dim: shard.head_dim, value_dim: shard.head_dim };
+        let dims = Dims { heads: shard.heads, kv_heads: shard.kv_heads, queries: n, keys: block.len, head_dim: shard.head_dim, value_dim: shard.head_dim };
         let inputs = Inputs { q: shard.q, k: block.k, v: block.v, q_pos, k_pos: block.pos, key_valid: Some(block.valid), causal, window, scale };
         if self.blocks == 0 {
             rank.attention.launch(dims, &inputs, &mut self.out, &mut self.lse)?;

@@ -130,7 +130,7 @@ impl BertModel {
             let q = project_heads(rank, &x, &w.query, rows, heads)?;
             let k = project_heads(rank, &x, &w.key, rows, heads)?;
             let v = project_heads(rank, &x, &w.value, rows, heads)?;
-            let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, head_dim: d };
+            let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: heads, head_dim: d };
             let context = attend(rank, group, &padded, &shard, pattern, scale)?;
             drop((q, k, v));
             let mut merged = rank.zeros(rows * hidden)?;
