@@ -103,24 +103,26 @@ impl GptNeoConfig {
     }
 }
 
-struct Block {
-    ln_1: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    ln_2: LayerNorm,
-    fc: Linear,
-    proj: Linear,
-    attention: LayerAttention,
+pub(crate) struct Block {
+    pub(crate) ln_1: LayerNorm,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) out: Linear,
+    pub(crate) ln_2: LayerNorm,
+    pub(crate) fc: Linear,
+    pub(crate) proj: Linear,
+    pub(crate) attention: LayerAttention,
 }
 
 pub struct GptNeoModel {
-    cfg: GptNeoConfig,
-    wte: Embedding,
-    wpe: Embedding,
-    blocks: Vec<Block>,
-    ln_f: LayerNorm,
+    pub(crate) cfg: GptNeoConfig,
+    pub(crate) wte: Embedding,
+    pub(crate) wpe: Embedding,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) ln_f: LayerNorm,
+    /// The weights on each GPU that has run this model.
+    pub(crate) on_gpus: crate::gpu::DeviceWeights<crate::gpu::gpt_neo::GptNeoWeights>,
 }
 
 impl GptNeoModel {
@@ -156,6 +158,7 @@ impl GptNeoModel {
             wpe: weights(embedding(cfg.max_position_embeddings, d, vb.pp("wpe")), "wpe")?,
             ln_f: weights(layer_norm(d, eps, vb.pp("ln_f")), "ln_f")?,
             blocks,
+            on_gpus: Default::default(),
             cfg: cfg.clone(),
         })
     }
@@ -198,6 +201,10 @@ impl GptNeoModel {
 }
 
 impl Architecture for GptNeoModel {
+    fn forward_gpu(&self, rank: &crate::gpu::GpuRank, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
+        self.forward_on_gpu(rank, group, plan, input, after_layer)
+    }
+
     /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
     /// and values; embeddings, norms, residual sums and the language-model head in f32.
     fn precisions(&self) -> &'static [Precision] {

@@ -31,7 +31,7 @@ pub trait Architecture: Send + Sync {
     /// [`Architecture::forward`] with the rank's activations on a GPU (`rank`). Architectures
     /// without a GPU forward keep this default, which refuses by name.
     fn forward_gpu(&self, _rank: &GpuRank, _group: &dyn Group, _plan: &ShardPlan, _input: &ShardInput, _after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
-        Err(ModelError::Unsupported(format!("{} does not run on a GPU rank yet (the BERT family, GPT-2 and Llama do); run it with --device cpu", self.shape().model_type)))
+        Err(ModelError::Unsupported(format!("{} does not run on a GPU rank yet (the BERT family, GPT-2, GPT-Neo and Llama do); run it with --device cpu", self.shape().model_type)))
     }
 
     /// The shortest document the model runs.

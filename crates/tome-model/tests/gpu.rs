@@ -1,4 +1,4 @@
-//! Models on a GPU rank: the BERT family's, GPT-2's and Llama's fixtures against transformers' goldens (≤ 1e-4) on
+//! Models on a GPU rank: the BERT family's, GPT-2's, GPT-Neo's and Llama's fixtures against transformers' goldens (≤ 1e-4) on
 //! 1..4 ranks sharing the GPU in both layouts, P ranks against one rank (≤ 1e-5), against the
 //! CPU path, and what a GPU rank refuses by name. These need a GPU, NVRTC and cuBLAS: a plain
 //! `cargo test` ignores them (nothing here counts as passed without one); scripts/gpu-check.sh
@@ -30,7 +30,7 @@ fn on_cpu(dir: &ModelDir, doc: &Prepared) -> Vec<f32> {
 }
 
 /// The BERT family's fixtures, dense and through a window wider than the document (bert-tiny's
-/// dense golden holds for both), GPT-2 and Llama (causal; Llama with grouped-query heads).
+/// dense golden holds for both), GPT-2, GPT-Neo (dense and local layers) and Llama (causal; Llama with grouped-query heads).
 fn cases() -> Vec<(&'static str, EncodeOptions)> {
     let window = EncodeOptions { attention: Some(LayerAttention::window(200).unwrap()), ..Default::default() };
     let narrow = EncodeOptions { attention: Some(LayerAttention::window(8).unwrap()), ..Default::default() };
@@ -40,6 +40,7 @@ fn cases() -> Vec<(&'static str, EncodeOptions)> {
         ("xlm-roberta-long-tiny", EncodeOptions::default()),
         ("gpt2-tiny", EncodeOptions::default()),
         ("llama-tiny", EncodeOptions::default()),
+        ("gpt-neo-tiny", EncodeOptions::default()),
         ("bert-tiny", window),
         // A window narrower than a shard: halos cross ranks (no golden; the CPU path is the check).
         ("bert-tiny", narrow),

@@ -5,12 +5,13 @@
 //!
 //! An architecture runs on a GPU by implementing `Architecture::forward_gpu`: the BERT family
 //! (BERT, RoBERTa, MiniLM, Longformer without global tokens) with dense and window attention,
-//! GPT-2 and Llama (causal dense attention; Llama's grouped-query heads read their shared key
-//! and value heads in place), in f32. Every other architecture, attention or precision is refused on a GPU rank by name.
+//! GPT-2, GPT-Neo (its dense and local causal layers) and Llama (causal dense attention; its
+//! grouped-query heads read their shared key and value heads in place), in f32. Every other architecture, attention or precision is refused on a GPU rank by name.
 
 mod attention;
 pub(crate) mod bert;
 pub(crate) mod gpt2;
+pub(crate) mod gpt_neo;
 pub(crate) mod llama;
 
 use std::collections::HashMap;
