@@ -14,13 +14,21 @@ pub fn coordinator(args: &EmbeddedArgs) -> anyhow::Result<Coordinator> {
     Ok(Coordinator::new(load_models(args)?, config(args))?)
 }
 
-/// Opens the GPU `device` names once, compiling tome's kernels for it, so that a missing GPU,
+/// Opens each GPU `device` names once, compiling tome's kernels for it, so that a missing GPU,
 /// driver, NVRTC or cuBLAS stops the process at start with the reason, never a job later.
 pub fn check_device(device: DeviceSpec) -> anyhow::Result<()> {
-    if let DeviceSpec::Cuda(index) = device {
+    let indices: Vec<usize> = match device {
+        DeviceSpec::Cpu => return Ok(()),
+        DeviceSpec::Cuda(index) => vec![index],
+        DeviceSpec::AllCuda => {
+            let count = tome_gpu::gpus().with_context(|| format!("--device {device}"))?.len();
+            (0..count.max(1)).collect()
+        }
+    };
+    for index in indices {
         let rank = tome_model::gpu::GpuRank::lease(index).with_context(|| format!("--device {device}"))?;
         let gpu = rank.info();
-        tracing::info!(device = %device, name = %gpu.name, memory_bytes = gpu.memory_bytes, arch = %gpu.arch(), "ranks compute on this GPU");
+        tracing::info!(device = %device, index, name = %gpu.name, memory_bytes = gpu.memory_bytes, arch = %gpu.arch(), "ranks compute on this GPU");
     }
     Ok(())
 }

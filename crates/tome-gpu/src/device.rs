@@ -10,12 +10,29 @@ use cudarc::nvrtc::Ptx;
 use crate::error::{driver, GpuError, Result};
 use crate::kernels::KernelSource;
 
-/// Where a rank computes: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+/// Where a process's ranks compute: `cpu`, `cuda` (every GPU of the machine, ranks spread over
+/// them) or `cuda:N` (GPU N alone).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DeviceSpec {
     #[default]
     Cpu,
+    /// Every GPU: rank r on GPU r mod the GPU count, so a job's ranks take one GPU each.
+    AllCuda,
     Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// The GPU rank `rank` computes on, or `None` on the CPU; an error where there is no GPU.
+    pub fn gpu_for(self, rank: usize) -> Result<Option<usize>> {
+        match self {
+            DeviceSpec::Cpu => Ok(None),
+            DeviceSpec::Cuda(index) => Ok(Some(index)),
+            DeviceSpec::AllCuda => match gpus()?.len() {
+                0 => Err(GpuError::Unavailable("the CUDA driver sees no GPU".into())),
+                count => Ok(Some(rank % count)),
+            },
+        }
+    }
 }
 
 impl FromStr for DeviceSpec {
@@ -24,7 +41,7 @@ impl FromStr for DeviceSpec {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "cpu" => Ok(DeviceSpec::Cpu),
-            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            "cuda" => Ok(DeviceSpec::AllCuda),
             _ => match s.strip_prefix("cuda:") {
                 Some(n) => n.parse().map(DeviceSpec::Cuda).map_err(|_| format!("device '{s}': the GPU index must be a number, as in cuda:0")),
                 None => Err(format!("unknown device '{s}' (expected cpu, cuda or cuda:N)")),
@@ -37,6 +54,7 @@ impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::AllCuda => f.write_str("cuda"),
             DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
         }
     }
@@ -151,7 +169,10 @@ mod tests {
     #[test]
     fn devices_parse_and_print() {
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
-        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::AllCuda);
+        assert_eq!(DeviceSpec::AllCuda.to_string(), "cuda");
+        assert_eq!(DeviceSpec::Cpu.gpu_for(3).unwrap(), None);
+        assert_eq!(DeviceSpec::Cuda(2).gpu_for(5).unwrap(), Some(2));
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
         assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
         assert!("cuda:x".parse::<DeviceSpec>().unwrap_err().contains("must be a number"));

@@ -117,9 +117,9 @@ pub struct RankWork<'a> {
 /// Runs one rank of a job on `group`: the encoder on its shard, then its part of the pooling.
 /// The same code runs a rank of the in-process group and a rank on a worker process.
 pub fn run_rank(group: &dyn Group, work: &RankWork, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<RankOutput, tome_model::ModelError> {
-    let gpu = match work.device {
-        DeviceSpec::Cpu => None,
-        DeviceSpec::Cuda(index) => Some(GpuRank::lease(index)?),
+    let gpu = match work.device.gpu_for(group.rank())? {
+        None => None,
+        Some(index) => Some(GpuRank::lease(index)?),
     };
     let hidden = work.model.model.forward_on(gpu.as_deref(), group, work.plan, work.input, after_layer)?;
     let pooled = if work.spans.is_empty() { None } else { Some(pool_spans(group, work.plan, &hidden, work.spans, work.pooling)?) };
