@@ -100,6 +100,30 @@ extern "C" __global__ void tome_silu_mul(float* gate, const float* up, long long
     }
 }
 
+// bf16 bits of x, rounded to nearest even, subnormals flushed to a signed zero, NaN kept quiet:
+// tome-attn's `to_bf16_bits`, bit for bit.
+__device__ __forceinline__ unsigned short tome_bf16_bits(float x) {
+    const unsigned int bits = __float_as_uint(x);
+    const unsigned int magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u) return (unsigned short)((bits >> 16) | 0x40u);
+    if (magnitude < 0x00800000u) return (unsigned short)((bits >> 16) & 0x8000u);
+    return (unsigned short)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// y = bf16(x), as bits.
+extern "C" __global__ void tome_to_bf16(const float* x, unsigned short* y, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        y[i] = tome_bf16_bits(x[i]);
+    }
+}
+
+// x = bf16(x), kept as f32 (what a bf16 run's attention takes).
+extern "C" __global__ void tome_round_bf16(float* x, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        x[i] = __uint_as_float(((unsigned int)tome_bf16_bits(x[i])) << 16);
+    }
+}
+
 // x = act(x + bias), x [n, cols]. act: 0 none, 1 GELU (erf), 2 GELU (tanh), 3 ReLU.
 extern "C" __global__ void tome_bias_activation(float* x, const float* bias, long long n, int cols, int act) {
     const long long total = n * cols;

@@ -24,6 +24,8 @@ pub const LAYERS: KernelSource = KernelSource {
         "tome_rms_norm",
         "tome_rope",
         "tome_silu_mul",
+        "tome_to_bf16",
+        "tome_round_bf16",
         "tome_bias_activation",
         "tome_bias_residual",
         "tome_split_heads",

@@ -37,6 +37,8 @@ pub struct Layers {
     rms_norm: CudaFunction,
     rope: CudaFunction,
     silu_mul: CudaFunction,
+    to_bf16: CudaFunction,
+    round_bf16: CudaFunction,
     bias_activation: CudaFunction,
     bias_residual: CudaFunction,
     split_heads: CudaFunction,
@@ -83,6 +85,8 @@ impl Layers {
             rms_norm: f("tome_rms_norm")?,
             rope: f("tome_rope")?,
             silu_mul: f("tome_silu_mul")?,
+            to_bf16: f("tome_to_bf16")?,
+            round_bf16: f("tome_round_bf16")?,
             bias_activation: f("tome_bias_activation")?,
             bias_residual: f("tome_bias_residual")?,
             split_heads: f("tome_split_heads")?,
@@ -201,6 +205,33 @@ impl Layers {
         args.arg(&mut *gate).arg(up).arg(&total);
         // SAFETY: arguments as `tome_silu_mul` takes them; both buffers hold `total` values.
         unsafe { args.launch(config) }.map_err(driver("tome_silu_mul"))?;
+        Ok(())
+    }
+
+    /// `y = bf16(x)` as bits (nearest even; tome-attn's rounding, bit for bit).
+    pub fn to_bf16(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<u16>) -> Result<()> {
+        expect("bf16 output", y.len(), x.len())?;
+        if x.is_empty() {
+            return Ok(());
+        }
+        let n = x.len() as i64;
+        let mut args = self.stream.launch_builder(&self.to_bf16);
+        args.arg(x).arg(&mut *y).arg(&n);
+        // SAFETY: arguments as `tome_to_bf16` takes them; both buffers hold n values.
+        unsafe { args.launch(spread(x.len())) }.map_err(driver("tome_to_bf16"))?;
+        Ok(())
+    }
+
+    /// `x = bf16(x)`, kept in f32.
+    pub fn round_bf16(&self, x: &mut CudaSlice<f32>) -> Result<()> {
+        if x.is_empty() {
+            return Ok(());
+        }
+        let (n, config) = (x.len() as i64, spread(x.len()));
+        let mut args = self.stream.launch_builder(&self.round_bf16);
+        args.arg(&mut *x).arg(&n);
+        // SAFETY: arguments as `tome_round_bf16` takes them.
+        unsafe { args.launch(config) }.map_err(driver("tome_round_bf16"))?;
         Ok(())
     }
 

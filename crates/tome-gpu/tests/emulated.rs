@@ -142,7 +142,26 @@ fn emulated_layer_kernels_match_their_definitions() {
     input.extend(bytes_of(&[eps, word_scale]));
     input.extend(bytes_of(&ids));
     input.extend(bytes_of(&pos_ids));
-    for v in [&word, &position, &token_type, &gamma, &beta, &bias, &residual, &x, &acc_out, &acc_lse, &out, &lse] {
+    let tiny = f32::MIN_POSITIVE / 4.0;
+    let to_round = [
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
+        1.0 + 2f32.powi(-8) + 2f32.powi(-20),
+        -2.5,
+        tiny,
+        -tiny,
+        f32::MAX,
+        f32::INFINITY,
+        f32::NAN,
+        0.1,
+        -0.3,
+        1e30,
+        3.0e-38,
+        65504.0,
+        -0.0,
+        7.0,
+    ];
+    for v in [&word, &position, &token_type, &gamma, &beta, &bias, &residual, &x, &acc_out, &acc_lse, &out, &lse, &to_round.to_vec()] {
         input.extend(bytes_of(v));
     }
     static LAYERS: OnceLock<PathBuf> = OnceLock::new();
@@ -205,6 +224,14 @@ fn emulated_layer_kernels_match_their_definitions() {
     close("rotary positions", &take(n * hidden), &rotated, 1e-6);
     let swiglu: Vec<f32> = x.iter().zip(&residual).map(|(&g, &u)| (g / (1.0 + (-g).exp())) * u).collect();
     close("silu · up", &take(n * hidden), &swiglu, 1e-5);
+    let want: Vec<u32> = to_round.iter().map(|&v| tome_attn::bf16::round_to_bf16(v).to_bits()).collect();
+    for what in ["bf16 bits", "rounded in place"] {
+        let got: Vec<u32> = take(16).iter().map(|v| v.to_bits()).collect();
+        for ((g, w), v) in got.iter().zip(&want).zip(&to_round) {
+            let both_nan = f32::from_bits(*g).is_nan() && f32::from_bits(*w).is_nan();
+            assert!(both_nan || g == w, "{what} of {v:e}: {g:#x}, tome-attn rounds to {w:#x}");
+        }
+    }
 
     let partial =
         |o: &[f32], l: &[f32]| Partial { out: Tensor::from_slice(o, (heads, n, d), &Device::Cpu).unwrap(), lse: Tensor::from_slice(l, (heads, n), &Device::Cpu).unwrap() };

@@ -23,7 +23,7 @@ use std::mem::MaybeUninit;
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-pub use convert::round_to_bf16;
+pub use convert::{round_to_bf16, to_bf16_bits};
 pub use kernel::Bf16Kernel;
 pub use packed::PackedBf16;
 

@@ -37,6 +37,11 @@ inline float __uint_as_float(unsigned u) {
     return f;
 }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
 template <class T>
 inline T min(T a, T b) {
     return a < b ? a : b;

@@ -38,20 +38,20 @@ pub(crate) struct BertWeights {
 }
 
 impl BertWeights {
-    fn upload(model: &BertModel, rank: &GpuRank) -> Result<Self> {
+    fn upload(model: &BertModel, rank: &GpuRank, precision: Precision) -> Result<Self> {
         let eps = model.cfg.layer_norm_eps;
         let layers = model
             .layers
             .iter()
             .map(|l| {
                 Ok(LayerWeights {
-                    query: DeviceLinear::upload(rank, l.query.f32())?,
-                    key: DeviceLinear::upload(rank, l.key.f32())?,
-                    value: DeviceLinear::upload(rank, l.value.f32())?,
-                    attn_out: DeviceLinear::upload(rank, l.attn_out.f32())?,
+                    query: DeviceLinear::upload(rank, l.query.f32(), precision)?,
+                    key: DeviceLinear::upload(rank, l.key.f32(), precision)?,
+                    value: DeviceLinear::upload(rank, l.value.f32(), precision)?,
+                    attn_out: DeviceLinear::upload(rank, l.attn_out.f32(), precision)?,
                     attn_norm: DeviceNorm::upload(rank, &l.attn_norm, eps)?,
-                    intermediate: DeviceLinear::upload(rank, l.intermediate.f32())?,
-                    output: DeviceLinear::upload(rank, l.output.f32())?,
+                    intermediate: DeviceLinear::upload(rank, l.intermediate.f32(), precision)?,
+                    output: DeviceLinear::upload(rank, l.output.f32(), precision)?,
                     out_norm: DeviceNorm::upload(rank, &l.out_norm, eps)?,
                 })
             })
@@ -69,9 +69,6 @@ impl BertWeights {
 /// What a GPU rank of this model refuses, by name, before any work.
 fn check(model: &BertModel, input: &ShardInput) -> Result<Activation> {
     let family = model.cfg.model_type.name();
-    if input.run.precision != Precision::F32 {
-        return Err(ModelError::Unsupported(format!("{family} runs in f32 on a GPU rank; {} is not implemented there", input.run.precision)));
-    }
     if !input.global_tokens.is_empty() {
         return Err(ModelError::Unsupported(format!("{family} with global tokens does not run on a GPU rank yet (window attention without them does)")));
     }
@@ -86,11 +83,12 @@ fn check(model: &BertModel, input: &ShardInput) -> Result<Activation> {
     }
 }
 
-/// `x Wᵀ + b` split into heads `[heads, rows, d]`.
-fn project_heads(rank: &GpuRank, x: &CudaSlice<f32>, layer: &DeviceLinear, rows: usize, heads: usize) -> Result<CudaSlice<f32>> {
+/// `x Wᵀ + b` split into heads `[heads, rows, d]`, as attention takes them in `precision`.
+fn project_heads(rank: &GpuRank, x: &CudaSlice<f32>, layer: &DeviceLinear, rows: usize, heads: usize, precision: Precision) -> Result<CudaSlice<f32>> {
     let y = layer.forward(rank, x, Activation::Identity)?;
     let mut out = rank.zeros(y.len())?;
     rank.layers.split_heads(&y, rows, heads, layer.out / heads, &mut out)?;
+    rank.attention_input(&mut out, precision)?;
     Ok(out)
 }
 
@@ -117,7 +115,7 @@ impl BertModel {
             }
             return Ok(Tensor::zeros((0, hidden), candle_core::DType::F32, &Device::Cpu)?);
         }
-        let weights = self.on_gpus.on(rank, |rank| BertWeights::upload(self, rank))?;
+        let weights = self.on_gpus.on(rank, input.run.precision, |rank| BertWeights::upload(self, rank, input.run.precision))?;
 
         let word_scale = if self.cfg.rescale_embeddings { (hidden as f32).sqrt() } else { 1.0 };
         let mut embedded = rank.zeros(rows * hidden)?;
@@ -127,9 +125,9 @@ impl BertModel {
 
         for (l, w) in weights.layers.iter().enumerate().take(layers) {
             let pattern = pattern(l)?;
-            let q = project_heads(rank, &x, &w.query, rows, heads)?;
-            let k = project_heads(rank, &x, &w.key, rows, heads)?;
-            let v = project_heads(rank, &x, &w.value, rows, heads)?;
+            let q = project_heads(rank, &x, &w.query, rows, heads, input.run.precision)?;
+            let k = project_heads(rank, &x, &w.key, rows, heads, input.run.precision)?;
+            let v = project_heads(rank, &x, &w.value, rows, heads, input.run.precision)?;
             let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: heads, head_dim: d };
             let context = attend(rank, group, &padded, &shard, pattern, scale)?;
             drop((q, k, v));

@@ -38,7 +38,7 @@ pub(crate) struct Gpt2Weights {
 }
 
 impl Gpt2Weights {
-    fn upload(model: &Gpt2Model, rank: &GpuRank) -> Result<Self> {
+    fn upload(model: &Gpt2Model, rank: &GpuRank, precision: Precision) -> Result<Self> {
         let eps = model.cfg.layer_norm_epsilon;
         let blocks = model
             .blocks
@@ -46,11 +46,11 @@ impl Gpt2Weights {
             .map(|b| {
                 Ok(BlockWeights {
                     ln_1: DeviceNorm::upload(rank, &b.ln_1, eps)?,
-                    c_attn: DeviceLinear::upload(rank, b.c_attn.f32())?,
-                    c_proj: DeviceLinear::upload(rank, b.c_proj.f32())?,
+                    c_attn: DeviceLinear::upload(rank, b.c_attn.f32(), precision)?,
+                    c_proj: DeviceLinear::upload(rank, b.c_proj.f32(), precision)?,
                     ln_2: DeviceNorm::upload(rank, &b.ln_2, eps)?,
-                    c_fc: DeviceLinear::upload(rank, b.c_fc.f32())?,
-                    mlp_proj: DeviceLinear::upload(rank, b.mlp_proj.f32())?,
+                    c_fc: DeviceLinear::upload(rank, b.c_fc.f32(), precision)?,
+                    mlp_proj: DeviceLinear::upload(rank, b.mlp_proj.f32(), precision)?,
                     scale: b.scale,
                 })
             })
@@ -68,9 +68,6 @@ impl Gpt2Weights {
 impl Gpt2Model {
     /// [`crate::Architecture::forward`] on `rank`'s GPU.
     pub(crate) fn forward_on_gpu(&self, rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
-        if input.run.precision != Precision::F32 {
-            return Err(ModelError::Unsupported(format!("gpt2 runs in f32 on a GPU rank; {} is not implemented there", input.run.precision)));
-        }
         let cfg = &self.cfg;
         let positions = check_learned_positions("GPT-2", cfg.vocab_size, cfg.n_positions, group.rank(), plan, input)?;
         let (n, d, heads) = (positions.len(), cfg.n_embd, cfg.n_head);
@@ -85,7 +82,7 @@ impl Gpt2Model {
             }
             return Ok(Tensor::zeros((0, d), candle_core::DType::F32, &Device::Cpu)?);
         }
-        let w = self.on_gpus.on(rank, |rank| Gpt2Weights::upload(self, rank))?;
+        let w = self.on_gpus.on(rank, input.run.precision, |rank| Gpt2Weights::upload(self, rank, input.run.precision))?;
         let mut x = rank.zeros(n * d)?;
         rank.layers.embed(&input.ids, &input.position_ids, &w.wte, &w.wpe, &w.no_type, 1.0, d, &mut x)?;
         let valid = vec![true; n];
@@ -94,6 +91,7 @@ impl Gpt2Model {
             let part = |i: usize| -> Result<CudaSlice<f32>> {
                 let mut out = rank.zeros(n * d)?;
                 rank.layers.split_heads_at(&qkv, n, heads, hd, 3 * d, i * d, &mut out)?;
+                rank.attention_input(&mut out, input.run.precision)?;
                 Ok(out)
             };
             let (q, k, v) = (part(0)?, part(1)?, part(2)?);

@@ -39,7 +39,7 @@ pub(crate) struct GptNeoWeights {
 }
 
 impl GptNeoWeights {
-    fn upload(model: &GptNeoModel, rank: &GpuRank) -> Result<Self> {
+    fn upload(model: &GptNeoModel, rank: &GpuRank, precision: Precision) -> Result<Self> {
         let eps = model.cfg.layer_norm_epsilon;
         let blocks = model
             .blocks
@@ -47,13 +47,13 @@ impl GptNeoWeights {
             .map(|b| {
                 Ok(BlockWeights {
                     ln_1: DeviceNorm::upload(rank, &b.ln_1, eps)?,
-                    q: DeviceLinear::upload(rank, b.q.f32())?,
-                    k: DeviceLinear::upload(rank, b.k.f32())?,
-                    v: DeviceLinear::upload(rank, b.v.f32())?,
-                    out: DeviceLinear::upload(rank, b.out.f32())?,
+                    q: DeviceLinear::upload(rank, b.q.f32(), precision)?,
+                    k: DeviceLinear::upload(rank, b.k.f32(), precision)?,
+                    v: DeviceLinear::upload(rank, b.v.f32(), precision)?,
+                    out: DeviceLinear::upload(rank, b.out.f32(), precision)?,
                     ln_2: DeviceNorm::upload(rank, &b.ln_2, eps)?,
-                    fc: DeviceLinear::upload(rank, b.fc.f32())?,
-                    proj: DeviceLinear::upload(rank, b.proj.f32())?,
+                    fc: DeviceLinear::upload(rank, b.fc.f32(), precision)?,
+                    proj: DeviceLinear::upload(rank, b.proj.f32(), precision)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -79,9 +79,6 @@ fn pattern(attention: LayerAttention) -> Result<Pattern> {
 impl GptNeoModel {
     /// [`crate::Architecture::forward`] on `rank`'s GPU.
     pub(crate) fn forward_on_gpu(&self, rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
-        if input.run.precision != Precision::F32 {
-            return Err(ModelError::Unsupported(format!("gpt_neo runs in f32 on a GPU rank; {} is not implemented there", input.run.precision)));
-        }
         let cfg = &self.cfg;
         let positions = check_learned_positions("GPT-Neo", cfg.vocab_size, cfg.max_position_embeddings, group.rank(), plan, input)?;
         if !input.layers.iter().eq(self.blocks.iter().map(|b| &b.attention)) {
@@ -99,7 +96,7 @@ impl GptNeoModel {
             }
             return Ok(Tensor::zeros((0, d), candle_core::DType::F32, &Device::Cpu)?);
         }
-        let w = self.on_gpus.on(rank, |rank| GptNeoWeights::upload(self, rank))?;
+        let w = self.on_gpus.on(rank, input.run.precision, |rank| GptNeoWeights::upload(self, rank, input.run.precision))?;
         let mut x = rank.zeros(n * d)?;
         rank.layers.embed(&input.ids, &input.position_ids, &w.wte, &w.wpe, &w.no_type, 1.0, d, &mut x)?;
         let valid = vec![true; n];
@@ -109,6 +106,7 @@ impl GptNeoModel {
                 let rows = layer.forward(rank, &h, Activation::Identity)?;
                 let mut out = rank.zeros(rows.len())?;
                 rank.layers.split_heads(&rows, n, heads, hd, &mut out)?;
+                rank.attention_input(&mut out, input.run.precision)?;
                 Ok(out)
             };
             let (q, k, v) = (heads_of(&b.q)?, heads_of(&b.k)?, heads_of(&b.v)?);

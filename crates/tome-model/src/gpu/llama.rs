@@ -57,21 +57,21 @@ pub(crate) struct LlamaWeights {
 }
 
 impl LlamaWeights {
-    fn upload(model: &LlamaModel, rank: &GpuRank) -> Result<Self> {
+    fn upload(model: &LlamaModel, rank: &GpuRank, precision: Precision) -> Result<Self> {
         let layers = model
             .layers
             .iter()
             .map(|l| {
                 Ok(LayerWeights {
                     input_norm: DeviceRmsNorm::upload(rank, &l.input_norm)?,
-                    q: DeviceLinear::upload(rank, l.q.f32())?,
-                    k: DeviceLinear::upload(rank, l.k.f32())?,
-                    v: DeviceLinear::upload(rank, l.v.f32())?,
-                    o: DeviceLinear::upload(rank, l.o.f32())?,
+                    q: DeviceLinear::upload(rank, l.q.f32(), precision)?,
+                    k: DeviceLinear::upload(rank, l.k.f32(), precision)?,
+                    v: DeviceLinear::upload(rank, l.v.f32(), precision)?,
+                    o: DeviceLinear::upload(rank, l.o.f32(), precision)?,
                     post_norm: DeviceRmsNorm::upload(rank, &l.post_norm)?,
-                    gate: DeviceLinear::upload(rank, l.gate.f32())?,
-                    up: DeviceLinear::upload(rank, l.up.f32())?,
-                    down: DeviceLinear::upload(rank, l.down.f32())?,
+                    gate: DeviceLinear::upload(rank, l.gate.f32(), precision)?,
+                    up: DeviceLinear::upload(rank, l.up.f32(), precision)?,
+                    down: DeviceLinear::upload(rank, l.down.f32(), precision)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -87,9 +87,6 @@ impl LlamaWeights {
 impl LlamaModel {
     /// [`crate::Architecture::forward`] on `rank`'s GPU.
     pub(crate) fn forward_on_gpu(&self, rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
-        if input.run.precision != Precision::F32 {
-            return Err(ModelError::Unsupported(format!("llama runs in f32 on a GPU rank; {} is not implemented there", input.run.precision)));
-        }
         let cfg = &self.cfg;
         let positions = plan.positions(group.rank());
         let n = positions.len();
@@ -110,7 +107,7 @@ impl LlamaModel {
             }
             return Ok(Tensor::zeros((0, d), candle_core::DType::F32, &Device::Cpu)?);
         }
-        let w = self.on_gpus.on(rank, |rank| LlamaWeights::upload(self, rank))?;
+        let w = self.on_gpus.on(rank, input.run.precision, |rank| LlamaWeights::upload(self, rank, input.run.precision))?;
         let (cos, sin) = rotary(&self.inv_freq, &input.position_ids)?;
         let (cos, sin) = (rank.upload_tensor(&cos)?, rank.upload_tensor(&sin)?);
         let mut x = rank.zeros(n * d)?;
@@ -123,6 +120,7 @@ impl LlamaModel {
             if rotate {
                 rank.layers.rope(&mut out, &cos, &sin, h, n, hd)?;
             }
+            rank.attention_input(&mut out, input.run.precision)?;
             Ok(out)
         };
         for (l, lw) in w.layers.iter().enumerate().take(run) {

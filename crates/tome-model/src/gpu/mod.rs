@@ -6,7 +6,10 @@
 //! An architecture runs on a GPU by implementing `Architecture::forward_gpu`: the BERT family
 //! (BERT, RoBERTa, MiniLM, Longformer without global tokens) with dense and window attention,
 //! GPT-2, GPT-Neo (its dense and local causal layers) and Llama (causal dense attention; its
-//! grouped-query heads read their shared key and value heads in place), in f32. Every other architecture, attention or precision is refused on a GPU rank by name.
+//! grouped-query heads read their shared key and value heads in place), in f32 and in bf16
+//! (weights and what enters a product or attention rounded to bf16 as on the CPU, products on
+//! tensor cores with f32 accumulation). Every other architecture or family is refused on a GPU
+//! rank by name.
 
 mod attention;
 pub(crate) mod bert;
@@ -20,6 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use tome_attn::Precision;
 use tome_gpu::blas::Blas;
 use tome_gpu::layers::{Activation, Layers};
 use tome_gpu::{Gpu, GpuAttention, GpuError, GpuInfo};
@@ -95,6 +99,14 @@ impl GpuRank {
         &self.info
     }
 
+    /// Rounds `x` to bf16 values in place where the run is bf16 (what attention takes).
+    pub(crate) fn attention_input(&self, x: &mut CudaSlice<f32>, precision: Precision) -> Result<()> {
+        match precision {
+            Precision::F32 => Ok(()),
+            Precision::Bf16 => Ok(self.layers.round_bf16(x)?),
+        }
+    }
+
     /// Copies `values` to the device.
     pub(crate) fn upload<T: cudarc::driver::DeviceRepr>(&self, values: &[T]) -> Result<CudaSlice<T>> {
         self.stream.clone_htod(values).map_err(|e| gpu_err("copy to the GPU", e))
@@ -131,7 +143,7 @@ impl Drop for GpuRank {
 /// A model's weights on each GPU that has run it: uploaded by the first rank there, shared by
 /// every rank and job after.
 pub(crate) struct DeviceWeights<W> {
-    by_gpu: Mutex<HashMap<usize, OnGpu<W>>>,
+    by_gpu: Mutex<HashMap<(usize, Precision), OnGpu<W>>>,
 }
 
 /// Weights on one GPU, with the context they live in.
@@ -153,38 +165,63 @@ impl<W> Default for DeviceWeights<W> {
 }
 
 impl<W> DeviceWeights<W> {
-    /// This GPU's weights, uploaded with `upload` (and the copy finished) if they are not yet.
-    pub(crate) fn on(&self, rank: &GpuRank, upload: impl FnOnce(&GpuRank) -> Result<W>) -> Result<Arc<W>> {
+    /// This GPU's weights for `precision` runs, uploaded with `upload` (and the copy finished)
+    /// if they are not yet.
+    pub(crate) fn on(&self, rank: &GpuRank, precision: Precision, upload: impl FnOnce(&GpuRank) -> Result<W>) -> Result<Arc<W>> {
         let mut held = self.by_gpu.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((w, _)) = held.get(&rank.info.index) {
+        let key = (rank.info.index, precision);
+        if let Some((w, _)) = held.get(&key) {
             return Ok(w.clone());
         }
         let w = Arc::new(upload(rank)?);
         rank.stream.synchronize().map_err(|e| gpu_err("upload weights", e))?;
-        held.insert(rank.info.index, (w.clone(), rank.stream.context().clone()));
+        held.insert(key, (w.clone(), rank.stream.context().clone()));
         Ok(w)
     }
 }
 
-/// A linear layer on the device: `[out, in]` weights and the bias, if any.
+/// A layer's `[out, in]` weights on the device as a run's products read them.
+enum DeviceMatrix {
+    F32(CudaSlice<f32>),
+    /// bf16 bits, rounded as tome-attn rounds (products on tensor cores, f32 accumulation).
+    Bf16(CudaSlice<u16>),
+}
+
+/// A linear layer on the device: its weights and the bias (f32), if any.
 pub(crate) struct DeviceLinear {
-    pub(crate) w: CudaSlice<f32>,
+    w: DeviceMatrix,
     pub(crate) b: Option<CudaSlice<f32>>,
     pub(crate) inp: usize,
     pub(crate) out: usize,
 }
 
 impl DeviceLinear {
-    pub(crate) fn upload(rank: &GpuRank, layer: &candle_nn::Linear) -> Result<Self> {
+    /// `layer` on the device, its weights in `precision`.
+    pub(crate) fn upload(rank: &GpuRank, layer: &candle_nn::Linear, precision: Precision) -> Result<Self> {
         let (out, inp) = layer.weight().dims2()?;
-        Ok(DeviceLinear { w: rank.upload_tensor(layer.weight())?, b: layer.bias().map(|b| rank.upload_tensor(b)).transpose()?, inp, out })
+        let w = match precision {
+            Precision::F32 => DeviceMatrix::F32(rank.upload_tensor(layer.weight())?),
+            Precision::Bf16 => {
+                let values = layer.weight().flatten_all()?.to_vec1::<f32>()?;
+                DeviceMatrix::Bf16(rank.upload(&values.into_iter().map(tome_attn::bf16::to_bf16_bits).collect::<Vec<u16>>())?)
+            }
+        };
+        Ok(DeviceLinear { w, b: layer.bias().map(|b| rank.upload_tensor(b)).transpose()?, inp, out })
     }
 
-    /// `x Wᵀ` into a new buffer.
+    /// `x Wᵀ` into a new buffer; in bf16, `x` rounded to bf16 on its way in.
     fn product(&self, rank: &GpuRank, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let rows = x.len() / self.inp.max(1);
         let mut y = rank.zeros(rows * self.out)?;
-        rank.blas.linear(x, &self.w, self.inp, self.out, &mut y)?;
+        match &self.w {
+            DeviceMatrix::F32(w) => rank.blas.linear(x, w, self.inp, self.out, &mut y)?,
+            DeviceMatrix::Bf16(w) if !x.is_empty() => {
+                let mut x16 = rank.stream.alloc_zeros::<u16>(x.len()).map_err(|e| gpu_err("allocate", e))?;
+                rank.layers.to_bf16(x, &mut x16)?;
+                rank.blas.linear_bf16(&x16, w, self.inp, self.out, &mut y)?;
+            }
+            DeviceMatrix::Bf16(_) => {}
+        }
         Ok(y)
     }
 
