@@ -70,8 +70,39 @@ impl DeviceBlock {
     }
 }
 
+/// The shard's attention under `pattern` merged back into rows `[n, heads · d]`, on the device.
+pub(crate) fn attend_rows(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, pattern: Pattern, scale: f32) -> Result<CudaSlice<f32>> {
+    let context = attend(rank, group, plan, shard, pattern, scale)?;
+    let n = shard.pos.len();
+    let mut rows = rank.zeros(n * shard.heads * shard.head_dim)?;
+    rank.layers.merge_heads(&context, n, shard.heads, shard.head_dim, &mut rows)?;
+    Ok(rows)
+}
+
+/// A rank without rows through `layers` (each layer's pattern and scale): its part in each
+/// layer's exchanges, no device work; returns its (empty) hidden rows of `width`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn without_rows(
+    group: &dyn Group,
+    plan: &ShardPlan,
+    layers: impl IntoIterator<Item = Result<(Pattern, f32)>>,
+    kv_heads: usize,
+    head_dim: usize,
+    width: usize,
+    after_layer: &mut dyn FnMut(usize) -> bool,
+) -> Result<Tensor> {
+    for (l, layer) in layers.into_iter().enumerate() {
+        let (pattern, scale) = layer?;
+        exchange_only(group, plan, pattern, kv_heads, head_dim, scale)?;
+        if !after_layer(l) {
+            return Err(crate::error::ModelError::Cancelled);
+        }
+    }
+    Ok(Tensor::zeros((0, width), candle_core::DType::F32, &Device::Cpu)?)
+}
+
 /// The shard's attention output `[heads, n, d]` under `pattern`, on the device.
-pub(crate) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, pattern: Pattern, scale: f32) -> Result<CudaSlice<f32>> {
+fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, pattern: Pattern, scale: f32) -> Result<CudaSlice<f32>> {
     let (heads, d, n) = (shard.heads, shard.head_dim, shard.pos.len());
     let q_pos = rank.upload(shard.pos)?;
     let own_valid = rank.upload(&shard.valid.iter().map(|&b| u8::from(b)).collect::<Vec<_>>())?;
@@ -141,7 +172,7 @@ fn pass_around(group: &dyn Group, own: KeyBlock, compute: &mut dyn FnMut(&KeyBlo
 
 /// A rank without rows in a layer of `pattern`: no device work, only its part in the other
 /// ranks' exchanges (the same frames as [`attend`] sends and receives).
-pub(crate) fn exchange_only(group: &dyn Group, plan: &ShardPlan, pattern: Pattern, kv_heads: usize, head_dim: usize, scale: f32) -> Result<()> {
+fn exchange_only(group: &dyn Group, plan: &ShardPlan, pattern: Pattern, kv_heads: usize, head_dim: usize, scale: f32) -> Result<()> {
     if group.size() == 1 {
         return Ok(());
     }

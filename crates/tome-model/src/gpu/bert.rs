@@ -9,7 +9,7 @@ use tome_attn::Precision;
 use tome_dist::{Group, ShardPlan};
 use tome_gpu::layers::Activation;
 
-use super::attention::{attend, exchange_only, Pattern, Shard};
+use super::attention::{attend_rows, without_rows, Pattern, Shard};
 use super::{DeviceLinear, DeviceNorm, GpuRank};
 use crate::bert::{BertModel, ShardRows};
 use crate::config::{Activation as Act, LayerAttention};
@@ -107,13 +107,7 @@ impl BertModel {
             other => Err(ModelError::Unsupported(format!("`{other}` attention on a GPU rank"))),
         };
         if rows == 0 {
-            for l in 0..layers {
-                exchange_only(group, &padded, pattern(l)?, heads, d, scale)?;
-                if !after_layer(l) {
-                    return Err(ModelError::Cancelled);
-                }
-            }
-            return Ok(Tensor::zeros((0, hidden), candle_core::DType::F32, &Device::Cpu)?);
+            return without_rows(group, &padded, (0..layers).map(|l| Ok((pattern(l)?, scale))), heads, d, hidden, after_layer);
         }
         let weights = self.on_gpus.on(rank, input.run.precision, |rank| BertWeights::upload(self, rank, input.run.precision))?;
 
@@ -129,11 +123,8 @@ impl BertModel {
             let k = project_heads(rank, &x, &w.key, rows, heads, input.run.precision)?;
             let v = project_heads(rank, &x, &w.value, rows, heads, input.run.precision)?;
             let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: heads, head_dim: d };
-            let context = attend(rank, group, &padded, &shard, pattern, scale)?;
+            let merged = attend_rows(rank, group, &padded, &shard, pattern, scale)?;
             drop((q, k, v));
-            let mut merged = rank.zeros(rows * hidden)?;
-            rank.layers.merge_heads(&context, rows, heads, d, &mut merged)?;
-            drop(context);
             let h = w.attn_norm.apply(rank, &w.attn_out.forward_residual(rank, &merged, &x)?)?;
             drop(merged);
             let inner = w.intermediate.forward(rank, &h, act)?;

@@ -9,7 +9,7 @@ use tome_attn::Precision;
 use tome_dist::{Group, ShardPlan};
 use tome_gpu::layers::Activation;
 
-use super::attention::{attend, exchange_only, Pattern, Shard};
+use super::attention::{attend_rows, without_rows, Pattern, Shard};
 use super::{DeviceLinear, DeviceNorm, GpuRank};
 use crate::document::ShardInput;
 use crate::error::{ModelError, Result};
@@ -74,13 +74,8 @@ impl Gpt2Model {
         let hd = d / heads;
         let run = input.run.layers_to_run(self.blocks.len())?;
         if n == 0 {
-            for (l, block) in self.blocks.iter().enumerate().take(run) {
-                exchange_only(group, plan, Pattern::Dense { causal: true }, heads, hd, block.scale)?;
-                if !after_layer(l) {
-                    return Err(ModelError::Cancelled);
-                }
-            }
-            return Ok(Tensor::zeros((0, d), candle_core::DType::F32, &Device::Cpu)?);
+            let layers = self.blocks.iter().take(run).map(|b| Ok((Pattern::Dense { causal: true }, b.scale)));
+            return without_rows(group, plan, layers, heads, hd, d, after_layer);
         }
         let w = self.on_gpus.on(rank, input.run.precision, |rank| Gpt2Weights::upload(self, rank, input.run.precision))?;
         let mut x = rank.zeros(n * d)?;
@@ -97,11 +92,8 @@ impl Gpt2Model {
             let (q, k, v) = (part(0)?, part(1)?, part(2)?);
             drop(qkv);
             let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: heads, head_dim: hd };
-            let context = attend(rank, group, plan, &shard, Pattern::Dense { causal: true }, b.scale)?;
+            let merged = attend_rows(rank, group, plan, &shard, Pattern::Dense { causal: true }, b.scale)?;
             drop((q, k, v));
-            let mut merged = rank.zeros(n * d)?;
-            rank.layers.merge_heads(&context, n, heads, hd, &mut merged)?;
-            drop(context);
             x = b.c_proj.forward_residual(rank, &merged, &x)?;
             drop(merged);
             let inner = b.c_fc.forward(rank, &b.ln_2.apply(rank, &x)?, Activation::GeluTanh)?;

@@ -8,7 +8,7 @@ use tome_attn::Precision;
 use tome_dist::{Group, ShardPlan};
 use tome_gpu::layers::Activation;
 
-use super::attention::{attend, exchange_only, Pattern, Shard};
+use super::attention::{attend_rows, without_rows, Pattern, Shard};
 use super::{DeviceLinear, DeviceNorm, GpuRank};
 use crate::config::LayerAttention;
 use crate::document::ShardInput;
@@ -88,13 +88,8 @@ impl GptNeoModel {
         let hd = d / heads;
         let run = input.run.layers_to_run(self.blocks.len())?;
         if n == 0 {
-            for (l, block) in self.blocks.iter().enumerate().take(run) {
-                exchange_only(group, plan, pattern(block.attention)?, heads, hd, 1.0)?;
-                if !after_layer(l) {
-                    return Err(ModelError::Cancelled);
-                }
-            }
-            return Ok(Tensor::zeros((0, d), candle_core::DType::F32, &Device::Cpu)?);
+            let layers = self.blocks.iter().take(run).map(|b| Ok((pattern(b.attention)?, 1.0)));
+            return without_rows(group, plan, layers, heads, hd, d, after_layer);
         }
         let w = self.on_gpus.on(rank, input.run.precision, |rank| GptNeoWeights::upload(self, rank, input.run.precision))?;
         let mut x = rank.zeros(n * d)?;
@@ -113,11 +108,8 @@ impl GptNeoModel {
             drop(h);
             let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: heads, head_dim: hd };
             // GPT-Neo does not scale its scores.
-            let context = attend(rank, group, plan, &shard, pattern(block.attention)?, 1.0)?;
+            let merged = attend_rows(rank, group, plan, &shard, pattern(block.attention)?, 1.0)?;
             drop((q, k, v));
-            let mut merged = rank.zeros(n * d)?;
-            rank.layers.merge_heads(&context, n, heads, hd, &mut merged)?;
-            drop(context);
             x = b.out.forward_residual(rank, &merged, &x)?;
             drop(merged);
             let inner = b.fc.forward(rank, &b.ln_2.apply(rank, &x)?, Activation::GeluTanh)?;

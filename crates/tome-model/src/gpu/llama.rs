@@ -8,7 +8,7 @@ use tome_attn::Precision;
 use tome_dist::{Group, ShardPlan};
 use tome_gpu::layers::Activation;
 
-use super::attention::{attend, exchange_only, Pattern, Shard};
+use super::attention::{attend_rows, without_rows, Pattern, Shard};
 use super::{DeviceLinear, GpuRank};
 use crate::document::ShardInput;
 use crate::error::{ModelError, Result};
@@ -99,13 +99,7 @@ impl LlamaModel {
         let run = input.run.layers_to_run(self.layers.len())?;
         let pattern = Pattern::Dense { causal: true };
         if n == 0 {
-            for l in 0..run {
-                exchange_only(group, plan, pattern, kv, hd, scale)?;
-                if !after_layer(l) {
-                    return Err(ModelError::Cancelled);
-                }
-            }
-            return Ok(Tensor::zeros((0, d), candle_core::DType::F32, &Device::Cpu)?);
+            return without_rows(group, plan, (0..run).map(|_| Ok((pattern, scale))), kv, hd, d, after_layer);
         }
         let w = self.on_gpus.on(rank, input.run.precision, |rank| LlamaWeights::upload(self, rank, input.run.precision))?;
         let (cos, sin) = rotary(&self.inv_freq, &input.position_ids)?;
@@ -128,11 +122,8 @@ impl LlamaModel {
             let (q, k, v) = (heads_of(&h, &lw.q, heads, true)?, heads_of(&h, &lw.k, kv, true)?, heads_of(&h, &lw.v, kv, false)?);
             drop(h);
             let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: kv, head_dim: hd };
-            let context = attend(rank, group, plan, &shard, pattern, scale)?;
+            let merged = attend_rows(rank, group, plan, &shard, pattern, scale)?;
             drop((q, k, v));
-            let mut merged = rank.zeros(n * heads * hd)?;
-            rank.layers.merge_heads(&context, n, heads, hd, &mut merged)?;
-            drop(context);
             x = lw.o.forward_residual(rank, &merged, &x)?;
             drop(merged);
             let h = lw.post_norm.apply(rank, &x)?;

@@ -31,7 +31,7 @@ use tome_gpu::{Gpu, GpuAttention, GpuError, GpuInfo};
 pub use tome_gpu::DeviceSpec;
 
 // A rank with no rows does no device work (the driver allocates no zero-sized buffer); it only
-// takes part in its peers' exchanges: `attention::exchange_only`.
+// takes part in its peers' exchanges: `attention::without_rows`.
 
 use crate::error::{ModelError, Result};
 
