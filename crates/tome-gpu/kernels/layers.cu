@@ -44,6 +44,7 @@ extern "C" __global__ void __launch_bounds__(TOME_ROW_THREADS)
     tome_layer_norm(const float* x, const float* gamma, const float* beta, int n, int cols, float eps, float* out) {
     __shared__ float scratch[TOME_ROW_THREADS];
     const int row = blockIdx.x;
+    if (row >= n) return;  // the whole block: no barrier is left waiting
     const float* r = x + (long long)row * cols;
     float sum = 0.0f;
     for (int c = threadIdx.x; c < cols; c += TOME_ROW_THREADS) sum += r[c];
@@ -66,6 +67,7 @@ extern "C" __global__ void __launch_bounds__(TOME_ROW_THREADS)
     tome_rms_norm(const float* x, const float* gamma, int n, int cols, float eps, float* out) {
     __shared__ float scratch[TOME_ROW_THREADS];
     const int row = blockIdx.x;
+    if (row >= n) return;  // the whole block: no barrier is left waiting
     const float* r = x + (long long)row * cols;
     float squares = 0.0f;
     for (int c = threadIdx.x; c < cols; c += TOME_ROW_THREADS) squares += r[c] * r[c];

@@ -34,11 +34,18 @@ impl Blas {
         Ok(Blas { blas, stream })
     }
 
+    /// Makes this GPU's context the calling thread's: cuBLAS runs in the thread's current
+    /// context, and a rank's handles may move between threads.
+    fn bind(&self) -> Result<()> {
+        self.stream.context().bind_to_thread().map_err(|e| GpuError::Driver { op: "cuCtxSetCurrent", msg: format!("{e:?}") })
+    }
+
     /// `y[n, out] = x[n, inp] · w[out, inp]ᵀ` (a linear layer's product; the bias is added apart).
     pub fn linear(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, inp: usize, out: usize, y: &mut CudaSlice<f32>) -> Result<()> {
         let Some(n) = rows(x.len(), w.len(), y.len(), inp, out)? else {
             return Ok(());
         };
+        self.bind()?;
         // Column-major view: y_cmᵀ [out, n] = (w as [inp, out])ᵀ · (x as [inp, n]).
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
@@ -61,6 +68,7 @@ impl Blas {
         let Some(n) = rows(x.len(), w.len(), y.len(), inp, out)? else {
             return Ok(());
         };
+        self.bind()?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (w_ptr, _w) = w.device_ptr(&self.stream);
         let (x_ptr, _x) = x.device_ptr(&self.stream);

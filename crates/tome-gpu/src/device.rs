@@ -27,7 +27,7 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Cpu => Ok(None),
             DeviceSpec::Cuda(index) => Ok(Some(index)),
-            DeviceSpec::AllCuda => match gpus()?.len() {
+            DeviceSpec::AllCuda => match gpu_count()? {
                 0 => Err(GpuError::Unavailable("the CUDA driver sees no GPU".into())),
                 count => Ok(Some(rank % count)),
             },
@@ -92,14 +92,7 @@ fn driver_present() -> Result<()> {
 /// driver present is an empty list. Asks the driver about each device without creating a
 /// context on it (no device memory is taken).
 pub fn gpus() -> Result<Vec<GpuInfo>> {
-    driver_present()?;
-    match result::init() {
-        // A driver on a machine without a GPU.
-        Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => return Ok(Vec::new()),
-        other => other.map_err(driver("cuInit"))?,
-    }
-    let count = result::device::get_count().map_err(driver("cuDeviceGetCount"))?.max(0);
-    (0..count).map(describe).collect()
+    (0..gpu_count()? as i32).map(describe).collect()
 }
 
 fn describe(ordinal: i32) -> Result<GpuInfo> {
@@ -113,6 +106,16 @@ fn describe(ordinal: i32) -> Result<GpuInfo> {
         memory_bytes: memory.map_err(driver("cuDeviceTotalMem"))? as u64,
         compute_capability: (major.map_err(driver("cuDeviceGetAttribute"))?.max(0) as u32, minor.map_err(driver("cuDeviceGetAttribute"))?.max(0) as u32),
     })
+}
+
+/// How many GPUs the driver sees (0 with a driver and no GPU); an error without a driver.
+pub fn gpu_count() -> Result<usize> {
+    driver_present()?;
+    match result::init() {
+        Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => return Ok(0),
+        other => other.map_err(driver("cuInit"))?,
+    }
+    Ok(result::device::get_count().map_err(driver("cuDeviceGetCount"))?.max(0) as usize)
 }
 
 /// [`gpus`], asked once per process (servers report it on every `Info`), with the reason as text.
@@ -131,7 +134,7 @@ impl Gpu {
     /// Opens GPU `index`, or says why it cannot be used.
     pub fn open(index: usize) -> Result<Self> {
         driver_present()?;
-        let count = gpus()?.len();
+        let count = gpu_count()?;
         if index >= count {
             return Err(GpuError::Unavailable(match count {
                 0 => format!("cuda:{index} was asked for, and the driver sees no GPU"),

@@ -133,6 +133,7 @@ impl Model {
             None => self.forward(group, plan, input, after_layer),
             Some(rank) => {
                 self.check_precision(input.run.precision)?;
+                rank.check_precision(input.run.precision)?;
                 self.0.forward_gpu(rank, group, plan, input, after_layer)
             }
         }

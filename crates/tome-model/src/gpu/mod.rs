@@ -66,9 +66,13 @@ impl Drop for LeasedRank {
     fn drop(&mut self) {
         // SAFETY: the handles are taken once, here, and the lease is not used after.
         let rank = unsafe { ManuallyDrop::take(&mut self.0) };
-        // A rank whose stream cannot finish its work is not given to another job.
+        let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
         if rank.stream.synchronize().is_ok() {
-            IDLE.lock().unwrap_or_else(|p| p.into_inner()).push(rank);
+            idle.push(rank);
+        } else {
+            // A stream that cannot finish its work means a fault in the GPU's context, which
+            // every handle on that GPU shares: none of them is given to another job.
+            idle.retain(|r| r.info.index != rank.info.index);
         }
     }
 }
@@ -97,6 +101,20 @@ impl GpuRank {
     /// The GPU this rank runs on.
     pub fn info(&self) -> &GpuInfo {
         &self.info
+    }
+
+    /// Refuses a precision this GPU cannot compute: bf16 products need compute capability 8.0
+    /// (Ampere) or later.
+    pub fn check_precision(&self, precision: Precision) -> Result<()> {
+        if precision == Precision::Bf16 && self.info.compute_capability.0 < 8 {
+            return Err(ModelError::Unsupported(format!(
+                "bf16 on a GPU rank needs compute capability 8.0 or later; cuda:{} ({}) is {}",
+                self.info.index,
+                self.info.name,
+                self.info.arch()
+            )));
+        }
+        Ok(())
     }
 
     /// Rounds `x` to bf16 values in place where the run is bf16 (what attention takes).
@@ -202,7 +220,7 @@ impl DeviceLinear {
         let w = match precision {
             Precision::F32 => DeviceMatrix::F32(rank.upload_tensor(layer.weight())?),
             Precision::Bf16 => {
-                let values = layer.weight().flatten_all()?.to_vec1::<f32>()?;
+                let values = layer.weight().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
                 DeviceMatrix::Bf16(rank.upload(&values.into_iter().map(tome_attn::bf16::to_bf16_bits).collect::<Vec<u16>>())?)
             }
         };
@@ -212,15 +230,16 @@ impl DeviceLinear {
     /// `x Wᵀ` into a new buffer; in bf16, `x` rounded to bf16 on its way in.
     fn product(&self, rank: &GpuRank, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let rows = x.len() / self.inp.max(1);
-        let mut y = rank.zeros(rows * self.out)?;
+        // SAFETY: the product writes every element of `y` (beta = 0: nothing is read).
+        let mut y = unsafe { rank.stream.alloc::<f32>(rows * self.out) }.map_err(|e| gpu_err("allocate", e))?;
         match &self.w {
             DeviceMatrix::F32(w) => rank.blas.linear(x, w, self.inp, self.out, &mut y)?,
-            DeviceMatrix::Bf16(w) if !x.is_empty() => {
-                let mut x16 = rank.stream.alloc_zeros::<u16>(x.len()).map_err(|e| gpu_err("allocate", e))?;
+            DeviceMatrix::Bf16(w) => {
+                // SAFETY: `to_bf16` writes every element before the product reads it.
+                let mut x16 = unsafe { rank.stream.alloc::<u16>(x.len()) }.map_err(|e| gpu_err("allocate", e))?;
                 rank.layers.to_bf16(x, &mut x16)?;
                 rank.blas.linear_bf16(&x16, w, self.inp, self.out, &mut y)?;
             }
-            DeviceMatrix::Bf16(_) => {}
         }
         Ok(y)
     }
