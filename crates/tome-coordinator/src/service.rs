@@ -363,7 +363,13 @@ impl Coordinator {
             started,
         };
         let admission = Admission { place, queue: self.queue.clone() };
-        tokio::spawn(drive(job, cluster, tx, self.abort.subscribe(), admission).instrument(span));
+        let abort = self.abort.subscribe();
+        tokio::spawn(async move {
+            drive(job, cluster, tx, abort).instrument(span).await;
+            // The job's span has closed before its place is given back, so a shutdown that
+            // waits for the jobs in flight exports it.
+            admission.end();
+        });
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 }
@@ -400,14 +406,13 @@ struct Job {
     started: Instant,
 }
 
-/// Runs an admitted job and streams its events; the admission is held until the job ends.
-async fn drive(job: Job, backend: Option<Arc<Cluster>>, tx: EventSender, abort: tokio::sync::watch::Receiver<bool>, admission: Admission) {
+/// Runs an admitted job and streams its events (its caller holds the admission until it ends).
+async fn drive(job: Job, backend: Option<Arc<Cluster>>, tx: EventSender, abort: tokio::sync::watch::Receiver<bool>) {
     let in_flight = metrics::JobInFlight::start();
     let caller = job.caller.clone();
     let outcome = drive_events(job, backend, &tx, abort).await;
     metrics::job_ended(outcome, &caller);
     drop(in_flight);
-    admission.end();
 }
 
 async fn drive_events(job: Job, backend: Option<Arc<Cluster>>, tx: &EventSender, mut abort: tokio::sync::watch::Receiver<bool>) -> JobOutcome {

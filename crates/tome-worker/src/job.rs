@@ -223,8 +223,10 @@ pub fn spawn_job(spec: JobSpec, events: mpsc::Sender<Result<JobEvent, WorkerErro
     std::thread::Builder::new()
         .name("tome-job".into())
         .spawn(move || {
-            let _enter = span.enter();
-            let result = run(&spec, &events, &cancel, &span);
+            let result = span.in_scope(|| run(&spec, &events, &cancel, &span));
+            // The job's span closes before its end is told: the caller's span (its parent) can
+            // then close as soon as the caller is done, and a shutdown exports both.
+            drop(span);
             // The receiver may be gone (the caller left); there is nobody left to tell.
             let _ = events.blocking_send(result.map(JobEvent::Finished));
         })
