@@ -175,6 +175,20 @@ extern "C" __global__ void tome_merge_heads(const float* in, int n, int heads, i
     }
 }
 
+// dst[h, dst_rows[i], :] = src[h, src_rows[i], :] for i < m in every head h, src [heads, src_n,
+// d] and dst [heads, dst_n, d]: selected rows gathered (dst_rows 0..m) or scattered back
+// (src_rows 0..m). Indices are checked on the host; dst_rows name each row at most once.
+extern "C" __global__ void tome_copy_rows(const float* src, int src_n, const int* src_rows, float* dst, int dst_n,
+                                          const int* dst_rows, int heads, int m, int d) {
+    const long long total = (long long)heads * m * d;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const long long row = i / d;  // (head, selected row)
+        const int t = (int)(i % d);
+        const int h = (int)(row / m), r = (int)(row % m);
+        dst[((long long)h * dst_n + dst_rows[r]) * d + t] = src[((long long)h * src_n + src_rows[r]) * d + t];
+    }
+}
+
 // (acc_out, acc_lse) = merge((acc_out, acc_lse), (out, lse)): partials of the same queries over
 // disjoint keys, rows of width d, one thread a row (the formula of tome-attn's `Partial::merge`).
 extern "C" __global__ void tome_merge_partials(float* acc_out, float* acc_lse, const float* out, const float* lse, long long rows,

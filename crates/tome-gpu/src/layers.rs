@@ -1,5 +1,6 @@
 //! The per-token pieces of a layer on a GPU (`kernels/layers.cu`): embeddings, layer norm, bias
-//! with an activation or a residual, heads split out of rows and merged back, partials merged.
+//! with an activation or a residual, heads split out of rows and merged back, partials merged,
+//! rows of heads gathered and scattered.
 //! Every launcher checks its buffers' lengths against the sizes it is given before launching.
 
 use std::sync::Arc;
@@ -44,6 +45,7 @@ pub struct Layers {
     split_heads: CudaFunction,
     merge_heads: CudaFunction,
     merge_partials: CudaFunction,
+    copy_rows: CudaFunction,
 }
 
 fn expect(name: &str, have: usize, want: usize) -> Result<()> {
@@ -92,6 +94,7 @@ impl Layers {
             split_heads: f("tome_split_heads")?,
             merge_heads: f("tome_merge_heads")?,
             merge_partials: f("tome_merge_partials")?,
+            copy_rows: f("tome_copy_rows")?,
         })
     }
 
@@ -322,6 +325,41 @@ impl Layers {
         args.arg(acc_out).arg(acc_lse).arg(out).arg(lse).arg(&rows64).arg(&d32);
         // SAFETY: arguments as `tome_merge_partials` takes them; lengths checked above.
         unsafe { args.launch(spread(rows)) }.map_err(driver("tome_merge_partials"))?;
+        Ok(())
+    }
+
+    /// `dst[h, dst_rows[i]] = src[h, src_rows[i]]` for every head, rows of `d` values: `src`
+    /// `[heads, src.len() / (heads · d), d]`, `dst` likewise. Every index is checked here, on the
+    /// host, and `dst_rows` may name a row only once.
+    pub fn copy_rows(&self, src: &CudaSlice<f32>, src_rows: &[u32], dst: &mut CudaSlice<f32>, dst_rows: &[u32], heads: usize, d: usize) -> Result<()> {
+        let m = src_rows.len();
+        expect("destination rows", dst_rows.len(), m)?;
+        let width = heads * d;
+        if width == 0 || !src.len().is_multiple_of(width) || !dst.len().is_multiple_of(width) {
+            return Err(GpuError::Shape { op: OP, msg: format!("buffers of {} and {} values are not {heads} heads of rows of {d}", src.len(), dst.len()) });
+        }
+        let (src_n, dst_n) = (src.len() / width, dst.len() / width);
+        for (name, rows, n) in [("source", src_rows, src_n), ("destination", dst_rows, dst_n)] {
+            if let Some(bad) = rows.iter().find(|&&r| r as usize >= n) {
+                return Err(GpuError::Shape { op: OP, msg: format!("{name} row {bad} of {n}") });
+            }
+        }
+        let mut seen = vec![false; dst_n];
+        if let Some(twice) = dst_rows.iter().find(|&&r| std::mem::replace(&mut seen[r as usize], true)) {
+            return Err(GpuError::Shape { op: OP, msg: format!("destination row {twice} named twice") });
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        let to_i32 = |rows: &[u32]| rows.iter().map(|&r| r as i32).collect::<Vec<i32>>();
+        let src_idx = self.stream.clone_htod(&to_i32(src_rows)).map_err(driver("copy row indices"))?;
+        let dst_idx = self.stream.clone_htod(&to_i32(dst_rows)).map_err(driver("copy row indices"))?;
+        let (sn, dn, h32, m32, d32) = (i32_of("rows", src_n)?, i32_of("rows", dst_n)?, i32_of("heads", heads)?, i32_of("rows", m)?, i32_of("width", d)?);
+        let mut args = self.stream.launch_builder(&self.copy_rows);
+        args.arg(src).arg(&sn).arg(&src_idx).arg(&mut *dst).arg(&dn).arg(&dst_idx).arg(&h32).arg(&m32).arg(&d32);
+        // SAFETY: arguments as `tome_copy_rows` takes them; every index lies within its buffer's
+        // rows and no destination row is written twice.
+        unsafe { args.launch(spread(m * width)) }.map_err(driver("tome_copy_rows"))?;
         Ok(())
     }
 }

@@ -237,5 +237,16 @@ fn emulated_layer_kernels_match_their_definitions() {
     let merged = partial(&acc_out, &acc_lse).merge(&partial(&out, &lse)).unwrap();
     close("merged out", &take(n * hidden), &flat(merged.out), 1e-6);
     close("merged lse", &take(heads * n), &flat(merged.lse), 1e-6);
+    let split_row = |h: usize, r: usize| -> Vec<f32> { (0..d).map(|t| x[r * hidden + h * d + t]).collect() };
+    let (picked, placed) = ([5, 0, n - 1, 12], [1, n - 7, 2, 7]);
+    let gathered: Vec<f32> = (0..heads).flat_map(|h| picked.iter().flat_map(move |&r| split_row(h, r))).collect();
+    close("rows gathered", &take(heads * 4 * d), &gathered, 0.0);
+    let mut scattered = vec![0f32; n * hidden];
+    for h in 0..heads {
+        for (&from, &to) in picked.iter().zip(&placed) {
+            scattered[(h * n + to) * d..(h * n + to + 1) * d].copy_from_slice(&split_row(h, from));
+        }
+    }
+    close("rows scattered", &take(n * hidden), &scattered, 0.0);
     assert_eq!(at, got.len(), "every output read");
 }

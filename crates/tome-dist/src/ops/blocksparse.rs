@@ -10,6 +10,8 @@
 //! ([`BlockSparsePlan::local`]): the look-back and look-ahead chunks are a halo that wraps
 //! around from the last rank to the first.
 
+use std::ops::Range;
+
 use candle_core::Tensor;
 use rayon::prelude::*;
 use tome_attn::blocksparse::BlockSparsePlan;
@@ -35,31 +37,9 @@ pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, ow
             plan.len()
         )));
     }
-    let query_blocks = |r: usize| -> Vec<usize> {
-        let mut b: Vec<usize> = plan.positions(r).iter().map(|&p| p as usize / pattern.block).collect();
-        b.dedup();
-        b
-    };
-    let needs = |r: usize| {
-        query_blocks(r)
-            .into_iter()
-            .filter(|&qb| !pattern.is_global_query_block(qb))
-            .flat_map(|qb| (0..pattern.heads).flat_map(move |h| pattern.key_blocks(h, qb).iter().map(|&b| pattern.block_range(b))))
-            .collect()
-    };
-    let keys = gather_needed(group, plan, &own, &needs)?;
+    let keys = blocksparse_keys(group, plan, &own, pattern)?;
     let q_pos = own.pos.clone();
-    // Where each block's rows sit among the gathered keys (one pass; lookups are then O(1)).
-    let mut block_rows_at: Vec<std::ops::Range<usize>> = vec![0..0; pattern.num_blocks()];
-    if let Some(keys) = &keys {
-        let mut i = 0;
-        while i < keys.len() {
-            let b = keys.pos[i] as usize / pattern.block;
-            let j = i + keys.pos[i..].iter().take_while(|&&p| p as usize / pattern.block == b).count();
-            block_rows_at[b] = i..j;
-            i = j;
-        }
-    }
+    let rows_of_block = keys.as_ref().map(|keys| BlockRows::new(&keys.pos, pattern));
 
     // Per-head key tensors, split once (heads attend to different random blocks).
     let per_head: Vec<(Tensor, Tensor)> = match (&keys, pattern.uniform_across_heads()) {
@@ -68,22 +48,15 @@ pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, ow
     };
     // Query blocks (runs of this shard's rows in one block), computed in parallel: each is a
     // small attention call, too small to parallelise well inside.
-    let mut runs = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let qb = q_pos[start] as usize / pattern.block;
-        let end = start + q_pos[start..].iter().take_while(|&&p| p as usize / pattern.block == qb).count();
-        runs.push((qb, start..end));
-        start = end;
-    }
+    let runs = query_block_runs(&q_pos, pattern);
     let global_rows: Vec<usize> = runs.iter().filter(|(qb, _)| pattern.is_global_query_block(*qb)).flat_map(|(_, r)| r.clone()).collect();
-    let local: Vec<(std::ops::Range<usize>, Vec<f32>)> = match &keys {
-        None => Vec::new(),
-        Some(keys) => runs
+    let local: Vec<(Range<usize>, Vec<f32>)> = match (&keys, &rows_of_block) {
+        (Some(keys), Some(rows_of_block)) => runs
             .par_iter()
             .filter(|(qb, _)| !pattern.is_global_query_block(*qb))
-            .map(|(qb, rows)| Ok((rows.clone(), block_rows(q, &q_pos, rows.clone(), keys, &block_rows_at, &per_head, pattern, *qb, scale)?.flatten_all()?.to_vec1::<f32>()?)))
+            .map(|(qb, rows)| Ok((rows.clone(), block_rows(q, &q_pos, rows.clone(), keys, rows_of_block, &per_head, pattern, *qb, scale)?.flatten_all()?.to_vec1::<f32>()?)))
             .collect::<Result<_>>()?,
+        _ => Vec::new(),
     };
     let mut out = vec![0f32; heads * n * dv];
     for (rows, values) in local {
@@ -101,14 +74,79 @@ pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, ow
     overwrite_rows(&out, &q_pos, &global_rows, &gpos, &merged.out)
 }
 
+/// The keys this rank's query blocks list under `pattern`, fetched from their owners (every
+/// rank calls this together): its own rows and the fetched ones, ascending by position; `None`
+/// for an empty shard. Global query blocks list none: they see every key through
+/// [`gather_global_queries`](super::gather_global_queries).
+pub fn blocksparse_keys(group: &dyn Group, plan: &ShardPlan, own: &KeyBlock, pattern: &BlockSparsePlan) -> Result<Option<KeyBlock>> {
+    let query_blocks = |r: usize| -> Vec<usize> {
+        let mut b: Vec<usize> = plan.positions(r).iter().map(|&p| p as usize / pattern.block).collect();
+        b.dedup();
+        b
+    };
+    let needs = |r: usize| {
+        query_blocks(r)
+            .into_iter()
+            .filter(|&qb| !pattern.is_global_query_block(qb))
+            .flat_map(|qb| (0..pattern.heads).flat_map(move |h| pattern.key_blocks(h, qb).iter().map(|&b| pattern.block_range(b))))
+            .collect()
+    };
+    gather_needed(group, plan, own, &needs)
+}
+
+/// A shard's rows (positions `q_pos`) as runs in one query block each: `(block, rows)`.
+pub fn query_block_runs(q_pos: &[i64], pattern: &BlockSparsePlan) -> Vec<(usize, Range<usize>)> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < q_pos.len() {
+        let qb = q_pos[start] as usize / pattern.block;
+        let end = start + q_pos[start..].iter().take_while(|&&p| p as usize / pattern.block == qb).count();
+        runs.push((qb, start..end));
+        start = end;
+    }
+    runs
+}
+
+/// Where each block's rows sit among keys ascending by position (one pass; lookups are then
+/// O(1)).
+#[derive(Clone, Debug)]
+pub struct BlockRows {
+    at: Vec<Range<usize>>,
+}
+
+impl BlockRows {
+    pub fn new(pos: &[i64], pattern: &BlockSparsePlan) -> Self {
+        let mut at = vec![0..0; pattern.num_blocks()];
+        let mut i = 0;
+        while i < pos.len() {
+            let b = pos[i] as usize / pattern.block;
+            let j = i + pos[i..].iter().take_while(|&&p| p as usize / pattern.block == b).count();
+            if let Some(slot) = at.get_mut(b) {
+                *slot = i..j;
+            }
+            i = j;
+        }
+        BlockRows { at }
+    }
+
+    /// The key rows query block `qb` of head `h` attends to: its listed blocks' rows, repeats
+    /// kept (Hugging Face's eval plan lists block 0 several times), in non-decreasing position
+    /// order as the attention kernels need, which leaves the multiset unchanged.
+    pub fn key_rows(&self, pattern: &BlockSparsePlan, h: usize, qb: usize) -> Vec<usize> {
+        let mut rows: Vec<usize> = pattern.key_blocks(h, qb).iter().flat_map(|&b| self.at.get(b).cloned().unwrap_or(0..0)).collect();
+        rows.sort_unstable();
+        rows
+    }
+}
+
 /// Output rows `rows` (all in query block `qb`) over the listed key blocks, repeats included.
 #[allow(clippy::too_many_arguments)]
 fn block_rows(
     q: &Tensor,
     q_pos: &[i64],
-    rows: std::ops::Range<usize>,
+    rows: Range<usize>,
     keys: &KeyBlock,
-    block_rows_at: &[std::ops::Range<usize>],
+    rows_of_block: &BlockRows,
     per_head: &[(Tensor, Tensor)],
     pattern: &BlockSparsePlan,
     qb: usize,
@@ -116,13 +154,7 @@ fn block_rows(
 ) -> Result<Tensor> {
     let qs = q.narrow(1, rows.start, rows.len())?;
     let qp = &q_pos[rows];
-    // Repeated blocks (HF's eval plan lists block 0 several times) stay repeated; sorting the
-    // rows keeps positions non-decreasing, as the kernel needs, without changing the multiset.
-    let key_rows = |h: usize| -> Vec<usize> {
-        let mut rows: Vec<usize> = pattern.key_blocks(h, qb).iter().flat_map(|&b| block_rows_at[b].clone()).collect();
-        rows.sort_unstable();
-        rows
-    };
+    let key_rows = |h: usize| rows_of_block.key_rows(pattern, h, qb);
     let one = |qs: &Tensor, kb: &KeyBlock| -> Result<Tensor> {
         let mask = Mask::full(qp, &kb.pos).with_key_valid(Some(&kb.valid)).with_causal(pattern.causal);
         Ok(attention(qs, &kb.k, &kb.v, &mask, scale)?.out)

@@ -17,8 +17,20 @@ use crate::group::Group;
 pub(crate) fn global_queries(group: &dyn Group, q: &Tensor, q_pos: &[i64], rows: &[usize], own: &KeyBlock, scale: f32) -> Result<(Vec<i64>, Partial)> {
     let (heads, _, _) = q.dims3()?;
     let dv = own.v.dim(2)?;
-    let mine_pos: Vec<i64> = rows.iter().map(|&i| q_pos[i]).collect();
-    let frame = vec![select_rows(q, rows)?, Tensor::from_vec(mine_pos.clone(), mine_pos.len(), &Device::Cpu)?];
+    let (positions, all_q) = gather_global_queries(group, select_rows(q, rows)?, rows.iter().map(|&i| q_pos[i]).collect())?;
+    let local = if own.is_empty() {
+        Partial::empty(heads, positions.len(), dv)?
+    } else {
+        attention(&all_q, &own.k, &own.v, &Mask::full(&positions, &own.pos).with_key_valid(Some(&own.valid)), scale)?
+    };
+    Ok((positions, merge_global_partials(group, local)?))
+}
+
+/// The first exchange of global queries: every rank's global query rows (`mine`, `[heads, m, d]`
+/// at positions `mine_pos`) to every rank. Returns all of them, `[heads, g, d]`, with their
+/// positions, ascending whatever the layout.
+pub fn gather_global_queries(group: &dyn Group, mine: Tensor, mine_pos: Vec<i64>) -> Result<(Vec<i64>, Tensor)> {
+    let frame = vec![mine, Tensor::from_vec(mine_pos.clone(), mine_pos.len(), &Device::Cpu)?];
     let mut queries = Vec::with_capacity(group.size());
     let mut positions = Vec::new();
     for f in group.all_gather(frame)? {
@@ -26,17 +38,16 @@ pub(crate) fn global_queries(group: &dyn Group, q: &Tensor, q_pos: &[i64], rows:
         positions.extend(pos.to_vec1::<i64>()?);
         queries.push(gq);
     }
-    // Ascending positions, whatever the layout.
     let mut order: Vec<usize> = (0..positions.len()).collect();
     order.sort_by_key(|&i| positions[i]);
     let positions: Vec<i64> = order.iter().map(|&i| positions[i]).collect();
-    let all_q = select_rows(&Tensor::cat(&queries, 1)?, &order)?;
+    Ok((positions, select_rows(&Tensor::cat(&queries, 1)?, &order)?))
+}
 
-    let local = if own.is_empty() {
-        Partial::empty(heads, positions.len(), dv)?
-    } else {
-        attention(&all_q, &own.k, &own.v, &Mask::full(&positions, &own.pos).with_key_valid(Some(&own.valid)), scale)?
-    };
+/// The second exchange of global queries: each rank's partial of every global query over the
+/// keys it owns, merged over ranks as (output, lse) in rank order — the same result on every
+/// rank.
+pub fn merge_global_partials(group: &dyn Group, local: Partial) -> Result<Partial> {
     let mut merged: Option<Partial> = None;
     for f in group.all_gather(vec![local.out, local.lse])? {
         let [out, lse]: [Tensor; 2] = f.try_into().map_err(|_| DistError::Plan("a global partial frame has 2 tensors".into()))?;
@@ -46,8 +57,17 @@ pub(crate) fn global_queries(group: &dyn Group, q: &Tensor, q_pos: &[i64], rows:
             Some(m) => m.merge(&part)?,
         });
     }
-    let merged = merged.ok_or_else(|| DistError::Plan("no global partials".into()))?;
-    Ok((positions, merged))
+    merged.ok_or_else(|| DistError::Plan("no global partials".into()))
+}
+
+/// Every rank's global key rows (`mine`: this rank's), in ascending position order on every
+/// rank: the keys every query sees under Longformer's global tokens.
+pub fn gather_global_keys(group: &dyn Group, mine: &KeyBlock) -> Result<KeyBlock> {
+    let blocks = group.all_gather(mine.to_frame()?)?.into_iter().map(KeyBlock::from_frame).collect::<Result<Vec<_>>>()?;
+    let all = KeyBlock::concat(&blocks)?;
+    let mut order: Vec<usize> = (0..all.len()).collect();
+    order.sort_by_key(|&i| all.pos[i]);
+    all.select(&order)
 }
 
 /// `out` (`[heads, n, dv]`, positions `q_pos`) with the rows at `rows` replaced by the matching

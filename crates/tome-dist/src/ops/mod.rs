@@ -16,9 +16,10 @@ pub mod recurrent;
 pub mod window;
 pub mod window_stream;
 
-pub use blocksparse::blocksparse_attention;
+pub use blocksparse::{blocksparse_attention, blocksparse_keys, query_block_runs, BlockRows};
 pub use dense::{ring_attention, ring_attention_with_bias, DenseSpec};
 pub use favor::{favor_attention, FavorSpec};
+pub use global::{gather_global_keys, gather_global_queries, merge_global_partials};
 pub use keys::KeyBlock;
 pub use lsh::lsh_attention;
 pub use moe::{apply_experts, route_tokens, Routing};

@@ -19,7 +19,7 @@ use candle_core::Tensor;
 use tome_attn::{attention, Mask, Partial};
 
 use super::exchange::gather_needed;
-use super::global::{global_queries, overwrite_rows};
+use super::global::{gather_global_keys, global_queries, overwrite_rows};
 use super::keys::KeyBlock;
 use crate::error::{DistError, Result};
 use crate::group::Group;
@@ -153,13 +153,7 @@ pub fn window_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, own: Ke
         None => (q, &own.k, &own.v),
     };
     let mine: Vec<usize> = q_pos.iter().enumerate().filter(|(_, &x)| g.positions.binary_search(&(x as usize)).is_ok()).map(|(i, _)| i).collect();
-    let global_keys = {
-        let blocks = group.all_gather(own.select(&mine)?.to_frame()?)?.into_iter().map(KeyBlock::from_frame).collect::<Result<Vec<_>>>()?;
-        let all = KeyBlock::concat(&blocks)?;
-        let mut order: Vec<usize> = (0..all.len()).collect();
-        order.sort_by_key(|&i| all.pos[i]);
-        all.select(&order)?
-    };
+    let global_keys = gather_global_keys(group, &own.select(&mine)?)?;
     if n > 0 {
         let mask = Mask::full(&q_pos, &global_keys.pos).with_key_valid(Some(&global_keys.valid));
         acc = acc.merge(&attention(q, &global_keys.k, &global_keys.v, &mask, spec.scale)?)?;

@@ -8,7 +8,7 @@
 // x split into heads, that merged back into rows, the second half of x's columns split into
 // heads / 2 heads, x's RMS norm, the rotary cos and sin tables, x's heads rotated, SwiGLU of x
 // and residual, to_round's bf16 bits widened and rounded in place, the merged partial's out then
-// lse.
+// lse, four rows of the heads gathered, then scattered among zeros.
 #include "cuda_emulation.h"
 #include "../../kernels/layers.cu"
 
@@ -114,6 +114,13 @@ int main(int argc, char** argv) {
     });
     keep(acc_out);
     keep(acc_lse);
+    // Rows 5, 0, n-1 and 12 of x's heads gathered, then scattered into zeros at rows 1, n-7, 2, 7.
+    const int picked[4] = {5, 0, (int)n - 1, 12}, placed[4] = {1, (int)n - 7, 2, 7}, in_order[4] = {0, 1, 2, 3};
+    std::vector<float> gathered(heads * 4 * d), scattered(total, 0.0f);
+    emu::launch(spread(heads * 4 * d), 1, 256, [&] { tome_copy_rows(split.data(), (int)n, picked, gathered.data(), 4, in_order, (int)heads, 4, d); });
+    emu::launch(spread(heads * 4 * d), 1, 256, [&] { tome_copy_rows(gathered.data(), 4, in_order, scattered.data(), (int)n, placed, (int)heads, 4, d); });
+    keep(gathered);
+    keep(scattered);
 
     FILE* o = fopen(argv[2], "wb");
     if (!o) return 2;

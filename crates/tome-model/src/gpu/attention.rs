@@ -1,24 +1,34 @@
 //! Attention of a shard held on the GPU, across ranks: dense (ring) and window (halo) attention
 //! with the plans of `tome_dist::ops`, their key blocks crossing ranks as the same frames over
 //! the job's Group (staged through the host), and every partial computed and merged on the
-//! device. With one rank nothing leaves the device.
+//! device. With one rank nothing leaves the device. Global tokens and block-sparse attention,
+//! which single out some queries, are `super::sparse`.
 
 use candle_core::{Device, Tensor};
 use cudarc::driver::CudaSlice;
-use tome_dist::ops::{window_keys, KeyBlock, WindowSpec};
+use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
+use tome_dist::ops::{blocksparse_attention, window_attention, window_keys, GlobalTokens, KeyBlock, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 use tome_gpu::attention::{Dims, Inputs};
 
-use super::GpuRank;
+pub(crate) use super::sparse::Globals;
+use super::{sparse, GpuRank};
 use crate::error::Result;
 
 /// Which keys a layer's queries see.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Pattern {
+#[derive(Clone, Copy)]
+pub(crate) enum Pattern<'a> {
     /// Every key (`causal`: up to the query's own position), through the ring.
     Dense { causal: bool },
     /// Keys within `one_sided` positions, the halo fetched from the neighbours.
     Window { one_sided: usize, causal: bool },
+    /// Longformer's window with global tokens (bidirectional): every query also sees the global
+    /// tokens' keys, and a global token's query sees every key.
+    Global { one_sided: usize, globals: Globals<'a> },
+    /// BigBird's block-sparse attention: `block`-token blocks, each seeing the first and last
+    /// blocks, its neighbours and `random` random blocks (all block 0: transformers' eval plan);
+    /// the first and last blocks' queries see every key.
+    BlockSparse { block: usize, random: usize },
 }
 
 /// A shard's queries (`[heads, n, d]`), keys and values (`[kv_heads, n, d]`) on the device, at
@@ -37,16 +47,17 @@ pub(crate) struct Shard<'a> {
 
 /// Keys and values on the device with their positions and validity, borrowed.
 #[derive(Clone, Copy)]
-struct BlockRef<'a> {
-    k: &'a CudaSlice<f32>,
-    v: &'a CudaSlice<f32>,
-    pos: &'a CudaSlice<i64>,
-    valid: &'a CudaSlice<u8>,
-    len: usize,
+pub(super) struct BlockRef<'a> {
+    pub k: &'a CudaSlice<f32>,
+    pub v: &'a CudaSlice<f32>,
+    pub pos: &'a CudaSlice<i64>,
+    pub valid: &'a CudaSlice<u8>,
+    pub len: usize,
 }
 
-/// A block copied to the device.
-struct DeviceBlock {
+/// A block copied to the device (never an empty one: the driver allocates no zero-sized
+/// buffer).
+pub(super) struct DeviceBlock {
     k: CudaSlice<f32>,
     v: CudaSlice<f32>,
     pos: CudaSlice<i64>,
@@ -55,23 +66,32 @@ struct DeviceBlock {
 }
 
 impl DeviceBlock {
-    fn upload(rank: &GpuRank, block: &KeyBlock) -> Result<Self> {
-        Ok(DeviceBlock {
-            k: rank.upload_tensor(&block.k)?,
-            v: rank.upload_tensor(&block.v)?,
-            pos: rank.upload(&block.pos)?,
-            valid: rank.upload(&block.valid.iter().map(|&b| u8::from(b)).collect::<Vec<_>>())?,
-            len: block.len(),
-        })
+    pub(super) fn upload(rank: &GpuRank, block: &KeyBlock) -> Result<Self> {
+        Self::upload_with_valid(rank, block, &block.valid)
     }
 
-    fn as_ref(&self) -> BlockRef<'_> {
+    /// `block` with `valid` in place of its own validity.
+    pub(super) fn upload_with_valid(rank: &GpuRank, block: &KeyBlock, valid: &[bool]) -> Result<Self> {
+        Ok(DeviceBlock { k: rank.upload_tensor(&block.k)?, v: rank.upload_tensor(&block.v)?, pos: rank.upload(&block.pos)?, valid: upload_flags(rank, valid)?, len: block.len() })
+    }
+
+    /// Keys and values already on the device, with their positions and validity copied over.
+    pub(super) fn from_parts(rank: &GpuRank, k: CudaSlice<f32>, v: CudaSlice<f32>, pos: &[i64], valid: &[bool]) -> Result<Self> {
+        Ok(DeviceBlock { k, v, pos: rank.upload(pos)?, valid: upload_flags(rank, valid)?, len: pos.len() })
+    }
+
+    pub(super) fn as_ref(&self) -> BlockRef<'_> {
         BlockRef { k: &self.k, v: &self.v, pos: &self.pos, valid: &self.valid, len: self.len }
     }
 }
 
+/// Validity flags on the device, as the kernel reads them.
+pub(super) fn upload_flags(rank: &GpuRank, flags: &[bool]) -> Result<CudaSlice<u8>> {
+    rank.upload(&flags.iter().map(|&b| u8::from(b)).collect::<Vec<_>>())
+}
+
 /// The shard's attention under `pattern` merged back into rows `[n, heads · d]`, on the device.
-pub(crate) fn attend_rows(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, pattern: Pattern, scale: f32) -> Result<CudaSlice<f32>> {
+pub(crate) fn attend_rows(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, pattern: Pattern<'_>, scale: f32) -> Result<CudaSlice<f32>> {
     let context = attend(rank, group, plan, shard, pattern, scale)?;
     let n = shard.pos.len();
     let mut rows = rank.zeros(n * shard.heads * shard.head_dim)?;
@@ -82,10 +102,10 @@ pub(crate) fn attend_rows(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, s
 /// A rank without rows through `layers` (each layer's pattern and scale): its part in each
 /// layer's exchanges, no device work; returns its (empty) hidden rows of `width`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn without_rows(
+pub(crate) fn without_rows<'a>(
     group: &dyn Group,
     plan: &ShardPlan,
-    layers: impl IntoIterator<Item = Result<(Pattern, f32)>>,
+    layers: impl IntoIterator<Item = Result<(Pattern<'a>, f32)>>,
     kv_heads: usize,
     head_dim: usize,
     width: usize,
@@ -102,10 +122,10 @@ pub(crate) fn without_rows(
 }
 
 /// The shard's attention output `[heads, n, d]` under `pattern`, on the device.
-fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, pattern: Pattern, scale: f32) -> Result<CudaSlice<f32>> {
+pub(super) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, pattern: Pattern<'_>, scale: f32) -> Result<CudaSlice<f32>> {
     let (heads, d, n) = (shard.heads, shard.head_dim, shard.pos.len());
     let q_pos = rank.upload(shard.pos)?;
-    let own_valid = rank.upload(&shard.valid.iter().map(|&b| u8::from(b)).collect::<Vec<_>>())?;
+    let own_valid = upload_flags(rank, shard.valid)?;
     let own = BlockRef { k: shard.k, v: shard.v, pos: &q_pos, valid: &own_valid, len: n };
     let mut acc = Accumulator::new(rank, heads, n, d)?;
     match pattern {
@@ -134,6 +154,8 @@ fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>
                 ring(rank, group, shard, &q_pos, &mut acc, causal, scale)?;
             }
         }
+        Pattern::Global { one_sided, globals } => return sparse::window_with_globals(rank, group, plan, shard, own, one_sided, &globals, scale),
+        Pattern::BlockSparse { block, random } => return sparse::block_sparse(rank, group, plan, shard, own, block, random, scale),
     }
     Ok(acc.out)
 }
@@ -171,8 +193,11 @@ fn pass_around(group: &dyn Group, own: KeyBlock, compute: &mut dyn FnMut(&KeyBlo
 }
 
 /// A rank without rows in a layer of `pattern`: no device work, only its part in the other
-/// ranks' exchanges (the same frames as [`attend`] sends and receives).
-fn exchange_only(group: &dyn Group, plan: &ShardPlan, pattern: Pattern, kv_heads: usize, head_dim: usize, scale: f32) -> Result<()> {
+/// ranks' exchanges (the same frames as [`attend`] sends and receives, made by the CPU
+/// operators on empty shards where those exchange more than keys). `kv_heads` are the layer's
+/// query heads too wherever queries cross ranks (global tokens, block-sparse: BERT-family
+/// layers, where they are equal).
+fn exchange_only(group: &dyn Group, plan: &ShardPlan, pattern: Pattern<'_>, kv_heads: usize, head_dim: usize, scale: f32) -> Result<()> {
     if group.size() == 1 {
         return Ok(());
     }
@@ -181,14 +206,22 @@ fn exchange_only(group: &dyn Group, plan: &ShardPlan, pattern: Pattern, kv_heads
     match pattern {
         Pattern::Window { one_sided, causal } => {
             window_keys(group, plan, &own, WindowSpec { one_sided, causal, scale })?;
-            Ok(())
         }
-        Pattern::Dense { .. } => pass_around(group, own, &mut |_| Ok(())),
+        Pattern::Dense { .. } => pass_around(group, own, &mut |_| Ok(()))?,
+        Pattern::Global { one_sided, globals } => {
+            let globals = GlobalTokens { positions: globals.positions.to_vec(), projections: None };
+            window_attention(group, plan, &empty()?, own, WindowSpec { one_sided, causal: false, scale }, Some(&globals))?;
+        }
+        Pattern::BlockSparse { block, random } => {
+            let pattern = BlockSparsePlan::new(plan.len(), block, kv_heads, &RandomBlocks::AllZero(random))?;
+            blocksparse_attention(group, plan, &empty()?, own, &pattern, scale)?;
+        }
     }
+    Ok(())
 }
 
 /// The shard's own keys and values on the host, as a block to send.
-fn to_host(rank: &GpuRank, shard: &Shard<'_>) -> Result<KeyBlock> {
+pub(super) fn to_host(rank: &GpuRank, shard: &Shard<'_>) -> Result<KeyBlock> {
     let n = shard.pos.len();
     let dims = (shard.kv_heads, n, shard.head_dim);
     Ok(KeyBlock {
@@ -200,8 +233,8 @@ fn to_host(rank: &GpuRank, shard: &Shard<'_>) -> Result<KeyBlock> {
 }
 
 /// The running partial of the shard's queries: output and log-sum-exp, on the device.
-struct Accumulator {
-    out: CudaSlice<f32>,
+pub(super) struct Accumulator {
+    pub out: CudaSlice<f32>,
     lse: CudaSlice<f32>,
     /// A second partial, for each block after the first.
     scratch: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
@@ -209,13 +242,13 @@ struct Accumulator {
 }
 
 impl Accumulator {
-    fn new(rank: &GpuRank, heads: usize, n: usize, d: usize) -> Result<Self> {
+    pub(super) fn new(rank: &GpuRank, heads: usize, n: usize, d: usize) -> Result<Self> {
         Ok(Accumulator { out: rank.zeros(heads * n * d)?, lse: rank.upload(&vec![f32::NEG_INFINITY; heads * n])?, scratch: None, blocks: 0 })
     }
 
     /// Attends the shard's queries to `block` and merges the partial in.
     #[allow(clippy::too_many_arguments)]
-    fn add(&mut self, rank: &GpuRank, shard: &Shard<'_>, q_pos: &CudaSlice<i64>, block: BlockRef<'_>, causal: bool, window: Option<usize>, scale: f32) -> Result<()> {
+    pub(super) fn add(&mut self, rank: &GpuRank, shard: &Shard<'_>, q_pos: &CudaSlice<i64>, block: BlockRef<'_>, causal: bool, window: Option<usize>, scale: f32) -> Result<()> {
         let n = shard.pos.len();
         let dims = Dims { heads: shard.heads, kv_heads: shard.kv_heads, queries: n, keys: block.len, head_dim: shard.head_dim, value_dim: shard.head_dim };
         let inputs = Inputs { q: shard.q, k: block.k, v: block.v, q_pos, k_pos: block.pos, key_valid: Some(block.valid), causal, window, scale };

@@ -1,7 +1,8 @@
-//! The BERT family on a GPU rank (BERT, RoBERTa, MiniLM, Longformer without global tokens): the
-//! layer stack of `crate::bert` in f32 with every activation on the device — embeddings and
-//! norms by tome's kernels, projections by cuBLAS (no TF32), attention by tome's kernel over
-//! the ring or the window halo. The rank's hidden rows leave the device at the end.
+//! The BERT family on a GPU rank (BERT, RoBERTa, MiniLM, Longformer, BigBird): the layer stack
+//! of `crate::bert` with every activation on the device — embeddings and norms by tome's
+//! kernels, projections by cuBLAS (no TF32), attention by tome's kernel over the ring, the
+//! window halo with Longformer's global tokens, or BigBird's blocks. The rank's hidden rows
+//! leave the device at the end.
 
 use candle_core::{Device, Tensor};
 use cudarc::driver::CudaSlice;
@@ -9,7 +10,7 @@ use tome_attn::Precision;
 use tome_dist::{Group, ShardPlan};
 use tome_gpu::layers::Activation;
 
-use super::attention::{attend_rows, without_rows, Pattern, Shard};
+use super::attention::{attend_rows, without_rows, Globals, Pattern, Shard};
 use super::{DeviceLinear, DeviceNorm, GpuRank};
 use crate::bert::{BertModel, ShardRows};
 use crate::config::{Activation as Act, LayerAttention};
@@ -26,6 +27,8 @@ pub(crate) struct LayerWeights {
     intermediate: DeviceLinear,
     output: DeviceLinear,
     out_norm: DeviceNorm,
+    /// Longformer's global projections (`query_global`, `key_global`, `value_global`).
+    global: Option<[DeviceLinear; 3]>,
 }
 
 /// A BERT-family model's weights on a GPU.
@@ -53,6 +56,17 @@ impl BertWeights {
                     intermediate: DeviceLinear::upload(rank, l.intermediate.f32(), precision)?,
                     output: DeviceLinear::upload(rank, l.output.f32(), precision)?,
                     out_norm: DeviceNorm::upload(rank, &l.out_norm, eps)?,
+                    global: l
+                        .global
+                        .as_ref()
+                        .map(|(q, k, v)| {
+                            Ok::<_, ModelError>([
+                                DeviceLinear::upload(rank, q.f32(), precision)?,
+                                DeviceLinear::upload(rank, k.f32(), precision)?,
+                                DeviceLinear::upload(rank, v.f32(), precision)?,
+                            ])
+                        })
+                        .transpose()?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -69,11 +83,8 @@ impl BertWeights {
 /// What a GPU rank of this model refuses, by name, before any work.
 fn check(model: &BertModel, input: &ShardInput) -> Result<Activation> {
     let family = model.cfg.model_type.name();
-    if !input.global_tokens.is_empty() {
-        return Err(ModelError::Unsupported(format!("{family} with global tokens does not run on a GPU rank yet (window attention without them does)")));
-    }
-    if let Some(other) = input.layers.iter().find(|l| !matches!(l, LayerAttention::Dense | LayerAttention::Window { .. })) {
-        return Err(ModelError::Unsupported(format!("{family}: `{other}` attention does not run on a GPU rank yet (dense and window attention do)")));
+    if let Some(other) = input.layers.iter().find(|l| !matches!(l, LayerAttention::Dense | LayerAttention::Window { .. } | LayerAttention::BlockSparse { .. })) {
+        return Err(ModelError::Unsupported(format!("{family}: `{other}` attention does not run on a GPU rank yet (dense, window and block-sparse attention do)")));
     }
     match model.cfg.hidden_act {
         Act::GeluErf => Ok(Activation::Gelu),
@@ -103,7 +114,9 @@ impl BertModel {
         let layers = input.run.layers_to_run(self.layers.len())?;
         let pattern = |l: usize| match input.layers[l] {
             LayerAttention::Dense => Ok(Pattern::Dense { causal: false }),
-            LayerAttention::Window { one_sided } => Ok(Pattern::Window { one_sided, causal: false }),
+            LayerAttention::Window { one_sided } if input.global_tokens.is_empty() => Ok(Pattern::Window { one_sided, causal: false }),
+            LayerAttention::Window { one_sided } => Ok(Pattern::Global { one_sided, globals: Globals { positions: &input.global_tokens, projections: None } }),
+            LayerAttention::BlockSparse { block, random } => Ok(Pattern::BlockSparse { block, random }),
             other => Err(ModelError::Unsupported(format!("`{other}` attention on a GPU rank"))),
         };
         if rows == 0 {
@@ -118,13 +131,27 @@ impl BertModel {
         drop(embedded);
 
         for (l, w) in weights.layers.iter().enumerate().take(layers) {
-            let pattern = pattern(l)?;
-            let q = project_heads(rank, &x, &w.query, rows, heads, input.run.precision)?;
-            let k = project_heads(rank, &x, &w.key, rows, heads, input.run.precision)?;
-            let v = project_heads(rank, &x, &w.value, rows, heads, input.run.precision)?;
+            let precision = input.run.precision;
+            let q = project_heads(rank, &x, &w.query, rows, heads, precision)?;
+            let k = project_heads(rank, &x, &w.key, rows, heads, precision)?;
+            let v = project_heads(rank, &x, &w.value, rows, heads, precision)?;
+            // Global tokens' queries, keys and values come from their own projections where the
+            // checkpoint has them (Longformer).
+            let mut pattern = pattern(l)?;
+            let global = match (&pattern, &w.global) {
+                (Pattern::Global { .. }, Some([gq, gk, gv])) => Some([
+                    project_heads(rank, &x, gq, rows, heads, precision)?,
+                    project_heads(rank, &x, gk, rows, heads, precision)?,
+                    project_heads(rank, &x, gv, rows, heads, precision)?,
+                ]),
+                _ => None,
+            };
+            if let (Pattern::Global { globals, .. }, Some([gq, gk, gv])) = (&mut pattern, &global) {
+                globals.projections = Some([gq, gk, gv]);
+            }
             let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: heads, head_dim: d };
             let merged = attend_rows(rank, group, &padded, &shard, pattern, scale)?;
-            drop((q, k, v));
+            drop((q, k, v, global));
             let h = w.attn_norm.apply(rank, &w.attn_out.forward_residual(rank, &merged, &x)?)?;
             drop(merged);
             let inner = w.intermediate.forward(rank, &h, act)?;

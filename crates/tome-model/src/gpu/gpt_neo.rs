@@ -68,7 +68,7 @@ impl GptNeoWeights {
 }
 
 /// A GPT-Neo layer's attention on a GPU rank.
-fn pattern(attention: LayerAttention) -> Result<Pattern> {
+fn pattern(attention: LayerAttention) -> Result<Pattern<'static>> {
     match attention {
         LayerAttention::Dense => Ok(Pattern::Dense { causal: true }),
         LayerAttention::Window { one_sided } => Ok(Pattern::Window { one_sided, causal: true }),

@@ -4,7 +4,8 @@
 //! results (the rank's hidden rows) and the frames between ranks leave the device.
 //!
 //! An architecture runs on a GPU by implementing `Architecture::forward_gpu`: the BERT family
-//! (BERT, RoBERTa, MiniLM, Longformer without global tokens) with dense and window attention,
+//! (BERT, RoBERTa, MiniLM, Longformer, BigBird) with dense attention, window attention with or
+//! without global tokens, and block-sparse attention,
 //! GPT-2, GPT-Neo (its dense and local causal layers) and Llama (causal dense attention; its
 //! grouped-query heads read their shared key and value heads in place), in f32 and in bf16
 //! (weights and what enters a product or attention rounded to bf16 as on the CPU, products on
@@ -16,6 +17,7 @@ pub(crate) mod bert;
 pub(crate) mod gpt2;
 pub(crate) mod gpt_neo;
 pub(crate) mod llama;
+mod sparse;
 
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
