@@ -1,5 +1,6 @@
-//! Matrix products on a GPU through cuBLAS (loaded at run time), in f32 without TF32: a layer's
-//! `y = x · Wᵀ` with PyTorch's row-major layouts.
+//! Matrix products on a GPU through cuBLAS (loaded at run time), in f32 without TF32, or from
+//! bf16 or f16 operands accumulated in f32: a layer's `y = x · Wᵀ` with PyTorch's row-major
+//! layouts.
 
 use std::sync::Arc;
 
@@ -10,6 +11,22 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use crate::error::{GpuError, Result};
 
 const OP: &str = "gpu matmul";
+
+/// A 16-bit floating-point format of a product's operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    Bf16,
+    F16,
+}
+
+impl Half {
+    fn data_type(self) -> cudaDataType {
+        match self {
+            Half::Bf16 => cudaDataType::CUDA_R_16BF,
+            Half::F16 => cudaDataType::CUDA_R_16F,
+        }
+    }
+}
 
 /// A cuBLAS handle on one GPU's stream.
 pub struct Blas {
@@ -63,8 +80,9 @@ impl Blas {
         unsafe { self.blas.gemm(cfg, w, x, y) }.map_err(blas_err("cublasSgemm"))
     }
 
-    /// [`Blas::linear`] from bf16 operands (bits), accumulated and written in f32 (tensor cores).
-    pub fn linear_bf16(&self, x: &CudaSlice<u16>, w: &CudaSlice<u16>, inp: usize, out: usize, y: &mut CudaSlice<f32>) -> Result<()> {
+    /// [`Blas::linear`] from 16-bit operands (bits of `half`), accumulated and written in f32
+    /// (tensor cores).
+    pub fn linear_half(&self, half: Half, x: &CudaSlice<u16>, w: &CudaSlice<u16>, inp: usize, out: usize, y: &mut CudaSlice<f32>) -> Result<()> {
         let Some(n) = rows(x.len(), w.len(), y.len(), inp, out)? else {
             return Ok(());
         };
@@ -86,10 +104,10 @@ impl Blas {
                 int(inp)?,
                 (&alpha as *const f32).cast(),
                 w_ptr as *const std::ffi::c_void,
-                cudaDataType::CUDA_R_16BF,
+                half.data_type(),
                 int(inp)?,
                 x_ptr as *const std::ffi::c_void,
-                cudaDataType::CUDA_R_16BF,
+                half.data_type(),
                 int(inp)?,
                 (&beta as *const f32).cast(),
                 y_ptr as *mut std::ffi::c_void,

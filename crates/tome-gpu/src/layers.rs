@@ -40,6 +40,8 @@ pub struct Layers {
     silu_mul: CudaFunction,
     to_bf16: CudaFunction,
     round_bf16: CudaFunction,
+    to_f16: CudaFunction,
+    round_f16: CudaFunction,
     bias_activation: CudaFunction,
     bias_residual: CudaFunction,
     split_heads: CudaFunction,
@@ -89,6 +91,8 @@ impl Layers {
             silu_mul: f("tome_silu_mul")?,
             to_bf16: f("tome_to_bf16")?,
             round_bf16: f("tome_round_bf16")?,
+            to_f16: f("tome_to_f16")?,
+            round_f16: f("tome_round_f16")?,
             bias_activation: f("tome_bias_activation")?,
             bias_residual: f("tome_bias_residual")?,
             split_heads: f("tome_split_heads")?,
@@ -213,28 +217,48 @@ impl Layers {
 
     /// `y = bf16(x)` as bits (nearest even; tome-attn's rounding, bit for bit).
     pub fn to_bf16(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<u16>) -> Result<()> {
-        expect("bf16 output", y.len(), x.len())?;
-        if x.is_empty() {
-            return Ok(());
-        }
-        let n = x.len() as i64;
-        let mut args = self.stream.launch_builder(&self.to_bf16);
-        args.arg(x).arg(&mut *y).arg(&n);
-        // SAFETY: arguments as `tome_to_bf16` takes them; both buffers hold n values.
-        unsafe { args.launch(spread(x.len())) }.map_err(driver("tome_to_bf16"))?;
-        Ok(())
+        self.to_half(&self.to_bf16, "tome_to_bf16", x, y)
     }
 
     /// `x = bf16(x)`, kept in f32.
     pub fn round_bf16(&self, x: &mut CudaSlice<f32>) -> Result<()> {
+        self.round_half(&self.round_bf16, "tome_round_bf16", x)
+    }
+
+    /// `y = f16(x)` as bits (nearest even, overflow to infinity; `half::f16::from_f32`, bit for
+    /// bit).
+    pub fn to_f16(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<u16>) -> Result<()> {
+        self.to_half(&self.to_f16, "tome_to_f16", x, y)
+    }
+
+    /// `x = f16(x)`, kept in f32.
+    pub fn round_f16(&self, x: &mut CudaSlice<f32>) -> Result<()> {
+        self.round_half(&self.round_f16, "tome_round_f16", x)
+    }
+
+    fn to_half(&self, kernel: &CudaFunction, name: &'static str, x: &CudaSlice<f32>, y: &mut CudaSlice<u16>) -> Result<()> {
+        expect("16-bit output", y.len(), x.len())?;
+        if x.is_empty() {
+            return Ok(());
+        }
+        let n = x.len() as i64;
+        let mut args = self.stream.launch_builder(kernel);
+        args.arg(x).arg(&mut *y).arg(&n);
+        // SAFETY: arguments as `tome_to_bf16` and `tome_to_f16` take them; both buffers hold n
+        // values.
+        unsafe { args.launch(spread(x.len())) }.map_err(driver(name))?;
+        Ok(())
+    }
+
+    fn round_half(&self, kernel: &CudaFunction, name: &'static str, x: &mut CudaSlice<f32>) -> Result<()> {
         if x.is_empty() {
             return Ok(());
         }
         let (n, config) = (x.len() as i64, spread(x.len()));
-        let mut args = self.stream.launch_builder(&self.round_bf16);
+        let mut args = self.stream.launch_builder(kernel);
         args.arg(&mut *x).arg(&n);
-        // SAFETY: arguments as `tome_round_bf16` takes them.
-        unsafe { args.launch(config) }.map_err(driver("tome_round_bf16"))?;
+        // SAFETY: arguments as `tome_round_bf16` and `tome_round_f16` take them.
+        unsafe { args.launch(config) }.map_err(driver(name))?;
         Ok(())
     }
 

@@ -160,6 +160,15 @@ fn emulated_layer_kernels_match_their_definitions() {
         65504.0,
         -0.0,
         7.0,
+        // f16's edges: past its largest value, its subnormals and their halfway points.
+        65519.0,
+        65520.0,
+        -1.0e-5,
+        2f32.powi(-25),
+        3.0 * 2f32.powi(-25),
+        2f32.powi(-14) * (1.0 - 2f32.powi(-11)),
+        5.960_464_5e-8,
+        -(1.0 + 2f32.powi(-11)),
     ];
     for v in [&word, &position, &token_type, &gamma, &beta, &bias, &residual, &x, &acc_out, &acc_lse, &out, &lse, &to_round.to_vec()] {
         input.extend(bytes_of(v));
@@ -225,11 +234,20 @@ fn emulated_layer_kernels_match_their_definitions() {
     let swiglu: Vec<f32> = x.iter().zip(&residual).map(|(&g, &u)| (g / (1.0 + (-g).exp())) * u).collect();
     close("silu · up", &take(n * hidden), &swiglu, 1e-5);
     let want: Vec<u32> = to_round.iter().map(|&v| tome_attn::bf16::round_to_bf16(v).to_bits()).collect();
+    let count = to_round.len();
     for what in ["bf16 bits", "rounded in place"] {
-        let got: Vec<u32> = take(16).iter().map(|v| v.to_bits()).collect();
+        let got: Vec<u32> = take(count).iter().map(|v| v.to_bits()).collect();
         for ((g, w), v) in got.iter().zip(&want).zip(&to_round) {
             assert_eq!(g, w, "{what} of {v:e}: {g:#x}, tome-attn rounds to {w:#x}");
         }
+    }
+    let bits: Vec<u16> = take(count).iter().map(|&v| v as u16).collect();
+    let in_place: Vec<u32> = take(count).iter().map(|v| v.to_bits()).collect();
+    for (i, v) in to_round.iter().enumerate() {
+        let want = half::f16::from_f32(*v);
+        assert_eq!(bits[i], want.to_bits(), "f16 bits of {v:e}: {:#x}, half rounds to {:#x}", bits[i], want.to_bits());
+        let widened = want.to_f32();
+        assert!(in_place[i] == widened.to_bits() || widened.is_nan() && f32::from_bits(in_place[i]).is_nan(), "f16 of {v:e} in place: {:#x}, expected {widened:e}", in_place[i]);
     }
 
     let partial =

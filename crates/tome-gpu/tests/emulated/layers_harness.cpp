@@ -3,11 +3,12 @@
 // IN (little-endian): i64 n, hidden, heads, vocab, positions; f32 eps, word_scale; u32 ids[n],
 // position_ids[n]; f32 word[vocab * hidden], position[positions * hidden], token_type[hidden],
 // gamma[hidden], beta[hidden], bias[hidden], residual[n * hidden], x[n * hidden],
-// acc_out[n * hidden], acc_lse[heads * n], out[n * hidden], lse[heads * n], to_round[16].
+// acc_out[n * hidden], acc_lse[heads * n], out[n * hidden], lse[heads * n], to_round[ROUND].
 // OUT: f32 embedded, normed (x), then x + bias under each activation 0..3, x + bias + residual,
 // x split into heads, that merged back into rows, the second half of x's columns split into
 // heads / 2 heads, x's RMS norm, the rotary cos and sin tables, x's heads rotated, SwiGLU of x
-// and residual, to_round's bf16 bits widened and rounded in place, the merged partial's out then
+// and residual, to_round's bf16 bits widened and rounded in place, its f16 bits (as floats) and
+// rounded in place, the merged partial's out then
 // lse, four rows of the heads gathered, then scattered among zeros.
 #include "cuda_emulation.h"
 #include "../../kernels/layers.cu"
@@ -25,6 +26,9 @@ static std::vector<T> take(FILE* f, size_t n) {
     return v;
 }
 
+// Values rounded to bf16 and f16.
+constexpr int ROUND = 24;
+
 static unsigned spread(long long total) { return (unsigned)((total + 255) / 256); }
 
 int main(int argc, char** argv) {
@@ -41,7 +45,7 @@ int main(int argc, char** argv) {
     auto bias = take<float>(in, hidden), residual = take<float>(in, n * hidden), x = take<float>(in, n * hidden);
     auto acc_out = take<float>(in, n * hidden), acc_lse = take<float>(in, heads * n);
     auto out = take<float>(in, n * hidden), lse = take<float>(in, heads * n);
-    auto to_round = take<float>(in, 16);
+    auto to_round = take<float>(in, ROUND);
     fclose(in);
 
     const long long total = n * hidden;
@@ -100,14 +104,21 @@ int main(int argc, char** argv) {
     std::vector<float> swiglu = x;
     emu::launch(spread(total), 1, 256, [&] { tome_silu_mul(swiglu.data(), residual.data(), total); });
     keep(swiglu);
-    // bf16 of 16 values (ties, subnormals, overflow, NaN), as bits widened back, and in place.
-    std::vector<unsigned short> bits(16);
-    emu::launch(1, 1, 256, [&] { tome_to_bf16(to_round.data(), bits.data(), 16); });
-    std::vector<float> widened(16);
-    for (int i = 0; i < 16; ++i) widened[i] = __uint_as_float(((unsigned)bits[i]) << 16);
+    // bf16 of ROUND values (ties, subnormals, overflow, NaN), as bits widened back, and in place.
+    std::vector<unsigned short> bits(ROUND);
+    emu::launch(1, 1, 256, [&] { tome_to_bf16(to_round.data(), bits.data(), ROUND); });
+    std::vector<float> widened(ROUND);
+    for (int i = 0; i < ROUND; ++i) widened[i] = __uint_as_float(((unsigned)bits[i]) << 16);
     keep(widened);
     std::vector<float> rounded = to_round;
-    emu::launch(1, 1, 256, [&] { tome_round_bf16(rounded.data(), 16); });
+    emu::launch(1, 1, 256, [&] { tome_round_bf16(rounded.data(), ROUND); });
+    keep(rounded);
+    // The same values to f16: bits (one per f32 slot), and rounded in place.
+    emu::launch(1, 1, 256, [&] { tome_to_f16(to_round.data(), bits.data(), ROUND); });
+    for (int i = 0; i < ROUND; ++i) widened[i] = (float)bits[i];
+    keep(widened);
+    rounded = to_round;
+    emu::launch(1, 1, 256, [&] { tome_round_f16(rounded.data(), ROUND); });
     keep(rounded);
     emu::launch(spread(heads * n), 1, 256, [&] {
         tome_merge_partials(acc_out.data(), acc_lse.data(), out.data(), lse.data(), heads * n, d);
