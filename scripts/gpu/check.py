@@ -269,6 +269,8 @@ def tome_hidden(tome, model, device, ranks, work, clock, dtype="f32"):
     cmd = [tome, "process", "--ids", os.path.join(model["dir"], "input_ids.npy"), "--emit", "hidden-states",
            "--model", model["dir"], "--out", out, "--ranks", str(ranks), "--device", device, "--dtype", dtype,
            "--quiet"]
+    if model.get("global_tokens"):
+        cmd += ["--global-tokens", ",".join(str(g) for g in model["global_tokens"])]
     rc, _, err, seconds = run(cmd, clock.left(180))
     row = {"model": model["model"], "architecture": model.get("architecture"), "tokens": model.get("tokens"),
            "device": device if dtype == "f32" else f"{device}, {dtype}", "ranks": ranks, "seconds": round(seconds, 2)}
@@ -295,8 +297,8 @@ def compare(row, path, golden, single):
         row["status"] = f"failed: {type(e).__name__}: {e}"[:300]
 
 
-def measure_bf16(row, path, golden):
-    """A bf16 run against the f32 golden: the largest |difference| and the cosine between the
+def measure_low_precision(row, path, golden):
+    """A bf16 or f16 run against the f32 golden: the largest |difference| and the cosine between the
     mean-pooled rows (what README states per model), measured, not judged."""
     import numpy as np
     try:
@@ -341,13 +343,14 @@ def exactness_step(args):
                 single = single or path
             rows.append(row)
             write(args.out, {"tolerance_golden": GOLDEN_TOL, "tolerance_ranks": RANKS_TOL, "exactness": rows})
-        # bf16 on the GPU against the f32 golden: the error README states per model.
-        if device == "cuda" and not clock.out():
-            row, path = tome_hidden(args.tome, model, device, 1, args.work, clock, dtype="bf16")
-            if path:
-                measure_bf16(row, path, golden)
-            rows.append(row)
-            write(args.out, {"tolerance_golden": GOLDEN_TOL, "tolerance_ranks": RANKS_TOL, "exactness": rows})
+        # bf16 and f16 on the GPU against the f32 golden: the error README states per model.
+        for dtype in ("bf16", "f16"):
+            if device == "cuda" and not clock.out():
+                row, path = tome_hidden(args.tome, model, device, 1, args.work, clock, dtype=dtype)
+                if path:
+                    measure_low_precision(row, path, golden)
+                rows.append(row)
+                write(args.out, {"tolerance_golden": GOLDEN_TOL, "tolerance_ranks": RANKS_TOL, "exactness": rows})
     write(args.out, {"tolerance_golden": GOLDEN_TOL, "tolerance_ranks": RANKS_TOL, "exactness": rows})
 
 

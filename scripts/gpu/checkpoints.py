@@ -44,7 +44,8 @@ def minilm(tiny):
 
 
 def longformer(tiny):
-    """Longformer-base with 4,096 positions (RoBERTa positions: 2 more), window 512."""
+    """Longformer-base with 4,096 positions (RoBERTa positions: 2 more), window 512, global
+    attention on three tokens (`global_tokens`)."""
     cfg = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                intermediate_size=3072, max_position_embeddings=4098, attention_window=512,
                type_vocab_size=1, hidden_act="gelu", layer_norm_eps=1e-5,
@@ -147,7 +148,12 @@ def load_model(out, model_cls, device):
     return model.float().eval().to(device)
 
 
-def golden(out, model_cls, ids, device):
+# Longformer's global tokens: the first, middle and last (tome's --global-tokens).
+def global_tokens(key, tokens):
+    return [0, tokens // 2, tokens - 1] if key == "longformer" else []
+
+
+def golden(out, model_cls, ids, device, globals_at):
     import numpy as np
     import torch
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -155,7 +161,12 @@ def golden(out, model_cls, ids, device):
     model = load_model(out, model_cls, device)
     with torch.no_grad():
         x = torch.from_numpy(ids).unsqueeze(0).to(device)
-        hidden = model(input_ids=x).last_hidden_state[0]
+        extra = {}
+        if globals_at:
+            mask = torch.zeros_like(x)
+            mask[0, globals_at] = 1
+            extra["global_attention_mask"] = mask
+        hidden = model(input_ids=x, **extra).last_hidden_state[0]
     np.save(os.path.join(out, "golden_last_hidden_state.npy"), hidden.float().cpu().numpy().astype(np.float32))
 
 
@@ -172,10 +183,11 @@ def make(root, key, device, tiny, with_golden, with_weights):
             json.dump({"architectures": [model_cls], "model_type": config_cls[:-6].lower(), **cfg}, f, indent=2)
     ids = input_ids(tokens, low, cfg["vocab_size"], seed)
     np.save(os.path.join(out, "input_ids.npy"), ids)
+    globals_at = global_tokens(key, tokens)
     if with_golden:
-        golden(out, model_cls, ids, device)
+        golden(out, model_cls, ids, device, globals_at)
     return {"model": key, "architecture": model_cls, "dir": out, "tokens": tokens,
-            "hidden": cfg.get("hidden_size", cfg.get("n_embd"))}
+            "hidden": cfg.get("hidden_size", cfg.get("n_embd")), "global_tokens": globals_at}
 
 
 def main():

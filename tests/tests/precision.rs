@@ -2,8 +2,9 @@
 //! `dtype` (HTTP), `--dtype` (CLI) and `ShardRequest.precision` (a worker). bf16 runs differ
 //! from f32 within the model's stated bound (crates/tome-model/tests/bf16.rs holds every model
 //! to its own; a precision an architecture lacks is refused there by name), an unknown value is
-//! refused naming the field, the server keeps serving, and Info lists each model's precisions
-//! and the CPU's bf16 kernel.
+//! refused naming the field, f16 (a GPU precision) is refused by CPU ranks by name, the server
+//! keeps serving, and Info lists each model's precisions on CPUs and GPUs and the CPU's bf16
+//! kernel.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -83,6 +84,7 @@ async fn bf16_runs_on_every_route_unknown_precisions_are_refused_and_info_lists_
     assert_eq!(info.models.len(), 2);
     for m in &info.models {
         assert_eq!(m.precisions, ["f32", "bf16"], "{}", m.name);
+        assert_eq!(m.gpu_precisions, ["f32", "bf16", "f16"], "{}", m.name);
     }
 
     // gRPC: bf16 runs; an unknown value names the field.
@@ -90,6 +92,9 @@ async fn bf16_runs_on_every_route_unknown_precisions_are_refused_and_info_lists_
     assert_eq!(bf16.kinds.last(), Some(&"done"));
     let err = process_call(&mut client, gpt2_request(7)).await.err().expect("precision 7 was accepted");
     assert_refused(&err, Code::InvalidArgument, &["options.precision", "7"]);
+    // f16 is a GPU precision: this server's ranks are CPUs.
+    let err = process_call(&mut client, gpt2_request(pb::Precision::F16 as i32)).await.err().expect("f16 ran on CPU ranks");
+    assert_refused(&err, Code::InvalidArgument, &["f16 on GPU ranks only", "--device cuda"]);
     // The server keeps serving; f32 asked for is the unspecified default, bit for bit.
     let unspecified = process_call(&mut client, gpt2_request(pb::Precision::Unspecified as i32)).await.unwrap();
     let f32 = process_call(&mut client, gpt2_request(pb::Precision::F32 as i32)).await.unwrap();
@@ -113,6 +118,7 @@ async fn bf16_runs_on_every_route_unknown_precisions_are_refused_and_info_lists_
     let info: serde_json::Value = answer.split_once("\r\n\r\n").and_then(|(_, body)| serde_json::from_str(body).ok()).unwrap_or_else(|| panic!("{answer}"));
     assert!(KERNELS.contains(&info["bf16_kernel"].as_str().unwrap()), "{info}");
     assert!(info["models"].as_array().unwrap().iter().all(|m| m["precisions"] == serde_json::json!(["f32", "bf16"])), "{info}");
+    assert!(info["models"].as_array().unwrap().iter().all(|m| m["gpu_precisions"] == serde_json::json!(["f32", "bf16", "f16"])), "{info}");
 
     // The CLI: `--dtype` against this server, clap's refusal of an unknown one, and `tome info`.
     let out = std::env::temp_dir().join(format!("tome-precision-cli-{}", std::process::id()));
@@ -130,7 +136,7 @@ async fn bf16_runs_on_every_route_unknown_precisions_are_refused_and_info_lists_
     assert_bf16_of(&read_npy(&out.join("last_hidden_state.npy")), &f32.hidden);
     let unknown = run("f64");
     let stderr = String::from_utf8_lossy(&unknown.stderr);
-    assert!(!unknown.status.success() && stderr.contains("unknown dtype `f64`; one of f32, bf16"), "{stderr}");
+    assert!(!unknown.status.success() && stderr.contains("unknown dtype `f64`; one of f32, bf16, f16"), "{stderr}");
     let ok = run("f32");
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     assert!(max_diff(&read_npy(&out.join("last_hidden_state.npy")), &f32.hidden) <= 1e-6, "--dtype f32 is the f32 path");
@@ -192,6 +198,8 @@ async fn a_worker_runs_the_precision_its_shards_ask_for_and_a_cluster_carries_it
     run_shard(&mut worker, gpt2_shard(&w.host_port, "p-bf16", layers, pb::Precision::Bf16 as i32)).await.unwrap();
     let err = run_shard(&mut worker, gpt2_shard(&w.host_port, "p-unknown", layers, 7)).await.unwrap_err();
     assert_refused(&err, Code::InvalidArgument, &["precision", "7"]);
+    let err = run_shard(&mut worker, gpt2_shard(&w.host_port, "p-f16", layers, pb::Precision::F16 as i32)).await.unwrap_err();
+    assert_refused(&err, Code::InvalidArgument, &["f16 on GPU ranks only"]);
     run_shard(&mut worker, gpt2_shard(&w.host_port, "p-f32", layers, pb::Precision::F32 as i32)).await.unwrap();
 
     // A coordinator over that worker: bf16 travels in the worker's plan.

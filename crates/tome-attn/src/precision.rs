@@ -14,17 +14,24 @@ pub enum Precision {
     /// Weights and attention inputs in bfloat16 (rounded to nearest even), products accumulated
     /// in f32; everything that crosses ranks and every norm stays f32.
     Bf16,
+    /// As `Bf16` with IEEE half precision (10 mantissa bits, largest value 65504) in place of
+    /// bfloat16: GPU ranks only.
+    F16,
 }
 
 impl Precision {
     /// Every precision, in the order messages list them.
-    pub const ALL: &[Precision] = &[Precision::F32, Precision::Bf16];
+    pub const ALL: &[Precision] = &[Precision::F32, Precision::Bf16, Precision::F16];
 
-    /// Its name on the command line and the wire (`f32`, `bf16`).
+    /// The precisions CPU ranks compute in (f16 has no fast path on CPUs, and bf16 its range).
+    pub const CPU: &[Precision] = &[Precision::F32, Precision::Bf16];
+
+    /// Its name on the command line and the wire (`f32`, `bf16`, `f16`).
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
         }
     }
 }
@@ -55,6 +62,6 @@ mod tests {
         for &p in Precision::ALL {
             assert_eq!(p.name().parse::<Precision>(), Ok(p));
         }
-        assert_eq!("f16".parse::<Precision>(), Err("unknown dtype `f16`; one of f32, bf16".to_string()));
+        assert_eq!("f8".parse::<Precision>(), Err("unknown dtype `f8`; one of f32, bf16, f16".to_string()));
     }
 }

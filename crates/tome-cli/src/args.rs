@@ -447,9 +447,10 @@ pub struct JobFlags {
     /// the config's `tgt_len`, else 128.
     #[arg(long, env = "TOME_SEGMENT_LEN")]
     pub segment_len: Option<u32>,
-    /// Compute precision: `f32` (exact) or `bf16` (weights and attention inputs in bfloat16,
-    /// f32 accumulation); a model that does not implement it refuses the job (`tome info`
-    /// lists each model's precisions). Not the element type of written hidden states.
+    /// Compute precision: `f32` (exact), `bf16` (weights and attention inputs in bfloat16,
+    /// f32 accumulation) or `f16` (likewise in IEEE half precision, GPU ranks only); a model
+    /// that does not implement it on its device refuses the job (`tome info` lists each
+    /// model's precisions). Not the element type of written hidden states.
     #[arg(long, env = "TOME_DTYPE", default_value = "f32", value_parser = Precision::from_str)]
     pub dtype: Precision,
 }

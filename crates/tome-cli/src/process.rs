@@ -281,7 +281,7 @@ pub async fn info(args: InfoArgs) -> anyhow::Result<()> {
         .map(|m| {
             json!({"name": m.name, "architecture": m.architecture, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
                    "max_positions": m.max_positions, "default_pooling": m.default_pooling, "layer_attention": m.layer_attention,
-                   "has_tokenizer": m.has_tokenizer, "causal": m.causal, "precisions": m.precisions})
+                   "has_tokenizer": m.has_tokenizer, "causal": m.causal, "precisions": m.precisions, "gpu_precisions": m.gpu_precisions})
         })
         .collect();
     let limits = resp.limits.unwrap_or_default();

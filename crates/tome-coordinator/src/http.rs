@@ -5,7 +5,7 @@
 //!   `encoding_format` is `float` or `base64` (little-endian f32, as OpenAI's clients decode);
 //!   `dimensions`, where given, must be the model's width (tome's models are not trained to be
 //!   truncated); `usage` counts the documents' tokens; tome's own `dtype` (`f32`, the default,
-//!   or `bf16`) chooses the compute precision.
+//!   `bf16`, or `f16` on GPU ranks) chooses the compute precision.
 //! - `POST /v1/embed`: tome's own: one text, its document embedding and its chunks' (late
 //!   chunking) with their token and character spans, with the options of `ProcessOptions`
 //!   that apply to embeddings (`dtype` is `ProcessOptions.precision`).
@@ -234,7 +234,7 @@ struct EmbeddingsRequest {
     encoding_format: Option<String>,
     #[serde(default)]
     dimensions: Option<usize>,
-    /// tome's own: the compute precision, `f32` (default) or `bf16`.
+    /// tome's own: the compute precision, `f32` (default), `bf16`, or `f16` (GPU ranks).
     #[serde(default)]
     dtype: Option<String>,
     /// Accepted and ignored, as OpenAI does for attribution.
@@ -326,7 +326,7 @@ struct EmbedOptions {
     ranks: Option<u32>,
     #[serde(default)]
     global_tokens: Vec<u64>,
-    /// The compute precision: `f32` (default) or `bf16`.
+    /// The compute precision: `f32` (default), `bf16`, or `f16` (GPU ranks).
     dtype: Option<String>,
 }
 
@@ -426,7 +426,7 @@ async fn info(State(http): State<Http>, headers: HeaderMap) -> Result<Response, 
         "models": info.models.iter().map(|m| serde_json::json!({
             "name": m.name, "architecture": m.architecture, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
             "max_positions": m.max_positions, "default_pooling": m.default_pooling, "layer_attention": m.layer_attention,
-            "causal": m.causal, "precisions": m.precisions,
+            "causal": m.causal, "precisions": m.precisions, "gpu_precisions": m.gpu_precisions,
         })).collect::<Vec<_>>(),
     }))
     .into_response())
@@ -489,7 +489,7 @@ mod tests {
             assert!(s.code() == Code::InvalidArgument && s.message().contains(field), "{s:?}");
         }
         let Err(Refusal(s)) = precision(Some("f64"), "dtype") else { panic!("f64 was accepted") };
-        assert!(s.code() == Code::InvalidArgument && s.message() == "dtype: unknown dtype `f64`; one of f32, bf16", "{s:?}");
+        assert!(s.code() == Code::InvalidArgument && s.message() == "dtype: unknown dtype `f64`; one of f32, bf16, f16", "{s:?}");
         assert!(serde_json::from_str::<EmbedOptions>(r#"{"chunk_size": 3}"#).is_err(), "unknown options are refused");
     }
 }

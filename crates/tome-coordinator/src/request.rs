@@ -95,6 +95,7 @@ pub(crate) fn parse_options(opts: Option<&pb::ProcessOptions>) -> Result<JobOpti
     let precision = match known::<pb::Precision>(o.precision, "precision")? {
         pb::Precision::Unspecified | pb::Precision::F32 => Precision::F32,
         pb::Precision::Bf16 => Precision::Bf16,
+        pb::Precision::F16 => Precision::F16,
     };
     Ok(JobOptions {
         document,
@@ -183,7 +184,9 @@ mod tests {
     #[test]
     fn the_precision_is_f32_unless_asked_and_unknown_values_name_the_field() {
         assert_eq!(parse_options(None).unwrap().encode.precision, Precision::F32);
-        for (wire, precision) in [(pb::Precision::Unspecified, Precision::F32), (pb::Precision::F32, Precision::F32), (pb::Precision::Bf16, Precision::Bf16)] {
+        for (wire, precision) in
+            [(pb::Precision::Unspecified, Precision::F32), (pb::Precision::F32, Precision::F32), (pb::Precision::Bf16, Precision::Bf16), (pb::Precision::F16, Precision::F16)]
+        {
             let o = pb::ProcessOptions { precision: wire as i32, ..Default::default() };
             assert_eq!(parse_options(Some(&o)).unwrap().encode.precision, precision);
         }

@@ -292,8 +292,13 @@ impl Coordinator {
         }
         let model = self.model(&req.model)?;
         let opts = parse_options(req.options.as_ref())?;
-        // Before the queue and the tokenizer: a precision the model lacks costs nothing.
-        model.model.check_precision(opts.encode.precision)?;
+        // Before the queue and the tokenizer: a precision the model lacks on the ranks that
+        // would run it costs nothing (a cluster's workers say where they compute, and refuse
+        // what their device lacks).
+        match (&self.backend, self.config.device) {
+            (Backend::Embedded, device) => model.model.check_precision_on(opts.encode.precision, device != tome_model::gpu::DeviceSpec::Cpu)?,
+            (Backend::Cluster(_), _) => model.model.check_precision(opts.encode.precision)?,
+        }
         let ranks = opts.ranks.unwrap_or(self.config.default_ranks);
         if ranks > self.config.limits.max_ranks {
             return Err(CoordError::Exhausted(format!("{ranks} ranks asked; this server allows at most {}", self.config.limits.max_ranks)));

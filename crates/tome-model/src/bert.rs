@@ -256,6 +256,10 @@ impl BertModel {
 }
 
 impl Architecture for BertModel {
+    fn gpu_precisions(&self) -> &'static [Precision] {
+        Precision::ALL
+    }
+
     fn forward_gpu(&self, rank: &crate::gpu::GpuRank, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         self.forward_on_gpu(rank, group, plan, input, after_layer)
     }
@@ -263,7 +267,7 @@ impl Architecture for BertModel {
     /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
     /// and values; embeddings, norms, residual sums and every partial in f32.
     fn precisions(&self) -> &'static [Precision] {
-        Precision::ALL
+        Precision::CPU
     }
 
     fn shape(&self) -> Shape {

@@ -169,6 +169,10 @@ impl Gpt2Model {
 }
 
 impl Architecture for Gpt2Model {
+    fn gpu_precisions(&self) -> &'static [Precision] {
+        Precision::ALL
+    }
+
     fn forward_gpu(&self, rank: &crate::gpu::GpuRank, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         self.forward_on_gpu(rank, group, plan, input, after_layer)
     }
@@ -176,7 +180,7 @@ impl Architecture for Gpt2Model {
     /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
     /// and values; embeddings, norms, residual sums and the language-model head in f32.
     fn precisions(&self) -> &'static [Precision] {
-        Precision::ALL
+        Precision::CPU
     }
 
     fn shape(&self) -> Shape {

@@ -42,6 +42,7 @@ impl Linear {
                 };
                 Projection::Bf16 { weight, bias }
             }
+            Precision::F16 => return Err(f16_on_a_cpu()),
         })
     }
 
@@ -51,6 +52,7 @@ impl Linear {
         match precision {
             Precision::F32 => Ok(self.f32.forward(x)?),
             Precision::Bf16 => Ok(self.at(precision)?.linear(x, None, |_| {})?),
+            Precision::F16 => Err(f16_on_a_cpu()),
         }
     }
 }
@@ -61,7 +63,13 @@ pub fn attention_input(t: Tensor, precision: Precision) -> Result<Tensor> {
     match precision {
         Precision::F32 => Ok(t),
         Precision::Bf16 => tome_attn::bf16::round_tensor(&t),
+        Precision::F16 => Err(f16_on_a_cpu()),
     }
+}
+
+/// f16 on a CPU rank, which `Model::forward` refuses by name before any layer runs.
+fn f16_on_a_cpu() -> tome_attn::AttnError {
+    tome_attn::AttnError::Precondition { kernel: "cpu projection", msg: "f16 runs on GPU ranks only; CPU ranks compute in f32 or bf16".into() }
 }
 
 /// candle's `linear_b` (a `[out, in]` weight, a bias when `bias`), as a [`Linear`].

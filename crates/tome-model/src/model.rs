@@ -39,9 +39,14 @@ pub trait Architecture: Send + Sync {
         1
     }
 
-    /// The precisions its forward implements; f32 alone unless it says more.
+    /// The precisions its CPU forward implements; f32 alone unless it says more.
     fn precisions(&self) -> &'static [Precision] {
         &[Precision::F32]
+    }
+
+    /// The precisions its GPU forward implements; none unless it has one.
+    fn gpu_precisions(&self) -> &'static [Precision] {
+        &[]
     }
 
     /// log p(next token | tokens so far) for the first `next_ids.len()` rows of `hidden`.
@@ -90,19 +95,38 @@ impl Model {
         self.0.min_tokens()
     }
 
-    /// Refuses a precision the architecture does not implement, naming it and what it runs in.
+    /// Refuses a precision the architecture implements on no device, naming it and what it
+    /// runs in.
     pub fn check_precision(&self, precision: Precision) -> Result<()> {
-        let offered = self.0.precisions();
+        if self.gpu_precisions().contains(&precision) {
+            return Ok(());
+        }
+        self.check_precision_on(precision, false)
+    }
+
+    /// Refuses a precision the architecture does not implement on a GPU (`on_gpu`) or a CPU,
+    /// naming it and what it runs in there.
+    pub fn check_precision_on(&self, precision: Precision, on_gpu: bool) -> Result<()> {
+        let offered = if on_gpu { self.gpu_precisions() } else { self.precisions() };
         if offered.contains(&precision) {
             return Ok(());
         }
-        let names: Vec<_> = offered.iter().map(|p| p.name()).collect();
-        Err(ModelError::Unsupported(format!("{} runs in {}; {precision} is not implemented for it", self.0.shape().model_type, names.join(", "))))
+        let model = self.0.shape().model_type;
+        if !on_gpu && self.gpu_precisions().contains(&precision) {
+            return Err(ModelError::Unsupported(format!("{model} runs in {precision} on GPU ranks only (--device cuda); CPU ranks compute in {}", names(offered))));
+        }
+        let device = if on_gpu { "GPU" } else { "CPU" };
+        Err(ModelError::Unsupported(format!("{model} runs in {} on {device} ranks; {precision} is not implemented for it", names(offered))))
     }
 
-    /// The precisions its forward implements.
+    /// The precisions its CPU forward implements.
     pub fn precisions(&self) -> &'static [Precision] {
         self.0.precisions()
+    }
+
+    /// The precisions its GPU forward implements (none for an architecture without one).
+    pub fn gpu_precisions(&self) -> &'static [Precision] {
+        self.0.gpu_precisions()
     }
 
     pub fn is_causal(&self) -> bool {
@@ -123,7 +147,7 @@ impl Model {
     /// Runs a rank's shard; returns its rows of the last hidden state. `after_layer(l)` is
     /// called when layer `l` is done; returning false cancels.
     pub fn forward(&self, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
-        self.check_precision(input.run.precision)?;
+        self.check_precision_on(input.run.precision, false)?;
         self.0.forward(group, plan, input, after_layer)
     }
 
@@ -132,7 +156,10 @@ impl Model {
         match gpu {
             None => self.forward(group, plan, input, after_layer),
             Some(rank) => {
-                self.check_precision(input.run.precision)?;
+                // An architecture without a GPU forward is refused by name there.
+                if !self.gpu_precisions().is_empty() {
+                    self.check_precision_on(input.run.precision, true)?;
+                }
                 rank.check_precision(input.run.precision)?;
                 self.0.forward_gpu(rank, group, plan, input, after_layer)
             }
@@ -148,6 +175,13 @@ impl Model {
     pub fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
         self.0.log_probs(hidden, next_ids)
     }
+}
+
+fn names(precisions: &[Precision]) -> String {
+    if precisions.is_empty() {
+        return "nothing".into();
+    }
+    precisions.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
 }
 
 /// Checks that a model whose attention its architecture fixes gets no attention options.

@@ -308,7 +308,7 @@ impl Architecture for ModernBertModel {
     /// f32, and bf16: products in bf16 with f32 accumulation, attention on bf16 queries, keys
     /// and values; embeddings, norms and residual sums in f32.
     fn precisions(&self) -> &'static [Precision] {
-        Precision::ALL
+        Precision::CPU
     }
 
     fn shape(&self) -> Shape {

@@ -391,7 +391,7 @@ impl Architecture for ReformerModel {
     /// f32, and bf16: products in bf16 with f32 accumulation, LSH hashing and attention on bf16
     /// queries, keys and values; embeddings, norms and the reversible sums in f32.
     fn precisions(&self) -> &'static [Precision] {
-        Precision::ALL
+        Precision::CPU
     }
 
     fn shape(&self) -> Shape {

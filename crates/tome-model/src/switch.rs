@@ -247,7 +247,7 @@ impl Architecture for SwitchModel {
     /// transformers' `router_dtype`), attention on bf16 queries, keys and values; embeddings,
     /// norms, residual sums and the relative bias in f32.
     fn precisions(&self) -> &'static [Precision] {
-        Precision::ALL
+        Precision::CPU
     }
 
     fn shape(&self) -> Shape {

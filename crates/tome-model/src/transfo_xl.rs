@@ -424,7 +424,7 @@ impl Architecture for TransfoXlModel {
     /// values and relative positions; embeddings, norms, residual sums, memory compression and
     /// the memories passed between ranks in f32.
     fn precisions(&self) -> &'static [Precision] {
-        Precision::ALL
+        Precision::CPU
     }
 
     fn shape(&self) -> Shape {

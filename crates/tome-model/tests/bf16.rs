@@ -139,7 +139,7 @@ fn an_architecture_without_a_bf16_path_refuses_it_by_name_before_and_at_the_forw
     assert_eq!(model.precisions(), [Precision::F32]);
     let refused = model.prepare(vec![1, 2, 3], &bf16(EncodeOptions::default())).unwrap_err();
     assert!(matches!(refused, ModelError::Unsupported(_)), "{refused:?}");
-    assert_eq!(refused.to_string(), "unsupported: f32-only runs in f32; bf16 is not implemented for it");
+    assert_eq!(refused.to_string(), "unsupported: f32-only runs in f32 on CPU ranks; bf16 is not implemented for it");
     // A shard that arrives asking for bf16 (a worker's input) is refused as well.
     let doc = model.prepare(vec![1, 2, 3], &EncodeOptions::default()).unwrap();
     let mut input = doc.shard(&ShardPlan::new(Layout::Contiguous, 3, 1).unwrap(), 0);
@@ -148,6 +148,26 @@ fn an_architecture_without_a_bf16_path_refuses_it_by_name_before_and_at_the_forw
     assert!(model.forward(&InProcessGroup::single(), &plan, &input, &mut |_| true).is_err());
     // Every architecture tome ships runs bf16.
     for name in ["bert-tiny", "gpt2-tiny", "llama-tiny", "reformer-tiny", "compressive-tiny", "switch-tiny"] {
-        assert_eq!(ModelDir::open(&fixture(name)).unwrap().model.precisions(), Precision::ALL, "{name}");
+        assert_eq!(ModelDir::open(&fixture(name)).unwrap().model.precisions(), Precision::CPU, "{name}");
     }
+}
+
+/// f16 is a GPU precision: a model with a GPU path prepares it, and its CPU forward refuses it
+/// by name before any layer; a model without one refuses it at once.
+#[test]
+fn f16_runs_on_gpu_ranks_only_and_cpu_ranks_refuse_it_by_name() {
+    let f16 = EncodeOptions { precision: Precision::F16, ..Default::default() };
+    for name in ["bert-tiny", "gpt2-tiny", "gpt-neo-tiny", "llama-tiny"] {
+        let dir = ModelDir::open(&fixture(name)).unwrap();
+        assert_eq!(dir.model.gpu_precisions(), Precision::ALL, "{name}");
+        let doc = dir.model.prepare(input_ids(name), &f16).unwrap();
+        let plan = ShardPlan::new(Layout::Contiguous, doc.len(), 1).unwrap();
+        let err = dir.model.forward_shard(&InProcessGroup::single(), &plan, &doc, &mut |_| panic!("{name}: a layer ran")).unwrap_err();
+        assert!(matches!(err, ModelError::Unsupported(_)), "{name}: {err:?}");
+        assert!(err.to_string().contains("f16 on GPU ranks only (--device cuda); CPU ranks compute in f32, bf16"), "{name}: {err}");
+    }
+    let mpnet = ModelDir::open(&fixture("mpnet-tiny")).unwrap();
+    assert!(mpnet.model.gpu_precisions().is_empty());
+    let err = mpnet.model.prepare(input_ids("mpnet-tiny"), &f16).unwrap_err();
+    assert_eq!(err.to_string(), "unsupported: mpnet runs in f32, bf16 on CPU ranks; f16 is not implemented for it");
 }

@@ -41,6 +41,7 @@ pub fn model_info(m: &ModelDir) -> pb::ModelInfo {
         has_tokenizer: m.tokenizer.is_some(),
         causal: shape.causal,
         precisions: m.model.precisions().iter().map(|p| p.name().into()).collect(),
+        gpu_precisions: m.model.gpu_precisions().iter().map(|p| p.name().into()).collect(),
     }
 }
 

@@ -212,7 +212,7 @@ fn parse(service: &WorkerService, req: pb::ShardRequest, trace: Option<TracePare
             precision: wire::precision_from_wire(req.precision, "precision")?,
         },
     };
-    model.model.check_precision(input.run.precision)?;
+    model.model.check_precision_on(input.run.precision, service.config.device != DeviceSpec::Cpu)?;
     let rows = plan.shard_len(rank);
     if input.ids.len() != rows || input.position_ids.len() != rows {
         return Err(WorkerError::Invalid(format!("{} token ids and {} position ids for rank {rank} of {rows} tokens", input.ids.len(), input.position_ids.len())));

@@ -139,6 +139,7 @@ pub fn precision_to_wire(p: Precision) -> pb::Precision {
     match p {
         Precision::F32 => pb::Precision::F32,
         Precision::Bf16 => pb::Precision::Bf16,
+        Precision::F16 => pb::Precision::F16,
     }
 }
 
@@ -148,6 +149,7 @@ pub fn precision_from_wire(p: i32, field: &str) -> Result<Precision, WorkerError
     match pb::Precision::try_from(p) {
         Ok(pb::Precision::Unspecified | pb::Precision::F32) => Ok(Precision::F32),
         Ok(pb::Precision::Bf16) => Ok(Precision::Bf16),
+        Ok(pb::Precision::F16) => Ok(Precision::F16),
         Err(_) => Err(invalid(format!("{field}: unknown value {p}"))),
     }
 }

@@ -46,11 +46,13 @@ class Dtype(str, enum.Enum):
 class Precision(str, enum.Enum):
     """The arithmetic of the computation (`ProcessOptions.precision`; not the element type of
     outputs, which is `Dtype`): f32 is exact; bf16 stores weights and attention inputs in
-    bfloat16 with f32 accumulation. A model that does not implement it refuses the request
-    (INVALID_ARGUMENT); `ModelInfo.precisions` lists what each model runs in."""
+    bfloat16 with f32 accumulation; f16 does so in IEEE half precision, on GPU ranks only. A
+    model that does not implement it refuses the request (INVALID_ARGUMENT);
+    `ModelInfo.precisions` and `ModelInfo.gpu_precisions` list what each model runs in."""
 
     F32 = "f32"
     BF16 = "bf16"
+    F16 = "f16"
 
 
 class AttentionKind(str, enum.Enum):
@@ -84,7 +86,7 @@ POOLING_PB = {Pooling.MEAN: pb.POOLING_MEAN, Pooling.CLS: pb.POOLING_CLS}
 LAYOUT_PB = {Layout.CONTIGUOUS: pb.LAYOUT_CONTIGUOUS, Layout.ZIGZAG: pb.LAYOUT_ZIGZAG}
 POSITIONS_PB = {Positions.REFUSE: pb.POSITION_EXTENSION_UNSPECIFIED, Positions.TILE: pb.POSITION_EXTENSION_TILE}
 DTYPE_PB = {Dtype.F32: pb.ELEMENT_TYPE_F32, Dtype.F16: pb.ELEMENT_TYPE_F16, Dtype.BF16: pb.ELEMENT_TYPE_BF16}
-PRECISION_PB = {Precision.F32: pb.PRECISION_F32, Precision.BF16: pb.PRECISION_BF16}
+PRECISION_PB = {Precision.F32: pb.PRECISION_F32, Precision.BF16: pb.PRECISION_BF16, Precision.F16: pb.PRECISION_F16}
 ATTENTION_PB = {
     AttentionKind.DENSE: pb.ATTENTION_KIND_DENSE,
     AttentionKind.WINDOW: pb.ATTENTION_KIND_WINDOW,
@@ -169,8 +171,11 @@ class ModelInfo:
     has_tokenizer: bool
     #: A causal language model: it scores tokens (`Client.log_probs`).
     causal: bool
-    #: The precisions it runs in ("f32", "bf16").
+    #: The precisions it runs in on CPU ranks ("f32", "bf16").
     precisions: tuple[str, ...]
+    #: The precisions it runs in on GPU ranks ("f32", "bf16", "f16"); empty when it does not
+    #: run on GPUs.
+    gpu_precisions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,7 @@ class Info:
                 has_tokenizer=m.has_tokenizer,
                 causal=m.causal,
                 precisions=tuple(m.precisions),
+                gpu_precisions=tuple(m.gpu_precisions),
             )
             for m in r.models
         )

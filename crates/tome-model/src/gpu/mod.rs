@@ -7,9 +7,9 @@
 //! (BERT, RoBERTa, MiniLM, Longformer, BigBird) with dense attention, window attention with or
 //! without global tokens, and block-sparse attention,
 //! GPT-2, GPT-Neo (its dense and local causal layers) and Llama (causal dense attention; its
-//! grouped-query heads read their shared key and value heads in place), in f32 and in bf16
-//! (weights and what enters a product or attention rounded to bf16 as on the CPU, products on
-//! tensor cores with f32 accumulation). Every other architecture or family is refused on a GPU
+//! grouped-query heads read their shared key and value heads in place), in f32, bf16 and f16
+//! (weights and what enters a product or attention rounded to bf16 as on the CPU, or to f16,
+//! products on tensor cores with f32 accumulation; norms, residuals and partials in f32). Every other architecture or family is refused on a GPU
 //! rank by name.
 
 mod attention;
@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::Tensor;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use tome_attn::Precision;
-use tome_gpu::blas::Blas;
+use tome_gpu::blas::{Blas, Half};
 use tome_gpu::layers::{Activation, Layers};
 use tome_gpu::{Gpu, GpuAttention, GpuError, GpuInfo};
 
@@ -119,11 +119,12 @@ impl GpuRank {
         Ok(())
     }
 
-    /// Rounds `x` to bf16 values in place where the run is bf16 (what attention takes).
+    /// Rounds `x` to bf16 or f16 values in place where the run is in one (what attention takes).
     pub(crate) fn attention_input(&self, x: &mut CudaSlice<f32>, precision: Precision) -> Result<()> {
         match precision {
             Precision::F32 => Ok(()),
             Precision::Bf16 => Ok(self.layers.round_bf16(x)?),
+            Precision::F16 => Ok(self.layers.round_f16(x)?),
         }
     }
 
@@ -203,8 +204,9 @@ impl<W> DeviceWeights<W> {
 /// A layer's `[out, in]` weights on the device as a run's products read them.
 enum DeviceMatrix {
     F32(CudaSlice<f32>),
-    /// bf16 bits, rounded as tome-attn rounds (products on tensor cores, f32 accumulation).
-    Bf16(CudaSlice<u16>),
+    /// bf16 bits (rounded as tome-attn rounds) or f16 bits: products on tensor cores, f32
+    /// accumulation.
+    Half(Half, CudaSlice<u16>),
 }
 
 /// A linear layer on the device: its weights and the bias (f32), if any.
@@ -223,24 +225,35 @@ impl DeviceLinear {
             Precision::F32 => DeviceMatrix::F32(rank.upload_tensor(layer.weight())?),
             Precision::Bf16 => {
                 let values = layer.weight().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-                DeviceMatrix::Bf16(rank.upload(&values.into_iter().map(tome_attn::bf16::to_bf16_bits).collect::<Vec<u16>>())?)
+                DeviceMatrix::Half(Half::Bf16, rank.upload(&values.into_iter().map(tome_attn::bf16::to_bf16_bits).collect::<Vec<u16>>())?)
+            }
+            Precision::F16 => {
+                // Rounded on the device, as the activations are (`half`'s rounding, bit for bit).
+                let values = rank.upload_tensor(layer.weight())?;
+                // SAFETY: `to_f16` writes every element.
+                let mut bits = unsafe { rank.stream.alloc::<u16>(values.len()) }.map_err(|e| gpu_err("allocate", e))?;
+                rank.layers.to_f16(&values, &mut bits)?;
+                DeviceMatrix::Half(Half::F16, bits)
             }
         };
         Ok(DeviceLinear { w, b: layer.bias().map(|b| rank.upload_tensor(b)).transpose()?, inp, out })
     }
 
-    /// `x Wᵀ` into a new buffer; in bf16, `x` rounded to bf16 on its way in.
+    /// `x Wᵀ` into a new buffer; in bf16 or f16, `x` rounded to it on its way in.
     fn product(&self, rank: &GpuRank, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let rows = x.len() / self.inp.max(1);
         // SAFETY: the product writes every element of `y` (beta = 0: nothing is read).
         let mut y = unsafe { rank.stream.alloc::<f32>(rows * self.out) }.map_err(|e| gpu_err("allocate", e))?;
         match &self.w {
             DeviceMatrix::F32(w) => rank.blas.linear(x, w, self.inp, self.out, &mut y)?,
-            DeviceMatrix::Bf16(w) => {
-                // SAFETY: `to_bf16` writes every element before the product reads it.
+            DeviceMatrix::Half(half, w) => {
+                // SAFETY: the rounding writes every element before the product reads it.
                 let mut x16 = unsafe { rank.stream.alloc::<u16>(x.len()) }.map_err(|e| gpu_err("allocate", e))?;
-                rank.layers.to_bf16(x, &mut x16)?;
-                rank.blas.linear_bf16(&x16, w, self.inp, self.out, &mut y)?;
+                match half {
+                    Half::Bf16 => rank.layers.to_bf16(x, &mut x16)?,
+                    Half::F16 => rank.layers.to_f16(x, &mut x16)?,
+                }
+                rank.blas.linear_half(*half, &x16, w, self.inp, self.out, &mut y)?;
             }
         }
         Ok(y)

@@ -12,6 +12,7 @@ class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRECISION_UNSPECIFIED: _ClassVar[Precision]
     PRECISION_F32: _ClassVar[Precision]
     PRECISION_BF16: _ClassVar[Precision]
+    PRECISION_F16: _ClassVar[Precision]
 
 class Output(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -59,6 +60,7 @@ class ElementType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 PRECISION_UNSPECIFIED: Precision
 PRECISION_F32: Precision
 PRECISION_BF16: Precision
+PRECISION_F16: Precision
 OUTPUT_UNSPECIFIED: Output
 OUTPUT_DOCUMENT_EMBEDDING: Output
 OUTPUT_CHUNK_EMBEDDINGS: Output
@@ -125,7 +127,7 @@ class GpuDevice(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., compute_capability: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "hidden_size", "num_layers", "max_positions", "default_pooling", "layer_attention", "has_tokenizer", "causal", "precisions")
+    __slots__ = ("name", "architecture", "hidden_size", "num_layers", "max_positions", "default_pooling", "layer_attention", "has_tokenizer", "causal", "precisions", "gpu_precisions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +138,7 @@ class ModelInfo(_message.Message):
     HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     CAUSAL_FIELD_NUMBER: _ClassVar[int]
     PRECISIONS_FIELD_NUMBER: _ClassVar[int]
+    GPU_PRECISIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     hidden_size: int
@@ -146,7 +149,8 @@ class ModelInfo(_message.Message):
     has_tokenizer: bool
     causal: bool
     precisions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_positions: _Optional[int] = ..., default_pooling: _Optional[str] = ..., layer_attention: _Optional[_Iterable[str]] = ..., has_tokenizer: _Optional[bool] = ..., causal: _Optional[bool] = ..., precisions: _Optional[_Iterable[str]] = ...) -> None: ...
+    gpu_precisions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_positions: _Optional[int] = ..., default_pooling: _Optional[str] = ..., layer_attention: _Optional[_Iterable[str]] = ..., has_tokenizer: _Optional[bool] = ..., causal: _Optional[bool] = ..., precisions: _Optional[_Iterable[str]] = ..., gpu_precisions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_document_tokens", "max_document_bytes", "max_ranks", "max_concurrent_jobs", "max_tokens_in_flight", "max_queued_requests", "max_queued_tokens", "max_jobs_per_caller")
