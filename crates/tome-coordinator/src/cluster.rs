@@ -89,6 +89,15 @@ impl Drop for Placement {
     }
 }
 
+/// Whether worker `w` runs `model` in `precision` on its device (its own `ModelInfo` says: CPU
+/// ranks in `precisions`, GPU ranks in `gpu_precisions`; a worker listing none runs f32).
+fn runs_in(w: &pb::WorkerInfo, model: &str, precision: tome_attn::Precision) -> bool {
+    w.models.iter().any(|m| {
+        let offered = if w.gpu_ranks { &m.gpu_precisions } else { &m.precisions };
+        m.name == model && if offered.is_empty() { precision == tome_attn::Precision::F32 } else { offered.iter().any(|p| p == precision.name()) }
+    })
+}
+
 impl Cluster {
     pub fn new(membership: Arc<dyn Membership>, max_message_bytes: usize, rows_per_message: usize) -> Self {
         Cluster { membership, channels: Mutex::default(), reserved: Arc::default(), max_message_bytes, rows_per_message, attempts: DEFAULT_JOB_ATTEMPTS }
@@ -120,9 +129,16 @@ impl Cluster {
     /// As [`Cluster::place`], on the live workers other than those named in `lost`.
     fn place_without(&self, spec: &JobSpec, lost: &HashSet<String>) -> Result<Placement, CoordError> {
         let model = spec.model.name();
-        let mut live: Vec<pb::WorkerInfo> = self.membership.live().into_iter().filter(|w| !lost.contains(&w.name) && w.models.iter().any(|m| m.name == model)).collect();
-        if live.is_empty() {
+        let serving: Vec<pb::WorkerInfo> = self.membership.live().into_iter().filter(|w| !lost.contains(&w.name) && w.models.iter().any(|m| m.name == model)).collect();
+        if serving.is_empty() {
             return Err(CoordError::Unavailable(format!("no live worker serves model `{model}`")));
+        }
+        // A pool may mix CPU and GPU workers: each runs the model in what its device offers.
+        let precision = spec.doc.run.precision;
+        let (mut live, unable): (Vec<pb::WorkerInfo>, Vec<pb::WorkerInfo>) = serving.into_iter().partition(|w| runs_in(w, &model, precision));
+        if live.is_empty() {
+            let names: Vec<String> = unable.iter().map(|w| format!("{} ({})", w.name, if w.gpu_ranks { "GPU ranks" } else { "CPU ranks" })).collect();
+            return Err(CoordError::Invalid(format!("no live worker runs model `{model}` in {precision}: {} serve it in other precisions", names.join(", "))));
         }
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let held = |w: &pb::WorkerInfo| reserved.get(&w.name).copied().unwrap_or_default();
@@ -593,6 +609,32 @@ mod tests {
         let one_rank = job(1);
         let (tx, _rx) = watch::channel(vec![serving("a", &model, 8)]);
         assert_eq!(Cluster::new(Arc::new(Members(tx)), 1 << 20, 1024).place(&one_rank).unwrap().transport, Transport::PeerStreams, "one rank exchanges nothing");
+    }
+
+    #[test]
+    fn a_mixed_pool_places_each_job_on_the_workers_that_run_its_precision() {
+        let mut f16 = job(2);
+        let mut doc = (*f16.doc).clone();
+        doc.run.precision = tome_attn::Precision::F16;
+        f16.doc = Arc::new(doc);
+        let model = f16.model.name();
+        let on = |name: &str, gpu_ranks: bool| {
+            let models = vec![pb::ModelInfo {
+                name: model.clone(),
+                precisions: vec!["f32".into(), "bf16".into()],
+                gpu_precisions: vec!["f32".into(), "bf16".into(), "f16".into()],
+                ..Default::default()
+            }];
+            pb::WorkerInfo { gpu_ranks, models, memory_budget_bytes: 1 << 30, max_shards: 8, ..worker(name) }
+        };
+        let place = |workers: Vec<pb::WorkerInfo>, spec: &JobSpec| {
+            let (tx, _rx) = watch::channel(workers);
+            Cluster::new(Arc::new(Members(tx)), 1 << 20, 1024).place(spec).map(|p| p.workers.iter().map(|w| w.name.clone()).collect::<Vec<_>>())
+        };
+        assert_eq!(place(vec![on("cpu", false), on("gpu", true)], &f16).unwrap(), ["gpu", "gpu"], "f16 goes to the GPU worker alone");
+        assert_eq!(place(vec![on("cpu", false), on("gpu", true)], &job(2)).unwrap().len(), 2);
+        let Err(CoordError::Invalid(refused)) = place(vec![on("cpu", false)], &f16) else { panic!("f16 placed on CPU ranks") };
+        assert!(refused.contains("in f16") && refused.contains("cpu (CPU ranks)"), "{refused}");
     }
 
     #[test]

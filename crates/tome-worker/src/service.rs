@@ -142,6 +142,7 @@ impl WorkerService {
             bf16_kernel: tome_attn::bf16::Bf16Kernel::detect().name().into(),
             gpus,
             gpus_missing,
+            gpu_ranks: self.config.device != DeviceSpec::Cpu,
         }
     }
 
