@@ -90,11 +90,17 @@ impl Drop for Placement {
 }
 
 /// Whether worker `w` runs `model` in `precision` on its device (its own `ModelInfo` says: CPU
-/// ranks in `precisions`, GPU ranks in `gpu_precisions`; a worker listing none runs f32).
+/// ranks in `precisions`, where a worker from before that list runs f32; GPU ranks in
+/// `gpu_precisions`, empty for a model without a GPU path).
 fn runs_in(w: &pb::WorkerInfo, model: &str, precision: tome_attn::Precision) -> bool {
     w.models.iter().any(|m| {
-        let offered = if w.gpu_ranks { &m.gpu_precisions } else { &m.precisions };
-        m.name == model && if offered.is_empty() { precision == tome_attn::Precision::F32 } else { offered.iter().any(|p| p == precision.name()) }
+        let listed = |offered: &[String]| offered.iter().any(|p| p == precision.name());
+        m.name == model
+            && match (w.gpu_ranks, m.precisions.is_empty()) {
+                (true, _) => listed(&m.gpu_precisions),
+                (false, true) => precision == tome_attn::Precision::F32,
+                (false, false) => listed(&m.precisions),
+            }
     })
 }
 
@@ -635,6 +641,12 @@ mod tests {
         assert_eq!(place(vec![on("cpu", false), on("gpu", true)], &job(2)).unwrap().len(), 2);
         let Err(CoordError::Invalid(refused)) = place(vec![on("cpu", false)], &f16) else { panic!("f16 placed on CPU ranks") };
         assert!(refused.contains("in f16") && refused.contains("cpu (CPU ranks)"), "{refused}");
+        // A model without a GPU path (no gpu_precisions) goes to CPU workers alone.
+        let no_gpu_path = |name: &str, gpu_ranks: bool| pb::WorkerInfo {
+            models: vec![pb::ModelInfo { name: model.clone(), precisions: vec!["f32".into()], ..Default::default() }],
+            ..on(name, gpu_ranks)
+        };
+        assert_eq!(place(vec![no_gpu_path("cpu", false), no_gpu_path("gpu", true)], &job(2)).unwrap(), ["cpu", "cpu"]);
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub trait Architecture: Send + Sync {
     /// [`Architecture::forward`] with the rank's activations on a GPU (`rank`). Architectures
     /// without a GPU forward keep this default, which refuses by name.
     fn forward_gpu(&self, _rank: &GpuRank, _group: &dyn Group, _plan: &ShardPlan, _input: &ShardInput, _after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
-        Err(ModelError::Unsupported(format!("{} does not run on a GPU rank yet (the BERT family, GPT-2, GPT-Neo and Llama do); run it with --device cpu", self.shape().model_type)))
+        Err(no_gpu_forward(&self.shape().model_type))
     }
 
     /// The shortest document the model runs.
@@ -112,6 +112,9 @@ impl Model {
             return Ok(());
         }
         let model = self.0.shape().model_type;
+        if on_gpu && offered.is_empty() {
+            return Err(no_gpu_forward(&model));
+        }
         if !on_gpu && self.gpu_precisions().contains(&precision) {
             return Err(ModelError::Unsupported(format!("{model} runs in {precision} on GPU ranks only (--device cuda); CPU ranks compute in {}", names(offered))));
         }
@@ -156,10 +159,7 @@ impl Model {
         match gpu {
             None => self.forward(group, plan, input, after_layer),
             Some(rank) => {
-                // An architecture without a GPU forward is refused by name there.
-                if !self.gpu_precisions().is_empty() {
-                    self.check_precision_on(input.run.precision, true)?;
-                }
+                self.check_precision_on(input.run.precision, true)?;
                 rank.check_precision(input.run.precision)?;
                 self.0.forward_gpu(rank, group, plan, input, after_layer)
             }
@@ -175,6 +175,11 @@ impl Model {
     pub fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
         self.0.log_probs(hidden, next_ids)
     }
+}
+
+/// The refusal of an architecture without a GPU forward on a GPU rank.
+fn no_gpu_forward(model_type: &str) -> ModelError {
+    ModelError::Unsupported(format!("{model_type} does not run on a GPU rank yet (the BERT family, GPT-2, GPT-Neo and Llama do); run it with --device cpu"))
 }
 
 fn names(precisions: &[Precision]) -> String {

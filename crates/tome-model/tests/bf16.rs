@@ -170,4 +170,7 @@ fn f16_runs_on_gpu_ranks_only_and_cpu_ranks_refuse_it_by_name() {
     assert!(mpnet.model.gpu_precisions().is_empty());
     let err = mpnet.model.prepare(input_ids("mpnet-tiny"), &f16).unwrap_err();
     assert_eq!(err.to_string(), "unsupported: mpnet runs in f32, bf16 on CPU ranks; f16 is not implemented for it");
+    // On a GPU rank, a model without a GPU path is refused by name, whatever the precision.
+    let err = mpnet.model.check_precision_on(Precision::F32, true).unwrap_err();
+    assert!(err.to_string().contains("mpnet does not run on a GPU rank yet"), "{err}");
 }

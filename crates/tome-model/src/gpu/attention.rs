@@ -127,6 +127,11 @@ pub(super) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard:
     let q_pos = rank.upload(shard.pos)?;
     let own_valid = upload_flags(rank, shard.valid)?;
     let own = BlockRef { k: shard.k, v: shard.v, pos: &q_pos, valid: &own_valid, len: n };
+    match pattern {
+        Pattern::Global { one_sided, globals } => return sparse::window_with_globals(rank, group, plan, shard, own, one_sided, &globals, scale),
+        Pattern::BlockSparse { block, random } => return sparse::block_sparse(rank, group, plan, shard, own, block, random, scale),
+        Pattern::Dense { .. } | Pattern::Window { .. } => {}
+    }
     let mut acc = Accumulator::new(rank, heads, n, d)?;
     match pattern {
         Pattern::Window { one_sided, causal } => {
@@ -154,8 +159,7 @@ pub(super) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard:
                 ring(rank, group, shard, &q_pos, &mut acc, causal, scale)?;
             }
         }
-        Pattern::Global { one_sided, globals } => return sparse::window_with_globals(rank, group, plan, shard, own, one_sided, &globals, scale),
-        Pattern::BlockSparse { block, random } => return sparse::block_sparse(rank, group, plan, shard, own, block, random, scale),
+        Pattern::Global { .. } | Pattern::BlockSparse { .. } => {}
     }
     Ok(acc.out)
 }
