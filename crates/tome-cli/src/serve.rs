@@ -193,11 +193,16 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         ..PeerLimits::default()
     };
     let hub = PeerHub::with_tls(tokio::runtime::Handle::current(), limits, peer_tls);
+    let args_device = args.device;
     let config =
         WorkerConfig { name: name.clone(), advertise: advertise.clone(), max_shards: args.max_shards.max(1), memory_budget_bytes: args.memory_budget_bytes, device: args.device };
     let gpus = tome_worker::transport::NcclGpus::detect();
     tracing::info!(gpus = gpus.count(), "GPUs for ranks that talk over NCCL");
-    let service = Arc::new(WorkerService::new(models, hub.clone(), config, gpus));
+    // Each model's GPU memory, measured before any job (GPU ranks only): what coordinators plan
+    // each GPU with.
+    let measured = models.clone();
+    let footprints = tokio::task::spawn_blocking(move || tome_worker::measure_footprints(&measured, args_device)).await.context("measuring GPU memory")??;
+    let service = Arc::new(WorkerService::new(models, hub.clone(), config, gpus).with_footprints(footprints));
     let etcd =
         args.membership.etcd_access()?.map(|access| EtcdOptions { access, prefix: args.membership.etcd_prefix.clone(), ttl: Duration::from_secs(args.etcd_ttl_seconds.max(1)) });
     let options = ServeOptions { max_message_bytes: args.max_message_bytes, grace: Duration::from_secs(args.ops.grace_seconds), etcd, tls: server_tls };

@@ -89,6 +89,70 @@ impl Drop for Placement {
     }
 }
 
+/// The share of a GPU's memory a plan fills: the rest is for what the memory pool does not
+/// count (the context, the kernels, cuBLAS's workspaces, the allocator's own slack).
+const GPU_PLANNED_SHARE: (u64, u64) = (9, 10);
+
+/// What a job's ranks need of one GPU of a worker whose ranks compute on GPUs.
+struct GpuNeed {
+    /// The GPU's key among the reservations.
+    key: String,
+    worker: String,
+    gpu: u32,
+    /// The model's weights there, once for all ranks and jobs.
+    weights: u64,
+    /// The job's ranks' activations there at their peak.
+    activations: u64,
+    /// What a plan may fill of the GPU's memory.
+    capacity: u64,
+}
+
+/// What activations other jobs hold on GPU `key`.
+fn held_gpu(reserved: &HashMap<String, Load>, key: &str) -> Load {
+    reserved.get(key).copied().unwrap_or_default()
+}
+
+/// Each GPU's share of `spec` with rank r on `workers[r]`: a GPU worker puts rank r on
+/// `rank_gpus[r mod their count]`, and its model's measured footprint in the job's precision
+/// gives the weights and each rank's activations by its tokens. A GPU that could not hold them
+/// even alone is refused, naming the worker and the GPU (RESOURCE_EXHAUSTED). Workers that
+/// measured no footprint (CPU ranks, or from before footprints) are not planned here.
+fn gpu_needs(spec: &JobSpec, workers: &[pb::WorkerInfo]) -> Result<Vec<GpuNeed>, CoordError> {
+    let (model, precision) = (spec.model.name(), spec.doc.run.precision);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut needs: Vec<(GpuNeed, u32)> = Vec::new();
+    for (r, w) in workers.iter().enumerate() {
+        let footprint = w.models.iter().filter(|m| m.name == model).flat_map(|m| &m.gpu_footprints).find(|f| f.precision == precision.name());
+        let (Some(f), false) = (footprint, w.rank_gpus.is_empty()) else { continue };
+        let gpu = w.rank_gpus[r % w.rank_gpus.len()];
+        let key = format!("{}#cuda:{gpu}", w.name);
+        let activations = f.rank_base_bytes.saturating_add(f.rank_bytes_per_token.saturating_mul(spec.plan.shard_len(r) as u64));
+        match needs.iter_mut().find(|(n, _)| n.key == key) {
+            Some((n, ranks)) => {
+                n.activations = n.activations.saturating_add(activations);
+                *ranks += 1;
+            }
+            None => {
+                let memory = w.gpus.iter().find(|g| g.index == gpu).map_or(0, |g| g.memory_bytes);
+                let capacity = memory / GPU_PLANNED_SHARE.1 * GPU_PLANNED_SHARE.0;
+                needs.push((GpuNeed { key, worker: w.name.clone(), gpu, weights: f.weight_bytes, activations, capacity }, 1));
+            }
+        }
+    }
+    if let Some((n, ranks)) = needs.iter().find(|(n, _)| n.weights.saturating_add(n.activations) > n.capacity) {
+        return Err(CoordError::Exhausted(format!(
+            "the job needs about {:.2} GiB on GPU cuda:{} of worker {} ({:.2} GiB of {model}'s {precision} weights and {ranks} ranks' activations of {:.2} GiB), past the {:.2} GiB a plan fills there: spread it over more GPUs or send a shorter document",
+            gib(n.weights.saturating_add(n.activations)),
+            n.gpu,
+            n.worker,
+            gib(n.weights),
+            gib(n.activations),
+            gib(n.capacity)
+        )));
+    }
+    Ok(needs.into_iter().map(|(n, _)| n).collect())
+}
+
 /// Whether worker `w` runs `model` in `precision` on its device (its own `ModelInfo` says: CPU
 /// ranks in `precisions`, where a worker from before that list runs f32; GPU ranks in
 /// `gpu_precisions`, empty for a model without a GPU path).
@@ -175,6 +239,14 @@ impl Cluster {
             if h.bytes + n.bytes > w.memory_budget_bytes || h.shards + n.shards > w.max_shards {
                 return Err(CoordError::Busy(format!("worker {} is busy with other jobs; retry later", w.name)));
             }
+        }
+        // Each GPU's memory: the model's weights there and the activations of the ranks it
+        // would hold, from what its worker measured, beside what other jobs hold.
+        for g in gpu_needs(spec, &workers)? {
+            if g.weights + held_gpu(&reserved, &g.key).bytes + g.activations > g.capacity {
+                return Err(CoordError::Busy(format!("GPU cuda:{} of worker {} is busy with other jobs; retry later", g.gpu, g.worker)));
+            }
+            need.insert(g.key, Load { bytes: g.activations, shards: 0 });
         }
         let held: Vec<(String, Load)> = need.into_iter().collect();
         for (name, load) in &held {
@@ -647,6 +719,54 @@ mod tests {
             ..on(name, gpu_ranks)
         };
         assert_eq!(place(vec![no_gpu_path("cpu", false), no_gpu_path("gpu", true)], &job(2)).unwrap(), ["cpu", "cpu"]);
+    }
+
+    #[test]
+    fn gpu_memory_is_planned_per_gpu_from_the_measured_footprint_and_refusals_name_the_worker() {
+        const MIB: u64 = 1 << 20;
+        let spec = job(2); // 16 tokens: 8 a rank
+        let model = spec.model.name();
+        // A worker with two GPUs of 1000 MiB (900 planned), its ranks on both (rank r on GPU r mod 2)
+        // or on one; weights 100 MiB, each rank 10 MiB + per_token · 8.
+        let gpu_worker = |name: &str, rank_gpus: Vec<u32>, per_token: u64| {
+            let footprint = pb::GpuFootprint { precision: "f32".into(), weight_bytes: 100 * MIB, rank_base_bytes: 10 * MIB, rank_bytes_per_token: per_token };
+            let models = vec![pb::ModelInfo {
+                name: model.clone(),
+                precisions: vec!["f32".into()],
+                gpu_precisions: vec!["f32".into()],
+                gpu_footprints: vec![footprint],
+                ..Default::default()
+            }];
+            let gpus = (0..2).map(|index| pb::GpuDevice { index, name: "H100".into(), memory_bytes: 1000 * MIB, compute_capability: "9.0".into() }).collect();
+            pb::WorkerInfo { gpu_ranks: true, rank_gpus, gpus, models, memory_budget_bytes: 1 << 30, max_shards: 8, ..worker(name) }
+        };
+        let cluster = |w: pb::WorkerInfo| {
+            let (tx, _rx) = watch::channel(vec![w]);
+            Cluster::new(Arc::new(Members(tx)), 1 << 20, 1024)
+        };
+        // 100 + 10 + 8 · 40 = 430 MiB a GPU on two GPUs: fits; on one GPU 100 + 2 · 330 = 760: fits once.
+        let c = cluster(gpu_worker("g", vec![0, 1], 40 * MIB));
+        let _a = c.place(&spec).unwrap();
+        let _b = c.place(&spec).unwrap();
+        let one = cluster(gpu_worker("g", vec![1], 40 * MIB));
+        let first = one.place(&spec).unwrap();
+        let Err(CoordError::Busy(busy)) = one.place(&spec) else { panic!("a GPU was planned past its memory") };
+        assert!(busy.contains("cuda:1") && busy.contains("worker g"), "{busy}");
+        drop(first);
+        one.place(&spec).expect("the first job's share is given back");
+        // Two ranks of 10 + 8 · 60 MiB beside 100 MiB of weights: 1080 MiB on one GPU of 900 planned.
+        let big = cluster(gpu_worker("g", vec![0], 60 * MIB));
+        let Err(CoordError::Exhausted(refused)) = big.place(&spec) else { panic!("a job past a GPU's memory was placed") };
+        assert!(refused.contains("GPU cuda:0 of worker g") && refused.contains("2 ranks") && refused.contains("f32 weights"), "{refused}");
+        // No footprint measured for the job's precision: not planned here (the worker refuses what does not fit).
+        let mut bf16 = job(2);
+        let mut doc = (*bf16.doc).clone();
+        doc.run.precision = tome_attn::Precision::Bf16;
+        bf16.doc = Arc::new(doc);
+        let mut w = gpu_worker("g", vec![0], 60 * MIB);
+        w.models[0].gpu_precisions.push("bf16".into());
+        let unmeasured = cluster(w);
+        unmeasured.place(&bf16).unwrap();
     }
 
     #[test]

@@ -566,7 +566,7 @@ impl pb::tome_server::Tome for Coordinator {
         let (gpus, gpus_missing) = tome_worker::gpu_devices();
         Ok(Response::new(pb::InfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
-            models: self.models.iter().map(|m| tome_worker::model_info(m)).collect(),
+            models: self.models.iter().map(|m| tome_worker::model_info(m, &[])).collect(),
             default_ranks: self.config.default_ranks as u32,
             limits: Some(pb::Limits {
                 max_document_tokens: l.max_document_tokens as u64,

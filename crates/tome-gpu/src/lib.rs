@@ -14,7 +14,8 @@
 //!   `tome_attn::attention`.
 //! - `layers`: a layer's per-token pieces (embeddings, layer norm, bias with activation or
 //!   residual, heads split and merged, partials merged).
-//! - `blas`: matrix products through cuBLAS, f32 without TF32.
+//! - `blas`: matrix products through cuBLAS, f32 without TF32, or from bf16 or f16 operands.
+//! - `memory`: what a GPU's memory pool has handed out, now and at its peak.
 
 pub mod attention;
 pub mod blas;
@@ -22,8 +23,10 @@ pub mod device;
 mod error;
 pub mod kernels;
 pub mod layers;
+pub mod memory;
 pub mod nvrtc;
 
 pub use attention::GpuAttention;
 pub use device::{gpus, present, DeviceSpec, Gpu, GpuInfo};
 pub use error::{GpuError, Result};
+pub use memory::PoolMeter;

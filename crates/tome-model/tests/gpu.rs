@@ -168,3 +168,28 @@ fn a_gpu_rank_refuses_what_it_cannot_run_by_name() {
     refused("mpnet-tiny", EncodeOptions::default(), &["mpnet", "does not run on a GPU rank"]);
     refused("performer-tiny", EncodeOptions::default(), &["favor", "attention does not run on a GPU rank"]);
 }
+
+/// The footprint a worker measures at start predicts a third run's measured peak: the line
+/// through two lengths' peaks holds at a length between them, and the weights stay resident.
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it"]
+fn a_measured_gpu_footprint_predicts_the_peak_of_another_length() {
+    use tome_gpu::{Gpu, PoolMeter};
+    use tome_model::gpu::footprint::measure;
+    for name in ["bert-tiny", "gpt2-tiny", "llama-tiny"] {
+        let dir = ModelDir::open(&fixture(name)).unwrap();
+        let f = measure(&dir.model, 0, Precision::F32).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(f.weight_bytes > 0 && f.rank_bytes_per_token > 0, "{name}: {f:?}");
+        let meter = PoolMeter::new(&Gpu::open(0).unwrap()).unwrap();
+        let tokens = dir.model.shape().max_positions.unwrap_or(1024).min(1024) * 3 / 4;
+        let ids: Vec<u32> = (0..tokens).map(|i| (i % 500 + 100) as u32).collect();
+        let doc = dir.model.prepare(ids, &EncodeOptions::default()).unwrap();
+        let resident = meter.used().unwrap();
+        meter.reset_peak().unwrap();
+        on_gpu(&dir, &doc, 2, Layout::Contiguous).unwrap();
+        let peak = meter.peak().unwrap() - resident;
+        let predicted = 2 * f.rank_base_bytes + f.rank_bytes_per_token * tokens as u64;
+        eprintln!("{name}: {f:?}; {tokens} tokens on 2 ranks peaked at {peak} bytes, predicted {predicted}");
+        assert!(peak as f64 <= predicted as f64 * 1.1 + 65536.0 && peak as f64 >= predicted as f64 * 0.8, "{name}: peak {peak}, predicted {predicted}");
+    }
+}

@@ -8,6 +8,7 @@
 //! layer boundary when cancelled.
 
 mod error;
+mod gpu_footprint;
 mod job;
 mod memory;
 pub mod metrics;
@@ -21,14 +22,16 @@ use tome_model::ModelDir;
 use tome_proto::v1 as pb;
 
 pub use error::WorkerError;
+pub use gpu_footprint::{measure_footprints, rank_gpus};
 pub use job::{assemble, pool_targets, run_rank, spawn_job, Assembled, CancelFlag, Gathered, JobEvent, JobOutput, JobSpec, RankOutput, RankWork};
 pub use memory::{activation_bytes, RankLoad};
 pub use registration::{worker_key, EtcdRegistration};
 pub use server::{serve, EtcdOptions, ServeOptions};
 pub use service::{WorkerConfig, WorkerService};
 
-/// How a loaded model describes itself on the wire.
-pub fn model_info(m: &ModelDir) -> pb::ModelInfo {
+/// How a loaded model describes itself on the wire, with its measured GPU `footprints` where
+/// ranks compute on GPUs.
+pub fn model_info(m: &ModelDir, footprints: &[tome_model::gpu::GpuFootprint]) -> pb::ModelInfo {
     let shape = m.model.shape();
     pb::ModelInfo {
         name: m.name(),
@@ -42,6 +45,15 @@ pub fn model_info(m: &ModelDir) -> pb::ModelInfo {
         causal: shape.causal,
         precisions: m.model.precisions().iter().map(|p| p.name().into()).collect(),
         gpu_precisions: m.model.gpu_precisions().iter().map(|p| p.name().into()).collect(),
+        gpu_footprints: footprints
+            .iter()
+            .map(|f| pb::GpuFootprint {
+                precision: f.precision.name().into(),
+                weight_bytes: f.weight_bytes,
+                rank_base_bytes: f.rank_base_bytes,
+                rank_bytes_per_token: f.rank_bytes_per_token,
+            })
+            .collect(),
     }
 }
 

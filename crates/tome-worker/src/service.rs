@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tome_model::gpu::DeviceSpec;
+use tome_model::gpu::{DeviceSpec, GpuFootprint};
 
 use candle_core::Tensor;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -64,13 +64,22 @@ pub struct WorkerService {
     running: Arc<Mutex<RunningShards>>,
     /// False once shutdown has begun: new shards are refused.
     admitting: AtomicBool,
+    /// Each model's GPU footprints, measured at start (GPU ranks only), by model name.
+    footprints: HashMap<String, Vec<GpuFootprint>>,
 }
 
 impl WorkerService {
     pub fn new(models: Vec<Arc<ModelDir>>, hub: PeerHub, config: WorkerConfig, gpus: NcclGpus) -> Self {
         let shards = Arc::new(Semaphore::new(config.max_shards));
         let memory_kib = Arc::new(Semaphore::new(((config.memory_budget_bytes / 1024) as usize).min(Semaphore::MAX_PERMITS)));
-        WorkerService { models, hub, gpus, config, shards, memory_kib, running: Arc::default(), admitting: AtomicBool::new(true) }
+        WorkerService { models, hub, gpus, config, shards, memory_kib, running: Arc::default(), admitting: AtomicBool::new(true), footprints: HashMap::new() }
+    }
+
+    /// The models' GPU footprints this worker measured ([`crate::measure_footprints`]), which
+    /// its Info reports.
+    pub fn with_footprints(mut self, footprints: HashMap<String, Vec<GpuFootprint>>) -> Self {
+        self.footprints = footprints;
+        self
     }
 
     /// Refuses new shards from now on (shutdown has begun).
@@ -134,7 +143,7 @@ impl WorkerService {
                 DeviceSpec::Cpu => format!("cpu, {} threads", candle_core::utils::get_num_threads()),
                 gpu => format!("{gpu}, with {} CPU threads", candle_core::utils::get_num_threads()),
             },
-            models: self.models.iter().map(|m| crate::model_info(m)).collect(),
+            models: self.models.iter().map(|m| crate::model_info(m, self.footprints.get(&m.name()).map_or(&[], Vec::as_slice))).collect(),
             memory_budget_bytes: self.config.memory_budget_bytes,
             max_shards: self.config.max_shards as u32,
             shards_running: self.shards_running() as u32,
@@ -143,6 +152,7 @@ impl WorkerService {
             gpus,
             gpus_missing,
             gpu_ranks: self.config.device != DeviceSpec::Cpu,
+            rank_gpus: crate::rank_gpus(self.config.device).into_iter().map(|g| u32::try_from(g).unwrap_or(u32::MAX)).collect(),
         }
     }
 

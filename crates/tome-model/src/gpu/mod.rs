@@ -14,6 +14,7 @@
 
 mod attention;
 pub(crate) mod bert;
+pub mod footprint;
 pub(crate) mod gpt2;
 pub(crate) mod gpt_neo;
 pub(crate) mod llama;
@@ -30,6 +31,7 @@ use tome_gpu::blas::{Blas, Half};
 use tome_gpu::layers::{Activation, Layers};
 use tome_gpu::{Gpu, GpuAttention, GpuError, GpuInfo};
 
+pub use footprint::GpuFootprint;
 pub use tome_gpu::DeviceSpec;
 
 // A rank with no rows does no device work (the driver allocates no zero-sized buffer); it only

@@ -127,7 +127,7 @@ class GpuDevice(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., compute_capability: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "hidden_size", "num_layers", "max_positions", "default_pooling", "layer_attention", "has_tokenizer", "causal", "precisions", "gpu_precisions")
+    __slots__ = ("name", "architecture", "hidden_size", "num_layers", "max_positions", "default_pooling", "layer_attention", "has_tokenizer", "causal", "precisions", "gpu_precisions", "gpu_footprints")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class ModelInfo(_message.Message):
     CAUSAL_FIELD_NUMBER: _ClassVar[int]
     PRECISIONS_FIELD_NUMBER: _ClassVar[int]
     GPU_PRECISIONS_FIELD_NUMBER: _ClassVar[int]
+    GPU_FOOTPRINTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     hidden_size: int
@@ -150,7 +151,20 @@ class ModelInfo(_message.Message):
     causal: bool
     precisions: _containers.RepeatedScalarFieldContainer[str]
     gpu_precisions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_positions: _Optional[int] = ..., default_pooling: _Optional[str] = ..., layer_attention: _Optional[_Iterable[str]] = ..., has_tokenizer: _Optional[bool] = ..., causal: _Optional[bool] = ..., precisions: _Optional[_Iterable[str]] = ..., gpu_precisions: _Optional[_Iterable[str]] = ...) -> None: ...
+    gpu_footprints: _containers.RepeatedCompositeFieldContainer[GpuFootprint]
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_positions: _Optional[int] = ..., default_pooling: _Optional[str] = ..., layer_attention: _Optional[_Iterable[str]] = ..., has_tokenizer: _Optional[bool] = ..., causal: _Optional[bool] = ..., precisions: _Optional[_Iterable[str]] = ..., gpu_precisions: _Optional[_Iterable[str]] = ..., gpu_footprints: _Optional[_Iterable[_Union[GpuFootprint, _Mapping]]] = ...) -> None: ...
+
+class GpuFootprint(_message.Message):
+    __slots__ = ("precision", "weight_bytes", "rank_base_bytes", "rank_bytes_per_token")
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RANK_BASE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RANK_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    precision: str
+    weight_bytes: int
+    rank_base_bytes: int
+    rank_bytes_per_token: int
+    def __init__(self, precision: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., rank_base_bytes: _Optional[int] = ..., rank_bytes_per_token: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_document_tokens", "max_document_bytes", "max_ranks", "max_concurrent_jobs", "max_tokens_in_flight", "max_queued_requests", "max_queued_tokens", "max_jobs_per_caller")
