@@ -132,9 +132,9 @@ pub struct EmbeddedArgs {
     /// Largest gRPC message received or sent, in bytes.
     #[arg(long, env = "TOME_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub max_message_bytes: usize,
-    /// Where the ranks compute: cpu, cuda (every GPU, rank r on GPU r mod their count) or
-    /// cuda:N (that GPU). A GPU holds a rank's activations through every layer; asking for one
-    /// where there is none is an error.
+    /// Where the ranks compute: cpu, cuda (every GPU, a job's k-th rank here on GPU k mod their
+    /// count) or cuda:N (that GPU). A GPU holds a rank's activations through every layer;
+    /// asking for one where there is none is an error.
     #[arg(long, env = "TOME_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
 }
@@ -345,8 +345,8 @@ pub struct WorkerArgs {
     /// Activation memory offered to the shards running at once, in bytes.
     #[arg(long, env = "TOME_MEMORY_BUDGET_BYTES", default_value_t = 8 << 30)]
     pub memory_budget_bytes: u64,
-    /// Where this worker's ranks compute: cpu, cuda (every GPU, rank r on GPU r mod their
-    /// count) or cuda:N (that GPU). Asking for a GPU where there is none stops the worker at
+    /// Where this worker's ranks compute: cpu, cuda (every GPU, a job's k-th rank here on GPU k
+    /// mod their count) or cuda:N (that GPU). Asking for a GPU where there is none stops the worker at
     /// start with the reason.
     #[arg(long, env = "TOME_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,

@@ -46,6 +46,9 @@ pub struct Cluster {
     /// What this coordinator's jobs in flight hold on each worker (by name): the membership's
     /// figures lag (etcd entries are written once), so placement counts its own.
     reserved: Arc<Mutex<HashMap<String, Load>>>,
+    /// Weights each GPU holds for good once a job ran there (a worker keeps a model's weights
+    /// on a GPU, per precision, for every later job): by GPU key, then (model, precision).
+    resident: Mutex<HashMap<String, ResidentWeights>>,
     max_message_bytes: usize,
     rows_per_message: usize,
     /// Runs of one job, the first included, when workers are lost under it.
@@ -93,13 +96,19 @@ impl Drop for Placement {
 /// count (the context, the kernels, cuBLAS's workspaces, the allocator's own slack).
 const GPU_PLANNED_SHARE: (u64, u64) = (9, 10);
 
+/// The weights a GPU holds, by (model, precision).
+type ResidentWeights = HashMap<(String, String), u64>;
+
 /// What a job's ranks need of one GPU of a worker whose ranks compute on GPUs.
 struct GpuNeed {
     /// The GPU's key among the reservations.
     key: String,
     worker: String,
     gpu: u32,
-    /// The model's weights there, once for all ranks and jobs.
+    /// The job's model and precision, and their weights there.
+    weights_of: (String, String),
+    model_weights: u64,
+    /// Every weight the GPU would hold: those resident there and the job's model's.
     weights: u64,
     /// The job's ranks' activations there at their peak.
     activations: u64,
@@ -117,14 +126,17 @@ fn held_gpu(reserved: &HashMap<String, Load>, key: &str) -> Load {
 /// gives the weights and each rank's activations by its tokens. A GPU that could not hold them
 /// even alone is refused, naming the worker and the GPU (RESOURCE_EXHAUSTED). Workers that
 /// measured no footprint (CPU ranks, or from before footprints) are not planned here.
-fn gpu_needs(spec: &JobSpec, workers: &[pb::WorkerInfo]) -> Result<Vec<GpuNeed>, CoordError> {
+fn gpu_needs(spec: &JobSpec, workers: &[pb::WorkerInfo], resident: &HashMap<String, ResidentWeights>) -> Result<Vec<GpuNeed>, CoordError> {
     let (model, precision) = (spec.model.name(), spec.doc.run.precision);
+    let weights_of = (model.clone(), precision.name().to_string());
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let mut needs: Vec<(GpuNeed, u32)> = Vec::new();
     for (r, w) in workers.iter().enumerate() {
         let footprint = w.models.iter().filter(|m| m.name == model).flat_map(|m| &m.gpu_footprints).find(|f| f.precision == precision.name());
         let (Some(f), false) = (footprint, w.rank_gpus.is_empty()) else { continue };
-        let gpu = w.rank_gpus[r % w.rank_gpus.len()];
+        // The worker's ranks of the job take its GPUs in turn.
+        let slot = workers.iter().take(r).filter(|x| x.name == w.name).count();
+        let gpu = w.rank_gpus[slot % w.rank_gpus.len()];
         let key = format!("{}#cuda:{gpu}", w.name);
         let activations = f.rank_base_bytes.saturating_add(f.rank_bytes_per_token.saturating_mul(spec.plan.shard_len(r) as u64));
         match needs.iter_mut().find(|(n, _)| n.key == key) {
@@ -135,17 +147,21 @@ fn gpu_needs(spec: &JobSpec, workers: &[pb::WorkerInfo]) -> Result<Vec<GpuNeed>,
             None => {
                 let memory = w.gpus.iter().find(|g| g.index == gpu).map_or(0, |g| g.memory_bytes);
                 let capacity = memory / GPU_PLANNED_SHARE.1 * GPU_PLANNED_SHARE.0;
-                needs.push((GpuNeed { key, worker: w.name.clone(), gpu, weights: f.weight_bytes, activations, capacity }, 1));
+                let held = resident.get(&key);
+                let others: u64 = held.map_or(0, |h| h.iter().filter(|(k, _)| **k != weights_of).map(|(_, b)| *b).sum());
+                let weights = others.saturating_add(f.weight_bytes);
+                needs.push((GpuNeed { key, worker: w.name.clone(), gpu, weights_of: weights_of.clone(), model_weights: f.weight_bytes, weights, activations, capacity }, 1));
             }
         }
     }
     if let Some((n, ranks)) = needs.iter().find(|(n, _)| n.weights.saturating_add(n.activations) > n.capacity) {
         return Err(CoordError::Exhausted(format!(
-            "the job needs about {:.2} GiB on GPU cuda:{} of worker {} ({:.2} GiB of {model}'s {precision} weights and {ranks} ranks' activations of {:.2} GiB), past the {:.2} GiB a plan fills there: spread it over more GPUs or send a shorter document",
+            "the job needs about {:.2} GiB on GPU cuda:{} of worker {} ({:.2} GiB of {model}'s {precision} weights, {:.2} GiB of other weights resident there and {ranks} ranks' activations of {:.2} GiB), past the {:.2} GiB a plan fills there: spread it over more GPUs or send a shorter document",
             gib(n.weights.saturating_add(n.activations)),
             n.gpu,
             n.worker,
-            gib(n.weights),
+            gib(n.model_weights),
+            gib(n.weights - n.model_weights),
             gib(n.activations),
             gib(n.capacity)
         )));
@@ -170,7 +186,15 @@ fn runs_in(w: &pb::WorkerInfo, model: &str, precision: tome_attn::Precision) -> 
 
 impl Cluster {
     pub fn new(membership: Arc<dyn Membership>, max_message_bytes: usize, rows_per_message: usize) -> Self {
-        Cluster { membership, channels: Mutex::default(), reserved: Arc::default(), max_message_bytes, rows_per_message, attempts: DEFAULT_JOB_ATTEMPTS }
+        Cluster {
+            membership,
+            channels: Mutex::default(),
+            reserved: Arc::default(),
+            resident: Mutex::default(),
+            max_message_bytes,
+            rows_per_message,
+            attempts: DEFAULT_JOB_ATTEMPTS,
+        }
     }
 
     /// Calls workers over TLS with `tls` (plaintext with `None`).
@@ -240,14 +264,21 @@ impl Cluster {
                 return Err(CoordError::Busy(format!("worker {} is busy with other jobs; retry later", w.name)));
             }
         }
-        // Each GPU's memory: the model's weights there and the activations of the ranks it
-        // would hold, from what its worker measured, beside what other jobs hold.
-        for g in gpu_needs(spec, &workers)? {
+        // Each GPU's memory: the weights there (those already resident and the model's), and
+        // the activations of the ranks it would hold, from what its worker measured, beside what
+        // other jobs hold.
+        let mut resident = self.resident.lock().unwrap_or_else(|p| p.into_inner());
+        let gpus = gpu_needs(spec, &workers, &resident)?;
+        for g in &gpus {
             if g.weights + held_gpu(&reserved, &g.key).bytes + g.activations > g.capacity {
                 return Err(CoordError::Busy(format!("GPU cuda:{} of worker {} is busy with other jobs; retry later", g.gpu, g.worker)));
             }
+        }
+        for g in gpus {
+            resident.entry(g.key.clone()).or_default().insert(g.weights_of.clone(), g.model_weights);
             need.insert(g.key, Load { bytes: g.activations, shards: 0 });
         }
+        drop(resident);
         let held: Vec<(String, Load)> = need.into_iter().collect();
         for (name, load) in &held {
             let r = reserved.entry(name.clone()).or_default();
@@ -767,6 +798,19 @@ mod tests {
         w.models[0].gpu_precisions.push("bf16".into());
         let unmeasured = cluster(w);
         unmeasured.place(&bf16).unwrap();
+        // Weights stay on a GPU once a job ran there: 500 MiB of f32 weights resident leave no
+        // room for the bf16 ones beside them.
+        let mut w = gpu_worker("g", vec![0], MIB);
+        w.models[0].gpu_precisions.push("bf16".into());
+        w.models[0].gpu_footprints = ["f32", "bf16"]
+            .into_iter()
+            .map(|precision| pb::GpuFootprint { precision: precision.into(), weight_bytes: 500 * MIB, rank_base_bytes: MIB, rank_bytes_per_token: MIB })
+            .collect();
+        let resident = cluster(w);
+        drop(resident.place(&spec).unwrap());
+        resident.place(&spec).expect("the same weights count once");
+        let Err(CoordError::Exhausted(refused)) = resident.place(&bf16) else { panic!("bf16 weights planned beside resident f32 ones past the GPU") };
+        assert!(refused.contains("0.49 GiB of other weights resident"), "{refused}");
     }
 
     #[test]

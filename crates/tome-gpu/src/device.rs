@@ -16,20 +16,22 @@ use crate::kernels::KernelSource;
 pub enum DeviceSpec {
     #[default]
     Cpu,
-    /// Every GPU: rank r on GPU r mod the GPU count, so a job's ranks take one GPU each.
+    /// Every GPU: a process's ranks of a job take them in turn (its k-th rank GPU k mod the GPU
+    /// count), one GPU each while there are enough.
     AllCuda,
     Cuda(usize),
 }
 
 impl DeviceSpec {
-    /// The GPU rank `rank` computes on, or `None` on the CPU; an error where there is no GPU.
-    pub fn gpu_for(self, rank: usize) -> Result<Option<usize>> {
+    /// The GPU the `slot`-th of a process's ranks of a job computes on, or `None` on the CPU;
+    /// an error where there is no GPU.
+    pub fn gpu_for(self, slot: usize) -> Result<Option<usize>> {
         match self {
             DeviceSpec::Cpu => Ok(None),
             DeviceSpec::Cuda(index) => Ok(Some(index)),
             DeviceSpec::AllCuda => match gpu_count()? {
                 0 => Err(GpuError::Unavailable("the CUDA driver sees no GPU".into())),
-                count => Ok(Some(rank % count)),
+                count => Ok(Some(slot % count)),
             },
         }
     }

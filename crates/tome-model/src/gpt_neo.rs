@@ -205,6 +205,10 @@ impl Architecture for GptNeoModel {
         Precision::ALL
     }
 
+    fn release_gpu(&self, gpu: usize, precision: Precision) {
+        self.on_gpus.release(gpu, precision);
+    }
+
     fn forward_gpu(&self, rank: &crate::gpu::GpuRank, group: &dyn Group, plan: &ShardPlan, input: &ShardInput, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<Tensor> {
         self.forward_on_gpu(rank, group, plan, input, after_layer)
     }

@@ -49,6 +49,10 @@ pub trait Architecture: Send + Sync {
         &[]
     }
 
+    /// Frees its weights on GPU `gpu` in `precision`, if it uploaded them (the next GPU rank
+    /// there uploads them again).
+    fn release_gpu(&self, _gpu: usize, _precision: Precision) {}
+
     /// log p(next token | tokens so far) for the first `next_ids.len()` rows of `hidden`.
     /// Causal language models only: this default refuses.
     fn log_probs(&self, _hidden: &Tensor, _next_ids: &[u32]) -> Result<Tensor> {
@@ -130,6 +134,11 @@ impl Model {
     /// The precisions its GPU forward implements (none for an architecture without one).
     pub fn gpu_precisions(&self) -> &'static [Precision] {
         self.0.gpu_precisions()
+    }
+
+    /// Frees its weights on GPU `gpu` in `precision`, once no rank there is running.
+    pub fn release_gpu(&self, gpu: usize, precision: Precision) {
+        self.0.release_gpu(gpu, precision)
     }
 
     pub fn is_causal(&self) -> bool {

@@ -170,7 +170,8 @@ fn a_gpu_rank_refuses_what_it_cannot_run_by_name() {
 }
 
 /// The footprint a worker measures at start predicts a third run's measured peak: the line
-/// through two lengths' peaks holds at a length between them, and the weights stay resident.
+/// through two lengths' peaks holds at a length between them, and the measurement leaves no
+/// weights behind.
 #[test]
 #[ignore = "needs a GPU: scripts/gpu-check.sh runs it"]
 fn a_measured_gpu_footprint_predicts_the_peak_of_another_length() {
@@ -178,12 +179,16 @@ fn a_measured_gpu_footprint_predicts_the_peak_of_another_length() {
     use tome_model::gpu::footprint::measure;
     for name in ["bert-tiny", "gpt2-tiny", "llama-tiny"] {
         let dir = ModelDir::open(&fixture(name)).unwrap();
+        let meter = PoolMeter::new(&Gpu::open(0).unwrap()).unwrap();
+        let before = meter.used().unwrap();
         let f = measure(&dir.model, 0, Precision::F32).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(f.weight_bytes > 0 && f.rank_bytes_per_token > 0, "{name}: {f:?}");
-        let meter = PoolMeter::new(&Gpu::open(0).unwrap()).unwrap();
+        assert_eq!(meter.used().unwrap(), before, "{name}: the measurement freed the weights it uploaded");
         let tokens = dir.model.shape().max_positions.unwrap_or(1024).min(1024) * 3 / 4;
-        let ids: Vec<u32> = (0..tokens).map(|i| (i % 500 + 100) as u32).collect();
+        let vocab = dir.model.shape().vocab_size;
+        let ids: Vec<u32> = (0..tokens).map(|i| ((vocab / 2 + i) % vocab) as u32).collect();
         let doc = dir.model.prepare(ids, &EncodeOptions::default()).unwrap();
+        on_gpu(&dir, &doc, 2, Layout::Contiguous).unwrap(); // the weights uploaded again
         let resident = meter.used().unwrap();
         meter.reset_peak().unwrap();
         on_gpu(&dir, &doc, 2, Layout::Contiguous).unwrap();

@@ -22,7 +22,9 @@ pub fn rank_gpus(device: DeviceSpec) -> Vec<usize> {
 
 /// Each model's footprint, by model name, in every precision it runs on GPUs and the first GPU
 /// of `device` computes (bf16 needs compute capability 8.0), measured on that GPU. Nothing for
-/// CPU ranks, or for a model without a GPU path.
+/// CPU ranks, or for a model without a GPU path. A measurement that fails (a model whose
+/// options its GPU path refuses, a GPU without a memory pool) is logged and left out: the
+/// worker still serves, and coordinators do not plan that GPU memory.
 pub fn measure_footprints(models: &[Arc<ModelDir>], device: DeviceSpec) -> Result<HashMap<String, Vec<GpuFootprint>>, WorkerError> {
     let Some(&gpu) = rank_gpus(device).first() else {
         return Ok(HashMap::new());
@@ -34,9 +36,13 @@ pub fn measure_footprints(models: &[Arc<ModelDir>], device: DeviceSpec) -> Resul
             if GpuRank::lease(gpu)?.check_precision(precision).is_err() {
                 continue;
             }
-            let f = measure(&m.model, gpu, precision).map_err(|e| WorkerError::Internal(format!("measuring {} in {precision} on cuda:{gpu}: {e}", m.name())))?;
-            tracing::info!(model = %m.name(), %precision, gpu, weight_bytes = f.weight_bytes, rank_base_bytes = f.rank_base_bytes, rank_bytes_per_token = f.rank_bytes_per_token, "GPU footprint measured");
-            footprints.push(f);
+            match measure(&m.model, gpu, precision) {
+                Ok(f) => {
+                    tracing::info!(model = %m.name(), %precision, gpu, weight_bytes = f.weight_bytes, rank_base_bytes = f.rank_base_bytes, rank_bytes_per_token = f.rank_bytes_per_token, "GPU footprint measured");
+                    footprints.push(f);
+                }
+                Err(error) => tracing::warn!(model = %m.name(), %precision, gpu, %error, "GPU footprint not measured: coordinators will not plan this GPU memory"),
+            }
         }
         all.insert(m.name(), footprints);
     }

@@ -112,12 +112,16 @@ pub struct RankWork<'a> {
     /// Where the rank computes: the CPU, or a GPU that holds its activations through every
     /// layer (only its hidden rows come back).
     pub device: DeviceSpec,
+    /// The rank's place among the job's ranks in this process: the GPU it takes under
+    /// `--device cuda` (the slot-th, mod their count), so that a process's ranks spread over its
+    /// GPUs whichever of the job's ranks it holds.
+    pub gpu_slot: usize,
 }
 
 /// Runs one rank of a job on `group`: the encoder on its shard, then its part of the pooling.
 /// The same code runs a rank of the in-process group and a rank on a worker process.
 pub fn run_rank(group: &dyn Group, work: &RankWork, after_layer: &mut dyn FnMut(usize) -> bool) -> Result<RankOutput, tome_model::ModelError> {
-    let gpu = match work.device.gpu_for(group.rank())? {
+    let gpu = match work.device.gpu_for(work.gpu_slot)? {
         None => None,
         Some(index) => Some(GpuRank::lease(index)?),
     };
@@ -257,6 +261,7 @@ fn run(spec: &JobSpec, events: &mpsc::Sender<Result<JobEvent, WorkerError>>, can
             hidden: spec.hidden,
             next_ids: next.as_deref(),
             device: spec.device,
+            gpu_slot: group.rank(),
         };
         run_rank(group, &work, &mut after_layer)
     });

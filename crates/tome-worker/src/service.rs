@@ -308,6 +308,7 @@ fn run_shard(
         hidden: shard.hidden,
         next_ids: shard.next_ids.as_deref(),
         device,
+        gpu_slot: shard.addresses.iter().take(shard.rank).filter(|&a| Some(a) == shard.addresses.get(shard.rank)).count(),
     };
     let out = run_rank(group.group(), &work, &mut after_layer);
     let wire_bytes_sent = group.wire_bytes_sent();

@@ -186,6 +186,7 @@ fn measure(case: &Case) -> (Vec<(u64, u64)>, u64) {
             hidden: spec.hidden,
             next_ids: spec.log_probs.then_some(next[r].as_slice()),
             device: spec.device,
+            gpu_slot: r,
         };
         run_rank(&Decoding(g), &work, &mut |_| true)
     })

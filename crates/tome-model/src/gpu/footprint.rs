@@ -13,8 +13,9 @@ use crate::config::EncodeOptions;
 use crate::error::{ModelError, Result};
 use crate::model::Model;
 
-/// The longest document a measurement runs (shorter where the model's positions end).
-const MEASURE_TOKENS: usize = 1024;
+/// The longest document a measurement runs (shorter where the model's positions end): long
+/// enough that BigBird-base runs block-sparse at both lengths.
+const MEASURE_TOKENS: usize = 2048;
 
 /// Ranks a measurement runs, sharing the GPU.
 const RANKS: usize = 2;
@@ -44,9 +45,22 @@ impl GpuFootprint {
     }
 }
 
-/// Measures `model` in `precision` on GPU `gpu`. The GPU must not be running anything else, and
+/// Measures `model` in `precision` on GPU `gpu`, then frees the weights it uploaded (the first
+/// job in that precision uploads them again). The GPU must not be running anything else, and
 /// the model must not yet have its weights there in `precision` (a worker measures at start).
+/// A measurement whose activations do not grow with the tokens is refused: a plan could not
+/// trust it.
 pub fn measure(model: &Model, gpu: usize, precision: Precision) -> Result<GpuFootprint> {
+    let measured = measure_runs(model, gpu, precision);
+    model.release_gpu(gpu, precision);
+    let f = measured?;
+    if f.rank_bytes_per_token == 0 || f.weight_bytes == 0 {
+        return Err(ModelError::Unsupported(format!("{}'s GPU memory in {precision} did not measure: {f:?}", model.shape().model_type)));
+    }
+    Ok(f)
+}
+
+fn measure_runs(model: &Model, gpu: usize, precision: Precision) -> Result<GpuFootprint> {
     let shape = model.shape();
     let long = shape.max_positions.unwrap_or(MEASURE_TOKENS).min(MEASURE_TOKENS);
     let short = long / 2;

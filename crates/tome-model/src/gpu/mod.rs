@@ -201,6 +201,16 @@ impl<W> DeviceWeights<W> {
         held.insert(key, (w.clone(), rank.stream.context().clone()));
         Ok(w)
     }
+
+    /// Frees the weights on GPU `gpu` in `precision` once every stream that read them has
+    /// finished (ranks running still hold them until they end).
+    pub(crate) fn release(&self, gpu: usize, precision: Precision) {
+        let released = self.by_gpu.lock().unwrap_or_else(|p| p.into_inner()).remove(&(gpu, precision));
+        if let Some((weights, ctx)) = released {
+            let _ = ctx.synchronize();
+            drop(weights);
+        }
+    }
 }
 
 /// A layer's `[out, in]` weights on the device as a run's products read them.
