@@ -62,7 +62,8 @@ pub fn measure(model: &Model, gpu: usize, precision: Precision) -> Result<GpuFoo
 
 fn measure_runs(model: &Model, gpu: usize, precision: Precision) -> Result<GpuFootprint> {
     let shape = model.shape();
-    let long = shape.max_positions.unwrap_or(MEASURE_TOKENS).min(MEASURE_TOKENS);
+    // Two positions spare: RoBERTa-style checkpoints count their padding offset in them.
+    let long = shape.max_positions.map_or(MEASURE_TOKENS, |p| p.saturating_sub(2)).min(MEASURE_TOKENS);
     let short = long / 2;
     if short < model.min_tokens().max(RANKS) {
         return Err(ModelError::Input(format!("{} runs documents of at least {} tokens; its GPU memory is measured on {short}", shape.model_type, model.min_tokens())));
