@@ -121,11 +121,12 @@ fn held_gpu(reserved: &HashMap<String, Load>, key: &str) -> Load {
     reserved.get(key).copied().unwrap_or_default()
 }
 
-/// Each GPU's share of `spec` with rank r on `workers[r]`: a GPU worker puts rank r on
-/// `rank_gpus[r mod their count]`, and its model's measured footprint in the job's precision
-/// gives the weights and each rank's activations by its tokens. A GPU that could not hold them
-/// even alone is refused, naming the worker and the GPU (RESOURCE_EXHAUSTED). Workers that
-/// measured no footprint (CPU ranks, or from before footprints) are not planned here.
+/// Each GPU's share of `spec` with rank r on `workers[r]`: a GPU worker puts its k-th rank of
+/// the job on `rank_gpus[k mod their count]`, and its model's measured footprint in the job's
+/// precision gives the weights and each rank's activations by its tokens. A GPU that could not
+/// hold them even alone is refused, naming the worker and the GPU (RESOURCE_EXHAUSTED). Workers
+/// that measured no footprint (CPU ranks, or from before footprints), or whose Info does not
+/// list the GPU, are not planned here.
 fn gpu_needs(spec: &JobSpec, workers: &[pb::WorkerInfo], resident: &HashMap<String, ResidentWeights>) -> Result<Vec<GpuNeed>, CoordError> {
     let (model, precision) = (spec.model.name(), spec.doc.run.precision);
     let weights_of = (model.clone(), precision.name().to_string());
@@ -137,6 +138,7 @@ fn gpu_needs(spec: &JobSpec, workers: &[pb::WorkerInfo], resident: &HashMap<Stri
         // The worker's ranks of the job take its GPUs in turn.
         let slot = workers.iter().take(r).filter(|x| x.name == w.name).count();
         let gpu = w.rank_gpus[slot % w.rank_gpus.len()];
+        let Some(memory) = w.gpus.iter().find(|g| g.index == gpu).map(|g| g.memory_bytes) else { continue };
         let key = format!("{}#cuda:{gpu}", w.name);
         let activations = f.rank_base_bytes.saturating_add(f.rank_bytes_per_token.saturating_mul(spec.plan.shard_len(r) as u64));
         match needs.iter_mut().find(|(n, _)| n.key == key) {
@@ -145,7 +147,6 @@ fn gpu_needs(spec: &JobSpec, workers: &[pb::WorkerInfo], resident: &HashMap<Stri
                 *ranks += 1;
             }
             None => {
-                let memory = w.gpus.iter().find(|g| g.index == gpu).map_or(0, |g| g.memory_bytes);
                 let capacity = memory / GPU_PLANNED_SHARE.1 * GPU_PLANNED_SHARE.0;
                 let held = resident.get(&key);
                 let others: u64 = held.map_or(0, |h| h.iter().filter(|(k, _)| **k != weights_of).map(|(_, b)| *b).sum());
