@@ -92,10 +92,6 @@ impl Drop for Placement {
     }
 }
 
-/// The share of a GPU's memory a plan fills: the rest is for what the memory pool does not
-/// count (the context, the kernels, cuBLAS's workspaces, the allocator's own slack).
-const GPU_PLANNED_SHARE: (u64, u64) = (9, 10);
-
 /// The weights a GPU holds, by (model, precision).
 type ResidentWeights = HashMap<(String, String), u64>;
 
@@ -147,7 +143,7 @@ fn gpu_needs(spec: &JobSpec, workers: &[pb::WorkerInfo], resident: &HashMap<Stri
                 *ranks += 1;
             }
             None => {
-                let capacity = memory / GPU_PLANNED_SHARE.1 * GPU_PLANNED_SHARE.0;
+                let capacity = memory / 100 * tome_worker::GPU_PLANNED_PERCENT;
                 let held = resident.get(&key);
                 let others: u64 = held.map_or(0, |h| h.iter().filter(|(k, _)| **k != weights_of).map(|(_, b)| *b).sum());
                 let weights = others.saturating_add(f.weight_bytes);

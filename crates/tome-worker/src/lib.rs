@@ -22,7 +22,7 @@ use tome_model::ModelDir;
 use tome_proto::v1 as pb;
 
 pub use error::WorkerError;
-pub use gpu_footprint::{measure_footprints, rank_gpus};
+pub use gpu_footprint::{measure_footprints, rank_gpus, GpuBudget, GPU_PLANNED_PERCENT};
 pub use job::{assemble, pool_targets, run_rank, spawn_job, Assembled, CancelFlag, Gathered, JobEvent, JobOutput, JobSpec, RankOutput, RankWork};
 pub use memory::{activation_bytes, RankLoad};
 pub use registration::{worker_key, EtcdRegistration};

@@ -11,12 +11,12 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tome_model::gpu::{DeviceSpec, GpuFootprint};
 
 use candle_core::Tensor;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
+use tome_model::gpu::{DeviceSpec, GpuFootprint};
 use tome_model::{ModelDir, RunOptions, ShardInput};
 use tome_net::{tensor_to_wire, JobSecret, PeerHub, TraceParent};
 use tome_proto::v1 as pb;
@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, info_span, warn};
 
 use crate::error::WorkerError;
+use crate::gpu_footprint::GpuBudget;
 use crate::job::{run_rank, RankWork};
 use crate::memory::{activation_bytes, RankLoad};
 use crate::metrics;
@@ -66,20 +67,49 @@ pub struct WorkerService {
     admitting: AtomicBool,
     /// Each model's GPU footprints, measured at start (GPU ranks only), by model name.
     footprints: HashMap<String, Vec<GpuFootprint>>,
+    /// What the running shards hold of each GPU (GPU ranks with footprints only).
+    gpu_budget: GpuBudget,
 }
 
 impl WorkerService {
     pub fn new(models: Vec<Arc<ModelDir>>, hub: PeerHub, config: WorkerConfig, gpus: NcclGpus) -> Self {
         let shards = Arc::new(Semaphore::new(config.max_shards));
         let memory_kib = Arc::new(Semaphore::new(((config.memory_budget_bytes / 1024) as usize).min(Semaphore::MAX_PERMITS)));
-        WorkerService { models, hub, gpus, config, shards, memory_kib, running: Arc::default(), admitting: AtomicBool::new(true), footprints: HashMap::new() }
+        WorkerService {
+            models,
+            hub,
+            gpus,
+            config,
+            shards,
+            memory_kib,
+            running: Arc::default(),
+            admitting: AtomicBool::new(true),
+            footprints: HashMap::new(),
+            gpu_budget: GpuBudget::new([]),
+        }
     }
 
     /// The models' GPU footprints this worker measured ([`crate::measure_footprints`]), which
     /// its Info reports.
     pub fn with_footprints(mut self, footprints: HashMap<String, Vec<GpuFootprint>>) -> Self {
+        if !footprints.is_empty() {
+            self.gpu_budget = GpuBudget::of_this_machine();
+        }
         self.footprints = footprints;
         self
+    }
+
+    /// Room for `shard`'s activations on its GPU, from its model's footprint in its precision;
+    /// `None` for CPU ranks and where no footprint was measured.
+    fn admit_on_gpu(&self, shard: &Shard) -> Result<Option<OwnedSemaphorePermit>, WorkerError> {
+        let precision = shard.input.run.precision;
+        let Some(f) = self.footprints.get(&shard.model.name()).and_then(|fs| fs.iter().find(|f| f.precision == precision)) else {
+            return Ok(None);
+        };
+        let Some(gpu) = self.config.device.gpu_for(shard.gpu_slot()).map_err(tome_model::ModelError::from)? else {
+            return Ok(None);
+        };
+        self.gpu_budget.admit(&self.config.name, gpu, &shard.model.name(), f, shard.plan.shard_len(shard.rank))
     }
 
     /// Refuses new shards from now on (shutdown has begun).
@@ -186,6 +216,12 @@ struct Shard {
 }
 
 impl Shard {
+    /// The rank's place among the job's ranks on this worker (those at its address before it):
+    /// which of the worker's GPUs it takes.
+    fn gpu_slot(&self) -> usize {
+        self.addresses.iter().take(self.rank).filter(|&a| Some(a) == self.addresses.get(self.rank)).count()
+    }
+
     /// What the rank runs, for its memory estimate (the coordinator derives the same from the
     /// job).
     fn load(&self) -> RankLoad<'_> {
@@ -308,7 +344,7 @@ fn run_shard(
         hidden: shard.hidden,
         next_ids: shard.next_ids.as_deref(),
         device,
-        gpu_slot: shard.addresses.iter().take(shard.rank).filter(|&a| Some(a) == shard.addresses.get(shard.rank)).count(),
+        gpu_slot: shard.gpu_slot(),
     };
     let out = run_rank(group.group(), &work, &mut after_layer);
     let wire_bytes_sent = group.wire_bytes_sent();
@@ -350,6 +386,8 @@ struct Running {
     running: Arc<Mutex<RunningShards>>,
     _permit: OwnedSemaphorePermit,
     _memory: OwnedSemaphorePermit,
+    /// The shard's activations on its GPU, where it computes on one.
+    _gpu_memory: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Running {
@@ -406,11 +444,12 @@ impl pb::worker_server::Worker for WorkerService {
             .clone()
             .try_acquire_many_owned(need_kib)
             .map_err(|_| WorkerError::Busy(format!("worker {} has no room for {need} more bytes of activations now", self.config.name)))?;
+        let gpu_memory = self.admit_on_gpu(&shard)?;
         let gpu = self.gpus.lease(shard.transport, &self.config.name)?;
         let flag = Arc::new(AtomicBool::new(false));
         self.lock_running().entry(shard.job.clone()).or_default().push((shard.secret.clone(), flag.clone()));
         metrics::shard_started();
-        let running = Running { job: shard.job.clone(), flag: flag.clone(), running: self.running.clone(), _permit: permit, _memory: memory };
+        let running = Running { job: shard.job.clone(), flag: flag.clone(), running: self.running.clone(), _permit: permit, _memory: memory, _gpu_memory: gpu_memory };
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let hub = self.hub.clone();
