@@ -144,6 +144,9 @@ fn only_holders_of_a_jobs_secret_feed_or_stop_its_ranks() {
     let addresses = vec![h.addresses[0].clone(), h.addresses[1].clone()];
     let (secret, stranger) = (JobSecret::random(), JobSecret::random());
     let job = "guarded";
+    // The job is cancelled only once both ranks are through their barrier: a cancel drops what
+    // the rank has queued, its barrier message to the sender among them.
+    let through = std::sync::Barrier::new(2);
     std::thread::scope(|scope| {
         let receiver = scope.spawn(|| {
             let g = h.hubs[1].join(job, &secret, 1, &addresses, None).unwrap();
@@ -159,6 +162,7 @@ fn only_holders_of_a_jobs_secret_feed_or_stop_its_ranks() {
             let frame = g.recv(0).unwrap();
             assert_eq!(frame[0].to_vec1::<f32>().unwrap(), vec![1.0; 4]);
             g.barrier().unwrap();
+            through.wait();
             assert_eq!(h.hubs[1].cancel(job, &secret), 1, "the job's own secret stops it");
         });
         let sender = scope.spawn(|| {
@@ -166,6 +170,7 @@ fn only_holders_of_a_jobs_secret_feed_or_stop_its_ranks() {
             std::thread::sleep(std::time::Duration::from_millis(300));
             g.send(1, vec![candle_core::Tensor::ones(4, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()]).unwrap();
             g.barrier().unwrap();
+            through.wait();
         });
         receiver.join().unwrap();
         sender.join().unwrap();
