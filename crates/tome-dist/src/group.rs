@@ -3,10 +3,16 @@
 //! Every rank runs the same program (SPMD), so frames between a pair of ranks arrive in the
 //! order they were sent; that order is the only tag the in-process backend needs. Collectives
 //! have default implementations on `send`/`recv`, so any backend that can move a frame gets them,
-//! and they reduce in rank order so that every rank obtains bit-identical results.
+//! and they reduce in rank order so that every rank obtains bit-identical results. Ranks that
+//! compute on GPUs send and receive device frames (`send_device`, `recv_device`), which every
+//! backend takes, moving the buffers where it can and staging them through the host otherwise.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
+use cudarc::driver::CudaStream;
 
+use crate::device::{frame_to_device, frame_to_host, DeviceFrame};
 use crate::error::{DistError, Result};
 
 /// What travels between ranks: a few tensors (e.g. keys, values, validity flags).
@@ -27,6 +33,21 @@ pub trait Group: Send {
     fn recv(&self, src: usize) -> Result<Frame>;
     /// Bytes this rank has sent so far (frames' element bytes, excluding any framing).
     fn bytes_sent(&self) -> u64;
+
+    /// Posts a frame whose tensors are on this rank's GPU to `dst`, as [`Group::send`]. The
+    /// receiver may take it with either `recv` or `recv_device`. This default stages it through
+    /// the host; backends that move device buffers (NCCL, ranks of one process) hand the buffers
+    /// over instead.
+    fn send_device(&self, dst: usize, frame: DeviceFrame) -> Result<()> {
+        self.send(dst, frame_to_host(&frame)?)
+    }
+
+    /// Takes the next frame `src` sent to this rank, as [`Group::recv`], with its tensors on
+    /// `stream`'s GPU, whichever kind of frame `src` sent. This default copies a host frame
+    /// there.
+    fn recv_device(&self, src: usize, stream: &Arc<CudaStream>) -> Result<DeviceFrame> {
+        frame_to_device(&self.recv(src)?, stream)
+    }
 
     fn next_rank(&self) -> usize {
         (self.rank() + 1) % self.size()

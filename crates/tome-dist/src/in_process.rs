@@ -1,31 +1,42 @@
 //! The in-process Group backend: one thread per rank, one bounded channel per ordered pair.
 //!
-//! Frames move as candle tensors (shared storage, no copy); bytes are still counted as if they
-//! crossed a wire, so plans are accounted for identically on every backend. A rank that exits —
+//! Frames move as candle tensors (shared storage, no copy), and device frames as the GPU buffers
+//! themselves (ranks on one GPU share them; a rank on another GPU gets a copy through the host);
+//! bytes are still counted as if they crossed a wire, so plans are accounted for identically on
+//! every backend. A rank that exits —
 //! normally or by error — drops its channel ends, and its peers get `PeerGone` instead of hanging.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
+use cudarc::driver::CudaStream;
 
+use crate::device::{device_frame_bytes, frame_to_device, frame_to_host, DeviceFrame};
 use crate::error::{DistError, Result};
 use crate::group::{frame_bytes, Frame, Group};
+
+/// What one pair's channel carries: either kind of frame, in the order sent.
+enum Parcel {
+    Host(Frame),
+    Device(DeviceFrame),
+}
 
 /// Frames that may wait in one pair's queue before `send` blocks.
 const QUEUE_DEPTH: usize = 4;
 
 pub struct InProcessGroup {
     rank: usize,
-    to: Vec<Option<Sender<Frame>>>,
-    from: Vec<Option<Receiver<Frame>>>,
+    to: Vec<Option<Sender<Parcel>>>,
+    from: Vec<Option<Receiver<Parcel>>>,
     bytes: AtomicU64,
 }
 
 impl InProcessGroup {
     /// The `p` ranks of one new group, rank `r` at index `r`.
     pub fn create(p: usize) -> Vec<InProcessGroup> {
-        let mut to: Vec<Vec<Option<Sender<Frame>>>> = (0..p).map(|_| (0..p).map(|_| None).collect()).collect();
-        let mut from: Vec<Vec<Option<Receiver<Frame>>>> = (0..p).map(|_| (0..p).map(|_| None).collect()).collect();
+        let mut to: Vec<Vec<Option<Sender<Parcel>>>> = (0..p).map(|_| (0..p).map(|_| None).collect()).collect();
+        let mut from: Vec<Vec<Option<Receiver<Parcel>>>> = (0..p).map(|_| (0..p).map(|_| None).collect()).collect();
         for src in 0..p {
             for dst in 0..p {
                 if src != dst {
@@ -49,6 +60,20 @@ impl InProcessGroup {
         }
         Ok(())
     }
+
+    fn post(&self, dst: usize, parcel: Parcel, bytes: u64) -> Result<()> {
+        self.check(dst)?;
+        let gone = || DistError::PeerGone { rank: self.rank, peer: dst, what: "send" };
+        self.to[dst].as_ref().ok_or_else(gone)?.send(parcel).map_err(|_| gone())?;
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn take(&self, src: usize) -> Result<Parcel> {
+        self.check(src)?;
+        let gone = || DistError::PeerGone { rank: self.rank, peer: src, what: "receive" };
+        self.from[src].as_ref().ok_or_else(gone)?.recv().map_err(|_| gone())
+    }
 }
 
 impl Group for InProcessGroup {
@@ -61,18 +86,27 @@ impl Group for InProcessGroup {
     }
 
     fn send(&self, dst: usize, frame: Frame) -> Result<()> {
-        self.check(dst)?;
         let bytes = frame_bytes(&frame);
-        let gone = || DistError::PeerGone { rank: self.rank, peer: dst, what: "send" };
-        self.to[dst].as_ref().ok_or_else(gone)?.send(frame).map_err(|_| gone())?;
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        Ok(())
+        self.post(dst, Parcel::Host(frame), bytes)
     }
 
     fn recv(&self, src: usize) -> Result<Frame> {
-        self.check(src)?;
-        let gone = || DistError::PeerGone { rank: self.rank, peer: src, what: "receive" };
-        self.from[src].as_ref().ok_or_else(gone)?.recv().map_err(|_| gone())
+        match self.take(src)? {
+            Parcel::Host(frame) => Ok(frame),
+            Parcel::Device(frame) => frame_to_host(&frame),
+        }
+    }
+
+    fn send_device(&self, dst: usize, frame: DeviceFrame) -> Result<()> {
+        let bytes = device_frame_bytes(&frame);
+        self.post(dst, Parcel::Device(frame), bytes)
+    }
+
+    fn recv_device(&self, src: usize, stream: &Arc<CudaStream>) -> Result<DeviceFrame> {
+        match self.take(src)? {
+            Parcel::Host(frame) => frame_to_device(&frame, stream),
+            Parcel::Device(frame) => frame.into_iter().map(|t| t.onto(stream)).collect(),
+        }
     }
 
     fn bytes_sent(&self) -> u64 {

@@ -8,12 +8,14 @@
 //!
 //! This crate knows nothing of gRPC, models or checkpoints.
 
+mod device;
 mod error;
 mod group;
 mod in_process;
 mod layout;
 pub mod ops;
 
+pub use device::{device_frame_bytes, frame_to_device, frame_to_host, DeviceData, DeviceFrame, DeviceTensor};
 pub use error::{DistError, Result};
 pub use group::{frame_bytes, Frame, Group};
 pub use in_process::{run_ranks, InProcessGroup, RankError};

@@ -10,9 +10,11 @@
 //! ids are created by the sending rank and travel over the job's control group (the gRPC peer
 //! streams), so no process without a GPU needs NCCL.
 //!
-//! A frame is a header (tensor count, element types, shapes) and one buffer per tensor, staged
-//! through device memory: tome's kernels run on the CPU for now, so tensors are copied in and
-//! out; a GPU-resident kernel would hand its buffers over directly. cudarc loads CUDA and NCCL
+//! A frame is a header (tensor count, element types, shapes) and the bytes of each non-empty
+//! tensor. A device frame of a rank computing on this group's GPU goes out of its own buffers
+//! and, taken with `recv_device`, stays in the buffers it arrived in: no host copy on either
+//! side. Host frames (ranks computing on the CPU, or a frame asked for on the host) are staged
+//! through device buffers; the wire is the same, so either side may use either kind. cudarc loads CUDA and NCCL
 //! at run time: [`gpus_available`] says whether they are there before anything calls them
 //! (a missing library would otherwise panic inside cudarc).
 
@@ -21,9 +23,9 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::{Comm, Id};
-use tome_dist::{frame_bytes, DistError, Frame, Group};
+use tome_dist::{device_frame_bytes, frame_bytes, frame_to_device, frame_to_host, DeviceData, DeviceFrame, DeviceTensor, DistError, Frame, Group};
 
 use crate::codec::raw_bytes;
 
@@ -49,14 +51,27 @@ pub fn gpus_available() -> Result<usize, String> {
     Ok(n.max(0) as usize)
 }
 
-type Reply = Result<Frame, String>;
+/// What a pair's queue carries: either kind of frame, in the order sent (the wire is the same).
+enum Parcel {
+    Host(Frame),
+    Device(DeviceFrame),
+}
+
+/// Which kind of frame a receiver asks for.
+#[derive(Clone, Copy)]
+enum Want {
+    Host,
+    Device,
+}
+
+type Reply = Result<Parcel, String>;
 
 /// One rank of a job whose ranks talk over NCCL.
 pub struct NcclGroup {
     rank: usize,
     size: usize,
-    outgoing: Vec<Option<SyncSender<Frame>>>,
-    incoming: Vec<Option<(SyncSender<()>, Receiver<Reply>)>>,
+    outgoing: Vec<Option<SyncSender<Parcel>>>,
+    incoming: Vec<Option<(SyncSender<Want>, Receiver<Reply>)>>,
     bytes: AtomicU64,
     /// `bytes` plus each frame's header.
     wire_bytes: AtomicU64,
@@ -91,11 +106,11 @@ impl NcclGroup {
             *slot = Some(Id::uninit(internal));
         }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), DistError>>();
-        let mut outgoing: Vec<Option<SyncSender<Frame>>> = (0..size).map(|_| None).collect();
-        let mut incoming: Vec<Option<(SyncSender<()>, Receiver<Reply>)>> = (0..size).map(|_| None).collect();
+        let mut outgoing: Vec<Option<SyncSender<Parcel>>> = (0..size).map(|_| None).collect();
+        let mut incoming: Vec<Option<(SyncSender<Want>, Receiver<Reply>)>> = (0..size).map(|_| None).collect();
         for (dst, id) in out_ids.into_iter().enumerate() {
             let Some(id) = id else { continue };
-            let (tx, rx) = sync_channel::<Frame>(QUEUE_DEPTH);
+            let (tx, rx) = sync_channel::<Parcel>(QUEUE_DEPTH);
             let ready = ready_tx.clone();
             spawn(format!("tome-nccl-{rank}-to-{dst}"), move || {
                 let comm = match open(device, 0, id) {
@@ -105,8 +120,8 @@ impl NcclGroup {
                 let _ = ready.send(Ok(()));
                 // Ends when the group is dropped (the queue closes) or a send fails (the
                 // receiver's next `send` then finds the queue closed).
-                while let Ok(frame) = rx.recv() {
-                    if let Err(e) = send_frame(&comm.0, &comm.1, &frame) {
+                while let Ok(parcel) = rx.recv() {
+                    if let Err(e) = send_parcel(&comm.0, &comm.1, &parcel) {
                         tracing::warn!(rank, peer = dst, error = %e, "NCCL send failed");
                         return;
                     }
@@ -116,7 +131,7 @@ impl NcclGroup {
         }
         for (src, id) in in_ids.into_iter().enumerate() {
             let Some(id) = id else { continue };
-            let (ask_tx, ask_rx) = sync_channel::<()>(1);
+            let (ask_tx, ask_rx) = sync_channel::<Want>(1);
             let (reply_tx, reply_rx) = sync_channel::<Reply>(1);
             let ready = ready_tx.clone();
             spawn(format!("tome-nccl-{rank}-from-{src}"), move || {
@@ -125,8 +140,8 @@ impl NcclGroup {
                     Err(e) => return drop(ready.send(Err(transport(rank, src, e)))),
                 };
                 let _ = ready.send(Ok(()));
-                while ask_rx.recv().is_ok() {
-                    let reply = recv_frame(&comm.0, &comm.1);
+                while let Ok(want) = ask_rx.recv() {
+                    let reply = recv_parcel(&comm.0, &comm.1, want);
                     let failed = reply.is_err();
                     if reply_tx.send(reply).is_err() || failed {
                         return;
@@ -178,38 +193,93 @@ fn code_dtype(code: u64) -> Option<DType> {
     [DType::F32, DType::F16, DType::BF16, DType::I64, DType::U8, DType::U32].into_iter().find(|&d| dtype_code(d) == Some(code))
 }
 
-/// The header of a frame: [count, (dtype, rank, dims...) per tensor], padded to HEADER_WORDS.
-fn header(frame: &[Tensor]) -> Result<Vec<u64>, String> {
-    let mut h = vec![frame.len() as u64];
-    for t in frame {
-        h.push(dtype_code(t.dtype()).ok_or_else(|| format!("element type {:?} cannot cross NCCL", t.dtype()))?);
-        h.push(t.rank() as u64);
-        h.extend(t.dims().iter().map(|&d| d as u64));
+/// The header of a frame of tensors of these element types and shapes: [count, (dtype, rank,
+/// dims...) per tensor], padded to HEADER_WORDS.
+fn header<'a>(tensors: impl ExactSizeIterator<Item = (DType, &'a [usize])>) -> Result<Vec<u64>, String> {
+    let count = tensors.len();
+    let mut h = vec![count as u64];
+    for (dtype, dims) in tensors {
+        h.push(dtype_code(dtype).ok_or_else(|| format!("element type {dtype:?} cannot cross NCCL"))?);
+        h.push(dims.len() as u64);
+        h.extend(dims.iter().map(|&d| d as u64));
     }
     if h.len() > HEADER_WORDS {
-        return Err(format!("a frame of {} tensors does not fit a header", frame.len()));
+        return Err(format!("a frame of {count} tensors does not fit a header"));
     }
     h.resize(HEADER_WORDS, 0);
     Ok(h)
 }
 
-fn send_frame(comm: &Comm, stream: &Arc<CudaStream>, frame: &[Tensor]) -> Result<(), String> {
-    let h = stream.clone_htod(&header(frame)?).map_err(|e| format!("{e:?}"))?;
-    comm.send(&h, 1).map_err(|e| format!("ncclSend: {e:?}"))?;
-    let mut staged = Vec::with_capacity(frame.len());
-    for t in frame {
-        let bytes = raw_bytes(&t.flatten_all().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-        if bytes.is_empty() {
-            continue;
+fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> String {
+    move |e| format!("{what}: {e:?}")
+}
+
+fn nccl(what: &'static str) -> impl Fn(cudarc::nccl::result::NcclError) -> String {
+    move |e| format!("{what}: {e:?}")
+}
+
+/// Sends a frame's header, then each non-empty tensor as bytes: a device tensor on this
+/// communicator's GPU from its own buffer, anything else staged through a buffer of this stream.
+fn send_parcel(comm: &Comm, stream: &Arc<CudaStream>, parcel: &Parcel) -> Result<(), String> {
+    let h = match parcel {
+        Parcel::Host(frame) => header(frame.iter().map(|t| (t.dtype(), t.dims())))?,
+        Parcel::Device(frame) => header(frame.iter().map(|t| (t.dtype(), t.dims())))?,
+    };
+    let h = stream.clone_htod(&h).map_err(driver("copy to the GPU"))?;
+    comm.send(&h, 1).map_err(nccl("ncclSend"))?;
+    let gpu = stream.context().ordinal();
+    let mut staged = Vec::new();
+    let mut stage = |bytes: Vec<u8>| -> Result<(), String> {
+        if !bytes.is_empty() {
+            let d = stream.clone_htod(&bytes).map_err(driver("copy to the GPU"))?;
+            comm.send(&d, 1).map_err(nccl("ncclSend"))?;
+            staged.push(d);
         }
-        let d = stream.clone_htod(&bytes).map_err(|e| format!("{e:?}"))?;
-        comm.send(&d, 1).map_err(|e| format!("ncclSend: {e:?}"))?;
-        staged.push(d);
+        Ok(())
+    };
+    match parcel {
+        Parcel::Host(frame) => {
+            for t in frame {
+                stage(raw_bytes(&t.flatten_all().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?)?;
+            }
+        }
+        Parcel::Device(frame) => {
+            for t in frame {
+                match t.data() {
+                    None => {}
+                    Some(_) if t.gpu() != Some(gpu) => {
+                        stage(raw_bytes(&t.to_host().map_err(|e| e.to_string())?.flatten_all().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?)?
+                    }
+                    Some(DeviceData::F32(s)) => send_bytes(comm, s)?,
+                    Some(DeviceData::I64(s)) => send_bytes(comm, s)?,
+                    Some(DeviceData::U8(s)) => send_bytes(comm, s)?,
+                }
+            }
+        }
     }
-    // The staging buffers must outlive the sends.
-    stream.synchronize().map_err(|e| format!("{e:?}"))?;
+    // The buffers must outlive the sends.
+    stream.synchronize().map_err(driver("NCCL stream"))?;
     drop(staged);
     Ok(())
+}
+
+/// Sends a device buffer's bytes (the receiver takes bytes whatever the element type).
+fn send_bytes<T>(comm: &Comm, s: &CudaSlice<T>) -> Result<(), String> {
+    // SAFETY: a view of the buffer's own bytes, read only.
+    let bytes = unsafe { s.transmute::<u8>(s.num_bytes()) }.ok_or("a device buffer that does not view as bytes")?;
+    comm.send(&bytes, 1).map_err(nccl("ncclSend"))?;
+    Ok(())
+}
+
+/// A buffer of `bytes / size_of::<T>()` elements of this stream, its bytes received from the peer.
+fn recv_bytes<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(comm: &Comm, stream: &Arc<CudaStream>, bytes: usize) -> Result<CudaSlice<T>, String> {
+    let mut d = stream.alloc_zeros::<T>(bytes / size_of::<T>()).map_err(driver("allocate"))?;
+    {
+        // SAFETY: a view of the buffer's own bytes, written by NCCL with as many bytes.
+        let mut view = unsafe { d.transmute_mut::<u8>(bytes) }.ok_or("a device buffer that does not view as bytes")?;
+        comm.recv(&mut view, 0).map_err(nccl("ncclRecv"))?;
+    }
+    Ok(d)
 }
 
 /// The element type, dimensions and byte size of each tensor a received frame header states,
@@ -235,25 +305,67 @@ fn layouts(header: &[u64]) -> Result<Vec<(DType, Vec<usize>, usize)>, String> {
     Ok(layouts)
 }
 
-fn recv_frame(comm: &Comm, stream: &Arc<CudaStream>) -> Reply {
-    let mut h = stream.alloc_zeros::<u64>(HEADER_WORDS).map_err(|e| format!("{e:?}"))?;
-    comm.recv(&mut h, 0).map_err(|e| format!("ncclRecv: {e:?}"))?;
-    stream.synchronize().map_err(|e| format!("{e:?}"))?;
-    let h = stream.clone_dtoh(&h).map_err(|e| format!("{e:?}"))?;
+/// Receives a frame: its tensors on the host, or left in this stream's buffers (`want`).
+fn recv_parcel(comm: &Comm, stream: &Arc<CudaStream>, want: Want) -> Reply {
+    let mut h = stream.alloc_zeros::<u64>(HEADER_WORDS).map_err(driver("allocate"))?;
+    comm.recv(&mut h, 0).map_err(nccl("ncclRecv"))?;
+    let h = stream.clone_dtoh(&h).map_err(driver("copy from the GPU"))?;
     let layouts = layouts(&h)?;
-    let mut frame = Vec::with_capacity(layouts.len());
+    let mut received = Vec::with_capacity(layouts.len());
     for (dtype, dims, n) in layouts {
-        let bytes = if n == 0 {
-            Vec::new()
-        } else {
-            let mut d = stream.alloc_zeros::<u8>(n).map_err(|e| format!("{e:?}"))?;
-            comm.recv(&mut d, 0).map_err(|e| format!("ncclRecv: {e:?}"))?;
-            stream.synchronize().map_err(|e| format!("{e:?}"))?;
-            stream.clone_dtoh(&d).map_err(|e| format!("{e:?}"))?
+        let data = match (n, dtype) {
+            (0, _) => None,
+            (_, DType::F32) => Some(DeviceData::F32(Arc::new(recv_bytes(comm, stream, n)?))),
+            (_, DType::I64) => Some(DeviceData::I64(Arc::new(recv_bytes(comm, stream, n)?))),
+            (_, DType::U8) => Some(DeviceData::U8(Arc::new(recv_bytes(comm, stream, n)?))),
+            // Element types GPU ranks do not exchange arrive as bytes, for the host.
+            (_, _) => Some(DeviceData::U8(Arc::new(recv_bytes(comm, stream, n)?))),
         };
-        frame.push(Tensor::from_raw_buffer(&bytes, dtype, &dims, &Device::Cpu).map_err(|e| e.to_string())?);
+        received.push((dtype, dims, data));
     }
-    Ok(frame)
+    stream.synchronize().map_err(driver("NCCL stream"))?;
+    match want {
+        Want::Device => {
+            received.into_iter().map(|(dtype, dims, data)| DeviceTensor::from_parts(dtype, &dims, data).map_err(|e| e.to_string())).collect::<Result<_, _>>().map(Parcel::Device)
+        }
+        Want::Host => received
+            .into_iter()
+            .map(|(dtype, dims, data)| {
+                let bytes = match &data {
+                    None => Vec::new(),
+                    Some(DeviceData::F32(s)) => bytes_of(stream, s)?,
+                    Some(DeviceData::I64(s)) => bytes_of(stream, s)?,
+                    Some(DeviceData::U8(s)) => bytes_of(stream, s)?,
+                };
+                Tensor::from_raw_buffer(&bytes, dtype, &dims, &Device::Cpu).map_err(|e| e.to_string())
+            })
+            .collect::<Result<_, _>>()
+            .map(Parcel::Host),
+    }
+}
+
+/// A device buffer's bytes, on the host.
+fn bytes_of<T>(stream: &Arc<CudaStream>, s: &CudaSlice<T>) -> Result<Vec<u8>, String> {
+    // SAFETY: a view of the buffer's own bytes, read only.
+    let view = unsafe { s.transmute::<u8>(s.num_bytes()) }.ok_or("a device buffer that does not view as bytes")?;
+    stream.clone_dtoh(&view).map_err(driver("copy from the GPU"))
+}
+
+impl NcclGroup {
+    fn post(&self, dst: usize, parcel: Parcel, bytes: u64) -> Result<(), DistError> {
+        let tx = self.outgoing.get(dst).and_then(Option::as_ref).ok_or(DistError::NoSuchRank { rank: dst, size: self.size })?;
+        tx.send(parcel).map_err(|_| DistError::PeerGone { rank: self.rank, peer: dst, what: "send" })?;
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.wire_bytes.fetch_add(bytes + (HEADER_WORDS * size_of::<u64>()) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn take(&self, src: usize, want: Want) -> Result<Parcel, DistError> {
+        let (ask, reply) = self.incoming.get(src).and_then(Option::as_ref).ok_or(DistError::NoSuchRank { rank: src, size: self.size })?;
+        let gone = || DistError::PeerGone { rank: self.rank, peer: src, what: "receive" };
+        ask.send(want).map_err(|_| gone())?;
+        reply.recv().map_err(|_| gone())?.map_err(|e| transport(self.rank, src, e))
+    }
 }
 
 impl Group for NcclGroup {
@@ -266,19 +378,30 @@ impl Group for NcclGroup {
     }
 
     fn send(&self, dst: usize, frame: Frame) -> Result<(), DistError> {
-        let tx = self.outgoing.get(dst).and_then(Option::as_ref).ok_or(DistError::NoSuchRank { rank: dst, size: self.size })?;
         let bytes = frame_bytes(&frame);
-        tx.send(frame).map_err(|_| DistError::PeerGone { rank: self.rank, peer: dst, what: "send" })?;
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.wire_bytes.fetch_add(bytes + (HEADER_WORDS * size_of::<u64>()) as u64, Ordering::Relaxed);
-        Ok(())
+        self.post(dst, Parcel::Host(frame), bytes)
     }
 
     fn recv(&self, src: usize) -> Result<Frame, DistError> {
-        let (ask, reply) = self.incoming.get(src).and_then(Option::as_ref).ok_or(DistError::NoSuchRank { rank: src, size: self.size })?;
-        let gone = || DistError::PeerGone { rank: self.rank, peer: src, what: "receive" };
-        ask.send(()).map_err(|_| gone())?;
-        reply.recv().map_err(|_| gone())?.map_err(|e| transport(self.rank, src, e))
+        match self.take(src, Want::Host)? {
+            Parcel::Host(frame) => Ok(frame),
+            Parcel::Device(frame) => frame_to_host(&frame),
+        }
+    }
+
+    /// Hands the frame's buffers to NCCL as they are, where they are on this group's GPU.
+    fn send_device(&self, dst: usize, frame: DeviceFrame) -> Result<(), DistError> {
+        let bytes = device_frame_bytes(&frame);
+        self.post(dst, Parcel::Device(frame), bytes)
+    }
+
+    /// Leaves the frame in the buffers NCCL received it into (moved to `stream`'s GPU through
+    /// the host only where that is another GPU than this group's).
+    fn recv_device(&self, src: usize, stream: &Arc<CudaStream>) -> Result<DeviceFrame, DistError> {
+        match self.take(src, Want::Device)? {
+            Parcel::Device(frame) => frame.into_iter().map(|t| t.onto(stream)).collect(),
+            Parcel::Host(frame) => frame_to_device(&frame, stream),
+        }
     }
 
     fn bytes_sent(&self) -> u64 {
@@ -293,7 +416,7 @@ mod tests {
     #[test]
     fn a_peers_frame_header_is_checked_before_anything_is_allocated() {
         let t = Tensor::zeros((3, 5), DType::F32, &Device::Cpu).unwrap();
-        let good = header(&[t]).unwrap();
+        let good = header([(t.dtype(), t.dims())].into_iter()).unwrap();
         assert_eq!(layouts(&good).unwrap(), vec![(DType::F32, vec![3, 5], 60)]);
         let f32_code = dtype_code(DType::F32).unwrap();
         let refused = [

@@ -445,7 +445,8 @@ impl pb::worker_server::Worker for WorkerService {
             .try_acquire_many_owned(need_kib)
             .map_err(|_| WorkerError::Busy(format!("worker {} has no room for {need} more bytes of activations now", self.config.name)))?;
         let gpu_memory = self.admit_on_gpu(&shard)?;
-        let gpu = self.gpus.lease(shard.transport, &self.config.name)?;
+        let computes_on = self.config.device.gpu_for(shard.gpu_slot()).map_err(|e| WorkerError::from(tome_model::ModelError::from(e)))?;
+        let gpu = self.gpus.lease(shard.transport, computes_on, &self.config.name)?;
         let flag = Arc::new(AtomicBool::new(false));
         self.lock_running().entry(shard.job.clone()).or_default().push((shard.secret.clone(), flag.clone()));
         metrics::shard_started();

@@ -1,10 +1,13 @@
 //! Which Group a job's ranks exchange frames over, chosen in one place ([`choose`]) from where
 //! the ranks run, and a worker's rank joining the Group its plan names ([`join`]).
 //!
-//! Ranks that are threads of one process use the in-process group. Ranks on worker processes
-//! talk over NCCL when every worker of the job can give each rank it hosts a GPU of its own with
-//! NCCL (NCCL refuses two ranks of a communicator on one GPU), and over `tome.v1.Peer` streams
-//! otherwise, which reach wherever the workers reach each other. The coordinator writes the
+//! Ranks that are threads of one process use the in-process group (GPU ranks' frames stay on
+//! the device). Ranks on worker processes talk over NCCL when every worker of the job can give
+//! each rank it hosts a GPU of its own with NCCL (NCCL refuses two ranks of a communicator on one
+//! GPU): a rank computing on a GPU talks from that GPU, its frames going out of and arriving in
+//! device buffers; a rank computing on the CPU leases an idle GPU for its frames alone. Ranks
+//! talk over `tome.v1.Peer` streams otherwise, which reach wherever the workers reach each
+//! other, their frames staged through the host. The coordinator writes the
 //! choice into the job's plan; every rank of the job joins the same kind of Group, so any rank
 //! runs the same [`crate::run_rank`] over any backend.
 
@@ -56,8 +59,10 @@ pub fn choose(hosts: Hosts) -> Transport {
     for w in workers {
         *ranks_on.entry(w.name.as_str()).or_default() += 1;
     }
-    // One rank exchanges nothing: NCCL would only cost its set-up.
-    let gpu_per_rank = workers.iter().all(|w| ranks_on.get(w.name.as_str()).is_some_and(|&n| n <= w.nccl_gpus));
+    // One rank exchanges nothing: NCCL would only cost its set-up. A worker computing on GPUs
+    // puts its k-th rank of a job on `rank_gpus[k mod their count]`, and talks from there.
+    let own_gpu = |w: &pb::WorkerInfo, n: u32| n <= w.nccl_gpus && (!w.gpu_ranks || n as usize <= w.rank_gpus.len());
+    let gpu_per_rank = workers.iter().all(|w| ranks_on.get(w.name.as_str()).is_some_and(|&n| own_gpu(w, n)));
     if workers.len() > 1 && gpu_per_rank {
         Transport::Nccl
     } else {
@@ -97,24 +102,34 @@ impl NcclGpus {
         self.count
     }
 
-    /// A GPU for one rank of a job that talks over `transport` (none needed but for NCCL).
-    pub fn lease(&self, transport: Transport, worker: &str) -> Result<Option<GpuLease>, WorkerError> {
+    /// The GPU one rank of a job that talks over `transport` talks from (none but for NCCL):
+    /// `computes_on`, the GPU the rank computes on, or for a rank computing on the CPU an idle
+    /// GPU, held until the lease is dropped.
+    pub fn lease(&self, transport: Transport, computes_on: Option<usize>, worker: &str) -> Result<Option<GpuLease>, WorkerError> {
         if transport != Transport::Nccl {
             return Ok(None);
         }
         if self.count == 0 {
             return Err(WorkerError::Precondition(format!("the plan's ranks talk over NCCL, and worker {worker} has no GPU for it: {}", self.missing)));
         }
+        if let Some(gpu) = computes_on {
+            if gpu >= self.count {
+                return Err(WorkerError::Precondition(format!("worker {worker} computes on GPU {gpu}, and NCCL sees {} GPUs", self.count)));
+            }
+            // Ranks of other jobs may talk from the same GPU: their communicators are apart.
+            return Ok(Some(GpuLease { gpu, free: None }));
+        }
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         let gpu = free.pop().ok_or_else(|| WorkerError::Busy(format!("every GPU of worker {worker} holds a rank now")))?;
-        Ok(Some(GpuLease { gpu, free: self.free.clone() }))
+        Ok(Some(GpuLease { gpu, free: Some(self.free.clone()) }))
     }
 }
 
-/// A GPU held by one rank; handed back when dropped.
+/// The GPU one rank talks from; an idle GPU leased to a rank computing on the CPU is handed
+/// back when this is dropped.
 pub struct GpuLease {
     gpu: usize,
-    free: Arc<Mutex<Vec<usize>>>,
+    free: Option<Arc<Mutex<Vec<usize>>>>,
 }
 
 impl GpuLease {
@@ -125,7 +140,9 @@ impl GpuLease {
 
 impl Drop for GpuLease {
     fn drop(&mut self) {
-        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(self.gpu);
+        if let Some(free) = &self.free {
+            free.lock().unwrap_or_else(|p| p.into_inner()).push(self.gpu);
+        }
     }
 }
 
@@ -215,19 +232,44 @@ mod tests {
     #[test]
     fn gpus_are_leased_one_rank_each_and_come_back() {
         let gpus = NcclGpus { free: Arc::new(Mutex::new(vec![1, 0])), count: 2, missing: String::new() };
-        assert!(gpus.lease(Transport::PeerStreams, "w").unwrap().is_none(), "peer streams need no GPU");
-        let first = gpus.lease(Transport::Nccl, "w").unwrap().unwrap();
-        let second = gpus.lease(Transport::Nccl, "w").unwrap().unwrap();
+        assert!(gpus.lease(Transport::PeerStreams, None, "w").unwrap().is_none(), "peer streams need no GPU");
+        let first = gpus.lease(Transport::Nccl, None, "w").unwrap().unwrap();
+        let second = gpus.lease(Transport::Nccl, None, "w").unwrap().unwrap();
         assert_eq!((first.gpu(), second.gpu()), (0, 1));
-        let busy = gpus.lease(Transport::Nccl, "w").err().unwrap();
+        let busy = gpus.lease(Transport::Nccl, None, "w").err().unwrap();
         assert_eq!(busy.code(), tonic::Code::ResourceExhausted);
         drop(second);
-        assert_eq!(gpus.lease(Transport::Nccl, "w").unwrap().unwrap().gpu(), 1);
+        assert_eq!(gpus.lease(Transport::Nccl, None, "w").unwrap().unwrap().gpu(), 1);
+    }
+
+    #[test]
+    fn a_rank_computing_on_a_gpu_talks_from_that_gpu() {
+        let gpus = NcclGpus { free: Arc::new(Mutex::new(vec![1, 0])), count: 2, missing: String::new() };
+        let held = gpus.lease(Transport::Nccl, None, "w").unwrap().unwrap();
+        assert_eq!(held.gpu(), 0);
+        // GPU 0 talks for a CPU rank now; a GPU rank computing there still talks from it, and
+        // takes nothing from the idle GPUs.
+        let (a, b) = (gpus.lease(Transport::Nccl, Some(0), "w").unwrap().unwrap(), gpus.lease(Transport::Nccl, Some(1), "w").unwrap().unwrap());
+        assert_eq!((a.gpu(), b.gpu()), (0, 1));
+        drop((a, b));
+        assert_eq!(gpus.lease(Transport::Nccl, None, "w").unwrap().unwrap().gpu(), 1, "a GPU rank's lease gives back nothing it did not take");
+        let err = gpus.lease(Transport::Nccl, Some(2), "w").err().unwrap();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.to_string().contains("computes on GPU 2, and NCCL sees 2 GPUs"), "{err}");
+    }
+
+    #[test]
+    fn gpu_ranks_use_nccl_only_where_each_computes_on_a_gpu_of_its_own() {
+        let gpu_worker = |name: &str, rank_gpus: Vec<u32>| pb::WorkerInfo { gpu_ranks: true, rank_gpus, ..worker(name, 2) };
+        let (both, one) = (gpu_worker("both", vec![0, 1]), gpu_worker("one", vec![1]));
+        assert_eq!(choose(Hosts::Workers(&[both.clone(), both.clone(), one.clone()])), Transport::Nccl);
+        // `one` computes every rank on GPU 1: two of a job's ranks there would share it.
+        assert_eq!(choose(Hosts::Workers(&[both, one.clone(), one])), Transport::PeerStreams);
     }
 
     #[test]
     fn a_worker_without_gpus_refuses_an_nccl_rank_saying_why() {
-        let err = NcclGpus::none("no GPU is visible").lease(Transport::Nccl, "w1").err().unwrap();
+        let err = NcclGpus::none("no GPU is visible").lease(Transport::Nccl, None, "w1").err().unwrap();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition);
         assert!(err.to_string().contains("worker w1 has no GPU for it: no GPU is visible"), "{err}");
     }

@@ -58,32 +58,23 @@ pub(crate) fn exchange_needed_from(
     if plan.ranks() != p {
         return Err(DistError::Plan(format!("the plan has {} shards for a group of {p} ranks", plan.ranks())));
     }
-    let wanted = |r: usize| subtract(&union(needs(r)), plan.ranges(r));
+    let exchange = row_exchange(plan, me, needs);
     // Post every send, then take every receive.
-    for peer in (0..p).filter(|&s| s != me) {
-        let parts = plan.owned_parts(me, &wanted(peer));
-        if parts.is_empty() {
-            continue;
-        }
+    for (peer, parts) in &exchange.sends {
         let rows: Vec<KeyBlock> = parts.iter().map(|(x, off)| own_rows(*off, x.len())).collect::<Result<_>>()?;
         let b = KeyBlock::concat(&rows)?;
         // Frames own their rows: a receiver in this process keeps what it receives, which must
         // not share storage with buffers its sender goes on to rewrite in place.
-        group.send(peer, vec![owned(&b.k)?, owned(&b.v)?, flags_to_tensor(&b.valid)?])?;
+        group.send(*peer, vec![owned(&b.k)?, owned(&b.v)?, flags_to_tensor(&b.valid)?])?;
     }
-    let mine = wanted(me);
     let mut pieces = Vec::new();
-    for peer in (0..p).filter(|&s| s != me) {
-        let parts = plan.owned_parts(peer, &mine);
-        if parts.is_empty() {
-            continue;
-        }
+    for (peer, parts) in &exchange.receives {
         let [k, v, valid]: [Tensor; 3] =
-            group.recv(peer)?.try_into().map_err(|f: Vec<Tensor>| DistError::Plan(format!("a key frame from rank {peer} has {} tensors, not 3", f.len())))?;
+            group.recv(*peer)?.try_into().map_err(|f: Vec<Tensor>| DistError::Plan(format!("a key frame from rank {peer} has {} tensors, not 3", f.len())))?;
         let pos = parts.iter().flat_map(|(x, _)| x.clone()).map(|i| i as i64).collect();
         let fetched = KeyBlock { k, v, pos, valid: tensor_to_flags(&valid)? };
         let mut off = 0;
-        for (x, _) in &parts {
+        for (x, _) in parts {
             pieces.push(fetched.rows(off, x.len())?);
             off += x.len();
         }
@@ -91,6 +82,37 @@ pub(crate) fn exchange_needed_from(
     pieces.retain(|b| !b.is_empty());
     pieces.sort_by_key(|b| b.pos[0]);
     Ok(pieces)
+}
+
+/// The frames of a fetch of key rows by position, as every rank derives them from the plan
+/// alone. To each peer of `sends`, in that order, this rank sends one frame
+/// `[keys, values, validity]` of the runs of its shard listed with it (each run's positions and
+/// its offset in the shard), rows in that order; from each peer of `receives`, in that order, it
+/// takes one such frame of the runs of positions listed (with their offsets in the sender's
+/// shard). No positions travel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RowExchange {
+    pub sends: Vec<(usize, Vec<(Range<usize>, usize)>)>,
+    pub receives: Vec<(usize, Vec<(Range<usize>, usize)>)>,
+}
+
+impl RowExchange {
+    /// The rows a frame of `parts` holds.
+    pub fn rows(parts: &[(Range<usize>, usize)]) -> usize {
+        parts.iter().map(|(x, _)| x.len()).sum()
+    }
+}
+
+/// The exchange of [`exchange_needed_from`] for rank `me`: the positions `needs(r)` names for
+/// each rank r that it does not own come from their owners. `needs` must give the same answer
+/// on every rank.
+pub(crate) fn row_exchange(plan: &ShardPlan, me: usize, needs: &dyn Fn(usize) -> Vec<Range<usize>>) -> RowExchange {
+    let wanted = |r: usize| subtract(&union(needs(r)), plan.ranges(r));
+    let peers = || (0..plan.ranks()).filter(move |&r| r != me);
+    let sends = peers().map(|peer| (peer, plan.owned_parts(me, &wanted(peer)))).filter(|(_, parts)| !parts.is_empty()).collect();
+    let mine = wanted(me);
+    let receives = peers().map(|peer| (peer, plan.owned_parts(peer, &mine))).filter(|(_, parts)| !parts.is_empty()).collect();
+    RowExchange { sends, receives }
 }
 
 /// A contiguous copy of `t` that shares no storage with it.

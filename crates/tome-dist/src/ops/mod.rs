@@ -18,11 +18,12 @@ pub mod window_stream;
 
 pub use blocksparse::{blocksparse_attention, blocksparse_keys, query_block_runs, BlockRows};
 pub use dense::{ring_attention, ring_attention_with_bias, DenseSpec};
+pub use exchange::RowExchange;
 pub use favor::{favor_attention, FavorSpec};
 pub use global::{gather_global_keys, gather_global_queries, merge_global_partials};
 pub use keys::KeyBlock;
 pub use lsh::lsh_attention;
 pub use moe::{apply_experts, route_tokens, Routing};
 pub use recurrent::{segment_recurrence, Compression, CompressiveMemory, Memory, XlMemory};
-pub use window::{window_attention, window_keys, window_margins, GlobalTokens, WindowKeys, WindowSpec};
+pub use window::{window_attention, window_exchange, window_keys, window_margins, GlobalTokens, WindowKeys, WindowSpec};
 pub use window_stream::{window_key_stream, HeadRows, KeyShape, KeysOrValues, WindowKeyStream};

@@ -18,7 +18,7 @@ use std::ops::Range;
 use candle_core::Tensor;
 use tome_attn::{attention, Mask, Partial};
 
-use super::exchange::gather_needed;
+use super::exchange::{gather_needed, row_exchange, RowExchange};
 use super::global::{gather_global_keys, global_queries, overwrite_rows};
 use super::keys::KeyBlock;
 use crate::error::{DistError, Result};
@@ -64,6 +64,13 @@ pub struct WindowKeys {
 pub fn window_keys(group: &dyn Group, plan: &ShardPlan, own: &KeyBlock, spec: WindowSpec) -> Result<WindowKeys> {
     let halo_of = |r: usize| needed(plan.ranges(r), spec.one_sided, spec.causal, plan.len());
     Ok(WindowKeys { keys: gather_needed(group, plan, own, &halo_of)?, spec, dv: own.v.dim(2)? })
+}
+
+/// The halo exchange [`window_keys`] makes for rank `me` under `spec`: which rows it sends to
+/// and receives from whom (for ranks whose keys are elsewhere than in host tensors, such as on
+/// a GPU, to make the same frames).
+pub fn window_exchange(plan: &ShardPlan, me: usize, spec: WindowSpec) -> RowExchange {
+    row_exchange(plan, me, &|r: usize| needed(plan.ranges(r), spec.one_sided, spec.causal, plan.len()))
 }
 
 /// Rows of halo a rank's window queries need ahead of and behind its shard, `(before, after)`,

@@ -4,16 +4,18 @@
 //! device. With one rank nothing leaves the device. Global tokens and block-sparse attention,
 //! which single out some queries, are `super::sparse`.
 
-use candle_core::{Device, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
 use cudarc::driver::CudaSlice;
 use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
-use tome_dist::ops::{blocksparse_attention, window_attention, window_keys, GlobalTokens, KeyBlock, WindowSpec};
-use tome_dist::{Group, ShardPlan};
+use tome_dist::ops::{blocksparse_attention, window_attention, window_exchange, window_keys, GlobalTokens, KeyBlock, RowExchange, WindowSpec};
+use tome_dist::{DeviceData, DeviceFrame, DeviceTensor, Group, ShardPlan};
 use tome_gpu::attention::{Dims, Inputs};
 
 pub(crate) use super::sparse::Globals;
 use super::{sparse, GpuRank};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 
 /// Which keys a layer's queries see.
 #[derive(Clone, Copy)]
@@ -135,19 +137,15 @@ pub(super) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard:
     let mut acc = Accumulator::new(rank, heads, n, d)?;
     match pattern {
         Pattern::Window { one_sided, causal } => {
-            let fetched = if group.size() == 1 {
-                None
-            } else {
-                let host = to_host(rank, shard)?;
-                let keys = window_keys(group, plan, &host, WindowSpec { one_sided, causal, scale })?;
-                Some(keys.keys().map(|k| DeviceBlock::upload(rank, k)).transpose()?)
-            };
-            let block = match &fetched {
-                None => Some(own),
-                Some(halo) => halo.as_ref().map(DeviceBlock::as_ref),
-            };
-            if let Some(block) = block.filter(|b| b.len > 0 && n > 0) {
-                acc.add(rank, shard, &q_pos, block, causal, Some(one_sided), scale)?;
+            if n > 0 {
+                acc.add(rank, shard, &q_pos, own, causal, Some(one_sided), scale)?;
+            }
+            if group.size() > 1 {
+                for halo in window_halo(rank, group, plan, shard, WindowSpec { one_sided, causal, scale })? {
+                    if let (Some(block), true) = (key_block(&halo, shard.kv_heads, shard.head_dim)?, n > 0) {
+                        acc.add(rank, shard, &q_pos, block, causal, Some(one_sided), scale)?;
+                    }
+                }
             }
         }
         Pattern::Dense { causal } => {
@@ -156,7 +154,7 @@ pub(super) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard:
                     acc.add(rank, shard, &q_pos, own, causal, None, scale)?;
                 }
             } else {
-                ring(rank, group, shard, &q_pos, &mut acc, causal, scale)?;
+                ring(rank, group, plan, shard, own, &mut acc, causal, scale)?;
             }
         }
         Pattern::Global { .. } | Pattern::BlockSparse { .. } => {}
@@ -164,18 +162,105 @@ pub(super) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard:
     Ok(acc.out)
 }
 
-/// Ring attention (as `tome_dist::ops::ring_attention`): each block is forwarded to the next
-/// rank before this rank computes on it; a block wholly after this rank's last query is passed
-/// on without being computed under a causal mask.
-fn ring(rank: &GpuRank, group: &dyn Group, shard: &Shard<'_>, q_pos: &CudaSlice<i64>, acc: &mut Accumulator, causal: bool, scale: f32) -> Result<()> {
+/// Ring attention (as `tome_dist::ops::ring_attention`), its blocks device frames: each block
+/// is forwarded to the next rank before this rank computes on it, and a block wholly after this
+/// rank's last query is passed on without being computed under a causal mask. A block is a
+/// rank's shard, at the positions the plan gives it.
+#[allow(clippy::too_many_arguments)]
+fn ring(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, own: BlockRef<'_>, acc: &mut Accumulator, causal: bool, scale: f32) -> Result<()> {
+    let (me, p) = (group.rank(), group.size());
     let q_max = shard.pos.iter().copied().max();
-    pass_around(group, to_host(rank, shard)?, &mut |block| {
-        let visible = !causal || matches!((q_max, block.pos.first()), (Some(qm), Some(&k0)) if k0 <= qm);
-        if !block.is_empty() && !shard.pos.is_empty() && visible {
-            acc.add(rank, shard, q_pos, DeviceBlock::upload(rank, block)?.as_ref(), causal, None, scale)?;
+    let mut frame = own_frame(rank, shard, own)?;
+    for step in 0..p {
+        let last = step + 1 == p;
+        if !last {
+            group.send_device(group.next_rank(), frame.clone())?;
         }
-        Ok(())
-    })
+        let k0 = plan.ranges((me + p - step) % p).first().map(|x| x.start as i64);
+        let visible = !causal || matches!((q_max, k0), (Some(qm), Some(k0)) if k0 <= qm);
+        if visible && !shard.pos.is_empty() {
+            if let Some(block) = key_block(&frame, shard.kv_heads, shard.head_dim)? {
+                acc.add(rank, shard, own.pos, block, causal, None, scale)?;
+            }
+        }
+        if !last {
+            frame = group.recv_device(group.prev_rank(), &rank.stream)?;
+        }
+    }
+    Ok(())
+}
+
+/// The halo of the shard under `spec`, as device frames (`tome_dist::ops::window_keys`'s
+/// exchange: the rows each peer needs of this shard go to it, gathered on the device), one
+/// block of keys, values, positions and validity per peer that sends rows here.
+fn window_halo(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, spec: WindowSpec) -> Result<Vec<DeviceFrame>> {
+    let exchange = window_exchange(plan, group.rank(), spec);
+    let (heads, d) = (shard.kv_heads, shard.head_dim);
+    for (peer, parts) in &exchange.sends {
+        let rows: Vec<usize> = parts.iter().flat_map(|(x, offset)| *offset..*offset + x.len()).collect();
+        let kv_dims = [heads, rows.len(), d];
+        let valid: Vec<u8> = rows.iter().map(|&r| shard.valid.get(r).map_or(0, |&b| u8::from(b))).collect();
+        let frame = vec![
+            DeviceTensor::new(DeviceData::F32(Arc::new(sparse::gather(rank, shard.k, &rows, heads, d)?)), &kv_dims)?,
+            DeviceTensor::new(DeviceData::F32(Arc::new(sparse::gather(rank, shard.v, &rows, heads, d)?)), &kv_dims)?,
+            DeviceTensor::new(DeviceData::U8(Arc::new(rank.upload(&valid)?)), &[rows.len()])?,
+        ];
+        group.send_device(*peer, frame)?;
+    }
+    let mut halo = Vec::with_capacity(exchange.receives.len());
+    for (peer, parts) in &exchange.receives {
+        let mut frame = group.recv_device(*peer, &rank.stream)?;
+        let m = RowExchange::rows(parts);
+        let pos: Vec<i64> = parts.iter().flat_map(|(x, _)| x.clone()).map(|p| p as i64).collect();
+        if frame.len() != 3 {
+            return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("a halo frame from rank {peer} has {} tensors, not 3", frame.len()))));
+        }
+        let valid = frame.pop().into_iter();
+        let pos = if m == 0 { DeviceTensor::empty(DType::I64, &[0])? } else { DeviceTensor::new(DeviceData::I64(Arc::new(rank.upload(&pos)?)), &[m])? };
+        halo.push(frame.into_iter().chain([pos]).chain(valid).collect());
+    }
+    Ok(halo)
+}
+
+/// The shard's keys, values, positions and validity as a device frame (a copy: the frame's
+/// buffers outlive the layer's), in `KeyBlock::to_frame`'s layout.
+fn own_frame(rank: &GpuRank, shard: &Shard<'_>, own: BlockRef<'_>) -> Result<DeviceFrame> {
+    let (n, kv_dims) = (own.len, [shard.kv_heads, own.len, shard.head_dim]);
+    if n == 0 {
+        return Ok(vec![
+            DeviceTensor::empty(DType::F32, &kv_dims)?,
+            DeviceTensor::empty(DType::F32, &kv_dims)?,
+            DeviceTensor::empty(DType::I64, &[0])?,
+            DeviceTensor::empty(DType::U8, &[0])?,
+        ]);
+    }
+    let copy = |what| move |e| super::gpu_err(what, e);
+    Ok(vec![
+        DeviceTensor::new(DeviceData::F32(Arc::new(rank.stream.clone_dtod(own.k).map_err(copy("copy keys"))?)), &kv_dims)?,
+        DeviceTensor::new(DeviceData::F32(Arc::new(rank.stream.clone_dtod(own.v).map_err(copy("copy values"))?)), &kv_dims)?,
+        DeviceTensor::new(DeviceData::I64(Arc::new(rank.stream.clone_dtod(own.pos).map_err(copy("copy positions"))?)), &[n])?,
+        DeviceTensor::new(DeviceData::U8(Arc::new(rank.stream.clone_dtod(own.valid).map_err(copy("copy flags"))?)), &[n])?,
+    ])
+}
+
+/// The key block a device frame holds (`None` when it has no row), checked against the layer's
+/// shape before any kernel reads it: keys and values `[kv_heads, n, head_dim]` f32, n i64
+/// positions, n u8 flags.
+fn key_block(frame: &[DeviceTensor], kv_heads: usize, head_dim: usize) -> Result<Option<BlockRef<'_>>> {
+    let bad = |why: String| ModelError::Dist(tome_dist::DistError::Plan(format!("a key frame {why}")));
+    let [k, v, pos, valid] = frame else {
+        return Err(bad(format!("has {} tensors, not 4", frame.len())));
+    };
+    let n = pos.elem_count();
+    let kv_dims = [kv_heads, n, head_dim];
+    if k.dims() != kv_dims || v.dims() != kv_dims || pos.dims() != [n] || valid.dims() != [n] {
+        return Err(bad(format!("of shapes {:?}, {:?}, {:?}, {:?} where this layer takes {kv_dims:?} keys and values", k.dims(), v.dims(), pos.dims(), valid.dims())));
+    }
+    match (k.data(), v.data(), pos.data(), valid.data()) {
+        (Some(DeviceData::F32(k)), Some(DeviceData::F32(v)), Some(DeviceData::I64(pos)), Some(DeviceData::U8(valid))) => Ok(Some(BlockRef { k, v, pos, valid, len: n })),
+        _ if n == 0 => Ok(None),
+        _ => Err(bad("whose tensors are not f32 keys and values, i64 positions and u8 flags".into())),
+    }
 }
 
 /// The ring's exchanges: each block in hand is forwarded to the next rank, then `compute` sees

@@ -34,7 +34,7 @@ fn indices(rows: impl IntoIterator<Item = usize>) -> Vec<u32> {
 
 /// Rows `rows` of `[heads, n, d]` heads, gathered into a new `[heads, rows.len(), d]` buffer
 /// (`rows` not empty).
-fn gather(rank: &GpuRank, src: &CudaSlice<f32>, rows: &[usize], heads: usize, d: usize) -> Result<CudaSlice<f32>> {
+pub(super) fn gather(rank: &GpuRank, src: &CudaSlice<f32>, rows: &[usize], heads: usize, d: usize) -> Result<CudaSlice<f32>> {
     let mut out = rank.zeros(heads * rows.len() * d)?;
     rank.layers.copy_rows(src, &indices(rows.iter().copied()), &mut out, &indices(0..rows.len()), heads, d)?;
     Ok(out)
