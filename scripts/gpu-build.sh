@@ -10,14 +10,14 @@
 #
 # Usage: scripts/gpu-build.sh
 #   GPU_TESTS="tome-gpu:gpu tome-model:gpu" scripts/gpu-build.sh   # CRATE:TEST targets to carry
-# The default carries the GPU tests of tome-gpu (the kernels against the reference) and
-# tome-model (models on GPU ranks), and tome-gpu's NVRTC and device tests.
+# The default carries the GPU tests of tome-gpu (the kernels against the reference, NVRTC,
+# devices), tome-dist (device frames between ranks) and tome-model (models on GPU ranks).
 #
 # Fails if gpu-bin/ comes to more than 56 MiB (the GPU machine takes 64 MiB with the checkout).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-GPU_TESTS="${GPU_TESTS:-tome-gpu:gpu tome-gpu:compile tome-gpu:devices tome-model:gpu}"
+GPU_TESTS="${GPU_TESTS:-tome-gpu:gpu tome-gpu:compile tome-gpu:devices tome-dist:device_frames tome-model:gpu}"
 BIN_DIR="${ROOT}/gpu-bin"
 LIMIT_BYTES=$((56 * 1024 * 1024))
 

@@ -92,9 +92,12 @@ pub(crate) fn exchange_needed_from(
 /// shard). No positions travel.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RowExchange {
-    pub sends: Vec<(usize, Vec<(Range<usize>, usize)>)>,
-    pub receives: Vec<(usize, Vec<(Range<usize>, usize)>)>,
+    pub sends: Vec<(usize, Runs)>,
+    pub receives: Vec<(usize, Runs)>,
 }
+
+/// Runs of positions of a frame, each with its offset in the shard of the rank that owns it.
+pub type Runs = Vec<(Range<usize>, usize)>;
 
 impl RowExchange {
     /// The rows a frame of `parts` holds.

@@ -18,7 +18,7 @@ pub mod window_stream;
 
 pub use blocksparse::{blocksparse_attention, blocksparse_keys, query_block_runs, BlockRows};
 pub use dense::{ring_attention, ring_attention_with_bias, DenseSpec};
-pub use exchange::RowExchange;
+pub use exchange::{RowExchange, Runs};
 pub use favor::{favor_attention, FavorSpec};
 pub use global::{gather_global_keys, gather_global_queries, merge_global_partials};
 pub use keys::KeyBlock;

@@ -169,3 +169,59 @@ pub fn window_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, own: Ke
     let (gpos, merged) = global_queries(group, gq, &q_pos, &mine, &global_own, spec.scale)?;
     overwrite_rows(&acc.out, &q_pos, &mine, &gpos, &merged.out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Layout;
+
+    /// The halo exchange as ranks whose keys are not host tensors make it: what each rank sends
+    /// a peer is what that peer expects from it, and with its own rows a rank then holds every
+    /// key its window queries see.
+    #[test]
+    fn every_ranks_window_exchange_matches_its_peers_and_covers_its_window() {
+        for (layout, len, ranks, one_sided, causal) in [
+            (Layout::Contiguous, 37, 4, 3, false),
+            (Layout::Contiguous, 37, 4, 3, true),
+            (Layout::Zigzag, 50, 3, 4, false),
+            (Layout::Contiguous, 9, 4, 6, false),
+            (Layout::Contiguous, 3, 5, 2, true),
+        ] {
+            let plan = ShardPlan::new(layout, len, ranks).unwrap();
+            let spec = WindowSpec { one_sided, causal, scale: 1.0 };
+            let exchanges: Vec<RowExchange> = (0..ranks).map(|r| window_exchange(&plan, r, spec)).collect();
+            let case = format!("{layout:?}, {len} tokens, {ranks} ranks, window {one_sided}, causal {causal}");
+            for (me, ex) in exchanges.iter().enumerate() {
+                for (peer, parts) in &ex.sends {
+                    let expected = exchanges[*peer].receives.iter().find(|(src, _)| *src == me).map(|(_, p)| p);
+                    assert_eq!(expected, Some(parts), "{case}: rank {me} to {peer}");
+                    let runs: Vec<(Range<usize>, usize)> = plan
+                        .ranges(me)
+                        .iter()
+                        .scan(0, |off, x| {
+                            let at = *off;
+                            *off += x.len();
+                            Some((x.clone(), at))
+                        })
+                        .collect();
+                    for (x, offset) in parts {
+                        assert!(
+                            runs.iter().any(|(run, at)| run.start <= x.start && x.end <= run.end && *offset == at + (x.start - run.start)),
+                            "{case}: rank {me} sends {x:?} from offset {offset}"
+                        );
+                    }
+                }
+                assert_eq!(ex.receives.len(), exchanges.iter().filter(|e| e.sends.iter().any(|(p, _)| *p == me)).count(), "{case}: rank {me}");
+                let mut held: Vec<usize> = plan.ranges(me).iter().flat_map(|x| x.clone()).collect();
+                held.extend(ex.receives.iter().flat_map(|(_, parts)| parts.iter().flat_map(|(x, _)| x.clone())));
+                for q in plan.ranges(me).iter().flat_map(|x| x.clone()) {
+                    let lo = q.saturating_sub(one_sided);
+                    let hi = if causal { q } else { (q + one_sided).min(len - 1) };
+                    for k in lo..=hi {
+                        assert!(held.contains(&k), "{case}: rank {me}'s query {q} misses key {k}");
+                    }
+                }
+            }
+        }
+    }
+}

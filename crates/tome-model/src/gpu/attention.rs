@@ -1,7 +1,8 @@
 //! Attention of a shard held on the GPU, across ranks: dense (ring) and window (halo) attention
-//! with the plans of `tome_dist::ops`, their key blocks crossing ranks as the same frames over
-//! the job's Group (staged through the host), and every partial computed and merged on the
-//! device. With one rank nothing leaves the device. Global tokens and block-sparse attention,
+//! with the plans of `tome_dist::ops`, their key blocks crossing ranks as device frames in the
+//! CPU operators' layout (`Group::send_device`: no host copy where the Group moves device
+//! buffers), and every partial computed and merged on the device. With one rank nothing leaves
+//! the device. Global tokens and block-sparse attention,
 //! which single out some queries, are `super::sparse`.
 
 use std::sync::Arc;
