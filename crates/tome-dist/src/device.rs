@@ -4,9 +4,12 @@
 //!
 //! A device frame's tensors are buffers of the sender's GPU, each with its element type and
 //! shape, in the same order and layout as the host frame the same operator would send, so a
-//! receiver may take either kind whatever its sender sent. Streams of different ranks share
-//! these buffers safely because cudarc orders every use of a buffer after its last write on any
-//! stream of its GPU (its event tracking, on wherever a context has more than one stream).
+//! receiver may take either kind whatever its sender sent. A frame's buffers are written once,
+//! before it is sent; cudarc orders every later use on any stream of the GPU after that write
+//! (its event tracking, on wherever a context has more than one stream). It frees a buffer on
+//! the stream that made it, after the last read it recorded, which is one stream's: a rank that
+//! reads a buffer it shares must order that stream after its reads before it lets the buffer go
+//! ([`DeviceTensor::release_after`]).
 
 use std::sync::Arc;
 
@@ -79,7 +82,8 @@ impl DeviceTensor {
         if n != data.len() {
             return Err(DistError::Plan(format!("a device tensor of shape {dims:?} over {} elements", data.len())));
         }
-        Ok(DeviceTensor { dtype: dtype_of(&data), dims: dims.to_vec(), data: Some(data) })
+        let dtype = dtype_of(&data);
+        Ok(DeviceTensor { dtype, dims: dims.to_vec(), data: (n > 0).then_some(data) })
     }
 
     /// A tensor of `dims` with no element (a dimension is 0).
@@ -150,6 +154,19 @@ impl DeviceTensor {
 
     fn wrong_type(&self, want: DType) -> DistError {
         DistError::Plan(format!("a frame's {:?} tensor of shape {:?} where {want:?} was expected", self.dtype, self.dims))
+    }
+
+    /// Makes the stream that will free this tensor's buffer wait for the work `reader` has
+    /// queued so far (a no-op where `reader` is that stream, or the tensor is empty). A rank
+    /// that read a shared buffer on its stream calls this before letting its handle go.
+    pub fn release_after(&self, reader: &Arc<CudaStream>) -> Result<()> {
+        let Some(data) = &self.data else { return Ok(()) };
+        let owner = data.stream();
+        if Arc::ptr_eq(owner, reader) || owner.cu_stream() == reader.cu_stream() {
+            return Ok(());
+        }
+        let read = reader.record_event(None).map_err(driver("record an event"))?;
+        owner.wait(&read).map_err(driver("wait for an event"))
     }
 
     /// The tensor copied to the host (waiting for the writes before it on its GPU).

@@ -1,9 +1,13 @@
-//! Attention partials on a GPU: `kernels/attention.cu` compiled for the GPU at hand, launched
-//! on device buffers, with the arguments and result of `tome_attn::attention`.
+//! Attention partials on a GPU: `kernels/attention.cu` (CUDA cores, f32 arithmetic) and
+//! `kernels/attention_mma.cu` (tensor cores, bf16 or f16 operands with f32 accumulation)
+//! compiled for the GPU at hand, launched on device buffers, with the arguments and result of
+//! `tome_attn::attention`.
 //!
 //! [`GpuAttention::launch`] works on buffers already on the GPU (what a device-resident layer
-//! calls); [`GpuAttention::attention`] takes host tensors and a [`Mask`], copies them over and
-//! returns a host [`Partial`], for tests and benchmarks beside the CPU kernel.
+//! calls), [`GpuAttention::launch_tensor_cores`] likewise on tensor cores, and
+//! [`GpuAttention::launch_in`] picks between them for a run's precision;
+//! [`GpuAttention::attention`] takes host tensors and a [`Mask`], copies them over and returns a
+//! host [`Partial`], for tests and benchmarks beside the CPU kernel.
 
 use std::sync::Arc;
 
@@ -11,13 +15,16 @@ use candle_core::{DType, Tensor};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use tome_attn::{Mask, Partial};
 
+use crate::blas::Half;
 use crate::device::Gpu;
 use crate::error::{driver, GpuError, Result};
-use crate::kernels::ATTENTION;
+use crate::kernels::{ATTENTION, ATTENTION_MMA};
 
-/// Query rows per thread block, threads per block, and the largest head size: as in the kernel.
+/// Query rows per thread block, threads per block, and the largest head size: as in the kernels
+/// (the tensor-core kernel's blocks are `MMA_THREADS` threads, 16 rows a warp).
 const ROWS: usize = 64;
 const THREADS: u32 = 256;
+const MMA_THREADS: u32 = 128;
 const MAX_HEAD_DIM: usize = 128;
 /// Grid rows (query heads) a launch may have.
 const MAX_HEADS: usize = 65_535;
@@ -74,6 +81,12 @@ impl Dims {
         }
         Ok(())
     }
+
+    /// Whether the tensor-core kernel takes these head sizes: multiples of 8 (its fragments'
+    /// widths; queries and keys are padded to 16).
+    pub fn fits_tensor_cores(&self) -> bool {
+        self.head_dim.is_multiple_of(8) && self.value_dim.is_multiple_of(8)
+    }
 }
 
 /// What a launch reads: device buffers laid out as [`Dims`] says, and the mask's rule.
@@ -91,21 +104,29 @@ pub struct Inputs<'a, T> {
     pub scale: f32,
 }
 
-/// The attention kernel loaded on one GPU, with the stream it runs on.
+/// The attention kernels loaded on one GPU, with the stream they run on.
 pub struct GpuAttention {
     stream: Arc<CudaStream>,
     f32_entry: CudaFunction,
     bf16_entry: CudaFunction,
+    /// Tensor cores: f32 inputs as bf16 and as f16 operands, and bf16 bits.
+    mma_bf16: CudaFunction,
+    mma_f16: CudaFunction,
+    mma_bf16_bits: CudaFunction,
 }
 
 impl GpuAttention {
     /// The kernel compiled for `gpu`'s architecture and loaded, launched on `stream`.
     pub fn new(gpu: &Gpu, stream: Arc<CudaStream>) -> Result<Self> {
-        let module = gpu.load(&ATTENTION)?;
+        let (module, mma) = (gpu.load(&ATTENTION)?, gpu.load(&ATTENTION_MMA)?);
+        let f = |m: &Arc<cudarc::driver::CudaModule>, name: &str| m.load_function(name).map_err(driver("cuModuleGetFunction"));
         Ok(GpuAttention {
             stream,
-            f32_entry: module.load_function(<f32 as AttentionElement>::ENTRY).map_err(driver("cuModuleGetFunction"))?,
-            bf16_entry: module.load_function(<u16 as AttentionElement>::ENTRY).map_err(driver("cuModuleGetFunction"))?,
+            f32_entry: f(&module, <f32 as AttentionElement>::ENTRY)?,
+            bf16_entry: f(&module, <u16 as AttentionElement>::ENTRY)?,
+            mma_bf16: f(&mma, "tome_attention_mma_bf16")?,
+            mma_f16: f(&mma, "tome_attention_mma_f16")?,
+            mma_bf16_bits: f(&mma, "tome_attention_mma_bf16_bits")?,
         })
     }
 
@@ -114,8 +135,39 @@ impl GpuAttention {
     }
 
     /// Writes the partial of `inputs` into `out` (`[heads, queries, value_dim]`) and `lse`
-    /// (`[heads, queries]`), on this kernel's stream.
+    /// (`[heads, queries]`), on this kernel's stream, in f32 arithmetic on CUDA cores.
     pub fn launch<T: AttentionElement>(&self, dims: Dims, inputs: &Inputs<'_, T>, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>) -> Result<()> {
+        let entry = if T::ENTRY == <f32 as AttentionElement>::ENTRY { &self.f32_entry } else { &self.bf16_entry };
+        self.run(entry, THREADS, dims, inputs, out, lse)
+    }
+
+    /// As [`GpuAttention::launch`], with both products on tensor cores: the inputs read as
+    /// `operands` values (f32 inputs a bf16 or f16 run has rounded to them, or bf16 bits as bf16
+    /// operands), the probabilities rounded to that type before the second product, scores,
+    /// softmax statistics and the partial in f32. Head sizes as [`Dims::fits_tensor_cores`].
+    pub fn launch_tensor_cores<T: AttentionElement>(&self, dims: Dims, inputs: &Inputs<'_, T>, operands: Half, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>) -> Result<()> {
+        if !dims.fits_tensor_cores() {
+            return Err(GpuError::Shape { op: OP, msg: format!("head sizes {} and {}: tensor cores take multiples of 8", dims.head_dim, dims.value_dim) });
+        }
+        let entry = match (T::ENTRY == <f32 as AttentionElement>::ENTRY, operands) {
+            (true, Half::Bf16) => &self.mma_bf16,
+            (true, Half::F16) => &self.mma_f16,
+            (false, Half::Bf16) => &self.mma_bf16_bits,
+            (false, Half::F16) => return Err(GpuError::Shape { op: OP, msg: "bf16 bits cannot be read as f16 operands".into() }),
+        };
+        self.run(entry, MMA_THREADS, dims, inputs, out, lse)
+    }
+
+    /// The partial of a run in `operands` precision (`None`: f32) from f32 inputs rounded to it:
+    /// on tensor cores where it is bf16 or f16 and the head sizes fit them, else on CUDA cores.
+    pub fn launch_in(&self, dims: Dims, inputs: &Inputs<'_, f32>, operands: Option<Half>, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>) -> Result<()> {
+        match operands {
+            Some(half) if dims.fits_tensor_cores() => self.launch_tensor_cores(dims, inputs, half, out, lse),
+            _ => self.launch(dims, inputs, out, lse),
+        }
+    }
+
+    fn run<T: DeviceRepr>(&self, entry: &CudaFunction, threads: u32, dims: Dims, inputs: &Inputs<'_, T>, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>) -> Result<()> {
         dims.check()?;
         let expect = |name: &str, have: usize, want: usize| {
             if have == want {
@@ -138,13 +190,12 @@ impl GpuAttention {
         if queries == 0 {
             return Ok(());
         }
-        let entry = if T::ENTRY == <f32 as AttentionElement>::ENTRY { &self.f32_entry } else { &self.bf16_entry };
         let as_i32 = |n: usize| n as i32; // fits: `Dims::check`
         let (hq, hk, nq, nk, d, dv) = (as_i32(heads), as_i32(kv_heads), as_i32(queries), as_i32(keys), as_i32(head_dim), as_i32(value_dim));
         let causal = i32::from(inputs.causal);
         let window: i64 = inputs.window.map_or(-1, |w| w.min(MAX_WINDOW) as i64);
         let no_validity = 0u64;
-        let config = LaunchConfig { grid_dim: (queries.div_ceil(ROWS) as u32, heads as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let config = LaunchConfig { grid_dim: (queries.div_ceil(ROWS) as u32, heads as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let mut args = self.stream.launch_builder(entry);
         args.arg(inputs.q).arg(inputs.k).arg(inputs.v).arg(inputs.q_pos).arg(inputs.k_pos);
         match inputs.key_valid {
@@ -152,8 +203,9 @@ impl GpuAttention {
             None => args.arg(&no_validity),
         };
         args.arg(&hq).arg(&hk).arg(&nq).arg(&nk).arg(&d).arg(&dv).arg(&causal).arg(&window).arg(&inputs.scale).arg(out).arg(lse);
-        // SAFETY: the argument list matches `tome_attention_*` in kernels/attention.cu, and every
-        // buffer's length was checked against the dimensions above.
+        // SAFETY: the argument list matches `tome_attention_*` in kernels/attention.cu and
+        // kernels/attention_mma.cu (the same for every entry, each taking ROWS query rows a
+        // block), and every buffer's length was checked against the dimensions above.
         unsafe { args.launch(config) }.map_err(driver("cuLaunchKernel"))?;
         Ok(())
     }
@@ -161,6 +213,16 @@ impl GpuAttention {
     /// `tome_attn::attention` on this GPU: host tensors (f32, or bf16 for the bf16 kernel) in,
     /// the host partial out.
     pub fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> Result<Partial> {
+        self.on_host(q, k, v, mask, scale, None)
+    }
+
+    /// [`GpuAttention::attention`] on tensor cores in `operands`: f32 tensors whose values are
+    /// `operands` values, or bf16 tensors for bf16 operands.
+    pub fn attention_tensor_cores(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32, operands: Half) -> Result<Partial> {
+        self.on_host(q, k, v, mask, scale, Some(operands))
+    }
+
+    fn on_host(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32, operands: Option<Half>) -> Result<Partial> {
         let dims = dims_of(q, k, v, mask)?;
         dims.check()?;
         if dims.queries == 0 || dims.keys == 0 {
@@ -171,16 +233,17 @@ impl GpuAttention {
             return Err(GpuError::Shape { op: OP, msg: format!("q, k and v differ in element type: {dtype:?}, {:?}, {:?}", k.dtype(), v.dtype()) });
         }
         match dtype {
-            DType::F32 => self.run_host(dims, &flat::<f32>(q)?, &flat::<f32>(k)?, &flat::<f32>(v)?, mask, scale),
+            DType::F32 => self.run_host(dims, &flat::<f32>(q)?, &flat::<f32>(k)?, &flat::<f32>(v)?, mask, scale, operands),
             DType::BF16 => {
                 let bits = |t: &Tensor| -> Result<Vec<u16>> { Ok(flat::<half::bf16>(t)?.into_iter().map(half::bf16::to_bits).collect()) };
-                self.run_host(dims, &bits(q)?, &bits(k)?, &bits(v)?, mask, scale)
+                self.run_host(dims, &bits(q)?, &bits(k)?, &bits(v)?, mask, scale, operands)
             }
             other => Err(GpuError::Shape { op: OP, msg: format!("the kernel reads f32 or bf16, not {other:?}") }),
         }
     }
 
-    fn run_host<T: AttentionElement>(&self, dims: Dims, q: &[T], k: &[T], v: &[T], mask: &Mask<'_>, scale: f32) -> Result<Partial> {
+    #[allow(clippy::too_many_arguments)]
+    fn run_host<T: AttentionElement>(&self, dims: Dims, q: &[T], k: &[T], v: &[T], mask: &Mask<'_>, scale: f32, operands: Option<Half>) -> Result<Partial> {
         let s = &self.stream;
         let upload = |op: &'static str| driver(op);
         let q_dev = s.clone_htod(q).map_err(upload("copy q"))?;
@@ -195,7 +258,10 @@ impl GpuAttention {
         let mut out = s.alloc_zeros::<f32>(dims.heads * dims.queries * dims.value_dim).map_err(driver("allocate out"))?;
         let mut lse = s.alloc_zeros::<f32>(dims.heads * dims.queries).map_err(driver("allocate lse"))?;
         let inputs = Inputs { q: &q_dev, k: &k_dev, v: &v_dev, q_pos: &q_pos, k_pos: &k_pos, key_valid: valid.as_ref(), causal: mask.causal, window: mask.window, scale };
-        self.launch(dims, &inputs, &mut out, &mut lse)?;
+        match operands {
+            None => self.launch(dims, &inputs, &mut out, &mut lse)?,
+            Some(half) => self.launch_tensor_cores(dims, &inputs, half, &mut out, &mut lse)?,
+        }
         let out = s.clone_dtoh(&out).map_err(driver("copy out back"))?;
         let lse = s.clone_dtoh(&lse).map_err(driver("copy lse back"))?;
         Ok(Partial::from_vecs(out, lse, dims.heads, dims.queries, dims.value_dim)?)

@@ -112,6 +112,52 @@ fn emulated_kernel_partials_of_key_blocks_merge_to_the_whole() {
     }
 }
 
+/// One call of `attention_mma.cu` through its harness: operands f16 or bf16; the inputs are
+/// f32 (rounded to the operands' type first, as a bf16 or f16 run's are) unless `q` is bf16,
+/// which the kernel then reads as bits.
+fn emulated_mma(f16: bool, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> Partial {
+    static MMA: OnceLock<PathBuf> = OnceLock::new();
+    let (hq, nq, d) = q.dims3().unwrap();
+    let (hk, nk, _) = k.dims3().unwrap();
+    let dv = v.dims3().unwrap().2;
+    let bits = q.dtype() == DType::BF16;
+    let header = [
+        i64::from(f16),
+        i64::from(bits),
+        hq as i64,
+        hk as i64,
+        nq as i64,
+        nk as i64,
+        d as i64,
+        dv as i64,
+        i64::from(mask.causal),
+        mask.window.map_or(-1, |w| w as i64),
+        i64::from(mask.key_valid.is_some()),
+    ];
+    let mut input = bytes_of(&header);
+    input.extend(scale.to_le_bytes());
+    for t in [q, k, v] {
+        input.extend(elements(t));
+    }
+    input.extend(bytes_of(mask.q_pos));
+    input.extend(bytes_of(mask.k_pos));
+    if let Some(valid) = mask.key_valid {
+        input.extend(valid.iter().map(|&b| u8::from(b)));
+    }
+    let raw = run_harness(MMA.get_or_init(|| build("attention_mma_harness")), input);
+    let (o, l) = raw.split_at(hq * nq * dv);
+    Partial::from_vecs(o.to_vec(), l.to_vec(), hq, nq, dv).unwrap()
+}
+
+/// The tensor-core kernel against the naive reference on every case, in bf16 and f16 operands
+/// (`common::check_tensor_cores`).
+#[test]
+fn emulated_tensor_core_kernel_matches_the_reference_on_every_case() {
+    for case in common::cases() {
+        common::check_tensor_cores(&emulated_mma, &case);
+    }
+}
+
 /// Every kernel of kernels/layers.cu against its definition (candle's ops, tome-attn's merge):
 /// embeddings, layer norm, bias with each activation, bias with residual, heads split and
 /// merged back, and partials merged (rows that saw nothing on one side, or on both).

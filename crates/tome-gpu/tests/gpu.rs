@@ -1,4 +1,5 @@
-//! The attention kernel on a real GPU, against the naive reference and the CPU kernel. These
+//! The attention kernels on a real GPU (CUDA cores and tensor cores), against the naive
+//! reference and the CPU kernel. These
 //! need a GPU and NVRTC: they are ignored by a plain `cargo test` (so nothing here counts as
 //! passed without one) and run by scripts/gpu-check.sh with `--ignored`, where no GPU is an error.
 
@@ -6,6 +7,7 @@ mod common;
 
 use candle_core::{DType, Tensor};
 use tome_attn::{Mask, Partial};
+use tome_gpu::blas::Half;
 use tome_gpu::{Gpu, GpuAttention};
 
 fn kernel() -> GpuAttention {
@@ -33,6 +35,18 @@ fn gpu_partials_of_key_blocks_merge_to_the_whole() {
         for parts in [2, 4] {
             common::check_blocks_merge(&run, &case, parts);
         }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it"]
+fn gpu_tensor_core_kernel_matches_the_reference_on_every_case() {
+    let gpu = kernel();
+    let run = |f16: bool, q: &Tensor, k: &Tensor, v: &Tensor, m: &Mask<'_>, s: f32| -> Partial {
+        gpu.attention_tensor_cores(q, k, v, m, s, if f16 { Half::F16 } else { Half::Bf16 }).unwrap()
+    };
+    for case in common::cases() {
+        common::check_tensor_cores(&run, &case);
     }
 }
 

@@ -272,8 +272,9 @@ fn send_bytes<T>(comm: &Comm, s: &CudaSlice<T>) -> Result<(), String> {
 }
 
 /// A buffer of `bytes / size_of::<T>()` elements of this stream, its bytes received from the peer.
-fn recv_bytes<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(comm: &Comm, stream: &Arc<CudaStream>, bytes: usize) -> Result<CudaSlice<T>, String> {
-    let mut d = stream.alloc_zeros::<T>(bytes / size_of::<T>()).map_err(driver("allocate"))?;
+fn recv_bytes<T: cudarc::driver::DeviceRepr>(comm: &Comm, stream: &Arc<CudaStream>, bytes: usize) -> Result<CudaSlice<T>, String> {
+    // SAFETY: NCCL writes every byte on this stream before anything reads the buffer.
+    let mut d = unsafe { stream.alloc::<T>(bytes / size_of::<T>()) }.map_err(driver("allocate"))?;
     {
         // SAFETY: a view of the buffer's own bytes, written by NCCL with as many bytes.
         let mut view = unsafe { d.transmute_mut::<u8>(bytes) }.ok_or("a device buffer that does not view as bytes")?;

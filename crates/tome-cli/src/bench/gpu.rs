@@ -1,6 +1,6 @@
 //! The GPU cases of `tome bench` (scripts/gpu-check.sh runs them beside PyTorch on the same
-//! GPU): `gpu-dense` and `gpu-dense-bf16`, attention alone as SDPA sees it (8 heads × 64, every
-//! key visible); `gpu-longformer`, a Longformer self-attention layer without global tokens as
+//! GPU): `gpu-dense` (f32, CUDA cores) and `gpu-dense-bf16` (bf16 operands on tensor cores, as
+//! bf16 runs attend), attention alone as SDPA sees it (8 heads × 64, every key visible); `gpu-longformer`, a Longformer self-attention layer without global tokens as
 //! transformers' `LongformerSelfAttention` computes it (hidden 512, projections and window
 //! attention of one-sided width 256, f32); `gpu-book`, the whole-book job on the GPU. Each is
 //! run once to warm up (kernels compiled, memory allocated), then the best of 3 timed runs is
@@ -15,7 +15,7 @@ use cudarc::driver::CudaSlice;
 use rand::Rng;
 use tome_dist::{run_ranks, Group, InProcessGroup, Layout, ShardPlan};
 use tome_gpu::attention::{Dims, Inputs};
-use tome_gpu::blas::Blas;
+use tome_gpu::blas::{Blas, Half};
 use tome_gpu::layers::{Activation, Layers};
 use tome_gpu::{Gpu, GpuAttention};
 use tome_model::gpu::GpuRank;
@@ -79,7 +79,7 @@ fn dense(name: &str, n: usize) -> anyhow::Result<Record> {
         let (q, k, v) = (upload(&gpu, &bf16(random(len)))?, upload(&gpu, &bf16(random(len)))?, upload(&gpu, &bf16(random(len)))?);
         let inputs = Inputs { q: &q, k: &k, v: &v, q_pos: &q_pos, k_pos: &k_pos, key_valid: None, causal: false, window: None, scale: 0.125 };
         best_of(name, n, gflop, || {
-            attention.launch(dims, &inputs, &mut out, &mut lse)?;
+            attention.launch_tensor_cores(dims, &inputs, Half::Bf16, &mut out, &mut lse)?;
             Ok(stream.synchronize()?)
         })
     } else {

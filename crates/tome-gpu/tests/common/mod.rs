@@ -58,7 +58,7 @@ fn range(a: i64, b: i64) -> Vec<i64> {
 }
 
 /// Every case: each masking rule, ragged tiles, grouped-query heads, rows that see nothing,
-/// queries in two runs (a zigzag shard), keys of another rank, head sizes 32..128, bf16.
+/// queries in two runs (a zigzag shard), keys of another rank, head sizes 8..128, bf16.
 pub fn cases() -> Vec<Case> {
     let valid: Vec<bool> = (0..120).map(|j| j < 100 && j % 7 != 3).collect();
     let zigzag = range(0, 32).into_iter().chain(range(224, 256)).collect();
@@ -76,6 +76,8 @@ pub fn cases() -> Vec<Case> {
         Case { causal: true, ..Case::new("nothing visible", 1, 64, range(0, 20), range(40, 90)) },
         Case { causal: true, bf16: true, ..Case::new("bf16 causal", 2, 64, range(0, 100), range(0, 100)) },
         Case { window: Some(33), bf16: true, ..Case::new("bf16 window", 2, 128, range(0, 150), range(0, 150)) },
+        Case { causal: true, ..Case::new("narrow heads", 4, 8, range(0, 70), range(0, 70)) },
+        Case { value_dim: 40, ..Case::new("heads of 24", 2, 24, range(0, 50), range(0, 80)) },
     ]
 }
 
@@ -122,4 +124,28 @@ pub fn check_blocks_merge(kernel: &Kernel<'_>, case: &Case, parts: usize) {
     let merged = Partial::merge_all(&partials).unwrap().unwrap();
     assert_close(case.name, "merged out", &merged.out, &whole.out, 1e-5);
     assert_close(case.name, "merged lse", &merged.lse, &whole.lse, 1e-5);
+}
+
+/// A tensor-core kernel under test: f16 operands (else bf16), then `Kernel`'s arguments.
+pub type TensorCoreKernel<'a> = dyn Fn(bool, &Tensor, &Tensor, &Tensor, &Mask<'_>, f32) -> Partial + 'a;
+
+/// The tensor-core kernel against the naive reference on `case`, in bf16 and f16 operands (a
+/// bf16 case's tensors read as bf16 bits): the scores are exact products summed in f32, so
+/// log-sum-exps agree within 1e-4; the probabilities enter the second product rounded to the
+/// operands' type (relative error 2^-9 in bf16, 2^-12 in f16), so outputs agree within that of
+/// the values' largest magnitude (2), with room: 8e-3 and 1.5e-3. A fragment read from the wrong
+/// lane or register is off by the values' own size.
+pub fn check_tensor_cores(kernel: &TensorCoreKernel<'_>, case: &Case) {
+    let round = |t: &Tensor, to: DType| t.to_dtype(to).unwrap().to_dtype(DType::F32).unwrap();
+    let (q, k, v) = case.tensors();
+    let operands: &[(bool, DType, f32)] = if case.bf16 { &[(false, DType::BF16, 8e-3)] } else { &[(false, DType::BF16, 8e-3), (true, DType::F16, 1.5e-3)] };
+    for &(f16, dtype, tol) in operands {
+        let (q, k, v) = if case.bf16 { (q.clone(), k.clone(), v.clone()) } else { (round(&q, dtype), round(&k, dtype), round(&v, dtype)) };
+        let got = kernel(f16, &q, &k, &v, &case.mask(), case.scale());
+        let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let want = reference::attention(&wide(&q), &wide(&k), &wide(&v), &case.mask(), case.scale()).unwrap();
+        let name = format!("{} ({dtype:?} operands)", case.name);
+        assert_close(&name, "out", &got.out, &want.out, tol);
+        assert_close(&name, "lse", &got.lse, &want.lse, 1e-4);
+    }
 }

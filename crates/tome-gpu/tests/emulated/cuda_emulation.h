@@ -11,9 +11,14 @@
 #include <string.h>
 #include <ucontext.h>
 
+#include <array>
 #include <functional>
 #include <memory>
 #include <vector>
+
+// Kernels choose their emulated paths (shared memory read element by element, `mma` modelled
+// below) by this.
+#define TOME_EMULATED 1
 
 #define __global__
 #define __device__
@@ -105,6 +110,41 @@ inline void launch(unsigned grid_x, unsigned grid_y, unsigned threads, std::func
 }  // namespace emu
 
 inline void __syncthreads() { emu::barrier(); }
+
+namespace emu {
+inline std::vector<std::array<unsigned, 6>> fragments;
+
+// `mma.sync.aligned.m16n8k16.row.col.f32.<t>.<t>.f32` for the warp of the calling thread: every
+// lane posts its A (four registers) and B (two) fragments, then computes its four elements of
+// D = A B + C from its warp's, with `value` reading a 16-bit operand. Fragment layout as in the
+// PTX ISA (attention_mma.cu's header); sums in f32, in k order (a GPU's order and rounding
+// inside the instruction may differ slightly).
+template <class Value>
+inline void mma_m16n8k16(float c[4], const unsigned a[4], const unsigned b[2], Value value) {
+    const unsigned tid = threadIdx.x;
+    if (fragments.size() < blockDim.x) fragments.resize(blockDim.x);
+    fragments[tid] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    barrier();
+    const unsigned warp = tid & ~31u, lane = tid & 31u, g = lane / 4, t = lane % 4;
+    auto element = [&](unsigned at_lane, int reg, int high) {
+        const unsigned r = fragments[warp + at_lane][reg];
+        return value((unsigned short)(high ? r >> 16 : r & 0xffffu));
+    };
+    // A(r, k): lane 4 (r mod 8) + (k mod 8) / 2, register r / 8 + 2 (k / 8), half k mod 2.
+    auto A = [&](int r, int k) { return element(4 * (r % 8) + (k % 8) / 2, r / 8 + 2 * (k / 8), k % 2); };
+    // B(k, n): lane 4 n + (k mod 8) / 2, register k / 8 (after A's four), half k mod 2.
+    auto B = [&](int k, int n) { return element(4 * n + (k % 8) / 2, 4 + k / 8, k % 2); };
+    float d[4];
+    for (int e = 0; e < 4; ++e) {
+        const int r = (int)g + 8 * (e / 2), n = 2 * (int)t + e % 2;
+        float sum = c[e];
+        for (int k = 0; k < 16; ++k) sum += A(r, k) * B(k, n);
+        d[e] = sum;
+    }
+    barrier();
+    for (int e = 0; e < 4; ++e) c[e] = d[e];
+}
+}  // namespace emu
 
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
     const unsigned t = threadIdx.x;

@@ -11,6 +11,7 @@
 // rounded in place, the merged partial's out then
 // lse, four rows of the heads gathered, then scattered among zeros.
 #include "cuda_emulation.h"
+#include "../../kernels/convert.cuh"
 #include "../../kernels/layers.cu"
 
 #include <stdio.h>

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use cudarc::driver::CudaSlice;
 use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
+use tome_attn::Precision;
 use tome_dist::ops::{blocksparse_attention, window_attention, window_exchange, window_keys, GlobalTokens, KeyBlock, RowExchange, WindowSpec};
 use tome_dist::{DeviceData, DeviceFrame, DeviceTensor, Group, ShardPlan};
 use tome_gpu::attention::{Dims, Inputs};
 
 pub(crate) use super::sparse::Globals;
-use super::{sparse, GpuRank};
+use super::{operands, sparse, GpuRank};
 use crate::error::{ModelError, Result};
 
 /// Which keys a layer's queries see.
@@ -46,6 +47,8 @@ pub(crate) struct Shard<'a> {
     /// Key/value heads: fewer than `heads` under grouped-query attention.
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// The run's precision: bf16 and f16 runs attend on tensor cores where the head sizes fit.
+    pub precision: Precision,
 }
 
 /// Keys and values on the device with their positions and validity, borrowed.
@@ -143,7 +146,7 @@ pub(super) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard:
             }
             if group.size() > 1 {
                 for halo in window_halo(rank, group, plan, shard, WindowSpec { one_sided, causal, scale })? {
-                    if let (Some(block), true) = (key_block(&halo, shard.kv_heads, shard.head_dim)?, n > 0) {
+                    if let (Some(block), true) = (key_block(&halo.frame, shard.kv_heads, shard.head_dim)?, n > 0) {
                         acc.add(rank, shard, &q_pos, block, causal, Some(one_sided), scale)?;
                     }
                 }
@@ -171,21 +174,21 @@ pub(super) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard:
 fn ring(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, own: BlockRef<'_>, acc: &mut Accumulator, causal: bool, scale: f32) -> Result<()> {
     let (me, p) = (group.rank(), group.size());
     let q_max = shard.pos.iter().copied().max();
-    let mut frame = own_frame(rank, shard, own)?;
+    let mut frame = Held::new(own_frame(rank, shard, own)?, rank);
     for step in 0..p {
         let last = step + 1 == p;
         if !last {
-            group.send_device(group.next_rank(), frame.clone())?;
+            group.send_device(group.next_rank(), frame.frame.clone())?;
         }
         let k0 = plan.ranges((me + p - step) % p).first().map(|x| x.start as i64);
         let visible = !causal || matches!((q_max, k0), (Some(qm), Some(k0)) if k0 <= qm);
         if visible && !shard.pos.is_empty() {
-            if let Some(block) = key_block(&frame, shard.kv_heads, shard.head_dim)? {
+            if let Some(block) = key_block(&frame.frame, shard.kv_heads, shard.head_dim)? {
                 acc.add(rank, shard, own.pos, block, causal, None, scale)?;
             }
         }
         if !last {
-            frame = group.recv_device(group.prev_rank(), &rank.stream)?;
+            frame = Held::new(group.recv_device(group.prev_rank(), &rank.stream)?, rank);
         }
     }
     Ok(())
@@ -194,7 +197,10 @@ fn ring(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, 
 /// The halo of the shard under `spec`, as device frames (`tome_dist::ops::window_keys`'s
 /// exchange: the rows each peer needs of this shard go to it, gathered on the device), one
 /// block of keys, values, positions and validity per peer that sends rows here.
-fn window_halo(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, spec: WindowSpec) -> Result<Vec<DeviceFrame>> {
+fn window_halo<'r>(rank: &'r GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, spec: WindowSpec) -> Result<Vec<Held<'r>>> {
+    if plan.ranks() != group.size() {
+        return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("the plan has {} shards for a group of {} ranks", plan.ranks(), group.size()))));
+    }
     let exchange = window_exchange(plan, group.rank(), spec);
     let (heads, d) = (shard.kv_heads, shard.head_dim);
     for (peer, parts) in &exchange.sends {
@@ -218,9 +224,34 @@ fn window_halo(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shar
         }
         let valid = frame.pop().into_iter();
         let pos = if m == 0 { DeviceTensor::empty(DType::I64, &[0])? } else { DeviceTensor::new(DeviceData::I64(Arc::new(rank.upload(&pos)?)), &[m])? };
-        halo.push(frame.into_iter().chain([pos]).chain(valid).collect());
+        halo.push(Held::new(frame.into_iter().chain([pos]).chain(valid).collect(), rank));
     }
     Ok(halo)
+}
+
+/// A device frame this rank reads on its stream. Dropped, it orders the stream of each of its
+/// buffers after what this rank has queued (`DeviceTensor::release_after`): a buffer shared
+/// with other ranks is freed on the stream that made it, once every holder has let it go, and
+/// never under this rank's kernels.
+struct Held<'r> {
+    frame: DeviceFrame,
+    rank: &'r GpuRank,
+}
+
+impl<'r> Held<'r> {
+    fn new(frame: DeviceFrame, rank: &'r GpuRank) -> Self {
+        Held { frame, rank }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let stream = &self.rank.stream;
+        if self.frame.iter().any(|t| t.release_after(stream).is_err()) {
+            // No event to order by (a fault in the GPU's context): wait for the reads instead.
+            let _ = stream.synchronize();
+        }
+    }
 }
 
 /// The shard's keys, values, positions and validity as a device frame (a copy: the frame's
@@ -343,14 +374,14 @@ impl Accumulator {
         let dims = Dims { heads: shard.heads, kv_heads: shard.kv_heads, queries: n, keys: block.len, head_dim: shard.head_dim, value_dim: shard.head_dim };
         let inputs = Inputs { q: shard.q, k: block.k, v: block.v, q_pos, k_pos: block.pos, key_valid: Some(block.valid), causal, window, scale };
         if self.blocks == 0 {
-            rank.attention.launch(dims, &inputs, &mut self.out, &mut self.lse)?;
+            rank.attention.launch_in(dims, &inputs, operands(shard.precision), &mut self.out, &mut self.lse)?;
         } else {
             let (out, lse) = match self.scratch.take() {
                 Some(s) => s,
                 None => (rank.zeros(self.out.len())?, rank.zeros(self.lse.len())?),
             };
             let (mut out, mut lse) = (out, lse);
-            rank.attention.launch(dims, &inputs, &mut out, &mut lse)?;
+            rank.attention.launch_in(dims, &inputs, operands(shard.precision), &mut out, &mut lse)?;
             rank.layers.merge_partials(&mut self.out, &mut self.lse, &out, &lse, shard.head_dim)?;
             self.scratch = Some((out, lse));
         }

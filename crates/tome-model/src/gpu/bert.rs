@@ -149,7 +149,7 @@ impl BertModel {
             if let (Pattern::Global { globals, .. }, Some([gq, gk, gv])) = (&mut pattern, &global) {
                 globals.projections = Some([gq, gk, gv]);
             }
-            let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: heads, head_dim: d };
+            let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: heads, head_dim: d, precision };
             let merged = attend_rows(rank, group, &padded, &shard, pattern, scale)?;
             drop((q, k, v, global));
             let h = w.attn_norm.apply(rank, &w.attn_out.forward_residual(rank, &merged, &x)?)?;

@@ -91,7 +91,7 @@ impl Gpt2Model {
             };
             let (q, k, v) = (part(0)?, part(1)?, part(2)?);
             drop(qkv);
-            let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: heads, head_dim: hd };
+            let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: heads, head_dim: hd, precision: input.run.precision };
             let merged = attend_rows(rank, group, plan, &shard, Pattern::Dense { causal: true }, b.scale)?;
             drop((q, k, v));
             x = b.c_proj.forward_residual(rank, &merged, &x)?;

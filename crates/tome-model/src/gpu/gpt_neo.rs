@@ -106,7 +106,7 @@ impl GptNeoModel {
             };
             let (q, k, v) = (heads_of(&b.q)?, heads_of(&b.k)?, heads_of(&b.v)?);
             drop(h);
-            let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: heads, head_dim: hd };
+            let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: heads, head_dim: hd, precision: input.run.precision };
             // GPT-Neo does not scale its scores.
             let merged = attend_rows(rank, group, plan, &shard, pattern(block.attention)?, 1.0)?;
             drop((q, k, v));

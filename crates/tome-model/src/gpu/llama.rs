@@ -121,7 +121,7 @@ impl LlamaModel {
             let h = lw.input_norm.apply(rank, &x)?;
             let (q, k, v) = (heads_of(&h, &lw.q, heads, true)?, heads_of(&h, &lw.k, kv, true)?, heads_of(&h, &lw.v, kv, false)?);
             drop(h);
-            let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: kv, head_dim: hd };
+            let shard = Shard { q: &q, k: &k, v: &v, pos: &positions, valid: &valid, heads, kv_heads: kv, head_dim: hd, precision: input.run.precision };
             let merged = attend_rows(rank, group, plan, &shard, pattern, scale)?;
             drop((q, k, v));
             x = lw.o.forward_residual(rank, &merged, &x)?;

@@ -222,6 +222,15 @@ enum DeviceMatrix {
 }
 
 /// A linear layer on the device: its weights and the bias (f32), if any.
+/// The 16-bit operands of a run's products (`None`: f32).
+pub(crate) fn operands(precision: Precision) -> Option<Half> {
+    match precision {
+        Precision::F32 => None,
+        Precision::Bf16 => Some(Half::Bf16),
+        Precision::F16 => Some(Half::F16),
+    }
+}
+
 pub(crate) struct DeviceLinear {
     w: DeviceMatrix,
     pub(crate) b: Option<CudaSlice<f32>>,

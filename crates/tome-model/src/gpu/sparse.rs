@@ -15,7 +15,7 @@ use tome_dist::{Group, ShardPlan};
 use tome_gpu::attention::{Dims, Inputs};
 
 use super::attention::{to_host, upload_flags, Accumulator, BlockRef, DeviceBlock, Shard};
-use super::GpuRank;
+use super::{operands, GpuRank};
 use crate::error::{ModelError, Result};
 
 /// Longformer's global tokens of a window layer: their positions (ascending, the same on every
@@ -47,7 +47,7 @@ fn partial(rank: &GpuRank, shard: &Shard<'_>, q: &CudaSlice<f32>, q_pos: &CudaSl
     let dims = Dims { heads, kv_heads: shard.kv_heads, queries: nq, keys: block.len, head_dim: d, value_dim: d };
     let inputs = Inputs { q, k: block.k, v: block.v, q_pos, k_pos: block.pos, key_valid: Some(block.valid), causal: false, window: None, scale };
     let (mut out, mut lse) = (rank.zeros(heads * nq * d)?, rank.zeros(heads * nq)?);
-    rank.attention.launch(dims, &inputs, &mut out, &mut lse)?;
+    rank.attention.launch_in(dims, &inputs, operands(shard.precision), &mut out, &mut lse)?;
     Ok((out, lse))
 }
 
