@@ -170,7 +170,11 @@ impl Model {
             Some(rank) => {
                 self.check_precision_on(input.run.precision, true)?;
                 rank.check_precision(input.run.precision)?;
-                self.0.forward_gpu(rank, group, plan, input, after_layer)
+                let hidden = self.0.forward_gpu(rank, group, plan, input, after_layer)?;
+                if input.run.precision == Precision::F16 {
+                    check_f16_range(&hidden, group.rank())?;
+                }
+                Ok(hidden)
             }
         }
     }
@@ -184,6 +188,20 @@ impl Model {
     pub fn log_probs(&self, hidden: &Tensor, next_ids: &[u32]) -> Result<Tensor> {
         self.0.log_probs(hidden, next_ids)
     }
+}
+
+/// An f16 run's hidden rows, refused where an activation left f16's range on the way (past
+/// 65504 it became infinite, and the next norm made it NaN): such a document needs bf16 or f32.
+fn check_f16_range(hidden: &Tensor, rank: usize) -> Result<()> {
+    let values = hidden.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    let lost = values.iter().filter(|x| !x.is_finite()).count();
+    if lost > 0 {
+        return Err(ModelError::Input(format!(
+            "f16 overflowed on rank {rank}: {lost} of its {} hidden values are infinite or NaN (an activation passed f16's largest value, 65504); run this document in bf16 or f32",
+            values.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The refusal of an architecture without a GPU forward on a GPU rank.
@@ -269,4 +287,19 @@ pub(crate) fn embed_learned_positions(
     let tok = Tensor::from_slice(&input.ids, n, &Device::Cpu)?;
     let pos = Tensor::from_slice(&input.position_ids, n, &Device::Cpu)?;
     Ok(((wte.forward(&tok)? + wpe.forward(&pos)?)?, positions))
+}
+
+#[cfg(test)]
+mod f16_range_tests {
+    use super::*;
+
+    #[test]
+    fn an_f16_run_whose_activations_overflowed_is_refused_saying_so() {
+        let cpu = &candle_core::Device::Cpu;
+        assert!(check_f16_range(&Tensor::new(&[[1.0f32, -65504.0], [0.5, 3.0]], cpu).unwrap(), 0).is_ok());
+        for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+            let err = check_f16_range(&Tensor::new(&[[1.0f32, bad], [0.5, 3.0]], cpu).unwrap(), 2).unwrap_err();
+            assert!(matches!(&err, ModelError::Input(m) if m.contains("f16 overflowed on rank 2: 1 of its 4 hidden values") && m.contains("bf16 or f32")), "{err}");
+        }
+    }
 }
