@@ -112,6 +112,23 @@ struct GpuNeed {
     capacity: u64,
 }
 
+/// Why one placement failed: a worker busy with other jobs now (the job may fit on the others),
+/// or anything else.
+enum Refusal {
+    Busy { worker: String, why: String },
+    Other(CoordError),
+}
+
+fn refused<T>(e: CoordError) -> Result<T, Refusal> {
+    Err(Refusal::Other(e))
+}
+
+impl From<CoordError> for Refusal {
+    fn from(e: CoordError) -> Self {
+        Refusal::Other(e)
+    }
+}
+
 /// What activations other jobs hold on GPU `key`.
 fn held_gpu(reserved: &HashMap<String, Load>, key: &str) -> Load {
     reserved.get(key).copied().unwrap_or_default()
@@ -217,19 +234,38 @@ impl Cluster {
         self.place_without(spec, &HashSet::new())
     }
 
-    /// As [`Cluster::place`], on the live workers other than those named in `lost`.
+    /// As [`Cluster::place`], on the live workers other than those named in `lost`. A worker,
+    /// or a GPU of one, too busy with other jobs now is left out and the job placed on the
+    /// others; the job is refused as busy (naming the first) only when no placement without
+    /// them holds.
     fn place_without(&self, spec: &JobSpec, lost: &HashSet<String>) -> Result<Placement, CoordError> {
+        let mut left_out = lost.clone();
+        let mut first_busy: Option<CoordError> = None;
+        loop {
+            match self.place_once(spec, &left_out) {
+                Ok(placement) => return Ok(placement),
+                Err(Refusal::Busy { worker, why }) => {
+                    first_busy.get_or_insert(CoordError::Busy(why));
+                    left_out.insert(worker);
+                }
+                Err(Refusal::Other(e)) => return Err(first_busy.unwrap_or(e)),
+            }
+        }
+    }
+
+    /// One placement on the live workers other than those in `left_out`.
+    fn place_once(&self, spec: &JobSpec, lost: &HashSet<String>) -> Result<Placement, Refusal> {
         let model = spec.model.name();
         let serving: Vec<pb::WorkerInfo> = self.membership.live().into_iter().filter(|w| !lost.contains(&w.name) && w.models.iter().any(|m| m.name == model)).collect();
         if serving.is_empty() {
-            return Err(CoordError::Unavailable(format!("no live worker serves model `{model}`")));
+            return refused(CoordError::Unavailable(format!("no live worker serves model `{model}`")));
         }
         // A pool may mix CPU and GPU workers: each runs the model in what its device offers.
         let precision = spec.doc.run.precision;
         let (mut live, unable): (Vec<pb::WorkerInfo>, Vec<pb::WorkerInfo>) = serving.into_iter().partition(|w| runs_in(w, &model, precision));
         if live.is_empty() {
             let names: Vec<String> = unable.iter().map(|w| format!("{} ({})", w.name, if w.gpu_ranks { "GPU ranks" } else { "CPU ranks" })).collect();
-            return Err(CoordError::Invalid(format!("no live worker runs model `{model}` in {precision}: {} serve it in other precisions", names.join(", "))));
+            return refused(CoordError::Invalid(format!("no live worker runs model `{model}` in {precision}: {} serve it in other precisions", names.join(", "))));
         }
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let held = |w: &pb::WorkerInfo| reserved.get(&w.name).copied().unwrap_or_default();
@@ -247,7 +283,7 @@ impl Cluster {
         for w in &live {
             let Some(n) = need.get(&w.name) else { continue };
             if n.bytes > w.memory_budget_bytes || n.shards > w.max_shards {
-                return Err(CoordError::Exhausted(format!(
+                return refused(CoordError::Exhausted(format!(
                     "the job needs {} ranks and about {:.2} GiB of activations on worker {}, which runs at most {} shards in {:.2} GiB: ask for fewer ranks or add workers",
                     n.shards,
                     gib(n.bytes),
@@ -258,7 +294,7 @@ impl Cluster {
             }
             let h = held(w);
             if h.bytes + n.bytes > w.memory_budget_bytes || h.shards + n.shards > w.max_shards {
-                return Err(CoordError::Busy(format!("worker {} is busy with other jobs; retry later", w.name)));
+                return Err(Refusal::Busy { worker: w.name.clone(), why: format!("worker {} is busy with other jobs; retry later", w.name) });
             }
         }
         // Each GPU's memory: the weights there (those already resident and the model's), and
@@ -268,7 +304,7 @@ impl Cluster {
         let gpus = gpu_needs(spec, &workers, &resident)?;
         for g in &gpus {
             if g.weights + held_gpu(&reserved, &g.key).bytes + g.activations > g.capacity {
-                return Err(CoordError::Busy(format!("GPU cuda:{} of worker {} is busy with other jobs; retry later", g.gpu, g.worker)));
+                return Err(Refusal::Busy { worker: g.worker.clone(), why: format!("GPU cuda:{} of worker {} is busy with other jobs; retry later", g.gpu, g.worker) });
             }
         }
         for g in gpus {
@@ -699,6 +735,23 @@ mod tests {
     fn serving(name: &str, model: &str, nccl_gpus: u32) -> pb::WorkerInfo {
         let models = vec![pb::ModelInfo { name: model.into(), ..Default::default() }];
         pb::WorkerInfo { nccl_gpus, models, memory_budget_bytes: 1 << 30, max_shards: 8, ..worker(name) }
+    }
+
+    #[test]
+    fn a_busy_worker_is_left_out_and_the_job_placed_on_the_others() {
+        let model = job(1).model.name();
+        let (tx, _rx) = watch::channel(vec![pb::WorkerInfo { max_shards: 1, ..serving("a", &model, 0) }, pb::WorkerInfo { max_shards: 2, ..serving("b", &model, 0) }]);
+        let cluster = Cluster::new(Arc::new(Members(tx)), 1 << 20, 1024);
+        let names = |p: &Placement| p.workers.iter().map(|w| w.name.clone()).collect::<Vec<_>>();
+        let first = cluster.place(&job(1)).unwrap();
+        assert_eq!(names(&first), ["a"]);
+        // a holds its one shard: both ranks of the next job go to b rather than the job waiting.
+        let second = cluster.place(&job(2)).unwrap();
+        assert_eq!(names(&second), ["b", "b"]);
+        let Err(CoordError::Busy(busy)) = cluster.place(&job(2)) else { panic!("a job was placed on workers with no room") };
+        assert!(busy.contains("is busy with other jobs"), "{busy}");
+        drop(first);
+        assert_eq!(names(&cluster.place(&job(1)).unwrap()), ["a"]);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! (its event tracking, on wherever a context has more than one stream). It frees a buffer on
 //! the stream that made it, after the last read it recorded, which is one stream's: a rank that
 //! reads a buffer it shares must order that stream after its reads before it lets the buffer go
-//! ([`DeviceTensor::release_after`]).
+//! ([`release_after`]).
 
 use std::sync::Arc;
 
@@ -156,19 +156,6 @@ impl DeviceTensor {
         DistError::Plan(format!("a frame's {:?} tensor of shape {:?} where {want:?} was expected", self.dtype, self.dims))
     }
 
-    /// Makes the stream that will free this tensor's buffer wait for the work `reader` has
-    /// queued so far (a no-op where `reader` is that stream, or the tensor is empty). A rank
-    /// that read a shared buffer on its stream calls this before letting its handle go.
-    pub fn release_after(&self, reader: &Arc<CudaStream>) -> Result<()> {
-        let Some(data) = &self.data else { return Ok(()) };
-        let owner = data.stream();
-        if Arc::ptr_eq(owner, reader) || owner.cu_stream() == reader.cu_stream() {
-            return Ok(());
-        }
-        let read = reader.record_event(None).map_err(driver("record an event"))?;
-        owner.wait(&read).map_err(driver("wait for an event"))
-    }
-
     /// The tensor copied to the host (waiting for the writes before it on its GPU).
     pub fn to_host(&self) -> Result<Tensor> {
         let on_host = match &self.data {
@@ -205,6 +192,23 @@ impl DeviceTensor {
             _ => Ok(self),
         }
     }
+}
+
+/// Makes the streams that will free a frame's buffers wait for the work `reader` has queued so
+/// far (one event, one wait for each other stream; nothing where `reader` made them all). A
+/// rank that read a shared frame on its stream calls this before letting its handles go.
+pub fn release_after(frame: &[DeviceTensor], reader: &Arc<CudaStream>) -> Result<()> {
+    let mut owners: Vec<&Arc<CudaStream>> = Vec::new();
+    for owner in frame.iter().filter_map(|t| t.data.as_ref()).map(DeviceData::stream) {
+        if owner.cu_stream() != reader.cu_stream() && !owners.iter().any(|o| o.cu_stream() == owner.cu_stream()) {
+            owners.push(owner);
+        }
+    }
+    if owners.is_empty() {
+        return Ok(());
+    }
+    let read = reader.record_event(None).map_err(driver("record an event"))?;
+    owners.into_iter().try_for_each(|owner| owner.wait(&read).map_err(driver("wait for an event")))
 }
 
 /// A host frame copied onto `stream`'s GPU.

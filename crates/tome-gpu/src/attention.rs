@@ -21,10 +21,14 @@ use crate::error::{driver, GpuError, Result};
 use crate::kernels::{ATTENTION, ATTENTION_MMA};
 
 /// Query rows per thread block, threads per block, and the largest head size: as in the kernels
-/// (the tensor-core kernel's blocks are `MMA_THREADS` threads, 16 rows a warp).
+/// (`attention.cu`'s TOME_ROWS and TOME_THREADS, `attention_mma.cu`'s TOME_MMA_ROWS and
+/// TOME_MMA_THREADS: 4 warps of 16 rows).
 const ROWS: usize = 64;
 const THREADS: u32 = 256;
+const MMA_ROWS: usize = 64;
 const MMA_THREADS: u32 = 128;
+/// The compute capability `mma.m16n8k16` on bf16 and f16 operands needs (Ampere).
+const MMA_COMPUTE_CAPABILITY: (u32, u32) = (8, 0);
 const MAX_HEAD_DIM: usize = 128;
 /// Grid rows (query heads) a launch may have.
 const MAX_HEADS: usize = 65_535;
@@ -109,25 +113,34 @@ pub struct GpuAttention {
     stream: Arc<CudaStream>,
     f32_entry: CudaFunction,
     bf16_entry: CudaFunction,
-    /// Tensor cores: f32 inputs as bf16 and as f16 operands, and bf16 bits.
-    mma_bf16: CudaFunction,
-    mma_f16: CudaFunction,
-    mma_bf16_bits: CudaFunction,
+    /// Tensor cores, on GPUs of compute capability 8.0 and later.
+    mma: Option<MmaEntries>,
+}
+
+/// The tensor-core kernel's entry points: f32 inputs as bf16 and as f16 operands, and bf16 bits.
+struct MmaEntries {
+    bf16: CudaFunction,
+    f16: CudaFunction,
+    bf16_bits: CudaFunction,
 }
 
 impl GpuAttention {
     /// The kernel compiled for `gpu`'s architecture and loaded, launched on `stream`.
     pub fn new(gpu: &Gpu, stream: Arc<CudaStream>) -> Result<Self> {
-        let (module, mma) = (gpu.load(&ATTENTION)?, gpu.load(&ATTENTION_MMA)?);
+        let module = gpu.load(&ATTENTION)?;
         let f = |m: &Arc<cudarc::driver::CudaModule>, name: &str| m.load_function(name).map_err(driver("cuModuleGetFunction"));
-        Ok(GpuAttention {
-            stream,
-            f32_entry: f(&module, <f32 as AttentionElement>::ENTRY)?,
-            bf16_entry: f(&module, <u16 as AttentionElement>::ENTRY)?,
-            mma_bf16: f(&mma, "tome_attention_mma_bf16")?,
-            mma_f16: f(&mma, "tome_attention_mma_f16")?,
-            mma_bf16_bits: f(&mma, "tome_attention_mma_bf16_bits")?,
-        })
+        let mma = if gpu.info()?.compute_capability >= MMA_COMPUTE_CAPABILITY {
+            let mma = gpu.load(&ATTENTION_MMA)?;
+            Some(MmaEntries { bf16: f(&mma, "tome_attention_mma_bf16")?, f16: f(&mma, "tome_attention_mma_f16")?, bf16_bits: f(&mma, "tome_attention_mma_bf16_bits")? })
+        } else {
+            None
+        };
+        Ok(GpuAttention { stream, f32_entry: f(&module, <f32 as AttentionElement>::ENTRY)?, bf16_entry: f(&module, <u16 as AttentionElement>::ENTRY)?, mma })
+    }
+
+    /// Whether this GPU attends on tensor cores (compute capability 8.0 or later).
+    pub fn has_tensor_cores(&self) -> bool {
+        self.mma.is_some()
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -138,7 +151,7 @@ impl GpuAttention {
     /// (`[heads, queries]`), on this kernel's stream, in f32 arithmetic on CUDA cores.
     pub fn launch<T: AttentionElement>(&self, dims: Dims, inputs: &Inputs<'_, T>, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>) -> Result<()> {
         let entry = if T::ENTRY == <f32 as AttentionElement>::ENTRY { &self.f32_entry } else { &self.bf16_entry };
-        self.run(entry, THREADS, dims, inputs, out, lse)
+        self.run(entry, (ROWS, THREADS), dims, inputs, out, lse)
     }
 
     /// As [`GpuAttention::launch`], with both products on tensor cores: the inputs read as
@@ -149,25 +162,38 @@ impl GpuAttention {
         if !dims.fits_tensor_cores() {
             return Err(GpuError::Shape { op: OP, msg: format!("head sizes {} and {}: tensor cores take multiples of 8", dims.head_dim, dims.value_dim) });
         }
+        let Some(mma) = &self.mma else {
+            return Err(GpuError::Unavailable("tensor-core attention needs compute capability 8.0 or later".into()));
+        };
         let entry = match (T::ENTRY == <f32 as AttentionElement>::ENTRY, operands) {
-            (true, Half::Bf16) => &self.mma_bf16,
-            (true, Half::F16) => &self.mma_f16,
-            (false, Half::Bf16) => &self.mma_bf16_bits,
+            (true, Half::Bf16) => &mma.bf16,
+            (true, Half::F16) => &mma.f16,
+            (false, Half::Bf16) => &mma.bf16_bits,
             (false, Half::F16) => return Err(GpuError::Shape { op: OP, msg: "bf16 bits cannot be read as f16 operands".into() }),
         };
-        self.run(entry, MMA_THREADS, dims, inputs, out, lse)
+        self.run(entry, (MMA_ROWS, MMA_THREADS), dims, inputs, out, lse)
     }
 
     /// The partial of a run in `operands` precision (`None`: f32) from f32 inputs rounded to it:
-    /// on tensor cores where it is bf16 or f16 and the head sizes fit them, else on CUDA cores.
+    /// on tensor cores where it is bf16 or f16, the GPU has them and the head sizes fit them,
+    /// else on CUDA cores.
     pub fn launch_in(&self, dims: Dims, inputs: &Inputs<'_, f32>, operands: Option<Half>, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>) -> Result<()> {
         match operands {
-            Some(half) if dims.fits_tensor_cores() => self.launch_tensor_cores(dims, inputs, half, out, lse),
+            Some(half) if dims.fits_tensor_cores() && self.has_tensor_cores() => self.launch_tensor_cores(dims, inputs, half, out, lse),
             _ => self.launch(dims, inputs, out, lse),
         }
     }
 
-    fn run<T: DeviceRepr>(&self, entry: &CudaFunction, threads: u32, dims: Dims, inputs: &Inputs<'_, T>, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>) -> Result<()> {
+    /// Launches `entry`, whose blocks are `rows` query rows of `threads` threads.
+    fn run<T: DeviceRepr>(
+        &self,
+        entry: &CudaFunction,
+        (rows, threads): (usize, u32),
+        dims: Dims,
+        inputs: &Inputs<'_, T>,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         dims.check()?;
         let expect = |name: &str, have: usize, want: usize| {
             if have == want {
@@ -195,7 +221,7 @@ impl GpuAttention {
         let causal = i32::from(inputs.causal);
         let window: i64 = inputs.window.map_or(-1, |w| w.min(MAX_WINDOW) as i64);
         let no_validity = 0u64;
-        let config = LaunchConfig { grid_dim: (queries.div_ceil(ROWS) as u32, heads as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let config = LaunchConfig { grid_dim: (queries.div_ceil(rows) as u32, heads as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let mut args = self.stream.launch_builder(entry);
         args.arg(inputs.q).arg(inputs.k).arg(inputs.v).arg(inputs.q_pos).arg(inputs.k_pos);
         match inputs.key_valid {
@@ -204,8 +230,8 @@ impl GpuAttention {
         };
         args.arg(&hq).arg(&hk).arg(&nq).arg(&nk).arg(&d).arg(&dv).arg(&causal).arg(&window).arg(&inputs.scale).arg(out).arg(lse);
         // SAFETY: the argument list matches `tome_attention_*` in kernels/attention.cu and
-        // kernels/attention_mma.cu (the same for every entry, each taking ROWS query rows a
-        // block), and every buffer's length was checked against the dimensions above.
+        // kernels/attention_mma.cu (the same for every entry), and every buffer's length was
+        // checked against the dimensions above.
         unsafe { args.launch(config) }.map_err(driver("cuLaunchKernel"))?;
         Ok(())
     }

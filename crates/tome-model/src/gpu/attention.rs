@@ -230,7 +230,7 @@ fn window_halo<'r>(rank: &'r GpuRank, group: &dyn Group, plan: &ShardPlan, shard
 }
 
 /// A device frame this rank reads on its stream. Dropped, it orders the stream of each of its
-/// buffers after what this rank has queued (`DeviceTensor::release_after`): a buffer shared
+/// buffers after what this rank has queued (`tome_dist::release_after`): a buffer shared
 /// with other ranks is freed on the stream that made it, once every holder has let it go, and
 /// never under this rank's kernels.
 struct Held<'r> {
@@ -247,7 +247,7 @@ impl<'r> Held<'r> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         let stream = &self.rank.stream;
-        if self.frame.iter().any(|t| t.release_after(stream).is_err()) {
+        if tome_dist::release_after(&self.frame, stream).is_err() {
             // No event to order by (a fault in the GPU's context): wait for the reads instead.
             let _ = stream.synchronize();
         }

@@ -221,7 +221,6 @@ enum DeviceMatrix {
     Half(Half, CudaSlice<u16>),
 }
 
-/// A linear layer on the device: its weights and the bias (f32), if any.
 /// The 16-bit operands of a run's products (`None`: f32).
 pub(crate) fn operands(precision: Precision) -> Option<Half> {
     match precision {
@@ -231,6 +230,7 @@ pub(crate) fn operands(precision: Precision) -> Option<Half> {
     }
 }
 
+/// A linear layer on the device: its weights and the bias (f32), if any.
 pub(crate) struct DeviceLinear {
     w: DeviceMatrix,
     pub(crate) b: Option<CudaSlice<f32>>,
