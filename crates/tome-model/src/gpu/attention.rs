@@ -145,7 +145,7 @@ pub(super) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard:
                 acc.add(rank, shard, &q_pos, own, causal, Some(one_sided), scale)?;
             }
             if group.size() > 1 {
-                for halo in window_halo(rank, group, plan, shard, WindowSpec { one_sided, causal, scale })? {
+                for (halo, _) in window_halo(rank, group, plan, shard, WindowSpec { one_sided, causal, scale })? {
                     if let (Some(block), true) = (key_block(&halo.frame, shard.kv_heads, shard.head_dim)?, n > 0) {
                         acc.add(rank, shard, &q_pos, block, causal, Some(one_sided), scale)?;
                     }
@@ -196,8 +196,9 @@ fn ring(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, 
 
 /// The halo of the shard under `spec`, as device frames (`tome_dist::ops::window_keys`'s
 /// exchange: the rows each peer needs of this shard go to it, gathered on the device), one
-/// block of keys, values, positions and validity per peer that sends rows here.
-fn window_halo<'r>(rank: &'r GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, spec: WindowSpec) -> Result<Vec<Held<'r>>> {
+/// block of keys, values, positions and validity per peer that sends rows here, with its
+/// positions on the host.
+pub(super) fn window_halo<'r>(rank: &'r GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, spec: WindowSpec) -> Result<Vec<(Held<'r>, Vec<i64>)>> {
     if plan.ranks() != group.size() {
         return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("the plan has {} shards for a group of {} ranks", plan.ranks(), group.size()))));
     }
@@ -223,8 +224,8 @@ fn window_halo<'r>(rank: &'r GpuRank, group: &dyn Group, plan: &ShardPlan, shard
             return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("a halo frame from rank {peer} has {} tensors, not 3", frame.len()))));
         }
         let valid = frame.pop().into_iter();
-        let pos = if m == 0 { DeviceTensor::empty(DType::I64, &[0])? } else { DeviceTensor::new(DeviceData::I64(Arc::new(rank.upload(&pos)?)), &[m])? };
-        halo.push(Held::new(frame.into_iter().chain([pos]).chain(valid).collect(), rank));
+        let on_device = if m == 0 { DeviceTensor::empty(DType::I64, &[0])? } else { DeviceTensor::new(DeviceData::I64(Arc::new(rank.upload(&pos)?)), &[m])? };
+        halo.push((Held::new(frame.into_iter().chain([on_device]).chain(valid).collect(), rank), pos));
     }
     Ok(halo)
 }
@@ -233,13 +234,13 @@ fn window_halo<'r>(rank: &'r GpuRank, group: &dyn Group, plan: &ShardPlan, shard
 /// buffers after what this rank has queued (`tome_dist::release_after`): a buffer shared
 /// with other ranks is freed on the stream that made it, once every holder has let it go, and
 /// never under this rank's kernels.
-struct Held<'r> {
-    frame: DeviceFrame,
+pub(super) struct Held<'r> {
+    pub(super) frame: DeviceFrame,
     rank: &'r GpuRank,
 }
 
 impl<'r> Held<'r> {
-    fn new(frame: DeviceFrame, rank: &'r GpuRank) -> Self {
+    pub(super) fn new(frame: DeviceFrame, rank: &'r GpuRank) -> Self {
         Held { frame, rank }
     }
 }
@@ -256,7 +257,7 @@ impl Drop for Held<'_> {
 
 /// The shard's keys, values, positions and validity as a device frame (a copy: the frame's
 /// buffers outlive the layer's), in `KeyBlock::to_frame`'s layout.
-fn own_frame(rank: &GpuRank, shard: &Shard<'_>, own: BlockRef<'_>) -> Result<DeviceFrame> {
+pub(super) fn own_frame(rank: &GpuRank, shard: &Shard<'_>, own: BlockRef<'_>) -> Result<DeviceFrame> {
     let (n, kv_dims) = (own.len, [shard.kv_heads, own.len, shard.head_dim]);
     if n == 0 {
         return Ok(vec![
@@ -278,7 +279,7 @@ fn own_frame(rank: &GpuRank, shard: &Shard<'_>, own: BlockRef<'_>) -> Result<Dev
 /// The key block a device frame holds (`None` when it has no row), checked against the layer's
 /// shape before any kernel reads it: keys and values `[kv_heads, n, head_dim]` f32, n i64
 /// positions, n u8 flags.
-fn key_block(frame: &[DeviceTensor], kv_heads: usize, head_dim: usize) -> Result<Option<BlockRef<'_>>> {
+pub(super) fn key_block(frame: &[DeviceTensor], kv_heads: usize, head_dim: usize) -> Result<Option<BlockRef<'_>>> {
     let bad = |why: String| ModelError::Dist(tome_dist::DistError::Plan(format!("a key frame {why}")));
     let [k, v, pos, valid] = frame else {
         return Err(bad(format!("has {} tensors, not 4", frame.len())));

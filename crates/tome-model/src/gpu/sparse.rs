@@ -2,20 +2,21 @@
 //! over window attention, and BigBird's block-sparse attention with its global first and last
 //! blocks. The exchanges are tome-dist's, the same frames in the same order as its CPU
 //! operators (`window_attention`, `blocksparse_attention`), so GPU and CPU ranks agree on the
-//! wire; every partial is computed on the device. The global queries' partials merge across
-//! ranks on the host, in f32 and rank order, as on the CPU. With one rank nothing leaves the
-//! device.
+//! wire; every partial is computed on the device. The window's halo and the global tokens' keys
+//! cross as device frames; the global queries, their partials (merged across ranks on the host,
+//! in f32 and rank order, as on the CPU) and BigBird's listed blocks cross through the host.
+//! With one rank nothing leaves the device.
 
 use candle_core::{Device, Tensor};
 use cudarc::driver::CudaSlice;
 use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
 use tome_attn::Partial;
-use tome_dist::ops::{blocksparse_keys, gather_global_keys, gather_global_queries, merge_global_partials, query_block_runs, window_keys, BlockRows, KeyBlock, WindowSpec};
+use tome_dist::ops::{blocksparse_keys, gather_global_queries, merge_global_partials, query_block_runs, BlockRows, WindowSpec};
 use tome_dist::{Group, ShardPlan};
 use tome_gpu::attention::{Dims, Inputs};
 
-use super::attention::{to_host, upload_flags, Accumulator, BlockRef, DeviceBlock, Shard};
-use super::{operands, GpuRank};
+use super::attention::{key_block, own_frame, to_host, upload_flags, window_halo, Accumulator, BlockRef, DeviceBlock, Held, Shard};
+use super::{gpu_err, operands, GpuRank};
 use crate::error::{ModelError, Result};
 
 /// Longformer's global tokens of a window layer: their positions (ascending, the same on every
@@ -71,36 +72,55 @@ pub(super) fn window_with_globals(
     let local_only = |pos: &[i64], valid: &[bool]| -> Vec<bool> { pos.iter().zip(valid).map(|(&p, &v)| v && !is_global(p)).collect() };
     let mut acc = Accumulator::new(rank, heads, n, d)?;
 
-    // The window, without the global tokens' keys.
-    let window = if group.size() == 1 {
-        Some((upload_flags(rank, &local_only(shard.pos, shard.valid))?, None))
-    } else {
-        let keys = window_keys(group, plan, &to_host(rank, shard)?, WindowSpec { one_sided, causal: false, scale })?;
-        keys.keys().filter(|k| !k.is_empty()).map(|k| Ok::<_, ModelError>((upload_flags(rank, &local_only(&k.pos, &k.valid))?, Some(DeviceBlock::upload(rank, k)?)))).transpose()?
-    };
-    if let Some((valid, fetched)) = &window {
-        let block = match fetched {
-            Some(b) => BlockRef { valid, ..b.as_ref() },
-            None => BlockRef { valid, ..own },
-        };
-        acc.add(rank, shard, own.pos, block, false, Some(one_sided), scale)?;
+    // The window, without the global tokens' keys: the shard's own and its halo's, the halo
+    // as device frames.
+    if n > 0 {
+        let valid = upload_flags(rank, &local_only(shard.pos, shard.valid))?;
+        acc.add(rank, shard, own.pos, BlockRef { valid: &valid, ..own }, false, Some(one_sided), scale)?;
+    }
+    if group.size() > 1 {
+        for (halo, pos) in window_halo(rank, group, plan, shard, WindowSpec { one_sided, causal: false, scale })? {
+            let Some(block) = key_block(&halo.frame, kv_heads, d)? else { continue };
+            if n == 0 {
+                continue;
+            }
+            if pos.iter().any(|&p| is_global(p)) {
+                let flags = rank.stream.clone_dtoh(block.valid).map_err(|e| gpu_err("copy from the GPU", e))?;
+                let valid = upload_flags(rank, &local_only(&pos, &flags.iter().map(|&f| f != 0).collect::<Vec<_>>()))?;
+                acc.add(rank, shard, own.pos, BlockRef { valid: &valid, ..block }, false, Some(one_sided), scale)?;
+            } else {
+                acc.add(rank, shard, own.pos, block, false, Some(one_sided), scale)?;
+            }
+        }
     }
 
-    // Every query over the global tokens' keys (local projections).
+    // Every query over the global tokens' keys (local projections): this shard's, and every
+    // other rank's as device frames (`tome_dist::ops::gather_global_keys`'s all-gather).
     let mine: Vec<usize> = (0..n).filter(|&i| is_global(shard.pos[i])).collect();
     let mine_pos: Vec<i64> = mine.iter().map(|&i| shard.pos[i]).collect();
     let mine_valid: Vec<bool> = mine.iter().map(|&i| shard.valid[i]).collect();
-    let global_keys = if group.size() == 1 {
-        (!mine.is_empty())
-            .then(|| DeviceBlock::from_parts(rank, gather(rank, shard.k, &mine, kv_heads, d)?, gather(rank, shard.v, &mine, kv_heads, d)?, &mine_pos, &mine_valid))
-            .transpose()?
-    } else {
-        let selected = host_rows(rank, shard, &mine, &mine_pos, &mine_valid)?;
-        let all = gather_global_keys(group, &selected)?;
-        (!all.is_empty()).then(|| DeviceBlock::upload(rank, &all)).transpose()?
-    };
-    if let Some(keys) = &global_keys {
+    let own_globals = (!mine.is_empty())
+        .then(|| DeviceBlock::from_parts(rank, gather(rank, shard.k, &mine, kv_heads, d)?, gather(rank, shard.v, &mine, kv_heads, d)?, &mine_pos, &mine_valid))
+        .transpose()?;
+    if group.size() > 1 {
+        let frame = match &own_globals {
+            Some(block) => own_frame(rank, shard, block.as_ref())?,
+            None => own_frame(rank, shard, BlockRef { len: 0, ..own })?,
+        };
+        for dst in (0..group.size()).filter(|&r| r != group.rank()) {
+            group.send_device(dst, frame.clone())?;
+        }
+    }
+    if let (Some(keys), true) = (&own_globals, n > 0) {
         acc.add(rank, shard, own.pos, keys.as_ref(), false, None, scale)?;
+    }
+    if group.size() > 1 {
+        for src in (0..group.size()).filter(|&r| r != group.rank()) {
+            let theirs = Held::new(group.recv_device(src, &rank.stream)?, rank);
+            if let (Some(keys), true) = (key_block(&theirs.frame, kv_heads, d)?, n > 0) {
+                acc.add(rank, shard, own.pos, keys, false, None, scale)?;
+            }
+        }
     }
 
     // The global queries (global projections) over every key, in place of their rows.
@@ -111,17 +131,6 @@ pub(super) fn window_with_globals(
     let global_shard = Shard { q, k, v, ..*shard };
     global_queries(rank, group, &global_shard, BlockRef { k, v, ..own }, &mine, scale, &mut acc.out)?;
     Ok(acc.out)
-}
-
-/// Keys and values of `rows` of the shard, with their positions and validity, on the host (a
-/// block to send; empty when `rows` is).
-fn host_rows(rank: &GpuRank, shard: &Shard<'_>, rows: &[usize], pos: &[i64], valid: &[bool]) -> Result<KeyBlock> {
-    let (kv, d) = (shard.kv_heads, shard.head_dim);
-    let take = |src: &CudaSlice<f32>| -> Result<Tensor> {
-        let values = if rows.is_empty() { Vec::new() } else { rank.download(&gather(rank, src, rows, kv, d)?)? };
-        Ok(Tensor::from_vec(values, (kv, rows.len(), d), &Device::Cpu)?)
-    };
-    Ok(KeyBlock { k: take(shard.k)?, v: take(shard.v)?, pos: pos.to_vec(), valid: valid.to_vec() })
 }
 
 /// The global queries among the shard's rows (`mine`) over every key of the sequence, written
