@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use tome_attn::blocksparse::BlockSparsePlan;
 use tome_attn::{attention, Mask};
 
-use super::exchange::gather_needed;
+use super::exchange::{gather_needed, row_exchange, RowExchange};
 use super::global::{global_queries, overwrite_rows};
 use super::keys::{select_rows, KeyBlock};
 use crate::error::{DistError, Result};
@@ -79,19 +79,26 @@ pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, ow
 /// for an empty shard. Global query blocks list none: they see every key through
 /// [`gather_global_queries`](super::gather_global_queries).
 pub fn blocksparse_keys(group: &dyn Group, plan: &ShardPlan, own: &KeyBlock, pattern: &BlockSparsePlan) -> Result<Option<KeyBlock>> {
-    let query_blocks = |r: usize| -> Vec<usize> {
-        let mut b: Vec<usize> = plan.positions(r).iter().map(|&p| p as usize / pattern.block).collect();
-        b.dedup();
-        b
-    };
-    let needs = |r: usize| {
-        query_blocks(r)
-            .into_iter()
-            .filter(|&qb| !pattern.is_global_query_block(qb))
-            .flat_map(|qb| (0..pattern.heads).flat_map(move |h| pattern.key_blocks(h, qb).iter().map(|&b| pattern.block_range(b))))
-            .collect()
-    };
-    gather_needed(group, plan, own, &needs)
+    gather_needed(group, plan, own, &|r| listed_keys(plan, pattern, r))
+}
+
+/// The exchange [`blocksparse_keys`] makes for rank `me`: which rows it sends to and receives
+/// from whom (for ranks whose keys are elsewhere than in host tensors, such as on a GPU, to
+/// make the same frames).
+pub fn blocksparse_exchange(plan: &ShardPlan, me: usize, pattern: &BlockSparsePlan) -> RowExchange {
+    row_exchange(plan, me, &|r| listed_keys(plan, pattern, r))
+}
+
+/// The key positions rank `r`'s query blocks list under `pattern` (global query blocks list
+/// none).
+fn listed_keys(plan: &ShardPlan, pattern: &BlockSparsePlan, r: usize) -> Vec<Range<usize>> {
+    let mut query_blocks: Vec<usize> = plan.positions(r).iter().map(|&p| p as usize / pattern.block).collect();
+    query_blocks.dedup();
+    query_blocks
+        .into_iter()
+        .filter(|&qb| !pattern.is_global_query_block(qb))
+        .flat_map(|qb| (0..pattern.heads).flat_map(move |h| pattern.key_blocks(h, qb).iter().map(|&b| pattern.block_range(b))))
+        .collect()
 }
 
 /// A shard's rows (positions `q_pos`) as runs in one query block each: `(block, rows)`.

@@ -16,7 +16,7 @@ pub mod recurrent;
 pub mod window;
 pub mod window_stream;
 
-pub use blocksparse::{blocksparse_attention, blocksparse_keys, query_block_runs, BlockRows};
+pub use blocksparse::{blocksparse_attention, blocksparse_exchange, blocksparse_keys, query_block_runs, BlockRows};
 pub use dense::{ring_attention, ring_attention_with_bias, DenseSpec};
 pub use exchange::{RowExchange, Runs};
 pub use favor::{favor_attention, FavorSpec};

@@ -72,15 +72,6 @@ pub(super) struct DeviceBlock {
 }
 
 impl DeviceBlock {
-    pub(super) fn upload(rank: &GpuRank, block: &KeyBlock) -> Result<Self> {
-        Self::upload_with_valid(rank, block, &block.valid)
-    }
-
-    /// `block` with `valid` in place of its own validity.
-    pub(super) fn upload_with_valid(rank: &GpuRank, block: &KeyBlock, valid: &[bool]) -> Result<Self> {
-        Ok(DeviceBlock { k: rank.upload_tensor(&block.k)?, v: rank.upload_tensor(&block.v)?, pos: rank.upload(&block.pos)?, valid: upload_flags(rank, valid)?, len: block.len() })
-    }
-
     /// Keys and values already on the device, with their positions and validity copied over.
     pub(super) fn from_parts(rank: &GpuRank, k: CudaSlice<f32>, v: CudaSlice<f32>, pos: &[i64], valid: &[bool]) -> Result<Self> {
         Ok(DeviceBlock { k, v, pos: rank.upload(pos)?, valid: upload_flags(rank, valid)?, len: pos.len() })
@@ -194,20 +185,28 @@ fn ring(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, 
     Ok(())
 }
 
-/// The halo of the shard under `spec`, as device frames (`tome_dist::ops::window_keys`'s
-/// exchange: the rows each peer needs of this shard go to it, gathered on the device), one
-/// block of keys, values, positions and validity per peer that sends rows here, with its
-/// positions on the host.
+/// The halo of the shard under `spec` (`tome_dist::ops::window_keys`'s exchange), as
+/// [`fetch_rows`] gives it.
 pub(super) fn window_halo<'r>(rank: &'r GpuRank, group: &dyn Group, plan: &ShardPlan, shard: &Shard<'_>, spec: WindowSpec) -> Result<Vec<(Held<'r>, Vec<i64>)>> {
     if plan.ranks() != group.size() {
         return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("the plan has {} shards for a group of {} ranks", plan.ranks(), group.size()))));
     }
-    let exchange = window_exchange(plan, group.rank(), spec);
+    fetch_rows(rank, group, shard, &window_exchange(plan, group.rank(), spec))
+}
+
+/// The rows of `exchange` as device frames: the rows each peer needs of this shard go to it,
+/// gathered on the device, in tome-dist's frames (`[keys, values, validity]`); what peers send
+/// here comes back as one block of keys, values, positions and validity per peer, with its
+/// positions on the host.
+pub(super) fn fetch_rows<'r>(rank: &'r GpuRank, group: &dyn Group, shard: &Shard<'_>, exchange: &RowExchange) -> Result<Vec<(Held<'r>, Vec<i64>)>> {
     let (heads, d) = (shard.kv_heads, shard.head_dim);
     for (peer, parts) in &exchange.sends {
         let rows: Vec<usize> = parts.iter().flat_map(|(x, offset)| *offset..*offset + x.len()).collect();
+        if let Some(&bad) = rows.iter().find(|&&r| r >= shard.valid.len()) {
+            return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("row {bad} asked of a shard of {}", shard.valid.len()))));
+        }
         let kv_dims = [heads, rows.len(), d];
-        let valid: Vec<u8> = rows.iter().map(|&r| shard.valid.get(r).map_or(0, |&b| u8::from(b))).collect();
+        let valid: Vec<u8> = rows.iter().map(|&r| u8::from(shard.valid[r])).collect();
         let frame = vec![
             DeviceTensor::new(DeviceData::F32(Arc::new(sparse::gather(rank, shard.k, &rows, heads, d)?)), &kv_dims)?,
             DeviceTensor::new(DeviceData::F32(Arc::new(sparse::gather(rank, shard.v, &rows, heads, d)?)), &kv_dims)?,
@@ -215,19 +214,19 @@ pub(super) fn window_halo<'r>(rank: &'r GpuRank, group: &dyn Group, plan: &Shard
         ];
         group.send_device(*peer, frame)?;
     }
-    let mut halo = Vec::with_capacity(exchange.receives.len());
+    let mut fetched = Vec::with_capacity(exchange.receives.len());
     for (peer, parts) in &exchange.receives {
         let mut frame = group.recv_device(*peer, &rank.stream)?;
         let m = RowExchange::rows(parts);
         let pos: Vec<i64> = parts.iter().flat_map(|(x, _)| x.clone()).map(|p| p as i64).collect();
         if frame.len() != 3 {
-            return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("a halo frame from rank {peer} has {} tensors, not 3", frame.len()))));
+            return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("a key frame from rank {peer} has {} tensors, not 3", frame.len()))));
         }
         let valid = frame.pop().into_iter();
         let on_device = if m == 0 { DeviceTensor::empty(DType::I64, &[0])? } else { DeviceTensor::new(DeviceData::I64(Arc::new(rank.upload(&pos)?)), &[m])? };
-        halo.push((Held::new(frame.into_iter().chain([on_device]).chain(valid).collect(), rank), pos));
+        fetched.push((Held::new(frame.into_iter().chain([on_device]).chain(valid).collect(), rank), pos));
     }
-    Ok(halo)
+    Ok(fetched)
 }
 
 /// A device frame this rank reads on its stream. Dropped, it orders the stream of each of its
@@ -340,18 +339,6 @@ fn exchange_only(group: &dyn Group, plan: &ShardPlan, pattern: Pattern<'_>, kv_h
         }
     }
     Ok(())
-}
-
-/// The shard's own keys and values on the host, as a block to send.
-pub(super) fn to_host(rank: &GpuRank, shard: &Shard<'_>) -> Result<KeyBlock> {
-    let n = shard.pos.len();
-    let dims = (shard.kv_heads, n, shard.head_dim);
-    Ok(KeyBlock {
-        k: Tensor::from_vec(rank.download(shard.k)?, dims, &Device::Cpu)?,
-        v: Tensor::from_vec(rank.download(shard.v)?, dims, &Device::Cpu)?,
-        pos: shard.pos.to_vec(),
-        valid: shard.valid.to_vec(),
-    })
 }
 
 /// The running partial of the shard's queries: output and log-sum-exp, on the device.

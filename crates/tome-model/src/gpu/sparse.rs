@@ -2,20 +2,21 @@
 //! over window attention, and BigBird's block-sparse attention with its global first and last
 //! blocks. The exchanges are tome-dist's, the same frames in the same order as its CPU
 //! operators (`window_attention`, `blocksparse_attention`), so GPU and CPU ranks agree on the
-//! wire; every partial is computed on the device. The window's halo and the global tokens' keys
-//! cross as device frames; the global queries, their partials (merged across ranks on the host,
-//! in f32 and rank order, as on the CPU) and BigBird's listed blocks cross through the host.
-//! With one rank nothing leaves the device.
+//! wire; every partial is computed on the device. Everything crosses as device frames: the
+//! window's halo, the global tokens' keys, BigBird's listed blocks, the global queries and their
+//! partials (merged on the device, in f32 and rank order). With one rank nothing leaves the
+//! device.
 
-use candle_core::{Device, Tensor};
+use std::sync::Arc;
+
+use candle_core::DType;
 use cudarc::driver::CudaSlice;
 use tome_attn::blocksparse::{BlockSparsePlan, RandomBlocks};
-use tome_attn::Partial;
-use tome_dist::ops::{blocksparse_keys, gather_global_queries, merge_global_partials, query_block_runs, BlockRows, WindowSpec};
-use tome_dist::{Group, ShardPlan};
+use tome_dist::ops::{blocksparse_exchange, query_block_runs, BlockRows, WindowSpec};
+use tome_dist::{DeviceData, DeviceFrame, DeviceTensor, Group, ShardPlan};
 use tome_gpu::attention::{Dims, Inputs};
 
-use super::attention::{key_block, own_frame, to_host, upload_flags, window_halo, Accumulator, BlockRef, DeviceBlock, Held, Shard};
+use super::attention::{fetch_rows, key_block, own_frame, upload_flags, window_halo, Accumulator, BlockRef, DeviceBlock, Held, Shard};
 use super::{gpu_err, operands, GpuRank};
 use crate::error::{ModelError, Result};
 
@@ -134,9 +135,10 @@ pub(super) fn window_with_globals(
 }
 
 /// The global queries among the shard's rows (`mine`) over every key of the sequence, written
-/// over their rows of `out` (`[heads, n, d]`). Every rank takes part, whether or not it owns a
-/// global query: each computes every global query's partial over the keys it owns (`own`:
-/// keys, values, positions and validity of the shard), and the partials merge in rank order.
+/// over their rows of `out` (`[heads, n, d]`), as `tome_dist::ops`' global queries make them.
+/// Every rank takes part, whether or not it owns a global query: each computes every global
+/// query's partial over the keys it owns (`own`: keys, values, positions and validity of the
+/// shard), and the partials merge in rank order.
 fn global_queries(rank: &GpuRank, group: &dyn Group, shard: &Shard<'_>, own: BlockRef<'_>, mine: &[usize], scale: f32, out: &mut CudaSlice<f32>) -> Result<()> {
     let (heads, d) = (shard.heads, shard.head_dim);
     let mine_pos: Vec<i64> = mine.iter().map(|&i| shard.pos[i]).collect();
@@ -149,24 +151,141 @@ fn global_queries(rank: &GpuRank, group: &dyn Group, shard: &Shard<'_>, own: Blo
         rank.layers.copy_rows(&merged, &indices(0..mine.len()), out, &indices(mine.iter().copied()), heads, d)?;
         return Ok(());
     }
-    let q_rows = if mine.is_empty() { Vec::new() } else { rank.download(&gather(rank, shard.q, mine, heads, d)?)? };
-    let (positions, all_q) = gather_global_queries(group, Tensor::from_vec(q_rows, (heads, mine.len(), d), &Device::Cpu)?, mine_pos.clone())?;
+    // Every rank's global queries, as device frames (`gather_global_queries`' all-gather),
+    // joined ascending by position.
+    let m = mine.len();
+    let frame = vec![
+        if m == 0 {
+            DeviceTensor::empty(DType::F32, &[heads, 0, d])?
+        } else {
+            DeviceTensor::new(DeviceData::F32(Arc::new(gather(rank, shard.q, mine, heads, d)?)), &[heads, m, d])?
+        },
+        if m == 0 { DeviceTensor::empty(DType::I64, &[0])? } else { DeviceTensor::new(DeviceData::I64(Arc::new(rank.upload(&mine_pos)?)), &[m])? },
+    ];
+    let gathered = all_gather_device(rank, group, frame)?;
+    let mut sources: Vec<(&CudaSlice<f32>, Vec<i64>)> = Vec::new();
+    for (src, held) in gathered.iter().enumerate() {
+        let [q, pos] = held.frame.as_slice() else {
+            return Err(frame_error(src, "global query", held.frame.len(), 2));
+        };
+        let count = pos.elem_count();
+        match (f32_of(q, &[heads, count, d], src)?, pos.data()) {
+            (Some(q), Some(DeviceData::I64(p))) if pos.dims() == [count] => sources.push((q, rank.stream.clone_dtoh(p.as_ref()).map_err(|e| gpu_err("copy from the GPU", e))?)),
+            (None, None) => {}
+            _ => return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("rank {src}'s global query frame holds no i64 positions of its {count} queries")))),
+        }
+    }
+    let mut order: Vec<(i64, usize, usize)> = sources.iter().enumerate().flat_map(|(s, (_, pos))| pos.iter().enumerate().map(move |(row, &p)| (p, s, row))).collect();
+    order.sort_by_key(|&(p, _, _)| p);
+    let positions: Vec<i64> = order.iter().map(|&(p, _, _)| p).collect();
     let g = positions.len();
-    let local = if g == 0 || own.len == 0 {
-        Partial::empty(heads, g, d)?
+
+    // This rank's partial of every global query over its keys, then the partials of every
+    // rank merged in rank order (`merge_global_partials`).
+    let local = if g == 0 {
+        vec![DeviceTensor::empty(DType::F32, &[heads, 0, d])?, DeviceTensor::empty(DType::F32, &[heads, 0])?]
     } else {
-        let q = rank.upload_tensor(&all_q)?;
-        let (o, l) = partial(rank, shard, &q, &rank.upload(&positions)?, g, own, scale)?;
-        Partial { out: Tensor::from_vec(rank.download(&o)?, (heads, g, d), &Device::Cpu)?, lse: Tensor::from_vec(rank.download(&l)?, (heads, g), &Device::Cpu)? }
+        let (o, l) = if own.len == 0 {
+            (rank.zeros(heads * g * d)?, rank.upload(&vec![f32::NEG_INFINITY; heads * g])?)
+        } else {
+            let mut all_q = rank.zeros(heads * g * d)?;
+            for (s, (q, _)) in sources.iter().enumerate() {
+                let (dst, src): (Vec<usize>, Vec<usize>) = order.iter().enumerate().filter(|(_, e)| e.1 == s).map(|(at, e)| (at, e.2)).unzip();
+                rank.layers.copy_rows(q, &indices(src), &mut all_q, &indices(dst), heads, d)?;
+            }
+            partial(rank, shard, &all_q, &rank.upload(&positions)?, g, own, scale)?
+        };
+        vec![DeviceTensor::new(DeviceData::F32(Arc::new(o)), &[heads, g, d])?, DeviceTensor::new(DeviceData::F32(Arc::new(l)), &[heads, g])?]
     };
-    let merged = merge_global_partials(group, local)?;
+    drop(gathered);
+    let partials = all_gather_device(rank, group, local)?;
+    if g == 0 {
+        return Ok(());
+    }
+    let mut merged: Option<(CudaSlice<f32>, CudaSlice<f32>)> = None;
+    for (src, held) in partials.iter().enumerate() {
+        let [o, l] = held.frame.as_slice() else {
+            return Err(frame_error(src, "global partial", held.frame.len(), 2));
+        };
+        let (Some(o), Some(l)) = (f32_of(o, &[heads, g, d], src)?, f32_of(l, &[heads, g], src)?) else {
+            return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("rank {src} sent no partial of the {g} global queries"))));
+        };
+        match &mut merged {
+            None => merged = Some((rank.stream.clone_dtod(o).map_err(|e| gpu_err("copy", e))?, rank.stream.clone_dtod(l).map_err(|e| gpu_err("copy", e))?)),
+            Some((acc_o, acc_l)) => rank.layers.merge_partials(acc_o, acc_l, o, l, d)?,
+        }
+    }
+    let Some((merged, _)) = merged else { return Ok(()) };
     if mine.is_empty() {
         return Ok(());
     }
     let at: Vec<usize> = mine_pos.iter().map(|p| positions.partition_point(|x| x < p)).collect();
-    let merged = rank.upload_tensor(&merged.out)?;
     rank.layers.copy_rows(&merged, &indices(at), out, &indices(mine.iter().copied()), heads, d)?;
     Ok(())
+}
+
+/// Every rank's `frame`, in rank order (this rank's own among them), as device frames: sent to
+/// every other rank, then taken from each (`Group::all_gather`'s order).
+fn all_gather_device<'r>(rank: &'r GpuRank, group: &dyn Group, frame: DeviceFrame) -> Result<Vec<Held<'r>>> {
+    let me = group.rank();
+    for dst in (0..group.size()).filter(|&r| r != me) {
+        group.send_device(dst, frame.clone())?;
+    }
+    let mut all = Vec::with_capacity(group.size());
+    for src in 0..group.size() {
+        all.push(Held::new(if src == me { frame.clone() } else { group.recv_device(src, &rank.stream)? }, rank));
+    }
+    Ok(all)
+}
+
+/// An f32 tensor of a peer's frame, checked against the shape this layer expects (`None` when
+/// it is empty).
+fn f32_of<'a>(t: &'a DeviceTensor, dims: &[usize], src: usize) -> Result<Option<&'a CudaSlice<f32>>> {
+    if t.dims() != dims {
+        return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("rank {src} sent a tensor of shape {:?} where this layer takes {dims:?}", t.dims()))));
+    }
+    match t.data() {
+        Some(DeviceData::F32(x)) => Ok(Some(x.as_ref())),
+        None => Ok(None),
+        Some(_) => Err(ModelError::Dist(tome_dist::DistError::Plan(format!("rank {src} sent {:?} values where this layer takes f32", t.dtype())))),
+    }
+}
+
+fn frame_error(src: usize, what: &str, got: usize, want: usize) -> ModelError {
+    ModelError::Dist(tome_dist::DistError::Plan(format!("a {what} frame from rank {src} has {got} tensors, not {want}")))
+}
+
+/// The shard's own keys (`own`) and the fetched `pieces` as one block ascending by position
+/// (`tome_dist::ops::blocksparse_keys`'s result), on the device, with its positions and
+/// validity on the host; `None` when there is no key at all.
+fn join_ascending(rank: &GpuRank, shard: &Shard<'_>, own: BlockRef<'_>, pieces: &[(Held<'_>, Vec<i64>)]) -> Result<Option<(DeviceBlock, Vec<i64>, Vec<bool>)>> {
+    let (heads, d) = (shard.kv_heads, shard.head_dim);
+    // Each source block with its positions and validity on the host: the shard, then the pieces.
+    let mut sources: Vec<(BlockRef<'_>, &[i64], Vec<bool>)> = vec![(own, shard.pos, shard.valid.to_vec())];
+    for (held, pos) in pieces {
+        if let Some(block) = key_block(&held.frame, heads, d)? {
+            let flags = rank.stream.clone_dtoh(block.valid).map_err(|e| gpu_err("copy from the GPU", e))?;
+            sources.push((block, pos, flags.iter().map(|&f| f != 0).collect()));
+        }
+    }
+    // (position, source, row), ascending by position.
+    let mut order: Vec<(i64, usize, usize)> = sources.iter().enumerate().flat_map(|(s, (_, pos, _))| pos.iter().enumerate().map(move |(row, &p)| (p, s, row))).collect();
+    order.sort_by_key(|&(p, _, _)| p);
+    let total = order.len();
+    if total == 0 {
+        return Ok(None);
+    }
+    let (mut k, mut v) = (rank.zeros(heads * total * d)?, rank.zeros(heads * total * d)?);
+    for (s, (block, _, _)) in sources.iter().enumerate() {
+        let (dst, src): (Vec<usize>, Vec<usize>) = order.iter().enumerate().filter(|(_, e)| e.1 == s).map(|(at, e)| (at, e.2)).unzip();
+        if !src.is_empty() {
+            rank.layers.copy_rows(block.k, &indices(src.iter().copied()), &mut k, &indices(dst.iter().copied()), heads, d)?;
+            rank.layers.copy_rows(block.v, &indices(src), &mut v, &indices(dst), heads, d)?;
+        }
+    }
+    let pos: Vec<i64> = order.iter().map(|&(p, _, _)| p).collect();
+    let valid: Vec<bool> = order.iter().map(|&(_, s, row)| sources[s].2[row]).collect();
+    Ok(Some((DeviceBlock::from_parts(rank, k, v, &pos, &valid)?, pos, valid)))
 }
 
 /// BigBird's block-sparse attention (as `tome_dist::ops::blocksparse_attention`): each run of
@@ -197,10 +316,11 @@ pub(super) fn block_sparse(
     let fetched = if group.size() == 1 {
         None
     } else {
-        blocksparse_keys(group, plan, &to_host(rank, shard)?, &pattern)?
-            .filter(|k| !k.is_empty())
-            .map(|k| Ok::<_, ModelError>((DeviceBlock::upload(rank, &k)?, k.pos, k.valid)))
-            .transpose()?
+        if plan.ranks() != group.size() {
+            return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("the plan has {} shards for a group of {} ranks", plan.ranks(), group.size()))));
+        }
+        let pieces = fetch_rows(rank, group, shard, &blocksparse_exchange(plan, group.rank(), &pattern))?;
+        join_ascending(rank, shard, own, &pieces)?
     };
     let keys: Option<(BlockRef<'_>, &[i64], &[bool])> = match &fetched {
         Some((block, pos, valid)) => Some((block.as_ref(), pos, valid)),
