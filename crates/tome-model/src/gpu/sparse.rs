@@ -255,10 +255,13 @@ fn frame_error(src: usize, what: &str, got: usize, want: usize) -> ModelError {
     ModelError::Dist(tome_dist::DistError::Plan(format!("a {what} frame from rank {src} has {got} tensors, not {want}")))
 }
 
+/// Keys on the device with their positions and validity on the host.
+type Joined = (DeviceBlock, Vec<i64>, Vec<bool>);
+
 /// The shard's own keys (`own`) and the fetched `pieces` as one block ascending by position
 /// (`tome_dist::ops::blocksparse_keys`'s result), on the device, with its positions and
 /// validity on the host; `None` when there is no key at all.
-fn join_ascending(rank: &GpuRank, shard: &Shard<'_>, own: BlockRef<'_>, pieces: &[(Held<'_>, Vec<i64>)]) -> Result<Option<(DeviceBlock, Vec<i64>, Vec<bool>)>> {
+fn join_ascending(rank: &GpuRank, shard: &Shard<'_>, own: BlockRef<'_>, pieces: &[(Held<'_>, Vec<i64>)]) -> Result<Option<Joined>> {
     let (heads, d) = (shard.kv_heads, shard.head_dim);
     // Each source block with its positions and validity on the host: the shard, then the pieces.
     let mut sources: Vec<(BlockRef<'_>, &[i64], Vec<bool>)> = vec![(own, shard.pos, shard.valid.to_vec())];
