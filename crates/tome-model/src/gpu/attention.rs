@@ -200,16 +200,18 @@ pub(super) fn window_halo<'r>(rank: &'r GpuRank, group: &dyn Group, plan: &Shard
 /// positions on the host.
 pub(super) fn fetch_rows<'r>(rank: &'r GpuRank, group: &dyn Group, shard: &Shard<'_>, exchange: &RowExchange) -> Result<Vec<(Held<'r>, Vec<i64>)>> {
     let (heads, d) = (shard.kv_heads, shard.head_dim);
-    for (peer, parts) in &exchange.sends {
-        let rows: Vec<usize> = parts.iter().flat_map(|(x, offset)| *offset..*offset + x.len()).collect();
-        if let Some(&bad) = rows.iter().find(|&&r| r >= shard.valid.len()) {
-            return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("row {bad} asked of a shard of {}", shard.valid.len()))));
-        }
+    // Every row asked is checked before anything is sent, so that no peer waits on a frame that
+    // will not come.
+    let sends: Vec<(usize, Vec<usize>)> = exchange.sends.iter().map(|(peer, parts)| (*peer, parts.iter().flat_map(|(x, offset)| *offset..*offset + x.len()).collect())).collect();
+    if let Some(&bad) = sends.iter().flat_map(|(_, rows)| rows).find(|&&r| r >= shard.valid.len()) {
+        return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("row {bad} asked of a shard of {}", shard.valid.len()))));
+    }
+    for (peer, rows) in &sends {
         let kv_dims = [heads, rows.len(), d];
         let valid: Vec<u8> = rows.iter().map(|&r| u8::from(shard.valid[r])).collect();
         let frame = vec![
-            DeviceTensor::new(DeviceData::F32(Arc::new(sparse::gather(rank, shard.k, &rows, heads, d)?)), &kv_dims)?,
-            DeviceTensor::new(DeviceData::F32(Arc::new(sparse::gather(rank, shard.v, &rows, heads, d)?)), &kv_dims)?,
+            DeviceTensor::new(DeviceData::F32(Arc::new(sparse::gather(rank, shard.k, rows, heads, d)?)), &kv_dims)?,
+            DeviceTensor::new(DeviceData::F32(Arc::new(sparse::gather(rank, shard.v, rows, heads, d)?)), &kv_dims)?,
             DeviceTensor::new(DeviceData::U8(Arc::new(rank.upload(&valid)?)), &[rows.len()])?,
         ];
         group.send_device(*peer, frame)?;
@@ -290,7 +292,7 @@ pub(super) fn key_block(frame: &[DeviceTensor], kv_heads: usize, head_dim: usize
     }
     match (k.data(), v.data(), pos.data(), valid.data()) {
         (Some(DeviceData::F32(k)), Some(DeviceData::F32(v)), Some(DeviceData::I64(pos)), Some(DeviceData::U8(valid))) => Ok(Some(BlockRef { k, v, pos, valid, len: n })),
-        _ if n == 0 => Ok(None),
+        _ if n == 0 && [k.dtype(), v.dtype(), pos.dtype(), valid.dtype()] == [DType::F32, DType::F32, DType::I64, DType::U8] => Ok(None),
         _ => Err(bad("whose tensors are not f32 keys and values, i64 positions and u8 flags".into())),
     }
 }

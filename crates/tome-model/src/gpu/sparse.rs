@@ -246,8 +246,8 @@ fn f32_of<'a>(t: &'a DeviceTensor, dims: &[usize], src: usize) -> Result<Option<
     }
     match t.data() {
         Some(DeviceData::F32(x)) => Ok(Some(x.as_ref())),
-        None => Ok(None),
-        Some(_) => Err(ModelError::Dist(tome_dist::DistError::Plan(format!("rank {src} sent {:?} values where this layer takes f32", t.dtype())))),
+        None if t.dtype() == DType::F32 => Ok(None),
+        _ => Err(ModelError::Dist(tome_dist::DistError::Plan(format!("rank {src} sent {:?} values where this layer takes f32", t.dtype())))),
     }
 }
 
