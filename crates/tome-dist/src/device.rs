@@ -8,8 +8,7 @@
 //! before it is sent; cudarc orders every later use on any stream of the GPU after that write
 //! (its event tracking, on wherever a context has more than one stream). It frees a buffer on
 //! the stream that made it, after the last read it recorded, which is one stream's: a rank that
-//! reads a buffer it shares must order that stream after its reads before it lets the buffer go
-//! ([`release_after`]).
+//! reads a buffer it shares keeps its handle until its own reads are done.
 
 use std::sync::Arc;
 
@@ -120,6 +119,11 @@ impl DeviceTensor {
         self.data.as_ref()
     }
 
+    /// The stream that made the elements (and frees them), `None` for an empty tensor.
+    pub fn stream(&self) -> Option<&Arc<CudaStream>> {
+        self.data.as_ref().map(DeviceData::stream)
+    }
+
     /// The GPU holding the elements, `None` for an empty tensor.
     pub fn gpu(&self) -> Option<usize> {
         self.data.as_ref().map(|d| d.stream().context().ordinal())
@@ -192,23 +196,6 @@ impl DeviceTensor {
             _ => Ok(self),
         }
     }
-}
-
-/// Makes the streams that will free a frame's buffers wait for the work `reader` has queued so
-/// far (one event, one wait for each other stream; nothing where `reader` made them all). A
-/// rank that read a shared frame on its stream calls this before letting its handles go.
-pub fn release_after(frame: &[DeviceTensor], reader: &Arc<CudaStream>) -> Result<()> {
-    let mut owners: Vec<&Arc<CudaStream>> = Vec::new();
-    for owner in frame.iter().filter_map(|t| t.data.as_ref()).map(DeviceData::stream) {
-        if owner.cu_stream() != reader.cu_stream() && !owners.iter().any(|o| o.cu_stream() == owner.cu_stream()) {
-            owners.push(owner);
-        }
-    }
-    if owners.is_empty() {
-        return Ok(());
-    }
-    let read = reader.record_event(None).map_err(driver("record an event"))?;
-    owners.into_iter().try_for_each(|owner| owner.wait(&read).map_err(driver("wait for an event")))
 }
 
 /// A host frame copied onto `stream`'s GPU.

@@ -15,7 +15,7 @@ mod in_process;
 mod layout;
 pub mod ops;
 
-pub use device::{device_frame_bytes, frame_to_device, frame_to_host, release_after, DeviceData, DeviceFrame, DeviceTensor};
+pub use device::{device_frame_bytes, frame_to_device, frame_to_host, DeviceData, DeviceFrame, DeviceTensor};
 pub use error::{DistError, Result};
 pub use group::{frame_bytes, Frame, Group};
 pub use in_process::{run_ranks, InProcessGroup, RankError};

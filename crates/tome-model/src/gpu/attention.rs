@@ -231,10 +231,9 @@ pub(super) fn fetch_rows<'r>(rank: &'r GpuRank, group: &dyn Group, shard: &Shard
     Ok(fetched)
 }
 
-/// A device frame this rank reads on its stream. Dropped, it orders the stream of each of its
-/// buffers after what this rank has queued (`tome_dist::release_after`): a buffer shared
-/// with other ranks is freed on the stream that made it, once every holder has let it go, and
-/// never under this rank's kernels.
+/// A device frame this rank reads on its stream, retired when dropped
+/// ([`GpuRank::retire`]): kept until its reads are done, so that no buffer it shares with
+/// other ranks is freed under this rank's kernels.
 pub(super) struct Held<'r> {
     pub(super) frame: DeviceFrame,
     rank: &'r GpuRank,
@@ -248,11 +247,7 @@ impl<'r> Held<'r> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        let stream = &self.rank.stream;
-        if tome_dist::release_after(&self.frame, stream).is_err() {
-            // No event to order by (a fault in the GPU's context): wait for the reads instead.
-            let _ = stream.synchronize();
-        }
+        self.rank.retire(std::mem::take(&mut self.frame));
     }
 }
 

@@ -25,8 +25,9 @@ use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream};
 use tome_attn::Precision;
+use tome_dist::DeviceFrame;
 use tome_gpu::blas::{Blas, Half};
 use tome_gpu::layers::{Activation, Layers};
 use tome_gpu::{Gpu, GpuAttention, GpuError, GpuInfo};
@@ -47,6 +48,9 @@ pub struct GpuRank {
     pub(crate) layers: Layers,
     pub(crate) attention: GpuAttention,
     pub(crate) blas: Blas,
+    /// Frames of other ranks this rank has read, each kept until the event recorded after its
+    /// reads completes ([`GpuRank::retire`]).
+    retired: Mutex<Vec<(CudaEvent, DeviceFrame)>>,
 }
 
 /// Ranks' handles kept for the next job's ranks, by GPU: a cuBLAS handle's creation and
@@ -72,6 +76,7 @@ impl Drop for LeasedRank {
         let rank = unsafe { ManuallyDrop::take(&mut self.0) };
         let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
         if rank.stream.synchronize().is_ok() {
+            rank.retired.lock().unwrap_or_else(|p| p.into_inner()).clear();
             idle.push(rank);
         } else {
             // A stream that cannot finish its work means a fault in the GPU's context, which
@@ -99,7 +104,32 @@ impl GpuRank {
         let gpu = Gpu::open(index)?;
         let stream = gpu.new_stream()?;
         let info = gpu.info()?;
-        Ok(GpuRank { layers: Layers::new(&gpu, stream.clone())?, attention: GpuAttention::new(&gpu, stream.clone())?, blas: Blas::new(stream.clone())?, info, stream })
+        Ok(GpuRank {
+            layers: Layers::new(&gpu, stream.clone())?,
+            attention: GpuAttention::new(&gpu, stream.clone())?,
+            blas: Blas::new(stream.clone())?,
+            info,
+            stream,
+            retired: Mutex::default(),
+        })
+    }
+
+    /// Lets go of a frame this rank has read on its stream, once those reads are done: a buffer
+    /// another stream made is freed there, after the last read that stream's record names, so
+    /// a frame holding one is kept, with an event recorded now, until the event completes
+    /// (checked here, at each call). No stream waits on another's work for it.
+    pub(crate) fn retire(&self, frame: DeviceFrame) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|(read, _)| !read.is_complete());
+        let mine = |t: &tome_dist::DeviceTensor| t.stream().is_none_or(|s| s.cu_stream() == self.stream.cu_stream());
+        if frame.iter().all(mine) {
+            return;
+        }
+        match self.stream.record_event(None) {
+            Ok(read) => retired.push((read, frame)),
+            // No event to wait on (a fault in the GPU's context): wait for the reads instead.
+            Err(_) => drop(self.stream.synchronize()),
+        }
     }
 
     /// The GPU this rank runs on.
