@@ -220,7 +220,19 @@ fn nccl(what: &'static str) -> impl Fn(cudarc::nccl::result::NcclError) -> Strin
 
 /// Sends a frame's header, then each non-empty tensor as bytes: a device tensor on this
 /// communicator's GPU from its own buffer, anything else staged through a buffer of this stream.
+/// Returns once the stream has finished with every buffer, whatever the outcome, so that the
+/// caller may let the frame go.
 fn send_parcel(comm: &Comm, stream: &Arc<CudaStream>, parcel: &Parcel) -> Result<(), String> {
+    let mut staged = Vec::new();
+    let posted = post_parcel(comm, stream, parcel, &mut staged);
+    // The buffers must outlive the sends queued, whether or not all were.
+    let finished = stream.synchronize().map_err(driver("NCCL stream"));
+    drop(staged);
+    posted.and(finished)
+}
+
+/// The sends of [`send_parcel`], queued on `stream` (staging buffers kept in `staged`).
+fn post_parcel(comm: &Comm, stream: &Arc<CudaStream>, parcel: &Parcel, staged: &mut Vec<CudaSlice<u8>>) -> Result<(), String> {
     let h = match parcel {
         Parcel::Host(frame) => header(frame.iter().map(|t| (t.dtype(), t.dims())))?,
         Parcel::Device(frame) => header(frame.iter().map(|t| (t.dtype(), t.dims())))?,
@@ -228,7 +240,6 @@ fn send_parcel(comm: &Comm, stream: &Arc<CudaStream>, parcel: &Parcel) -> Result
     let h = stream.clone_htod(&h).map_err(driver("copy to the GPU"))?;
     comm.send(&h, 1).map_err(nccl("ncclSend"))?;
     let gpu = stream.context().ordinal();
-    let mut staged = Vec::new();
     let mut stage = |bytes: Vec<u8>| -> Result<(), String> {
         if !bytes.is_empty() {
             let d = stream.clone_htod(&bytes).map_err(driver("copy to the GPU"))?;
@@ -257,9 +268,6 @@ fn send_parcel(comm: &Comm, stream: &Arc<CudaStream>, parcel: &Parcel) -> Result
             }
         }
     }
-    // The buffers must outlive the sends.
-    stream.synchronize().map_err(driver("NCCL stream"))?;
-    drop(staged);
     Ok(())
 }
 

@@ -53,6 +53,9 @@ pub struct GpuRank {
     retired: Mutex<Vec<(CudaEvent, DeviceFrame)>>,
 }
 
+/// Frames of other ranks a rank holds at most while its reads of them are under way.
+const MAX_RETIRED: usize = 16;
+
 /// Ranks' handles kept for the next job's ranks, by GPU: a cuBLAS handle's creation and
 /// destruction (which waits for the whole device) and the modules' loading happen once per
 /// handle, not once per rank of every job.
@@ -74,8 +77,10 @@ impl Drop for LeasedRank {
     fn drop(&mut self) {
         // SAFETY: the handles are taken once, here, and the lease is not used after.
         let rank = unsafe { ManuallyDrop::take(&mut self.0) };
+        // Waited for before the pool is locked: one stuck stream holds up no other lease.
+        let finished = rank.stream.synchronize().is_ok();
         let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
-        if rank.stream.synchronize().is_ok() {
+        if finished {
             rank.retired.lock().unwrap_or_else(|p| p.into_inner()).clear();
             idle.push(rank);
         } else {
@@ -120,7 +125,12 @@ impl GpuRank {
     /// (checked here, at each call). No stream waits on another's work for it.
     pub(crate) fn retire(&self, frame: DeviceFrame) {
         let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-        retired.retain(|(read, _)| !read.is_complete());
+        // Past MAX_RETIRED frames held, wait for the oldest reads rather than hold more.
+        if retired.len() >= MAX_RETIRED && retired[0].0.synchronize().is_err() {
+            let _ = self.stream.synchronize();
+            retired.clear();
+        }
+        retired.retain(|(read, _)| read.try_is_complete().unwrap_or(false));
         let mine = |t: &tome_dist::DeviceTensor| t.stream().is_none_or(|s| s.cu_stream() == self.stream.cu_stream());
         if frame.iter().all(mine) {
             return;
@@ -128,7 +138,9 @@ impl GpuRank {
         match self.stream.record_event(None) {
             Ok(read) => retired.push((read, frame)),
             // No event to wait on (a fault in the GPU's context): wait for the reads instead.
-            Err(_) => drop(self.stream.synchronize()),
+            Err(_) => {
+                let _ = self.stream.synchronize();
+            }
         }
     }
 
