@@ -15,7 +15,8 @@
 // blocks above the diagonal are never read). Scores, softmax statistics and outputs are f32.
 //
 // The code is block-uniform (every thread runs every loop and shuffle; rows past nq compute
-// with nothing visible), which the CPU emulation in tests/emulated relies on.
+// with nothing visible), which the CPU emulation in tests/emulated relies on. The key range
+// is key_range.cuh's, which precedes this source wherever it is compiled.
 
 #define TOME_ROWS 64
 #define TOME_LANES 4
@@ -35,20 +36,6 @@ struct tome_bf16 {
 
 __device__ __forceinline__ float tome_to_f32(float x) { return x; }
 __device__ __forceinline__ float tome_to_f32(tome_bf16 x) { return __uint_as_float(((unsigned int)x.bits) << 16); }
-
-// Index of the first key whose position is >= p (keys sorted ascending).
-__device__ __forceinline__ int tome_lower_bound(const long long* pos, int n, long long p) {
-    int lo = 0, hi = n;
-    while (lo < hi) {
-        int mid = lo + (hi - lo) / 2;
-        if (pos[mid] < p) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    return lo;
-}
 
 template <typename T>
 __device__ void tome_attention(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -74,22 +61,7 @@ __device__ void tome_attention(const T* __restrict__ q, const T* __restrict__ k,
     // The key range any row of this block can see, from the positional rules alone.
     if (tid == 0) {
         const int first = blockIdx.x * TOME_ROWS;
-        const int last = min(nq, first + TOME_ROWS);
-        long long q_min = q_pos[first], q_max = q_pos[first];
-        for (int i = first + 1; i < last; ++i) {
-            q_min = min(q_min, q_pos[i]);
-            q_max = max(q_max, q_pos[i]);
-        }
-        int begin = 0, end = nk;
-        if (causal) {
-            end = tome_lower_bound(k_pos, nk, q_max + 1);
-        }
-        if (window >= 0) {
-            begin = tome_lower_bound(k_pos, nk, q_min - window);
-            end = min(end, tome_lower_bound(k_pos, nk, q_max + window + 1));
-        }
-        key_range[0] = begin;
-        key_range[1] = max(begin, end);
+        tome_visible_keys(q_pos, first, min(nq, first + TOME_ROWS), k_pos, nk, causal, window, key_range);
     }
 
     float qr[TOME_GROUPS][4];

@@ -23,7 +23,8 @@
 // (g+8, 2t), (g+8, 2t+1).
 //
 // Block-uniform like attention.cu (every thread reaches every barrier, shuffle and mma), so
-// the CPU emulation in tests/emulated runs it, with its own model of `mma`.
+// the CPU emulation in tests/emulated runs it, with its own model of `mma`. convert.cuh and
+// key_range.cuh precede this source wherever it is compiled.
 
 #define TOME_MMA_WARPS 4
 #define TOME_MMA_ROWS (16 * TOME_MMA_WARPS)
@@ -93,20 +94,6 @@ __device__ __forceinline__ void tome_mma(float c[4], const unsigned int a[4], co
 }
 #endif
 
-// Index of the first key whose position is >= p (keys sorted ascending).
-__device__ __forceinline__ int tome_mma_lower_bound(const long long* pos, int n, long long p) {
-    int lo = 0, hi = n;
-    while (lo < hi) {
-        const int mid = lo + (hi - lo) / 2;
-        if (pos[mid] < p) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    return lo;
-}
-
 template <typename T, typename Op>
 __device__ void tome_attention_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                    const long long* __restrict__ q_pos, const long long* __restrict__ k_pos,
@@ -134,22 +121,7 @@ __device__ void tome_attention_mma(const T* __restrict__ q, const T* __restrict_
     const Op op{};
 
     if (tid == 0) {
-        const int last = min(nq, first_row + TOME_MMA_ROWS);
-        long long q_min = q_pos[first_row], q_max = q_pos[first_row];
-        for (int i = first_row + 1; i < last; ++i) {
-            q_min = min(q_min, q_pos[i]);
-            q_max = max(q_max, q_pos[i]);
-        }
-        int begin = 0, end = nk;
-        if (causal) {
-            end = tome_mma_lower_bound(k_pos, nk, q_max + 1);
-        }
-        if (window >= 0) {
-            begin = tome_mma_lower_bound(k_pos, nk, q_min - window);
-            end = min(end, tome_mma_lower_bound(k_pos, nk, q_max + window + 1));
-        }
-        key_range[0] = begin;
-        key_range[1] = max(begin, end);
+        tome_visible_keys(q_pos, first_row, min(nq, first_row + TOME_MMA_ROWS), k_pos, nk, causal, window, key_range);
     }
 
     // The warp's queries as A fragments, one per 16 columns of the head.

@@ -1,5 +1,6 @@
-//! tome's CUDA kernels: each source in `kernels/` with the entry points it defines (preceded by
-//! `convert.cuh`, the 16-bit conversions, where it uses them). NVRTC compiles them at run time
+//! tome's CUDA kernels: each source in `kernels/` with the entry points it defines, preceded by
+//! the shared headers it uses (`convert.cuh`, the 16-bit conversions; `key_range.cuh`, the keys
+//! a block of queries can see). NVRTC compiles them at run time
 //! for the GPU present; tests compile every one for sm_80 and sm_90.
 
 /// One CUDA C source file and its `extern "C"` entry points.
@@ -11,14 +12,17 @@ pub struct KernelSource {
 }
 
 /// Attention partials of a key block (f32, and bf16 inputs widened to f32).
-pub const ATTENTION: KernelSource =
-    KernelSource { name: "attention.cu", source: include_str!("../kernels/attention.cu"), entry_points: &["tome_attention_f32", "tome_attention_bf16"] };
+pub const ATTENTION: KernelSource = KernelSource {
+    name: "attention.cu",
+    source: concat!(include_str!("../kernels/key_range.cuh"), include_str!("../kernels/attention.cu")),
+    entry_points: &["tome_attention_f32", "tome_attention_bf16"],
+};
 
 /// Attention partials on tensor cores (`mma` on bf16 or f16 operands, f32 accumulation), from
 /// f32 inputs a bf16 or f16 run has rounded, or from bf16 bits.
 pub const ATTENTION_MMA: KernelSource = KernelSource {
     name: "attention_mma.cu",
-    source: concat!(include_str!("../kernels/convert.cuh"), include_str!("../kernels/attention_mma.cu")),
+    source: concat!(include_str!("../kernels/convert.cuh"), include_str!("../kernels/key_range.cuh"), include_str!("../kernels/attention_mma.cu")),
     entry_points: &["tome_attention_mma_bf16", "tome_attention_mma_f16", "tome_attention_mma_bf16_bits"],
 };
 

@@ -60,22 +60,19 @@ fn run_harness(bin: &Path, input: Vec<u8>) -> Vec<f32> {
 
 /// One kernel call through the harness.
 fn emulated(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> Partial {
+    call(harness(), &[i64::from(q.dtype() == DType::BF16)], q, k, v, mask, scale)
+}
+
+/// One attention call through harness `bin`: the harness's own leading header words (`mode`),
+/// the sizes and the mask's rule, then the scale, q, k, v, the positions and the validity, as
+/// the harnesses read them; the partial it wrote.
+fn call(bin: &Path, mode: &[i64], q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> Partial {
     let (hq, nq, d) = q.dims3().unwrap();
     let (hk, nk, _) = k.dims3().unwrap();
     let dv = v.dims3().unwrap().2;
-    let header = [
-        i64::from(q.dtype() == DType::BF16),
-        hq as i64,
-        hk as i64,
-        nq as i64,
-        nk as i64,
-        d as i64,
-        dv as i64,
-        i64::from(mask.causal),
-        mask.window.map_or(-1, |w| w as i64),
-        i64::from(mask.key_valid.is_some()),
-    ];
-    let mut input = bytes_of(&header);
+    let sizes = [hq, hk, nq, nk, d, dv].map(|n| n as i64);
+    let rule = [i64::from(mask.causal), mask.window.map_or(-1, |w| w as i64), i64::from(mask.key_valid.is_some())];
+    let mut input = bytes_of(&[mode, &sizes, &rule].concat());
     input.extend(scale.to_le_bytes());
     for t in [q, k, v] {
         input.extend(elements(t));
@@ -85,7 +82,7 @@ fn emulated(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> 
     if let Some(valid) = mask.key_valid {
         input.extend(valid.iter().map(|&b| u8::from(b)));
     }
-    let raw = run_harness(harness(), input);
+    let raw = run_harness(bin, input);
     let (o, l) = raw.split_at(hq * nq * dv);
     Partial::from_vecs(o.to_vec(), l.to_vec(), hq, nq, dv).unwrap()
 }
@@ -117,36 +114,7 @@ fn emulated_kernel_partials_of_key_blocks_merge_to_the_whole() {
 /// which the kernel then reads as bits.
 fn emulated_mma(f16: bool, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> Partial {
     static MMA: OnceLock<PathBuf> = OnceLock::new();
-    let (hq, nq, d) = q.dims3().unwrap();
-    let (hk, nk, _) = k.dims3().unwrap();
-    let dv = v.dims3().unwrap().2;
-    let bits = q.dtype() == DType::BF16;
-    let header = [
-        i64::from(f16),
-        i64::from(bits),
-        hq as i64,
-        hk as i64,
-        nq as i64,
-        nk as i64,
-        d as i64,
-        dv as i64,
-        i64::from(mask.causal),
-        mask.window.map_or(-1, |w| w as i64),
-        i64::from(mask.key_valid.is_some()),
-    ];
-    let mut input = bytes_of(&header);
-    input.extend(scale.to_le_bytes());
-    for t in [q, k, v] {
-        input.extend(elements(t));
-    }
-    input.extend(bytes_of(mask.q_pos));
-    input.extend(bytes_of(mask.k_pos));
-    if let Some(valid) = mask.key_valid {
-        input.extend(valid.iter().map(|&b| u8::from(b)));
-    }
-    let raw = run_harness(MMA.get_or_init(|| build("attention_mma_harness")), input);
-    let (o, l) = raw.split_at(hq * nq * dv);
-    Partial::from_vecs(o.to_vec(), l.to_vec(), hq, nq, dv).unwrap()
+    call(MMA.get_or_init(|| build("attention_mma_harness")), &[i64::from(f16), i64::from(q.dtype() == DType::BF16)], q, k, v, mask, scale)
 }
 
 /// The tensor-core kernel against the naive reference on every case, in bf16 and f16 operands

@@ -5,21 +5,10 @@
 // i64 q_pos[nq], k_pos[nk]; u8 valid[nk] if has_valid.
 // OUT: f32 out[hq * nq * dv], then f32 lse[hq * nq].
 #include "cuda_emulation.h"
+#include "harness_io.h"
 #include "../../kernels/convert.cuh"
+#include "../../kernels/key_range.cuh"
 #include "../../kernels/attention_mma.cu"
-
-#include <stdio.h>
-#include <stdlib.h>
-
-template <class T>
-static std::vector<T> read_vec(FILE* f, size_t n) {
-    std::vector<T> v(n);
-    if (n && fread(v.data(), sizeof(T), n, f) != n) {
-        fprintf(stderr, "short input\n");
-        exit(2);
-    }
-    return v;
-}
 
 template <class T, class Op>
 static void run(FILE* in, const long long* h, float scale, std::vector<float>& out, std::vector<float>& lse) {
@@ -56,10 +45,5 @@ int main(int argc, char** argv) {
         run<float, tome_op_bf16>(in, h, scale, out, lse);
     }
     fclose(in);
-    FILE* o = fopen(argv[2], "wb");
-    if (!o) return 2;
-    fwrite(out.data(), sizeof(float), out.size(), o);
-    fwrite(lse.data(), sizeof(float), lse.size(), o);
-    fclose(o);
-    return 0;
+    return write_floats(argv[2], {&out, &lse}) ? 0 : 2;
 }

@@ -11,21 +11,9 @@
 // rounded in place, the merged partial's out then
 // lse, four rows of the heads gathered, then scattered among zeros.
 #include "cuda_emulation.h"
+#include "harness_io.h"
 #include "../../kernels/convert.cuh"
 #include "../../kernels/layers.cu"
-
-#include <stdio.h>
-#include <stdlib.h>
-
-template <class T>
-static std::vector<T> take(FILE* f, size_t n) {
-    std::vector<T> v(n);
-    if (n && fread(v.data(), sizeof(T), n, f) != n) {
-        fprintf(stderr, "short input\n");
-        exit(2);
-    }
-    return v;
-}
 
 // Values rounded to bf16 and f16.
 constexpr int ROUND = 24;
@@ -36,17 +24,17 @@ int main(int argc, char** argv) {
     if (argc != 3) return 2;
     FILE* in = fopen(argv[1], "rb");
     if (!in) return 2;
-    auto h = take<long long>(in, 5);
+    auto h = read_vec<long long>(in, 5);
     const long long n = h[0], hidden = h[1], heads = h[2], vocab = h[3], npos = h[4];
-    auto f = take<float>(in, 2);
+    auto f = read_vec<float>(in, 2);
     const float eps = f[0], word_scale = f[1];
-    auto ids = take<unsigned>(in, n), pos_ids = take<unsigned>(in, n);
-    auto word = take<float>(in, vocab * hidden), position = take<float>(in, npos * hidden);
-    auto token_type = take<float>(in, hidden), gamma = take<float>(in, hidden), beta = take<float>(in, hidden);
-    auto bias = take<float>(in, hidden), residual = take<float>(in, n * hidden), x = take<float>(in, n * hidden);
-    auto acc_out = take<float>(in, n * hidden), acc_lse = take<float>(in, heads * n);
-    auto out = take<float>(in, n * hidden), lse = take<float>(in, heads * n);
-    auto to_round = take<float>(in, ROUND);
+    auto ids = read_vec<unsigned>(in, n), pos_ids = read_vec<unsigned>(in, n);
+    auto word = read_vec<float>(in, vocab * hidden), position = read_vec<float>(in, npos * hidden);
+    auto token_type = read_vec<float>(in, hidden), gamma = read_vec<float>(in, hidden), beta = read_vec<float>(in, hidden);
+    auto bias = read_vec<float>(in, hidden), residual = read_vec<float>(in, n * hidden), x = read_vec<float>(in, n * hidden);
+    auto acc_out = read_vec<float>(in, n * hidden), acc_lse = read_vec<float>(in, heads * n);
+    auto out = read_vec<float>(in, n * hidden), lse = read_vec<float>(in, heads * n);
+    auto to_round = read_vec<float>(in, ROUND);
     fclose(in);
 
     const long long total = n * hidden;
@@ -134,9 +122,5 @@ int main(int argc, char** argv) {
     keep(gathered);
     keep(scattered);
 
-    FILE* o = fopen(argv[2], "wb");
-    if (!o) return 2;
-    fwrite(results.data(), sizeof(float), results.size(), o);
-    fclose(o);
-    return 0;
+    return write_floats(argv[2], {&results}) ? 0 : 2;
 }
