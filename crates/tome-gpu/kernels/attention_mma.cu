@@ -76,21 +76,19 @@ __device__ __forceinline__ void tome_mma(float c[4], const unsigned int a[4], co
     emu::mma_m16n8k16(c, a, b, tome_f16_value);
 }
 #else
-// c += a b on tensor cores (m16n8k16, f32 accumulation).
+// c += a b on tensor cores (m16n8k16, f32 accumulation), the operands in format TYPE.
+#define TOME_MMA_M16N8K16(TYPE, c, a, b)                                                                  \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                   \
+                 ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                          \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+
 __device__ __forceinline__ void tome_mma(float c[4], const unsigned int a[4], const unsigned int b[2], tome_op_bf16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    TOME_MMA_M16N8K16("bf16", c, a, b);
 }
 
 __device__ __forceinline__ void tome_mma(float c[4], const unsigned int a[4], const unsigned int b[2], tome_op_f16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    TOME_MMA_M16N8K16("f16", c, a, b);
 }
 #endif
 
