@@ -175,8 +175,7 @@ fn global_queries(rank: &GpuRank, group: &dyn Group, shard: &Shard<'_>, own: Blo
             _ => return Err(ModelError::Dist(tome_dist::DistError::Plan(format!("rank {src}'s global query frame holds no i64 positions of its {count} queries")))),
         }
     }
-    let mut order: Vec<(i64, usize, usize)> = sources.iter().enumerate().flat_map(|(s, (_, pos))| pos.iter().enumerate().map(move |(row, &p)| (p, s, row))).collect();
-    order.sort_by_key(|&(p, _, _)| p);
+    let order = ascending(sources.iter().map(|(_, pos)| pos.as_slice()));
     let positions: Vec<i64> = order.iter().map(|&(p, _, _)| p).collect();
     let g = positions.len();
 
@@ -190,8 +189,8 @@ fn global_queries(rank: &GpuRank, group: &dyn Group, shard: &Shard<'_>, own: Blo
         } else {
             let mut all_q = rank.zeros(heads * g * d)?;
             for (s, (q, _)) in sources.iter().enumerate() {
-                let (dst, src): (Vec<usize>, Vec<usize>) = order.iter().enumerate().filter(|(_, e)| e.1 == s).map(|(at, e)| (at, e.2)).unzip();
-                rank.layers.copy_rows(q, &indices(src), &mut all_q, &indices(dst), heads, d)?;
+                let (src, dst) = taken_from(&order, s);
+                rank.layers.copy_rows(q, &src, &mut all_q, &dst, heads, d)?;
             }
             partial(rank, shard, &all_q, &rank.upload(&positions)?, g, own, scale)?
         };
@@ -255,6 +254,20 @@ fn frame_error(src: usize, what: &str, got: usize, want: usize) -> ModelError {
     ModelError::Dist(tome_dist::DistError::Plan(format!("a {what} frame from rank {src} has {got} tensors, not {want}")))
 }
 
+/// Every row of the sources whose positions are `positions`, ascending by position, as
+/// `(position, source, row in it)`.
+fn ascending<'a>(positions: impl IntoIterator<Item = &'a [i64]>) -> Vec<(i64, usize, usize)> {
+    let mut order: Vec<(i64, usize, usize)> = positions.into_iter().enumerate().flat_map(|(s, pos)| pos.iter().enumerate().map(move |(row, &p)| (p, s, row))).collect();
+    order.sort_by_key(|&(p, _, _)| p);
+    order
+}
+
+/// The rows source `s` gives a join in `order`, and the rows they take there, as the row-copy
+/// kernel takes them.
+fn taken_from(order: &[(i64, usize, usize)], s: usize) -> (Vec<u32>, Vec<u32>) {
+    order.iter().enumerate().filter(|(_, e)| e.1 == s).map(|(at, e)| (e.2 as u32, at as u32)).unzip()
+}
+
 /// Keys on the device with their positions and validity on the host.
 type Joined = (DeviceBlock, Vec<i64>, Vec<bool>);
 
@@ -271,20 +284,16 @@ fn join_ascending(rank: &GpuRank, shard: &Shard<'_>, own: BlockRef<'_>, pieces: 
             sources.push((block, pos, flags.iter().map(|&f| f != 0).collect()));
         }
     }
-    // (position, source, row), ascending by position.
-    let mut order: Vec<(i64, usize, usize)> = sources.iter().enumerate().flat_map(|(s, (_, pos, _))| pos.iter().enumerate().map(move |(row, &p)| (p, s, row))).collect();
-    order.sort_by_key(|&(p, _, _)| p);
+    let order = ascending(sources.iter().map(|(_, pos, _)| *pos));
     let total = order.len();
     if total == 0 {
         return Ok(None);
     }
     let (mut k, mut v) = (rank.zeros(heads * total * d)?, rank.zeros(heads * total * d)?);
     for (s, (block, _, _)) in sources.iter().enumerate() {
-        let (dst, src): (Vec<usize>, Vec<usize>) = order.iter().enumerate().filter(|(_, e)| e.1 == s).map(|(at, e)| (at, e.2)).unzip();
-        if !src.is_empty() {
-            rank.layers.copy_rows(block.k, &indices(src.iter().copied()), &mut k, &indices(dst.iter().copied()), heads, d)?;
-            rank.layers.copy_rows(block.v, &indices(src), &mut v, &indices(dst), heads, d)?;
-        }
+        let (src, dst) = taken_from(&order, s);
+        rank.layers.copy_rows(block.k, &src, &mut k, &dst, heads, d)?;
+        rank.layers.copy_rows(block.v, &src, &mut v, &dst, heads, d)?;
     }
     let pos: Vec<i64> = order.iter().map(|&(p, _, _)| p).collect();
     let valid: Vec<bool> = order.iter().map(|&(_, s, row)| sources[s].2[row]).collect();
@@ -352,4 +361,22 @@ pub(super) fn block_sparse(
     let global_rows: Vec<usize> = runs.iter().filter(|(qb, _)| pattern.is_global_query_block(*qb)).flat_map(|(_, r)| r.clone()).collect();
     global_queries(rank, group, shard, own, &global_rows, scale, &mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A zigzag shard's two runs and two fetched pieces join ascending, and each source's rows
+    /// go to the places their positions take.
+    #[test]
+    fn rows_of_several_sources_join_ascending_by_position() {
+        let (own, before, between): (Vec<i64>, Vec<i64>, Vec<i64>) = (vec![4, 5, 10, 11], vec![2, 3], vec![6, 7]);
+        let order = ascending([own.as_slice(), before.as_slice(), between.as_slice()]);
+        assert_eq!(order.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 3, 4, 5, 6, 7, 10, 11]);
+        assert_eq!(taken_from(&order, 0), (vec![0, 1, 2, 3], vec![2, 3, 6, 7]));
+        assert_eq!(taken_from(&order, 1), (vec![0, 1], vec![0, 1]));
+        assert_eq!(taken_from(&order, 2), (vec![0, 1], vec![4, 5]));
+        assert_eq!(taken_from(&order, 3), (vec![], vec![]));
+    }
 }
