@@ -9,6 +9,8 @@
 //! `vdpbf16ps` at half the FMA rate: measured once, at first use), else a portable loop (clearly
 //! slower). AMX tiles are not used.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod convert;
 #[cfg(target_arch = "x86_64")]
 mod dpbf16;
@@ -38,8 +40,16 @@ pub(crate) const MR: usize = 8;
 /// Panels per tile: 8 × 3 accumulators plus 3 panel registers and a broadcast fit the 32
 /// vector registers.
 pub(crate) const NR: usize = 3;
-/// Rows whose bf16 copy a task packs and reuses across its panels.
+/// Rows whose bf16 copy a task packs and reuses across its panels: whole tiles of every kernel.
 const ROW_CHUNK: usize = 64;
+/// Values of the largest tile: AMX's, 32 rows × 2 panels (the vector kernels' are 8 × 3).
+const TILE_VALUES: usize = 32 * 2 * PANEL;
+/// Columns of the widest tile: the vector kernels' 3 panels (AMX's are 2).
+const TILE_COLUMNS: usize = NR * PANEL;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(
+    amx::ROWS * amx::PANELS * PANEL <= TILE_VALUES && MR * NR * PANEL <= TILE_VALUES && amx::PANELS <= NR && ROW_CHUNK.is_multiple_of(amx::ROWS) && ROW_CHUNK.is_multiple_of(MR)
+);
 
 /// A raw pointer the tasks of one product share; each writes elements no other task writes.
 #[derive(Clone, Copy)]
@@ -72,11 +82,12 @@ fn product(x: &[f32], m: usize, w: &PackedBf16, sink: &(dyn Fn(usize, usize, &[f
 /// # Safety
 /// `kernel` is [`Bf16Kernel::Portable`] or one of [`Bf16Kernel::available`].
 unsafe fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, sink: &(dyn Fn(usize, usize, &[f32]) + Sync)) {
-    let (k, pairs, panels) = (w.in_features(), w.pairs(), w.panels());
+    let (k, pairs, stride, panels) = (w.in_features(), w.pairs(), w.pair_stride(), w.panels());
     if m == 0 || panels == 0 {
         return;
     }
-    let groups = panels.div_ceil(NR);
+    let (tile_rows, tile_panels) = kernel.tile_shape();
+    let groups = panels.div_ceil(tile_panels);
     let row_chunks = m.div_ceil(ROW_CHUNK);
     let threads = rayon::current_num_threads();
     // Few row chunks: split the columns too, so that every thread has work.
@@ -86,24 +97,29 @@ unsafe fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, si
         let rows = chunk * ROW_CHUNK..(m.min((chunk + 1) * ROW_CHUNK));
         let group_range = split * groups / col_splits..(split + 1) * groups / col_splits;
         // The chunk's rows rounded to bf16 as the kernel reads them (a pair per lane, or each
-        // value as f32 bits), the odd input past the end zero, padded with zero rows to whole
-        // tiles.
-        let padded = rows.len().next_multiple_of(MR);
-        let lanes = pairs * kernel.lanes_per_pair();
+        // value as f32 bits), `stride` pairs apart, the lanes past the input zero, padded with
+        // zero rows to whole tiles.
+        let padded = rows.len().next_multiple_of(tile_rows);
+        let lanes = stride * kernel.lanes_per_pair();
         let mut xp = vec![0u32; padded * lanes];
         // SAFETY: the caller runs this CPU's kernels only.
-        unsafe { pack_rows(kernel, &x[rows.start * k..rows.end * k], k, &mut xp[..rows.len() * lanes]) };
-        let mut tile = [0f32; MR * NR * PANEL];
+        unsafe { pack_rows(kernel, &x[rows.start * k..rows.end * k], k, lanes, &mut xp[..rows.len() * lanes]) };
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AMX is one of `available`, so `amx::usable` returned true. Its tiles stay
+        // configured on this thread for the task's tiles alone (`sink` runs no products).
+        let _tiles = (kernel == Bf16Kernel::Amx).then(|| unsafe { amx::Session::begin() });
+        let mut tile = [0f32; TILE_VALUES];
         for g in group_range {
-            let np = NR.min(panels - g * NR);
-            let first_col = g * NR * PANEL;
+            let np = tile_panels.min(panels - g * tile_panels);
+            let first_col = g * tile_panels * PANEL;
             let width = (np * PANEL).min(w.out_features() - first_col);
-            let panel = w.panel(g * NR);
-            for t in (0..padded).step_by(MR) {
-                let xt = &xp[t * lanes..(t + MR) * lanes];
-                // SAFETY: as above; whole tiles of rows and `np` whole panels.
-                unsafe { run_tile(kernel, np, xt, panel, pairs, &mut tile[..MR * np * PANEL]) };
-                for r in 0..MR.min(rows.len() - t) {
+            let panel = w.panel(g * tile_panels);
+            for t in (0..padded).step_by(tile_rows) {
+                let xt = &xp[t * lanes..(t + tile_rows) * lanes];
+                // SAFETY: as above; whole tiles of rows `stride` pairs apart, and `np` whole
+                // panels, with the session AMX needs.
+                unsafe { run_tile(kernel, np, xt, panel, pairs, stride, &mut tile[..tile_rows * np * PANEL]) };
+                for r in 0..tile_rows.min(rows.len() - t) {
                     sink(rows.start + t + r, first_col, &tile[r * np * PANEL..][..width]);
                 }
             }
@@ -111,18 +127,18 @@ unsafe fn product_on(kernel: Bf16Kernel, x: &[f32], m: usize, w: &PackedBf16, si
     });
 }
 
-/// `rows` (row-major, `k` wide) rounded to bf16 into `packed` as `kernel` reads them: a pair
-/// per lane, or each value as its f32 bits; the odd input past the end is zero.
+/// `rows` (row-major, `k` wide) rounded to bf16 into `packed` as `kernel` reads them, `lanes`
+/// apart: a pair per lane, or each value as its f32 bits; the odd input past the end, and the
+/// lanes past the input, are left as they are (zero).
 ///
 /// # Safety
 /// `kernel` is [`Bf16Kernel::Portable`] or one of [`Bf16Kernel::available`].
-unsafe fn pack_rows(kernel: Bf16Kernel, rows: &[f32], k: usize, packed: &mut [u32]) {
+unsafe fn pack_rows(kernel: Bf16Kernel, rows: &[f32], k: usize, lanes: usize, packed: &mut [u32]) {
     #[inline(always)]
-    fn pack(lanes_per_pair: usize, rows: &[f32], k: usize, packed: &mut [u32]) {
+    fn pack(lanes_per_pair: usize, rows: &[f32], k: usize, lanes: usize, packed: &mut [u32]) {
         if k == 0 {
             return;
         }
-        let lanes = k.div_ceil(2) * lanes_per_pair;
         for (row, packed) in rows.chunks_exact(k).zip(packed.chunks_exact_mut(lanes)) {
             if lanes_per_pair == 1 {
                 for (lane, two) in packed.iter_mut().zip(row.chunks(2)) {
@@ -137,14 +153,14 @@ unsafe fn pack_rows(kernel: Bf16Kernel, rows: &[f32], k: usize, packed: &mut [u3
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    fn pack_avx512(lanes_per_pair: usize, rows: &[f32], k: usize, packed: &mut [u32]) {
-        pack(lanes_per_pair, rows, k, packed)
+    fn pack_avx512(lanes_per_pair: usize, rows: &[f32], k: usize, lanes: usize, packed: &mut [u32]) {
+        pack(lanes_per_pair, rows, k, lanes, packed)
     }
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's kernel is available, and both vector kernels need AVX512F.
-        Bf16Kernel::Avx512Bf16 | Bf16Kernel::Avx512Fma => unsafe { pack_avx512(kernel.lanes_per_pair(), rows, k, packed) },
-        _ => pack(kernel.lanes_per_pair(), rows, k, packed),
+        Bf16Kernel::Avx512Bf16 | Bf16Kernel::Avx512Fma => unsafe { pack_avx512(kernel.lanes_per_pair(), rows, k, lanes, packed) },
+        _ => pack(kernel.lanes_per_pair(), rows, k, lanes, packed),
     }
 }
 
@@ -161,12 +177,12 @@ pub fn linear(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>, residual: Optio
     let len = n * out_w;
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let dst = Shared(out.spare_capacity_mut().as_mut_ptr());
-    let zeros = [0f32; NR * PANEL];
+    let zeros = [0f32; TILE_COLUMNS];
     let run = |x: &[f32], residual: Option<&[f32]>| {
         product(x, n, w, &|row, col, values| {
             let at = row * out_w + col;
             let width = values.len();
-            let mut sums = [0f32; NR * PANEL];
+            let mut sums = [0f32; TILE_COLUMNS];
             let sums = &mut sums[..width];
             let bias = bias.as_ref().map_or(&zeros[..width], |b| &b[col..col + width]);
             let residual = residual.map_or(&zeros[..width], |r| &r[at..at + width]);
@@ -226,7 +242,7 @@ fn project_into(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>, heads: usize,
     }
     let bias = checked_bias(bias, w.out_features(), OP)?;
     let base = Shared(dst.as_mut_ptr());
-    let zeros = [0f32; NR * PANEL];
+    let zeros = [0f32; TILE_COLUMNS];
     with_f32(x, OP, |x| {
         product(x, n, w, &|row, col, values| {
             let bias = bias.as_ref().map_or(&zeros[..values.len()], |b| &b[col..col + values.len()]);
@@ -325,25 +341,75 @@ mod tests {
         y.into_inner().unwrap()
     }
 
+    /// The product as `tdpbf16ps` defines it (Intel's SDM): per step of 16 pairs, the even
+    /// inputs' products summed apart from the odd ones', and their sum added to the element.
+    fn defined_in_steps(x: &[f32], m: usize, w: &[f32], out: usize, k: usize) -> Vec<f32> {
+        let at = |v: &[f32], row: usize, i: usize| if i < k { round_to_bf16(v[row * k + i]) } else { 0.0 };
+        let mut y = vec![0f32; m * out];
+        for i in 0..m {
+            for o in 0..out {
+                let mut acc = 0f32;
+                for step in (0..k.div_ceil(2)).step_by(16) {
+                    let (mut even, mut odd) = (0f32, 0f32);
+                    for q in step..step + 16 {
+                        even += at(x, i, 2 * q) * at(w, o, 2 * q);
+                        odd += at(x, i, 2 * q + 1) * at(w, o, 2 * q + 1);
+                    }
+                    acc += even + odd;
+                }
+                y[i * out + o] = acc;
+            }
+        }
+        y
+    }
+
+    /// How far two f32 sums of an element's `k` products, in any two orders, may lie apart.
+    fn order_bound(x: &[f32], m: usize, w: &[f32], out: usize, k: usize) -> Vec<f32> {
+        let mut bound = vec![0f32; m * out];
+        for i in 0..m {
+            for o in 0..out {
+                let magnitude: f32 = (0..k).map(|j| (round_to_bf16(x[i * k + j]) * round_to_bf16(w[o * k + j])).abs()).sum();
+                bound[i * out + o] = 2.0 * (k as f32 + 16.0) * f32::EPSILON * magnitude;
+            }
+        }
+        bound
+    }
+
     fn kernels() -> Vec<Bf16Kernel> {
         let mut k = Bf16Kernel::available();
         if !k.contains(&Bf16Kernel::Portable) {
             k.push(Bf16Kernel::Portable);
         }
+        #[cfg(target_arch = "x86_64")]
+        k.push(Bf16Kernel::AmxModel);
         eprintln!("checking the kernels {:?}; {} is this CPU's fastest", k, Bf16Kernel::detect().name());
+        if !k.contains(&Bf16Kernel::Amx) {
+            eprintln!("AMX: not usable here (no AMX-BF16, or no tile-data permission); its tile loop runs on the model alone");
+        }
         k
     }
 
     #[test]
-    fn every_kernel_gives_the_defined_product_bit_for_bit_on_ragged_shapes() {
-        for (m, out, k) in [(4, 20, 0), (1, 1, 1), (7, 17, 3), (8, 48, 64), (9, 49, 65), (130, 100, 384), (64, 1536, 384), (3, 40, 1536)] {
+    fn every_kernel_gives_its_defined_product_on_ragged_shapes() {
+        for (m, out, k) in [(4, 20, 0), (1, 1, 1), (7, 17, 3), (8, 48, 64), (9, 49, 65), (33, 31, 33), (130, 100, 384), (64, 1536, 384), (3, 40, 1536)] {
             let (x, w) = (random(m * k, 1), random(out * k, 2));
             let packed = PackedBf16::from_rows(&w, out, k);
-            let want = defined(&x, m, &w, out, k);
+            let (pair_by_pair, in_steps, bound) = (defined(&x, m, &w, out, k), defined_in_steps(&x, m, &w, out, k), order_bound(&x, m, &w, out, k));
             for kernel in kernels() {
                 let got = run(kernel, &x, m, &packed);
-                let worst = got.iter().zip(&want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
-                assert_eq!(worst, 0, "{} kernel, {m}×{out}×{k}: {worst} elements differ", kernel.name());
+                let shape = format!("{} kernel, {m}×{out}×{k}", kernel.name());
+                let differ = |want: &[f32]| got.iter().zip(want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
+                if kernel.sums_pair_by_pair() {
+                    assert_eq!(differ(&pair_by_pair), 0, "{shape}: elements differ from the defined product");
+                    continue;
+                }
+                let outside = got.iter().zip(&pair_by_pair).zip(&bound).filter(|((g, w), b)| (*g - *w).abs() > **b).count();
+                assert_eq!(outside, 0, "{shape}: elements farther from the pair-by-pair product than f32 reordering allows");
+                #[cfg(target_arch = "x86_64")]
+                match kernel {
+                    Bf16Kernel::AmxModel => assert_eq!(differ(&in_steps), 0, "{shape}: elements differ from the SDM's step order"),
+                    _ => eprintln!("{shape}: {} of {} elements differ from the SDM's step order", differ(&in_steps), got.len()),
+                }
             }
         }
     }
@@ -353,10 +419,12 @@ mod tests {
         let (m, out, k) = (200, 96, 130);
         let (x, w) = (random(m * k, 3), random(out * k, 4));
         let packed = PackedBf16::from_rows(&w, out, k);
-        let all = run(Bf16Kernel::detect(), &x, m, &packed);
-        for (start, rows) in [(0, 1), (5, 3), (77, 64), (199, 1)] {
-            let part = run(Bf16Kernel::detect(), &x[start * k..(start + rows) * k], rows, &packed);
-            assert_eq!(part, all[start * out..(start + rows) * out], "rows {start}..{}", start + rows);
+        for kernel in kernels() {
+            let all = run(kernel, &x, m, &packed);
+            for (start, rows) in [(0, 1), (5, 3), (77, 64), (199, 1)] {
+                let part = run(kernel, &x[start * k..(start + rows) * k], rows, &packed);
+                assert_eq!(part, all[start * out..(start + rows) * out], "{} kernel, rows {start}..{}", kernel.name(), start + rows);
+            }
         }
     }
 

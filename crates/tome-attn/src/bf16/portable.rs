@@ -7,15 +7,15 @@ use super::packed::PANEL;
 use super::MR;
 
 /// As the AVX512-BF16 `tile`, on any CPU.
-pub(super) fn tile<const NR: usize>(x: &[u32], w: &[u32], pairs: usize, tile: &mut [f32]) {
+pub(super) fn tile<const NR: usize>(x: &[u32], w: &[u32], pairs: usize, stride: usize, tile: &mut [f32]) {
     let tile = &mut tile[..MR * NR * PANEL];
     tile.fill(0.0);
     for q in 0..pairs {
         for (r, acc) in tile.chunks_exact_mut(NR * PANEL).enumerate() {
-            let a = x[r * pairs + q];
+            let a = x[r * stride + q];
             let (a_lo, a_hi) = (from_bf16_bits(a as u16), from_bf16_bits((a >> 16) as u16));
             for (j, acc) in acc.chunks_exact_mut(PANEL).enumerate() {
-                let lanes = &w[(j * pairs + q) * PANEL..][..PANEL];
+                let lanes = &w[(j * stride + q) * PANEL..][..PANEL];
                 for (acc, &b) in acc.iter_mut().zip(lanes) {
                     let (b_lo, b_hi) = (from_bf16_bits(b as u16), from_bf16_bits((b >> 16) as u16));
                     // Products of two bf16 values are exact in f32; only the sums round.
