@@ -22,9 +22,12 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::aligned::LineAligned;
+#[cfg(target_arch = "x86_64")]
+use crate::bf16::Bf16Kernel;
 use crate::error::{shape_err, AttnError, Result};
 use crate::mask::Mask;
 use crate::partial::Partial;
+use crate::precision::Precision;
 use crate::simd::{self, Arith, Plain};
 use crate::tensor::{dims3, with_f32};
 
@@ -52,6 +55,28 @@ const OP: &str = "attention";
 ///
 /// Returns the mergeable partial: rows that see no key have output 0 and lse `-inf`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> Result<Partial> {
+    check(q, k, v, mask)?;
+    attention_on(q, k, v, mask, scale, Isa::detect())
+}
+
+/// [`attention`] in a job's precision. In [`Precision::Bf16`], where the CPU's bf16 products
+/// run on AMX tiles, the scores and the weighted values do too (queries, keys and values taken
+/// as bf16; scores, softmax statistics and the partial in f32; the probabilities as two bf16
+/// terms: `bf16::attention`); elsewhere, and in f32, the f32 kernels run on the values given
+/// (a bf16 run's are bf16 values already).
+pub fn attention_in(precision: Precision, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> Result<Partial> {
+    check(q, k, v, mask)?;
+    #[cfg(target_arch = "x86_64")]
+    if precision == Precision::Bf16 && Bf16Kernel::detect() == Bf16Kernel::Amx {
+        // SAFETY: the AMX kernel is chosen only where `amx::usable` holds.
+        return crate::bf16::attention::attention_on(q, k, v, mask, scale, &unsafe { crate::bf16::attention::OnAmx::new() });
+    }
+    let _ = precision;
+    attention_on(q, k, v, mask, scale, Isa::detect())
+}
+
+/// The shapes fit together and the mask, and the key positions ascend.
+fn check(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>) -> Result<()> {
     let (hq, nq, dqk) = dims3(q, OP, "q")?;
     let (hk, nk, dk) = dims3(k, OP, "k")?;
     let (hv, nv, _) = dims3(v, OP, "v")?;
@@ -75,7 +100,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32
     if let Some(at) = mask.k_pos.windows(2).position(|w| w[1] < w[0]) {
         return Err(AttnError::UnsortedKeys { op: OP, at: at + 1, got: mask.k_pos[at + 1], prev: mask.k_pos[at] });
     }
-    attention_on(q, k, v, mask, scale, Isa::detect())
+    Ok(())
 }
 
 /// The instruction set a tile runs on.

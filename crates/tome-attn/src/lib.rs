@@ -35,7 +35,7 @@ mod tensor;
 mod transposed;
 
 pub use error::{AttnError, Result};
-pub use flash::attention;
+pub use flash::{attention, attention_in};
 pub use mask::Mask;
 pub use partial::Partial;
 pub use precision::Precision;

@@ -26,14 +26,15 @@ pub(super) const PANELS: usize = 2;
 /// Bytes in a tile register's row.
 const ROW_BYTES: usize = 64;
 
-/// Whether this process may run AMX-BF16 tiles: the CPU has AMX-TILE and AMX-BF16, and Linux
-/// granted the process the tile-data state (asked for once, on the first call).
+/// Whether this process may run AMX-BF16 tiles: the CPU has AMX-TILE, AMX-BF16 and AVX-512F
+/// (which the code around the tiles uses; every AMX CPU has it), and Linux granted the process
+/// the tile-data state (asked for once, on the first call).
 pub(super) fn usable() -> bool {
     static USABLE: OnceLock<bool> = OnceLock::new();
     *USABLE.get_or_init(|| {
         // CPUID leaf 7, sub-leaf 0: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
         let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-        let cpu_has = leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0;
+        let cpu_has = leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0 && std::arch::is_x86_feature_detected!("avx512f");
         cpu_has && tile_data_permitted()
     })
 }
@@ -69,7 +70,24 @@ static CONFIG: Config = Config {
     palette: 1,
     start_row: 0,
     reserved: [0; 14],
-    bytes_per_row: [ROW_BYTES as u16, ROW_BYTES as u16, ROW_BYTES as u16, ROW_BYTES as u16, ROW_BYTES as u16, ROW_BYTES as u16, ROW_BYTES as u16, ROW_BYTES as u16, 0, 0, 0, 0, 0, 0, 0, 0],
+    bytes_per_row: [
+        ROW_BYTES as u16,
+        ROW_BYTES as u16,
+        ROW_BYTES as u16,
+        ROW_BYTES as u16,
+        ROW_BYTES as u16,
+        ROW_BYTES as u16,
+        ROW_BYTES as u16,
+        ROW_BYTES as u16,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ],
     rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
 };
 

@@ -11,6 +11,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod attention;
 mod convert;
 #[cfg(target_arch = "x86_64")]
 mod dpbf16;
