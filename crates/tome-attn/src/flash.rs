@@ -71,6 +71,10 @@ pub fn attention_in(precision: Precision, q: &Tensor, k: &Tensor, v: &Tensor, ma
         // SAFETY: the AMX kernel is chosen only where `amx::usable` holds.
         return crate::bf16::attention::attention_on(q, k, v, mask, scale, &unsafe { crate::bf16::attention::OnAmx::new() });
     }
+    #[cfg(all(feature = "tile-model", target_arch = "x86_64"))]
+    if precision == Precision::Bf16 && Bf16Kernel::detect() == Bf16Kernel::AmxModel {
+        return crate::bf16::attention::attention_on(q, k, v, mask, scale, &crate::bf16::attention::OnModel);
+    }
     let _ = precision;
     attention_on(q, k, v, mask, scale, Isa::detect())
 }

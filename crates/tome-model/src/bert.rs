@@ -152,14 +152,14 @@ impl BertModel {
         if let (LayerAttention::Window { one_sided }, true) = (attn, global_tokens.is_empty()) {
             // Without global tokens, queries go through attention and the rest of the layer a
             // row block at a time: the shard's queries and context never exist whole.
-            let spec = WindowSpec { one_sided, causal: false, scale };
+            let spec = WindowSpec { one_sided, causal: false, scale, precision };
             window_rows(group, plan, &x, qkv, heads, positions, valid, spec, FFN_ROWS, finish)?;
             return Ok(x);
         }
         let [q, k, v] = project_heads(&x, qkv, heads)?;
         let own = KeyBlock { k, v, pos: positions.to_vec(), valid: valid.to_vec() };
         let ctx = match attn {
-            LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale })?,
+            LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale, precision })?,
             LayerAttention::Window { one_sided } => {
                 // Global queries and keys come from their own projections where the checkpoint
                 // has them (Longformer), computed for this rank's rows; the operator picks the
@@ -172,11 +172,11 @@ impl BertModel {
                     _ => None,
                 };
                 let globals = GlobalTokens { positions: global_tokens.to_vec(), projections };
-                window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: false, scale }, Some(&globals))?
+                window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: false, scale, precision }, Some(&globals))?
             }
             LayerAttention::BlockSparse { block, random } => {
                 let pattern = BlockSparsePlan::new(plan.len(), block, heads, &RandomBlocks::AllZero(random))?;
-                blocksparse_attention(group, plan, &q, own, &pattern, scale)?
+                blocksparse_attention(group, plan, &q, own, &pattern, scale, precision)?
             }
             LayerAttention::Favor { causal, .. } => {
                 let projection = layer.projection.clone().ok_or_else(|| ModelError::Unsupported("FAVOR+ needs a checkpoint with projection matrices".into()))?;

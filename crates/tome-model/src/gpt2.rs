@@ -163,7 +163,7 @@ impl Gpt2Model {
         let qkv = block.c_attn.forward_at(x, p)?;
         let split = |i: usize| -> Result<Tensor> { Ok(attention_input(qkv.narrow(1, i * d, d)?.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?, p)?) };
         let own = KeyBlock { k: split(1)?, v: split(2)?, pos: positions.to_vec(), valid: vec![true; n] };
-        let ctx = ring_attention(group, &split(0)?, positions, own, DenseSpec { causal: true, scale: block.scale })?;
+        let ctx = ring_attention(group, &split(0)?, positions, own, DenseSpec { causal: true, scale: block.scale, precision: p })?;
         Ok(block.c_proj.forward_at(&ctx.transpose(0, 1)?.reshape((n, d))?, p)?)
     }
 }

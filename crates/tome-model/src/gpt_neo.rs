@@ -190,8 +190,8 @@ impl GptNeoModel {
         let own = KeyBlock { k: split(block.k.forward_at(x, p)?)?, v: split(block.v.forward_at(x, p)?)?, pos: positions.to_vec(), valid: vec![true; n] };
         // GPT-Neo does not scale its scores.
         let ctx = match block.attention {
-            LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: true, scale: 1.0 })?,
-            LayerAttention::Window { one_sided } => window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: true, scale: 1.0 }, None)?,
+            LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: true, scale: 1.0, precision: p })?,
+            LayerAttention::Window { one_sided } => window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: true, scale: 1.0, precision: p }, None)?,
             LayerAttention::BlockSparse { .. } | LayerAttention::Favor { .. } | LayerAttention::Native(_) => {
                 return Err(ModelError::Unsupported("GPT-Neo layers are dense or local".into()))
             }

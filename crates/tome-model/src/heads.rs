@@ -109,6 +109,7 @@ fn window_rows_in_chunks(
 mod tests {
     use candle_core::{DType, Device, Tensor};
     use candle_nn::Linear;
+    use tome_attn::Precision;
     use tome_dist::ops::{window_keys, KeyBlock, WindowSpec};
     use tome_dist::{run_ranks, Layout, ShardPlan};
 
@@ -163,7 +164,7 @@ mod tests {
         let n = 300;
         let x = Tensor::from_vec((0..n * HIDDEN).map(|i| ((i as f32) * 0.013).sin()).collect::<Vec<f32>>(), (n, HIDDEN), &Device::Cpu).unwrap();
         for causal in [false, true] {
-            let spec = WindowSpec { one_sided: 9, causal, scale: 0.25 };
+            let spec = WindowSpec { one_sided: 9, causal, scale: 0.25, precision: Precision::F32 };
             for p in [1, 3] {
                 let plan = ShardPlan::new(Layout::Contiguous, n, p).unwrap();
                 let whole = context(&x, &plan, spec, 24, None);

@@ -215,7 +215,7 @@ impl LlamaModel {
         let v = attention_input(split(layer.v.forward_at(x, p)?, kv)?, p)?;
         let own = KeyBlock { k, v, pos: positions.to_vec(), valid: vec![true; n] };
         let scale = 1.0 / (hd as f32).sqrt();
-        let ctx = ring_attention(group, &q, positions, own, DenseSpec { causal: true, scale })?;
+        let ctx = ring_attention(group, &q, positions, own, DenseSpec { causal: true, scale, precision: p })?;
         Ok(layer.o.forward_at(&ctx.transpose(0, 1)?.reshape((n, heads * hd))?, p)?)
     }
 }

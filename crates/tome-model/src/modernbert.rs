@@ -296,8 +296,8 @@ impl ModernBertModel {
         let own = KeyBlock { k, v, pos: positions.to_vec(), valid: vec![true; n] };
         let scale = 1.0 / (self.cfg.head_dim() as f32).sqrt();
         let ctx = match layer.attention {
-            LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale })?,
-            LayerAttention::Window { one_sided } => window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: false, scale }, None)?,
+            LayerAttention::Dense => ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale, precision: p })?,
+            LayerAttention::Window { one_sided } => window_attention(group, plan, &q, own, WindowSpec { one_sided, causal: false, scale, precision: p }, None)?,
             other => return Err(ModelError::Unsupported(format!("a ModernBERT layer is global or local, not `{other}`"))),
         };
         Ok(layer.wo.forward_at(&ctx.transpose(0, 1)?.reshape((n, hidden))?, p)?)

@@ -376,10 +376,10 @@ impl ReformerModel {
                 let chunk = self.cfg.local_attn_chunk_length;
                 if plan.len() <= chunk {
                     // transformers' "standard" self-attention: one chunk sees every key.
-                    ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale })?
+                    ring_attention(group, &q, positions, own, DenseSpec { causal: false, scale, precision: p })?
                 } else {
                     let pattern = BlockSparsePlan::local(plan.len(), chunk, heads, self.cfg.local_num_chunks_before, self.cfg.local_num_chunks_after, false)?;
-                    blocksparse_attention(group, plan, &q, own, &pattern, scale)?
+                    blocksparse_attention(group, plan, &q, own, &pattern, scale, p)?
                 }
             }
         };

@@ -23,7 +23,7 @@ fn layers(g: &InProcessGroup, plan: &ShardPlan, x1: Tensor, x2: Tensor) -> tome_
         let n = x.dim(0)?;
         let h = x.reshape((n, HEADS, HD))?.transpose(0, 1)?.contiguous()?;
         let own = KeyBlock { k: h.clone(), v: h.clone(), pos: pos.clone(), valid: vec![true; n] };
-        let out = window_attention(g, plan, &h, own, WindowSpec { one_sided: 3, causal: false, scale: 0.5 }, None)?;
+        let out = window_attention(g, plan, &h, own, WindowSpec { one_sided: 3, causal: false, scale: 0.5, precision: tome_attn::Precision::F32 }, None)?;
         Ok(out.transpose(0, 1)?.reshape((n, HEADS * HD))?)
     };
     let mut gg = |x: &Tensor| -> tome_model::Result<Tensor> { Ok(x.tanh()?) };

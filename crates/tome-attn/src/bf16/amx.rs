@@ -220,7 +220,7 @@ pub(super) unsafe fn tile<T: Tiles, const NP: usize>(t: &mut T, x: &[u32], w: &[
 
 /// A model of the tile registers and instructions, in scalar code, for the tests: the same tile
 /// loop runs on it on any CPU.
-#[cfg(test)]
+#[cfg(any(test, feature = "tile-model"))]
 pub(super) mod model {
     use super::super::convert::from_bf16_bits;
     use super::Tiles;

@@ -2,8 +2,9 @@
 //! the online softmax between them in f32. Queries, keys and values enter as bf16 (a bf16 run
 //! has rounded them so already); scores accumulate in f32 and are scaled in f32; the running
 //! max and sum and the (out, lse) partial are f32. The probabilities enter the second product
-//! as two bf16 terms, `p = hi + lo` with what is left under 2⁻¹⁶ of `p`, so the result lies
-//! within f32 rounding of the f32 kernel's on the same inputs, not a bf16 rounding of `p` away.
+//! as three bf16 terms, `p = p₁ + p₂ + p₃` with what is left under 2⁻²⁷ of `p` (each term the
+//! rest rounded to bf16, each difference exact in f32), so the result lies within f32 rounding
+//! of the f32 kernel's on the same inputs, not a bf16 rounding of `p` away.
 //!
 //! Keys and values are packed once per call, per key/value head, in blocks of 32 keys: the keys
 //! as two panels of 16 (head-dimension pairs × keys: `Q Kᵀ`'s B operand), the values as panels
@@ -212,7 +213,8 @@ unsafe fn task<T: Tiles>(t: &mut T, p: &Problem<'_>, packed: &Packed, h: usize, 
     let mut acc = vec![0f32; strips.len() * STRIP * dv_wide];
     let (mut m, mut l) = (vec![f32::NEG_INFINITY; strips.len() * STRIP], vec![0f32; strips.len() * STRIP]);
     let mut s = [0f32; STRIP * BLOCK];
-    let (mut hi, mut lo) = ([0u32; STRIP * BLOCK_PAIRS], [0u32; STRIP * BLOCK_PAIRS]);
+    // The probabilities as three bf16 terms, key pairs per lane.
+    let mut terms = [[0u32; STRIP * BLOCK_PAIRS]; 3];
     let mut o = [0f32; STRIP * amx::PANELS * PANEL];
     for b in first / BLOCK..last.div_ceil(BLOCK) {
         let b0 = b * BLOCK;
@@ -251,18 +253,20 @@ unsafe fn task<T: Tiles>(t: &mut T, p: &Problem<'_>, packed: &Packed, h: usize, 
                     l[i] = l[i] * alpha + sum;
                     m[i] = m_new;
                 }
-                // p = hi + lo, each bf16, key pairs per lane.
                 for (c, two) in row.chunks_exact(2).enumerate() {
-                    let (h0, h1) = (round_to_bf16(two[0]), round_to_bf16(two[1]));
-                    hi[r * BLOCK_PAIRS + c] = pair(h0, h1);
-                    lo[r * BLOCK_PAIRS + c] = pair(two[0] - h0, two[1] - h1);
+                    let mut rest = [two[0], two[1]];
+                    for term in terms.iter_mut() {
+                        let head = rest.map(round_to_bf16);
+                        term[r * BLOCK_PAIRS + c] = pair(head[0], head[1]);
+                        rest = [rest[0] - head[0], rest[1] - head[1]];
+                    }
                 }
             }
             let values = packed.values(kvh, b);
             for jp in (0..packed.v_panels).step_by(amx::PANELS) {
                 let np = amx::PANELS.min(packed.v_panels - jp);
                 let w = &values[jp * BLOCK_PAIRS * PANEL..];
-                for part in [&hi, &lo] {
+                for part in &terms {
                     // SAFETY: configured tiles; 32 rows of 16 pairs, `np` panels of 16 × 16
                     // lanes from panel `jp`, and 32 rows of `np · 16` values.
                     unsafe {
@@ -293,10 +297,10 @@ unsafe fn task<T: Tiles>(t: &mut T, p: &Problem<'_>, packed: &Packed, h: usize, 
 }
 
 /// The tests' tiles: [`amx::model::Model`].
-#[cfg(test)]
+#[cfg(any(test, feature = "tile-model"))]
 pub(crate) struct OnModel;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "tile-model"))]
 impl TileRunner for OnModel {
     fn run(&self, p: &Problem<'_>, packed: &Packed, h: usize, q0: usize, out: &mut [f32], lse: &mut [f32]) {
         // SAFETY: the model needs no configuration.

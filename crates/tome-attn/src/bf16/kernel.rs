@@ -21,7 +21,7 @@ pub enum Bf16Kernel {
     Amx,
     /// The AMX tile loop on a scalar model of the tile instructions: the tests' stand-in for AMX
     /// on CPUs without it.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "tile-model"))]
     AmxModel,
     /// `vdpbf16ps` on 512-bit registers.
     Avx512Bf16,
@@ -36,6 +36,15 @@ impl Bf16Kernel {
     /// times the vector kernels' rate on any CPU that has it), else the faster vector kernel as
     /// timed here.
     pub fn detect() -> Self {
+        // A `tile-model` build (tests only) runs every bf16 product on the model of AMX.
+        #[cfg(all(feature = "tile-model", target_arch = "x86_64"))]
+        return Bf16Kernel::AmxModel;
+        #[cfg(not(all(feature = "tile-model", target_arch = "x86_64")))]
+        Self::fastest()
+    }
+
+    #[cfg_attr(feature = "tile-model", allow(dead_code))]
+    fn fastest() -> Self {
         static CHOSEN: OnceLock<Bf16Kernel> = OnceLock::new();
         *CHOSEN.get_or_init(|| {
             let available = Self::available();
@@ -72,7 +81,7 @@ impl Bf16Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Bf16Kernel::Amx => "amx_bf16",
-            #[cfg(test)]
+            #[cfg(any(test, feature = "tile-model"))]
             Bf16Kernel::AmxModel => "amx_model",
             Bf16Kernel::Avx512Bf16 => "avx512_bf16",
             Bf16Kernel::Avx512Fma => "avx512_fma",
@@ -93,7 +102,7 @@ impl Bf16Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
             Bf16Kernel::Amx => (amx::ROWS, amx::PANELS),
-            #[cfg(all(test, target_arch = "x86_64"))]
+            #[cfg(all(any(test, feature = "tile-model"), target_arch = "x86_64"))]
             Bf16Kernel::AmxModel => (amx::ROWS, amx::PANELS),
             _ => (MR, NR),
         }
@@ -103,7 +112,7 @@ impl Bf16Kernel {
     pub fn sums_pair_by_pair(self) -> bool {
         match self {
             Bf16Kernel::Amx => false,
-            #[cfg(test)]
+            #[cfg(any(test, feature = "tile-model"))]
             Bf16Kernel::AmxModel => false,
             _ => true,
         }
@@ -150,7 +159,7 @@ pub(super) unsafe fn run_tile(kernel: Bf16Kernel, np: usize, x: &[u32], w: &[u32
                 _ => amx::tile::<_, 2>(&mut amx::Amx, x, w, stride, tile),
             }
         },
-        #[cfg(all(test, target_arch = "x86_64"))]
+        #[cfg(all(any(test, feature = "tile-model"), target_arch = "x86_64"))]
         // SAFETY: the model needs no configuration; the lengths as above.
         Bf16Kernel::AmxModel => unsafe {
             let mut model = amx::model::Model::new();

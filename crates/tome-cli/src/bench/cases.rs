@@ -16,7 +16,7 @@ use tome_attn::favor::orthogonal_projection;
 use tome_attn::lsh::{seeded_rotations, LshSpec};
 use tome_attn::projection::Projection;
 use tome_attn::relative::{segment_attention, sinusoid};
-use tome_attn::{attention, Mask, Precision};
+use tome_attn::{attention_in, Mask, Precision};
 use tome_dist::ops::{
     blocksparse_attention, favor_attention, lsh_attention, segment_recurrence, window_attention, Compression, CompressiveMemory, FavorSpec, KeyBlock, WindowSpec, XlMemory,
 };
@@ -180,7 +180,7 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
             let (q, k, v) = (input()?, input()?, input()?);
             let pairs = if causal { (n * (n + 1) / 2) as f64 } else { (n * n) as f64 };
             timed_best(name, n, Some(4.0 * pairs * HIDDEN as f64 / 1e9), RUNS, || {
-                attention(&q, &k, &v, &Mask::full(&pos, &pos).with_causal(causal), 0.125)?;
+                attention_in(precision, &q, &k, &v, &Mask::full(&pos, &pos).with_causal(causal), 0.125)?;
                 Ok(())
             })
         }
@@ -193,7 +193,8 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
             const ROWS: usize = 192;
             let (x, proj) = (randn((n, HIDDEN))?, Projections::new()?);
             let (plan, valid) = (plan()?, vec![true; n]);
-            let spec = WindowSpec { one_sided: 256, causal: false, scale: 0.125 };
+            let precision = if name == "longformer-bf16" { Precision::Bf16 } else { Precision::F32 };
+            let spec = WindowSpec { one_sided: 256, causal: false, scale: 0.125, precision };
             let packed = proj.in_bf16();
             let projections: [Projection<'_>; 3] = match name {
                 "longformer-bf16" => [packed[0].at(Precision::Bf16)?, packed[1].at(Precision::Bf16)?, packed[2].at(Precision::Bf16)?],
@@ -211,7 +212,7 @@ pub fn run(name: &str, n: usize) -> anyhow::Result<Record> {
             let (plan, pattern) = (plan()?, BlockSparsePlan::new(n, 64, HEADS, &RandomBlocks::AllZero(3))?);
             timed_best(name, n, None, RUNS, || {
                 let [q, k, v] = proj.qkv(&x)?;
-                blocksparse_attention(&g, &plan, &q, KeyBlock { k, v, pos: pos.clone(), valid: vec![true; n] }, &pattern, 0.125)?;
+                blocksparse_attention(&g, &plan, &q, KeyBlock { k, v, pos: pos.clone(), valid: vec![true; n] }, &pattern, 0.125, Precision::F32)?;
                 Ok(())
             })
         }
@@ -267,7 +268,7 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
             None,
             runs,
             Box::new(|| {
-                window_attention(&g, &plan, &q, own.clone(), WindowSpec { one_sided: 128, causal: false, scale: 0.25 }, None)?;
+                window_attention(&g, &plan, &q, own.clone(), WindowSpec { one_sided: 128, causal: false, scale: 0.25, precision: Precision::F32 }, None)?;
                 Ok(())
             }),
         ),
@@ -279,7 +280,7 @@ fn scaling(family: &str, n: usize) -> anyhow::Result<Record> {
                 None,
                 runs,
                 Box::new(|| {
-                    blocksparse_attention(&g, &plan, &q, own.clone(), &pattern, 0.25)?;
+                    blocksparse_attention(&g, &plan, &q, own.clone(), &pattern, 0.25, Precision::F32)?;
                     Ok(())
                 }),
             )

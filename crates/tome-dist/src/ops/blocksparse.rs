@@ -15,7 +15,7 @@ use std::ops::Range;
 use candle_core::Tensor;
 use rayon::prelude::*;
 use tome_attn::blocksparse::BlockSparsePlan;
-use tome_attn::{attention, Mask};
+use tome_attn::{attention_in, Mask, Precision};
 
 use super::exchange::{gather_needed, row_exchange, RowExchange};
 use super::global::{global_queries, overwrite_rows};
@@ -25,8 +25,9 @@ use crate::group::Group;
 use crate::layout::ShardPlan;
 
 /// This rank's output rows of block-sparse attention under `pattern` (built for the whole
-/// sequence, the same on every rank).
-pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, own: KeyBlock, pattern: &BlockSparsePlan, scale: f32) -> Result<Tensor> {
+/// sequence, the same on every rank); `precision` the arithmetic of its attention calls
+/// (`attention_in`).
+pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, own: KeyBlock, pattern: &BlockSparsePlan, scale: f32, precision: Precision) -> Result<Tensor> {
     let (heads, n, _) = q.dims3()?;
     let dv = own.v.dim(2)?;
     if pattern.len != plan.len() || pattern.heads != heads {
@@ -54,7 +55,9 @@ pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, ow
         (Some(keys), Some(rows_of_block)) => runs
             .par_iter()
             .filter(|(qb, _)| !pattern.is_global_query_block(*qb))
-            .map(|(qb, rows)| Ok((rows.clone(), block_rows(q, &q_pos, rows.clone(), keys, rows_of_block, &per_head, pattern, *qb, scale)?.flatten_all()?.to_vec1::<f32>()?)))
+            .map(|(qb, rows)| {
+                Ok((rows.clone(), block_rows(q, &q_pos, rows.clone(), keys, rows_of_block, &per_head, pattern, *qb, scale, precision)?.flatten_all()?.to_vec1::<f32>()?))
+            })
             .collect::<Result<_>>()?,
         _ => Vec::new(),
     };
@@ -70,7 +73,7 @@ pub fn blocksparse_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, ow
         return Ok(out);
     }
     // Global query blocks: every rank takes part, whether or not it owns one.
-    let (gpos, merged) = global_queries(group, q, &q_pos, &global_rows, &own, scale)?;
+    let (gpos, merged) = global_queries(group, q, &q_pos, &global_rows, &own, scale, precision)?;
     overwrite_rows(&out, &q_pos, &global_rows, &gpos, &merged.out)
 }
 
@@ -158,13 +161,14 @@ fn block_rows(
     pattern: &BlockSparsePlan,
     qb: usize,
     scale: f32,
+    precision: Precision,
 ) -> Result<Tensor> {
     let qs = q.narrow(1, rows.start, rows.len())?;
     let qp = &q_pos[rows];
     let key_rows = |h: usize| rows_of_block.key_rows(pattern, h, qb);
     let one = |qs: &Tensor, kb: &KeyBlock| -> Result<Tensor> {
         let mask = Mask::full(qp, &kb.pos).with_key_valid(Some(&kb.valid)).with_causal(pattern.causal);
-        Ok(attention(qs, &kb.k, &kb.v, &mask, scale)?.out)
+        Ok(attention_in(precision, qs, &kb.k, &kb.v, &mask, scale)?.out)
     };
     if pattern.uniform_across_heads() {
         return one(&qs, &keys.select(&key_rows(0))?);

@@ -9,7 +9,7 @@
 
 use candle_core::Tensor;
 use tome_attn::relative_bias::{self, RelativeBias};
-use tome_attn::{attention, Mask, Partial};
+use tome_attn::{attention_in, Mask, Partial, Precision};
 
 use super::keys::KeyBlock;
 use crate::error::Result;
@@ -19,6 +19,8 @@ use crate::group::Group;
 pub struct DenseSpec {
     pub causal: bool,
     pub scale: f32,
+    /// The arithmetic of each block's attention (`attention_in`); partials merge in f32.
+    pub precision: Precision,
 }
 
 /// This rank's output rows of dense attention; `q` is `[heads, shard, d]` at positions `q_pos`,
@@ -31,7 +33,7 @@ pub fn ring_attention(group: &dyn Group, q: &Tensor, q_pos: &[i64], own: KeyBloc
             return Ok(None);
         }
         let mask = Mask::full(q_pos, &block.pos).with_causal(spec.causal).with_key_valid(Some(&block.valid));
-        Ok(Some(attention(q, &block.k, &block.v, &mask, spec.scale)?))
+        Ok(Some(attention_in(spec.precision, q, &block.k, &block.v, &mask, spec.scale)?))
     })
 }
 

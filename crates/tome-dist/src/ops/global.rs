@@ -4,7 +4,7 @@
 //! order — so each rank ends with the same, exact result, without any rank holding all keys.
 
 use candle_core::{Device, Tensor};
-use tome_attn::{attention, Mask, Partial};
+use tome_attn::{attention_in, Mask, Partial, Precision};
 
 use super::keys::{select_rows, KeyBlock};
 use crate::error::{DistError, Result};
@@ -13,15 +13,15 @@ use crate::group::Group;
 /// Attention of the global queries over the whole sequence. `rows` are the indices (in this
 /// rank's shard, positions `q_pos`) of the global queries this rank owns; `q` holds this
 /// rank's queries; `own` the keys this rank owns. Returns the partial of every global query,
-/// in ascending position order, with those positions.
-pub(crate) fn global_queries(group: &dyn Group, q: &Tensor, q_pos: &[i64], rows: &[usize], own: &KeyBlock, scale: f32) -> Result<(Vec<i64>, Partial)> {
+/// in ascending position order, with those positions. `precision`: as `attention_in`.
+pub(crate) fn global_queries(group: &dyn Group, q: &Tensor, q_pos: &[i64], rows: &[usize], own: &KeyBlock, scale: f32, precision: Precision) -> Result<(Vec<i64>, Partial)> {
     let (heads, _, _) = q.dims3()?;
     let dv = own.v.dim(2)?;
     let (positions, all_q) = gather_global_queries(group, select_rows(q, rows)?, rows.iter().map(|&i| q_pos[i]).collect())?;
     let local = if own.is_empty() {
         Partial::empty(heads, positions.len(), dv)?
     } else {
-        attention(&all_q, &own.k, &own.v, &Mask::full(&positions, &own.pos).with_key_valid(Some(&own.valid)), scale)?
+        attention_in(precision, &all_q, &own.k, &own.v, &Mask::full(&positions, &own.pos).with_key_valid(Some(&own.valid)), scale)?
     };
     Ok((positions, merge_global_partials(group, local)?))
 }

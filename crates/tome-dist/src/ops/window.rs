@@ -16,7 +16,7 @@
 use std::ops::Range;
 
 use candle_core::Tensor;
-use tome_attn::{attention, Mask, Partial};
+use tome_attn::{attention_in, Mask, Partial, Precision};
 
 use super::exchange::{gather_needed, row_exchange, RowExchange};
 use super::global::{gather_global_keys, global_queries, overwrite_rows};
@@ -31,6 +31,8 @@ pub struct WindowSpec {
     pub one_sided: usize,
     pub causal: bool,
     pub scale: f32,
+    /// The arithmetic of the attention calls (`attention_in`); partials merge in f32.
+    pub precision: Precision,
 }
 
 /// The global tokens of a window layer: their positions (ascending, the same on every rank) and,
@@ -117,7 +119,7 @@ impl WindowKeys {
         match &self.keys {
             Some(keys) if n > 0 => {
                 let mask = Mask::full(q_pos, &keys.pos).with_causal(self.spec.causal).with_window(Some(self.spec.one_sided)).with_key_valid(Some(&keys.valid));
-                Ok(attention(q, &keys.k, &keys.v, &mask, self.spec.scale)?)
+                Ok(attention_in(self.spec.precision, q, &keys.k, &keys.v, &mask, self.spec.scale)?)
             }
             // No query, or no key at all (an empty shard).
             _ => Ok(Partial::empty(heads, n, self.dv)?),
@@ -163,10 +165,10 @@ pub fn window_attention(group: &dyn Group, plan: &ShardPlan, q: &Tensor, own: Ke
     let global_keys = gather_global_keys(group, &own.select(&mine)?)?;
     if n > 0 {
         let mask = Mask::full(&q_pos, &global_keys.pos).with_key_valid(Some(&global_keys.valid));
-        acc = acc.merge(&attention(q, &global_keys.k, &global_keys.v, &mask, spec.scale)?)?;
+        acc = acc.merge(&attention_in(spec.precision, q, &global_keys.k, &global_keys.v, &mask, spec.scale)?)?;
     }
     let global_own = KeyBlock { k: gk.clone(), v: gv.clone(), pos: own.pos.clone(), valid: own.valid.clone() };
-    let (gpos, merged) = global_queries(group, gq, &q_pos, &mine, &global_own, spec.scale)?;
+    let (gpos, merged) = global_queries(group, gq, &q_pos, &mine, &global_own, spec.scale, spec.precision)?;
     overwrite_rows(&acc.out, &q_pos, &mine, &gpos, &merged.out)
 }
 
@@ -188,7 +190,7 @@ mod tests {
             (Layout::Contiguous, 3, 5, 2, true),
         ] {
             let plan = ShardPlan::new(layout, len, ranks).unwrap();
-            let spec = WindowSpec { one_sided, causal, scale: 1.0 };
+            let spec = WindowSpec { one_sided, causal, scale: 1.0, precision: Precision::F32 };
             let exchanges: Vec<RowExchange> = (0..ranks).map(|r| window_exchange(&plan, r, spec)).collect();
             let case = format!("{layout:?}, {len} tokens, {ranks} ranks, window {one_sided}, causal {causal}");
             for (me, ex) in exchanges.iter().enumerate() {

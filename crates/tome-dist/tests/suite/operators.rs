@@ -10,7 +10,7 @@ use std::ops::{Range, RangeInclusive};
 
 use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use tome_attn::{reference, Mask};
+use tome_attn::{reference, Mask, Precision};
 use tome_dist::ops::{
     ring_attention, window_attention, window_key_stream, window_keys, window_margins, DenseSpec, GlobalTokens, HeadRows, KeyBlock, KeyShape, KeysOrValues, WindowKeys, WindowSpec,
 };
@@ -79,7 +79,7 @@ fn on_ranks(plan: &ShardPlan, dim: usize, op: impl Fn(&dyn Group, usize) -> tome
 }
 
 fn dense(x: &Inputs, plan: &ShardPlan, causal: bool) -> (Tensor, u64) {
-    on_ranks(plan, 1, |g, r| ring_attention(g, &plan.shard_of(&x.q, 1, r)?, &plan.positions(r), own(x, plan, r), DenseSpec { causal, scale: 0.4 }))
+    on_ranks(plan, 1, |g, r| ring_attention(g, &plan.shard_of(&x.q, 1, r)?, &plan.positions(r), own(x, plan, r), DenseSpec { causal, scale: 0.4, precision: Precision::F32 }))
 }
 
 fn window(x: &Inputs, plan: &ShardPlan, spec: WindowSpec, globals: &[usize]) -> (Tensor, u64) {
@@ -216,7 +216,7 @@ fn window_p_ranks_equal_one_rank_and_the_naive_reference() {
                             continue;
                         }
                         let x = inputs(n, (n * 1000 + w) as u64, n > 20, global_proj);
-                        let spec = WindowSpec { one_sided: w, causal, scale: 0.4 };
+                        let spec = WindowSpec { one_sided: w, causal, scale: 0.4, precision: Precision::F32 };
                         let (one, _) = window(&x, &ShardPlan::new(Layout::Contiguous, n, 1).unwrap(), spec, &globals);
                         let want = naive_window(&x, w, causal, &globals);
                         let d = max_diff(&one, &want);
@@ -245,7 +245,7 @@ fn window_queries_in_row_blocks_equal_the_whole_shard() {
         for &w in &[0, 4, 30] {
             for &causal in &[false, true] {
                 let x = inputs(n, (n * 7 + w) as u64, true, false);
-                let spec = WindowSpec { one_sided: w, causal, scale: 0.4 };
+                let spec = WindowSpec { one_sided: w, causal, scale: 0.4, precision: Precision::F32 };
                 for p in rank_counts(1..=4) {
                     for plan in plans(n, p) {
                         let (whole, _) = window(&x, &plan, spec, &[]);
@@ -300,7 +300,7 @@ fn streamed_keys_give_the_joined_keys_results_to_the_bit() {
         for &w in &[0, 4, 30] {
             for &causal in &[false, true] {
                 let x = inputs(n, (n * 5 + w) as u64, true, false);
-                let spec = WindowSpec { one_sided: w, causal, scale: 0.4 };
+                let spec = WindowSpec { one_sided: w, causal, scale: 0.4, precision: Precision::F32 };
                 for p in rank_counts(1..=4) {
                     for plan in plans(n, p) {
                         // Block 0: blocks that grow, outgrowing the buffers made for the first.
@@ -374,7 +374,7 @@ fn plans_send_exactly_the_bytes_they_need() {
     // the ring also carries each key's position (8 bytes).
     let row = (2 * H * D * 4 + 1) as u64;
     let x = inputs(10, 1, false, false);
-    let spec = WindowSpec { one_sided: 3, causal: false, scale: 0.4 };
+    let spec = WindowSpec { one_sided: 3, causal: false, scale: 0.4, precision: Precision::F32 };
     // Shards [0,1) [1,2) [2,10), w = 3: rank 0 sends 2 rows, rank 1 sends 2, rank 2 sends 2 + 3.
     let plan = ShardPlan::from_bounds(&[0, 1, 2, 10]).unwrap();
     assert_eq!(window(&x, &plan, spec, &[]).1, 9 * row);
@@ -403,7 +403,7 @@ fn refusals_and_peer_failures_are_errors() {
     }
     let x = inputs(8, 3, false, false);
     let plan = ShardPlan::new(Layout::Contiguous, 8, 2).unwrap();
-    let spec = WindowSpec { one_sided: 2, causal: true, scale: 1.0 };
+    let spec = WindowSpec { one_sided: 2, causal: true, scale: 1.0, precision: Precision::F32 };
     let err = launch(2, |g: &dyn Group| -> tome_dist::Result<_> {
         let r = g.rank();
         let gt = GlobalTokens { positions: vec![1], projections: None };
@@ -454,7 +454,7 @@ mod blocksparse {
     use tome_dist::ops::blocksparse_attention;
 
     pub(super) fn run(x: &Inputs, plan: &ShardPlan, pattern: &BlockSparsePlan) -> (Tensor, u64) {
-        on_ranks(plan, 1, |g, r| blocksparse_attention(g, plan, &plan.shard_of(&x.q, 1, r)?, own(x, plan, r), pattern, 0.4))
+        on_ranks(plan, 1, |g, r| blocksparse_attention(g, plan, &plan.shard_of(&x.q, 1, r)?, own(x, plan, r), pattern, 0.4, Precision::F32))
     }
 
     #[test]

@@ -136,7 +136,7 @@ pub(super) fn attend(rank: &GpuRank, group: &dyn Group, plan: &ShardPlan, shard:
                 acc.add(rank, shard, &q_pos, own, causal, Some(one_sided), scale)?;
             }
             if group.size() > 1 {
-                for (halo, _) in window_halo(rank, group, plan, shard, WindowSpec { one_sided, causal, scale })? {
+                for (halo, _) in window_halo(rank, group, plan, shard, WindowSpec { one_sided, causal, scale, precision: shard.precision })? {
                     if let (Some(block), true) = (key_block(&halo.frame, shard.kv_heads, shard.head_dim)?, n > 0) {
                         acc.add(rank, shard, &q_pos, block, causal, Some(one_sided), scale)?;
                     }
@@ -319,20 +319,22 @@ fn exchange_only(group: &dyn Group, plan: &ShardPlan, pattern: Pattern<'_>, kv_h
     if group.size() == 1 {
         return Ok(());
     }
+    // No query row is attended here, so the calls' arithmetic is moot.
+    let precision = Precision::F32;
     let empty = || Tensor::zeros((kv_heads, 0, head_dim), candle_core::DType::F32, &Device::Cpu);
     let own = KeyBlock { k: empty()?, v: empty()?, pos: Vec::new(), valid: Vec::new() };
     match pattern {
         Pattern::Window { one_sided, causal } => {
-            window_keys(group, plan, &own, WindowSpec { one_sided, causal, scale })?;
+            window_keys(group, plan, &own, WindowSpec { one_sided, causal, scale, precision })?;
         }
         Pattern::Dense { .. } => pass_around(group, own, &mut |_| Ok(()))?,
         Pattern::Global { one_sided, globals } => {
             let globals = GlobalTokens { positions: globals.positions.to_vec(), projections: None };
-            window_attention(group, plan, &empty()?, own, WindowSpec { one_sided, causal: false, scale }, Some(&globals))?;
+            window_attention(group, plan, &empty()?, own, WindowSpec { one_sided, causal: false, scale, precision }, Some(&globals))?;
         }
         Pattern::BlockSparse { block, random } => {
             let pattern = BlockSparsePlan::new(plan.len(), block, kv_heads, &RandomBlocks::AllZero(random))?;
-            blocksparse_attention(group, plan, &empty()?, own, &pattern, scale)?;
+            blocksparse_attention(group, plan, &empty()?, own, &pattern, scale, precision)?;
         }
     }
     Ok(())

@@ -80,7 +80,7 @@ pub(super) fn window_with_globals(
         acc.add(rank, shard, own.pos, BlockRef { valid: &valid, ..own }, false, Some(one_sided), scale)?;
     }
     if group.size() > 1 {
-        for (halo, pos) in window_halo(rank, group, plan, shard, WindowSpec { one_sided, causal: false, scale })? {
+        for (halo, pos) in window_halo(rank, group, plan, shard, WindowSpec { one_sided, causal: false, scale, precision: shard.precision })? {
             let Some(block) = key_block(&halo.frame, kv_heads, d)? else { continue };
             if n == 0 {
                 continue;
