@@ -52,10 +52,13 @@ pub(crate) struct Problem<'a> {
 }
 
 /// Every key/value head's keys and values in the tiles' operand layouts, in blocks of
-/// [`BLOCK`] keys (the last padded with zero keys).
+/// [`BLOCK`] keys from `first_key` (a multiple of [`BLOCK`], so a key's block is the same
+/// whatever queries share the call) to the last key any query of the call may see; the last
+/// block padded with zero keys.
 pub(crate) struct Packed {
     keys: Vec<u32>,
     values: Vec<u32>,
+    first_key: usize,
     /// Head-dimension pairs per key: `dqk / 2` rounded up to whole tile steps.
     qk_stride: usize,
     /// Panels of 16 value columns.
@@ -66,15 +69,22 @@ pub(crate) struct Packed {
 impl Packed {
     fn new(p: &Problem<'_>) -> Self {
         let qk_stride = p.dqk.div_ceil(2).next_multiple_of(PAIR_STEP);
-        let (v_panels, blocks) = (p.dv.div_ceil(PANEL), p.nk.div_ceil(BLOCK));
+        // The keys some query may see: windows and causal masks leave most of a long call's
+        // keys to other calls' queries.
+        let (q_min, q_max) = p.mask.q_pos.iter().fold((i64::MAX, i64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let (lo, hi) = p.mask.key_position_bounds(q_min, q_max);
+        let (seen_from, seen_to) = (p.mask.k_pos.partition_point(|&k| k < lo), p.mask.k_pos.partition_point(|&k| k < hi));
+        let first_key = seen_from / BLOCK * BLOCK;
+        let (v_panels, blocks) = (p.dv.div_ceil(PANEL), seen_to.saturating_sub(first_key).div_ceil(BLOCK));
         let (key_block, value_block) = (Self::key_block_lanes(qk_stride), Self::value_block_lanes(v_panels));
         let mut keys = vec![0u32; p.kv_heads * blocks * key_block];
         let mut values = vec![0u32; p.kv_heads * blocks * value_block];
         if blocks > 0 {
             keys.par_chunks_mut(key_block).zip(values.par_chunks_mut(value_block)).enumerate().for_each(|(at, (keys, values))| {
                 let (h, b) = (at / blocks, at % blocks);
-                for i in 0..BLOCK.min(p.nk - b * BLOCK) {
-                    let row = h * p.nk + b * BLOCK + i;
+                let start = first_key + b * BLOCK;
+                for i in 0..BLOCK.min(seen_to - start) {
+                    let row = h * p.nk + start + i;
                     // Key i: lane i % 16 of panel i / 16, one head-dimension pair per tile row.
                     let (panel, lane) = (i / PANEL, i % PANEL);
                     for (t, two) in p.k[row * p.dqk..(row + 1) * p.dqk].chunks(2).enumerate() {
@@ -89,7 +99,7 @@ impl Packed {
                 }
             });
         }
-        Packed { keys, values, qk_stride, v_panels, blocks }
+        Packed { keys, values, first_key, qk_stride, v_panels, blocks }
     }
 
     fn key_block_lanes(qk_stride: usize) -> usize {
@@ -98,6 +108,16 @@ impl Packed {
 
     fn value_block_lanes(v_panels: usize) -> usize {
         v_panels * BLOCK_PAIRS * PANEL
+    }
+
+    /// The block key `key` lies in (`first_key ≤ key`).
+    fn block_of(&self, key: usize) -> usize {
+        (key - self.first_key) / BLOCK
+    }
+
+    /// Block `b`'s first key.
+    fn block_start(&self, b: usize) -> usize {
+        self.first_key + b * BLOCK
     }
 
     /// Block `b` of key/value head `h`'s keys: two panels.
@@ -216,8 +236,9 @@ unsafe fn task<T: Tiles>(t: &mut T, p: &Problem<'_>, packed: &Packed, h: usize, 
     // The probabilities as three bf16 terms, key pairs per lane.
     let mut terms = [[0u32; STRIP * BLOCK_PAIRS]; 3];
     let mut o = [0f32; STRIP * amx::PANELS * PANEL];
-    for b in first / BLOCK..last.div_ceil(BLOCK) {
-        let b0 = b * BLOCK;
+    // Every strip's keys lie in the packed blocks: they are what some query of the call sees.
+    for b in packed.block_of(first)..=packed.block_of(last - 1) {
+        let b0 = packed.block_start(b);
         for (si, &(ks, ke, range)) in strips.iter().enumerate() {
             let (j0, j1) = (ks.max(b0), ke.min(b0 + BLOCK).min(p.nk));
             if j0 >= j1 {
@@ -356,6 +377,8 @@ mod tests {
             case("no keys", 2, 2, 10, 0, 16, 16),
             case("odd head size", 1, 1, 19, 33, 5, 3),
             Case { causal: true, window: Some(40), ..case("causal window across blocks", 2, 2, 200, 200, 64, 64) },
+            // A few queries in the middle of many keys: only the blocks around them are packed.
+            Case { q_pos: (300..310).collect(), window: Some(5), ..case("window, queries amid 500 keys", 2, 2, 10, 500, 32, 16) },
         ]
     }
 
