@@ -61,7 +61,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32
 
 /// [`attention`] in a job's precision. In [`Precision::Bf16`], where the CPU's bf16 products
 /// run on AMX tiles, the scores and the weighted values do too (queries, keys and values taken
-/// as bf16; scores, softmax statistics and the partial in f32; the probabilities as two bf16
+/// as bf16; scores, softmax statistics and the partial in f32; the probabilities as three bf16
 /// terms: `bf16::attention`); elsewhere, and in f32, the f32 kernels run on the values given
 /// (a bf16 run's are bf16 values already).
 pub fn attention_in(precision: Precision, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask<'_>, scale: f32) -> Result<Partial> {

@@ -11,9 +11,11 @@
 //!
 //! `tdpbf16ps` sums a step's even and odd products apart and adds them to the accumulator at the
 //! end of the step (Intel's SDM), so its bits differ from the vector kernels' (one sum per
-//! pair); a row's result still depends on that row alone, so P ranks give one rank's bits.
+//! pair); a row's result still depends on that row alone, so P ranks whose CPUs all run AMX
+//! give one rank's bits.
 
 use std::arch::asm;
+use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::OnceLock;
 
@@ -145,28 +147,43 @@ impl Tiles for Amx {
     }
 }
 
-/// The tiles configured on this thread, released when dropped (so a thread between products
-/// carries no tile state). Not `Send`: the configuration belongs to the thread.
+/// The tiles configured on this thread, released when the last session of the thread is
+/// dropped (so a thread between products carries no tile state). Sessions nest: a task that
+/// runs inside another's (a product inside an attention task, or a task rayon runs on a thread
+/// waiting inside a session) finds the tiles configured and leaves them so; every session loads
+/// the same configuration. Not `Send`: the configuration belongs to the thread.
 pub(super) struct Session(PhantomData<*const ()>);
 
+thread_local! {
+    /// Live sessions on this thread.
+    static SESSIONS: Cell<usize> = const { Cell::new(0) };
+}
+
 impl Session {
-    /// Configures this thread's tiles.
+    /// Configures this thread's tiles, unless a live session has.
     ///
     /// # Safety
     /// [`usable`] returned true.
     pub(super) unsafe fn begin() -> Self {
-        // SAFETY: the CPU has AMX and the process its tile-data state; `CONFIG` is a valid
-        // palette-1 configuration.
-        unsafe { asm!("ldtilecfg [{cfg}]", cfg = in(reg) &raw const CONFIG, options(nostack, readonly, preserves_flags)) };
+        if SESSIONS.get() == 0 {
+            // SAFETY: the CPU has AMX and the process its tile-data state; `CONFIG` is a valid
+            // palette-1 configuration.
+            unsafe { asm!("ldtilecfg [{cfg}]", cfg = in(reg) &raw const CONFIG, options(nostack, readonly, preserves_flags)) };
+        }
+        SESSIONS.set(SESSIONS.get() + 1);
         Session(PhantomData)
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // SAFETY: `begin` configured this thread's tiles, which `tilerelease` returns to their
-        // initial state.
-        unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
+        let live = SESSIONS.get() - 1;
+        SESSIONS.set(live);
+        if live == 0 {
+            // SAFETY: the first session of this thread configured its tiles, which
+            // `tilerelease` returns to their initial state.
+            unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
+        }
     }
 }
 

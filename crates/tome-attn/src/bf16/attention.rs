@@ -91,7 +91,11 @@ impl Packed {
                         keys[(panel * qk_stride + t) * PANEL + lane] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
                     }
                     // Value i: the low (even i) or high (odd i) half of tile row i / 2, column c
-                    // in lane c % 16 of panel c / 16.
+                    // in lane c % 16 of panel c / 16. An invalid key's values stay zero: its
+                    // probability is 0 for every query, and 0 · NaN would not be.
+                    if p.mask.key_valid.is_some_and(|v| !v[start + i]) {
+                        continue;
+                    }
                     let shift = 16 * (i % 2);
                     for (c, &x) in p.v[row * p.dv..(row + 1) * p.dv].iter().enumerate() {
                         values[((c / PANEL) * BLOCK_PAIRS + i / 2) * PANEL + c % PANEL] |= (to_bf16_bits(x) as u32) << shift;
@@ -411,6 +415,22 @@ mod tests {
                 assert!(a == b || (a - b).abs() < 2e-5, "{}: lse {i}: {a} vs {b}", c.name);
             }
         }
+    }
+
+    #[test]
+    fn invalid_keys_values_never_reach_the_output_even_when_not_finite() {
+        let c = Case { valid: Some((0..40).map(|i| i % 3 != 0).collect()), ..case("invalid keys", 1, 1, 20, 40, 16, 16) };
+        let (q, k) = (bf16_random((1, 20, 16), 7), bf16_random((1, 40, 16), 8));
+        let mut values = bf16_random((1, 40, 16), 9).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, v) in values.iter_mut().enumerate() {
+            if (i / 16) % 3 == 0 {
+                *v = if i % 2 == 0 { f32::NAN } else { f32::INFINITY };
+            }
+        }
+        let v = Tensor::from_vec(values, (1, 40, 16), &Device::Cpu).unwrap();
+        let mask = Mask::full(&c.q_pos, &c.k_pos).with_key_valid(c.valid.as_deref());
+        let got = attention_on(&q, &k, &v, &mask, 0.25, &OnModel).unwrap();
+        assert!(got.out.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
     }
 
     #[test]

@@ -1,13 +1,18 @@
 //! bfloat16 matrix products with f32 accumulation, for [`Precision::Bf16`](crate::Precision)
 //! runs: weights packed once into bf16 panels, activations rounded to bf16 (nearest even) as
 //! they are packed, products accumulated in f32 in one fixed order per output element, so a row's
-//! result does not depend on which rows share its product (P ranks give one rank's bits).
+//! result does not depend on which rows share its product (P ranks give one rank's bits where
+//! the ranks' CPUs run the same kernel); and a bf16 run's attention on AMX tiles (`attention`).
 //!
-//! The kernel is chosen at run time, and every kernel gives the same bits (up to the flushing of
-//! subnormal sums), so the choice is one of speed alone: AVX512-BF16 dot products (`vdpbf16ps`)
-//! or AVX-512 f32 FMAs on the bf16 values, whichever runs faster on this CPU (some run
-//! `vdpbf16ps` at half the FMA rate: measured once, at first use), else a portable loop (clearly
-//! slower). AMX tiles are not used.
+//! The kernel is chosen at run time: AMX tiles (`amx`) where the process may use them, whose
+//! bits are their own (each 16 pairs' even and odd products summed apart, as `tdpbf16ps` does);
+//! else AVX512-BF16 dot products (`vdpbf16ps`) or AVX-512 f32 FMAs on the bf16 values,
+//! whichever runs faster on this CPU (some run `vdpbf16ps` at half the FMA rate: measured once,
+//! at first use), else a portable loop (clearly slower). These three give the same bits (up to
+//! the flushing of subnormal sums), so the choice among them is one of speed alone.
+
+#[cfg(all(feature = "tile-model", not(debug_assertions)))]
+compile_error!("the `tile-model` feature runs every bf16 product on a scalar model of AMX: for test builds only");
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
