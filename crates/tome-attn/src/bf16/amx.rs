@@ -235,6 +235,54 @@ pub(super) unsafe fn tile<T: Tiles, const NP: usize>(t: &mut T, x: &[u32], w: &[
     }
 }
 
+/// Accumulates `steps` A-tile pairs of rows `x` ([`ROWS`] rows of `steps · 16` pairs, the rows
+/// `steps · 16` lanes apart) times the same 16 pairs of `NP` panels `w` (16 × 16 lanes apart),
+/// `Σₛ xₛ · w`, into `tile` (`ROWS` rows of `16 · NP` f32), which it overwrites: a product whose
+/// left operand is a sum of terms, each term's step accumulating in the tiles.
+///
+/// # Safety
+/// The tiles are configured on this thread; `NP` is 1 or 2; `x` holds `ROWS · steps · 16`
+/// lanes, `w` `NP · 16 · 16` and `tile` `ROWS · NP · 16` values.
+#[inline(always)]
+pub(super) unsafe fn tile_shared_b<T: Tiles, const NP: usize>(t: &mut T, x: &[u32], steps: usize, w: &[u32], tile: &mut [f32]) {
+    let stride = steps * PAIR_STEP;
+    debug_assert!(x.len() >= ROWS * stride && w.len() >= NP * PAIR_STEP * PANEL && tile.len() >= ROWS * NP * PANEL && (1..=PANELS).contains(&NP));
+    let (x, w, out) = (x.as_ptr(), w.as_ptr(), tile.as_mut_ptr());
+    let x_row_bytes = stride * 4;
+    // SAFETY (every call below): the tiles are configured (the caller); A tiles read rows
+    // `0..32` of `x`, lanes `s · 16..s · 16 + 16` (`s < steps`); B tiles read panel `j < NP`'s
+    // 16 pairs; C tiles write rows `0..32`, columns `j · 16..j · 16 + 16` of `tile`: all within
+    // the lengths the caller gives.
+    unsafe {
+        t.zero::<0>();
+        t.zero::<2>();
+        t.load::<6>(w, ROW_BYTES);
+        if NP == 2 {
+            t.zero::<1>();
+            t.zero::<3>();
+            t.load::<7>(w.add(PAIR_STEP * PANEL), ROW_BYTES);
+        }
+        for s in 0..steps {
+            let lane = s * PAIR_STEP;
+            t.load::<4>(x.add(lane), x_row_bytes);
+            t.load::<5>(x.add(16 * stride + lane), x_row_bytes);
+            t.dot::<0, 4, 6>();
+            t.dot::<2, 5, 6>();
+            if NP == 2 {
+                t.dot::<1, 4, 7>();
+                t.dot::<3, 5, 7>();
+            }
+        }
+        let out_row_bytes = NP * PANEL * 4;
+        t.store::<0>(out, out_row_bytes);
+        t.store::<2>(out.add(16 * NP * PANEL), out_row_bytes);
+        if NP == 2 {
+            t.store::<1>(out.add(PANEL), out_row_bytes);
+            t.store::<3>(out.add(16 * NP * PANEL + PANEL), out_row_bytes);
+        }
+    }
+}
+
 /// A model of the tile registers and instructions, in scalar code, for the tests: the same tile
 /// loop runs on it on any CPU.
 #[cfg(any(test, feature = "tile-model"))]
@@ -300,6 +348,45 @@ pub(super) mod model {
                 let dst = unsafe { std::slice::from_raw_parts_mut(dst.cast::<u8>().add(r * stride).cast::<f32>(), 16) };
                 for (d, &v) in dst.iter_mut().zip(row) {
                     *d = f32::from_bits(v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::convert::{from_bf16_bits, pair};
+    use super::*;
+
+    /// `tile_shared_b` on the model: every step of the left operand times the same panels.
+    #[test]
+    fn the_shared_b_loop_sums_every_step_against_the_same_panels() {
+        let value = |i: usize| ((i as f32 * 0.37).sin() * 2.0).clamp(-2.0, 2.0);
+        for (steps, np) in [(1, 1), (3, 2), (2, 1)] {
+            let x: Vec<u32> = (0..ROWS * steps * PAIR_STEP).map(|i| pair(value(2 * i), value(2 * i + 1))).collect();
+            let w: Vec<u32> = (0..np * PAIR_STEP * PANEL).map(|i| pair(value(7 * i + 3), value(7 * i + 5))).collect();
+            let mut got = vec![f32::NAN; ROWS * np * PANEL];
+            let mut model = model::Model::new();
+            // SAFETY: the model needs no configuration; the lengths are the function's.
+            unsafe {
+                match np {
+                    1 => tile_shared_b::<_, 1>(&mut model, &x, steps, &w, &mut got),
+                    _ => tile_shared_b::<_, 2>(&mut model, &x, steps, &w, &mut got),
+                }
+            }
+            let half = |lane: u32, odd: bool| from_bf16_bits(if odd { (lane >> 16) as u16 } else { lane as u16 }) as f64;
+            for r in 0..ROWS {
+                for c in 0..np * PANEL {
+                    let (panel, col) = (c / PANEL, c % PANEL);
+                    let want: f64 = (0..steps * PAIR_STEP)
+                        .map(|k| {
+                            let (a, b) = (x[r * steps * PAIR_STEP + k], w[(panel * PAIR_STEP + k % PAIR_STEP) * PANEL + col]);
+                            half(a, false) * half(b, false) + half(a, true) * half(b, true)
+                        })
+                        .sum();
+                    let g = got[r * np * PANEL + c] as f64;
+                    assert!((g - want).abs() < 1e-4, "{steps} steps, {np} panels, ({r}, {c}): {g} vs {want}");
                 }
             }
         }

@@ -33,6 +33,8 @@ const BLOCK: usize = amx::PANELS * PANEL;
 const BLOCK_PAIRS: usize = BLOCK / 2;
 /// Queries per task.
 const TASK: usize = 128;
+/// bf16 terms the probabilities enter `P V` as: what three leave is under 2⁻²⁷ of `p`.
+const TERMS: usize = 3;
 const _: () = assert!(BLOCK_PAIRS == PAIR_STEP && TASK.is_multiple_of(STRIP));
 
 /// One call's operands: `q` `[heads, nq, dqk]`, `k` `[kv_heads, nk, dqk]`, `v` `[kv_heads, nk,
@@ -237,8 +239,9 @@ unsafe fn task<T: Tiles>(t: &mut T, p: &Problem<'_>, packed: &Packed, h: usize, 
     let mut acc = vec![0f32; strips.len() * STRIP * dv_wide];
     let (mut m, mut l) = (vec![f32::NEG_INFINITY; strips.len() * STRIP], vec![0f32; strips.len() * STRIP]);
     let mut s = [0f32; STRIP * BLOCK];
-    // The probabilities as three bf16 terms, key pairs per lane.
-    let mut terms = [[0u32; STRIP * BLOCK_PAIRS]; 3];
+    // The probabilities as bf16 terms, key pairs per lane: row r's term k in lanes
+    // `(r · TERMS + k) · 16..`, so the terms are the steps of one tile product.
+    let mut terms = [0u32; STRIP * TERMS * BLOCK_PAIRS];
     let mut o = [0f32; STRIP * amx::PANELS * PANEL];
     // Every strip's keys lie in the packed blocks: they are what some query of the call sees.
     for b in packed.block_of(first)..=packed.block_of(last - 1) {
@@ -280,9 +283,9 @@ unsafe fn task<T: Tiles>(t: &mut T, p: &Problem<'_>, packed: &Packed, h: usize, 
                 }
                 for (c, two) in row.chunks_exact(2).enumerate() {
                     let mut rest = [two[0], two[1]];
-                    for term in terms.iter_mut() {
+                    for k in 0..TERMS {
                         let head = rest.map(round_to_bf16);
-                        term[r * BLOCK_PAIRS + c] = pair(head[0], head[1]);
+                        terms[(r * TERMS + k) * BLOCK_PAIRS + c] = pair(head[0], head[1]);
                         rest = [rest[0] - head[0], rest[1] - head[1]];
                     }
                 }
@@ -291,20 +294,18 @@ unsafe fn task<T: Tiles>(t: &mut T, p: &Problem<'_>, packed: &Packed, h: usize, 
             for jp in (0..packed.v_panels).step_by(amx::PANELS) {
                 let np = amx::PANELS.min(packed.v_panels - jp);
                 let w = &values[jp * BLOCK_PAIRS * PANEL..];
-                for part in &terms {
-                    // SAFETY: configured tiles; 32 rows of 16 pairs, `np` panels of 16 × 16
-                    // lanes from panel `jp`, and 32 rows of `np · 16` values.
-                    unsafe {
-                        match np {
-                            1 => amx::tile::<T, 1>(t, part, w, BLOCK_PAIRS, &mut o[..STRIP * PANEL]),
-                            _ => amx::tile::<T, 2>(t, part, w, BLOCK_PAIRS, &mut o),
-                        }
+                // SAFETY: configured tiles; 32 rows of `TERMS` steps of 16 pairs, `np` panels
+                // of 16 × 16 lanes from panel `jp`, and 32 rows of `np · 16` values.
+                unsafe {
+                    match np {
+                        1 => amx::tile_shared_b::<T, 1>(t, &terms, TERMS, w, &mut o[..STRIP * PANEL]),
+                        _ => amx::tile_shared_b::<T, 2>(t, &terms, TERMS, w, &mut o),
                     }
-                    for r in 0..STRIP {
-                        let acc = &mut acc[(si * STRIP + r) * dv_wide + jp * PANEL..][..np * PANEL];
-                        for (a, &x) in acc.iter_mut().zip(&o[r * np * PANEL..(r + 1) * np * PANEL]) {
-                            *a += x;
-                        }
+                }
+                for r in 0..STRIP {
+                    let acc = &mut acc[(si * STRIP + r) * dv_wide + jp * PANEL..][..np * PANEL];
+                    for (a, &x) in acc.iter_mut().zip(&o[r * np * PANEL..(r + 1) * np * PANEL]) {
+                        *a += x;
                     }
                 }
             }
