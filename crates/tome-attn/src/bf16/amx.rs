@@ -198,41 +198,9 @@ impl Drop for Session {
 /// `w` `NP · stride · 16` and `tile` `ROWS · NP · 16` values.
 #[inline(always)]
 pub(super) unsafe fn tile<T: Tiles, const NP: usize>(t: &mut T, x: &[u32], w: &[u32], stride: usize, tile: &mut [f32]) {
-    debug_assert!(stride.is_multiple_of(PAIR_STEP) && x.len() >= ROWS * stride && w.len() >= NP * stride * PANEL && tile.len() >= ROWS * NP * PANEL && (1..=PANELS).contains(&NP));
-    let (x, w, out) = (x.as_ptr(), w.as_ptr(), tile.as_mut_ptr());
-    let x_row_bytes = stride * 4;
-    // SAFETY (every call below): the tiles are configured (the caller); A tiles read rows
-    // `0..32` of `x`, lanes `s · 16..s · 16 + 16` (`s · 16 + 16 ≤ stride`); B tiles read pairs
-    // `s · 16..s · 16 + 16` of panel `j < NP`; C tiles write rows `0..32`, columns
-    // `j · 16..j · 16 + 16` of `tile`: all within the lengths the caller gives.
-    unsafe {
-        t.zero::<0>();
-        t.zero::<2>();
-        if NP == 2 {
-            t.zero::<1>();
-            t.zero::<3>();
-        }
-        for s in 0..stride / PAIR_STEP {
-            let lane = s * PAIR_STEP;
-            t.load::<4>(x.add(lane), x_row_bytes);
-            t.load::<5>(x.add(16 * stride + lane), x_row_bytes);
-            t.load::<6>(w.add(lane * PANEL), ROW_BYTES);
-            t.dot::<0, 4, 6>();
-            t.dot::<2, 5, 6>();
-            if NP == 2 {
-                t.load::<7>(w.add((stride + lane) * PANEL), ROW_BYTES);
-                t.dot::<1, 4, 7>();
-                t.dot::<3, 5, 7>();
-            }
-        }
-        let out_row_bytes = NP * PANEL * 4;
-        t.store::<0>(out, out_row_bytes);
-        t.store::<2>(out.add(16 * NP * PANEL), out_row_bytes);
-        if NP == 2 {
-            t.store::<1>(out.add(PANEL), out_row_bytes);
-            t.store::<3>(out.add(16 * NP * PANEL + PANEL), out_row_bytes);
-        }
-    }
+    debug_assert!(stride.is_multiple_of(PAIR_STEP) && w.len() >= NP * stride * PANEL);
+    // SAFETY: the caller's contract, which is `tile_steps`'s with `stride / 16` steps.
+    unsafe { tile_steps::<T, NP>(t, x, stride / PAIR_STEP, w, Panels::Stepped, tile) }
 }
 
 /// Accumulates `steps` A-tile pairs of rows `x` ([`ROWS`] rows of `steps · 16` pairs, the rows
@@ -245,27 +213,59 @@ pub(super) unsafe fn tile<T: Tiles, const NP: usize>(t: &mut T, x: &[u32], w: &[
 /// lanes, `w` `NP · 16 · 16` and `tile` `ROWS · NP · 16` values.
 #[inline(always)]
 pub(super) unsafe fn tile_shared_b<T: Tiles, const NP: usize>(t: &mut T, x: &[u32], steps: usize, w: &[u32], tile: &mut [f32]) {
+    debug_assert!(w.len() >= NP * PAIR_STEP * PANEL);
+    // SAFETY: the caller's contract is `tile_steps`'s.
+    unsafe { tile_steps::<T, NP>(t, x, steps, w, Panels::Shared, tile) }
+}
+
+/// What a tile loop's B tiles read at each step.
+#[derive(Clone, Copy, PartialEq)]
+enum Panels {
+    /// The step's own 16 pairs of each panel; panels `steps × 16` pairs apart.
+    Stepped,
+    /// The same 16 pairs of each panel at every step; panels 16 pairs apart.
+    Shared,
+}
+
+/// The tile loop of [`tile`] and [`tile_shared_b`]: `steps` steps of 16 pairs, A tiles from
+/// `x` (rows `steps · 16` lanes apart), B tiles from `w` as `panels` says, C tiles zeroed first
+/// and stored into `tile` (`ROWS` rows of `16 · NP` f32) last.
+///
+/// # Safety
+/// The tiles are configured on this thread; `NP` is 1 or 2; `x` holds `ROWS · steps · 16`
+/// lanes, `w` the `NP` panels `panels` reads, and `tile` `ROWS · NP · 16` values.
+#[inline(always)]
+unsafe fn tile_steps<T: Tiles, const NP: usize>(t: &mut T, x: &[u32], steps: usize, w: &[u32], panels: Panels, tile: &mut [f32]) {
     let stride = steps * PAIR_STEP;
-    debug_assert!(x.len() >= ROWS * stride && w.len() >= NP * PAIR_STEP * PANEL && tile.len() >= ROWS * NP * PANEL && (1..=PANELS).contains(&NP));
+    debug_assert!(x.len() >= ROWS * stride && tile.len() >= ROWS * NP * PANEL && (1..=PANELS).contains(&NP));
     let (x, w, out) = (x.as_ptr(), w.as_ptr(), tile.as_mut_ptr());
     let x_row_bytes = stride * 4;
+    // Lanes from one panel to the next, and from one step's 16 pairs to the next's.
+    let (panel_lanes, step_lanes) = match panels {
+        Panels::Stepped => (stride * PANEL, PAIR_STEP * PANEL),
+        Panels::Shared => (PAIR_STEP * PANEL, 0),
+    };
     // SAFETY (every call below): the tiles are configured (the caller); A tiles read rows
-    // `0..32` of `x`, lanes `s · 16..s · 16 + 16` (`s < steps`); B tiles read panel `j < NP`'s
-    // 16 pairs; C tiles write rows `0..32`, columns `j · 16..j · 16 + 16` of `tile`: all within
-    // the lengths the caller gives.
+    // `0..32` of `x`, lanes `s · 16..s · 16 + 16` (`s < steps`); B tiles read 16 pairs of panel
+    // `j < NP` within `w`; C tiles write rows `0..32`, columns `j · 16..j · 16 + 16` of `tile`:
+    // all within the lengths the caller gives.
     unsafe {
         t.zero::<0>();
         t.zero::<2>();
-        t.load::<6>(w, ROW_BYTES);
         if NP == 2 {
             t.zero::<1>();
             t.zero::<3>();
-            t.load::<7>(w.add(PAIR_STEP * PANEL), ROW_BYTES);
         }
         for s in 0..steps {
             let lane = s * PAIR_STEP;
             t.load::<4>(x.add(lane), x_row_bytes);
             t.load::<5>(x.add(16 * stride + lane), x_row_bytes);
+            if s == 0 || panels == Panels::Stepped {
+                t.load::<6>(w.add(s * step_lanes), ROW_BYTES);
+                if NP == 2 {
+                    t.load::<7>(w.add(panel_lanes + s * step_lanes), ROW_BYTES);
+                }
+            }
             t.dot::<0, 4, 6>();
             t.dot::<2, 5, 6>();
             if NP == 2 {

@@ -434,6 +434,29 @@ mod tests {
         assert!(got.out.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
     }
 
+    /// What P ranks do: the keys in parts, each part's partial merged, against one call over
+    /// every key.
+    #[test]
+    fn partials_over_parts_of_the_keys_merge_into_the_whole_calls_result() {
+        let c = Case { causal: true, window: Some(60), ..case("causal window", 2, 1, 150, 150, 32, 48) };
+        let (q, k, v) = (bf16_random((2, 150, 32), 10), bf16_random((1, 150, 32), 11), bf16_random((1, 150, 48), 12));
+        let whole = attention_on(&q, &k, &v, &Mask::full(&c.q_pos, &c.k_pos).with_causal(true).with_window(c.window), 0.2, &OnModel).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for cuts in [vec![0, 70, 150], vec![0, 37, 100, 150]] {
+            let parts: Vec<Partial> = cuts
+                .windows(2)
+                .map(|r| {
+                    let (k, v) = (k.narrow(1, r[0], r[1] - r[0]).unwrap(), v.narrow(1, r[0], r[1] - r[0]).unwrap());
+                    let mask = Mask::full(&c.q_pos, &c.k_pos[r[0]..r[1]]).with_causal(true).with_window(c.window);
+                    attention_on(&q, &k, &v, &mask, 0.2, &OnModel).unwrap()
+                })
+                .collect();
+            let merged = Partial::merge_all(&parts).unwrap().unwrap();
+            let worst = flat(&merged.out).iter().zip(flat(&whole.out)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 2e-6, "keys cut at {cuts:?}: {worst} from the whole call");
+        }
+    }
+
     #[test]
     fn a_query_gets_the_same_bits_whatever_queries_share_its_task() {
         let c = Case { window: Some(20), ..case("window", 2, 2, 150, 150, 32, 32) };
